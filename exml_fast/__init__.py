@@ -1,0 +1,17 @@
+"""exml_fast: fused CPU/CUDA kernels for learning from trained models instead of data.
+
+Public entry points:
+    exml_fast.ops            fused ops (bn_stats, bn_stats_loss, ...)
+    exml_fast.reference      pure-PyTorch twins of every op
+    exml_fast.BNStatsMatcher BatchNorm-statistic matching for any model
+    exml_fast.has_ops()      whether the compiled library loaded
+    exml_fast.build_info()   how it was built
+"""
+
+from exml_fast._ext import build_info, has_ops
+from exml_fast import ops, reference
+from exml_fast.matcher import BNStatsMatcher
+
+__version__ = "0.1.0"
+
+__all__ = ["BNStatsMatcher", "build_info", "has_ops", "ops", "reference", "__version__"]

@@ -1,0 +1,149 @@
+"""BNStatsMatcher: BatchNorm-statistic matching for any model, as a context manager."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from exml_fast.ops.bn_stats import bn_stats_loss
+from exml_fast.reference.bn_stats import BN_LOSS_FORMS
+
+
+class BNStatsMatcher:
+    """Matches the statistics of every BatchNorm layer's input to its running ones.
+
+    Inside the `with` block, each forward of `model` collects one term per
+    BatchNorm call — `bn_stats_loss(input, running_mean, running_var, form=form)`
+    computed by the fused kernel — for every BatchNorm1d/2d/3d, SyncBatchNorm or
+    subclass that tracks running statistics. Every layer counts (a layer called
+    twice in one forward counts twice); the first layer, in module order, is
+    weighted by `first_bn_multiplier`. The hooks are removed when the block
+    exits, also after an exception.
+
+    Example::
+
+        with BNStatsMatcher(teacher, first_bn_multiplier=10.0) as bn:
+            for _ in range(steps):
+                logits = teacher(x)                       # fills the terms
+                loss = F.cross_entropy(logits, y) + 0.01 * bn.loss()
+                ...
+
+    Args:
+        model: any nn.Module; it is not modified beyond the temporary hooks.
+        form: "l2" (DeepInversion), "mse" or "sq_std" (ExML); see
+            `exml_fast.ops.bn_stats_loss`. "sq_std" uses each layer's own eps.
+        first_bn_multiplier: weight of the first BatchNorm layer's term
+            (DeepInversion's public code used 10).
+        allow_empty: accept a model without BatchNorm layers; `loss()` is then 0.
+
+    Each forward of `model` itself starts a fresh set of terms, so `loss()`
+    always refers to the latest forward. Entering the same matcher again while
+    it is active (nesting) is allowed and keeps one set of hooks; separate
+    matchers on one model each keep their own hooks and give the same numbers.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        form: str = "l2",
+        first_bn_multiplier: float = 1.0,
+        allow_empty: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"BNStatsMatcher: model must be an nn.Module; got {type(model).__name__}")
+        if form not in BN_LOSS_FORMS:
+            raise ValueError(f"BNStatsMatcher: form must be one of {BN_LOSS_FORMS}; got {form!r}")
+        self.model = model
+        self.form = form
+        self.first_bn_multiplier = float(first_bn_multiplier)
+        self.allow_empty = allow_empty
+        self.layers: list[tuple[str, _BatchNorm]] = [
+            (name, m)
+            for name, m in model.named_modules()
+            if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
+        ]
+        if not self.layers and not allow_empty:
+            raise ValueError(
+                f"BNStatsMatcher: {type(model).__name__} has no BatchNorm layer with running "
+                "statistics to match; pass allow_empty=True to accept such a model "
+                "(loss() is then 0)"
+            )
+        self._terms: list[tuple[str, torch.Tensor]] = []
+        self._handles: list = []
+        self._depth = 0
+        self._forwards = 0
+
+    # -- context management -------------------------------------------------
+    def __enter__(self) -> "BNStatsMatcher":
+        if self._depth == 0:
+            self._attach()
+        self._depth += 1
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._depth -= 1
+        if self._depth == 0:
+            self._detach()
+        return False
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are attached."""
+        return bool(self._handles)
+
+    def _attach(self) -> None:
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
+            for i, (name, layer) in enumerate(self.layers):
+                weight = self.first_bn_multiplier if i == 0 else 1.0
+                hook = functools.partial(self._on_bn_input, name, weight)
+                self._handles.append(layer.register_forward_pre_hook(hook))
+        except BaseException:
+            self._detach()
+            raise
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # -- hooks ----------------------------------------------------------------
+    def _on_model_forward(self, module, args) -> None:
+        self._terms = []
+        self._forwards += 1
+
+    def _on_bn_input(self, name: str, weight: float, layer: _BatchNorm, args) -> None:
+        x = args[0]
+        term = bn_stats_loss(x, layer.running_mean, layer.running_var, form=self.form, eps=layer.eps)
+        self._terms.append((name, term * weight if weight != 1.0 else term))
+
+    # -- results ------------------------------------------------------------------
+    def loss(self) -> torch.Tensor:
+        """Weighted sum of the terms of the latest forward of `model` (a scalar tensor)."""
+        if not self.layers:
+            return torch.zeros(())
+        if self._forwards == 0:
+            raise RuntimeError(
+                "BNStatsMatcher.loss(): no forward of the model has run inside the `with` block yet"
+            )
+        if not self._terms:
+            raise RuntimeError(
+                "BNStatsMatcher.loss(): the latest forward of the model reached no BatchNorm layer"
+            )
+        total = self._terms[0][1]
+        for _, t in self._terms[1:]:
+            total = total + t
+        return total
+
+    def per_layer(self) -> list[tuple[str, torch.Tensor]]:
+        """(layer name, weighted term) of the latest forward, in call order; they sum to `loss()`."""
+        return list(self._terms)
+
+    def reset(self) -> None:
+        """Forgets the collected terms."""
+        self._terms = []
+        self._forwards = 0

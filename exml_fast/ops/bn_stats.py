@@ -1,0 +1,141 @@
+"""BatchNorm-statistic matching: `bn_stats` and `bn_stats_loss`."""
+
+from __future__ import annotations
+
+import torch
+
+from exml_fast import _ext
+from exml_fast import reference as _ref
+from exml_fast.reference.bn_stats import BN_LOSS_FORMS, combine_bn_loss
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_x(x: torch.Tensor, op: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor; got {type(x).__name__}")
+    if not 2 <= x.dim() <= 5:
+        raise ValueError(
+            f"{op}: x must have shape (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W); "
+            f"got {x.dim()} dims with shape {tuple(x.shape)}"
+        )
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: x must be float32, float64, float16 or bfloat16; got {x.dtype}"
+        )
+    if x.shape[1] == 0:
+        raise ValueError(f"{op}: x must have at least one channel (dim 1); got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(
+            f"{op}: x has no elements to take statistics over (empty batch or spatial dim); "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
+def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of `x` over every dim but dim 1.
+
+    Args:
+        x: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W); float32, float64,
+            float16 or bfloat16; contiguous or channels_last (read without a
+            copy; other strides are copied once).
+
+    Returns:
+        `(mean, var)`, each of shape (C,), float32 (float64 for float64 input).
+        Accumulation is in that dtype whatever x's dtype. Differentiable with
+        respect to x (once: double backward raises).
+    """
+    _check_x(x, "bn_stats")
+    if _ext.use_compiled(x):
+        return torch.ops.exml_fast.bn_stats(x)
+    return _ref.bn_stats(x)
+
+
+def _check_running(t: torch.Tensor, name: str, channels: int, x: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"bn_stats_loss: {name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dim() != 1 or t.shape[0] != channels:
+        raise ValueError(
+            f"bn_stats_loss: {name} must have shape ({channels},) to match the {channels} "
+            f"channels of x; got {tuple(t.shape)}"
+        )
+    if not t.is_floating_point():
+        raise TypeError(f"bn_stats_loss: {name} must be a floating tensor; got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"bn_stats_loss: {name} is on {t.device} but x is on {x.device}")
+
+
+def bn_stats_loss(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    *,
+    form: str = "l2",
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Distance between `x`'s batch statistics and a BatchNorm layer's running ones.
+
+    Args:
+        x: a BatchNorm layer's input, as in `bn_stats`.
+        running_mean, running_var: (C,) floating tensors on x's device.
+        form: "l2" — `||mean - rm||_2 + ||var - rv||_2` (DeepInversion, un-squared
+            norms); "mse" — the mean over channels of the squared differences of
+            the means plus that of the variances; "sq_std" —
+            `||mean - rm||^2 + ||sqrt(var + eps) - sqrt(rv + eps)||^2` (the ExML paper).
+        eps: added under the square roots of "sq_std" (BatchNorm's own eps), which
+            keeps the gradient finite where a channel's variance is 0.
+
+    Returns:
+        A scalar tensor, float32 (float64 for float64 x).
+    """
+    if form not in BN_LOSS_FORMS:
+        raise ValueError(f"bn_stats_loss: form must be one of {BN_LOSS_FORMS}; got {form!r}")
+    _check_x(x, "bn_stats_loss")
+    _check_running(running_mean, "running_mean", x.shape[1], x)
+    _check_running(running_var, "running_var", x.shape[1], x)
+    mean, var = bn_stats(x)
+    return combine_bn_loss(mean, var, running_mean, running_var, form=form, eps=eps)
+
+
+def _register() -> None:
+    """Fake kernels and autograd for the compiled ops (only when _C loaded)."""
+
+    @torch.library.register_fake("exml_fast::bn_stats")
+    def _bn_stats_fake(x):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        c = x.shape[1]
+        return x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+
+    @torch.library.register_fake("exml_fast::_bn_stats_backward")
+    def _bn_stats_backward_fake(grad_mean, grad_var, x, mean):
+        return torch.empty_like(x)
+
+    def setup_context(ctx, inputs, output):
+        (x,) = inputs
+        mean, _ = output
+        ctx.save_for_backward(x, mean)
+
+    def backward(ctx, grad_mean, grad_var):
+        x, mean = ctx.saved_tensors
+        if grad_mean is None:
+            grad_mean = torch.zeros_like(mean)
+        if grad_var is None:
+            grad_var = torch.zeros_like(mean)
+        return torch.ops.exml_fast._bn_stats_backward(grad_mean, grad_var, x, mean)
+
+    torch.library.register_autograd("exml_fast::bn_stats", backward, setup_context=setup_context)
+
+    def refuse_double_backward(ctx, grad):
+        raise RuntimeError(
+            "exml_fast.ops.bn_stats supports first derivatives only: the gradient of its "
+            "gradient (double backward, e.g. create_graph=True then backward again) is not "
+            "implemented. Use exml_fast.reference.bn_stats for higher-order derivatives."
+        )
+
+    torch.library.register_autograd(
+        "exml_fast::_bn_stats_backward", refuse_double_backward, setup_context=lambda *a: None
+    )
+
+
+if _ext.has_ops():
+    _register()

@@ -1,0 +1,10 @@
+"""Pure-PyTorch versions of every exml_fast op, with the same signatures.
+
+They are the test oracle, the benchmark baseline and the fallback when the
+compiled library is not available. They mirror the public implementations
+the fused kernels replace, defects in speed included.
+"""
+
+from exml_fast.reference.bn_stats import bn_stats, bn_stats_loss
+
+__all__ = ["bn_stats", "bn_stats_loss"]
