@@ -32,6 +32,9 @@ else:
         _C = None
         _load_error = f"{type(e).__name__}: {e}"
 
+# Read once: op wrappers consult it on every call, also while torch.compile traces.
+_HAS_CUDA_KERNELS = bool(_C is not None and _C.build_info()["cuda"])
+
 
 def has_ops() -> bool:
     """True when the compiled library loaded and its ops are in `torch.ops.exml_fast`."""
@@ -74,7 +77,7 @@ def use_compiled(*tensors: torch.Tensor) -> bool:
     if _C is None:
         warn_fallback_once()
         return False
-    if any(t.is_cuda for t in tensors) and not _C.build_info()["cuda"]:
+    if not _HAS_CUDA_KERNELS and any(t.is_cuda for t in tensors):
         raise RuntimeError(
             "exml_fast was built without CUDA kernels, so it cannot run on CUDA tensors; "
             + REBUILD_HINT

@@ -4,11 +4,14 @@
 // of a 32-channel tile (channels_last). A thread accumulates sums shifted by an
 // element of its channel, s1 = sum(x - k), s2 = sum((x - k)^2), which keeps the
 // fp32 variance exact to rounding when k is near the mean; it then becomes a
-// (count, mean, M2) triple, merged with Chan's formula across the warp
+// (count, mean - k, M2) triple, merged with Chan's formula across the warp
 // (shuffles), the block (shared memory) and, in a small second kernel, across
-// the blocks of a channel. Backward is one elementwise pass,
-// dx = a_c + b_c * x, with b_c = 2 * grad_var_c / M and
-// a_c = grad_mean_c / M - b_c * mean_c.
+// the blocks of a channel, which adds k back. Merges run in double for every
+// input dtype (their count is small), per-thread sums in fp32 (fp64 for fp64). Every thread of a channel uses
+// the same k (its first element), so partial means stay relative to k and
+// keep their precision when |mean| >> std. Backward is one elementwise pass,
+// dx = a_c + b_c * (x - mean_c), with a_c = grad_mean_c / M and
+// b_c = 2 * grad_var_c / M (subtracting first avoids cancellation).
 //
 // Only the ATen/c10 headers needed are included: compile time on small
 // machines is dominated by torch headers, and ATen/cuda/CUDAContext.h would
@@ -39,17 +42,19 @@ constexpr int kTileC = 32;        // channels_last: channels per block (one warp
 constexpr int kTileRows = 8;      // channels_last: rows per block step
 constexpr int kMaxGridY = 65535;
 
-template <typename acc_t>
-__device__ __forceinline__ Stats<acc_t> shfl_down(const Stats<acc_t>& s, int delta) {
-  Stats<acc_t> r;
+// Merged statistics are always double: few merges, no precision loss when
+// partial means differ by much less than they are large.
+using MStats = Stats<double>;
+
+__device__ __forceinline__ MStats shfl_down(const MStats& s, int delta) {
+  MStats r;
   r.n = __shfl_down_sync(0xffffffffu, s.n, delta);
   r.mean = __shfl_down_sync(0xffffffffu, s.mean, delta);
   r.m2 = __shfl_down_sync(0xffffffffu, s.m2, delta);
   return r;
 }
 
-template <typename acc_t>
-__device__ __forceinline__ Stats<acc_t> warp_merge(Stats<acc_t> s) {
+__device__ __forceinline__ MStats warp_merge(MStats s) {
   for (int delta = 16; delta > 0; delta >>= 1) s = merge(s, shfl_down(s, delta));
   return s;  // lane 0 holds the warp's total
 }
@@ -59,7 +64,7 @@ __device__ __forceinline__ Stats<acc_t> warp_merge(Stats<acc_t> s) {
 // ((j / S) * C + c) * S + j % S.
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void forward_channels_first_kernel(const scalar_t* __restrict__ x,
-                                              Stats<acc_t>* __restrict__ partial, index_t c_len,
+                                              MStats* __restrict__ partial, index_t c_len,
                                               at::cuda::detail::IntDivider<index_t> s_div,
                                               index_t per_channel, index_t chunk) {
   const index_t c = blockIdx.x;
@@ -77,14 +82,14 @@ __global__ void forward_channels_first_kernel(const scalar_t* __restrict__ x,
     s2 += d * d;
     ++cnt;
   }
-  Stats<acc_t> st = from_shifted_sums<acc_t>(static_cast<acc_t>(cnt), k, s1, s2);
+  MStats st = from_shifted_sums<double>(static_cast<double>(cnt), 0.0, s1, s2);
   st = warp_merge(st);
-  __shared__ Stats<acc_t> warp_stats[kThreads / 32];
+  __shared__ MStats warp_stats[kThreads / 32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (lane == 0) warp_stats[warp] = st;
   __syncthreads();
   if (warp == 0) {
-    st = lane < static_cast<int>(blockDim.x / 32) ? warp_stats[lane] : Stats<acc_t>{0, 0, 0};
+    st = lane < static_cast<int>(blockDim.x / 32) ? warp_stats[lane] : MStats{0, 0, 0};
     st = warp_merge(st);
     if (lane == 0) partial[c * gridDim.y + p] = st;
   }
@@ -94,7 +99,7 @@ __global__ void forward_channels_first_kernel(const scalar_t* __restrict__ x,
 // block (32, 8): lane x owns one channel, the 8 rows of threads stride over M.
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void forward_channels_last_kernel(const scalar_t* __restrict__ x,
-                                             Stats<acc_t>* __restrict__ partial, index_t rows,
+                                             MStats* __restrict__ partial, index_t rows,
                                              index_t c_len) {
   const index_t c = static_cast<index_t>(blockIdx.x) * kTileC + threadIdx.x;
   const bool active = c < c_len;
@@ -111,30 +116,32 @@ __global__ void forward_channels_last_kernel(const scalar_t* __restrict__ x,
       ++cnt;
     }
   }
-  __shared__ Stats<acc_t> tile[kTileRows][kTileC];
-  tile[threadIdx.y][threadIdx.x] = from_shifted_sums<acc_t>(static_cast<acc_t>(cnt), k, s1, s2);
+  __shared__ MStats tile[kTileRows][kTileC];
+  tile[threadIdx.y][threadIdx.x] = from_shifted_sums<double>(static_cast<double>(cnt), 0.0, s1, s2);
   __syncthreads();
   if (threadIdx.y == 0 && active) {
-    Stats<acc_t> st = tile[0][threadIdx.x];
+    MStats st = tile[0][threadIdx.x];
     for (int r = 1; r < kTileRows; ++r) st = merge(st, tile[r][threadIdx.x]);
     partial[c * gridDim.y + blockIdx.y] = st;
   }
 }
 
-// Merges the P partials of each channel.
-template <typename acc_t>
-__global__ void finalize_kernel(const Stats<acc_t>* __restrict__ partial, int64_t c_len,
+// Merges the P partials of each channel (means relative to the channel's
+// shift k = x[c * k_stride]) and adds the shift back.
+template <typename scalar_t, typename acc_t>
+__global__ void finalize_kernel(const MStats* __restrict__ partial,
+                                const scalar_t* __restrict__ x, int64_t k_stride, int64_t c_len,
                                 int64_t parts, acc_t* __restrict__ mean,
                                 acc_t* __restrict__ var) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= c_len) return;
-  Stats<acc_t> st = partial[c * parts];
+  MStats st = partial[c * parts];
   for (int64_t p = 1; p < parts; ++p) st = merge(st, partial[c * parts + p]);
-  mean[c] = st.mean;
-  var[c] = st.n > acc_t(0) ? st.m2 / st.n : acc_t(0);
+  mean[c] = static_cast<acc_t>(static_cast<double>(x[c * k_stride]) + st.mean);
+  var[c] = static_cast<acc_t>(st.n > 0.0 ? st.m2 / st.n : 0.0);
 }
 
-// dx = a_c + b_c * x over all elements; channel of element i is
+// dx = a_c + b_c * (x - mean_c) over all elements; channel of element i is
 // (i / S) % C for NCHW and i % C for channels_last (S_div.divisor == 1).
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void backward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
@@ -147,9 +154,9 @@ __global__ void backward_kernel(const scalar_t* __restrict__ x, scalar_t* __rest
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
        i += stride) {
     const index_t c = c_div.divmod(s_div.div(i)).mod;
+    const acc_t a = grad_mean[c] * inv_m;
     const acc_t b = acc_t(2) * grad_var[c] * inv_m;
-    const acc_t a = grad_mean[c] * inv_m - b * mean[c];
-    dx[i] = static_cast<scalar_t>(a + b * static_cast<acc_t>(x[i]));
+    dx[i] = static_cast<scalar_t>(a + b * (static_cast<acc_t>(x[i]) - mean[c]));
   }
 }
 
@@ -175,8 +182,8 @@ void launch_forward(const at::Tensor& x, const BnGeometry& g, at::Tensor& mean, 
     parts = std::clamp<int64_t>(ceil_div(target_blocks, g.c), 1,
                                 std::min<int64_t>(kMaxGridY, ceil_div(per_channel, kThreads * 4)));
     const int64_t chunk = ceil_div(per_channel, parts);
-    work = at::empty({g.c * parts * 3}, mean.options());
-    auto* partial = reinterpret_cast<Stats<acc_t>*>(work.mutable_data_ptr<acc_t>());
+    work = at::empty({g.c * parts * 3}, mean.options().dtype(at::kDouble));
+    auto* partial = reinterpret_cast<MStats*>(work.mutable_data_ptr<double>());
     TORCH_CHECK(g.c <= std::numeric_limits<int32_t>::max(), "bn_stats: too many channels");
     forward_channels_first_kernel<scalar_t, acc_t, index_t>
         <<<dim3(static_cast<unsigned>(g.c), static_cast<unsigned>(parts)), kThreads, 0, stream>>>(
@@ -190,16 +197,18 @@ void launch_forward(const at::Tensor& x, const BnGeometry& g, at::Tensor& mean, 
     TORCH_CHECK(gx <= std::numeric_limits<int32_t>::max(), "bn_stats: too many channels");
     parts = std::clamp<int64_t>(ceil_div(target_blocks, gx), 1,
                                 std::min<int64_t>(kMaxGridY, ceil_div(rows, kTileRows * 8)));
-    work = at::empty({g.c * parts * 3}, mean.options());
-    auto* partial = reinterpret_cast<Stats<acc_t>*>(work.mutable_data_ptr<acc_t>());
+    work = at::empty({g.c * parts * 3}, mean.options().dtype(at::kDouble));
+    auto* partial = reinterpret_cast<MStats*>(work.mutable_data_ptr<double>());
     forward_channels_last_kernel<scalar_t, acc_t, index_t>
         <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(parts)), dim3(kTileC, kTileRows),
            0, stream>>>(xp, partial, static_cast<index_t>(rows), static_cast<index_t>(g.c));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const auto* partial = reinterpret_cast<const Stats<acc_t>*>(work.const_data_ptr<acc_t>());
-  finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(g.c, 128)), 128, 0, stream>>>(
-      partial, g.c, parts, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
+  const auto* partial = reinterpret_cast<const MStats*>(work.const_data_ptr<double>());
+  const int64_t k_stride = g.layout == BnLayout::kChannelsFirst ? g.s : 1;
+  finalize_kernel<scalar_t, acc_t><<<static_cast<unsigned>(ceil_div(g.c, 128)), 128, 0, stream>>>(
+      partial, xp, k_stride, g.c, parts, mean.mutable_data_ptr<acc_t>(),
+      var.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -133,7 +133,9 @@ def _register() -> None:
         )
 
     torch.library.register_autograd(
-        "exml_fast::_bn_stats_backward", refuse_double_backward, setup_context=lambda *a: None
+        "exml_fast::_bn_stats_backward",
+        refuse_double_backward,
+        setup_context=lambda ctx, inputs, output: None,
     )
 
 
