@@ -1,0 +1,312 @@
+"""exml_fast.ops.bn_stats / bn_stats_loss against exml_fast.reference.
+
+Tolerances: the ground truth is computed in numpy.longdouble (x87 80-bit, a
+64-bit mantissa) from the same input values. In each dtype the fused op must be at least as accurate as
+PyTorch's own computation in that dtype (the reference run in that dtype), up
+to a factor of 2 plus a few units of rounding of the accumulation dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import exml_fast
+from exml_fast import ops
+from exml_fast import reference as ref
+
+pytestmark = pytest.mark.skipif(not exml_fast.has_ops(), reason="compiled exml_fast._C not built")
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+        ],
+    ),
+]
+
+
+def sample_inputs(device: str, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    """A battery of BN inputs: odd sizes, N = 1, 1x1 spatial, large C, every rank,
+    channels_last, non-contiguous, long runs and a large mean offset."""
+    g = torch.Generator().manual_seed(1234)
+
+    def randn(*shape, scale=1.0, offset=0.0):
+        return (torch.randn(*shape, generator=g) * scale + offset).to(dtype).to(device)
+
+    cases = [
+        ("nchw", randn(8, 16, 7, 9, scale=2.0, offset=0.5)),
+        ("nchw_channels_last", randn(8, 16, 7, 9, scale=2.0).to(memory_format=torch.channels_last)),
+        ("batch1", randn(1, 5, 3, 3)),
+        ("spatial1x1", randn(32, 24, 1, 1)),
+        ("large_c", randn(3, 600, 5, 5)),
+        ("large_c_channels_last", randn(3, 600, 5, 5).to(memory_format=torch.channels_last)),
+        ("2d", randn(64, 3, offset=-1.0)),
+        ("2d_batch1", randn(1, 7)),
+        ("3d", randn(7, 5, 13)),
+        ("5d", randn(2, 3, 4, 5, 6)),
+        ("5d_channels_last", randn(2, 3, 4, 5, 6).to(memory_format=torch.channels_last_3d)),
+        ("long_runs", randn(2, 2, 97, 101, scale=3.0)),  # runs longer than one CPU block
+        ("many_rows_channels_last", randn(16, 8, 41, 39).to(memory_format=torch.channels_last)),
+        ("offset_mean", randn(4, 6, 10, 10, scale=0.1, offset=50.0)),
+        ("one_channel", randn(5, 1, 9, 9)),
+        ("slice_channels", randn(6, 10, 5, 5)[:, ::2]),
+        ("transposed_spatial", randn(4, 3, 6, 5).transpose(2, 3)),
+        ("slice_batch", randn(9, 4, 6, 6)[1::2]),
+    ]
+    return cases
+
+
+def case_ids():
+    return [name for name, _ in sample_inputs("cpu", torch.float32)]
+
+
+def eps_of(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _ld(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy().astype(np.longdouble)
+
+
+def truth_stats(x: torch.Tensor):
+    """Mean and biased variance per channel, in long double, two-pass."""
+    a = np.moveaxis(_ld(x), 1, 0).reshape(x.shape[1], -1)
+    mean = a.mean(axis=1)
+    var = ((a - mean[:, None]) ** 2).mean(axis=1)
+    return mean, var
+
+
+def truth_grad(x: torch.Tensor, gm: torch.Tensor, gv: torch.Tensor) -> np.ndarray:
+    """dx = gm / M + 2 gv (x - mean) / M, in long double, in x's (N, C, ...) shape."""
+    mean, _ = truth_stats(x)
+    m = x.numel() // x.shape[1]
+    bshape = (1, -1) + (1,) * (x.dim() - 2)
+    xa = _ld(x)
+    return _ld(gm).reshape(bshape) / m + 2 * _ld(gv).reshape(bshape) * (
+        xa - mean.reshape(bshape)
+    ) / m
+
+
+def assert_as_accurate_as_torch(ours, torch_own, truth, dtype, extra_slack=0.0):
+    """max|ours - truth| <= 2 max|torch_own - truth| + 8 eps_acc max|truth| (+ extra)."""
+    err_ours = float(np.abs(_ld(ours) - truth).max())
+    err_torch = float(np.abs(_ld(torch_own) - truth).max())
+    scale = max(float(np.abs(truth).max()), 1e-30)
+    slack = 8 * eps_of(acc_dtype(dtype)) * scale + extra_slack * scale
+    assert err_ours <= 2 * err_torch + slack, (
+        f"error {err_ours:.3e} exceeds 2 x torch's own {err_torch:.3e} + {slack:.3e}"
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", case_ids())
+def test_forward_matches_reference(device, dtype, case):
+    x = dict(sample_inputs(device, dtype))[case]
+    mean, var = ops.bn_stats(x)
+    assert mean.dtype == acc_dtype(dtype) and var.dtype == acc_dtype(dtype)
+    assert mean.shape == (x.shape[1],) and var.shape == (x.shape[1],)
+    assert mean.device == x.device
+    truth_m, truth_v = truth_stats(x)
+    torch_m, torch_v = ref.bn_stats(x)  # PyTorch computing in x's own dtype
+    assert_as_accurate_as_torch(mean, torch_m, truth_m, dtype)
+    assert_as_accurate_as_torch(var, torch_v, truth_v, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", case_ids())
+def test_backward_matches_reference(device, dtype, case):
+    x = dict(sample_inputs(device, dtype))[case]
+    c = x.shape[1]
+    g = torch.Generator().manual_seed(7)
+    gm = torch.randn(c, generator=g).to(device)
+    gv = torch.randn(c, generator=g).to(device)
+
+    def grad_of(fn, inp):
+        inp = inp.detach().requires_grad_(True)
+        m, v = fn(inp)
+        (m * gm.to(m.dtype)).sum().add((v * gv.to(v.dtype)).sum()).backward()
+        return inp.grad
+
+    dx = grad_of(ops.bn_stats, x)
+    assert dx.dtype == x.dtype and dx.shape == x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4 and not x.is_contiguous():
+        assert dx.is_contiguous(memory_format=torch.channels_last)
+    truth = truth_grad(x, gm, gv)
+    torch_own = grad_of(ref.bn_stats, x)
+    # dx is rounded to x's dtype on output: allow one rounding of that dtype.
+    assert_as_accurate_as_torch(dx, torch_own, truth, dtype, extra_slack=eps_of(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_only_one_output_used(device):
+    """Autograd passes None for an unused output; both halves must still work."""
+    x = torch.randn(4, 3, 5, 5, device=device, dtype=torch.float64, requires_grad=True)
+    m, _ = ops.bn_stats(x)
+    (gx,) = torch.autograd.grad(m.sum(), x)
+    torch.testing.assert_close(gx, torch.full_like(x, 1.0 / 100))
+    _, v = ops.bn_stats(x)
+    (gx,) = torch.autograd.grad(v.sum(), x)
+    mean = x.mean((0, 2, 3), keepdim=True)
+    torch.testing.assert_close(gx, 2 * (x - mean) / 100)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "shape,channels_last",
+    [((3, 4, 5, 3), False), ((3, 4, 5, 3), True), ((6, 5), False), ((2, 3, 7), False),
+     ((2, 2, 3, 2, 3), False)],
+)
+def test_gradcheck_float64(device, shape, channels_last):
+    x = torch.randn(*shape, dtype=torch.float64, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(ops.bn_stats, (x,))
+    rm = torch.randn(shape[1], dtype=torch.float64, device=device)
+    rv = torch.rand(shape[1], dtype=torch.float64, device=device) + 0.5
+    for form in ("l2", "mse", "sq_std"):
+        assert torch.autograd.gradcheck(
+            lambda t: ops.bn_stats_loss(t, rm, rv, form=form), (x,)
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+def test_opcheck(device, dtype):
+    for name, x in sample_inputs(device, dtype):
+        if name in ("large_c", "large_c_channels_last", "long_runs", "many_rows_channels_last"):
+            continue  # opcheck's autograd checks are slow on big inputs; covered above
+        for requires_grad in (False, True):
+            xi = x.detach().clone(memory_format=torch.preserve_format)
+            if not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
+                xi = x.detach()  # keep the non-dense strides
+            xi.requires_grad_(requires_grad)
+            torch.library.opcheck(torch.ops.exml_fast.bn_stats.default, (xi,))
+        c = x.shape[1]
+        acc = acc_dtype(dtype)
+        args = (torch.randn(c, dtype=acc, device=device), torch.randn(c, dtype=acc, device=device),
+                x.detach(), torch.randn(c, dtype=acc, device=device))
+        torch.library.opcheck(
+            torch.ops.exml_fast._bn_stats_backward.default, args,
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+        )
+
+
+@pytest.mark.parametrize("form", ["l2", "mse", "sq_std"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_matches_reference(form, device):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(16, 12, 6, 6, generator=g) * 1.5 + 0.3).to(device)
+    rm = torch.randn(12, generator=g).to(device)
+    rv = (torch.rand(12, generator=g) + 0.5).to(device)
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    la = ops.bn_stats_loss(xa, rm, rv, form=form)
+    lb = ref.bn_stats_loss(xb, rm, rv, form=form)
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_loss_forms_closed_form():
+    x = torch.tensor([[1.0, 2.0], [3.0, 6.0]])  # per-channel mean (2, 4), var (1, 4)
+    rm = torch.tensor([0.0, 1.0])
+    rv = torch.tensor([1.0, 0.0])
+    l2 = ops.bn_stats_loss(x, rm, rv, form="l2")
+    torch.testing.assert_close(l2, torch.tensor(13.0).sqrt() + torch.tensor(4.0))
+    mse = ops.bn_stats_loss(x, rm, rv, form="mse")
+    torch.testing.assert_close(mse, torch.tensor((4 + 9) / 2 + (0 + 16) / 2))
+    sq = ops.bn_stats_loss(x, rm, rv, form="sq_std", eps=0.0)
+    torch.testing.assert_close(sq, torch.tensor(13.0 + 0 + 4.0))
+
+
+def test_double_backward_refused():
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    m, v = ops.bn_stats(x)
+    (g,) = torch.autograd.grad(v.square().sum() + m.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    rm, rv = torch.randn(8), torch.rand(8) + 0.5
+
+    def step(x):
+        return ops.bn_stats_loss(x, rm, rv, form="l2") + x.square().mean()
+
+    compiled = torch.compile(step, fullgraph=True)
+    x = torch.randn(4, 8, 6, 6).to(memory_format=torch.channels_last).requires_grad_(True)
+    out = compiled(x)
+    out.backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    expected = ref.bn_stats_loss(x2, rm, rv) + x2.square().mean()
+    expected.backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-7)
+
+
+# -- bad input ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "x,match",
+    [
+        (torch.randn(5), "x must have shape"),
+        (torch.randn(1, 2, 1, 1, 1, 1), "x must have shape"),
+        (torch.ones(4, 3, dtype=torch.int64), "x must be float32"),
+        (torch.ones(4, 3, dtype=torch.bool), "x must be float32"),
+        (torch.randn(0, 3, 4, 4), "no elements"),
+        (torch.randn(2, 3, 0), "no elements"),
+        (torch.randn(2, 0, 4), "at least one channel"),
+    ],
+)
+def test_bad_input_wrapper(x, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.bn_stats(x)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.bn_stats_loss(x, torch.zeros(x.shape[1] if x.dim() > 1 else 1),
+                          torch.ones(x.shape[1] if x.dim() > 1 else 1))
+
+
+@pytest.mark.parametrize(
+    "x,match",
+    [
+        (torch.randn(5), "x must have shape"),
+        (torch.ones(4, 3, dtype=torch.int32), "x must be float32"),
+        (torch.randn(0, 3, 4, 4), "no elements"),
+    ],
+)
+def test_bad_input_kernel(x, match):
+    """The compiled op checks its arguments too (for callers of torch.ops directly)."""
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.exml_fast.bn_stats(x)
+
+
+def test_bad_running_stats():
+    x = torch.randn(4, 3, 5, 5)
+    with pytest.raises(ValueError, match=r"running_mean must have shape \(3,\)"):
+        ops.bn_stats_loss(x, torch.zeros(4), torch.ones(3))
+    with pytest.raises(ValueError, match=r"running_var must have shape \(3,\)"):
+        ops.bn_stats_loss(x, torch.zeros(3), torch.ones(3, 1))
+    with pytest.raises(TypeError, match="running_var must be a floating tensor"):
+        ops.bn_stats_loss(x, torch.zeros(3), torch.ones(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="form must be one of"):
+        ops.bn_stats_loss(x, torch.zeros(3), torch.ones(3), form="l1")
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        ops.bn_stats([[1.0, 2.0]])
+    with pytest.raises(RuntimeError, match="grad_var must have shape"):
+        torch.ops.exml_fast._bn_stats_backward(torch.zeros(3), torch.zeros(2), x, torch.zeros(3))
