@@ -1,17 +1,17 @@
 // CUDA kernels of exml_fast::bn_stats and its backward.
 //
 // Forward (one read of x): each block reduces a slice of one channel (NCHW) or
-// of a 32-channel tile (channels_last). A thread accumulates sums shifted by an
-// element of its channel, s1 = sum(x - k), s2 = sum((x - k)^2), which keeps the
-// fp32 variance exact to rounding when k is near the mean; it then becomes a
-// (count, mean - k, M2) triple, merged with Chan's formula across the warp
+// of a 32-channel tile (channels_last). A thread accumulates sums shifted by
+// the first element it reads, s1 = sum(x - k), s2 = sum((x - k)^2), in fp32
+// (fp64 for fp64 x); a shift taken from the thread's own elements keeps the
+// fp32 sums accurate whatever the channel's mean. It then becomes a double
+// (count, mean, M2) triple, merged with Chan's formula across the warp
 // (shuffles), the block (shared memory) and, in a small second kernel, across
-// the blocks of a channel, which adds k back. Merges run in double for every
-// input dtype (their count is small), per-thread sums in fp32 (fp64 for fp64). Every thread of a channel uses
-// the same k (its first element), so partial means stay relative to k and
-// keep their precision when |mean| >> std. Backward is one elementwise pass,
-// dx = a_c + b_c * (x - mean_c), with a_c = grad_mean_c / M and
-// b_c = 2 * grad_var_c / M (subtracting first avoids cancellation).
+// the blocks of a channel. Merges are few, so double costs nothing there.
+//
+// Backward is one elementwise pass, dx = a_c + b_c * (x - mean_c), with
+// a_c = grad_mean_c / M and b_c = 2 * grad_var_c / M (subtracting the mean
+// first avoids cancellation when |mean| >> std).
 //
 // Only the ATen/c10 headers needed are included: compile time on small
 // machines is dominated by torch headers, and ATen/cuda/CUDAContext.h would
@@ -70,9 +70,13 @@ __global__ void forward_channels_first_kernel(const scalar_t* __restrict__ x,
   const index_t c = blockIdx.x;
   const index_t p = blockIdx.y;
   const index_t s_len = s_div.divisor;
-  const acc_t k = static_cast<acc_t>(x[c * s_len]);
-  const index_t j_begin = p * chunk;
+  const index_t j_begin = p * chunk;  // < per_channel: the grid has ceil(per_channel / chunk) rows
   const index_t j_end = per_channel - j_begin > chunk ? j_begin + chunk : per_channel;
+  acc_t k = 0;
+  if (j_begin + threadIdx.x < j_end) {
+    const auto qr = s_div.divmod(j_begin + threadIdx.x);
+    k = static_cast<acc_t>(x[(qr.div * c_len + c) * s_len + qr.mod]);
+  }
   acc_t s1 = 0, s2 = 0;
   index_t cnt = 0;
   for (index_t j = j_begin + threadIdx.x; j < j_end; j += blockDim.x) {
@@ -82,7 +86,7 @@ __global__ void forward_channels_first_kernel(const scalar_t* __restrict__ x,
     s2 += d * d;
     ++cnt;
   }
-  MStats st = from_shifted_sums<double>(static_cast<double>(cnt), 0.0, s1, s2);
+  MStats st = from_shifted_sums<double>(static_cast<double>(cnt), k, s1, s2);
   st = warp_merge(st);
   __shared__ MStats warp_stats[kThreads / 32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -103,13 +107,13 @@ __global__ void forward_channels_last_kernel(const scalar_t* __restrict__ x,
                                              index_t c_len) {
   const index_t c = static_cast<index_t>(blockIdx.x) * kTileC + threadIdx.x;
   const bool active = c < c_len;
-  const acc_t k = active ? static_cast<acc_t>(x[c]) : acc_t(0);
+  const index_t r0 = static_cast<index_t>(blockIdx.y) * kTileRows + threadIdx.y;
+  const acc_t k = active && r0 < rows ? static_cast<acc_t>(x[r0 * c_len + c]) : acc_t(0);
   acc_t s1 = 0, s2 = 0;
   index_t cnt = 0;
   if (active) {
     const index_t step = static_cast<index_t>(gridDim.y) * kTileRows;
-    for (index_t r = static_cast<index_t>(blockIdx.y) * kTileRows + threadIdx.y; r < rows;
-         r += step) {
+    for (index_t r = r0; r < rows; r += step) {
       const acc_t d = static_cast<acc_t>(x[r * c_len + c]) - k;
       s1 += d;
       s2 += d * d;
@@ -117,7 +121,7 @@ __global__ void forward_channels_last_kernel(const scalar_t* __restrict__ x,
     }
   }
   __shared__ MStats tile[kTileRows][kTileC];
-  tile[threadIdx.y][threadIdx.x] = from_shifted_sums<double>(static_cast<double>(cnt), 0.0, s1, s2);
+  tile[threadIdx.y][threadIdx.x] = from_shifted_sums<double>(static_cast<double>(cnt), k, s1, s2);
   __syncthreads();
   if (threadIdx.y == 0 && active) {
     MStats st = tile[0][threadIdx.x];
@@ -126,18 +130,16 @@ __global__ void forward_channels_last_kernel(const scalar_t* __restrict__ x,
   }
 }
 
-// Merges the P partials of each channel (means relative to the channel's
-// shift k = x[c * k_stride]) and adds the shift back.
-template <typename scalar_t, typename acc_t>
-__global__ void finalize_kernel(const MStats* __restrict__ partial,
-                                const scalar_t* __restrict__ x, int64_t k_stride, int64_t c_len,
+// Merges the P partials of each channel.
+template <typename acc_t>
+__global__ void finalize_kernel(const MStats* __restrict__ partial, int64_t c_len,
                                 int64_t parts, acc_t* __restrict__ mean,
                                 acc_t* __restrict__ var) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= c_len) return;
   MStats st = partial[c * parts];
   for (int64_t p = 1; p < parts; ++p) st = merge(st, partial[c * parts + p]);
-  mean[c] = static_cast<acc_t>(static_cast<double>(x[c * k_stride]) + st.mean);
+  mean[c] = static_cast<acc_t>(st.mean);
   var[c] = static_cast<acc_t>(st.n > 0.0 ? st.m2 / st.n : 0.0);
 }
 
@@ -205,10 +207,8 @@ void launch_forward(const at::Tensor& x, const BnGeometry& g, at::Tensor& mean, 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const auto* partial = reinterpret_cast<const MStats*>(work.const_data_ptr<double>());
-  const int64_t k_stride = g.layout == BnLayout::kChannelsFirst ? g.s : 1;
-  finalize_kernel<scalar_t, acc_t><<<static_cast<unsigned>(ceil_div(g.c, 128)), 128, 0, stream>>>(
-      partial, xp, k_stride, g.c, parts, mean.mutable_data_ptr<acc_t>(),
-      var.mutable_data_ptr<acc_t>());
+  finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(g.c, 128)), 128, 0, stream>>>(
+      partial, g.c, parts, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
