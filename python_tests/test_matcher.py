@@ -206,3 +206,29 @@ def test_errors():
     with BNStatsMatcher(net) as m:
         with pytest.raises(RuntimeError, match="no forward of the model"):
             m.loss()
+
+
+def test_matches_public_deepinversion_hooks():
+    """The l2 form equals the public DeepInversion hook's weighted sum."""
+    from exml_fast.reference.bn_hooks import deepinversion_bn_loss, deepinversion_bn_loss_hooks
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+    )
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(32, 3, 8, 8) * 2)
+    net.eval()
+    x = torch.randn(6, 3, 8, 8)
+    hooks = deepinversion_bn_loss_hooks(net)
+    try:
+        net(x)
+        expected = deepinversion_bn_loss(hooks, first_bn_multiplier=10.0)
+    finally:
+        for h in hooks:
+            h.remove()
+    with BNStatsMatcher(net, form="l2", first_bn_multiplier=10.0) as m:
+        net(x)
+        torch.testing.assert_close(m.loss(), expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,106 @@
+# exml_fast — the README's commands. `make test` and `make demo` work from a
+# fresh clone: they create (or reuse) a virtual environment, install the pinned
+# torch/torchvision, build the extension, then run.
+#
+#   make test                  Python tests + the C++ (ctest) suite
+#   make demo                  train a LeNet-5-BN on MNIST, invert it, save a PNG grid
+#   make bench                 benchmarks, printed and recorded in benches/results/
+#   USE_SYSTEM_TORCH=1 make …  use `python3` and the torch it has (e.g. a GPU machine)
+#
+# Variables: PYTHON (interpreter that creates the venv, or the one used with
+# USE_SYSTEM_TORCH=1), VENV (default .venv), TORCH_CUDA_ARCH_LIST, MAX_JOBS,
+# CMAKE_CUDA (ON/OFF: CUDA kernels and tests in the CMake build; default ON
+# when torch sees a GPU).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+USE_SYSTEM_TORCH ?= 0
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+PY_DEPS := numpy pytest pytest-benchmark pybind11 ninja "setuptools>=69" wheel
+
+ifeq ($(USE_SYSTEM_TORCH),1)
+  PY := $(PYTHON)
+  ENV_STAMP := .stamps/env-system
+else
+  PY := $(VENV)/bin/python
+  ENV_STAMP := .stamps/env-venv
+endif
+
+# nvcc on PATH may sit outside the toolkit (/usr/local/bin/nvcc), which misleads
+# torch's detection: point CUDA_HOME at the toolkit root when it is there.
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+  export CUDA_HOME ?= /usr/local/cuda
+endif
+# CI has no GPU: compile (and so check) the CUDA kernels for sm_90 only.
+ifeq ($(CI),true)
+  export TORCH_CUDA_ARCH_LIST ?= 9.0
+endif
+
+CMAKE_BUILD_DIR := build-cmake
+CMAKE_CUDA = $(shell $(PY) -c 'import torch; print("ON" if torch.cuda.is_available() else "OFF")' 2>/dev/null || echo OFF)
+SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+
+.PHONY: help env build test pytest ctest demo bench clean FORCE
+
+help:
+	@sed -n '1,15p' Makefile | sed 's/^# \{0,1\}//'
+
+.stamps/env-venv:
+	@mkdir -p .stamps
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS) $(PY_DEPS)
+	touch $@
+
+.stamps/env-system:
+	@mkdir -p .stamps
+	$(PY) -c 'import torch, pytest, pybind11, numpy; print("using system torch", torch.__version__)' \
+	  || { echo "USE_SYSTEM_TORCH=1 needs torch, pytest, pybind11 and numpy importable by $(PY)"; exit 1; }
+	touch $@
+
+env: $(ENV_STAMP)
+
+# Which interpreter and torch the extension is built against; rewritten only
+# when that changes, so switching USE_SYSTEM_TORCH or upgrading torch rebuilds.
+.stamps/toolchain: $(ENV_STAMP) FORCE
+	@$(PY) -c 'import sys, torch; print(sys.executable, torch.__version__)' > $@.tmp
+	@if cmp -s $@.tmp $@; then rm $@.tmp; else mv $@.tmp $@; fi
+
+.stamps/build: .stamps/toolchain $(SOURCES)
+	@echo "building the extension (full log: .stamps/build.log)"
+	$(PY) -m pip install -v --no-build-isolation --no-deps -e . > .stamps/build.log 2>&1 \
+	  || { tail -n 60 .stamps/build.log; echo "build failed: see .stamps/build.log"; exit 1; }
+	@grep -E '^ *\[exml_fast build\]' .stamps/build.log || true
+	$(PY) -c 'import exml_fast; assert exml_fast.has_ops(), exml_fast.build_info(); print("built:", exml_fast.build_info())'
+	touch $@
+
+build: .stamps/build
+
+pytest: build
+	$(PY) -m pytest python_tests -q
+
+ctest: $(ENV_STAMP)
+	@mkdir -p $(CMAKE_BUILD_DIR)
+	cmake -S . -B $(CMAKE_BUILD_DIR) -G Ninja -DPYTHON_EXECUTABLE="$$(command -v $(PY))" \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	  -DEXML_FAST_CUDA=$(CMAKE_CUDA) > $(CMAKE_BUILD_DIR)/configure.log 2>&1 \
+	  || { cat $(CMAKE_BUILD_DIR)/configure.log; exit 1; }
+	cmake --build $(CMAKE_BUILD_DIR) -j2
+	ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
+
+test: pytest ctest
+
+demo: build
+	$(PY) -m exml_fast.demo
+
+bench: build
+	$(PY) benches/bench_bn_stats.py
+
+clean:
+	rm -rf build $(CMAKE_BUILD_DIR) .stamps exml_fast/_C*.so *.egg-info
+
+FORCE:

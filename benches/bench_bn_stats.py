@@ -1,0 +1,305 @@
+"""Benchmark of BatchNorm-statistic matching: fused exml_fast vs the reference.
+
+1. Op level: forward + backward of bn_stats over the 20 BatchNorm-input
+   activations of a CIFAR ResNet-18 (3x3 stem, no max-pool, 32x32 input), at
+   batch 64 and 256; exml_fast vs the reference (mean + permute-contiguous var,
+   as the public DeepInversion hook) vs torch.compile(reference), NCHW and
+   channels_last. GB/s counts the minimum traffic (read x forward; read x and
+   write dx backward) against the machine's measured copy bandwidth.
+2. Step level: one DeepInversion step (teacher forward + backward to the input,
+   CE + TV + l2 + BN loss, Adam step) with the public forward hooks, with
+   exml_fast.BNStatsMatcher, and with no BN loss at all.
+
+Every ratio is measured in this one run. Usage:
+    python benches/bench_bn_stats.py [--device cpu|cuda] [--batches 64 256]
+        [--step-batch 64] [--no-compile] [--out benches/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark
+
+import exml_fast
+from exml_fast import BNStatsMatcher, ops
+from exml_fast import reference as ref
+from exml_fast.models import resnet18_cifar
+from exml_fast.reference.bn_hooks import deepinversion_bn_loss, deepinversion_bn_loss_hooks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- environment -------------------------------------------------------------------
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return out + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def median_seconds(fn, *, min_run_time: float) -> float:
+    """Median seconds per call (torch.utils.benchmark synchronises CUDA)."""
+    fn()  # warm-up (allocations, autotuning, compilation)
+    t = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    return t.blocked_autorange(min_run_time=min_run_time).median
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes read + written per second by a large tensor copy."""
+    n = (256 << 20) // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    sec = median_seconds(lambda: dst.copy_(src), min_run_time=1.0)
+    return 2 * src.numel() * 4 / sec
+
+
+# -- op level -------------------------------------------------------------------
+
+
+def resnet18_bn_inputs(batch: int, device: str, channels_last: bool) -> list[torch.Tensor]:
+    """The 20 BN-input activations of a CIFAR ResNet-18 on random input."""
+    torch.manual_seed(0)
+    model = resnet18_cifar().to(device).eval()
+    acts: list[torch.Tensor] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: acts.append(args[0].detach()))
+             for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert len(acts) == 20, f"expected 20 BN inputs, got {len(acts)}"
+    return [a.clone().requires_grad_(True) for a in acts]
+
+
+def make_fwd_bwd(stats_fn, acts, grads):
+    def step():
+        outs = [stats_fn(a) for a in acts]
+        total = sum((m * gm).sum() + (v * gv).sum() for (m, v), (gm, gv) in zip(outs, grads))
+        torch.autograd.grad(total, acts)
+    return step
+
+
+def bench_op_level(device, batches, *, use_compile, min_run_time, copy_bw):
+    rows = []
+    for batch in batches:
+        for channels_last in (False, True):
+            acts = resnet18_bn_inputs(batch, device, channels_last)
+            grads = [(torch.randn(a.shape[1], device=device), torch.randn(a.shape[1], device=device))
+                     for a in acts]
+            nbytes = sum(a.numel() * a.element_size() for a in acts) * 3
+            variants = {"reference": ref.bn_stats, "exml_fast": ops.bn_stats}
+            if use_compile:
+                torch._dynamo.reset()
+                variants["compile(reference)"] = torch.compile(ref.bn_stats, dynamic=False)
+            times = {}
+            for name, fn in variants.items():
+                times[name] = median_seconds(make_fwd_bwd(fn, acts, grads), min_run_time=min_run_time)
+            layout = "channels_last" if channels_last else "NCHW"
+            for name, sec in times.items():
+                rows.append({
+                    "batch": batch, "layout": layout, "variant": name, "ms": sec * 1e3,
+                    "speedup_vs_reference": times["reference"] / sec,
+                    "GB/s": nbytes / sec / 1e9, "pct_copy_bw": 100 * nbytes / sec / copy_bw,
+                })
+                print(f"  batch {batch:4d} {layout:13s} {name:20s} {sec * 1e3:9.2f} ms  "
+                      f"x{times['reference'] / sec:6.2f} vs reference  "
+                      f"{nbytes / sec / 1e9:7.2f} GB/s ({100 * nbytes / sec / copy_bw:5.1f}% of copy)",
+                      flush=True)
+            del acts
+    return rows
+
+
+# -- step level -------------------------------------------------------------------
+
+
+def tv_l2(x: torch.Tensor) -> torch.Tensor:
+    """DeepInversion's l2 total variation: four one-pixel shifts."""
+    d1 = x[:, :, :, :-1] - x[:, :, :, 1:]
+    d2 = x[:, :, :-1, :] - x[:, :, 1:, :]
+    d3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
+    d4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
+    return torch.norm(d1) + torch.norm(d2) + torch.norm(d3) + torch.norm(d4)
+
+
+def bench_step_level(device, batch, *, min_run_time):
+    torch.manual_seed(0)
+    teacher = resnet18_cifar().to(device)
+    teacher.train()
+    with torch.no_grad():  # give running statistics non-trivial values
+        for _ in range(2):
+            teacher(torch.randn(batch, 3, 32, 32, device=device))
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    y = torch.arange(batch, device=device) % 10
+    x = torch.randn(batch, 3, 32, 32, device=device, requires_grad=True)
+    opt = torch.optim.Adam([x], lr=0.05, betas=(0.5, 0.9))
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def inputs():
+        dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=g))
+        xi = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+        return torch.flip(xi, dims=(3,)) if torch.rand((), generator=g) < 0.5 else xi
+
+    def step(bn_term):
+        opt.zero_grad(set_to_none=True)
+        logits = teacher(inputs())
+        loss = F.cross_entropy(logits, y) + 2.5e-5 * tv_l2(x) + 3e-8 * x.norm()
+        if bn_term is not None:
+            loss = loss + 0.01 * bn_term()
+        loss.backward()
+        opt.step()
+
+    times = {}
+    times["no BN loss"] = median_seconds(lambda: step(None), min_run_time=min_run_time)
+    hooks = deepinversion_bn_loss_hooks(teacher)
+    try:
+        times["reference hooks"] = median_seconds(
+            lambda: step(lambda: deepinversion_bn_loss(hooks, 10.0)), min_run_time=min_run_time)
+    finally:
+        for h in hooks:
+            h.remove()
+    with BNStatsMatcher(teacher, form="l2", first_bn_multiplier=10.0) as matcher:
+        times["exml_fast"] = median_seconds(lambda: step(matcher.loss), min_run_time=min_run_time)
+    base = times["no BN loss"]
+    rows = []
+    for name, sec in times.items():
+        rows.append({"batch": batch, "variant": name, "ms": sec * 1e3,
+                     "overhead_pct_vs_no_bn": 100 * (sec - base) / base})
+        print(f"  batch {batch:4d} {name:16s} {sec * 1e3:9.1f} ms/step  "
+              f"BN loss adds {100 * (sec - base) / base:6.1f}%", flush=True)
+    return rows
+
+
+# -- main -------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   choices=["cpu", "cuda"])
+    p.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--step-batch", type=int, default=None,
+                   help="batch of the DeepInversion step (default 64 on CPU, 256 on CUDA)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="seconds of timed runs per measurement (default 2 on CPU, 1 on CUDA)")
+    p.add_argument("--out", default=str(ROOT / "benches" / "results"),
+                   help="directory for the recorded run ('' to not record)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    if not exml_fast.has_ops():
+        p.error("exml_fast._C is not built: the benchmark would time the reference twice")
+    min_run_time = args.min_run_time or (2.0 if args.device == "cpu" else 1.0)
+    step_batch = args.step_batch or (64 if args.device == "cpu" else 256)
+
+    env = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(args.device),
+        "device_kind": args.device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "exml_fast_build": exml_fast.build_info(),
+        "commit": git_commit(),
+    }
+    print(f"exml_fast bn_stats benchmark on {env['device']} ({args.device}, "
+          f"{env['threads']} threads), torch {env['torch']}, CUDA {env['cuda']}, "
+          f"commit {env['commit']}")
+    copy_bw = copy_bandwidth(args.device)
+    env["copy_bandwidth_GBps"] = copy_bw / 1e9
+    print(f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s\n")
+
+    t0 = time.perf_counter()
+    print("1. op level: bn_stats forward + backward over the 20 BN inputs of CIFAR ResNet-18")
+    op_rows = bench_op_level(args.device, args.batches, use_compile=not args.no_compile,
+                             min_run_time=min_run_time, copy_bw=copy_bw)
+    print(f"\n2. step level: one DeepInversion step on CIFAR ResNet-18, batch {step_batch}")
+    step_rows = bench_step_level(args.device, step_batch, min_run_time=min_run_time)
+    env["wall_s"] = time.perf_counter() - t0
+
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"bn_stats_{args.device}"
+        record = {"env": env, "op_level": op_rows, "step_level": step_rows}
+        write_atomic(stem.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+        write_atomic(stem.with_suffix(".md"), to_markdown(record))
+        print(f"\nrecorded in {stem}.json and {stem}.md")
+    return 0
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def to_markdown(rec: dict) -> str:
+    e = rec["env"]
+    lines = [
+        f"# bn_stats benchmark — {e['device']} ({e['device_kind']})",
+        "",
+        f"- date: {e['date']}, commit `{e['commit']}`",
+        f"- torch {e['torch']}, CUDA {e['cuda']}, Python {e['python']}, {e['threads']} threads",
+        f"- copy bandwidth (read + write): {e['copy_bandwidth_GBps']:.1f} GB/s",
+        f"- command: `python benches/bench_bn_stats.py --device {e['device_kind']}`; wall {e['wall_s']:.0f} s",
+        "",
+        "## Op level: forward + backward over the 20 BN inputs of CIFAR ResNet-18",
+        "",
+        "| batch | layout | variant | ms | speed-up vs reference | GB/s | % of copy bw |",
+        "|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rec["op_level"]:
+        lines.append(f"| {r['batch']} | {r['layout']} | {r['variant']} | {r['ms']:.2f} | "
+                     f"{r['speedup_vs_reference']:.2f}x | {r['GB/s']:.1f} | {r['pct_copy_bw']:.0f}% |")
+    lines += [
+        "",
+        "## Step level: one DeepInversion step (CE + TV + l2 + BN loss, Adam)",
+        "",
+        "| batch | variant | ms/step | BN loss adds |",
+        "|---:|---|---:|---:|",
+    ]
+    for r in rec["step_level"]:
+        lines.append(f"| {r['batch']} | {r['variant']} | {r['ms']:.1f} | "
+                     f"{r['overhead_pct_vs_no_bn']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
