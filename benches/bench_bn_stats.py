@@ -154,6 +154,32 @@ def tv_l2(x: torch.Tensor) -> torch.Tensor:
     return torch.norm(d1) + torch.norm(d2) + torch.norm(d3) + torch.norm(d4)
 
 
+def interleaved_medians(variants: dict, *, device: str, min_run_time: float,
+                        min_rounds: int = 5) -> dict[str, float]:
+    """Median seconds per call of each variant, timed round-robin (rotating the
+    order each round) so drift of a shared machine affects every variant alike."""
+    def timed(fn):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    names = list(variants)
+    for n in names:  # warm-up
+        timed(variants[n])
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    deadline = time.perf_counter() + min_run_time * len(names)
+    r = 0
+    while r < min_rounds or time.perf_counter() < deadline:
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            samples[n].append(timed(variants[n]))
+        r += 1
+    return {n: float(torch.tensor(v).median()) for n, v in samples.items()}
+
+
 def bench_step_level(device, batch, *, min_run_time):
     torch.manual_seed(0)
     teacher = resnet18_cifar().to(device)
@@ -183,17 +209,23 @@ def bench_step_level(device, batch, *, min_run_time):
         loss.backward()
         opt.step()
 
-    times = {}
-    times["no BN loss"] = median_seconds(lambda: step(None), min_run_time=min_run_time)
-    hooks = deepinversion_bn_loss_hooks(teacher)
-    try:
-        times["reference hooks"] = median_seconds(
-            lambda: step(lambda: deepinversion_bn_loss(hooks, 10.0)), min_run_time=min_run_time)
-    finally:
-        for h in hooks:
-            h.remove()
-    with BNStatsMatcher(teacher, form="l2", first_bn_multiplier=10.0) as matcher:
-        times["exml_fast"] = median_seconds(lambda: step(matcher.loss), min_run_time=min_run_time)
+    matcher = BNStatsMatcher(teacher, form="l2", first_bn_multiplier=10.0)
+
+    def with_reference_hooks():
+        hooks = deepinversion_bn_loss_hooks(teacher)
+        try:
+            step(lambda: deepinversion_bn_loss(hooks, 10.0))
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def with_matcher():
+        with matcher:
+            step(matcher.loss)
+
+    variants = {"no BN loss": lambda: step(None), "reference hooks": with_reference_hooks,
+                "exml_fast": with_matcher}
+    times = interleaved_medians(variants, device=device, min_run_time=min_run_time)
     base = times["no BN loss"]
     rows = []
     for name, sec in times.items():
