@@ -1,0 +1,305 @@
+"""End-to-end demo: train a LeNet-5 (BN) expert on MNIST, then invert it.
+
+Run::
+
+    python -m exml_fast.demo [--out DIR] [--epochs 1] [--iterations N] [--seed 0] [--threads T]
+
+Phase 1 trains :class:`~exml_fast.models.LeNet5BN` on MNIST (padded to 32x32,
+normalised) with SGD (lr 0.01, momentum 0.9, weight decay 5e-4, batch 64,
+the Ex-Model CL expert recipe) and prints its test accuracy: 98.2-98.7 % after
+one epoch over seeds 0-4. Adam (lr 1e-3) was not clearly better (98.3-98.6 %
+over seeds 0-2), so the paper's SGD stays.
+
+Phase 2 synthesises 64 images of classes ``arange(64) % 10`` from the frozen
+teacher alone (DeepInversion, no data): starting from ``x ~ N(0, 1)``, Adam
+minimises::
+
+    CE(teacher(roll(x)), y) + bn_weight · R_BN + tv_weight · TV_l2(x) + l2_weight · ||x||²
+
+where ``R_BN`` is :class:`exml_fast.BNStatsMatcher`'s loss (form "l2", first BN
+layer x10), ``TV_l2`` DeepInversion's four-direction total variation,
+``||x||²`` the squared L2 norm per image averaged over the batch, ``roll`` a
+random shift of up to ±2 px (one draw per step; no flips, digits are not
+mirror-symmetric). The learning rate follows a cosine decay to 0 and ``x`` is
+clamped to the range of valid normalised pixels after each step. Defaults
+(400 steps, lr 0.1, bn 1, tv 0.05, l2 1e-3) give 64/64 images classified as
+their target over seeds 0-4; a larger ``tv_weight`` relative to ``bn_weight``
+gives blobs, a smaller one salt-and-pepper strokes. The grid is written to
+``<out>/demo_inversion.png``; the exit status is 1 when the teacher labels
+fewer than 90 % of the 64 images as their target class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exml_fast import BNStatsMatcher
+from exml_fast.data import DATASET_STATS, mnist_tensors
+from exml_fast.models import LeNet5BN
+
+# Expert training (Ex-Model CL, Appendix A, batch 64 instead of 32 for speed).
+TRAIN_BATCH = 64
+TRAIN_LR = 0.01
+TRAIN_MOMENTUM = 0.9
+TRAIN_WEIGHT_DECAY = 5e-4
+
+# Inversion.
+NUM_IMAGES = 64
+INV_LR = 0.1
+BN_WEIGHT = 1.0
+TV_WEIGHT = 0.05
+L2_WEIGHT = 1e-3
+JITTER = 2
+DEFAULT_ITERATIONS = 400
+MIN_ACCURACY = 0.9
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` (put in eval mode) on (N, C, H, W) images ``x``, labels (N,)."""
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            correct += (model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum().item()
+    return correct / max(1, x.shape[0])
+
+
+def train_teacher(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    generator: torch.Generator,
+    log_every: int = 100,
+) -> nn.Module:
+    """Train a LeNet5BN on (N, 1, 32, 32) images ``x`` and labels ``y``; returns it in eval mode."""
+    model = LeNet5BN(num_classes=10, in_channels=x.shape[1])
+    opt = torch.optim.SGD(
+        model.parameters(), lr=TRAIN_LR, momentum=TRAIN_MOMENTUM, weight_decay=TRAIN_WEIGHT_DECAY
+    )
+    n = x.shape[0]
+    steps_per_epoch = (n + TRAIN_BATCH - 1) // TRAIN_BATCH
+    model.train()
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=generator)
+        running, seen, t0 = 0.0, 0, time.perf_counter()
+        for step in range(steps_per_epoch):
+            idx = perm[step * TRAIN_BATCH : (step + 1) * TRAIN_BATCH]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += loss.item()
+            seen += 1
+            if (step + 1) % log_every == 0 or step + 1 == steps_per_epoch:
+                rate = (step + 1) / (time.perf_counter() - t0)
+                print(
+                    f"  epoch {epoch + 1}/{epochs} step {step + 1:4d}/{steps_per_epoch} "
+                    f"loss {running / seen:.4f} ({rate:.0f} steps/s)",
+                    flush=True,
+                )
+                running, seen = 0.0, 0
+    return model.eval()
+
+
+def tv_l2(x: torch.Tensor) -> torch.Tensor:
+    """DeepInversion's l2 total variation of (N, C, H, W) ``x``: the sum of the
+    Frobenius norms of the differences with four one-pixel shifts (horizontal,
+    vertical and both diagonals). Returns a scalar."""
+    d1 = x[:, :, :, :-1] - x[:, :, :, 1:]
+    d2 = x[:, :, :-1, :] - x[:, :, 1:, :]
+    d3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
+    d4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
+    return d1.norm() + d2.norm() + d3.norm() + d4.norm()
+
+
+def invert(
+    teacher: nn.Module,
+    targets: torch.Tensor,
+    *,
+    iterations: int,
+    shape: tuple[int, int, int],
+    pixel_range: tuple[float, float],
+    generator: torch.Generator,
+    lr: float = INV_LR,
+    bn_weight: float = BN_WEIGHT,
+    tv_weight: float = TV_WEIGHT,
+    l2_weight: float = L2_WEIGHT,
+    jitter: int = JITTER,
+    cosine: bool = True,
+    log_every: int = 100,
+) -> torch.Tensor:
+    """DeepInversion of a frozen ``teacher`` (eval mode) for class ``targets`` (N,).
+
+    Args:
+        shape: (C, H, W) of one image.
+        pixel_range: (low, high) of valid normalised pixels; ``x`` is clamped to it.
+        generator: the source of the initial noise and the jitter draws.
+
+    Returns:
+        The synthesised images, (N, C, H, W), normalised like the teacher's inputs.
+    """
+    teacher.eval()
+    # Only x needs gradients; the teacher's flags are put back on the way out.
+    frozen = [p for p in teacher.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    lo, hi = pixel_range
+    x = torch.randn((targets.shape[0], *shape), generator=generator)
+    x.clamp_(lo, hi).requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iterations) if cosine else None
+    try:
+        with BNStatsMatcher(teacher, form="l2", first_bn_multiplier=10.0) as matcher:
+            for it in range(iterations):
+                if jitter > 0:
+                    dx, dy = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
+                    x_in = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+                else:
+                    x_in = x
+                logits = teacher(x_in)  # refills the matcher's per-layer terms
+                ce = F.cross_entropy(logits, targets)
+                r_bn = matcher.loss()
+                r_tv = tv_l2(x)
+                r_l2 = x.pow(2).sum() / x.shape[0]
+                loss = ce + bn_weight * r_bn + tv_weight * r_tv + l2_weight * r_l2
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                with torch.no_grad():
+                    x.clamp_(lo, hi)
+                if (it + 1) % log_every == 0 or it + 1 == iterations:
+                    acc = (logits.argmax(1) == targets).float().mean().item()
+                    print(
+                        f"  iter {it + 1:4d}/{iterations} loss {loss.item():.4f} ce {ce.item():.4f} "
+                        f"bn {r_bn.item():.4f} tv {r_tv.item():.2f} (batch acc {acc:.2f})",
+                        flush=True,
+                    )
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return x.detach()
+
+
+def save_grid_atomic(images: torch.Tensor, path: str, *, nrow: int = 8) -> None:
+    """Write (N, C, H, W) images in [0, 1] as a PNG grid; readers never see a partial file."""
+    from torchvision.utils import save_image
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # Not tempfile.mkstemp: its 0600 mode would survive the rename.
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            save_image(images, f, nrow=nrow, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m exml_fast.demo",
+        description="Train a LeNet-5 (BN) expert on MNIST, then invert it into 64 images.",
+    )
+    p.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder (default: runs/demo)")
+    p.add_argument("--epochs", type=int, default=1, help="teacher training epochs (default: 1)")
+    p.add_argument(
+        "--iterations", type=int, default=DEFAULT_ITERATIONS,
+        help=f"inversion steps (default: {DEFAULT_ITERATIONS})",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.epochs < 1:
+        p.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.iterations < 1:
+        p.error(f"--iterations must be >= 1, got {args.iterations}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns the process exit status (0 ok, 1 inversion accuracy too low)."""
+    args = _parse_args(argv)
+    threads_before = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args: argparse.Namespace) -> int:
+    torch.manual_seed(args.seed)  # model initialisation draws from the global generator
+    gen = torch.Generator().manual_seed(args.seed)
+    mean, std = DATASET_STATS["mnist"]
+    print(f"exml_fast demo: seed {args.seed}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+
+    t0 = time.perf_counter()
+    x_train, y_train = mnist_tensors("train", pad_to=32, normalize=True)
+    x_test, y_test = mnist_tensors("test", pad_to=32, normalize=True)
+    t_data = time.perf_counter() - t0
+    print(f"[data] MNIST train {tuple(x_train.shape)}, test {tuple(x_test.shape)} in {t_data:.1f} s")
+
+    print(f"[train] LeNet5BN, SGD lr {TRAIN_LR} momentum {TRAIN_MOMENTUM} wd {TRAIN_WEIGHT_DECAY}, "
+          f"batch {TRAIN_BATCH}, {args.epochs} epoch(s)")
+    t0 = time.perf_counter()
+    teacher = train_teacher(x_train, y_train, epochs=args.epochs, generator=gen)
+    t_train = time.perf_counter() - t0
+    test_acc = evaluate(teacher, x_test, y_test)
+    print(f"[train] test accuracy {test_acc:.4f} ({t_train:.1f} s)")
+    del x_train, y_train
+
+    targets = torch.arange(NUM_IMAGES) % 10
+    pixel_range = ((0.0 - mean) / std, (1.0 - mean) / std)
+    print(f"[invert] {NUM_IMAGES} images, {args.iterations} iterations, Adam lr {INV_LR}, "
+          f"bn {BN_WEIGHT}, tv {TV_WEIGHT}, l2 {L2_WEIGHT}, jitter ±{JITTER} px")
+    t0 = time.perf_counter()
+    x_syn = invert(
+        teacher, targets, iterations=args.iterations, shape=(1, 32, 32),
+        pixel_range=pixel_range, generator=gen,
+    )
+    t_invert = time.perf_counter() - t0
+
+    with torch.no_grad():
+        pred = teacher(x_syn).argmax(1)
+    hits = pred == targets
+    inv_acc = hits.float().mean().item()
+    per_class = torch.bincount(targets[hits], minlength=10).tolist()
+    wanted = torch.bincount(targets, minlength=10).tolist()
+    print(f"[invert] teacher accuracy on the {NUM_IMAGES} images {inv_acc:.4f} ({t_invert:.1f} s)")
+    print("[invert] correct per class: " + " ".join(f"{c}:{k}/{w}" for c, (k, w) in enumerate(zip(per_class, wanted))))
+
+    out_png = os.path.join(args.out, "demo_inversion.png")
+    save_grid_atomic((x_syn * std + mean).clamp_(0, 1), out_png, nrow=8)
+    print(f"[save] {out_png}")
+    print(f"[time] data {t_data:.1f} s, train {t_train:.1f} s, invert {t_invert:.1f} s, "
+          f"total {t_data + t_train + t_invert:.1f} s")
+
+    if inv_acc < MIN_ACCURACY:
+        print(
+            f"FAILED: the teacher labels only {inv_acc:.1%} of the synthesised images as their "
+            f"target class (needs >= {MIN_ACCURACY:.0%}); try more --iterations",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
