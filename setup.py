@@ -152,8 +152,11 @@ def make_extension():
     gen_dir = write_build_info(with_cuda, archs)
     include_dirs = [os.path.join(ROOT, "csrc", "include"), gen_dir]
     library_dirs = []
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp-simd", "-Wno-unknown-pragmas"]
-    ext_kwargs = {}
+    # -fopenmp: at::parallel_for is an inline template whose `omp parallel`
+    # is compiled in our own sources; without it every CPU kernel runs on one
+    # thread. The OpenMP runtime is torch's own (same soname, already loaded).
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-Wno-unknown-pragmas"]
+    ext_kwargs = {"extra_link_args": ["-fopenmp"]}
     if with_cuda:
         incs, libs = nvidia_wheel_dirs()
         if incs:

@@ -4,9 +4,11 @@
 // block's mean and sum of squared deviations with two sweeps over the block
 // while it sits in L1, and merges blocks with Chan's formula. That keeps the
 // numerical quality of a two-pass variance at the memory cost of one pass.
-// Sums and merges are in double whatever x's dtype (as PyTorch's own CPU
-// reductions effectively are), with several independent accumulators so the
-// additions pipeline; results are then rounded to fp32 (fp64 for fp64 x).
+// The in-cache sweeps run in fp32 (fp64 for fp64 x) with independent
+// accumulators, on values shifted by the block's first element, so their error
+// scales with the block's spread rather than its mean; each block's (mean, M2)
+// then goes to double, and all merges run in double. Results are rounded to
+// fp32 (fp64 for fp64 x) at the end.
 // Every block of one call has the same element count per channel, so merges
 // use scalar counts and vectorise over channels.
 //
@@ -32,7 +34,7 @@ namespace {
 
 constexpr int64_t kBlockElems = 4096;      // elements re-read from L1 per block
 constexpr int64_t kGrainElems = 1 << 15;   // elements per parallel task, at least
-constexpr int kLanes = 8;                  // independent accumulators per reduction
+constexpr int kLanes = 16;                 // independent accumulators per reduction
 
 // Merges b (count nb) into a (count na), elementwise over `len` channels.
 inline void merge_into(double* mean_a, double* m2_a, double na, const double* mean_b,
@@ -48,50 +50,61 @@ inline void merge_into(double* mean_a, double* m2_a, double na, const double* me
   }
 }
 
-// Sum of q[0..n) in double with kLanes independent chains.
-template <typename scalar_t>
-inline double block_sum(const scalar_t* q, int64_t n) {
-  double acc[kLanes] = {};
+// Sweeps accumulate in inner_t (fp32, fp64 for fp64 x) for kChain steps per
+// lane, then flush into double: short fp32 chains keep SIMD width and an
+// error near PyTorch's own double/pairwise reductions.
+constexpr int kChain = 16;
+
+// Sum over q[0..n) of f(q[j]) in double; f maps scalar_t -> inner_t.
+template <typename scalar_t, typename inner_t, typename F>
+inline double chained_sum(const scalar_t* q, int64_t n, F f) {
+  double dacc[kLanes] = {};
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
+  for (; j + kLanes * kChain <= n; j += kLanes * kChain) {
+    inner_t acc[kLanes] = {};
+    for (int i = 0; i < kChain; ++i) {
+      const scalar_t* p = q + j + i * kLanes;
 #pragma omp simd
-    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(q[j + l]);
+      for (int l = 0; l < kLanes; ++l) acc[l] += f(p[l]);
+    }
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) dacc[l] += static_cast<double>(acc[l]);
   }
   double s = 0;
-  for (; j < n; ++j) s += static_cast<double>(q[j]);
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  for (; j < n; ++j) s += static_cast<double>(f(q[j]));
+  for (int l = 0; l < kLanes; ++l) s += dacc[l];
   return s;
 }
 
-// Sum of (q[j] - m)^2 over q[0..n) in double with kLanes independent chains.
-template <typename scalar_t>
-inline double block_sq_dev(const scalar_t* q, int64_t n, double m) {
-  double acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) {
-      const double d = static_cast<double>(q[j + l]) - m;
-      acc[l] += d * d;
-    }
-  }
-  double s = 0;
-  for (; j < n; ++j) {
-    const double d = static_cast<double>(q[j]) - m;
-    s += d * d;
-  }
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
+// Mean and M2 of one block q[0..n) (n <= kBlockElems, in L1): two sweeps on
+// values shifted by the block's first element, so fp32 error scales with the
+// block's spread, not its mean. Results in double for the merges.
+template <typename scalar_t, typename inner_t>
+inline void block_stats(const scalar_t* q, int64_t n, double& mean, double& m2) {
+  const inner_t k = static_cast<inner_t>(q[0]);
+  const double rel = chained_sum<scalar_t, inner_t>(
+                         q, n, [k](scalar_t v) { return static_cast<inner_t>(v) - k; }) /
+                     static_cast<double>(n);
+  const inner_t a = static_cast<inner_t>(rel);
+  const double ss = chained_sum<scalar_t, inner_t>(q, n, [k, a](scalar_t v) {
+    const inner_t d = (static_cast<inner_t>(v) - k) - a;
+    return d * d;
+  });
+  // sum((y - a)^2) = M2 + n (mean_y - a)^2: remove the rounding of a exactly.
+  const double da = rel - static_cast<double>(a);
+  mean = static_cast<double>(k) + rel;
+  m2 = std::max(ss - static_cast<double>(n) * da * da, 0.0);
 }
 
 // Mean and M2 of one contiguous run of `len` elements.
 template <typename scalar_t>
 inline void run_stats(const scalar_t* p, int64_t len, double& mean_out, double& m2_out) {
+  using inner_t = at::opmath_type<scalar_t>;
   double mean = 0, m2 = 0, n = 0;
   for (int64_t b0 = 0; b0 < len; b0 += kBlockElems) {
     const int64_t bl = std::min(kBlockElems, len - b0);
-    const double bm = block_sum(p + b0, bl) / static_cast<double>(bl);
-    const double bm2 = block_sq_dev(p + b0, bl, bm);
+    double bm, bm2;
+    block_stats<scalar_t, inner_t>(p + b0, bl, bm, bm2);
     merge_into(&mean, &m2, n, &bm, &bm2, static_cast<double>(bl), 1);
     n += static_cast<double>(bl);
   }
@@ -127,12 +140,67 @@ void forward_channels_first(const scalar_t* x, const BnGeometry& g, out_t* mean_
   }
 }
 
+// Column-wise mean and M2 of channels [c0, c0 + w) of a (tl, C) tile in L1,
+// on values shifted by the tile's first row; w <= kLanes, so the accumulators
+// stay in registers while the sweeps walk down the rows, flushing fp32 into
+// double every kChain rows.
+template <typename scalar_t, typename inner_t, int w>
+inline void tile_chunk(const scalar_t* q, int64_t tl, int64_t c_len, int64_t c0, double* mean,
+                       double* m2) {
+  inner_t k[w];
+  for (int l = 0; l < w; ++l) k[l] = static_cast<inner_t>(q[c0 + l]);
+  double s[w] = {}, s2[w] = {};
+  inner_t a[w];
+  for (int pass = 0; pass < 2; ++pass) {
+    double* out = pass == 0 ? s : s2;
+    for (int64_t r0 = 0; r0 < tl; r0 += kChain) {
+      const int64_t r1 = std::min<int64_t>(tl, r0 + kChain);
+      inner_t acc[w] = {};
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* row = q + r * c_len + c0;
+        if (pass == 0) {
+#pragma omp simd
+          for (int l = 0; l < w; ++l) acc[l] += static_cast<inner_t>(row[l]) - k[l];
+        } else {
+#pragma omp simd
+          for (int l = 0; l < w; ++l) {
+            const inner_t d = (static_cast<inner_t>(row[l]) - k[l]) - a[l];
+            acc[l] += d * d;
+          }
+        }
+      }
+      for (int l = 0; l < w; ++l) out[l] += static_cast<double>(acc[l]);
+    }
+    if (pass == 0) {
+      for (int l = 0; l < w; ++l) {
+        s[l] /= static_cast<double>(tl);  // mean relative to k
+        a[l] = static_cast<inner_t>(s[l]);
+      }
+    }
+  }
+  for (int l = 0; l < w; ++l) {
+    const double da = s[l] - static_cast<double>(a[l]);
+    mean[c0 + l] = static_cast<double>(k[l]) + s[l];
+    m2[c0 + l] = std::max(s2[l] - static_cast<double>(tl) * da * da, 0.0);
+  }
+}
+
+// Column-wise mean and M2 (double) of a (tl, C) tile, kLanes channels at a time.
+template <typename scalar_t, typename inner_t>
+inline void tile_stats(const scalar_t* q, int64_t tl, int64_t c_len, double* mean, double* m2) {
+  int64_t c0 = 0;
+  for (; c0 + kLanes <= c_len; c0 += kLanes) {
+    tile_chunk<scalar_t, inner_t, kLanes>(q, tl, c_len, c0, mean, m2);
+  }
+  for (; c0 < c_len; ++c0) tile_chunk<scalar_t, inner_t, 1>(q, tl, c_len, c0, mean, m2);
+}
+
 // Channels-last: an (M, C) row-major matrix, M = N * S. Tiles of rows are
-// reduced column-wise (independent accumulators per channel, vectorised
-// over channels) and merged per task, then across tasks.
+// reduced column-wise and merged per task, then across tasks.
 template <typename scalar_t, typename out_t>
 void forward_channels_last(const scalar_t* x, const BnGeometry& g, out_t* mean_out,
                            out_t* var_out) {
+  using inner_t = at::opmath_type<scalar_t>;
   const int64_t rows = g.reduced();
   const int64_t c_len = g.c;
   const int64_t tile = std::max<int64_t>(1, kBlockElems / c_len);
@@ -143,8 +211,6 @@ void forward_channels_last(const scalar_t* x, const BnGeometry& g, out_t* mean_o
 
   at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
     std::vector<double> bm(c_len), bm2(c_len);
-    double* bmp = bm.data();
-    double* bm2p = bm2.data();
     for (int64_t t = t_begin; t < t_end; ++t) {
       double* mean = task_mean.data() + t * c_len;
       double* m2 = task_m2.data() + t * c_len;
@@ -155,25 +221,8 @@ void forward_channels_last(const scalar_t* x, const BnGeometry& g, out_t* mean_o
       for (int64_t r0 = t * rows_per_task; r0 < r_end; r0 += tile) {
         const int64_t tl = std::min(tile, r_end - r0);
         const scalar_t* q = x + r0 * c_len;
-        std::fill(bm.begin(), bm.end(), 0.0);
-        std::fill(bm2.begin(), bm2.end(), 0.0);
-        for (int64_t r = 0; r < tl; ++r) {
-          const scalar_t* row = q + r * c_len;
-#pragma omp simd
-          for (int64_t c = 0; c < c_len; ++c) bmp[c] += static_cast<double>(row[c]);
-        }
-        const double inv = 1.0 / static_cast<double>(tl);
-#pragma omp simd
-        for (int64_t c = 0; c < c_len; ++c) bmp[c] *= inv;
-        for (int64_t r = 0; r < tl; ++r) {
-          const scalar_t* row = q + r * c_len;
-#pragma omp simd
-          for (int64_t c = 0; c < c_len; ++c) {
-            const double d = static_cast<double>(row[c]) - bmp[c];
-            bm2p[c] += d * d;
-          }
-        }
-        merge_into(mean, m2, n, bmp, bm2p, static_cast<double>(tl), c_len);
+        tile_stats<scalar_t, inner_t>(q, tl, c_len, bm.data(), bm2.data());
+        merge_into(mean, m2, n, bm.data(), bm2.data(), static_cast<double>(tl), c_len);
         n += static_cast<double>(tl);
       }
       task_n[t] = n;
