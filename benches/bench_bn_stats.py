@@ -154,10 +154,11 @@ def tv_l2(x: torch.Tensor) -> torch.Tensor:
     return torch.norm(d1) + torch.norm(d2) + torch.norm(d3) + torch.norm(d4)
 
 
-def interleaved_medians(variants: dict, *, device: str, min_run_time: float,
-                        min_rounds: int = 5) -> dict[str, float]:
-    """Median seconds per call of each variant, timed round-robin (rotating the
-    order each round) so drift of a shared machine affects every variant alike."""
+def interleaved_samples(variants: dict, *, device: str, min_run_time: float,
+                        min_rounds: int = 5) -> dict[str, list[float]]:
+    """Seconds per call of each variant, timed round-robin (rotating the order
+    each round), so sample r of every variant was taken at about the same time:
+    drift of a shared machine then cancels in per-round ratios."""
     def timed(fn):
         if device == "cuda":
             torch.cuda.synchronize()
@@ -177,7 +178,11 @@ def interleaved_medians(variants: dict, *, device: str, min_run_time: float,
         for n in names[r % len(names):] + names[: r % len(names)]:
             samples[n].append(timed(variants[n]))
         r += 1
-    return {n: float(torch.tensor(v).median()) for n, v in samples.items()}
+    return samples
+
+
+def median(values) -> float:
+    return float(torch.tensor(values, dtype=torch.float64).median())
 
 
 def bench_step_level(device, batch, *, min_run_time):
@@ -225,14 +230,17 @@ def bench_step_level(device, batch, *, min_run_time):
 
     variants = {"no BN loss": lambda: step(None), "reference hooks": with_reference_hooks,
                 "exml_fast": with_matcher}
-    times = interleaved_medians(variants, device=device, min_run_time=min_run_time)
-    base = times["no BN loss"]
+    samples = interleaved_samples(variants, device=device, min_run_time=min_run_time)
+    base = samples["no BN loss"]
     rows = []
-    for name, sec in times.items():
-        rows.append({"batch": batch, "variant": name, "ms": sec * 1e3,
-                     "overhead_pct_vs_no_bn": 100 * (sec - base) / base})
-        print(f"  batch {batch:4d} {name:16s} {sec * 1e3:9.1f} ms/step  "
-              f"BN loss adds {100 * (sec - base) / base:6.1f}%", flush=True)
+    for name, vals in samples.items():
+        # Overhead from same-round pairs: robust to a machine whose speed drifts.
+        overhead = 100 * (median([v / b for v, b in zip(vals, base)]) - 1)
+        rows.append({"batch": batch, "variant": name, "ms": median(vals) * 1e3,
+                     "overhead_pct_vs_no_bn": overhead, "rounds": len(vals)})
+        print(f"  batch {batch:4d} {name:16s} {median(vals) * 1e3:9.1f} ms/step (median of "
+              f"{len(vals)})  BN loss adds {overhead:6.1f}% (median of same-round ratios)",
+              flush=True)
     return rows
 
 
@@ -249,6 +257,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     p.add_argument("--min-run-time", type=float, default=None,
                    help="seconds of timed runs per measurement (default 2 on CPU, 1 on CUDA)")
+    p.add_argument("--step-run-time", type=float, default=None,
+                   help="seconds of timed steps per variant (default 20 on CPU, 3 on CUDA)")
     p.add_argument("--out", default=str(ROOT / "benches" / "results"),
                    help="directory for the recorded run ('' to not record)")
     args = p.parse_args(argv)
@@ -282,7 +292,8 @@ def main(argv=None) -> int:
     op_rows = bench_op_level(args.device, args.batches, use_compile=not args.no_compile,
                              min_run_time=min_run_time, copy_bw=copy_bw)
     print(f"\n2. step level: one DeepInversion step on CIFAR ResNet-18, batch {step_batch}")
-    step_rows = bench_step_level(args.device, step_batch, min_run_time=min_run_time)
+    step_rows = bench_step_level(args.device, step_batch, min_run_time=args.step_run_time
+                                 or (20.0 if args.device == "cpu" else 3.0))
     env["wall_s"] = time.perf_counter() - t0
 
     if args.out:
@@ -324,11 +335,13 @@ def to_markdown(rec: dict) -> str:
         "",
         "## Step level: one DeepInversion step (CE + TV + l2 + BN loss, Adam)",
         "",
-        "| batch | variant | ms/step | BN loss adds |",
-        "|---:|---|---:|---:|",
+        "BN loss adds: median over rounds of (step with it / step without it, same round) − 1.",
+        "",
+        "| batch | variant | ms/step (median) | rounds | BN loss adds |",
+        "|---:|---|---:|---:|---:|",
     ]
     for r in rec["step_level"]:
-        lines.append(f"| {r['batch']} | {r['variant']} | {r['ms']:.1f} | "
+        lines.append(f"| {r['batch']} | {r['variant']} | {r['ms']:.1f} | {r['rounds']} | "
                      f"{r['overhead_pct_vs_no_bn']:.1f}% |")
     return "\n".join(lines) + "\n"
 

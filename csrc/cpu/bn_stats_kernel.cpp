@@ -150,7 +150,7 @@ inline void tile_chunk(const scalar_t* q, int64_t tl, int64_t c_len, int64_t c0,
   inner_t k[w];
   for (int l = 0; l < w; ++l) k[l] = static_cast<inner_t>(q[c0 + l]);
   double s[w] = {}, s2[w] = {};
-  inner_t a[w];
+  inner_t a[w] = {};
   for (int pass = 0; pass < 2; ++pass) {
     double* out = pass == 0 ? s : s2;
     for (int64_t r0 = 0; r0 < tl; r0 += kChain) {

@@ -71,7 +71,9 @@ __global__ void forward_channels_first_kernel(const scalar_t* __restrict__ x,
   const index_t p = blockIdx.y;
   const index_t s_len = s_div.divisor;
   const index_t j_begin = p * chunk;  // < per_channel: the grid has ceil(per_channel / chunk) rows
-  const index_t j_end = per_channel - j_begin > chunk ? j_begin + chunk : per_channel;
+  const index_t j_end = j_begin >= per_channel          ? j_begin
+                        : per_channel - j_begin > chunk ? j_begin + chunk
+                                                        : per_channel;
   acc_t k = 0;
   if (j_begin + threadIdx.x < j_end) {
     const auto qr = s_div.divmod(j_begin + threadIdx.x);
@@ -184,6 +186,7 @@ void launch_forward(const at::Tensor& x, const BnGeometry& g, at::Tensor& mean, 
     parts = std::clamp<int64_t>(ceil_div(target_blocks, g.c), 1,
                                 std::min<int64_t>(kMaxGridY, ceil_div(per_channel, kThreads * 4)));
     const int64_t chunk = ceil_div(per_channel, parts);
+    parts = ceil_div(per_channel, chunk);  // no grid row starts past the channel's end
     work = at::empty({g.c * parts * 3}, mean.options().dtype(at::kDouble));
     auto* partial = reinterpret_cast<MStats*>(work.mutable_data_ptr<double>());
     TORCH_CHECK(g.c <= std::numeric_limits<int32_t>::max(), "bn_stats: too many channels");
