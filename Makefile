@@ -47,7 +47,7 @@ SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 .PHONY: help env build test pytest ctest demo bench clean FORCE
 
 help:
-	@sed -n '1,15p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
 
 .stamps/env-venv:
 	@mkdir -p .stamps
