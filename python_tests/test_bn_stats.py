@@ -310,3 +310,22 @@ def test_bad_running_stats():
         ops.bn_stats([[1.0, 2.0]])
     with pytest.raises(RuntimeError, match="grad_var must have shape"):
         torch.ops.exml_fast._bn_stats_backward(torch.zeros(3), torch.zeros(2), x, torch.zeros(3))
+
+
+@pytest.mark.slow
+def test_baseline_cpu_loops_pass_the_same_battery():
+    """The CPU loops are built twice (baseline x86-64 and AVX2+FMA+F16C, picked at
+    run time); EXML_FAST_CPU_ISA=base forces the baseline build, which must pass
+    the same value and gradient checks."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+         "-k", "matches_reference and cpu"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "EXML_FAST_CPU_ISA": "base"},
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout
