@@ -73,8 +73,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x_in) {
   TORCH_CHECK(x_in.device().is_cpu(), "exml_fast::bn_stats (CPU kernel): x must be a CPU tensor");
   at::Tensor x;
   const BnGeometry g = classify(x_in, x);
-  const auto acc_type =
-      x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = acc_scalar_type(x);
   auto opts = x.options().dtype(acc_type);
   at::Tensor mean = at::empty({g.c}, opts);
   at::Tensor var = at::empty({g.c}, opts);
@@ -107,7 +106,7 @@ at::Tensor bn_stats_backward_cpu(const at::Tensor& grad_mean, const at::Tensor& 
   at::Tensor x;
   const BnGeometry g = classify(x_in, x);
   at::Tensor dx = at::empty_like(x);
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = acc_scalar_type(x);
   // Per-channel coefficients in the accumulation type.
   const at::Tensor gm = grad_mean.to(acc_type).contiguous();
   const at::Tensor gv = grad_var.to(acc_type).contiguous();
@@ -120,9 +119,7 @@ at::Tensor bn_stats_backward_cpu(const at::Tensor& grad_mean, const at::Tensor& 
           cpu_base::backward_impl<scalar_t>(x, g, gm, gv, mu, dx);
         }
       });
-  // A copied (non-dense) input gets dx with the strides empty_like(x) gives it,
-  // which is what the fake kernel promises.
-  return x.is_same(x_in) ? dx : at::empty_like(x_in).copy_(dx);
+  return dx_for_input(x_in, x, dx);
 }
 
 }  // namespace

@@ -244,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x_in) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor x;
   const BnGeometry g = classify(x_in, x);
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = acc_scalar_type(x);
   auto opts = x.options().dtype(acc_type);
   at::Tensor mean = at::empty({g.c}, opts);
   at::Tensor var = at::empty({g.c}, opts);
@@ -268,7 +268,7 @@ at::Tensor bn_stats_backward_cuda(const at::Tensor& grad_mean, const at::Tensor&
   at::Tensor x;
   const BnGeometry g = classify(x_in, x);
   at::Tensor dx = at::empty_like(x);
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = acc_scalar_type(x);
   const at::Tensor gm = grad_mean.to(acc_type).contiguous();
   const at::Tensor gv = grad_var.to(acc_type).contiguous();
   const at::Tensor mu = mean.to(acc_type).contiguous();
@@ -281,7 +281,7 @@ at::Tensor bn_stats_backward_cuda(const at::Tensor& grad_mean, const at::Tensor&
           launch_backward<scalar_t, int64_t>(x, g, gm, gv, mu, dx, stream);
         }
       });
-  return x.is_same(x_in) ? dx : at::empty_like(x_in).copy_(dx);
+  return dx_for_input(x_in, x, dx);
 }
 
 }  // namespace

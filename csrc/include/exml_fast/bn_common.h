@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -75,6 +76,20 @@ inline BnGeometry classify(const at::Tensor& x, at::Tensor& storage) {
     g.layout = g.s > 1 ? BnLayout::kChannelsFirst : BnLayout::kChannelsLast;
   }
   return g;
+}
+
+// Dtype of the statistics and of the backward's per-channel coefficients:
+// fp64 for fp64 input, fp32 otherwise.
+inline at::ScalarType acc_scalar_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// dx as the op returns it: `dx` was computed in the layout of `storage` (see
+// classify); a copied, non-dense input gets the strides empty_like(x_in)
+// gives, which is what the fake kernel promises.
+inline at::Tensor dx_for_input(const at::Tensor& x_in, const at::Tensor& storage,
+                               const at::Tensor& dx) {
+  return storage.is_same(x_in) ? dx : at::empty_like(x_in).copy_(dx);
 }
 
 inline void check_bn_backward_args(const at::Tensor& grad_mean, const at::Tensor& grad_var,
