@@ -161,15 +161,6 @@ def bench_op_level(device, batches, *, use_compile, min_run_time, copy_bw):
 # -- step level -------------------------------------------------------------------
 
 
-def tv_l2(x: torch.Tensor) -> torch.Tensor:
-    """DeepInversion's l2 total variation: four one-pixel shifts."""
-    d1 = x[:, :, :, :-1] - x[:, :, :, 1:]
-    d2 = x[:, :, :-1, :] - x[:, :, 1:, :]
-    d3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
-    d4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
-    return torch.norm(d1) + torch.norm(d2) + torch.norm(d3) + torch.norm(d4)
-
-
 def interleaved_samples(variants: dict, *, device: str, min_run_time: float,
                         min_rounds: int = 5) -> dict[str, list[float]]:
     """Seconds per call of each variant, timed round-robin (rotating the order
@@ -224,7 +215,7 @@ def bench_step_level(device, batch, *, min_run_time):
     def step(bn_term):
         opt.zero_grad(set_to_none=True)
         logits = teacher(inputs())
-        loss = F.cross_entropy(logits, y) + 2.5e-5 * tv_l2(x) + 3e-8 * x.norm()
+        loss = F.cross_entropy(logits, y) + 2.5e-5 * ref.tv_l2(x) + 3e-8 * x.norm()
         if bn_term is not None:
             loss = loss + 0.01 * bn_term()
         loss.backward()

@@ -44,6 +44,7 @@ from torch import nn
 from exml_fast import BNStatsMatcher
 from exml_fast.data import DATASET_STATS, mnist_tensors
 from exml_fast.models import LeNet5BN
+from exml_fast.reference import tv_l2
 
 # Expert training (Ex-Model CL, Appendix A, batch 64 instead of 32 for speed).
 TRAIN_BATCH = 64
@@ -108,17 +109,6 @@ def train_teacher(
                 )
                 running, seen = 0.0, 0
     return model.eval()
-
-
-def tv_l2(x: torch.Tensor) -> torch.Tensor:
-    """DeepInversion's l2 total variation of (N, C, H, W) ``x``: the sum of the
-    Frobenius norms of the differences with four one-pixel shifts (horizontal,
-    vertical and both diagonals). Returns a scalar."""
-    d1 = x[:, :, :, :-1] - x[:, :, :, 1:]
-    d2 = x[:, :, :-1, :] - x[:, :, 1:, :]
-    d3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
-    d4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
-    return d1.norm() + d2.norm() + d3.norm() + d4.norm()
 
 
 def invert(

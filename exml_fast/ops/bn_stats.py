@@ -6,7 +6,7 @@ import torch
 
 from exml_fast import _ext
 from exml_fast import reference as _ref
-from exml_fast.reference.bn_stats import BN_LOSS_FORMS, combine_bn_loss
+from exml_fast.reference.bn_stats import BN_LOSS_FORMS, acc_dtype, combine_bn_loss
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -102,7 +102,7 @@ def _register() -> None:
 
     @torch.library.register_fake("exml_fast::bn_stats")
     def _bn_stats_fake(x):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(x.dtype)
         c = x.shape[1]
         return x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
 

@@ -6,5 +6,6 @@ the fused kernels replace, defects in speed included.
 """
 
 from exml_fast.reference.bn_stats import bn_stats, bn_stats_loss
+from exml_fast.reference.priors import tv_l2
 
-__all__ = ["bn_stats", "bn_stats_loss"]
+__all__ = ["bn_stats", "bn_stats_loss", "tv_l2"]

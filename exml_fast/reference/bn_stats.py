@@ -7,7 +7,8 @@ import torch
 BN_LOSS_FORMS = ("l2", "mse", "sq_std")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the statistics for input of `dtype`: fp64 for fp64, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -24,7 +25,7 @@ def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean = x.mean(dims)
     perm = [1, 0] + list(range(2, x.dim()))
     var = x.permute(perm).contiguous().view([nch, -1]).var(1, unbiased=False)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     return mean.to(acc), var.to(acc)
 
 
