@@ -19,18 +19,11 @@ Every ratio is measured in this one run. Usage:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
 
 import exml_fast
 from exml_fast import BNStatsMatcher, ops
@@ -38,49 +31,9 @@ from exml_fast import reference as ref
 from exml_fast.models import resnet18_cifar
 from exml_fast.reference.bn_hooks import deepinversion_bn_loss, deepinversion_bn_loss_hooks
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchlib import (RESULTS, env_markdown, environment, interleaved_samples, median,
+                      median_seconds, record)
 
-
-# -- environment -------------------------------------------------------------------
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return out + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def median_seconds(fn, *, min_run_time: float) -> float:
-    """Median seconds per call (torch.utils.benchmark synchronises CUDA)."""
-    fn()  # warm-up (allocations, autotuning, compilation)
-    t = benchmark.Timer(stmt="fn()", globals={"fn": fn})
-    return t.blocked_autorange(min_run_time=min_run_time).median
-
-
-def copy_bandwidth(device: str) -> float:
-    """Bytes read + written per second by a large tensor copy."""
-    n = (256 << 20) // 4
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-    sec = median_seconds(lambda: dst.copy_(src), min_run_time=1.0)
-    return 2 * src.numel() * 4 / sec
 
 
 # -- op level -------------------------------------------------------------------
@@ -161,37 +114,6 @@ def bench_op_level(device, batches, *, use_compile, min_run_time, copy_bw):
 # -- step level -------------------------------------------------------------------
 
 
-def interleaved_samples(variants: dict, *, device: str, min_run_time: float,
-                        min_rounds: int = 5) -> dict[str, list[float]]:
-    """Seconds per call of each variant, timed round-robin (rotating the order
-    each round), so sample r of every variant was taken at about the same time:
-    drift of a shared machine then cancels in per-round ratios."""
-    def timed(fn):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    names = list(variants)
-    for n in names:  # warm-up
-        timed(variants[n])
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    deadline = time.perf_counter() + min_run_time * len(names)
-    r = 0
-    while r < min_rounds or time.perf_counter() < deadline:
-        for n in names[r % len(names):] + names[: r % len(names)]:
-            samples[n].append(timed(variants[n]))
-        r += 1
-    return samples
-
-
-def median(values) -> float:
-    return float(torch.tensor(values, dtype=torch.float64).median())
-
-
 def bench_step_level(device, batch, *, min_run_time):
     torch.manual_seed(0)
     teacher = resnet18_cifar().to(device)
@@ -266,7 +188,7 @@ def main(argv=None) -> int:
                    help="seconds of timed runs per measurement (default 2 on CPU, 1 on CUDA)")
     p.add_argument("--step-run-time", type=float, default=None,
                    help="seconds of timed steps per variant (default 20 on CPU, 3 on CUDA)")
-    p.add_argument("--out", default=str(ROOT / "benches" / "results"),
+    p.add_argument("--out", default=str(RESULTS),
                    help="directory for the recorded run ('' to not record)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -276,23 +198,8 @@ def main(argv=None) -> int:
     min_run_time = args.min_run_time or (2.0 if args.device == "cpu" else 1.0)
     step_batch = args.step_batch or (64 if args.device == "cpu" else 256)
 
-    env = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(args.device),
-        "device_kind": args.device,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "exml_fast_build": exml_fast.build_info(),
-        "commit": git_commit(),
-    }
-    print(f"exml_fast bn_stats benchmark on {env['device']} ({args.device}, "
-          f"{env['threads']} threads), torch {env['torch']}, CUDA {env['cuda']}, "
-          f"commit {env['commit']}")
-    copy_bw = copy_bandwidth(args.device)
-    env["copy_bandwidth_GBps"] = copy_bw / 1e9
-    print(f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s\n")
+    env = environment(args.device, "bn_stats")
+    copy_bw = env["copy_bandwidth_GBps"] * 1e9
 
     t0 = time.perf_counter()
     print("1. op level: bn_stats forward + backward over the 20 BN inputs of CIFAR ResNet-18")
@@ -303,33 +210,14 @@ def main(argv=None) -> int:
                                  or (20.0 if args.device == "cpu" else 3.0))
     env["wall_s"] = time.perf_counter() - t0
 
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"bn_stats_{args.device}"
-        record = {"env": env, "op_level": op_rows, "step_level": step_rows}
-        write_atomic(stem.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
-        write_atomic(stem.with_suffix(".md"), to_markdown(record))
-        print(f"\nrecorded in {stem}.json and {stem}.md")
+    rec = {"env": env, "op_level": op_rows, "step_level": step_rows}
+    record(args.out, f"bn_stats_{args.device}", rec, to_markdown(rec))
     return 0
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def to_markdown(rec: dict) -> str:
     e = rec["env"]
-    lines = [
-        f"# bn_stats benchmark — {e['device']} ({e['device_kind']})",
-        "",
-        f"- date: {e['date']}, commit `{e['commit']}`",
-        f"- torch {e['torch']}, CUDA {e['cuda']}, Python {e['python']}, {e['threads']} threads",
-        f"- copy bandwidth (read + write): {e['copy_bandwidth_GBps']:.1f} GB/s",
-        f"- command: `python benches/bench_bn_stats.py --device {e['device_kind']}`; wall {e['wall_s']:.0f} s",
-        "",
+    lines = env_markdown(e, "bn_stats", f"python benches/bench_bn_stats.py --device {e['device_kind']}") + [
         "## Op level: forward + backward over the 20 BN inputs of CIFAR ResNet-18",
         "",
         "Each variant runs through autograd (`torch.autograd.grad`), which allocates a",

@@ -16,19 +16,9 @@ import exml_fast
 from exml_fast import ops
 from exml_fast import reference as ref
 
-pytestmark = pytest.mark.skipif(not exml_fast.has_ops(), reason="compiled exml_fast._C not built")
+from _util import DEVICES, DTYPES, acc_dtype, eps_of, requires_ops
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-        ],
-    ),
-]
+pytestmark = requires_ops
 
 
 def sample_inputs(device: str, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
@@ -64,14 +54,6 @@ def sample_inputs(device: str, dtype: torch.dtype) -> list[tuple[str, torch.Tens
 
 def case_ids():
     return [name for name, _ in sample_inputs("cpu", torch.float32)]
-
-
-def eps_of(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _ld(t: torch.Tensor) -> np.ndarray:

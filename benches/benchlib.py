@@ -1,0 +1,148 @@
+"""Shared helpers of the benchmark scripts: environment facts, synchronised
+timing, copy bandwidth, paired (round-robin) timing and atomic recording.
+
+Every script prints and records the device name, the torch/CUDA versions, the
+commit and the machine's copy bandwidth, and measures each ratio in one run.
+Scripts import it as `from benchlib import ...` (run as `python benches/x.py`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from torch.utils import benchmark
+
+import exml_fast
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benches" / "results"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return out + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def median_seconds(fn, *, min_run_time: float) -> float:
+    """Median seconds per call (torch.utils.benchmark synchronises CUDA)."""
+    fn()  # warm-up (allocations, autotuning, compilation)
+    t = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    return t.blocked_autorange(min_run_time=min_run_time).median
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes read + written per second by a large tensor copy."""
+    n = (256 << 20) // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    sec = median_seconds(lambda: dst.copy_(src), min_run_time=1.0)
+    return 2 * src.numel() * 4 / sec
+
+
+def interleaved_samples(variants: dict, *, device: str, min_run_time: float,
+                        min_rounds: int = 5) -> dict[str, list[float]]:
+    """Seconds per call of each variant, timed round-robin (rotating the order
+    each round), so sample r of every variant was taken at about the same time:
+    drift of a shared machine then cancels in per-round ratios."""
+    def timed(fn):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    names = list(variants)
+    for n in names:  # warm-up
+        timed(variants[n])
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    deadline = time.perf_counter() + min_run_time * len(names)
+    r = 0
+    while r < min_rounds or time.perf_counter() < deadline:
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            samples[n].append(timed(variants[n]))
+        r += 1
+    return samples
+
+
+def median(values) -> float:
+    return float(torch.tensor(values, dtype=torch.float64).median())
+
+
+def environment(device: str, title: str) -> dict:
+    """Facts recorded with every run; prints a one-line header and the copy bandwidth."""
+    env = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "device_kind": device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "exml_fast_build": exml_fast.build_info(),
+        "commit": git_commit(),
+    }
+    print(f"exml_fast {title} benchmark on {env['device']} ({device}, {env['threads']} threads), "
+          f"torch {env['torch']}, CUDA {env['cuda']}, commit {env['commit']}")
+    bw = copy_bandwidth(device)
+    env["copy_bandwidth_GBps"] = bw / 1e9
+    print(f"copy bandwidth (read + write): {bw / 1e9:.1f} GB/s\n")
+    return env
+
+
+def env_markdown(env: dict, title: str, command: str) -> list[str]:
+    """The header lines of a recorded run's markdown file."""
+    lines = [
+        f"# {title} benchmark — {env['device']} ({env['device_kind']})",
+        "",
+        f"- date: {env['date']}, commit `{env['commit']}`",
+        f"- torch {env['torch']}, CUDA {env['cuda']}, Python {env['python']}, {env['threads']} threads",
+        f"- copy bandwidth (read + write): {env['copy_bandwidth_GBps']:.1f} GB/s",
+        f"- command: `{command}`",
+    ]
+    if "wall_s" in env:
+        lines[-1] += f"; wall {env['wall_s']:.0f} s"
+    return lines + [""]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def record(out: str | Path, stem: str, rec: dict, markdown: str) -> None:
+    """Write `<out>/<stem>.json` and `<out>/<stem>.md` atomically ('' = do not record)."""
+    if not out:
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / f"{stem}.json", json.dumps(rec, indent=2) + "\n")
+    write_atomic(out / f"{stem}.md", markdown)
+    print(f"\nrecorded in {out / stem}.json and {out / stem}.md")
