@@ -60,7 +60,7 @@ def augment_with_params(x: torch.Tensor, params: torch.Tensor, *, pad_crop: int 
     n, c, h, w = x.shape
     fmt = output_memory_format(x)
     if x.numel() == 0:
-        return torch.empty_like(x, memory_format=fmt)
+        return x.clone(memory_format=fmt)  # keeps the autograd graph
     dy, dx, fl, oy, ox = params.to(device=x.device, dtype=torch.int64).unbind(1)
     i = torch.arange(h, device=x.device)
     j = torch.arange(w, device=x.device)
@@ -92,7 +92,7 @@ def augment_with_params_loop(
             y = F.pad(y, (p, p, p, p))[:, oy:oy + h, ox:ox + w]
         outs.append(y)
     if not outs:
-        return torch.empty_like(x, memory_format=output_memory_format(x))
+        return x.clone(memory_format=output_memory_format(x))
     return torch.stack(outs).contiguous(memory_format=output_memory_format(x))
 
 

@@ -1,0 +1,151 @@
+"""Benchmark of per-sample augmentation (roll-jitter + flip + pad-crop).
+
+Forward + backward (through autograd, gradient w.r.t. x) of:
+- exml_fast: `ops.augment` (draw on the device + the fused gather kernels);
+- reference: `reference.augment` (the same per-sample semantics: the same
+  draw, then a vectorised gather with index tensors);
+- compile(reference): the same draw, then torch.compile(reference.augment_with_params);
+- public (for information): `reference.batch_augment_public`, ONE roll and one
+  flip for the whole batch as the public DeepInversion code did — a different,
+  weaker augmentation, not a peer;
+- exml_fast kernels only: the two ops called directly (no draw, no autograd).
+
+Sizes: (256, 3, 32, 32) and (1024, 1, 32, 32) with max_shift 2 and pad_crop 4;
+(64, 3, 224, 224) with max_shift 30 and no pad-crop; flip on. GB/s counts
+the minimum traffic: read x + write out, read grad + write dx.
+
+Usage:
+    python benches/bench_augment.py [--device cpu|cuda] [--channels-last]
+        [--dtype float32] [--no-compile] [--quick] [--out benches/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+import exml_fast
+from exml_fast.ops.augment import augment
+from exml_fast.reference import augment as ref
+from exml_fast.reference.augment import draw_augment_params
+
+from benchlib import RESULTS, env_markdown, environment, median_seconds, record
+
+SIZES = [((256, 3, 32, 32), 2, 4), ((1024, 1, 32, 32), 2, 4), ((64, 3, 224, 224), 30, 0)]
+
+
+def make_step(fn, x, grad):
+    def step():
+        out = fn(x)
+        torch.autograd.grad(out, x, grad)
+    return step
+
+
+def bench(device, dtype, channels_last, *, use_compile, min_run_time, copy_bw, sizes):
+    rows = []
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for shape, max_shift, pad in sizes:
+        x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+        x.requires_grad_(True)
+        grad = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+        gen = torch.Generator(device=device).manual_seed(0)
+        n = shape[0]
+        kw = {"max_shift": max_shift, "flip": True, "pad_crop": pad, "generator": gen}
+
+        variants = {
+            "reference": lambda t: ref.augment(t, **kw),
+            "exml_fast": lambda t: augment(t, **kw),
+        }
+        if use_compile:
+            torch._dynamo.reset()
+            compiled = torch.compile(ref.augment_with_params, dynamic=False)
+            variants["compile(reference)"] = lambda t: compiled(
+                t, draw_augment_params(n, max_shift=max_shift, pad_crop=pad, device=device,
+                                       generator=gen), pad_crop=pad)
+        variants["public once-per-batch (info)"] = lambda t: ref.batch_augment_public(
+            t, max_shift=max_shift, flip=True)
+        times = {name: median_seconds(make_step(fn, x, grad), min_run_time=min_run_time)
+                 for name, fn in variants.items()}
+
+        params = draw_augment_params(n, max_shift=max_shift, pad_crop=pad, device=device,
+                                     generator=gen)
+        xd = x.detach()
+
+        def kernels_only():
+            torch.ops.exml_fast.augment_apply(xd, params, pad)
+            torch.ops.exml_fast._augment_apply_backward(grad, params, pad)
+
+        times["exml_fast kernels only"] = median_seconds(kernels_only, min_run_time=min_run_time)
+        nbytes = 4 * x.numel() * x.element_size()
+        layout = "channels_last" if channels_last else "NCHW"
+        for name, sec in times.items():
+            row = {"shape": list(shape), "max_shift": max_shift, "pad_crop": pad, "layout": layout,
+                   "dtype": str(dtype).removeprefix("torch."), "variant": name, "ms": sec * 1e3,
+                   "speedup_vs_reference": times["reference"] / sec, "GB/s": nbytes / sec / 1e9,
+                   "pct_copy_bw": 100 * nbytes / sec / copy_bw}
+            rows.append(row)
+            print(f"  {str(tuple(shape)):18s} shift {max_shift:2d} pad {pad} {layout:13s} "
+                  f"{name:29s} {sec * 1e3:9.3f} ms  x{row['speedup_vs_reference']:6.2f} vs reference  "
+                  f"{row['GB/s']:7.2f} GB/s ({row['pct_copy_bw']:5.1f}% of copy)", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32",
+                   choices=["float32", "float64", "float16", "bfloat16"])
+    p.add_argument("--channels-last", action="store_true", help="x and grad in channels_last")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    p.add_argument("--quick", action="store_true",
+                   help="short smoke run: 0.2 s per measurement, the first two sizes")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="seconds of timed runs per measurement (default 1.0; --quick 0.2)")
+    p.add_argument("--out", default=str(RESULTS),
+                   help="directory for the recorded run ('' to not record)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    if not exml_fast.has_ops():
+        p.error("exml_fast._C is not built: the benchmark would time the reference twice")
+    min_run_time = args.min_run_time or (0.2 if args.quick else 1.0)
+    sizes = SIZES[:2] if args.quick else SIZES
+    dtype = getattr(torch, args.dtype)
+
+    env = environment(args.device, "augment")
+    t0 = time.perf_counter()
+    print("forward + backward of per-sample roll-jitter + flip (+ pad-crop)")
+    rows = bench(args.device, dtype, args.channels_last, use_compile=not args.no_compile,
+                 min_run_time=min_run_time, copy_bw=env["copy_bandwidth_GBps"] * 1e9, sizes=sizes)
+    env["wall_s"] = time.perf_counter() - t0
+    rec = {"env": env, "rows": rows}
+    layout = "_cl" if args.channels_last else ""
+    stem = f"augment_{args.device}_{args.dtype}{layout}" + ("_quick" if args.quick else "")
+    cmd = " ".join(["python benches/bench_augment.py"] + (argv if argv is not None else sys.argv[1:]))
+    record(args.out, stem, rec, to_markdown(rec, cmd))
+    return 0
+
+
+def to_markdown(rec: dict, command: str) -> str:
+    lines = env_markdown(rec["env"], "augment", command) + [
+        "Forward + backward through autograd (draw included, except `kernels only`);",
+        "`public once-per-batch` is a weaker augmentation (one draw per batch), for information.",
+        "",
+        "| shape | max_shift | pad_crop | layout | dtype | variant | ms | speed-up vs reference |"
+        " GB/s | % of copy bw |",
+        "|---|---:|---:|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rec["rows"]:
+        lines.append(f"| {tuple(r['shape'])} | {r['max_shift']} | {r['pad_crop']} | {r['layout']} | "
+                     f"{r['dtype']} | {r['variant']} | {r['ms']:.3f} | "
+                     f"{r['speedup_vs_reference']:.2f}x | {r['GB/s']:.1f} | {r['pct_copy_bw']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
