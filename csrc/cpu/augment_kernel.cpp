@@ -112,27 +112,46 @@ int64_t backward_row(const AugmentSample& p, int64_t a, int64_t h) {
   return (i < 0 || i >= h) ? -1 : i;
 }
 
-// One destination row of w pixels of k elements each, from one source row.
+// Zero fill and forward copy of a few elements: rows are short (32 px at
+// CIFAR size), where a libc call per piece costs more than the copy.
 template <typename T>
-void copy_row(const T* __restrict__ src, T* __restrict__ dst, const ColumnPlan& plan, int64_t w,
-              int64_t k) {
+inline void zero_elems(T* __restrict__ dst, int64_t count) {
+  if (count >= 64) {
+    std::memset(dst, 0, count * sizeof(T));
+    return;
+  }
+  for (int64_t e = 0; e < count; ++e) dst[e] = 0;
+}
+
+template <typename T>
+inline void copy_elems(const T* __restrict__ src, T* __restrict__ dst, int64_t count) {
+  if (count >= 64) {
+    std::memcpy(dst, src, count * sizeof(T));
+    return;
+  }
+  for (int64_t e = 0; e < count; ++e) dst[e] = src[e];
+}
+
+// One destination row of w pixels of k elements each, from one source row.
+// GCC would turn the short loops above back into libc calls; keep them loops.
+template <typename T>
+__attribute__((optimize("no-tree-loop-distribute-patterns"))) void copy_row(
+    const T* __restrict__ src, T* __restrict__ dst, const ColumnPlan& plan, int64_t w, int64_t k) {
   int64_t done = 0;
   for (int q = 0; q < plan.count; ++q) {
     const Piece& pc = plan.piece[q];
-    if (pc.lo > done) std::memset(dst + done * k, 0, (pc.lo - done) * k * sizeof(T));
+    if (pc.lo > done) zero_elems(dst + done * k, (pc.lo - done) * k);
     if (pc.s > 0) {
-      std::memcpy(dst + pc.lo * k, src + (pc.lo + pc.c) * k, (pc.hi - pc.lo) * k * sizeof(T));
+      copy_elems(src + (pc.lo + pc.c) * k, dst + pc.lo * k, (pc.hi - pc.lo) * k);
     } else if (k == 1) {
       const T* s = src + pc.c;  // dst[j] = s[-j]
       for (int64_t j = pc.lo; j < pc.hi; ++j) dst[j] = s[-j];
     } else {
-      for (int64_t j = pc.lo; j < pc.hi; ++j) {
-        std::memcpy(dst + j * k, src + (pc.c - j) * k, k * sizeof(T));
-      }
+      for (int64_t j = pc.lo; j < pc.hi; ++j) copy_elems(src + (pc.c - j) * k, dst + j * k, k);
     }
     done = pc.hi;
   }
-  if (done < w) std::memset(dst + done * k, 0, (w - done) * k * sizeof(T));
+  if (done < w) zero_elems(dst + done * k, (w - done) * k);
 }
 
 struct SamplePlan {
@@ -163,16 +182,24 @@ void gather_impl(const at::Tensor& src, at::Tensor& dst, const at::Tensor& param
   T* dp = static_cast<T*>(dst.mutable_data_ptr());
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1));
   at::parallel_for(0, groups * h, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t g = r / h;
-      const int64_t i = r - g * h;
-      const SamplePlan& plan = plans[g / per_sample];
-      const int64_t si = kBackward ? backward_row(plan.p, i, h) : forward_row(plan.p, i, h);
-      T* out_row = dp + r * row_len;
+    // Divisions once per chunk; rows then advance (g, i) incrementally.
+    int64_t g = begin / h;
+    int64_t i = begin - g * h;
+    const SamplePlan* plan = &plans[g / per_sample];
+    const T* src_group = sp + g * h * row_len;
+    T* out_row = dp + begin * row_len;
+    for (int64_t r = begin; r < end; ++r, out_row += row_len) {
+      const int64_t si = kBackward ? backward_row(plan->p, i, h) : forward_row(plan->p, i, h);
       if (si < 0) {
         std::memset(out_row, 0, row_len * sizeof(T));
       } else {
-        copy_row<T>(sp + (g * h + si) * row_len, out_row, plan.cols, w, k);
+        copy_row<T>(src_group + si * row_len, out_row, plan->cols, w, k);
+      }
+      if (++i == h) {
+        i = 0;
+        ++g;
+        src_group += h * row_len;
+        if (g < groups) plan = &plans[g / per_sample];
       }
     }
   });
