@@ -104,12 +104,12 @@ __global__ void gather_kernel(const T* __restrict__ src, T* __restrict__ dst,
     T val = 0;
     if (ok) {
       const index_t hh = static_cast<index_t>(h), ww = static_cast<index_t>(w);
-      const index_t at = kChannelsLast
+      const index_t src_idx = kChannelsLast
                              ? ((n * hh + static_cast<index_t>(si)) * ww + static_cast<index_t>(sj)) *
                                        static_cast<index_t>(c_len) + c
                              : ((n * static_cast<index_t>(c_len) + c) * hh + static_cast<index_t>(si)) *
                                        ww + static_cast<index_t>(sj);
-      val = src[at];
+      val = src[src_idx];
     }
     dst[idx] = val;
   }
