@@ -418,8 +418,18 @@ def test_kernel_accepts_any_param_values(device):
 @pytest.mark.parametrize("device", [DEVICES[1]])
 def test_cuda_matches_cpu_and_generator_device(device):
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(64, 3, 32, 32, device="cuda")
-    out, params = augment(x, max_shift=2, pad_crop=4, generator=gen, return_params=True)
+    x = torch.randn(64, 3, 32, 32, device="cuda", requires_grad=True)
+    augment(x, max_shift=2, pad_crop=4, generator=gen)  # warm-up (lazy initialisation)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # the draw, forward and backward never sync the host
+    try:
+        out, params = augment(x, max_shift=2, pad_crop=4, generator=gen, return_params=True)
+        (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    x = x.detach()
+    assert torch.equal(gx.cpu(), torch.ops.exml_fast._augment_apply_backward(
+        torch.ones(64, 3, 32, 32), params.cpu(), 4))
     assert params.device == x.device
     assert torch.equal(out.cpu(), augment_with_params(x.cpu(), params.cpu(), pad_crop=4))
     xl = x.to(memory_format=CL)
