@@ -29,8 +29,9 @@ import torch
 
 import exml_fast
 from exml_fast.ops.augment import augment
-from exml_fast.reference import augment as ref
-from exml_fast.reference.augment import draw_augment_params
+from exml_fast.reference.augment import augment as ref_augment
+from exml_fast.reference.augment import augment_with_params as ref_apply
+from exml_fast.reference.augment import batch_augment_public, draw_augment_params
 
 from benchlib import RESULTS, env_markdown, environment, median_seconds, record
 
@@ -56,16 +57,16 @@ def bench(device, dtype, channels_last, *, use_compile, min_run_time, copy_bw, s
         kw = {"max_shift": max_shift, "flip": True, "pad_crop": pad, "generator": gen}
 
         variants = {
-            "reference": lambda t: ref.augment(t, **kw),
+            "reference": lambda t: ref_augment(t, **kw),
             "exml_fast": lambda t: augment(t, **kw),
         }
         if use_compile:
             torch._dynamo.reset()
-            compiled = torch.compile(ref.augment_with_params, dynamic=False)
+            compiled = torch.compile(ref_apply, dynamic=False)
             variants["compile(reference)"] = lambda t: compiled(
                 t, draw_augment_params(n, max_shift=max_shift, pad_crop=pad, device=device,
                                        generator=gen), pad_crop=pad)
-        variants["public once-per-batch (info)"] = lambda t: ref.batch_augment_public(
+        variants["public once-per-batch (info)"] = lambda t: batch_augment_public(
             t, max_shift=max_shift, flip=True)
         times = {name: median_seconds(make_step(fn, x, grad), min_run_time=min_run_time)
                  for name, fn in variants.items()}

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from exml_fast.ops.augment import augment, augment_with_params, draw_augment_params
-from exml_fast.reference import augment as ref
+from exml_fast.reference.augment import augment as ref_augment
+from exml_fast.reference.augment import augment_with_params as ref_apply
+from exml_fast.reference.augment import augment_with_params_loop as ref_loop
 
 from _util import DEVICES, DTYPES, requires_ops
 
@@ -86,8 +88,8 @@ def test_forward_matches_reference(device, dtype, name):
     out = augment_with_params(x, params, pad_crop=pad)
     assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
     assert out.is_contiguous(memory_format=expected_format(x))
-    assert torch.equal(bits(out), bits(ref.augment_with_params(x, params, pad_crop=pad)))
-    assert torch.equal(bits(out), bits(ref.augment_with_params_loop(x, params, pad_crop=pad)))
+    assert torch.equal(bits(out), bits(ref_apply(x, params, pad_crop=pad)))
+    assert torch.equal(bits(out), bits(ref_loop(x, params, pad_crop=pad)))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -104,8 +106,8 @@ def test_backward_matches_reference(device, dtype, name):
 
     gx = grad_of(augment_with_params)
     assert gx.shape == x.shape and gx.dtype == x.dtype
-    assert torch.equal(gx, grad_of(ref.augment_with_params))
-    assert torch.equal(gx, grad_of(ref.augment_with_params_loop))
+    assert torch.equal(gx, grad_of(ref_apply))
+    assert torch.equal(gx, grad_of(ref_loop))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -118,7 +120,7 @@ def test_bit_exact_nan_inf_signed_zero(device):
     params = draw_augment_params(3, max_shift=3, pad_crop=2,
                                  generator=torch.Generator().manual_seed(1)).to(device)
     out = augment_with_params(x, params, pad_crop=2)
-    assert torch.equal(bits(out), bits(ref.augment_with_params_loop(x, params, pad_crop=2)))
+    assert torch.equal(bits(out), bits(ref_loop(x, params, pad_crop=2)))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -138,7 +140,7 @@ def test_backward_accepts_any_grad_layout(device, grad_layout, x_layout):
     elif grad_layout == "expanded":
         g = torch.randn(1, 3, 6, 1, dtype=torch.float64, device=device).expand(4, 3, 6, 5)
     xr = x.clone().requires_grad_(True)
-    (want,) = torch.autograd.grad(ref.augment_with_params(xr, params, pad_crop=2), xr, g)
+    (want,) = torch.autograd.grad(ref_apply(xr, params, pad_crop=2), xr, g)
     got = torch.ops.exml_fast._augment_apply_backward(g, params, 2)
     assert torch.equal(got, want)
     xo = x.clone().requires_grad_(True)
@@ -209,7 +211,7 @@ def test_compile_fullgraph():
     out = compiled(x)
     out.backward()
     x2 = x.detach().clone().requires_grad_(True)
-    expected = (ref.augment_with_params(x2, params, pad_crop=2).square() * 0.5).sum()
+    expected = (ref_apply(x2, params, pad_crop=2).square() * 0.5).sum()
     expected.backward()
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(x.grad, x2.grad)
@@ -219,7 +221,7 @@ def test_compile_fullgraph():
         return augment(x, max_shift=2, pad_crop=1, return_params=True)
 
     y, p = torch.compile(drawn, fullgraph=True)(x.detach())
-    assert torch.equal(y, ref.augment_with_params(x.detach(), p, pad_crop=1))
+    assert torch.equal(y, ref_apply(x.detach(), p, pad_crop=1))
 
 
 # -- the random draw ---------------------------------------------------------------
@@ -265,7 +267,7 @@ def test_generator_determinism_and_reuse():
     assert torch.equal(pa, pb) and torch.equal(a, b) and not torch.equal(a, c)
     # The same draw applied again (e.g. to a student's input or a mask).
     assert torch.equal(augment_with_params(x, pa, pad_crop=3), a)
-    assert torch.equal(a, ref.augment(x, max_shift=2, pad_crop=3,
+    assert torch.equal(a, ref_augment(x, max_shift=2, pad_crop=3,
                                       generator=torch.Generator().manual_seed(5)))
     torch.manual_seed(3)
     d = augment(x, max_shift=2)
@@ -301,7 +303,7 @@ def test_roll_edges_and_big_pad(device):
     assert torch.equal(out[0], torch.zeros_like(x[0])) and torch.equal(out[1], x[1])
     params = torch.tensor([[1, -2, 1, 2 * p, 3], [0, 0, 0, p + 2, p - 3]], device=device)
     out = augment_with_params(x, params, pad_crop=p)
-    assert torch.equal(out, ref.augment_with_params_loop(x, params, pad_crop=p))
+    assert torch.equal(out, ref_loop(x, params, pad_crop=p))
     assert out[1, :, 3:].abs().sum() == 0 and out[1, :, :, :3].abs().sum() == 0
 
 
@@ -318,7 +320,7 @@ def test_random_shapes_against_loop(device):
                             torch.randint(0, 2, (n, 1), generator=gen),
                             torch.randint(0, 2 * p + 1, (n, 2), generator=gen)], 1).to(device)
         out = augment_with_params(x, params, pad_crop=p)
-        assert torch.equal(out, ref.augment_with_params_loop(x, params, pad_crop=p)), (trial, params)
+        assert torch.equal(out, ref_loop(x, params, pad_crop=p)), (trial, params)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -408,10 +410,10 @@ def test_kernel_accepts_any_param_values(device):
     params = torch.tensor([[1, 2, 5, -7, 3], [-4, 9, 0, 100, -100], [2**40, -(2**40), 1, 1, 1]],
                           device=device)
     out = torch.ops.exml_fast.augment_apply(x, params, 1)
-    assert torch.equal(out, ref.augment_with_params(x, params, pad_crop=1))
+    assert torch.equal(out, ref_apply(x, params, pad_crop=1))
     g = torch.randn_like(x)
     xr = x.clone().requires_grad_(True)
-    (want,) = torch.autograd.grad(ref.augment_with_params(xr, params, pad_crop=1), xr, g)
+    (want,) = torch.autograd.grad(ref_apply(xr, params, pad_crop=1), xr, g)
     assert torch.equal(torch.ops.exml_fast._augment_apply_backward(g, params, 1), want)
 
 
@@ -450,12 +452,12 @@ def test_fallback_without_extension():
         "warnings.simplefilter('ignore')\n"
         "import exml_fast\n"
         "from exml_fast.ops.augment import augment, augment_with_params\n"
-        "from exml_fast.reference import augment as ref\n"
+        "from exml_fast.reference.augment import augment_with_params_loop as ref_loop\n"
         "assert not exml_fast.has_ops()\n"
         "x = torch.randn(4, 3, 8, 8, requires_grad=True)\n"
         "y, p = augment(x, max_shift=2, pad_crop=2, generator=torch.Generator().manual_seed(1),"
         " return_params=True)\n"
-        "assert torch.equal(y, ref.augment_with_params_loop(x.detach(), p, pad_crop=2))\n"
+        "assert torch.equal(y, ref_loop(x.detach(), p, pad_crop=2))\n"
         "y.sum().backward()\n"
         "assert torch.equal(augment_with_params(x, p, pad_crop=2), y)\n"
         "print('ok')\n"

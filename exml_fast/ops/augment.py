@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 
 from exml_fast import _ext
-from exml_fast.reference import augment as _ref
+# Names, not the module: exml_fast.reference re-exports a function `augment`,
+# which shadows the submodule as an attribute of the package.
+from exml_fast.reference.augment import augment_with_params as _ref_augment_with_params
 from exml_fast.reference.augment import draw_augment_params, output_memory_format
 
 __all__ = ["augment", "augment_with_params", "draw_augment_params"]
@@ -95,7 +97,7 @@ def augment_with_params(x: torch.Tensor, params: torch.Tensor, *, pad_crop: int 
     _check_params(x, params, pad_crop, op)
     if _ext.use_compiled(x):
         return torch.ops.exml_fast.augment_apply(x, params, pad_crop)
-    return _ref.augment_with_params(x, params, pad_crop=pad_crop)
+    return _ref_augment_with_params(x, params, pad_crop=pad_crop)
 
 
 def augment(
@@ -152,7 +154,7 @@ def augment(
     if _ext.use_compiled(x):
         out = torch.ops.exml_fast.augment_apply(x, params, pad_crop)
     else:
-        out = _ref.augment_with_params(x, params, pad_crop=pad_crop)
+        out = _ref_augment_with_params(x, params, pad_crop=pad_crop)
     return (out, params) if return_params else out
 
 
