@@ -125,7 +125,10 @@ def augment(
         flip: whether to draw a random horizontal flip.
         pad_crop: the padding p of the random crop, an int >= 0 (0: none).
         generator: the torch.Generator to draw from; it must be on x's device
-            (None: torch's default generator of that device).
+            (None: torch's default generator of that device). torch.compile
+            cannot trace a Generator object (a graph break): under
+            fullgraph=True pass None, or draw with `draw_augment_params` outside
+            and call `augment_with_params`.
         return_params: also return the (N, 5) int64 params (dy, dx, flip, oy, ox)
             so that `augment_with_params` can apply the same draw again.
 
