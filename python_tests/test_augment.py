@@ -52,6 +52,7 @@ def sample_inputs(device: str, dtype: torch.dtype):
         ("one_pixel", randn(2, 3, 1, 1), 2, 1),
         ("one_channel_cl", randn(3, 1, 6, 6, fmt=CL), 2, 1),
         ("many_channels_cl", randn(2, 17, 5, 6, fmt=CL), 2, 3),
+        ("rgba_channels_last", randn(3, 4, 6, 7, fmt=CL), 2, 2),
         ("slice_batch", randn(6, 3, 5, 7)[::2], 2, 2),
         ("transposed", randn(3, 2, 6, 5).transpose(2, 3), 2, 1),
         ("wide", randn(2, 3, 4, 67), 30, 0),

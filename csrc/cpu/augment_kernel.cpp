@@ -132,6 +132,15 @@ inline void copy_elems(const T* __restrict__ src, T* __restrict__ dst, int64_t c
   for (int64_t e = 0; e < count; ++e) dst[e] = src[e];
 }
 
+template <typename T, int K>
+inline void reverse_pixels(const T* __restrict__ src, T* __restrict__ dst, const Piece& pc) {
+  for (int64_t j = pc.lo; j < pc.hi; ++j) {
+    const T* s = src + (pc.c - j) * K;
+    T* d = dst + j * K;
+    for (int e = 0; e < K; ++e) d[e] = s[e];
+  }
+}
+
 // One destination row of w pixels of k elements each, from one source row.
 // GCC would turn the short loops above back into libc calls; keep them loops.
 template <typename T>
@@ -147,7 +156,16 @@ __attribute__((optimize("no-tree-loop-distribute-patterns"))) void copy_row(
       const T* s = src + pc.c;  // dst[j] = s[-j]
       for (int64_t j = pc.lo; j < pc.hi; ++j) dst[j] = s[-j];
     } else {
-      for (int64_t j = pc.lo; j < pc.hi; ++j) copy_elems(src + (pc.c - j) * k, dst + j * k, k);
+      switch (k) {  // channels_last, reversed: pixel by pixel, fixed widths for RGB(A)
+        case 3:
+          reverse_pixels<T, 3>(src, dst, pc);
+          break;
+        case 4:
+          reverse_pixels<T, 4>(src, dst, pc);
+          break;
+        default:
+          for (int64_t j = pc.lo; j < pc.hi; ++j) copy_elems(src + (pc.c - j) * k, dst + j * k, k);
+      }
     }
     done = pc.hi;
   }
