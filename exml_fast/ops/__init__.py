@@ -1,6 +1,7 @@
 """Fused ops. Each runs the compiled CPU/CUDA kernel when exml_fast._C is
 loaded and its pure-PyTorch reference (exml_fast.reference) otherwise."""
 
+from exml_fast.ops.augment import augment, augment_with_params, draw_augment_params
 from exml_fast.ops.bn_stats import bn_stats, bn_stats_loss
 
-__all__ = ["bn_stats", "bn_stats_loss"]
+__all__ = ["augment", "augment_with_params", "bn_stats", "bn_stats_loss", "draw_augment_params"]

@@ -5,7 +5,10 @@ compiled library is not available. They mirror the public implementations
 the fused kernels replace, defects in speed included.
 """
 
+from exml_fast.reference.augment import (augment, augment_with_params, augment_with_params_loop,
+                                        batch_augment_public, draw_augment_params)
 from exml_fast.reference.bn_stats import bn_stats, bn_stats_loss
 from exml_fast.reference.priors import tv_l2
 
-__all__ = ["bn_stats", "bn_stats_loss", "tv_l2"]
+__all__ = ["augment", "augment_with_params", "augment_with_params_loop", "batch_augment_public",
+           "bn_stats", "bn_stats_loss", "draw_augment_params", "tv_l2"]
