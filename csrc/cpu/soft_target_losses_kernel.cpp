@@ -18,7 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
+#include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -30,14 +30,20 @@
 
 namespace exml_fast {
 
+// no-trapping-math: lets GCC if-convert the selects (clamps) in loops that store,
+// so those loops vectorise; we never read the floating-point exception flags.
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
 namespace loss_base {
 #include "soft_target_losses_impl.inc"
 }  // namespace loss_base
+#pragma GCC pop_options
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define EXML_FAST_LOSS_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+#pragma GCC optimize("no-trapping-math")
 namespace loss_avx2 {
 #include "soft_target_losses_impl.inc"
 }  // namespace loss_avx2
@@ -84,7 +90,8 @@ int64_t grain_rows(int64_t len) { return std::max<int64_t>(1, kGrainElems / len)
 template <typename acc_t, typename F>
 void for_rows(int64_t rows, int64_t len, int bufs, const F& body) {
   at::parallel_for(0, rows, grain_rows(len), [&](int64_t r0, int64_t r1) {
-    std::vector<acc_t> buf(static_cast<size_t>(len) * bufs);
+    // Row buffers padded to a multiple of 8 lanes (see the impl's `padded`).
+    std::vector<acc_t> buf(static_cast<size_t>((len + 7) / 8 * 8) * bufs);
     body(r0, r1, buf.data());
   });
 }
@@ -142,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> soft_ce_cpu(const at::Tensor& logits,
     const scalar_t* tp = t.storage.const_data_ptr<scalar_t>();
     acc_t* sp = saved.mutable_data_ptr<acc_t>();
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    for_rows<acc_t>(rows, len, 1, [&](int64_t r0, int64_t r1, acc_t* buf) {
+    for_rows<acc_t>(rows, len, 2, [&](int64_t r0, int64_t r1, acc_t* buf) {
       EXML_LOSS_ISA(soft_ce_forward_rows, xp, x.row_stride, tp, t.row_stride, len, inv_t, r0,
                     r1, sp, row_loss, buf);
     });
@@ -178,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> soft_ce_backward_cpu(const at::Tensor& grad,
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
     scalar_t* gtp = target_grad ? gt.mutable_data_ptr<scalar_t>() : nullptr;
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    for_rows<acc_t>(rows, len, 1, [&](int64_t r0, int64_t r1, acc_t* buf) {
+    for_rows<acc_t>(rows, len, 3, [&](int64_t r0, int64_t r1, acc_t* buf) {
       EXML_LOSS_ISA(soft_ce_backward_rows, gp, gs, scale, xp, x.row_stride, tp, t.row_stride,
                     len, inv_t, sp, gxp, gtp, r0, r1, buf);
     });
@@ -242,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> kd_backward_cpu(const at::Tensor& grad,
     scalar_t* gsp = gs.mutable_data_ptr<scalar_t>();
     scalar_t* gtp = teacher_grad ? gt.mutable_data_ptr<scalar_t>() : nullptr;
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    for_rows<acc_t>(rows, len, 2, [&](int64_t r0, int64_t r1, acc_t* buf) {
+    for_rows<acc_t>(rows, len, 4, [&](int64_t r0, int64_t r1, acc_t* buf) {
       EXML_LOSS_ISA(kd_backward_rows, w, sp, s.row_stride, tp, t.row_stride, len, inv_t, svp,
                     gsp, gtp, r0, r1, buf);
     });
