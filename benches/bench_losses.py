@@ -1,0 +1,185 @@
+"""Benchmark of the row-wise distillation losses: fused exml_fast vs the reference.
+
+Forward + backward through autograd (`torch.autograd.grad`) of each loss at the
+logit shapes of the workloads that use them:
+- (5000, 10): a 5000-sample synthetic buffer of a 10-class expert (ExML, MNIST/CIFAR-10);
+- (1216, 1000): one DeepInversion ImageNet batch (1216 images, 1000 classes).
+Ops: soft-target cross-entropy at T = 20 (Data Impressions; grad w.r.t. the
+logits), KD at T = 2 (grad w.r.t. the student), JS divergence at T = 3 with
+clamp (0.01, 0.99) (Adaptive DeepInversion; grads w.r.t. both logits).
+Variants: exml_fast, the reference (plain PyTorch: log_softmax etc.) and
+torch.compile(reference), timed round-robin in one run; the ratios are medians
+of same-round ratios, robust to a shared machine's drift. GB/s counts the
+minimum traffic (forward reads the inputs; backward reads them again and
+writes the gradients) against the measured copy bandwidth.
+
+Usage:
+    python benches/bench_losses.py [--device cpu|cuda] [--quick] [--no-compile]
+        [--dtype float32] [--out benches/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import exml_fast
+from exml_fast.ops import losses as fused
+from exml_fast.reference import losses as ref
+
+from benchlib import RESULTS, env_markdown, environment, interleaved_samples, median, record
+
+SIZES = [(5000, 10), (1216, 1000)]
+
+
+@dataclass
+class OpSpec:
+    """One benchmarked loss: `make(batch, classes, device, dtype)` returns the
+    input tensors (those to differentiate have requires_grad); `fused` and
+    `reference` map them to a scalar loss."""
+
+    name: str
+    make: Callable[..., tuple]
+    fused: Callable[..., torch.Tensor]
+    reference: Callable[..., torch.Tensor]
+
+
+def _logits(batch, classes, device, dtype, gen, scale=3.0):
+    return (torch.randn(batch, classes, generator=gen) * scale).to(device=device, dtype=dtype)
+
+
+def make_soft_ce(batch, classes, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = _logits(batch, classes, device, dtype, g).requires_grad_(True)
+    target = torch.distributions.Dirichlet(torch.full((classes,), 0.5)).sample((batch,))
+    return logits, target.to(device=device, dtype=dtype)
+
+
+def make_kd(batch, classes, device, dtype):
+    g = torch.Generator().manual_seed(1)
+    return (_logits(batch, classes, device, dtype, g).requires_grad_(True),
+            _logits(batch, classes, device, dtype, g))
+
+
+def make_js(batch, classes, device, dtype):
+    g = torch.Generator().manual_seed(2)
+    return (_logits(batch, classes, device, dtype, g).requires_grad_(True),
+            _logits(batch, classes, device, dtype, g).requires_grad_(True))
+
+
+OPS: list[OpSpec] = [
+    OpSpec("soft_target_cross_entropy T=20", make_soft_ce,
+           lambda z, t: fused.soft_target_cross_entropy(z, t, temperature=20.0),
+           lambda z, t: ref.soft_target_cross_entropy(z, t, temperature=20.0)),
+    OpSpec("kd_loss T=2", make_kd,
+           lambda s, t: fused.kd_loss(s, t, temperature=2.0),
+           lambda s, t: ref.kd_loss(s, t, temperature=2.0)),
+    OpSpec("js_divergence T=3 clamp(0.01,0.99)", make_js,
+           lambda a, b: fused.js_divergence(a, b, temperature=3.0, clamp=(0.01, 0.99)),
+           lambda a, b: ref.js_divergence(a, b, temperature=3.0, clamp=(0.01, 0.99))),
+]
+
+# ---- lead: after merging op/ed_loss, append its OpSpec rows here ----------------
+# e.g. OpSpec("ed_loss ...", make_ed, lambda ...: fused_ed.ed_loss(...), lambda ...: ref_ed.ed_loss(...))
+EXTRA_OPS: list[OpSpec] = []
+
+
+def fwd_bwd(loss_fn, inputs):
+    wrt = [t for t in inputs if t.requires_grad]
+
+    def step():
+        torch.autograd.grad(loss_fn(*inputs), wrt)
+    return step
+
+
+def traffic_bytes(inputs) -> int:
+    """Forward reads every input; backward reads them again and writes each gradient."""
+    n = sum(t.numel() * t.element_size() for t in inputs)
+    grads = sum(t.numel() * t.element_size() for t in inputs if t.requires_grad)
+    return 2 * n + grads
+
+
+def run(device, dtype, *, use_compile, min_run_time, copy_bw, ops):
+    rows = []
+    for spec in ops:
+        for batch, classes in SIZES:
+            inputs = spec.make(batch, classes, device, dtype)
+            variants = {"reference": fwd_bwd(spec.reference, inputs),
+                        "exml_fast": fwd_bwd(spec.fused, inputs)}
+            if use_compile:
+                torch._dynamo.reset()
+                variants["compile(reference)"] = fwd_bwd(
+                    torch.compile(spec.reference, dynamic=False), inputs)
+                variants["compile(reference)"]()  # compile outside the timed rounds
+            samples = interleaved_samples(variants, device=device, min_run_time=min_run_time)
+            nbytes = traffic_bytes(inputs)
+            ours = samples["exml_fast"]
+            for name, vals in samples.items():
+                sec = median(vals)
+                # exml_fast's speed-up over this variant, from same-round pairs.
+                speedup = median([v / o for v, o in zip(vals, ours)])
+                rows.append({"op": spec.name, "batch": batch, "classes": classes, "variant": name,
+                             "ms": sec * 1e3, "exml_fast_speedup": speedup,
+                             "GB/s": nbytes / sec / 1e9,
+                             "pct_copy_bw": 100 * nbytes / sec / copy_bw, "rounds": len(vals)})
+                print(f"  {spec.name:36s} ({batch:4d}, {classes:4d}) {name:19s} "
+                      f"{sec * 1e3:8.3f} ms  exml_fast x{speedup:6.2f} faster  "
+                      f"{nbytes / sec / 1e9:6.2f} GB/s ({100 * nbytes / sec / copy_bw:5.1f}% of copy)",
+                      flush=True)
+    return rows
+
+
+def to_markdown(rec: dict, command: str) -> str:
+    lines = env_markdown(rec["env"], "losses", command) + [
+        f"Forward + backward through autograd, dtype {rec['dtype']}. `exml_fast faster`:",
+        "median over rounds of (variant time / exml_fast time, same round).",
+        "",
+        "| op | (B, K) | variant | ms | exml_fast faster | GB/s | % of copy bw |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rec["rows"]:
+        lines.append(f"| {r['op']} | ({r['batch']}, {r['classes']}) | {r['variant']} | "
+                     f"{r['ms']:.3f} | {r['exml_fast_speedup']:.2f}x | {r['GB/s']:.2f} | "
+                     f"{r['pct_copy_bw']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    p.add_argument("--quick", action="store_true", help="short smoke run (0.2 s per variant)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="seconds of timed runs per variant (default 2 on CPU, 1 on CUDA)")
+    p.add_argument("--out", default=str(RESULTS),
+                   help="directory for the recorded run ('' to not record)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    if not exml_fast.has_ops():
+        p.error("exml_fast._C is not built: the benchmark would time the reference twice")
+    min_run_time = args.min_run_time or (0.2 if args.quick else (2.0 if args.device == "cpu" else 1.0))
+    dtype = getattr(torch, args.dtype)
+
+    env = environment(args.device, "losses")
+    t0 = time.perf_counter()
+    rows = run(args.device, dtype, use_compile=not args.no_compile, min_run_time=min_run_time,
+               copy_bw=env["copy_bandwidth_GBps"] * 1e9, ops=OPS + EXTRA_OPS)
+    env["wall_s"] = time.perf_counter() - t0
+    rec = {"env": env, "dtype": args.dtype, "rows": rows}
+    command = " ".join(["python benches/bench_losses.py"] + (argv if argv is not None else sys.argv[1:]))
+    stem = f"losses_{args.device}" + ("_quick" if args.quick else "")
+    record(args.out, stem, rec, to_markdown(rec, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

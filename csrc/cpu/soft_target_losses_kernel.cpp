@@ -1,0 +1,331 @@
+// CPU kernels of the row-wise distillation losses: exml_fast::soft_target_cross_entropy,
+// exml_fast::kd_loss, exml_fast::js_divergence and their backward ops.
+//
+// Forward reads each row once from memory (the row is loaded, scaled by
+// 1/temperature, into an L1 buffer in the accumulation type; max, log-sum-exp
+// and the loss are sweeps over that buffer) and writes the row's loss and the
+// statistics the backward needs (see soft_target_losses.h). Backward reads the
+// row once more and writes the gradients in one sweep (js_divergence: two
+// sweeps over the L1 buffer, since the softmax chain rule needs a row sum).
+// Rows run in parallel (at::parallel_for, a grain of ~32K elements so small
+// problems stay on one thread); the batch sum is a serial double-precision
+// pass over the per-row losses, so results do not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "exml_fast/soft_target_losses.h"
+
+namespace exml_fast {
+
+// no-trapping-math: lets GCC if-convert the selects (clamps) in loops that store,
+// so those loops vectorise; we never read the floating-point exception flags.
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+namespace loss_base {
+#include "soft_target_losses_impl.inc"
+}  // namespace loss_base
+#pragma GCC pop_options
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define EXML_FAST_LOSS_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#pragma GCC optimize("no-trapping-math")
+namespace loss_avx2 {
+#include "soft_target_losses_impl.inc"
+}  // namespace loss_avx2
+#pragma GCC pop_options
+#else
+namespace loss_avx2 = loss_base;  // never selected: use_avx2() is false
+#endif
+
+namespace {
+
+using losses::kMean;
+using losses::kNone;
+
+// AVX2 + FMA + F16C when the CPU has them, unless EXML_FAST_CPU_ISA=base.
+bool loss_use_avx2() {
+#ifdef EXML_FAST_LOSS_AVX2
+  static const bool yes = [] {
+    const char* isa = std::getenv("EXML_FAST_CPU_ISA");
+    if (isa != nullptr && std::strcmp(isa, "base") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+#define EXML_LOSS_ISA(fn, ...)             \
+  do {                                     \
+    if (loss_use_avx2()) {                 \
+      loss_avx2::fn(__VA_ARGS__);          \
+    } else {                               \
+      loss_base::fn(__VA_ARGS__);          \
+    }                                      \
+  } while (0)
+
+constexpr int64_t kGrainElems = 1 << 15;
+
+int64_t grain_rows(int64_t len) { return std::max<int64_t>(1, kGrainElems / len); }
+
+// Runs body(r0, r1, buf) over row chunks, buf holding `bufs` rows of acc_t.
+template <typename acc_t, typename F>
+void for_rows(int64_t rows, int64_t len, int bufs, const F& body) {
+  at::parallel_for(0, rows, grain_rows(len), [&](int64_t r0, int64_t r1) {
+    // Row buffers padded to a multiple of 8 lanes (see the impl's `padded`).
+    std::vector<acc_t> buf(static_cast<size_t>((len + 7) / 8 * 8) * bufs);
+    body(r0, r1, buf.data());
+  });
+}
+
+// Writes the op's loss from per-row losses: (B,) for none, else the scaled sum.
+template <typename scalar_t, typename acc_t>
+void finish_loss(const acc_t* row_loss, int64_t rows, int64_t reduction, at::Tensor& out) {
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  if (reduction == kNone) {
+    if (static_cast<const void*>(row_loss) != static_cast<const void*>(o)) {
+      for (int64_t r = 0; r < rows; ++r) o[r] = static_cast<scalar_t>(row_loss[r]);
+    }
+    return;
+  }
+  double total = 0;
+  for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(row_loss[r]);
+  o[0] = static_cast<scalar_t>(total * losses::reduction_scale(reduction, rows));
+}
+
+// Per-row loss storage: the output itself when it is (B,) of acc_t, else a buffer.
+template <typename scalar_t, typename acc_t>
+acc_t* row_loss_storage(at::Tensor& out, int64_t reduction, std::vector<acc_t>& tmp,
+                        int64_t rows) {
+  if (reduction == kNone && std::is_same_v<scalar_t, acc_t>) {
+    return reinterpret_cast<acc_t*>(out.mutable_data_ptr<scalar_t>());
+  }
+  tmp.resize(static_cast<size_t>(rows));
+  return tmp.data();
+}
+
+void check_cpu(const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), op, " (CPU kernel): ", name, " must be a CPU tensor");
+}
+
+// ---- soft_target_cross_entropy --------------------------------------------------
+
+constexpr const char* kSoftCe = "exml_fast::soft_target_cross_entropy";
+constexpr const char* kSoftCeBwd = "exml_fast::_soft_target_cross_entropy_backward";
+
+std::tuple<at::Tensor, at::Tensor> soft_ce_cpu(const at::Tensor& logits,
+                                               const at::Tensor& target, double temperature,
+                                               int64_t reduction) {
+  losses::check_pair(logits, target, temperature, kSoftCe, "logits", "target_probs");
+  losses::check_reduction(reduction, kSoftCe);
+  check_cpu(logits, kSoftCe, "logits");
+  const losses::Rows x = losses::as_rows(logits), t = losses::as_rows(target);
+  const int64_t rows = logits.size(0), len = logits.size(1);
+  at::Tensor saved = at::empty({rows, 2}, logits.options().dtype(losses::loss_acc_type(logits)));
+  at::Tensor out = losses::empty_loss(logits, reduction);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), kSoftCe, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> tmp;
+    acc_t* row_loss = row_loss_storage<scalar_t, acc_t>(out, reduction, tmp, rows);
+    const scalar_t* xp = x.storage.const_data_ptr<scalar_t>();
+    const scalar_t* tp = t.storage.const_data_ptr<scalar_t>();
+    acc_t* sp = saved.mutable_data_ptr<acc_t>();
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+    for_rows<acc_t>(rows, len, 2, [&](int64_t r0, int64_t r1, acc_t* buf) {
+      EXML_LOSS_ISA(soft_ce_forward_rows, xp, x.row_stride, tp, t.row_stride, len, inv_t, r0,
+                    r1, sp, row_loss, buf);
+    });
+    finish_loss<scalar_t, acc_t>(row_loss, rows, reduction, out);
+  });
+  return {out, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_ce_backward_cpu(const at::Tensor& grad,
+                                                        const at::Tensor& logits,
+                                                        const at::Tensor& target,
+                                                        const at::Tensor& saved,
+                                                        double temperature, int64_t reduction,
+                                                        bool target_grad) {
+  losses::check_pair(logits, target, temperature, kSoftCeBwd, "logits", "target_probs");
+  losses::check_reduction(reduction, kSoftCeBwd);
+  losses::check_backward(grad, saved, logits, reduction, 2, kSoftCeBwd);
+  check_cpu(logits, kSoftCeBwd, "logits");
+  const losses::Rows x = losses::as_rows(logits), t = losses::as_rows(target);
+  const int64_t rows = logits.size(0), len = logits.size(1);
+  at::Tensor gx = at::empty({rows, len}, logits.options());
+  at::Tensor gt = at::empty({target_grad ? rows : 0, target_grad ? len : 0}, target.options());
+  if (rows == 0) return {gx, gt};
+  const at::Tensor g = grad.to(losses::loss_acc_type(logits));
+  const int64_t gs = reduction == kNone ? g.stride(0) : 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), kSoftCeBwd, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* gp = g.const_data_ptr<acc_t>();
+    const acc_t scale = static_cast<acc_t>(reduction == kMean ? 1.0 / rows : 1.0);
+    const scalar_t* xp = x.storage.const_data_ptr<scalar_t>();
+    const scalar_t* tp = t.storage.const_data_ptr<scalar_t>();
+    const acc_t* sp = saved.const_data_ptr<acc_t>();
+    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+    scalar_t* gtp = target_grad ? gt.mutable_data_ptr<scalar_t>() : nullptr;
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+    for_rows<acc_t>(rows, len, 3, [&](int64_t r0, int64_t r1, acc_t* buf) {
+      EXML_LOSS_ISA(soft_ce_backward_rows, gp, gs, scale, xp, x.row_stride, tp, t.row_stride,
+                    len, inv_t, sp, gxp, gtp, r0, r1, buf);
+    });
+  });
+  return {gx, gt};
+}
+
+// ---- kd_loss ------------------------------------------------------------------------
+
+constexpr const char* kKd = "exml_fast::kd_loss";
+constexpr const char* kKdBwd = "exml_fast::_kd_loss_backward";
+
+std::tuple<at::Tensor, at::Tensor> kd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                          double temperature) {
+  losses::check_pair(student, teacher, temperature, kKd, "student_logits", "teacher_logits");
+  check_cpu(student, kKd, "student_logits");
+  const losses::Rows s = losses::as_rows(student), t = losses::as_rows(teacher);
+  const int64_t rows = student.size(0), len = student.size(1);
+  at::Tensor saved = at::empty({rows, 3}, student.options().dtype(losses::loss_acc_type(student)));
+  at::Tensor out = losses::empty_loss(student, kMean);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), kKd, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> row_loss(static_cast<size_t>(rows));
+    acc_t* rl = row_loss.data();
+    const scalar_t* sp = s.storage.const_data_ptr<scalar_t>();
+    const scalar_t* tp = t.storage.const_data_ptr<scalar_t>();
+    acc_t* svp = saved.mutable_data_ptr<acc_t>();
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+    for_rows<acc_t>(rows, len, 3, [&](int64_t r0, int64_t r1, acc_t* buf) {
+      EXML_LOSS_ISA(kd_forward_rows, sp, s.row_stride, tp, t.row_stride, len, inv_t, r0, r1,
+                    svp, rl, buf);
+    });
+    double total = 0;
+    for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(rl[r]);
+    out.mutable_data_ptr<scalar_t>()[0] = static_cast<scalar_t>(
+        total * temperature * temperature * losses::reduction_scale(kMean, rows));
+  });
+  return {out, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_backward_cpu(const at::Tensor& grad,
+                                                   const at::Tensor& student,
+                                                   const at::Tensor& teacher,
+                                                   const at::Tensor& saved, double temperature,
+                                                   bool teacher_grad) {
+  losses::check_pair(student, teacher, temperature, kKdBwd, "student_logits", "teacher_logits");
+  losses::check_backward(grad, saved, student, kMean, 3, kKdBwd);
+  check_cpu(student, kKdBwd, "student_logits");
+  const losses::Rows s = losses::as_rows(student), t = losses::as_rows(teacher);
+  const int64_t rows = student.size(0), len = student.size(1);
+  at::Tensor gs = at::empty({rows, len}, student.options());
+  at::Tensor gt = at::empty({teacher_grad ? rows : 0, teacher_grad ? len : 0}, teacher.options());
+  if (rows == 0) return {gs, gt};
+  const double g = grad.item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), kKdBwd, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t w = static_cast<acc_t>(g * temperature / static_cast<double>(rows));
+    const scalar_t* sp = s.storage.const_data_ptr<scalar_t>();
+    const scalar_t* tp = t.storage.const_data_ptr<scalar_t>();
+    const acc_t* svp = saved.const_data_ptr<acc_t>();
+    scalar_t* gsp = gs.mutable_data_ptr<scalar_t>();
+    scalar_t* gtp = teacher_grad ? gt.mutable_data_ptr<scalar_t>() : nullptr;
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+    for_rows<acc_t>(rows, len, 4, [&](int64_t r0, int64_t r1, acc_t* buf) {
+      EXML_LOSS_ISA(kd_backward_rows, w, sp, s.row_stride, tp, t.row_stride, len, inv_t, svp,
+                    gsp, gtp, r0, r1, buf);
+    });
+  });
+  return {gs, gt};
+}
+
+// ---- js_divergence ------------------------------------------------------------------
+
+constexpr const char* kJs = "exml_fast::js_divergence";
+constexpr const char* kJsBwd = "exml_fast::_js_divergence_backward";
+
+std::tuple<at::Tensor, at::Tensor> js_cpu(const at::Tensor& a, const at::Tensor& b,
+                                          double temperature, double lo, double hi) {
+  losses::check_pair(a, b, temperature, kJs, "logits_a", "logits_b");
+  losses::check_clamp(lo, hi, kJs);
+  check_cpu(a, kJs, "logits_a");
+  const losses::Rows ra = losses::as_rows(a), rb = losses::as_rows(b);
+  const int64_t rows = a.size(0), len = a.size(1);
+  at::Tensor saved = at::empty({rows, 2}, a.options().dtype(losses::loss_acc_type(a)));
+  at::Tensor out = losses::empty_loss(a, kMean);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), kJs, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> row_loss(static_cast<size_t>(rows));
+    acc_t* rl = row_loss.data();
+    const scalar_t* ap = ra.storage.const_data_ptr<scalar_t>();
+    const scalar_t* bp = rb.storage.const_data_ptr<scalar_t>();
+    acc_t* svp = saved.mutable_data_ptr<acc_t>();
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+    for_rows<acc_t>(rows, len, 2, [&](int64_t r0, int64_t r1, acc_t* buf) {
+      EXML_LOSS_ISA(js_forward_rows, ap, ra.row_stride, bp, rb.row_stride, len, inv_t,
+                    static_cast<acc_t>(lo), static_cast<acc_t>(hi), r0, r1, svp, rl, buf);
+    });
+    finish_loss<scalar_t, acc_t>(rl, rows, kMean, out);
+  });
+  return {out, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor> js_backward_cpu(const at::Tensor& grad, const at::Tensor& a,
+                                                   const at::Tensor& b, const at::Tensor& saved,
+                                                   double temperature, double lo, double hi) {
+  losses::check_pair(a, b, temperature, kJsBwd, "logits_a", "logits_b");
+  losses::check_clamp(lo, hi, kJsBwd);
+  losses::check_backward(grad, saved, a, kMean, 2, kJsBwd);
+  check_cpu(a, kJsBwd, "logits_a");
+  const losses::Rows ra = losses::as_rows(a), rb = losses::as_rows(b);
+  const int64_t rows = a.size(0), len = a.size(1);
+  at::Tensor ga = at::empty({rows, len}, a.options());
+  at::Tensor gb = at::empty({rows, len}, b.options());
+  if (rows == 0) return {ga, gb};
+  const double g = grad.item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), kJsBwd, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t w = static_cast<acc_t>(g / static_cast<double>(rows));
+    const scalar_t* ap = ra.storage.const_data_ptr<scalar_t>();
+    const scalar_t* bp = rb.storage.const_data_ptr<scalar_t>();
+    const acc_t* svp = saved.const_data_ptr<acc_t>();
+    scalar_t* gap = ga.mutable_data_ptr<scalar_t>();
+    scalar_t* gbp = gb.mutable_data_ptr<scalar_t>();
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+    for_rows<acc_t>(rows, len, 6, [&](int64_t r0, int64_t r1, acc_t* buf) {
+      EXML_LOSS_ISA(js_backward_rows, w, ap, ra.row_stride, bp, rb.row_stride, len, inv_t,
+                    static_cast<acc_t>(lo), static_cast<acc_t>(hi), svp, gap, gbp, r0, r1, buf);
+    });
+  });
+  return {ga, gb};
+}
+
+}  // namespace
+}  // namespace exml_fast
+
+TORCH_LIBRARY_IMPL(exml_fast, CPU, m) {
+  m.impl("soft_target_cross_entropy", &exml_fast::soft_ce_cpu);
+  m.impl("_soft_target_cross_entropy_backward", &exml_fast::soft_ce_backward_cpu);
+  m.impl("kd_loss", &exml_fast::kd_cpu);
+  m.impl("_kd_loss_backward", &exml_fast::kd_backward_cpu);
+  m.impl("js_divergence", &exml_fast::js_cpu);
+  m.impl("_js_divergence_backward", &exml_fast::js_backward_cpu);
+}
