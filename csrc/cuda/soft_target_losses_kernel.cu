@@ -173,12 +173,13 @@ __global__ void kd_fwd_kernel(const scalar_t* __restrict__ s, int64_t ss,
 }
 
 template <int TPR, typename scalar_t, typename acc_t>
-__global__ void kd_bwd_kernel(acc_t w, const scalar_t* __restrict__ s, int64_t ss,
+__global__ void kd_bwd_kernel(const acc_t* __restrict__ g, acc_t scale, const scalar_t* __restrict__ s, int64_t ss,
                               const scalar_t* __restrict__ t, int64_t ts, int64_t rows,
                               int64_t len, acc_t inv_t, const acc_t* __restrict__ saved,
                               scalar_t* __restrict__ gs, scalar_t* __restrict__ gt) {
   const RowIdx ri = row_of_thread<TPR>();
   if (ri.row >= rows) return;
+  const acc_t w = *g * scale;  // the upstream gradient, read on the device: no host sync
   const acc_t lse_s = saved[3 * ri.row], lse_t = saved[3 * ri.row + 1];
   const acc_t kl = saved[3 * ri.row + 2];
   const acc_t c = lse_t - lse_s;
@@ -261,7 +262,7 @@ __device__ __forceinline__ void js_grads(const JsTerms<acc_t>& v, acc_t lo, acc_
 }
 
 template <int TPR, typename scalar_t, typename acc_t>
-__global__ void js_bwd_kernel(acc_t w, const scalar_t* __restrict__ a, int64_t as,
+__global__ void js_bwd_kernel(const acc_t* __restrict__ g, acc_t scale, const scalar_t* __restrict__ a, int64_t as,
                               const scalar_t* __restrict__ b, int64_t bs, int64_t rows,
                               int64_t len, acc_t inv_t, acc_t lo, acc_t hi, acc_t log_lo,
                               acc_t log_hi, const acc_t* __restrict__ saved,
@@ -269,6 +270,7 @@ __global__ void js_bwd_kernel(acc_t w, const scalar_t* __restrict__ a, int64_t a
   __shared__ double sh[kBlock / 32];
   const RowIdx ri = row_of_thread<TPR>();
   if (ri.row >= rows) return;
+  const acc_t w = *g * scale;  // the upstream gradient, read on the device: no host sync
   const scalar_t* ar = a + ri.row * as;
   const scalar_t* br = b + ri.row * bs;
   const acc_t lse_a = saved[2 * ri.row], lse_b = saved[2 * ri.row + 1];
@@ -453,14 +455,13 @@ std::tuple<at::Tensor, at::Tensor> kd_backward_cuda(const at::Tensor& grad,
   at::Tensor gs = at::empty({rows, len}, student.options());
   at::Tensor gt = at::empty({teacher_grad ? rows : 0, teacher_grad ? len : 0}, teacher.options());
   if (rows == 0) return {gs, gt};
-  // The upstream gradient is read on the host (one small sync); the loss is a
-  // scalar, so this costs one 4-byte copy.
-  const double g = grad.item<double>();
+  const at::Tensor g = grad.to(losses::loss_acc_type(student));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(student.get_device()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), kKdBwd, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     EXML_LOSS_LAUNCH(kd_bwd_kernel, rows, len, stream,
-                     static_cast<acc_t>(g * temperature / static_cast<double>(rows)),
+                     g.const_data_ptr<acc_t>(),
+                     static_cast<acc_t>(temperature / static_cast<double>(rows)),
                      s.storage.const_data_ptr<scalar_t>(), s.row_stride,
                      t.storage.const_data_ptr<scalar_t>(), t.row_stride, rows, len,
                      static_cast<acc_t>(1.0 / temperature), saved.const_data_ptr<acc_t>(),
@@ -512,12 +513,12 @@ std::tuple<at::Tensor, at::Tensor> js_backward_cuda(const at::Tensor& grad, cons
   at::Tensor ga = at::empty({rows, len}, a.options());
   at::Tensor gb = at::empty({rows, len}, b.options());
   if (rows == 0) return {ga, gb};
-  const double g = grad.item<double>();
+  const at::Tensor g = grad.to(losses::loss_acc_type(a));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), kJsBwd, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     EXML_LOSS_LAUNCH(js_bwd_kernel, rows, len, stream,
-                     static_cast<acc_t>(g / static_cast<double>(rows)),
+                     g.const_data_ptr<acc_t>(), static_cast<acc_t>(1.0 / static_cast<double>(rows)),
                      ra.storage.const_data_ptr<scalar_t>(), ra.row_stride,
                      rb.storage.const_data_ptr<scalar_t>(), rb.row_stride, rows, len,
                      static_cast<acc_t>(1.0 / temperature), static_cast<acc_t>(lo),
