@@ -54,12 +54,13 @@ __global__ void dirichlet_kernel(const scalar_t* __restrict__ conc, float* __res
   }
   float sum = 0.f;
   for (int64_t c = lane; c < k; c += 32) {
-    const float e = expf(o[c] - mx);
+    const float e = dirichlet::exp_nonpos(o[c] - mx);
     o[c] = e;
     sum += e;
   }
   for (int d = 16; d > 0; d >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, d);
-  for (int64_t c = lane; c < k; c += 32) o[c] /= sum;
+  const float inv = 1.f / sum;
+  for (int64_t c = lane; c < k; c += 32) o[c] *= inv;
 }
 
 __global__ void philox_kernel(const int64_t* __restrict__ ctr, int64_t* __restrict__ out,

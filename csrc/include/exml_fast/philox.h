@@ -12,6 +12,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define EXML_FAST_PHILOX_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined on the host: the CPU kernels call these from loops compiled
+// for wider ISAs (#pragma GCC target) that must inline them to vectorise.
+#define EXML_FAST_PHILOX_HD inline __attribute__((always_inline))
 #else
 #define EXML_FAST_PHILOX_HD inline
 #endif
@@ -45,6 +49,8 @@ EXML_FAST_PHILOX_HD Words4 round(Words4 c, uint32_t k0, uint32_t k1) {
 EXML_FAST_PHILOX_HD Words4 philox4x32_10(Words4 c, uint32_t k0, uint32_t k1) {
 #if defined(__CUDACC__)
 #pragma unroll
+#elif defined(__GNUC__)
+#pragma GCC unroll 9
 #endif
   for (int r = 0; r < 9; ++r) {
     c = round(c, k0, k1);
