@@ -65,8 +65,9 @@ def _err(a, b) -> float:
 def assert_as_accurate(ours, torch_own, truth, dtype, amplification=1.0, scale=0.0):
     """max|ours - truth| <= 2 max|torch_own - truth| + 16 eps amplification scale, where
     scale is the larger of max|truth| and the caller's natural scale of the values."""
-    scale = max(float(truth.abs().max()), scale, 1e-30)
+    scale = max(float(truth.detach().abs().max()), scale, 1e-30)
     slack = 16 * eps_of(acc_dtype(dtype)) * amplification * scale
+    ours, torch_own, truth = ours.detach(), torch_own.detach(), truth.detach()
     e_ours, e_torch = _err(ours, truth), _err(torch_own, truth)
     assert e_ours <= 2 * e_torch + slack, f"error {e_ours:.3e} > 2 x torch's {e_torch:.3e} + {slack:.3e}"
 

@@ -55,12 +55,12 @@ EXML_FAST_PHILOX_HD float u2f(uint32_t x) {
 }
 
 // sqrt x for a normal fp32 x >= 0 or 0, within an ulp: a bit-trick guess of
-// 1/sqrt x, three Newton steps, then one Newton step on sqrt x itself. Plain
+// 1/sqrt x (relative error < 0.2 %), two Newton steps (< 1e-10 before
+// rounding), then one Newton step on sqrt x itself. Plain
 // arithmetic because a libm sqrtf that may set errno stops GCC's vectoriser.
 EXML_FAST_PHILOX_HD float sqrt_f(float x) {
   float y = u2f(0x5f375a86u - (f2u(x) >> 1));
   const float hx = 0.5f * x;
-  y = y * (1.5f - hx * y * y);
   y = y * (1.5f - hx * y * y);
   y = y * (1.5f - hx * y * y);
   const float s = x * y;
