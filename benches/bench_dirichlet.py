@@ -1,0 +1,167 @@
+"""Benchmark of the Data-Impression target ops: exml_fast vs the reference.
+
+1. dirichlet_targets: one Dirichlet sample per row of beta * class_similarity(W)[y],
+   at (24000, 10) (the paper's MNIST DI set, LeNet-5 head) and (1216, 1000)
+   (an ImageNet-size batch, ResNet head), beta 10 (ExML) and 0.1 (peaky).
+   exml_fast (Philox + Marsaglia-Tsang kernel) vs the reference
+   (torch._sample_dirichlet, what torch.distributions.Dirichlet.sample calls)
+   vs torch.compile(reference) when it compiles. Rows/s and gamma draws/s.
+2. class_similarity forward + backward at K = 10, H = 84 (LeNet-5) and
+   K = 1000, H = 512 (ResNet): exml_fast vs reference vs torch.compile(reference).
+
+Every ratio is measured in this one run. Usage:
+    python benches/bench_dirichlet.py [--device cpu|cuda] [--quick] [--no-compile]
+        [--out benches/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+import exml_fast
+from exml_fast.ops.dirichlet import class_similarity, dirichlet_targets
+from exml_fast.reference import dirichlet as ref
+
+from benchlib import RESULTS, env_markdown, environment, median_seconds, record
+
+DIRICHLET_SHAPES = [(24000, 10, 84), (1216, 1000, 512)]  # (B, K, H of the head)
+BETAS = [10.0, 0.1]
+SIM_SHAPES = [(10, 84), (1000, 512)]
+
+
+def try_compile(fn, probe):
+    """torch.compile(fn), or (None, why) when it fails to compile or run."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, dynamic=False)
+    try:
+        probe(compiled)
+    except Exception as e:  # noqa: BLE001  (reported in the output)
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return compiled, ""
+
+
+def bench_dirichlet(device, *, use_compile, min_run_time):
+    rows = []
+    for b, k, h in DIRICHLET_SHAPES:
+        g0 = torch.Generator().manual_seed(0)
+        w = torch.randn(k, h, generator=g0).to(device)
+        y = torch.randint(0, k, (b,), generator=g0).to(device)
+        sim = ref.class_similarity(w)
+        for beta in BETAS:
+            conc = (beta * sim[y]).contiguous()
+            gen = torch.Generator(device).manual_seed(1)
+            variants = {
+                "reference": lambda: ref.dirichlet_targets(conc, generator=gen),
+                "exml_fast": lambda: dirichlet_targets(conc, generator=gen),
+            }
+            note = ""
+            if use_compile:
+                # A compiled region cannot take a torch.Generator: the peer a user
+                # would compile is the generator-free reference.
+                fn, why = try_compile(lambda c: ref.dirichlet_targets(c), lambda f: f(conc))
+                if fn is None:
+                    note = f"torch.compile(reference) failed: {why}"
+                else:
+                    variants["compile(reference)"] = lambda fn=fn: fn(conc)
+            times = {n: median_seconds(f, min_run_time=min_run_time) for n, f in variants.items()}
+            for name, sec in times.items():
+                rows.append({"B": b, "K": k, "beta": beta, "variant": name, "ms": sec * 1e3,
+                             "speedup_vs_reference": times["reference"] / sec,
+                             "rows_per_s": b / sec, "gammas_per_s": b * k / sec})
+                print(f"  ({b:5d}, {k:4d}) beta {beta:4.1f} {name:19s} {sec * 1e3:9.3f} ms  "
+                      f"x{times['reference'] / sec:6.2f} vs reference  {b / sec / 1e6:7.3f} M rows/s  "
+                      f"{b * k / sec / 1e6:8.2f} M gammas/s", flush=True)
+            if note:
+                print(f"  ({b:5d}, {k:4d}) beta {beta:4.1f} {note}")
+                rows.append({"B": b, "K": k, "beta": beta, "variant": "compile(reference)",
+                             "note": note})
+    return rows
+
+
+def bench_class_similarity(device, *, use_compile, min_run_time):
+    rows = []
+    for k, h in SIM_SHAPES:
+        w = (torch.randn(k, h, generator=torch.Generator().manual_seed(0)) * 0.1).to(device)
+        w.requires_grad_(True)
+        gout = torch.randn(k, k, device=device)
+
+        def fwd_bwd(fn):
+            def step():
+                out = fn(w)
+                torch.autograd.grad(out, w, gout)
+            return step
+
+        variants = {"reference": fwd_bwd(ref.class_similarity), "exml_fast": fwd_bwd(class_similarity)}
+        if use_compile:
+            fn, why = try_compile(ref.class_similarity, lambda f: fwd_bwd(f)())
+            if fn is not None:
+                variants["compile(reference)"] = fwd_bwd(fn)
+            else:
+                print(f"  K {k}: torch.compile(reference) failed: {why}")
+        times = {n: median_seconds(f, min_run_time=min_run_time) for n, f in variants.items()}
+        for name, sec in times.items():
+            rows.append({"K": k, "H": h, "variant": name, "ms": sec * 1e3,
+                         "speedup_vs_reference": times["reference"] / sec})
+            print(f"  K {k:4d} H {h:4d} {name:19s} {sec * 1e3:9.3f} ms  "
+                  f"x{times['reference'] / sec:6.2f} vs reference", flush=True)
+    return rows
+
+
+def to_markdown(rec: dict, command: str) -> str:
+    lines = env_markdown(rec["env"], "dirichlet", command) + [
+        "## dirichlet_targets (one sample per row of beta * class_similarity(W)[y])",
+        "",
+        "| B | K | beta | variant | ms | speed-up vs reference | M rows/s | M gammas/s |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rec["dirichlet"]:
+        if "note" in r:
+            lines.append(f"| {r['B']} | {r['K']} | {r['beta']} | {r['variant']} | – | {r['note']} | | |")
+            continue
+        lines.append(f"| {r['B']} | {r['K']} | {r['beta']} | {r['variant']} | {r['ms']:.3f} | "
+                     f"{r['speedup_vs_reference']:.2f}x | {r['rows_per_s'] / 1e6:.3f} | "
+                     f"{r['gammas_per_s'] / 1e6:.2f} |")
+    lines += ["", "## class_similarity forward + backward", "",
+              "| K | H | variant | ms | speed-up vs reference |", "|---:|---:|---|---:|---:|"]
+    for r in rec["class_similarity"]:
+        lines.append(f"| {r['K']} | {r['H']} | {r['variant']} | {r['ms']:.3f} | "
+                     f"{r['speedup_vs_reference']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="short smoke run (0.2 s per measurement)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="seconds of timed runs per measurement (default 1; 0.2 with --quick)")
+    p.add_argument("--out", default=str(RESULTS), help="directory for the recorded run ('' to not record)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    if not exml_fast.has_ops():
+        p.error("exml_fast._C is not built: the benchmark would time the reference twice")
+    min_run_time = args.min_run_time or (0.2 if args.quick else 1.0)
+    env = environment(args.device, "dirichlet")
+    t0 = time.perf_counter()
+    print("1. dirichlet_targets")
+    d_rows = bench_dirichlet(args.device, use_compile=not args.no_compile, min_run_time=min_run_time)
+    print("\n2. class_similarity forward + backward")
+    s_rows = bench_class_similarity(args.device, use_compile=not args.no_compile,
+                                    min_run_time=min_run_time)
+    env["wall_s"] = time.perf_counter() - t0
+    rec = {"env": env, "dirichlet": d_rows, "class_similarity": s_rows}
+    command = "python benches/bench_dirichlet.py --device " + args.device + (" --quick" if args.quick else "")
+    record(args.out, f"dirichlet_{args.device}" + ("_quick" if args.quick else ""), rec,
+           to_markdown(rec, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+// CUDA kernels of exml_fast::dirichlet_sample and exml_fast::_philox4x32_10.
+//
+// One warp per row: lane l draws log G for columns l, l + 32, ... with the
+// same host/device code as the CPU kernel (dirichlet_sampler.h), keeping them
+// in the output row; the warp reduces the row max, writes exp(log G - max)
+// and reduces their sum, then divides. Each lane re-reads only the entries it
+// wrote. The key is read from device memory by every thread: no host sync.
+// A row holding an invalid concentration (<= 0, NaN, inf as fp32) is written
+// as NaN (checking on the host would cost a sync).
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cfloat>
+#include <cstdint>
+
+#include "exml_fast/dirichlet_host.h"
+#include "exml_fast/dirichlet_sampler.h"
+
+namespace exml_fast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kRowsPerBlock = kThreads / 32;
+
+template <typename scalar_t>
+__global__ void dirichlet_kernel(const scalar_t* __restrict__ conc, float* __restrict__ out,
+                                 int64_t rows, int64_t k, const int64_t* __restrict__ key) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;  // whole warps leave together: the shuffles stay full
+  uint32_t k0, k1;
+  dirichlet::split_key(key[0], k0, k1);
+  const scalar_t* a = conc + row * k;
+  float* o = out + row * k;
+  float mx = -INFINITY;
+  bool bad = false;
+  for (int64_t c = lane; c < k; c += 32) {
+    const float lg = dirichlet::log_gamma(static_cast<float>(a[c]), static_cast<uint64_t>(row),
+                                          static_cast<uint32_t>(c), k0, k1);
+    bad |= isnan(lg);
+    o[c] = lg;
+    mx = fmaxf(mx, lg);
+  }
+  for (int d = 16; d > 0; d >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, d));
+  if (__any_sync(0xffffffffu, bad)) {
+    for (int64_t c = lane; c < k; c += 32) o[c] = NAN;
+    return;
+  }
+  float sum = 0.f;
+  for (int64_t c = lane; c < k; c += 32) {
+    const float e = dirichlet::exp_nonpos(o[c] - mx);
+    o[c] = e;
+    sum += e;
+  }
+  for (int d = 16; d > 0; d >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, d);
+  const float inv = 1.f / sum;
+  for (int64_t c = lane; c < k; c += 32) o[c] *= inv;
+}
+
+__global__ void philox_kernel(const int64_t* __restrict__ ctr, int64_t* __restrict__ out,
+                              int64_t n, const int64_t* __restrict__ key) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  uint32_t k0, k1;
+  dirichlet::split_key(key[0], k0, k1);
+  const philox::Words4 w = philox::philox4x32_10(
+      philox::Words4{static_cast<uint32_t>(ctr[4 * i]), static_cast<uint32_t>(ctr[4 * i + 1]),
+                     static_cast<uint32_t>(ctr[4 * i + 2]), static_cast<uint32_t>(ctr[4 * i + 3])},
+      k0, k1);
+  out[4 * i] = w.x;
+  out[4 * i + 1] = w.y;
+  out[4 * i + 2] = w.z;
+  out[4 * i + 3] = w.w;
+}
+
+at::Tensor dirichlet_sample_cuda(const at::Tensor& concentration, const at::Tensor& key) {
+  constexpr const char* op = "exml_fast::dirichlet_sample";
+  check_dirichlet_args(concentration, key, op);
+  TORCH_CHECK(concentration.is_cuda(), op, " (CUDA kernel): concentration must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(concentration.device());
+  const at::Tensor conc = concentration.contiguous();
+  const at::Tensor key_c = key.contiguous();
+  const int64_t rows = conc.size(0), k = conc.size(1);
+  at::Tensor out = at::empty({rows, k}, conc.options().dtype(at::kFloat));
+  if (rows == 0) return out;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(conc.get_device()).stream();
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  TORCH_CHECK(blocks <= INT32_MAX, op, ": too many rows (", rows, ")");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conc.scalar_type(),
+                                  "dirichlet_sample_cuda", [&] {
+    dirichlet_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        conc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<float>(), rows, k,
+        key_c.const_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor philox_cuda(const at::Tensor& counters, const at::Tensor& key) {
+  check_philox_args(counters, key, "exml_fast::_philox4x32_10");
+  const c10::cuda::CUDAGuard guard(counters.device());
+  const at::Tensor ctr = counters.contiguous();
+  const at::Tensor key_c = key.contiguous();
+  at::Tensor out = at::empty_like(ctr);
+  const int64_t n = ctr.size(0);
+  if (n == 0) return out;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(ctr.get_device()).stream();
+  philox_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
+      ctr.const_data_ptr<int64_t>(), out.mutable_data_ptr<int64_t>(), n,
+      key_c.const_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+}  // namespace exml_fast
+
+TORCH_LIBRARY_IMPL(exml_fast, CUDA, m) {
+  m.impl("dirichlet_sample", &exml_fast::dirichlet_sample_cuda);
+  m.impl("_philox4x32_10", &exml_fast::philox_cuda);
+}

@@ -1,0 +1,506 @@
+"""exml_fast.ops.class_similarity / dirichlet_targets against exml_fast.reference.
+
+class_similarity: values and gradients against the fp64 reference as truth;
+in each dtype the fused op must be at least as accurate as the reference run
+in that dtype, up to a factor of 2 plus a few units of the compute dtype.
+
+dirichlet_targets draws from another random stream than torch, so it is
+tested statistically: means and variances of 1e5 draws against the exact
+Dirichlet moments (5 standard errors of each estimator, from the exact 2nd
+and 4th central moments of the Beta marginals), and two-sample
+Kolmogorov-Smirnov tests of every marginal against torch.distributions.Dirichlet
+at level 1e-3. Seeds are fixed, so the tests are deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from exml_fast.ops.dirichlet import class_similarity, dirichlet_targets
+from exml_fast.reference import dirichlet as ref
+
+from _util import DEVICES, DTYPES, acc_dtype, eps_of, requires_ops
+
+pytestmark = requires_ops
+
+
+# -- class_similarity ----------------------------------------------------------------
+
+
+def weight_cases(device: str, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(11)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
+
+    dup = torch.randn(6, 9, generator=g)
+    dup[4] = dup[1]  # tied maxima in rows 1 and 4
+    return [
+        ("lenet", randn(10, 84, scale=0.1)),
+        ("odd", randn(37, 13)),
+        ("large_k", randn(300, 64)),  # BLAS path of the CPU kernel
+        ("k1", randn(1, 7)),
+        ("k2", randn(2, 3)),
+        ("h1", randn(5, 1)),  # similarities are +-1: ties at both ends
+        ("transposed", randn(20, 11).t()),
+        ("sliced", randn(12, 40)[::2, 3:]),
+        ("duplicate_rows", dup.to(dtype).to(device)),
+    ]
+
+
+def case_ids():
+    return [n for n, _ in weight_cases("cpu", torch.float32)]
+
+
+def _err(a, b) -> float:
+    return float((a.double().cpu() - b.double().cpu()).abs().max()) if a.numel() else 0.0
+
+
+def assert_as_accurate(ours, torch_own, truth, dtype, amplification=1.0, scale=0.0):
+    """max|ours - truth| <= 2 max|torch_own - truth| + 16 eps amplification scale, where
+    scale is the larger of max|truth| and the caller's natural scale of the values."""
+    scale = max(float(truth.detach().abs().max()), scale, 1e-30)
+    slack = 16 * eps_of(acc_dtype(dtype)) * amplification * scale
+    ours, torch_own, truth = ours.detach(), torch_own.detach(), truth.detach()
+    e_ours, e_torch = _err(ours, truth), _err(torch_own, truth)
+    assert e_ours <= 2 * e_torch + slack, f"error {e_ours:.3e} > 2 x torch's {e_torch:.3e} + {slack:.3e}"
+
+
+def _amplification(w: torch.Tensor) -> float:
+    """1 / smallest row range of the similarity: min-max scaling magnifies
+    rounding errors of S by it, in ours and in torch's alike."""
+    n = torch.nn.functional.normalize(w.double().cpu(), dim=1)
+    s = n @ n.T
+    r = (s.amax(1) - s.amin(1)).clamp_min(1e-3)
+    return float(1 / r.min())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", case_ids())
+def test_class_similarity_matches_reference(device, dtype, case):
+    w = dict(weight_cases(device, dtype))[case]
+    floor = 0.05
+    wa = w.detach().clone().requires_grad_(True)
+    out = class_similarity(wa, floor=floor)
+    k = w.shape[0]
+    assert out.shape == (k, k) and out.dtype == acc_dtype(dtype) and out.device == w.device
+    assert float(out.detach().min()) >= floor and float(out.detach().max()) <= 1.0
+    assert torch.all(out.diagonal() == 1)
+    wt = w.detach().double().requires_grad_(True)
+    truth = ref.class_similarity(wt, floor=floor)
+    wr = w.detach().clone().requires_grad_(True)
+    torch_own = ref.class_similarity(wr, floor=floor)
+    amp = _amplification(w)
+    assert_as_accurate(out, torch_own, truth, dtype, amp)
+    gout = torch.randn(k, k, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    (gw,) = torch.autograd.grad(out, wa, gout.to(out.dtype).to(device))
+    (gt,) = torch.autograd.grad(truth, wt, gout.to(device))
+    (gr,) = torch.autograd.grad(torch_own, wr, gout.to(torch_own.dtype).to(device))
+    assert gw.dtype == w.dtype and gw.shape == w.shape
+    # Natural scale of dw: |grad_out| / |w| (every term of the chain rule has it).
+    grad_scale = float(gout.abs().max()) / float(w.double().norm(dim=1).min())
+    assert_as_accurate(gw, gr, gt, dtype, amp**2 * k + eps_of(dtype) / eps_of(acc_dtype(dtype)),
+                       scale=grad_scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,floor", [((6, 4), 1e-4), ((9, 5), 0.3), ((3, 2), 0.5)])
+def test_class_similarity_gradcheck(device, shape, floor):
+    w = torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: class_similarity(t, floor=floor), (w,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_class_similarity_constant_rows(device):
+    # K = 1, and rows of parallel vectors (every similarity 1): all ones, zero gradient.
+    for w in (torch.randn(1, 5), torch.randn(1, 3).repeat(4, 1) * torch.tensor([[1.0], [2.0], [0.5], [3.0]])):
+        w = w.to(device).requires_grad_(True)
+        out = class_similarity(w)
+        assert torch.equal(out, torch.ones_like(out))
+        (g,) = torch.autograd.grad(out.sum(), w)
+        assert torch.isfinite(g).all() and float(g.abs().max()) == 0.0
+        assert torch.equal(ref.class_similarity(w.detach()), out.detach())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_class_similarity_zero_row_and_empty(device):
+    w = torch.randn(4, 3, device=device)
+    w[2] = 0
+    with pytest.raises(RuntimeError, match="row 2 of weight is all zeros"):
+        class_similarity(w)
+    with pytest.raises(RuntimeError, match="row 2 of weight is all zeros"):
+        ref.class_similarity(w)
+    out = class_similarity(torch.randn(0, 5, device=device))
+    assert out.shape == (0, 0)
+
+
+def test_class_similarity_bad_inputs():
+    with pytest.raises(ValueError, match="2-D"):
+        class_similarity(torch.randn(3))
+    with pytest.raises(TypeError, match="float32"):
+        class_similarity(torch.ones(3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="floor"):
+        class_similarity(torch.randn(3, 3), floor=0.0)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        class_similarity([[1.0, 2.0]])
+    with pytest.raises(RuntimeError, match="2-D"):  # the C++ check, for direct callers
+        torch.ops.exml_fast.class_similarity(torch.randn(3), 1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_class_similarity_opcheck(device):
+    for name, w in weight_cases(device, torch.float32):
+        if name == "large_k":
+            continue
+        for rg in (False, True):
+            torch.library.opcheck(torch.ops.exml_fast.class_similarity.default,
+                                  (w.detach().clone().requires_grad_(rg), 1e-4))
+    w = torch.randn(7, 5, device=device)
+    sim = torch.ops.exml_fast.class_similarity(w, 1e-4)[1]
+    torch.library.opcheck(torch.ops.exml_fast._class_similarity_backward.default,
+                          (torch.randn(7, 7, device=device), w, sim, 1e-4),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_class_similarity_compile_fullgraph():
+    torch._dynamo.reset()
+    w = torch.randn(10, 84, requires_grad=True)
+    y = torch.randint(0, 10, (16,))
+
+    def f(w, y):
+        return (class_similarity(w)[y] * 10.0).sum()
+
+    out = torch.compile(f, fullgraph=True)(w, y)
+    (g,) = torch.autograd.grad(out, w)
+    expect = f(w, y)
+    (ge,) = torch.autograd.grad(expect, w)
+    torch.testing.assert_close(out, expect)
+    torch.testing.assert_close(g, ge)
+
+
+# -- dirichlet_targets: statistics ---------------------------------------------------
+
+
+def beta_moments(alpha: np.ndarray):
+    """Mean, variance and 4th central moment of each Dirichlet marginal
+    X_k ~ Beta(alpha_k, alpha0 - alpha_k), from the raw moments
+    E[X^r] = prod_{i<r} (alpha_k + i) / (alpha0 + i)."""
+    a = alpha.astype(np.float64)
+    a0 = a.sum()
+    m = [np.prod([(a + i) / (a0 + i) for i in range(r)], axis=0) for r in range(1, 5)]
+    m1, m2, m3, m4 = m
+    var = m2 - m1**2
+    mu4 = m4 - 4 * m3 * m1 + 6 * m2 * m1**2 - 3 * m1**4
+    return m1, var, mu4
+
+
+def check_moments(samples: torch.Tensor, alpha: np.ndarray, sigmas: float = 5.0):
+    x = samples.double().cpu().numpy()
+    n = x.shape[0]
+    mean, var, mu4 = beta_moments(alpha)
+    np.testing.assert_allclose(mean, alpha / alpha.sum(), rtol=1e-12)
+    np.testing.assert_allclose(var, alpha * (alpha.sum() - alpha) / (alpha.sum() ** 2 * (alpha.sum() + 1)),
+                               rtol=1e-9)
+    m_hat = x.mean(axis=0)
+    v_hat = x.var(axis=0, ddof=1)
+    se_mean = np.sqrt(var / n)
+    se_var = np.sqrt((mu4 - var**2) / n + 2 * var**2 / (n * (n - 1)))
+    z_mean = np.abs(m_hat - mean) / se_mean
+    z_var = np.abs(v_hat - var) / se_var
+    assert z_mean.max() < sigmas, f"means off by {z_mean.max():.2f} standard errors: {m_hat} vs {mean}"
+    assert z_var.max() < sigmas, f"variances off by {z_var.max():.2f} standard errors: {v_hat} vs {var}"
+
+
+def ks_two_sample(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.sort(a), np.sort(b)
+    grid = np.concatenate([a, b])
+    fa = np.searchsorted(a, grid, side="right") / a.size
+    fb = np.searchsorted(b, grid, side="right") / b.size
+    return float(np.abs(fa - fb).max())
+
+
+def ks_critical(n: int, m: int, c_alpha: float = 1.949) -> float:  # level 1e-3
+    return c_alpha * np.sqrt((n + m) / (n * m))
+
+
+def _mixed_alpha(beta: float) -> np.ndarray:
+    w = torch.randn(10, 84, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return (beta * ref.class_similarity(w)[3]).numpy()
+
+
+ALPHAS = {
+    "all_0.05": np.full(10, 0.05),
+    "all_20": np.full(10, 20.0),
+    "mixed_beta10": _mixed_alpha(10.0),
+    "mixed_beta0.1": _mixed_alpha(0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(ALPHAS))
+def test_dirichlet_moments_and_ks(name):
+    alpha = ALPHAS[name]
+    n = 100_000
+    conc = torch.from_numpy(alpha).float().expand(n, -1)
+    g = torch.Generator().manual_seed(2024)
+    y = dirichlet_targets(conc, generator=g)
+    assert y.dtype == torch.float32 and y.shape == (n, alpha.size)
+    assert torch.isfinite(y).all()
+    check_moments(y, alpha.astype(np.float32).astype(np.float64))
+    m = 50_000
+    # torch samples in fp64, then rounds to fp32 as ours are: entries below the
+    # fp32 range (alpha = 1e-3 gives ~e^-1000) are 0 in both.
+    torch.manual_seed(2025)
+    theirs = torch.distributions.Dirichlet(conc[:m].double()).sample().float().double().numpy()
+    crit = ks_critical(n, m)
+    for k in range(alpha.size):
+        d = ks_two_sample(y[:, k].double().numpy(), theirs[:, k])
+        assert d < crit, f"marginal {k}: KS statistic {d:.4f} >= critical {crit:.4f}"
+
+
+def test_moment_check_can_fail():
+    """The moment and KS checks reject a slightly wrong law (alpha off by 3%)."""
+    alpha = np.full(10, 20.0)
+    conc = torch.full((100_000, 10), 20.0 * 1.03)
+    conc[:, 0] = 20.0
+    y = dirichlet_targets(conc, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(AssertionError, match="standard errors"):
+        check_moments(y, alpha)
+    # ... and so does the KS test, against Dirichlet(20) samples.
+    torch.manual_seed(0)
+    theirs = torch.distributions.Dirichlet(torch.full((50_000, 10), 20.0)).sample()
+    assert ks_two_sample(y[:, 0].double().numpy(), theirs[:, 0].double().numpy()) > ks_critical(100_000, 50_000)
+
+
+# -- dirichlet_targets: properties ------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dirichlet_rows_sum_to_one_and_extremes(device):
+    conc = torch.cat([
+        torch.full((500, 7), 1e-3), torch.full((500, 7), 1e3),
+        torch.tensor([[1e-3, 1e3, 0.5, 1.0, 2.0, 1e-30, 7.0]]).expand(500, -1),
+        torch.full((500, 7), 1.0),
+    ]).to(device)
+    y = dirichlet_targets(conc, generator=torch.Generator(device).manual_seed(0))
+    assert torch.isfinite(y).all() and float(y.min()) >= 0
+    torch.testing.assert_close(y.sum(1), torch.ones(y.shape[0], device=device), atol=8 * 7 * 6e-8, rtol=0)
+    peaky = y[:500].amax(1)
+    assert float(peaky.median()) > 0.99  # alpha = 1e-3: nearly one-hot
+    flat = y[500:1000]
+    assert float((flat - 1 / 7).abs().max()) < 0.02  # alpha = 1e3: nearly uniform
+    # Long rows (K = 1000, tiny alpha), as ImageNet-size Data Impressions.
+    y = dirichlet_targets(torch.full((3, 1000), 1e-4, device=device),
+                          generator=torch.Generator(device).manual_seed(1))
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.sum(1), torch.ones(3, device=device), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dirichlet_determinism(device):
+    conc = (torch.rand(64, 13, generator=torch.Generator().manual_seed(0)) * 3 + 0.01).to(device)
+    a = dirichlet_targets(conc, generator=torch.Generator(device).manual_seed(7))
+    b = dirichlet_targets(conc, generator=torch.Generator(device).manual_seed(7))
+    c = dirichlet_targets(conc, generator=torch.Generator(device).manual_seed(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c) and float((a - c).abs().max()) > 0.1
+    # The default generator follows torch.manual_seed.
+    torch.manual_seed(3)
+    d = dirichlet_targets(conc)
+    torch.manual_seed(3)
+    assert torch.equal(d, dirichlet_targets(conc))
+    # Consecutive calls advance the generator.
+    g = torch.Generator(device).manual_seed(7)
+    assert not torch.equal(dirichlet_targets(conc, generator=g), dirichlet_targets(conc, generator=g))
+
+
+def test_dirichlet_independent_of_thread_count():
+    conc = torch.rand(3000, 10, generator=torch.Generator().manual_seed(0)) * 2 + 0.02
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = dirichlet_targets(conc, generator=torch.Generator().manual_seed(5))
+        torch.set_num_threads(2)
+        b = dirichlet_targets(conc, generator=torch.Generator().manual_seed(5))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(a, b)
+
+
+def test_dirichlet_philox_known_answers():
+    """Philox4x32-10 against the known-answer vectors of Random123."""
+    def run(ctr, key, device="cpu"):
+        k = key[0] | (key[1] << 32)
+        k = k - 2**64 if k >= 2**63 else k
+        out = torch.ops.exml_fast._philox4x32_10(torch.tensor([ctr], device=device),
+                                                 torch.tensor([k], device=device))
+        return out.cpu().tolist()[0]
+    cases = [
+        ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+        ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+        ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0],
+         [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
+    ]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for ctr, key, expect in cases:
+            assert run(ctr, key, device) == expect
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dirichlet_dtypes_layouts_and_grad(device):
+    g = torch.Generator().manual_seed(0)
+    conc = (torch.rand(40, 9, generator=g) * 4 + 0.05).to(device)
+    conc16 = conc.half()
+    key_seed = 9
+    base = dirichlet_targets(conc16.float(), generator=torch.Generator(device).manual_seed(key_seed))
+    for c in (conc16, conc16.double(), conc16.float().t().contiguous().t()):
+        y = dirichlet_targets(c, generator=torch.Generator(device).manual_seed(key_seed))
+        assert torch.equal(y, base), c.dtype  # computed in fp32 from the same fp32 values
+    bf = conc.bfloat16()
+    y = dirichlet_targets(bf, generator=torch.Generator(device).manual_seed(1))
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    # Non-contiguous (a transposed view) equals its contiguous copy.
+    t = conc.t().contiguous().t()
+    assert not t.is_contiguous()
+    torch.testing.assert_close(dirichlet_targets(t, generator=torch.Generator(device).manual_seed(4)),
+                               dirichlet_targets(conc, generator=torch.Generator(device).manual_seed(4)),
+                               rtol=0, atol=0)
+    # requires_grad input: a plain sample, no graph.
+    r = conc.clone().requires_grad_(True)
+    y = dirichlet_targets(r)
+    assert y.grad_fn is None and not y.requires_grad
+    # Empty batch.
+    assert dirichlet_targets(torch.ones(0, 4, device=device)).shape == (0, 4)
+
+
+def test_dirichlet_bad_inputs():
+    with pytest.raises(ValueError, match="2-D"):
+        dirichlet_targets(torch.ones(5))
+    with pytest.raises(TypeError, match="float32"):
+        dirichlet_targets(torch.ones(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="K >= 1"):
+        dirichlet_targets(torch.ones(2, 0))
+    with pytest.raises(TypeError, match="torch.Generator"):
+        dirichlet_targets(torch.ones(2, 3), generator=123)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        c = torch.ones(4, 3)
+        c[2, 1] = bad
+        with pytest.raises(RuntimeError, match="row 2"):
+            dirichlet_targets(c)
+    c = torch.ones(4, 3, dtype=torch.float64)
+    c[1, 0] = 1e-50  # positive in fp64, 0 in fp32
+    with pytest.raises(RuntimeError, match="row 1"):
+        dirichlet_targets(c)
+    with pytest.raises(RuntimeError, match="1-element int64"):  # the C++ check
+        torch.ops.exml_fast.dirichlet_sample(torch.ones(2, 2), torch.ones(1))
+
+
+def test_dirichlet_opcheck():
+    conc = torch.rand(6, 5, generator=torch.Generator().manual_seed(0)) + 0.1
+    key = torch.tensor([123456789012345], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.exml_fast.dirichlet_sample.default, (conc, key))
+    torch.library.opcheck(torch.ops.exml_fast.dirichlet_sample.default, (conc.double(), key))
+    torch.library.opcheck(torch.ops.exml_fast._philox4x32_10.default,
+                          (torch.randint(0, 2**32, (5, 4)), key))
+
+
+def test_dirichlet_compile_fullgraph():
+    torch._dynamo.reset()
+    w = torch.randn(10, 84)
+    y = torch.arange(32) % 10
+
+    def targets(w, y):
+        return dirichlet_targets(10.0 * class_similarity(w)[y])
+
+    out = torch.compile(targets, fullgraph=True)(w, y)
+    assert out.shape == (32, 10) and torch.isfinite(out).all()
+    torch.testing.assert_close(out.sum(1), torch.ones(32), atol=1e-5, rtol=0)
+
+
+# -- CUDA ---------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_dirichlet_cuda_matches_cpu_with_same_key():
+    conc = torch.cat([torch.rand(3000, 10, generator=torch.Generator().manual_seed(0)) * 5 + 1e-3,
+                      torch.full((1000, 10), 0.05)])
+    cpu = dirichlet_targets(conc, generator=torch.Generator().manual_seed(42))
+    gpu = dirichlet_targets(conc.cuda(), generator=torch.Generator().manual_seed(42)).cpu()
+    # Same Philox draws; libm rounding (and, rarely, an acceptance decision at
+    # the edge) may differ: nearly every row agrees to a few fp32 ulps.
+    close = torch.isclose(gpu, cpu, rtol=1e-5, atol=1e-7).all(dim=1)
+    assert float(close.float().mean()) > 0.999
+    with pytest.raises(ValueError, match="generator is on cuda"):
+        dirichlet_targets(torch.ones(2, 3), generator=torch.Generator("cuda"))
+    bad = torch.ones(3, 4, device="cuda")
+    bad[1, 2] = -1
+    y = dirichlet_targets(bad)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ["all_0.05", "all_20", "mixed_beta0.1"])
+def test_dirichlet_moments_cuda(name):
+    alpha = ALPHAS[name]
+    conc = torch.from_numpy(alpha).float().cuda().expand(100_000, -1)
+    y = dirichlet_targets(conc, generator=torch.Generator("cuda").manual_seed(2024))
+    check_moments(y, alpha.astype(np.float32).astype(np.float64))
+
+
+# -- fallback ---------------------------------------------------------------------------
+
+
+def test_fallback_without_extension():
+    code = (
+        "import torch, warnings\n"
+        "warnings.simplefilter('ignore')\n"
+        "import exml_fast\n"
+        "from exml_fast.ops.dirichlet import class_similarity, dirichlet_targets\n"
+        "assert not exml_fast.has_ops()\n"
+        "w = torch.randn(10, 84, requires_grad=True)\n"
+        "c = class_similarity(w)\n"
+        "c.sum().backward()\n"
+        "y = dirichlet_targets(10 * c.detach()[torch.arange(50) % 10], generator=torch.Generator().manual_seed(0))\n"
+        "assert y.shape == (50, 10) and abs(float(y.sum()) - 50) < 1e-4\n"
+        "try:\n"
+        "    dirichlet_targets(-torch.ones(2, 2))\n"
+        "    raise SystemExit('no error')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'row 0' in str(e)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, EXML_FAST_DISABLE_EXT="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_dirichlet_same_bits_for_both_cpu_isas():
+    """The baseline and AVX2 builds of the vectorised CPU loops give the same bits."""
+    code = (
+        "import torch, exml_fast\n"
+        "from exml_fast.ops.dirichlet import dirichlet_targets\n"
+        "c = torch.rand(2000, 13, generator=torch.Generator().manual_seed(0)) * 3 + 0.01\n"
+        "y = dirichlet_targets(c, generator=torch.Generator().manual_seed(1))\n"
+        "torch.save(y, __import__('sys').argv[1])\n"
+    )
+    import tempfile
+
+    outs = []
+    with tempfile.TemporaryDirectory() as d:
+        for isa in ("base", "native"):
+            path = os.path.join(d, f"{isa}.pt")
+            env = dict(os.environ, EXML_FAST_CPU_ISA=isa)
+            r = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True,
+                               text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            outs.append(torch.load(path))
+    assert torch.equal(outs[0], outs[1])
