@@ -18,7 +18,8 @@ minimises::
 
 where ``R_BN`` is :class:`exml_fast.BNStatsMatcher`'s loss (form "l2", first BN
 layer x10), ``TV_l2`` DeepInversion's four-direction total variation,
-``||x||²`` the squared L2 norm per image averaged over the batch, ``roll`` a
+``||x||²`` the squared L2 norm per image averaged over the batch (both from
+:func:`exml_fast.ops.image_priors`, one fused pass), ``roll`` a
 random shift of up to ±2 px (one draw per step; no flips, digits are not
 mirror-symmetric). The learning rate follows a cosine decay to 0 and ``x`` is
 clamped to the range of valid normalised pixels after each step. Defaults
@@ -44,7 +45,7 @@ from torch import nn
 from exml_fast import BNStatsMatcher
 from exml_fast.data import DATASET_STATS, mnist_tensors
 from exml_fast.models import LeNet5BN
-from exml_fast.reference import tv_l2
+from exml_fast.ops.priors import image_priors
 
 # Expert training (Ex-Model CL, Appendix A, batch 64 instead of 32 for speed).
 TRAIN_BATCH = 64
@@ -158,8 +159,10 @@ def invert(
                 logits = teacher(x_in)  # refills the matcher's per-layer terms
                 ce = F.cross_entropy(logits, targets)
                 r_bn = matcher.loss()
-                r_tv = tv_l2(x)
-                r_l2 = x.pow(2).sum() / x.shape[0]
+                # One fused pass for both image priors: (tv_l1, tv_l2, blur, l2).
+                priors = image_priors(x)
+                r_tv = priors[1]
+                r_l2 = priors[3] / x.shape[0]
                 loss = ce + bn_weight * r_bn + tv_weight * r_tv + l2_weight * r_l2
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
