@@ -23,147 +23,89 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdlib>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "exml_fast/ed_loss_common.h"
 
+// The GCC vector types of ed_loss_impl.inc only travel between inlined,
+// file-local functions: the ABI note about passing them is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace exml_fast {
-namespace {
+namespace {  // everything here is file-local (one shared library for all ops)
 
 template <typename acc_t>
 struct BlockNorm {
   acc_t shift = 0, scale = 1;
-  int64_t count = 0;
 };
-
-// Normalisation of one teacher's block for row `x`: members j < n, read at
-// x[full ? units[j] : j], restricted to head units when head != nullptr.
-template <typename teacher_t, typename acc_t>
-BlockNorm<acc_t> block_norm(const teacher_t* x, const int32_t* units, int32_t n, bool full,
-                            const bool* head, EdNorm norm) {
-  BlockNorm<acc_t> r;
-  if (norm == EdNorm::kNone) return r;
-  acc_t s = 0;
-  int64_t cnt = 0;
-  if (head == nullptr && !full) {
-    for (int32_t j = 0; j < n; ++j) s += static_cast<acc_t>(x[j]);
-    cnt = n;
-  } else {
-    for (int32_t j = 0; j < n; ++j) {
-      const int32_t u = units[j];
-      if (head != nullptr && !head[u]) continue;
-      s += static_cast<acc_t>(x[full ? u : j]);
-      ++cnt;
-    }
-  }
-  r.count = cnt;
-  if (cnt == 0) return r;
-  const acc_t mean = s / static_cast<acc_t>(cnt);
-  r.shift = mean;
-  if (norm == EdNorm::kStandardize) {
-    acc_t s2 = 0;
-    for (int32_t j = 0; j < n; ++j) {
-      const int32_t u = units[j];
-      if (head != nullptr && !head[u]) continue;
-      const acc_t d = static_cast<acc_t>(x[full ? u : j]) - mean;
-      s2 += d * d;
-    }
-    r.scale = acc_t(1) / std::sqrt(s2 / static_cast<acc_t>(cnt) + static_cast<acc_t>(kEdStandardizeEps));
-  }
-  return r;
-}
 
 struct RowArgs {
   int64_t c = 0;
   EdTarget mode = EdTarget::kSlice;
   EdNorm norm = EdNorm::kCenter;
   double inv_b = 0, lam = 0;
-  bool need_grad = false;
 };
 
-// One row. Returns (mse_row, ce_row): the mean over active units of (z - t)^2
-// and -log softmax(z)[y]. `ebuf` holds C accumulation-type scratch values.
-template <typename scalar_t, typename teacher_t, typename acc_t>
-std::pair<acc_t, acc_t> ed_row(const scalar_t* z, const teacher_t* e, const teacher_t* p,
-                               const EdTable& tb, const bool* head, int64_t y,
-                               const RowArgs& a, scalar_t* g, acc_t* ebuf) {
-  const int64_t c = a.c;
-  TORCH_CHECK(y >= 0 && y < c, "exml_fast::ed_loss: labels must lie in [0, ", c, "); got ", y);
-  TORCH_CHECK(head == nullptr || head[y], "exml_fast::ed_loss: labels: label ", y,
-              " is not a unit of its sample's task head");
-  const int32_t ky = tb.kind[y];
-  // Weights of the expert and prev terms per unit kind (0 none, 1 e, 2 p, 3 both).
-  acc_t we[4] = {0, 1, 0, acc_t(0.5)};
-  acc_t wp[4] = {0, 0, 1, acc_t(0.5)};
-  if (a.mode == EdTarget::kPerSample) {
-    TORCH_CHECK(ky != 0, "exml_fast::ed_loss: labels: with target_mode='per_sample' every label "
-                "must be in expert_classes or prev_classes; label ", y, " is in neither");
-    const acc_t re = ky == 1 ? acc_t(1) : ky == 3 ? acc_t(0.5) : acc_t(0);
-    const acc_t rp = ky == 2 ? acc_t(1) : ky == 3 ? acc_t(0.5) : acc_t(0);
-    we[1] = re, we[3] = re, wp[2] = rp, wp[3] = rp;
-    we[2] = 0, wp[1] = 0;
-  }
-  const BlockNorm<acc_t> ne =
-      block_norm<teacher_t, acc_t>(e, tb.eunits, tb.ne, tb.efull, head, a.norm);
-  BlockNorm<acc_t> np;
-  if (p != nullptr) np = block_norm<teacher_t, acc_t>(p, tb.punits, tb.np, tb.pfull, head, a.norm);
+// Per-call, per-unit weights (C each): slice weights of the expert / prev
+// terms (1, or 0.5 on units in both sets) and set indicators (per_sample).
+template <typename acc_t>
+struct EdPrep {
+  std::vector<acc_t> we_slice, wp_slice, in_e, in_p;
+};
 
-  // Softmax statistics over the active units.
-  acc_t zmax = -std::numeric_limits<acc_t>::infinity();
-  int64_t n_act = 0;
-  if (head == nullptr) {
-    for (int64_t k = 0; k < c; ++k) zmax = std::max(zmax, static_cast<acc_t>(z[k]));
-    n_act = c;
-  } else {
-    for (int64_t k = 0; k < c; ++k) {
-      if (head[k]) {
-        zmax = std::max(zmax, static_cast<acc_t>(z[k]));
-        ++n_act;
-      }
-    }
-  }
-  acc_t sum = 0;
-  if (head == nullptr) {
-    for (int64_t k = 0; k < c; ++k) {
-      const acc_t ex = std::exp(static_cast<acc_t>(z[k]) - zmax);
-      ebuf[k] = ex;
-      sum += ex;
-    }
-  } else {
-    for (int64_t k = 0; k < c; ++k) {
-      const acc_t ex = head[k] ? std::exp(static_cast<acc_t>(z[k]) - zmax) : acc_t(0);
-      ebuf[k] = ex;
-      sum += ex;
-    }
-  }
-  const acc_t lse = zmax + std::log(sum);
-  const acc_t ce = lse - static_cast<acc_t>(z[y]);
+template <typename scalar_t, typename teacher_t>
+struct EdRowsArgs {
+  const scalar_t* z;
+  int64_t zs;
+  const teacher_t* e;
+  int64_t es;
+  const teacher_t* p;  // nullptr without a previous model
+  int64_t ps;
+  const int64_t* y;
+  const int64_t* tid;  // nullptr without task heads
+  const bool* heads;
+  int64_t n_tasks;
+  scalar_t* g;  // nullptr when no gradient is wanted
+  double* part;
+  EdTable tb;
+  RowArgs a;
+};
 
-  // Target, MSE and gradient.
-  const acc_t inv_sum = acc_t(1) / sum;
-  const acc_t gm = static_cast<acc_t>(2.0 * a.inv_b / static_cast<double>(n_act));
-  const acc_t gc = static_cast<acc_t>(a.lam * a.inv_b);
-  const acc_t e_shift = ne.shift, e_scale = ne.scale, p_shift = np.shift, p_scale = np.scale;
-  acc_t mse = 0;
-  for (int64_t k = 0; k < c; ++k) {
-    if (head != nullptr && !head[k]) {
-      if (a.need_grad) g[k] = scalar_t(0);
-      continue;
-    }
-    const int32_t kd = tb.kind[k];
-    acc_t t = we[kd] * (static_cast<acc_t>(e[tb.ecol[k]]) - e_shift) * e_scale;
-    if (p != nullptr) t += wp[kd] * (static_cast<acc_t>(p[tb.pcol[k]]) - p_shift) * p_scale;
-    const acc_t zk = static_cast<acc_t>(z[k]);
-    const acc_t d = zk - t;
-    mse += d * d;
-    if (a.need_grad) {
-      const acc_t sm = ebuf[k] * inv_sum - (k == y ? acc_t(1) : acc_t(0));
-      g[k] = static_cast<scalar_t>(gm * d + gc * sm);
-    }
-  }
-  return {mse / static_cast<acc_t>(n_act), ce};
+namespace ed_cpu_base {
+#include "ed_loss_impl.inc"
+}  // namespace ed_cpu_base
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define EXML_FAST_ED_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace ed_cpu_avx2 {
+#include "ed_loss_impl.inc"
+}  // namespace ed_cpu_avx2
+#pragma GCC pop_options
+#else
+namespace ed_cpu_avx2 = ed_cpu_base;  // never selected: ed_use_avx2() is false
+#endif
+
+// AVX2 + FMA + F16C when the CPU has them, unless EXML_FAST_CPU_ISA=base.
+bool ed_use_avx2() {
+#ifdef EXML_FAST_ED_AVX2
+  static const bool yes = [] {
+    const char* isa = std::getenv("EXML_FAST_CPU_ISA");
+    if (isa != nullptr && std::strcmp(isa, "base") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }();
+  return yes;
+#else
+  return false;
+#endif
 }
 
 template <typename scalar_t, typename teacher_t>
@@ -171,37 +113,42 @@ void ed_forward_cpu(const at::Tensor& logits, const at::Tensor& labels, const at
                     const c10::optional<at::Tensor>& p, const EdTable& tb,
                     const c10::optional<at::Tensor>& task_ids,
                     const c10::optional<at::Tensor>& task_heads, const RowArgs& a,
-                    at::Tensor& grad, double& mse_total, double& ce_total) {
+                    bool need_grad, at::Tensor& grad, double& mse_total, double& ce_total) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t b = logits.size(0), c = a.c;
-  const scalar_t* zp = logits.const_data_ptr<scalar_t>();
-  const int64_t zs = logits.stride(0);
-  const teacher_t* ep = e.const_data_ptr<teacher_t>();
-  const int64_t es = e.stride(0);
-  const teacher_t* pp = p.has_value() ? p->const_data_ptr<teacher_t>() : nullptr;
-  const int64_t ps = p.has_value() ? p->stride(0) : 0;
-  const int64_t* yp = labels.const_data_ptr<int64_t>();
-  const int64_t* tid = task_ids.has_value() ? task_ids->const_data_ptr<int64_t>() : nullptr;
-  const bool* heads = task_heads.has_value() ? task_heads->const_data_ptr<bool>() : nullptr;
-  const int64_t n_tasks = task_heads.has_value() ? task_heads->size(0) : 0;
-  scalar_t* gp = a.need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+  EdPrep<acc_t> pp;
+  pp.we_slice.resize(c), pp.wp_slice.resize(c), pp.in_e.resize(c), pp.in_p.resize(c);
+  for (int64_t k = 0; k < c; ++k) {
+    const int32_t kd = tb.kind[k];
+    pp.in_e[k] = (kd & 1) ? acc_t(1) : acc_t(0);
+    pp.in_p[k] = (kd & 2) ? acc_t(1) : acc_t(0);
+    const acc_t w = kd == 3 ? acc_t(0.5) : acc_t(1);
+    pp.we_slice[k] = pp.in_e[k] * w;
+    pp.wp_slice[k] = pp.in_p[k] * w;
+  }
   std::vector<double> part(static_cast<size_t>(2 * b));
+  EdRowsArgs<scalar_t, teacher_t> s;
+  s.z = logits.const_data_ptr<scalar_t>();
+  s.zs = logits.stride(0);
+  s.e = e.const_data_ptr<teacher_t>();
+  s.es = e.stride(0);
+  s.p = p.has_value() ? p->const_data_ptr<teacher_t>() : nullptr;
+  s.ps = p.has_value() ? p->stride(0) : 0;
+  s.y = labels.const_data_ptr<int64_t>();
+  s.tid = task_ids.has_value() ? task_ids->const_data_ptr<int64_t>() : nullptr;
+  s.heads = task_heads.has_value() ? task_heads->const_data_ptr<bool>() : nullptr;
+  s.n_tasks = task_heads.has_value() ? task_heads->size(0) : 0;
+  s.g = need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+  s.part = part.data();
+  s.tb = tb;
+  s.a = a;
+  const bool avx2 = ed_use_avx2();
   const int64_t grain = std::max<int64_t>(1, 16384 / c);
   at::parallel_for(0, b, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<acc_t> ebuf(static_cast<size_t>(c));
-    for (int64_t r = r0; r < r1; ++r) {
-      const bool* head = nullptr;
-      if (heads != nullptr) {
-        const int64_t t = tid[r];
-        TORCH_CHECK(t >= 0 && t < n_tasks, "exml_fast::ed_loss: task_ids must lie in [0, ",
-                    n_tasks, "); got ", t);
-        head = heads + t * c;
-      }
-      const auto [m, ce] = ed_row<scalar_t, teacher_t, acc_t>(
-          zp + r * zs, ep + r * es, pp != nullptr ? pp + r * ps : nullptr, tb, head, yp[r], a,
-          gp != nullptr ? gp + r * c : nullptr, ebuf.data());
-      part[2 * r] = static_cast<double>(m);
-      part[2 * r + 1] = static_cast<double>(ce);
+    if (avx2) {
+      ed_cpu_avx2::ed_rows<scalar_t, teacher_t>(s, pp, r0, r1);
+    } else {
+      ed_cpu_base::ed_rows<scalar_t, teacher_t>(s, pp, r0, r1);
     }
   });
   double sm = 0, sc = 0;
@@ -229,7 +176,6 @@ std::tuple<at::Tensor, at::Tensor> ed_loss_cpu(
   a.c = c;
   a.inv_b = 1.0 / static_cast<double>(b);
   a.lam = lambda_ce;
-  a.need_grad = need_grad;
   const at::Tensor labels = labels_in.contiguous();
   const at::Tensor table = table_in.contiguous();
   c10::optional<at::Tensor> task_ids, task_heads;
@@ -285,11 +231,11 @@ std::tuple<at::Tensor, at::Tensor> ed_loss_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ed_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (same) {
-      ed_forward_cpu<scalar_t, scalar_t>(logits, labels, e, p, tb, task_ids, task_heads, a, grad,
-                                         mse, ce);
+      ed_forward_cpu<scalar_t, scalar_t>(logits, labels, e, p, tb, task_ids, task_heads, a,
+                                         need_grad, grad, mse, ce);
     } else {
-      ed_forward_cpu<scalar_t, acc_t>(logits, labels, e, p, tb, task_ids, task_heads, a, grad,
-                                      mse, ce);
+      ed_forward_cpu<scalar_t, acc_t>(logits, labels, e, p, tb, task_ids, task_heads, a,
+                                      need_grad, grad, mse, ce);
     }
   });
   const double loss = (mse + lambda_ce * ce) / static_cast<double>(b);
