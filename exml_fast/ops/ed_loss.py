@@ -311,6 +311,13 @@ def _register() -> None:
 
     def backward(ctx, grad_loss, _grad_grad_logits):
         (grad_logits,) = ctx.saved_tensors
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # create_graph=True: the saved gradient is a constant, so a graph built
+            # through it would give a silently wrong (zero) second derivative.
+            raise RuntimeError(
+                "exml_fast.ops.ed_loss supports first derivatives only: the gradient of its "
+                "gradient (double backward, create_graph=True) is not implemented. Use "
+                "exml_fast.reference.ed_loss for higher-order derivatives.")
         if not ctx.need_grad:
             raise RuntimeError(
                 "exml_fast::ed_loss was called with need_grad=False, so it saved no gradient; "
