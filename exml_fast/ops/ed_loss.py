@@ -303,29 +303,8 @@ def _register() -> None:
     def _ed_loss_backward_fake(grad, grad_logits):
         return grad_logits.new_empty(grad_logits.shape)
 
-    def setup_context(ctx, inputs, output):
-        _, grad_logits = output
-        ctx.need_grad = inputs[10]
-        ctx.save_for_backward(grad_logits)
-        ctx.mark_non_differentiable(grad_logits)
-
-    def backward(ctx, grad_loss, _grad_grad_logits):
-        (grad_logits,) = ctx.saved_tensors
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # create_graph=True: the saved gradient is a constant, so a graph built
-            # through it would give a silently wrong (zero) second derivative.
-            raise RuntimeError(
-                "exml_fast.ops.ed_loss supports first derivatives only: the gradient of its "
-                "gradient (double backward, create_graph=True) is not implemented. Use "
-                "exml_fast.reference.ed_loss for higher-order derivatives.")
-        if not ctx.need_grad:
-            raise RuntimeError(
-                "exml_fast::ed_loss was called with need_grad=False, so it saved no gradient; "
-                "call it through exml_fast.ops.ed_loss with logits requiring grad")
-        g = torch.ops.exml_fast._ed_loss_backward(grad_loss, grad_logits)
-        return g, None, None, None, None, None, None, None, None, None, None
-
-    torch.library.register_autograd("exml_fast::ed_loss", backward, setup_context=setup_context)
+    # The autograd of exml_fast::ed_loss is registered in C++ (csrc/ops/ed_loss.cpp):
+    # a Python register_autograd cost more per call than the fused kernel itself.
 
     def refuse_double_backward(ctx, grad):
         raise RuntimeError(

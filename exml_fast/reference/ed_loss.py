@@ -98,12 +98,10 @@ def ed_loss(
         target = torch.zeros_like(logits)
         target[:, eidx] = ye
         if has_prev:
-            target[:, pidx] = yp
-            both = in_e & in_p
-            if bool(both.any()):
-                te = torch.zeros_like(logits)
-                te[:, eidx] = ye
-                target[:, both] = (te[:, both] + target[:, both]) / 2
+            # Units in both sets get the mean: add the blocks, halve those columns
+            # (a (C,) weight rather than a data-dependent branch, so it compiles).
+            target[:, pidx] += yp
+            target = target * (1.0 / (in_e.to(logits.dtype) + in_p.to(logits.dtype)).clamp(min=1))
     else:
         te = torch.zeros_like(logits)
         te[:, eidx] = ye
