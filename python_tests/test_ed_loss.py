@@ -79,6 +79,7 @@ def make_case(name: str, dtype=torch.float32, device="cpu", seed=0):
         b, c = 6, 13
         eset, pset = torch.arange(6, 13), torch.arange(0, 8)
         extra["noncontig"] = True
+        pwidth = "compact"
     elif name == "mt":  # multi-task: 3 heads
         b, c = 9, 10
         eset, pset = torch.arange(6, 10), torch.arange(0, 6)
@@ -100,7 +101,10 @@ def make_case(name: str, dtype=torch.float32, device="cpu", seed=0):
 
     def teacher(s, width):
         full = randn(b, c, scale=3.0) + 1.5
-        return full if width == "full" else full[:, idx(s)].contiguous()
+        if extra.get("noncontig"):  # a column-strided view
+            full = torch.stack([full, full], 2).flatten(1)[:, ::2]
+            return (full if width == "full" else full[:, idx(s)]).to(dtype)
+        return (full if width == "full" else full[:, idx(s)].contiguous()).to(dtype)
 
     logits = randn(b, c)
     if extra.get("noncontig"):
@@ -115,6 +119,7 @@ def make_case(name: str, dtype=torch.float32, device="cpu", seed=0):
     else:
         cand = union.nonzero().flatten()
         labels = cand[torch.randint(0, cand.numel(), (b,), generator=g)]
+    # Teachers in logits' dtype (the kernels read them without a conversion).
     kw = dict(expert_logits=teacher(eset, ewidth).to(device), expert_classes=eset)
     if pset is not None:
         kw.update(prev_logits=teacher(pset, pwidth).to(device), prev_classes=pset)
@@ -422,6 +427,20 @@ def test_closed_form_small():
 
 def _base():
     return make_case("split", torch.float32)
+
+
+@pytest.mark.slow
+def test_baseline_cpu_loops_pass_the_same_battery():
+    """The CPU loops are built twice (baseline x86-64 and AVX2+FMA+F16C, picked at
+    run time); EXML_FAST_CPU_ISA=base forces the baseline build."""
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+         "-k", "matches_reference and cpu"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "EXML_FAST_CPU_ISA": "base"},
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout
 
 
 @pytest.mark.parametrize(
