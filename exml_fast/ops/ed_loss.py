@@ -195,9 +195,13 @@ def ed_loss(
             in H; units outside H get no loss and no gradient. The MSE term is
             then the mean over samples of the per-sample mean over H (equal to
             the mean over all B*C outputs without task heads).
-        check_labels: on CUDA, validate labels / task_ids values (range, head
-            membership, per_sample source) with one host sync; False skips it.
-            CPU kernels always check, at no extra cost. Skipped under torch.compile.
+        check_labels: on CUDA with target_mode="per_sample" or task heads,
+            validate labels / task_ids values (range, head membership, a source
+            model for the label) with one host sync per call; False skips it
+            (a label without a source then gets a zero target). With "slice"
+            targets and no heads no sync is made: an out-of-range label trips a
+            device-side assert, as in F.cross_entropy. CPU kernels always check
+            every label, at no extra cost. Skipped under torch.compile.
 
     Returns:
         A 0-dim tensor, float32 (float64 for float64 logits). Differentiable
@@ -257,7 +261,8 @@ def ed_loss(
             logits, labels, expert_logits=expert_logits, expert_classes=expert_classes,
             prev_logits=prev_logits, prev_classes=prev_classes, target_mode=target_mode,
             normalize=normalize, lambda_ce=lambda_ce, task_ids=task_ids, task_heads=task_heads)
-    if logits.is_cuda and check_labels and not compiling:
+    if logits.is_cuda and check_labels and not compiling and (
+            target_mode == "per_sample" or task_ids is not None):
         _check_labels_cuda(labels, table, c, target_mode, task_ids, task_heads)
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     try:
