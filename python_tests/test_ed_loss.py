@@ -490,18 +490,24 @@ def test_bad_input(mutate, exc, match):
 
 
 @requires_ops
-def test_bad_label_values():
-    z, y, kw = make_case("gaps", torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_label_values(device):
+    z, y, kw = make_case("gaps", torch.float32, device)
     y_out = y.clone()
     y_out[2] = 10
+    # (CUDA, slice targets: an out-of-range label is a device-side assert, as in
+    # F.cross_entropy, which would end the CUDA context; per_sample checks it.)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
-        ed_loss(z, y_out, **kw)
+        ed_loss(z, y_out, target_mode="per_sample", **kw)
+    if device == "cpu":
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+            ed_loss(z, y_out, **kw)
     y_neither = y.clone()
     y_neither[1] = 4  # unit 4 is in neither set of "gaps"
     ed_loss(z, y_neither, target_mode="slice", **kw)  # fine for slice targets
     with pytest.raises(ValueError, match="in expert_classes or prev_classes"):
         ed_loss(z, y_neither, target_mode="per_sample", **kw)
-    zm, ym0, kwm = make_case("mt", torch.float32)
+    zm, ym0, kwm = make_case("mt", torch.float32, device)
     ym = ym0.clone()
     ym[0] = int(kwm["task_heads"][int(kwm["task_ids"][0])].logical_not().nonzero()[0])
     with pytest.raises(ValueError, match="task head"):

@@ -289,7 +289,8 @@ def _check_labels_cuda(labels, table, c, target_mode, task_ids, task_heads) -> N
     if bool(bad.any()):
         raise ValueError(
             f"ed_loss: labels must lie in [0, {c})"
-            + (", in their sample's task head (task_ids in [0, T))" if task_ids is not None else "")
+            + (f", task_ids must lie in [0, {task_heads.shape[0]}) and each label in its "
+               "sample's task head" if task_ids is not None else "")
             + (" and, with target_mode='per_sample', in expert_classes or prev_classes"
                if target_mode == "per_sample" else "") + "; some do not")
 
