@@ -360,6 +360,27 @@ def test_compile_fullgraph():
 
 
 @requires_ops
+@pytest.mark.parametrize("device", DEVICES)
+def test_full_width_teachers_ignore_non_member_columns(device):
+    """Only the set's columns of a (B, C) teacher are read: inf/nan elsewhere is harmless."""
+    for case in ["split", "gaps", "mt"]:
+        logits, labels, kw = make_case(case, torch.float32, device)
+        dirty = dict(kw)
+        for name, cls in [("expert_logits", "expert_classes"), ("prev_logits", "prev_classes")]:
+            t = kw[name].clone()
+            keep = torch.zeros(t.shape[1], dtype=torch.bool)
+            keep[kw[cls]] = True
+            t[:, ~keep.to(device)] = float("inf")
+            t[0, ~keep.to(device)] = float("nan")
+            dirty[name] = t
+        for mode in MODES:
+            a, ga = _loss_and_grad(ed_loss, logits, labels, kw, mode, "standardize")
+            b, gb = _loss_and_grad(ed_loss, logits, labels, dirty, mode, "standardize")
+            torch.testing.assert_close(a, b)
+            torch.testing.assert_close(ga, gb)
+
+
+@requires_ops
 def test_backward_scales_by_upstream_gradient():
     logits, labels, kw = make_case("gaps", torch.float64)
     x = logits.clone().requires_grad_(True)

@@ -225,6 +225,9 @@ std::tuple<at::Tensor, at::Tensor> ed_loss_cpu(
     TORCH_CHECK(tb.punits[j] >= 0 && tb.punits[j] < c, "exml_fast::ed_loss: class_table is corrupt");
   }
 
+  tb.elo = consecutive_start(tb.eunits, tb.ne);
+  tb.plo = p.has_value() ? consecutive_start(tb.punits, tb.np) : -1;
+
   at::Tensor grad = need_grad ? at::empty({b, c}, logits.options())
                               : at::empty({0}, logits.options());
   double mse = 0, ce = 0;

@@ -37,7 +37,18 @@ struct EdTable {
   const int32_t* eunits = nullptr;  // block member j -> unit
   const int32_t* punits = nullptr;
   bool efull = false, pfull = false;  // teacher logits are (B, C) full width
+  // First unit of a set whose units are consecutive ascending (lo, lo + 1, ...),
+  // else -1: a full-width block is then read contiguously (set by the CPU host code).
+  int32_t elo = -1, plo = -1;
 };
+
+// lo when units[0..n) == lo, lo + 1, ..., lo + n - 1; else -1.
+inline int32_t consecutive_start(const int32_t* units, int32_t n) {
+  for (int32_t j = 1; j < n; ++j) {
+    if (units[j] != units[0] + j) return -1;
+  }
+  return n > 0 ? units[0] : -1;
+}
 
 inline EdTable ed_table_view(const int32_t* t, int64_t c, bool efull, bool pfull) {
   EdTable v;
