@@ -1,8 +1,14 @@
-// Schemas of the Ex-Model Distillation loss (ExML paper, Eq. 6-10). Kernels
+// Schemas of the Ex-Model Distillation loss (ExML paper, Eq. 6-10) and its
+// autograd (in C++, see below). Kernels
 // live in cpu/ed_loss_kernel.cpp and cuda/ed_loss_kernel.cu; the Python
 // wrapper exml_fast.ops.ed_loss documents the semantics and builds
 // `class_table` (see csrc/include/exml_fast/ed_loss_common.h for its layout).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
+
+#include <string>
+#include <tuple>
 
 TORCH_LIBRARY_FRAGMENT(exml_fast, m) {
   // logits (B, C) float; labels (B,) int64; expert_logits (B, |Y^i|) or (B, C);
@@ -24,8 +30,6 @@ TORCH_LIBRARY_FRAGMENT(exml_fast, m) {
 // The forward saves the (B, C) gradient its kernel wrote; the backward only
 // scales it by the upstream scalar (_ed_loss_backward). Gradient w.r.t. logits
 // only; the fake kernels stay in Python, so torch.compile traces both ops.
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
 
 namespace exml_fast {
 namespace {
