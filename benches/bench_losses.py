@@ -6,7 +6,8 @@ logit shapes of the workloads that use them:
 - (1216, 1000): one DeepInversion ImageNet batch (1216 images, 1000 classes).
 Ops: soft-target cross-entropy at T = 20 (Data Impressions; grad w.r.t. the
 logits), KD at T = 2 (grad w.r.t. the student), JS divergence at T = 3 with
-clamp (0.01, 0.99) (Adaptive DeepInversion; grads w.r.t. both logits).
+clamp (0.01, 0.99) (Adaptive DeepInversion; grads w.r.t. both logits), and
+the Ex-Model Distillation loss (slice targets, centred; grad w.r.t. the student).
 Variants: exml_fast, the reference (plain PyTorch: log_softmax etc.) and
 torch.compile(reference), timed round-robin in one run; the ratios are medians
 of same-round ratios, robust to a shared machine's drift. GB/s counts the
@@ -30,7 +31,9 @@ import torch
 
 import exml_fast
 from exml_fast.ops import losses as fused
+from exml_fast.ops.ed_loss import ed_loss as fused_ed_loss
 from exml_fast.reference import losses as ref
+from exml_fast.reference.ed_loss import ed_loss as ref_ed_loss
 
 from benchlib import RESULTS, env_markdown, environment, interleaved_samples, median, record
 
@@ -84,9 +87,30 @@ OPS: list[OpSpec] = [
            lambda a, b: ref.js_divergence(a, b, temperature=3.0, clamp=(0.01, 0.99))),
 ]
 
-# ---- lead: after merging op/ed_loss, append its OpSpec rows here ----------------
-# e.g. OpSpec("ed_loss ...", make_ed, lambda ...: fused_ed.ed_loss(...), lambda ...: ref_ed.ed_loss(...))
-EXTRA_OPS: list[OpSpec] = []
+
+def make_ed(batch, classes, device, dtype):
+    """Ex-Model Distillation at a later experience: the newest classes come from the
+    expert, the rest from the previous model (5000x10: split MNIST's 2nd experience,
+    expert 5..9 / previous 0..4; 1216x1000: expert 900..999 / previous 0..899);
+    teachers full width (B, C) as models output them."""
+    g = torch.Generator().manual_seed(3)
+    split = classes // 2 if classes <= 10 else classes - classes // 10
+    return (_logits(batch, classes, device, dtype, g, scale=1.0).requires_grad_(True),
+            torch.randint(0, classes, (batch,), generator=g).to(device),
+            _logits(batch, classes, device, dtype, g, scale=1.0),
+            _logits(batch, classes, device, dtype, g, scale=1.0),
+            torch.arange(split, classes, device=device), torch.arange(0, split, device=device))
+
+
+def _ed(impl):
+    return lambda z, y, e, p, ec, pc: impl(z, y, expert_logits=e, expert_classes=ec,
+                                           prev_logits=p, prev_classes=pc,
+                                           target_mode="slice", normalize="center")
+
+
+# The Ex-Model Distillation loss, slice targets, centred (the reference code's defaults).
+EXTRA_OPS: list[OpSpec] = [OpSpec("ed_loss slice/center", make_ed, _ed(fused_ed_loss),
+                                  _ed(ref_ed_loss))]
 
 
 def fwd_bwd(loss_fn, inputs):

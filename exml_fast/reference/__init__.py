@@ -9,11 +9,12 @@ from exml_fast.reference.augment import (augment, augment_with_params, augment_w
                                         batch_augment_public, draw_augment_params)
 from exml_fast.reference.bn_stats import bn_stats, bn_stats_loss
 from exml_fast.reference.dirichlet import class_similarity, dirichlet_targets
+from exml_fast.reference.ed_loss import ed_loss
 from exml_fast.reference.losses import js_divergence, kd_loss, soft_target_cross_entropy
 from exml_fast.reference.priors import default_blur_sigma, gaussian_kernel2d, image_priors, tv_l2
 
 __all__ = ["augment", "augment_with_params", "augment_with_params_loop", "batch_augment_public",
            "bn_stats", "bn_stats_loss", "class_similarity",
-           "default_blur_sigma", "dirichlet_targets", "draw_augment_params",
+           "default_blur_sigma", "dirichlet_targets", "draw_augment_params", "ed_loss",
            "gaussian_kernel2d", "image_priors", "js_divergence", "kd_loss",
            "soft_target_cross_entropy", "tv_l2"]
