@@ -97,8 +97,10 @@ test: pytest ctest
 demo: build
 	$(PY) -m exml_fast.demo
 
+BENCHES := bn_stats priors losses dirichlet augment
+
 bench: build
-	$(PY) benches/bench_bn_stats.py
+	for b in $(BENCHES); do $(PY) benches/bench_$$b.py; done
 
 clean:
 	rm -rf build $(CMAKE_BUILD_DIR) .stamps exml_fast/_C*.so *.egg-info
