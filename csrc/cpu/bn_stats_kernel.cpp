@@ -29,6 +29,7 @@
 #include <cstring>
 #include <vector>
 
+#include "exml_fast/cpu_isa.h"
 #include "exml_fast/bn_common.h"
 
 namespace exml_fast {
@@ -37,8 +38,7 @@ namespace cpu_base {
 #include "bn_stats_impl.inc"
 }  // namespace cpu_base
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define EXML_FAST_CPU_AVX2 1
+#if EXML_FAST_X86_GNU
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace cpu_avx2 {
@@ -46,27 +46,11 @@ namespace cpu_avx2 {
 }  // namespace cpu_avx2
 #pragma GCC pop_options
 #else
-namespace cpu_avx2 = cpu_base;  // never selected: use_avx2() is false
+namespace cpu_avx2 = cpu_base;  // never selected: use_avx2_loops() is false
 #endif
 
 namespace {
 
-// AVX2 + FMA + F16C when the CPU has them, unless EXML_FAST_CPU_ISA=base
-// (read once; lets tests and benchmarks compare both builds of the loops).
-bool use_avx2() {
-#ifdef EXML_FAST_CPU_AVX2
-  static const bool yes = [] {
-    const char* isa = std::getenv("EXML_FAST_CPU_ISA");
-    if (isa != nullptr && std::strcmp(isa, "base") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-  }();
-  return yes;
-#else
-  return false;
-#endif
-}
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x_in) {
   check_bn_input(x_in, "exml_fast::bn_stats");
@@ -83,13 +67,13 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x_in) {
     out_t* mp = mean.mutable_data_ptr<out_t>();
     out_t* vp = var.mutable_data_ptr<out_t>();
     if (g.layout == BnLayout::kChannelsFirst) {
-      if (use_avx2()) {
+      if (use_avx2_loops()) {
         cpu_avx2::forward_channels_first<scalar_t, out_t>(xp, g, mp, vp);
       } else {
         cpu_base::forward_channels_first<scalar_t, out_t>(xp, g, mp, vp);
       }
     } else {
-      if (use_avx2()) {
+      if (use_avx2_loops()) {
         cpu_avx2::forward_channels_last<scalar_t, out_t>(xp, g, mp, vp);
       } else {
         cpu_base::forward_channels_last<scalar_t, out_t>(xp, g, mp, vp);
@@ -113,7 +97,7 @@ at::Tensor bn_stats_backward_cpu(const at::Tensor& grad_mean, const at::Tensor& 
   const at::Tensor mu = mean.to(acc_type).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats_backward_cpu", [&] {
-        if (use_avx2()) {
+        if (use_avx2_loops()) {
           cpu_avx2::backward_impl<scalar_t>(x, g, gm, gv, mu, dx);
         } else {
           cpu_base::backward_impl<scalar_t>(x, g, gm, gv, mu, dx);

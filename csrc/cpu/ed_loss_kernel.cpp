@@ -30,6 +30,7 @@
 #include <limits>
 #include <vector>
 
+#include "exml_fast/cpu_isa.h"
 #include "exml_fast/ed_loss_common.h"
 
 // The GCC vector types of ed_loss_impl.inc only travel between inlined,
@@ -80,8 +81,7 @@ namespace ed_cpu_base {
 #include "ed_loss_impl.inc"
 }  // namespace ed_cpu_base
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define EXML_FAST_ED_AVX2 1
+#if EXML_FAST_X86_GNU
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace ed_cpu_avx2 {
@@ -89,24 +89,9 @@ namespace ed_cpu_avx2 {
 }  // namespace ed_cpu_avx2
 #pragma GCC pop_options
 #else
-namespace ed_cpu_avx2 = ed_cpu_base;  // never selected: ed_use_avx2() is false
+namespace ed_cpu_avx2 = ed_cpu_base;  // never selected: use_avx2_loops() is false
 #endif
 
-// AVX2 + FMA + F16C when the CPU has them, unless EXML_FAST_CPU_ISA=base.
-bool ed_use_avx2() {
-#ifdef EXML_FAST_ED_AVX2
-  static const bool yes = [] {
-    const char* isa = std::getenv("EXML_FAST_CPU_ISA");
-    if (isa != nullptr && std::strcmp(isa, "base") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-  }();
-  return yes;
-#else
-  return false;
-#endif
-}
 
 template <typename scalar_t, typename teacher_t>
 void ed_forward_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& e,
@@ -142,7 +127,7 @@ void ed_forward_cpu(const at::Tensor& logits, const at::Tensor& labels, const at
   s.part = part.data();
   s.tb = tb;
   s.a = a;
-  const bool avx2 = ed_use_avx2();
+  const bool avx2 = use_avx2_loops();
   const int64_t grain = std::max<int64_t>(1, 16384 / c);
   at::parallel_for(0, b, grain, [&](int64_t r0, int64_t r1) {
     if (avx2) {

@@ -27,6 +27,7 @@
 #include <cstring>
 #include <vector>
 
+#include "exml_fast/cpu_isa.h"
 #include "exml_fast/image_priors_common.h"
 
 namespace exml_fast {
@@ -35,8 +36,7 @@ namespace priors_cpu_base {
 #include "image_priors_impl.inc"
 }  // namespace priors_cpu_base
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define EXML_FAST_PRIORS_AVX2 1
+#if EXML_FAST_X86_GNU
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace priors_cpu_avx2 {
@@ -49,21 +49,6 @@ namespace priors_cpu_avx2 = priors_cpu_base;
 
 namespace {
 
-// AVX2 + FMA + F16C when the CPU has them, unless EXML_FAST_CPU_ISA=base.
-bool priors_use_avx2() {
-#ifdef EXML_FAST_PRIORS_AVX2
-  static const bool yes = [] {
-    const char* isa = std::getenv("EXML_FAST_CPU_ISA");
-    if (isa != nullptr && std::strcmp(isa, "base") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-  }();
-  return yes;
-#else
-  return false;
-#endif
-}
 
 template <typename acc_t>
 std::vector<acc_t> taps_as(int64_t k, double sigma) {
@@ -86,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> image_priors_cpu(const at::Tensor& x_in, int6
     using acc_t = at::opmath_type<scalar_t>;
     const auto taps = taps_as<acc_t>(k, sigma);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const bool avx2 = priors_use_avx2();
+    const bool avx2 = use_avx2_loops();
     if (k == 3) {
       if (avx2) priors_cpu_avx2::forward_impl<3>(xp, g, taps.data(), plane_sums.data());
       else priors_cpu_base::forward_impl<3>(xp, g, taps.data(), plane_sums.data());
@@ -160,7 +145,7 @@ at::Tensor image_priors_backward_cpu(const at::Tensor& grad, const at::Tensor& x
         const auto taps = taps_as<acc_t>(k, sigma);
         const scalar_t* xp = x.const_data_ptr<scalar_t>();
         scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-        const bool avx2 = priors_use_avx2();
+        const bool avx2 = use_avx2_loops();
         if (k == 3) {
           if (avx2) priors_cpu_avx2::backward_impl<3>(xp, dxp, g, taps.data(), coefs.data());
           else priors_cpu_base::backward_impl<3>(xp, dxp, g, taps.data(), coefs.data());
