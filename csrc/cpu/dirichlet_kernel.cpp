@@ -46,9 +46,13 @@ namespace exml_fast {
 //   needed, 2 where alpha is invalid (lg[j] = NaN).
 // full_pass: attempt `attempt`, full test, for n compacted elements, with bl
 //   from attempt 0; lg[j] = log G where ok[j] = 1.
-// exp_shift: o[j] = exp(o[j] - shift).
 // row_max: max of a row, or NaN if it holds one (eight lanes: vectorises).
 // row_sum: the sum of a row in eight lanes, then the lanes pairwise.
+// normalise_block: the rows of a block, o = exp(o - row max) / row sum, each
+//   step one loop over the whole block (short rows, K = 10, would otherwise
+//   spend their time in loop tails and calls); sh is n floats of scratch.
+//   Returns the first row holding a NaN (left as garbage for the caller to
+//   fill), or -1.
 #define EXML_FAST_DIRICHLET_LOOPS                                                          \
   void squeeze_pass(const float* __restrict al, const uint32_t* __restrict col,             \
                     const uint32_t* __restrict rlo, const uint32_t* __restrict rhi,          \
@@ -82,9 +86,6 @@ namespace exml_fast {
       lg[j] = dirichlet::finish(d, v, bl[j]);                                               \
     }                                                                                       \
   }                                                                                         \
-  void exp_shift(float* __restrict o, int64_t n, float shift) {                             \
-    for (int64_t j = 0; j < n; ++j) o[j] = dirichlet::exp_nonpos(o[j] - shift);             \
-  }                                                                                         \
   float row_max(const float* __restrict o, int64_t n) {                                     \
     float m[8], bad[8];                                                                     \
     for (int l = 0; l < 8; ++l) m[l] = -FLT_MAX, bad[l] = 0.f;                              \
@@ -111,6 +112,28 @@ namespace exml_fast {
       for (int l = 0; l < 8; ++l) s[l] += o[j + l];                                         \
     for (; j < n; ++j) s[0] += o[j];                                                        \
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));               \
+  }                                                                                         \
+  int64_t normalise_block(float* __restrict o, int64_t rows, int64_t k,                     \
+                          float* __restrict sh) {                                           \
+    int64_t bad = -1;                                                                       \
+    for (int64_t r = 0; r < rows; ++r) {                                                    \
+      float* orow = o + r * k;                                                              \
+      float mx = row_max(orow, k);                                                          \
+      if (mx != mx) {                                                                       \
+        bad = bad < 0 ? r : bad;                                                            \
+        for (int64_t c = 0; c < k; ++c) orow[c] = 0.f;                                      \
+        mx = 0.f;                                                                           \
+      }                                                                                     \
+      for (int64_t c = 0; c < k; ++c) sh[r * k + c] = mx;                                   \
+    }                                                                                       \
+    const int64_t n = rows * k;                                                             \
+    for (int64_t j = 0; j < n; ++j) o[j] = dirichlet::exp_nonpos(o[j] - sh[j]);             \
+    for (int64_t r = 0; r < rows; ++r) {                                                    \
+      const float inv = 1.f / row_sum(o + r * k, k);                                        \
+      for (int64_t c = 0; c < k; ++c) sh[r * k + c] = inv;                                  \
+    }                                                                                       \
+    for (int64_t j = 0; j < n; ++j) o[j] *= sh[j];                                          \
+    return bad;                                                                             \
   }
 
 namespace cpu_base {
@@ -133,9 +156,7 @@ constexpr int64_t kBlock = 1024;  // elements per block: the scratch stays in L1
 struct Loops {
   decltype(&cpu_base::squeeze_pass) squeeze_pass;
   decltype(&cpu_base::full_pass) full_pass;
-  decltype(&cpu_base::exp_shift) exp_shift;
-  decltype(&cpu_base::row_max) row_max;
-  decltype(&cpu_base::row_sum) row_sum;
+  decltype(&cpu_base::normalise_block) normalise_block;
 };
 
 // AVX2 when the CPU has it, unless EXML_FAST_CPU_ISA=base (both give the same bits).
@@ -148,12 +169,12 @@ Loops pick_loops() {
     return __builtin_cpu_supports("avx2") != 0;
   }();
   if (avx2) {
-    return {&cpu_avx2::squeeze_pass, &cpu_avx2::full_pass, &cpu_avx2::exp_shift,
-            &cpu_avx2::row_max, &cpu_avx2::row_sum};
+    return {&cpu_avx2::squeeze_pass, &cpu_avx2::full_pass,
+            &cpu_avx2::normalise_block};
   }
 #endif
-  return {&cpu_base::squeeze_pass, &cpu_base::full_pass, &cpu_base::exp_shift,
-          &cpu_base::row_max, &cpu_base::row_sum};
+  return {&cpu_base::squeeze_pass, &cpu_base::full_pass,
+          &cpu_base::normalise_block};
 }
 
 // Per-task scratch for one block of elements.
@@ -233,19 +254,20 @@ void sample_rows(const scalar_t* conc, float* out, int64_t rows, int64_t k, uint
         }
       }
       block_log_gamma(f, s, n, k0, k1, out + r0 * k);
-      for (int64_t r = r0; r < r1; ++r) {
-        float* orow = out + r * k;
-        const float mx = f.row_max(orow, k);
-        if (std::isnan(mx)) {
+      const int64_t bad = f.normalise_block(out + r0 * k, r1 - r0, k, s.lg2.data());
+      if (bad >= 0) {
+        for (int64_t r = r0 + bad; r < r1; ++r) {  // rows past the first: check again
+          float* orow = out + r * k;
+          const scalar_t* arow = conc + r * k;
+          bool nan_row = r == r0 + bad;
+          for (int64_t c = 0; c < k && !nan_row; ++c)
+            nan_row = !dirichlet::alpha_valid(static_cast<float>(arow[c]));
+          if (!nan_row) continue;
           std::fill(orow, orow + k, std::numeric_limits<float>::quiet_NaN());
           int64_t cur = first_bad.load();
           while (r < cur && !first_bad.compare_exchange_weak(cur, r)) {
           }
-          continue;
         }
-        f.exp_shift(orow, k, mx);
-        const float inv = 1.f / f.row_sum(orow, k);
-        for (int64_t c = 0; c < k; ++c) orow[c] *= inv;
       }
     }
   });
