@@ -3,12 +3,12 @@
 // Rows are split over threads with at::parallel_for and processed in blocks of
 // about kBlock elements (whole rows). In a block, attempt 0 of every element's
 // gamma draw (Philox, Box-Muller, the squeeze test, the boost, ln(d t^3)) runs
-// in one branch-free loop that GCC vectorises (AVX2 when the CPU has it, SSE2
-// otherwise). The elements the squeeze does not accept (a few %) are
+// in one branch-free loop that GCC vectorises (AVX-512 or AVX2 when the CPU has
+// it, SSE2 otherwise). The elements the squeeze does not accept (a few %) are
 // compacted and run the full test of attempt 0, then attempts 1, 2, ... in the
 // same way, each pass vectorised over the survivors. Each element's result is
 // exactly dirichlet::log_gamma's (the scalar loop the CUDA kernel runs): the
-// same bits for any thread count and for both ISAs (no FMA contraction), and
+// same bits for any thread count and for every ISA (no FMA contraction), and
 // the CUDA kernel's up to nvcc's FMA contraction. Each row is then normalised:
 // max, exp(log G - max), sum, scale.
 #include <ATen/Dispatch.h>
@@ -38,8 +38,8 @@
 
 namespace exml_fast {
 
-// The vectorised loops, compiled for baseline x86-64 and for AVX2 (without FMA,
-// so both give the scalar code's bits). Their bodies are branch-free.
+// The vectorised loops, compiled for baseline x86-64, AVX2 and AVX-512 (without
+// FMA contraction, so all give the scalar code's bits). Their bodies are branch-free.
 //
 // squeeze_pass: attempt 0, squeeze test only, for n elements: bl[j] = the
 //   boost term; lg[j] = log G where ok[j] = 1; ok[j] = 0 where the full test is
@@ -141,10 +141,21 @@ EXML_FAST_DIRICHLET_LOOPS
 }  // namespace cpu_base
 #if defined(__x86_64__) && defined(__GNUC__)
 #define EXML_FAST_DIRICHLET_AVX2 1
+#pragma GCC push_options
 #pragma GCC target("avx2")
 namespace cpu_avx2 {
 EXML_FAST_DIRICHLET_LOOPS
 }  // namespace cpu_avx2
+#pragma GCC pop_options
+// AVX-512 (16 lanes; its mask registers suit the selects): the target brings
+// FMA along, so contraction is turned off to keep the scalar code's bits.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw")
+#pragma GCC optimize("fp-contract=off")
+namespace cpu_avx512 {
+EXML_FAST_DIRICHLET_LOOPS
+}  // namespace cpu_avx512
+#pragma GCC pop_options
 #endif
 #pragma GCC pop_options
 #undef EXML_FAST_DIRICHLET_LOOPS
@@ -159,7 +170,8 @@ struct Loops {
   decltype(&cpu_base::normalise_block) normalise_block;
 };
 
-// AVX2 when the CPU has it, unless EXML_FAST_CPU_ISA=base (both give the same bits).
+// AVX-512 (F, VL, DQ, BW), else AVX2, when the CPU has it; EXML_FAST_CPU_ISA=base
+// or =avx2 caps the choice (all give the same bits).
 Loops pick_loops() {
 #ifdef EXML_FAST_DIRICHLET_AVX2
   static const bool avx2 = [] {
@@ -168,6 +180,17 @@ Loops pick_loops() {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") != 0;
   }();
+  static const bool avx512 = [] {
+    const char* isa = std::getenv("EXML_FAST_CPU_ISA");
+    if (isa != nullptr && (std::strcmp(isa, "base") == 0 || std::strcmp(isa, "avx2") == 0))
+      return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0 && __builtin_cpu_supports("avx512vl") != 0 &&
+           __builtin_cpu_supports("avx512dq") != 0 && __builtin_cpu_supports("avx512bw") != 0;
+  }();
+  if (avx512) {
+    return {&cpu_avx512::squeeze_pass, &cpu_avx512::full_pass, &cpu_avx512::normalise_block};
+  }
   if (avx2) {
     return {&cpu_avx2::squeeze_pass, &cpu_avx2::full_pass,
             &cpu_avx2::normalise_block};
