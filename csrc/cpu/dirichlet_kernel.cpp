@@ -86,7 +86,7 @@ namespace exml_fast {
       lg[j] = dirichlet::finish(d, v, bl[j]);                                               \
     }                                                                                       \
   }                                                                                         \
-  float row_max(const float* __restrict o, int64_t n) {                                     \
+  EXML_FAST_PHILOX_HD float row_max(const float* __restrict o, int64_t n) {                 \
     float m[8], bad[8];                                                                     \
     for (int l = 0; l < 8; ++l) m[l] = -FLT_MAX, bad[l] = 0.f;                              \
     int64_t j = 0;                                                                          \
@@ -105,7 +105,7 @@ namespace exml_fast {
     for (int l = 1; l < 8; ++l) r = m[l] > r ? m[l] : r, nb += bad[l];                      \
     return nb > 0.f ? NAN : r;                                                              \
   }                                                                                         \
-  float row_sum(const float* __restrict o, int64_t n) {                                     \
+  EXML_FAST_PHILOX_HD float row_sum(const float* __restrict o, int64_t n) {                 \
     float s[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};                                  \
     int64_t j = 0;                                                                          \
     for (; j + 8 <= n; j += 8)                                                              \
