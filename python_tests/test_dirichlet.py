@@ -484,7 +484,8 @@ def test_fallback_without_extension():
 
 
 def test_dirichlet_same_bits_for_both_cpu_isas():
-    """The baseline and AVX2 builds of the vectorised CPU loops give the same bits."""
+    """The baseline, AVX2 and native (AVX-512 where the CPU has it) builds of the
+    vectorised CPU loops give the same bits."""
     code = (
         "import torch, exml_fast\n"
         "from exml_fast.ops.dirichlet import dirichlet_targets\n"
@@ -496,11 +497,11 @@ def test_dirichlet_same_bits_for_both_cpu_isas():
 
     outs = []
     with tempfile.TemporaryDirectory() as d:
-        for isa in ("base", "native"):
+        for isa in ("base", "avx2", "native"):
             path = os.path.join(d, f"{isa}.pt")
             env = dict(os.environ, EXML_FAST_CPU_ISA=isa)
             r = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True,
                                text=True, timeout=120)
             assert r.returncode == 0, r.stderr
             outs.append(torch.load(path))
-    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

@@ -3,12 +3,12 @@
 // Rows are split over threads with at::parallel_for and processed in blocks of
 // about kBlock elements (whole rows). In a block, attempt 0 of every element's
 // gamma draw (Philox, Box-Muller, the squeeze test, the boost, ln(d t^3)) runs
-// in one branch-free loop that GCC vectorises (AVX2 when the CPU has it, SSE2
-// otherwise). The elements the squeeze does not accept (a few %) are
+// in one branch-free loop that GCC vectorises (AVX-512 or AVX2 when the CPU has
+// it, SSE2 otherwise). The elements the squeeze does not accept (a few %) are
 // compacted and run the full test of attempt 0, then attempts 1, 2, ... in the
 // same way, each pass vectorised over the survivors. Each element's result is
 // exactly dirichlet::log_gamma's (the scalar loop the CUDA kernel runs): the
-// same bits for any thread count and for both ISAs (no FMA contraction), and
+// same bits for any thread count and for every ISA (no FMA contraction), and
 // the CUDA kernel's up to nvcc's FMA contraction. Each row is then normalised:
 // max, exp(log G - max), sum, scale.
 #include <ATen/Dispatch.h>
@@ -38,17 +38,21 @@
 
 namespace exml_fast {
 
-// The vectorised loops, compiled for baseline x86-64 and for AVX2 (without FMA,
-// so both give the scalar code's bits). Their bodies are branch-free.
+// The vectorised loops, compiled for baseline x86-64, AVX2 and AVX-512 (without
+// FMA contraction, so all give the scalar code's bits). Their bodies are branch-free.
 //
 // squeeze_pass: attempt 0, squeeze test only, for n elements: bl[j] = the
 //   boost term; lg[j] = log G where ok[j] = 1; ok[j] = 0 where the full test is
 //   needed, 2 where alpha is invalid (lg[j] = NaN).
 // full_pass: attempt `attempt`, full test, for n compacted elements, with bl
 //   from attempt 0; lg[j] = log G where ok[j] = 1.
-// exp_shift: o[j] = exp(o[j] - shift).
 // row_max: max of a row, or NaN if it holds one (eight lanes: vectorises).
 // row_sum: the sum of a row in eight lanes, then the lanes pairwise.
+// normalise_block: the rows of a block, o = exp(o - row max) / row sum, each
+//   step one loop over the whole block (short rows, K = 10, would otherwise
+//   spend their time in loop tails and calls); sh is n floats of scratch.
+//   Returns the first row holding a NaN (left as garbage for the caller to
+//   fill), or -1.
 #define EXML_FAST_DIRICHLET_LOOPS                                                          \
   void squeeze_pass(const float* __restrict al, const uint32_t* __restrict col,             \
                     const uint32_t* __restrict rlo, const uint32_t* __restrict rhi,          \
@@ -82,10 +86,7 @@ namespace exml_fast {
       lg[j] = dirichlet::finish(d, v, bl[j]);                                               \
     }                                                                                       \
   }                                                                                         \
-  void exp_shift(float* __restrict o, int64_t n, float shift) {                             \
-    for (int64_t j = 0; j < n; ++j) o[j] = dirichlet::exp_nonpos(o[j] - shift);             \
-  }                                                                                         \
-  float row_max(const float* __restrict o, int64_t n) {                                     \
+  EXML_FAST_PHILOX_HD float row_max(const float* __restrict o, int64_t n) {                 \
     float m[8], bad[8];                                                                     \
     for (int l = 0; l < 8; ++l) m[l] = -FLT_MAX, bad[l] = 0.f;                              \
     int64_t j = 0;                                                                          \
@@ -104,13 +105,35 @@ namespace exml_fast {
     for (int l = 1; l < 8; ++l) r = m[l] > r ? m[l] : r, nb += bad[l];                      \
     return nb > 0.f ? NAN : r;                                                              \
   }                                                                                         \
-  float row_sum(const float* __restrict o, int64_t n) {                                     \
+  EXML_FAST_PHILOX_HD float row_sum(const float* __restrict o, int64_t n) {                 \
     float s[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};                                  \
     int64_t j = 0;                                                                          \
     for (; j + 8 <= n; j += 8)                                                              \
       for (int l = 0; l < 8; ++l) s[l] += o[j + l];                                         \
     for (; j < n; ++j) s[0] += o[j];                                                        \
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));               \
+  }                                                                                         \
+  int64_t normalise_block(float* __restrict o, int64_t rows, int64_t k,                     \
+                          float* __restrict sh) {                                           \
+    int64_t bad = -1;                                                                       \
+    for (int64_t r = 0; r < rows; ++r) {                                                    \
+      float* orow = o + r * k;                                                              \
+      float mx = row_max(orow, k);                                                          \
+      if (mx != mx) {                                                                       \
+        bad = bad < 0 ? r : bad;                                                            \
+        for (int64_t c = 0; c < k; ++c) orow[c] = 0.f;                                      \
+        mx = 0.f;                                                                           \
+      }                                                                                     \
+      for (int64_t c = 0; c < k; ++c) sh[r * k + c] = mx;                                   \
+    }                                                                                       \
+    const int64_t n = rows * k;                                                             \
+    for (int64_t j = 0; j < n; ++j) o[j] = dirichlet::exp_nonpos(o[j] - sh[j]);             \
+    for (int64_t r = 0; r < rows; ++r) {                                                    \
+      const float inv = 1.f / row_sum(o + r * k, k);                                        \
+      for (int64_t c = 0; c < k; ++c) sh[r * k + c] = inv;                                  \
+    }                                                                                       \
+    for (int64_t j = 0; j < n; ++j) o[j] *= sh[j];                                          \
+    return bad;                                                                             \
   }
 
 namespace cpu_base {
@@ -118,10 +141,21 @@ EXML_FAST_DIRICHLET_LOOPS
 }  // namespace cpu_base
 #if defined(__x86_64__) && defined(__GNUC__)
 #define EXML_FAST_DIRICHLET_AVX2 1
+#pragma GCC push_options
 #pragma GCC target("avx2")
 namespace cpu_avx2 {
 EXML_FAST_DIRICHLET_LOOPS
 }  // namespace cpu_avx2
+#pragma GCC pop_options
+// AVX-512 (16 lanes; its mask registers suit the selects): the target brings
+// FMA along, so contraction is turned off to keep the scalar code's bits.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw")
+#pragma GCC optimize("fp-contract=off")
+namespace cpu_avx512 {
+EXML_FAST_DIRICHLET_LOOPS
+}  // namespace cpu_avx512
+#pragma GCC pop_options
 #endif
 #pragma GCC pop_options
 #undef EXML_FAST_DIRICHLET_LOOPS
@@ -133,12 +167,11 @@ constexpr int64_t kBlock = 1024;  // elements per block: the scratch stays in L1
 struct Loops {
   decltype(&cpu_base::squeeze_pass) squeeze_pass;
   decltype(&cpu_base::full_pass) full_pass;
-  decltype(&cpu_base::exp_shift) exp_shift;
-  decltype(&cpu_base::row_max) row_max;
-  decltype(&cpu_base::row_sum) row_sum;
+  decltype(&cpu_base::normalise_block) normalise_block;
 };
 
-// AVX2 when the CPU has it, unless EXML_FAST_CPU_ISA=base (both give the same bits).
+// AVX-512 (F, VL, DQ, BW), else AVX2, when the CPU has it; EXML_FAST_CPU_ISA=base
+// or =avx2 caps the choice (all give the same bits).
 Loops pick_loops() {
 #ifdef EXML_FAST_DIRICHLET_AVX2
   static const bool avx2 = [] {
@@ -147,13 +180,24 @@ Loops pick_loops() {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") != 0;
   }();
+  static const bool avx512 = [] {
+    const char* isa = std::getenv("EXML_FAST_CPU_ISA");
+    if (isa != nullptr && (std::strcmp(isa, "base") == 0 || std::strcmp(isa, "avx2") == 0))
+      return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0 && __builtin_cpu_supports("avx512vl") != 0 &&
+           __builtin_cpu_supports("avx512dq") != 0 && __builtin_cpu_supports("avx512bw") != 0;
+  }();
+  if (avx512) {
+    return {&cpu_avx512::squeeze_pass, &cpu_avx512::full_pass, &cpu_avx512::normalise_block};
+  }
   if (avx2) {
-    return {&cpu_avx2::squeeze_pass, &cpu_avx2::full_pass, &cpu_avx2::exp_shift,
-            &cpu_avx2::row_max, &cpu_avx2::row_sum};
+    return {&cpu_avx2::squeeze_pass, &cpu_avx2::full_pass,
+            &cpu_avx2::normalise_block};
   }
 #endif
-  return {&cpu_base::squeeze_pass, &cpu_base::full_pass, &cpu_base::exp_shift,
-          &cpu_base::row_max, &cpu_base::row_sum};
+  return {&cpu_base::squeeze_pass, &cpu_base::full_pass,
+          &cpu_base::normalise_block};
 }
 
 // Per-task scratch for one block of elements.
@@ -233,19 +277,20 @@ void sample_rows(const scalar_t* conc, float* out, int64_t rows, int64_t k, uint
         }
       }
       block_log_gamma(f, s, n, k0, k1, out + r0 * k);
-      for (int64_t r = r0; r < r1; ++r) {
-        float* orow = out + r * k;
-        const float mx = f.row_max(orow, k);
-        if (std::isnan(mx)) {
+      const int64_t bad = f.normalise_block(out + r0 * k, r1 - r0, k, s.lg2.data());
+      if (bad >= 0) {
+        for (int64_t r = r0 + bad; r < r1; ++r) {  // rows past the first: check again
+          float* orow = out + r * k;
+          const scalar_t* arow = conc + r * k;
+          bool nan_row = r == r0 + bad;
+          for (int64_t c = 0; c < k && !nan_row; ++c)
+            nan_row = !dirichlet::alpha_valid(static_cast<float>(arow[c]));
+          if (!nan_row) continue;
           std::fill(orow, orow + k, std::numeric_limits<float>::quiet_NaN());
           int64_t cur = first_bad.load();
           while (r < cur && !first_bad.compare_exchange_weak(cur, r)) {
           }
-          continue;
         }
-        f.exp_shift(orow, k, mx);
-        const float inv = 1.f / f.row_sum(orow, k);
-        for (int64_t c = 0; c < k; ++c) orow[c] *= inv;
       }
     }
   });
