@@ -112,9 +112,84 @@ def test_kd_matches_reference(device, dtype, case):
     if s.shape[0] == 0:
         assert torch.isnan(ops.kd_loss(s, t, temperature=2.0))
         return
+    # Both inputs require grad: the backward recomputes both softmaxes.
     check_op(lambda a, b: ops.kd_loss(a, b, temperature=2.0),
              lambda a, b: ref.kd_loss(a, b, temperature=2.0), [s, t], dtype,
              torch.tensor(0.8, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(SHAPES))
+def test_kd_frozen_teacher_matches_reference(device, dtype, case):
+    # Teacher without grad (the usual KD case): the forward saves the student's
+    # gradient factor and the backward only scales it.
+    s, t = make_pair(case, device, dtype, seed=3)
+    if s.shape[0] == 0:
+        z = s.clone().requires_grad_(True)
+        out = ops.kd_loss(z, t, temperature=2.0)
+        assert torch.isnan(out)
+        (gz,) = torch.autograd.grad(out, z)
+        assert gz.shape == z.shape
+        return
+    up = torch.tensor(0.8, device=device)
+    out, (gs,) = grads(lambda a: ops.kd_loss(a, t, temperature=2.0), [s], up)
+    own_out, (own_gs,) = grads(lambda a: ref.kd_loss(a, t, temperature=2.0), [s], up)
+    truth_out, (truth_gs,) = grads(lambda a: ref.kd_loss(a, t.double(), temperature=2.0),
+                                   [s.double()], up.double())
+    assert out.dtype == dtype and gs.dtype == dtype and gs.shape == s.shape
+    assert_close_to_truth(out, own_out, truth_out, dtype)
+    assert_close_to_truth(gs, own_gs, truth_gs, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kd_saved_grad_factor(device, dtype):
+    g = torch.Generator().manual_seed(21)
+    s = (torch.randn(7, 33, generator=g) * 3).to(device=device, dtype=dtype)
+    t = (torch.randn(7, 33, generator=g) * 3).to(device=device, dtype=dtype)
+    loss0, sv0, f0 = torch.ops.exml_fast.kd_loss(s, t, 2.0)
+    assert f0.shape == (0, 0)
+    loss1, sv1, f1 = torch.ops.exml_fast.kd_loss(s, t, 2.0, True)
+    assert torch.equal(loss0, loss1) and torch.equal(sv0, sv1)
+    assert f1.shape == s.shape and f1.dtype == acc_dtype(dtype)
+    expect = torch.softmax(s.double() / 2, 1) - torch.softmax(t.double() / 2, 1)
+    torch.testing.assert_close(f1.double(), expect, rtol=0,
+                               atol=64 * (torch.finfo(acc_dtype(dtype)).eps))
+    # The factor path equals the recomputing path up to the accumulation dtype's rounding.
+    up = torch.tensor(1.3, device=device)
+    gs_f, gt_f = torch.ops.exml_fast._kd_loss_backward(up, s, t, sv1, 2.0, False, f1)
+    gs_r, _ = torch.ops.exml_fast._kd_loss_backward(up, s, t, sv0, 2.0, False)
+    assert gt_f.shape == (0, 0) and gs_f.dtype == dtype
+    tol = 64 * torch.finfo(acc_dtype(dtype)).eps + 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(gs_f.double(), gs_r.double(), rtol=tol, atol=tol * 1.3 * 2 / 7)
+    f_copy = f1.clone()
+    torch.ops.exml_fast._kd_loss_backward(up, s, t, sv1, 2.0, False, f1)
+    assert torch.equal(f1, f_copy)  # the backward never writes the saved factor
+    with pytest.raises(RuntimeError, match="grad_factor"):
+        torch.ops.exml_fast._kd_loss_backward(up, s, t, sv1, 2.0, True, f1)
+    with pytest.raises(RuntimeError, match="grad_factor must be"):
+        torch.ops.exml_fast._kd_loss_backward(up, s, t, sv1, 2.0, False, f1[:, :5])
+
+
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_kd_retain_graph_and_accumulation(teacher_grad):
+    g = torch.Generator().manual_seed(22)
+    s = (torch.randn(9, 17, generator=g) * 3).requires_grad_(True)
+    t = (torch.randn(9, 17, generator=g) * 3).requires_grad_(teacher_grad)
+    out = ops.kd_loss(s, t, temperature=2.0)
+    (g1,) = torch.autograd.grad(out, s, retain_graph=True)
+    (g2,) = torch.autograd.grad(out, s, retain_graph=True)
+    assert torch.equal(g1, g2)
+    out.backward(retain_graph=True)
+    out.backward()
+    torch.testing.assert_close(s.grad, 2 * g1, rtol=1e-6, atol=0)
+    assert torch.equal(g1, g2)  # accumulation into .grad did not touch earlier results
+    ref_s = s.detach().clone().requires_grad_(True)
+    (er,) = torch.autograd.grad(ref.kd_loss(ref_s, t.detach(), temperature=2.0), ref_s)
+    torch.testing.assert_close(g1, er, rtol=1e-4, atol=1e-7)
+    if teacher_grad:
+        assert t.grad is not None and t.grad.shape == t.shape
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -174,6 +249,8 @@ def test_gradcheck_float64(device):
     zs = z.detach()[:, ::2].clone().t().contiguous().t().requires_grad_(True)  # column-major
     teacher = y.detach()[:, :4]
     assert torch.autograd.gradcheck(lambda a: ops.kd_loss(a, teacher, temperature=1.0), (zs,))
+    frozen = y.detach()
+    assert torch.autograd.gradcheck(lambda a: ops.kd_loss(a, frozen, temperature=2.0), (z,))
 
 
 def test_js_lo_zero_underflow_is_finite():
@@ -208,6 +285,12 @@ def test_opcheck(device, dtype):
                                       (ai, p, 3.0, red), test_utils=nan_safe if red == 1 else ALL_CHECKS)
             torch.library.opcheck(torch.ops.exml_fast.kd_loss.default, (ai, b, 2.0),
                                   test_utils=nan_safe)
+            for save in (False, True):
+                torch.library.opcheck(torch.ops.exml_fast.kd_loss.default, (ai, b, 2.0, save),
+                                      test_utils=nan_safe)
+                bt = b.detach().clone().requires_grad_(True)
+                torch.library.opcheck(torch.ops.exml_fast.kd_loss.default, (ai, bt, 2.0, save),
+                                      test_utils=nan_safe)
             torch.library.opcheck(torch.ops.exml_fast.js_divergence.default,
                                   (ai, b, 3.0, 0.01, 0.99), test_utils=nan_safe)
         acc = acc_dtype(dtype)
@@ -217,9 +300,15 @@ def test_opcheck(device, dtype):
         torch.library.opcheck(torch.ops.exml_fast._soft_target_cross_entropy_backward.default,
                               (torch.randn(n, device=device, dtype=acc), a, p, sv, 3.0, 0, True),
                               test_utils=utils)
-        _, sv = torch.ops.exml_fast.kd_loss(a, b, 2.0)
+        _, sv, _ = torch.ops.exml_fast.kd_loss(a, b, 2.0)
         torch.library.opcheck(torch.ops.exml_fast._kd_loss_backward.default,
                               (torch.tensor(1.0, device=device), a, b, sv, 2.0, False), test_utils=utils)
+        torch.library.opcheck(torch.ops.exml_fast._kd_loss_backward.default,
+                              (torch.tensor(1.0, device=device), a, b, sv, 2.0, True), test_utils=utils)
+        _, sv, fac = torch.ops.exml_fast.kd_loss(a, b, 2.0, True)
+        torch.library.opcheck(torch.ops.exml_fast._kd_loss_backward.default,
+                              (torch.tensor(1.0, device=device), a, b, sv, 2.0, False, fac),
+                              test_utils=utils)
         _, sv = torch.ops.exml_fast.js_divergence(a, b, 3.0, 0.01, 0.99)
         torch.library.opcheck(torch.ops.exml_fast._js_divergence_backward.default,
                               (torch.tensor(1.0, device=device), a, b, sv, 3.0, 0.01, 0.99),
@@ -251,11 +340,27 @@ def test_compile_fullgraph():
     torch.testing.assert_close(gt, et, rtol=1e-4, atol=1e-7)
 
 
+def test_compile_fullgraph_frozen_teacher():
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda s, t: ops.kd_loss(s, t, temperature=3.0), fullgraph=True)
+    g = torch.Generator().manual_seed(6)
+    s = (torch.randn(12, 40, generator=g) * 3).requires_grad_(True)
+    t = torch.randn(12, 40, generator=g) * 3
+    out = compiled(s, t)
+    (gs,) = torch.autograd.grad(out, s)
+    s2 = s.detach().clone().requires_grad_(True)
+    expect = ref.kd_loss(s2, t, temperature=3.0)
+    (es,) = torch.autograd.grad(expect, s2)
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gs, es, rtol=1e-4, atol=1e-7)
+
+
 def test_double_backward_refused():
     z = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     y = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     for loss in (lambda: ops.soft_target_cross_entropy(z, torch.rand(4, 5, dtype=torch.float64)),
                  lambda: ops.kd_loss(z, y, temperature=2.0),
+                 lambda: ops.kd_loss(z, y.detach(), temperature=2.0),
                  lambda: ops.js_divergence(z, y, temperature=3.0)):
         (g,) = torch.autograd.grad(loss(), z, create_graph=True)
         with pytest.raises(RuntimeError, match="double backward"):

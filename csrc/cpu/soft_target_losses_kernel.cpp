@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "exml_fast/soft_target_losses.h"
@@ -198,13 +199,16 @@ std::tuple<at::Tensor, at::Tensor> soft_ce_backward_cpu(const at::Tensor& grad,
 constexpr const char* kKd = "exml_fast::kd_loss";
 constexpr const char* kKdBwd = "exml_fast::_kd_loss_backward";
 
-std::tuple<at::Tensor, at::Tensor> kd_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                          double temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_cpu(const at::Tensor& student,
+                                                      const at::Tensor& teacher,
+                                                      double temperature, bool save_grad) {
   losses::check_pair(student, teacher, temperature, kKd, "student_logits", "teacher_logits");
   check_cpu(student, kKd, "student_logits");
   const losses::Rows s = losses::as_rows(student), t = losses::as_rows(teacher);
   const int64_t rows = student.size(0), len = student.size(1);
-  at::Tensor saved = at::empty({rows, 3}, student.options().dtype(losses::loss_acc_type(student)));
+  const auto acc = student.options().dtype(losses::loss_acc_type(student));
+  at::Tensor saved = at::empty({rows, 3}, acc);
+  at::Tensor factor = losses::empty_kd_grad_factor(student, save_grad);
   at::Tensor out = losses::empty_loss(student, kMean);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), kKd, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -213,33 +217,49 @@ std::tuple<at::Tensor, at::Tensor> kd_cpu(const at::Tensor& student, const at::T
     const scalar_t* sp = s.storage.const_data_ptr<scalar_t>();
     const scalar_t* tp = t.storage.const_data_ptr<scalar_t>();
     acc_t* svp = saved.mutable_data_ptr<acc_t>();
+    acc_t* gfp = save_grad ? factor.mutable_data_ptr<acc_t>() : nullptr;
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    for_rows<acc_t>(rows, len, 3, [&](int64_t r0, int64_t r1, acc_t* buf) {
+    for_rows<acc_t>(rows, len, save_grad ? 4 : 3, [&](int64_t r0, int64_t r1, acc_t* buf) {
       EXML_LOSS_ISA(kd_forward_rows, sp, s.row_stride, tp, t.row_stride, len, inv_t, r0, r1,
-                    svp, rl, buf);
+                    svp, rl, gfp, buf);
     });
     double total = 0;
     for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(rl[r]);
     out.mutable_data_ptr<scalar_t>()[0] = static_cast<scalar_t>(
         total * temperature * temperature * losses::reduction_scale(kMean, rows));
   });
-  return {out, saved};
+  return {out, saved, factor};
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_backward_cpu(const at::Tensor& grad,
                                                    const at::Tensor& student,
                                                    const at::Tensor& teacher,
                                                    const at::Tensor& saved, double temperature,
-                                                   bool teacher_grad) {
+                                                   bool teacher_grad,
+                                                   const std::optional<at::Tensor>& grad_factor) {
   losses::check_pair(student, teacher, temperature, kKdBwd, "student_logits", "teacher_logits");
   losses::check_backward(grad, saved, student, kMean, 3, kKdBwd);
+  losses::check_kd_grad_factor(grad_factor, student, teacher_grad, kKdBwd);
   check_cpu(student, kKdBwd, "student_logits");
-  const losses::Rows s = losses::as_rows(student), t = losses::as_rows(teacher);
   const int64_t rows = student.size(0), len = student.size(1);
   at::Tensor gs = at::empty({rows, len}, student.options());
   at::Tensor gt = at::empty({teacher_grad ? rows : 0, teacher_grad ? len : 0}, teacher.options());
   if (rows == 0) return {gs, gt};
   const double g = grad.item<double>();
+  if (grad_factor.has_value()) {
+    // One read of the saved factor, one write of a fresh gradient (never the factor itself).
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), kKdBwd, [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const acc_t w = static_cast<acc_t>(g * temperature / static_cast<double>(rows));
+      const acc_t* fp = grad_factor->const_data_ptr<acc_t>();
+      scalar_t* gsp = gs.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, rows * len, kGrainElems, [&](int64_t i0, int64_t i1) {
+        EXML_LOSS_ISA(kd_scale_factor, w, fp, gsp, i0, i1);
+      });
+    });
+    return {gs, gt};
+  }
+  const losses::Rows s = losses::as_rows(student), t = losses::as_rows(teacher);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), kKdBwd, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t w = static_cast<acc_t>(g * temperature / static_cast<double>(rows));

@@ -20,8 +20,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cstdint>
+#include <optional>
 
 #include "exml_fast/soft_target_losses.h"
 
@@ -148,7 +150,7 @@ template <int TPR, typename scalar_t, typename acc_t>
 __global__ void kd_fwd_kernel(const scalar_t* __restrict__ s, int64_t ss,
                               const scalar_t* __restrict__ t, int64_t ts, int64_t rows,
                               int64_t len, acc_t inv_t, acc_t* __restrict__ saved,
-                              acc_t* __restrict__ row_loss) {
+                              acc_t* __restrict__ row_loss, acc_t* __restrict__ gf) {
   __shared__ double sh[kBlock / 32];
   const RowIdx ri = row_of_thread<TPR>();
   if (ri.row >= rows) return;
@@ -161,7 +163,9 @@ __global__ void kd_fwd_kernel(const scalar_t* __restrict__ s, int64_t ss,
   for (int64_t k = ri.lane; k < len; k += TPR) {
     const acc_t zt = static_cast<acc_t>(tr[k]) * inv_t;
     const acc_t zs = static_cast<acc_t>(sr[k]) * inv_t;
-    kl += exp(zt - lse_t) * ((zt - zs) - c);
+    const acc_t p = exp(zt - lse_t);
+    kl += p * ((zt - zs) - c);
+    if (gf != nullptr) gf[ri.row * len + k] = exp(zs - lse_s) - p;  // q - p
   }
   kl = group_sum<TPR>(kl, sh);
   if (ri.lane == 0) {
@@ -191,6 +195,18 @@ __global__ void kd_bwd_kernel(const acc_t* __restrict__ g, acc_t scale, const sc
     const acc_t p = exp(zt - lse_t);
     gs[ri.row * len + k] = static_cast<scalar_t>(w * (exp(zs - lse_s) - p));
     if (gt != nullptr) gt[ri.row * len + k] = static_cast<scalar_t>(w * p * (((zt - zs) - c) - kl));
+  }
+}
+
+// gs[i] = *g * scale * f[i]: the backward from kd_loss's saved gradient factor.
+template <typename scalar_t, typename acc_t>
+__global__ void kd_scale_kernel(const acc_t* __restrict__ g, acc_t scale,
+                                const acc_t* __restrict__ f, int64_t n,
+                                scalar_t* __restrict__ gs) {
+  const acc_t w = *g * scale;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    gs[i] = static_cast<scalar_t>(w * f[i]);
   }
 }
 
@@ -416,8 +432,9 @@ std::tuple<at::Tensor, at::Tensor> soft_ce_backward_cuda(const at::Tensor& grad,
   return {gx, gt};
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                           double temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_cuda(const at::Tensor& student,
+                                                       const at::Tensor& teacher,
+                                                       double temperature, bool save_grad) {
   losses::check_pair(student, teacher, temperature, kKd, "student_logits", "teacher_logits");
   check_cuda(student, kKd, "student_logits");
   const c10::cuda::CUDAGuard guard(student.device());
@@ -426,6 +443,7 @@ std::tuple<at::Tensor, at::Tensor> kd_cuda(const at::Tensor& student, const at::
   const auto acc = losses::loss_acc_type(student);
   at::Tensor saved = at::empty({rows, 3}, student.options().dtype(acc));
   at::Tensor row_loss = at::empty({rows}, student.options().dtype(acc));
+  at::Tensor factor = losses::empty_kd_grad_factor(student, save_grad);
   at::Tensor out = losses::empty_loss(student, kMean);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(student.get_device()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), kKd, [&] {
@@ -434,29 +452,44 @@ std::tuple<at::Tensor, at::Tensor> kd_cuda(const at::Tensor& student, const at::
       EXML_LOSS_LAUNCH(kd_fwd_kernel, rows, len, stream, s.storage.const_data_ptr<scalar_t>(),
                        s.row_stride, t.storage.const_data_ptr<scalar_t>(), t.row_stride, rows,
                        len, static_cast<acc_t>(1.0 / temperature),
-                       saved.mutable_data_ptr<acc_t>(), row_loss.mutable_data_ptr<acc_t>());
+                       saved.mutable_data_ptr<acc_t>(), row_loss.mutable_data_ptr<acc_t>(),
+                       save_grad ? factor.mutable_data_ptr<acc_t>() : nullptr);
     }
     finish<scalar_t, acc_t>(row_loss, rows, kMean, temperature * temperature, out, stream);
   });
-  return {out, saved};
+  return {out, saved, factor};
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_backward_cuda(const at::Tensor& grad,
                                                     const at::Tensor& student,
                                                     const at::Tensor& teacher,
                                                     const at::Tensor& saved, double temperature,
-                                                    bool teacher_grad) {
+                                                    bool teacher_grad,
+                                                    const std::optional<at::Tensor>& grad_factor) {
   losses::check_pair(student, teacher, temperature, kKdBwd, "student_logits", "teacher_logits");
   losses::check_backward(grad, saved, student, kMean, 3, kKdBwd);
+  losses::check_kd_grad_factor(grad_factor, student, teacher_grad, kKdBwd);
   check_cuda(student, kKdBwd, "student_logits");
   const c10::cuda::CUDAGuard guard(student.device());
-  const losses::Rows s = losses::as_rows(student), t = losses::as_rows(teacher);
   const int64_t rows = student.size(0), len = student.size(1);
   at::Tensor gs = at::empty({rows, len}, student.options());
   at::Tensor gt = at::empty({teacher_grad ? rows : 0, teacher_grad ? len : 0}, teacher.options());
   if (rows == 0) return {gs, gt};
   const at::Tensor g = grad.to(losses::loss_acc_type(student));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(student.get_device()).stream();
+  if (grad_factor.has_value()) {
+    const int64_t n = rows * len;
+    const int64_t blocks = std::min<int64_t>(ceil_div(n, kBlock), int64_t{1} << 16);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), kKdBwd, [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      kd_scale_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
+          g.const_data_ptr<acc_t>(), static_cast<acc_t>(temperature / static_cast<double>(rows)),
+          grad_factor->const_data_ptr<acc_t>(), n, gs.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return {gs, gt};
+  }
+  const losses::Rows s = losses::as_rows(student), t = losses::as_rows(teacher);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), kKdBwd, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     EXML_LOSS_LAUNCH(kd_bwd_kernel, rows, len, stream,

@@ -10,9 +10,11 @@
 // backward is refused with a clear error rather than silently wrong.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 TORCH_LIBRARY_FRAGMENT(exml_fast, m) {
@@ -31,13 +33,18 @@ TORCH_LIBRARY_FRAGMENT(exml_fast, m) {
       "(Tensor grad_logits, Tensor grad_target_probs)");
   // temperature^2 * KL(softmax(teacher / T) || softmax(student / T)), batch mean; the
   // loss is () in the inputs' dtype; saved is (B, 3): [lse_student, lse_teacher, KL_row].
+  // grad_factor is softmax(student / T) - softmax(teacher / T), (B, K) in fp32 (fp64 for
+  // fp64 logits), when save_grad, else (0, 0). The autograd kernel sets save_grad itself
+  // when the student needs a gradient and the teacher does not (the usual KD case):
+  // the backward is then a scaling of grad_factor instead of two exps per element.
   m.def(
-      "kd_loss(Tensor student_logits, Tensor teacher_logits, float temperature) -> "
-      "(Tensor loss, Tensor saved)");
-  // grad_teacher is (0, 0) when teacher_grad is false.
+      "kd_loss(Tensor student_logits, Tensor teacher_logits, float temperature, "
+      "bool save_grad=False) -> (Tensor loss, Tensor saved, Tensor grad_factor)");
+  // grad_teacher is (0, 0) when teacher_grad is false. With grad_factor (kd_loss's
+  // third output; teacher_grad must be false) grad_student = grad * T / B * grad_factor.
   m.def(
       "_kd_loss_backward(Tensor grad, Tensor student_logits, Tensor teacher_logits, "
-      "Tensor saved, float temperature, bool teacher_grad) -> "
+      "Tensor saved, float temperature, bool teacher_grad, Tensor? grad_factor=None) -> "
       "(Tensor grad_student, Tensor grad_teacher)");
   // Adaptive DeepInversion's Jensen-Shannon divergence of softmax(a / T) and
   // softmax(b / T), probabilities clamped to [lo, hi], batch mean; saved is (B, 2):
@@ -65,9 +72,10 @@ c10::TypedOperatorHandle<Sig> find_op(const char* name) {
 using SoftCeSig = TensorPair(const at::Tensor&, const at::Tensor&, double, int64_t);
 using SoftCeBwdSig = TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, double, int64_t, bool);
-using KdSig = TensorPair(const at::Tensor&, const at::Tensor&, double);
+using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using KdSig = TensorTriple(const at::Tensor&, const at::Tensor&, double, bool);
 using KdBwdSig = TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, double, bool);
+                            const at::Tensor&, double, bool, const std::optional<at::Tensor>&);
 using JsSig = TensorPair(const at::Tensor&, const at::Tensor&, double, double, double);
 using JsBwdSig = TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, double, double, double);
@@ -141,10 +149,10 @@ class KdBackwardFn : public torch::autograd::Function<KdBackwardFn> {
  public:
   static variable_list forward(AutogradContext*, const at::Tensor& grad, const at::Tensor& s,
                                const at::Tensor& t, const at::Tensor& saved, double temperature,
-                               bool teacher_grad) {
+                               bool teacher_grad, const std::optional<at::Tensor>& factor) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static const auto op = find_op<KdBwdSig>("exml_fast::_kd_loss_backward");
-    auto [gs, gt] = op.call(grad, s, t, saved, temperature, teacher_grad);
+    auto [gs, gt] = op.call(grad, s, t, saved, temperature, teacher_grad, factor);
     return {gs, gt};
   }
   static variable_list backward(AutogradContext*, variable_list) {
@@ -155,33 +163,44 @@ class KdBackwardFn : public torch::autograd::Function<KdBackwardFn> {
 class KdFn : public torch::autograd::Function<KdFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& s, const at::Tensor& t,
-                               double temperature) {
+                               double temperature, bool save_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static const auto op = find_op<KdSig>("exml_fast::kd_loss");
-    auto [loss, saved] = op.call(s, t, temperature);
-    ctx->save_for_backward({s, t, saved});
+    auto [loss, saved, factor] = op.call(s, t, temperature, save_grad);
+    ctx->save_for_backward({s, t, saved, factor});
     ctx->saved_data["temperature"] = temperature;
-    ctx->mark_non_differentiable({saved});
-    return {loss, saved};
+    ctx->saved_data["has_factor"] = save_grad;  // (not factor.numel(): sizes may be symbolic)
+    ctx->mark_non_differentiable({saved, factor});
+    return {loss, saved, factor};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto v = ctx->get_saved_variables();
     const bool need_t = ctx->needs_input_grad(1);
+    // The saved factor serves only the student-only backward; it is read, never
+    // returned or modified, so retain_graph and gradient accumulation stay safe.
+    std::optional<at::Tensor> factor;
+    if (!need_t && ctx->saved_data["has_factor"].toBool()) factor = v[3];
     auto out = KdBackwardFn::apply(grads[0], v[0], v[1], v[2],
-                                   ctx->saved_data["temperature"].toDouble(), need_t);
+                                   ctx->saved_data["temperature"].toDouble(), need_t, factor);
     return {ctx->needs_input_grad(0) ? out[0] : at::Tensor(), need_t ? out[1] : at::Tensor(),
-            at::Tensor()};
+            at::Tensor(), at::Tensor()};
   }
 };
 
-TensorPair kd_autograd(const at::Tensor& s, const at::Tensor& t, double temperature) {
-  auto r = KdFn::apply(s, t, temperature);
-  return {r[0], r[1]};
+TensorTriple kd_autograd(const at::Tensor& s, const at::Tensor& t, double temperature,
+                         bool save_grad) {
+  // The usual KD case (a frozen teacher): the forward also writes the student's
+  // gradient factor, from the exps it computes anyway. Decided here, since
+  // Function::apply runs forward with grad mode off.
+  const bool auto_save = c10::GradMode::is_enabled() && s.requires_grad() && !t.requires_grad();
+  auto r = KdFn::apply(s, t, temperature, save_grad || auto_save);
+  return {r[0], r[1], r[2]};
 }
 
 TensorPair kd_backward_autograd(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& t,
-                                const at::Tensor& saved, double temperature, bool teacher_grad) {
-  auto r = KdBackwardFn::apply(grad, s, t, saved, temperature, teacher_grad);
+                                const at::Tensor& saved, double temperature, bool teacher_grad,
+                                const std::optional<at::Tensor>& factor) {
+  auto r = KdBackwardFn::apply(grad, s, t, saved, temperature, teacher_grad, factor);
   return {r[0], r[1]};
 }
 

@@ -201,11 +201,16 @@ def _register() -> None:
         return grad_pair(logits, target_probs, target_grad)
 
     @torch.library.register_fake("exml_fast::kd_loss")
-    def _kd_fake(student_logits, teacher_logits, temperature):
-        return loss_and_saved(student_logits, 1, 3)
+    def _kd_fake(student_logits, teacher_logits, temperature, save_grad=False):
+        loss, saved = loss_and_saved(student_logits, 1, 3)
+        # The student's gradient factor (softmax(s/T) - softmax(t/T)), (0, 0) when not saved.
+        factor = student_logits.new_empty(student_logits.shape if save_grad else (0, 0),
+                                          dtype=_acc_dtype(student_logits.dtype))
+        return loss, saved, factor
 
     @torch.library.register_fake("exml_fast::_kd_loss_backward")
-    def _kd_backward_fake(grad, student_logits, teacher_logits, saved, temperature, teacher_grad):
+    def _kd_backward_fake(grad, student_logits, teacher_logits, saved, temperature, teacher_grad,
+                          grad_factor=None):
         return grad_pair(student_logits, teacher_logits, teacher_grad)
 
     @torch.library.register_fake("exml_fast::js_divergence")

@@ -8,6 +8,9 @@
 // (B, S) in the accumulation dtype (fp32, fp64 for fp64 logits):
 //   soft_target_cross_entropy: S = 2, [lse, sum_k t_k]
 //   kd_loss:                   S = 3, [lse_student, lse_teacher, KL of the row]
+// kd_loss can also save the student's gradient factor q - p (softmaxes of
+// student and teacher / temperature) as a contiguous (B, K) tensor in the
+// accumulation dtype, so its backward is one scaling pass (no exp).
 //   js_divergence:             S = 2, [lse_a, lse_b]
 // where lse is the log-sum-exp of the row divided by the temperature.
 #pragma once
@@ -18,6 +21,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 
 namespace exml_fast {
 namespace losses {
@@ -96,6 +100,27 @@ inline void check_backward(const at::Tensor& grad, const at::Tensor& saved, cons
               ": grad, saved and the logits must be on one device");
   TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op, ": grad must be floating; got ",
               grad.scalar_type());
+}
+
+// kd_loss's gradient factor output: (B, K) in the accumulation dtype when saved, else (0, 0).
+inline at::Tensor empty_kd_grad_factor(const at::Tensor& student, bool save_grad) {
+  const auto opts = student.options().dtype(loss_acc_type(student));
+  return save_grad ? at::empty({student.size(0), student.size(1)}, opts) : at::empty({0, 0}, opts);
+}
+
+// Checks _kd_loss_backward's optional saved gradient factor (the forward's third output).
+inline void check_kd_grad_factor(const std::optional<at::Tensor>& f, const at::Tensor& student,
+                                 bool teacher_grad, const char* op) {
+  if (!f.has_value()) return;
+  TORCH_CHECK(!teacher_grad, op,
+              ": grad_factor gives the student's gradient only; pass None when teacher_grad");
+  TORCH_CHECK(f->dim() == 2 && f->size(0) == student.size(0) && f->size(1) == student.size(1) &&
+                  f->is_contiguous() && f->scalar_type() == loss_acc_type(student),
+              op, ": grad_factor must be a contiguous ", student.sizes(), " tensor of dtype ",
+              loss_acc_type(student), " (kd_loss's third output with save_grad=True); got ",
+              f->sizes(), " ", f->scalar_type());
+  TORCH_CHECK(f->device() == student.device(), op,
+              ": grad_factor and the logits must be on one device");
 }
 
 // The loss output: (B,) for reduction none, () otherwise; in the logits' dtype.
