@@ -27,6 +27,7 @@
 #include <optional>
 #include <vector>
 
+#include "exml_fast/cpu_isa.h"
 #include "exml_fast/soft_target_losses.h"
 
 namespace exml_fast {
@@ -40,8 +41,7 @@ namespace loss_base {
 }  // namespace loss_base
 #pragma GCC pop_options
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define EXML_FAST_LOSS_AVX2 1
+#if EXML_FAST_X86_GNU
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #pragma GCC optimize("no-trapping-math")
@@ -50,7 +50,7 @@ namespace loss_avx2 {
 }  // namespace loss_avx2
 #pragma GCC pop_options
 #else
-namespace loss_avx2 = loss_base;  // never selected: use_avx2() is false
+namespace loss_avx2 = loss_base;  // never selected: use_avx2_loops() is false
 #endif
 
 namespace {
@@ -58,25 +58,9 @@ namespace {
 using losses::kMean;
 using losses::kNone;
 
-// AVX2 + FMA + F16C when the CPU has them, unless EXML_FAST_CPU_ISA=base.
-bool loss_use_avx2() {
-#ifdef EXML_FAST_LOSS_AVX2
-  static const bool yes = [] {
-    const char* isa = std::getenv("EXML_FAST_CPU_ISA");
-    if (isa != nullptr && std::strcmp(isa, "base") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-  }();
-  return yes;
-#else
-  return false;
-#endif
-}
-
 #define EXML_LOSS_ISA(fn, ...)             \
   do {                                     \
-    if (loss_use_avx2()) {                 \
+    if (use_avx2_loops()) {                 \
       loss_avx2::fn(__VA_ARGS__);          \
     } else {                               \
       loss_base::fn(__VA_ARGS__);          \
