@@ -21,19 +21,17 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import torch
 
-import exml_fast
 from exml_fast.ops.augment import augment
 from exml_fast.reference.augment import augment as ref_augment
 from exml_fast.reference.augment import augment_with_params as ref_apply
 from exml_fast.reference.augment import batch_augment_public, draw_augment_params
 
-from benchlib import RESULTS, env_markdown, environment, median_seconds, record
+from benchlib import env_markdown, environment, median_seconds, op_parser, parse_op_args, record
 
 SIZES = [((256, 3, 32, 32), 2, 4), ((1024, 1, 32, 32), 2, 4), ((64, 3, 224, 224), 30, 0)]
 
@@ -95,26 +93,12 @@ def bench(device, dtype, channels_last, *, use_compile, min_run_time, copy_bw, s
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   choices=["cpu", "cuda"])
+    p = op_parser(__doc__, quick_help="short smoke run: 0.2 s per measurement, the first two sizes")
     p.add_argument("--dtype", default="float32",
                    choices=["float32", "float64", "float16", "bfloat16"])
     p.add_argument("--channels-last", action="store_true", help="x and grad in channels_last")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
-    p.add_argument("--quick", action="store_true",
-                   help="short smoke run: 0.2 s per measurement, the first two sizes")
-    p.add_argument("--min-run-time", type=float, default=None,
-                   help="seconds of timed runs per measurement (default 1.0; --quick 0.2)")
-    p.add_argument("--out", default=str(RESULTS),
-                   help="directory for the recorded run ('' to not record)")
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible")
-    if not exml_fast.has_ops():
-        p.error("exml_fast._C is not built: the benchmark would time the reference twice")
-    min_run_time = args.min_run_time or (0.2 if args.quick else 1.0)
+    args = parse_op_args(p, argv)
+    min_run_time = args.min_run_time
     sizes = SIZES[:2] if args.quick else SIZES
     dtype = getattr(torch, args.dtype)
 

@@ -16,17 +16,15 @@ Every ratio is measured in this one run. Usage:
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import torch
 
-import exml_fast
 from exml_fast.ops.dirichlet import class_similarity, dirichlet_targets
 from exml_fast.reference import dirichlet as ref
 
-from benchlib import RESULTS, env_markdown, environment, median_seconds, record
+from benchlib import env_markdown, environment, median_seconds, op_parser, parse_op_args, record
 
 DIRICHLET_SHAPES = [(24000, 10, 84), (1216, 1000, 512)]  # (B, K, H of the head)
 BETAS = [10.0, 0.1]
@@ -134,20 +132,9 @@ def to_markdown(rec: dict, command: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="short smoke run (0.2 s per measurement)")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
-    p.add_argument("--min-run-time", type=float, default=None,
-                   help="seconds of timed runs per measurement (default 1; 0.2 with --quick)")
-    p.add_argument("--out", default=str(RESULTS), help="directory for the recorded run ('' to not record)")
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible")
-    if not exml_fast.has_ops():
-        p.error("exml_fast._C is not built: the benchmark would time the reference twice")
-    min_run_time = args.min_run_time or (0.2 if args.quick else 1.0)
+    p = op_parser(__doc__)
+    args = parse_op_args(p, argv)
+    min_run_time = args.min_run_time
     env = environment(args.device, "dirichlet")
     t0 = time.perf_counter()
     print("1. dirichlet_targets")

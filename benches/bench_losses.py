@@ -21,7 +21,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -29,13 +28,13 @@ from typing import Callable
 
 import torch
 
-import exml_fast
 from exml_fast.ops import losses as fused
 from exml_fast.ops.ed_loss import ed_loss as fused_ed_loss
 from exml_fast.reference import losses as ref
 from exml_fast.reference.ed_loss import ed_loss as ref_ed_loss
 
-from benchlib import RESULTS, env_markdown, environment, interleaved_samples, median, record
+from benchlib import (env_markdown, environment, interleaved_samples, median, op_parser,
+                      parse_op_args, record)
 
 SIZES = [(5000, 10), (1216, 1000)]
 
@@ -174,23 +173,11 @@ def to_markdown(rec: dict, command: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   choices=["cpu", "cuda"])
+    p = op_parser(__doc__, quick_help="short smoke run (0.2 s per variant)",
+                  default_run_time="2 s on CPU, 1 s on CUDA")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
-    p.add_argument("--quick", action="store_true", help="short smoke run (0.2 s per variant)")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
-    p.add_argument("--min-run-time", type=float, default=None,
-                   help="seconds of timed runs per variant (default 2 on CPU, 1 on CUDA)")
-    p.add_argument("--out", default=str(RESULTS),
-                   help="directory for the recorded run ('' to not record)")
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible")
-    if not exml_fast.has_ops():
-        p.error("exml_fast._C is not built: the benchmark would time the reference twice")
-    min_run_time = args.min_run_time or (0.2 if args.quick else (2.0 if args.device == "cpu" else 1.0))
+    args = parse_op_args(p, argv, cpu_run_time=2.0)
+    min_run_time = args.min_run_time
     dtype = getattr(torch, args.dtype)
 
     env = environment(args.device, "losses")

@@ -15,17 +15,15 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import torch
 
-import exml_fast
 from exml_fast.ops.priors import image_priors
 from exml_fast.reference.priors import image_priors as ref_image_priors
 
-from benchlib import RESULTS, env_markdown, environment, median_seconds, record
+from benchlib import env_markdown, environment, median_seconds, op_parser, parse_op_args, record
 
 SHAPES = [(256, 3, 32, 32), (1024, 1, 32, 32), (64, 3, 224, 224)]
 QUICK_SHAPES = [(256, 3, 32, 32)]
@@ -99,21 +97,9 @@ def to_markdown(rec: dict, command: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: one shape, short timings, no torch.compile, nothing recorded")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
-    p.add_argument("--min-run-time", type=float, default=None,
-                   help="seconds of timed runs per measurement (default 1; 0.2 with --quick)")
-    p.add_argument("--out", default=str(RESULTS), help="directory for the recorded run ('' to not record)")
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible")
-    if not exml_fast.has_ops():
-        p.error("exml_fast._C is not built: the benchmark would time the reference twice")
-    min_run_time = args.min_run_time or (0.2 if args.quick else 1.0)
+    p = op_parser(__doc__, quick_help="smoke run: one shape, short timings, no torch.compile, nothing recorded")
+    args = parse_op_args(p, argv)
+    min_run_time = args.min_run_time
     env = environment(args.device, "image_priors")
     t0 = time.perf_counter()
     print("forward + backward of image_priors (tv_l1, tv_l2, blur, l2), fp32")

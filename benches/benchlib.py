@@ -8,6 +8,7 @@ Scripts import it as `from benchlib import ...` (run as `python benches/x.py`).
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -148,3 +149,37 @@ def record(out: str | Path, stem: str, rec: dict, markdown: str) -> None:
     write_atomic(out / f"{stem}.json", json.dumps(rec, indent=2) + "\n")
     write_atomic(out / f"{stem}.md", markdown)
     print(f"\nrecorded in {out / stem}.json and {out / stem}.md")
+
+
+def op_parser(description: str, *, quick_help: str = "short smoke run (0.2 s per measurement)",
+              default_run_time: str = "1 s") -> argparse.ArgumentParser:
+    """The arguments every op benchmark takes: --device, --quick, --no-compile,
+    --min-run-time, --out. Scripts add their own before calling `parse_op_args`."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help=f"seconds of timed runs per measurement (default {default_run_time}; "
+                        "0.2 with --quick)")
+    p.add_argument("--out", default=str(RESULTS),
+                   help="directory for the recorded run ('' to not record)")
+    return p
+
+
+def parse_op_args(p: argparse.ArgumentParser, argv=None, *, cpu_run_time: float = 1.0,
+                  cuda_run_time: float = 1.0) -> argparse.Namespace:
+    """Parse, refuse a run that would mean nothing (no GPU for --device cuda, or
+    no compiled library: the reference would be timed twice), and fill in
+    `min_run_time`."""
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    if not exml_fast.has_ops():
+        p.error("exml_fast._C is not built: the benchmark would time the reference twice")
+    if args.min_run_time is None:
+        args.min_run_time = 0.2 if args.quick else (
+            cpu_run_time if args.device == "cpu" else cuda_run_time)
+    return args
