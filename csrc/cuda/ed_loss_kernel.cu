@@ -54,28 +54,6 @@ __device__ __forceinline__ T warp_max(T v) {
   return v;
 }
 
-struct DevTable {
-  const int32_t* kind;
-  const int32_t* ecol;
-  const int32_t* pcol;
-  const int32_t* eunits;
-  const int32_t* punits;
-  int32_t ne, np;
-};
-
-__device__ __forceinline__ DevTable dev_table(const int32_t* t, int64_t c, bool efull, bool pfull) {
-  DevTable v;
-  v.ne = t[0];
-  v.np = t[1];
-  const int32_t* rows = t + 2;
-  v.kind = rows;
-  v.ecol = efull ? rows + 3 * c : rows + c;
-  v.pcol = pfull ? rows + 4 * c : rows + 2 * c;
-  v.eunits = rows + 5 * c;
-  v.punits = rows + 6 * c;
-  return v;
-}
-
 // (shift, scale) of one teacher block for one row, computed by the whole warp.
 template <typename teacher_t, typename acc_t>
 __device__ __forceinline__ void warp_block_norm(const teacher_t* x, const int32_t* units,
@@ -139,7 +117,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const int64_t c = a.c;
   const bool efull = a.ew == c;
   const bool pfull = a.p != nullptr && a.pw == c;
-  const DevTable tb = dev_table(a.table, c, efull, pfull);
+  const EdTable tb = ed_table_view(a.table, c, efull, pfull);
   CUDA_KERNEL_ASSERT(efull || tb.ne == a.ew);
   CUDA_KERNEL_ASSERT(a.p == nullptr || pfull || tb.np == a.pw);
   const int64_t y = a.y[row];

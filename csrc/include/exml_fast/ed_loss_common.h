@@ -15,6 +15,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -50,7 +51,8 @@ inline int32_t consecutive_start(const int32_t* units, int32_t n) {
   return n > 0 ? units[0] : -1;
 }
 
-inline EdTable ed_table_view(const int32_t* t, int64_t c, bool efull, bool pfull) {
+// The one decoder of the table layout above, for the CPU and the CUDA kernels.
+C10_HOST_DEVICE inline EdTable ed_table_view(const int32_t* t, int64_t c, bool efull, bool pfull) {
   EdTable v;
   v.ne = t[0];
   v.np = t[1];
