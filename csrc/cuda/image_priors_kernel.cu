@@ -51,7 +51,8 @@ struct Geo {
   int64_t tiles_w, tiles_per_plane;
 };
 
-// Sums kPriorSums values over the block; thread 0 gets the result. Fixed order.
+// Sums kPriorSums values over a block of kWarps warps (1-D or 2-D); thread 0 gets
+// the result. Fixed order.
 template <typename acc_t>
 __device__ void block_sum(acc_t (&v)[kPriorSums], acc_t (*shared)[kPriorSums]) {
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
@@ -73,6 +74,7 @@ __device__ void block_sum(acc_t (&v)[kPriorSums], acc_t (*shared)[kPriorSums]) {
       v[m] = s;
     }
   }
+  __syncthreads();  // `shared` may be reused by the caller's next reduction
 }
 
 // Stages rows x cols of plane `base` starting at (i_org, j_org), zero outside.
@@ -167,29 +169,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Block reduction of kPriorSums doubles over a 1-D block of kThreads. Fixed order.
-__device__ void block_sum_1d(double (&v)[kPriorSums], double (*shared)[kPriorSums]) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int m = 0; m < kPriorSums; ++m) {
-    for (int delta = 16; delta > 0; delta >>= 1) v[m] += __shfl_down_sync(0xffffffffu, v[m], delta);
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int m = 0; m < kPriorSums; ++m) shared[warp][m] = v[m];
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int m = 0; m < kPriorSums; ++m) {
-      double s = shared[0][m];
-      for (int q = 1; q < kWarps; ++q) s += shared[q][m];
-      v[m] = s;
-    }
-  }
-  __syncthreads();
-}
-
 // Grid (N): sums[n] = sum of the C * tiles_per_plane partials of sample n.
 __global__ void __launch_bounds__(kThreads)
     sample_sums_kernel(const double* __restrict__ partial, int64_t per_sample_blocks,
@@ -203,7 +182,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int m = 0; m < kPriorSums; ++m) v[m] += p[b * kPriorSums + m];
   }
-  block_sum_1d(v, red);
+  block_sum(v, red);
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int m = 0; m < kPriorSums; ++m) sums[blockIdx.x * kPriorSums + m] = v[m];
@@ -223,7 +202,7 @@ __device__ void batch_totals(const double* __restrict__ sums, int64_t n,
 #pragma unroll
     for (int m = 0; m < kPriorSums; ++m) tot[m] += sums[s * kPriorSums + m];
   }
-  block_sum_1d(tot, red);
+  block_sum(tot, red);
 }
 
 template <typename acc_t>
@@ -245,7 +224,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int m = 0; m < kPriorSums; ++m) nb[m] = 0;
   if (blur_norm) {
     for (int64_t s = threadIdx.x; s < n; s += kThreads) nb[8] += ::sqrt(sums[s * kPriorSums + 8]);
-    block_sum_1d(nb, red);
+    block_sum(nb, red);
   }
   if (threadIdx.x == 0) {
     priors_output_row<acc_t>(tot, pairs.p, static_cast<double>(n), blur_norm ? nb[8] : tot[8], out);
