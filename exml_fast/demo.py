@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 import time
 
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exml_fast import BNStatsMatcher
+from exml_fast._io import atomic_write
 from exml_fast.data import DATASET_STATS, mnist_tensors
 from exml_fast.models import LeNet5BN
 from exml_fast.ops.priors import image_priors
@@ -188,18 +188,7 @@ def save_grid_atomic(images: torch.Tensor, path: str, *, nrow: int = 8) -> None:
     """Write (N, C, H, W) images in [0, 1] as a PNG grid; readers never see a partial file."""
     from torchvision.utils import save_image
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # Not tempfile.mkstemp: its 0600 mode would survive the rename.
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            save_image(images, f, nrow=nrow, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: save_image(images, f, nrow=nrow, format="png"))
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

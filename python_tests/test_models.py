@@ -69,3 +69,18 @@ def test_resnet_downsampling():
     shortcuts = [b.shortcut for s in (model.layer2, model.layer3, model.layer4) for b in s[:1]]
     assert all(isinstance(s[0], nn.Conv2d) and s[0].kernel_size == (1, 1) for s in shortcuts)
     assert isinstance(model.layer1[0].shortcut, nn.Identity)
+
+
+def test_lenet5half_is_lenet5_with_half_the_widths():
+    from exml_fast.models import LeNet5, LeNet5Half, build_model
+
+    half, full = LeNet5Half(), LeNet5()
+    assert half(torch.randn(3, 1, 32, 32)).shape == (3, 10)
+    convs = [m for m in half.modules() if isinstance(m, torch.nn.Conv2d)]
+    linears = [m for m in half.modules() if isinstance(m, torch.nn.Linear)]
+    assert [c.out_channels for c in convs] == [3, 8]
+    assert [l.out_features for l in linears] == [60, 42, 10]
+    assert sum(p.numel() for p in half.parameters()) < sum(p.numel() for p in full.parameters()) / 3
+    assert isinstance(build_model("lenet5half", num_classes=5), LeNet5Half)
+    with pytest.raises(ValueError, match="arch must be one of"):
+        build_model("vgg")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["LeNet5", "LeNet5BN"]
+__all__ = ["LeNet5", "LeNet5BN", "LeNet5Half"]
 
 
 class LeNet5BN(nn.Module):
@@ -72,23 +72,35 @@ class LeNet5(nn.Module):
         classifier: the last ``nn.Linear``.
     """
 
+    #: (conv1, conv2, fc1, fc2) widths.
+    widths: tuple[int, int, int, int] = (6, 16, 120, 84)
+
     def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
+        c1, c2, f1, f2 = self.widths
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, kernel_size=5),
+            nn.Conv2d(in_channels, c1, kernel_size=5),
             nn.Tanh(),
             nn.AvgPool2d(2),
-            nn.Conv2d(6, 16, kernel_size=5),
+            nn.Conv2d(c1, c2, kernel_size=5),
             nn.Tanh(),
             nn.AvgPool2d(2),
             nn.Flatten(),
-            nn.Linear(16 * 5 * 5, 120),
+            nn.Linear(c2 * 5 * 5, f1),
             nn.Tanh(),
-            nn.Linear(120, 84),
+            nn.Linear(f1, f2),
             nn.Tanh(),
         )
-        self.classifier = nn.Linear(84, num_classes)
+        self.classifier = nn.Linear(f2, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_channels, 32, 32) → logits (N, num_classes)."""
         return self.classifier(self.features(x))
+
+
+class LeNet5Half(LeNet5):
+    """LeNet-5-Half, the Data Impressions paper's student: :class:`LeNet5` with
+    half the filters and units in every hidden layer (conv 3 and 8 channels,
+    linear 60 and 42 units)."""
+
+    widths = (3, 8, 60, 42)
