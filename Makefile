@@ -20,7 +20,7 @@ PYTHON ?= python3
 VENV ?= .venv
 USE_SYSTEM_TORCH ?= 0
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-PY_DEPS := numpy pytest pytest-benchmark pybind11 ninja "setuptools>=69" wheel
+PY_DEPS := numpy tqdm pytest pytest-benchmark pybind11 ninja "setuptools>=69" wheel
 
 ifeq ($(USE_SYSTEM_TORCH),1)
   PY := $(PYTHON)

@@ -46,6 +46,7 @@ from exml_fast._io import atomic_write
 from exml_fast.data import DATASET_STATS, mnist_tensors
 from exml_fast.models import LeNet5BN
 from exml_fast.ops.priors import image_priors
+from exml_fast.training import evaluate, train_classifier
 
 # Expert training (Ex-Model CL, Appendix A, batch 64 instead of 32 for speed).
 TRAIN_BATCH = 64
@@ -64,16 +65,6 @@ DEFAULT_ITERATIONS = 400
 MIN_ACCURACY = 0.9
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000) -> float:
-    """Top-1 accuracy of ``model`` (put in eval mode) on (N, C, H, W) images ``x``, labels (N,)."""
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, x.shape[0], batch_size):
-            correct += (model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum().item()
-    return correct / max(1, x.shape[0])
-
-
 def train_teacher(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -84,32 +75,10 @@ def train_teacher(
 ) -> nn.Module:
     """Train a LeNet5BN on (N, 1, 32, 32) images ``x`` and labels ``y``; returns it in eval mode."""
     model = LeNet5BN(num_classes=10, in_channels=x.shape[1])
-    opt = torch.optim.SGD(
-        model.parameters(), lr=TRAIN_LR, momentum=TRAIN_MOMENTUM, weight_decay=TRAIN_WEIGHT_DECAY
+    return train_classifier(
+        model, x, y, epochs=epochs, batch_size=TRAIN_BATCH, lr=TRAIN_LR, momentum=TRAIN_MOMENTUM,
+        weight_decay=TRAIN_WEIGHT_DECAY, generator=generator, log_every=log_every,
     )
-    n = x.shape[0]
-    steps_per_epoch = (n + TRAIN_BATCH - 1) // TRAIN_BATCH
-    model.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(n, generator=generator)
-        running, seen, t0 = 0.0, 0, time.perf_counter()
-        for step in range(steps_per_epoch):
-            idx = perm[step * TRAIN_BATCH : (step + 1) * TRAIN_BATCH]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            running += loss.item()
-            seen += 1
-            if (step + 1) % log_every == 0 or step + 1 == steps_per_epoch:
-                rate = (step + 1) / (time.perf_counter() - t0)
-                print(
-                    f"  epoch {epoch + 1}/{epochs} step {step + 1:4d}/{steps_per_epoch} "
-                    f"loss {running / seen:.4f} ({rate:.0f} steps/s)",
-                    flush=True,
-                )
-                running, seen = 0.0, 0
-    return model.eval()
 
 
 def invert(
