@@ -11,21 +11,20 @@ one epoch over seeds 0-4. Adam (lr 1e-3) was not clearly better (98.3-98.6 %
 over seeds 0-2), so the paper's SGD stays.
 
 Phase 2 synthesises 64 images of classes ``arange(64) % 10`` from the frozen
-teacher alone (DeepInversion, no data): starting from ``x ~ N(0, 1)``, Adam
-minimises::
+teacher alone with :class:`exml_fast.DeepInversion` (no data): starting from
+``x ~ N(0, 1)``, Adam minimises::
 
     CE(teacher(roll(x)), y) + bn_weight · R_BN + tv_weight · TV_l2(x) + l2_weight · ||x||²
 
-where ``R_BN`` is :class:`exml_fast.BNStatsMatcher`'s loss (form "l2", first BN
-layer x10), ``TV_l2`` DeepInversion's four-direction total variation,
-``||x||²`` the squared L2 norm per image averaged over the batch (both from
-:func:`exml_fast.ops.image_priors`, one fused pass), ``roll`` a
-random shift of up to ±2 px (one draw per step; no flips, digits are not
-mirror-symmetric). The learning rate follows a cosine decay to 0 and ``x`` is
-clamped to the range of valid normalised pixels after each step. Defaults
+where ``R_BN`` is the BatchNorm-statistic loss (form "l2", first BN layer x10),
+``TV_l2`` DeepInversion's four-direction total variation, ``||x||²`` the
+squared L2 norm per image averaged over the batch (``l2_sq_weight``), ``roll``
+a random shift of up to ±2 px drawn per image and step (no flips: digits are
+not mirror-symmetric). The learning rate follows a cosine decay to 0 and ``x``
+is clipped to the range of valid normalised pixels after each step. Defaults
 (400 steps, lr 0.1, bn 1, tv 0.05, l2 1e-3) give 64/64 images classified as
-their target over seeds 0-4; a larger ``tv_weight`` relative to ``bn_weight``
-gives blobs, a smaller one salt-and-pepper strokes. The grid is written to
+their target; a larger ``tv_weight`` relative to ``bn_weight`` gives blobs, a
+smaller one salt-and-pepper strokes. The grid is written to
 ``<out>/demo_inversion.png``; the exit status is 1 when the teacher labels
 fewer than 90 % of the 64 images as their target class.
 """
@@ -38,14 +37,12 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from exml_fast import BNStatsMatcher
 from exml_fast._io import atomic_write
 from exml_fast.data import DATASET_STATS, mnist_tensors
 from exml_fast.models import LeNet5BN
-from exml_fast.ops.priors import image_priors
+from exml_fast.synth import DeepInversion
 from exml_fast.training import evaluate, train_classifier
 
 # Expert training (Ex-Model CL, Appendix A, batch 64 instead of 32 for speed).
@@ -87,70 +84,33 @@ def invert(
     *,
     iterations: int,
     shape: tuple[int, int, int],
-    pixel_range: tuple[float, float],
-    generator: torch.Generator,
-    lr: float = INV_LR,
-    bn_weight: float = BN_WEIGHT,
-    tv_weight: float = TV_WEIGHT,
-    l2_weight: float = L2_WEIGHT,
-    jitter: int = JITTER,
-    cosine: bool = True,
-    log_every: int = 100,
+    mean: float,
+    std: float,
+    generator: int,
+    progress: bool = True,
 ) -> torch.Tensor:
-    """DeepInversion of a frozen ``teacher`` (eval mode) for class ``targets`` (N,).
+    """DeepInversion of a frozen ``teacher`` for class ``targets`` (N,), through :mod:`exml_fast.synth`.
 
     Args:
         shape: (C, H, W) of one image.
-        pixel_range: (low, high) of valid normalised pixels; ``x`` is clamped to it.
-        generator: the source of the initial noise and the jitter draws.
+        mean, std: the teacher's input normalisation; ``x`` is clipped to the valid range.
+        generator: the seed of the initial noise and the jitter draws.
 
     Returns:
         The synthesised images, (N, C, H, W), normalised like the teacher's inputs.
     """
-    teacher.eval()
-    # Only x needs gradients; the teacher's flags are put back on the way out.
-    frozen = [p for p in teacher.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    lo, hi = pixel_range
-    x = torch.randn((targets.shape[0], *shape), generator=generator)
-    x.clamp_(lo, hi).requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iterations) if cosine else None
-    try:
-        with BNStatsMatcher(teacher, form="l2", first_bn_multiplier=10.0) as matcher:
-            for it in range(iterations):
-                if jitter > 0:
-                    dx, dy = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
-                    x_in = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
-                else:
-                    x_in = x
-                logits = teacher(x_in)  # refills the matcher's per-layer terms
-                ce = F.cross_entropy(logits, targets)
-                r_bn = matcher.loss()
-                # One fused pass for both image priors: (tv_l1, tv_l2, blur, l2).
-                priors = image_priors(x)
-                r_tv = priors[1]
-                r_l2 = priors[3] / x.shape[0]
-                loss = ce + bn_weight * r_bn + tv_weight * r_tv + l2_weight * r_l2
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if sched is not None:
-                    sched.step()
-                with torch.no_grad():
-                    x.clamp_(lo, hi)
-                if (it + 1) % log_every == 0 or it + 1 == iterations:
-                    acc = (logits.argmax(1) == targets).float().mean().item()
-                    print(
-                        f"  iter {it + 1:4d}/{iterations} loss {loss.item():.4f} ce {ce.item():.4f} "
-                        f"bn {r_bn.item():.4f} tv {r_tv.item():.2f} (batch acc {acc:.2f})",
-                        flush=True,
-                    )
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-    return x.detach()
+    synth = DeepInversion(
+        teacher, input_shape=shape, mean=mean, std=std, lr=INV_LR, warmup=0.0, bn_weight=BN_WEIGHT,
+        first_bn_multiplier=10.0, tv_l2_weight=TV_WEIGHT, l2_weight=0.0, l2_sq_weight=L2_WEIGHT,
+        jitter=JITTER, flip=False, num_classes=10,
+    )
+    classes = targets.unique().tolist()
+    batch = synth.synthesize(targets.shape[0], classes=classes, iterations=iterations,
+                             batch_size=targets.shape[0], generator=generator, progress=progress)
+    if not torch.equal(batch.y, targets):
+        raise ValueError("invert: targets must cycle through their classes in ascending order "
+                         "(as torch.arange(n) % k does)")
+    return batch.x
 
 
 def save_grid_atomic(images: torch.Tensor, path: str, *, nrow: int = 8) -> None:
@@ -217,13 +177,12 @@ def _run(args: argparse.Namespace) -> int:
     del x_train, y_train
 
     targets = torch.arange(NUM_IMAGES) % 10
-    pixel_range = ((0.0 - mean) / std, (1.0 - mean) / std)
     print(f"[invert] {NUM_IMAGES} images, {args.iterations} iterations, Adam lr {INV_LR}, "
           f"bn {BN_WEIGHT}, tv {TV_WEIGHT}, l2 {L2_WEIGHT}, jitter ±{JITTER} px")
     t0 = time.perf_counter()
     x_syn = invert(
-        teacher, targets, iterations=args.iterations, shape=(1, 32, 32),
-        pixel_range=pixel_range, generator=gen,
+        teacher, targets, iterations=args.iterations, shape=(1, 32, 32), mean=mean, std=std,
+        generator=args.seed,
     )
     t_invert = time.perf_counter() - t0
 

@@ -64,8 +64,8 @@ def teacher_fingerprint(model: nn.Module) -> str:
     """sha256 over the model's parameters and buffers (names, shapes, dtypes, bytes)."""
     h = hashlib.sha256()
     for name, t in list(model.state_dict().items()):
-        t = t.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        t = t.detach().cpu().contiguous().reshape(-1)  # 0-d buffers cannot be viewed as bytes
         if t.numel():
             h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
     return h.hexdigest()
