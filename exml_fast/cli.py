@@ -276,8 +276,20 @@ def _check_synthesize_args(args: argparse.Namespace) -> torch.device:
     return device
 
 
+def _shard_stats(folder: str) -> dict[str, tuple[int, int]]:
+    """(mtime_ns, size) of each shard file in ``folder``: which batches were on disk before a run."""
+    if not os.path.isdir(folder):
+        return {}
+    out = {}
+    for name in os.listdir(folder):
+        if name.startswith("shard_") and name.endswith(".pt"):
+            st = os.stat(os.path.join(folder, name))
+            out[name] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
 def _synthesize(args: argparse.Namespace) -> int:
-    from exml_fast.synth import load_synthetic
+    from exml_fast.synth.batch import _shard_name
     from exml_fast.viz import save_grid
 
     device = _check_synthesize_args(args)
@@ -293,25 +305,45 @@ def _synthesize(args: argparse.Namespace) -> int:
         kwargs["iterations"] = args.iterations
     print(f"[synthesize] {args.method}: {args.n} images from {args.teacher} ({info.arch}, "
           f"{info.num_classes} classes) on {device}, seed {args.seed} -> {args.out}")
+    before = _shard_stats(args.out)
     t0 = time.perf_counter()
-    made = 0
-    for b in synth.synthesize_iter(args.n, **kwargs):
-        made += len(b)
+    total = made = 0
+    per_batch: dict[str, list[torch.Tensor]] = {}
+    grid_x: list[torch.Tensor] = []
+    grid_y: list[torch.Tensor] = []
+    first = None
+    # Every batch is seen once, whether computed now or read back from a shard of an
+    # earlier run, so the summary and the grid cover the whole job without re-reading it.
+    for index, b in enumerate(synth.synthesize_iter(args.n, **kwargs)):
+        first = first or b
+        total += len(b)
+        name = _shard_name(index)
+        if name not in before or _shard_stats(args.out).get(name) != before[name]:
+            made += len(b)
+        for key in ("teacher_acc", "confidence"):
+            if key in b.losses:
+                per_batch.setdefault(key, []).append(b.losses[key].detach().float().cpu())
+        shown = sum(len(t) for t in grid_x)
+        if shown < GRID_IMAGES:
+            grid_x.append(b.x[: GRID_IMAGES - shown].detach().cpu())
+            grid_y.append(b.y[: GRID_IMAGES - shown].detach().cpu())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
 
-    result = load_synthetic(args.out)
-    acc = result.losses.get("teacher_acc") if result.losses else None
-    acc_text = f"{acc.float().mean().item():.4f}" if acc is not None and acc.numel() else "n/a"
-    rate = made / elapsed if elapsed > 0 else float("inf")
-    print(f"[synthesize] {len(result)} images in {args.out}; {made} this run in {elapsed:.1f} s "
-          f"({rate:.1f} images/s); mean teacher accuracy {acc_text}")
-    if args.grid:
-        k = min(GRID_IMAGES, len(result))
+    quality = "n/a"
+    for key, what in (("teacher_acc", "mean teacher accuracy"), ("confidence", "mean teacher confidence")):
+        if per_batch.get(key):
+            quality = f"{what} {torch.cat(per_batch[key]).mean().item():.4f}"
+            break
+    rate = f"{made / elapsed:.1f} images/s" if made and elapsed > 0 else "nothing new to do"
+    print(f"[synthesize] {total} images in {args.out} ({made} made by this run, {total - made} on disk before); "
+          f"{elapsed:.1f} s, {rate}; {quality}")
+    if args.grid and first is not None:
         grid_path = os.path.join(args.out, "grid.png")
-        save_grid(SimpleNamespace(x=result.x[:k], y=result.y[:k], mean=result.mean, std=result.std), grid_path)
-        print(f"[save] {grid_path} ({k} images)")
+        x = torch.cat(grid_x)
+        save_grid(SimpleNamespace(x=x, y=torch.cat(grid_y), mean=first.mean, std=first.std), grid_path)
+        print(f"[save] {grid_path} ({len(x)} images); read the job with exml_fast.synth.load_synthetic({args.out!r})")
     return 0
 
 
