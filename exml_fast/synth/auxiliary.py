@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from exml_fast.synth.base import Synthesizer, _derive_seed
+from exml_fast.synth.base import Synthesizer, _derive_seed, eval_mode
 from exml_fast.synth.batch import SyntheticBatch
 
 __all__ = ["AuxiliaryData"]
@@ -117,13 +117,8 @@ class AuxiliaryData(Synthesizer):
         b = labels.shape[0]
         idx = self._perm[offset : offset + b]
         x = self._fetch(idx).to(self.device)
-        was_training = self.teacher.training
-        self.teacher.eval()
-        try:
-            with torch.no_grad():
-                logits = self.teacher(x).float()
-        finally:
-            self.teacher.train(was_training)
+        with eval_mode(self.teacher), torch.no_grad():
+            logits = self.teacher(x).float()
         if logits.dim() != 2 or logits.shape[0] != b:
             raise ValueError(f"{type(self).__name__}: the teacher must return (N, K) logits; got {tuple(logits.shape)}")
         probs = torch.softmax(logits, 1)

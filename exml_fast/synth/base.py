@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import numbers
@@ -43,11 +44,27 @@ def _per_channel(value, channels: int, name: str, owner: str) -> tuple[float, ..
     return vals
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Puts every submodule in eval mode and restores each one's own flag on exit.
+
+    (``model.train(flag)`` would set all submodules alike, and so change a
+    model whose submodules were in mixed modes.)
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def teacher_fingerprint(model: nn.Module) -> str:
     """sha256 over the model's parameters and buffers (names, shapes, dtypes, bytes)."""
     h = hashlib.sha256()
     for name, t in list(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
+        t = t.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         if t.numel():
             h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
@@ -190,13 +207,8 @@ class Synthesizer:
         return self._num_classes
 
     def _infer_num_classes(self) -> int:
-        was_training = self.teacher.training
-        self.teacher.eval()
-        try:
-            with torch.no_grad():
-                out = self.teacher(torch.zeros((2, *self.input_shape), device=self.device))
-        finally:
-            self.teacher.train(was_training)
+        with eval_mode(self.teacher), torch.no_grad():
+            out = self.teacher(torch.zeros((2, *self.input_shape), device=self.device))
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
             raise ValueError(
                 f"{type(self).__name__}: the teacher must map (N, C, H, W) inputs to (N, K) logits; "

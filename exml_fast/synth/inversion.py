@@ -39,7 +39,7 @@ from exml_fast.ops.losses import js_divergence, soft_target_cross_entropy
 from exml_fast.ops.priors import image_priors
 from exml_fast.reference.augment import draw_augment_params
 from exml_fast.reference.bn_stats import BN_LOSS_FORMS
-from exml_fast.synth.base import Synthesizer
+from exml_fast.synth.base import Synthesizer, eval_mode
 from exml_fast.synth.batch import SyntheticBatch
 
 __all__ = ["DataImpressions", "DeepInversion", "ModelInversion"]
@@ -310,6 +310,8 @@ class _Inversion(Synthesizer):
             first = min(iterations - 1, max(1, round(iterations * fraction))) if iterations > 1 else 0
             phases = [(low, first), ((h, w), iterations - first)] if first > 0 else [((h, w), iterations)]
         size0 = phases[0][0]
+        if len(phases) > 1:
+            self._check_low_resolution(size0)
         # Drawn on the CPU from the batch's generator: the same seed gives the same
         # start on every device.
         x = torch.randn((b, c, *size0), generator=generator) * self.init_std
@@ -322,6 +324,17 @@ class _Inversion(Synthesizer):
         names = self.term_names()
         losses = {k: terms[j : j + 1].float().cpu() for j, k in enumerate(names)}
         return SyntheticBatch(x.contiguous(), labels, soft, losses, self.mean, self.std)
+
+    def _check_low_resolution(self, size) -> None:
+        c = self.input_shape[0]
+        try:
+            with eval_mode(self.teacher), torch.no_grad():
+                self.teacher(torch.zeros((1, c, *size), device=self.device))
+        except Exception as e:
+            raise ValueError(
+                f"{type(self).__name__}: multi_resolution={self.multi_resolution} needs a teacher that accepts "
+                f"{(c, *size)} inputs (global pooling); {type(self.teacher).__name__} failed on one: {e}"
+            ) from e
 
     def _optimise(self, x0, labels, soft, steps, generator, progress):
         """Runs ``steps`` Adam steps from ``x0``; returns (kept x, its loss terms)."""
@@ -489,7 +502,6 @@ class _State:
 @contextlib.contextmanager
 def _frozen(model: nn.Module, *, channels_last: bool):
     """Eval mode, no parameter gradients and (optionally) channels_last weights, restored on exit."""
-    was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
     formats = []
     if channels_last:
@@ -498,16 +510,15 @@ def _frozen(model: nn.Module, *, channels_last: bool):
                 formats.append((p, p.data))
                 p.data = p.data.contiguous(memory_format=torch.channels_last)
     try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield model
+        with eval_mode(model):
+            for p, _ in flags:
+                p.requires_grad_(False)
+            yield model
     finally:
         for p, data in formats:
-            p.data = data.contiguous() if data.is_contiguous() else data
+            p.data = data
         for p, flag in flags:
             p.requires_grad_(flag)
-        model.train(was_training)
 
 
 class _GraphStep:
