@@ -242,6 +242,11 @@ def _aux_data(args: argparse.Namespace, info: Any) -> torch.Tensor:
     return x.contiguous()
 
 
+_DIGIT_DEEPINVERSION_DATASETS = ("mnist", "fashion-mnist")
+_DIGIT_DEEPINVERSION = dict(lr=0.1, warmup=0.0, bn_weight=1.0, first_bn_multiplier=10.0, tv_l2_weight=0.05,
+                            l2_weight=0.0, l2_sq_weight=1e-3, jitter=2, flip=False)
+
+
 def _make_synthesizer(args: argparse.Namespace, teacher: torch.nn.Module, info: Any, device: torch.device):
     from exml_fast import synth
 
@@ -252,6 +257,10 @@ def _make_synthesizer(args: argparse.Namespace, teacher: torch.nn.Module, info: 
     kwargs: dict[str, Any] = dict(input_shape=tuple(info.input_shape), mean=info.mean, std=info.std,
                                   num_classes=info.num_classes, device=device,
                                   channels_last=args.channels_last, cuda_graph=args.cuda_graph, compile=args.compile)
+    if args.method == "deepinversion" and info.metadata.get("dataset") in _DIGIT_DEEPINVERSION_DATASETS:
+        # DeepInversion's defaults are its CIFAR settings (BN x10, flips); on 32x32
+        # grey-scale digits/clothes the demo's settings work (64/64 on the demo teacher).
+        kwargs.update(_DIGIT_DEEPINVERSION)
     if args.precision is not None:
         kwargs["precision"] = args.precision
     if args.lr is not None:
