@@ -216,3 +216,32 @@ def test_bad_arguments(kwargs, match):
     model = tiny_teacher()
     with pytest.raises((ValueError, TypeError), match=match):
         public_deepinversion(model, torch.arange(2), **WEIGHTS, **kwargs)
+
+
+def test_port_objective_equals_the_engine_configured_as_in_bench_synthesis():
+    """benches/bench_synthesis.py compares the port with exml_fast.synth.DeepInversion
+    configured to the same objective; at the engine's initial batch (no augmentation,
+    one iteration: the kept batch is the init) the port's loss terms equal the engine's."""
+    synth_mod = pytest.importorskip("exml_fast.synth")
+    model = tiny_teacher()
+    synth = synth_mod.DeepInversion(
+        model, input_shape=(3, 32, 32), mean=None, std=None, num_classes=10, lr=0.1,
+        schedule="constant", warmup=0.0, bn_weight=WEIGHTS["bn_reg_scale"], first_bn_multiplier=1.0,
+        tv_l2_weight=WEIGHTS["tv_l2_scale"], l2_weight=WEIGHTS["l2_scale"], jitter=0, flip=False)
+    batch = synth.synthesize(8, iterations=1, batch_size=8, generator=0, progress=False)
+    x, y = batch.x, batch.y
+    assert torch.equal(y, torch.arange(8) % 10)
+    hooks = deepinversion_bn_loss_hooks(model)
+    try:
+        with torch.no_grad():
+            out = model(x)
+        bn = deepinversion_bn_loss(hooks, first_bn_multiplier=1.0)
+    finally:
+        for h in hooks:
+            h.remove()
+    ce = F.cross_entropy(out, y)
+    total = (ce + WEIGHTS["bn_reg_scale"] * bn + WEIGHTS["tv_l2_scale"] * public_tv_l2(x)
+             + WEIGHTS["l2_scale"] * torch.norm(x, 2))
+    torch.testing.assert_close(batch.losses["main"][0], ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch.losses["bn"][0], bn, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(batch.losses["total"][0], total, rtol=1e-5, atol=1e-4)
