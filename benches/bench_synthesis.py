@@ -15,15 +15,20 @@ Variants, each with its own deep copy of the teacher:
   public+compile (CUDA only, unless --no-compile) the same with the teacher
            wrapped in torch.compile, the peer a user would reach for first;
   exml fp32 exml_fast.synth.DeepInversion, precision="fp32";
-  exml fast (CUDA only) precision="bf16", channels_last=True, cuda_graph=True.
+  exml bf16+cl+graph (CUDA only) precision="bf16", channels_last=True,
+           cuda_graph=True.
+The engine runs with the public loop's objective and optimiser (see
+exml_runner), so only the implementation differs; its own defaults (first BN
+layer x10, cosine lr with warm-up, clipping) are not what is timed.
 
 How a step is timed (the honest per-iteration cost, set-up removed): each
 variant runs a whole synthesis call through its public API for K1 and for K2
 iterations from the same seed — `synth.synthesize(B, iterations=K,
 batch_size=B, generator=seed, progress=False)` and `public_deepinversion(...,
 iterations=K)` — and a step costs (t(K2) - t(K1)) / (K2 - K1). Set-up that
-does not scale with the iterations (the init, hook registration, the engine's
-class-count probe, CUDA-graph capture, the result's copies) cancels. Calls are
+does not scale with the iterations (the init, hook registration, the
+engine's CUDA-graph capture — made anew in every call after 3 eager steps, so
+K1 >= 5 on CUDA puts it in both calls — the result's copies) cancels. Calls are
 synchronised and timed round-robin with the order rotated each round, so the
 per-round ratios cancel the drift of a shared machine; the speed-up printed is
 the median of the per-round ratios (min-max in brackets). One call of each
@@ -41,7 +46,7 @@ max(3 x that spread, 2 % of the loss).
 
 Usage:
     python benches/bench_synthesis.py [--device cpu|cuda] [--quick] [--nets resnet18 resnet34]
-        [--batch 256] [--k1 1] [--k2 4] [--rounds 3] [--check-iterations 20]
+        [--batch 256] [--k1 1|5] [--k2 4|105] [--rounds 3|5] [--check-iterations 20|200]
         [--seeds 0 1] [--no-compile] [--out benches/results]
 """
 
