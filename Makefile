@@ -4,7 +4,8 @@
 #
 #   make test                  Python tests + the C++ (ctest) suite
 #   make demo                  train a LeNet-5-BN on MNIST, invert it, save a PNG grid
-#   make bench                 benchmarks, printed and recorded in benches/results/
+#   make bench                 op benchmarks, printed and recorded in benches/results/
+#   make bench-e2e             end-to-end synthesis benchmarks (about an hour on 2 CPU cores)
 #   USE_SYSTEM_TORCH=1 make …  use `python3` and the torch it has (e.g. a GPU machine)
 #
 # Variables: PYTHON (interpreter that creates the venv, or the one used with
@@ -44,7 +45,7 @@ CMAKE_BUILD_DIR := build-cmake
 CMAKE_CUDA = $(shell $(PY) -c 'import torch; print("ON" if torch.cuda.is_available() else "OFF")' 2>/dev/null || echo OFF)
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: help env build test pytest ctest demo bench clean FORCE
+.PHONY: help env build test pytest ctest demo bench bench-e2e clean FORCE
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -98,9 +99,15 @@ demo: build
 	$(PY) -m exml_fast.demo
 
 BENCHES := bn_stats priors losses dirichlet augment
+E2E_BENCHES := synthesis data_impressions
 
 bench: build
 	for b in $(BENCHES); do $(PY) benches/bench_$$b.py; done
+
+# End to end (about an hour on 2 CPU cores): DeepInversion images/s against the
+# public loop, and zero-shot KD from 2400 Data Impressions.
+bench-e2e: build
+	for b in $(E2E_BENCHES); do $(PY) benches/bench_$$b.py; done
 
 clean:
 	rm -rf build $(CMAKE_BUILD_DIR) .stamps exml_fast/_C*.so *.egg-info
