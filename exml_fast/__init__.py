@@ -4,6 +4,8 @@ Public entry points:
     exml_fast.ops            fused ops (bn_stats, bn_stats_loss, ...)
     exml_fast.reference      pure-PyTorch twins of every op
     exml_fast.BNStatsMatcher BatchNorm-statistic matching for any model
+    exml_fast.synth          data-free synthesizers (DeepInversion, ModelInversion,
+                             DataImpressions, AuxiliaryData), also exported here
     exml_fast.has_ops()      whether the compiled library loaded
     exml_fast.build_info()   how it was built
 """
@@ -11,7 +13,12 @@ Public entry points:
 from exml_fast._ext import build_info, has_ops
 from exml_fast import ops, reference
 from exml_fast.matcher import BNStatsMatcher
+from exml_fast import synth
+from exml_fast.synth import (AuxiliaryData, DataImpressions, DeepInversion, ModelInversion, SyntheticBatch,
+                             load_synthetic)
 
 __version__ = "0.1.0"
 
-__all__ = ["BNStatsMatcher", "build_info", "has_ops", "ops", "reference", "__version__"]
+__all__ = ["AuxiliaryData", "BNStatsMatcher", "DataImpressions", "DeepInversion", "ModelInversion",
+           "SyntheticBatch", "build_info", "has_ops", "load_synthetic", "ops", "reference", "synth",
+           "__version__"]

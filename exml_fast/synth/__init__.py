@@ -1,0 +1,27 @@
+"""Data-free synthesis: labelled inputs from a trained classifier alone.
+
+Three lines with any classifier::
+
+    from exml_fast.synth import DeepInversion
+    synth = DeepInversion(teacher, input_shape=(3, 32, 32), mean=MEAN, std=STD)
+    batch = synth.synthesize(256, iterations=2000)        # batch.x, batch.y
+
+- :class:`ModelInversion` — CE at temperature τ plus image priors.
+- :class:`DeepInversion` — BN-statistic matching, TV/l2 priors, jitter and
+  flips, Adam with cosine warm-up, best-batch selection, multi-resolution,
+  Adaptive DeepInversion with ``competitor=student``.
+- :class:`DataImpressions` — Dirichlet soft targets from the classifier's weights.
+- :class:`AuxiliaryData` — samples of another dataset labelled by the teacher.
+
+Every synthesizer returns a :class:`SyntheticBatch`; ``synthesize_iter``
+streams one per optimisation batch and ``save_to=`` writes resumable shards
+(:func:`load_synthetic` reads them back).
+"""
+
+from exml_fast.synth.auxiliary import AuxiliaryData
+from exml_fast.synth.base import Synthesizer
+from exml_fast.synth.batch import SyntheticBatch, load_synthetic
+from exml_fast.synth.inversion import DataImpressions, DeepInversion, ModelInversion, lr_table
+
+__all__ = ["AuxiliaryData", "DataImpressions", "DeepInversion", "ModelInversion", "SyntheticBatch",
+           "Synthesizer", "load_synthetic", "lr_table"]

@@ -1,0 +1,374 @@
+"""The interface every synthesizer shares: planning a job, seeding, shards, progress."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from exml_fast.synth.batch import ShardStore, SyntheticBatch, _batch_bounds
+
+__all__ = ["Synthesizer"]
+
+_SEED_MAX = 2**63 - 1
+
+
+def _per_channel(value, channels: int, name: str, owner: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, numbers.Real):
+        vals = (float(value),) * channels
+    elif isinstance(value, torch.Tensor):
+        vals = tuple(float(v) for v in value.reshape(-1).tolist())
+    else:
+        try:
+            vals = tuple(float(v) for v in value)
+        except TypeError:
+            raise TypeError(f"{owner}: {name} must be a float or a sequence of {channels} floats; "
+                            f"got {type(value).__name__}") from None
+    if len(vals) == 1:
+        vals = vals * channels
+    if len(vals) != channels:
+        raise ValueError(f"{owner}: {name} must have 1 or {channels} (input channels) values; got {len(vals)}")
+    if not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"{owner}: {name} must be finite; got {vals}")
+    return vals
+
+
+def teacher_fingerprint(model: nn.Module) -> str:
+    """sha256 over the model's parameters and buffers (names, shapes, dtypes, bytes)."""
+    h = hashlib.sha256()
+    for name, t in list(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _derive_seed(base: int, index: int) -> int:
+    digest = hashlib.sha256(f"exml_fast.synth:{base}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & _SEED_MAX
+
+
+def _base_seed(generator, owner: str) -> int:
+    if generator is None:
+        return int(torch.randint(0, _SEED_MAX, (1,)).item())
+    if isinstance(generator, bool) or not isinstance(generator, (int, torch.Generator)):
+        raise TypeError(f"{owner}: generator must be None, an int seed or a torch.Generator; "
+                        f"got {type(generator).__name__}")
+    if isinstance(generator, int):
+        if generator < 0:
+            raise ValueError(f"{owner}: an int generator (seed) must be >= 0; got {generator}")
+        return generator & _SEED_MAX
+    return int(torch.randint(0, _SEED_MAX, (1,), generator=generator, device=generator.device).item())
+
+
+class _Progress:
+    """A tqdm bar (plain lines when tqdm is missing or progress is off-terminal and disabled)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+        self._last_print = 0.0
+        self.total = total
+        self.done = 0
+        self.desc = desc
+        if not enabled:
+            return
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # optional at run time: fall back to a line every few seconds
+            return
+        self.bar = tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True, leave=True)
+
+    def update(self, k: int, postfix: dict[str, float] | None = None, desc: str | None = None) -> None:
+        self.done += k
+        if not self.enabled:
+            return
+        text = "" if postfix is None else ", ".join(f"{key}={v:.4g}" for key, v in postfix.items())
+        if self.bar is not None:
+            if desc is not None:
+                self.bar.set_description(desc, refresh=False)
+            if postfix is not None:
+                self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(k)
+            return
+        now = time.monotonic()
+        if now - self._last_print >= 5.0 or self.done >= self.total:
+            self._last_print = now
+            print(f"{desc or self.desc}: {self.done}/{self.total} {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Synthesizer:
+    """Base class: turns a trained classifier into labelled synthetic inputs.
+
+    Subclasses implement :meth:`_synthesize_batch`; everything else — class
+    balancing, seeding, streaming to disk and resuming, the progress bar — is
+    shared. ``synthesize`` and ``synthesize_iter`` take the same arguments.
+    """
+
+    #: the method's name in manifests and on the command line
+    method = "synthesizer"
+    #: whether ``iterations`` means something for this method
+    optimizes = True
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        *,
+        input_shape: Sequence[int],
+        mean=None,
+        std=None,
+        num_classes: int | None = None,
+        device: torch.device | str | None = None,
+        iterations: int | None = None,
+        batch_size: int = 256,
+    ) -> None:
+        owner = type(self).__name__
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"{owner}: teacher must be an nn.Module; got {type(teacher).__name__}")
+        self.teacher = teacher
+        try:
+            shape = tuple(int(s) for s in input_shape)
+        except TypeError:
+            raise TypeError(f"{owner}: input_shape must be a (C, H, W) sequence of ints; got {input_shape!r}") from None
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"{owner}: input_shape must be (C, H, W) with positive sizes; got {input_shape!r}")
+        self.input_shape = shape
+        self.mean = _per_channel(mean, shape[0], "mean", owner)
+        self.std = _per_channel(std, shape[0], "std", owner)
+        if (self.mean is None) != (self.std is None):
+            raise ValueError(f"{owner}: give both mean and std, or neither")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"{owner}: std must be > 0; got {self.std}")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"{owner}: num_classes must be a positive int or None; got {num_classes!r}")
+        self._num_classes = num_classes
+        if device is None:
+            p = next(iter(teacher.parameters()), None)
+            device = p.device if p is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.iterations = self._check_iterations(iterations, owner)
+        self.batch_size = self._check_batch_size(batch_size, owner)
+
+    # -- argument checks -------------------------------------------------------
+    def _check_iterations(self, iterations, owner: str):
+        if not self.optimizes:
+            if iterations is not None:
+                raise ValueError(f"{owner}: iterations must be None ({owner} does not optimise)")
+            return None
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"{owner}: iterations must be an int >= 1; got {iterations!r}")
+        return iterations
+
+    @staticmethod
+    def _check_batch_size(batch_size, owner: str) -> int:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"{owner}: batch_size must be an int >= 1; got {batch_size!r}")
+        return batch_size
+
+    @property
+    def num_classes(self) -> int:
+        """Output units of the teacher (inferred by one forward when not given)."""
+        if self._num_classes is None:
+            self._num_classes = self._infer_num_classes()
+        return self._num_classes
+
+    def _infer_num_classes(self) -> int:
+        was_training = self.teacher.training
+        self.teacher.eval()
+        try:
+            with torch.no_grad():
+                out = self.teacher(torch.zeros((2, *self.input_shape), device=self.device))
+        finally:
+            self.teacher.train(was_training)
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
+            raise ValueError(
+                f"{type(self).__name__}: the teacher must map (N, C, H, W) inputs to (N, K) logits; "
+                f"got {getattr(out, 'shape', type(out).__name__)} for input_shape {self.input_shape}"
+            )
+        return out.shape[1]
+
+    @property
+    def pixel_range(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-channel (low, high) of valid normalised pixels, (1, C, 1, 1) each; None without mean/std."""
+        if self.mean is None:
+            return None
+        m = torch.tensor(self.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        s = torch.tensor(self.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        return (0.0 - m) / s, (1.0 - m) / s
+
+    def config(self) -> dict[str, Any]:
+        """The settings that decide the output (JSON-able; part of a job's manifest)."""
+        return {"input_shape": list(self.input_shape), "mean": self.mean, "std": self.std}
+
+    # -- jobs ------------------------------------------------------------------
+    def _labels(self, n: int, classes) -> tuple[torch.Tensor, list[int] | None]:
+        owner = type(self).__name__
+        k = self.num_classes
+        if classes is None:
+            cls = list(range(k))
+            given = None
+        else:
+            if isinstance(classes, torch.Tensor):
+                classes = classes.reshape(-1).tolist()
+            try:
+                cls = [int(c) for c in classes]
+            except (TypeError, ValueError):
+                raise TypeError(f"{owner}: classes must be None or a sequence of class indices; got {classes!r}") from None
+            if not cls:
+                raise ValueError(f"{owner}: classes must not be empty")
+            bad = [c for c in cls if not 0 <= c < k]
+            if bad:
+                raise ValueError(f"{owner}: classes must be in [0, {k}) (the teacher's outputs); got {bad}")
+            if len(set(cls)) != len(cls):
+                raise ValueError(f"{owner}: classes has duplicates: {cls}")
+            given = cls
+        labels = torch.tensor(cls, dtype=torch.int64)[torch.arange(n) % len(cls)]
+        return labels, given
+
+    def synthesize(
+        self,
+        n: int,
+        *,
+        classes: Sequence[int] | torch.Tensor | None = None,
+        iterations: int | None = None,
+        batch_size: int | None = None,
+        generator: int | torch.Generator | None = None,
+        progress: bool = True,
+        save_to: str | os.PathLike | None = None,
+    ) -> SyntheticBatch:
+        """Synthesises ``n`` labelled inputs and returns them as one SyntheticBatch.
+
+        Args:
+            n: number of inputs, >= 1.
+            classes: target classes (None: all the teacher's outputs). Labels
+                cycle through them, so every class gets n/len(classes) inputs
+                (the first n mod len(classes) one more).
+            iterations: optimisation steps per batch (None: the constructor's).
+            batch_size: inputs optimised together (None: the constructor's).
+                Peak memory is one batch's activations, whatever n is.
+            generator: None (a seed drawn from torch's default generator), an
+                int seed, or a torch.Generator. Batch b is seeded from
+                (seed, b) alone, so a resumed job equals an uninterrupted one.
+            progress: show a progress bar (iteration, loss terms, teacher accuracy).
+            save_to: a folder: each batch is written as an atomic shard as soon
+                as it is done, and a rerun with the same arguments resumes
+                after the last whole shard. Read it back with
+                :func:`exml_fast.synth.load_synthetic`.
+
+        Returns:
+            A :class:`SyntheticBatch` of n rows, on the synthesizer's device.
+        """
+        return SyntheticBatch.cat(list(self.synthesize_iter(
+            n, classes=classes, iterations=iterations, batch_size=batch_size,
+            generator=generator, progress=progress, save_to=save_to,
+        )))
+
+    def synthesize_iter(
+        self,
+        n: int,
+        *,
+        classes: Sequence[int] | torch.Tensor | None = None,
+        iterations: int | None = None,
+        batch_size: int | None = None,
+        generator: int | torch.Generator | None = None,
+        progress: bool = True,
+        save_to: str | os.PathLike | None = None,
+    ) -> Iterator[SyntheticBatch]:
+        """Like :meth:`synthesize`, but yields one SyntheticBatch per optimisation batch.
+
+        Only the batch being optimised (and the one yielded) is held in
+        memory; with ``save_to`` a job of any size streams to disk. Batches
+        already on disk from an interrupted run are read back, not redone.
+        Arguments are checked when this is called, before the first batch.
+        """
+        owner = type(self).__name__
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{owner}.synthesize: n must be an int >= 1; got {n!r}")
+        if self.optimizes:
+            iterations = self.iterations if iterations is None else self._check_iterations(iterations, owner)
+        elif iterations is not None:
+            raise ValueError(f"{owner}.synthesize: iterations must be None ({owner} does not optimise)")
+        batch_size = self.batch_size if batch_size is None else self._check_batch_size(batch_size, owner)
+        labels, given = self._labels(n, classes)
+        bounds = _batch_bounds(n, batch_size)
+
+        store = None
+        if save_to is not None:
+            job = {
+                "method": self.method, "config": self.config(), "n": n, "batch_size": batch_size,
+                "iterations": iterations, "classes": given, "num_classes": self.num_classes,
+                "teacher": teacher_fingerprint(self.teacher),
+            }
+            manifest_seed = _existing_seed(save_to) if generator is None else None
+            job["seed"] = manifest_seed if manifest_seed is not None else _base_seed(generator, owner)
+            store = ShardStore(save_to, _jsonable(job))
+            seed = job["seed"]
+        else:
+            seed = _base_seed(generator, owner)
+
+        return self._run(labels, bounds, iterations, seed, store, progress)
+
+    def _run(self, labels, bounds, iterations, seed, store, progress) -> Iterator[SyntheticBatch]:
+        steps_per_batch = iterations if self.optimizes else 1
+        bar = _Progress(len(bounds) * steps_per_batch, self.method, progress)
+        try:
+            for b, (start, stop) in enumerate(bounds):
+                desc = f"{self.method} {b + 1}/{len(bounds)}"
+                if store is not None:
+                    done = store.load(b, stop - start)
+                    if done is not None:
+                        bar.update(steps_per_batch, desc=desc + " (on disk)")
+                        yield done.to(self.device)
+                        continue
+                gen = torch.Generator().manual_seed(_derive_seed(seed, b))
+                # Hooks and model modes are set per batch (in _synthesize_batch), so
+                # nothing of the job is attached to the teacher while a batch is yielded.
+                batch = self._synthesize_batch(
+                    labels[start:stop].to(self.device), iterations=iterations, generator=gen,
+                    offset=start, progress=lambda k, post, _d=desc: bar.update(k, post, _d),
+                )
+                if store is not None:
+                    store.save(b, batch)
+                yield batch
+            if store is not None:
+                store.finish()
+        finally:
+            bar.close()
+
+    def _synthesize_batch(self, labels: torch.Tensor, *, iterations, generator: torch.Generator,
+                          offset: int, progress) -> SyntheticBatch:
+        raise NotImplementedError
+
+
+def _existing_seed(folder) -> int | None:
+    from exml_fast.synth.batch import MANIFEST, _read_manifest
+
+    if not os.path.exists(os.path.join(os.fspath(folder), MANIFEST)):
+        return None
+    return _read_manifest(os.fspath(folder))["job"].get("seed")
+
+
+def _jsonable(obj):
+    """Tuples become lists, so a job compares equal to its JSON round trip."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj

@@ -1,0 +1,253 @@
+"""SyntheticBatch and the on-disk store of a synthesis job (atomic shards + manifest)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from exml_fast._io import atomic_write
+
+__all__ = ["SyntheticBatch", "load_synthetic"]
+
+MANIFEST = "manifest.json"
+FORMAT = "exml_fast.synthetic"
+VERSION = 1
+
+
+@dataclasses.dataclass
+class SyntheticBatch:
+    """Synthetic inputs with their labels, as a synthesizer returns them.
+
+    Attributes:
+        x: (n, C, H, W) float32 inputs in the teacher's input space (normalised
+            with ``mean``/``std`` when those are set).
+        y: (n,) int64 class of each input: the target it was optimised for
+            (inversion methods) or the teacher's argmax (auxiliary data).
+        soft_targets: (n, K) float32 or None: the Dirichlet targets of Data
+            Impressions, the teacher's softmax for auxiliary data; None for
+            model inversion and DeepInversion.
+        losses: name → 1-D float32 tensor with one entry per optimisation
+            batch: the loss terms of the batch that was kept ("total", "main",
+            "bn", "tv_l1", "tv_l2", "blur", "l2", "l2_sq", "competition" —
+            those that were used) and "teacher_acc", the fraction of that
+            batch the teacher labelled as its target.
+        mean, std: per-channel normalisation of ``x`` (None: not normalised);
+            :func:`exml_fast.viz.save_grid` un-normalises with them.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    soft_targets: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.x.dim() != 4:
+            raise ValueError(f"SyntheticBatch: x must be (n, C, H, W); got shape {tuple(self.x.shape)}")
+        if self.y.shape != (self.x.shape[0],):
+            raise ValueError(
+                f"SyntheticBatch: y must be ({self.x.shape[0]},) to match x; got {tuple(self.y.shape)}"
+            )
+        if self.soft_targets is not None and (
+            self.soft_targets.dim() != 2 or self.soft_targets.shape[0] != self.x.shape[0]
+        ):
+            raise ValueError(
+                f"SyntheticBatch: soft_targets must be ({self.x.shape[0]}, K); "
+                f"got {tuple(self.soft_targets.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, index) -> "SyntheticBatch":
+        """Rows ``index`` (an int, slice, index or bool tensor); ``losses`` are kept whole."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return SyntheticBatch(
+            self.x[index], self.y[index],
+            None if self.soft_targets is None else self.soft_targets[index],
+            dict(self.losses), self.mean, self.std,
+        )
+
+    def to(self, *args, **kwargs) -> "SyntheticBatch":
+        """A copy with ``x``, ``y`` and ``soft_targets`` moved like ``Tensor.to`` (dtype changes apply to x only)."""
+        def move(t, floating):
+            if t is None:
+                return None
+            if floating:
+                return t.to(*args, **kwargs)
+            dev = torch.empty(0).to(*args, **kwargs).device if args or "device" in kwargs else t.device
+            return t.to(dev)
+        return SyntheticBatch(
+            move(self.x, True), move(self.y, False), move(self.soft_targets, False),
+            dict(self.losses), self.mean, self.std,
+        )
+
+    @classmethod
+    def cat(cls, batches: Sequence["SyntheticBatch"]) -> "SyntheticBatch":
+        """Concatenates batches (same shapes, normalisation and kinds of targets)."""
+        batches = list(batches)
+        if not batches:
+            raise ValueError("SyntheticBatch.cat: batches must not be empty")
+        first = batches[0]
+        for b in batches[1:]:
+            if b.x.shape[1:] != first.x.shape[1:]:
+                raise ValueError(
+                    f"SyntheticBatch.cat: image shapes differ: {tuple(first.x.shape[1:])} and {tuple(b.x.shape[1:])}"
+                )
+            if (b.soft_targets is None) != (first.soft_targets is None):
+                raise ValueError("SyntheticBatch.cat: some batches have soft_targets and some do not")
+            if b.mean != first.mean or b.std != first.std:
+                raise ValueError("SyntheticBatch.cat: the batches have different mean/std")
+        keys = [k for k in first.losses if all(k in b.losses for b in batches)]
+        return cls(
+            torch.cat([b.x for b in batches]),
+            torch.cat([b.y for b in batches]),
+            None if first.soft_targets is None else torch.cat([b.soft_targets for b in batches]),
+            {k: torch.cat([b.losses[k].reshape(-1) for b in batches]) for k in keys},
+            first.mean,
+            first.std,
+        )
+
+    def state(self) -> dict[str, Any]:
+        """A plain dict of CPU tensors and numbers (what a shard file holds)."""
+        return {
+            "x": self.x.detach().cpu(),
+            "y": self.y.cpu(),
+            "soft_targets": None if self.soft_targets is None else self.soft_targets.cpu(),
+            "losses": {k: v.detach().cpu() for k, v in self.losses.items()},
+            "mean": None if self.mean is None else list(self.mean),
+            "std": None if self.std is None else list(self.std),
+        }
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any]) -> "SyntheticBatch":
+        return cls(
+            s["x"], s["y"], s["soft_targets"], dict(s["losses"]),
+            None if s["mean"] is None else tuple(s["mean"]),
+            None if s["std"] is None else tuple(s["std"]),
+        )
+
+
+def _shard_name(index: int) -> str:
+    return f"shard_{index:05d}.pt"
+
+
+class ShardStore:
+    """The folder of one synthesis job: ``manifest.json`` plus one shard per optimisation batch.
+
+    Every file is written atomically (temporary file, fsync, rename), so an
+    interrupted job leaves only whole shards behind; a shard is trusted when
+    it loads and holds the rows the manifest assigns to it.
+    """
+
+    def __init__(self, folder: str | os.PathLike, job: dict[str, Any]) -> None:
+        self.folder = os.fspath(folder)
+        self.job = job
+        if os.path.exists(self.folder) and not os.path.isdir(self.folder):
+            raise ValueError(f"save_to: {self.folder!r} exists and is not a folder")
+        path = os.path.join(self.folder, MANIFEST)
+        if os.path.exists(path):
+            old = _read_manifest(self.folder)
+            diffs = [k for k in sorted(set(job) | set(old["job"])) if old["job"].get(k) != job.get(k)]
+            if diffs:
+                k = diffs[0]
+                raise ValueError(
+                    f"save_to: {self.folder!r} holds a different synthesis job ({k} was "
+                    f"{old['job'].get(k)!r}, now {job.get(k)!r}); use another folder or delete it"
+                )
+        else:
+            self._write_manifest(complete=False)
+
+    def _write_manifest(self, *, complete: bool) -> None:
+        text = json.dumps({"format": FORMAT, "version": VERSION, "complete": complete, "job": self.job},
+                          indent=1, sort_keys=True)
+        atomic_write(os.path.join(self.folder, MANIFEST), lambda f: f.write(text.encode()))
+
+    def load(self, index: int, rows: int) -> SyntheticBatch | None:
+        """Shard ``index`` if it is on disk and whole (``rows`` rows), else None."""
+        path = os.path.join(self.folder, _shard_name(index))
+        if not os.path.exists(path):
+            return None
+        try:
+            batch = SyntheticBatch.from_state(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception:  # a foreign or damaged file: redo the shard (it is rewritten atomically)
+            return None
+        return batch if len(batch) == rows else None
+
+    def save(self, index: int, batch: SyntheticBatch) -> None:
+        state = batch.state()
+
+        def write(f):
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            f.write(buf.getbuffer())
+
+        atomic_write(os.path.join(self.folder, _shard_name(index)), write)
+
+    def finish(self) -> None:
+        self._write_manifest(complete=True)
+
+
+def _read_manifest(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path!r} is not a readable exml_fast synthesis manifest: {e}") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(
+            f"{path!r} is not an exml_fast synthesis manifest of version {VERSION} "
+            f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})"
+        )
+    return manifest
+
+
+def load_synthetic(folder: str | os.PathLike, *, allow_partial: bool = False) -> SyntheticBatch:
+    """Reads the job in ``folder`` (written with ``save_to=folder``) as one SyntheticBatch.
+
+    Args:
+        folder: the ``save_to`` folder of a synthesis job.
+        allow_partial: accept an unfinished job and return the shards present
+            (in order, stopping at the first missing one). By default an
+            unfinished job raises, so a half-done buffer is never used by mistake.
+    """
+    folder = os.fspath(folder)
+    manifest = _read_manifest(folder)
+    job = manifest["job"]
+    if not manifest["complete"] and not allow_partial:
+        raise ValueError(
+            f"load_synthetic: the job in {folder!r} is not finished; rerun it to resume, "
+            "or pass allow_partial=True"
+        )
+    bounds = _batch_bounds(job["n"], job["batch_size"])
+    batches = []
+    for i, (start, stop) in enumerate(bounds):
+        b = ShardStore.load(_Reader(folder), i, stop - start)
+        if b is None:
+            if manifest["complete"]:
+                raise ValueError(f"load_synthetic: {folder!r} is marked complete but shard {i} is missing or damaged")
+            break
+        batches.append(b)
+    if not batches:
+        raise ValueError(f"load_synthetic: {folder!r} holds no finished shard yet")
+    return SyntheticBatch.cat(batches)
+
+
+class _Reader:
+    """Just enough of a ShardStore to call ShardStore.load without a job."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+
+def _batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]

@@ -1,0 +1,757 @@
+"""Optimisation-based synthesizers: ModelInversion, DeepInversion (+ADI), DataImpressions.
+
+All three optimise a batch of random inputs against a frozen teacher with one
+engine; they differ in the objective and the defaults:
+
+    total = main(teacher(A(x)), y) + bn_weight · R_BN + Σ prior weights · priors(x)
+            + competition_weight · (1 − JS(teacher(A(x)), competitor(A(x))))
+
+``A`` is a per-sample random augmentation (roll-jitter, flip, pad-crop; drawn
+anew every step), ``R_BN`` the BatchNorm-statistic loss of every BN layer's
+input (:class:`exml_fast.BNStatsMatcher`, fused kernel), the priors come from
+one fused :func:`exml_fast.ops.image_priors` pass over the un-augmented ``x``.
+
+One optimisation step is a single function of static tensors (the input, its
+Adam moments, the kept best batch, per-step scalars), so it can run eagerly,
+under ``torch.compile``, or be captured whole in a CUDA graph, and needs no
+host synchronisation: the best batch is selected on the device, the learning
+rate comes from a precomputed table, and the random draws are made ahead in
+chunks. The host reads the loss terms only when the progress bar refreshes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from exml_fast.matcher import BNStatsMatcher
+from exml_fast.ops.augment import augment_with_params
+from exml_fast.ops.dirichlet import class_similarity, dirichlet_targets
+from exml_fast.ops.losses import js_divergence, soft_target_cross_entropy
+from exml_fast.ops.priors import image_priors
+from exml_fast.reference.augment import draw_augment_params
+from exml_fast.reference.bn_stats import BN_LOSS_FORMS
+from exml_fast.synth.base import Synthesizer
+from exml_fast.synth.batch import SyntheticBatch
+
+__all__ = ["DataImpressions", "DeepInversion", "ModelInversion"]
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SCHEDULES = ("cosine", "constant")
+PRIORS = ("tv_l1", "tv_l2", "blur", "l2", "l2_sq")
+# Draws of augmentation parameters made ahead, in steps; a chunk is one
+# (chunk, B, 5) int64 table copied to the device at once.
+_AUG_CHUNK = 64
+# fp16 dynamic loss scaling (on the device, no host sync): start, growth period.
+_FP16_INIT_SCALE = 2.0**8
+_FP16_GROWTH_INTERVAL = 200
+
+
+def _check_weight(value, name: str, owner: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{owner}: {name} must be a finite number >= 0; got {value!r}")
+    return float(value)
+
+
+def _check_positive(value, name: str, owner: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{owner}: {name} must be a finite number > 0; got {value!r}")
+    return float(value)
+
+
+def lr_table(lr: float, iterations: int, *, schedule: str, warmup: float) -> torch.Tensor:
+    """Learning rate of each step, (iterations,) float64.
+
+    "cosine": a linear warm-up over the first ``warmup`` fraction of the steps
+    (rising to ``lr`` at the end of it), then a cosine decay from ``lr`` to 0
+    over the rest — DeepInversion's ``lr_cosine_policy``. "constant": ``lr``
+    after the same warm-up.
+    """
+    steps = torch.arange(iterations, dtype=torch.float64)
+    w = int(round(warmup * iterations))
+    out = torch.full((iterations,), float(lr), dtype=torch.float64)
+    if schedule == "cosine":
+        rest = max(1, iterations - w)
+        out = 0.5 * (1 + torch.cos(math.pi * (steps - w).clamp_min(0) / rest)) * lr
+    if w > 0:
+        out = torch.where(steps < w, lr * (steps + 1) / w, out)
+    return out
+
+
+class _Inversion(Synthesizer):
+    """The shared optimisation engine; use ModelInversion, DeepInversion or DataImpressions."""
+
+    objective = "ce"  # or "soft": soft-target cross-entropy on per-sample targets
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        *,
+        input_shape: Sequence[int],
+        mean=None,
+        std=None,
+        num_classes: int | None = None,
+        device: torch.device | str | None = None,
+        iterations: int,
+        batch_size: int,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        schedule: str = "cosine",
+        warmup: float = 0.0,
+        temperature: float = 1.0,
+        bn_weight: float = 0.0,
+        first_bn_multiplier: float = 1.0,
+        bn_form: str = "l2",
+        tv_l1_weight: float = 0.0,
+        tv_l2_weight: float = 0.0,
+        blur_weight: float = 0.0,
+        l2_weight: float = 0.0,
+        l2_sq_weight: float = 0.0,
+        blur_kernel_size: int = 3,
+        blur_sigma: float | None = None,
+        blur_per_sample_norm: bool = False,
+        jitter: int | None = None,
+        flip: bool = True,
+        pad_crop: int = 0,
+        clip: bool = True,
+        keep_best: bool = True,
+        init_std: float = 1.0,
+        competitor: nn.Module | None = None,
+        competition_weight: float = 0.0,
+        competition_temperature: float = 3.0,
+        competition_clamp: tuple[float, float] = (0.01, 0.99),
+        precision: str = "fp32",
+        channels_last: bool = False,
+        cuda_graph: bool = False,
+        compile: bool | dict = False,
+        multi_resolution: tuple[float, float] | None = None,
+        log_every: int | None = None,
+    ) -> None:
+        super().__init__(
+            teacher, input_shape=input_shape, mean=mean, std=std, num_classes=num_classes,
+            device=device, iterations=iterations, batch_size=batch_size,
+        )
+        owner = type(self).__name__
+        self.lr = _check_positive(lr, "lr", owner)
+        if len(tuple(betas)) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+            raise ValueError(f"{owner}: betas must be two numbers in [0, 1); got {betas!r}")
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.adam_eps = _check_positive(adam_eps, "adam_eps", owner)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"{owner}: schedule must be one of {SCHEDULES}; got {schedule!r}")
+        self.schedule = schedule
+        if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0.0 <= warmup < 1.0:
+            raise ValueError(f"{owner}: warmup must be a fraction of the iterations in [0, 1); got {warmup!r}")
+        self.warmup = float(warmup)
+        self.temperature = _check_positive(temperature, "temperature", owner)
+
+        self.bn_weight = _check_weight(bn_weight, "bn_weight", owner)
+        self.first_bn_multiplier = _check_weight(first_bn_multiplier, "first_bn_multiplier", owner)
+        if bn_form not in BN_LOSS_FORMS:
+            raise ValueError(f"{owner}: bn_form must be one of {BN_LOSS_FORMS}; got {bn_form!r}")
+        self.bn_form = bn_form
+        has_bn = any(isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
+                     for m in teacher.modules())
+        if self.bn_weight > 0 and not has_bn:
+            warnings.warn(
+                f"{owner}: the teacher ({type(teacher).__name__}) has no BatchNorm layer with running "
+                "statistics; synthesising with the priors only (bn_weight is ignored)", stacklevel=3,
+            )
+            self.bn_weight = 0.0
+
+        self.prior_weights = {
+            "tv_l1": _check_weight(tv_l1_weight, "tv_l1_weight", owner),
+            "tv_l2": _check_weight(tv_l2_weight, "tv_l2_weight", owner),
+            "blur": _check_weight(blur_weight, "blur_weight", owner),
+            "l2": _check_weight(l2_weight, "l2_weight", owner),
+            "l2_sq": _check_weight(l2_sq_weight, "l2_sq_weight", owner),
+        }
+        if blur_kernel_size not in (3, 7):
+            raise ValueError(f"{owner}: blur_kernel_size must be 3 or 7; got {blur_kernel_size!r}")
+        self.blur_kernel_size = blur_kernel_size
+        self.blur_sigma = None if blur_sigma is None else _check_positive(blur_sigma, "blur_sigma", owner)
+        self.blur_per_sample_norm = bool(blur_per_sample_norm)
+
+        c, h, w = self.input_shape
+        if jitter is None:
+            jitter = 2 if max(h, w) <= 64 else max(1, round(30 * max(h, w) / 224))
+        if isinstance(jitter, bool) or not isinstance(jitter, int) or jitter < 0:
+            raise ValueError(f"{owner}: jitter must be an int >= 0 (pixels) or None; got {jitter!r}")
+        self.jitter = jitter
+        self.flip = bool(flip)
+        if isinstance(pad_crop, bool) or not isinstance(pad_crop, int) or pad_crop < 0:
+            raise ValueError(f"{owner}: pad_crop must be an int >= 0; got {pad_crop!r}")
+        self.pad_crop = pad_crop
+        self.clip = bool(clip) and self.mean is not None
+        self.keep_best = bool(keep_best)
+        self.init_std = _check_positive(init_std, "init_std", owner)
+
+        if competitor is not None and not isinstance(competitor, nn.Module):
+            raise TypeError(f"{owner}: competitor must be an nn.Module or None; got {type(competitor).__name__}")
+        self.competitor = competitor
+        self.competition_weight = _check_weight(competition_weight, "competition_weight", owner)
+        if competitor is not None and self.competition_weight == 0:
+            raise ValueError(f"{owner}: a competitor needs competition_weight > 0")
+        self.competition_temperature = _check_positive(competition_temperature, "competition_temperature", owner)
+        lo, hi = competition_clamp
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"{owner}: competition_clamp must be (low, high) with 0 <= low < high <= 1; "
+                             f"got {competition_clamp!r}")
+        self.competition_clamp = (float(lo), float(hi))
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"{owner}: precision must be one of {tuple(PRECISIONS)}; got {precision!r}")
+        self.precision = precision
+        self.channels_last = bool(channels_last)
+        self.cuda_graph = bool(cuda_graph)
+        if self.cuda_graph and self.device.type != "cuda":
+            raise ValueError(
+                f"{owner}: cuda_graph=True needs a CUDA device; this synthesizer runs on {self.device} "
+                "(pass device='cuda' with a CUDA teacher, or cuda_graph=False)"
+            )
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(f"{owner}: compile must be a bool or a dict of torch.compile arguments; "
+                            f"got {type(compile).__name__}")
+        self.compile = compile
+        if multi_resolution is not None:
+            try:
+                scale, fraction = (float(v) for v in multi_resolution)
+            except (TypeError, ValueError):
+                raise ValueError(f"{owner}: multi_resolution must be None or (scale, fraction); "
+                                 f"got {multi_resolution!r}") from None
+            if not 0.0 < scale < 1.0 or not 0.0 < fraction < 1.0:
+                raise ValueError(f"{owner}: multi_resolution (scale, fraction) must both be in (0, 1); "
+                                 f"got {multi_resolution!r}")
+            if min(round(h * scale), round(w * scale)) < 1:
+                raise ValueError(f"{owner}: multi_resolution scale {scale} leaves no pixel of {h}x{w}")
+            multi_resolution = (scale, fraction)
+        self.multi_resolution = multi_resolution
+        if log_every is not None and (isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1):
+            raise ValueError(f"{owner}: log_every must be an int >= 1 or None; got {log_every!r}")
+        self.log_every = log_every
+        self._compiled = None
+
+    # -- description -------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        cfg = super().config()
+        cfg.update(
+            lr=self.lr, betas=list(self.betas), adam_eps=self.adam_eps, schedule=self.schedule,
+            warmup=self.warmup, temperature=self.temperature, bn_weight=self.bn_weight,
+            first_bn_multiplier=self.first_bn_multiplier, bn_form=self.bn_form,
+            priors=dict(self.prior_weights), blur_kernel_size=self.blur_kernel_size,
+            blur_sigma=self.blur_sigma, blur_per_sample_norm=self.blur_per_sample_norm,
+            jitter=self.jitter, flip=self.flip, pad_crop=self.pad_crop, clip=self.clip,
+            keep_best=self.keep_best, init_std=self.init_std,
+            competitor=None if self.competitor is None else type(self.competitor).__name__,
+            competition_weight=self.competition_weight,
+            competition_temperature=self.competition_temperature,
+            competition_clamp=list(self.competition_clamp), precision=self.precision,
+            multi_resolution=None if self.multi_resolution is None else list(self.multi_resolution),
+        )
+        return cfg
+
+    def term_names(self) -> list[str]:
+        """Names of the entries of the loss-term vector one step returns."""
+        names = ["total", "main"]
+        if self.bn_weight > 0:
+            names.append("bn")
+        names += [k for k in PRIORS if self.prior_weights[k] > 0]
+        if self.competitor is not None:
+            names.append("competition")
+        names.append("teacher_acc")
+        return names
+
+    # -- set-up held for one batch ---------------------------------------------------
+    @contextlib.contextmanager
+    def _session(self):
+        """Teacher (and competitor) in eval mode, frozen, in the chosen memory format; BN hooks on.
+
+        Everything is put back on exit, also after an exception: training
+        flags, requires_grad flags, memory formats, hooks.
+        """
+        models = [self.teacher] + ([self.competitor] if self.competitor is not None else [])
+        with contextlib.ExitStack() as stack:
+            for m in models:
+                stack.enter_context(_frozen(m, channels_last=self.channels_last))
+            if self.bn_weight > 0:
+                self._matcher = stack.enter_context(
+                    BNStatsMatcher(self.teacher, form=self.bn_form, first_bn_multiplier=self.first_bn_multiplier)
+                )
+            else:
+                self._matcher = None
+            try:
+                yield
+            finally:
+                self._matcher = None
+
+    # -- one batch ----------------------------------------------------------------------
+    def _targets(self, labels: torch.Tensor, generator: torch.Generator, offset: int) -> torch.Tensor | None:
+        """Per-sample soft targets (B, K) for the "soft" objective; None for "ce"."""
+        return None
+
+    def _synthesize_batch(self, labels, *, iterations, generator, offset, progress) -> SyntheticBatch:
+        b = labels.shape[0]
+        c, h, w = self.input_shape
+        soft = self._targets(labels, generator, offset)
+        if self.multi_resolution is None:
+            phases = [((h, w), iterations)]
+        else:
+            scale, fraction = self.multi_resolution
+            low = (max(1, round(h * scale)), max(1, round(w * scale)))
+            first = min(iterations - 1, max(1, round(iterations * fraction))) if iterations > 1 else 0
+            phases = [(low, first), ((h, w), iterations - first)] if first > 0 else [((h, w), iterations)]
+        size0 = phases[0][0]
+        # Drawn on the CPU from the batch's generator: the same seed gives the same
+        # start on every device.
+        x = torch.randn((b, c, *size0), generator=generator) * self.init_std
+        x = x.to(self.device)
+        with self._session():
+            for i, (size, steps) in enumerate(phases):
+                if tuple(x.shape[2:]) != tuple(size):
+                    x = F.interpolate(x, size=size, mode="nearest")
+                x, terms = self._optimise(x, labels, soft, steps, generator, progress)
+        names = self.term_names()
+        losses = {k: terms[j : j + 1].float().cpu() for j, k in enumerate(names)}
+        return SyntheticBatch(x.contiguous(), labels, soft, losses, self.mean, self.std)
+
+    def _optimise(self, x0, labels, soft, steps, generator, progress):
+        """Runs ``steps`` Adam steps from ``x0``; returns (kept x, its loss terms)."""
+        b, c, h, w = x0.shape
+        dev = self.device
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        st = _State()
+        st.x = x0.to(dev, torch.float32).contiguous(memory_format=fmt)
+        if self.clip:
+            lo, hi = self._bounds()
+            st.x.clamp_(lo, hi)
+        st.x.requires_grad_(True)
+        st.m = torch.zeros_like(st.x)
+        st.v = torch.zeros_like(st.x)
+        st.best_x = st.x.detach().clone()
+        st.best_loss = torch.full((), math.inf, device=dev)
+        st.best_terms = torch.zeros(len(self.term_names()), device=dev)
+        st.labels = labels
+        st.soft = soft
+        st.scale = torch.full((), _FP16_INIT_SCALE if self.precision == "fp16" else 1.0, device=dev)
+        st.good_steps = torch.zeros((), dtype=torch.int64, device=dev)
+        # Per-step Adam scalars: (step size lr_t / (1 - b1^t), 1 / sqrt(1 - b2^t)).
+        lrs = lr_table(self.lr, steps, schedule=self.schedule, warmup=self.warmup)
+        t = torch.arange(1, steps + 1, dtype=torch.float64)
+        b1, b2 = self.betas
+        scalars = torch.stack([lrs / (1 - b1**t), 1 / torch.sqrt(1 - b2**t)], 1).to(dev, torch.float32)
+        jitter = self.jitter if (h, w) == tuple(self.input_shape[1:]) else max(
+            0, round(self.jitter * h / self.input_shape[1]))
+        augments = jitter > 0 or self.flip or self.pad_crop > 0
+
+        step = self._step_fn()
+        runner = _GraphStep(self, st, step, augments) if self.cuda_graph else None
+        log_every = self.log_every or max(1, min(50, steps // 20 or 1))
+        table = None
+        terms = None
+        last_report = 0
+        for i in range(steps):
+            if augments and i % _AUG_CHUNK == 0:
+                k = min(_AUG_CHUNK, steps - i)
+                table = draw_augment_params(
+                    k * b, max_shift=jitter, flip=self.flip, pad_crop=self.pad_crop, generator=generator,
+                ).view(k, b, 5).to(dev, non_blocking=True)
+            params = table[i % _AUG_CHUNK] if augments else None
+            if runner is not None:
+                terms = runner(params, scalars[i])
+            else:
+                terms = step(st, params, scalars[i])
+            if (i + 1) % log_every == 0 or i + 1 == steps:
+                vals = terms.tolist()  # the only host sync, once per refresh
+                names = self.term_names()
+                post = {k: v for k, v in zip(names, vals) if k not in ("total",)}
+                post = {"loss": vals[0], **post}
+                progress(i + 1 - last_report, post)
+                last_report = i + 1
+        if self.keep_best:
+            return st.best_x.detach(), st.best_terms
+        return st.x.detach(), terms
+
+    def _bounds(self):
+        lo, hi = self.pixel_range
+        return lo, hi
+
+    # -- the step ---------------------------------------------------------------------
+    def _step_fn(self):
+        loss = self._loss
+        if self.compile:
+            if self._compiled is None:
+                kwargs = {} if self.compile is True else dict(self.compile)
+                self._compiled = torch.compile(self._loss, **kwargs)
+            loss = self._compiled
+
+        def step(st, params, scalars):
+            total, terms = loss(st.x, params, st.labels, st.soft)
+            scaled = total * st.scale if self.precision == "fp16" else total
+            (g,) = torch.autograd.grad(scaled, st.x)
+            with torch.no_grad():
+                self._update(st, g, total.detach(), terms, scalars)
+            return terms
+
+        return step
+
+    def _loss(self, x, params, labels, soft):
+        """(total loss, detached vector of the terms named by term_names()) for inputs x."""
+        xa = augment_with_params(x, params, pad_crop=self.pad_crop) if params is not None else x
+        dtype = PRECISIONS[self.precision]
+        autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            logits = self.teacher(xa)
+        logits = logits.float()
+        if self.objective == "ce":
+            main = F.cross_entropy(logits / self.temperature if self.temperature != 1.0 else logits, labels)
+        else:
+            main = soft_target_cross_entropy(logits, soft, temperature=self.temperature)
+        parts = [main]
+        total = main
+        if self.bn_weight > 0:
+            r_bn = self._matcher.loss()
+            total = total + self.bn_weight * r_bn
+            parts.append(r_bn)
+        pw = self.prior_weights
+        if any(pw[k] > 0 for k in PRIORS):
+            p = image_priors(x, blur_kernel_size=self.blur_kernel_size, blur_sigma=self.blur_sigma,
+                             blur_per_sample_norm=self.blur_per_sample_norm)
+            n = x.shape[0]
+            values = {"tv_l1": p[0], "tv_l2": p[1], "blur": p[2] / n, "l2": p[3].sqrt(), "l2_sq": p[3] / n}
+            for k in PRIORS:
+                if pw[k] > 0:
+                    total = total + pw[k] * values[k]
+                    parts.append(values[k])
+        if self.competitor is not None:
+            with autocast:
+                s_logits = self.competitor(xa)
+            js = js_divergence(logits, s_logits.float(), temperature=self.competition_temperature,
+                               clamp=self.competition_clamp)
+            comp = 1.0 - js.clamp(0.0, 1.0)
+            total = total + self.competition_weight * comp
+            parts.append(comp)
+        acc = (logits.detach().argmax(1) == labels).float().mean()
+        terms = torch.stack([total.detach()] + [q.detach().float() for q in parts] + [acc])
+        return total, terms
+
+    def _update(self, st, g, total, terms, scalars) -> None:
+        """Best-batch selection, one Adam step and the clip, all on the device."""
+        x = st.x
+        if self.keep_best:
+            # The loss of this step was measured at x before the update: keep a copy of it.
+            better = total < st.best_loss
+            st.best_loss.copy_(torch.where(better, total, st.best_loss))
+            st.best_x.copy_(torch.where(better, x, st.best_x))
+            st.best_terms.copy_(torch.where(better, terms, st.best_terms))
+        b1, b2 = self.betas
+        if self.precision == "fp16":
+            g = g / st.scale
+            finite = torch.isfinite(g).all()
+            g = torch.where(finite, g, torch.zeros((), device=g.device))
+            m_new = torch.lerp(st.m, g, 1 - b1)
+            v_new = st.v * b2 + (1 - b2) * g * g
+            step_x = scalars[0] * m_new / (v_new.sqrt() * scalars[1] + self.adam_eps)
+            st.m.copy_(torch.where(finite, m_new, st.m))
+            st.v.copy_(torch.where(finite, v_new, st.v))
+            x.sub_(torch.where(finite, step_x, torch.zeros((), device=g.device)))
+            grown = st.good_steps + 1 >= _FP16_GROWTH_INTERVAL
+            st.scale.copy_(torch.where(finite, torch.where(grown, st.scale * 2, st.scale), st.scale * 0.5))
+            st.good_steps.copy_(torch.where(finite & ~grown, st.good_steps + 1, torch.zeros_like(st.good_steps)))
+        else:
+            st.m.lerp_(g, 1 - b1)
+            st.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = st.v.sqrt().mul_(scalars[1]).add_(self.adam_eps)
+            x.sub_(st.m / denom * scalars[0])
+        if self.clip:
+            lo, hi = self._clip_bounds(st)
+            x.clamp_(lo, hi)
+
+    def _clip_bounds(self, st):
+        if getattr(st, "bounds", None) is None:
+            st.bounds = self._bounds()
+        return st.bounds
+
+
+class _State:
+    """The static tensors of one optimisation (a plain namespace)."""
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module, *, channels_last: bool):
+    """Eval mode, no parameter gradients and (optionally) channels_last weights, restored on exit."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    formats = []
+    if channels_last:
+        for p in model.parameters():
+            if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last):
+                formats.append((p, p.data))
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, data in formats:
+            p.data = data.contiguous() if data.is_contiguous() else data
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+class _GraphStep:
+    """One optimisation step captured in a CUDA graph and replayed.
+
+    The first three steps run eagerly on a side stream (CUDA graphs need the
+    allocator and the kernels' lazy initialisation warmed up, and they are real
+    steps of the optimisation); the fourth is captured, and every later one is a
+    replay. Inputs that change per step — the augmentation parameters and the
+    Adam scalars — are copied into static buffers before each replay.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, synth: _Inversion, st: _State, step, augments: bool) -> None:
+        self.synth, self.st, self.step, self.augments = synth, st, step, augments
+        self.calls = 0
+        self.graph = None
+        self.stream = torch.cuda.Stream(device=synth.device)
+        self.params = None
+        self.scalars = None
+        self.terms = None
+
+    def __call__(self, params, scalars):
+        self.calls += 1
+        if self.graph is None and self.calls <= self.WARMUP:
+            self.stream.wait_stream(torch.cuda.current_stream(self.synth.device))
+            with torch.cuda.stream(self.stream):
+                out = self.step(self.st, params, scalars)
+            torch.cuda.current_stream(self.synth.device).wait_stream(self.stream)
+            return out
+        if self.graph is None:
+            self.params = None if params is None else params.clone()
+            self.scalars = scalars.clone()
+            self.graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize(self.synth.device)
+            with torch.cuda.graph(self.graph):
+                self.terms = self.step(self.st, self.params, self.scalars)
+        else:
+            if params is not None:
+                self.params.copy_(params, non_blocking=True)
+            self.scalars.copy_(scalars, non_blocking=True)
+        self.graph.replay()
+        return self.terms
+
+
+# -- the three methods -------------------------------------------------------------------
+
+
+class ModelInversion(_Inversion):
+    """Model inversion (the Ex-Model CL paper's MI generator).
+
+    Minimises ``CE(teacher(A(x)) / τ, y)`` plus image priors (and the BN
+    statistic loss when ``bn_weight > 0`` and the teacher has BatchNorm) over
+    random inputs ``x ~ N(0, init_std²)``. Defaults are the paper's MNIST
+    settings (Appendix B): Adam lr 0.01, 3000 iterations, τ 2, blur 1e-3,
+    BNS 1.0, L2 1e-3 (``l2_sq_weight``, ‖x‖² per image), here with per-sample
+    jitter of 2 px and no flip (digits).
+
+    Args:
+        teacher: any classifier ``nn.Module`` mapping (N, C, H, W) to (N, K) logits.
+        input_shape: (C, H, W) of one input.
+        mean, std: the teacher's input normalisation (float or per channel);
+            ``x`` is clipped to the normalised image of [0, 1] after each step.
+            None: no clipping.
+        temperature: τ of the cross-entropy.
+        See :class:`DeepInversion` for every other option.
+    """
+
+    method = "model-inversion"
+
+    def __init__(self, teacher: nn.Module, *, input_shape: Sequence[int], mean=None, std=None,
+                 temperature: float = 2.0, lr: float = 0.01, iterations: int = 3000, batch_size: int = 256,
+                 bn_weight: float = 1.0, blur_weight: float = 1e-3, l2_sq_weight: float = 1e-3,
+                 flip: bool = False, schedule: str = "constant", **kwargs) -> None:
+        super().__init__(teacher, input_shape=input_shape, mean=mean, std=std, temperature=temperature, lr=lr,
+                         iterations=iterations, batch_size=batch_size, bn_weight=bn_weight,
+                         blur_weight=blur_weight, l2_sq_weight=l2_sq_weight, flip=flip, schedule=schedule,
+                         **kwargs)
+
+
+class DeepInversion(_Inversion):
+    """DeepInversion (Yin et al., CVPR 2020), and Adaptive DeepInversion with ``competitor``.
+
+    Minimises over random inputs ``x``::
+
+        CE(teacher(A(x)), y) + bn_weight · Σ_l w_l (‖μ_l − μ̂_l‖₂ + ‖σ²_l − σ̂²_l‖₂)
+          + tv_l1_weight · R_TV,l1 + tv_l2_weight · R_TV,l2 + l2_weight · ‖x‖₂
+          [+ competition_weight · (1 − JS(p_teacher, p_competitor))]
+
+    with the statistics of every BatchNorm layer's input (w = first_bn_multiplier
+    for the first layer, 1 for the others), a per-sample random jitter (roll by
+    up to ``jitter`` px) and flip ``A`` drawn anew each step, Adam with a
+    cosine schedule after a linear warm-up, ``x`` clipped to the valid pixel
+    range after each step, and the batch with the lowest loss kept (a copy).
+    Defaults follow the paper's CIFAR-10 setting: 2000 iterations, batch 256,
+    lr 0.1, α_f 10 (first layer ×10), α_tv 2.5e-5 (l2 form), α_l2 3e-8, jitter
+    2 px at 32 px (30 at 224), flips, α_c 10 at τ 3 with probabilities clamped
+    to [0.01, 0.99].
+
+    Args:
+        teacher: any classifier ``nn.Module`` mapping (N, C, H, W) to (N, K)
+            logits. Without BatchNorm layers the BN term is dropped (a warning
+            says so) and the priors alone regularise.
+        input_shape: (C, H, W) of one input.
+        mean, std: the teacher's input normalisation (float or per channel),
+            which defines the valid pixel range x is clipped to; None: no clip.
+        num_classes: the teacher's outputs (None: one forward finds out).
+        device: where to synthesise (None: the teacher's device).
+        iterations, batch_size: defaults for :meth:`synthesize`.
+        lr, betas, adam_eps: Adam's settings; ``schedule`` "cosine" | "constant"
+            after a linear ``warmup`` over that fraction of the iterations.
+        temperature: τ of the cross-entropy.
+        bn_weight, first_bn_multiplier, bn_form: the BN-statistic term
+            ("l2" DeepInversion, "mse", "sq_std" ExML; see BNStatsMatcher).
+        tv_l1_weight, tv_l2_weight, blur_weight, l2_weight, l2_sq_weight: prior
+            weights. tv_l1 = Σ_k mean|D_k| and tv_l2 = Σ_k ‖D_k‖_F over the four
+            one-pixel shifts of the batch; l2 = ‖x‖₂ over the batch
+            (DeepInversion's forms, batch-size dependent as in its code);
+            blur = ‖x − G∗x‖² and l2_sq = ‖x‖², each averaged over the images.
+            All from one fused :func:`exml_fast.ops.image_priors` pass.
+        blur_kernel_size, blur_sigma, blur_per_sample_norm: the blur prior's
+            Gaussian (3 or 7) and form (see ``image_priors``).
+        jitter: largest roll in pixels (None: 2 up to 64 px, else 30·H/224);
+            flip: random horizontal flips; pad_crop: random-crop padding.
+            Drawn per sample and per step.
+        clip: clip x to the valid pixel range (needs mean/std).
+        keep_best: return the batch with the lowest total loss seen (its
+            copy), else the last one.
+        init_std: x starts as N(0, init_std²).
+        competitor: a student network: Adaptive DeepInversion. The term is
+            1 − JS of the two softmaxes at ``competition_temperature``,
+            probabilities clamped to ``competition_clamp``.
+        precision: "fp32", "bf16" or "fp16": autocast for the networks' forward
+            and backward; x, its gradient, Adam and every statistic stay fp32;
+            fp16 uses a dynamic loss scale kept on the device.
+        channels_last: run the networks in channels_last (weights converted
+            for the job and put back afterwards).
+        cuda_graph: capture the whole step (forward, backward, Adam, clip,
+            best-batch selection) in a CUDA graph and replay it. CUDA only.
+        compile: torch.compile the loss (True, or a dict of torch.compile
+            arguments).
+        multi_resolution: (scale, fraction): the first ``fraction`` of the
+            iterations at ``scale`` × the resolution, then nearest upsampling
+            and the rest at full resolution (the paper: (0.5, 2/3)). Needs a
+            teacher that accepts the smaller input (global pooling).
+        log_every: steps between progress-bar refreshes (each reads the loss
+            terms from the device once); None: about 20 per batch, at most 50 apart.
+    """
+
+    method = "deepinversion"
+
+    def __init__(self, teacher: nn.Module, *, input_shape: Sequence[int], mean=None, std=None,
+                 lr: float = 0.1, iterations: int = 2000, batch_size: int = 256,
+                 bn_weight: float = 10.0, first_bn_multiplier: float = 10.0,
+                 tv_l2_weight: float = 2.5e-5, l2_weight: float = 3e-8, warmup: float = 0.05,
+                 competition_weight: float | None = None, competitor: nn.Module | None = None,
+                 **kwargs) -> None:
+        if competition_weight is None:
+            competition_weight = 10.0 if competitor is not None else 0.0
+        super().__init__(teacher, input_shape=input_shape, mean=mean, std=std, lr=lr, iterations=iterations,
+                         batch_size=batch_size, bn_weight=bn_weight, first_bn_multiplier=first_bn_multiplier,
+                         tv_l2_weight=tv_l2_weight, l2_weight=l2_weight, warmup=warmup,
+                         competitor=competitor, competition_weight=competition_weight, **kwargs)
+
+
+class DataImpressions(_Inversion):
+    """Data Impressions (Nayak et al., ICML 2019): inversion towards Dirichlet soft targets.
+
+    For a sample of class k the target is ``y ~ Dir(β · c_k)``, ``c_k`` the
+    k-th row of :func:`exml_fast.ops.class_similarity` of the classifier's
+    weight (cosine similarities, each row min-max scaled, floored at 1e-4);
+    the loss is the soft-target cross-entropy ``−Σ y log softmax(teacher(A(x))/τ)``
+    (plus priors and BN matching when their weights are set). The samples of
+    each class alternate between the values of ``beta`` (the paper mixes
+    β = 1.0 and 0.1, half each; the Ex-Model CL paper uses β = 10). Targets
+    are drawn once per batch with :func:`exml_fast.ops.dirichlet_targets` from
+    the batch's generator and returned as ``soft_targets``; ``y`` is the class
+    each was drawn for. Defaults: τ 20, Adam lr 0.01 (constant), 1500
+    iterations, no priors, per-sample jitter 2 px without flips.
+
+    Args:
+        beta: a β or a sequence of them.
+        classifier_weight: the (K, H) final-layer weight to take class
+            similarities from (None: ``teacher.classifier.weight`` when that is
+            an ``nn.Linear``, else the last ``nn.Linear`` of the teacher).
+        See :class:`DeepInversion` for the other options.
+    """
+
+    method = "data-impressions"
+    objective = "soft"
+
+    def __init__(self, teacher: nn.Module, *, input_shape: Sequence[int], mean=None, std=None,
+                 beta: float | Sequence[float] = (1.0, 0.1), temperature: float = 20.0,
+                 classifier_weight: torch.Tensor | None = None, lr: float = 0.01, iterations: int = 1500,
+                 batch_size: int = 256, flip: bool = False, schedule: str = "constant", **kwargs) -> None:
+        super().__init__(teacher, input_shape=input_shape, mean=mean, std=std, temperature=temperature, lr=lr,
+                         iterations=iterations, batch_size=batch_size, flip=flip, schedule=schedule, **kwargs)
+        owner = type(self).__name__
+        betas = (beta,) if isinstance(beta, (int, float)) else tuple(beta)
+        if not betas:
+            raise ValueError(f"{owner}: beta must be a number > 0 or a non-empty sequence of them")
+        self.beta = tuple(_check_positive(b, "beta", owner) for b in betas)
+        if classifier_weight is None:
+            classifier_weight = _classifier_weight(teacher, owner)
+        if not isinstance(classifier_weight, torch.Tensor) or classifier_weight.dim() != 2:
+            raise ValueError(f"{owner}: classifier_weight must be a (K, H) tensor; got "
+                             f"{getattr(classifier_weight, 'shape', type(classifier_weight).__name__)}")
+        if self._num_classes is not None and classifier_weight.shape[0] != self._num_classes:
+            raise ValueError(f"{owner}: classifier_weight has {classifier_weight.shape[0]} rows but "
+                             f"num_classes is {self._num_classes}")
+        with torch.no_grad():
+            self.similarity = class_similarity(classifier_weight.detach().float()).to(self.device)
+
+    def config(self) -> dict[str, Any]:
+        cfg = super().config()
+        cfg["beta"] = list(self.beta)
+        return cfg
+
+    def _targets(self, labels, generator, offset):
+        k = self.similarity.shape[0]
+        if k != self.num_classes:
+            raise ValueError(f"{type(self).__name__}: the classifier weight has {k} rows but the teacher "
+                             f"has {self.num_classes} outputs")
+        # Labels cycle through the classes, so the position within the job decides the
+        # β: each class's samples alternate between the βs.
+        n_cls = self._cycle
+        idx = (torch.arange(labels.shape[0]) + offset) // n_cls % len(self.beta)
+        beta = torch.tensor(self.beta, dtype=torch.float32)[idx].to(self.device)
+        conc = beta[:, None] * self.similarity[labels]
+        return dirichlet_targets(conc, generator=generator)
+
+    def _labels(self, n, classes):
+        labels, given = super()._labels(n, classes)
+        self._cycle = self.num_classes if given is None else len(given)
+        return labels, given
+
+
+def _classifier_weight(teacher: nn.Module, owner: str) -> torch.Tensor:
+    head = getattr(teacher, "classifier", None)
+    if isinstance(head, nn.Linear):
+        return head.weight
+    linears = [m for m in teacher.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{owner}: the teacher has no nn.Linear layer to take class similarities from; "
+                         "pass classifier_weight=")
+    return linears[-1].weight
