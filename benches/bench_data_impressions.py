@@ -16,8 +16,9 @@ records what it measures:
    (the teacher has no BN layer to match) — plus per-sample 2 px jitter, no
    flips; but 400 steps at lr 0.05 instead of ~1500 at 0.01 to fit 10-20
    minutes on 2 CPU cores. Tuned on 480 DIs of a 1-epoch teacher (student
-   after 100 KD epochs): 150 steps at lr 0.05 gave 89.4 %, 400 steps 90.9 %,
-   with the teacher's argmax equal to the target's on 95.4-95.6 % of the DIs.
+   after 100 KD epochs): 400 steps at lr 0.01 gave 86.5 %, at lr 0.05
+   90.9 %, at lr 0.1 90.7 %; 150 steps at lr 0.05 89.4 %; the teacher's
+   argmax equalled the target's on 95.0-95.6 % of the DIs in every case.
    Timed; images/s = DIs / synthesis seconds.
 3. Student: :class:`exml_fast.models.LeNet5Half` trained only on the DIs with
    :func:`exml_fast.training.distill` — the KD loss at τ ``--kd-temperature``
