@@ -1,19 +1,26 @@
 """Plain supervised training and evaluation of classifiers on in-memory tensors.
 
 Used to train experts (teachers) for the demo, the command line and the
-tests; data-free learning itself lives in :mod:`exml_fast.synth` and the
-ExML engine.
+tests, and (:func:`distill`) to train a student only on synthetic inputs
+(zero-shot knowledge distillation); data-free synthesis itself lives in
+:mod:`exml_fast.synth` and the ExML engine.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["evaluate", "train_classifier"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "distill", "evaluate", "train_classifier"]
+
+#: Optimisers :func:`distill` accepts.
+OPTIMIZERS = ("sgd", "adam")
+#: Learning-rate schedules :func:`distill` accepts.
+SCHEDULES = ("constant", "cosine")
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000) -> float:
@@ -89,3 +96,205 @@ def train_classifier(
                     )
                     running, seen = 0.0, 0
     return model.eval()
+
+
+def _as_generator(generator: torch.Generator | int | None) -> torch.Generator | None:
+    if generator is None or isinstance(generator, torch.Generator):
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError(f"distill: generator must be a CPU torch.Generator (draws are made on the "
+                             f"CPU so that a seed gives the same run on every device); got one on "
+                             f"{generator.device}")
+        return generator
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        return torch.Generator().manual_seed(generator)
+    raise TypeError(f"distill: generator must be None, an int seed or a torch.Generator; "
+                    f"got {type(generator).__name__}")
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"distill: {name} must be an int >= 1; got {value!r}")
+    return value
+
+
+def distill(
+    student: nn.Module,
+    x: torch.Tensor,
+    *,
+    teacher: nn.Module | None = None,
+    soft_targets: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    temperature: float = 20.0,
+    epochs: int | None = None,
+    iterations: int | None = None,
+    batch_size: int = 64,
+    lr: float = 0.01,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    schedule: str = "constant",
+    augment: bool = True,
+    pad_crop: int = 4,
+    max_shift: int = 0,
+    flip: bool = False,
+    fill: float = 0.0,
+    generator: torch.Generator | int | None = None,
+    log_every: int = 0,
+) -> nn.Module:
+    """Trains ``student`` only on (synthetic) inputs ``x`` — zero-shot knowledge distillation.
+
+    The target of a minibatch comes from exactly one of:
+
+    - ``teacher``: the KD loss :func:`exml_fast.ops.kd_loss` at ``temperature``
+      between the student's and the frozen teacher's logits on the same
+      (augmented) minibatch, ``τ² KL(softmax(t/τ) || softmax(s/τ))``. This is
+      the Data Impressions paper's zero-shot KD (τ = 20 there).
+    - ``soft_targets`` (N, K): the soft-target cross-entropy
+      :func:`exml_fast.ops.soft_target_cross_entropy` of the student's logits
+      at ``temperature`` (e.g. a :class:`~exml_fast.synth.SyntheticBatch`'s
+      Dirichlet targets).
+    - ``labels`` (N,) int64: plain cross-entropy (``temperature`` unused).
+
+    Minibatches are drawn without replacement by a permutation per pass over
+    ``x`` (the last minibatch of a pass may be smaller); ``iterations`` steps
+    run as many passes as needed, the last one cut short. With ``augment``
+    every sample of a minibatch gets its own draw (:func:`exml_fast.ops.augment`'s
+    op): a circular roll by up to ``max_shift`` pixels, a horizontal flip with
+    probability 1/2 if ``flip`` (leave it off for digits), then pad by
+    ``pad_crop`` pixels and crop back (the ExML MNIST setting is pad-crop 4).
+    The padding takes the value ``fill`` — in the space of ``x``, so for
+    normalised images pass the background ``-mean / std`` to pad with black.
+    All draws (permutations, augmentation) are made on the CPU from
+    ``generator``, then moved to the student's device, so a seed gives the
+    same run on any device up to floating-point differences.
+
+    Args:
+        student: the model to train, (B, C, H, W) → (B, K) logits; trained in
+            place on its own device and returned in eval mode.
+        x: (N, C, H, W) float inputs in the space the teacher expects (e.g.
+            ``SyntheticBatch.x``); on any device, minibatches are moved.
+        teacher: frozen model whose logits are the targets (put in eval mode,
+            its parameters untouched; run under ``torch.no_grad``).
+        soft_targets: (N, K) float probabilities.
+        labels: (N,) int64 class indices.
+        temperature: τ > 0 of the KD / soft-target loss.
+        epochs, iterations: the length of training, exactly one of them (ints >= 1):
+            passes over ``x`` or optimiser steps.
+        batch_size: minibatch size (>= 1).
+        lr: initial learning rate (> 0).
+        optimizer: one of :data:`OPTIMIZERS`: "sgd" (with ``momentum``) or
+            "adam"; both with ``weight_decay`` (L2, added to the gradient).
+        schedule: one of :data:`SCHEDULES`: "constant", or "cosine" decay to 0
+            over the run.
+        augment, pad_crop, max_shift, flip, fill: the augmentation (above);
+            ``pad_crop`` and ``max_shift`` are ints >= 0.
+        generator: None (torch's default CPU generator), an int seed or a CPU
+            ``torch.Generator``.
+        log_every: print the running loss every this many steps (0: silent).
+
+    Returns:
+        ``student``, in eval mode.
+
+    Raises:
+        ValueError: no target source or more than one; neither or both of
+            ``epochs`` / ``iterations``; shapes that do not match; an unknown
+            ``optimizer`` or ``schedule``; a non-positive size, lr or temperature.
+    """
+    from exml_fast.ops import augment_with_params, draw_augment_params, kd_loss, soft_target_cross_entropy
+
+    sources = [name for name, v in (("teacher", teacher), ("soft_targets", soft_targets), ("labels", labels))
+               if v is not None]
+    if len(sources) != 1:
+        raise ValueError(f"distill: pass exactly one of teacher, soft_targets or labels; got "
+                         f"{', '.join(sources) if sources else 'none'}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"distill: x must be a float tensor of shape (N, C, H, W); got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("distill: x must hold at least one sample; got N = 0")
+    if soft_targets is not None and (soft_targets.dim() != 2 or soft_targets.shape[0] != n):
+        raise ValueError(f"distill: soft_targets must have shape (N, K) with N = {n}; got "
+                         f"{tuple(soft_targets.shape)}")
+    if labels is not None and (labels.dim() != 1 or labels.shape[0] != n or labels.dtype != torch.int64):
+        raise ValueError(f"distill: labels must be an int64 tensor of shape (N,) = ({n},); got "
+                         f"{labels.dtype} {tuple(labels.shape)}")
+    if (epochs is None) == (iterations is None):
+        raise ValueError(f"distill: pass exactly one of epochs or iterations; got epochs={epochs!r}, "
+                         f"iterations={iterations!r}")
+    if epochs is not None:
+        _check_positive_int(epochs, "epochs")
+    else:
+        _check_positive_int(iterations, "iterations")
+    _check_positive_int(batch_size, "batch_size")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"distill: optimizer must be one of {OPTIMIZERS}; got {optimizer!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"distill: schedule must be one of {SCHEDULES}; got {schedule!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"distill: lr must be a finite number > 0; got {lr!r}")
+    if labels is None and not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+                               and temperature > 0):
+        raise ValueError(f"distill: temperature must be a finite number > 0; got {temperature!r}")
+    for name, value in (("pad_crop", pad_crop), ("max_shift", max_shift)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"distill: {name} must be an int >= 0; got {value!r}")
+    if not isinstance(log_every, int) or log_every < 0:
+        raise ValueError(f"distill: log_every must be an int >= 0; got {log_every!r}")
+    gen = _as_generator(generator)
+
+    device = next(student.parameters()).device
+    steps_per_epoch = (n + batch_size - 1) // batch_size
+    total = iterations if iterations is not None else epochs * steps_per_epoch
+    params = student.parameters()
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total) if schedule == "cosine" else None
+    if teacher is not None:
+        teacher.eval()
+    do_augment = augment and (pad_crop > 0 or max_shift > 0 or flip)
+
+    student.train()
+    running, seen, t0 = 0.0, 0, time.perf_counter()
+    perm = torch.empty(0, dtype=torch.int64)
+    pos = 0
+    for step in range(total):
+        if pos >= perm.shape[0]:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos : pos + batch_size]
+        pos += batch_size
+        xb = x[idx].to(device)
+        if do_augment:
+            aug = draw_augment_params(idx.shape[0], max_shift=max_shift, flip=flip, pad_crop=pad_crop,
+                                      device="cpu", generator=gen).to(device)
+            # The op pads with zeros: shift so that the padding takes the value `fill`.
+            if fill:
+                xb = augment_with_params(xb - fill, aug, pad_crop=pad_crop) + fill
+            else:
+                xb = augment_with_params(xb, aug, pad_crop=pad_crop)
+        logits = student(xb)
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(xb).to(logits.dtype)
+            loss = kd_loss(logits, t_logits, temperature=float(temperature))
+        elif soft_targets is not None:
+            loss = soft_target_cross_entropy(logits, soft_targets[idx].to(device, logits.dtype),
+                                             temperature=float(temperature))
+        else:
+            loss = F.cross_entropy(logits, labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        if log_every:
+            running += loss.item()
+            seen += 1
+            if (step + 1) % log_every == 0 or step + 1 == total:
+                rate = (step + 1) / (time.perf_counter() - t0)
+                print(f"  distill step {step + 1:5d}/{total} loss {running / seen:.4f} "
+                      f"({rate:.0f} steps/s)", flush=True)
+                running, seen = 0.0, 0
+    return student.eval()
