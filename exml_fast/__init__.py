@@ -20,10 +20,11 @@ from exml_fast import synth
 from exml_fast.checkpoint import ModelInfo, load_model, save_model
 from exml_fast.synth import (AuxiliaryData, DataImpressions, DeepInversion, ModelInversion, SyntheticBatch,
                              load_synthetic)
+from exml_fast.training import distill
 from exml_fast.viz import save_grid
 
 __version__ = "0.1.0"
 
 __all__ = ["AuxiliaryData", "BNStatsMatcher", "DataImpressions", "DeepInversion", "ModelInfo", "ModelInversion",
-           "SyntheticBatch", "build_info", "has_ops", "load_model", "load_synthetic", "ops", "reference",
+           "SyntheticBatch", "build_info", "distill", "has_ops", "load_model", "load_synthetic", "ops", "reference",
            "save_grid", "save_model", "synth", "__version__"]
