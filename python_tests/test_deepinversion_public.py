@@ -12,7 +12,8 @@ from torch import nn
 from exml_fast import ops
 from exml_fast.models import resnet18_cifar
 from exml_fast.reference.bn_hooks import deepinversion_bn_loss, deepinversion_bn_loss_hooks
-from exml_fast.reference.deepinversion_public import public_deepinversion, public_tv_l2
+from exml_fast.reference.deepinversion_public import public_deepinversion
+from exml_fast.reference.priors import tv_l2
 
 WEIGHTS = dict(bn_reg_scale=5.0, tv_l2_scale=2.5e-5, l2_scale=3e-8)
 
@@ -56,9 +57,9 @@ def test_bn_hook_loss_equals_fused_bn_stats_loss():
 
 def test_tv_l2_equals_image_priors():
     x = torch.randn(3, 3, 11, 9, dtype=torch.float64)
-    tv = public_tv_l2(x)
-    tv_l1, tv_l2, blur, l2 = ops.image_priors(x)
-    torch.testing.assert_close(tv, tv_l2, rtol=1e-10, atol=1e-10)
+    tv = tv_l2(x)
+    _, fused_tv_l2, _, l2 = ops.image_priors(x)
+    torch.testing.assert_close(tv, fused_tv_l2, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(torch.norm(x), l2.sqrt(), rtol=1e-10, atol=1e-10)
 
 
@@ -240,7 +241,7 @@ def test_port_objective_equals_the_engine_configured_as_in_bench_synthesis():
         for h in hooks:
             h.remove()
     ce = F.cross_entropy(out, y)
-    total = (ce + WEIGHTS["bn_reg_scale"] * bn + WEIGHTS["tv_l2_scale"] * public_tv_l2(x)
+    total = (ce + WEIGHTS["bn_reg_scale"] * bn + WEIGHTS["tv_l2_scale"] * tv_l2(x)
              + WEIGHTS["l2_scale"] * torch.norm(x, 2))
     torch.testing.assert_close(batch.losses["main"][0], ce, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batch.losses["bn"][0], bn, rtol=1e-5, atol=1e-4)

@@ -8,7 +8,7 @@ the fused kernels replace, defects in speed included.
 from exml_fast.reference.augment import (augment, augment_with_params, augment_with_params_loop,
                                         batch_augment_public, draw_augment_params)
 from exml_fast.reference.bn_stats import bn_stats, bn_stats_loss
-from exml_fast.reference.deepinversion_public import public_deepinversion, public_tv_l2
+from exml_fast.reference.deepinversion_public import public_deepinversion
 from exml_fast.reference.dirichlet import class_similarity, dirichlet_targets
 from exml_fast.reference.ed_loss import ed_loss
 from exml_fast.reference.losses import js_divergence, kd_loss, soft_target_cross_entropy
@@ -18,4 +18,4 @@ __all__ = ["augment", "augment_with_params", "augment_with_params_loop", "batch_
            "bn_stats", "bn_stats_loss", "class_similarity",
            "default_blur_sigma", "dirichlet_targets", "draw_augment_params", "ed_loss",
            "gaussian_kernel2d", "image_priors", "js_divergence", "kd_loss", "public_deepinversion",
-           "public_tv_l2", "soft_target_cross_entropy", "tv_l2"]
+           "soft_target_cross_entropy", "tv_l2"]

@@ -46,18 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from exml_fast.reference.bn_hooks import deepinversion_bn_loss_hooks
+from exml_fast.reference.priors import tv_l2  # the script's TV: Frobenius norms of the four shifts
 
-__all__ = ["public_deepinversion", "public_tv_l2"]
-
-
-def public_tv_l2(x: torch.Tensor) -> torch.Tensor:
-    """The script's l2 total variation: sum of the Frobenius norms of the four
-    one-pixel differences (horizontal, vertical, two diagonals) of (N, C, H, W) `x`."""
-    diff1 = x[:, :, :, :-1] - x[:, :, :, 1:]
-    diff2 = x[:, :, :-1, :] - x[:, :, 1:, :]
-    diff3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
-    diff4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
-    return torch.norm(diff1) + torch.norm(diff2) + torch.norm(diff3) + torch.norm(diff4)
+__all__ = ["public_deepinversion"]
 
 
 def _competition(outputs: torch.Tensor, student_outputs: torch.Tensor) -> torch.Tensor:
@@ -195,7 +186,7 @@ def public_deepinversion(
                     competitor.zero_grad()
                     loss_comp = _competition(outputs, competitor(inputs_jit))
                     loss = loss + competition_scale * loss_comp
-                loss_var = public_tv_l2(inputs_jit)
+                loss_var = tv_l2(inputs_jit)
                 loss = loss + tv_l2_scale * loss_var
                 loss_bn = sum(h.r_feature for h in hooks)
                 loss = loss + bn_reg_scale * loss_bn
