@@ -64,7 +64,7 @@ import exml_fast
 from exml_fast.models import resnet18_cifar, resnet34_cifar
 from exml_fast.reference.deepinversion_public import public_deepinversion
 
-from benchlib import env_markdown, environment, median, op_parser, record
+from benchlib import env_markdown, environment, median, op_parser, record, timed_call
 
 NETS = {"resnet18": resnet18_cifar, "resnet34": resnet34_cifar}
 
@@ -148,16 +148,6 @@ def variants_for(teacher, args) -> dict:
 # -- timing -------------------------------------------------------------------------
 
 
-def _timed(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def time_steps(variants: dict, args) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Seconds per iteration of each variant, one sample per round (see the module
     docstring), and the error of each variant that failed to run."""
@@ -165,7 +155,7 @@ def time_steps(variants: dict, args) -> tuple[dict[str, list[float]], dict[str, 
     failed = {}
     for n in names:  # warm-up: allocations, autotuning, compilation, graph capture
         try:
-            _timed(lambda: variants[n](args.k1, 0), args.device)
+            timed_call(lambda: variants[n](args.k1, 0), args.device)
         except Exception as e:  # a variant that cannot run is reported, not fatal
             failed[n] = f"{type(e).__name__}: {e}"
             print(f"  {n}: failed ({failed[n][:200]})", flush=True)
@@ -173,8 +163,8 @@ def time_steps(variants: dict, args) -> tuple[dict[str, list[float]], dict[str, 
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
         for n in names[r % len(names):] + names[: r % len(names)]:
-            t1 = _timed(lambda: variants[n](args.k1, 0), args.device)
-            t2 = _timed(lambda: variants[n](args.k2, 0), args.device)
+            t1 = timed_call(lambda: variants[n](args.k1, 0), args.device)
+            t2 = timed_call(lambda: variants[n](args.k2, 0), args.device)
             samples[n].append(max(t2 - t1, 1e-9) / (args.k2 - args.k1))
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
             f"{n} {samples[n][-1] * 1e3:.0f} ms/it" for n in names), flush=True)

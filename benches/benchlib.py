@@ -67,19 +67,24 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.numel() * 4 / sec
 
 
+def timed_call(fn, device: str) -> float:
+    """Seconds one call of `fn` takes, the device synchronised before and after."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def interleaved_samples(variants: dict, *, device: str, min_run_time: float,
                         min_rounds: int = 5) -> dict[str, list[float]]:
     """Seconds per call of each variant, timed round-robin (rotating the order
     each round), so sample r of every variant was taken at about the same time:
     drift of a shared machine then cancels in per-round ratios."""
     def timed(fn):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return timed_call(fn, device)
 
     names = list(variants)
     for n in names:  # warm-up

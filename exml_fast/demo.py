@@ -39,11 +39,11 @@ import time
 import torch
 from torch import nn
 
-from exml_fast._io import atomic_write
 from exml_fast.data import DATASET_STATS, mnist_tensors
 from exml_fast.models import LeNet5BN
 from exml_fast.synth import DeepInversion
 from exml_fast.training import evaluate, train_classifier
+from exml_fast.viz import save_grid
 
 # Expert training (Ex-Model CL, Appendix A, batch 64 instead of 32 for speed).
 TRAIN_BATCH = 64
@@ -111,13 +111,6 @@ def invert(
         raise ValueError("invert: targets must cycle through their classes in ascending order "
                          "(as torch.arange(n) % k does)")
     return batch.x
-
-
-def save_grid_atomic(images: torch.Tensor, path: str, *, nrow: int = 8) -> None:
-    """Write (N, C, H, W) images in [0, 1] as a PNG grid; readers never see a partial file."""
-    from torchvision.utils import save_image
-
-    atomic_write(path, lambda f: save_image(images, f, nrow=nrow, format="png"))
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -196,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
     print("[invert] correct per class: " + " ".join(f"{c}:{k}/{w}" for c, (k, w) in enumerate(zip(per_class, wanted))))
 
     out_png = os.path.join(args.out, "demo_inversion.png")
-    save_grid_atomic((x_syn * std + mean).clamp_(0, 1), out_png, nrow=8)
+    save_grid(x_syn, out_png, nrow=8, mean=mean, std=std, sort_by_class=False)
     print(f"[save] {out_png}")
     print(f"[time] data {t_data:.1f} s, train {t_train:.1f} s, invert {t_invert:.1f} s, "
           f"total {t_data + t_train + t_invert:.1f} s")
