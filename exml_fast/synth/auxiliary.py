@@ -100,7 +100,7 @@ class AuxiliaryData(Synthesizer):
         if isinstance(n, int) and not isinstance(n, bool) and n > len(self.data):
             raise ValueError(f"{type(self).__name__}.synthesize: n ({n}) is larger than the dataset "
                              f"({len(self.data)} items); samples are drawn without replacement")
-        self._classes = None if classes is None else classes
+        self._classes = classes
         return super().synthesize_iter(n, classes=classes, iterations=iterations, batch_size=batch_size,
                                        generator=generator, progress=progress, save_to=save_to)
 

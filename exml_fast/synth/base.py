@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from exml_fast.synth.batch import ShardStore, SyntheticBatch, _batch_bounds
+from exml_fast.synth.batch import MANIFEST, ShardStore, SyntheticBatch, _batch_bounds, _read_manifest
 
 __all__ = ["Synthesizer"]
 
@@ -370,8 +370,6 @@ class Synthesizer:
 
 
 def _existing_seed(folder) -> int | None:
-    from exml_fast.synth.batch import MANIFEST, _read_manifest
-
     if not os.path.exists(os.path.join(os.fspath(folder), MANIFEST)):
         return None
     return _read_manifest(os.fspath(folder))["job"].get("seed")

@@ -78,15 +78,9 @@ class SyntheticBatch:
 
     def to(self, *args, **kwargs) -> "SyntheticBatch":
         """A copy with ``x``, ``y`` and ``soft_targets`` moved like ``Tensor.to`` (dtype changes apply to x only)."""
-        def move(t, floating):
-            if t is None:
-                return None
-            if floating:
-                return t.to(*args, **kwargs)
-            dev = torch.empty(0).to(*args, **kwargs).device if args or "device" in kwargs else t.device
-            return t.to(dev)
+        x = self.x.to(*args, **kwargs)
         return SyntheticBatch(
-            move(self.x, True), move(self.y, False), move(self.soft_targets, False),
+            x, self.y.to(x.device), None if self.soft_targets is None else self.soft_targets.to(x.device),
             dict(self.losses), self.mean, self.std,
         )
 
@@ -173,14 +167,7 @@ class ShardStore:
 
     def load(self, index: int, rows: int) -> SyntheticBatch | None:
         """Shard ``index`` if it is on disk and whole (``rows`` rows), else None."""
-        path = os.path.join(self.folder, _shard_name(index))
-        if not os.path.exists(path):
-            return None
-        try:
-            batch = SyntheticBatch.from_state(torch.load(path, map_location="cpu", weights_only=True))
-        except Exception:  # a foreign or damaged file: redo the shard (it is rewritten atomically)
-            return None
-        return batch if len(batch) == rows else None
+        return _load_shard(self.folder, index, rows)
 
     def save(self, index: int, batch: SyntheticBatch) -> None:
         state = batch.state()
@@ -194,6 +181,17 @@ class ShardStore:
 
     def finish(self) -> None:
         self._write_manifest(complete=True)
+
+
+def _load_shard(folder: str, index: int, rows: int) -> SyntheticBatch | None:
+    path = os.path.join(folder, _shard_name(index))
+    if not os.path.exists(path):
+        return None
+    try:
+        batch = SyntheticBatch.from_state(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception:  # a foreign or damaged file: redo the shard (it is rewritten atomically)
+        return None
+    return batch if len(batch) == rows else None
 
 
 def _read_manifest(folder: str) -> dict[str, Any]:
@@ -231,7 +229,7 @@ def load_synthetic(folder: str | os.PathLike, *, allow_partial: bool = False) ->
     bounds = _batch_bounds(job["n"], job["batch_size"])
     batches = []
     for i, (start, stop) in enumerate(bounds):
-        b = ShardStore.load(_Reader(folder), i, stop - start)
+        b = _load_shard(folder, i, stop - start)
         if b is None:
             if manifest["complete"]:
                 raise ValueError(f"load_synthetic: {folder!r} is marked complete but shard {i} is missing or damaged")
@@ -240,13 +238,6 @@ def load_synthetic(folder: str | os.PathLike, *, allow_partial: bool = False) ->
     if not batches:
         raise ValueError(f"load_synthetic: {folder!r} holds no finished shard yet")
     return SyntheticBatch.cat(batches)
-
-
-class _Reader:
-    """Just enough of a ShardStore to call ShardStore.load without a job."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
 
 
 def _batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:

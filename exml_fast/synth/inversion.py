@@ -317,7 +317,7 @@ class _Inversion(Synthesizer):
         x = torch.randn((b, c, *size0), generator=generator) * self.init_std
         x = x.to(self.device)
         with self._session():
-            for i, (size, steps) in enumerate(phases):
+            for size, steps in phases:
                 if tuple(x.shape[2:]) != tuple(size):
                     x = F.interpolate(x, size=size, mode="nearest")
                 x, terms = self._optimise(x, labels, soft, steps, generator, progress)
@@ -343,9 +343,10 @@ class _Inversion(Synthesizer):
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         st = _State()
         st.x = x0.to(dev, torch.float32).contiguous(memory_format=fmt)
-        if self.clip:
-            lo, hi = self._bounds()
-            st.x.clamp_(lo, hi)
+        # Made before any step: a CUDA graph cannot capture the host-to-device copy.
+        st.bounds = self.pixel_range if self.clip else None
+        if st.bounds is not None:
+            st.x.clamp_(*st.bounds)
         st.x.requires_grad_(True)
         st.m = torch.zeros_like(st.x)
         st.v = torch.zeros_like(st.x)
@@ -393,10 +394,6 @@ class _Inversion(Synthesizer):
             return st.best_x.detach(), st.best_terms
         return st.x.detach(), terms
 
-    def _bounds(self):
-        lo, hi = self.pixel_range
-        return lo, hi
-
     # -- the step ---------------------------------------------------------------------
     def _step_fn(self):
         loss = self._loss
@@ -440,11 +437,14 @@ class _Inversion(Synthesizer):
             p = image_priors(x, blur_kernel_size=self.blur_kernel_size, blur_sigma=self.blur_sigma,
                              blur_per_sample_norm=self.blur_per_sample_norm)
             n = x.shape[0]
-            values = {"tv_l1": p[0], "tv_l2": p[1], "blur": p[2] / n, "l2": p[3].sqrt(), "l2_sq": p[3] / n}
+            # Only the terms in use are formed (each is a node in the step's graph).
+            values = {"tv_l1": lambda: p[0], "tv_l2": lambda: p[1], "blur": lambda: p[2] / n,
+                      "l2": lambda: p[3].sqrt(), "l2_sq": lambda: p[3] / n}
             for k in PRIORS:
                 if pw[k] > 0:
-                    total = total + pw[k] * values[k]
-                    parts.append(values[k])
+                    v = values[k]()
+                    total = total + pw[k] * v
+                    parts.append(v)
         if self.competitor is not None:
             with autocast:
                 s_logits = self.competitor(xa)
@@ -485,14 +485,8 @@ class _Inversion(Synthesizer):
             st.v.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = st.v.sqrt().mul_(scalars[1]).add_(self.adam_eps)
             x.sub_(st.m / denom * scalars[0])
-        if self.clip:
-            lo, hi = self._clip_bounds(st)
-            x.clamp_(lo, hi)
-
-    def _clip_bounds(self, st):
-        if getattr(st, "bounds", None) is None:
-            st.bounds = self._bounds()
-        return st.bounds
+        if st.bounds is not None:
+            x.clamp_(*st.bounds)
 
 
 class _State:
