@@ -23,6 +23,25 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine")
 
 
+class _LossLog:
+    """Prints the mean loss of the last ``every`` steps, and the step rate (every = 0: silent)."""
+
+    def __init__(self, every: int, total: int, label: str, *, width: int) -> None:
+        self.every, self.total, self.label, self.width = every, total, label, width
+        self.running, self.seen, self.t0 = 0.0, 0, time.perf_counter()
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        if not self.every:
+            return
+        self.running += loss.item()
+        self.seen += 1
+        if (step + 1) % self.every == 0 or step + 1 == self.total:
+            rate = (step + 1) / (time.perf_counter() - self.t0)
+            print(f"  {self.label} {step + 1:{self.width}d}/{self.total} loss {self.running / self.seen:.4f} "
+                  f"({rate:.0f} steps/s)", flush=True)
+            self.running, self.seen = 0.0, 0
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000) -> float:
     """Top-1 accuracy of ``model`` (put in eval mode) on images ``x`` (N, ...) with labels ``y`` (N,).
 
@@ -77,24 +96,14 @@ def train_classifier(
     model.train()
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=generator)
-        running, seen, t0 = 0.0, 0, time.perf_counter()
+        log = _LossLog(log_every, steps_per_epoch, f"epoch {epoch + 1}/{epochs} step", width=4)
         for step in range(steps_per_epoch):
             idx = perm[step * batch_size : (step + 1) * batch_size]
             loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if log_every:
-                running += loss.item()
-                seen += 1
-                if (step + 1) % log_every == 0 or step + 1 == steps_per_epoch:
-                    rate = (step + 1) / (time.perf_counter() - t0)
-                    print(
-                        f"  epoch {epoch + 1}/{epochs} step {step + 1:4d}/{steps_per_epoch} "
-                        f"loss {running / seen:.4f} ({rate:.0f} steps/s)",
-                        flush=True,
-                    )
-                    running, seen = 0.0, 0
+            log.add(step, loss)
     return model.eval()
 
 
@@ -257,7 +266,7 @@ def distill(
     do_augment = augment and (pad_crop > 0 or max_shift > 0 or flip)
 
     student.train()
-    running, seen, t0 = 0.0, 0, time.perf_counter()
+    log = _LossLog(log_every, total, "distill step", width=5)
     perm = torch.empty(0, dtype=torch.int64)
     pos = 0
     for step in range(total):
@@ -289,12 +298,5 @@ def distill(
         opt.step()
         if sched is not None:
             sched.step()
-        if log_every:
-            running += loss.item()
-            seen += 1
-            if (step + 1) % log_every == 0 or step + 1 == total:
-                rate = (step + 1) / (time.perf_counter() - t0)
-                print(f"  distill step {step + 1:5d}/{total} loss {running / seen:.4f} "
-                      f"({rate:.0f} steps/s)", flush=True)
-                running, seen = 0.0, 0
+        log.add(step, loss)
     return student.eval()
