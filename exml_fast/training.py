@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "distill", "evaluate", "train_classifier"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "MinibatchSampler", "augment_batch", "distill", "evaluate", "train_classifier"]
 
 #: Optimisers :func:`distill` accepts.
 OPTIMIZERS = ("sgd", "adam")
@@ -40,6 +40,50 @@ class _LossLog:
             print(f"  {self.label} {step + 1:{self.width}d}/{self.total} loss {self.running / self.seen:.4f} "
                   f"({rate:.0f} steps/s)", flush=True)
             self.running, self.seen = 0.0, 0
+
+
+class MinibatchSampler:
+    """Minibatch indices drawn without replacement: one permutation of ``range(n)`` per pass.
+
+    ``next()`` returns the next (≤ batch_size,) int64 CPU index tensor; the last
+    minibatch of a pass may be smaller, then a new permutation is drawn from
+    ``generator`` (None: torch's default CPU generator). Any number of steps
+    can be drawn, so training length is set in steps, not passes.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, generator: torch.Generator | None = None) -> None:
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"MinibatchSampler: n and batch_size must be >= 1; got {n} and {batch_size}")
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self._perm = torch.empty(0, dtype=torch.int64)
+        self._pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self._pos >= self._perm.shape[0]:
+            self._perm, self._pos = torch.randperm(self.n, generator=self.generator), 0
+        idx = self._perm[self._pos : self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return idx
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator | None, *, pad_crop: int = 4, max_shift: int = 0,
+                  flip: bool = False, fill: float = 0.0) -> torch.Tensor:
+    """Per-sample augmentation of a (B, C, H, W) minibatch (the fused ``augment`` op).
+
+    Each sample gets its own draw, made on the CPU from ``generator``: a
+    circular roll by up to ``max_shift`` pixels, a horizontal flip with
+    probability 1/2 if ``flip``, then pad by ``pad_crop`` and crop back. The
+    padding takes the value ``fill`` (in the space of ``x``: pass the
+    normalised background, e.g. ``-mean / std``, to pad with black).
+    """
+    from exml_fast.ops import augment_with_params, draw_augment_params
+
+    params = draw_augment_params(x.shape[0], max_shift=max_shift, flip=flip, pad_crop=pad_crop, device="cpu",
+                                 generator=generator).to(x.device)
+    # The op pads with zeros: shift so that the padding takes the value `fill`.
+    if fill:
+        return augment_with_params(x - fill, params, pad_crop=pad_crop) + fill
+    return augment_with_params(x, params, pad_crop=pad_crop)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000) -> float:
@@ -209,7 +253,7 @@ def distill(
             ``epochs`` / ``iterations``; shapes that do not match; an unknown
             ``optimizer`` or ``schedule``; a non-positive size, lr or temperature.
     """
-    from exml_fast.ops import augment_with_params, draw_augment_params, kd_loss, soft_target_cross_entropy
+    from exml_fast.ops import kd_loss, soft_target_cross_entropy
 
     sources = [name for name, v in (("teacher", teacher), ("soft_targets", soft_targets), ("labels", labels))
                if v is not None]
@@ -267,22 +311,12 @@ def distill(
 
     student.train()
     log = _LossLog(log_every, total, "distill step", width=5)
-    perm = torch.empty(0, dtype=torch.int64)
-    pos = 0
+    batches = MinibatchSampler(n, batch_size, generator=gen)
     for step in range(total):
-        if pos >= perm.shape[0]:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos : pos + batch_size]
-        pos += batch_size
+        idx = batches.next()
         xb = x[idx].to(device)
         if do_augment:
-            aug = draw_augment_params(idx.shape[0], max_shift=max_shift, flip=flip, pad_crop=pad_crop,
-                                      device="cpu", generator=gen).to(device)
-            # The op pads with zeros: shift so that the padding takes the value `fill`.
-            if fill:
-                xb = augment_with_params(xb - fill, aug, pad_crop=pad_crop) + fill
-            else:
-                xb = augment_with_params(xb, aug, pad_crop=pad_crop)
+            xb = augment_batch(xb, gen, pad_crop=pad_crop, max_shift=max_shift, flip=flip, fill=fill)
         logits = student(xb)
         if teacher is not None:
             with torch.no_grad():
