@@ -109,12 +109,13 @@ def _resolve_device(d: torch.device | None) -> torch.device:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``exml-fast`` argument parser (subcommands ``train-teacher`` and ``synthesize``)."""
+    """The ``exml-fast`` argument parser (train-teacher, synthesize, train-experts, run, report, demo)."""
     from exml_fast.data import DATASETS
     from exml_fast.models import ARCHS
 
     p = argparse.ArgumentParser(
-        prog=PROG, description="Data-free synthesis from trained models (exml_fast).",
+        prog=PROG, description="Learning from trained models instead of data: data-free synthesis and "
+                               "Ex-Model Continual Learning (exml_fast).",
         epilog="Run 'exml-fast <command> --help' for a command's options.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="<command>")
@@ -169,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True,
                    help="write --out/grid.png with the first up-to-100 images (default: yes)")
     s.set_defaults(func=_synthesize, subparser=s)
+
+    from exml_fast.cli_exml import add_commands
+
+    add_commands(sub)
     return p
 
 
@@ -218,7 +223,7 @@ def _train_teacher(args: argparse.Namespace) -> int:
 
 def _aux_data(args: argparse.Namespace, info: Any) -> torch.Tensor:
     """The auxiliary dataset's train split in the teacher's input space: (N, C, H, W) float32."""
-    from exml_fast.data import DATASETS, mnist_tensors
+    from exml_fast.data import DATASETS, auxiliary_inputs
 
     name = args.aux_dataset
     if name is None:
@@ -227,19 +232,12 @@ def _aux_data(args: argparse.Namespace, info: Any) -> torch.Tensor:
             raise _UsageError("--aux-dataset is required: the teacher checkpoint does not say which dataset it "
                               f"was trained on (choose from {', '.join(DATASETS)})")
         name = next(d for d in DATASETS if d != own)
-    c, h, w = info.input_shape
-    if h != w or h < 28:
-        raise _UsageError(f"--method auxiliary: the teacher's input {h}x{w} cannot take {name} images "
-                          "(28x28, padded to a square side >= 28)")
-    x, _ = mnist_tensors("train", dataset=name, pad_to=h, normalize=False, root=args.data_root)
-    if c != 1:
-        x = x.expand(-1, c, -1, -1)
-    if info.mean is not None:
-        mean = torch.tensor(info.mean, dtype=torch.float32).view(1, c, 1, 1)
-        std = torch.tensor(info.std, dtype=torch.float32).view(1, c, 1, 1)
-        x = (x - mean) / std
+    try:
+        x = auxiliary_inputs(name, input_shape=info.input_shape, mean=info.mean, std=info.std, root=args.data_root)
+    except ValueError as e:
+        raise _UsageError(f"--method auxiliary: {e}") from None
     print(f"[data] auxiliary {name}: {x.shape[0]} images {tuple(x.shape[1:])}")
-    return x.contiguous()
+    return x
 
 
 _DIGIT_DEEPINVERSION_DATASETS = ("mnist", "fashion-mnist")

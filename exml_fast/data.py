@@ -31,6 +31,7 @@ import torch
 
 __all__ = [
     "DATASETS",
+    "auxiliary_inputs",
     "DATASET_STATS",
     "MD5SUMS",
     "MNIST_MEAN",
@@ -370,3 +371,40 @@ def mnist_tensors(
         mean, std = DATASET_STATS[dataset]
         x = x.sub_(mean).div_(std)
     return x.contiguous(), labels
+
+
+def auxiliary_inputs(
+    dataset: str,
+    *,
+    input_shape: tuple[int, int, int] | list[int],
+    mean=None,
+    std=None,
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+) -> torch.Tensor:
+    """An unrelated dataset's images in another model's input space (auxiliary data).
+
+    Loads ``split`` of ``dataset`` (MNIST or Fashion-MNIST), pads the 28x28
+    images to ``input_shape``'s square side, repeats the grey channel to its
+    channel count and normalises with the *target* model's ``mean``/``std``
+    (per channel; None: left in [0, 1]).
+
+    Returns:
+        float32 (N, C, H, W), contiguous.
+    """
+    c, h, w = (int(v) for v in input_shape)
+    if h != w or h < 28:
+        raise ValueError(f"auxiliary_inputs: input_shape {tuple(input_shape)} cannot take {dataset} images "
+                         "(28x28, padded to a square side >= 28)")
+    x, _ = mnist_tensors(split, dataset=dataset, pad_to=h, normalize=False, root=root)
+    if c != 1:
+        x = x.expand(-1, c, -1, -1)
+    if (mean is None) != (std is None):
+        raise ValueError("auxiliary_inputs: give both mean and std, or neither")
+    if mean is not None:
+        m = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        s = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        if m.numel() not in (1, c) or s.numel() not in (1, c):
+            raise ValueError(f"auxiliary_inputs: mean and std need 1 or {c} values; got {m.numel()} and {s.numel()}")
+        x = (x - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1)
+    return x.contiguous()

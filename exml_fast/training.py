@@ -67,21 +67,22 @@ class MinibatchSampler:
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator | None, *, pad_crop: int = 4, max_shift: int = 0,
-                  flip: bool = False, fill: float = 0.0) -> torch.Tensor:
+                  flip: bool = False, fill: float | torch.Tensor = 0.0) -> torch.Tensor:
     """Per-sample augmentation of a (B, C, H, W) minibatch (the fused ``augment`` op).
 
     Each sample gets its own draw, made on the CPU from ``generator``: a
     circular roll by up to ``max_shift`` pixels, a horizontal flip with
     probability 1/2 if ``flip``, then pad by ``pad_crop`` and crop back. The
     padding takes the value ``fill`` (in the space of ``x``: pass the
-    normalised background, e.g. ``-mean / std``, to pad with black).
+    normalised background, e.g. ``-mean / std``, to pad with black): a float,
+    or a tensor broadcastable to ``x`` such as a (1, C, 1, 1) per-channel value.
     """
     from exml_fast.ops import augment_with_params, draw_augment_params
 
     params = draw_augment_params(x.shape[0], max_shift=max_shift, flip=flip, pad_crop=pad_crop, device="cpu",
                                  generator=generator).to(x.device)
     # The op pads with zeros: shift so that the padding takes the value `fill`.
-    if fill:
+    if isinstance(fill, torch.Tensor) or fill:
         return augment_with_params(x - fill, params, pad_crop=pad_crop) + fill
     return augment_with_params(x, params, pad_crop=pad_crop)
 
