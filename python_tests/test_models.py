@@ -84,3 +84,88 @@ def test_lenet5half_is_lenet5_with_half_the_widths():
     assert isinstance(build_model("lenet5half", num_classes=5), LeNet5Half)
     with pytest.raises(ValueError, match="arch must be one of"):
         build_model("vgg")
+
+
+# ------------------------------------------------------------------------------------------- the registry
+
+ISSUE_ARCHS = ["lenet5", "lenet5_bn", "lenet5_half", "resnet18_cifar", "resnet18_cifar_slim", "resnet34_cifar",
+               "resnet32", "mobilenet_v2"]
+
+
+@pytest.mark.parametrize("name", ISSUE_ARCHS)
+def test_every_arch_builds_from_num_classes_and_in_channels(name):
+    from exml_fast.models import ARCHS, build_model
+
+    small = {"resnet18_cifar": {"width": 4}, "resnet34_cifar": {"width": 4}, "mobilenet_v2": {"width_mult": 0.25}}
+    torch.manual_seed(0)
+    model = ARCHS[name](num_classes=7, in_channels=2, **small.get(name, {}))
+    model.eval()
+    assert model(torch.randn(2, 2, 32, 32)).shape == (2, 7)
+    again = build_model(name, num_classes=7, in_channels=2, **small.get(name, {}))
+    assert type(again) is type(model)
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_old_lenet_names_are_aliases():
+    from exml_fast.models import ARCHS
+
+    assert ARCHS["lenet5bn"] is ARCHS["lenet5_bn"] is LeNet5BN
+    assert ARCHS["lenet5half"] is ARCHS["lenet5_half"]
+
+
+def test_resnet18_slim_is_width_20():
+    from exml_fast.models import build_model
+
+    slim = build_model("resnet18_cifar_slim", num_classes=10)
+    assert slim.stem[0].out_channels == 20 and slim.classifier.in_features == 160
+    assert list(slim.state_dict()) == list(resnet18_cifar(width=20).state_dict())
+    assert build_model("resnet18_cifar", num_classes=10, width=20).classifier.in_features == 160
+
+
+def test_resnet32_is_the_classic_cifar_resnet():
+    from exml_fast.models import resnet32
+
+    model = resnet32(num_classes=10)
+    assert model.num_stages == 3 and not hasattr(model, "layer4")
+    assert [len(s) for s in (model.layer1, model.layer2, model.layer3)] == [5, 5, 5]
+    assert [s[0].conv1.out_channels for s in (model.layer1, model.layer2, model.layer3)] == [16, 32, 64]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs) + 1 == 32  # 31 3x3 convs + the classifier = 32 weighted layers
+    assert sum(p.numel() for p in model.parameters()) == 466_906  # 1x1-conv shortcuts (option B)
+    x = model.stem(torch.randn(1, 3, 32, 32))
+    assert model.layer3(model.layer2(model.layer1(x))).shape == (1, 64, 8, 8)
+
+
+def test_mobilenet_v2_in_channels():
+    from exml_fast.models import mobilenet_v2
+
+    model = mobilenet_v2(num_classes=5, in_channels=1, width_mult=0.25)
+    first = model.features[0][0]
+    assert first.in_channels == 1 and first.stride == (2, 2)
+    assert model.classifier[-1].out_features == 5
+    with pytest.raises(ValueError, match="in_channels"):
+        mobilenet_v2(num_classes=5, in_channels=0)
+
+
+def test_register_arch(monkeypatch):
+    from exml_fast import models
+
+    monkeypatch.setattr(models, "ARCHS", dict(models.ARCHS))
+
+    def tiny(num_classes=10, in_channels=1, hidden=8):
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 32 * 32, hidden), nn.ReLU(),
+                             nn.Linear(hidden, num_classes))
+
+    models.register_arch("tiny_mlp", tiny)
+    model = models.build_model("tiny_mlp", num_classes=3, in_channels=1, hidden=5)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 3) and model[1].out_features == 5
+    with pytest.raises(ValueError, match="'tiny_mlp' is already registered.*overwrite=True"):
+        models.register_arch("tiny_mlp", tiny)
+    with pytest.raises(ValueError, match="already registered"):
+        models.register_arch("lenet5", tiny)
+    models.register_arch("lenet5", tiny, overwrite=True)
+    assert isinstance(models.build_model("lenet5", num_classes=2), nn.Sequential)
+    with pytest.raises(ValueError, match="non-empty string"):
+        models.register_arch("", tiny)
+    with pytest.raises(TypeError, match="callable"):
+        models.register_arch("x", 3)

@@ -1,37 +1,79 @@
-"""Model definitions used as experts (teachers) and students.
+"""Model definitions used as experts (teachers) and students, and a registry of them by name.
 
-- :class:`LeNet5BN` — LeNet-5 with BatchNorm, (N, C, 32, 32) → (N, classes).
 - :class:`LeNet5` — the Ex-Model CL reference LeNet-5 (Tanh, AvgPool, no BN).
+- :class:`LeNet5BN` — LeNet-5 with BatchNorm, (N, C, 32, 32) → (N, classes).
 - :class:`LeNet5Half` — LeNet-5 with half the filters (Data Impressions' student).
-- :func:`resnet18_cifar`, :func:`resnet34_cifar` — CIFAR ResNets,
-  (N, 3, 32, 32) → (N, classes).
+- :func:`resnet18_cifar` (``width`` 64; :func:`resnet18_cifar_slim`: width 20),
+  :func:`resnet34_cifar`, :func:`resnet32` — CIFAR ResNets, (N, 3, 32, 32) → (N, classes).
+- :func:`mobilenet_v2` — torchvision's MobileNetV2 (needs torchvision).
+
+Every entry of :data:`ARCHS` is called as ``ARCHS[name](num_classes=K, in_channels=C, **kwargs)``;
+:func:`register_arch` adds your own, :func:`build_model` builds one by name.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import nn
 
 from .lenet import LeNet5, LeNet5BN, LeNet5Half
-from .resnet_cifar import BasicBlock, ResNetCIFAR, resnet18_cifar, resnet34_cifar
+from .mobilenet import mobilenet_v2
+from .resnet_cifar import (BasicBlock, ResNetCIFAR, resnet18_cifar, resnet18_cifar_slim, resnet32,
+                           resnet34_cifar)
 
-#: Architectures by name, for checkpoints and the command line:
-#: each is called as ``ARCHS[name](num_classes=..., in_channels=...)``.
-ARCHS = {
+#: Architectures by name, for checkpoints, expert streams and the command line: each is called as
+#: ``ARCHS[name](num_classes=..., in_channels=..., **kwargs)``. ``lenet5bn`` / ``lenet5half`` are
+#: the older names of ``lenet5_bn`` / ``lenet5_half`` (same factories, kept for old checkpoints).
+ARCHS: dict[str, Callable[..., nn.Module]] = {
     "lenet5": LeNet5,
+    "lenet5_bn": LeNet5BN,
+    "lenet5_half": LeNet5Half,
     "lenet5bn": LeNet5BN,
     "lenet5half": LeNet5Half,
     "resnet18_cifar": resnet18_cifar,
+    "resnet18_cifar_slim": resnet18_cifar_slim,
     "resnet34_cifar": resnet34_cifar,
+    "resnet32": resnet32,
+    "mobilenet_v2": mobilenet_v2,
 }
 
 
-def build_model(arch: str, *, num_classes: int = 10, in_channels: int | None = None) -> nn.Module:
-    """A fresh model of architecture ``arch`` (a key of :data:`ARCHS`)."""
+def register_arch(name: str, factory: Callable[..., nn.Module], *, overwrite: bool = False) -> None:
+    """Adds ``factory`` to :data:`ARCHS` under ``name``, so that checkpoints and expert streams can rebuild it.
+
+    Args:
+        name: a non-empty string; an existing name is an error unless ``overwrite``.
+        factory: callable as ``factory(num_classes=K, in_channels=C, **kwargs)`` returning an
+            ``nn.Module`` (a class or a function). It must build the same parameter names and
+            shapes every time for the same arguments: loading rebuilds the model from it.
+        overwrite: replace an existing entry (the built-in ones included).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_arch: name must be a non-empty string; got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"register_arch: factory must be callable as factory(num_classes=..., in_channels=...); "
+                        f"got {type(factory).__name__}")
+    if name in ARCHS and not overwrite:
+        raise ValueError(f"register_arch: an architecture named {name!r} is already registered; pass "
+                         "overwrite=True to replace it")
+    ARCHS[name] = factory
+
+
+def build_model(arch: str, *, num_classes: int = 10, in_channels: int | None = None, **kwargs) -> nn.Module:
+    """A fresh model ``ARCHS[arch](num_classes=num_classes, in_channels=in_channels, **kwargs)``.
+
+    ``in_channels=None`` leaves the architecture's default (1 for the LeNets, 3 for the others).
+    Extra ``kwargs`` go to the factory (e.g. ``width=20`` for the CIFAR ResNets). The
+    initialisation draws from torch's global generator: seed it (or fork it) around the call.
+    """
     if arch not in ARCHS:
         raise ValueError(f"build_model: arch must be one of {sorted(ARCHS)}; got {arch!r}")
-    kwargs = {"num_classes": num_classes}
     if in_channels is not None:
         kwargs["in_channels"] = in_channels
-    return ARCHS[arch](**kwargs)
+    return ARCHS[arch](num_classes=num_classes, **kwargs)
 
 
 __all__ = ["ARCHS", "LeNet5", "LeNet5BN", "LeNet5Half", "BasicBlock", "ResNetCIFAR", "build_model",
-           "resnet18_cifar", "resnet34_cifar"]
+           "mobilenet_v2", "register_arch", "resnet18_cifar", "resnet18_cifar_slim", "resnet32",
+           "resnet34_cifar"]
