@@ -57,8 +57,11 @@ def _rate(v: Any, where: str, *, allow_nan: bool) -> float:
     """``v`` as a float in [0, 1] (or nan when allowed); None reads as nan (JSON has no nan)."""
     if v is None:
         v = math.nan
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        v = v.item()
+    if not _is_real(v) and hasattr(v, "item"):  # 1-element tensors, numpy scalars
+        try:
+            v = v.item()
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"StreamResult: {where} must be a number in [0, 1]; got {v!r}") from e
     if not _is_real(v):
         raise ValueError(f"StreamResult: {where} must be a number in [0, 1]; got {v!r}")
     v = float(v)

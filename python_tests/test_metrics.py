@@ -51,6 +51,22 @@ def test_metrics_on_a_hand_computed_matrix():
     assert r.num_experiences == 3
 
 
+def test_forgetting_can_be_negative():
+    # The final model is better on experience 0 than it ever was before: the
+    # max runs over i in [j, n-2] only, so forgetting is negative (= -BWT here).
+    r = _result(acc_matrix=[[0.5, 0.0], [0.7, 0.9]], test_sizes=[10, 30], per_class_accuracy=[])
+    assert r.average_forgetting == pytest.approx(-0.2)
+    assert r.bwt == pytest.approx(0.2)
+    assert r.final_stream_accuracy == pytest.approx((7 + 27) / 40)
+
+
+def test_numpy_scalars_are_accepted():
+    np = pytest.importorskip("numpy")
+    r = _result(acc_matrix=[[np.float32(v) for v in row] for row in R],
+                test_sizes=[np.int64(s) for s in SIZES], per_class_accuracy=[np.float64(0.25)])
+    assert r.test_sizes == SIZES and type(r.acc_matrix[0][0]) is float and r.per_class_accuracy == [0.25]
+
+
 def test_single_experience():
     r = _result(acc_matrix=[[0.8]], test_sizes=[50], per_class_accuracy=[])
     assert r.stream_accuracy == [0.8] and r.final_stream_accuracy == 0.8
