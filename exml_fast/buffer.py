@@ -39,6 +39,10 @@ FORMAT = "exml_fast.buffer"
 VERSION = 1
 
 
+def _describe(v: Any) -> str:
+    return f"{v.dtype} {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+
+
 def _check_generator(generator: Any, owner: str) -> torch.Generator | None:
     if generator is None:
         return None
@@ -59,8 +63,7 @@ def _check_int(value: Any, name: str, owner: str, *, minimum: int) -> int:
 def _check_labels(y: Any, name: str, owner: str) -> torch.Tensor:
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.dtype.is_floating_point or y.dtype.is_complex \
             or y.dtype == torch.bool:
-        raise ValueError(f"{owner}: {name} must be a 1-D integer tensor of class indices; got "
-                         f"{f'{y.dtype} {tuple(y.shape)}' if isinstance(y, torch.Tensor) else type(y).__name__}")
+        raise ValueError(f"{owner}: {name} must be a 1-D integer tensor of class indices; got {_describe(y)}")
     y = y.detach().to("cpu", torch.int64)
     if y.numel() and int(y.min()) < 0:
         raise ValueError(f"{owner}: {name} must hold class indices >= 0; got a minimum of {int(y.min())}")
@@ -232,8 +235,7 @@ class SyntheticBuffer:
         """
         owner = "SyntheticBuffer.update"
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-            raise ValueError(f"{owner}: x must be a float tensor of shape (m, C, H, W); got "
-                             f"{f'{x.dtype} {tuple(x.shape)}' if isinstance(x, torch.Tensor) else type(x).__name__}")
+            raise ValueError(f"{owner}: x must be a float tensor of shape (m, C, H, W); got {_describe(x)}")
         m = x.shape[0]
         y = _check_labels(y, "y", owner)
         if y.shape[0] != m:
@@ -253,7 +255,7 @@ class SyntheticBuffer:
             if not isinstance(soft_targets, torch.Tensor) or soft_targets.dim() != 2 \
                     or soft_targets.shape[0] != m or not soft_targets.is_floating_point():
                 raise ValueError(f"{owner}: soft_targets must be a float tensor of shape ({m}, K); got "
-                                 f"{tuple(soft_targets.shape) if isinstance(soft_targets, torch.Tensor) else type(soft_targets).__name__}")
+                                 f"{_describe(soft_targets)}")
             soft_targets = soft_targets.detach().to("cpu", torch.float32)
             if not bool(torch.isfinite(soft_targets).all()):
                 raise ValueError(f"{owner}: soft_targets hold non-finite values (inf or nan)")
@@ -352,8 +354,7 @@ class SyntheticBuffer:
 
         def _t(v, name, dtype, dim):
             if not isinstance(v, torch.Tensor) or v.dtype != dtype or v.dim() != dim:
-                got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
-                raise ValueError(f"{owner}: {name} must be a {dim}-D {dtype} tensor; got {got}")
+                raise ValueError(f"{owner}: {name} must be a {dim}-D {dtype} tensor; got {_describe(v)}")
             return v.detach().to("cpu").clone()
 
         y = _t(y, "y", torch.int64, 1)
