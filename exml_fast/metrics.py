@@ -67,7 +67,8 @@ def _rate(v: Any, where: str, *, allow_nan: bool) -> float:
     v = float(v)
     if math.isnan(v):
         if not allow_nan:
-            raise ValueError(f"StreamResult: {where} is nan, allowed only where there are no test samples")
+            raise ValueError(f"StreamResult: {where} is nan, allowed only where there are no test samples "
+                             "or for a future experience")
         return v
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"StreamResult: {where} must be an accuracy in [0, 1] (not %); got {v!r}")
@@ -88,7 +89,10 @@ class StreamResult:
         seed: the run's seed, or None.
         acc_matrix: n x n accuracies in [0, 1]: ``acc_matrix[i][j]`` after
             expert ``i`` (0-based) on the test set of experience ``j``. An entry
-            may be nan only for an experience with no test samples.
+            may be nan only for an experience with no test samples, or for a
+            future experience (j > i) the strategy could not be asked about
+            yet (the oracle and multi-task heads need a task seen); no metric
+            reads those.
         test_sizes: n test-set sizes ``|D_test^j|`` (ints >= 0), the weights of
             the stream accuracy.
         per_class_accuracy: accuracy per class index after the last expert, in
@@ -139,7 +143,7 @@ class StreamResult:
             if not isinstance(row, (list, tuple)) or len(row) != n:
                 raise ValueError(f"StreamResult: acc_matrix row {i} must have {n} entries (one per experience); "
                                  f"got {len(row) if isinstance(row, (list, tuple)) else row!r}")
-            matrix.append([_rate(v, f"acc_matrix[{i}][{j}]", allow_nan=out_sizes[j] == 0)
+            matrix.append([_rate(v, f"acc_matrix[{i}][{j}]", allow_nan=out_sizes[j] == 0 or j > i)
                            for j, v in enumerate(row)])
         pc = self.per_class_accuracy
         if isinstance(pc, torch.Tensor):
