@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -117,14 +118,17 @@ def train_classifier(
     weight_decay: float = 5e-4,
     generator: torch.Generator | None = None,
     log_every: int = 0,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> nn.Module:
     """Trains ``model`` with SGD and cross-entropy on (N, ...) images ``x``, labels ``y`` (N,).
 
     The Ex-Model CL expert recipe by default (SGD lr 0.01, momentum 0.9,
     weight decay 5e-4). Minibatches are drawn by a permutation from
     ``generator`` each epoch and moved to the model's device. Prints the
-    running loss every ``log_every`` steps (0: silent). Returns the model in
-    eval mode.
+    running loss every ``log_every`` steps (0: silent); ``callback(epoch, step,
+    loss)`` (0-based; ``loss`` the minibatch's detached loss tensor, on the
+    model's device) runs after every optimiser step, e.g. for a progress bar.
+    Returns the model in eval mode.
     """
     if epochs < 1:
         raise ValueError(f"train_classifier: epochs must be >= 1; got {epochs}")
@@ -149,6 +153,8 @@ def train_classifier(
             loss.backward()
             opt.step()
             log.add(step, loss)
+            if callback is not None:
+                callback(epoch, step, loss.detach())
     return model.eval()
 
 
