@@ -150,14 +150,22 @@ def build_strategy(name: str, stream, scenario, *, options: dict[str, Any], seed
 
 
 def scenario_of(stream, *, root=None):
-    """Rebuilds the scenario an expert stream was trained on, from the stream's metadata."""
-    from exml_fast.scenarios import scenario_from_description
+    """Rebuilds the scenario an expert stream was trained on, from the stream's metadata.
+
+    Checks that the rebuilt scenario has the experiences (classes, task labels,
+    sizes) the stream records, so a changed dataset or code cannot pass unseen.
+    """
+    from exml_fast.scenarios import make_scenario
 
     desc = stream.meta.get("scenario")
-    if not isinstance(desc, dict):
+    if not isinstance(desc, dict) or "name" not in desc or not isinstance(desc.get("kwargs"), dict):
         raise ValueError(f"the expert stream {stream.path} does not say which scenario it was trained on "
-                         "(stream.json meta['scenario'])")
-    return scenario_from_description(desc, root=root)
+                         "(stream.json: meta.scenario.name / kwargs)")
+    scenario = make_scenario(desc["name"], root=root, **desc["kwargs"])
+    if scenario.describe()["experiences"] != desc.get("experiences"):
+        raise ValueError(f"the scenario rebuilt for {stream.path} ({desc['name']}, {desc['kwargs']}) does not match "
+                         "the experiences recorded with its experts (classes, task labels or sizes differ)")
+    return scenario
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -246,6 +254,8 @@ def _train_experts(args) -> int:
 
     device = _resolve_device(args.device)
     kw = {"seed": args.seed, "root": args.data_root}
+    if args.max_train is not None:
+        kw["max_train_per_experience"] = args.max_train
     if args.n_experiences is not None:
         kw["n_experiences"] = args.n_experiences
     scenario = make_scenario(args.scenario, **kw)
@@ -253,11 +263,11 @@ def _train_experts(args) -> int:
           f"{[list(e.classes) for e in scenario.experiences]}")
     t0 = time.perf_counter()
     stream = train_experts(scenario, args.out, arch=args.arch, epochs=args.epochs, lr=args.lr,
-                           batch_size=args.batch_size, seed=args.seed, device=device, progress=not args.no_progress,
-                           max_train_per_experience=args.max_train)
-    for j, e in enumerate(stream.entries):
-        acc = e.get("test_accuracy")
-        print(f"[expert {j}] classes {e['classes']}" + (f": test accuracy {acc:.4f}" if acc is not None else ""))
+                           batch_size=args.batch_size, seed=args.seed, device=device, progress=not args.no_progress)
+    for j, expert in enumerate(stream):
+        acc = expert.meta.get("test_accuracy_head")
+        print(f"[expert {j}] classes {list(expert.classes)}"
+              + (f": test accuracy on its classes {acc:.4f}" if acc is not None else ""))
     print(f"[save] {args.out} ({len(stream)} experts, {time.perf_counter() - t0:.1f} s)")
     return 0
 
@@ -347,8 +357,9 @@ def _demo(args) -> int:
     t0 = time.perf_counter()
     stream = train_experts(scenario, experts_dir, arch="lenet5", epochs=2, seed=args.seed, device=device,
                            progress=args.progress)
+    accs = [round(e.meta.get("test_accuracy_head", float("nan")), 4) for e in stream]
     print(f"[demo] {len(stream)} LeNet-5 experts ready ({time.perf_counter() - t0:.1f} s): test accuracy on their "
-          f"own classes {[round(e.get('test_accuracy', float('nan')), 4) for e in stream.entries]}")
+          f"own classes {accs}")
     results = []
     for name in DEMO_STRATEGIES:
         t0 = time.perf_counter()
