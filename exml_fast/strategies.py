@@ -328,6 +328,11 @@ class Strategy:
 # -- Ex-Model Distillation --------------------------------------------------------------
 
 
+#: ED's name by data source (the paper's Model Inversion ED, Data Impression ED, Aux. Data ED, Replay ED).
+_ED_NAMES = {"model-inversion": "mi-ed", "data-impressions": "di-ed", "auxiliary": "aux-ed",
+             "real-replay": "replay-ed", "deepinversion": "deepinversion-ed"}
+
+
 class ExModelDistillation(Strategy):
     """Ex-Model Distillation (ED, the ExML paper's Algorithm 1).
 
@@ -378,6 +383,7 @@ class ExModelDistillation(Strategy):
         progress: tqdm bars for synthesis and distillation.
     """
 
+    #: "mi-ed", "di-ed", "aux-ed", "replay-ed" (set from the generator's method)
     name = "ed"
 
     def __init__(
@@ -419,6 +425,8 @@ class ExModelDistillation(Strategy):
                     and not issubclass(generator, AuxiliaryData):
                 generator_options = {"temperature": temperature, **(generator_options or {})}
         self.generator = _as_generator(generator, generator_options, owner)
+        method = self.generator.describe().get("method")
+        self.name = _ED_NAMES.get(method, f"{method}-ed")
         self.model = model.to(self.device)
         self.buffer = SyntheticBuffer(_check_int(buffer_size, "buffer_size", owner))
         self.iterations = _check_int(iterations, "iterations", owner)
