@@ -551,7 +551,7 @@ def train_experts(scenario: Scenario, out: str | os.PathLike, *, arch: str = "le
         try:
             train_classifier(net, exp.train_x, y, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                              weight_decay=weight_decay, generator=torch.Generator().manual_seed(_derive_seed(seed, i)),
-                             callback=on_step)
+                             callback=on_step if progress else None)
             if losses:
                 bar.update(len(losses), {"loss": torch.stack(losses).mean().item()})
         finally:
