@@ -184,7 +184,8 @@ def _check_int(value: Any, name: str, owner: str, *, low: int, high: int | None 
 
 
 def class_order(num_classes: int, seed: int) -> tuple[int, ...]:
-    """The seeded class permutation every scenario uses: ``randperm(num_classes)`` from ``Generator().manual_seed(seed)``."""
+    """The seeded class permutation of every scenario: ``randperm(num_classes)`` drawn from
+    ``torch.Generator().manual_seed(seed)``."""
     return tuple(torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed)).tolist())
 
 

@@ -319,9 +319,11 @@ def test_multi_task_experts_train_their_head_only(tmp_path):
 
 def test_default_epochs_and_argument_errors(tmp_path):
     joint = _toy_scenario(n_experiences=1, per_class=2)
-    assert train_experts(joint, tmp_path / "j", arch="lenet5", progress=False, weights_format=FMT)[0].meta["training"]["epochs"] == 100
+    joint_stream = train_experts(joint, tmp_path / "j", arch="lenet5", progress=False, weights_format=FMT)
+    assert joint_stream[0].meta["training"]["epochs"] == 100
     split = _toy_scenario(n_experiences=2, per_class=2)
-    assert ExpertStream(train_experts(split, tmp_path / "s", progress=False, weights_format=FMT).path).meta["training"]["epochs"] == 20
+    split_stream = train_experts(split, tmp_path / "s", progress=False, weights_format=FMT)
+    assert ExpertStream(split_stream.path).meta["training"]["epochs"] == 20
     with pytest.raises(ValueError, match=r"arch_kwargs\['num_classes'\] = 10 does not match the scenario's 4"):
         train_experts(split, tmp_path / "x", arch_kwargs={"num_classes": 10})
     with pytest.raises(ValueError, match="arch must be one of"):
