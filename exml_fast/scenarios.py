@@ -43,8 +43,8 @@ from torch import nn
 
 from exml_fast.experts import Expert, ExpertStream
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "Experience", "SCENARIOS", "Scenario", "joint_mnist", "make_scenario",
-           "split_cifar10", "split_fashion_mnist", "split_mnist", "train_experts"]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "Experience", "SCENARIOS", "Scenario", "class_order", "joint_mnist",
+           "make_scenario", "split_cifar10", "split_fashion_mnist", "split_mnist", "train_experts"]
 
 #: Per-channel mean and std of the CIFAR-10 training pixels scaled to [0, 1].
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
