@@ -43,8 +43,8 @@ from torch import nn
 
 from exml_fast.experts import Expert, ExpertStream
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "Experience", "SCENARIOS", "Scenario", "joint_mnist", "make_scenario",
-           "split_cifar10", "split_fashion_mnist", "split_mnist", "train_experts"]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "Experience", "SCENARIOS", "Scenario", "class_order", "joint_mnist",
+           "make_scenario", "split_cifar10", "split_fashion_mnist", "split_mnist", "train_experts"]
 
 #: Per-channel mean and std of the CIFAR-10 training pixels scaled to [0, 1].
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -184,7 +184,8 @@ def _check_int(value: Any, name: str, owner: str, *, low: int, high: int | None 
 
 
 def class_order(num_classes: int, seed: int) -> tuple[int, ...]:
-    """The seeded class permutation every scenario uses: ``randperm(num_classes)`` from ``Generator().manual_seed(seed)``."""
+    """The seeded class permutation of every scenario: ``randperm(num_classes)`` drawn from
+    ``torch.Generator().manual_seed(seed)``."""
     return tuple(torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed)).tolist())
 
 
@@ -551,7 +552,7 @@ def train_experts(scenario: Scenario, out: str | os.PathLike, *, arch: str = "le
         try:
             train_classifier(net, exp.train_x, y, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                              weight_decay=weight_decay, generator=torch.Generator().manual_seed(_derive_seed(seed, i)),
-                             callback=on_step)
+                             callback=on_step if progress else None)
             if losses:
                 bar.update(len(losses), {"loss": torch.stack(losses).mean().item()})
         finally:

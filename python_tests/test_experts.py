@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import weakref
 
 import pytest
@@ -14,6 +15,17 @@ from torch import nn
 
 from exml_fast.experts import Expert, ExpertError, ExpertStream
 from exml_fast.models import build_model
+
+# The GPU machine has no safetensors: tests there use the torch format.
+try:
+    import safetensors.torch  # noqa: F401
+    HAS_SAFETENSORS = True
+except ImportError:
+    HAS_SAFETENSORS = False
+FMT = "safetensors" if HAS_SAFETENSORS else "torch"
+WEIGHTS = {"safetensors": "weights.safetensors", "torch": "weights.pt"}[FMT]
+needs_safetensors = pytest.mark.skipif(not HAS_SAFETENSORS, reason="safetensors not installed")
+SAFETENSORS = pytest.param("safetensors", marks=needs_safetensors)
 
 KW = {"num_classes": 10, "in_channels": 1}
 META = {"input_shape": [1, 32, 32], "mean": [0.1307], "std": [0.3081], "dataset": "mnist", "experience": 1}
@@ -38,8 +50,9 @@ def _same_weights(a: nn.Module, b: nn.Module) -> bool:
 # ------------------------------------------------------------------------------------------------- Expert
 
 
-@pytest.mark.parametrize("weights_format,file_name", [("safetensors", "weights.safetensors"), ("torch", "weights.pt")])
-def test_save_load_round_trip(tmp_path, weights_format, file_name):
+@pytest.mark.parametrize("weights_format", [SAFETENSORS, "torch"])
+def test_save_load_round_trip(tmp_path, weights_format):
+    file_name = {"safetensors": "weights.safetensors", "torch": "weights.pt"}[weights_format]
     expert = _expert(seed=1, classes=(7, 3), task_id=2)
     out = expert.save(tmp_path / "e", weights_format=weights_format)
     assert out == tmp_path / "e"
@@ -63,14 +76,14 @@ def test_extra_arch_kwargs_and_buffers_round_trip(tmp_path):
     expert = _expert(seed=2, arch="resnet18_cifar", width=2, classes=(0, 1, 2))
     with torch.no_grad():  # make the BN running statistics non-default so that buffers are checked too
         expert.model.train()(torch.randn(4, 1, 32, 32))
-    loaded = Expert.load(expert.save(tmp_path / "r"))
+    loaded = Expert.load(expert.save(tmp_path / "r", weights_format=FMT))
     assert loaded.arch_kwargs == {"num_classes": 10, "in_channels": 1, "width": 2}
     assert _same_weights(loaded.model, expert.model)
     assert loaded.model.stem[0].out_channels == 2
 
 
 def test_loading_does_not_move_the_global_generator(tmp_path):
-    folder = _expert().save(tmp_path / "e")
+    folder = _expert().save(tmp_path / "e", weights_format=FMT)
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -109,7 +122,7 @@ def test_save_refuses_a_model_that_is_not_its_arch(tmp_path):
         _expert().save(tmp_path / "e", weights_format="npz")
 
 
-@pytest.mark.parametrize("weights_format", ["safetensors", "torch"])
+@pytest.mark.parametrize("weights_format", [SAFETENSORS, "torch"])
 def test_corrupted_weights_byte_names_the_file(tmp_path, weights_format):
     folder = _expert().save(tmp_path / "e", weights_format=weights_format)
     path = folder / ("weights.safetensors" if weights_format == "safetensors" else "weights.pt")
@@ -121,11 +134,11 @@ def test_corrupted_weights_byte_names_the_file(tmp_path, weights_format):
 
 
 def test_manifest_arch_mismatch(tmp_path):
-    folder = _expert().save(tmp_path / "e")
+    folder = _expert().save(tmp_path / "e", weights_format=FMT)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["arch"] = "lenet5_half"
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ExpertError, match=r"weights\.safetensors.*does not match arch 'lenet5_half'"):
+    with pytest.raises(ExpertError, match=rf"{WEIGHTS}.*does not match arch 'lenet5_half'"):
         Expert.load(folder)
     manifest["arch"] = "no_such_net"
     (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -173,14 +186,14 @@ def test_registered_arch_round_trip(tmp_path, monkeypatch):
     models.register_arch("mlp", mlp)
     e = Expert(mlp(num_classes=4, hidden=3), (0, 2), arch="mlp", arch_kwargs={"num_classes": 4, "in_channels": 1,
                                                                              "hidden": 3})
-    loaded = Expert.load(e.save(tmp_path / "m"))
+    loaded = Expert.load(e.save(tmp_path / "m", weights_format=FMT))
     assert _same_weights(loaded.model, e.model) and loaded.model[1].out_features == 3
 
 
 # ------------------------------------------------------------------------------------------------ ExpertStream
 
 
-def _stream(tmp_path, n=3, weights_format="safetensors") -> ExpertStream:
+def _stream(tmp_path, n=3, weights_format=FMT) -> ExpertStream:
     stream = ExpertStream.create(tmp_path / "s", meta={"scenario": {"name": "toy", "n": n}})
     for i in range(n):
         stream.append(_expert(seed=i, classes=(2 * i, 2 * i + 1), task_id=i), weights_format=weights_format)
@@ -222,9 +235,9 @@ def test_swapped_expert_folders_are_detected(tmp_path):
     shutil.move(s / "expert_001", s / "expert_000")
     shutil.move(s / "tmp", s / "expert_001")
     stream = ExpertStream(s)
-    with pytest.raises(ExpertError, match=r"expert_000/weights\.safetensors: sha256 .* is not the expected"):
+    with pytest.raises(ExpertError, match=rf"expert_000/{WEIGHTS}: sha256 .* is not the expected"):
         stream[0]
-    with pytest.raises(ExpertError, match=r"expert_001/weights\.safetensors"):
+    with pytest.raises(ExpertError, match=rf"expert_001/{WEIGHTS}"):
         stream[1]
     with pytest.raises(ExpertError):
         list(stream)
@@ -262,10 +275,10 @@ def test_bad_stream_json(tmp_path):
 def test_a_crash_before_stream_json_leaves_the_old_stream(tmp_path):
     stream = _stream(tmp_path, n=1)
     # What append leaves when killed after writing the expert folder but before stream.json:
-    _expert(seed=5, classes=(9,)).save(tmp_path / "s" / "expert_001")
+    _expert(seed=5, classes=(9,)).save(tmp_path / "s" / "expert_001", weights_format=FMT)
     reopened = ExpertStream(tmp_path / "s")
     assert len(reopened) == 1 and reopened[0].classes == (0, 1)
-    reopened.append(_expert(seed=6, classes=(8,)))
+    reopened.append(_expert(seed=6, classes=(8,)), weights_format=FMT)
     assert len(ExpertStream(tmp_path / "s")) == 2
     assert _same_weights(ExpertStream(tmp_path / "s")[1].model, _model(seed=6))
     assert len(stream) == 1  # another handle keeps what it read
@@ -285,3 +298,9 @@ def test_iteration_is_lazy(tmp_path):
     assert next(it).classes == (4, 5) and ref2() is None
     with pytest.raises(StopIteration):
         next(it)
+
+
+def test_missing_safetensors_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # makes the import fail
+    with pytest.raises(ImportError, match="pip install safetensors.*weights_format='torch'"):
+        _expert().save(tmp_path / "e")

@@ -227,7 +227,13 @@ def _toy_scenario(*, multi_task=False, n_experiences=2, per_class=12, num_classe
                     class_order=tuple(range(num_classes)), experiences=exps)
 
 
-TRAIN = dict(arch="lenet5", epochs=2, batch_size=8, lr=0.05, progress=False)
+# The GPU machine has no safetensors: tests there store torch-format weights.
+try:
+    import safetensors.torch  # noqa: F401
+    FMT = "safetensors"
+except ImportError:
+    FMT = "torch"
+TRAIN = dict(arch="lenet5", epochs=2, batch_size=8, lr=0.05, progress=False, weights_format=FMT)
 
 
 def test_train_experts_writes_a_stream(tmp_path):
@@ -313,9 +319,11 @@ def test_multi_task_experts_train_their_head_only(tmp_path):
 
 def test_default_epochs_and_argument_errors(tmp_path):
     joint = _toy_scenario(n_experiences=1, per_class=2)
-    assert train_experts(joint, tmp_path / "j", arch="lenet5", progress=False)[0].meta["training"]["epochs"] == 100
+    joint_stream = train_experts(joint, tmp_path / "j", arch="lenet5", progress=False, weights_format=FMT)
+    assert joint_stream[0].meta["training"]["epochs"] == 100
     split = _toy_scenario(n_experiences=2, per_class=2)
-    assert ExpertStream(train_experts(split, tmp_path / "s", progress=False).path).meta["training"]["epochs"] == 20
+    split_stream = train_experts(split, tmp_path / "s", progress=False, weights_format=FMT)
+    assert ExpertStream(split_stream.path).meta["training"]["epochs"] == 20
     with pytest.raises(ValueError, match=r"arch_kwargs\['num_classes'\] = 10 does not match the scenario's 4"):
         train_experts(split, tmp_path / "x", arch_kwargs={"num_classes": 10})
     with pytest.raises(ValueError, match="arch must be one of"):
@@ -324,3 +332,12 @@ def test_default_epochs_and_argument_errors(tmp_path):
         train_experts(split, tmp_path / "x", epochs=0)
     with pytest.raises(ValueError, match="lr must be a finite number > 0"):
         train_experts(split, tmp_path / "x", lr=0.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_train_experts_on_cuda(tmp_path):
+    s = _toy_scenario(multi_task=True)
+    stream = train_experts(s, tmp_path / "gpu", **{**TRAIN, "weights_format": "torch"}, device="cuda")
+    for e in stream:
+        assert next(e.model.parameters()).device.type == "cpu" and e.meta["device"].startswith("cuda")
+        assert e.meta["test_accuracy_head"] >= 0.75
