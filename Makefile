@@ -3,7 +3,8 @@
 # torch/torchvision, build the extension, then run.
 #
 #   make test                  Python tests + the C++ (ctest) suite
-#   make demo                  train a LeNet-5-BN on MNIST, invert it, save a PNG grid
+#   make demo                  Ex-Model CL on Split MNIST: 5 LeNet-5 experts, every strategy (~15 min)
+#   make demo-inversion        train a LeNet-5-BN on MNIST, invert it, save a PNG grid (~20 s)
 #   make bench                 op benchmarks, printed and recorded in benches/results/
 #   make bench-e2e             end-to-end synthesis benchmarks (about an hour on 2 CPU cores)
 #   USE_SYSTEM_TORCH=1 make …  use `python3` and the torch it has (e.g. a GPU machine)
@@ -21,7 +22,7 @@ PYTHON ?= python3
 VENV ?= .venv
 USE_SYSTEM_TORCH ?= 0
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-PY_DEPS := numpy tqdm pytest pytest-benchmark pybind11 ninja "setuptools>=69" wheel
+PY_DEPS := numpy tqdm safetensors pyyaml matplotlib pytest pytest-benchmark pybind11 ninja "setuptools>=69" wheel
 
 ifeq ($(USE_SYSTEM_TORCH),1)
   PY := $(PYTHON)
@@ -45,7 +46,7 @@ CMAKE_BUILD_DIR := build-cmake
 CMAKE_CUDA = $(shell $(PY) -c 'import torch; print("ON" if torch.cuda.is_available() else "OFF")' 2>/dev/null || echo OFF)
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: help env build test pytest ctest demo bench bench-e2e clean FORCE
+.PHONY: help env build test pytest ctest demo demo-inversion bench bench-e2e clean FORCE
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -96,6 +97,9 @@ ctest: $(ENV_STAMP)
 test: pytest ctest
 
 demo: build
+	$(PY) -m exml_fast demo
+
+demo-inversion: build
 	$(PY) -m exml_fast.demo
 
 BENCHES := bn_stats priors losses dirichlet augment

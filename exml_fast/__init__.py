@@ -8,7 +8,14 @@ Public entry points:
                              DataImpressions, AuxiliaryData), also exported here
     exml_fast.save_grid      a PNG grid of a SyntheticBatch
     exml_fast.save_model / load_model   checksummed model checkpoints
-    exml-fast (command line) train-teacher, synthesize
+    Ex-Model Continual Learning:
+      exml_fast.Expert, ExpertStream       trained experts on disk, checksummed, loaded lazily
+      exml_fast.make_scenario, train_experts   Split/Joint MNIST, Fashion-MNIST, CIFAR-10 (+ MT)
+      exml_fast.SyntheticBuffer            the fixed-size class-balanced buffer (N/i rule)
+      exml_fast.ExModelDistillation, RealReplay, OracleEnsemble, EnsembleAverage,
+      MinEntropyEnsemble, ParameterAverage the strategies
+      exml_fast.run_stream, StreamResult   the run loop (checkpoint/resume) and its metrics
+    exml-fast (command line) train-teacher, synthesize, train-experts, run, report, demo
     exml_fast.has_ops()      whether the compiled library loaded
     exml_fast.build_info()   how it was built
 """
@@ -22,9 +29,20 @@ from exml_fast.synth import (AuxiliaryData, DataImpressions, DeepInversion, Mode
                              load_synthetic)
 from exml_fast.training import distill
 from exml_fast.viz import save_grid
+from exml_fast.models import build_model, register_arch
+from exml_fast.experts import Expert, ExpertError, ExpertStream
+from exml_fast.scenarios import SCENARIOS, Experience, Scenario, make_scenario, train_experts
+from exml_fast.buffer import SyntheticBuffer
+from exml_fast.metrics import StreamResult, summary_table
+from exml_fast.strategies import (EnsembleAverage, ExModelDistillation, MinEntropyEnsemble, OracleEnsemble,
+                                  ParameterAverage, RealReplay, SynthesizerGenerator)
+from exml_fast.engine import run_stream
 
 __version__ = "0.1.0"
 
-__all__ = ["AuxiliaryData", "BNStatsMatcher", "DataImpressions", "DeepInversion", "ModelInfo", "ModelInversion",
-           "SyntheticBatch", "build_info", "distill", "has_ops", "load_model", "load_synthetic", "ops", "reference",
-           "save_grid", "save_model", "synth", "__version__"]
+__all__ = ["AuxiliaryData", "BNStatsMatcher", "DataImpressions", "DeepInversion", "EnsembleAverage", "ExModelDistillation",
+           "Experience", "Expert", "ExpertError", "ExpertStream", "MinEntropyEnsemble", "ModelInfo", "ModelInversion",
+           "OracleEnsemble", "ParameterAverage", "RealReplay", "SCENARIOS", "Scenario", "StreamResult",
+           "SyntheticBatch", "SyntheticBuffer", "SynthesizerGenerator", "build_info", "build_model", "distill",
+           "has_ops", "load_model", "load_synthetic", "make_scenario", "ops", "reference", "register_arch",
+           "run_stream", "save_grid", "save_model", "summary_table", "synth", "train_experts", "__version__"]
