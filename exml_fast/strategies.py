@@ -35,7 +35,7 @@ from torch import nn
 from exml_fast.buffer import SyntheticBuffer, class_balanced_indices
 from exml_fast.synth import AuxiliaryData, DataImpressions, SyntheticBatch
 from exml_fast.synth.base import Synthesizer, _Progress
-from exml_fast.training import MinibatchSampler, augment_batch
+from exml_fast.training import augment_batch
 
 __all__ = [
     "EnsembleAverage", "ExModelDistillation", "Generator", "MinEntropyEnsemble", "OracleEnsemble",
@@ -503,7 +503,6 @@ class ExModelDistillation(Strategy):
         fill = self._fill(expert)
 
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "distill", i))
-        sampler = MinibatchSampler(len(self.buffer), self.batch_size, generator=gen)
         opt = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum,
                               weight_decay=self.weight_decay)
         bx, by, bexp = self.buffer.x, self.buffer.y, self.buffer.experience
@@ -513,7 +512,7 @@ class ExModelDistillation(Strategy):
         self.model.train()
         try:
             for step in range(self.iterations):
-                idx = sampler.next()
+                idx = self.buffer.sample(self.batch_size, generator=gen)
                 xb = bx[idx].to(dev, non_blocking=True)
                 yb = by[idx].to(dev, non_blocking=True)
                 if self.augment and (self.pad_crop or self.max_shift or self.flip):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "MinibatchSampler", "augment_batch", "distill", "evaluate", "train_classifier"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "augment_batch", "distill", "evaluate", "train_classifier"]
 
 #: Optimisers :func:`distill` accepts.
 OPTIMIZERS = ("sgd", "adam")
@@ -41,30 +41,6 @@ class _LossLog:
             print(f"  {self.label} {step + 1:{self.width}d}/{self.total} loss {self.running / self.seen:.4f} "
                   f"({rate:.0f} steps/s)", flush=True)
             self.running, self.seen = 0.0, 0
-
-
-class MinibatchSampler:
-    """Minibatch indices drawn without replacement: one permutation of ``range(n)`` per pass.
-
-    ``next()`` returns the next (≤ batch_size,) int64 CPU index tensor; the last
-    minibatch of a pass may be smaller, then a new permutation is drawn from
-    ``generator`` (None: torch's default CPU generator). Any number of steps
-    can be drawn, so training length is set in steps, not passes.
-    """
-
-    def __init__(self, n: int, batch_size: int, *, generator: torch.Generator | None = None) -> None:
-        if n < 1 or batch_size < 1:
-            raise ValueError(f"MinibatchSampler: n and batch_size must be >= 1; got {n} and {batch_size}")
-        self.n, self.batch_size, self.generator = n, batch_size, generator
-        self._perm = torch.empty(0, dtype=torch.int64)
-        self._pos = 0
-
-    def next(self) -> torch.Tensor:
-        if self._pos >= self._perm.shape[0]:
-            self._perm, self._pos = torch.randperm(self.n, generator=self.generator), 0
-        idx = self._perm[self._pos : self._pos + self.batch_size]
-        self._pos += self.batch_size
-        return idx
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator | None, *, pad_crop: int = 4, max_shift: int = 0,
@@ -318,9 +294,13 @@ def distill(
 
     student.train()
     log = _LossLog(log_every, total, "distill step", width=5)
-    batches = MinibatchSampler(n, batch_size, generator=gen)
+    perm = torch.empty(0, dtype=torch.int64)
+    pos = 0
     for step in range(total):
-        idx = batches.next()
+        if pos >= perm.shape[0]:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos : pos + batch_size]
+        pos += batch_size
         xb = x[idx].to(device)
         if do_augment:
             xb = augment_batch(xb, gen, pad_crop=pad_crop, max_shift=max_shift, flip=flip, fill=fill)
