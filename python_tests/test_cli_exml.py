@@ -99,7 +99,7 @@ def _cli(*args):
 def test_killed_run_resumes_to_the_same_result(experts, tmp_path):
     """SIGKILL a `run` during the second expert, rerun with --resume: same numbers as an uninterrupted run."""
     base = ["run", "--experts", str(experts), "--strategy", "replay-ed", "--buffer-size", "60",
-            "--iterations", "2000", "--no-progress", "--no-plots", "--seed", "1"]
+            "--iterations", "600", "--no-progress", "--no-plots", "--seed", "1"]
     cmd, env = _cli(*base, "--out", str(tmp_path / "killed"))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     seen = []
