@@ -30,3 +30,42 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def load_torch_bytes(data: bytes, *, where: str, what: str, error: type[Exception] = ValueError):
+    """``torch.load(weights_only=True)`` of a file's bytes, with one error type and a readable message.
+
+    ``where`` names the file and ``what`` the kind expected ("checkpoint",
+    "buffer file"); any failure — not torch's zip format, truncated, or
+    holding Python objects weights-only loading refuses (code is never
+    unpickled) — raises ``error(f"{where}: not a readable {what}...")``.
+    """
+    import io
+    import pickle
+    import re
+    import zipfile
+
+    import torch
+
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise error(f"{where}: not a readable {what} (not a torch.save zip archive: corrupt or truncated file, "
+                    f"or another kind of file; {len(data)} bytes)")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        hint = f" (e.g. {found.group(1)})" if found else ""
+        raise error(f"{where}: not a readable {what}: it holds Python objects{hint} that weights_only loading "
+                    "refuses (code is never unpickled)") from e
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise error(f"{where}: not a readable {what} (corrupt or truncated file?): {first}") from e
+
+
+def load_torch_file(path: str | os.PathLike, *, what: str, error: type[Exception] = ValueError):
+    """:func:`load_torch_bytes` of the file at ``path`` (FileNotFoundError when there is none)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist or is not a file")
+    with open(path, "rb") as f:
+        return load_torch_bytes(f.read(), where=path, what=what, error=error)

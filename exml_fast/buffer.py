@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
-import zipfile
 from typing import Any
 
 import torch
 
-from exml_fast._io import atomic_write
+from exml_fast._io import atomic_write, load_torch_bytes
 
 __all__ = ["SyntheticBuffer", "class_balanced_indices"]
 
@@ -410,16 +408,7 @@ class SyntheticBuffer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"SyntheticBuffer.load: {path!r} does not exist or is not a file")
         with open(path, "rb") as f:
-            data = f.read()
-        if not zipfile.is_zipfile(io.BytesIO(data)):
-            raise ValueError(f"SyntheticBuffer.load: {path}: not a torch.save archive (corrupt, truncated or "
-                             f"another kind of file; {len(data)} bytes)")
-        try:
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError,
-                IndexError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"SyntheticBuffer.load: {path}: not a readable buffer file: {first}") from e
+            state = load_torch_bytes(f.read(), where=f"SyntheticBuffer.load: {path}", what="buffer file")
         cap = state.get("capacity") if isinstance(state, dict) else None
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
             raise ValueError(f"SyntheticBuffer.load: {path}: not a SyntheticBuffer file (no valid capacity)")

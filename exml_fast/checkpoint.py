@@ -25,19 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
-import pickle
-import re
-import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from exml_fast._io import atomic_write
+from exml_fast._io import atomic_write, load_torch_bytes
 from exml_fast.models import ARCHS, build_model
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "ModelInfo", "load_model", "save_model", "state_dict_sha256"]
@@ -237,23 +233,7 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     with open(path, "rb") as f:
-        data = f.read()
-    if not zipfile.is_zipfile(io.BytesIO(data)):
-        # save_model always writes torch's zip format; anything else is foreign or damaged.
-        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch.save zip archive: corrupt or "
-                              f"truncated file, or not a checkpoint at all; {len(data)} bytes)")
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f" (e.g. {found.group(1)})" if found else ""
-        raise CheckpointError(
-            f"{path}: not an exml_fast model checkpoint: it holds Python objects{what} that weights_only "
-            "loading refuses (code is never unpickled)"
-        ) from e
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, IndexError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated file?): {first}") from e
+        obj = load_torch_bytes(f.read(), where=path, what="checkpoint", error=CheckpointError)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an exml_fast model checkpoint (no 'format': {FORMAT!r} entry); "
                               "write one with exml_fast.checkpoint.save_model or exml-fast train-teacher")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from exml_fast._io import atomic_write
+from exml_fast._io import atomic_write, load_torch_file
 from exml_fast.metrics import StreamResult, accuracy_counts
 
 __all__ = ["CHECKPOINT", "RESULT", "RunError", "evaluate_strategy", "run_stream"]
@@ -103,11 +103,10 @@ def _save_checkpoint(path: pathlib.Path, payload: dict[str, Any]) -> None:
 
 
 def _load_checkpoint(path: pathlib.Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise RunError(f"run_stream: the checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it "
-                       "to start the run again") from None
+    ckpt = load_torch_file(path, what="run checkpoint (delete it to start the run again)", error=RunError)
+    if not isinstance(ckpt, dict) or not {"job", "strategy", "rows", "timings"} <= set(ckpt):
+        raise RunError(f"{path}: not a run checkpoint of exml_fast.engine (delete it to start the run again)")
+    return ckpt
 
 
 def run_stream(

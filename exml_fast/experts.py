@@ -35,14 +35,13 @@ import io
 import json
 import os
 import pathlib
-import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from exml_fast._io import atomic_write
+from exml_fast._io import atomic_write, load_torch_bytes
 from exml_fast.checkpoint import CheckpointError, _check_state_dict
 
 __all__ = ["Expert", "ExpertError", "ExpertStream", "WEIGHTS_FORMATS"]
@@ -359,16 +358,15 @@ class Expert:
         if expected_sha256 is not None and actual != expected_sha256:
             raise ExpertError(f"{wpath}: sha256 {actual} is not the expected {expected_sha256} (a different "
                               "expert than the one recorded: swapped or replaced folder?)")
-        try:
-            if weights_format == "safetensors":
-                state = _import_safetensors("loading a .safetensors expert").load(data)
-            else:
-                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except ImportError:
-            raise
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ExpertError(f"{wpath}: not readable as {weights_format} weights: {first}") from e
+        if weights_format == "safetensors":
+            safetensors = _import_safetensors("loading a .safetensors expert")
+            try:
+                state = safetensors.load(data)
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ExpertError(f"{wpath}: not readable as safetensors weights: {first}") from e
+        else:
+            state = load_torch_bytes(data, where=str(wpath), what="torch weights file", error=ExpertError)
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ExpertError(f"{wpath}: does not hold a state_dict (a dict of tensors)")
         try:

@@ -25,11 +25,9 @@ import copy
 import hashlib
 import math
 import time
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from exml_fast.buffer import SyntheticBuffer, class_balanced_indices

@@ -108,7 +108,7 @@ def test_run_folder_refusals(toy, tmp_path):
     with pytest.raises(RunError, match="seed"):
         run_stream(_replay(scenario, seed=5), stream, scenario, out=tmp_path, resume=True, plots=False, log=None)
     (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
-    with pytest.raises(RunError, match="cannot be read"):
+    with pytest.raises(RunError, match="not a readable run checkpoint"):
         run_stream(_replay(scenario), stream, scenario, out=tmp_path, resume=True, plots=False, log=None)
 
 

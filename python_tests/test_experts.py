@@ -171,7 +171,7 @@ def test_pickled_code_is_never_loaded(tmp_path):
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ExpertError, match=r"weights\.pt: not readable as torch weights"):
+    with pytest.raises(ExpertError, match=r"weights\.pt: not a readable torch weights file: it holds Python objects"):
         Expert.load(folder)
 
 
