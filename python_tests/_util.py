@@ -30,3 +30,16 @@ def eps_of(dtype: torch.dtype) -> float:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype of the kernels: fp64 for fp64 inputs, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def band_images(classes, n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learnable toy (N, 1, 32, 32) images for the ExML tests: class c lights up the c-th horizontal band.
+
+    Classes 0-6 fit; returns (x, y) with y int64, n_per_class samples of each class in order.
+    """
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor(list(classes), dtype=torch.int64).repeat_interleave(n_per_class)
+    x = torch.randn(len(y), 1, 32, 32, generator=g) * 0.3 - 1.0
+    for r, c in enumerate(y.tolist()):
+        x[r, 0, 4 * c + 2 : 4 * c + 6, 4:28] += 2.5
+    return x, y

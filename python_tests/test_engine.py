@@ -15,25 +15,17 @@ from exml_fast.models import build_model
 from exml_fast.scenarios import Experience, Scenario
 from exml_fast.training import train_classifier
 
+from _util import band_images
+
 K = 6
 SPLITS = [(0, 1), (2, 3), (4, 5)]
-
-
-def _bands(classes, n, seed):
-    """Toy images: class c lights up the c-th horizontal band."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.tensor(classes).repeat_interleave(n)
-    x = torch.randn(len(y), 1, 32, 32, generator=g) * 0.3 - 1.0
-    for r, c in enumerate(y.tolist()):
-        x[r, 0, 4 * c + 2 : 4 * c + 6, 4:28] += 2.5
-    return x, y
 
 
 def _scenario(multi_task=False):
     exps = []
     for i, cls in enumerate(SPLITS):
-        tx, ty = _bands(cls, 40, seed=i)
-        vx, vy = _bands(cls, 20 + 5 * i, seed=100 + i)  # unequal test sizes
+        tx, ty = band_images(cls, 40, seed=i)
+        vx, vy = band_images(cls, 20 + 5 * i, seed=100 + i)  # unequal test sizes
         exps.append(Experience(i, cls, i if multi_task else None, tx, ty, vx, vy))
     return Scenario("toy", "toy", K, (1, 32, 32), (0.5,), (0.5,), multi_task, 0, tuple(range(K)), exps)
 

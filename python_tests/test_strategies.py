@@ -18,6 +18,8 @@ from exml_fast.models import build_model
 from exml_fast.synth import AuxiliaryData, DataImpressions, ModelInversion
 from exml_fast.training import train_classifier
 
+from _util import band_images
+
 K = 6  # output units of the toy stream
 META = {"input_shape": [1, 32, 32], "mean": [0.5], "std": [0.5]}
 
@@ -30,16 +32,6 @@ def _expert(i, classes, *, task=None, seed=None, arch="lenet5"):
                   meta={**META, "experience": i})
 
 
-def _blobs(classes, n_per_class, seed):
-    """Learnable toy images: class c lights up the c-th horizontal band (plus noise)."""
-    g = torch.Generator().manual_seed(seed)
-    ys = torch.tensor(classes).repeat_interleave(n_per_class)
-    x = torch.randn(len(ys), 1, 32, 32, generator=g) * 0.3 - 1.0
-    for r, c in enumerate(ys.tolist()):
-        x[r, 0, 4 * c + 2 : 4 * c + 6, 4:28] += 2.5
-    return x, ys
-
-
 @pytest.fixture(scope="module")
 def trained_experts():
     """Three experts, each trained on its own two classes only (full K outputs, CE over all)."""
@@ -47,7 +39,7 @@ def trained_experts():
     for i, cls in enumerate([(0, 1), (2, 3), (4, 5)]):
         torch.manual_seed(100)  # shared initialisation
         m = build_model("lenet5", num_classes=K, in_channels=1)
-        x, y = _blobs(cls, 60, seed=i)
+        x, y = band_images(cls, 60, seed=i)
         train_classifier(m, x, y, epochs=3, batch_size=32, lr=0.05, generator=torch.Generator().manual_seed(i))
         out.append((m.state_dict(), cls))
     return out
@@ -61,7 +53,7 @@ def _load(trained, i, task=None):
 
 
 def _replay_source(expert):
-    return _blobs(expert.classes, 40, seed=50 + expert.meta["experience"])
+    return band_images(expert.classes, 40, seed=50 + expert.meta["experience"])
 
 
 def _ed(generator, options=None, **kw):
@@ -122,7 +114,7 @@ def test_ed_learns_the_union_from_real_replay(trained_experts):
         ed.train(_load(trained_experts, i))
     correct = 0
     for i, cls in enumerate([(0, 1), (2, 3), (4, 5)]):
-        x, y = _blobs(cls, 30, seed=900 + i)
+        x, y = band_images(cls, 30, seed=900 + i)
         correct += int((ed.predict(x).argmax(1) == y).sum())
     assert correct / 180 > 0.9
 
@@ -296,7 +288,7 @@ def _reachable_tensor_bytes(root) -> int:
 
 def test_ed_memory_does_not_grow_with_the_number_of_experts():
     """A 20-expert stream: after the buffer is full, the strategy holds the same bytes at every step."""
-    ed = _ed(S.RealReplay(lambda e: _blobs(e.classes, 8, seed=e.meta["experience"])), buffer_size=16,
+    ed = _ed(S.RealReplay(lambda e: band_images(e.classes, 8, seed=e.meta["experience"])), buffer_size=16,
              iterations=2)
     sizes, refs = [], []
     for i in range(20):
