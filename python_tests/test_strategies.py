@@ -301,3 +301,28 @@ def test_ed_memory_does_not_grow_with_the_number_of_experts():
     assert all(r() is None for r in refs)
     assert len(set(sizes[1:])) == 1, f"strategy memory changed along the stream: {sizes}"
     assert len(ed.buffer) == 16
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_ed_and_baselines_on_cuda_match_the_cpu_run(trained_experts):
+    """The same seeded Replay-ED run on CUDA and on the CPU: same buffer, close models and predictions."""
+    def run(device):
+        torch.manual_seed(7)
+        ed = S.ExModelDistillation(build_model("lenet5", num_classes=K), generator=S.RealReplay(_replay_source),
+                                   buffer_size=24, iterations=20, seed=3, device=device, progress=False)
+        for i in range(2):
+            ed.train(_load(trained_experts, i))
+        return ed
+
+    cpu, gpu = run("cpu"), run("cuda")
+    assert next(gpu.model.parameters()).is_cuda
+    assert torch.equal(cpu.buffer.x, gpu.buffer.x) and torch.equal(cpu.buffer.y, gpu.buffer.y)
+    x = torch.randn(8, 1, 32, 32)
+    torch.testing.assert_close(gpu.predict(x).cpu(), cpu.predict(x), rtol=1e-3, atol=1e-3)
+    for cls in (S.OracleEnsemble, S.EnsembleAverage, S.MinEntropyEnsemble, S.ParameterAverage):
+        s = cls(device="cuda", progress=False)
+        for i in range(2):
+            s.train(_load(trained_experts, i))
+        out = s.predict(x, task_ids=torch.tensor([0, 1] * 4))
+        assert out.is_cuda and out.shape == (8, K)
