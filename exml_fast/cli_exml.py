@@ -18,6 +18,7 @@ command line wins over the file.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import pathlib
 import time
@@ -197,6 +198,8 @@ def add_commands(sub) -> None:
     t.add_argument("--max-train", type=_positive_int, default=None, metavar="N",
                    help="train each expert on at most N samples (quick runs)")
     t.add_argument("--seed", type=int, default=0, help="class order, initialisation, batch order (default: 0)")
+    t.add_argument("--weights-format", choices=("safetensors", "torch"), default=None,
+                   help="expert weights file (default: safetensors when installed, else a weights-only torch file)")
     t.add_argument("--out", required=True, metavar="DIR", help="expert stream folder")
     t.add_argument("--device", type=dev, default=None, help="cpu or cuda[:N] (default: cuda when available)")
     t.add_argument("--data-root", default=None, metavar="DIR", help="folder holding the dataset files")
@@ -252,6 +255,7 @@ def _train_experts(args) -> int:
     from exml_fast.scenarios import make_scenario, train_experts
 
     device = _resolve_device(args.device)
+    fmt = args.weights_format or ("safetensors" if importlib.util.find_spec("safetensors") else "torch")
     kw = {"seed": args.seed, "root": args.data_root}
     if args.max_train is not None:
         kw["max_train_per_experience"] = args.max_train
@@ -262,7 +266,8 @@ def _train_experts(args) -> int:
           f"{[list(e.classes) for e in scenario.experiences]}")
     t0 = time.perf_counter()
     stream = train_experts(scenario, args.out, arch=args.arch, epochs=args.epochs, lr=args.lr,
-                           batch_size=args.batch_size, seed=args.seed, device=device, progress=not args.no_progress)
+                           batch_size=args.batch_size, seed=args.seed, device=device, progress=not args.no_progress,
+                           weights_format=fmt)
     for j, expert in enumerate(stream):
         acc = expert.meta.get("test_accuracy_head")
         print(f"[expert {j}] classes {list(expert.classes)}"
@@ -354,8 +359,9 @@ def _demo(args) -> int:
     print(f"[demo] Split MNIST, classes per experience {[list(e.classes) for e in scenario.experiences]}")
     print(f"[demo] experts: {'reusing ' if done else 'training (once) '}{experts_dir}")
     t0 = time.perf_counter()
+    fmt = "safetensors" if importlib.util.find_spec("safetensors") else "torch"
     stream = train_experts(scenario, experts_dir, arch="lenet5", epochs=2, seed=args.seed, device=device,
-                           progress=args.progress)
+                           progress=args.progress, weights_format=fmt)
     accs = [round(e.meta.get("test_accuracy_head", float("nan")), 4) for e in stream]
     print(f"[demo] {len(stream)} LeNet-5 experts ready ({time.perf_counter() - t0:.1f} s): test accuracy on their "
           f"own classes {accs}")

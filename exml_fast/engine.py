@@ -10,11 +10,13 @@ to the same final numbers as an uninterrupted run with the same seed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import pathlib
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -216,7 +218,11 @@ def run_stream(
         if len(rows) == n:
             result.save_json(result_path)
         if plots:
-            _plots(result, strategy, scenario, out)
+            if importlib.util.find_spec("matplotlib") is None:
+                warnings.warn("run_stream: plots skipped: matplotlib is not installed (pip install matplotlib); "
+                              f"{RESULT} holds every number", stacklevel=2)
+            else:
+                _plots(result, strategy, scenario, out)
     return result
 
 
