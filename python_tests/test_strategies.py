@@ -327,3 +327,9 @@ def test_ed_and_baselines_on_cuda_match_the_cpu_run(trained_experts):
             s.train(_load(trained_experts, i))
         out = s.predict(x, task_ids=torch.tensor([0, 1] * 4))
         assert out.is_cuda and out.shape == (8, K)
+
+
+def test_ed_refuses_generated_labels_outside_the_expert_classes():
+    ed = _ed(S.RealReplay(lambda e: band_images((0, 5), 10, seed=0)))
+    with pytest.raises(ValueError, match=r"classes \[5\] outside expert"):
+        ed.train(_expert(0, (0, 1), seed=0))
