@@ -239,6 +239,26 @@ def add_commands(sub) -> None:
     p.add_argument("--out", default=None, metavar="MD", help="also write the report (Markdown) and plots beside it")
     p.set_defaults(func=_report, subparser=p)
 
+    q = sub.add_parser("reproduce", help="reproduce a paper table (resumable) and record it in benches/results",
+                       description="Reproduce a published table with one command. exml-mnist: the Ex-Model CL "
+                                   "paper's Table 2, MNIST columns (Split MNIST NC and Joint MNIST, every strategy), "
+                                   "over --runs independent expert streams; writes <results>/exml_mnist.{json,md} "
+                                   "(exml_mnist_<budget>.* for a reduced budget). Rerun to resume.")
+    from exml_fast.reproduce import BUDGETS, EXPERIMENTS
+
+    q.add_argument("experiment", choices=EXPERIMENTS)
+    q.add_argument("--runs", type=_positive_int, default=5, help="independent expert streams (default: 5)")
+    q.add_argument("--budget", choices=sorted(BUDGETS), default="paper",
+                   help="paper (Appendix A-B, hours per run on 2 CPU cores), demo, or smoke (default: paper)")
+    q.add_argument("--scenarios", default="split_mnist,joint_mnist", help="(default: split_mnist,joint_mnist)")
+    q.add_argument("--strategies", default=None, help="comma-separated subset of Table 2's (default: all)")
+    q.add_argument("--out", default="runs/reproduce/exml-mnist", metavar="DIR", help="experts and runs (resumable)")
+    q.add_argument("--results", default="benches/results", metavar="DIR", help="(default: benches/results)")
+    q.add_argument("--device", type=dev, default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    q.add_argument("--data-root", default=None, metavar="DIR", help="folder holding the dataset files")
+    q.add_argument("--progress", action="store_true", help="progress bars (default: one line per run)")
+    q.set_defaults(func=_reproduce, subparser=q)
+
     d = sub.add_parser("demo", help="Split MNIST: 5 LeNet-5 experts, every strategy at a reduced budget",
                        description="Train (once) 5 LeNet-5 experts on Split MNIST, run the ED strategies and the "
                                    "baselines at a reduced budget, print the stream-accuracy table, write plots.")
@@ -341,6 +361,21 @@ def _report(args) -> int:
 #: The demo's reduced budget (the paper's: buffer 5000, 3000 synthesis and 30000 distillation steps).
 DEMO_BUDGET = dict(buffer_size=1000, iterations=1000, synth_iterations=300, synth_batch_size=256, synth_lr=0.05)
 DEMO_STRATEGIES = ("mi-ed", "di-ed", "aux-ed", "param-avg", "ensemble-avg", "min-entropy", "oracle")
+
+
+def _reproduce(args) -> int:
+    from exml_fast.cli import _resolve_device
+    from exml_fast.reproduce import reproduce_exml_mnist
+
+    device = _resolve_device(args.device)
+    rows = reproduce_exml_mnist(
+        runs=args.runs, budget=args.budget, scenarios=tuple(s for s in args.scenarios.split(",") if s),
+        strategies=None if args.strategies is None else tuple(s for s in args.strategies.split(",") if s),
+        out=args.out, results=args.results, device=device, data_root=args.data_root, progress=args.progress)
+    for r in rows:
+        print(f"{r['scenario']:12s} {r['strategy']:13s} {r['mean']:6.2f} (paper {r['paper_mean']:.2f} ± "
+              f"{r['paper_std']:.2f}) {'within 2 std' if r['within_2_std'] else 'outside 2 std'}")
+    return 0
 
 
 def _demo(args) -> int:

@@ -1,0 +1,233 @@
+"""One-command reproductions of the papers' tables: ``exml-fast reproduce <experiment>``.
+
+``exml-mnist`` — the Ex-Model CL paper's Table 2, MNIST columns: for each of
+``runs`` independent expert streams (seed r = 0, 1, ...) and each scenario
+(Split MNIST NC, Joint MNIST), train the experts (Appendix A), run every
+strategy of the table with the Appendix B hyperparameters, and write
+``<results>/exml_mnist.{json,md}``: our mean ± std of the final stream accuracy
+beside the paper's, whether each lies within two of the paper's standard
+deviations, and the machine, versions, commit, budget and wall time.
+
+Everything is resumable: expert streams and strategy runs live under ``out``
+with their checkpoints, and a rerun of the same command continues where it
+stopped (a finished run is read back, not redone). ``budget`` scales the
+work: ``paper`` is Appendix A-B as published (hours per run on a 2-core CPU);
+``demo`` is ``exml-fast demo``'s reduced budget. The budget is recorded with
+the results, so a reduced run is never mistaken for the paper's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from exml_fast._io import atomic_write
+
+__all__ = ["BUDGETS", "EXPERIMENTS", "PAPER_TABLE2", "reproduce_exml_mnist"]
+
+#: Table 2, MNIST columns: (scenario, strategy) -> (mean, std) of the final stream accuracy, %.
+PAPER_TABLE2: dict[tuple[str, str], tuple[float, float]] = {
+    ("joint_mnist", "oracle"): (93.71, 0.28),
+    ("joint_mnist", "mi-ed"): (93.09, 1.43),
+    ("joint_mnist", "di-ed"): (92.12, 0.88),
+    ("joint_mnist", "aux-ed"): (89.35, 0.18),
+    ("split_mnist", "oracle"): (99.42, 0.19),
+    ("split_mnist", "ensemble-avg"): (33.40, 4.74),
+    ("split_mnist", "min-entropy"): (39.41, 5.27),
+    ("split_mnist", "param-avg"): (20.11, 0.97),
+    ("split_mnist", "mi-ed"): (43.23, 3.00),
+    ("split_mnist", "di-ed"): (36.05, 6.74),
+    ("split_mnist", "aux-ed"): (35.48, 6.35),
+}
+#: The strategies of Table 2 per scenario, in the table's order (ensembles are "–" for joint).
+TABLE2_STRATEGIES = {
+    "split_mnist": ("oracle", "ensemble-avg", "min-entropy", "param-avg", "mi-ed", "di-ed", "aux-ed"),
+    "joint_mnist": ("oracle", "mi-ed", "di-ed", "aux-ed"),
+}
+
+#: Work per budget: expert epochs per scenario, and the run options (exml_fast.cli_exml.RUN_OPTIONS names).
+BUDGETS: dict[str, dict[str, Any]] = {
+    # Appendix A (experts) and B (MNIST: distillation lr 0.01, 30000 iterations, minibatch 32; MI/DI 3000
+    # iterations, lr 0.01; buffer 5000) as published.
+    "paper": {"expert_epochs": {"split_mnist": 20, "joint_mnist": 100},
+              "run": {"buffer_size": 5000, "iterations": 30000, "lr": 0.01, "batch_size": 32,
+                      "synth_iterations": 3000, "synth_lr": 0.01, "synth_batch_size": 256}},
+    # exml-fast demo's budget (about 7 minutes for Split MNIST on 2 CPU cores).
+    "demo": {"expert_epochs": {"split_mnist": 2, "joint_mnist": 2},
+             "run": {"buffer_size": 1000, "iterations": 1000, "synth_iterations": 300, "synth_batch_size": 256,
+                     "synth_lr": 0.05}},
+    # A check that the whole pipeline runs (seconds): 500 training images per experience, tiny runs.
+    "smoke": {"expert_epochs": {"split_mnist": 1, "joint_mnist": 1},
+              "scenario": {"max_train_per_experience": 500, "max_test_per_experience": 500},
+              "run": {"buffer_size": 50, "iterations": 20, "synth_iterations": 5, "synth_batch_size": 32}},
+}
+
+EXPERIMENTS = ("exml-mnist",)
+
+
+def _git_commit() -> str:
+    root = pathlib.Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+        except OSError:
+            pass
+    return {"device": name, "device_kind": device.type, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "commit": _git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return mean, std
+
+
+def summarize(results: dict[tuple[str, str], list[float]]) -> list[dict[str, Any]]:
+    """Rows of (scenario, strategy): our runs' mean ± std (%, sample std), the paper's, within 2 paper stds."""
+    rows = []
+    for scenario, strategies in TABLE2_STRATEGIES.items():
+        for strategy in strategies:
+            accs = results.get((scenario, strategy))
+            if not accs:
+                continue
+            mean, std = _mean_std([100.0 * a for a in accs])
+            pm, ps = PAPER_TABLE2[(scenario, strategy)]
+            rows.append({"scenario": scenario, "strategy": strategy, "runs": len(accs), "mean": mean, "std": std,
+                         "accs": [100.0 * a for a in accs], "paper_mean": pm, "paper_std": ps,
+                         "within_2_std": abs(mean - pm) <= 2 * ps})
+    return rows
+
+
+def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    m = meta["machine"]
+    lines = [
+        "# Reproduction: Ex-Model CL paper, Table 2 (MNIST columns)",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- budget: **{meta['budget']}** — {json.dumps(meta['budget_detail'])}",
+        f"- runs (independent expert streams, seeds 0..{meta['runs'] - 1}): {meta['runs']}",
+        f"- machine: {m['device']} ({m['device_kind']}, {m['threads']} threads), torch {m['torch']}, "
+        f"CUDA {m['cuda']}, Python {m['python']}, commit `{m['commit']}`, {m['date']}",
+        f"- wall time of this invocation: {meta['wall_s']:.0f} s (runs already on disk are read back, not redone)",
+        "",
+        "| scenario | strategy | runs | ours: stream accuracy (%) | paper (%) | within 2 paper std |",
+        "|---|---|---:|---:|---:|:---:|",
+    ]
+    for r in rows:
+        ours = f"{r['mean']:.2f}" + ("" if math.isnan(r["std"]) else f" ± {r['std']:.2f}")
+        lines.append(f"| {r['scenario']} | {r['strategy']} | {r['runs']} | {ours} | {r['paper_mean']:.2f} ± "
+                     f"{r['paper_std']:.2f} | {'yes' if r['within_2_std'] else 'no'} |")
+    if meta["budget"] != "paper":
+        lines += ["", f"Budget `{meta['budget']}` is not the paper's: these numbers do not test the reproduction."]
+    return "\n".join(lines) + "\n"
+
+
+def reproduce_exml_mnist(
+    *,
+    runs: int = 5,
+    budget: str = "paper",
+    scenarios: tuple[str, ...] = ("split_mnist", "joint_mnist"),
+    strategies: tuple[str, ...] | None = None,
+    out: str | os.PathLike = "runs/reproduce/exml-mnist",
+    results: str | os.PathLike | None = "benches/results",
+    device: torch.device | str = "cpu",
+    data_root: str | os.PathLike | None = None,
+    progress: bool = False,
+    command: str | None = None,
+    log=print,
+) -> list[dict[str, Any]]:
+    """Runs (or resumes) the Table 2 MNIST reproduction; returns the summary rows and writes the results.
+
+    Args:
+        runs: independent expert streams (seeds 0 .. runs-1).
+        budget: a key of :data:`BUDGETS` ("paper": Appendix A-B as published).
+        scenarios: of "split_mnist", "joint_mnist".
+        strategies: a subset of Table 2's (None: all of each scenario's row set).
+        out: where expert streams and runs (with checkpoints) are kept.
+        results: folder for ``exml_mnist.json`` / ``exml_mnist.md`` (the budget's name is appended
+            unless it is "paper"); None: write nothing.
+        device, data_root, progress: as for ``exml-fast run``.
+        command: the command line to record (default: ``sys.argv``).
+        log: called with one line per finished run (None: silent).
+    """
+    from exml_fast.cli_exml import build_strategy
+    from exml_fast.engine import run_stream
+    from exml_fast.scenarios import make_scenario, train_experts
+
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"reproduce: runs must be an int >= 1; got {runs!r}")
+    if budget not in BUDGETS:
+        raise ValueError(f"reproduce: budget must be one of {', '.join(BUDGETS)}; got {budget!r}")
+    for s in scenarios:
+        if s not in TABLE2_STRATEGIES:
+            raise ValueError(f"reproduce: scenarios must be among {', '.join(TABLE2_STRATEGIES)}; got {s!r}")
+    known = {s for v in TABLE2_STRATEGIES.values() for s in v}
+    if strategies is not None and not set(strategies) <= known:
+        raise ValueError(f"reproduce: strategies must be among {', '.join(sorted(known))}; got "
+                         f"{sorted(set(strategies) - known)}")
+    log = log or (lambda *_: None)
+    device = torch.device(device)
+    spec = BUDGETS[budget]
+    out = pathlib.Path(out) / budget
+    t_start = time.perf_counter()
+    accs: dict[tuple[str, str], list[float]] = {}
+    for r in range(runs):
+        for name in scenarios:
+            scenario = make_scenario(name, seed=r, root=data_root, **spec.get("scenario", {}))
+            stream = train_experts(scenario, out / "experts" / f"{name}_s{r}", arch="lenet5",
+                                   epochs=spec["expert_epochs"][name], seed=r, device=device, progress=progress,
+                                   weights_format="torch")
+            for strat in TABLE2_STRATEGIES[name]:
+                if strategies is not None and strat not in strategies:
+                    continue
+                run_dir = out / name / f"{strat}_s{r}"
+                t0 = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*has no BatchNorm layer.*")
+                    strategy = build_strategy(strat, stream, scenario, options=spec["run"], seed=r, device=device,
+                                              progress=progress, data_root=data_root)
+                    result = run_stream(strategy, stream, scenario, out=run_dir,
+                                        resume=(run_dir / "checkpoint.pt").exists(), progress=progress, log=None)
+                accs.setdefault((name, strat), []).append(result.final_stream_accuracy)
+                log(f"[reproduce] run {r + 1}/{runs} {name} {strat}: {100 * result.final_stream_accuracy:.2f} % "
+                    f"({time.perf_counter() - t0:.0f} s)")
+    rows = summarize(accs)
+    if results is not None:
+        meta = {"experiment": "exml-mnist", "budget": budget, "budget_detail": spec, "runs": runs,
+                "scenarios": list(scenarios), "command": command or " ".join(["exml-fast", *sys.argv[1:]]),
+                "machine": _machine(device), "wall_s": time.perf_counter() - t_start}
+        stem = "exml_mnist" if budget == "paper" else f"exml_mnist_{budget}"
+        folder = pathlib.Path(results)
+        # nan (the std of a single run) is written as null: strict JSON.
+        clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()} for row in rows]
+        text = json.dumps({"meta": meta, "rows": clean}, indent=1, allow_nan=False)
+        atomic_write(folder / f"{stem}.json", lambda f: f.write(text.encode()))
+        atomic_write(folder / f"{stem}.md", lambda f: f.write(_markdown(rows, meta).encode()))
+        log(f"[reproduce] wrote {folder / (stem + '.json')} and {folder / (stem + '.md')}")
+    return rows
