@@ -160,7 +160,7 @@ def reproduce_exml_mnist(
     data_root: str | os.PathLike | None = None,
     progress: bool = False,
     command: str | None = None,
-    log=print,
+    log=None,
 ) -> list[dict[str, Any]]:
     """Runs (or resumes) the Table 2 MNIST reproduction; returns the summary rows and writes the results.
 
@@ -174,7 +174,7 @@ def reproduce_exml_mnist(
             unless it is "paper"); None: write nothing.
         device, data_root, progress: as for ``exml-fast run``.
         command: the command line to record (default: ``sys.argv``).
-        log: called with one line per finished run (None: silent).
+        log: called with one line per finished run (None: print, flushed).
     """
     from exml_fast.cli_exml import build_strategy
     from exml_fast.engine import run_stream
@@ -191,7 +191,7 @@ def reproduce_exml_mnist(
     if strategies is not None and not set(strategies) <= known:
         raise ValueError(f"reproduce: strategies must be among {', '.join(sorted(known))}; got "
                          f"{sorted(set(strategies) - known)}")
-    log = log or (lambda *_: None)
+    log = log or (lambda line: print(line, flush=True))
     device = torch.device(device)
     spec = BUDGETS[budget]
     out = pathlib.Path(out) / budget
