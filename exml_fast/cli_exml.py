@@ -242,17 +242,22 @@ def add_commands(sub) -> None:
     q = sub.add_parser("reproduce", help="reproduce a paper table (resumable) and record it in benches/results",
                        description="Reproduce a published table with one command. exml-mnist: the Ex-Model CL "
                                    "paper's Table 2, MNIST columns (Split MNIST NC and Joint MNIST, every strategy), "
-                                   "over --runs independent expert streams; writes <results>/exml_mnist.{json,md} "
-                                   "(exml_mnist_<budget>.* for a reduced budget). Rerun to resume.")
+                                   "over --runs independent expert streams; zskd-mnist / zskd-fmnist: zero-shot KD "
+                                   "from 24000 / 48000 Data Impressions (LeNet-5 -> LeNet-5-Half). Writes "
+                                   "<results>/<experiment>.{json,md} (<experiment>_<budget>.* for a reduced "
+                                   "budget). Rerun to resume.")
     from exml_fast.reproduce import BUDGETS, EXPERIMENTS
 
     q.add_argument("experiment", choices=EXPERIMENTS)
-    q.add_argument("--runs", type=_positive_int, default=5, help="independent expert streams (default: 5)")
+    q.add_argument("--runs", type=_positive_int, default=5,
+                   help="exml-mnist: independent expert streams (default: 5)")
+    q.add_argument("--seed", type=int, default=0, help="zskd-*: the seed of the teacher, DIs and student (default: 0)")
     q.add_argument("--budget", choices=sorted(BUDGETS), default="paper",
                    help="paper (Appendix A-B, hours per run on 2 CPU cores), demo, or smoke (default: paper)")
     q.add_argument("--scenarios", default="split_mnist,joint_mnist", help="(default: split_mnist,joint_mnist)")
     q.add_argument("--strategies", default=None, help="comma-separated subset of Table 2's (default: all)")
-    q.add_argument("--out", default="runs/reproduce/exml-mnist", metavar="DIR", help="experts and runs (resumable)")
+    q.add_argument("--out", default="runs/reproduce/exml-mnist", metavar="DIR",
+                   help="experts, runs, teachers and DIs (resumable; default: runs/reproduce/<experiment>)")
     q.add_argument("--results", default="benches/results", metavar="DIR", help="(default: benches/results)")
     q.add_argument("--device", type=dev, default=None, help="cpu or cuda[:N] (default: cuda when available)")
     q.add_argument("--data-root", default=None, metavar="DIR", help="folder holding the dataset files")
@@ -363,11 +368,21 @@ DEMO_BUDGET = dict(buffer_size=1000, iterations=1000, synth_iterations=300, synt
 DEMO_STRATEGIES = ("mi-ed", "di-ed", "aux-ed", "param-avg", "ensemble-avg", "min-entropy", "oracle")
 
 
+_EXML_OUT = "runs/reproduce/exml-mnist"
+
+
 def _reproduce(args) -> int:
-    from exml_fast.cli import _resolve_device
-    from exml_fast.reproduce import reproduce_exml_mnist
+    from exml_fast.cli import _UsageError, _resolve_device
+    from exml_fast.reproduce import ZSKD_BUDGETS, reproduce_exml_mnist, reproduce_zskd
 
     device = _resolve_device(args.device)
+    if args.experiment != "exml-mnist":
+        if args.budget not in ZSKD_BUDGETS:
+            raise _UsageError(f"--budget for {args.experiment}: one of {', '.join(ZSKD_BUDGETS)}")
+        out = args.out if args.out != _EXML_OUT else f"runs/reproduce/{args.experiment}"
+        reproduce_zskd(args.experiment, budget=args.budget, seed=args.seed, out=out, results=args.results,
+                       device=device, data_root=args.data_root, progress=args.progress)
+        return 0
     rows = reproduce_exml_mnist(
         runs=args.runs, budget=args.budget, scenarios=tuple(s for s in args.scenarios.split(",") if s),
         strategies=None if args.strategies is None else tuple(s for s in args.strategies.split(",") if s),

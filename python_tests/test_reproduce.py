@@ -60,3 +60,25 @@ def test_smoke_reproduction_writes_records_and_resumes(tmp_path, capsys):
     assert ckpt.stat().st_mtime_ns == stamp
     second = json.loads((tmp_path / "res" / "exml_mnist_smoke.json").read_text())
     assert [r["accs"] for r in second["rows"]] == [r["accs"] for r in first["rows"]]
+
+
+@needs_mnist
+@pytest.mark.parametrize("experiment", ["zskd-mnist", "zskd-fmnist"])
+def test_zskd_smoke_writes_the_record_beside_the_paper(tmp_path, experiment):
+    args = ["reproduce", experiment, "--budget", "smoke", "--out", str(tmp_path / "w"), "--results",
+            str(tmp_path / "res"), "--device", "cpu"]
+    assert main(args) == 0
+    stem = experiment.replace("-", "_") + "_smoke"
+    rec = json.loads((tmp_path / "res" / f"{stem}.json").read_text())
+    assert rec["n_dis"] == 64 and rec["paper"]["n"] in (24000, 48000)
+    assert 0 <= rec["student_acc"] <= 100 and 0 <= rec["teacher_acc"] <= 100
+    md = (tmp_path / "res" / f"{stem}.md").read_text()
+    assert f"{rec['student_acc']:.2f}" in md and "not the paper's" in md
+    # The teacher and the DIs are on disk: a rerun reads them back and gives the same student.
+    assert main(args) == 0
+    again = json.loads((tmp_path / "res" / f"{stem}.json").read_text())
+    assert again["teacher_acc"] == rec["teacher_acc"] and again["student_acc"] == rec["student_acc"]
+
+
+def test_zskd_refuses_unknown_budget(capsys):
+    assert main(["reproduce", "zskd-mnist", "--budget", "demo-x"]) == 2
