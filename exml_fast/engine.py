@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from exml_fast._io import atomic_write, load_torch_file
+from exml_fast._util import config_diff
 from exml_fast.metrics import StreamResult, accuracy_counts
 
 __all__ = ["CHECKPOINT", "RESULT", "RunError", "evaluate_strategy", "run_stream"]
@@ -87,17 +88,6 @@ def _job(strategy, stream, scenario) -> dict[str, Any]:
         "version": _VERSION, "strategy": strategy.config(), "experts": _stream_fingerprint(stream),
         "scenario": scenario.describe(),
     }, default=str))
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            keys.append(prefix + k)
-    return keys
 
 
 def _save_checkpoint(path: pathlib.Path, payload: dict[str, Any]) -> None:
@@ -172,7 +162,7 @@ def run_stream(
                 raise RunError(f"run_stream: {out} already holds a run ({CHECKPOINT}); pass resume=True "
                                "(--resume) to continue it, or choose another folder")
             ckpt = _load_checkpoint(ckpt_path)
-            differ = _diff(ckpt.get("job", {}), job)
+            differ = config_diff(ckpt.get("job", {}), job)
             if differ:
                 raise RunError(f"run_stream: {out} holds a different run; these settings differ: "
                                f"{', '.join(differ[:8])}")

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from exml_fast._io import atomic_write, load_torch_bytes
+from exml_fast._util import config_diff
 from exml_fast.checkpoint import CheckpointError, _check_state_dict
 
 __all__ = ["Expert", "ExpertError", "ExpertStream", "WEIGHTS_FORMATS"]
@@ -450,7 +451,7 @@ class ExpertStream:
                 raise FileExistsError(f"{spath}: an expert stream already exists there; pass exist_ok=True to "
                                       "continue it, or choose another folder")
             stream = cls(path, map_location=map_location)
-            diffs = _diff(stream._meta, meta)
+            diffs = config_diff(stream._meta, meta)
             if diffs:
                 raise ValueError(f"{spath}: the existing stream was made with a different configuration; "
                                  f"differing keys (stored vs given): {'; '.join(diffs)}. Use another folder, "
@@ -534,24 +535,3 @@ class ExpertStream:
 def _expert_dir(i: int) -> str:
     return f"expert_{i:03d}"
 
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict) and d:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: d}
-
-
-def _diff(stored: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
-    """'key: stored vs given' for each dotted key whose value differs (missing on one side: <absent>)."""
-    a, b = _flatten(dict(stored)), _flatten(dict(given))
-    absent = object()
-
-    def short(v: Any) -> str:
-        text = "<absent>" if v is absent else repr(v)
-        return text if len(text) <= 80 else text[:77] + "..."
-
-    return [f"{k}: {short(a.get(k, absent))} vs {short(b.get(k, absent))}" for k in sorted(set(a) | set(b))
-            if a.get(k, absent) != b.get(k, absent)]

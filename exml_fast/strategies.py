@@ -22,7 +22,6 @@ checkpoints) and ``config`` (what decides their results).
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import time
 from typing import Any, Protocol
@@ -30,6 +29,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from exml_fast._util import derive_seed as _derive
 from exml_fast.buffer import SyntheticBuffer, class_balanced_indices
 from exml_fast.synth import AuxiliaryData, DataImpressions, SyntheticBatch
 from exml_fast.synth.base import Synthesizer, _Progress
@@ -40,13 +40,9 @@ __all__ = [
     "ParameterAverage", "RealReplay", "STRATEGIES", "Strategy", "SynthesizerGenerator",
 ]
 
-_SEED_MAX = 2**63 - 1
-
-
 def derive_seed(seed: int, *parts: Any) -> int:
     """A 63-bit seed from ``seed`` and a tag (e.g. ``("generate", 3)``): independent streams per use."""
-    digest = hashlib.sha256(":".join(["exml_fast.strategies", str(seed), *map(str, parts)]).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & _SEED_MAX
+    return _derive("exml_fast.strategies", seed, *parts)
 
 
 def _check_int(value, name: str, owner: str, low: int = 1) -> int:

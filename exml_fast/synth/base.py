@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from exml_fast._util import SEED_MAX, derive_seed
 from exml_fast.synth.batch import MANIFEST, ShardStore, SyntheticBatch, _batch_bounds, _read_manifest
 
 __all__ = ["Synthesizer"]
 
-_SEED_MAX = 2**63 - 1
 
 
 def _per_channel(value, channels: int, name: str, owner: str) -> tuple[float, ...] | None:
@@ -72,21 +72,20 @@ def teacher_fingerprint(model: nn.Module) -> str:
 
 
 def _derive_seed(base: int, index: int) -> int:
-    digest = hashlib.sha256(f"exml_fast.synth:{base}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & _SEED_MAX
+    return derive_seed("exml_fast.synth", base, index)
 
 
 def _base_seed(generator, owner: str) -> int:
     if generator is None:
-        return int(torch.randint(0, _SEED_MAX, (1,)).item())
+        return int(torch.randint(0, SEED_MAX, (1,)).item())
     if isinstance(generator, bool) or not isinstance(generator, (int, torch.Generator)):
         raise TypeError(f"{owner}: generator must be None, an int seed or a torch.Generator; "
                         f"got {type(generator).__name__}")
     if isinstance(generator, int):
         if generator < 0:
             raise ValueError(f"{owner}: an int generator (seed) must be >= 0; got {generator}")
-        return generator & _SEED_MAX
-    return int(torch.randint(0, _SEED_MAX, (1,), generator=generator, device=generator.device).item())
+        return generator & SEED_MAX
+    return int(torch.randint(0, SEED_MAX, (1,), generator=generator, device=generator.device).item())
 
 
 class _Progress:
