@@ -47,12 +47,13 @@ def config_diff(stored: Mapping[str, Any], given: Mapping[str, Any]) -> list[str
             if a.get(k, absent) != b.get(k, absent)]
 
 
-def device_name(device: str) -> str:
-    """The GPU's name for "cuda", else the CPU model from /proc/cpuinfo (or platform's guess)."""
-    if device == "cuda":
+def device_name(device) -> str:
+    """The GPU's name for a CUDA device ("cuda", "cuda:1" or a torch.device), else the CPU model
+    from /proc/cpuinfo (or platform's guess)."""
+    if str(device).startswith("cuda"):
         import torch
 
-        return torch.cuda.get_device_name()
+        return torch.cuda.get_device_name(device)
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

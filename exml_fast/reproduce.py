@@ -24,7 +24,6 @@ import math
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -33,6 +32,8 @@ from typing import Any
 import torch
 
 from exml_fast._io import atomic_write
+from exml_fast._util import device_name, git_commit
+from exml_fast.metrics import _mean_std
 
 __all__ = ["BUDGETS", "EXPERIMENTS", "PAPER_TABLE2", "PAPER_ZSKD", "ZSKD_BUDGETS", "reproduce_exml_mnist",
            "reproduce_zskd"]
@@ -95,36 +96,10 @@ ZSKD_BUDGETS: dict[str, dict[str, Any]] = {
 EXPERIMENTS = ("exml-mnist", *PAPER_ZSKD)
 
 
-def _git_commit() -> str:
-    root = pathlib.Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _machine(device: torch.device) -> dict[str, Any]:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-        except OSError:
-            pass
-    return {"device": name, "device_kind": device.type, "threads": torch.get_num_threads(),
+    return {"device": device_name(device), "device_kind": device.type, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "commit": _git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
-    return mean, std
+            "commit": git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def summarize(results: dict[tuple[str, str], list[float]]) -> list[dict[str, Any]]:
@@ -135,7 +110,7 @@ def summarize(results: dict[tuple[str, str], list[float]]) -> list[dict[str, Any
             accs = results.get((scenario, strategy))
             if not accs:
                 continue
-            mean, std = _mean_std([100.0 * a for a in accs])
+            mean, std = _mean_std([100.0 * a for a in accs], ddof=1)
             pm, ps = PAPER_TABLE2[(scenario, strategy)]
             rows.append({"scenario": scenario, "strategy": strategy, "runs": len(accs), "mean": mean, "std": std,
                          "accs": [100.0 * a for a in accs], "paper_mean": pm, "paper_std": ps,
