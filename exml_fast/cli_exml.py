@@ -18,7 +18,6 @@ command line wins over the file.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import time
@@ -149,6 +148,26 @@ def build_strategy(name: str, stream, scenario, *, options: dict[str, Any], seed
         augment=opt["augment"], seed=seed, device=device, progress=progress)
 
 
+def run_named_strategy(name: str, stream, scenario, *, options: dict[str, Any], seed: int, device: torch.device,
+                       out, resume: bool | None = None, stop_after: int | None = None, plots: bool = True,
+                       progress: bool = False, data_root=None, log=None):
+    """Builds strategy ``name`` (:func:`build_strategy`) and runs it over ``stream`` (:func:`run_stream`).
+
+    ``resume`` None: continue the run in ``out`` when it holds a checkpoint, else start it.
+    """
+    from exml_fast.engine import CHECKPOINT, run_stream
+
+    if resume is None:
+        resume = (pathlib.Path(out) / CHECKPOINT).exists()
+    with warnings.catch_warnings():
+        # LeNet-5 experts have no BatchNorm: the synthesizers say so once per expert; a run needs no reminder.
+        warnings.filterwarnings("ignore", message=".*has no BatchNorm layer.*")
+        strategy = build_strategy(name, stream, scenario, options=options, seed=seed, device=device,
+                                  progress=progress, data_root=data_root)
+        return run_stream(strategy, stream, scenario, out=out, resume=resume, stop_after=stop_after, plots=plots,
+                          progress=progress, log=log)
+
+
 def scenario_of(stream, *, root=None):
     """Rebuilds the scenario an expert stream was trained on, from the stream's metadata.
 
@@ -171,17 +190,11 @@ def scenario_of(stream, *, root=None):
 # -- commands -------------------------------------------------------------------------------
 
 
-def _device_arg():
-    from exml_fast.cli import _device
-
-    return _device
-
-
 def add_commands(sub) -> None:
     """Adds train-experts, run, report and demo to the ``exml-fast`` subparsers ``sub``."""
+    from exml_fast.cli import _device as dev
     from exml_fast.cli import _positive_float, _positive_int
 
-    dev = _device_arg()
     t = sub.add_parser(
         "train-experts", help="train one expert per experience of a scenario (an expert stream)",
         description="Train one expert per experience of a continual-learning scenario from one shared "
@@ -277,10 +290,11 @@ def add_commands(sub) -> None:
 
 def _train_experts(args) -> int:
     from exml_fast.cli import _resolve_device
+    from exml_fast.experts import default_weights_format
     from exml_fast.scenarios import make_scenario, train_experts
 
     device = _resolve_device(args.device)
-    fmt = args.weights_format or ("safetensors" if importlib.util.find_spec("safetensors") else "torch")
+    fmt = args.weights_format or default_weights_format()
     kw = {"seed": args.seed, "root": args.data_root}
     if args.max_train is not None:
         kw["max_train_per_experience"] = args.max_train
@@ -303,7 +317,6 @@ def _train_experts(args) -> int:
 
 def _run(args) -> int:
     from exml_fast.cli import _UsageError, _resolve_device
-    from exml_fast.engine import run_stream
     from exml_fast.experts import ExpertStream
 
     device = _resolve_device(args.device)
@@ -316,14 +329,10 @@ def _run(args) -> int:
     seed = args.seed if args.seed is not None else config.get("seed", 0)
     stream = ExpertStream(args.experts)
     scenario = scenario_of(stream, root=args.data_root)
-    with warnings.catch_warnings():
-        # LeNet-5 experts have no BatchNorm: the synthesizers say so once per expert; once per run is enough.
-        warnings.filterwarnings("ignore", message=".*has no BatchNorm layer.*")
-        strategy = build_strategy(strategy_name, stream, scenario, options=options, seed=seed, device=device,
-                                  progress=not args.no_progress, data_root=args.data_root)
-        print(f"[run] {strategy_name} on {scenario.name} ({len(stream)} experts), seed {seed}, {device}")
-        result = run_stream(strategy, stream, scenario, out=args.out, resume=args.resume, stop_after=args.stop_after,
-                            plots=not args.no_plots, progress=not args.no_progress)
+    print(f"[run] {strategy_name} on {scenario.name} ({len(stream)} experts), seed {seed}, {device}")
+    result = run_named_strategy(strategy_name, stream, scenario, options=options, seed=seed, device=device,
+                                out=args.out, resume=args.resume, stop_after=args.stop_after, plots=not args.no_plots,
+                                progress=not args.no_progress, data_root=args.data_root, log=print)
     if result.meta.get("complete"):
         print(f"[result] {strategy_name}: final stream accuracy {100 * result.final_stream_accuracy:.2f} %, "
               f"forgetting {100 * result.average_forgetting:.2f}, BWT {100 * result.bwt:.2f}")
@@ -395,8 +404,7 @@ def _reproduce(args) -> int:
 
 def _demo(args) -> int:
     from exml_fast.cli import _resolve_device
-    from exml_fast.engine import run_stream
-    from exml_fast.experts import ExpertStream
+    from exml_fast.experts import ExpertStream, default_weights_format
     from exml_fast.metrics import plot_stream_accuracy, summary_table
     from exml_fast.scenarios import split_mnist, train_experts
 
@@ -409,23 +417,17 @@ def _demo(args) -> int:
     print(f"[demo] Split MNIST, classes per experience {[list(e.classes) for e in scenario.experiences]}")
     print(f"[demo] experts: {'reusing ' if done else 'training (once) '}{experts_dir}")
     t0 = time.perf_counter()
-    fmt = "safetensors" if importlib.util.find_spec("safetensors") else "torch"
     stream = train_experts(scenario, experts_dir, arch="lenet5", epochs=2, seed=args.seed, device=device,
-                           progress=args.progress, weights_format=fmt)
+                           progress=args.progress, weights_format=default_weights_format())
     accs = [round(e.meta.get("test_accuracy_head", float("nan")), 4) for e in stream]
     print(f"[demo] {len(stream)} LeNet-5 experts ready ({time.perf_counter() - t0:.1f} s): test accuracy on their "
           f"own classes {accs}")
     results = []
     for name in DEMO_STRATEGIES:
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*has no BatchNorm layer.*")
-            strategy = build_strategy(name, stream, scenario, options=DEMO_BUDGET, seed=args.seed, device=device,
-                                      progress=args.progress, data_root=args.data_root)
-            run_dir = out / f"{name}_seed{args.seed}"
-            resume = (run_dir / "checkpoint.pt").exists()
-            result = run_stream(strategy, stream, scenario, out=run_dir, resume=resume, progress=args.progress,
-                                log=None)
+        result = run_named_strategy(name, stream, scenario, options=DEMO_BUDGET, seed=args.seed, device=device,
+                                    out=out / f"{name}_seed{args.seed}", progress=args.progress,
+                                    data_root=args.data_root)
         results.append(result)
         print(f"[demo] {name:13s} final stream accuracy {100 * result.final_stream_accuracy:6.2f} % "
               f"({time.perf_counter() - t0:.1f} s)", flush=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -139,6 +140,11 @@ def _import_safetensors(purpose: str):
         raise ImportError(f"{purpose} needs the safetensors package: pip install safetensors "
                           "(or use weights_format='torch')") from e
     return st
+
+
+def default_weights_format() -> str:
+    """"safetensors" when the package is installed, else "torch" (a weights-only torch file)."""
+    return "safetensors" if importlib.util.find_spec("safetensors") is not None else "torch"
 
 
 def _read_json(path: pathlib.Path, kind: str) -> dict[str, Any]:

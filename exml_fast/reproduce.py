@@ -26,7 +26,6 @@ import pathlib
 import platform
 import sys
 import time
-import warnings
 from typing import Any
 
 import torch
@@ -170,8 +169,7 @@ def reproduce_exml_mnist(
         command: the command line to record (default: ``sys.argv``).
         log: called with one line per finished run (None: print, flushed).
     """
-    from exml_fast.cli_exml import build_strategy
-    from exml_fast.engine import run_stream
+    from exml_fast.cli_exml import run_named_strategy
     from exml_fast.scenarios import make_scenario, train_experts
 
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
@@ -202,12 +200,8 @@ def reproduce_exml_mnist(
                     continue
                 run_dir = out / name / f"{strat}_s{r}"
                 t0 = time.perf_counter()
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*has no BatchNorm layer.*")
-                    strategy = build_strategy(strat, stream, scenario, options=spec["run"], seed=r, device=device,
-                                              progress=progress, data_root=data_root)
-                    result = run_stream(strategy, stream, scenario, out=run_dir,
-                                        resume=(run_dir / "checkpoint.pt").exists(), progress=progress, log=None)
+                result = run_named_strategy(strat, stream, scenario, options=spec["run"], seed=r, device=device,
+                                            out=run_dir, progress=progress, data_root=data_root)
                 accs.setdefault((name, strat), []).append(result.final_stream_accuracy)
                 log(f"[reproduce] run {r + 1}/{runs} {name} {strat}: {100 * result.final_stream_accuracy:.2f} % "
                     f"({time.perf_counter() - t0:.0f} s)")
