@@ -39,6 +39,7 @@ from exml_fast.ops.losses import js_divergence, soft_target_cross_entropy
 from exml_fast.ops.priors import image_priors
 from exml_fast.reference.augment import draw_augment_params
 from exml_fast.reference.bn_stats import BN_LOSS_FORMS
+from exml_fast.synth._conv import input_grad_convs
 from exml_fast.synth.base import Synthesizer, eval_mode
 from exml_fast.synth.batch import SyntheticBatch
 
@@ -282,6 +283,10 @@ class _Inversion(Synthesizer):
         with contextlib.ExitStack() as stack:
             for m in models:
                 stack.enter_context(_frozen(m, channels_last=self.channels_last))
+                if self.device.type == "cpu" and self.precision == "fp32" and not self.compile \
+                        and not self.channels_last:
+                    # Only the input gradient is needed: one convolution instead of oneDNN's backward.
+                    stack.enter_context(input_grad_convs(m))
             if self.bn_weight > 0:
                 self._matcher = stack.enter_context(
                     BNStatsMatcher(self.teacher, form=self.bn_form, first_bn_multiplier=self.first_bn_multiplier)
