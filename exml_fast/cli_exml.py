@@ -47,9 +47,41 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
     "synth_batch_size": (int, 256, "inputs optimised together, MI/DI (default: 256)"),
     "synth_lr": (float, 0.01, "Adam learning rate of the synthetic inputs (default: 0.01)"),
     "temperature": (float, None, "generator temperature (default: MI 2, DI 20)"),
-    "beta": (float, 10.0, "Data Impressions Dirichlet concentration scale (default: 10)"),
+    "beta": (tuple, (10.0,), "Data Impressions Dirichlet concentration scale, or a comma-separated mixture "
+                             "alternated per class, e.g. 1,0.1 (default: 10)"),
+    "bn_weight": (float, 1.0, "mi-ed/di-ed: weight of the BatchNorm-statistic term (default: 1.0, the paper's; "
+                              "only experts with BatchNorm have statistics to match)"),
+    "first_bn_multiplier": (float, 1.0, "mi-ed/di-ed: factor of the first BN layer's term (default: 1)"),
+    "blur_weight": (float, 1e-3, "mi-ed/di-ed: blur prior weight (default: 1e-3)"),
+    "l2_sq_weight": (float, 1e-3, "mi-ed/di-ed: squared-L2 prior weight (default: 1e-3)"),
+    "competition_weight": (float, 0.0, "mi-ed/di-ed: Adaptive DeepInversion against the learner, the weight of "
+                                       "1 - JS(expert, learner) from the second expert on (default: 0, off)"),
     "aux_dataset": (str, None, "aux-ed: the unrelated dataset (default: the other of mnist / fashion-mnist)"),
 }
+
+
+def _floats(value) -> tuple[float, ...]:
+    """A number, a list of numbers or a comma-separated string of them, each > 0, as a tuple of floats."""
+    if isinstance(value, str):
+        items = [v for v in value.split(",") if v.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [value]
+    if not items or any(isinstance(v, bool) for v in items):
+        raise ValueError(f"expected numbers > 0; got {value!r}")
+    out = tuple(float(v) for v in items)
+    if not all(v > 0 and v == v and v != float("inf") for v in out):
+        raise ValueError(f"expected numbers > 0; got {value!r}")
+    return out
+
+
+def _floats_arg(text: str) -> tuple[float, ...]:
+    try:
+        return _floats(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or a comma-separated list of them; got {text!r}") \
+            from None
 
 
 def load_config(path: str | pathlib.Path) -> dict[str, Any]:
@@ -77,7 +109,13 @@ def load_config(path: str | pathlib.Path) -> dict[str, Any]:
             raise ValueError(f"--config {path}: unknown option {key!r}; allowed: {', '.join(sorted(allowed))}")
         if name == "strategy" and value not in STRATEGY_CHOICES:
             raise ValueError(f"--config {path}: strategy must be one of {', '.join(STRATEGY_CHOICES)}; got {value!r}")
-        if name in RUN_OPTIONS and value is not None:
+        if name in RUN_OPTIONS and value is not None and RUN_OPTIONS[name][0] is tuple:
+            try:
+                value = _floats(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"--config {path}: {key} must be a number or a list of numbers > 0; got {value!r}") \
+                    from None
+        elif name in RUN_OPTIONS and value is not None:
             typ = RUN_OPTIONS[name][0]
             if typ is bool and not isinstance(value, bool) or typ is int and (isinstance(value, bool) or
                                                                                not isinstance(value, int)) \
@@ -120,14 +158,18 @@ def build_strategy(name: str, stream, scenario, *, options: dict[str, Any], seed
         return S.ParameterAverage(device=device, seed=seed, progress=progress)
     if name not in _ED:
         raise ValueError(f"--strategy must be one of {', '.join(STRATEGY_CHOICES)}; got {name!r}")
-    synth_common = dict(iterations=opt["synth_iterations"], batch_size=opt["synth_batch_size"], lr=opt["synth_lr"])
+    synth_common = dict(iterations=opt["synth_iterations"], batch_size=opt["synth_batch_size"], lr=opt["synth_lr"],
+                        bn_weight=opt["bn_weight"], first_bn_multiplier=opt["first_bn_multiplier"],
+                        blur_weight=opt["blur_weight"], l2_sq_weight=opt["l2_sq_weight"])
+    if opt["competition_weight"]:
+        # Adaptive DeepInversion: the generator swaps "learner" for the learner when it has seen an expert.
+        synth_common.update(competitor="learner", competition_weight=opt["competition_weight"])
     if name == "mi-ed":
-        generator = S.SynthesizerGenerator(ModelInversion, **synth_common, **(
-            {"temperature": opt["temperature"]} if opt["temperature"] else {}))
+        generator = S.SynthesizerGenerator(ModelInversion, **synth_common, temperature=opt["temperature"] or 2.0)
     elif name == "di-ed":
-        generator = S.SynthesizerGenerator(
-            DataImpressions, **synth_common, beta=opt["beta"], bn_weight=1.0, blur_weight=1e-3, l2_sq_weight=1e-3,
-            temperature=opt["temperature"] or 20.0)
+        beta = tuple(opt["beta"]) if isinstance(opt["beta"], (tuple, list)) else (opt["beta"],)
+        generator = S.SynthesizerGenerator(DataImpressions, **synth_common, beta=beta[0] if len(beta) == 1 else beta,
+                                           temperature=opt["temperature"] or 20.0)
     elif name == "aux-ed":
         from exml_fast.data import DATASETS, auxiliary_inputs
 
@@ -228,12 +270,18 @@ def add_commands(sub) -> None:
     r.add_argument("--strategy", choices=STRATEGY_CHOICES, default=None, help="required here or in --config")
     r.add_argument("--out", required=True, metavar="DIR", help="run folder")
     r.add_argument("--config", default=None, metavar="YAML", help="run options (keys: the flags below, with _)")
+    from exml_fast.ablation import PRESETS
+
+    r.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named strategy and options under --config and the flags; ed-best: the best Split "
+                        "MNIST variant of the ablation (model inversion of BatchNorm experts, train them with "
+                        "--arch lenet5_bn)")
     for key, (typ, default, text) in RUN_OPTIONS.items():
         flag = "--" + key.replace("_", "-")
         if typ is bool:
             r.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            conv = {int: _positive_int, float: float, str: str}[typ]
+            conv = {int: _positive_int, float: float, str: str, tuple: _floats_arg}[typ]
             r.add_argument(flag, type=conv, default=None, help=text)
     r.add_argument("--seed", type=int, default=None, help="seed of every draw of the run (default: 0)")
     r.add_argument("--device", type=dev, default=None, help="cpu or cuda[:N] (default: cuda when available)")
@@ -256,20 +304,24 @@ def add_commands(sub) -> None:
                        description="Reproduce a published table with one command. exml-mnist: the Ex-Model CL "
                                    "paper's Table 2, MNIST columns (Split MNIST NC and Joint MNIST, every strategy), "
                                    "over --runs independent expert streams; zskd-mnist / zskd-fmnist: zero-shot KD "
-                                   "from 24000 / 48000 Data Impressions (LeNet-5 -> LeNet-5-Half). Writes "
+                                   "from 24000 / 48000 Data Impressions (LeNet-5 -> LeNet-5-Half); "
+                                   "exml-mnist-ablation: the Ex-Model Distillation ablation on Split MNIST. Writes "
                                    "<results>/<experiment>.{json,md} (<experiment>_<budget>.* for a reduced "
                                    "budget). Rerun to resume.")
     from exml_fast.reproduce import BUDGETS, EXPERIMENTS
 
     q.add_argument("experiment", choices=EXPERIMENTS)
     q.add_argument("--runs", type=_positive_int, default=5,
-                   help="exml-mnist: independent expert streams (default: 5)")
+                   help="exml-mnist(-ablation): independent expert streams (default: 5)")
     q.add_argument("--seed", type=int, default=0, help="zskd-*: the seed of the teacher, DIs and student (default: 0)")
-    q.add_argument("--budget", choices=sorted(BUDGETS), default="paper",
-                   help="paper (Appendix A-B, hours per run on 2 CPU cores), demo, or smoke (default: paper)")
+    q.add_argument("--budget", choices=sorted(BUDGETS), default=None,
+                   help="paper (Appendix A-B, hours per run on 2 CPU cores), demo, or smoke (default: paper; "
+                        "demo for exml-mnist-ablation)")
+    q.add_argument("--variants", default=None,
+                   help="exml-mnist-ablation: comma-separated subset of its variants (default: all)")
     q.add_argument("--scenarios", default="split_mnist,joint_mnist", help="(default: split_mnist,joint_mnist)")
     q.add_argument("--strategies", default=None, help="comma-separated subset of Table 2's (default: all)")
-    q.add_argument("--out", default="runs/reproduce/exml-mnist", metavar="DIR",
+    q.add_argument("--out", default=None, metavar="DIR",
                    help="experts, runs, teachers and DIs (resumable; default: runs/reproduce/<experiment>)")
     q.add_argument("--results", default="benches/results", metavar="DIR", help="(default: benches/results)")
     q.add_argument("--device", type=dev, default=None, help="cpu or cuda[:N] (default: cuda when available)")
@@ -321,14 +373,24 @@ def _run(args) -> int:
 
     device = _resolve_device(args.device)
     config = load_config(args.config) if args.config else {}
-    options = {k: config.get(k) for k in RUN_OPTIONS}
+    preset = {"options": {}}
+    if args.preset is not None:
+        from exml_fast.ablation import PRESETS
+
+        preset = PRESETS[args.preset]
+    options = {k: config.get(k, preset["options"].get(k)) for k in RUN_OPTIONS}
     options.update({k: getattr(args, k) for k in RUN_OPTIONS if getattr(args, k) is not None})
-    strategy_name = args.strategy or config.get("strategy")
+    strategy_name = args.strategy or config.get("strategy") or preset.get("strategy")
     if strategy_name is None:
         raise _UsageError("--strategy is required (or 'strategy:' in --config)")
     seed = args.seed if args.seed is not None else config.get("seed", 0)
     stream = ExpertStream(args.experts)
     scenario = scenario_of(stream, root=args.data_root)
+    if args.preset is not None:
+        arch = stream.meta.get("arch", stream.entries[0].get("arch"))
+        print(f"[preset] {args.preset}: {preset['strategy']} with {preset['options']}")
+        if arch != preset["arch"]:
+            print(f"[preset] note: {args.preset} was chosen with {preset['arch']} experts; these are {arch}")
     print(f"[run] {strategy_name} on {scenario.name} ({len(stream)} experts), seed {seed}, {device}")
     result = run_named_strategy(strategy_name, stream, scenario, options=options, seed=seed, device=device,
                                 out=args.out, resume=args.resume, stop_after=args.stop_after, plots=not args.no_plots,
@@ -377,25 +439,39 @@ DEMO_BUDGET = dict(buffer_size=1000, iterations=1000, synth_iterations=300, synt
 DEMO_STRATEGIES = ("mi-ed", "di-ed", "aux-ed", "param-avg", "ensemble-avg", "min-entropy", "oracle")
 
 
-_EXML_OUT = "runs/reproduce/exml-mnist"
-
 
 def _reproduce(args) -> int:
     from exml_fast.cli import _UsageError, _resolve_device
     from exml_fast.reproduce import ZSKD_BUDGETS, reproduce_exml_mnist, reproduce_zskd
 
     device = _resolve_device(args.device)
+    out = args.out or f"runs/reproduce/{args.experiment}"
+    if args.experiment == "exml-mnist-ablation":
+        from exml_fast.ablation import ablate_exml_mnist
+
+        if args.strategies is not None:
+            raise _UsageError("--strategies is for exml-mnist; exml-mnist-ablation takes --variants")
+
+        rows = ablate_exml_mnist(
+            runs=args.runs, budget=args.budget or "demo", out=out, results=args.results, device=device,
+            variants=None if args.variants is None else tuple(v for v in args.variants.split(",") if v),
+            data_root=args.data_root, progress=args.progress)
+        for r in rows:
+            print(f"{r['variant']:20s} {r['mean']:6.2f} ± {r['std']:5.2f}  ({r['runs']} runs)")
+        return 0
+    if args.variants is not None:
+        raise _UsageError("--variants is for exml-mnist-ablation")
+    args.budget = args.budget or "paper"
     if args.experiment != "exml-mnist":
         if args.budget not in ZSKD_BUDGETS:
             raise _UsageError(f"--budget for {args.experiment}: one of {', '.join(ZSKD_BUDGETS)}")
-        out = args.out if args.out != _EXML_OUT else f"runs/reproduce/{args.experiment}"
         reproduce_zskd(args.experiment, budget=args.budget, seed=args.seed, out=out, results=args.results,
                        device=device, data_root=args.data_root, progress=args.progress)
         return 0
     rows = reproduce_exml_mnist(
         runs=args.runs, budget=args.budget, scenarios=tuple(s for s in args.scenarios.split(",") if s),
         strategies=None if args.strategies is None else tuple(s for s in args.strategies.split(",") if s),
-        out=args.out, results=args.results, device=device, data_root=args.data_root, progress=args.progress)
+        out=out, results=args.results, device=device, data_root=args.data_root, progress=args.progress)
     for r in rows:
         print(f"{r['scenario']:12s} {r['strategy']:13s} {r['mean']:6.2f} (paper {r['paper_mean']:.2f} ± "
               f"{r['paper_std']:.2f}) {'within 2 std' if r['within_2_std'] else 'outside 2 std'}")

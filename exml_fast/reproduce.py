@@ -92,7 +92,7 @@ ZSKD_BUDGETS: dict[str, dict[str, Any]] = {
               "kd_epochs": 2, "max_train": 2000},
 }
 
-EXPERIMENTS = ("exml-mnist", *PAPER_ZSKD)
+EXPERIMENTS = ("exml-mnist", "exml-mnist-ablation", *PAPER_ZSKD)
 
 
 def _machine(device: torch.device) -> dict[str, Any]:

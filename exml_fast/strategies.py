@@ -22,6 +22,7 @@ checkpoints) and ``config`` (what decides their results).
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from typing import Any, Protocol
@@ -69,7 +70,11 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
 
 
 class Generator(Protocol):
-    """What ED asks of a data source: ``n`` labelled samples for one expert's classes."""
+    """What ED asks of a data source: ``n`` labelled samples for one expert's classes.
+
+    A ``generate`` that also takes ``learner=`` is given the learner (from
+    the second expert on), e.g. for Adaptive DeepInversion.
+    """
 
     def generate(self, expert, n: int, *, seed: int, device: torch.device, progress: bool) -> SyntheticBatch:
         ...
@@ -93,6 +98,12 @@ class SynthesizerGenerator:
       classes (the paper's ``y = argmax y_di``, kept inside ``Y^i``);
     - auxiliary data: the expert's ``argmax`` over its classes.
 
+    ``competitor="learner"`` makes Adaptive DeepInversion against the
+    learner: :class:`ExModelDistillation` passes its model as ``learner``
+    once it has distilled an expert, and the synthesizer gets it as its
+    competitor (the first expert, with nothing learnt to compete with, is
+    synthesised without the term).
+
     The synthesizer (and so its reference to the expert) is dropped when
     ``generate`` returns.
     """
@@ -112,9 +123,19 @@ class SynthesizerGenerator:
                 for k, v in sorted(self.options.items())}
         return {"method": self.synthesizer.method, "options": opts}
 
-    def generate(self, expert, n: int, *, seed: int, device: torch.device, progress: bool) -> SyntheticBatch:
+    def generate(self, expert, n: int, *, seed: int, device: torch.device, progress: bool,
+                 learner: nn.Module | None = None) -> SyntheticBatch:
         cls = self.synthesizer
         kw = dict(self.options)
+        if isinstance(kw.get("competitor"), str):
+            if kw["competitor"] != "learner":
+                raise ValueError(f"SynthesizerGenerator: competitor must be an nn.Module or 'learner'; got "
+                                 f"{kw['competitor']!r}")
+            if learner is None:
+                kw.pop("competitor")
+                kw.pop("competition_weight", None)
+            else:
+                kw["competitor"] = learner
         if "mean" not in kw and expert.mean is not None:
             kw["mean"], kw["std"] = expert.mean, expert.std
         kw.setdefault("num_classes", expert.num_classes)
@@ -455,8 +476,11 @@ class ExModelDistillation(Strategy):
         expert_model = expert.model.to(dev).eval()
 
         t0 = time.perf_counter()
+        extra = {}
+        if i > 1 and "learner" in inspect.signature(self.generator.generate).parameters:
+            extra["learner"] = self.model
         batch = self.generator.generate(expert, self.buffer.quota(i), seed=derive_seed(self.seed, "generate", i),
-                                        device=dev, progress=self.progress)
+                                        device=dev, progress=self.progress, **extra)
         t_gen = time.perf_counter() - t0
         outside = set(torch.unique(batch.y).tolist()) - set(expert.classes)
         if outside:

@@ -122,3 +122,71 @@ def test_killed_run_resumes_to_the_same_result(experts, tmp_path):
     a, b = _result(tmp_path / "killed"), _result(tmp_path / "whole")
     assert a["acc_matrix"] == b["acc_matrix"] and a["summary"] == b["summary"]
     assert a["per_class_accuracy"] == b["per_class_accuracy"]
+
+
+def test_generator_options_and_beta_mixture_reach_the_synthesizer(experts, tmp_path):
+    cfg = tmp_path / "di.yaml"
+    cfg.write_text("strategy: di-ed\nbeta: [1.0, 0.1]\nblur_weight: 0.002\n")
+    run = tmp_path / "di"
+    assert main(["run", "--experts", str(experts), "--config", str(cfg), "--out", str(run), "--no-plots",
+                 "--bn-weight", "3", "--first-bn-multiplier", "2", *TINY]) == 0
+    gen = _result(run)["meta"]["config"]["generator"]
+    assert gen["method"] == "data-impressions"
+    opts = gen["options"]
+    assert opts["beta"] == [1.0, 0.1] and opts["blur_weight"] == 0.002
+    assert opts["bn_weight"] == 3.0 and opts["first_bn_multiplier"] == 2.0
+    run = tmp_path / "di10"
+    assert main(["run", "--experts", str(experts), "--strategy", "di-ed", "--beta", "10", "--out", str(run),
+                 "--no-plots", *TINY]) == 0
+    assert _result(run)["meta"]["config"]["generator"]["options"]["beta"] == 10.0
+
+
+@pytest.mark.parametrize("bad, message", [("beta: [1.0, -2]\n", "beta must be a number or a list"),
+                                          ("beta: fast\n", "beta must be a number or a list"),
+                                          ("beta: [true]\n", "beta must be a number or a list")])
+def test_bad_beta_is_refused(experts, tmp_path, capsys, bad, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("strategy: di-ed\n" + bad)
+    assert main(["run", "--experts", str(experts), "--config", str(cfg), "--out", str(tmp_path / "x")]) == 1
+    assert message in capsys.readouterr().err
+    assert main(["run", "--experts", str(experts), "--strategy", "di-ed", "--beta", "0,1",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "comma-separated list" in capsys.readouterr().err
+
+
+def test_preset_sets_strategy_and_options_under_the_flags(experts, tmp_path, capsys):
+    from exml_fast.ablation import PRESETS
+
+    run = tmp_path / "best"
+    assert main(["run", "--experts", str(experts), "--preset", "ed-best", "--out", str(run), "--no-plots",
+                 *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "[preset] ed-best" in out and "lenet5_bn experts; these are lenet5" in out
+    config = _result(run)["meta"]["config"]
+    preset = PRESETS["ed-best"]
+    assert config["strategy"] == preset["strategy"]
+    for key in ("target_mode", "normalize", "lambda_ce"):
+        if key in preset["options"]:
+            assert config[key] == preset["options"][key]
+    assert config["generator"]["options"]["iterations"] == 4  # the flag wins over the preset
+    assert main(["run", "--experts", str(experts), "--preset", "nope", "--out", str(tmp_path / "z")]) == 2
+
+
+def test_adaptive_deepinversion_competes_with_the_learner(experts, tmp_path, monkeypatch):
+    from exml_fast.synth import ModelInversion
+
+    seen = []
+    original = ModelInversion.__init__
+
+    def spy(self, teacher, **kw):
+        seen.append((kw.get("competitor"), kw.get("competition_weight")))
+        original(self, teacher, **kw)
+
+    monkeypatch.setattr(ModelInversion, "__init__", spy)
+    run = tmp_path / "adi"
+    assert main(["run", "--experts", str(experts), "--strategy", "mi-ed", "--competition-weight", "2",
+                 "--out", str(run), "--no-plots", *TINY]) == 0
+    # The first expert has no learner to compete with; the second competes with the learner.
+    assert seen[0] == (None, None)
+    assert isinstance(seen[1][0], __import__("torch").nn.Module) and seen[1][1] == 2.0
+    assert _result(run)["meta"]["config"]["generator"]["options"]["competitor"] == "learner"

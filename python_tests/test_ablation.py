@@ -1,0 +1,56 @@
+"""`exml-fast reproduce exml-mnist-ablation`: the ED ablation at the smoke budget, shared work, records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from exml_fast.ablation import PRESETS, VARIANTS, ablate_exml_mnist
+from exml_fast.cli import main
+from exml_fast.cli_exml import RUN_OPTIONS, STRATEGY_CHOICES
+from exml_fast.data import find_data_root
+from exml_fast.models import ARCHS
+
+needs_mnist = pytest.mark.skipif(find_data_root("mnist") is None or find_data_root("fashion-mnist") is None,
+                                 reason="MNIST / Fashion-MNIST files not found")
+
+
+def test_variants_and_presets_name_real_strategies_and_options():
+    assert len({v.name for v in VARIANTS}) == len(VARIANTS)
+    for v in VARIANTS:
+        assert v.strategy in STRATEGY_CHOICES and v.arch in ARCHS and v.note
+        assert set(v.options) <= set(RUN_OPTIONS), v.name
+    for name, p in PRESETS.items():
+        assert p["strategy"] in STRATEGY_CHOICES and p["arch"] in ARCHS and p["note"], name
+        assert set(p["options"]) <= set(RUN_OPTIONS), name
+
+
+def test_ablation_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="budget"):
+        ablate_exml_mnist(budget="huge", out=tmp_path, results=None)
+    with pytest.raises(ValueError, match="variants"):
+        ablate_exml_mnist(variants=("nope",), out=tmp_path, results=None)
+    with pytest.raises(ValueError, match="runs"):
+        ablate_exml_mnist(runs=0, out=tmp_path, results=None)
+
+
+@needs_mnist
+def test_smoke_ablation_shares_work_between_invocations(tmp_path, capsys):
+    base = ["reproduce", "exml-mnist-ablation", "--runs", "1", "--budget", "smoke", "--out", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "res"), "--device", "cpu"]
+    assert main([*base, "--variants", "mi,mi-bn-adi"]) == 0
+    assert main([*base, "--variants", "replay"]) == 0  # reads the other two back
+    rec = json.loads((tmp_path / "res" / "exml_mnist_ablation_smoke.json").read_text())
+    rows = {r["variant"]: r for r in rec["rows"]}
+    assert list(rows) == ["mi", "mi-bn-adi", "replay"]  # the table's order
+    assert rows["mi-bn-adi"]["arch"] == "lenet5_bn" and rows["mi-bn-adi"]["options"]["competition_weight"] == 1.0
+    assert rows["mi"]["synth_iterations"] == 5 and rows["replay"]["synth_iterations"] is None
+    assert all(0 <= r["mean"] <= 100 and r["runs"] == 1 for r in rows.values())
+    md = (tmp_path / "res" / "exml_mnist_ablation_smoke.md").read_text()
+    assert "| mi-bn-adi | mi-ed | lenet5_bn | " in md and "budget: **smoke**" in md
+    capsys.readouterr()
+    assert main([*base, "--variants", "mi", "--strategies", "mi-ed"]) == 2
+    assert "takes --variants" in capsys.readouterr().err
+    assert main(["reproduce", "zskd-mnist", "--variants", "mi"]) == 2
+    assert "--variants is for exml-mnist-ablation" in capsys.readouterr().err
