@@ -47,6 +47,7 @@ def test_smoke_ablation_shares_work_between_invocations(tmp_path, capsys):
     assert rows["mi-bn-adi"]["arch"] == "lenet5_bn" and rows["mi-bn-adi"]["options"]["competition_weight"] == 1.0
     assert rows["mi"]["synth_iterations"] == 5 and rows["replay"]["synth_iterations"] is None
     assert all(0 <= r["mean"] <= 100 and r["runs"] == 1 for r in rows.values())
+    assert rec["meta"]["runs_s"] > 0 and rec["meta"]["budget"] == "smoke"
     md = (tmp_path / "res" / "exml_mnist_ablation_smoke.md").read_text()
     assert "| mi-bn-adi | mi-ed | lenet5_bn | " in md and "budget: **smoke**" in md
     capsys.readouterr()

@@ -49,7 +49,7 @@ def test_smoke_reproduction_writes_records_and_resumes(tmp_path, capsys):
     assert main(args) == 0
     first = json.loads((tmp_path / "res" / "exml_mnist_smoke.json").read_text())
     assert first["meta"]["budget"] == "smoke" and first["meta"]["runs"] == 2
-    assert first["meta"]["machine"]["torch"] and first["meta"]["wall_s"] > 0
+    assert first["meta"]["machine"]["torch"] and first["meta"]["wall_s"] > 0 and first["meta"]["runs_s"] > 0
     assert [(r["strategy"], r["runs"]) for r in first["rows"]] == [("oracle", 2), ("param-avg", 2), ("mi-ed", 2)]
     md = (tmp_path / "res" / "exml_mnist_smoke.md").read_text()
     assert "| split_mnist | mi-ed | 2 |" in md and "not the paper's" in md
