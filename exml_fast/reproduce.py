@@ -220,14 +220,19 @@ def reproduce_exml_mnist(
                 "scenarios": list(scenarios), "command": command or " ".join(["exml-fast", *sys.argv[1:]]),
                 "machine": _machine(device), "wall_s": time.perf_counter() - t_start, "runs_s": runs_s}
         stem = "exml_mnist" if budget == "paper" else f"exml_mnist_{budget}"
-        folder = pathlib.Path(results)
-        # nan (the std of a single run) is written as null: strict JSON.
-        clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()} for row in rows]
-        text = json.dumps({"meta": meta, "rows": clean}, indent=1, allow_nan=False)
-        atomic_write(folder / f"{stem}.json", lambda f: f.write(text.encode()))
-        atomic_write(folder / f"{stem}.md", lambda f: f.write(_markdown(rows, meta).encode()))
-        log(f"[reproduce] wrote {folder / (stem + '.json')} and {folder / (stem + '.md')}")
+        write_records(results, stem, meta, rows, _markdown(rows, meta), log=lambda m: log(f"[reproduce] {m}"))
     return rows
+
+
+def write_records(folder, stem: str, meta: dict[str, Any], rows: list[dict[str, Any]], markdown: str, *,
+                  log) -> None:
+    """Writes ``<folder>/<stem>.json`` ({"meta", "rows"}, strict: nan as null) and ``<stem>.md``, atomically."""
+    folder = pathlib.Path(folder)
+    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()} for row in rows]
+    text = json.dumps({"meta": meta, "rows": clean}, indent=1, allow_nan=False)
+    atomic_write(folder / f"{stem}.json", lambda f: f.write(text.encode()))
+    atomic_write(folder / f"{stem}.md", lambda f: f.write(markdown.encode()))
+    log(f"wrote {folder / (stem + '.json')} and {folder / (stem + '.md')}")
 
 
 def reproduce_zskd(

@@ -55,3 +55,13 @@ def test_smoke_ablation_shares_work_between_invocations(tmp_path, capsys):
     assert "takes --variants" in capsys.readouterr().err
     assert main(["reproduce", "zskd-mnist", "--variants", "mi"]) == 2
     assert "--variants is for exml-mnist-ablation" in capsys.readouterr().err
+
+
+def test_the_best_preset_is_the_recorded_best_variant():
+    from exml_fast.reproduce import BUDGETS
+
+    preset = PRESETS["ed-best"]
+    variant = next(v for v in VARIANTS if v.name == "mi-bn-no-augment")
+    ran = {**BUDGETS["demo"]["run"], **variant.options}
+    assert preset["strategy"] == variant.strategy and preset["arch"] == variant.arch
+    assert {k: ran.get(k, RUN_OPTIONS[k][1]) for k in preset["options"]} == preset["options"]
