@@ -146,7 +146,9 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         changes = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "—"
         lines.append(f"| {r['variant']} | {r['strategy']} | {r['arch']} | {changes} | {r['synth_iterations']} | "
                      f"{acc} | {r['generate_s']:.0f} | {r['distill_s']:.0f} |")
-    lines += ["", "Rows:", ""] + [f"- **{r['variant']}**: {r['note']}" for r in rows]
+    lines += ["", "The seconds are each run's own record, taken under whatever load the machine had when it ran "
+              "(runs may share the cores): compare the accuracies across rows, not the times.",
+              "", "Rows:", ""] + [f"- **{r['variant']}**: {r['note']}" for r in rows]
     return "\n".join(lines) + "\n"
 
 
