@@ -77,6 +77,14 @@ class _RandomSource:
                               None, {}, expert.mean, expert.std)
 
 
+def _synth(cls, expert, dev, batch, **kw):
+    """A synthesizer at the paper's MNIST settings (Appendix B), quiet about LeNet-5's missing BatchNorm."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*has no BatchNorm layer.*")
+        return cls(expert, input_shape=(1, 32, 32), mean=0.1307, std=0.3081, num_classes=10, device=dev,
+                   batch_size=batch, **kw)
+
+
 def _seconds(fn, device):
     return benchlib.timed_call(fn, device)
 
@@ -104,14 +112,10 @@ def per_unit(device: str, synth_batch: int, k1: int, k2: int) -> dict[str, float
                                             _seconds(lambda: train(k1 * 4), device)) / ((k2 - k1) * 4 * 32)
 
     # Synthesis at the paper's settings (ExML Appendix B), one batch of synth_batch images.
-    for name, cls, kw in (("synthesis MI (image-steps)", ModelInversion, {}),
-                          ("synthesis DI (image-steps)", DataImpressions,
-                           {"beta": 10.0, "bn_weight": 1.0, "blur_weight": 1e-3, "l2_sq_weight": 1e-3})):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*has no BatchNorm layer.*")
-            synth = cls(expert, input_shape=(1, 32, 32), mean=0.1307, std=0.3081, num_classes=10, device=dev,
-                        lr=0.01, batch_size=synth_batch, **kw)
-
+    synths = {"synthesis MI (image-steps)": _synth(ModelInversion, expert, dev, synth_batch, lr=0.01),
+              "synthesis DI (image-steps)": _synth(DataImpressions, expert, dev, synth_batch, lr=0.01, beta=10.0,
+                                                   bn_weight=1.0, blur_weight=1e-3, l2_sq_weight=1e-3)}
+    for name, synth in synths.items():
         def run(k, synth=synth):
             synth.synthesize(synth_batch, classes=[0, 1], iterations=k, generator=0, progress=False)
         run(k1)
@@ -122,10 +126,7 @@ def per_unit(device: str, synth_batch: int, k1: int, k2: int) -> dict[str, float
     # what exml_fast.synth._conv saves; interleaved with the swap on, so the ratio is of one run.
     from exml_fast.synth import _conv
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*has no BatchNorm layer.*")
-        synth = ModelInversion(expert, input_shape=(1, 32, 32), mean=0.1307, std=0.3081, num_classes=10,
-                               device=dev, lr=0.01, batch_size=synth_batch)
+    synth = synths["synthesis MI (image-steps)"]
 
     def mi(k, fast):
         _conv.FAST_INPUT_GRAD = fast
@@ -172,10 +173,7 @@ def top_ops(device: str, synth_batch: int) -> dict[str, str]:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     expert = build_model("lenet5").to(dev)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*has no BatchNorm layer.*")
-        synth = ModelInversion(expert, input_shape=(1, 32, 32), mean=0.1307, std=0.3081, num_classes=10,
-                               device=dev, batch_size=synth_batch)
+    synth = _synth(ModelInversion, expert, dev, synth_batch)
     synth.synthesize(synth_batch, classes=[0, 1], iterations=2, generator=0, progress=False)
     with profile(activities=acts) as prof:
         synth.synthesize(synth_batch, classes=[0, 1], iterations=20, generator=0, progress=False)

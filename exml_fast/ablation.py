@@ -180,13 +180,10 @@ def ablate_exml_mnist(
     from exml_fast.cli_exml import run_named_strategy
     from exml_fast.engine import RESULT
     from exml_fast.metrics import StreamResult
-    from exml_fast.reproduce import BUDGETS, _machine, write_records
+    from exml_fast.reproduce import BUDGETS, _machine, check_runs_and_budget, write_records
     from exml_fast.scenarios import make_scenario, train_experts
 
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise ValueError(f"ablation: runs must be an int >= 1; got {runs!r}")
-    if budget not in BUDGETS:
-        raise ValueError(f"ablation: budget must be one of {', '.join(BUDGETS)}; got {budget!r}")
+    check_runs_and_budget(runs, budget, "ablation")
     names = [v.name for v in VARIANTS]
     if variants is not None and not set(variants) <= set(names):
         raise ValueError(f"ablation: variants must be among {', '.join(names)}; got "
@@ -198,7 +195,7 @@ def ablate_exml_mnist(
     t_start = time.perf_counter()
     found: dict[str, list[dict[str, Any]]] = {}
     for r in range(runs):
-        scenario = None
+        scenario, streams = None, {}  # built (and the experts trained or verified) once per seed and arch
         for v in VARIANTS:
             run_dir = out / "split_mnist" / f"{v.name}_s{r}"
             if variants is not None and v.name not in variants:
@@ -207,9 +204,11 @@ def ablate_exml_mnist(
                 continue
             if scenario is None:
                 scenario = make_scenario("split_mnist", seed=r, root=data_root, **spec.get("scenario", {}))
-            stream = train_experts(scenario, out / "experts" / f"split_mnist_{v.arch}_s{r}", arch=v.arch,
-                                   epochs=spec["expert_epochs"]["split_mnist"], seed=r, device=device,
-                                   progress=progress, weights_format="torch")
+            if v.arch not in streams:
+                streams[v.arch] = train_experts(scenario, out / "experts" / f"split_mnist_{v.arch}_s{r}", arch=v.arch,
+                                                epochs=spec["expert_epochs"]["split_mnist"], seed=r, device=device,
+                                                progress=progress, weights_format="torch")
+            stream = streams[v.arch]
             t0 = time.perf_counter()
             result = run_named_strategy(v.strategy, stream, scenario, options={**spec["run"], **v.options}, seed=r,
                                         device=device, out=run_dir, progress=progress, data_root=data_root)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import time
 import warnings
@@ -71,7 +72,7 @@ def _floats(value) -> tuple[float, ...]:
     if not items or any(isinstance(v, bool) for v in items):
         raise ValueError(f"expected numbers > 0; got {value!r}")
     out = tuple(float(v) for v in items)
-    if not all(v > 0 and v == v and v != float("inf") for v in out):
+    if not all(math.isfinite(v) and v > 0 for v in out):
         raise ValueError(f"expected numbers > 0; got {value!r}")
     return out
 
@@ -130,13 +131,17 @@ def load_config(path: str | pathlib.Path) -> dict[str, Any]:
 # -- building a strategy --------------------------------------------------------------------
 
 
+def stream_arch(stream) -> str:
+    """The architecture of a stream's experts (the stream's metadata, else its first expert's entry)."""
+    return stream.meta.get("arch", stream.entries[0].get("arch"))
+
+
 def build_learner(stream, seed: int) -> torch.nn.Module:
     """A fresh model of the experts' architecture, initialised from ``seed`` (the global RNG left untouched)."""
     from exml_fast.models import build_model
     from exml_fast.strategies import derive_seed
 
-    e = stream.entries[0]
-    arch = stream.meta.get("arch", e.get("arch"))
+    arch = stream_arch(stream)
     arch_kwargs = stream.meta.get("arch_kwargs") or stream[0].arch_kwargs
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "learner-init"))
@@ -387,7 +392,7 @@ def _run(args) -> int:
     stream = ExpertStream(args.experts)
     scenario = scenario_of(stream, root=args.data_root)
     if args.preset is not None:
-        arch = stream.meta.get("arch", stream.entries[0].get("arch"))
+        arch = stream_arch(stream)
         print(f"[preset] {args.preset}: {preset['strategy']} with {preset['options']}")
         if arch != preset["arch"]:
             print(f"[preset] note: {args.preset} was chosen with {preset['arch']} experts; these are {arch}")

@@ -101,6 +101,14 @@ def _machine(device: torch.device) -> dict[str, Any]:
             "commit": git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
+def check_runs_and_budget(runs, budget: str, owner: str) -> None:
+    """Raises ValueError unless ``runs`` is an int >= 1 and ``budget`` a key of :data:`BUDGETS`."""
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"{owner}: runs must be an int >= 1; got {runs!r}")
+    if budget not in BUDGETS:
+        raise ValueError(f"{owner}: budget must be one of {', '.join(BUDGETS)}; got {budget!r}")
+
+
 def run_seconds(result) -> float:
     """Seconds a finished run spent training and evaluating, from the timings its run loop recorded."""
     return float(sum(t.get("train_s", 0.0) + t.get("eval_s", 0.0) for t in result.meta.get("timings") or []))
@@ -179,10 +187,7 @@ def reproduce_exml_mnist(
     from exml_fast.cli_exml import run_named_strategy
     from exml_fast.scenarios import make_scenario, train_experts
 
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise ValueError(f"reproduce: runs must be an int >= 1; got {runs!r}")
-    if budget not in BUDGETS:
-        raise ValueError(f"reproduce: budget must be one of {', '.join(BUDGETS)}; got {budget!r}")
+    check_runs_and_budget(runs, budget, "reproduce")
     for s in scenarios:
         if s not in TABLE2_STRATEGIES:
             raise ValueError(f"reproduce: scenarios must be among {', '.join(TABLE2_STRATEGIES)}; got {s!r}")
