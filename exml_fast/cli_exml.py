@@ -52,6 +52,9 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
                              "alternated per class, e.g. 1,0.1 (default: 10)"),
     "bn_weight": (float, 1.0, "mi-ed/di-ed: weight of the BatchNorm-statistic term (default: 1.0, the paper's; "
                               "only experts with BatchNorm have statistics to match)"),
+    "bn_form": (str, "l2", "mi-ed/di-ed: form of the BatchNorm-statistic term: l2 (DeepInversion's un-squared "
+                           "norms of mean and variance gaps) or sq_std (the ExML paper's squared mean and std gaps; "
+                           "see exml_fast.reference.bn_stats)"),
     "first_bn_multiplier": (float, 1.0, "mi-ed/di-ed: factor of the first BN layer's term (default: 1)"),
     "blur_weight": (float, 1e-3, "mi-ed/di-ed: blur prior weight (default: 1e-3)"),
     "l2_sq_weight": (float, 1e-3, "mi-ed/di-ed: squared-L2 prior weight (default: 1e-3)"),
@@ -165,6 +168,7 @@ def build_strategy(name: str, stream, scenario, *, options: dict[str, Any], seed
         raise ValueError(f"--strategy must be one of {', '.join(STRATEGY_CHOICES)}; got {name!r}")
     synth_common = dict(iterations=opt["synth_iterations"], batch_size=opt["synth_batch_size"], lr=opt["synth_lr"],
                         bn_weight=opt["bn_weight"], first_bn_multiplier=opt["first_bn_multiplier"],
+                        bn_form=opt["bn_form"],
                         blur_weight=opt["blur_weight"], l2_sq_weight=opt["l2_sq_weight"])
     if opt["competition_weight"]:
         # Adaptive DeepInversion: the generator swaps "learner" for the learner when it has seen an expert.
@@ -324,6 +328,9 @@ def add_commands(sub) -> None:
                         "demo for exml-mnist-ablation)")
     q.add_argument("--variants", default=None,
                    help="exml-mnist-ablation: comma-separated subset of its variants (default: all)")
+    q.add_argument("--test-seeds", default=None, metavar="S,S,...",
+                   help="exml-mnist-ablation: fresh expert streams on which the variant selected on validation "
+                        "data is scored on the test set (default: 100,101,102,103,104; none: skip)")
     q.add_argument("--scenarios", default="split_mnist,joint_mnist", help="(default: split_mnist,joint_mnist)")
     q.add_argument("--strategies", default=None, help="comma-separated subset of Table 2's (default: all)")
     q.add_argument("--out", default=None, metavar="DIR",
@@ -457,15 +464,30 @@ def _reproduce(args) -> int:
         if args.strategies is not None:
             raise _UsageError("--strategies is for exml-mnist; exml-mnist-ablation takes --variants")
 
-        rows = ablate_exml_mnist(
+        from exml_fast.ablation import TEST_SEEDS
+
+        if args.test_seeds is None:
+            test_seeds = TEST_SEEDS
+        elif args.test_seeds.strip().lower() == "none":
+            test_seeds = ()
+        else:
+            try:
+                test_seeds = tuple(int(s) for s in args.test_seeds.split(",") if s.strip())
+            except ValueError:
+                raise _UsageError(f"--test-seeds: comma-separated ints or none; got {args.test_seeds!r}") from None
+        res = ablate_exml_mnist(
             runs=args.runs, budget=args.budget or "demo", out=out, results=args.results, device=device,
             variants=None if args.variants is None else tuple(v for v in args.variants.split(",") if v),
-            data_root=args.data_root, progress=args.progress)
-        for r in rows:
-            print(f"{r['variant']:20s} {r['mean']:6.2f} ± {r['std']:5.2f}  ({r['runs']} runs)")
+            test_seeds=test_seeds, data_root=args.data_root, progress=args.progress)
+        for r in res["rows"]:
+            print(f"{r['variant']:24s} validation {r['mean']:6.2f} ± {r['std']:5.2f}  ({r['runs']} runs)")
+        if res["selected"] is not None:
+            t = res["test"]
+            print(f"selected {res['selected']['variant']}" + ("" if t is None else
+                  f": test {t['mean']:.2f} ± {t['std']:.2f} over seeds {t['seeds']}"))
         return 0
-    if args.variants is not None:
-        raise _UsageError("--variants is for exml-mnist-ablation")
+    if args.variants is not None or args.test_seeds is not None:
+        raise _UsageError("--variants and --test-seeds are for exml-mnist-ablation")
     args.budget = args.budget or "paper"
     if args.experiment != "exml-mnist":
         if args.budget not in ZSKD_BUDGETS:

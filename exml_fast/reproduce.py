@@ -229,12 +229,22 @@ def reproduce_exml_mnist(
     return rows
 
 
+def _nan_to_none(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
 def write_records(folder, stem: str, meta: dict[str, Any], rows: list[dict[str, Any]], markdown: str, *,
-                  log) -> None:
-    """Writes ``<folder>/<stem>.json`` ({"meta", "rows"}, strict: nan as null) and ``<stem>.md``, atomically."""
+                  log, extra: dict[str, Any] | None = None) -> None:
+    """Writes ``<folder>/<stem>.json`` ({"meta", **extra, "rows"}, strict: nan as null) and ``<stem>.md``,
+    atomically."""
     folder = pathlib.Path(folder)
-    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()} for row in rows]
-    text = json.dumps({"meta": meta, "rows": clean}, indent=1, allow_nan=False)
+    text = json.dumps(_nan_to_none({"meta": meta, **(extra or {}), "rows": rows}), indent=1, allow_nan=False)
     atomic_write(folder / f"{stem}.json", lambda f: f.write(text.encode()))
     atomic_write(folder / f"{stem}.md", lambda f: f.write(markdown.encode()))
     log(f"wrote {folder / (stem + '.json')} and {folder / (stem + '.md')}")

@@ -210,13 +210,14 @@ def _select(x: torch.Tensor, y: torch.Tensor, classes: tuple[int, ...], cap: int
 
 def _build(name: str, dataset: str, *, train, test, num_classes: int, mean, std, n_experiences: int, seed: int,
            multi_task: bool, max_train_per_experience: int | None, max_test_per_experience: int | None,
-           owner: str) -> Scenario:
+           validation_size: int | None = None, eval_split: str = "test", owner: str) -> Scenario:
     _check_int(n_experiences, "n_experiences", owner, low=1, high=num_classes)
     _check_int(seed, "seed", owner, low=0)
     for cap_name, cap in (("max_train_per_experience", max_train_per_experience),
                           ("max_test_per_experience", max_test_per_experience)):
         if cap is not None:
             _check_int(cap, cap_name, owner, low=1)
+    train, test = _split_validation(train, test, validation_size, eval_split, owner)
     order = class_order(num_classes, seed)
     experiences = []
     for i, classes in enumerate(_partition(order, n_experiences)):
@@ -225,14 +226,49 @@ def _build(name: str, dataset: str, *, train, test, num_classes: int, mean, std,
         experiences.append(Experience(index=i, classes=classes, task_id=i if multi_task else None,
                                       train_x=tx, train_y=ty, test_x=vx, test_y=vy))
     options = {k: v for k, v in (("max_train_per_experience", max_train_per_experience),
-                                 ("max_test_per_experience", max_test_per_experience)) if v is not None}
+                                 ("max_test_per_experience", max_test_per_experience),
+                                 ("validation_size", validation_size)) if v is not None}
+    if eval_split != "test":
+        options["eval_split"] = eval_split
     return Scenario(name=name, dataset=dataset, num_classes=num_classes, input_shape=tuple(train[0].shape[1:]),
                     mean=tuple(mean), std=tuple(std), multi_task=multi_task, seed=seed, class_order=order,
                     experiences=experiences, options=options)
 
 
+#: The seed of the fixed draw of held-out validation images (:func:`validation_indices`).
+VALIDATION_SEED = 20260
+EVAL_SPLITS = ("test", "validation")
+
+
+def validation_indices(n: int, size: int) -> torch.Tensor:
+    """The sorted indices of the ``size`` training images held out for validation among ``n``: the first
+    ``size`` of ``randperm(n)`` drawn from ``Generator().manual_seed(VALIDATION_SEED)``, the same for every
+    scenario seed, so no expert of any stream trains on them."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    return perm[:size].sort().values
+
+
+def _split_validation(train, test, validation_size: int | None, eval_split: str, owner: str):
+    """(train, evaluation) pairs: training data without the held-out images, and the test set or the
+    held-out images (``eval_split``)."""
+    if eval_split not in EVAL_SPLITS:
+        raise ValueError(f"{owner}: eval_split must be one of {', '.join(EVAL_SPLITS)}; got {eval_split!r}")
+    if validation_size is None:
+        if eval_split == "validation":
+            raise ValueError(f"{owner}: eval_split='validation' needs validation_size (images held out of "
+                             "the training set); got None")
+        return train, test
+    n = int(train[1].shape[0])
+    _check_int(validation_size, "validation_size", owner, low=1, high=n - 1)
+    held = torch.zeros(n, dtype=torch.bool)
+    held[validation_indices(n, validation_size)] = True
+    kept = (train[0][~held], train[1][~held])
+    return kept, ((train[0][held], train[1][held]) if eval_split == "validation" else test)
+
+
 def _mnist_like(dataset: str, name: str, *, n_experiences: int, seed: int, root, multi_task: bool,
-                max_train_per_experience: int | None, max_test_per_experience: int | None) -> Scenario:
+                max_train_per_experience: int | None, max_test_per_experience: int | None,
+                validation_size: int | None, eval_split: str) -> Scenario:
     from exml_fast.data import DATASET_STATS, mnist_tensors
 
     owner = name
@@ -243,12 +279,14 @@ def _mnist_like(dataset: str, name: str, *, n_experiences: int, seed: int, root,
     return _build(name, dataset, train=train, test=test, num_classes=10, mean=(mean,), std=(std,),
                   n_experiences=n_experiences, seed=seed, multi_task=multi_task,
                   max_train_per_experience=max_train_per_experience,
-                  max_test_per_experience=max_test_per_experience, owner=owner)
+                  max_test_per_experience=max_test_per_experience, validation_size=validation_size,
+                  eval_split=eval_split, owner=owner)
 
 
 def split_mnist(n_experiences: int = 5, *, seed: int = 0, root: str | os.PathLike | None = None,
                 multi_task: bool = False, max_train_per_experience: int | None = None,
-                max_test_per_experience: int | None = None) -> Scenario:
+                max_test_per_experience: int | None = None, validation_size: int | None = None,
+                eval_split: str = "test") -> Scenario:
     """Split MNIST: the 10 digits in ``n_experiences`` experiences (5: two classes each), 32x32 images.
 
     Args:
@@ -258,30 +296,42 @@ def split_mnist(n_experiences: int = 5, *, seed: int = 0, root: str | os.PathLik
         multi_task: task labels and per-task heads (the "split_mnist_mt" scenario).
         max_train_per_experience, max_test_per_experience: keep only the first that many samples
             of each experience (file order), e.g. for quick runs; None keeps all.
+        validation_size: hold this many training images out of every experience's training data
+            (a fixed draw, the same for every seed: :func:`validation_indices`); None holds none out.
+        eval_split: "test" (the test set) or "validation" (the held-out training images, which needs
+            ``validation_size``) becomes each experience's ``test_x`` / ``test_y``, so that everything
+            evaluated on a scenario — the run loop, the metrics — can select hyperparameters on
+            validation data without touching the test set.
     """
     return _mnist_like("mnist", "split_mnist_mt" if multi_task else "split_mnist", n_experiences=n_experiences,
                        seed=seed, root=root, multi_task=multi_task,
                        max_train_per_experience=max_train_per_experience,
-                       max_test_per_experience=max_test_per_experience)
+                       max_test_per_experience=max_test_per_experience, validation_size=validation_size,
+                       eval_split=eval_split)
 
 
 def split_fashion_mnist(n_experiences: int = 5, *, seed: int = 0, root: str | os.PathLike | None = None,
                         multi_task: bool = False, max_train_per_experience: int | None = None,
-                        max_test_per_experience: int | None = None) -> Scenario:
+                        max_test_per_experience: int | None = None, validation_size: int | None = None,
+                        eval_split: str = "test") -> Scenario:
     """Split Fashion-MNIST, as :func:`split_mnist`."""
     return _mnist_like("fashion-mnist", "split_fashion_mnist_mt" if multi_task else "split_fashion_mnist",
                        n_experiences=n_experiences, seed=seed, root=root, multi_task=multi_task,
                        max_train_per_experience=max_train_per_experience,
-                       max_test_per_experience=max_test_per_experience)
+                       max_test_per_experience=max_test_per_experience, validation_size=validation_size,
+                       eval_split=eval_split)
 
 
 def joint_mnist(*, seed: int = 0, root: str | os.PathLike | None = None,
                 max_train_per_experience: int | None = None,
-                max_test_per_experience: int | None = None) -> Scenario:
-    """Joint MNIST: one experience with all 10 classes and all 60000 training images (see the module docstring)."""
+                max_test_per_experience: int | None = None, validation_size: int | None = None,
+                eval_split: str = "test") -> Scenario:
+    """Joint MNIST: one experience with all 10 classes and all 60000 training images (see the module docstring);
+    ``validation_size`` and ``eval_split`` as in :func:`split_mnist`."""
     return _mnist_like("mnist", "joint_mnist", n_experiences=1, seed=seed, root=root, multi_task=False,
                        max_train_per_experience=max_train_per_experience,
-                       max_test_per_experience=max_test_per_experience)
+                       max_test_per_experience=max_test_per_experience, validation_size=validation_size,
+                       eval_split=eval_split)
 
 
 # ------------------------------------------------------------------------------------------------ CIFAR-10
@@ -357,7 +407,8 @@ def _cifar_tensors(paths: list[pathlib.Path]) -> tuple[torch.Tensor, torch.Tenso
 
 def split_cifar10(n_experiences: int = 5, *, seed: int = 0, root: str | os.PathLike | None = None,
                   multi_task: bool = False, max_train_per_experience: int | None = None,
-                  max_test_per_experience: int | None = None) -> Scenario:
+                  max_test_per_experience: int | None = None, validation_size: int | None = None,
+                  eval_split: str = "test") -> Scenario:
     """Split CIFAR-10 from the python pickles (``data_batch_1`` .. ``data_batch_5``, ``test_batch``).
 
     The files are looked up in ``root`` (or ``root/cifar-10-batches-py``, ``root/cifar10``),
@@ -378,7 +429,8 @@ def split_cifar10(n_experiences: int = 5, *, seed: int = 0, root: str | os.PathL
     return _build(name, "cifar10", train=train, test=test, num_classes=10, mean=CIFAR10_MEAN, std=CIFAR10_STD,
                   n_experiences=n_experiences, seed=seed, multi_task=multi_task,
                   max_train_per_experience=max_train_per_experience,
-                  max_test_per_experience=max_test_per_experience, owner=name)
+                  max_test_per_experience=max_test_per_experience, validation_size=validation_size,
+                  eval_split=eval_split, owner=name)
 
 
 # ------------------------------------------------------------------------------------------------ registry

@@ -120,6 +120,34 @@ def test_joint_mnist():
         make_scenario("joint_mnist", n_experiences=2)
 
 
+@needs_mnist
+def test_validation_split_is_held_out_of_training_and_the_same_for_every_seed():
+    full = joint_mnist()
+    val = joint_mnist(validation_size=10000, eval_split="validation")
+    held = sc.validation_indices(60000, 10000)
+    assert val[0].num_train == 50000 and val[0].num_test == 10000
+    assert torch.equal(val[0].test_x, full[0].train_x[held]) and torch.equal(val[0].test_y, full[0].train_y[held])
+    kept = torch.ones(60000, dtype=torch.bool)
+    kept[held] = False
+    assert torch.equal(val[0].train_x, full[0].train_x[kept])  # no held-out image is trained on
+    test = joint_mnist(validation_size=10000)  # same training data, evaluated on the test set
+    assert torch.equal(test[0].train_y, val[0].train_y) and torch.equal(test[0].test_y, full[0].test_y)
+    a = split_mnist(5, seed=0, validation_size=10000, eval_split="validation")
+    b = split_mnist(5, seed=3, validation_size=10000, eval_split="validation")
+    assert a.num_classes == b.num_classes and sum(e.num_test for e in a) == sum(e.num_test for e in b) == 10000
+    assert sorted(torch.cat([e.test_y for e in a]).tolist()) == sorted(torch.cat([e.test_y for e in b]).tolist())
+    kw = a.describe()["kwargs"]
+    assert kw["validation_size"] == 10000 and kw["eval_split"] == "validation"
+    rebuilt = make_scenario("split_mnist", **kw)
+    assert torch.equal(rebuilt[1].test_x, a[1].test_x)
+    with pytest.raises(ValueError, match="eval_split='validation' needs validation_size"):
+        split_mnist(5, eval_split="validation")
+    with pytest.raises(ValueError, match="eval_split must be one of test, validation; got 'val'"):
+        split_mnist(5, validation_size=10, eval_split="val")
+    with pytest.raises(ValueError, match=r"validation_size must be an int in \[1, 59999\]; got 60000"):
+        split_mnist(5, validation_size=60000)
+
+
 @needs_fashion
 def test_split_fashion_mnist():
     s = split_fashion_mnist(2, seed=0, max_train_per_experience=10, max_test_per_experience=10)
