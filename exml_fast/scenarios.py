@@ -547,7 +547,7 @@ def train_experts(scenario: Scenario, out: str | os.PathLike, *, arch: str = "le
     """
     from exml_fast.models import ARCHS, build_model
     from exml_fast.synth.base import _Progress, _derive_seed
-    from exml_fast.training import train_classifier
+    from exml_fast.training import minibatch_bounds, train_classifier
 
     owner = "train_experts"
     if not isinstance(scenario, Scenario):
@@ -591,7 +591,7 @@ def train_experts(scenario: Scenario, out: str | os.PathLike, *, arch: str = "le
         units = exp.classes if scenario.multi_task else None
         net = model if units is None else _Head(model, units).to(device)
         y = exp.train_y if units is None else _to_head_labels(exp.train_y, units, scenario.num_classes)
-        steps = epochs * math.ceil(exp.num_train / batch_size)
+        steps = epochs * len(minibatch_bounds(exp.num_train, batch_size))
         bar = _Progress(steps, f"expert {i + 1}/{len(scenario)} {list(exp.classes)}", progress)
         losses: list[torch.Tensor] = []
 

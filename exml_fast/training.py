@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "augment_batch", "distill", "evaluate", "train_classifier"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "augment_batch", "distill", "evaluate", "minibatch_bounds", "train_classifier"]
 
 #: Optimisers :func:`distill` accepts.
 OPTIMIZERS = ("sgd", "adam")
@@ -41,6 +41,21 @@ class _LossLog:
             print(f"  {self.label} {step + 1:{self.width}d}/{self.total} loss {self.running / self.seen:.4f} "
                   f"({rate:.0f} steps/s)", flush=True)
             self.running, self.seen = 0.0, 0
+
+
+def minibatch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """The ``(start, end)`` slices of one pass over ``n`` samples in minibatches of ``batch_size``.
+
+    The last minibatch may be smaller, but never a single sample when there is
+    more than one minibatch: a last batch of one is folded into the one before
+    (which then holds ``batch_size + 1``), because BatchNorm cannot compute
+    training statistics from one sample (``Expected more than 1 value per
+    channel when training``) and dropping it would silently lose data.
+    """
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator | None, *, pad_crop: int = 4, max_shift: int = 0,
@@ -100,7 +115,8 @@ def train_classifier(
 
     The Ex-Model CL expert recipe by default (SGD lr 0.01, momentum 0.9,
     weight decay 5e-4). Minibatches are drawn by a permutation from
-    ``generator`` each epoch and moved to the model's device. Prints the
+    ``generator`` each epoch (:func:`minibatch_bounds`: a last minibatch of one
+    sample is folded into the one before) and moved to the model's device. Prints the
     running loss every ``log_every`` steps (0: silent); ``callback(epoch, step,
     loss)`` (0-based; ``loss`` the minibatch's detached loss tensor, on the
     model's device) runs after every optimiser step, e.g. for a progress bar.
@@ -117,13 +133,13 @@ def train_classifier(
     device = next(model.parameters()).device
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     n = x.shape[0]
-    steps_per_epoch = (n + batch_size - 1) // batch_size
+    bounds = minibatch_bounds(n, batch_size)
     model.train()
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=generator)
-        log = _LossLog(log_every, steps_per_epoch, f"epoch {epoch + 1}/{epochs} step", width=4)
-        for step in range(steps_per_epoch):
-            idx = perm[step * batch_size : (step + 1) * batch_size]
+        log = _LossLog(log_every, len(bounds), f"epoch {epoch + 1}/{epochs} step", width=4)
+        for step, (start, end) in enumerate(bounds):
+            idx = perm[start:end]
             loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -192,7 +208,8 @@ def distill(
     - ``labels`` (N,) int64: plain cross-entropy (``temperature`` unused).
 
     Minibatches are drawn without replacement by a permutation per pass over
-    ``x`` (the last minibatch of a pass may be smaller); ``iterations`` steps
+    ``x`` (the last minibatch of a pass may be smaller, but is never a single
+    sample: :func:`minibatch_bounds`); ``iterations`` steps
     run as many passes as needed, the last one cut short. With ``augment``
     every sample of a minibatch gets its own draw (:func:`exml_fast.ops.augment`'s
     op): a circular roll by up to ``max_shift`` pixels, a horizontal flip with
@@ -280,8 +297,8 @@ def distill(
     gen = _as_generator(generator)
 
     device = next(student.parameters()).device
-    steps_per_epoch = (n + batch_size - 1) // batch_size
-    total = iterations if iterations is not None else epochs * steps_per_epoch
+    bounds = minibatch_bounds(n, batch_size)
+    total = iterations if iterations is not None else epochs * len(bounds)
     params = student.parameters()
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -295,12 +312,12 @@ def distill(
     student.train()
     log = _LossLog(log_every, total, "distill step", width=5)
     perm = torch.empty(0, dtype=torch.int64)
-    pos = 0
+    pos = len(bounds)
     for step in range(total):
-        if pos >= perm.shape[0]:
+        if pos == len(bounds):
             perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos : pos + batch_size]
-        pos += batch_size
+        idx = perm[bounds[pos][0] : bounds[pos][1]]
+        pos += 1
         xb = x[idx].to(device)
         if do_augment:
             xb = augment_batch(xb, gen, pad_crop=pad_crop, max_shift=max_shift, flip=flip, fill=fill)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exml_fast.ops import kd_loss
-from exml_fast.training import OPTIMIZERS, SCHEDULES, distill, evaluate, train_classifier
+from exml_fast.training import OPTIMIZERS, SCHEDULES, distill, evaluate, minibatch_bounds, train_classifier
 
 K = 4
 
@@ -220,3 +220,31 @@ def test_distill_on_cuda_matches_cpu():
     s_gpu = tiny_model(4).cuda()
     distill(s_gpu, x, teacher=teacher_model().cuda(), temperature=4.0, epochs=2, batch_size=32, generator=3)
     assert torch.allclose(params_of(s_gpu).cpu(), params_of(s_cpu), atol=1e-4)
+
+
+@pytest.mark.parametrize("n, batch_size, sizes", [(65, 32, [32, 33]), (64, 32, [32, 32]), (33, 32, [33]),
+                                                  (1, 32, [1]), (5, 2, [2, 3]), (7, 3, [3, 4]), (10, 4, [4, 4, 2])])
+def test_minibatch_bounds_fold_a_last_batch_of_one(n, batch_size, sizes):
+    bounds = minibatch_bounds(n, batch_size)
+    assert [e - s for s, e in bounds] == sizes
+    assert bounds[0][0] == 0 and bounds[-1][1] == n and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_batchnorm_models_train_when_the_last_minibatch_would_hold_one_sample():
+    # 2 * 32 + 1 samples: a plain split leaves a last batch of one, on which BatchNorm1d refuses to train
+    # (the seed-12 Split MNIST experts: 32 * 370 + 1 training images in one experience).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(65, 1, 2, 2, generator=g)
+    y = (x.flatten(1).sum(1) > 0).long()
+    seen = []
+    train_classifier(_bn_net(), x, y, epochs=2, batch_size=32, generator=g,
+                     callback=lambda epoch, step, loss: seen.append((epoch, step)))
+    assert seen == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    student = distill(_bn_net(), x, labels=y, epochs=2, batch_size=32, augment=False, generator=1)
+    assert student.training is False
+    distill(_bn_net(), x, labels=y, iterations=5, batch_size=32, augment=False, generator=1)
