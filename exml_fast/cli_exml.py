@@ -93,14 +93,23 @@ def load_config(path: str | pathlib.Path) -> dict[str, Any]:
     path = pathlib.Path(path)
     text = path.read_text()
     if path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") \
+                from None
     else:
         try:
             import yaml
         except ImportError:
             raise ImportError("--config: reading YAML needs PyYAML (pip install pyyaml), or pass a .json file") \
                 from None
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1}: {e.problem})" if mark is not None else ""
+            raise ValueError(f"--config {path}: not valid YAML{where}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -384,7 +393,10 @@ def _run(args) -> int:
     from exml_fast.experts import ExpertStream
 
     device = _resolve_device(args.device)
-    config = load_config(args.config) if args.config else {}
+    try:
+        config = load_config(args.config) if args.config else {}
+    except ValueError as e:  # malformed file, unknown key, wrong type: a usage error like a bad flag
+        raise _UsageError(str(e)) from None
     preset = {"options": {}}
     if args.preset is not None:
         from exml_fast.ablation import PRESETS

@@ -65,8 +65,17 @@ def test_yaml_config_and_flags_override_it(experts, tmp_path):
 def test_bad_config_and_existing_run_are_refused(experts, tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("strategy: replay-ed\nbuffer: 30\n")
-    assert main(["run", "--experts", str(experts), "--config", str(cfg), "--out", str(tmp_path / "x")]) == 1
+    assert main(["run", "--experts", str(experts), "--config", str(cfg), "--out", str(tmp_path / "x")]) == 2
     assert "unknown option 'buffer'" in capsys.readouterr().err
+    for name, text, what in (("bad.yaml", "strategy: [replay-ed\nbuffer_size: 30\n", "not valid YAML (line"),
+                             ("tabs.yaml", "strategy: replay-ed\n\tlr: 0.1\n", "not valid YAML"),
+                             ("bad.json", '{"strategy": "replay-ed",}', "not valid JSON (line 1")):
+        (tmp_path / name).write_text(text)
+        assert main(["run", "--experts", str(experts), "--config", str(tmp_path / name), "--out",
+                     str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert what in err and "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith("exml-fast run: error:")
     assert main(["run", "--experts", str(experts), "--out", str(tmp_path / "x")]) == 2
     assert "--strategy is required" in capsys.readouterr().err
     run = tmp_path / "y"
