@@ -418,13 +418,13 @@ def find_ninja(python: str) -> str | None:
 
 
 def git_commit() -> str:
-    """HEAD's hash, "+dirty" when tracked files outside benches/results changed; "unknown" without git.
+    """HEAD's (short) hash, "+dirty" when tracked files outside benches/results changed; "unknown" without git.
 
     (exml_fast._util.git_commit says the same, but importing exml_fast needs torch, which
     this script must do without to report its absence.)
     """
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True, timeout=30).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
                                 ":!benches/results"], cwd=ROOT, capture_output=True, text=True,
@@ -613,6 +613,8 @@ def ctest_step(c: Check, cmake: StepResult) -> StepResult:
     cuda_ok = [t for t in d["passed_tests"] if t.startswith("cuda_")]
     r.summary = (f"{d['passed']} passed, {d['failed']} failed, {d['skipped']} skipped "
                  f"({len(cuda_ok)} CUDA cases passed)")
+    if not (d["passed"] or d["failed"] or d["skipped"]):
+        r.fail("no ctest case ran (see the log)")
     if d["failed"]:
         r.fail("failed: " + ", ".join(d["failed_tests"]))
     if d["skipped"]:
