@@ -8,11 +8,14 @@
 #   make bench                 op benchmarks, printed and recorded in benches/results/
 #   make bench-e2e             end-to-end synthesis benchmarks (about an hour on 2 CPU cores)
 #   USE_SYSTEM_TORCH=1 make …  use `python3` and the torch it has (e.g. a GPU machine)
+#   make gpu-check             on a GPU machine, with its own torch (USE_SYSTEM_TORCH=1 implied):
+#                              build for its GPU, every CUDA test (pytest -m cuda, ctest), memcheck,
+#                              short benches; summary + logs in GPU_CHECK_OUT (< 10 min; exit 2 without a GPU)
 #
 # Variables: PYTHON (interpreter that creates the venv, or the one used with
-# USE_SYSTEM_TORCH=1), VENV (default .venv), TORCH_CUDA_ARCH_LIST, MAX_JOBS,
-# CMAKE_CUDA (ON/OFF: CUDA kernels and tests in the CMake build; default ON
-# when torch sees a GPU).
+# USE_SYSTEM_TORCH=1 and by gpu-check), VENV (default .venv), TORCH_CUDA_ARCH_LIST,
+# MAX_JOBS, CMAKE_CUDA (ON/OFF: CUDA kernels and tests in the CMake build; default
+# ON when torch sees a GPU), GPU_CHECK_OUT (default benches/results/gpu).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -46,7 +49,7 @@ CMAKE_BUILD_DIR := build-cmake
 CMAKE_CUDA = $(shell $(PY) -c 'import torch; print("ON" if torch.cuda.is_available() else "OFF")' 2>/dev/null || echo OFF)
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: help env build test pytest ctest demo demo-inversion bench bench-e2e clean FORCE
+.PHONY: help env build test pytest ctest demo demo-inversion bench bench-e2e gpu-check clean FORCE
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -113,7 +116,16 @@ bench: build
 bench-e2e: build
 	for b in $(E2E_BENCHES); do $(PY) benches/bench_$$b.py; done
 
+# The GPU machine's check, orchestrated by benches/gpu_check.py with $(PYTHON) (the
+# machine's own torch, never the venv): it checks for a GPU before building anything,
+# builds with pip install --no-build-isolation -e . for that GPU with all cores, and
+# keeps going past a failing step. Exit 0 all passed, 1 a step failed, 2 no GPU.
+GPU_CHECK_OUT ?= benches/results/gpu
+
+gpu-check:
+	$(PYTHON) benches/gpu_check.py --out "$(GPU_CHECK_OUT)"
+
 clean:
-	rm -rf build $(CMAKE_BUILD_DIR) .stamps exml_fast/_C*.so *.egg-info
+	rm -rf build $(CMAKE_BUILD_DIR) build-cmake-cuda .stamps exml_fast/_C*.so *.egg-info
 
 FORCE:

@@ -404,6 +404,7 @@ def test_bad_inputs():
         torch.ops.exml_fast.soft_target_cross_entropy(z, t, 1.0, 3)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu():
     g = torch.Generator().manual_seed(11)

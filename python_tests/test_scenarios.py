@@ -362,6 +362,7 @@ def test_default_epochs_and_argument_errors(tmp_path):
         train_experts(split, tmp_path / "x", lr=0.0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_train_experts_on_cuda(tmp_path):
     s = _toy_scenario(multi_task=True)

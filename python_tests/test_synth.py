@@ -463,6 +463,7 @@ def test_bad_synthesize_arguments(bn_cnn, kwargs, match):
         synth.synthesize_iter(n, progress=False, **kwargs)  # checked at the call, before any batch
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @requires_ops
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -479,6 +480,7 @@ def test_cuda_graph_matches_eager_on_cuda(precision):
     assert _hook_count(teacher) == 0
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @requires_ops
 def test_cuda_matches_cpu_start_and_runs_every_option():

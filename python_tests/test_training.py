@@ -204,14 +204,15 @@ def test_distill_padding_takes_fill_value():
     assert not torch.allclose(run(augment=True, pad_crop=3, fill=0.0), plain, atol=1e-4)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_distill_rejects_a_cuda_generator():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     with pytest.raises(ValueError, match="CPU torch.Generator"):
         distill(tiny_model(0), toy_data(8), labels=torch.zeros(8, dtype=torch.long), epochs=1,
                 generator=torch.Generator("cuda"))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_distill_on_cuda_matches_cpu():
     x, teacher = toy_data(), teacher_model()
