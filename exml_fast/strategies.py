@@ -379,7 +379,8 @@ class ExModelDistillation(Strategy):
         generator_options: keyword arguments for the synthesizer class.
         buffer_size: N, the buffer capacity (the paper: 5000).
         iterations: distillation steps per experience (MNIST: 30000).
-        lr, momentum, weight_decay: SGD (a fresh optimiser per experience).
+        lr, momentum, weight_decay: SGD (a fresh optimiser per experience); momentum 0
+            by default, as in the paper's reference code (plain SGD).
         batch_size: distillation minibatch (32).
         temperature: τ of the generator's loss (MI cross-entropy, DI soft
             targets) when it is built from a class and the options do not set
@@ -410,7 +411,7 @@ class ExModelDistillation(Strategy):
         buffer_size: int = 5000,
         iterations: int = 30000,
         lr: float = 0.01,
-        momentum: float = 0.9,
+        momentum: float = 0.0,
         weight_decay: float = 0.0,
         batch_size: int = 32,
         temperature: float | None = None,
