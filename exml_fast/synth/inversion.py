@@ -574,8 +574,10 @@ class ModelInversion(_Inversion):
     statistic loss when ``bn_weight > 0`` and the teacher has BatchNorm) over
     random inputs ``x ~ N(0, init_std²)``. Defaults are the paper's MNIST
     settings (Appendix B): Adam lr 0.01, 3000 iterations, τ 2, blur 1e-3,
-    BNS 1.0, L2 1e-3 (``l2_sq_weight``, ‖x‖² per image), here with per-sample
-    jitter of 2 px and no flip (digits).
+    BNS 1.0 in the paper's form ``Σ_l ‖μ_l − μ̂_l‖² + ‖σ_l − σ̂_l‖²``
+    (``bn_form="sq_std"``; DeepInversion's un-squared norms of the mean and
+    variance gaps are ``bn_form="l2"``), L2 1e-3 (``l2_sq_weight``, ‖x‖² per
+    image), here with per-sample jitter of 2 px and no flip (digits).
 
     Args:
         teacher: any classifier ``nn.Module`` mapping (N, C, H, W) to (N, K) logits.
@@ -591,10 +593,10 @@ class ModelInversion(_Inversion):
 
     def __init__(self, teacher: nn.Module, *, input_shape: Sequence[int], mean=None, std=None,
                  temperature: float = 2.0, lr: float = 0.01, iterations: int = 3000, batch_size: int = 256,
-                 bn_weight: float = 1.0, blur_weight: float = 1e-3, l2_sq_weight: float = 1e-3,
-                 flip: bool = False, schedule: str = "constant", **kwargs) -> None:
+                 bn_weight: float = 1.0, bn_form: str = "sq_std", blur_weight: float = 1e-3,
+                 l2_sq_weight: float = 1e-3, flip: bool = False, schedule: str = "constant", **kwargs) -> None:
         super().__init__(teacher, input_shape=input_shape, mean=mean, std=std, temperature=temperature, lr=lr,
-                         iterations=iterations, batch_size=batch_size, bn_weight=bn_weight,
+                         iterations=iterations, batch_size=batch_size, bn_weight=bn_weight, bn_form=bn_form,
                          blur_weight=blur_weight, l2_sq_weight=l2_sq_weight, flip=flip, schedule=schedule,
                          **kwargs)
 
@@ -665,7 +667,9 @@ class DeepInversion(_Inversion):
             after a linear ``warmup`` over that fraction of the iterations.
         temperature: τ of the cross-entropy.
         bn_weight, first_bn_multiplier, bn_form: the BN-statistic term
-            ("l2" DeepInversion, "mse", "sq_std" ExML; see BNStatsMatcher).
+            ("l2" DeepInversion — its default —, "mse", "sq_std" the ExML
+            paper's — the default of ModelInversion and DataImpressions —;
+            see BNStatsMatcher).
         tv_l1_weight, tv_l2_weight, blur_weight, l2_weight, l2_sq_weight: prior
             weights. tv_l1 = Σ_k mean|D_k| and tv_l2 = Σ_k ‖D_k‖_F over the four
             one-pixel shifts of the batch; l2 = ‖x‖₂ over the batch
@@ -752,7 +756,9 @@ class DataImpressions(_Inversion):
     are drawn once per batch with :func:`exml_fast.ops.dirichlet_targets` from
     the batch's generator and returned as ``soft_targets``; ``y`` is the class
     each was drawn for. Defaults: τ 20, Adam lr 0.01 (constant), 1500
-    iterations, no priors, per-sample jitter 2 px without flips.
+    iterations, no priors, per-sample jitter 2 px without flips. With
+    ``bn_weight > 0`` (the Ex-Model CL paper's DI: BNS 1.0) the BN term takes
+    that paper's form by default (``bn_form="sq_std"``; "l2" is DeepInversion's).
 
     Args:
         beta: a β or a sequence of them.
@@ -768,9 +774,11 @@ class DataImpressions(_Inversion):
     def __init__(self, teacher: nn.Module, *, input_shape: Sequence[int], mean=None, std=None,
                  beta: float | Sequence[float] = (1.0, 0.1), temperature: float = 20.0,
                  classifier_weight: torch.Tensor | None = None, lr: float = 0.01, iterations: int = 1500,
-                 batch_size: int = 256, flip: bool = False, schedule: str = "constant", **kwargs) -> None:
+                 batch_size: int = 256, bn_form: str = "sq_std", flip: bool = False, schedule: str = "constant",
+                 **kwargs) -> None:
         super().__init__(teacher, input_shape=input_shape, mean=mean, std=std, temperature=temperature, lr=lr,
-                         iterations=iterations, batch_size=batch_size, flip=flip, schedule=schedule, **kwargs)
+                         iterations=iterations, batch_size=batch_size, bn_form=bn_form, flip=flip,
+                         schedule=schedule, **kwargs)
         owner = type(self).__name__
         betas = (beta,) if isinstance(beta, (int, float)) else tuple(beta)
         if not betas:
