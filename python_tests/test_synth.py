@@ -500,3 +500,22 @@ def test_deepinversion_defaults_are_the_cifar10_setting_and_imagenet_is_a_preset
     assert small.input_shape == SHAPE_BN and small.lr == 0.1 and small.betas == (0.5, 0.9)
     with pytest.raises(ValueError, match=r"DeepInversion.preset: name must be one of \('cifar10', 'imagenet'\)"):
         DeepInversion.preset("mnist", bn_cnn, input_shape=SHAPE_BN)
+
+
+@pytest.mark.parametrize("form", ["js", "public"])
+def test_competition_form_reaches_the_adaptive_deepinversion_term(bn_cnn, form):
+    from exml_fast.ops import js_divergence
+
+    student = _calibrated(resnet18_cifar(num_classes=10, width=4), SHAPE_BN, seed=9)
+    synth = DeepInversion(bn_cnn, input_shape=SHAPE_BN, iterations=1, batch_size=6, num_classes=10, jitter=0,
+                          flip=False, competitor=student, competition_form=form)
+    assert synth.config()["competition_form"] == form
+    batch = synth.synthesize(6, generator=0, progress=False)  # one step: the kept batch is the start
+    with torch.no_grad():
+        t, s = bn_cnn(batch.x), student(batch.x)
+    want = {f: 1 - js_divergence(t, s, temperature=3.0, clamp=(0.01, 0.99), form=f).clamp(0, 1)
+            for f in ("js", "public")}
+    torch.testing.assert_close(batch.losses["competition"][0], want[form], rtol=1e-5, atol=1e-6)
+    assert abs(float(want["js"] - want["public"])) > 1e-4
+    with pytest.raises(ValueError, match=r"competition_form must be one of \('js', 'public'\)"):
+        DeepInversion(bn_cnn, input_shape=SHAPE_BN, competitor=student, competition_form="kl")

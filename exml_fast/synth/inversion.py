@@ -36,6 +36,7 @@ from exml_fast.matcher import BNStatsMatcher
 from exml_fast.ops.augment import augment_with_params
 from exml_fast.ops.dirichlet import class_similarity, dirichlet_targets
 from exml_fast.ops.losses import js_divergence, soft_target_cross_entropy
+from exml_fast.reference.losses import JS_FORMS
 from exml_fast.ops.priors import image_priors
 from exml_fast.reference.augment import draw_augment_params
 from exml_fast.reference.bn_stats import BN_LOSS_FORMS
@@ -130,6 +131,7 @@ class _Inversion(Synthesizer):
         competition_weight: float = 0.0,
         competition_temperature: float = 3.0,
         competition_clamp: tuple[float, float] = (0.01, 0.99),
+        competition_form: str = "js",
         precision: str = "fp32",
         channels_last: bool = False,
         cuda_graph: bool = False,
@@ -208,6 +210,9 @@ class _Inversion(Synthesizer):
             raise ValueError(f"{owner}: competition_clamp must be (low, high) with 0 <= low < high <= 1; "
                              f"got {competition_clamp!r}")
         self.competition_clamp = (float(lo), float(hi))
+        if competition_form not in JS_FORMS:
+            raise ValueError(f"{owner}: competition_form must be one of {JS_FORMS}; got {competition_form!r}")
+        self.competition_form = competition_form
 
         if precision not in PRECISIONS:
             raise ValueError(f"{owner}: precision must be one of {tuple(PRECISIONS)}; got {precision!r}")
@@ -255,7 +260,8 @@ class _Inversion(Synthesizer):
             competitor=None if self.competitor is None else type(self.competitor).__name__,
             competition_weight=self.competition_weight,
             competition_temperature=self.competition_temperature,
-            competition_clamp=list(self.competition_clamp), precision=self.precision,
+            competition_clamp=list(self.competition_clamp), competition_form=self.competition_form,
+            precision=self.precision,
             multi_resolution=None if self.multi_resolution is None else list(self.multi_resolution),
         )
         return cfg
@@ -454,7 +460,7 @@ class _Inversion(Synthesizer):
             with autocast:
                 s_logits = self.competitor(xa)
             js = js_divergence(logits, s_logits.float(), temperature=self.competition_temperature,
-                               clamp=self.competition_clamp)
+                               clamp=self.competition_clamp, form=self.competition_form)
             comp = 1.0 - js.clamp(0.0, 1.0)
             total = total + self.competition_weight * comp
             parts.append(comp)
@@ -687,7 +693,10 @@ class DeepInversion(_Inversion):
         init_std: x starts as N(0, init_std²).
         competitor: a student network: Adaptive DeepInversion. The term is
             1 − JS of the two softmaxes at ``competition_temperature``,
-            probabilities clamped to ``competition_clamp``.
+            probabilities clamped to ``competition_clamp``;
+            ``competition_form`` "js" (the default) is the Jensen-Shannon
+            divergence, "public" the public code's 0.5·KL(M‖P) + 0.5·KL(M‖Q)
+            (see :func:`exml_fast.ops.js_divergence`).
         precision: "fp32", "bf16" or "fp16": autocast for the networks' forward
             and backward; x, its gradient, Adam and every statistic stay fp32;
             fp16 uses a dynamic loss scale kept on the device.
