@@ -10,8 +10,9 @@
 
 ``run`` checkpoints after every experience (atomic writes); ``--resume``
 continues a killed run and ends with the same numbers as an uninterrupted
-one. Budget flags override the strategy's defaults (the paper's MNIST
-settings, Appendix B) and a ``--config`` YAML file; a flag given on the
+one. Budget flags override the strategy's defaults (the paper's settings
+for the experts' dataset, Appendix B: MNIST, or CIFAR-10 through
+``DATASET_RUN_DEFAULTS``) and a ``--config`` YAML file; a flag given on the
 command line wins over the file.
 """
 
@@ -27,13 +28,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["STRATEGY_CHOICES", "add_commands", "build_strategy", "load_config"]
+__all__ = ["DATASET_RUN_DEFAULTS", "STRATEGY_CHOICES", "add_commands", "build_strategy", "load_config", "run_defaults"]
 
 #: --strategy values: the ED variants by data source, then the baselines.
 STRATEGY_CHOICES = ("mi-ed", "di-ed", "aux-ed", "replay-ed", "oracle", "ensemble-avg", "min-entropy", "param-avg")
 _ED = {"mi-ed": "model-inversion", "di-ed": "data-impressions", "aux-ed": "auxiliary", "replay-ed": "real-replay"}
 
-#: Run options: name -> (type, default, help). Defaults are the paper's MNIST settings (Appendix B).
+#: Run options: name -> (type, default, help). Defaults are the paper's MNIST settings (Appendix B); CIFAR-10 runs
+#: take DATASET_RUN_DEFAULTS over them.
 RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
     "buffer_size": (int, 5000, "buffer capacity N (default: 5000)"),
     "iterations": (int, 30000, "distillation steps per experience (default: 30000)"),
@@ -45,6 +47,8 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
     "target_mode": (str, "slice", "ED target: slice (reference code) or per_sample (paper Eq. 8)"),
     "normalize": (str, "center", "logit normalisation: none, center or standardize (default: center)"),
     "augment": (bool, True, "per-sample pad-crop augmentation of distillation minibatches (default: on)"),
+    "flip": (bool, False, "per-sample horizontal flips in the distillation augmentation (default: off; on for "
+                          "CIFAR-10)"),
     "synth_iterations": (int, 3000, "optimisation steps per synthesis batch, MI/DI (default: 3000)"),
     "synth_batch_size": (int, 256, "inputs optimised together, MI/DI (default: 256)"),
     "synth_lr": (float, 0.01, "Adam learning rate of the synthetic inputs (default: 0.01)"),
@@ -66,6 +70,23 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
                                        "1 - JS(expert, learner) from the second expert on (default: 0, off)"),
     "aux_dataset": (str, None, "aux-ed: the unrelated dataset (default: the other of mnist / fashion-mnist)"),
 }
+
+
+#: Run options by the scenario's dataset, over the RUN_OPTIONS defaults (the MNIST settings); given options win.
+#: CIFAR-10: the ExML paper's Appendix B.2 — distillation SGD lr 0.1, 50000 steps of 32; MI/DI 500 Adam steps
+#: at lr 0.1 on batches of 1024, BNS 0, blur 0.01, weight decay (squared L2) 1e-4, τ 2 (DI too); flips in
+#: the distillation augmentation (§4: "horizontal flip" for natural images). Its experts train 100 epochs
+#: (exml_fast.scenarios.default_expert_epochs); its auxiliary data is ImageNet, which is not loadable here.
+DATASET_RUN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cifar10": {"iterations": 50000, "lr": 0.1, "batch_size": 32, "synth_iterations": 500, "synth_lr": 0.1,
+                "synth_batch_size": 1024, "bn_weight": 0.0, "blur_weight": 0.01, "l2_sq_weight": 1e-4,
+                "temperature": 2.0, "flip": True},
+}
+
+
+def run_defaults(dataset: str) -> dict[str, Any]:
+    """The default of every run option for a scenario of ``dataset``: RUN_OPTIONS' with DATASET_RUN_DEFAULTS'."""
+    return {**{k: v[1] for k, v in RUN_OPTIONS.items()}, **DATASET_RUN_DEFAULTS.get(dataset, {})}
 
 
 def _floats(value) -> tuple[float, ...]:
@@ -157,11 +178,12 @@ def build_learner(stream, seed: int) -> torch.nn.Module:
 
 def build_strategy(name: str, stream, scenario, *, options: dict[str, Any], seed: int, device: torch.device,
                    progress: bool, data_root=None):
-    """The strategy ``name`` (one of STRATEGY_CHOICES) with ``options`` (RUN_OPTIONS names) over the defaults."""
+    """The strategy ``name`` (one of STRATEGY_CHOICES) with ``options`` (RUN_OPTIONS names) over the defaults
+    of the scenario's dataset (:func:`run_defaults`: the MNIST settings, CIFAR-10's Appendix B.2)."""
     from exml_fast import strategies as S
     from exml_fast.synth import AuxiliaryData, DataImpressions, ModelInversion
 
-    opt = {k: v[1] for k, v in RUN_OPTIONS.items()}
+    opt = run_defaults(scenario.dataset)
     opt.update({k: v for k, v in options.items() if v is not None})
     if name in ("oracle", "ensemble-avg", "min-entropy"):
         cls = {"oracle": S.OracleEnsemble, "ensemble-avg": S.EnsembleAverage, "min-entropy": S.MinEntropyEnsemble}
@@ -187,6 +209,9 @@ def build_strategy(name: str, stream, scenario, *, options: dict[str, Any], seed
         from exml_fast.data import DATASETS, auxiliary_inputs
 
         own = scenario.dataset
+        if own not in DATASETS and opt["aux_dataset"] is None:
+            raise ValueError(f"aux-ed: the paper's auxiliary data for {own} is ImageNet, which exml_fast cannot "
+                             f"load; pass --aux-dataset (one of {', '.join(DATASETS)})")
         aux = opt["aux_dataset"] or next((d for d in DATASETS if d != own), None)
         if aux is None or aux not in DATASETS or aux == own:
             raise ValueError(f"aux-ed: --aux-dataset must be one of {', '.join(DATASETS)} other than the "
@@ -200,7 +225,7 @@ def build_strategy(name: str, stream, scenario, *, options: dict[str, Any], seed
         build_learner(stream, seed), generator=generator, buffer_size=opt["buffer_size"],
         iterations=opt["iterations"], lr=opt["lr"], momentum=opt["momentum"], batch_size=opt["batch_size"],
         lambda_ce=opt["lambda_ce"], target_mode=opt["target_mode"], normalize=opt["normalize"],
-        augment=opt["augment"], seed=seed, device=device, progress=progress)
+        augment=opt["augment"], flip=opt["flip"], seed=seed, device=device, progress=progress)
 
 
 def run_named_strategy(name: str, stream, scenario, *, options: dict[str, Any], seed: int, device: torch.device,
@@ -260,7 +285,8 @@ def add_commands(sub) -> None:
     t.add_argument("--scenario", choices=sorted(SCENARIOS), default="split_mnist", help="(default: split_mnist)")
     t.add_argument("--n-experiences", type=_positive_int, default=None, help="experiences (default: the scenario's)")
     t.add_argument("--arch", default="lenet5", help="expert architecture (default: lenet5)")
-    t.add_argument("--epochs", type=_positive_int, default=None, help="default: 20 split, 100 joint (the paper)")
+    t.add_argument("--epochs", type=_positive_int, default=None,
+                   help="default (the paper): MNIST 20 split, 100 joint; CIFAR-10 100")
     t.add_argument("--lr", type=_positive_float, default=0.01, help="SGD learning rate (default: 0.01)")
     t.add_argument("--batch-size", type=_positive_int, default=32, help="(default: 32)")
     t.add_argument("--max-train", type=_positive_int, default=None, metavar="N",
@@ -278,7 +304,8 @@ def add_commands(sub) -> None:
         "run", help="run an ExML strategy over an expert stream (checkpointed, resumable)",
         description="Feed the experts of a stream to a strategy one at a time, evaluate after each, and write "
                     "checkpoint.pt (every experience), result.json and plots to --out. --resume continues a "
-                    "killed run. Defaults are the paper's MNIST settings; flags override --config.")
+                    "killed run. Defaults are the paper's settings for the experts' dataset (Appendix B: MNIST, "
+                    "CIFAR-10); flags override --config.")
     r.add_argument("--experts", required=True, metavar="DIR", help="expert stream (from train-experts)")
     r.add_argument("--strategy", choices=STRATEGY_CHOICES, default=None, help="required here or in --config")
     r.add_argument("--out", required=True, metavar="DIR", help="run folder")
@@ -407,6 +434,9 @@ def _run(args) -> int:
         print(f"[preset] {args.preset}: {preset['strategy']} with {preset['options']}")
         if arch != preset["arch"]:
             print(f"[preset] note: {args.preset} was chosen with {preset['arch']} experts; these are {arch}")
+    if scenario.dataset in DATASET_RUN_DEFAULTS:
+        print(f"[run] {scenario.dataset} defaults (the ExML paper's Appendix B) under the options given: "
+              f"{DATASET_RUN_DEFAULTS[scenario.dataset]}")
     print(f"[run] {strategy_name} on {scenario.name} ({len(stream)} experts), seed {seed}, {device}")
     result = run_named_strategy(strategy_name, stream, scenario, options=options, seed=seed, device=device,
                                 out=args.out, resume=args.resume, stop_after=args.stop_after, plots=not args.no_plots,
