@@ -443,7 +443,8 @@ def _run(args) -> int:
                                 progress=not args.no_progress, data_root=args.data_root, log=print)
     if result.meta.get("complete"):
         print(f"[result] {strategy_name}: final stream accuracy {100 * result.final_stream_accuracy:.2f} %, "
-              f"forgetting {100 * result.average_forgetting:.2f}, BWT {100 * result.bwt:.2f}")
+              f"forgetting {100 * result.average_forgetting:.2f} (max over history), "
+              f"{100 * result.avalanche_forgetting:.2f} (Avalanche's), BWT {100 * result.bwt:.2f}")
         print(f"[save] {pathlib.Path(args.out) / 'result.json'}")
     else:
         print(f"[stop] after {len(result.acc_matrix)} experiences; continue with --resume")
