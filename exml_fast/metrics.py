@@ -313,6 +313,9 @@ class StreamResult:
             f"- BWT: {_pct(self.bwt)} %",
             f"- test sizes: {', '.join(str(s) for s in self.test_sizes)}",
         ]
+        if "ex_model" in self.meta:
+            lines.append("- ex-model (no data of the experiences, no past expert kept): "
+                         + ("yes" if self.meta["ex_model"] else "no"))
         if self.per_class_accuracy:
             pcs = ", ".join(f"{c}: {_pct(v, 1)}" for c, v in enumerate(self.per_class_accuracy))
             lines.append(f"- per-class accuracy after the last expert (%): {pcs}")
