@@ -100,8 +100,8 @@ def invert(
         The synthesised images, (N, C, H, W), normalised like the teacher's inputs.
     """
     synth = DeepInversion(
-        teacher, input_shape=shape, mean=mean, std=std, lr=INV_LR, warmup=0.0, bn_weight=BN_WEIGHT,
-        first_bn_multiplier=10.0, tv_l2_weight=TV_WEIGHT, l2_weight=0.0, l2_sq_weight=L2_WEIGHT,
+        teacher, input_shape=shape, mean=mean, std=std, lr=INV_LR, schedule="cosine", warmup=0.0,
+        bn_weight=BN_WEIGHT, first_bn_multiplier=10.0, tv_l2_weight=TV_WEIGHT, l2_weight=0.0, l2_sq_weight=L2_WEIGHT,
         jitter=JITTER, flip=False, num_classes=10,
     )
     classes = targets.unique().tolist()

@@ -162,7 +162,12 @@ def run_stream(
                 raise RunError(f"run_stream: {out} already holds a run ({CHECKPOINT}); pass resume=True "
                                "(--resume) to continue it, or choose another folder")
             ckpt = _load_checkpoint(ckpt_path)
-            differ = config_diff(ckpt.get("job", {}), job)
+            stored = ckpt.get("job", {})
+            if isinstance(stored.get("strategy"), dict) and "ex_model" not in stored["strategy"]:
+                # Written before configs recorded ex_model, which follows from the strategy and its data
+                # source (both compared): not a difference.
+                stored["strategy"]["ex_model"] = job["strategy"].get("ex_model")
+            differ = config_diff(stored, job)
             if differ:
                 raise RunError(f"run_stream: {out} holds a different run; these settings differ: "
                                f"{', '.join(differ[:8])}")
@@ -201,7 +206,8 @@ def run_stream(
     result = StreamResult(
         strategy=strategy.name, scenario=scenario.name, seed=getattr(strategy, "seed", None),
         acc_matrix=[list(r[:k]) for r in rows], test_sizes=sizes[:k], per_class_accuracy=per_class,
-        meta={"config": job["strategy"], "timings": timings, "complete": k == n,
+        meta={"config": job["strategy"], "ex_model": bool(getattr(strategy, "ex_model", True)), "timings": timings,
+              "complete": k == n,
               "history": getattr(strategy, "history", [])},
     )
     if out is not None:

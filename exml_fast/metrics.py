@@ -9,7 +9,12 @@ the test set of experience ``j`` — every ``j``, future ones too. From it
   over the union of the test sets seen so far,
   ``sum_{j<=i} R[i][j] n_j / sum_{j<=i} n_j``; the headline number is its last
   value (all test sets);
-- average forgetting: ``mean_{j<n-1} max_{j<=i<=n-2} R[i][j] - R[n-1][j]``;
+- average forgetting, max over history (Chaudhry et al.):
+  ``mean_{j<n-1} max_{j<=i<=n-2} R[i][j] - R[n-1][j]``;
+- Avalanche's forgetting (what the ExML paper's experiments report):
+  ``mean_{j<n-1} R[j][j] - R[n-1][j]``, the accuracy on j just after learning it
+  minus the final one (equal to ``-bwt``; the two forgettings differ when the
+  accuracy on j rose after expert j);
 - backward transfer: ``mean_{j<n-1} R[n-1][j] - R[j][j]``.
 
 Example::
@@ -46,7 +51,7 @@ FORMAT = "exml_fast.stream_result"
 VERSION = 1
 
 _FIELDS = ("strategy", "scenario", "seed", "acc_matrix", "test_sizes", "per_class_accuracy", "meta")
-_DERIVED = ("stream_accuracy", "final_stream_accuracy", "average_forgetting", "bwt")
+_DERIVED = ("stream_accuracy", "final_stream_accuracy", "average_forgetting", "avalanche_forgetting", "bwt")
 
 
 def _is_real(v: Any) -> bool:
@@ -179,14 +184,28 @@ class StreamResult:
 
     @property
     def average_forgetting(self) -> float:
-        """Mean over past experiences j of the best earlier accuracy on j minus the final one (0.0 for n = 1).
+        """Forgetting, max over history (Chaudhry et al.): mean over past experiences j of the best earlier
+        accuracy on j minus the final one (0.0 for n = 1).
 
-        Experiences without test samples are left out.
+        Experiences without test samples are left out. See :attr:`avalanche_forgetting` for the form the
+        ExML paper's experiments (Avalanche) report.
         """
         r, last, past = self.acc_matrix, self.num_experiences - 1, self._past()
         if not past:
             return 0.0
         return sum(max(r[i][j] for i in range(j, last)) - r[last][j] for j in past) / len(past)
+
+    @property
+    def avalanche_forgetting(self) -> float:
+        """Forgetting as Avalanche reports it (the ExML paper's experiments): mean over past experiences j of
+        the accuracy on j right after expert j minus the final one, ``R[j][j] - R[n-1][j]`` (0.0 for n = 1).
+
+        Experiences without test samples are left out. Never above :attr:`average_forgetting`.
+        """
+        r, last, past = self.acc_matrix, self.num_experiences - 1, self._past()
+        if not past:
+            return 0.0
+        return sum(r[j][j] - r[last][j] for j in past) / len(past)
 
     @property
     def bwt(self) -> float:
@@ -217,13 +236,15 @@ class StreamResult:
                 "stream_accuracy": [nn(v) for v in self.stream_accuracy],
                 "final_stream_accuracy": nn(self.final_stream_accuracy),
                 "average_forgetting": nn(self.average_forgetting),
+                "avalanche_forgetting": nn(self.avalanche_forgetting),
                 "bwt": nn(self.bwt),
             },
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StreamResult":
-        """Rebuilds a result from :meth:`to_dict`'s dict, checking it ("summary" is recomputed, not read).
+        """Rebuilds a result from :meth:`to_dict`'s dict, checking it ("summary" is recomputed, not read, so
+        files written before a summary entry existed, e.g. "avalanche_forgetting", load and gain it).
 
         Raises:
             ValueError: another format or version, missing or unknown keys, bad values.
@@ -287,10 +308,14 @@ class StreamResult:
             "",
             f"- stream accuracy: {_pct(self.final_stream_accuracy)} %",
             f"- stream accuracy after each expert: {', '.join(_pct(v) for v in self.stream_accuracy)} %",
-            f"- average forgetting: {_pct(self.average_forgetting)} %",
+            f"- average forgetting (max over history): {_pct(self.average_forgetting)} %",
+            f"- forgetting, Avalanche's (R[j][j] − R[T][j]): {_pct(self.avalanche_forgetting)} %",
             f"- BWT: {_pct(self.bwt)} %",
             f"- test sizes: {', '.join(str(s) for s in self.test_sizes)}",
         ]
+        if "ex_model" in self.meta:
+            lines.append("- ex-model (no data of the experiences, no past expert kept): "
+                         + ("yes" if self.meta["ex_model"] else "no"))
         if self.per_class_accuracy:
             pcs = ", ".join(f"{c}: {_pct(v, 1)}" for c, v in enumerate(self.per_class_accuracy))
             lines.append(f"- per-class accuracy after the last expert (%): {pcs}")
@@ -320,7 +345,8 @@ def summary_table(results: Sequence[StreamResult], *, ddof: int = 1) -> str:
     """A Markdown table, one row per (strategy, scenario) in order of first appearance.
 
     Each row gives the number of runs (e.g. seeds) and, over them, mean ± std
-    of the final stream accuracy, the average forgetting and the BWT, in %.
+    of the final stream accuracy, the average forgetting (max over history),
+    Avalanche's forgetting (``R[j][j] − R[T][j]``) and the BWT, in %.
     ``ddof`` is the std's delta degrees of freedom: 1 (default) is the sample
     std over runs, 0 the population std (``numpy.std``'s default). With too
     few runs for the std (one run, ddof 1) only the mean is shown.
@@ -333,11 +359,13 @@ def summary_table(results: Sequence[StreamResult], *, ddof: int = 1) -> str:
         m, s = _mean_std(values, ddof)
         return _pct(m) if math.isnan(s) else f"{_pct(m)} ± {_pct(s)}"
 
-    lines = ["| strategy | scenario | runs | stream accuracy (%) | forgetting (%) | BWT (%) |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| strategy | scenario | runs | stream accuracy (%) | forgetting, max (%) | forgetting, Avalanche (%) "
+             "| BWT (%) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for (strategy, scenario), rs in groups.items():
         lines.append(f"| {strategy} | {scenario} | {len(rs)} | {cell([r.final_stream_accuracy for r in rs])} | "
-                     f"{cell([r.average_forgetting for r in rs])} | {cell([r.bwt for r in rs])} |")
+                     f"{cell([r.average_forgetting for r in rs])} | {cell([r.avalanche_forgetting for r in rs])} | "
+                     f"{cell([r.bwt for r in rs])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,8 @@ checkpoints) and ``config`` (what decides their results).
   :class:`~exml_fast.buffer.SyntheticBuffer`, and distil the expert and the
   previous model into ``model`` with the fused :func:`exml_fast.ops.ed_loss`.
   It keeps no expert after its experience. With :class:`RealReplay` as the
-  generator it is the paper's Replay ED (real data: an upper bound).
+  generator it is the paper's Replay ED (real data: an upper bound), and its
+  ``ex_model`` is False (recorded in its config and in a run's result).
 - Baselines (§5): :class:`OracleEnsemble` (the task label picks the expert),
   :class:`EnsembleAverage`, :class:`MinEntropyEnsemble` — these keep every
   expert, so they break the ExML memory constraint and only bound it — and
@@ -108,6 +109,9 @@ class SynthesizerGenerator:
     ``generate`` returns.
     """
 
+    #: synthetic or auxiliary data: no data of the experiences is seen
+    ex_model = True
+
     def __init__(self, synthesizer: type[Synthesizer], **options: Any) -> None:
         if not (isinstance(synthesizer, type) and issubclass(synthesizer, Synthesizer)):
             raise TypeError(f"SynthesizerGenerator: synthesizer must be a Synthesizer subclass (ModelInversion, "
@@ -166,6 +170,9 @@ class RealReplay:
     picks the experience) or a callable ``expert -> (x, y)``. ``n`` samples
     are drawn class-balanced, without replacement.
     """
+
+    #: real data of the experiences: ED with this source is not ex-model
+    ex_model = False
 
     def __init__(self, data) -> None:
         if not (callable(data) or hasattr(data, "experiences")):
@@ -323,8 +330,9 @@ class Strategy:
         return out
 
     def config(self) -> dict[str, Any]:
-        """The settings that decide the results (JSON-able; a resumed run must match them)."""
-        return {"strategy": self.name, "seed": self.seed}
+        """The settings that decide the results (JSON-able; a resumed run must match them), and whether the
+        strategy is ex-model (``ex_model``)."""
+        return {"strategy": self.name, "seed": self.seed, "ex_model": bool(self.ex_model)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "num_classes": self.num_classes, "experience_classes": self.experience_classes,
@@ -379,7 +387,8 @@ class ExModelDistillation(Strategy):
         generator_options: keyword arguments for the synthesizer class.
         buffer_size: N, the buffer capacity (the paper: 5000).
         iterations: distillation steps per experience (MNIST: 30000).
-        lr, momentum, weight_decay: SGD (a fresh optimiser per experience).
+        lr, momentum, weight_decay: SGD (a fresh optimiser per experience); momentum 0
+            by default, as in the paper's reference code (plain SGD).
         batch_size: distillation minibatch (32).
         temperature: τ of the generator's loss (MI cross-entropy, DI soft
             targets) when it is built from a class and the options do not set
@@ -401,6 +410,13 @@ class ExModelDistillation(Strategy):
     #: "mi-ed", "di-ed", "aux-ed", "replay-ed" (set from the generator's method)
     name = "ed"
 
+    @property
+    def ex_model(self) -> bool:
+        """Whether this run respects the ExML constraints: False with real data of the experiences
+        (:class:`RealReplay`, the paper's Replay ED, an upper bound), True with synthesizers or auxiliary
+        data. A data source says so by its ``ex_model`` attribute (True when it has none)."""
+        return bool(getattr(self.generator, "ex_model", True))
+
     def __init__(
         self,
         model: nn.Module,
@@ -410,7 +426,7 @@ class ExModelDistillation(Strategy):
         buffer_size: int = 5000,
         iterations: int = 30000,
         lr: float = 0.01,
-        momentum: float = 0.9,
+        momentum: float = 0.0,
         weight_decay: float = 0.0,
         batch_size: int = 32,
         temperature: float | None = None,

@@ -84,10 +84,11 @@ def test_select_variant_ignores_replay_and_unfinished_rows():
 
 
 def test_the_best_preset_is_the_recorded_best_variant():
+    from exml_fast.ablation import ABLATION_BASE
     from exml_fast.reproduce import BUDGETS
 
     preset = PRESETS["ed-best"]
     variant = next(v for v in VARIANTS if v.name == "mi-bn-no-augment")
-    ran = {**BUDGETS["demo"]["run"], **variant.options}
+    ran = {**BUDGETS["demo"]["run"], **ABLATION_BASE, **variant.options}
     assert preset["strategy"] == variant.strategy and preset["arch"] == variant.arch
     assert {k: ran.get(k, RUN_OPTIONS[k][1]) for k in preset["options"]} == preset["options"]

@@ -154,3 +154,26 @@ def test_multi_task_stream_uses_the_task_heads(tmp_path):
         m = result.acc_matrix
         assert m[0][1] != m[0][1]  # nan: task 1's head is unknown after the first expert
         assert result.final_stream_accuracy > 0.9  # two classes per head, easy bands
+
+
+def test_replay_ed_is_not_ex_model_and_says_so(toy, tmp_path):
+    scenario, stream = toy
+    replay = _replay(scenario)
+    assert replay.ex_model is False and replay.config()["ex_model"] is False
+    synthetic = S.ExModelDistillation(build_model("lenet5", num_classes=K), generator=S.SynthesizerGenerator(
+        S.AuxiliaryData, data=torch.zeros(4, 1, 32, 32)), progress=False)
+    assert synthetic.ex_model is True and synthetic.config()["ex_model"] is True
+    assert S.OracleEnsemble().config()["ex_model"] is False and S.ParameterAverage().config()["ex_model"] is True
+    result = run_stream(replay, stream, scenario, out=tmp_path / "r", stop_after=1, plots=False, log=None)
+    assert result.meta["ex_model"] is False and result.meta["config"]["ex_model"] is False
+    assert "- ex-model (no data of the experiences, no past expert kept): no" in result.to_markdown()
+
+
+def test_checkpoint_written_before_ex_model_was_recorded_resumes(toy, tmp_path):
+    scenario, stream = toy
+    run_stream(_replay(scenario), stream, scenario, out=tmp_path, stop_after=1, plots=False, log=None)
+    ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    del ckpt["job"]["strategy"]["ex_model"]
+    torch.save(ckpt, tmp_path / CHECKPOINT)
+    resumed = run_stream(_replay(scenario), stream, scenario, out=tmp_path, resume=True, plots=False, log=None)
+    assert resumed.meta["complete"] and resumed.meta["ex_model"] is False

@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+from exml_fast import has_ops
 from exml_fast.ops.priors import image_priors
 from exml_fast.reference import priors as ref
 
@@ -170,9 +171,11 @@ def test_closed_form(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_sigma_and_kernel(device):
-    """Default sigma is torchvision's rule; the taps are torchvision's kernel."""
+    """Default sigma: torchvision's rule for 3, the ExML reference code's 1.0 for 7; the taps are torchvision's
+    kernel."""
     assert ref.default_blur_sigma(3) == pytest.approx(0.8)
-    assert ref.default_blur_sigma(7) == pytest.approx(1.4)
+    assert ref.default_blur_sigma(7) == 1.0  # was torchvision's 1.4 before the reference code's sigma
+    assert ref.torchvision_blur_sigma(3) == pytest.approx(0.8) and ref.torchvision_blur_sigma(7) == pytest.approx(1.4)
     tvf = pytest.importorskip("torchvision.transforms.v2.functional")
     img = torch.randn(2, 3, 15, 15, dtype=torch.float64)
     for k, sigma in [(3, None), (7, None), (7, 1.0), (3, 2.5)]:
@@ -186,9 +189,13 @@ def test_sigma_and_kernel(device):
         torch.testing.assert_close(mine[..., r:-r, r:-r], tv[..., r:-r, r:-r])
     x = torch.randn(3, 2, 9, 9, dtype=torch.float64, device=device)
     a = image_priors(x, blur_kernel_size=7, blur_sigma=1.0)
-    b = image_priors(x, blur_kernel_size=7)
+    b = image_priors(x, blur_kernel_size=7, blur_sigma=1.4)
     assert not torch.allclose(a[2], b[2])  # sigma is honoured
     torch.testing.assert_close(a, ref.image_priors(x, blur_kernel_size=7, blur_sigma=1.0))
+    torch.testing.assert_close(image_priors(x, blur_kernel_size=7), a)  # the default is sigma 1.0
+    torch.testing.assert_close(ref.image_priors(x, blur_kernel_size=7), a)
+    if has_ops():  # the compiled schema's own default (sigma None) stays torchvision's; the wrapper passes 1.0
+        torch.testing.assert_close(torch.ops.exml_fast.image_priors(x, 7, None, False, False)[0], b)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -439,3 +439,51 @@ def test_fallback_without_extension():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "EXML_FAST_DISABLE_EXT": "1"})
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def _hand_js(a, b, temperature, lo, hi, form):
+    """The ADI term by hand, element by element: softmaxes, M from the un-clamped ones, clamps, then
+    0.5 (KL(P||M) + KL(Q||M)) ("js") or 0.5 (KL(M||P) + KL(M||Q)) ("public"), averaged over rows."""
+    import math
+
+    total = 0.0
+    for row_a, row_b in zip(a.tolist(), b.tolist()):
+        ea = [math.exp(v / temperature) for v in row_a]
+        eb = [math.exp(v / temperature) for v in row_b]
+        p = [v / sum(ea) for v in ea]
+        q = [v / sum(eb) for v in eb]
+        m = [(x + y) / 2 for x, y in zip(p, q)]
+        p, q, m = ([min(max(v, lo), hi) for v in r] for r in (p, q, m))
+        if form == "js":
+            kl = sum(x * math.log(x / z) for x, z in zip(p, m)) + sum(y * math.log(y / z) for y, z in zip(q, m))
+        else:
+            kl = sum(z * math.log(z / x) for x, z in zip(p, m)) + sum(z * math.log(z / y) for y, z in zip(q, m))
+        total += 0.5 * kl
+    return total / len(a)
+
+
+@pytest.mark.parametrize("form", ["js", "public"])
+@pytest.mark.parametrize("clamp", [(0.0, 1.0), (0.01, 0.99)])
+def test_js_divergence_forms_equal_a_hand_computation(form, clamp):
+    a = torch.tensor([[4.0, 0.0, -3.0, 1.0], [0.5, 2.0, 0.0, -6.0], [9.0, -9.0, 0.0, 0.0]], dtype=torch.float64)
+    b = torch.tensor([[0.0, 1.0, 0.0, -2.0], [-1.0, 0.5, 1.5, 3.0], [-9.0, 9.0, 0.0, 0.0]], dtype=torch.float64)
+    expect = _hand_js(a, b, 1.5, *clamp, form)
+    for fn in (ops.js_divergence, ref.js_divergence):
+        got = fn(a, b, temperature=1.5, clamp=clamp, form=form)
+        assert got.item() == pytest.approx(expect, rel=1e-12, abs=1e-15), fn.__module__
+    other = _hand_js(a, b, 1.5, *clamp, "public" if form == "js" else "js")
+    assert abs(expect - other) > 1e-3  # the two forms differ on these rows
+
+
+def test_js_divergence_public_form_is_the_public_scripts_term_and_has_gradients():
+    from exml_fast.reference.deepinversion_public import _competition
+
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(6, 10, generator=g) * 3, torch.randn(6, 10, generator=g) * 3
+    student.requires_grad_(True)
+    public = ops.js_divergence(student, teacher, temperature=3.0, clamp=(0.01, 0.99), form="public")
+    torch.testing.assert_close(1 - public.clamp(0, 1), _competition(teacher, student))
+    (public.sum()).backward()
+    assert student.grad is not None and torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"js_divergence: form must be one of \('js', 'public'\)"):
+        ops.js_divergence(teacher, teacher, form="kl")

@@ -48,6 +48,8 @@ def test_metrics_on_a_hand_computed_matrix():
     assert r.average_forgetting == pytest.approx((0.45 + 0.10) / 2)
     # BWT: j=0: 0.50 - 0.90; j=1: 0.70 - 0.80.
     assert r.bwt == pytest.approx((-0.40 - 0.10) / 2)
+    # Avalanche's forgetting: j=0: R[0][0] - R[2][0] = 0.90 - 0.50; j=1: 0.80 - 0.70.
+    assert r.avalanche_forgetting == pytest.approx((0.40 + 0.10) / 2)
     assert r.num_experiences == 3
 
 
@@ -56,6 +58,7 @@ def test_forgetting_can_be_negative():
     # max runs over i in [j, n-2] only, so forgetting is negative (= -BWT here).
     r = _result(acc_matrix=[[0.5, 0.0], [0.7, 0.9]], test_sizes=[10, 30], per_class_accuracy=[])
     assert r.average_forgetting == pytest.approx(-0.2)
+    assert r.avalanche_forgetting == pytest.approx(-0.2)
     assert r.bwt == pytest.approx(0.2)
     assert r.final_stream_accuracy == pytest.approx((7 + 27) / 40)
 
@@ -124,6 +127,18 @@ def test_json_round_trip_strict_json(tmp_path):
     assert back.per_class_accuracy[:2] == [0.5, 0.75] and math.isnan(back.per_class_accuracy[2])
     assert back.meta == {"lr": 0.01} and back.strategy == "ed-mi" and back.scenario == "split_mnist"
     assert StreamResult.from_dict(r.to_dict()).bwt == pytest.approx(r.bwt)
+    assert d["summary"]["avalanche_forgetting"] == pytest.approx(0.25)
+    assert d["summary"]["average_forgetting"] == pytest.approx(0.275)
+
+
+def test_json_written_before_avalanche_forgetting_loads(tmp_path):
+    d = _result().to_dict()
+    del d["summary"]["avalanche_forgetting"]  # as files of version 1 were written before it existed
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(d))
+    back = StreamResult.load_json(path)
+    assert back.avalanche_forgetting == pytest.approx(0.25)
+    assert back.to_dict()["summary"]["avalanche_forgetting"] == pytest.approx(0.25)
 
 
 def test_from_dict_errors(tmp_path):
@@ -158,7 +173,8 @@ def test_markdown_contains_the_numbers():
     assert "### ed-mi on split_mnist (seed 0)" in md
     assert "| 1 | 95.00 | 80.00 | 20.00 |" in md
     assert "stream accuracy: 73.33 %" in md
-    assert "average forgetting: 27.50 %" in md
+    assert "average forgetting (max over history): 27.50 %" in md
+    assert "forgetting, Avalanche's (R[j][j] − R[T][j]): 25.00 %" in md
     assert "BWT: -25.00 %" in md
     assert "2: nan" in md and "0: 50.0" in md
 
@@ -171,8 +187,9 @@ def test_summary_table_mean_std_over_runs():
     lines = table.strip().splitlines()
     assert lines[0].startswith("| strategy | scenario | runs |")
     # First-appearance order; sample std of 50/70/90 is 20.
-    assert lines[2] == "| ed-mi | split_mnist | 3 | 70.00 ± 20.00 | 0.00 ± 0.00 | 0.00 ± 0.00 |"
-    assert lines[3] == "| oracle | split_mnist | 1 | 73.33 | 27.50 | -25.00 |"
+    assert "| forgetting, max (%) | forgetting, Avalanche (%) | BWT (%) |" in lines[0]
+    assert lines[2] == "| ed-mi | split_mnist | 3 | 70.00 ± 20.00 | 0.00 ± 0.00 | 0.00 ± 0.00 | 0.00 ± 0.00 |"
+    assert lines[3] == "| oracle | split_mnist | 1 | 73.33 | 27.50 | 25.00 | -25.00 |"
     pop = summary_table(a, ddof=0).strip().splitlines()[2]
     assert f"70.00 ± {100 * math.sqrt(0.08 / 3):.2f}" in pop
     other = summary_table([a[0], _result(scenario="split_cifar10", acc_matrix=[[0.1]], test_sizes=[5],

@@ -196,7 +196,7 @@ def test_every_option_combination_runs_on_cpu(bn_cnn, precision, channels_last, 
     synth = DeepInversion(bn_cnn, input_shape=SHAPE_BN, mean=MEAN, std=STD, iterations=4, batch_size=4,
                           precision=precision, channels_last=channels_last, multi_resolution=multi_resolution,
                           competitor=student, keep_best=keep_best, pad_crop=1, tv_l1_weight=1e-3,
-                          blur_weight=1e-3, l2_sq_weight=1e-4)
+                          blur_weight=1e-3, l2_weight=3e-8, l2_sq_weight=1e-4)
     batch = synth.synthesize(6, generator=1, progress=False)
     assert batch.x.shape == (6, *SHAPE_BN) and torch.isfinite(batch.x).all()
     assert batch.x.is_contiguous()
@@ -498,3 +498,48 @@ def test_cuda_matches_cpu_start_and_runs_every_option():
                           competitor=student.cuda())
         b = s.synthesize(8, generator=1, progress=False)
         assert torch.isfinite(b.x).all() and b.x.is_cuda
+
+
+def test_deepinversion_defaults_are_the_cifar10_setting_and_imagenet_is_a_preset(bn_cnn):
+    from exml_fast.synth import DEEPINVERSION_PRESETS
+
+    cfg = DeepInversion(bn_cnn, input_shape=SHAPE_BN, num_classes=10).config()
+    # The paper's CIFAR-10 setting as the public CIFAR-10 script runs it: Adam lr 0.05 at a constant rate,
+    # α_f 10 with no first-layer multiplier, α_tv 2.5e-5, α_l2 0.
+    assert cfg["lr"] == 0.05 and cfg["schedule"] == "constant" and cfg["warmup"] == 0.0
+    assert cfg["betas"] == [0.9, 0.999] and cfg["bn_weight"] == 10.0 and cfg["first_bn_multiplier"] == 1.0
+    assert cfg["priors"]["tv_l2"] == 2.5e-5 and cfg["priors"]["l2"] == 0.0 and cfg["flip"]
+    assert DeepInversion.preset("cifar10", bn_cnn, input_shape=SHAPE_BN, num_classes=10).config() == cfg
+
+    imagenet = DEEPINVERSION_PRESETS["imagenet"]
+    synth = DeepInversion.imagenet(bn_cnn, num_classes=10)
+    cfg = synth.config()
+    assert cfg["input_shape"] == [3, 224, 224] and synth.mean == imagenet["mean"] and synth.jitter == 30
+    assert cfg["lr"] == 0.25 and cfg["betas"] == [0.5, 0.9] and cfg["schedule"] == "cosine"
+    assert cfg["warmup"] == 0.05 and cfg["first_bn_multiplier"] == 10.0 and cfg["bn_weight"] == 0.01
+    assert cfg["priors"]["tv_l2"] == 1e-4 and cfg["priors"]["l2"] == 1e-5
+    assert cfg["multi_resolution"] == [0.5, 2 / 3] and synth.iterations == 3000 and synth.batch_size == 84
+    # Arguments override the preset.
+    small = DeepInversion.imagenet(bn_cnn, input_shape=SHAPE_BN, lr=0.1, num_classes=10)
+    assert small.input_shape == SHAPE_BN and small.lr == 0.1 and small.betas == (0.5, 0.9)
+    with pytest.raises(ValueError, match=r"DeepInversion.preset: name must be one of \('cifar10', 'imagenet'\)"):
+        DeepInversion.preset("mnist", bn_cnn, input_shape=SHAPE_BN)
+
+
+@pytest.mark.parametrize("form", ["js", "public"])
+def test_competition_form_reaches_the_adaptive_deepinversion_term(bn_cnn, form):
+    from exml_fast.ops import js_divergence
+
+    student = _calibrated(resnet18_cifar(num_classes=10, width=4), SHAPE_BN, seed=9)
+    synth = DeepInversion(bn_cnn, input_shape=SHAPE_BN, iterations=1, batch_size=6, num_classes=10, jitter=0,
+                          flip=False, competitor=student, competition_form=form)
+    assert synth.config()["competition_form"] == form
+    batch = synth.synthesize(6, generator=0, progress=False)  # one step: the kept batch is the start
+    with torch.no_grad():
+        t, s = bn_cnn(batch.x), student(batch.x)
+    want = {f: 1 - js_divergence(t, s, temperature=3.0, clamp=(0.01, 0.99), form=f).clamp(0, 1)
+            for f in ("js", "public")}
+    torch.testing.assert_close(batch.losses["competition"][0], want[form], rtol=1e-5, atol=1e-6)
+    assert abs(float(want["js"] - want["public"])) > 1e-4
+    with pytest.raises(ValueError, match=r"competition_form must be one of \('js', 'public'\)"):
+        DeepInversion(bn_cnn, input_shape=SHAPE_BN, competitor=student, competition_form="kl")

@@ -2,7 +2,8 @@
 
 - `soft_target_cross_entropy` — Data Impressions' inversion loss / soft-label KD.
 - `kd_loss` — Hinton knowledge distillation, `tau^2 * KL(teacher || student)`.
-- `js_divergence` — Adaptive DeepInversion's teacher-student competition term.
+- `js_divergence` — Adaptive DeepInversion's teacher-student competition term
+  (the Jensen-Shannon divergence; ``form="public"``: the public code's variant).
 
 Each is one fused kernel forward (one read of each row: online max and
 log-sum-exp in fp32, fp64 for fp64 logits) and one backward, on CPU and CUDA.
@@ -21,7 +22,7 @@ import torch
 
 from exml_fast import _ext
 from exml_fast.reference import losses as _ref
-from exml_fast.reference.losses import REDUCTIONS
+from exml_fast.reference.losses import JS_FORMS, REDUCTIONS
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction's values
@@ -138,15 +139,19 @@ def js_divergence(
     *,
     temperature: float = 1.0,
     clamp: tuple[float, float] = (0.0, 1.0),
+    form: str = "js",
 ) -> torch.Tensor:
-    """Jensen-Shannon divergence of two softmax distributions, Adaptive DeepInversion's way.
+    """Jensen-Shannon divergence of two softmax distributions, Adaptive DeepInversion's term.
 
     With P = softmax(a / T), Q = softmax(b / T) and M = (P + Q) / 2 formed from
     the un-clamped P and Q, each of P, Q and M is clamped to `clamp` = (lo, hi)
-    and `JS = 0.5 KL(P || M) + 0.5 KL(Q || M)`, `KL(P || M) = sum_k P_k (log P_k
-    - log M_k)`, averaged over rows. The competition loss is `1 - JS` (the public
-    code used T = 3, clamp (0.01, 0.99)). Gradients pass through a clamp only
-    inside [lo, hi] (torch.clamp's rule).
+    (as the public ADI code does) and `JS = 0.5 KL(P || M) + 0.5 KL(Q || M)`,
+    `KL(P || M) = sum_k P_k (log P_k - log M_k)`, averaged over rows: the true
+    Jensen-Shannon divergence, which the ADI paper's competition term
+    `1 - JS` names. The public code used T = 3, clamp (0.01, 0.99), and
+    computed `0.5 KL(M || P) + 0.5 KL(M || Q)` instead (its
+    `KLDivLoss()(log P, M)` is `KL(M || P)`): that is `form="public"`.
+    Gradients pass through a clamp only inside [lo, hi] (torch.clamp's rule).
 
     With lo = 0 a probability can underflow to 0: its terms count as 0 (0 log 0
     = 0, as torch's KLDivLoss does for a zero target) and so do their gradients.
@@ -157,10 +162,13 @@ def js_divergence(
         logits_a, logits_b: (B, K) floating, same dtype and device.
         temperature: > 0.
         clamp: (lo, hi) with 0 <= lo < hi <= 1.
+        form: "js" (the default: the divergence above, one fused kernel) or
+            "public" (the public code's argument order; plain PyTorch, the
+            reference's, on every device).
 
     Returns:
         A scalar in the logits' dtype (NaN for B = 0), differentiable w.r.t.
-        both logits (once).
+        both logits (once for "js").
     """
     op = "js_divergence"
     _check_pair(logits_a, logits_b, op, "logits_a", "logits_b")
@@ -171,6 +179,10 @@ def js_divergence(
         raise TypeError(f"{op}: clamp must be a pair (lo, hi) of numbers; got {clamp!r}") from None
     if not (0.0 <= lo < hi <= 1.0):
         raise ValueError(f"{op}: clamp must satisfy 0 <= lo < hi <= 1; got ({lo}, {hi})")
+    if form not in JS_FORMS:
+        raise ValueError(f"{op}: form must be one of {JS_FORMS}; got {form!r}")
+    if form == "public":
+        return _ref.js_divergence(logits_a, logits_b, temperature=temperature, clamp=(lo, hi), form=form)
     if _ext.use_compiled(logits_a, logits_b):
         return torch.ops.exml_fast.js_divergence(logits_a, logits_b, temperature, lo, hi)[0]
     return _ref.js_divergence(logits_a, logits_b, temperature=temperature, clamp=(lo, hi))

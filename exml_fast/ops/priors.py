@@ -59,7 +59,12 @@ def image_priors(
     - tv_l1 = sum_k mean(|D_k|) (DeepInversion's l1 TV);
     - tv_l2 = sum_k ||D_k||_F (DeepInversion's l2 TV, norms not squared);
     - blur = ||x - G*x||^2 (Ex-Model CL), or with `blur_per_sample_norm`
-      sum_n ||x_n - G*x_n||_2 (its reference code);
+      sum_n ||x_n - G*x_n||_2 (its reference code, with a 7 x 7 G of sigma 1).
+      The two differ in scale: at x ~ N(0, 1) of 1 x 32 x 32, per image,
+      ||x - G3*x||^2 is about 620 and ||x - G7*x||_2 about 28 — 22 times
+      less (47 times less in gradient), more for larger images, less as x
+      smooths. The Ex-Model CL blur weights (1e-3 MNIST, 1e-2 CIFAR) were
+      tuned for the reference code's form;
     - l2 = ||x||^2.
 
     A shift with no pairs (H or W == 1) contributes 0.
@@ -68,8 +73,9 @@ def image_priors(
         x: (N, C, H, W) float32, float64, float16 or bfloat16; NCHW or
             channels_last are read without a copy (other strides are copied once).
         blur_kernel_size: 3 (the paper) or 7 (the reference code, with sigma 1).
-        blur_sigma: the Gaussian's sigma in pixels, > 0; None gives torchvision's
-            default 0.3 * ((k - 1) / 2 - 1) + 0.8 (0.8 for 3, 1.4 for 7).
+        blur_sigma: the Gaussian's sigma in pixels, > 0; None: 0.8 for 3
+            (torchvision's rule) and 1.0 for 7 (the reference code's);
+            see `exml_fast.reference.priors.default_blur_sigma`.
         per_sample: return one row per sample: the means and norms are then taken
             over that sample's elements.
         blur_per_sample_norm: the blur entry is the per-sample non-squared norm

@@ -52,7 +52,9 @@ __all__ = ["public_deepinversion"]
 
 
 def _competition(outputs: torch.Tensor, student_outputs: torch.Tensor) -> torch.Tensor:
-    """1 - clamp(JS, 0, 1) of the student's and teacher's softmax at T = 3 (the ADI term)."""
+    """1 - clamp(JS, 0, 1) of the student's and teacher's softmax at T = 3 (the ADI term), the script's way:
+    its "JS" is 0.5 KL(M || P) + 0.5 KL(M || Q), not the Jensen-Shannon divergence's KL(P || M) order
+    (``exml_fast.ops.js_divergence(..., form="public")``)."""
     t = 3.0
     p = F.softmax(student_outputs / t, dim=1)
     q = F.softmax(outputs / t, dim=1)

@@ -17,9 +17,23 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def default_blur_sigma(kernel_size: int) -> float:
-    """torchvision's default sigma of a Gaussian blur: 0.8 for 3, 1.4 for 7."""
+#: The Ex-Model CL reference code's blur: a 7 x 7 Gaussian of sigma 1.
+REFERENCE_CODE_BLUR_SIGMA = 1.0
+
+
+def torchvision_blur_sigma(kernel_size: int) -> float:
+    """torchvision's default sigma of a Gaussian blur, 0.3 * ((k - 1) / 2 - 1) + 0.8: 0.8 for 3, 1.4 for 7.
+
+    (The compiled op's own default when its schema's ``blur_sigma`` is None; the Python wrappers always
+    pass :func:`default_blur_sigma`.)
+    """
     return 0.3 * ((kernel_size - 1) * 0.5 - 1) + 0.8
+
+
+def default_blur_sigma(kernel_size: int) -> float:
+    """The blur prior's sigma when none is given: 0.8 for 3 (torchvision's rule; the paper gives none for
+    its 3 x 3 Gaussian), 1.0 for 7 (the Ex-Model CL reference code's 7 x 7 Gaussian)."""
+    return REFERENCE_CODE_BLUR_SIGMA if kernel_size == 7 else torchvision_blur_sigma(kernel_size)
 
 
 def gaussian_kernel2d(kernel_size: int, sigma: float, *, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -95,5 +109,5 @@ def tv_l1(x: torch.Tensor) -> torch.Tensor:
     return sum(d.abs().mean() for d in _shifts(x) if d.numel() > 0)
 
 
-__all__ = ["BLUR_KERNEL_SIZES", "default_blur_sigma", "gaussian_kernel2d", "image_priors",
-           "tv_l1", "tv_l2"]
+__all__ = ["BLUR_KERNEL_SIZES", "REFERENCE_CODE_BLUR_SIGMA", "default_blur_sigma", "gaussian_kernel2d", "image_priors",
+           "torchvision_blur_sigma", "tv_l1", "tv_l2"]

@@ -8,8 +8,9 @@ Three lines with any classifier::
 
 - :class:`ModelInversion` — CE at temperature τ plus image priors.
 - :class:`DeepInversion` — BN-statistic matching, TV/l2 priors, jitter and
-  flips, Adam with cosine warm-up, best-batch selection, multi-resolution,
-  Adaptive DeepInversion with ``competitor=student``.
+  flips, Adam (constant by default, the paper's CIFAR-10 setting; cosine after
+  a warm-up in ``DeepInversion.imagenet``), best-batch selection,
+  multi-resolution, Adaptive DeepInversion with ``competitor=student``.
 - :class:`DataImpressions` — Dirichlet soft targets from the classifier's weights.
 - :class:`AuxiliaryData` — samples of another dataset labelled by the teacher.
 
@@ -21,7 +22,7 @@ streams one per optimisation batch and ``save_to=`` writes resumable shards
 from exml_fast.synth.auxiliary import AuxiliaryData
 from exml_fast.synth.base import Synthesizer
 from exml_fast.synth.batch import SyntheticBatch, load_synthetic
-from exml_fast.synth.inversion import DataImpressions, DeepInversion, ModelInversion, lr_table
+from exml_fast.synth.inversion import DEEPINVERSION_PRESETS, DataImpressions, DeepInversion, ModelInversion, lr_table
 
-__all__ = ["AuxiliaryData", "DataImpressions", "DeepInversion", "ModelInversion", "SyntheticBatch",
-           "Synthesizer", "load_synthetic", "lr_table"]
+__all__ = ["DEEPINVERSION_PRESETS", "AuxiliaryData", "DataImpressions", "DeepInversion", "ModelInversion",
+           "SyntheticBatch", "Synthesizer", "load_synthetic", "lr_table"]
