@@ -267,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor> ed_loss_cuda(
     const c10::optional<at::Tensor>& task_ids_in, const c10::optional<at::Tensor>& task_heads_in,
     c10::string_view target_mode, c10::string_view normalize, double lambda_ce, bool need_grad) {
   check_ed_args(logits_in, labels_in, expert_in, prev_in, table_in, task_ids_in, task_heads_in);
-  TORCH_CHECK(logits_in.is_cuda(), "exml_fast::ed_loss (CUDA kernel): logits must be a CUDA tensor");
+  check_kernel_device(logits_in, at::kCUDA, "exml_fast::ed_loss", "logits");
   const EdTarget mode = parse_ed_target(std::string(target_mode));
   const EdNorm norm = parse_ed_norm(std::string(normalize));
   const c10::cuda::CUDAGuard guard(logits_in.device());
@@ -309,14 +309,9 @@ std::tuple<at::Tensor, at::Tensor> ed_loss_cuda(
 }
 
 at::Tensor ed_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& grad_logits) {
-  TORCH_CHECK(grad.numel() == 1, "exml_fast::_ed_loss_backward: grad must be a scalar; got ",
-              grad.sizes());
-  TORCH_CHECK(grad_logits.dim() == 2 && is_float_dtype(grad_logits),
-              "exml_fast::_ed_loss_backward: grad_logits must be a floating (B, C) tensor; got ",
-              grad_logits.scalar_type(), " ", grad_logits.sizes());
-  TORCH_CHECK(grad_logits.is_cuda() && grad.device() == grad_logits.device(),
-              "exml_fast::_ed_loss_backward (CUDA kernel): grad and grad_logits must be on one "
-              "CUDA device");
+  check_ed_backward_args(grad, grad_logits);
+  check_kernel_device(grad_logits, at::kCUDA, "exml_fast::_ed_loss_backward", "grad_logits");
+  check_same_device(grad, grad_logits, "exml_fast::_ed_loss_backward", "grad", "grad_logits");
   const c10::cuda::CUDAGuard guard(grad_logits.device());
   const at::Tensor gl = grad_logits.contiguous();
   at::Tensor out = at::empty(gl.sizes(), gl.options());

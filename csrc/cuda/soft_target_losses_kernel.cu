@@ -348,10 +348,6 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                          \
   } while (0)
 
-void check_cuda(const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(x.is_cuda(), op, " (CUDA kernel): ", name, " must be a CUDA tensor");
-}
-
 template <typename scalar_t, typename acc_t>
 void finish(const at::Tensor& row_loss, int64_t rows, int64_t reduction, double extra,
             at::Tensor& out, cudaStream_t stream) {
@@ -377,7 +373,7 @@ std::tuple<at::Tensor, at::Tensor> soft_ce_cuda(const at::Tensor& logits,
                                                 int64_t reduction) {
   losses::check_pair(logits, target, temperature, kSoftCe, "logits", "target_probs");
   losses::check_reduction(reduction, kSoftCe);
-  check_cuda(logits, kSoftCe, "logits");
+  check_kernel_device(logits, at::kCUDA, kSoftCe, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
   const losses::Rows x = losses::as_rows(logits), t = losses::as_rows(target);
   const int64_t rows = logits.size(0), len = logits.size(1);
@@ -409,7 +405,7 @@ std::tuple<at::Tensor, at::Tensor> soft_ce_backward_cuda(const at::Tensor& grad,
   losses::check_pair(logits, target, temperature, kSoftCeBwd, "logits", "target_probs");
   losses::check_reduction(reduction, kSoftCeBwd);
   losses::check_backward(grad, saved, logits, reduction, 2, kSoftCeBwd);
-  check_cuda(logits, kSoftCeBwd, "logits");
+  check_kernel_device(logits, at::kCUDA, kSoftCeBwd, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
   const losses::Rows x = losses::as_rows(logits), t = losses::as_rows(target);
   const int64_t rows = logits.size(0), len = logits.size(1);
@@ -436,7 +432,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_cuda(const at::Tensor& student
                                                        const at::Tensor& teacher,
                                                        double temperature, bool save_grad) {
   losses::check_pair(student, teacher, temperature, kKd, "student_logits", "teacher_logits");
-  check_cuda(student, kKd, "student_logits");
+  check_kernel_device(student, at::kCUDA, kKd, "student_logits");
   const c10::cuda::CUDAGuard guard(student.device());
   const losses::Rows s = losses::as_rows(student), t = losses::as_rows(teacher);
   const int64_t rows = student.size(0), len = student.size(1);
@@ -469,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor> kd_backward_cuda(const at::Tensor& grad,
   losses::check_pair(student, teacher, temperature, kKdBwd, "student_logits", "teacher_logits");
   losses::check_backward(grad, saved, student, kMean, 3, kKdBwd);
   losses::check_kd_grad_factor(grad_factor, student, teacher_grad, kKdBwd);
-  check_cuda(student, kKdBwd, "student_logits");
+  check_kernel_device(student, at::kCUDA, kKdBwd, "student_logits");
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t rows = student.size(0), len = student.size(1);
   at::Tensor gs = at::empty({rows, len}, student.options());
@@ -508,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor> js_cuda(const at::Tensor& a, const at::Tensor
                                            double temperature, double lo, double hi) {
   losses::check_pair(a, b, temperature, kJs, "logits_a", "logits_b");
   losses::check_clamp(lo, hi, kJs);
-  check_cuda(a, kJs, "logits_a");
+  check_kernel_device(a, at::kCUDA, kJs, "logits_a");
   const c10::cuda::CUDAGuard guard(a.device());
   const losses::Rows ra = losses::as_rows(a), rb = losses::as_rows(b);
   const int64_t rows = a.size(0), len = a.size(1);
@@ -539,7 +535,7 @@ std::tuple<at::Tensor, at::Tensor> js_backward_cuda(const at::Tensor& grad, cons
   losses::check_pair(a, b, temperature, kJsBwd, "logits_a", "logits_b");
   losses::check_clamp(lo, hi, kJsBwd);
   losses::check_backward(grad, saved, a, kMean, 2, kJsBwd);
-  check_cuda(a, kJsBwd, "logits_a");
+  check_kernel_device(a, at::kCUDA, kJsBwd, "logits_a");
   const c10::cuda::CUDAGuard guard(a.device());
   const losses::Rows ra = losses::as_rows(a), rb = losses::as_rows(b);
   const int64_t rows = a.size(0), len = a.size(1);
