@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "exml_fast/cuda_reduce.cuh"
 #include "exml_fast/ed_loss_common.h"
 
 namespace exml_fast {
@@ -39,20 +40,8 @@ namespace {
 constexpr int kWarpsPerBlock = 8;
 constexpr int kFinalizeThreads = 512;
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
-  for (int m = 16; m > 0; m >>= 1) {
-    const T o = __shfl_xor_sync(0xffffffffu, v, m);
-    v = o > v ? o : v;
-  }
-  return v;
-}
+using cuda_reduce::warp_max;
+using cuda_reduce::warp_sum;
 
 // (shift, scale) of one teacher block for one row, computed by the whole warp.
 template <typename teacher_t, typename acc_t>
@@ -197,16 +186,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 template <typename acc_t>
 __global__ void ed_finalize_kernel(const double* __restrict__ part, int64_t b, double lam,
                                    acc_t* __restrict__ loss) {
-  __shared__ double sm[kFinalizeThreads];
+  __shared__ double sm[kFinalizeThreads / 32];
   double s = 0;
-  for (int64_t r = threadIdx.x; r < b; r += blockDim.x) s += part[2 * r] + lam * part[2 * r + 1];
-  sm[threadIdx.x] = s;
-  __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (static_cast<int>(threadIdx.x) < w) sm[threadIdx.x] += sm[threadIdx.x + w];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) *loss = static_cast<acc_t>(sm[0] / static_cast<double>(b));
+  for (int64_t r = threadIdx.x; r < b; r += kFinalizeThreads) s += part[2 * r] + lam * part[2 * r + 1];
+  s = cuda_reduce::block_sum<kFinalizeThreads>(s, sm);
+  if (threadIdx.x == 0) *loss = static_cast<acc_t>(s / static_cast<double>(b));
 }
 
 template <typename scalar_t, typename acc_t>

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "exml_fast/cuda_reduce.cuh"
 #include "exml_fast/soft_target_losses.h"
 
 namespace exml_fast {
@@ -35,43 +36,32 @@ using losses::kNone;
 
 constexpr int kBlock = 256;
 
+// Sum / max over the TPR threads of a row: a warp (TPR = 32, no shared memory
+// used) or the whole block (TPR = kBlock; every thread gets the result).
 template <int TPR, typename T>
-__device__ __forceinline__ T group_sum(T v, double* sh) {
-  for (int o = (TPR < 32 ? TPR : 32) / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if constexpr (TPR > 32) {
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    __syncthreads();  // sh may still be read by a previous reduction
-    if (l == 0) sh[w] = static_cast<double>(v);
-    __syncthreads();
-    T s = 0;
-    for (int i = 0; i < TPR / 32; ++i) s += static_cast<T>(sh[i]);
-    v = s;
+__device__ __forceinline__ T group_sum(T v, T* sh) {
+  if constexpr (TPR <= 32) {
+    return cuda_reduce::warp_sum<TPR>(v);
+  } else {
+    static_assert(TPR == kBlock, "a row spans one warp or the whole block");
+    return cuda_reduce::block_sum<TPR>(v, sh);
   }
-  return v;
 }
 
 template <int TPR, typename T>
-__device__ __forceinline__ T group_max(T v, double* sh) {
-  for (int o = (TPR < 32 ? TPR : 32) / 2; o > 0; o >>= 1) {
-    const T u = __shfl_xor_sync(0xffffffffu, v, o);
-    v = u > v ? u : v;
+__device__ __forceinline__ T group_max(T v, T* sh) {
+  if constexpr (TPR <= 32) {
+    return cuda_reduce::warp_max<TPR>(v);
+  } else {
+    static_assert(TPR == kBlock, "a row spans one warp or the whole block");
+    return cuda_reduce::block_max<TPR>(v, sh);
   }
-  if constexpr (TPR > 32) {
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    __syncthreads();
-    if (l == 0) sh[w] = static_cast<double>(v);
-    __syncthreads();
-    T m = static_cast<T>(sh[0]);
-    for (int i = 1; i < TPR / 32; ++i) m = static_cast<T>(sh[i]) > m ? static_cast<T>(sh[i]) : m;
-    v = m;
-  }
-  return v;
 }
 
 // log-sum-exp of row p[0..len) * inv_t; NaN in the row reaches the sum via exp.
 template <int TPR, typename scalar_t, typename acc_t>
 __device__ acc_t row_lse(const scalar_t* __restrict__ p, int64_t len, acc_t inv_t, int lane,
-                         double* sh) {
+                         acc_t* sh) {
   acc_t m = -INFINITY;
   for (int64_t k = lane; k < len; k += TPR) {
     const acc_t z = static_cast<acc_t>(p[k]) * inv_t;
@@ -102,7 +92,7 @@ __global__ void soft_ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t xs,
                                    const scalar_t* __restrict__ t, int64_t ts, int64_t rows,
                                    int64_t len, acc_t inv_t, acc_t* __restrict__ saved,
                                    acc_t* __restrict__ row_loss) {
-  __shared__ double sh[kBlock / 32];
+  __shared__ acc_t sh[kBlock / 32];
   const RowIdx ri = row_of_thread<TPR>();
   if (ri.row >= rows) return;  // whole groups only (TPR = 256 never returns here)
   const scalar_t* xr = x + ri.row * xs;
@@ -151,7 +141,7 @@ __global__ void kd_fwd_kernel(const scalar_t* __restrict__ s, int64_t ss,
                               const scalar_t* __restrict__ t, int64_t ts, int64_t rows,
                               int64_t len, acc_t inv_t, acc_t* __restrict__ saved,
                               acc_t* __restrict__ row_loss, acc_t* __restrict__ gf) {
-  __shared__ double sh[kBlock / 32];
+  __shared__ acc_t sh[kBlock / 32];
   const RowIdx ri = row_of_thread<TPR>();
   if (ri.row >= rows) return;
   const scalar_t* sr = s + ri.row * ss;
@@ -243,7 +233,7 @@ __global__ void js_fwd_kernel(const scalar_t* __restrict__ a, int64_t as,
                               int64_t len, acc_t inv_t, acc_t lo, acc_t hi, acc_t log_lo,
                               acc_t log_hi, acc_t* __restrict__ saved,
                               acc_t* __restrict__ row_loss) {
-  __shared__ double sh[kBlock / 32];
+  __shared__ acc_t sh[kBlock / 32];
   const RowIdx ri = row_of_thread<TPR>();
   if (ri.row >= rows) return;
   const scalar_t* ar = a + ri.row * as;
@@ -283,7 +273,7 @@ __global__ void js_bwd_kernel(const acc_t* __restrict__ g, acc_t scale, const sc
                               int64_t len, acc_t inv_t, acc_t lo, acc_t hi, acc_t log_lo,
                               acc_t log_hi, const acc_t* __restrict__ saved,
                               scalar_t* __restrict__ ga, scalar_t* __restrict__ gb) {
-  __shared__ double sh[kBlock / 32];
+  __shared__ acc_t sh[kBlock / 32];
   const RowIdx ri = row_of_thread<TPR>();
   if (ri.row >= rows) return;
   const acc_t w = *g * scale;  // the upstream gradient, read on the device: no host sync
@@ -320,16 +310,11 @@ __global__ void js_bwd_kernel(const acc_t* __restrict__ g, acc_t scale, const sc
 template <typename scalar_t, typename acc_t>
 __global__ void finish_kernel(const acc_t* __restrict__ row_loss, int64_t rows, double scale,
                               scalar_t* __restrict__ out) {
-  __shared__ double sh[kBlock];
+  __shared__ double sh[kBlock / 32];
   double s = 0;
   for (int64_t r = threadIdx.x; r < rows; r += kBlock) s += static_cast<double>(row_loss[r]);
-  sh[threadIdx.x] = s;
-  __syncthreads();
-  for (int o = kBlock / 2; o > 0; o >>= 1) {
-    if (threadIdx.x < o) sh[threadIdx.x] += sh[threadIdx.x + o];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) out[0] = static_cast<scalar_t>(sh[0] * scale);
+  s = cuda_reduce::block_sum<kBlock>(s, sh);
+  if (threadIdx.x == 0) out[0] = static_cast<scalar_t>(s * scale);
 }
 
 // ---- host ---------------------------------------------------------------------------
