@@ -27,8 +27,14 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;8.6;9.0+PTX"
 
 
+# The build report. pip runs this file more than once per install (metadata,
+# then the build), so the report is collected here and printed by build_ext
+# alone (BuildExt.run), once per build.
+REPORT: list[str] = []
+
+
 def log(msg: str) -> None:
-    print(f"[exml_fast build] {msg}", flush=True)
+    REPORT.append(f"[exml_fast build] {msg}")
 
 
 # torch.utils.cpp_extension reads CUDA_HOME when it is imported, and would
@@ -179,8 +185,16 @@ def make_extension():
     )
 
 
+class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    def run(self) -> None:
+        for line in REPORT:
+            print(line, flush=True)
+        REPORT.clear()
+        super().run()
+
+
 setup(
     packages=find_packages(include=["exml_fast", "exml_fast.*"]),
     ext_modules=[make_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
 )

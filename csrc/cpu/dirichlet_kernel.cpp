@@ -22,11 +22,10 @@
 #include <atomic>
 #include <cfloat>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <vector>
 
+#include "exml_fast/cpu_isa.h"
 #include "exml_fast/dirichlet_host.h"
 
 // The sampler's inline functions are compiled here with FP traps off, which
@@ -139,7 +138,7 @@ namespace exml_fast {
 namespace cpu_base {
 EXML_FAST_DIRICHLET_LOOPS
 }  // namespace cpu_base
-#if defined(__x86_64__) && defined(__GNUC__)
+#if EXML_FAST_X86_GNU  // (cpu_isa.h)
 #define EXML_FAST_DIRICHLET_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2")
@@ -171,33 +170,17 @@ struct Loops {
 };
 
 // AVX-512 (F, VL, DQ, BW), else AVX2, when the CPU has it; EXML_FAST_CPU_ISA=base
-// or =avx2 caps the choice (all give the same bits).
+// or =avx2 caps the choice (cpu_isa.h; all give the same bits).
 Loops pick_loops() {
 #ifdef EXML_FAST_DIRICHLET_AVX2
-  static const bool avx2 = [] {
-    const char* isa = std::getenv("EXML_FAST_CPU_ISA");
-    if (isa != nullptr && std::strcmp(isa, "base") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") != 0;
-  }();
-  static const bool avx512 = [] {
-    const char* isa = std::getenv("EXML_FAST_CPU_ISA");
-    if (isa != nullptr && (std::strcmp(isa, "base") == 0 || std::strcmp(isa, "avx2") == 0))
-      return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0 && __builtin_cpu_supports("avx512vl") != 0 &&
-           __builtin_cpu_supports("avx512dq") != 0 && __builtin_cpu_supports("avx512bw") != 0;
-  }();
-  if (avx512) {
+  if (use_avx512_loops()) {
     return {&cpu_avx512::squeeze_pass, &cpu_avx512::full_pass, &cpu_avx512::normalise_block};
   }
-  if (avx2) {
-    return {&cpu_avx2::squeeze_pass, &cpu_avx2::full_pass,
-            &cpu_avx2::normalise_block};
+  if (use_avx2_loops(/*need_fma_f16c=*/false)) {  // built for target("avx2") alone
+    return {&cpu_avx2::squeeze_pass, &cpu_avx2::full_pass, &cpu_avx2::normalise_block};
   }
 #endif
-  return {&cpu_base::squeeze_pass, &cpu_base::full_pass,
-          &cpu_base::normalise_block};
+  return {&cpu_base::squeeze_pass, &cpu_base::full_pass, &cpu_base::normalise_block};
 }
 
 // Per-task scratch for one block of elements.

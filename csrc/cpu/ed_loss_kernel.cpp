@@ -151,8 +151,7 @@ std::tuple<at::Tensor, at::Tensor> ed_loss_cpu(
     const c10::optional<at::Tensor>& task_ids_in, const c10::optional<at::Tensor>& task_heads_in,
     c10::string_view target_mode, c10::string_view normalize, double lambda_ce, bool need_grad) {
   check_ed_args(logits_in, labels_in, expert_in, prev_in, table_in, task_ids_in, task_heads_in);
-  TORCH_CHECK(logits_in.device().is_cpu(), "exml_fast::ed_loss (CPU kernel): logits must be a "
-              "CPU tensor");
+  check_kernel_device(logits_in, at::kCPU, "exml_fast::ed_loss", "logits");
   RowArgs a;
   a.mode = parse_ed_target(std::string(target_mode));
   a.norm = parse_ed_norm(std::string(normalize));
@@ -231,11 +230,7 @@ std::tuple<at::Tensor, at::Tensor> ed_loss_cpu(
 }
 
 at::Tensor ed_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& grad_logits) {
-  TORCH_CHECK(grad.numel() == 1, "exml_fast::_ed_loss_backward: grad must be a scalar; got ",
-              grad.sizes());
-  TORCH_CHECK(grad_logits.dim() == 2 && is_float_dtype(grad_logits),
-              "exml_fast::_ed_loss_backward: grad_logits must be a floating (B, C) tensor; got ",
-              grad_logits.scalar_type(), " ", grad_logits.sizes());
+  check_ed_backward_args(grad, grad_logits);
   const at::Tensor gl = grad_logits.contiguous();
   at::Tensor out = at::empty(gl.sizes(), gl.options());
   const double s = grad.item<double>();

@@ -107,10 +107,6 @@ acc_t* row_loss_storage(at::Tensor& out, int64_t reduction, std::vector<acc_t>& 
   return tmp.data();
 }
 
-void check_cpu(const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(x.device().is_cpu(), op, " (CPU kernel): ", name, " must be a CPU tensor");
-}
-
 // ---- soft_target_cross_entropy --------------------------------------------------
 
 constexpr const char* kSoftCe = "exml_fast::soft_target_cross_entropy";
@@ -121,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> soft_ce_cpu(const at::Tensor& logits,
                                                int64_t reduction) {
   losses::check_pair(logits, target, temperature, kSoftCe, "logits", "target_probs");
   losses::check_reduction(reduction, kSoftCe);
-  check_cpu(logits, kSoftCe, "logits");
+  check_kernel_device(logits, at::kCPU, kSoftCe, "logits");
   const losses::Rows x = losses::as_rows(logits), t = losses::as_rows(target);
   const int64_t rows = logits.size(0), len = logits.size(1);
   at::Tensor saved = at::empty({rows, 2}, logits.options().dtype(losses::loss_acc_type(logits)));
@@ -152,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> soft_ce_backward_cpu(const at::Tensor& grad,
   losses::check_pair(logits, target, temperature, kSoftCeBwd, "logits", "target_probs");
   losses::check_reduction(reduction, kSoftCeBwd);
   losses::check_backward(grad, saved, logits, reduction, 2, kSoftCeBwd);
-  check_cpu(logits, kSoftCeBwd, "logits");
+  check_kernel_device(logits, at::kCPU, kSoftCeBwd, "logits");
   const losses::Rows x = losses::as_rows(logits), t = losses::as_rows(target);
   const int64_t rows = logits.size(0), len = logits.size(1);
   at::Tensor gx = at::empty({rows, len}, logits.options());
@@ -187,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_cpu(const at::Tensor& student,
                                                       const at::Tensor& teacher,
                                                       double temperature, bool save_grad) {
   losses::check_pair(student, teacher, temperature, kKd, "student_logits", "teacher_logits");
-  check_cpu(student, kKd, "student_logits");
+  check_kernel_device(student, at::kCPU, kKd, "student_logits");
   const losses::Rows s = losses::as_rows(student), t = losses::as_rows(teacher);
   const int64_t rows = student.size(0), len = student.size(1);
   const auto acc = student.options().dtype(losses::loss_acc_type(student));
@@ -224,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> kd_backward_cpu(const at::Tensor& grad,
   losses::check_pair(student, teacher, temperature, kKdBwd, "student_logits", "teacher_logits");
   losses::check_backward(grad, saved, student, kMean, 3, kKdBwd);
   losses::check_kd_grad_factor(grad_factor, student, teacher_grad, kKdBwd);
-  check_cpu(student, kKdBwd, "student_logits");
+  check_kernel_device(student, at::kCPU, kKdBwd, "student_logits");
   const int64_t rows = student.size(0), len = student.size(1);
   at::Tensor gs = at::empty({rows, len}, student.options());
   at::Tensor gt = at::empty({teacher_grad ? rows : 0, teacher_grad ? len : 0}, teacher.options());
@@ -270,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor> js_cpu(const at::Tensor& a, const at::Tensor&
                                           double temperature, double lo, double hi) {
   losses::check_pair(a, b, temperature, kJs, "logits_a", "logits_b");
   losses::check_clamp(lo, hi, kJs);
-  check_cpu(a, kJs, "logits_a");
+  check_kernel_device(a, at::kCPU, kJs, "logits_a");
   const losses::Rows ra = losses::as_rows(a), rb = losses::as_rows(b);
   const int64_t rows = a.size(0), len = a.size(1);
   at::Tensor saved = at::empty({rows, 2}, a.options().dtype(losses::loss_acc_type(a)));
@@ -298,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> js_backward_cpu(const at::Tensor& grad, const
   losses::check_pair(a, b, temperature, kJsBwd, "logits_a", "logits_b");
   losses::check_clamp(lo, hi, kJsBwd);
   losses::check_backward(grad, saved, a, kMean, 2, kJsBwd);
-  check_cpu(a, kJsBwd, "logits_a");
+  check_kernel_device(a, at::kCPU, kJsBwd, "logits_a");
   const losses::Rows ra = losses::as_rows(a), rb = losses::as_rows(b);
   const int64_t rows = a.size(0), len = a.size(1);
   at::Tensor ga = at::empty({rows, len}, a.options());

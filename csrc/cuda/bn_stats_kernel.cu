@@ -5,9 +5,10 @@
 // the first element it reads, s1 = sum(x - k), s2 = sum((x - k)^2), in fp32
 // (fp64 for fp64 x); a shift taken from the thread's own elements keeps the
 // fp32 sums accurate whatever the channel's mean. It then becomes a double
-// (count, mean, M2) triple, merged with Chan's formula across the warp
-// (shuffles), the block (shared memory) and, in a small second kernel, across
-// the blocks of a channel. Merges are few, so double costs nothing there.
+// (count, mean, M2) triple, merged with Chan's formula across the block
+// (cuda_reduce.cuh: shuffles in each warp, then the warps in order) and, in a
+// small second kernel, across the blocks of a channel. Merges are few, so
+// double costs nothing there.
 //
 // Backward is one elementwise pass, dx = a_c + b_c * (x - mean_c), with
 // a_c = grad_mean_c / M and b_c = 2 * grad_var_c / M (subtracting the mean
@@ -32,6 +33,7 @@
 #include <limits>
 
 #include "exml_fast/bn_common.h"
+#include "exml_fast/cuda_reduce.cuh"
 #include "exml_fast/welford.h"
 
 namespace exml_fast {
@@ -46,18 +48,21 @@ constexpr int kMaxGridY = 65535;
 // partial means differ by much less than they are large.
 using MStats = Stats<double>;
 
-__device__ __forceinline__ MStats shfl_down(const MStats& s, int delta) {
-  MStats r;
-  r.n = __shfl_down_sync(0xffffffffu, s.n, delta);
-  r.mean = __shfl_down_sync(0xffffffffu, s.mean, delta);
-  r.m2 = __shfl_down_sync(0xffffffffu, s.m2, delta);
-  return r;
-}
+struct MergeOp {
+  __device__ __forceinline__ MStats operator()(const MStats& a, const MStats& b) const {
+    return merge(a, b);
+  }
+};
 
-__device__ __forceinline__ MStats warp_merge(MStats s) {
-  for (int delta = 16; delta > 0; delta >>= 1) s = merge(s, shfl_down(s, delta));
-  return s;  // lane 0 holds the warp's total
-}
+struct ShflXorStats {
+  __device__ __forceinline__ MStats operator()(const MStats& s, int lane_mask) const {
+    MStats r;
+    r.n = __shfl_xor_sync(cuda_reduce::kFullMask, s.n, lane_mask);
+    r.mean = __shfl_xor_sync(cuda_reduce::kFullMask, s.mean, lane_mask);
+    r.m2 = __shfl_xor_sync(cuda_reduce::kFullMask, s.m2, lane_mask);
+    return r;
+  }
+};
 
 // NCHW: grid (C, P). Block (c, p) covers elements [p*chunk, (p+1)*chunk) of the
 // channel's N*S elements, enumerated n-major; element j lives at
@@ -89,16 +94,9 @@ __global__ void forward_channels_first_kernel(const scalar_t* __restrict__ x,
     ++cnt;
   }
   MStats st = from_shifted_sums<double>(static_cast<double>(cnt), k, s1, s2);
-  st = warp_merge(st);
   __shared__ MStats warp_stats[kThreads / 32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) warp_stats[warp] = st;
-  __syncthreads();
-  if (warp == 0) {
-    st = lane < static_cast<int>(blockDim.x / 32) ? warp_stats[lane] : MStats{0, 0, 0};
-    st = warp_merge(st);
-    if (lane == 0) partial[c * gridDim.y + p] = st;
-  }
+  st = cuda_reduce::block_reduce<kThreads>(st, warp_stats, MergeOp{}, ShflXorStats{});
+  if (threadIdx.x == 0) partial[c * gridDim.y + p] = st;
 }
 
 // channels_last: x is an (M, C) row-major matrix. Grid (ceil(C / 32), P),

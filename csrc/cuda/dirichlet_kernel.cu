@@ -19,6 +19,7 @@
 #include <cfloat>
 #include <cstdint>
 
+#include "exml_fast/cuda_reduce.cuh"
 #include "exml_fast/dirichlet_host.h"
 #include "exml_fast/dirichlet_sampler.h"
 
@@ -47,7 +48,7 @@ __global__ void dirichlet_kernel(const scalar_t* __restrict__ conc, float* __res
     o[c] = lg;
     mx = fmaxf(mx, lg);
   }
-  for (int d = 16; d > 0; d >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, d));
+  mx = cuda_reduce::warp_max(mx);  // never NaN: fmaxf above drops NaN (`bad` catches it)
   if (__any_sync(0xffffffffu, bad)) {
     for (int64_t c = lane; c < k; c += 32) o[c] = NAN;
     return;
@@ -58,7 +59,7 @@ __global__ void dirichlet_kernel(const scalar_t* __restrict__ conc, float* __res
     o[c] = e;
     sum += e;
   }
-  for (int d = 16; d > 0; d >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, d);
+  sum = cuda_reduce::warp_sum(sum);
   const float inv = 1.f / sum;
   for (int64_t c = lane; c < k; c += 32) o[c] *= inv;
 }

@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "exml_fast/cuda_reduce.cuh"
 #include "exml_fast/ed_loss_common.h"
 
 namespace exml_fast {
@@ -39,20 +40,8 @@ namespace {
 constexpr int kWarpsPerBlock = 8;
 constexpr int kFinalizeThreads = 512;
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
-  for (int m = 16; m > 0; m >>= 1) {
-    const T o = __shfl_xor_sync(0xffffffffu, v, m);
-    v = o > v ? o : v;
-  }
-  return v;
-}
+using cuda_reduce::warp_max;
+using cuda_reduce::warp_sum;
 
 // (shift, scale) of one teacher block for one row, computed by the whole warp.
 template <typename teacher_t, typename acc_t>
@@ -197,16 +186,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 template <typename acc_t>
 __global__ void ed_finalize_kernel(const double* __restrict__ part, int64_t b, double lam,
                                    acc_t* __restrict__ loss) {
-  __shared__ double sm[kFinalizeThreads];
+  __shared__ double sm[kFinalizeThreads / 32];
   double s = 0;
-  for (int64_t r = threadIdx.x; r < b; r += blockDim.x) s += part[2 * r] + lam * part[2 * r + 1];
-  sm[threadIdx.x] = s;
-  __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (static_cast<int>(threadIdx.x) < w) sm[threadIdx.x] += sm[threadIdx.x + w];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) *loss = static_cast<acc_t>(sm[0] / static_cast<double>(b));
+  for (int64_t r = threadIdx.x; r < b; r += kFinalizeThreads) s += part[2 * r] + lam * part[2 * r + 1];
+  s = cuda_reduce::block_sum<kFinalizeThreads>(s, sm);
+  if (threadIdx.x == 0) *loss = static_cast<acc_t>(s / static_cast<double>(b));
 }
 
 template <typename scalar_t, typename acc_t>
@@ -267,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> ed_loss_cuda(
     const c10::optional<at::Tensor>& task_ids_in, const c10::optional<at::Tensor>& task_heads_in,
     c10::string_view target_mode, c10::string_view normalize, double lambda_ce, bool need_grad) {
   check_ed_args(logits_in, labels_in, expert_in, prev_in, table_in, task_ids_in, task_heads_in);
-  TORCH_CHECK(logits_in.is_cuda(), "exml_fast::ed_loss (CUDA kernel): logits must be a CUDA tensor");
+  check_kernel_device(logits_in, at::kCUDA, "exml_fast::ed_loss", "logits");
   const EdTarget mode = parse_ed_target(std::string(target_mode));
   const EdNorm norm = parse_ed_norm(std::string(normalize));
   const c10::cuda::CUDAGuard guard(logits_in.device());
@@ -309,14 +293,9 @@ std::tuple<at::Tensor, at::Tensor> ed_loss_cuda(
 }
 
 at::Tensor ed_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& grad_logits) {
-  TORCH_CHECK(grad.numel() == 1, "exml_fast::_ed_loss_backward: grad must be a scalar; got ",
-              grad.sizes());
-  TORCH_CHECK(grad_logits.dim() == 2 && is_float_dtype(grad_logits),
-              "exml_fast::_ed_loss_backward: grad_logits must be a floating (B, C) tensor; got ",
-              grad_logits.scalar_type(), " ", grad_logits.sizes());
-  TORCH_CHECK(grad_logits.is_cuda() && grad.device() == grad_logits.device(),
-              "exml_fast::_ed_loss_backward (CUDA kernel): grad and grad_logits must be on one "
-              "CUDA device");
+  check_ed_backward_args(grad, grad_logits);
+  check_kernel_device(grad_logits, at::kCUDA, "exml_fast::_ed_loss_backward", "grad_logits");
+  check_same_device(grad, grad_logits, "exml_fast::_ed_loss_backward", "grad", "grad_logits");
   const c10::cuda::CUDAGuard guard(grad_logits.device());
   const at::Tensor gl = grad_logits.contiguous();
   at::Tensor out = at::empty(gl.sizes(), gl.options());

@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "exml_fast/cuda_reduce.cuh"
 #include "exml_fast/image_priors_common.h"
 
 namespace exml_fast {
@@ -50,32 +51,6 @@ struct Geo {
   int64_t c, h, w, sn, sc, sh, sw;
   int64_t tiles_w, tiles_per_plane;
 };
-
-// Sums kPriorSums values over a block of kWarps warps (1-D or 2-D); thread 0 gets
-// the result. Fixed order.
-template <typename acc_t>
-__device__ void block_sum(acc_t (&v)[kPriorSums], acc_t (*shared)[kPriorSums]) {
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  const int lane = tid % 32, warp = tid / 32;
-#pragma unroll
-  for (int m = 0; m < kPriorSums; ++m) {
-    for (int delta = 16; delta > 0; delta >>= 1) v[m] += __shfl_down_sync(0xffffffffu, v[m], delta);
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int m = 0; m < kPriorSums; ++m) shared[warp][m] = v[m];
-  }
-  __syncthreads();
-  if (tid == 0) {
-#pragma unroll
-    for (int m = 0; m < kPriorSums; ++m) {
-      acc_t s = shared[0][m];
-      for (int q = 1; q < kWarps; ++q) s += shared[q][m];
-      v[m] = s;
-    }
-  }
-  __syncthreads();  // `shared` may be reused by the caller's next reduction
-}
 
 // Stages rows x cols of plane `base` starting at (i_org, j_org), zero outside.
 template <typename scalar_t, typename acc_t>
@@ -162,7 +137,7 @@ __global__ void __launch_bounds__(kThreads)
       v[7] += d4 * d4;
     }
   }
-  block_sum(v, red);
+  cuda_reduce::block_sum_n<kThreads>(v, red);  // thread 0 gets the sums
   if (threadIdx.x == 0 && threadIdx.y == 0) {
 #pragma unroll
     for (int m = 0; m < kPriorSums; ++m) partial[static_cast<int64_t>(blockIdx.x) * kPriorSums + m] = static_cast<double>(v[m]);
@@ -182,7 +157,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int m = 0; m < kPriorSums; ++m) v[m] += p[b * kPriorSums + m];
   }
-  block_sum(v, red);
+  cuda_reduce::block_sum_n<kThreads>(v, red);  // thread 0 gets the sums
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int m = 0; m < kPriorSums; ++m) sums[blockIdx.x * kPriorSums + m] = v[m];
@@ -202,7 +177,7 @@ __device__ void batch_totals(const double* __restrict__ sums, int64_t n,
 #pragma unroll
     for (int m = 0; m < kPriorSums; ++m) tot[m] += sums[s * kPriorSums + m];
   }
-  block_sum(tot, red);
+  cuda_reduce::block_sum_n<kThreads>(tot, red);
 }
 
 template <typename acc_t>
@@ -224,7 +199,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int m = 0; m < kPriorSums; ++m) nb[m] = 0;
   if (blur_norm) {
     for (int64_t s = threadIdx.x; s < n; s += kThreads) nb[8] += ::sqrt(sums[s * kPriorSums + 8]);
-    block_sum(nb, red);
+    cuda_reduce::block_sum_n<kThreads>(nb, red);
   }
   if (threadIdx.x == 0) {
     priors_output_row<acc_t>(tot, pairs.p, static_cast<double>(n), blur_norm ? nb[8] : tot[8], out);

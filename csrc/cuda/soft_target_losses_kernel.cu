@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "exml_fast/cuda_reduce.cuh"
 #include "exml_fast/soft_target_losses.h"
 
 namespace exml_fast {
@@ -35,43 +36,32 @@ using losses::kNone;
 
 constexpr int kBlock = 256;
 
+// Sum / max over the TPR threads of a row: a warp (TPR = 32, no shared memory
+// used) or the whole block (TPR = kBlock; every thread gets the result).
 template <int TPR, typename T>
-__device__ __forceinline__ T group_sum(T v, double* sh) {
-  for (int o = (TPR < 32 ? TPR : 32) / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if constexpr (TPR > 32) {
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    __syncthreads();  // sh may still be read by a previous reduction
-    if (l == 0) sh[w] = static_cast<double>(v);
-    __syncthreads();
-    T s = 0;
-    for (int i = 0; i < TPR / 32; ++i) s += static_cast<T>(sh[i]);
-    v = s;
+__device__ __forceinline__ T group_sum(T v, T* sh) {
+  if constexpr (TPR <= 32) {
+    return cuda_reduce::warp_sum<TPR>(v);
+  } else {
+    static_assert(TPR == kBlock, "a row spans one warp or the whole block");
+    return cuda_reduce::block_sum<TPR>(v, sh);
   }
-  return v;
 }
 
 template <int TPR, typename T>
-__device__ __forceinline__ T group_max(T v, double* sh) {
-  for (int o = (TPR < 32 ? TPR : 32) / 2; o > 0; o >>= 1) {
-    const T u = __shfl_xor_sync(0xffffffffu, v, o);
-    v = u > v ? u : v;
+__device__ __forceinline__ T group_max(T v, T* sh) {
+  if constexpr (TPR <= 32) {
+    return cuda_reduce::warp_max<TPR>(v);
+  } else {
+    static_assert(TPR == kBlock, "a row spans one warp or the whole block");
+    return cuda_reduce::block_max<TPR>(v, sh);
   }
-  if constexpr (TPR > 32) {
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    __syncthreads();
-    if (l == 0) sh[w] = static_cast<double>(v);
-    __syncthreads();
-    T m = static_cast<T>(sh[0]);
-    for (int i = 1; i < TPR / 32; ++i) m = static_cast<T>(sh[i]) > m ? static_cast<T>(sh[i]) : m;
-    v = m;
-  }
-  return v;
 }
 
 // log-sum-exp of row p[0..len) * inv_t; NaN in the row reaches the sum via exp.
 template <int TPR, typename scalar_t, typename acc_t>
 __device__ acc_t row_lse(const scalar_t* __restrict__ p, int64_t len, acc_t inv_t, int lane,
-                         double* sh) {
+                         acc_t* sh) {
   acc_t m = -INFINITY;
   for (int64_t k = lane; k < len; k += TPR) {
     const acc_t z = static_cast<acc_t>(p[k]) * inv_t;
@@ -102,7 +92,7 @@ __global__ void soft_ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t xs,
                                    const scalar_t* __restrict__ t, int64_t ts, int64_t rows,
                                    int64_t len, acc_t inv_t, acc_t* __restrict__ saved,
                                    acc_t* __restrict__ row_loss) {
-  __shared__ double sh[kBlock / 32];
+  __shared__ acc_t sh[kBlock / 32];
   const RowIdx ri = row_of_thread<TPR>();
   if (ri.row >= rows) return;  // whole groups only (TPR = 256 never returns here)
   const scalar_t* xr = x + ri.row * xs;
@@ -151,7 +141,7 @@ __global__ void kd_fwd_kernel(const scalar_t* __restrict__ s, int64_t ss,
                               const scalar_t* __restrict__ t, int64_t ts, int64_t rows,
                               int64_t len, acc_t inv_t, acc_t* __restrict__ saved,
                               acc_t* __restrict__ row_loss, acc_t* __restrict__ gf) {
-  __shared__ double sh[kBlock / 32];
+  __shared__ acc_t sh[kBlock / 32];
   const RowIdx ri = row_of_thread<TPR>();
   if (ri.row >= rows) return;
   const scalar_t* sr = s + ri.row * ss;
@@ -243,7 +233,7 @@ __global__ void js_fwd_kernel(const scalar_t* __restrict__ a, int64_t as,
                               int64_t len, acc_t inv_t, acc_t lo, acc_t hi, acc_t log_lo,
                               acc_t log_hi, acc_t* __restrict__ saved,
                               acc_t* __restrict__ row_loss) {
-  __shared__ double sh[kBlock / 32];
+  __shared__ acc_t sh[kBlock / 32];
   const RowIdx ri = row_of_thread<TPR>();
   if (ri.row >= rows) return;
   const scalar_t* ar = a + ri.row * as;
@@ -283,7 +273,7 @@ __global__ void js_bwd_kernel(const acc_t* __restrict__ g, acc_t scale, const sc
                               int64_t len, acc_t inv_t, acc_t lo, acc_t hi, acc_t log_lo,
                               acc_t log_hi, const acc_t* __restrict__ saved,
                               scalar_t* __restrict__ ga, scalar_t* __restrict__ gb) {
-  __shared__ double sh[kBlock / 32];
+  __shared__ acc_t sh[kBlock / 32];
   const RowIdx ri = row_of_thread<TPR>();
   if (ri.row >= rows) return;
   const acc_t w = *g * scale;  // the upstream gradient, read on the device: no host sync
@@ -320,16 +310,11 @@ __global__ void js_bwd_kernel(const acc_t* __restrict__ g, acc_t scale, const sc
 template <typename scalar_t, typename acc_t>
 __global__ void finish_kernel(const acc_t* __restrict__ row_loss, int64_t rows, double scale,
                               scalar_t* __restrict__ out) {
-  __shared__ double sh[kBlock];
+  __shared__ double sh[kBlock / 32];
   double s = 0;
   for (int64_t r = threadIdx.x; r < rows; r += kBlock) s += static_cast<double>(row_loss[r]);
-  sh[threadIdx.x] = s;
-  __syncthreads();
-  for (int o = kBlock / 2; o > 0; o >>= 1) {
-    if (threadIdx.x < o) sh[threadIdx.x] += sh[threadIdx.x + o];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) out[0] = static_cast<scalar_t>(sh[0] * scale);
+  s = cuda_reduce::block_sum<kBlock>(s, sh);
+  if (threadIdx.x == 0) out[0] = static_cast<scalar_t>(s * scale);
 }
 
 // ---- host ---------------------------------------------------------------------------
@@ -347,10 +332,6 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
     }                                                                                        \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                          \
   } while (0)
-
-void check_cuda(const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(x.is_cuda(), op, " (CUDA kernel): ", name, " must be a CUDA tensor");
-}
 
 template <typename scalar_t, typename acc_t>
 void finish(const at::Tensor& row_loss, int64_t rows, int64_t reduction, double extra,
@@ -377,7 +358,7 @@ std::tuple<at::Tensor, at::Tensor> soft_ce_cuda(const at::Tensor& logits,
                                                 int64_t reduction) {
   losses::check_pair(logits, target, temperature, kSoftCe, "logits", "target_probs");
   losses::check_reduction(reduction, kSoftCe);
-  check_cuda(logits, kSoftCe, "logits");
+  check_kernel_device(logits, at::kCUDA, kSoftCe, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
   const losses::Rows x = losses::as_rows(logits), t = losses::as_rows(target);
   const int64_t rows = logits.size(0), len = logits.size(1);
@@ -409,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor> soft_ce_backward_cuda(const at::Tensor& grad,
   losses::check_pair(logits, target, temperature, kSoftCeBwd, "logits", "target_probs");
   losses::check_reduction(reduction, kSoftCeBwd);
   losses::check_backward(grad, saved, logits, reduction, 2, kSoftCeBwd);
-  check_cuda(logits, kSoftCeBwd, "logits");
+  check_kernel_device(logits, at::kCUDA, kSoftCeBwd, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
   const losses::Rows x = losses::as_rows(logits), t = losses::as_rows(target);
   const int64_t rows = logits.size(0), len = logits.size(1);
@@ -436,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_cuda(const at::Tensor& student
                                                        const at::Tensor& teacher,
                                                        double temperature, bool save_grad) {
   losses::check_pair(student, teacher, temperature, kKd, "student_logits", "teacher_logits");
-  check_cuda(student, kKd, "student_logits");
+  check_kernel_device(student, at::kCUDA, kKd, "student_logits");
   const c10::cuda::CUDAGuard guard(student.device());
   const losses::Rows s = losses::as_rows(student), t = losses::as_rows(teacher);
   const int64_t rows = student.size(0), len = student.size(1);
@@ -469,7 +450,7 @@ std::tuple<at::Tensor, at::Tensor> kd_backward_cuda(const at::Tensor& grad,
   losses::check_pair(student, teacher, temperature, kKdBwd, "student_logits", "teacher_logits");
   losses::check_backward(grad, saved, student, kMean, 3, kKdBwd);
   losses::check_kd_grad_factor(grad_factor, student, teacher_grad, kKdBwd);
-  check_cuda(student, kKdBwd, "student_logits");
+  check_kernel_device(student, at::kCUDA, kKdBwd, "student_logits");
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t rows = student.size(0), len = student.size(1);
   at::Tensor gs = at::empty({rows, len}, student.options());
@@ -508,7 +489,7 @@ std::tuple<at::Tensor, at::Tensor> js_cuda(const at::Tensor& a, const at::Tensor
                                            double temperature, double lo, double hi) {
   losses::check_pair(a, b, temperature, kJs, "logits_a", "logits_b");
   losses::check_clamp(lo, hi, kJs);
-  check_cuda(a, kJs, "logits_a");
+  check_kernel_device(a, at::kCUDA, kJs, "logits_a");
   const c10::cuda::CUDAGuard guard(a.device());
   const losses::Rows ra = losses::as_rows(a), rb = losses::as_rows(b);
   const int64_t rows = a.size(0), len = a.size(1);
@@ -539,7 +520,7 @@ std::tuple<at::Tensor, at::Tensor> js_backward_cuda(const at::Tensor& grad, cons
   losses::check_pair(a, b, temperature, kJsBwd, "logits_a", "logits_b");
   losses::check_clamp(lo, hi, kJsBwd);
   losses::check_backward(grad, saved, a, kMean, 2, kJsBwd);
-  check_cuda(a, kJsBwd, "logits_a");
+  check_kernel_device(a, at::kCUDA, kJsBwd, "logits_a");
   const c10::cuda::CUDAGuard guard(a.device());
   const losses::Rows ra = losses::as_rows(a), rb = losses::as_rows(b);
   const int64_t rows = a.size(0), len = a.size(1);

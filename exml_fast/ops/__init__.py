@@ -1,5 +1,27 @@
 """Fused ops. Each runs the compiled CPU/CUDA kernel when exml_fast._C is
-loaded and its pure-PyTorch reference (exml_fast.reference) otherwise."""
+loaded and its pure-PyTorch reference (exml_fast.reference) otherwise.
+
+How an op is registered (the rule every module here follows):
+
+- The schema of `exml_fast::<op>` is defined in C++ (csrc/ops/<op>.cpp); its
+  backward is an op of its own, `exml_fast::_<op>_backward`, with CPU and CUDA
+  kernels like the forward's.
+- `exml_fast/ops/<op>.py` holds the public wrapper and a `_register()` that
+  gives every compiled op, the backward ops included, a fake kernel
+  (`torch.library.register_fake`, so `torch.compile` traces it) and wires the
+  forward to `_<op>_backward` with `torch.library.register_autograd`. A
+  backward op that has no derivative of its own registers an autograd that
+  raises (double backward refused with a clear error, never silently wrong).
+- `_register()` runs only when `_C` loaded (`if _ext.has_ops(): _register()`):
+  importing the package never fails for want of the compiled library.
+- The one sanctioned exception: an op whose per-call cost is small enough that
+  the Python autograd path would dominate it registers its forward's autograd
+  in C++ instead (an Autograd-key kernel in csrc/ops/<op>.cpp that calls
+  `_<op>_backward` through the dispatcher), and says so in both files. The
+  fake kernels stay here. Today: soft_target_cross_entropy, kd_loss,
+  js_divergence (csrc/ops/soft_target_losses.cpp) and ed_loss
+  (csrc/ops/ed_loss.cpp).
+"""
 
 from exml_fast.ops.augment import augment, augment_with_params, draw_augment_params
 from exml_fast.ops.bn_stats import bn_stats, bn_stats_loss

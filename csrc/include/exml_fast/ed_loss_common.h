@@ -1,5 +1,6 @@
 // Host-side pieces shared by the CPU and CUDA kernels of exml_fast::ed_loss:
-// the class-table layout, the mode enums and the argument checks.
+// the class-table layout, the mode enums and the argument checks (on top of
+// checks.h).
 //
 // class_table (int32, length 2 + 7C), built once per class-set pair by
 // exml_fast.ops.ed_loss.ed_class_table:
@@ -20,6 +21,8 @@
 
 #include <cstdint>
 #include <string>
+
+#include "exml_fast/checks.h"
 
 namespace exml_fast {
 
@@ -82,23 +85,15 @@ inline EdNorm parse_ed_norm(const std::string& s) {
   return EdNorm::kStandardize;
 }
 
-inline bool is_float_dtype(const at::Tensor& t) {
-  const auto s = t.scalar_type();
-  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
-}
-
 // Shape, dtype and device checks (values are checked by the kernels / wrapper).
 inline void check_ed_args(const at::Tensor& logits, const at::Tensor& labels,
                           const at::Tensor& expert, const c10::optional<at::Tensor>& prev,
                           const at::Tensor& table, const c10::optional<at::Tensor>& task_ids,
                           const c10::optional<at::Tensor>& task_heads) {
   constexpr const char* op = "exml_fast::ed_loss";
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must have shape (B, C); got ", logits.sizes());
-  TORCH_CHECK(is_float_dtype(logits), op, ": logits must be float32, float64, float16 or "
-              "bfloat16; got ", logits.scalar_type());
+  check_logits_matrix(logits, op, "logits", "(B, C)");
   const int64_t b = logits.size(0), c = logits.size(1);
-  TORCH_CHECK(b > 0 && c > 0, op, ": logits must have at least one row and one column; got ",
-              logits.sizes());
+  TORCH_CHECK(b > 0, op, ": logits must have at least one row; got sizes ", logits.sizes());
   TORCH_CHECK(c < (int64_t{1} << 30), op, ": too many classes (", c, ")");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == b && labels.scalar_type() == at::kLong,
               op, ": labels must be an int64 tensor of shape (", b, ",); got ",
@@ -129,16 +124,23 @@ inline void check_ed_args(const at::Tensor& logits, const at::Tensor& labels,
                 op, ": task_heads must be a bool tensor of shape (T, ", c, "); got ",
                 task_heads->scalar_type(), " ", task_heads->sizes());
   }
-  const auto dev = logits.device();
-  bool same = labels.device() == dev && expert.device() == dev && table.device() == dev;
-  if (prev.has_value()) same = same && prev->device() == dev;
-  if (task_ids.has_value()) same = same && task_ids->device() == dev && task_heads->device() == dev;
-  TORCH_CHECK(same, op, ": every tensor argument must be on logits' device (", dev, ")");
+  check_same_device(labels, logits, op, "labels", "logits");
+  check_same_device(expert, logits, op, "expert_logits", "logits");
+  if (prev.has_value()) check_same_device(*prev, logits, op, "prev_logits", "logits");
+  check_same_device(table, logits, op, "class_table", "logits");
+  if (task_ids.has_value()) {
+    check_same_device(*task_ids, logits, op, "task_ids", "logits");
+    check_same_device(*task_heads, logits, op, "task_heads", "logits");
+  }
 }
 
-// A 2-D tensor whose columns are contiguous (row stride free), else a copy.
-inline at::Tensor rows_dense(const at::Tensor& t) {
-  return (t.stride(1) == 1 || t.size(1) == 1) ? t : t.contiguous();
+// The checks of _ed_loss_backward's arguments common to its kernels.
+inline void check_ed_backward_args(const at::Tensor& grad, const at::Tensor& grad_logits) {
+  constexpr const char* op = "exml_fast::_ed_loss_backward";
+  TORCH_CHECK(grad.numel() == 1, op, ": grad must be a scalar; got ", grad.sizes());
+  TORCH_CHECK(grad_logits.dim() == 2 && is_float_dtype(grad_logits), op,
+              ": grad_logits must be a floating (B, C) tensor; got ", grad_logits.scalar_type(),
+              " ", grad_logits.sizes());
 }
 
 }  // namespace exml_fast

@@ -1,6 +1,7 @@
 // Host-side helpers shared by the CPU and CUDA kernels of the row-wise
 // distillation losses (soft_target_cross_entropy, kd_loss, js_divergence):
-// argument checks, the row geometry and the allocation of outputs.
+// argument checks (on top of checks.h), the row geometry and the allocation of
+// outputs.
 //
 // Every op reads logits of shape (B, K) row by row; rows may have any stride,
 // the last dim must be unit-stride (else one contiguous copy is taken).
@@ -23,6 +24,8 @@
 #include <cstdint>
 #include <optional>
 
+#include "exml_fast/checks.h"
+
 namespace exml_fast {
 namespace losses {
 
@@ -41,25 +44,16 @@ struct Rows {
 
 inline Rows as_rows(const at::Tensor& x) {
   Rows r;
-  r.storage = (x.size(1) <= 1 || x.stride(1) == 1) ? x : x.contiguous();
+  r.storage = rows_dense(x);
   r.row_stride = r.storage.size(0) <= 1 ? r.storage.size(1) : r.storage.stride(0);
   return r;
-}
-
-inline void check_logits(const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must have shape (B, K); got ", x.dim(),
-              " dims with sizes ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": ", name,
-              " must be float32, float64, float16 or bfloat16; got ", x.scalar_type());
-  TORCH_CHECK(x.size(1) > 0, op, ": ", name, " must have at least one class (K >= 1); got sizes ",
-              x.sizes());
 }
 
 // Checks a pair of (B, K) operands of one op: shapes, dtypes, devices, temperature.
 inline void check_pair(const at::Tensor& a, const at::Tensor& b, double temperature,
                        const char* op, const char* name_a, const char* name_b) {
-  check_logits(a, op, name_a);
-  check_logits(b, op, name_b);
+  check_logits_matrix(a, op, name_a, "(B, K)");
+  check_logits_matrix(b, op, name_b, "(B, K)");
   TORCH_CHECK(a.sizes() == b.sizes(), op, ": ", name_a, " and ", name_b,
               " must have the same shape; got ", a.sizes(), " and ", b.sizes());
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", name_a, " and ", name_b,
