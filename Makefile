@@ -103,9 +103,9 @@ demo: build
 	$(PY) -m exml_fast demo
 
 demo-inversion: build
-	$(PY) -m exml_fast.demo
+	$(PY) -m exml_fast.experiments.demo_inversion
 
-BENCHES := bn_stats priors losses dirichlet augment
+BENCHES := bn_stats image_priors soft_target_losses dirichlet augment
 E2E_BENCHES := synthesis data_impressions
 
 bench: build

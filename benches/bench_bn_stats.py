@@ -29,8 +29,8 @@ import exml_fast
 from exml_fast import BNStatsMatcher, ops
 from exml_fast import reference as ref
 from exml_fast.models import resnet18_cifar
-from exml_fast.ops.priors import image_priors
-from exml_fast.reference.bn_hooks import deepinversion_bn_loss, deepinversion_bn_loss_hooks
+from exml_fast.ops.image_priors import image_priors
+from exml_fast.reference.public.bn_hooks import deepinversion_bn_loss, deepinversion_bn_loss_hooks
 
 from benchlib import (RESULTS, env_markdown, environment, interleaved_samples, median,
                       median_seconds, record)

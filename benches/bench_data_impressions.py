@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from exml_fast._io import atomic_write
+from exml_fast._utils.io import atomic_write
 from exml_fast.data import DATASET_STATS, find_data_root, mnist_tensors
 from exml_fast.models import LeNet5, LeNet5Half
 from exml_fast.synth import DataImpressions, SyntheticBatch

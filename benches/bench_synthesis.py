@@ -9,7 +9,7 @@ first-layer multiplier, as the CIFAR script) + l2 TV + ||x||_2, Adam, jitter 2,
 flip, no pixel clipping (the CIFAR script does not clip; mean/std = None).
 
 Variants, each with its own deep copy of the teacher:
-  public   exml_fast.reference.deepinversion_public.public_deepinversion
+  public   exml_fast.reference.public.deepinversion.public_deepinversion
            (forward hooks, permute-contiguous variance, weight gradients
            computed and discarded, a loss.item() sync per iteration), fp32;
   public+compile (CUDA only, unless --no-compile) the same with the teacher
@@ -62,7 +62,7 @@ from torch import nn
 
 import exml_fast
 from exml_fast.models import resnet18_cifar, resnet34_cifar
-from exml_fast.reference.deepinversion_public import public_deepinversion
+from exml_fast.reference.public.deepinversion import public_deepinversion
 
 from benchlib import env_markdown, environment, median, op_parser, record, timed_call
 

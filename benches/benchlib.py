@@ -20,7 +20,7 @@ import torch
 from torch.utils import benchmark
 
 import exml_fast
-from exml_fast._util import device_name, git_commit  # noqa: F401 - the scripts import them from here
+from exml_fast._utils.provenance import device_name, git_commit  # noqa: F401 - the scripts import them from here
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benches" / "results"

@@ -74,8 +74,8 @@ NEEDED_MODULES = ("pytest", "numpy", "tqdm", "safetensors", "yaml", "matplotlib"
 #: reference in fp32, the CUDA-vs-CPU comparisons, the Philox known answers). The test
 #: that turns on torch's sync debug mode is left out: without the caching allocator
 #: (see `sanitizer_step`) every free synchronises.
-SANITIZER_FILES = ("test_bn_stats.py", "test_image_priors.py", "test_losses.py", "test_ed_loss.py",
-                   "test_dirichlet.py", "test_augment.py")
+SANITIZER_FILES = ("ops/test_bn_stats.py", "ops/test_image_priors.py", "ops/test_soft_target_losses.py",
+                   "ops/test_ed_loss.py", "ops/test_dirichlet.py", "ops/test_augment.py")
 SANITIZER_K = ("((matches_reference and float32) or cuda_matches_cpu or philox or dirichlet_rows_sum_to_one)"
                " and not generator_device")
 
@@ -83,8 +83,8 @@ SANITIZER_K = ("((matches_reference and float32) or cuda_matches_cpu or philox o
 BENCHES = (
     ("bn_stats", "bench_bn_stats.py",
      ["--batches", "64", "--min-run-time", "0.2", "--step-run-time", "1"], "bn_stats_cuda"),
-    ("priors", "bench_priors.py", ["--min-run-time", "0.2"], "priors_cuda"),
-    ("losses", "bench_losses.py", ["--quick"], "losses_cuda_quick"),
+    ("image_priors", "bench_image_priors.py", ["--min-run-time", "0.2"], "image_priors_cuda"),
+    ("soft_target_losses", "bench_soft_target_losses.py", ["--quick"], "soft_target_losses_cuda_quick"),
     ("dirichlet", "bench_dirichlet.py", ["--quick"], "dirichlet_cuda_quick"),
     ("augment", "bench_augment.py", ["--quick"], "augment_cuda_float32_quick"),
     ("synthesis", "bench_synthesis.py", ["--quick"], "synthesis_cuda_quick"),
@@ -420,7 +420,7 @@ def find_ninja(python: str) -> str | None:
 def git_commit() -> str:
     """HEAD's (short) hash, "+dirty" when tracked files outside benches/results changed; "unknown" without git.
 
-    (exml_fast._util.git_commit says the same, but importing exml_fast needs torch, which
+    (exml_fast._utils.provenance.git_commit says the same, but importing exml_fast needs torch, which
     this script must do without to report its absence.)
     """
     try:

@@ -123,8 +123,8 @@ def per_unit(device: str, synth_batch: int, k1: int, k2: int) -> dict[str, float
                                                                                                 synth_batch)
 
     # The same MI synthesis with PyTorch's convolution backward (the input-gradient swap off), to record
-    # what exml_fast.synth._conv saves; interleaved with the swap on, so the ratio is of one run.
-    from exml_fast.synth import _conv
+    # what exml_fast.synth.input_grad_conv saves; interleaved with the swap on, so the ratio is of one run.
+    from exml_fast.synth import input_grad_conv as _conv
 
     synth = synths["synthesis MI (image-steps)"]
 
@@ -142,7 +142,7 @@ def per_unit(device: str, synth_batch: int, k1: int, k2: int) -> dict[str, float
     out["input-gradient swap: speed-up of an MI step"] = benchlib.median(ratios)
 
     # Distillation: ExModelDistillation's loop on the second experience (a previous model exists).
-    from exml_fast.strategies import ExModelDistillation
+    from exml_fast.cl.strategies import ExModelDistillation
 
     def distil(k):
         ed = ExModelDistillation(build_model("lenet5"), generator=_RandomSource(), buffer_size=1000, iterations=k,
@@ -167,7 +167,7 @@ def top_ops(device: str, synth_batch: int) -> dict[str, str]:
     """torch.profiler tables (self time) of 20 synthesis steps and 100 distillation steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    from exml_fast.strategies import ExModelDistillation
+    from exml_fast.cl.strategies import ExModelDistillation
 
     dev = torch.device(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     swap = unit.pop("input-gradient swap: speed-up of an MI step")
     lines.append("")
     lines.append(f"Synthesis with PyTorch's own convolution backward instead of the input-gradient convolution "
-                 f"(exml_fast.synth._conv) costs {swap:.2f}x as much per MI step (median of 3 interleaved rounds).")
+                 f"(exml_fast.synth.input_grad_conv) costs {swap:.2f}x as much per MI step (median of 3 interleaved rounds).")
     table = "\n".join(lines)
     print(table)
     tables = top_ops(device, args.synth_batch)

@@ -22,7 +22,7 @@ Public entry points:
 
 from exml_fast._ext import build_info, has_ops
 from exml_fast import ops, reference
-from exml_fast.matcher import BNStatsMatcher
+from exml_fast.synth.matcher import BNStatsMatcher
 from exml_fast import synth
 from exml_fast.checkpoint import ModelInfo, load_model, save_model
 from exml_fast.synth import (AuxiliaryData, DataImpressions, DeepInversion, ModelInversion, SyntheticBatch,
@@ -30,13 +30,13 @@ from exml_fast.synth import (AuxiliaryData, DataImpressions, DeepInversion, Mode
 from exml_fast.training import distill
 from exml_fast.viz import save_grid
 from exml_fast.models import build_model, register_arch
-from exml_fast.experts import Expert, ExpertError, ExpertStream
-from exml_fast.scenarios import SCENARIOS, Experience, Scenario, make_scenario, train_experts
-from exml_fast.buffer import SyntheticBuffer
-from exml_fast.metrics import StreamResult, summary_table
-from exml_fast.strategies import (EnsembleAverage, ExModelDistillation, MinEntropyEnsemble, OracleEnsemble,
+from exml_fast.cl.experts import Expert, ExpertError, ExpertStream
+from exml_fast.cl.scenarios import SCENARIOS, Experience, Scenario, make_scenario, train_experts
+from exml_fast.cl.buffer import SyntheticBuffer
+from exml_fast.cl.metrics import StreamResult, summary_table
+from exml_fast.cl.strategies import (EnsembleAverage, ExModelDistillation, MinEntropyEnsemble, OracleEnsemble,
                                   ParameterAverage, RealReplay, SynthesizerGenerator)
-from exml_fast.engine import run_stream
+from exml_fast.cl.engine import run_stream
 
 __version__ = "0.1.0"
 

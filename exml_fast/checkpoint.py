@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from exml_fast._io import atomic_write, load_torch_bytes
+from exml_fast._utils.io import atomic_write, load_torch_bytes
 from exml_fast.models import ARCHS, build_model
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "ModelInfo", "load_model", "save_model", "state_dict_sha256"]
@@ -162,7 +162,7 @@ def save_model(
                          f"list/dict values): {e}") from e
 
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-    _check_state_dict(state, build_model(arch, num_classes=num_classes, in_channels=in_channels), arch=arch,
+    check_state_dict(state, build_model(arch, num_classes=num_classes, in_channels=in_channels), arch=arch,
                       num_classes=num_classes, in_channels=in_channels, where="save_model")
     payload = {
         "format": FORMAT,
@@ -182,7 +182,7 @@ def save_model(
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def _check_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, *, arch: str, num_classes: int,
+def check_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, *, arch: str, num_classes: int,
                       in_channels: int, where: str) -> None:
     """Raises CheckpointError when ``state``'s names or shapes differ from those of ``model`` (built from arch).
 
@@ -252,7 +252,7 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
     if state_dict_sha256(state) != digest:
         raise CheckpointError(f"{path}: the weights do not match their stored sha256 (corrupt file)")
     model = build_model(arch, num_classes=num_classes, in_channels=in_channels)
-    _check_state_dict(state, model, arch=arch, num_classes=num_classes, in_channels=in_channels, where=path)
+    check_state_dict(state, model, arch=arch, num_classes=num_classes, in_channels=in_channels, where=path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # dtype or other mismatch the name/shape check did not catch

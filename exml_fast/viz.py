@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from exml_fast._io import atomic_write
+from exml_fast._utils.io import atomic_write
 
 __all__ = ["save_grid", "to_unit_range"]
 

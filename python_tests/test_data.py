@@ -10,7 +10,7 @@ import struct
 import pytest
 import torch
 
-from exml_fast import data
+from exml_fast.data import datasets as data
 
 FILES = (
     "train-images-idx3-ubyte.gz",

@@ -466,6 +466,6 @@ def test_d(device): ...
 
 def test_every_cuda_test_carries_the_cuda_marker():
     """gpu-check runs `pytest -m cuda`: a CUDA test without the marker would never run there."""
-    missing = [f"{path.name}::{name}" for path in sorted((ROOT / "python_tests").glob("test_*.py"))
+    missing = [f"{path.name}::{name}" for path in sorted((ROOT / "python_tests").rglob("test_*.py"))
                for name in unmarked_cuda_tests(path.read_text())]
     assert not missing, f"CUDA tests without @pytest.mark.cuda: {missing}"

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from exml_fast.synth.base import Synthesizer, _derive_seed, eval_mode
+from exml_fast.synth.base import Synthesizer, batch_seed, eval_mode
 from exml_fast.synth.batch import SyntheticBatch
 
 __all__ = ["AuxiliaryData"]
@@ -110,7 +110,7 @@ class AuxiliaryData(Synthesizer):
         # One permutation of the dataset for the whole job, from the job's seed alone,
         # so batch b draws the same items whether or not the job was resumed.
         self._perm = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(
-            _derive_seed(seed, -1)))
+            batch_seed(seed, -1)))
         return super()._run(labels, bounds, iterations, seed, store, progress)
 
     def _synthesize_batch(self, labels, *, iterations, generator, offset, progress) -> SyntheticBatch:

@@ -7,16 +7,15 @@ import hashlib
 import math
 import numbers
 import os
-import sys
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from exml_fast._util import SEED_MAX, derive_seed
-from exml_fast.synth.batch import MANIFEST, ShardStore, SyntheticBatch, _batch_bounds, _read_manifest
+from exml_fast._utils.progress import Progress
+from exml_fast._utils.provenance import SEED_MAX, derive_seed
+from exml_fast.synth.batch import MANIFEST, ShardStore, SyntheticBatch, batch_bounds, read_manifest
 
 __all__ = ["Synthesizer"]
 
@@ -71,7 +70,7 @@ def teacher_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _derive_seed(base: int, index: int) -> int:
+def batch_seed(base: int, index: int) -> int:
     return derive_seed("exml_fast.synth", base, index)
 
 
@@ -86,46 +85,6 @@ def _base_seed(generator, owner: str) -> int:
             raise ValueError(f"{owner}: an int generator (seed) must be >= 0; got {generator}")
         return generator & SEED_MAX
     return int(torch.randint(0, SEED_MAX, (1,), generator=generator, device=generator.device).item())
-
-
-class _Progress:
-    """A tqdm bar (plain lines when tqdm is missing or progress is off-terminal and disabled)."""
-
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.enabled = enabled
-        self.bar = None
-        self._last_print = 0.0
-        self.total = total
-        self.done = 0
-        self.desc = desc
-        if not enabled:
-            return
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # optional at run time: fall back to a line every few seconds
-            return
-        self.bar = tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True, leave=True)
-
-    def update(self, k: int, postfix: dict[str, float] | None = None, desc: str | None = None) -> None:
-        self.done += k
-        if not self.enabled:
-            return
-        text = "" if postfix is None else ", ".join(f"{key}={v:.4g}" for key, v in postfix.items())
-        if self.bar is not None:
-            if desc is not None:
-                self.bar.set_description(desc, refresh=False)
-            if postfix is not None:
-                self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(k)
-            return
-        now = time.monotonic()
-        if now - self._last_print >= 5.0 or self.done >= self.total:
-            self._last_print = now
-            print(f"{desc or self.desc}: {self.done}/{self.total} {text}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 class Synthesizer:
@@ -318,7 +277,7 @@ class Synthesizer:
             raise ValueError(f"{owner}.synthesize: iterations must be None ({owner} does not optimise)")
         batch_size = self.batch_size if batch_size is None else self._check_batch_size(batch_size, owner)
         labels, given = self._labels(n, classes)
-        bounds = _batch_bounds(n, batch_size)
+        bounds = batch_bounds(n, batch_size)
 
         store = None
         if save_to is not None:
@@ -338,7 +297,7 @@ class Synthesizer:
 
     def _run(self, labels, bounds, iterations, seed, store, progress) -> Iterator[SyntheticBatch]:
         steps_per_batch = iterations if self.optimizes else 1
-        bar = _Progress(len(bounds) * steps_per_batch, self.method, progress)
+        bar = Progress(len(bounds) * steps_per_batch, self.method, progress)
         try:
             for b, (start, stop) in enumerate(bounds):
                 desc = f"{self.method} {b + 1}/{len(bounds)}"
@@ -348,7 +307,7 @@ class Synthesizer:
                         bar.update(steps_per_batch, desc=desc + " (on disk)")
                         yield done.to(self.device)
                         continue
-                gen = torch.Generator().manual_seed(_derive_seed(seed, b))
+                gen = torch.Generator().manual_seed(batch_seed(seed, b))
                 # Hooks and model modes are set per batch (in _synthesize_batch), so
                 # nothing of the job is attached to the teacher while a batch is yielded.
                 batch = self._synthesize_batch(
@@ -371,7 +330,7 @@ class Synthesizer:
 def _existing_seed(folder) -> int | None:
     if not os.path.exists(os.path.join(os.fspath(folder), MANIFEST)):
         return None
-    return _read_manifest(os.fspath(folder))["job"].get("seed")
+    return read_manifest(os.fspath(folder))["job"].get("seed")
 
 
 def _jsonable(obj):

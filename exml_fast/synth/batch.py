@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from exml_fast._io import atomic_write
+from exml_fast._utils.io import atomic_write
 
 __all__ = ["SyntheticBatch", "load_synthetic"]
 
@@ -130,7 +130,7 @@ class SyntheticBatch:
         )
 
 
-def _shard_name(index: int) -> str:
+def shard_name(index: int) -> str:
     return f"shard_{index:05d}.pt"
 
 
@@ -149,7 +149,7 @@ class ShardStore:
             raise ValueError(f"save_to: {self.folder!r} exists and is not a folder")
         path = os.path.join(self.folder, MANIFEST)
         if os.path.exists(path):
-            old = _read_manifest(self.folder)
+            old = read_manifest(self.folder)
             diffs = [k for k in sorted(set(job) | set(old["job"])) if old["job"].get(k) != job.get(k)]
             if diffs:
                 k = diffs[0]
@@ -177,14 +177,14 @@ class ShardStore:
             torch.save(state, buf)
             f.write(buf.getbuffer())
 
-        atomic_write(os.path.join(self.folder, _shard_name(index)), write)
+        atomic_write(os.path.join(self.folder, shard_name(index)), write)
 
     def finish(self) -> None:
         self._write_manifest(complete=True)
 
 
 def _load_shard(folder: str, index: int, rows: int) -> SyntheticBatch | None:
-    path = os.path.join(folder, _shard_name(index))
+    path = os.path.join(folder, shard_name(index))
     if not os.path.exists(path):
         return None
     try:
@@ -194,7 +194,7 @@ def _load_shard(folder: str, index: int, rows: int) -> SyntheticBatch | None:
     return batch if len(batch) == rows else None
 
 
-def _read_manifest(folder: str) -> dict[str, Any]:
+def read_manifest(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, MANIFEST)
     try:
         with open(path, encoding="utf-8") as f:
@@ -219,14 +219,14 @@ def load_synthetic(folder: str | os.PathLike, *, allow_partial: bool = False) ->
             unfinished job raises, so a half-done buffer is never used by mistake.
     """
     folder = os.fspath(folder)
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     job = manifest["job"]
     if not manifest["complete"] and not allow_partial:
         raise ValueError(
             f"load_synthetic: the job in {folder!r} is not finished; rerun it to resume, "
             "or pass allow_partial=True"
         )
-    bounds = _batch_bounds(job["n"], job["batch_size"])
+    bounds = batch_bounds(job["n"], job["batch_size"])
     batches = []
     for i, (start, stop) in enumerate(bounds):
         b = _load_shard(folder, i, stop - start)
@@ -240,5 +240,5 @@ def load_synthetic(folder: str | os.PathLike, *, allow_partial: bool = False) ->
     return SyntheticBatch.cat(batches)
 
 
-def _batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]

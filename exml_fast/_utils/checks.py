@@ -1,0 +1,96 @@
+"""Argument checks shared by every layer: one wording for every error on bad input.
+
+Each check names its owner (the function or class that was called), the argument, what it accepts and what it
+received, and returns the value in the type the caller keeps (``int``, ``float``, a tuple of floats).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["FLOAT_DTYPES", "check_float", "check_int", "per_channel", "refuse_double_backward"]
+
+#: The floating dtypes every op accepts (computed in fp32, or fp64 for fp64 input).
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_int(value: Any, name: str, owner: str, *, low: int | None = None, high: int | None = None) -> int:
+    """``value`` if it is an int (not a bool) in ``[low, high]`` (either bound optional); else ValueError
+    ``"<owner>: <name> must be an int >= low; got value"`` (or ``in [low, high]``, ``<= high``)."""
+    if (isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low)
+            or (high is not None and value > high)):
+        if low is not None and high is not None:
+            bound = f" in [{low}, {high}]"
+        elif low is not None:
+            bound = f" >= {low}"
+        elif high is not None:
+            bound = f" <= {high}"
+        else:
+            bound = ""
+        raise ValueError(f"{owner}: {name} must be an int{bound}; got {value!r}")
+    return value
+
+
+def check_float(value: Any, name: str, owner: str, *, positive: bool = False) -> float:
+    """``float(value)`` if it is a finite real number >= 0 (> 0 with ``positive``); else ValueError
+    ``"<owner>: <name> must be a finite number >= 0; got value"``."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0
+            or (positive and value == 0)):
+        raise ValueError(f"{owner}: {name} must be a finite number {'> 0' if positive else '>= 0'}; got {value!r}")
+    return float(value)
+
+
+def per_channel(value: Any, channels: int, name: str, owner: str, *,
+                positive: bool = False) -> tuple[float, ...] | None:
+    """A per-channel statistic (a normalisation mean or std) as ``channels`` floats.
+
+    ``value`` may be None (returned as is), a number or a 1-element sequence (broadcast to every channel), a
+    sequence or tensor of ``channels`` numbers. Every value must be finite, and > 0 with ``positive`` (a std).
+
+    Raises:
+        TypeError: not a number, a sequence or a tensor.
+        ValueError: another count than 1 or ``channels``, a non-finite value, or a value <= 0 with ``positive``.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a float or a sequence of {channels} floats; got bool")
+    if isinstance(value, numbers.Real):
+        vals = (float(value),) * channels
+    elif isinstance(value, torch.Tensor):
+        vals = tuple(float(v) for v in value.reshape(-1).tolist())
+    else:
+        try:
+            vals = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{owner}: {name} must be a float or a sequence of {channels} floats; "
+                            f"got {type(value).__name__}") from None
+    if len(vals) == 1:
+        vals = vals * channels
+    if len(vals) != channels:
+        raise ValueError(f"{owner}: {name} must have 1 or {channels} (input channels) values; got {len(vals)}")
+    if not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"{owner}: {name} must be finite; got {list(vals)}")
+    if positive and any(v <= 0 for v in vals):
+        raise ValueError(f"{owner}: {name} must be > 0; got {list(vals)}")
+    return vals
+
+
+def refuse_double_backward(op: str, reference: str | None = None) -> Callable[..., Any]:
+    """The autograd of an op's ``_<op>_backward``: first derivatives only.
+
+    Every fused op's backward is its own op; registering this function as that op's autograd makes a second
+    derivative raise a RuntimeError that names the op and, when given, the reference twin to use instead.
+    """
+    hint = f" Use exml_fast.reference.{reference} for higher-order derivatives." if reference else ""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"exml_fast.ops.{op} supports first derivatives only: the gradient of its gradient "
+                           f"(double backward) is not implemented.{hint}")
+
+    return backward

@@ -1,0 +1,48 @@
+"""Progress of long work: a tqdm bar, or a plain line every few seconds when tqdm is missing."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+__all__ = ["Progress"]
+
+
+class Progress:
+    """A tqdm bar (plain lines when tqdm is missing or progress is off-terminal and disabled)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+        self._last_print = 0.0
+        self.total = total
+        self.done = 0
+        self.desc = desc
+        if not enabled:
+            return
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # optional at run time: fall back to a line every few seconds
+            return
+        self.bar = tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True, leave=True)
+
+    def update(self, k: int, postfix: dict[str, float] | None = None, desc: str | None = None) -> None:
+        self.done += k
+        if not self.enabled:
+            return
+        text = "" if postfix is None else ", ".join(f"{key}={v:.4g}" for key, v in postfix.items())
+        if self.bar is not None:
+            if desc is not None:
+                self.bar.set_description(desc, refresh=False)
+            if postfix is not None:
+                self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(k)
+            return
+        now = time.monotonic()
+        if now - self._last_print >= 5.0 or self.done >= self.total:
+            self._last_print = now
+            print(f"{desc or self.desc}: {self.done}/{self.total} {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

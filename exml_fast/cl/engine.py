@@ -1,0 +1,233 @@
+"""The ExML run loop: a strategy meets a stream of experts, is evaluated after each, and checkpoints.
+
+:func:`run_stream` feeds the experts of an :class:`~exml_fast.cl.experts.ExpertStream`
+to a :class:`~exml_fast.cl.strategies.Strategy` one at a time (only the current
+expert in memory), evaluates the strategy on every experience's test set after
+each expert (the accuracy matrix), and — with ``out`` — writes an atomic
+checkpoint after every experience, so a killed run resumes (``resume=True``)
+to the same final numbers as an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from exml_fast._utils.io import atomic_write, load_torch_file
+from exml_fast._utils.provenance import config_diff
+from exml_fast.cl.metrics import StreamResult, accuracy_counts
+
+__all__ = ["CHECKPOINT", "RESULT", "RunError", "evaluate_strategy", "run_stream"]
+
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+_VERSION = 1
+
+
+class RunError(ValueError):
+    """A run folder that cannot be used as asked (another job in it, a finished run, a damaged checkpoint)."""
+
+
+def _task_ids_for(strategy, scenario, j: int, n: int) -> torch.Tensor | None:
+    exp = scenario.experiences[j]
+    if scenario.multi_task:
+        return torch.full((n,), int(exp.task_id), dtype=torch.int64)
+    if strategy.needs_task_labels:
+        return torch.full((n,), j, dtype=torch.int64)
+    return None
+
+
+def _can_answer(strategy, scenario, j: int) -> bool:
+    """Whether the strategy can be asked about experience j now (oracle / task heads: only tasks seen)."""
+    if not (scenario.multi_task or strategy.needs_task_labels):
+        return True
+    if scenario.multi_task:
+        return scenario.experiences[j].task_id in set(strategy.experience_tasks)
+    return j < strategy.experiences_seen
+
+
+def evaluate_strategy(strategy, scenario, *, batch_size: int = 1000) -> tuple[list[float], torch.Tensor, torch.Tensor]:
+    """Accuracy of ``strategy`` on each experience's test set.
+
+    Returns (accuracy per experience — NaN where the strategy cannot answer
+    yet, e.g. the oracle on a task it has not seen —, per-class correct
+    counts, per-class totals) over the experiences it can answer.
+    """
+    k = scenario.num_classes
+    correct_all = torch.zeros(k, dtype=torch.int64)
+    total_all = torch.zeros(k, dtype=torch.int64)
+    row = []
+    for j, exp in enumerate(scenario.experiences):
+        if not _can_answer(strategy, scenario, j):
+            row.append(float("nan"))
+            continue
+        tids = _task_ids_for(strategy, scenario, j, exp.test_y.shape[0])
+        correct, total = accuracy_counts(
+            lambda xb, tb: strategy.predict(xb, task_ids=tb), exp.test_x, exp.test_y, num_classes=k,
+            batch_size=batch_size, task_ids=tids)
+        correct_all += correct
+        total_all += total
+        row.append(float(correct.sum()) / max(1, int(total.sum())))
+    return row, correct_all, total_all
+
+
+def _stream_fingerprint(stream) -> list[str]:
+    return [e["sha256"] for e in stream.entries]
+
+
+def _job(strategy, stream, scenario) -> dict[str, Any]:
+    return json.loads(json.dumps({
+        "version": _VERSION, "strategy": strategy.config(), "experts": _stream_fingerprint(stream),
+        "scenario": scenario.describe(),
+    }, default=str))
+
+
+def _save_checkpoint(path: pathlib.Path, payload: dict[str, Any]) -> None:
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def _load_checkpoint(path: pathlib.Path) -> dict[str, Any]:
+    ckpt = load_torch_file(path, what="run checkpoint (delete it to start the run again)", error=RunError)
+    if not isinstance(ckpt, dict) or not {"job", "strategy", "rows", "timings"} <= set(ckpt):
+        raise RunError(f"{path}: not a run checkpoint of exml_fast.cl.engine (delete it to start the run again)")
+    return ckpt
+
+
+def run_stream(
+    strategy,
+    stream,
+    scenario,
+    *,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    eval_batch_size: int = 1000,
+    plots: bool = True,
+    progress: bool = True,
+    log=print,
+) -> StreamResult:
+    """Trains ``strategy`` on every expert of ``stream`` in order and evaluates it after each.
+
+    Args:
+        strategy: a :class:`~exml_fast.cl.strategies.Strategy`.
+        stream: an :class:`~exml_fast.cl.experts.ExpertStream` (or any sequence
+            of experts with ``entries``); its experts are loaded one at a time.
+        scenario: the :class:`~exml_fast.cl.scenarios.Scenario` the experts were
+            trained on: its test sets are the evaluation (the strategy never
+            sees its training data unless it is Replay ED).
+        out: a folder for ``checkpoint.pt`` (after every experience, atomic),
+            ``result.json`` and the plots. None: nothing is written.
+        resume: continue the run in ``out`` after its last checkpoint (the
+            strategy's config, the experts and the scenario must match the
+            checkpoint's); without it an existing checkpoint is an error.
+        stop_after: stop after this many experiences (a resumable checkpoint
+            stays in ``out``); None: the whole stream.
+        eval_batch_size: test minibatch size.
+        plots: write the accuracy-matrix heatmap, the stream-accuracy curve and
+            (for strategies with a buffer) a grid of buffer samples per experience.
+        progress: progress bars (the strategy's own are set by its constructor).
+        log: called with one line per experience (None: silent).
+
+    Returns:
+        The :class:`~exml_fast.cl.metrics.StreamResult` (partial when stopped early).
+    """
+    n = len(scenario.experiences)
+    if len(stream) != n:
+        raise ValueError(f"run_stream: the stream has {len(stream)} experts but the scenario {scenario.name!r} "
+                         f"has {n} experiences")
+    for j, exp in enumerate(scenario.experiences):
+        if tuple(stream.classes(j)) != tuple(exp.classes):
+            raise ValueError(f"run_stream: expert {j} covers classes {list(stream.classes(j))} but experience {j} of "
+                             f"the scenario has {list(exp.classes)}: the stream was trained on another scenario")
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
+        raise ValueError(f"run_stream: stop_after must be an int >= 1 or None; got {stop_after!r}")
+    log = log or (lambda *_: None)
+    job = _job(strategy, stream, scenario)
+    rows: list[list[float]] = []
+    timings: list[dict[str, float]] = []
+    ckpt_path = result_path = None
+    if out is not None:
+        out = pathlib.Path(out)
+        ckpt_path, result_path = out / CHECKPOINT, out / RESULT
+        if ckpt_path.exists():
+            if not resume:
+                raise RunError(f"run_stream: {out} already holds a run ({CHECKPOINT}); pass resume=True "
+                               "(--resume) to continue it, or choose another folder")
+            ckpt = _load_checkpoint(ckpt_path)
+            stored = ckpt.get("job", {})
+            if isinstance(stored.get("strategy"), dict) and "ex_model" not in stored["strategy"]:
+                # Written before configs recorded ex_model, which follows from the strategy and its data
+                # source (both compared): not a difference.
+                stored["strategy"]["ex_model"] = job["strategy"].get("ex_model")
+            differ = config_diff(stored, job)
+            if differ:
+                raise RunError(f"run_stream: {out} holds a different run; these settings differ: "
+                               f"{', '.join(differ[:8])}")
+            strategy.load_state_dict(ckpt["strategy"])
+            rows, timings = ckpt["rows"], ckpt["timings"]
+            log(f"resuming {out} after experience {len(rows)}/{n}")
+
+    sizes = [int(e.test_y.shape[0]) for e in scenario.experiences]
+    start = len(rows)
+    stop = n if stop_after is None else min(n, stop_after)
+    correct = total = None
+    for i in range(start, stop):
+        expert = stream[i]
+        t0 = time.perf_counter()
+        strategy.train(expert)
+        del expert
+        t_train = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        row, correct, total = evaluate_strategy(strategy, scenario, batch_size=eval_batch_size)
+        t_eval = time.perf_counter() - t0
+        rows.append(row)
+        timings.append({"train_s": round(t_train, 3), "eval_s": round(t_eval, 3)})
+        seen = [j for j in range(i + 1) if not math.isnan(row[j])]
+        acc = sum(row[j] * sizes[j] for j in seen) / max(1, sum(sizes[j] for j in seen))
+        if ckpt_path is not None:
+            _save_checkpoint(ckpt_path, {"job": job, "strategy": strategy.state_dict(), "rows": rows,
+                                         "timings": timings})
+        log(f"[{strategy.name}] experience {i + 1}/{n}: stream accuracy {100 * acc:.2f} % "
+            f"(train {t_train:.1f} s, eval {t_eval:.1f} s)" + (" — checkpoint written" if ckpt_path else ""))
+
+    if correct is None:  # resumed a run whose experts were all done: evaluate the restored strategy once more
+        _, correct, total = evaluate_strategy(strategy, scenario, batch_size=eval_batch_size)
+    per_class = [float(c) / float(t) if t > 0 else float("nan") for c, t in zip(correct.tolist(), total.tolist())]
+    # Stopped early: the result covers the first k experiences only (a k x k matrix).
+    k = len(rows)
+    result = StreamResult(
+        strategy=strategy.name, scenario=scenario.name, seed=getattr(strategy, "seed", None),
+        acc_matrix=[list(r[:k]) for r in rows], test_sizes=sizes[:k], per_class_accuracy=per_class,
+        meta={"config": job["strategy"], "ex_model": bool(getattr(strategy, "ex_model", True)), "timings": timings,
+              "complete": k == n,
+              "history": getattr(strategy, "history", [])},
+    )
+    if out is not None:
+        if len(rows) == n:
+            result.save_json(result_path)
+        if plots:
+            if importlib.util.find_spec("matplotlib") is None:
+                warnings.warn("run_stream: plots skipped: matplotlib is not installed (pip install matplotlib); "
+                              f"{RESULT} holds every number", stacklevel=2)
+            else:
+                _plots(result, strategy, scenario, out)
+    return result
+
+
+def _plots(result: StreamResult, strategy, scenario, out: pathlib.Path) -> None:
+    from exml_fast.cl.metrics import plot_accuracy_matrix, plot_sample_grids, plot_stream_accuracy
+
+    plot_accuracy_matrix(result, out / "accuracy_matrix.png")
+    plot_stream_accuracy([result], out / "stream_accuracy.png")
+    buffer = getattr(strategy, "buffer", None)
+    if buffer is not None and len(buffer):
+        plot_sample_grids(buffer.x, buffer.y, buffer.experience, out / "buffer.png", mean=scenario.mean,
+                          std=scenario.std)
