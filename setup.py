@@ -27,14 +27,23 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;8.6;9.0+PTX"
 
 
-# The build report. pip runs this file more than once per install (metadata,
-# then the build), so the report is collected here and printed by build_ext
-# alone (BuildExt.run), once per build.
-REPORT: list[str] = []
+def _metadata_only() -> bool:
+    """True when this run only writes metadata (egg_info, dist_info).
+
+    pip runs this file in separate processes: for the build requirements
+    (egg_info), for the metadata (dist_info) and for the build itself; the
+    build report belongs to the last alone, so that it is printed once.
+    """
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    return command in ("egg_info", "dist_info")
+
+
+QUIET = _metadata_only()
 
 
 def log(msg: str) -> None:
-    REPORT.append(f"[exml_fast build] {msg}")
+    if not QUIET:
+        print(f"[exml_fast build] {msg}", flush=True)
 
 
 # torch.utils.cpp_extension reads CUDA_HOME when it is imported, and would
@@ -185,16 +194,8 @@ def make_extension():
     )
 
 
-class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
-    def run(self) -> None:
-        for line in REPORT:
-            print(line, flush=True)
-        REPORT.clear()
-        super().run()
-
-
 setup(
     packages=find_packages(include=["exml_fast", "exml_fast.*"]),
     ext_modules=[make_extension()],
-    cmdclass={"build_ext": BuildExt},
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )
