@@ -58,13 +58,12 @@ import sys
 import time
 
 import torch
+from benchlib import env_markdown, environment, median, op_parser, record, timed_call
 from torch import nn
 
 import exml_fast
 from exml_fast.models import resnet18_cifar, resnet34_cifar
 from exml_fast.reference.public.deepinversion import public_deepinversion
-
-from benchlib import env_markdown, environment, median, op_parser, record, timed_call
 
 NETS = {"resnet18": resnet18_cifar, "resnet34": resnet34_cifar}
 
@@ -170,7 +169,7 @@ def time_steps(variants: dict, args) -> tuple[dict[str, list[float]], dict[str, 
             samples[n].append(max(t2 - t1, 1e-9) / (args.k2 - args.k1))
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
             f"{n} {samples[n][-1] * 1e3:.0f} ms/it" for n in names), flush=True)
-    for n, msg in failed.items():
+    for n in failed:
         samples[n] = []
     return samples, failed
 

@@ -145,7 +145,7 @@ def per_unit(device: str, synth_batch: int, k1: int, k2: int) -> dict[str, float
     from exml_fast.cl.strategies import ExModelDistillation
 
     def distil(k):
-        ed = ExModelDistillation(build_model("lenet5"), generator=_RandomSource(), buffer_size=1000, iterations=k,
+        ed = ExModelDistillation(build_model("lenet5"), source=_RandomSource(), buffer_size=1000, iterations=k,
                                  device=dev, progress=False)
         ed.train(_Expert(expert, [0, 1], 0))
         t0 = time.perf_counter()
@@ -155,7 +155,7 @@ def per_unit(device: str, synth_batch: int, k1: int, k2: int) -> dict[str, float
     out["distillation (steps of 32)"] = (distil(k2 * 4)[0] - distil(k1 * 4)[0]) / ((k2 - k1) * 4)
 
     xs = torch.randn(10000, 1, 32, 32, device=dev)
-    ed = ExModelDistillation(build_model("lenet5"), generator=_RandomSource(), buffer_size=10, iterations=1,
+    ed = ExModelDistillation(build_model("lenet5"), source=_RandomSource(), buffer_size=10, iterations=1,
                              device=dev, progress=False)
     ed.train(_Expert(expert, [0, 1], 0))
     ed.predict(xs[:100])
@@ -178,7 +178,7 @@ def top_ops(device: str, synth_batch: int) -> dict[str, str]:
     with profile(activities=acts) as prof:
         synth.synthesize(synth_batch, classes=[0, 1], iterations=20, generator=0, progress=False)
     tables = {"synthesis": prof.key_averages().table(sort_by=key, row_limit=12)}
-    ed = ExModelDistillation(build_model("lenet5"), generator=_RandomSource(), buffer_size=1000, iterations=100,
+    ed = ExModelDistillation(build_model("lenet5"), source=_RandomSource(), buffer_size=1000, iterations=100,
                              device=dev, progress=False)
     ed.train(_Expert(expert, [0, 1], 0))
     with profile(activities=acts) as prof:
@@ -210,7 +210,8 @@ def main(argv=None) -> int:
     swap = unit.pop("input-gradient swap: speed-up of an MI step")
     lines.append("")
     lines.append(f"Synthesis with PyTorch's own convolution backward instead of the input-gradient convolution "
-                 f"(exml_fast.synth.input_grad_conv) costs {swap:.2f}x as much per MI step (median of 3 interleaved rounds).")
+                 f"(exml_fast.synth.input_grad_conv) costs {swap:.2f}x as much per MI step (median of 3 interleaved "
+                 "rounds).")
     table = "\n".join(lines)
     print(table)
     tables = top_ops(device, args.synth_batch)

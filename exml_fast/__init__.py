@@ -12,37 +12,38 @@ Public entry points:
       exml_fast.Expert, ExpertStream       trained experts on disk, checksummed, loaded lazily
       exml_fast.make_scenario, train_experts   Split/Joint MNIST, Fashion-MNIST, CIFAR-10 (+ MT)
       exml_fast.SyntheticBuffer            the fixed-size class-balanced buffer (N/i rule)
-      exml_fast.ExModelDistillation, RealReplay, OracleEnsemble, EnsembleAverage,
-      MinEntropyEnsemble, ParameterAverage the strategies
+      exml_fast.ExModelDistillation (source=...), SynthesizerSource, RealReplay, OracleEnsemble,
+      EnsembleAverage, MinEntropyEnsemble, ParameterAverage   the strategies (register_strategy adds one)
       exml_fast.run_stream, StreamResult   the run loop (checkpoint/resume) and its metrics
     exml-fast (command line) train-teacher, synthesize, train-experts, run, report, demo
     exml_fast.has_ops()      whether the compiled library loaded
     exml_fast.build_info()   how it was built
 """
 
+from exml_fast import ops, reference, synth
 from exml_fast._ext import build_info, has_ops
-from exml_fast import ops, reference
-from exml_fast.synth.matcher import BNStatsMatcher
-from exml_fast import synth
 from exml_fast.checkpoint import ModelInfo, load_model, save_model
+from exml_fast.cl.buffer import SyntheticBuffer
+from exml_fast.cl.engine import run_stream
+from exml_fast.cl.experts import Expert, ExpertError, ExpertStream
+from exml_fast.cl.metrics import StreamResult, summary_table
+from exml_fast.cl.scenarios import SCENARIOS, Experience, Scenario, make_scenario, train_experts
+from exml_fast.cl.strategies import (EnsembleAverage, ExModelDistillation, MinEntropyEnsemble, OracleEnsemble,
+                                     ParameterAverage, RealReplay, SynthesizerGenerator, SynthesizerSource,
+                                     register_strategy)
+from exml_fast.models import build_model, register_arch
 from exml_fast.synth import (AuxiliaryData, DataImpressions, DeepInversion, ModelInversion, SyntheticBatch,
                              load_synthetic)
+from exml_fast.synth.matcher import BNStatsMatcher
 from exml_fast.training import distill
 from exml_fast.viz import save_grid
-from exml_fast.models import build_model, register_arch
-from exml_fast.cl.experts import Expert, ExpertError, ExpertStream
-from exml_fast.cl.scenarios import SCENARIOS, Experience, Scenario, make_scenario, train_experts
-from exml_fast.cl.buffer import SyntheticBuffer
-from exml_fast.cl.metrics import StreamResult, summary_table
-from exml_fast.cl.strategies import (EnsembleAverage, ExModelDistillation, MinEntropyEnsemble, OracleEnsemble,
-                                  ParameterAverage, RealReplay, SynthesizerGenerator)
-from exml_fast.cl.engine import run_stream
 
 __version__ = "0.1.0"
 
-__all__ = ["AuxiliaryData", "BNStatsMatcher", "DataImpressions", "DeepInversion", "EnsembleAverage", "ExModelDistillation",
-           "Experience", "Expert", "ExpertError", "ExpertStream", "MinEntropyEnsemble", "ModelInfo", "ModelInversion",
-           "OracleEnsemble", "ParameterAverage", "RealReplay", "SCENARIOS", "Scenario", "StreamResult",
-           "SyntheticBatch", "SyntheticBuffer", "SynthesizerGenerator", "build_info", "build_model", "distill",
-           "has_ops", "load_model", "load_synthetic", "make_scenario", "ops", "reference", "register_arch",
-           "run_stream", "save_grid", "save_model", "summary_table", "synth", "train_experts", "__version__"]
+__all__ = ["AuxiliaryData", "BNStatsMatcher", "DataImpressions", "DeepInversion", "EnsembleAverage",
+           "ExModelDistillation", "Experience", "Expert", "ExpertError", "ExpertStream", "MinEntropyEnsemble",
+           "ModelInfo", "ModelInversion", "OracleEnsemble", "ParameterAverage", "RealReplay", "SCENARIOS", "Scenario",
+           "StreamResult", "SyntheticBatch", "SyntheticBuffer", "SynthesizerGenerator", "SynthesizerSource",
+           "build_info", "build_model", "distill", "has_ops", "load_model", "load_synthetic", "make_scenario", "ops",
+           "reference", "register_arch", "register_strategy", "run_stream", "save_grid", "save_model",
+           "summary_table", "synth", "train_experts", "__version__"]

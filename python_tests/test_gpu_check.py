@@ -107,8 +107,9 @@ def test_parse_pytest_summary_quiet_output():
     assert {k: c[k] for k in ("passed", "failed", "skipped", "deselected", "errors", "warnings")} == {
         "passed": 850, "failed": 1, "skipped": 1, "deselected": 1404, "errors": 1, "warnings": 3}
     assert c["seconds"] == 81.2 and c["xfailed"] == 0
-    assert c["failed_tests"] == ["python_tests/test_bn_stats.py::test_forward_matches_reference[cuda-torch.float16-odd]",
-                                 "python_tests/test_strategies.py::test_ed_and_baselines_on_cuda_match_the_cpu_run"]
+    assert c["failed_tests"] == [
+        "python_tests/test_bn_stats.py::test_forward_matches_reference[cuda-torch.float16-odd]",
+        "python_tests/test_strategies.py::test_ed_and_baselines_on_cuda_match_the_cpu_run"]
     assert c["skips"] == [("[1] python_tests/test_cli.py:189: MNIST / Fashion-MNIST files not found "
                            "(set EXML_FAST_DATA)")]
 
@@ -231,7 +232,7 @@ ENV = {"device_name": "NVIDIA H100 80GB HBM3", "arch": "9.0", "memory_gib": 79.2
 def _results(tmp_path):
     pytest_r = gc.StepResult("pytest-cuda", "pass", seconds=80.4, rc=0, log=str(tmp_path / "logs/pytest-cuda.log"))
     gc.judge_pytest(pytest_r, PYTEST_Q)
-    bench = gc.StepResult("bench-losses", "pass", seconds=12, summary="rows: x3",
+    bench = gc.StepResult("bench-soft_target_losses", "pass", seconds=12, summary="rows: x3",
                           details={"record_md": str(tmp_path / "benches/losses_cuda_quick.md"),
                                    "headlines": ["rows: exml_fast vs reference x3.00"]})
     return [gc.StepResult("gpu", "pass", seconds=2, summary="NVIDIA H100 80GB HBM3, sm 9.0"),
@@ -253,7 +254,7 @@ def test_summary_markdown_and_json(tmp_path):
                  "| pytest-cuda | FAIL | 80 | 850 passed, 1 failed, 1 errors, 1 skipped | logs/pytest-cuda.log |",
                  "| bench-synthesis | NOT RUN |", "- ctest: timed out after 120 s",
                  "- bench-synthesis: the 570 s budget was spent", "## Skipped tests",
-                 "MNIST / Fashion-MNIST files not found", "- bench-losses: benches/losses_cuda_quick.md",
+                 "MNIST / Fashion-MNIST files not found", "- bench-soft_target_losses: benches/losses_cuda_quick.md",
                  "  - rows: exml_fast vs reference x3.00"):
         assert text in md, text
     s = json.loads((tmp_path / "summary.json").read_text())
@@ -377,8 +378,8 @@ def test_main_interrupted_stops_and_keeps_the_summary(monkeypatch, tmp_path):
 
 def test_steps_option_runs_a_subset_and_rejects_unknown_names(monkeypatch, tmp_path, capsys):
     calls = _fake_gpu(monkeypatch, tmp_path)
-    assert gc.main(["--out", str(tmp_path / "o"), "--steps", "pytest-cuda,bench-losses"]) == 0
-    assert [c[0] for c in calls] == ["pytest-cuda", "bench-losses"]
+    assert gc.main(["--out", str(tmp_path / "o"), "--steps", "pytest-cuda,bench-soft_target_losses"]) == 0
+    assert [c[0] for c in calls] == ["pytest-cuda", "bench-soft_target_losses"]
     with pytest.raises(SystemExit):
         gc.main(["--steps", "pytest"])
     assert "unknown pytest" in capsys.readouterr().err

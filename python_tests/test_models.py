@@ -79,7 +79,7 @@ def test_lenet5half_is_lenet5_with_half_the_widths():
     convs = [m for m in half.modules() if isinstance(m, torch.nn.Conv2d)]
     linears = [m for m in half.modules() if isinstance(m, torch.nn.Linear)]
     assert [c.out_channels for c in convs] == [3, 8]
-    assert [l.out_features for l in linears] == [60, 42, 10]
+    assert [lin.out_features for lin in linears] == [60, 42, 10]
     assert sum(p.numel() for p in half.parameters()) < sum(p.numel() for p in full.parameters()) / 3
     assert isinstance(build_model("lenet5half", num_classes=5), LeNet5Half)
     with pytest.raises(ValueError, match="arch must be one of"):

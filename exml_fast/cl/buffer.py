@@ -33,7 +33,7 @@ from exml_fast._utils.io import atomic_write, load_torch_bytes
 
 __all__ = ["SyntheticBuffer", "class_balanced_indices"]
 
-FORMAT = "exml_fast.cl.buffer"
+FORMAT = "exml_fast.buffer"  # the on-disk format name (unchanged by the move to cl/)
 VERSION = 1
 
 
@@ -397,7 +397,7 @@ class SyntheticBuffer:
         atomic_write(path, write)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SyntheticBuffer":
+    def load(cls, path: str | os.PathLike) -> SyntheticBuffer:
         """Reads a buffer written by :meth:`save` (``torch.load(weights_only=True)``; contents checked).
 
         Raises:

@@ -163,6 +163,10 @@ def run_stream(
                                "(--resume) to continue it, or choose another folder")
             ckpt = _load_checkpoint(ckpt_path)
             stored = ckpt.get("job", {})
+            if isinstance(stored.get("strategy"), dict) and "generator" in stored["strategy"] \
+                    and "source" not in stored["strategy"]:
+                # Written before ED's data source was renamed from "generator" to "source": the same setting.
+                stored["strategy"]["source"] = stored["strategy"].pop("generator")
             if isinstance(stored.get("strategy"), dict) and "ex_model" not in stored["strategy"]:
                 # Written before configs recorded ex_model, which follows from the strategy and its data
                 # source (both compared): not a difference.

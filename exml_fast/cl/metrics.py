@@ -242,7 +242,7 @@ class StreamResult:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StreamResult":
+    def from_dict(cls, d: dict[str, Any]) -> StreamResult:
         """Rebuilds a result from :meth:`to_dict`'s dict, checking it ("summary" is recomputed, not read, so
         files written before a summary entry existed, e.g. "avalanche_forgetting", load and gain it).
 
@@ -276,7 +276,7 @@ class StreamResult:
         atomic_write(path, lambda f: f.write(text.encode()))
 
     @classmethod
-    def load_json(cls, path: str | os.PathLike) -> "StreamResult":
+    def load_json(cls, path: str | os.PathLike) -> StreamResult:
         """Reads a file written by :meth:`save_json` (ValueError naming the file if it is not one)."""
         path = os.fspath(path)
         with open(path, "rb") as f:

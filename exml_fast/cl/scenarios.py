@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from exml_fast.cl.experts import Expert, ExpertStream
+from exml_fast.cl.heads import task_head_mask
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "Experience", "SCENARIOS", "Scenario", "class_order", "default_expert_epochs",
            "joint_mnist",
@@ -160,10 +161,8 @@ class Scenario:
         """(T, num_classes) bool: row t marks the output units of task t's head; None unless multi-task."""
         if not self.multi_task:
             return None
-        heads = torch.zeros(len(self), self.num_classes, dtype=torch.bool)
-        for e in self.experiences:
-            heads[e.task_id, list(e.classes)] = True
-        return heads
+        return task_head_mask([e.classes for e in self.experiences], [e.task_id for e in self.experiences],
+                              self.num_classes)
 
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The union of the test sets in experience order: x (N, C, H, W), y (N,) int64 and the
@@ -352,7 +351,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _cifar_candidates(root) -> list[pathlib.Path]:
-    from exml_fast.data import search_roots
+    from exml_fast.data.datasets import search_roots
 
     if root is not None:
         r = pathlib.Path(root).expanduser()
@@ -552,8 +551,8 @@ def train_experts(scenario: Scenario, out: str | os.PathLike, *, arch: str = "le
         train/test sizes, ``test_accuracy`` (argmax over all outputs on its own experience's
         test set) and ``test_accuracy_head`` (argmax over its own classes only).
     """
-    from exml_fast.models import ARCHS, build_model
     from exml_fast._utils.progress import Progress
+    from exml_fast.models import ARCHS, build_model
     from exml_fast.synth.base import batch_seed
     from exml_fast.training import minibatch_bounds, train_classifier
 
@@ -632,3 +631,20 @@ def train_experts(scenario: Scenario, out: str | os.PathLike, *, arch: str = "le
                              meta=expert_meta), weights_format=weights_format)
         del trained
     return stream
+
+
+def scenario_of(stream, *, root=None):
+    """Rebuilds the scenario an expert stream was trained on, from the stream's metadata.
+
+    Checks that the rebuilt scenario has the experiences (classes, task labels,
+    sizes) the stream records, so a changed dataset or code cannot pass unseen.
+    """
+    desc = stream.meta.get("scenario")
+    if not isinstance(desc, dict) or "name" not in desc or not isinstance(desc.get("kwargs"), dict):
+        raise ValueError(f"the expert stream {stream.path} does not say which scenario it was trained on "
+                         "(stream.json: meta.scenario.name / kwargs)")
+    scenario = make_scenario(desc["name"], root=root, **desc["kwargs"])
+    if scenario.describe()["experiences"] != desc.get("experiences"):
+        raise ValueError(f"the scenario rebuilt for {stream.path} ({desc['name']}, {desc['kwargs']}) does not match "
+                         "the experiences recorded with its experts (classes, task labels or sizes differ)")
+    return scenario

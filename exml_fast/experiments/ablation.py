@@ -37,7 +37,7 @@ Selection protocol (no test data is looked at to choose):
    default :data:`TEST_SEEDS`, never used for selection), trained the same way, and
    scored on the MNIST **test** set. That figure is the one to compare with the paper.
 
-A preset (:data:`PRESETS`) is a strategy plus run options;
+A preset (:data:`~exml_fast.experiments.presets.PRESETS`) is a strategy plus run options;
 ``exml-fast run --preset NAME`` applies it under ``--config`` and the flags.
 """
 
@@ -54,7 +54,13 @@ from typing import Any
 
 import torch
 
-from exml_fast.cl.metrics import mean_std
+from exml_fast.cl.engine import RESULT
+from exml_fast.cl.metrics import StreamResult, mean_std
+from exml_fast.cl.scenarios import make_scenario, train_experts
+from exml_fast.cl.strategies import run_named_strategy
+from exml_fast.experiments.budgets import BUDGETS, check_runs_and_budget
+from exml_fast.experiments.presets import PRESETS
+from exml_fast.experiments.records import machine, machine_line, run_seconds, write_records
 
 __all__ = ["ABLATION_BASE", "PRESETS", "TEST_SEEDS", "VALIDATION_SIZE", "VARIANTS", "Variant", "ablate_exml_mnist",
            "select_variant"]
@@ -83,21 +89,6 @@ class Variant:
         """Whether the variant respects the ExML constraints (Replay ED keeps real data: not a candidate)."""
         return self.strategy != "replay-ed"
 
-
-#: Named presets of ``exml-fast run --preset``: strategy, run options, and the expert architecture they
-#: were chosen with (a preset runs on any experts; the BN terms need experts with BatchNorm).
-PRESETS: dict[str, dict[str, Any]] = {
-    "ed-best": {
-        "strategy": "mi-ed",
-        "arch": "lenet5_bn",
-        "options": {"bn_weight": 1.0, "augment": False, "synth_iterations": 300, "synth_lr": 0.05, "momentum": 0.9,
-                    "bn_form": "l2"},
-        "note": "the best Split MNIST variant of benches/results/exml_mnist_ablation.md (mi-bn-no-augment): "
-                "model inversion of BatchNorm experts matching their BN statistics (weight 1), distillation "
-                "minibatches not augmented, 300 synthesis steps (a tenth of the paper's) at Adam lr 0.05, "
-                "distillation SGD with momentum 0.9 and DeepInversion's BN form (as the ablation's rows ran)",
-    },
-}
 
 #: The ablation's rows, in the table's order.
 VARIANTS: tuple[Variant, ...] = (
@@ -183,8 +174,7 @@ def _markdown(rows: list[dict[str, Any]], selected: dict[str, Any] | None, test:
         "accuracy on the held-out images (**validation**). The ExML row with the best validation mean is "
         f"selected and then run on fresh streams (seeds {', '.join(map(str, meta['test_seeds'])) or 'none'}), "
         "scored on the MNIST **test** set. No test figure was used to choose.",
-        f"- machine: {m['device']} ({m['device_kind']}, {m['threads']} threads), torch {m['torch']}, "
-        f"Python {m['python']}, commit `{m['commit']}`, {m['date']}",
+        machine_line(m),
         f"- wall time of this invocation: {meta['wall_s']:.0f} s (runs already on disk are read back); the runs "
         f"took {meta['runs_s']:.0f} s when they ran (expert training not included)",
         "",
@@ -240,7 +230,7 @@ def ablate_exml_mnist(
     Args:
         runs: independent expert streams per variant for the selection (seeds 0 .. runs-1), each scored on
             the held-out validation images.
-        budget: a key of :data:`exml_fast.experiments.reproduce.BUDGETS`: the expert epochs and the run options
+        budget: a key of :data:`exml_fast.experiments.budgets.BUDGETS`: the expert epochs and the run options
             every variant starts from (with :data:`ABLATION_BASE`).
         variants: names of :data:`VARIANTS` to run (None: all). The table lists every variant with
             finished runs on disk, so two invocations with disjoint ``variants`` can share the work.
@@ -249,13 +239,11 @@ def ablate_exml_mnist(
             record still reports those already on disk).
         out: expert streams and runs (resumable).
         results: folder for the records (the budget's name is appended unless it is "demo"); None: none.
-        device, data_root, progress, command, log: as for :func:`exml_fast.experiments.reproduce.reproduce_exml_mnist`.
+        device, data_root, progress, command, log: as for :func:`exml_fast.experiments.table2.reproduce_exml_mnist`.
 
     Returns:
         ``{"rows": validation rows, "selected": the selected row or None, "test": its test summary or None}``.
     """
-    from exml_fast.experiments.reproduce import BUDGETS, _machine, check_runs_and_budget, write_records
-
     check_runs_and_budget(runs, budget, "ablation")
     names = [v.name for v in VARIANTS]
     if variants is not None and not set(variants) <= set(names):
@@ -296,7 +284,7 @@ def ablate_exml_mnist(
         meta = {"experiment": "exml-mnist-ablation", "budget": budget, "budget_detail": spec, "runs": runs,
                 "base": ABLATION_BASE, "validation_size": VALIDATION_SIZE,
                 "test_seeds": [t["seed"] for t in test_runs] or list(test_seeds),
-                "command": command or " ".join(["exml-fast", *sys.argv[1:]]), "machine": _machine(device),
+                "command": command or " ".join(["exml-fast", *sys.argv[1:]]), "machine": machine(device),
                 "wall_s": time.perf_counter() - t_start,
                 "runs_s": sum(x["run_s"] for runs_ in found.values() for x in runs_) + sum(x["run_s"]
                                                                                         for x in test_runs)}
@@ -308,8 +296,6 @@ def ablate_exml_mnist(
 
 
 def _finished_test_seeds(out: pathlib.Path, v: Variant) -> list[int]:
-    from exml_fast.cl.engine import RESULT
-
     folder = out / "test" / "split_mnist"
     prefix = f"{v.name}_s"
     return [int(p.name[len(prefix):]) for p in folder.glob(f"{prefix}*")
@@ -320,11 +306,6 @@ def _run_variant(v: Variant, seed: int, split: str, streams: dict[str, Any], *, 
                  data_root, progress, log) -> dict[str, Any] | None:
     """One run of ``v`` on the expert stream of ``seed`` evaluated on ``split``; with ``run`` False only a
     finished run already on disk is read back. None: no result."""
-    from exml_fast.cli.exml import run_named_strategy
-    from exml_fast.cl.engine import RESULT
-    from exml_fast.cl.metrics import StreamResult
-    from exml_fast.cl.scenarios import make_scenario, train_experts
-
     run_dir = out / split / "split_mnist" / f"{v.name}_s{seed}"
     if not run:
         return _summary(StreamResult.load_json(run_dir / RESULT), seed) if (run_dir / RESULT).exists() else None
@@ -344,11 +325,10 @@ def _run_variant(v: Variant, seed: int, split: str, streams: dict[str, Any], *, 
 
 
 def _summary(result, seed: int) -> dict[str, Any]:
-    from exml_fast.experiments.reproduce import run_seconds
-
     meta = result.meta
     hist = meta.get("history") or []
-    gen = (meta.get("config") or {}).get("generator") or {}
+    config = meta.get("config") or {}
+    gen = config.get("source") or config.get("generator") or {}  # "generator" before the rename
     return {"seed": seed, "acc": result.final_stream_accuracy, "run_s": run_seconds(result),
             "synth_iterations": (gen.get("options") or {}).get("iterations"),
             "generate_s": sum(h.get("generate_s", 0.0) for h in hist),

@@ -19,8 +19,7 @@ from torch import nn
 
 from .lenet import LeNet5, LeNet5BN, LeNet5Half
 from .mobilenet import mobilenet_v2
-from .resnet_cifar import (BasicBlock, ResNetCIFAR, resnet18_cifar, resnet18_cifar_slim, resnet32,
-                           resnet34_cifar)
+from .resnet_cifar import BasicBlock, ResNetCIFAR, resnet18_cifar, resnet18_cifar_slim, resnet32, resnet34_cifar
 
 #: Architectures by name, for checkpoints, expert streams and the command line: each is called as
 #: ``ARCHS[name](num_classes=..., in_channels=..., **kwargs)``. ``lenet5bn`` / ``lenet5half`` are

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from exml_fast import _ext
+
 # Names, not the module: exml_fast.reference re-exports a function `augment`,
 # which shadows the submodule as an attribute of the package.
 from exml_fast.reference.augment import augment_with_params as _ref_augment_with_params

@@ -13,8 +13,8 @@ from collections import OrderedDict
 import torch
 
 from exml_fast import _ext
-from exml_fast.reference.ed_loss import ed_loss as _ref_ed_loss
 from exml_fast.reference.ed_loss import NORMALIZE_MODES, STANDARDIZE_EPS, TARGET_MODES, acc_dtype
+from exml_fast.reference.ed_loss import ed_loss as _ref_ed_loss
 
 __all__ = ["ed_loss", "ed_class_table", "STANDARDIZE_EPS"]
 

@@ -7,8 +7,8 @@ import math
 import torch
 
 from exml_fast import _ext
-from exml_fast.reference import image_priors as _ref
 from exml_fast.reference.image_priors import BLUR_KERNEL_SIZES, acc_dtype, default_blur_sigma
+from exml_fast.reference.image_priors import image_priors as _ref_image_priors
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _N_SUMS = 10
@@ -92,7 +92,7 @@ def image_priors(
             x, blur_kernel_size, sigma, bool(per_sample), bool(blur_per_sample_norm)
         )
         return out
-    return _ref.image_priors(x, blur_kernel_size=blur_kernel_size, blur_sigma=sigma,
+    return _ref_image_priors(x, blur_kernel_size=blur_kernel_size, blur_sigma=sigma,
                              per_sample=per_sample, blur_per_sample_norm=blur_per_sample_norm)
 
 

@@ -5,14 +5,14 @@ compiled library is not available. They mirror the public implementations
 the fused kernels replace, defects in speed included.
 """
 
-from exml_fast.reference.augment import (augment, augment_with_params, augment_with_params_loop,
-                                        batch_augment_public, draw_augment_params)
+from exml_fast.reference.augment import (augment, augment_with_params, augment_with_params_loop, batch_augment_public,
+                                         draw_augment_params)
 from exml_fast.reference.bn_stats import bn_stats, bn_stats_loss
-from exml_fast.reference.public.deepinversion import public_deepinversion
 from exml_fast.reference.dirichlet import class_similarity, dirichlet_targets
 from exml_fast.reference.ed_loss import ed_loss
-from exml_fast.reference.soft_target_losses import js_divergence, kd_loss, soft_target_cross_entropy
 from exml_fast.reference.image_priors import default_blur_sigma, gaussian_kernel2d, image_priors, tv_l2
+from exml_fast.reference.public.deepinversion import public_deepinversion
+from exml_fast.reference.soft_target_losses import js_divergence, kd_loss, soft_target_cross_entropy
 
 __all__ = ["augment", "augment_with_params", "augment_with_params_loop", "batch_augment_public",
            "bn_stats", "bn_stats_loss", "class_similarity",

@@ -200,7 +200,8 @@ class Synthesizer:
             try:
                 cls = [int(c) for c in classes]
             except (TypeError, ValueError):
-                raise TypeError(f"{owner}: classes must be None or a sequence of class indices; got {classes!r}") from None
+                raise TypeError(f"{owner}: classes must be None or a sequence of class indices; got "
+                                f"{classes!r}") from None
             if not cls:
                 raise ValueError(f"{owner}: classes must not be empty")
             bad = [c for c in cls if not 0 <= c < k]

@@ -66,7 +66,7 @@ class SyntheticBatch:
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def __getitem__(self, index) -> "SyntheticBatch":
+    def __getitem__(self, index) -> SyntheticBatch:
         """Rows ``index`` (an int, slice, index or bool tensor); ``losses`` are kept whole."""
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
@@ -76,7 +76,7 @@ class SyntheticBatch:
             dict(self.losses), self.mean, self.std,
         )
 
-    def to(self, *args, **kwargs) -> "SyntheticBatch":
+    def to(self, *args, **kwargs) -> SyntheticBatch:
         """A copy with ``x``, ``y`` and ``soft_targets`` moved like ``Tensor.to`` (dtype changes apply to x only)."""
         x = self.x.to(*args, **kwargs)
         return SyntheticBatch(
@@ -85,7 +85,7 @@ class SyntheticBatch:
         )
 
     @classmethod
-    def cat(cls, batches: Sequence["SyntheticBatch"]) -> "SyntheticBatch":
+    def cat(cls, batches: Sequence[SyntheticBatch]) -> SyntheticBatch:
         """Concatenates batches (same shapes, normalisation and kinds of targets)."""
         batches = list(batches)
         if not batches:
@@ -122,7 +122,7 @@ class SyntheticBatch:
         }
 
     @classmethod
-    def from_state(cls, s: dict[str, Any]) -> "SyntheticBatch":
+    def from_state(cls, s: dict[str, Any]) -> SyntheticBatch:
         return cls(
             s["x"], s["y"], s["soft_targets"], dict(s["losses"]),
             None if s["mean"] is None else tuple(s["mean"]),

@@ -32,17 +32,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from exml_fast.synth.matcher import BNStatsMatcher
 from exml_fast.ops.augment import augment_with_params
 from exml_fast.ops.dirichlet import class_similarity, dirichlet_targets
-from exml_fast.ops.soft_target_losses import js_divergence, soft_target_cross_entropy
-from exml_fast.reference.soft_target_losses import JS_FORMS
 from exml_fast.ops.image_priors import image_priors
+from exml_fast.ops.soft_target_losses import js_divergence, soft_target_cross_entropy
 from exml_fast.reference.augment import draw_augment_params
 from exml_fast.reference.bn_stats import BN_LOSS_FORMS
-from exml_fast.synth.input_grad_conv import input_grad_convs
+from exml_fast.reference.soft_target_losses import JS_FORMS
 from exml_fast.synth.base import Synthesizer, eval_mode
 from exml_fast.synth.batch import SyntheticBatch
+from exml_fast.synth.input_grad_conv import input_grad_convs
+from exml_fast.synth.matcher import BNStatsMatcher
 
 __all__ = ["DEEPINVERSION_PRESETS", "DataImpressions", "DeepInversion", "ModelInversion"]
 

@@ -78,7 +78,7 @@ class BNStatsMatcher:
         self._forwards = 0
 
     # -- context management -------------------------------------------------
-    def __enter__(self) -> "BNStatsMatcher":
+    def __enter__(self) -> BNStatsMatcher:
         if self._depth == 0:
             self._attach()
         self._depth += 1

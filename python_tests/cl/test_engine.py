@@ -6,16 +6,16 @@ import json
 
 import pytest
 import torch
+from _util import band_images
 
 from exml_fast.cl import strategies as S
 from exml_fast.cl.engine import CHECKPOINT, RESULT, RunError, run_stream
 from exml_fast.cl.experts import Expert, ExpertStream
 from exml_fast.cl.metrics import StreamResult
-from exml_fast.models import build_model
 from exml_fast.cl.scenarios import Experience, Scenario
+from exml_fast.models import build_model
+from exml_fast.synth import AuxiliaryData
 from exml_fast.training import train_classifier
-
-from _util import band_images
 
 K = 6
 SPLITS = [(0, 1), (2, 3), (4, 5)]
@@ -50,7 +50,7 @@ def toy(tmp_path_factory):
 
 def _replay(scenario, seed=0, iterations=30):
     torch.manual_seed(11)
-    return S.ExModelDistillation(build_model("lenet5", num_classes=K), generator=S.RealReplay(scenario),
+    return S.ExModelDistillation(build_model("lenet5", num_classes=K), source=S.RealReplay(scenario),
                                  buffer_size=60, iterations=iterations, lr=0.05, seed=seed, progress=False)
 
 
@@ -160,8 +160,8 @@ def test_replay_ed_is_not_ex_model_and_says_so(toy, tmp_path):
     scenario, stream = toy
     replay = _replay(scenario)
     assert replay.ex_model is False and replay.config()["ex_model"] is False
-    synthetic = S.ExModelDistillation(build_model("lenet5", num_classes=K), generator=S.SynthesizerGenerator(
-        S.AuxiliaryData, data=torch.zeros(4, 1, 32, 32)), progress=False)
+    synthetic = S.ExModelDistillation(build_model("lenet5", num_classes=K), source=S.SynthesizerSource(
+        AuxiliaryData, data=torch.zeros(4, 1, 32, 32)), progress=False)
     assert synthetic.ex_model is True and synthetic.config()["ex_model"] is True
     assert S.OracleEnsemble().config()["ex_model"] is False and S.ParameterAverage().config()["ex_model"] is True
     result = run_stream(replay, stream, scenario, out=tmp_path / "r", stop_after=1, plots=False, log=None)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from exml_fast.cl.metrics import (StreamResult, accuracy_counts, plot_accuracy_matrix, plot_sample_grids,
-                               plot_stream_accuracy, summary_table)
+                                  plot_stream_accuracy, summary_table)
 
 # R[1][0] > R[0][0] so that forgetting (best earlier accuracy) and BWT (accuracy
 # right after learning) differ; unequal test sizes so that Eq. 2 is not the row mean.

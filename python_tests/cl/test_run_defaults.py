@@ -6,8 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from exml_fast.cli.exml import DEMO_BUDGET, RUN_OPTIONS, build_strategy
-from exml_fast.experiments.reproduce import BUDGETS
+from exml_fast.cl.strategies import RUN_OPTIONS, build_strategy
+from exml_fast.experiments.budgets import BUDGETS
+
+DEMO_BUDGET = BUDGETS["demo"]["run"]  # exml-fast demo runs the demo budget
 
 
 def _stream(arch: str = "lenet5", in_channels: int = 1):
@@ -49,7 +51,7 @@ def test_mi_and_di_match_bn_statistics_in_the_exml_papers_form():
     assert ModelInversion(teacher, bn_form="l2", **kw).bn_form == "l2"
     assert BUDGETS["paper"]["run"]["bn_form"] == "sq_std" and RUN_OPTIONS["bn_form"][1] == "sq_std"
     for name in ("mi-ed", "di-ed"):
-        assert _build(name, BUDGETS["paper"]["run"]).generator.options["bn_form"] == "sq_std"
+        assert _build(name, BUDGETS["paper"]["run"]).source.options["bn_form"] == "sq_std"
     # What ran with DeepInversion's form before the default changed keeps it.
     assert BUDGETS["demo"]["run"]["bn_form"] == DEMO_BUDGET["bn_form"] == ABLATION_BASE["bn_form"] == "l2"
     assert PRESETS["ed-best"]["options"]["bn_form"] == "l2"
@@ -58,8 +60,8 @@ def test_mi_and_di_match_bn_statistics_in_the_exml_papers_form():
 def test_cifar10_runs_get_the_papers_cifar_settings(tmp_path):
     from test_scenarios import _fake_cifar
 
-    from exml_fast.cli.exml import DATASET_RUN_DEFAULTS
     from exml_fast.cl.scenarios import default_expert_epochs, split_cifar10, split_mnist
+    from exml_fast.cl.strategies import DATASET_RUN_DEFAULTS
 
     _fake_cifar(tmp_path / "cifar-10-batches-py")
     scenario = split_cifar10(5, seed=0, root=tmp_path)
@@ -68,20 +70,20 @@ def test_cifar10_runs_get_the_papers_cifar_settings(tmp_path):
     # Appendix B.2: distillation lr 0.1, 50000 steps of 32; MI 500 Adam steps at lr 0.1 on batches of 1024,
     # BNS 0, blur 0.01, weight decay 1e-4, τ 2; flips in the distillation augmentation.
     assert (mi.lr, mi.iterations, mi.batch_size, mi.flip) == (0.1, 50000, 32, True)
-    o = mi.generator.options
+    o = mi.source.options
     assert (o["iterations"], o["lr"], o["batch_size"], o["bn_weight"]) == (500, 0.1, 1024, 0.0)
     assert (o["blur_weight"], o["l2_sq_weight"], o["temperature"]) == (0.01, 1e-4, 2.0)
-    assert _build("di-ed", {}, scenario, stream).generator.options["temperature"] == 2.0  # DI: τ 2, not 20
+    assert _build("di-ed", {}, scenario, stream).source.options["temperature"] == 2.0  # DI: τ 2, not 20
     # Options given win over the dataset's defaults.
     given = _build("mi-ed", {"lr": 0.05, "flip": False, "synth_iterations": 7}, scenario, stream)
-    assert given.lr == 0.05 and not given.flip and given.generator.options["iterations"] == 7
+    assert given.lr == 0.05 and not given.flip and given.source.options["iterations"] == 7
     assert set(DATASET_RUN_DEFAULTS["cifar10"]) <= set(RUN_OPTIONS)
     # No auxiliary dataset of the paper's (ImageNet) here: aux-ed on CIFAR needs one named.
     with pytest.raises(ValueError, match="ImageNet.*--aux-dataset"):
         _build("aux-ed", {}, scenario, stream)
     # MNIST keeps the MNIST settings.
     mnist = _build("mi-ed", {})
-    assert (mnist.lr, mnist.iterations, mnist.flip, mnist.generator.options["iterations"]) == (0.01, 30000, False,
+    assert (mnist.lr, mnist.iterations, mnist.flip, mnist.source.options["iterations"]) == (0.01, 30000, False,
                                                                                                3000)
     # Experts: 100 epochs for CIFAR-10 (Appendix A.2), 20 for Split MNIST.
     assert default_expert_epochs(scenario) == 100

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from exml_fast.cl import scenarios as sc
-from exml_fast.data import find_data_root
 from exml_fast.cl.experts import ExpertStream
-from exml_fast.models import build_model
 from exml_fast.cl.scenarios import (SCENARIOS, Experience, Scenario, joint_mnist, make_scenario, split_cifar10,
-                                 split_fashion_mnist, split_mnist, train_experts)
+                                    split_fashion_mnist, split_mnist, train_experts)
+from exml_fast.data import find_data_root
+from exml_fast.models import build_model
 
 # Samples per class in the original MNIST files.
 MNIST_TRAIN = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]

@@ -1,4 +1,4 @@
-"""ExML strategies: Ex-Model Distillation with every generator, the baselines, memory bounds."""
+"""ExML strategies: Ex-Model Distillation with every data source, the baselines, memory bounds."""
 
 from __future__ import annotations
 
@@ -11,14 +11,13 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from _util import band_images
 
 from exml_fast.cl import strategies as S
 from exml_fast.cl.experts import Expert
 from exml_fast.models import build_model
 from exml_fast.synth import AuxiliaryData, DataImpressions, ModelInversion
 from exml_fast.training import train_classifier
-
-from _util import band_images
 
 K = 6  # output units of the toy stream
 META = {"input_shape": [1, 32, 32], "mean": [0.5], "std": [0.5]}
@@ -56,11 +55,10 @@ def _replay_source(expert):
     return band_images(expert.classes, 40, seed=50 + expert.meta["experience"])
 
 
-def _ed(generator, options=None, **kw):
+def _ed(source, options=None, **kw):
     kw = {"buffer_size": 24, "iterations": 6, "progress": False, **kw}
     torch.manual_seed(7)
-    return S.ExModelDistillation(build_model("lenet5", num_classes=K), generator=generator,
-                                 generator_options=options, **kw)
+    return S.ExModelDistillation(build_model("lenet5", num_classes=K), source=source, source_options=options, **kw)
 
 
 GENERATORS = {
@@ -72,7 +70,7 @@ GENERATORS = {
 
 
 @pytest.mark.parametrize("name", sorted(GENERATORS))
-def test_ed_every_generator_keeps_buffer_bounded_and_drops_experts(name):
+def test_ed_every_source_keeps_buffer_bounded_and_drops_experts(name):
     gen, opts = GENERATORS[name]
     ed = _ed(gen, opts)
     refs = []
@@ -235,24 +233,26 @@ def test_baseline_state_dict_round_trip(trained_experts, cls):
     x, t = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 1, 0])
     torch.testing.assert_close(s.predict(x, task_ids=t), s2.predict(x, task_ids=t))
     with pytest.raises(ValueError, match="strategy"):
-        S.ExModelDistillation(build_model("lenet5", num_classes=K), generator=S.RealReplay(_replay_source),
+        S.ExModelDistillation(build_model("lenet5", num_classes=K), source=S.RealReplay(_replay_source),
                               progress=False).load_state_dict(s.state_dict())
 
 
 def test_strategy_argument_errors():
     m = build_model("lenet5", num_classes=K)
-    with pytest.raises(TypeError, match="generator"):
-        S.ExModelDistillation(m, generator=object())
+    with pytest.raises(TypeError, match="source"):
+        S.ExModelDistillation(m, source=object())
+    with pytest.raises(TypeError, match="source is required"):
+        S.ExModelDistillation(m)
     with pytest.raises(ValueError, match="buffer_size"):
-        S.ExModelDistillation(m, generator=ModelInversion, buffer_size=0)
+        S.ExModelDistillation(m, source=ModelInversion, buffer_size=0)
     with pytest.raises(ValueError, match="target_mode"):
-        S.ExModelDistillation(m, generator=ModelInversion, target_mode="paper")
+        S.ExModelDistillation(m, source=ModelInversion, target_mode="paper")
     with pytest.raises(ValueError, match="normalize"):
-        S.ExModelDistillation(m, generator=ModelInversion, normalize="zscore")
+        S.ExModelDistillation(m, source=ModelInversion, normalize="zscore")
     with pytest.raises(ValueError, match="data="):
-        S.SynthesizerGenerator(AuxiliaryData)
-    with pytest.raises(ValueError, match="generator_options"):
-        S.ExModelDistillation(m, generator=S.RealReplay(_replay_source), generator_options={"iterations": 3})
+        S.SynthesizerSource(AuxiliaryData)
+    with pytest.raises(ValueError, match="source_options"):
+        S.ExModelDistillation(m, source=S.RealReplay(_replay_source), source_options={"iterations": 3})
     s = S.EnsembleAverage(progress=False)
     with pytest.raises(RuntimeError, match="train"):
         s.predict(torch.randn(1, 1, 32, 32))
@@ -309,7 +309,7 @@ def test_ed_and_baselines_on_cuda_match_the_cpu_run(trained_experts):
     """The same seeded Replay-ED run on CUDA and on the CPU: same buffer, close models and predictions."""
     def run(device):
         torch.manual_seed(7)
-        ed = S.ExModelDistillation(build_model("lenet5", num_classes=K), generator=S.RealReplay(_replay_source),
+        ed = S.ExModelDistillation(build_model("lenet5", num_classes=K), source=S.RealReplay(_replay_source),
                                    buffer_size=24, iterations=20, seed=3, device=device, progress=False)
         for i in range(2):
             ed.train(_load(trained_experts, i))
@@ -333,3 +333,44 @@ def test_ed_refuses_generated_labels_outside_the_expert_classes():
     ed = _ed(S.RealReplay(lambda e: band_images((0, 5), 10, seed=0)))
     with pytest.raises(ValueError, match=r"classes \[5\] outside expert"):
         ed.train(_expert(0, (0, 1), seed=0))
+
+
+def test_the_old_generator_names_still_work_with_a_deprecation_warning():
+    m = build_model("lenet5", num_classes=K)
+    with pytest.warns(DeprecationWarning, match="renamed source="):
+        ed = S.ExModelDistillation(m, generator=ModelInversion, generator_options={"iterations": 3}, progress=False)
+    assert isinstance(ed.source, S.SynthesizerSource) and ed.source.options["iterations"] == 3
+    assert ed.config()["source"]["method"] == "model-inversion"
+    with pytest.warns(DeprecationWarning, match="renamed .source"):
+        assert ed.generator is ed.source
+    with pytest.warns(DeprecationWarning, match="SynthesizerSource"):
+        old = S.SynthesizerGenerator(ModelInversion, iterations=2)
+    assert isinstance(old, S.SynthesizerSource) and S.Generator is S.DataSource
+    with pytest.raises(TypeError, match="not also the deprecated generator="):
+        S.ExModelDistillation(m, source=ModelInversion, generator=ModelInversion)
+
+
+def test_the_registry_names_every_strategy_and_refuses_a_second_registration():
+    assert S.strategy_names() == ("mi-ed", "di-ed", "aux-ed", "replay-ed", "oracle", "ensemble-avg", "min-entropy",
+                                  "param-avg")
+    assert S.STRATEGIES["replay-ed"].keeps_data and not S.STRATEGIES["mi-ed"].keeps_data
+    with pytest.raises(ValueError, match="registered already"):
+        S.register_strategy("mi-ed", keeps_data=False, help="again")(lambda ctx, opt: None)
+    with pytest.raises(ValueError, match="--strategy must be one of"):
+        S.build_strategy("nope", None, None, options={}, seed=0, device=torch.device("cpu"), progress=False)
+
+
+def test_a_registered_strategy_is_built_by_name_without_touching_the_command_line(monkeypatch):
+    monkeypatch.setattr(S.registry, "STRATEGIES", dict(S.STRATEGIES))
+    seen = {}
+
+    @S.register_strategy("test-avg", keeps_data=False, help="a test registration")
+    def _build(ctx, opt):
+        seen.update(seed=ctx.seed, lr=opt["lr"])
+        return S.ParameterAverage(device=ctx.device, seed=ctx.seed, progress=False)
+
+    scenario = type("Sc", (), {"dataset": "mnist"})()
+    s = S.registry.build_strategy("test-avg", None, scenario, options={"lr": 0.5}, seed=3,
+                                  device=torch.device("cpu"), progress=False)
+    assert isinstance(s, S.ParameterAverage) and seen == {"seed": 3, "lr": 0.5}
+    assert "test-avg" in S.registry.strategy_names()

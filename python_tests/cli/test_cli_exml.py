@@ -139,7 +139,7 @@ def test_generator_options_and_beta_mixture_reach_the_synthesizer(experts, tmp_p
     run = tmp_path / "di"
     assert main(["run", "--experts", str(experts), "--config", str(cfg), "--out", str(run), "--no-plots",
                  "--bn-weight", "3", "--first-bn-multiplier", "2", *TINY]) == 0
-    gen = _result(run)["meta"]["config"]["generator"]
+    gen = _result(run)["meta"]["config"]["source"]
     assert gen["method"] == "data-impressions"
     opts = gen["options"]
     assert opts["beta"] == [1.0, 0.1] and opts["blur_weight"] == 0.002
@@ -147,7 +147,7 @@ def test_generator_options_and_beta_mixture_reach_the_synthesizer(experts, tmp_p
     run = tmp_path / "di10"
     assert main(["run", "--experts", str(experts), "--strategy", "di-ed", "--beta", "10", "--out", str(run),
                  "--no-plots", *TINY]) == 0
-    assert _result(run)["meta"]["config"]["generator"]["options"]["beta"] == 10.0
+    assert _result(run)["meta"]["config"]["source"]["options"]["beta"] == 10.0
 
 
 @pytest.mark.parametrize("bad, message", [("beta: [1.0, -2]\n", "beta must be a number or a list"),
@@ -156,7 +156,8 @@ def test_generator_options_and_beta_mixture_reach_the_synthesizer(experts, tmp_p
 def test_bad_beta_is_refused(experts, tmp_path, capsys, bad, message):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("strategy: di-ed\n" + bad)
-    assert main(["run", "--experts", str(experts), "--config", str(cfg), "--out", str(tmp_path / "x")]) == 1
+    # a bad value in --config is a usage error, as the same value given as a flag
+    assert main(["run", "--experts", str(experts), "--config", str(cfg), "--out", str(tmp_path / "x")]) == 2
     assert message in capsys.readouterr().err
     assert main(["run", "--experts", str(experts), "--strategy", "di-ed", "--beta", "0,1",
                  "--out", str(tmp_path / "y")]) == 2
@@ -177,7 +178,7 @@ def test_preset_sets_strategy_and_options_under_the_flags(experts, tmp_path, cap
     for key in ("target_mode", "normalize", "lambda_ce"):
         if key in preset["options"]:
             assert config[key] == preset["options"][key]
-    assert config["generator"]["options"]["iterations"] == 4  # the flag wins over the preset
+    assert config["source"]["options"]["iterations"] == 4  # the flag wins over the preset
     assert main(["run", "--experts", str(experts), "--preset", "nope", "--out", str(tmp_path / "z")]) == 2
 
 
@@ -198,4 +199,4 @@ def test_adaptive_deepinversion_competes_with_the_learner(experts, tmp_path, mon
     # The first expert has no learner to compete with; the second competes with the learner.
     assert seen[0] == (None, None)
     assert isinstance(seen[1][0], __import__("torch").nn.Module) and seen[1][1] == 2.0
-    assert _result(run)["meta"]["config"]["generator"]["options"]["competitor"] == "learner"
+    assert _result(run)["meta"]["config"]["source"]["options"]["competitor"] == "learner"

@@ -6,11 +6,13 @@ import json
 
 import pytest
 
-from exml_fast.experiments.ablation import PRESETS, VARIANTS, ablate_exml_mnist, select_variant
+from exml_fast.cl.strategies import RUN_OPTIONS, strategy_names
 from exml_fast.cli import main
-from exml_fast.cli.exml import RUN_OPTIONS, STRATEGY_CHOICES
 from exml_fast.data import find_data_root
+from exml_fast.experiments.ablation import PRESETS, VARIANTS, ablate_exml_mnist, select_variant
 from exml_fast.models import ARCHS
+
+STRATEGY_CHOICES = strategy_names()
 
 needs_mnist = pytest.mark.skipif(find_data_root("mnist") is None or find_data_root("fashion-mnist") is None,
                                  reason="MNIST / Fashion-MNIST files not found")
@@ -85,7 +87,7 @@ def test_select_variant_ignores_replay_and_unfinished_rows():
 
 def test_the_best_preset_is_the_recorded_best_variant():
     from exml_fast.experiments.ablation import ABLATION_BASE
-    from exml_fast.experiments.reproduce import BUDGETS
+    from exml_fast.experiments.budgets import BUDGETS
 
     preset = PRESETS["ed-best"]
     variant = next(v for v in VARIANTS if v.name == "mi-bn-no-augment")

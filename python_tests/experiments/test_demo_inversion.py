@@ -17,7 +17,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert rc == 0, out
     png = tmp_path / "demo_inversion.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    line = next(l for l in out.splitlines() if "teacher accuracy on the 64 images" in l)
+    line = next(ln for ln in out.splitlines() if "teacher accuracy on the 64 images" in ln)
     acc = float(line.split("images")[1].split()[0])
     assert acc >= 0.9, line
     assert not list(tmp_path.glob("*.tmp")), "a temporary file was left behind"

@@ -9,7 +9,7 @@ import pytest
 
 from exml_fast.cli import main
 from exml_fast.data import find_data_root
-from exml_fast.experiments.reproduce import PAPER_TABLE2, reproduce_exml_mnist, summarize
+from exml_fast.experiments.table2 import PAPER_TABLE2, reproduce_exml_mnist, summarize
 
 needs_mnist = pytest.mark.skipif(find_data_root("mnist") is None or find_data_root("fashion-mnist") is None,
                                  reason="MNIST / Fashion-MNIST files not found")

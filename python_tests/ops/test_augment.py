@@ -14,13 +14,12 @@ import sys
 
 import pytest
 import torch
+from _util import DEVICES, DTYPES, requires_ops
 
 from exml_fast.ops.augment import augment, augment_with_params, draw_augment_params
 from exml_fast.reference.augment import augment as ref_augment
 from exml_fast.reference.augment import augment_with_params as ref_apply
 from exml_fast.reference.augment import augment_with_params_loop as ref_loop
-
-from _util import DEVICES, DTYPES, requires_ops
 
 pytestmark = requires_ops
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _util import DEVICES, DTYPES, acc_dtype, eps_of, requires_ops
 
-import exml_fast
 from exml_fast import ops
 from exml_fast import reference as ref
-
-from _util import DEVICES, DTYPES, acc_dtype, eps_of, requires_ops
 
 pytestmark = requires_ops
 

@@ -21,11 +21,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _util import DEVICES, DTYPES, acc_dtype, eps_of, requires_ops
 
 from exml_fast.ops.dirichlet import class_similarity, dirichlet_targets
 from exml_fast.reference import dirichlet as ref
-
-from _util import DEVICES, DTYPES, acc_dtype, eps_of, requires_ops
 
 pytestmark = requires_ops
 

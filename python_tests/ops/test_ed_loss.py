@@ -17,12 +17,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from _util import DEVICES, DTYPES, acc_dtype, eps_of, requires_ops
 
 from exml_fast.ops.ed_loss import ed_class_table, ed_loss
 from exml_fast.reference.ed_loss import STANDARDIZE_EPS
 from exml_fast.reference.ed_loss import ed_loss as ref_ed_loss
-
-from _util import DEVICES, DTYPES, acc_dtype, eps_of, requires_ops
 
 MODES = ["slice", "per_sample"]
 NORMS = ["none", "center", "standardize"]

@@ -9,6 +9,7 @@ accumulation dtype; each of the four entries is judged against its own scale.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 import subprocess
@@ -19,9 +20,11 @@ import torch
 
 from exml_fast import has_ops
 from exml_fast.ops.image_priors import image_priors
-from exml_fast.reference import image_priors as ref
 
 from _util import DEVICES, DTYPES, acc_dtype, eps_of, requires_ops
+
+# the module, not the function exml_fast.reference re-exports under the same name
+ref = importlib.import_module("exml_fast.reference.image_priors")
 
 pytestmark = requires_ops
 
@@ -56,7 +59,8 @@ def sample_inputs(device: str, dtype: torch.dtype) -> list[tuple[str, torch.Tens
         ("w1", randn(3, 2, 9, 1)),
         ("pixel", randn(2, 3, 1, 1)),
         ("constant", torch.full((2, 3, 6, 7), 0.75, dtype=dtype, device=device)),
-        ("constant_one_sample", torch.cat([torch.full((1, 2, 5, 5), -1.5), torch.randn(1, 2, 5, 5, generator=g)]).to(dtype).to(device)),
+        ("constant_one_sample", torch.cat([torch.full((1, 2, 5, 5), -1.5),
+                                           torch.randn(1, 2, 5, 5, generator=g)]).to(dtype).to(device)),
         ("channels_last", randn(4, 3, 11, 13).to(memory_format=torch.channels_last)),
         ("slice", randn(4, 6, 12, 12)[:, ::2, 1:, :-1]),
         ("transposed", randn(2, 3, 6, 5).transpose(2, 3)),

@@ -14,11 +14,10 @@ import sys
 
 import pytest
 import torch
+from _util import DEVICES, DTYPES, acc_dtype, eps_of, requires_ops
 
 from exml_fast.ops import soft_target_losses as ops
 from exml_fast.reference import soft_target_losses as ref
-
-from _util import DEVICES, DTYPES, acc_dtype, eps_of, requires_ops
 
 pytestmark = requires_ops
 

@@ -11,9 +11,9 @@ from torch import nn
 
 from exml_fast import ops
 from exml_fast.models import resnet18_cifar
+from exml_fast.reference.image_priors import tv_l2
 from exml_fast.reference.public.bn_hooks import deepinversion_bn_loss, deepinversion_bn_loss_hooks
 from exml_fast.reference.public.deepinversion import public_deepinversion
-from exml_fast.reference.image_priors import tv_l2
 
 WEIGHTS = dict(bn_reg_scale=5.0, tv_l2_scale=2.5e-5, l2_scale=3e-8)
 

@@ -11,9 +11,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from _util import requires_ops
 from torch import nn
 
-from _util import requires_ops
 from exml_fast.models import LeNet5, resnet18_cifar
 from exml_fast.synth import (AuxiliaryData, DataImpressions, DeepInversion, ModelInversion, SyntheticBatch,
                              load_synthetic, lr_table)

@@ -39,14 +39,14 @@ in fp32):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exml_fast.reference.public.bn_hooks import deepinversion_bn_loss_hooks
 from exml_fast.reference.image_priors import tv_l2  # the script's TV: Frobenius norms of the four shifts
+from exml_fast.reference.public.bn_hooks import deepinversion_bn_loss_hooks
 
 __all__ = ["public_deepinversion"]
 

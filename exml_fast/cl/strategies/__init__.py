@@ -1,0 +1,38 @@
+"""Ex-Model Continual Learning strategies (the ExML paper, §3-§5).
+
+A strategy learns from a stream of trained experts, one :class:`~exml_fast.cl.experts.Expert` at a time:
+``strategy.train(expert)`` handles one experience and ``strategy.predict(x)`` answers with (B, num_classes)
+logits. All strategies share that interface (:class:`Strategy`), ``state_dict``/``load_state_dict`` (what a run
+checkpoints) and ``config`` (what decides their results). One module per family:
+
+- :mod:`.ed` — :class:`ExModelDistillation` (ED, Algorithm 1): synthesise ``N/i`` samples from the i-th expert
+  with its data ``source`` (:mod:`.sources`), keep a fixed-size class-balanced
+  :class:`~exml_fast.cl.buffer.SyntheticBuffer`, and distil the expert and the previous model into ``model``
+  with the fused :func:`exml_fast.ops.ed_loss`. It keeps no expert after its experience. With
+  :class:`RealReplay` as the source it is the paper's Replay ED (real data: an upper bound), and its
+  ``ex_model`` is False (recorded in its config and in a run's result).
+- :mod:`.ensembles` — :class:`OracleEnsemble` (the task label picks the expert), :class:`EnsembleAverage`,
+  :class:`MinEntropyEnsemble`: they keep every expert, so they break the ExML memory constraint and only bound it.
+- :mod:`.param_avg` — :class:`ParameterAverage`, the running mean of the experts' parameters (one model).
+
+Every strategy is registered under its command-line name (:mod:`.registry`: :func:`register_strategy`,
+:func:`build_strategy`); run options and their defaults are in :mod:`.options`.
+"""
+
+# Importing ed, ensembles and param_avg registers their strategies, in the order of --strategy's choices.
+from exml_fast.cl.strategies.base import Strategy, derive_seed, expert_name
+from exml_fast.cl.strategies.ed import ExModelDistillation
+from exml_fast.cl.strategies.ensembles import EnsembleAverage, MinEntropyEnsemble, OracleEnsemble
+from exml_fast.cl.strategies.options import DATASET_RUN_DEFAULTS, RUN_OPTIONS, run_defaults
+from exml_fast.cl.strategies.param_avg import ParameterAverage
+from exml_fast.cl.strategies.registry import (STRATEGIES, BuildContext, StrategySpec, build_learner, build_strategy,
+                                              load_config, register_strategy, run_named_strategy, strategy_names,
+                                              stream_arch)
+from exml_fast.cl.strategies.sources import (DataSource, Generator, RealReplay, SynthesizerGenerator,
+                                             SynthesizerSource)
+
+__all__ = ["DATASET_RUN_DEFAULTS", "RUN_OPTIONS", "STRATEGIES", "BuildContext", "DataSource", "EnsembleAverage",
+           "ExModelDistillation", "Generator", "MinEntropyEnsemble", "OracleEnsemble", "ParameterAverage",
+           "RealReplay", "Strategy", "StrategySpec", "SynthesizerGenerator", "SynthesizerSource", "build_learner",
+           "build_strategy", "derive_seed", "expert_name", "load_config", "register_strategy", "run_defaults",
+           "run_named_strategy", "stream_arch", "strategy_names"]

@@ -1,0 +1,75 @@
+"""What every ``exml-fast`` command shares: argument types, the device choice, the usage error (exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+__all__ = ["PROG", "UsageError", "class_list", "device_arg", "one_line", "positive_float", "positive_int",
+           "resolve_device"]
+
+PROG = "exml-fast"
+
+
+class UsageError(Exception):
+    """A bad argument found after parsing (it needs the checkpoint or the device): exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
+    return v
+
+
+def class_list(text: str) -> list[int]:
+    try:
+        classes = [int(c) for c in text.split(",") if c.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class indices like 0,1,2; got {text!r}") from None
+    if not classes:
+        raise argparse.ArgumentTypeError(f"expected at least one class index; got {text!r}")
+    if any(c < 0 for c in classes):
+        raise argparse.ArgumentTypeError(f"class indices must be >= 0; got {text!r}")
+    if len(set(classes)) != len(classes):
+        raise argparse.ArgumentTypeError(f"class indices must be distinct; got {text!r}")
+    return classes
+
+
+def device_arg(text: str) -> torch.device:
+    try:
+        d = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N]; got {text!r}") from None
+    if d.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N]; got {text!r}")
+    return d
+
+
+def resolve_device(d: torch.device | None) -> torch.device:
+    if d is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
+    return d
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, FileNotFoundError) and e.filename is not None and not str(e).startswith("checkpoint"):
+        text = f"{e.strerror or 'not found'}: {e.filename}"
+    return text

@@ -1,0 +1,92 @@
+"""``exml-fast reproduce <experiment>``: the papers' tables with one command (resumable), recorded in
+``benches/results``."""
+
+from __future__ import annotations
+
+from exml_fast.cli.common import UsageError, device_arg, positive_int, resolve_device
+from exml_fast.experiments import EXPERIMENTS
+from exml_fast.experiments.ablation import TEST_SEEDS, ablate_exml_mnist
+from exml_fast.experiments.budgets import BUDGETS, ZSKD_BUDGETS
+from exml_fast.experiments.table2 import reproduce_exml_mnist
+from exml_fast.experiments.zskd import reproduce_zskd
+
+__all__ = ["add_commands"]
+
+
+def add_commands(sub) -> None:
+    """Adds reproduce to the ``exml-fast`` subparsers ``sub``."""
+    q = sub.add_parser("reproduce", help="reproduce a paper table (resumable) and record it in benches/results",
+                       description="Reproduce a published table with one command. exml-mnist: the Ex-Model CL "
+                                   "paper's Table 2, MNIST columns (Split MNIST NC and Joint MNIST, every strategy), "
+                                   "over --runs independent expert streams; zskd-mnist / zskd-fmnist: zero-shot KD "
+                                   "from 24000 / 48000 Data Impressions (LeNet-5 -> LeNet-5-Half); "
+                                   "exml-mnist-ablation: the Ex-Model Distillation ablation on Split MNIST. Writes "
+                                   "<results>/<experiment>.{json,md} (<experiment>_<budget>.* for a reduced "
+                                   "budget). Rerun to resume.")
+    q.add_argument("experiment", choices=EXPERIMENTS)
+    q.add_argument("--runs", type=positive_int, default=5,
+                   help="exml-mnist(-ablation): independent expert streams (default: 5)")
+    q.add_argument("--seed", type=int, default=0, help="zskd-*: the seed of the teacher, DIs and student (default: 0)")
+    q.add_argument("--budget", choices=sorted(BUDGETS), default=None,
+                   help="paper (Appendix A-B, hours per run on 2 CPU cores), demo, or smoke (default: paper; "
+                        "demo for exml-mnist-ablation)")
+    q.add_argument("--variants", default=None,
+                   help="exml-mnist-ablation: comma-separated subset of its variants (default: all)")
+    q.add_argument("--test-seeds", default=None, metavar="S,S,...",
+                   help="exml-mnist-ablation: fresh expert streams on which the variant selected on validation "
+                        "data is scored on the test set (default: 100,101,102,103,104; none: skip)")
+    q.add_argument("--scenarios", default="split_mnist,joint_mnist", help="(default: split_mnist,joint_mnist)")
+    q.add_argument("--strategies", default=None, help="comma-separated subset of Table 2's (default: all)")
+    q.add_argument("--out", default=None, metavar="DIR",
+                   help="experts, runs, teachers and DIs (resumable; default: runs/reproduce/<experiment>)")
+    q.add_argument("--results", default="benches/results", metavar="DIR", help="(default: benches/results)")
+    q.add_argument("--device", type=device_arg, default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    q.add_argument("--data-root", default=None, metavar="DIR", help="folder holding the dataset files")
+    q.add_argument("--progress", action="store_true", help="progress bars (default: one line per run)")
+    q.set_defaults(func=_reproduce, subparser=q)
+
+
+def _reproduce(args) -> int:
+    device = resolve_device(args.device)
+    out = args.out or f"runs/reproduce/{args.experiment}"
+    if args.experiment == "exml-mnist-ablation":
+        if args.strategies is not None:
+            raise UsageError("--strategies is for exml-mnist; exml-mnist-ablation takes --variants")
+
+        if args.test_seeds is None:
+            test_seeds = TEST_SEEDS
+        elif args.test_seeds.strip().lower() == "none":
+            test_seeds = ()
+        else:
+            try:
+                test_seeds = tuple(int(s) for s in args.test_seeds.split(",") if s.strip())
+            except ValueError:
+                raise UsageError(f"--test-seeds: comma-separated ints or none; got {args.test_seeds!r}") from None
+        res = ablate_exml_mnist(
+            runs=args.runs, budget=args.budget or "demo", out=out, results=args.results, device=device,
+            variants=None if args.variants is None else tuple(v for v in args.variants.split(",") if v),
+            test_seeds=test_seeds, data_root=args.data_root, progress=args.progress)
+        for r in res["rows"]:
+            print(f"{r['variant']:24s} validation {r['mean']:6.2f} ± {r['std']:5.2f}  ({r['runs']} runs)")
+        if res["selected"] is not None:
+            t = res["test"]
+            print(f"selected {res['selected']['variant']}" + ("" if t is None else
+                  f": test {t['mean']:.2f} ± {t['std']:.2f} over seeds {t['seeds']}"))
+        return 0
+    if args.variants is not None or args.test_seeds is not None:
+        raise UsageError("--variants and --test-seeds are for exml-mnist-ablation")
+    args.budget = args.budget or "paper"
+    if args.experiment != "exml-mnist":
+        if args.budget not in ZSKD_BUDGETS:
+            raise UsageError(f"--budget for {args.experiment}: one of {', '.join(ZSKD_BUDGETS)}")
+        reproduce_zskd(args.experiment, budget=args.budget, seed=args.seed, out=out, results=args.results,
+                       device=device, data_root=args.data_root, progress=args.progress)
+        return 0
+    rows = reproduce_exml_mnist(
+        runs=args.runs, budget=args.budget, scenarios=tuple(s for s in args.scenarios.split(",") if s),
+        strategies=None if args.strategies is None else tuple(s for s in args.strategies.split(",") if s),
+        out=out, results=args.results, device=device, data_root=args.data_root, progress=args.progress)
+    for r in rows:
+        print(f"{r['scenario']:12s} {r['strategy']:13s} {r['mean']:6.2f} (paper {r['paper_mean']:.2f} ± "
+              f"{r['paper_std']:.2f}) {'within 2 std' if r['within_2_std'] else 'outside 2 std'}")
+    return 0
