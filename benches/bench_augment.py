@@ -25,13 +25,12 @@ import sys
 import time
 
 import torch
+from benchlib import env_markdown, environment, median_seconds, op_parser, parse_op_args, record
 
 from exml_fast.ops.augment import augment
 from exml_fast.reference.augment import augment as ref_augment
 from exml_fast.reference.augment import augment_with_params as ref_apply
 from exml_fast.reference.augment import batch_augment_public, draw_augment_params
-
-from benchlib import env_markdown, environment, median_seconds, op_parser, parse_op_args, record
 
 SIZES = [((256, 3, 32, 32), 2, 4), ((1024, 1, 32, 32), 2, 4), ((64, 3, 224, 224), 30, 0)]
 

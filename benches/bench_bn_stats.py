@@ -24,6 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from benchlib import RESULTS, env_markdown, environment, interleaved_samples, median, median_seconds, record
 
 import exml_fast
 from exml_fast import BNStatsMatcher, ops
@@ -31,11 +32,6 @@ from exml_fast import reference as ref
 from exml_fast.models import resnet18_cifar
 from exml_fast.ops.image_priors import image_priors
 from exml_fast.reference.public.bn_hooks import deepinversion_bn_loss, deepinversion_bn_loss_hooks
-
-from benchlib import (RESULTS, env_markdown, environment, interleaved_samples, median,
-                      median_seconds, record)
-
-
 
 # -- op level -------------------------------------------------------------------
 

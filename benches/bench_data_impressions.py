@@ -44,14 +44,13 @@ import time
 from pathlib import Path
 
 import torch
+from benchlib import RESULTS, env_markdown, environment, record
 
 from exml_fast._utils.io import atomic_write
 from exml_fast.data import DATASET_STATS, find_data_root, mnist_tensors
 from exml_fast.models import LeNet5, LeNet5Half
 from exml_fast.synth import DataImpressions, SyntheticBatch
 from exml_fast.training import distill, evaluate, train_classifier
-
-from benchlib import RESULTS, env_markdown, environment, record
 
 MEAN, STD = DATASET_STATS["mnist"]
 BACKGROUND = -MEAN / STD

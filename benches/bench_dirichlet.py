@@ -20,11 +20,10 @@ import sys
 import time
 
 import torch
+from benchlib import env_markdown, environment, median_seconds, op_parser, parse_op_args, record
 
 from exml_fast.ops.dirichlet import class_similarity, dirichlet_targets
 from exml_fast.reference import dirichlet as ref
-
-from benchlib import env_markdown, environment, median_seconds, op_parser, parse_op_args, record
 
 DIRICHLET_SHAPES = [(24000, 10, 84), (1216, 1000, 512)]  # (B, K, H of the head)
 BETAS = [10.0, 0.1]

@@ -19,11 +19,10 @@ import sys
 import time
 
 import torch
+from benchlib import env_markdown, environment, median_seconds, op_parser, parse_op_args, record
 
 from exml_fast.ops.image_priors import image_priors
 from exml_fast.reference.image_priors import image_priors as ref_image_priors
-
-from benchlib import env_markdown, environment, median_seconds, op_parser, parse_op_args, record
 
 SHAPES = [(256, 3, 32, 32), (1024, 1, 32, 32), (64, 3, 224, 224)]
 QUICK_SHAPES = [(256, 3, 32, 32)]

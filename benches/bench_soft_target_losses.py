@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
+from benchlib import env_markdown, environment, interleaved_samples, median, op_parser, parse_op_args, record
 
 from exml_fast.ops import soft_target_losses as fused
 from exml_fast.ops.ed_loss import ed_loss as fused_ed_loss
 from exml_fast.reference import soft_target_losses as ref
 from exml_fast.reference.ed_loss import ed_loss as ref_ed_loss
-
-from benchlib import (env_markdown, environment, interleaved_samples, median, op_parser,
-                      parse_op_args, record)
 
 SIZES = [(5000, 10), (1216, 1000)]
 
