@@ -22,7 +22,9 @@ import time
 import torch
 from benchlib import env_markdown, environment, median_seconds, op_parser, parse_op_args, record
 
-from exml_fast.ops.dirichlet import class_similarity, dirichlet_targets
+from exml_fast.ops.class_similarity import class_similarity
+from exml_fast.ops.dirichlet import dirichlet_targets
+from exml_fast.reference.class_similarity import class_similarity as ref_class_similarity
 from exml_fast.reference import dirichlet as ref
 
 DIRICHLET_SHAPES = [(24000, 10, 84), (1216, 1000, 512)]  # (B, K, H of the head)
@@ -47,7 +49,7 @@ def bench_dirichlet(device, *, use_compile, min_run_time):
         g0 = torch.Generator().manual_seed(0)
         w = torch.randn(k, h, generator=g0).to(device)
         y = torch.randint(0, k, (b,), generator=g0).to(device)
-        sim = ref.class_similarity(w)
+        sim = ref_class_similarity(w)
         for beta in BETAS:
             conc = (beta * sim[y]).contiguous()
             gen = torch.Generator(device).manual_seed(1)
@@ -92,9 +94,9 @@ def bench_class_similarity(device, *, use_compile, min_run_time):
                 torch.autograd.grad(out, w, gout)
             return step
 
-        variants = {"reference": fwd_bwd(ref.class_similarity), "exml_fast": fwd_bwd(class_similarity)}
+        variants = {"reference": fwd_bwd(ref_class_similarity), "exml_fast": fwd_bwd(class_similarity)}
         if use_compile:
-            fn, why = try_compile(ref.class_similarity, lambda f: fwd_bwd(f)())
+            fn, why = try_compile(ref_class_similarity, lambda f: fwd_bwd(f)())
             if fn is not None:
                 variants["compile(reference)"] = fwd_bwd(fn)
             else:

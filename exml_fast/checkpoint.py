@@ -35,6 +35,7 @@ from torch import nn
 
 from exml_fast._utils.io import atomic_write, load_torch_bytes
 from exml_fast.models import ARCHS, build_model
+from exml_fast._utils.checks import check_int, per_channel
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "ModelInfo", "load_model", "save_model", "state_dict_sha256"]
 
@@ -83,30 +84,12 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"save_model: {name} must be a positive int; got {value!r}")
-    return value
 
 
-def _stats(value: Any, name: str, channels: int) -> list[float] | None:
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        values = [float(value)] * channels
-    elif isinstance(value, (Sequence, torch.Tensor)) and not isinstance(value, str):
-        values = [float(v) for v in value]
-    else:
-        raise ValueError(f"save_model: {name} must be None, a float or a sequence of {channels} floats; got {value!r}")
-    if len(values) == 1:
-        values = values * channels
-    if len(values) != channels:
-        raise ValueError(
-            f"save_model: {name} must have one value per input channel ({channels}); got {len(values)}"
-        )
-    if name == "std" and any(v <= 0 for v in values):
-        raise ValueError(f"save_model: std must be > 0; got {values}")
-    return values
+
+
+def _as_list(values: tuple[float, ...] | None) -> list[float] | None:
+    return None if values is None else list(values)
 
 
 def save_model(
@@ -136,16 +119,16 @@ def save_model(
     """
     if arch not in ARCHS:
         raise ValueError(f"save_model: arch must be one of {sorted(ARCHS)}; got {arch!r}")
-    num_classes = _positive_int(num_classes, "num_classes")
-    in_channels = _positive_int(in_channels, "in_channels")
+    num_classes = check_int(num_classes, "num_classes", "save_model", low=1)
+    in_channels = check_int(in_channels, "in_channels", "save_model", low=1)
     shape = tuple(input_shape) if isinstance(input_shape, (Sequence, torch.Size)) else None
     if shape is None or len(shape) != 3:
         raise ValueError(f"save_model: input_shape must be (C, H, W); got {input_shape!r}")
-    shape = tuple(_positive_int(s, "each input_shape entry") for s in shape)
+    shape = tuple(check_int(s, "each input_shape entry", "save_model", low=1) for s in shape)
     if shape[0] != in_channels:
         raise ValueError(f"save_model: input_shape[0] ({shape[0]}) must equal in_channels ({in_channels})")
-    mean_l = _stats(mean, "mean", in_channels)
-    std_l = _stats(std, "std", in_channels)
+    mean_l = _as_list(per_channel(mean, in_channels, "mean", "save_model"))
+    std_l = _as_list(per_channel(std, in_channels, "std", "save_model", positive=True))
     if (mean_l is None) != (std_l is None):
         raise ValueError("save_model: give both mean and std, or neither")
     classes_l = None

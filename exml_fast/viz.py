@@ -17,22 +17,17 @@ from typing import Any
 
 import torch
 
+from exml_fast._utils.checks import per_channel
 from exml_fast._utils.io import atomic_write
 
 __all__ = ["save_grid", "to_unit_range"]
 
 
 def _channel_stats(value: float | Sequence[float] | torch.Tensor, *, name: str, channels: int) -> torch.Tensor:
-    """``value`` as a float32 (C, 1, 1) tensor; a scalar or a 1-element sequence is broadcast."""
-    t = torch.as_tensor(value, dtype=torch.float32).flatten()
-    if t.numel() not in (1, channels):
-        raise ValueError(
-            f"save_grid: {name} must be a float or a sequence of 1 or {channels} values (one per channel "
-            f"of the images); got {t.numel()} values"
-        )
-    if name == "std" and bool((t <= 0).any()):
-        raise ValueError(f"save_grid: std must be > 0; got {t.tolist()}")
-    return t.expand(channels).reshape(channels, 1, 1).clone()
+    """``value`` as a float32 (C, 1, 1) tensor (:func:`~exml_fast._utils.checks.per_channel`: a scalar or a
+    1-element sequence is broadcast; a std must be > 0)."""
+    vals = per_channel(value, channels, name, "save_grid", positive=name == "std")
+    return torch.tensor(vals, dtype=torch.float32).reshape(channels, 1, 1)
 
 
 def to_unit_range(

@@ -86,7 +86,7 @@ def test_file_format_is_a_plain_dict(tmp_path):
     "kwargs, match",
     [
         (dict(KW, arch="vgg"), "arch must be one of"),
-        (dict(KW, num_classes=0), "num_classes must be a positive int"),
+        (dict(KW, num_classes=0), "num_classes must be an int >= 1"),
         (dict(KW, input_shape=(32, 32)), "input_shape must be"),
         (dict(KW, input_shape=(3, 32, 32)), "must equal in_channels"),
         (dict(KW, mean=(0.1, 0.2), std=0.3), "mean must have one value per input channel"),

@@ -92,7 +92,7 @@ def test_writes_png_whatever_the_extension_and_leaves_no_temp_files(tmp_path):
         (torch.rand(1, 8, 8), {}, "4-D"),
         (torch.rand(0, 1, 8, 8), {}, "empty"),
         (torch.rand(2, 2, 8, 8), {}, "1 \\(grey\\) or 3"),
-        (torch.rand(2, 3, 8, 8), {"mean": (0.1, 0.2), "std": (1.0, 1.0)}, "mean must be .* 1 or 3 values"),
+        (torch.rand(2, 3, 8, 8), {"mean": (0.1, 0.2), "std": (1.0, 1.0)}, "mean must have one value per .*1 or 3"),
         (torch.rand(2, 1, 8, 8), {"mean": 0.5}, "both mean and std"),
         (torch.rand(2, 1, 8, 8), {"mean": 0.5, "std": 0.0}, "std must be > 0"),
         (torch.rand(2, 1, 8, 8), {"nrow": 0}, "nrow"),

@@ -13,10 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "check_float", "check_int", "per_channel", "refuse_double_backward"]
-
-#: The floating dtypes every op accepts (computed in fp32, or fp64 for fp64 input).
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+__all__ = ["check_float", "check_int", "per_channel", "refuse_double_backward"]
 
 
 def check_int(value: Any, name: str, owner: str, *, low: int | None = None, high: int | None = None) -> int:
@@ -73,7 +70,8 @@ def per_channel(value: Any, channels: int, name: str, owner: str, *,
     if len(vals) == 1:
         vals = vals * channels
     if len(vals) != channels:
-        raise ValueError(f"{owner}: {name} must have 1 or {channels} (input channels) values; got {len(vals)}")
+        raise ValueError(f"{owner}: {name} must have one value per input channel or a single value (1 or "
+                         f"{channels} values); got {len(vals)}")
     if not all(math.isfinite(v) for v in vals):
         raise ValueError(f"{owner}: {name} must be finite; got {list(vals)}")
     if positive and any(v <= 0 for v in vals):

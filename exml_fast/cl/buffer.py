@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from exml_fast._utils.io import atomic_write, load_torch_bytes
+from exml_fast._utils.checks import check_int
 
 __all__ = ["SyntheticBuffer", "class_balanced_indices"]
 
@@ -52,10 +53,6 @@ def _check_generator(generator: Any, owner: str) -> torch.Generator | None:
     return generator
 
 
-def _check_int(value: Any, name: str, owner: str, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}: {name} must be an int >= {minimum}; got {value!r}")
-    return value
 
 
 def _check_labels(y: Any, name: str, owner: str) -> torch.Tensor:
@@ -91,7 +88,7 @@ def class_balanced_indices(y: torch.Tensor, k: int, *, generator: torch.Generato
     """
     owner = "class_balanced_indices"
     y = _check_labels(y, "y", owner)
-    _check_int(k, "k", owner, minimum=0)
+    check_int(k, "k", owner, low=0)
     gen = _check_generator(generator, owner)
     n = y.shape[0]
     if k >= n:
@@ -150,7 +147,7 @@ class SyntheticBuffer:
     """
 
     def __init__(self, capacity: int) -> None:
-        self._capacity = _check_int(capacity, "capacity", "SyntheticBuffer", minimum=1)
+        self._capacity = check_int(capacity, "capacity", "SyntheticBuffer", low=1)
         self._x: torch.Tensor | None = None
         self._y = torch.empty(0, dtype=torch.int64)
         self._experience = torch.empty(0, dtype=torch.int64)
@@ -190,7 +187,7 @@ class SyntheticBuffer:
 
     def quota(self, i: int) -> int:
         """How many new samples the ``i``-th experience (1-based) gets: ``max(1, capacity // i)``."""
-        _check_int(i, "i", "SyntheticBuffer.quota", minimum=1)
+        check_int(i, "i", "SyntheticBuffer.quota", low=1)
         return max(1, self._capacity // i)
 
     def class_counts(self) -> dict[int, int]:
@@ -238,7 +235,7 @@ class SyntheticBuffer:
         y = _check_labels(y, "y", owner)
         if y.shape[0] != m:
             raise ValueError(f"{owner}: y must have one label per sample of x, shape ({m},); got {tuple(y.shape)}")
-        _check_int(experience, "experience", owner, minimum=0)
+        check_int(experience, "experience", owner, low=0)
         gen = _check_generator(generator, owner)
         if m > self._capacity:
             raise ValueError(f"{owner}: {m} new samples do not fit a buffer of capacity {self._capacity}; "
@@ -296,7 +293,7 @@ class SyntheticBuffer:
         Use as ``buf.x[idx]``, ``buf.y[idx]``, ``buf.soft_targets[idx]``.
         """
         owner = "SyntheticBuffer.sample"
-        _check_int(batch_size, "batch_size", owner, minimum=1)
+        check_int(batch_size, "batch_size", owner, low=1)
         gen = _check_generator(generator, owner)
         n = len(self)
         if n == 0:

@@ -43,6 +43,7 @@ from torch import nn
 
 from exml_fast.cl.experts import Expert, ExpertStream
 from exml_fast.cl.heads import task_head_mask
+from exml_fast._utils.checks import check_int
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "Experience", "SCENARIOS", "Scenario", "class_order", "default_expert_epochs",
            "joint_mnist",
@@ -176,11 +177,6 @@ class Scenario:
 # ---------------------------------------------------------------------------------------- building scenarios
 
 
-def _check_int(value: Any, name: str, owner: str, *, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{owner}: {name} must be an int {bound}; got {value!r}")
-    return value
 
 
 def class_order(num_classes: int, seed: int) -> tuple[int, ...]:
@@ -211,12 +207,12 @@ def _select(x: torch.Tensor, y: torch.Tensor, classes: tuple[int, ...], cap: int
 def _build(name: str, dataset: str, *, train, test, num_classes: int, mean, std, n_experiences: int, seed: int,
            multi_task: bool, max_train_per_experience: int | None, max_test_per_experience: int | None,
            validation_size: int | None = None, eval_split: str = "test", owner: str) -> Scenario:
-    _check_int(n_experiences, "n_experiences", owner, low=1, high=num_classes)
-    _check_int(seed, "seed", owner, low=0)
+    check_int(n_experiences, "n_experiences", owner, low=1, high=num_classes)
+    check_int(seed, "seed", owner, low=0)
     for cap_name, cap in (("max_train_per_experience", max_train_per_experience),
                           ("max_test_per_experience", max_test_per_experience)):
         if cap is not None:
-            _check_int(cap, cap_name, owner, low=1)
+            check_int(cap, cap_name, owner, low=1)
     train, test = _split_validation(train, test, validation_size, eval_split, owner)
     order = class_order(num_classes, seed)
     experiences = []
@@ -259,7 +255,7 @@ def _split_validation(train, test, validation_size: int | None, eval_split: str,
                              "the training set); got None")
         return train, test
     n = int(train[1].shape[0])
-    _check_int(validation_size, "validation_size", owner, low=1, high=n - 1)
+    check_int(validation_size, "validation_size", owner, low=1, high=n - 1)
     held = torch.zeros(n, dtype=torch.bool)
     held[validation_indices(n, validation_size)] = True
     kept = (train[0][~held], train[1][~held])
@@ -272,7 +268,7 @@ def _mnist_like(dataset: str, name: str, *, n_experiences: int, seed: int, root,
     from exml_fast.data import DATASET_STATS, mnist_tensors
 
     owner = name
-    _check_int(n_experiences, "n_experiences", owner, low=1, high=10)
+    check_int(n_experiences, "n_experiences", owner, low=1, high=10)
     train = mnist_tensors("train", dataset=dataset, pad_to=32, normalize=True, root=root)
     test = mnist_tensors("test", dataset=dataset, pad_to=32, normalize=True, root=root)
     mean, std = DATASET_STATS[dataset]
@@ -422,7 +418,7 @@ def split_cifar10(n_experiences: int = 5, *, seed: int = 0, root: str | os.PathL
         ValueError: a malformed batch file.
     """
     name = "split_cifar10_mt" if multi_task else "split_cifar10"
-    _check_int(n_experiences, "n_experiences", name, low=1, high=10)
+    check_int(n_experiences, "n_experiences", name, low=1, high=10)
     folder = _find_cifar10(root)
     train = _cifar_tensors([folder / n for n in _CIFAR_TRAIN])
     test = _cifar_tensors([folder / _CIFAR_TEST])
@@ -568,9 +564,9 @@ def train_experts(scenario: Scenario, out: str | os.PathLike, *, arch: str = "le
                              f"{value} (every expert has the scenario's full outputs and input channels)")
     if epochs is None:
         epochs = default_expert_epochs(scenario)
-    _check_int(epochs, "epochs", owner, low=1)
-    _check_int(batch_size, "batch_size", owner, low=1)
-    _check_int(seed, "seed", owner, low=0)
+    check_int(epochs, "epochs", owner, low=1)
+    check_int(batch_size, "batch_size", owner, low=1)
+    check_int(seed, "seed", owner, low=0)
     for name, value, low in (("lr", lr, 0.0), ("momentum", momentum, 0.0), ("weight_decay", weight_decay, 0.0)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low \
                 or (name == "lr" and value == 0):

@@ -25,7 +25,8 @@ How an op is registered (the rule every module here follows):
 
 from exml_fast.ops.augment import augment, augment_with_params, draw_augment_params
 from exml_fast.ops.bn_stats import bn_stats, bn_stats_loss
-from exml_fast.ops.dirichlet import class_similarity, dirichlet_targets
+from exml_fast.ops.class_similarity import class_similarity
+from exml_fast.ops.dirichlet import dirichlet_targets
 from exml_fast.ops.ed_loss import ed_class_table, ed_loss
 from exml_fast.ops.image_priors import image_priors
 from exml_fast.ops.soft_target_losses import js_divergence, kd_loss, soft_target_cross_entropy

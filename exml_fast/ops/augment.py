@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from exml_fast import _ext
+from exml_fast._utils.dtypes import FLOAT_DTYPES
 
 # Names, not the module: exml_fast.reference re-exports a function `augment`,
 # which shadows the submodule as an attribute of the package.
@@ -20,7 +21,6 @@ from exml_fast.reference.augment import draw_augment_params, output_memory_forma
 
 __all__ = ["augment", "augment_with_params", "draw_augment_params"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _MAX_EXTENT = (2**31 - 1) // 4  # the kernels' limit on pad_crop, H and W
 
 
@@ -30,14 +30,14 @@ def _check_x(x: torch.Tensor, op: str) -> None:
     if x.dim() != 4:
         raise ValueError(f"{op}: x must have shape (N, C, H, W); got {x.dim()} dims with shape "
                          f"{tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: x must be float32, float64, float16 or bfloat16; got {x.dtype}")
     if x.shape[2] > _MAX_EXTENT or x.shape[3] > _MAX_EXTENT:
         raise ValueError(f"{op}: x's height and width must be at most {_MAX_EXTENT}; "
                          f"got shape {tuple(x.shape)}")
 
 
-def _check_int(value, name: str, op: str) -> int:
+def _check_extent(value, name: str, op: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{op}: {name} must be an int; got {type(value).__name__}")
     if not 0 <= value <= _MAX_EXTENT:
@@ -94,7 +94,7 @@ def augment_with_params(x: torch.Tensor, params: torch.Tensor, *, pad_crop: int 
     """
     op = "augment_with_params"
     _check_x(x, op)
-    pad_crop = _check_int(pad_crop, "pad_crop", op)
+    pad_crop = _check_extent(pad_crop, "pad_crop", op)
     _check_params(x, params, pad_crop, op)
     if _ext.use_compiled(x):
         return torch.ops.exml_fast.augment_apply(x, params, pad_crop)
@@ -139,8 +139,8 @@ def augment(
     """
     op = "augment"
     _check_x(x, op)
-    max_shift = _check_int(max_shift, "max_shift", op)
-    pad_crop = _check_int(pad_crop, "pad_crop", op)
+    max_shift = _check_extent(max_shift, "max_shift", op)
+    pad_crop = _check_extent(pad_crop, "pad_crop", op)
     if not isinstance(flip, bool):
         raise TypeError(f"{op}: flip must be a bool; got {type(flip).__name__}")
     if generator is not None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from exml_fast import _ext
+from exml_fast._utils.checks import refuse_double_backward
+from exml_fast._utils.dtypes import FLOAT_DTYPES
 from exml_fast import reference as _ref
 from exml_fast.reference.bn_stats import BN_LOSS_FORMS, acc_dtype, combine_bn_loss
 
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _check_x(x: torch.Tensor, op: str) -> None:
@@ -19,7 +20,7 @@ def _check_x(x: torch.Tensor, op: str) -> None:
             f"{op}: x must have shape (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W); "
             f"got {x.dim()} dims with shape {tuple(x.shape)}"
         )
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{op}: x must be float32, float64, float16 or bfloat16; got {x.dtype}"
         )
@@ -125,16 +126,10 @@ def _register() -> None:
 
     torch.library.register_autograd("exml_fast::bn_stats", backward, setup_context=setup_context)
 
-    def refuse_double_backward(ctx, grad):
-        raise RuntimeError(
-            "exml_fast.ops.bn_stats supports first derivatives only: the gradient of its "
-            "gradient (double backward, e.g. create_graph=True then backward again) is not "
-            "implemented. Use exml_fast.reference.bn_stats for higher-order derivatives."
-        )
 
     torch.library.register_autograd(
         "exml_fast::_bn_stats_backward",
-        refuse_double_backward,
+        refuse_double_backward("bn_stats", "bn_stats"),
         setup_context=lambda ctx, inputs, output: None,
     )
 

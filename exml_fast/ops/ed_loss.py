@@ -13,12 +13,13 @@ from collections import OrderedDict
 import torch
 
 from exml_fast import _ext
+from exml_fast._utils.checks import refuse_double_backward
+from exml_fast._utils.dtypes import FLOAT_DTYPES
 from exml_fast.reference.ed_loss import NORMALIZE_MODES, STANDARDIZE_EPS, TARGET_MODES, acc_dtype
 from exml_fast.reference.ed_loss import ed_loss as _ref_ed_loss
 
 __all__ = ["ed_loss", "ed_class_table", "STANDARDIZE_EPS"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
@@ -134,7 +135,7 @@ def _cached_table(expert_classes, prev_classes, c: int, device: torch.device):
 def _check_teacher(t, name: str, b: int, c: int, n: int | None, device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"ed_loss: {name} must be a torch.Tensor; got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"ed_loss: {name} must be float32, float64, float16 or bfloat16; "
                         f"got {t.dtype}")
     width = f"{n} (the size of its class set) or {c}" if n is not None else f"|set| or {c}"
@@ -215,7 +216,7 @@ def ed_loss(
     if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
         raise ValueError(f"ed_loss: logits must have shape (B, C) with B, C >= 1; got "
                          f"{tuple(logits.shape)}")
-    if logits.dtype not in _FLOAT_DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"ed_loss: logits must be float32, float64, float16 or bfloat16; "
                         f"got {logits.dtype}")
     b, c = logits.shape
@@ -312,14 +313,9 @@ def _register() -> None:
     # The autograd of exml_fast::ed_loss is registered in C++ (csrc/ops/ed_loss.cpp):
     # a Python register_autograd cost more per call than the fused kernel itself.
 
-    def refuse_double_backward(ctx, grad):
-        raise RuntimeError(
-            "exml_fast.ops.ed_loss supports first derivatives only: the gradient of its "
-            "gradient (double backward) is not implemented. Use exml_fast.reference.ed_loss "
-            "for higher-order derivatives.")
 
     torch.library.register_autograd(
-        "exml_fast::_ed_loss_backward", refuse_double_backward,
+        "exml_fast::_ed_loss_backward", refuse_double_backward("ed_loss", "ed_loss"),
         setup_context=lambda ctx, inputs, output: None)
 
 

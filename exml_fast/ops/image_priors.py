@@ -7,10 +7,11 @@ import math
 import torch
 
 from exml_fast import _ext
+from exml_fast._utils.checks import refuse_double_backward
+from exml_fast._utils.dtypes import FLOAT_DTYPES
 from exml_fast.reference.image_priors import BLUR_KERNEL_SIZES, acc_dtype, default_blur_sigma
 from exml_fast.reference.image_priors import image_priors as _ref_image_priors
 
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _N_SUMS = 10
 
 
@@ -22,7 +23,7 @@ def _check_args(x, blur_kernel_size, blur_sigma) -> float:
             f"image_priors: x must have shape (N, C, H, W); got {x.dim()} dims with shape "
             f"{tuple(x.shape)}"
         )
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"image_priors: x must be float32, float64, float16 or bfloat16; got {x.dtype}")
     if x.numel() == 0:
         raise ValueError(
@@ -130,16 +131,10 @@ def _register() -> None:
 
     torch.library.register_autograd("exml_fast::image_priors", backward, setup_context=setup_context)
 
-    def refuse_double_backward(ctx, grad):
-        raise RuntimeError(
-            "exml_fast.ops.image_priors supports first derivatives only: the gradient of its "
-            "gradient (double backward, e.g. create_graph=True then backward again) is not "
-            "implemented. Use exml_fast.reference.image_priors for higher-order derivatives."
-        )
 
     torch.library.register_autograd(
         "exml_fast::_image_priors_backward",
-        refuse_double_backward,
+        refuse_double_backward("image_priors", "image_priors"),
         setup_context=lambda ctx, inputs, output: None,
     )
 

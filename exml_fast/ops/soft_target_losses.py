@@ -21,10 +21,10 @@ import math
 import torch
 
 from exml_fast import _ext
+from exml_fast._utils.dtypes import FLOAT_DTYPES, acc_dtype
 from exml_fast.reference import soft_target_losses as _ref
 from exml_fast.reference.soft_target_losses import JS_FORMS, REDUCTIONS
 
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction's values
 
 
@@ -36,7 +36,7 @@ def _check_logits(x, op: str, name: str) -> None:
             f"{op}: {name} must have shape (B, K) (rows of logits over K classes); "
             f"got {x.dim()} dims with shape {tuple(x.shape)}"
         )
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float32, float64, float16 or bfloat16; got {x.dtype}")
     if x.shape[1] == 0:
         raise ValueError(f"{op}: {name} must have at least one class (K >= 1); got shape {tuple(x.shape)}")
@@ -188,17 +188,13 @@ def js_divergence(
     return _ref.js_divergence(logits_a, logits_b, temperature=temperature, clamp=(lo, hi))
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _register() -> None:
     """Fake kernels of the compiled ops (only when _C loaded); their autograd is in C++."""
 
     def loss_and_saved(x, reduction, cols):
         b = x.shape[0]
         loss = x.new_empty((b,)) if reduction == 0 else x.new_empty(())
-        return loss, x.new_empty((b, cols), dtype=_acc_dtype(x.dtype))
+        return loss, x.new_empty((b, cols), dtype=acc_dtype(x.dtype))
 
     def grad_pair(a, b, need_b):
         return a.new_empty(a.shape), b.new_empty(b.shape if need_b else (0, 0))
@@ -217,7 +213,7 @@ def _register() -> None:
         loss, saved = loss_and_saved(student_logits, 1, 3)
         # The student's gradient factor (softmax(s/T) - softmax(t/T)), (0, 0) when not saved.
         factor = student_logits.new_empty(student_logits.shape if save_grad else (0, 0),
-                                          dtype=_acc_dtype(student_logits.dtype))
+                                          dtype=acc_dtype(student_logits.dtype))
         return loss, saved, factor
 
     @torch.library.register_fake("exml_fast::_kd_loss_backward")

@@ -8,7 +8,8 @@ the fused kernels replace, defects in speed included.
 from exml_fast.reference.augment import (augment, augment_with_params, augment_with_params_loop, batch_augment_public,
                                          draw_augment_params)
 from exml_fast.reference.bn_stats import bn_stats, bn_stats_loss
-from exml_fast.reference.dirichlet import class_similarity, dirichlet_targets
+from exml_fast.reference.class_similarity import class_similarity
+from exml_fast.reference.dirichlet import dirichlet_targets
 from exml_fast.reference.ed_loss import ed_loss
 from exml_fast.reference.image_priors import default_blur_sigma, gaussian_kernel2d, image_priors, tv_l2
 from exml_fast.reference.public.deepinversion import public_deepinversion

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from exml_fast._utils.dtypes import acc_dtype
+
 BN_LOSS_FORMS = ("l2", "mse", "sq_std")
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the statistics for input of `dtype`: fp64 for fp64, else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

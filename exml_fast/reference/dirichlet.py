@@ -1,43 +1,16 @@
-"""Reference Data-Impression targets (Nayak et al. 2019), in plain PyTorch.
+"""Reference Data-Impression soft targets (Nayak et al. 2019), in plain PyTorch.
 
-`class_similarity` is the public formula (F.normalize, a Gram matrix, per-row
-amin/amax), with the fused op's conventions for constant rows and zero rows;
 `dirichlet_targets` is `torch._sample_dirichlet` (what
 `torch.distributions.Dirichlet(concentration).sample()` calls) with the
-generator. Both are the test oracle, the benchmark baseline and the fallback
-when exml_fast._C is missing.
+generator: the test oracle, the benchmark baseline and the fallback when
+exml_fast._C is missing. The class similarity it is fed from is
+:mod:`exml_fast.reference.class_similarity`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 for fp64 input, else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def class_similarity(weight: torch.Tensor, *, floor: float = 1e-4) -> torch.Tensor:
-    """(K, K) class similarity of a (K, H) classifier weight; see exml_fast.ops."""
-    w = weight.to(acc_dtype(weight.dtype))
-    norms = w.norm(dim=1)
-    zero = (norms == 0).nonzero()
-    if zero.numel() > 0:
-        raise RuntimeError(
-            f"class_similarity: row {int(zero[0, 0])} of weight is all zeros: its cosine "
-            "similarity to the other classes is undefined (a class with no weight has no direction)"
-        )
-    n = F.normalize(w, dim=1)
-    sim = n @ n.T
-    mn = sim.amin(dim=1, keepdim=True)
-    mx = sim.amax(dim=1, keepdim=True)
-    rng = mx - mn
-    constant = rng <= 8 * torch.finfo(sim.dtype).eps
-    rng = torch.where(constant, torch.ones_like(rng), rng)  # no 0/0 in the unused branch
-    y = ((sim - mn) / rng).clamp_min(floor)
-    return torch.where(constant, torch.ones_like(y), y)
 
 
 def dirichlet_targets(

@@ -12,14 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from exml_fast._utils.dtypes import acc_dtype
+
 TARGET_MODES = ("slice", "per_sample")
 NORMALIZE_MODES = ("none", "center", "standardize")
 STANDARDIZE_EPS = 1e-5
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the loss for logits of `dtype`: fp64 for fp64, else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def class_index(classes: torch.Tensor, num_classes: int) -> torch.Tensor:

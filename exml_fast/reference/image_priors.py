@@ -10,11 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from exml_fast._utils.dtypes import acc_dtype
+
 BLUR_KERNEL_SIZES = (3, 7)
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 #: The Ex-Model CL reference code's blur: a 7 x 7 Gaussian of sigma 1.

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
-import numbers
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -16,31 +14,12 @@ from torch import nn
 from exml_fast._utils.progress import Progress
 from exml_fast._utils.provenance import SEED_MAX, derive_seed
 from exml_fast.synth.batch import MANIFEST, ShardStore, SyntheticBatch, batch_bounds, read_manifest
+from exml_fast._utils.checks import per_channel
 
 __all__ = ["Synthesizer"]
 
 
 
-def _per_channel(value, channels: int, name: str, owner: str) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, numbers.Real):
-        vals = (float(value),) * channels
-    elif isinstance(value, torch.Tensor):
-        vals = tuple(float(v) for v in value.reshape(-1).tolist())
-    else:
-        try:
-            vals = tuple(float(v) for v in value)
-        except TypeError:
-            raise TypeError(f"{owner}: {name} must be a float or a sequence of {channels} floats; "
-                            f"got {type(value).__name__}") from None
-    if len(vals) == 1:
-        vals = vals * channels
-    if len(vals) != channels:
-        raise ValueError(f"{owner}: {name} must have 1 or {channels} (input channels) values; got {len(vals)}")
-    if not all(math.isfinite(v) for v in vals):
-        raise ValueError(f"{owner}: {name} must be finite; got {vals}")
-    return vals
 
 
 @contextlib.contextmanager
@@ -123,8 +102,8 @@ class Synthesizer:
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"{owner}: input_shape must be (C, H, W) with positive sizes; got {input_shape!r}")
         self.input_shape = shape
-        self.mean = _per_channel(mean, shape[0], "mean", owner)
-        self.std = _per_channel(std, shape[0], "std", owner)
+        self.mean = per_channel(mean, shape[0], "mean", owner)
+        self.std = per_channel(std, shape[0], "std", owner)
         if (self.mean is None) != (self.std is None):
             raise ValueError(f"{owner}: give both mean and std, or neither")
         if self.std is not None and min(self.std) <= 0:

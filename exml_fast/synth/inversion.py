@@ -33,7 +33,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from exml_fast.ops.augment import augment_with_params
-from exml_fast.ops.dirichlet import class_similarity, dirichlet_targets
+from exml_fast.ops.class_similarity import class_similarity
+from exml_fast.ops.dirichlet import dirichlet_targets
 from exml_fast.ops.image_priors import image_priors
 from exml_fast.ops.soft_target_losses import js_divergence, soft_target_cross_entropy
 from exml_fast.reference.augment import draw_augment_params
@@ -43,6 +44,7 @@ from exml_fast.synth.base import Synthesizer, eval_mode
 from exml_fast.synth.batch import SyntheticBatch
 from exml_fast.synth.input_grad_conv import input_grad_convs
 from exml_fast.synth.matcher import BNStatsMatcher
+from exml_fast._utils.checks import check_float
 
 __all__ = ["DEEPINVERSION_PRESETS", "DataImpressions", "DeepInversion", "ModelInversion"]
 
@@ -57,16 +59,8 @@ _FP16_INIT_SCALE = 2.0**8
 _FP16_GROWTH_INTERVAL = 200
 
 
-def _check_weight(value, name: str, owner: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{owner}: {name} must be a finite number >= 0; got {value!r}")
-    return float(value)
 
 
-def _check_positive(value, name: str, owner: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{owner}: {name} must be a finite number > 0; got {value!r}")
-    return float(value)
 
 
 def lr_table(lr: float, iterations: int, *, schedule: str, warmup: float) -> torch.Tensor:
@@ -144,21 +138,21 @@ class _Inversion(Synthesizer):
             device=device, iterations=iterations, batch_size=batch_size,
         )
         owner = type(self).__name__
-        self.lr = _check_positive(lr, "lr", owner)
+        self.lr = check_float(lr, "lr", owner, positive=True)
         if len(tuple(betas)) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
             raise ValueError(f"{owner}: betas must be two numbers in [0, 1); got {betas!r}")
         self.betas = (float(betas[0]), float(betas[1]))
-        self.adam_eps = _check_positive(adam_eps, "adam_eps", owner)
+        self.adam_eps = check_float(adam_eps, "adam_eps", owner, positive=True)
         if schedule not in SCHEDULES:
             raise ValueError(f"{owner}: schedule must be one of {SCHEDULES}; got {schedule!r}")
         self.schedule = schedule
         if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0.0 <= warmup < 1.0:
             raise ValueError(f"{owner}: warmup must be a fraction of the iterations in [0, 1); got {warmup!r}")
         self.warmup = float(warmup)
-        self.temperature = _check_positive(temperature, "temperature", owner)
+        self.temperature = check_float(temperature, "temperature", owner, positive=True)
 
-        self.bn_weight = _check_weight(bn_weight, "bn_weight", owner)
-        self.first_bn_multiplier = _check_weight(first_bn_multiplier, "first_bn_multiplier", owner)
+        self.bn_weight = check_float(bn_weight, "bn_weight", owner)
+        self.first_bn_multiplier = check_float(first_bn_multiplier, "first_bn_multiplier", owner)
         if bn_form not in BN_LOSS_FORMS:
             raise ValueError(f"{owner}: bn_form must be one of {BN_LOSS_FORMS}; got {bn_form!r}")
         self.bn_form = bn_form
@@ -172,16 +166,16 @@ class _Inversion(Synthesizer):
             self.bn_weight = 0.0
 
         self.prior_weights = {
-            "tv_l1": _check_weight(tv_l1_weight, "tv_l1_weight", owner),
-            "tv_l2": _check_weight(tv_l2_weight, "tv_l2_weight", owner),
-            "blur": _check_weight(blur_weight, "blur_weight", owner),
-            "l2": _check_weight(l2_weight, "l2_weight", owner),
-            "l2_sq": _check_weight(l2_sq_weight, "l2_sq_weight", owner),
+            "tv_l1": check_float(tv_l1_weight, "tv_l1_weight", owner),
+            "tv_l2": check_float(tv_l2_weight, "tv_l2_weight", owner),
+            "blur": check_float(blur_weight, "blur_weight", owner),
+            "l2": check_float(l2_weight, "l2_weight", owner),
+            "l2_sq": check_float(l2_sq_weight, "l2_sq_weight", owner),
         }
         if blur_kernel_size not in (3, 7):
             raise ValueError(f"{owner}: blur_kernel_size must be 3 or 7; got {blur_kernel_size!r}")
         self.blur_kernel_size = blur_kernel_size
-        self.blur_sigma = None if blur_sigma is None else _check_positive(blur_sigma, "blur_sigma", owner)
+        self.blur_sigma = None if blur_sigma is None else check_float(blur_sigma, "blur_sigma", owner, positive=True)
         self.blur_per_sample_norm = bool(blur_per_sample_norm)
 
         c, h, w = self.input_shape
@@ -196,15 +190,16 @@ class _Inversion(Synthesizer):
         self.pad_crop = pad_crop
         self.clip = bool(clip) and self.mean is not None
         self.keep_best = bool(keep_best)
-        self.init_std = _check_positive(init_std, "init_std", owner)
+        self.init_std = check_float(init_std, "init_std", owner, positive=True)
 
         if competitor is not None and not isinstance(competitor, nn.Module):
             raise TypeError(f"{owner}: competitor must be an nn.Module or None; got {type(competitor).__name__}")
         self.competitor = competitor
-        self.competition_weight = _check_weight(competition_weight, "competition_weight", owner)
+        self.competition_weight = check_float(competition_weight, "competition_weight", owner)
         if competitor is not None and self.competition_weight == 0:
             raise ValueError(f"{owner}: a competitor needs competition_weight > 0")
-        self.competition_temperature = _check_positive(competition_temperature, "competition_temperature", owner)
+        self.competition_temperature = check_float(competition_temperature, "competition_temperature", owner,
+                                                   positive=True)
         lo, hi = competition_clamp
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"{owner}: competition_clamp must be (low, high) with 0 <= low < high <= 1; "
@@ -803,7 +798,7 @@ class DataImpressions(_Inversion):
         betas = (beta,) if isinstance(beta, (int, float)) else tuple(beta)
         if not betas:
             raise ValueError(f"{owner}: beta must be a number > 0 or a non-empty sequence of them")
-        self.beta = tuple(_check_positive(b, "beta", owner) for b in betas)
+        self.beta = tuple(check_float(b, "beta", owner, positive=True) for b in betas)
         if classifier_weight is None:
             classifier_weight = _classifier_weight(teacher, owner)
         if not isinstance(classifier_weight, torch.Tensor) or classifier_weight.dim() != 2:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from exml_fast._utils.checks import check_int
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "augment_batch", "distill", "evaluate", "minibatch_bounds", "train_classifier"]
 
@@ -163,10 +164,6 @@ def _as_generator(generator: torch.Generator | int | None) -> torch.Generator | 
                     f"got {type(generator).__name__}")
 
 
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"distill: {name} must be an int >= 1; got {value!r}")
-    return value
 
 
 def distill(
@@ -276,10 +273,10 @@ def distill(
         raise ValueError(f"distill: pass exactly one of epochs or iterations; got epochs={epochs!r}, "
                          f"iterations={iterations!r}")
     if epochs is not None:
-        _check_positive_int(epochs, "epochs")
+        check_int(epochs, "epochs", "distill", low=1)
     else:
-        _check_positive_int(iterations, "iterations")
-    _check_positive_int(batch_size, "batch_size")
+        check_int(iterations, "iterations", "distill", low=1)
+    check_int(batch_size, "batch_size", "distill", low=1)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"distill: optimizer must be one of {OPTIMIZERS}; got {optimizer!r}")
     if schedule not in SCHEDULES:

@@ -1,0 +1,94 @@
+"""`class_similarity`: the row-normalised cosine similarity of a classifier's class vectors (Data Impressions,
+Nayak et al. 2019), whose rows scaled by β are the Dirichlet concentrations of `dirichlet_targets`."""
+
+from __future__ import annotations
+
+import torch
+
+from exml_fast import _ext
+from exml_fast._utils.checks import refuse_double_backward
+from exml_fast._utils.dtypes import FLOAT_DTYPES, acc_dtype
+from exml_fast.reference.class_similarity import class_similarity as _ref_class_similarity
+
+__all__ = ["class_similarity"]
+
+
+def class_similarity(weight: torch.Tensor, *, floor: float = 1e-4) -> torch.Tensor:
+    """Row-normalised cosine similarity of a classifier's class vectors.
+
+    `C[i, j] = cos(w_i, w_j)`; each row is then min-max scaled to [0, 1],
+    `(C[i, j] - min_j C[i]) / (max_j C[i] - min_j C[i])`, and floored with
+    `clamp_min(floor)` so every entry can serve as a Dirichlet concentration.
+    A constant row (K = 1, or a range below 8 eps of the compute dtype: every
+    class equally similar) is all ones, with zero gradient. The diagonal is 1
+    (each class is its own nearest class).
+
+    Args:
+        weight: (K, H) final-layer weight, float32/64/16 or bfloat16, K >= 0.
+            A row of zeros has no direction: raises RuntimeError naming it
+            (on CUDA the check costs one host sync; the op runs once per expert).
+        floor: the smallest output value, in (0, 1].
+
+    Returns:
+        (K, K), float32 (float64 for float64 weight). Differentiable with
+        respect to `weight` (once); the gradient of min/max is shared evenly
+        between tied entries, as torch.amin/amax do.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"class_similarity: weight must be a torch.Tensor; got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(
+            f"class_similarity: weight must be a 2-D (K, H) classifier weight; got shape {tuple(weight.shape)}"
+        )
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"class_similarity: weight must be float32, float64, float16 or bfloat16; got {weight.dtype}"
+        )
+    floor = float(floor)
+    if not 0.0 < floor <= 1.0:
+        raise ValueError(f"class_similarity: floor must be in (0, 1]; got {floor}")
+    if _ext.use_compiled(weight):
+        out, _ = torch.ops.exml_fast.class_similarity(weight, floor)
+        return out
+    return _ref_class_similarity(weight, floor=floor)
+
+
+def _register() -> None:
+    """Fake kernels and autograd for the compiled ops (only when _C loaded)."""
+
+    @torch.library.register_fake("exml_fast::class_similarity")
+    def _class_similarity_fake(weight, floor):
+        k = weight.shape[0]
+        acc = acc_dtype(weight.dtype)
+        return weight.new_empty((k, k), dtype=acc), weight.new_empty((k, k), dtype=acc)
+
+    @torch.library.register_fake("exml_fast::_class_similarity_backward")
+    def _class_similarity_backward_fake(grad_out, weight, sim, floor):
+        return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+    def setup_context(ctx, inputs, output):
+        weight, floor = inputs
+        _, sim = output
+        ctx.save_for_backward(weight, sim)
+        ctx.floor = floor
+        ctx.mark_non_differentiable(sim)
+
+    def backward(ctx, grad_out, grad_sim):
+        weight, sim = ctx.saved_tensors
+        if grad_out is None:
+            return None, None
+        return torch.ops.exml_fast._class_similarity_backward(grad_out, weight, sim, ctx.floor), None
+
+    torch.library.register_autograd("exml_fast::class_similarity", backward,
+                                    setup_context=setup_context)
+
+
+    torch.library.register_autograd(
+        "exml_fast::_class_similarity_backward",
+        refuse_double_backward("class_similarity", "class_similarity"),
+        setup_context=lambda ctx, inputs, output: None,
+    )
+
+
+if _ext.has_ops():
+    _register()
