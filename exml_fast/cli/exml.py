@@ -79,9 +79,9 @@ def add_commands(sub) -> None:
     r.add_argument("--out", required=True, metavar="DIR", help="run folder")
     r.add_argument("--config", default=None, metavar="YAML", help="run options (keys: the flags below, with _)")
     r.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="a named strategy and options under --config and the flags; ed-best: the best Split "
-                        "MNIST variant of the ablation (model inversion of BatchNorm experts, train them with "
-                        "--arch lenet5_bn)")
+                   help="a named strategy and options under --config and the flags; ed-best: the Split MNIST "
+                        "variant the ablation selected on validation data (model inversion of BatchNorm experts, "
+                        "train them with --arch lenet5_bn)")
     for key, (typ, _default, text) in RUN_OPTIONS.items():
         flag = "--" + key.replace("_", "-")
         if typ is bool:
