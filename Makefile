@@ -92,11 +92,14 @@ env: $(ENV_STAMP)
 
 build: .stamps/build
 
+# torch.compile's kernel cache lives in the build tree, one per CPU setting: a fresh clone compiles its own, and
+# no kernel built for one ISA (or left half-written by a killed run in /tmp) is loaded by another run.
 pytest: build
-	$(PY) -m pytest python_tests -q
+	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.stamps/inductor $(PY) -m pytest python_tests -q
 
 pytest-avx2: build
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 EXML_FAST_CPU_ISA=avx2 \
+	  TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.stamps/inductor-avx2 \
 	  $(PY) -m pytest $(ISA_SENSITIVE) -q -m "not slow and not cuda" -p no:cacheprovider
 
 # The venv pins ruff; a system python without it (a GPU machine, no internet) skips lint with a note.
