@@ -73,8 +73,8 @@ def bench(device, dtype, channels_last, *, use_compile, min_run_time, copy_bw, s
         xd = x.detach()
 
         def kernels_only():
-            torch.ops.exml_fast.augment_apply(xd, params, pad)
-            torch.ops.exml_fast._augment_apply_backward(grad, params, pad)
+            torch.ops.exml_fast.augment_with_params(xd, params, pad)
+            torch.ops.exml_fast._augment_with_params_backward(grad, params, pad)
 
         times["exml_fast kernels only"] = median_seconds(kernels_only, min_run_time=min_run_time)
         nbytes = 4 * x.numel() * x.element_size()

@@ -1,4 +1,4 @@
-// CPU kernels of exml_fast::augment_apply and its backward.
+// CPU kernels of exml_fast::augment_with_params and its backward.
 //
 // Both directions are gathers (see exml_fast/augment_common.h). Within one
 // sample every output row reads one source row (or none: a padding row), and
@@ -248,13 +248,13 @@ at::Tensor gather_cpu(const at::Tensor& x_in, const at::Tensor& params, int64_t 
   return out;
 }
 
-at::Tensor augment_apply_cpu(const at::Tensor& x, const at::Tensor& params, int64_t pad) {
-  return gather_cpu<false>(x, params, pad, "exml_fast::augment_apply", "x");
+at::Tensor augment_with_params_cpu(const at::Tensor& x, const at::Tensor& params, int64_t pad) {
+  return gather_cpu<false>(x, params, pad, "exml_fast::augment_with_params", "x");
 }
 
-at::Tensor augment_apply_backward_cpu(const at::Tensor& grad_out, const at::Tensor& params,
+at::Tensor augment_with_params_backward_cpu(const at::Tensor& grad_out, const at::Tensor& params,
                                       int64_t pad) {
-  return gather_cpu<true>(grad_out, params, pad, "exml_fast::_augment_apply_backward",
+  return gather_cpu<true>(grad_out, params, pad, "exml_fast::_augment_with_params_backward",
                           "grad_out");
 }
 
@@ -262,6 +262,6 @@ at::Tensor augment_apply_backward_cpu(const at::Tensor& grad_out, const at::Tens
 }  // namespace exml_fast
 
 TORCH_LIBRARY_IMPL(exml_fast, CPU, m) {
-  m.impl("augment_apply", &exml_fast::augment_apply_cpu);
-  m.impl("_augment_apply_backward", &exml_fast::augment_apply_backward_cpu);
+  m.impl("augment_with_params", &exml_fast::augment_with_params_cpu);
+  m.impl("_augment_with_params_backward", &exml_fast::augment_with_params_backward_cpu);
 }

@@ -1,4 +1,4 @@
-// CUDA kernels of exml_fast::augment_apply and its backward.
+// CUDA kernels of exml_fast::augment_with_params and its backward.
 //
 // Both directions are gathers (see exml_fast/augment_common.h): one thread per
 // destination element computes its source element (or 0) and copies it. A
@@ -184,13 +184,13 @@ at::Tensor gather_cuda(const at::Tensor& x_in, const at::Tensor& params, int64_t
   return out;
 }
 
-at::Tensor augment_apply_cuda(const at::Tensor& x, const at::Tensor& params, int64_t pad) {
-  return gather_cuda<false>(x, params, pad, "exml_fast::augment_apply", "x");
+at::Tensor augment_with_params_cuda(const at::Tensor& x, const at::Tensor& params, int64_t pad) {
+  return gather_cuda<false>(x, params, pad, "exml_fast::augment_with_params", "x");
 }
 
-at::Tensor augment_apply_backward_cuda(const at::Tensor& grad_out, const at::Tensor& params,
+at::Tensor augment_with_params_backward_cuda(const at::Tensor& grad_out, const at::Tensor& params,
                                        int64_t pad) {
-  return gather_cuda<true>(grad_out, params, pad, "exml_fast::_augment_apply_backward",
+  return gather_cuda<true>(grad_out, params, pad, "exml_fast::_augment_with_params_backward",
                            "grad_out");
 }
 
@@ -198,6 +198,6 @@ at::Tensor augment_apply_backward_cuda(const at::Tensor& grad_out, const at::Ten
 }  // namespace exml_fast
 
 TORCH_LIBRARY_IMPL(exml_fast, CUDA, m) {
-  m.impl("augment_apply", &exml_fast::augment_apply_cuda);
-  m.impl("_augment_apply_backward", &exml_fast::augment_apply_backward_cuda);
+  m.impl("augment_with_params", &exml_fast::augment_with_params_cuda);
+  m.impl("_augment_with_params_backward", &exml_fast::augment_with_params_backward_cuda);
 }

@@ -97,7 +97,7 @@ def augment_with_params(x: torch.Tensor, params: torch.Tensor, *, pad_crop: int 
     pad_crop = _check_extent(pad_crop, "pad_crop", op)
     _check_params(x, params, pad_crop, op)
     if _ext.use_compiled(x):
-        return torch.ops.exml_fast.augment_apply(x, params, pad_crop)
+        return torch.ops.exml_fast.augment_with_params(x, params, pad_crop)
     return _ref_augment_with_params(x, params, pad_crop=pad_crop)
 
 
@@ -156,7 +156,7 @@ def augment(
     params = draw_augment_params(x.shape[0], max_shift=max_shift, flip=flip, pad_crop=pad_crop,
                                  device=x.device, generator=generator)
     if _ext.use_compiled(x):
-        out = torch.ops.exml_fast.augment_apply(x, params, pad_crop)
+        out = torch.ops.exml_fast.augment_with_params(x, params, pad_crop)
     else:
         out = _ref_augment_with_params(x, params, pad_crop=pad_crop)
     return (out, params) if return_params else out
@@ -168,8 +168,8 @@ def _register() -> None:
     def fake(t, params, pad):
         return torch.empty_like(t, memory_format=output_memory_format(t))
 
-    torch.library.register_fake("exml_fast::augment_apply")(fake)
-    torch.library.register_fake("exml_fast::_augment_apply_backward")(fake)
+    torch.library.register_fake("exml_fast::augment_with_params")(fake)
+    torch.library.register_fake("exml_fast::_augment_with_params_backward")(fake)
 
     def setup_context(ctx, inputs, output):
         _, params, pad = inputs
@@ -178,16 +178,16 @@ def _register() -> None:
 
     def backward(ctx, grad):
         (params,) = ctx.saved_tensors
-        return torch.ops.exml_fast._augment_apply_backward(grad, params, ctx.pad), None, None
+        return torch.ops.exml_fast._augment_with_params_backward(grad, params, ctx.pad), None, None
 
     def backward_of_backward(ctx, grad):
         # The backward is linear in grad_out with adjoint the forward gather.
         (params,) = ctx.saved_tensors
-        return torch.ops.exml_fast.augment_apply(grad, params, ctx.pad), None, None
+        return torch.ops.exml_fast.augment_with_params(grad, params, ctx.pad), None, None
 
-    torch.library.register_autograd("exml_fast::augment_apply", backward,
+    torch.library.register_autograd("exml_fast::augment_with_params", backward,
                                     setup_context=setup_context)
-    torch.library.register_autograd("exml_fast::_augment_apply_backward", backward_of_backward,
+    torch.library.register_autograd("exml_fast::_augment_with_params_backward", backward_of_backward,
                                     setup_context=setup_context)
 
 

@@ -141,7 +141,7 @@ def test_backward_accepts_any_grad_layout(device, grad_layout, x_layout):
         g = torch.randn(1, 3, 6, 1, dtype=torch.float64, device=device).expand(4, 3, 6, 5)
     xr = x.clone().requires_grad_(True)
     (want,) = torch.autograd.grad(ref_apply(xr, params, pad_crop=2), xr, g)
-    got = torch.ops.exml_fast._augment_apply_backward(g, params, 2)
+    got = torch.ops.exml_fast._augment_with_params_backward(g, params, 2)
     assert torch.equal(got, want)
     xo = x.clone().requires_grad_(True)
     (got2,) = torch.autograd.grad(augment_with_params(xo, params, pad_crop=2), xo, g)
@@ -170,15 +170,15 @@ def test_backward_is_adjoint(device):
     x = torch.randn(6, 3, 9, 11, dtype=torch.float64, generator=gen).to(device)
     g = torch.randn(6, 3, 9, 11, dtype=torch.float64, generator=gen).to(device)
     params = draw_augment_params(6, max_shift=5, pad_crop=3, generator=gen).to(device)
-    ax = torch.ops.exml_fast.augment_apply(x, params, 3)
-    atg = torch.ops.exml_fast._augment_apply_backward(g, params, 3)
+    ax = torch.ops.exml_fast.augment_with_params(x, params, 3)
+    atg = torch.ops.exml_fast._augment_with_params_backward(g, params, 3)
     torch.testing.assert_close((ax * g).sum(), (x * atg).sum(), rtol=1e-12, atol=1e-12)
     # Each input is read at most once: A^T (A 1) is 0/1 and counts the read pixels.
     ones = torch.ones_like(x)
-    mask = torch.ops.exml_fast._augment_apply_backward(
-        torch.ops.exml_fast.augment_apply(ones, params, 3), params, 3)
+    mask = torch.ops.exml_fast._augment_with_params_backward(
+        torch.ops.exml_fast.augment_with_params(ones, params, 3), params, 3)
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
-    assert mask.sum() == torch.ops.exml_fast.augment_apply(ones, params, 3).sum()
+    assert mask.sum() == torch.ops.exml_fast.augment_with_params(ones, params, 3).sum()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -194,8 +194,8 @@ def test_opcheck(device, dtype):
             if not x.is_contiguous() and not x.is_contiguous(memory_format=CL):
                 xi = x.detach()  # keep the non-dense strides
             xi.requires_grad_(requires_grad and x.numel() > 0)
-            torch.library.opcheck(torch.ops.exml_fast.augment_apply.default, (xi, params, pad))
-        torch.library.opcheck(torch.ops.exml_fast._augment_apply_backward.default,
+            torch.library.opcheck(torch.ops.exml_fast.augment_with_params.default, (xi, params, pad))
+        torch.library.opcheck(torch.ops.exml_fast._augment_with_params_backward.default,
                               (x.detach(), params.to(torch.int32), pad))
 
 
@@ -397,9 +397,9 @@ def test_bad_params():
 def test_bad_input_kernel(x, params, pad, match):
     """The compiled ops check their arguments too (for callers of torch.ops directly)."""
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.exml_fast.augment_apply(x, params, pad)
+        torch.ops.exml_fast.augment_with_params(x, params, pad)
     with pytest.raises(RuntimeError, match=match.replace("x must", "grad_out must")):
-        torch.ops.exml_fast._augment_apply_backward(x, params, pad)
+        torch.ops.exml_fast._augment_with_params_backward(x, params, pad)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -409,12 +409,12 @@ def test_kernel_accepts_any_param_values(device):
     x = torch.randn(3, 2, 5, 6, device=device)
     params = torch.tensor([[1, 2, 5, -7, 3], [-4, 9, 0, 100, -100], [2**40, -(2**40), 1, 1, 1]],
                           device=device)
-    out = torch.ops.exml_fast.augment_apply(x, params, 1)
+    out = torch.ops.exml_fast.augment_with_params(x, params, 1)
     assert torch.equal(out, ref_apply(x, params, pad_crop=1))
     g = torch.randn_like(x)
     xr = x.clone().requires_grad_(True)
     (want,) = torch.autograd.grad(ref_apply(xr, params, pad_crop=1), xr, g)
-    assert torch.equal(torch.ops.exml_fast._augment_apply_backward(g, params, 1), want)
+    assert torch.equal(torch.ops.exml_fast._augment_with_params_backward(g, params, 1), want)
 
 
 @pytest.mark.parametrize("device", [DEVICES[1]])
@@ -430,7 +430,7 @@ def test_cuda_matches_cpu_and_generator_device(device):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     x = x.detach()
-    assert torch.equal(gx.cpu(), torch.ops.exml_fast._augment_apply_backward(
+    assert torch.equal(gx.cpu(), torch.ops.exml_fast._augment_with_params_backward(
         torch.ones(64, 3, 32, 32), params.cpu(), 4))
     assert params.device == x.device
     assert torch.equal(out.cpu(), augment_with_params(x.cpu(), params.cpu(), pad_crop=4))

@@ -1,5 +1,5 @@
 // Host/device helpers shared by the CPU and CUDA kernels of
-// exml_fast::augment_apply and its backward: argument checks, the memory
+// exml_fast::augment_with_params and its backward: argument checks, the memory
 // layout the op computes in, and the per-sample parameters reduced to the
 // small ranges the index math needs.
 //
