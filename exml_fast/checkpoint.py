@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from exml_fast._utils.checks import check_int, per_channel
 from exml_fast._utils.io import atomic_write, load_torch_bytes
 from exml_fast.models import ARCHS, build_model
-from exml_fast._utils.checks import check_int, per_channel
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "ModelInfo", "load_model", "save_model", "state_dict_sha256"]
 

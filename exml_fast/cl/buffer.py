@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from exml_fast._utils.io import atomic_write, load_torch_bytes
 from exml_fast._utils.checks import check_int
+from exml_fast._utils.io import atomic_write, load_torch_bytes
 
 __all__ = ["SyntheticBuffer", "class_balanced_indices"]
 

@@ -41,13 +41,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from exml_fast._utils.checks import check_int
 from exml_fast.cl.experts import Expert, ExpertStream
 from exml_fast.cl.heads import task_head_mask
-from exml_fast._utils.checks import check_int
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "Experience", "SCENARIOS", "Scenario", "class_order", "default_expert_epochs",
-           "joint_mnist",
-           "make_scenario", "split_cifar10", "split_fashion_mnist", "split_mnist", "train_experts"]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "EVAL_SPLITS", "Experience", "SCENARIOS", "Scenario", "class_order",
+           "default_expert_epochs", "joint_mnist", "make_scenario", "scenario_of", "split_cifar10",
+           "split_fashion_mnist", "split_mnist", "train_experts", "validation_indices"]
 
 #: Per-channel mean and std of the CIFAR-10 training pixels scaled to [0, 1].
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

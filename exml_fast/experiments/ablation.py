@@ -261,10 +261,10 @@ def ablate_exml_mnist(
     ctx = dict(spec=spec, out=out, device=device, data_root=data_root, progress=progress, log=log)
     found: dict[str, list[dict[str, Any]]] = {}
     for r in range(runs):
-        streams: dict[str, Any] = {}  # the experts trained or verified once per seed and arch
+        cache: dict[str, Any] = {}  # the seed's scenario, and its experts trained or verified once per arch
         for v in VARIANTS:
             ran = variants is None or v.name in variants
-            summary = _run_variant(v, r, "validation", streams, run=ran, **ctx)
+            summary = _run_variant(v, r, "validation", cache, run=ran, **ctx)
             if summary is not None:
                 found.setdefault(v.name, []).append(summary)
     rows = _variant_rows(found)
@@ -302,21 +302,24 @@ def _finished_test_seeds(out: pathlib.Path, v: Variant) -> list[int]:
             if p.name[len(prefix):].isdigit() and (p / RESULT).exists()]
 
 
-def _run_variant(v: Variant, seed: int, split: str, streams: dict[str, Any], *, run: bool, spec, out, device,
+def _run_variant(v: Variant, seed: int, split: str, cache: dict[str, Any], *, run: bool, spec, out, device,
                  data_root, progress, log) -> dict[str, Any] | None:
     """One run of ``v`` on the expert stream of ``seed`` evaluated on ``split``; with ``run`` False only a
-    finished run already on disk is read back. None: no result."""
+    finished run already on disk is read back. None: no result. ``cache`` keeps the scenario and the expert
+    streams of ``seed`` between the variants that run on them."""
     run_dir = out / split / "split_mnist" / f"{v.name}_s{seed}"
     if not run:
         return _summary(StreamResult.load_json(run_dir / RESULT), seed) if (run_dir / RESULT).exists() else None
-    scenario = make_scenario("split_mnist", seed=seed, root=data_root, validation_size=VALIDATION_SIZE,
-                             eval_split=split, **spec.get("scenario", {}))
-    if v.arch not in streams:
-        streams[v.arch] = train_experts(scenario, out / "experts" / f"split_mnist_{split}_{v.arch}_s{seed}",
-                                        arch=v.arch, epochs=spec["expert_epochs"]["split_mnist"], seed=seed,
-                                        device=device, progress=progress, weights_format="torch")
+    if "scenario" not in cache:
+        cache["scenario"] = make_scenario("split_mnist", seed=seed, root=data_root, validation_size=VALIDATION_SIZE,
+                                          eval_split=split, **spec.get("scenario", {}))
+    scenario = cache["scenario"]
+    if v.arch not in cache:
+        cache[v.arch] = train_experts(scenario, out / "experts" / f"split_mnist_{split}_{v.arch}_s{seed}",
+                                      arch=v.arch, epochs=spec["expert_epochs"]["split_mnist"], seed=seed,
+                                      device=device, progress=progress, weights_format="torch")
     t0 = time.perf_counter()
-    result = run_named_strategy(v.strategy, streams[v.arch], scenario,
+    result = run_named_strategy(v.strategy, cache[v.arch], scenario,
                                 options={**spec["run"], **ABLATION_BASE, **v.options}, seed=seed, device=device,
                                 out=run_dir, progress=progress, data_root=data_root)
     log(f"[ablation] {split} seed {seed} {v.name}: {100 * result.final_stream_accuracy:.2f} % "

@@ -11,10 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from exml_fast._utils.batches import batch_bounds
+from exml_fast._utils.checks import per_channel
 from exml_fast._utils.progress import Progress
 from exml_fast._utils.provenance import SEED_MAX, derive_seed
-from exml_fast.synth.batch import MANIFEST, ShardStore, SyntheticBatch, batch_bounds, read_manifest
-from exml_fast._utils.checks import per_channel
+from exml_fast.synth.batch import MANIFEST, ShardStore, SyntheticBatch, read_manifest
 
 __all__ = ["Synthesizer"]
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from exml_fast._utils.batches import batch_bounds
 from exml_fast._utils.io import atomic_write
 
 __all__ = ["SyntheticBatch", "load_synthetic"]
@@ -238,7 +239,3 @@ def load_synthetic(folder: str | os.PathLike, *, allow_partial: bool = False) ->
     if not batches:
         raise ValueError(f"load_synthetic: {folder!r} holds no finished shard yet")
     return SyntheticBatch.cat(batches)
-
-
-def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
-    return [(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from exml_fast._utils.checks import check_float
 from exml_fast.ops.augment import augment_with_params
 from exml_fast.ops.class_similarity import class_similarity
 from exml_fast.ops.dirichlet import dirichlet_targets
@@ -44,7 +45,6 @@ from exml_fast.synth.base import Synthesizer, eval_mode
 from exml_fast.synth.batch import SyntheticBatch
 from exml_fast.synth.input_grad_conv import input_grad_convs
 from exml_fast.synth.matcher import BNStatsMatcher
-from exml_fast._utils.checks import check_float
 
 __all__ = ["DEEPINVERSION_PRESETS", "DataImpressions", "DeepInversion", "ModelInversion"]
 

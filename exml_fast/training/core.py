@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from exml_fast._utils.batches import minibatch_bounds
 from exml_fast._utils.checks import check_int
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "augment_batch", "distill", "evaluate", "minibatch_bounds", "train_classifier"]
@@ -42,21 +44,6 @@ class _LossLog:
             print(f"  {self.label} {step + 1:{self.width}d}/{self.total} loss {self.running / self.seen:.4f} "
                   f"({rate:.0f} steps/s)", flush=True)
             self.running, self.seen = 0.0, 0
-
-
-def minibatch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """The ``(start, end)`` slices of one pass over ``n`` samples in minibatches of ``batch_size``.
-
-    The last minibatch may be smaller, but never a single sample when there is
-    more than one minibatch: a last batch of one is folded into the one before
-    (which then holds ``batch_size + 1``), because BatchNorm cannot compute
-    training statistics from one sample (``Expected more than 1 value per
-    channel when training``) and dropping it would silently lose data.
-    """
-    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
-        bounds[-2:] = [(bounds[-2][0], n)]
-    return bounds
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator | None, *, pad_crop: int = 4, max_shift: int = 0,
