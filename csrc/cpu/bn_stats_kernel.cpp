@@ -22,6 +22,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty_strided.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -106,10 +107,104 @@ at::Tensor bn_stats_backward_cpu(const at::Tensor& grad_mean, const at::Tensor& 
   return dx_for_input(x_in, x, dx);
 }
 
+void check_per_channel(const at::Tensor& t, const char* name, const at::Tensor& x,
+                       at::ScalarType acc, const char* op) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name, " must have shape (",
+              x.size(1), ",) to match x's channels; got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc, op, ": ", name, " must be ", acc, " (the accumulation dtype of ",
+              x.scalar_type(), " x); got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> frozen_bn_stats_cpu(const at::Tensor& x_in,
+                                                                   const at::Tensor& scale_in,
+                                                                   const at::Tensor& shift_in) {
+  const char* op = "exml_fast::frozen_bn_stats";
+  check_bn_input(x_in, op);
+  TORCH_CHECK(x_in.device().is_cpu(), op, " (CPU kernel): x must be a CPU tensor");
+  at::Tensor x;
+  const BnGeometry g = classify(x_in, x);
+  const auto acc_type = acc_scalar_type(x);
+  check_per_channel(scale_in, "scale", x, acc_type, op);
+  check_per_channel(shift_in, "shift", x, acc_type, op);
+  const at::Tensor scale = scale_in.contiguous();
+  const at::Tensor shift = shift_in.contiguous();
+  auto opts = x.options().dtype(acc_type);
+  at::Tensor mean = at::empty({g.c}, opts);
+  at::Tensor var = at::empty({g.c}, opts);
+  at::Tensor y = at::empty_like(x);  // x's layout (classify made it dense)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frozen_bn_stats_cpu", [&] {
+    using out_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    out_t* mp = mean.mutable_data_ptr<out_t>();
+    out_t* vp = var.mutable_data_ptr<out_t>();
+    const bool avx2 = use_avx2_loops();
+    if (g.layout == BnLayout::kChannelsFirst) {
+      if (avx2) {
+        cpu_avx2::AffineOut<scalar_t> out{y.mutable_data_ptr<scalar_t>(), scale.const_data_ptr<out_t>(),
+                                          shift.const_data_ptr<out_t>()};
+        cpu_avx2::forward_channels_first<scalar_t, out_t>(xp, g, mp, vp, out);
+      } else {
+        cpu_base::AffineOut<scalar_t> out{y.mutable_data_ptr<scalar_t>(), scale.const_data_ptr<out_t>(),
+                                          shift.const_data_ptr<out_t>()};
+        cpu_base::forward_channels_first<scalar_t, out_t>(xp, g, mp, vp, out);
+      }
+    } else {
+      if (avx2) {
+        cpu_avx2::AffineOut<scalar_t> out{y.mutable_data_ptr<scalar_t>(), scale.const_data_ptr<out_t>(),
+                                          shift.const_data_ptr<out_t>()};
+        cpu_avx2::forward_channels_last<scalar_t, out_t>(xp, g, mp, vp, out);
+      } else {
+        cpu_base::AffineOut<scalar_t> out{y.mutable_data_ptr<scalar_t>(), scale.const_data_ptr<out_t>(),
+                                          shift.const_data_ptr<out_t>()};
+        cpu_base::forward_channels_last<scalar_t, out_t>(xp, g, mp, vp, out);
+      }
+    }
+  });
+  return {dx_for_input(x_in, x, y), mean, var};
+}
+
+at::Tensor frozen_bn_stats_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_mean,
+                                        const at::Tensor& grad_var, const at::Tensor& x_in,
+                                        const at::Tensor& mean, const at::Tensor& scale_in) {
+  const char* op = "exml_fast::_frozen_bn_stats_backward";
+  check_bn_input(x_in, op);
+  check_bn_backward_args(grad_mean, grad_var, x_in, mean);
+  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), op, ": grad_y must have x's shape ", x_in.sizes(),
+              "; got ", grad_y.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == x_in.scalar_type(), op, ": grad_y must have x's dtype ",
+              x_in.scalar_type(), "; got ", grad_y.scalar_type());
+  at::Tensor x;
+  const BnGeometry g = classify(x_in, x);
+  const auto acc_type = acc_scalar_type(x);
+  check_per_channel(scale_in, "scale", x, acc_type, op);
+  // grad_y in the layout x is read in (x is dense after classify).
+  const at::Tensor gy = grad_y.strides() == x.strides()
+                            ? grad_y
+                            : at::empty_strided(x.sizes(), x.strides(), x.options()).copy_(grad_y);
+  at::Tensor dx = at::empty_like(x);
+  const at::Tensor gm = grad_mean.to(acc_type).contiguous();
+  const at::Tensor gv = grad_var.to(acc_type).contiguous();
+  const at::Tensor mu = mean.to(acc_type).contiguous();
+  const at::Tensor scale = scale_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "frozen_bn_stats_backward_cpu", [&] {
+        if (use_avx2_loops()) {
+          cpu_avx2::backward_impl<scalar_t>(x, g, gm, gv, mu, dx, gy, scale);
+        } else {
+          cpu_base::backward_impl<scalar_t>(x, g, gm, gv, mu, dx, gy, scale);
+        }
+      });
+  return dx_for_input(x_in, x, dx);
+}
+
 }  // namespace
 }  // namespace exml_fast
 
 TORCH_LIBRARY_IMPL(exml_fast, CPU, m) {
   m.impl("bn_stats", &exml_fast::bn_stats_cpu);
   m.impl("_bn_stats_backward", &exml_fast::bn_stats_backward_cpu);
+  m.impl("frozen_bn_stats", &exml_fast::frozen_bn_stats_cpu);
+  m.impl("_frozen_bn_stats_backward", &exml_fast::frozen_bn_stats_backward_cpu);
 }

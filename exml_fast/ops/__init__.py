@@ -21,10 +21,14 @@ How an op is registered (the rule every module here follows):
   fake kernels stay here. Today: soft_target_cross_entropy, kd_loss,
   js_divergence (csrc/ops/soft_target_losses.cpp) and ed_loss
   (csrc/ops/ed_loss.cpp).
+- One op is CPU-only by design: `frozen_bn_stats` (csrc/ops/bn_stats.cpp)
+  fuses an eval-mode BatchNorm with `bn_stats` to save the CPU's memory
+  passes; on other devices its wrapper composes the affine map with the
+  `bn_stats` kernel (a fused CUDA kernel belongs to the GPU work).
 """
 
 from exml_fast.ops.augment import augment, augment_with_params, draw_augment_params
-from exml_fast.ops.bn_stats import bn_stats, bn_stats_loss
+from exml_fast.ops.bn_stats import bn_stats, bn_stats_loss, frozen_bn_stats
 from exml_fast.ops.class_similarity import class_similarity
 from exml_fast.ops.dirichlet import dirichlet_targets
 from exml_fast.ops.ed_loss import ed_class_table, ed_loss
@@ -32,5 +36,5 @@ from exml_fast.ops.image_priors import image_priors
 from exml_fast.ops.soft_target_losses import js_divergence, kd_loss, soft_target_cross_entropy
 
 __all__ = ["augment", "augment_with_params", "bn_stats", "bn_stats_loss", "class_similarity",
-           "dirichlet_targets", "draw_augment_params", "ed_class_table", "ed_loss", "image_priors",
+           "dirichlet_targets", "draw_augment_params", "ed_class_table", "ed_loss", "frozen_bn_stats", "image_priors",
            "js_divergence", "kd_loss", "soft_target_cross_entropy"]

@@ -52,18 +52,18 @@ def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _ref.bn_stats(x)
 
 
-def _check_running(t: torch.Tensor, name: str, channels: int, x: torch.Tensor) -> None:
+def _check_running(t: torch.Tensor, name: str, channels: int, x: torch.Tensor, op: str = "bn_stats_loss") -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"bn_stats_loss: {name} must be a torch.Tensor; got {type(t).__name__}")
+        raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
     if t.dim() != 1 or t.shape[0] != channels:
         raise ValueError(
-            f"bn_stats_loss: {name} must have shape ({channels},) to match the {channels} "
+            f"{op}: {name} must have shape ({channels},) to match the {channels} "
             f"channels of x; got {tuple(t.shape)}"
         )
     if not t.is_floating_point():
-        raise TypeError(f"bn_stats_loss: {name} must be a floating tensor; got {t.dtype}")
+        raise TypeError(f"{op}: {name} must be a floating tensor; got {t.dtype}")
     if t.device != x.device:
-        raise ValueError(f"bn_stats_loss: {name} is on {t.device} but x is on {x.device}")
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
 
 
 def bn_stats_loss(
@@ -98,6 +98,43 @@ def bn_stats_loss(
     return combine_bn_loss(mean, var, running_mean, running_var, form=form, eps=eps)
 
 
+def frozen_bn_stats(x: torch.Tensor, scale: torch.Tensor,
+                    shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A frozen (eval-mode) BatchNorm fused with the statistics of its input.
+
+    Returns ``(y, mean, var)``: ``y = x * scale_c + shift_c`` (the layer's output,
+    in x's dtype and memory format) and ``bn_stats(x)``. On the CPU one kernel
+    reads x once for both, and its backward is one sweep that produces the
+    whole input gradient, ``grad_y · scale_c`` plus the statistics' part — where
+    the unfused pair costs a BatchNorm backward, a bn_stats backward and the
+    sum of the two gradients (BN-statistic matching's hot path in synthesis;
+    :class:`exml_fast.synth.BNStatsMatcher` uses it for eval-mode layers of a
+    frozen model). On other devices it composes ``batch_norm``-free affine
+    arithmetic with :func:`bn_stats` (same values, separate passes).
+
+    Args:
+        x: as in :func:`bn_stats`.
+        scale, shift: (C,) tensors on x's device (see
+            :func:`exml_fast.reference.bn_stats.frozen_bn_scale_shift`); they
+            are cast to the accumulation dtype (fp32, fp64 for fp64 x) and get
+            no gradient.
+
+    Differentiable with respect to x (once: double backward raises).
+    """
+    _check_x(x, "frozen_bn_stats")
+    acc = acc_dtype(x.dtype)
+    for t, name in ((scale, "scale"), (shift, "shift")):
+        _check_running(t, name, x.shape[1], x, op="frozen_bn_stats")
+    scale = scale.detach().to(acc)
+    shift = shift.detach().to(acc)
+    if _ext.use_compiled(x) and x.device.type == "cpu":
+        return torch.ops.exml_fast.frozen_bn_stats(x, scale, shift)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    y = (x.to(acc) * scale.view(shape) + shift.view(shape)).to(x.dtype)
+    mean, var = bn_stats(x)
+    return y, mean, var
+
+
 def _register() -> None:
     """Fake kernels and autograd for the compiled ops (only when _C loaded)."""
 
@@ -126,6 +163,40 @@ def _register() -> None:
 
     torch.library.register_autograd("exml_fast::bn_stats", backward, setup_context=setup_context)
 
+
+    @torch.library.register_fake("exml_fast::frozen_bn_stats")
+    def _frozen_fake(x, scale, shift):
+        acc = acc_dtype(x.dtype)
+        c = x.shape[1]
+        return torch.empty_like(x), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+
+    @torch.library.register_fake("exml_fast::_frozen_bn_stats_backward")
+    def _frozen_backward_fake(grad_y, grad_mean, grad_var, x, mean, scale):
+        return torch.empty_like(x)
+
+    def frozen_setup_context(ctx, inputs, output):
+        x, scale, _ = inputs
+        _, mean, _ = output
+        ctx.save_for_backward(x, mean, scale)
+
+    def frozen_backward(ctx, grad_y, grad_mean, grad_var):
+        x, mean, scale = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(x)
+        if grad_mean is None:
+            grad_mean = torch.zeros_like(mean)
+        if grad_var is None:
+            grad_var = torch.zeros_like(mean)
+        dx = torch.ops.exml_fast._frozen_bn_stats_backward(grad_y, grad_mean, grad_var, x, mean, scale)
+        return dx, None, None
+
+    torch.library.register_autograd("exml_fast::frozen_bn_stats", frozen_backward,
+                                    setup_context=frozen_setup_context)
+    torch.library.register_autograd(
+        "exml_fast::_frozen_bn_stats_backward",
+        refuse_double_backward("frozen_bn_stats", "frozen_bn_stats"),
+        setup_context=lambda ctx, inputs, output: None,
+    )
 
     torch.library.register_autograd(
         "exml_fast::_bn_stats_backward",

@@ -27,6 +27,36 @@ def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.to(acc), var.to(acc)
 
 
+def frozen_bn_scale_shift(
+    running_mean: torch.Tensor, running_var: torch.Tensor, weight: torch.Tensor | None,
+    bias: torch.Tensor | None, eps: float, dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (C,) in ``dtype``, of an eval-mode BatchNorm: ``y = x * scale + shift``.
+
+    scale = weight / sqrt(running_var + eps) (weight 1 without affine), shift = bias − running_mean · scale.
+    """
+    scale = torch.rsqrt(running_var.to(dtype) + eps)
+    if weight is not None:
+        scale = scale * weight.to(dtype)
+    shift = -running_mean.to(dtype) * scale
+    if bias is not None:
+        shift = shift + bias.to(dtype)
+    return scale, shift
+
+
+def frozen_bn_stats(x: torch.Tensor, scale: torch.Tensor,
+                    shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A frozen BatchNorm and the statistics of its input: ``(x * scale_c + shift_c, *bn_stats(x))``.
+
+    The affine map runs in the accumulation dtype (scale's) and is rounded to x's dtype; y keeps x's
+    memory format.
+    """
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    y = (x.to(scale.dtype) * scale.view(shape) + shift.view(shape)).to(x.dtype)
+    mean, var = bn_stats(x)
+    return y, mean, var
+
+
 def bn_stats_loss(
     x: torch.Tensor,
     running_mean: torch.Tensor,

@@ -309,3 +309,176 @@ def test_baseline_cpu_loops_pass_the_same_battery():
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout
+
+
+# -- frozen_bn_stats: an eval-mode BatchNorm fused with its input's statistics --------------
+
+
+def _scale_shift(c: int, device: str, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(11)
+    acc = acc_dtype(dtype)
+    scale = (torch.rand(c, generator=g) * 2 - 0.5).to(acc).to(device)
+    shift = torch.randn(c, generator=g).to(acc).to(device)
+    return scale, shift
+
+
+def _bshape(x):
+    return (1, -1) + (1,) * (x.dim() - 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", case_ids())
+def test_frozen_forward_matches_reference(device, dtype, case):
+    x = dict(sample_inputs(device, dtype))[case]
+    scale, shift = _scale_shift(x.shape[1], device, dtype)
+    y, mean, var = ops.frozen_bn_stats(x, scale, shift)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    if x.dim() >= 4 and x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4
+                                        else torch.channels_last_3d) and not x.is_contiguous():
+        assert not y.is_contiguous()  # the layout is kept
+    # The statistics are bn_stats' own (same kernel, same partition): bit for bit.
+    m2, v2 = ops.bn_stats(x)
+    assert torch.equal(mean, m2) and torch.equal(var, v2)
+    # y = x * scale + shift in the accumulation dtype, rounded once to x's dtype.
+    truth = _ld(x) * _ld(scale).reshape(_bshape(x)) + _ld(shift).reshape(_bshape(x))
+    want = ref.frozen_bn_stats(x, scale, shift)[0]
+    assert_as_accurate_as_torch(y, want, truth, dtype, extra_slack=eps_of(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", case_ids())
+def test_frozen_backward_matches_reference(device, dtype, case):
+    x = dict(sample_inputs(device, dtype))[case]
+    c = x.shape[1]
+    scale, shift = _scale_shift(c, device, dtype)
+    g = torch.Generator().manual_seed(7)
+    gm = torch.randn(c, generator=g).to(device)
+    gv = torch.randn(c, generator=g).to(device)
+    gy = torch.randn(x.shape, generator=g).to(dtype).to(device)
+
+    def grad_of(fn, inp):
+        inp = inp.detach().requires_grad_(True)
+        y, m, v = fn(inp, scale, shift)
+        (y.float() * gy.float()).sum().add((m * gm.to(m.dtype)).sum()).add((v * gv.to(v.dtype)).sum()).backward()
+        return inp.grad
+
+    dx = grad_of(ops.frozen_bn_stats, x)
+    assert dx.dtype == x.dtype and dx.shape == x.shape
+    truth = truth_grad(x, gm, gv) + _ld(gy) * _ld(scale).reshape(_bshape(x))
+    torch_own = grad_of(ref.frozen_bn_stats, x)
+    assert_as_accurate_as_torch(dx, torch_own, truth, dtype, extra_slack=eps_of(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "shape,fmt",
+    [((3, 4, 5, 3), None), ((3, 4, 5, 3), torch.channels_last), ((6, 5), None), ((2, 3, 7), None),
+     ((2, 2, 3, 2, 3), torch.channels_last_3d)],
+)
+def test_frozen_gradcheck_float64(device, shape, fmt):
+    x = torch.randn(*shape, dtype=torch.float64, device=device)
+    if fmt is not None:
+        x = x.to(memory_format=fmt)
+    x.requires_grad_(True)
+    scale, shift = _scale_shift(shape[1], device, torch.float64)
+    assert torch.autograd.gradcheck(lambda t: ops.frozen_bn_stats(t, scale, shift), (x,))
+    # Only some outputs used: autograd passes None for the others.
+    assert torch.autograd.gradcheck(lambda t: ops.frozen_bn_stats(t, scale, shift)[0], (x,))
+    assert torch.autograd.gradcheck(lambda t: ops.frozen_bn_stats(t, scale, shift)[2], (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+def test_frozen_opcheck(dtype):
+    for name, x in sample_inputs("cpu", dtype):
+        if name in ("large_c", "large_c_channels_last", "long_runs", "many_rows_channels_last"):
+            continue
+        scale, shift = _scale_shift(x.shape[1], "cpu", dtype)
+        for requires_grad in (False, True):
+            xi = x.detach().clone(memory_format=torch.preserve_format)
+            if not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
+                xi = x.detach()
+            xi.requires_grad_(requires_grad)
+            torch.library.opcheck(torch.ops.exml_fast.frozen_bn_stats.default, (xi, scale, shift))
+        c = x.shape[1]
+        acc = acc_dtype(dtype)
+        args = (torch.randn(x.shape).to(dtype), torch.randn(c, dtype=acc), torch.randn(c, dtype=acc),
+                x.detach(), torch.randn(c, dtype=acc), scale)
+        torch.library.opcheck(
+            torch.ops.exml_fast._frozen_bn_stats_backward.default, args,
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+        )
+
+
+def test_frozen_grad_y_in_another_layout():
+    """grad_y laid out differently from x (autograd may hand either) gives the same dx."""
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
+    scale, shift = _scale_shift(6, "cpu", torch.float64)
+    mean = ops.bn_stats(x)[0]
+    gy = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    gm, gv = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    a = torch.ops.exml_fast._frozen_bn_stats_backward(gy, gm, gv, x, mean, scale)
+    b = torch.ops.exml_fast._frozen_bn_stats_backward(gy.to(memory_format=torch.channels_last), gm, gv, x,
+                                                      mean, scale)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_frozen_double_backward_refused():
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    scale, shift = _scale_shift(3, "cpu", torch.float64)
+    y, m, v = ops.frozen_bn_stats(x, scale, shift)
+    (g,) = torch.autograd.grad(y.square().sum() + v.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+def test_frozen_compile_fullgraph():
+    torch._dynamo.reset()
+    scale, shift = _scale_shift(8, "cpu", torch.float32)
+
+    def step(x):
+        y, m, v = ops.frozen_bn_stats(x, scale, shift)
+        return y.relu().mean() + m.square().sum() + v.sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    x = torch.randn(4, 8, 6, 6).to(memory_format=torch.channels_last).requires_grad_(True)
+    out = compiled(x)
+    out.backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    y, m, v = ref.frozen_bn_stats(x2, scale, shift)
+    expected = y.relu().mean() + m.square().sum() + v.sum()
+    expected.backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_frozen_bad_input():
+    x = torch.randn(4, 3, 5, 5)
+    with pytest.raises(ValueError, match=r"frozen_bn_stats: scale must have shape \(3,\)"):
+        ops.frozen_bn_stats(x, torch.ones(4), torch.zeros(3))
+    with pytest.raises(TypeError, match="frozen_bn_stats: shift must be a floating tensor"):
+        ops.frozen_bn_stats(x, torch.ones(3), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="x must be float32"):
+        ops.frozen_bn_stats(x.long(), torch.ones(3), torch.zeros(3))
+    with pytest.raises(RuntimeError, match="scale must be Float"):
+        torch.ops.exml_fast.frozen_bn_stats(x, torch.ones(3, dtype=torch.float64), torch.zeros(3))
+    with pytest.raises(RuntimeError, match="grad_y must have x's shape"):
+        torch.ops.exml_fast._frozen_bn_stats_backward(torch.ones(4, 3, 5, 4), torch.zeros(3), torch.zeros(3), x,
+                                                       torch.zeros(3), torch.ones(3))
+
+
+def test_bn_module_output_equals_fused_y():
+    """y is what an eval-mode nn.BatchNorm2d computes (the matcher substitutes one for the other)."""
+    from exml_fast.reference.bn_stats import frozen_bn_scale_shift
+
+    bn = torch.nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(-1, 2)
+        bn.bias.uniform_(-1, 1)
+    x = torch.randn(5, 6, 7, 7)
+    scale, shift = frozen_bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, torch.float32)
+    y = ops.frozen_bn_stats(x, scale, shift)[0]
+    torch.testing.assert_close(y, bn(x), rtol=1e-5, atol=1e-6)
