@@ -8,8 +8,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from exml_fast.ops.bn_stats import bn_stats_loss
-from exml_fast.reference.bn_stats import BN_LOSS_FORMS
+from exml_fast.ops.bn_stats import bn_stats_loss, frozen_bn_stats
+from exml_fast.reference.bn_stats import BN_LOSS_FORMS, combine_bn_loss, frozen_bn_scale_shift
+
+# The BatchNorm classes whose eval-mode forward is exactly ``x * scale + shift`` (subclasses may override it).
+_FUSABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class BNStatsMatcher:
@@ -32,12 +35,21 @@ class BNStatsMatcher:
                 ...
 
     Args:
-        model: any nn.Module; it is not modified beyond the temporary hooks.
+        model: any nn.Module; it is not modified beyond the temporary hooks (and, with
+            ``fused``, the BatchNorm layers' temporarily replaced forward).
         form: "l2" (DeepInversion), "mse" or "sq_std" (ExML); see
             `exml_fast.ops.bn_stats_loss`. "sq_std" uses each layer's own eps.
         first_bn_multiplier: weight of the first BatchNorm layer's term
             (DeepInversion's public code used 10).
         allow_empty: accept a model without BatchNorm layers; `loss()` is then 0.
+        fused: for every plain BatchNorm1d/2d/3d layer, replace the layer's
+            forward inside the block by :func:`exml_fast.ops.frozen_bn_stats`
+            whenever the call allows it (layer in eval mode, its affine
+            parameters not requiring gradients, an fp32/fp64 input that
+            does, no autocast — a frozen teacher in fp32 synthesis): the layer's output and its input's
+            statistics from one pass, and the whole input gradient from one
+            backward sweep instead of three. Other calls and layers take the
+            hook path; the numbers agree up to rounding.
 
     Each forward of `model` itself starts a fresh set of terms, so `loss()`
     always refers to the latest forward. Entering the same matcher again while
@@ -52,6 +64,7 @@ class BNStatsMatcher:
         form: str = "l2",
         first_bn_multiplier: float = 1.0,
         allow_empty: bool = False,
+        fused: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"BNStatsMatcher: model must be an nn.Module; got {type(model).__name__}")
@@ -61,6 +74,7 @@ class BNStatsMatcher:
         self.form = form
         self.first_bn_multiplier = float(first_bn_multiplier)
         self.allow_empty = allow_empty
+        self.fused = bool(fused)
         self.layers: list[tuple[str, _BatchNorm]] = [
             (name, m)
             for name, m in model.named_modules()
@@ -74,6 +88,7 @@ class BNStatsMatcher:
             )
         self._terms: list[tuple[str, torch.Tensor]] = []
         self._handles: list = []
+        self._patched: list[nn.Module] = []
         self._depth = 0
         self._forwards = 0
 
@@ -100,8 +115,12 @@ class BNStatsMatcher:
             self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
             for i, (name, layer) in enumerate(self.layers):
                 weight = self.first_bn_multiplier if i == 0 else 1.0
-                hook = functools.partial(self._on_bn_input, name, weight)
-                self._handles.append(layer.register_forward_pre_hook(hook))
+                if self.fused and type(layer) in _FUSABLE and "forward" not in layer.__dict__:
+                    layer.forward = functools.partial(self._fused_forward, name, weight, layer)
+                    self._patched.append(layer)
+                else:
+                    hook = functools.partial(self._on_bn_input, name, weight)
+                    self._handles.append(layer.register_forward_pre_hook(hook))
         except BaseException:
             self._detach()
             raise
@@ -110,6 +129,10 @@ class BNStatsMatcher:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for layer in self._patched:
+            layer.__dict__.pop("forward", None)
+            layer.__dict__.pop("_exml_scale_shift", None)
+        self._patched.clear()
 
     # -- hooks ----------------------------------------------------------------
     def _on_model_forward(self, module, args) -> None:
@@ -120,6 +143,29 @@ class BNStatsMatcher:
         x = args[0]
         term = bn_stats_loss(x, layer.running_mean, layer.running_var, form=self.form, eps=layer.eps)
         self._terms.append((name, term * weight if weight != 1.0 else term))
+
+    def _fused_forward(self, name: str, weight: float, layer: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+        params = [p for p in (layer.weight, layer.bias) if p is not None]
+        # Low precision and autocast keep PyTorch's own BatchNorm (its dtype rules decide the output).
+        if (layer.training or not torch.is_grad_enabled() or not x.requires_grad
+                or x.dtype not in (torch.float32, torch.float64)
+                or torch.is_autocast_enabled(x.device.type)
+                or any(p.requires_grad for p in params)):
+            self._on_bn_input(name, weight, layer, (x,))
+            return type(layer).forward(layer, x)
+        layer._check_input_dim(x)
+        rm, rv = layer.running_mean, layer.running_var
+        key = (rm._version, rv._version, *(p._version for p in params), x.dtype)
+        cached = layer.__dict__.get("_exml_scale_shift")
+        if cached is None or cached[0] != key:
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            with torch.no_grad():
+                cached = (key, *frozen_bn_scale_shift(rm, rv, layer.weight, layer.bias, layer.eps, acc))
+            layer.__dict__["_exml_scale_shift"] = cached
+        y, mean, var = frozen_bn_stats(x, cached[1], cached[2])
+        term = combine_bn_loss(mean, var, rm, rv, form=self.form, eps=layer.eps)
+        self._terms.append((name, term * weight if weight != 1.0 else term))
+        return y
 
     # -- results ------------------------------------------------------------------
     def loss(self) -> torch.Tensor:

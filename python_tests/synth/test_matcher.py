@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -63,16 +65,19 @@ def manual_terms(net, x, *, form="l2", first=1.0):
 
 
 def hook_count(net) -> int:
-    return sum(len(m._forward_pre_hooks) for m in net.modules())
+    """Pre-hooks plus temporarily replaced forwards (the fused path) on the model's modules."""
+    return sum(len(m._forward_pre_hooks) + ("forward" in m.__dict__) for m in net.modules())
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("requires_grad", [True, False])
 @pytest.mark.parametrize("form", ["l2", "mse", "sq_std"])
-def test_loss_matches_reference_every_layer(form):
+def test_loss_matches_reference_every_layer(form, requires_grad, fused):
     net = make_net()
-    x = torch.randn(5, 3, 4, 4)
+    x = torch.randn(5, 3, 4, 4, requires_grad=requires_grad)
     expected = manual_terms(net, x, form=form, first=10.0)
     assert len(expected) == 4  # bn1, bn2 (subclass), bn_sync, bn3; not the stat-less layer
-    with BNStatsMatcher(net, form=form, first_bn_multiplier=10.0) as m:
+    with BNStatsMatcher(net, form=form, first_bn_multiplier=10.0, fused=fused) as m:
         net(x)
         loss = m.loss()
         per = m.per_layer()
@@ -82,15 +87,80 @@ def test_loss_matches_reference_every_layer(form):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_gradient_reaches_input():
+@pytest.mark.parametrize("fused", [True, False])
+def test_gradient_reaches_input(fused):
     net = make_net()
     x = torch.randn(4, 3, 4, 4, requires_grad=True)
-    with BNStatsMatcher(net) as m:
+    with BNStatsMatcher(net, fused=fused) as m:
         net(x)
         m.loss().backward()
     x2 = x.detach().clone().requires_grad_(True)
     sum(manual_terms(net, x2)).backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-6)
+
+
+def frozen_copy(net):
+    net = copy.deepcopy(net)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_path_equals_hook_path_on_a_frozen_model(channels_last):
+    """A frozen eval-mode model (synthesis): outputs, loss and the input gradient of
+    (output + BN loss) agree between the fused forward and the hooks."""
+    net = frozen_copy(make_net())
+    x0 = torch.randn(6, 3, 4, 4)
+    if channels_last:
+        x0 = x0.to(memory_format=torch.channels_last)
+    results = []
+    for fused in (True, False):
+        x = x0.clone().requires_grad_(True)
+        with BNStatsMatcher(net, form="l2", first_bn_multiplier=10.0, fused=fused) as m:
+            out = net(x)
+            total = out.square().mean() + m.loss()
+            total.backward()
+            results.append((out.detach(), m.loss().detach(), x.grad))
+    (o1, l1, g1), (o2, l2, g2) = results
+    torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_path_falls_back_in_train_mode_and_with_trainable_affine():
+    """Calls the fused kernel cannot stand for take the hook path, with the same numbers."""
+    x = torch.randn(5, 3, 4, 4, requires_grad=True)
+    expected = manual_terms(make_net(), x)  # parameters require grad
+    x_train = torch.randn(5, 3, 4, 4)
+    per = {}
+    for fused in (True, False):
+        net = make_net()
+        with BNStatsMatcher(net, fused=fused) as m:
+            net(x)
+            torch.testing.assert_close(m.loss(), sum(expected), rtol=1e-5, atol=1e-6)
+            net.train()  # batch statistics normalise; running statistics update
+            out = net(x_train)
+            per[fused] = ([t.detach() for _, t in m.per_layer()], out.detach(), net.bn1.running_mean.clone())
+        assert hook_count(net) == 0
+    for a, b in zip(per[True], per[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_scale_shift_follow_running_stats():
+    """The cached affine map is rebuilt when a running statistic changes in place."""
+    net = frozen_copy(make_net())
+    x = torch.randn(4, 3, 4, 4, requires_grad=True)
+    with BNStatsMatcher(net) as m:
+        a = net(x)
+        with torch.no_grad():
+            net.bn1.running_var.mul_(2.0)
+        b = net(x)
+        m.loss()
+    with torch.no_grad():
+        want = net(x)
+    torch.testing.assert_close(b, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(a, b)
 
 
 def test_hooks_removed_on_exit_and_on_exception():
