@@ -12,8 +12,9 @@ kernel transposed (in ↔ out channels) and rotated by 180°, padded by
 :func:`input_grad_convs` swaps that backward in, for the duration of a
 synthesis, on every eligible ``nn.Conv2d`` of a frozen model: stride 1,
 dilation 1, one group, zero padding of at most ``k − 1``, parameters not
-requiring gradients, float32 on the CPU. Everything else keeps PyTorch's
-own path. Set ``FAST_INPUT_GRAD = False`` to turn it off (tests compare the two).
+requiring gradients, float32 on the CPU, and at most ``_SWAP_MAX_IN_CHANNELS``
+input channels — the layer shapes where it was measured to win. Everything
+else keeps PyTorch's own path. Set ``FAST_INPUT_GRAD = False`` to turn it off (tests compare the two).
 """
 
 from __future__ import annotations
@@ -29,15 +30,33 @@ from torch.autograd.function import once_differentiable
 #: Use the input-gradient convolution in synthesis on the CPU (see the module docstring).
 FAST_INPUT_GRAD = True
 
+# The swap runs for layers with at most this many input channels. Measured per layer shape (batch 256 and
+# 64, NCHW and channels_last, AVX-512 and AVX2 oneDNN; benches/results/synthesis_cpu.md): oneDNN's input
+# gradient of LeNet-5's 1 -> 6 first layer cost 3-6 forwards and the swap one; for every layer of 3 or more
+# input channels (LeNet's 6 -> 16, ResNet's 3 -> 64 ... 512 -> 512) the two were within noise or oneDNN's
+# backward was faster, so those keep PyTorch's path.
+_SWAP_MAX_IN_CHANNELS = 2
+
 # Below this many input channels (the flipped convolution's outputs), PyTorch's im2col + GEMM
 # convolution beats oneDNN's on the CPU (LeNet-5's first layer: 7 ms vs 17 ms at batch 256).
 _IM2COL_BELOW = 4
 
 
-def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
-    """The gradient of ``F.conv2d(x, weight, padding=padding)`` (stride 1) with respect to ``x``."""
+def flip_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """The kernel of the input-gradient convolution: in ↔ out channels swapped, rotated by 180°."""
+    return weight.transpose(0, 1).flip(-2, -1).contiguous()
+
+
+def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int],
+                      flipped: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient of ``F.conv2d(x, weight, padding=padding)`` (stride 1) with respect to ``x``.
+
+    ``flipped``: ``flip_kernel(weight)`` when the caller keeps it (a frozen weight's flip is made
+    once per synthesis, not once per step: for ResNet-34 the flips cost about 5 % of a step).
+    """
     kh, kw = weight.shape[-2:]
-    flipped = weight.transpose(0, 1).flip(-2, -1)
+    if flipped is None:
+        flipped = flip_kernel(weight)
     pad = (kh - 1 - padding[0], kw - 1 - padding[1])
     if weight.shape[1] >= _IM2COL_BELOW:
         return F.conv2d(grad, flipped, padding=pad)
@@ -51,23 +70,24 @@ def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, padding: tuple[i
 
 class _InputGradConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, padding):
-        ctx.save_for_backward(weight)
+    def forward(ctx, x, weight, bias, padding, flipped):
+        ctx.save_for_backward(weight, flipped)
         ctx.padding = padding
         return F.conv2d(x, weight, bias, padding=padding)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        return conv2d_input_grad(grad.contiguous(), weight, ctx.padding), None, None, None
+        weight, flipped = ctx.saved_tensors
+        return conv2d_input_grad(grad.contiguous(), weight, ctx.padding, flipped), None, None, None, None
 
 
 def _eligible(m: nn.Module) -> bool:
     if type(m) is not nn.Conv2d:  # subclasses may override forward
         return False
     k = m.kernel_size
-    return (m.stride == (1, 1) and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"
+    return (m.in_channels <= _SWAP_MAX_IN_CHANNELS
+            and m.stride == (1, 1) and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"
             and isinstance(m.padding, tuple) and all(0 <= p <= kk - 1 for p, kk in zip(m.padding, k))
             and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32)
 
@@ -75,7 +95,11 @@ def _eligible(m: nn.Module) -> bool:
 def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if (x.requires_grad and x.dtype == torch.float32 and not self.weight.requires_grad
             and (self.bias is None or not self.bias.requires_grad) and torch.is_grad_enabled()):
-        return _InputGradConv2d.apply(x, self.weight, self.bias, self.padding)
+        cached = self.__dict__.get("_exml_flipped")
+        if cached is None or cached[0] != self.weight._version or cached[1] is not self.weight:
+            cached = (self.weight._version, self.weight, flip_kernel(self.weight))
+            self.__dict__["_exml_flipped"] = cached
+        return _InputGradConv2d.apply(x, self.weight, self.bias, self.padding, cached[2])
     return nn.Conv2d.forward(self, x)
 
 
@@ -97,3 +121,4 @@ def input_grad_convs(model: nn.Module):
     finally:
         for m in patched:
             del m.forward
+            m.__dict__.pop("_exml_flipped", None)

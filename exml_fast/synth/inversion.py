@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -82,6 +82,17 @@ def lr_table(lr: float, iterations: int, *, schedule: str, warmup: float) -> tor
     return out
 
 
+def auto_channels_last(teacher: nn.Module, device: torch.device, precision: str) -> bool:
+    """The memory format ``channels_last=None`` picks: channels_last on the CPU for a teacher with a
+    convolution of 16 or more input channels (oneDNN's convolutions, forward and input gradient, ran
+    1.1–1.5x faster in it than in NCHW on ResNet layers, on AVX-512 and on AVX2; benches/results/
+    synthesis_cpu.md), NCHW otherwise: for LeNet-sized layers NCHW was as fast or faster, and a few
+    channels per pixel make channels_last's per-row loops short. CUDA keeps NCHW (not measured here)."""
+    if device.type != "cpu" or precision == "fp16":
+        return False
+    return any(isinstance(m, nn.Conv2d) and m.in_channels >= 16 for m in teacher.modules())
+
+
 class _Inversion(Synthesizer):
     """The shared optimisation engine; use ModelInversion, DeepInversion or DataImpressions."""
 
@@ -127,11 +138,15 @@ class _Inversion(Synthesizer):
         competition_clamp: tuple[float, float] = (0.01, 0.99),
         competition_form: str = "js",
         precision: str = "fp32",
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         cuda_graph: bool = False,
         compile: bool | dict = False,
         multi_resolution: tuple[float, float] | None = None,
         log_every: int | None = None,
+        stop_when: str | Callable[[int, dict[str, float]], bool] | None = None,
+        stop_agreement: float = 0.95,
+        stop_patience: int | None = None,
+        stop_tol: float = 0.01,
     ) -> None:
         super().__init__(
             teacher, input_shape=input_shape, mean=mean, std=std, num_classes=num_classes,
@@ -212,6 +227,8 @@ class _Inversion(Synthesizer):
         if precision not in PRECISIONS:
             raise ValueError(f"{owner}: precision must be one of {tuple(PRECISIONS)}; got {precision!r}")
         self.precision = precision
+        if channels_last is None:
+            channels_last = auto_channels_last(teacher, self.device, precision)
         self.channels_last = bool(channels_last)
         self.cuda_graph = bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
@@ -239,6 +256,20 @@ class _Inversion(Synthesizer):
         if log_every is not None and (isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1):
             raise ValueError(f"{owner}: log_every must be an int >= 1 or None; got {log_every!r}")
         self.log_every = log_every
+        if stop_when is not None and stop_when != "converged" and not callable(stop_when):
+            raise ValueError(f"{owner}: stop_when must be None, 'converged' or a callable (step, terms) -> bool; "
+                             f"got {stop_when!r}")
+        self.stop_when = stop_when
+        self.stop_agreement = check_float(stop_agreement, "stop_agreement", owner)
+        if not 0.0 <= self.stop_agreement <= 1.0:
+            raise ValueError(f"{owner}: stop_agreement must be in [0, 1]; got {stop_agreement!r}")
+        if stop_patience is not None and (isinstance(stop_patience, bool) or not isinstance(stop_patience, int)
+                                          or stop_patience < 1):
+            raise ValueError(f"{owner}: stop_patience must be an int >= 1 (steps) or None; got {stop_patience!r}")
+        self.stop_patience = stop_patience
+        self.stop_tol = check_float(stop_tol, "stop_tol", owner)
+        #: steps each batch of the latest job ran (fewer than ``iterations`` where ``stop_when`` stopped it)
+        self.steps_run: list[int] = []
         self._compiled = None
 
     # -- description -------------------------------------------------------------
@@ -259,6 +290,10 @@ class _Inversion(Synthesizer):
             precision=self.precision,
             multi_resolution=None if self.multi_resolution is None else list(self.multi_resolution),
         )
+        if self.stop_when is not None:  # recorded only when set: manifests of jobs without it are unchanged
+            cfg.update(stop_when=self.stop_when if isinstance(self.stop_when, str) else "callable",
+                       stop_agreement=self.stop_agreement, stop_patience=self.stop_patience,
+                       stop_tol=self.stop_tol)
         return cfg
 
     def term_names(self) -> list[str]:
@@ -284,13 +319,15 @@ class _Inversion(Synthesizer):
         with contextlib.ExitStack() as stack:
             for m in models:
                 stack.enter_context(_frozen(m, channels_last=self.channels_last))
-                if self.device.type == "cpu" and self.precision == "fp32" and not self.compile \
-                        and not self.channels_last:
-                    # Only the input gradient is needed: one convolution instead of oneDNN's backward.
+                if self.device.type == "cpu" and self.precision == "fp32" and not self.compile:
+                    # Only the input gradient is needed: for the layers where it was measured to
+                    # win (few input channels), one convolution instead of oneDNN's backward.
                     stack.enter_context(input_grad_convs(m))
             if self.bn_weight > 0:
+                # fused: each eval-mode BN layer and its statistics in one pass each way (CPU).
                 self._matcher = stack.enter_context(
-                    BNStatsMatcher(self.teacher, form=self.bn_form, first_bn_multiplier=self.first_bn_multiplier)
+                    BNStatsMatcher(self.teacher, form=self.bn_form, first_bn_multiplier=self.first_bn_multiplier,
+                                   fused=not self.compile)
                 )
             else:
                 self._matcher = None
@@ -298,6 +335,10 @@ class _Inversion(Synthesizer):
                 yield
             finally:
                 self._matcher = None
+
+    def _run(self, labels, bounds, iterations, seed, store, progress):
+        self.steps_run = []
+        yield from super()._run(labels, bounds, iterations, seed, store, progress)
 
     # -- one batch ----------------------------------------------------------------------
     def _targets(self, labels: torch.Tensor, generator: torch.Generator, offset: int) -> torch.Tensor | None:
@@ -322,11 +363,15 @@ class _Inversion(Synthesizer):
         # start on every device.
         x = torch.randn((b, c, *size0), generator=generator) * self.init_std
         x = x.to(self.device)
+        ran = 0
         with self._session():
-            for size, steps in phases:
+            for j, (size, steps) in enumerate(phases):
                 if tuple(x.shape[2:]) != tuple(size):
                     x = F.interpolate(x, size=size, mode="nearest")
-                x, terms = self._optimise(x, labels, soft, steps, generator, progress)
+                x, terms = self._optimise(x, labels, soft, steps, generator, progress,
+                                          final_phase=j == len(phases) - 1)
+                ran += self._last_steps
+        self.steps_run.append(ran)
         names = self.term_names()
         losses = {k: terms[j : j + 1].float().cpu() for j, k in enumerate(names)}
         return SyntheticBatch(x.contiguous(), labels, soft, losses, self.mean, self.std)
@@ -342,8 +387,9 @@ class _Inversion(Synthesizer):
                 f"{(c, *size)} inputs (global pooling); {type(self.teacher).__name__} failed on one: {e}"
             ) from e
 
-    def _optimise(self, x0, labels, soft, steps, generator, progress):
-        """Runs ``steps`` Adam steps from ``x0``; returns (kept x, its loss terms)."""
+    def _optimise(self, x0, labels, soft, steps, generator, progress, final_phase=True):
+        """Runs ``steps`` Adam steps from ``x0`` (fewer when ``stop_when`` stops the final phase);
+        returns (kept x, its loss terms)."""
         b, c, h, w = x0.shape
         dev = self.device
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -375,9 +421,11 @@ class _Inversion(Synthesizer):
         step = self._step_fn()
         runner = _GraphStep(self, st, step, augments) if self.cuda_graph else None
         log_every = self.log_every or max(1, min(50, steps // 20 or 1))
+        stopper = _Stopper(self, steps) if self.stop_when is not None and final_phase else None
         table = None
         terms = None
         last_report = 0
+        self._last_steps = steps
         for i in range(steps):
             if augments and i % _AUG_CHUNK == 0:
                 k = min(_AUG_CHUNK, steps - i)
@@ -394,6 +442,10 @@ class _Inversion(Synthesizer):
                 names = self.term_names()
                 post = {k: v for k, v in zip(names, vals) if k not in ("total",)}
                 post = {"loss": vals[0], **post}
+                if stopper is not None and i + 1 < steps and stopper(i + 1, dict(zip(names, vals))):
+                    progress(steps - last_report, {**post, "stopped": i + 1})
+                    self._last_steps = i + 1
+                    break
                 progress(i + 1 - last_report, post)
                 last_report = i + 1
         if self.keep_best:
@@ -497,6 +549,34 @@ class _Inversion(Synthesizer):
 
 class _State:
     """The static tensors of one optimisation (a plain namespace)."""
+
+
+class _Stopper:
+    """``stop_when`` of one optimisation, asked at each progress refresh (the loss terms are on the host then).
+
+    "converged": the teacher agrees with at least ``stop_agreement`` of the batch and the lowest total loss
+    seen has improved by less than ``stop_tol`` (relative) over the last ``stop_patience`` steps (None: a
+    tenth of the iterations, at least 50). A callable is called as ``stop_when(step, terms)`` with the step
+    count and the terms by name (``term_names()``; ``"teacher_acc"`` is the agreement).
+    """
+
+    def __init__(self, synth: _Inversion, steps: int) -> None:
+        self.synth = synth
+        self.patience = synth.stop_patience or max(50, steps // 10)
+        self.best: list[tuple[int, float]] = []  # (step, lowest total so far) at each check
+
+    def __call__(self, step: int, terms: dict[str, float]) -> bool:
+        s = self.synth
+        if s.stop_when != "converged":
+            return bool(s.stop_when(step, terms))
+        lowest = min(terms["total"], self.best[-1][1]) if self.best else terms["total"]
+        self.best.append((step, lowest))
+        if terms["teacher_acc"] < s.stop_agreement or step < self.patience:
+            return False
+        then = [v for k, v in self.best if k <= step - self.patience]
+        if not then:
+            return False
+        return then[-1] - lowest <= s.stop_tol * abs(then[-1])
 
 
 @contextlib.contextmanager

@@ -66,12 +66,13 @@ def test_swap_is_restored_after_an_error_and_trainable_convs_keep_weight_gradien
 
 
 def test_ineligible_convs_are_left_alone():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.Conv2d(4, 4, 3, dilation=2), nn.Conv2d(4, 4, 3, groups=2),
-                          nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.Conv2d(4, 4, 3, padding="same"),
-                          nn.Conv2d(4, 4, 3, padding=1))
+    # Each is ineligible for one reason alone (all have at most 2 input channels but the one that has 4).
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.Conv2d(2, 2, 3, dilation=2), nn.Conv2d(2, 2, 3, groups=2),
+                          nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), nn.Conv2d(2, 2, 3, padding="same"),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(2, 4, 3, padding=1))
     with input_grad_convs(model):
         patched = ["forward" in m.__dict__ for m in model]
-    assert patched == [False, False, False, False, False, True]
+    assert patched == [False, False, False, False, False, False, True]
 
 
 def test_model_inversion_is_unchanged_by_the_swap(monkeypatch):
