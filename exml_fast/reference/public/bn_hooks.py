@@ -22,8 +22,10 @@ class DeepInversionFeatureHook:
 
     def hook_fn(self, module, input, output) -> None:
         nch = input[0].shape[1]
-        mean = input[0].mean([0, 2, 3])
-        var = input[0].permute(1, 0, 2, 3).contiguous().view([nch, -1]).var(1, unbiased=False)
+        # The public hook's [0, 2, 3] and (1, 0, 2, 3), for any rank (BatchNorm1d inputs too).
+        rest = list(range(2, input[0].dim()))
+        mean = input[0].mean([0, *rest])
+        var = input[0].permute(1, 0, *rest).contiguous().view([nch, -1]).var(1, unbiased=False)
         self.r_feature = torch.norm(module.running_var.data - var, 2) + torch.norm(
             module.running_mean.data - mean, 2
         )
@@ -32,9 +34,11 @@ class DeepInversionFeatureHook:
         self.hook.remove()
 
 
-def deepinversion_bn_loss_hooks(model: nn.Module) -> list[DeepInversionFeatureHook]:
-    """One hook per BatchNorm2d of `model`, in module order (as the public script did)."""
-    return [DeepInversionFeatureHook(m) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+def deepinversion_bn_loss_hooks(model: nn.Module, *, all_bn: bool = False) -> list[DeepInversionFeatureHook]:
+    """One hook per BatchNorm2d of `model`, in module order (as the public script did); with `all_bn`, per
+    BatchNorm1d/2d/3d (the script's ResNets have only 2-D ones; LeNet-5-BN has 1-D ones too)."""
+    kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) if all_bn else (nn.BatchNorm2d,)
+    return [DeepInversionFeatureHook(m) for m in model.modules() if isinstance(m, kinds)]
 
 
 def deepinversion_bn_loss(hooks: list[DeepInversionFeatureHook], first_bn_multiplier: float = 10.0):

@@ -32,9 +32,11 @@ in fp32):
    the script's apex AMP path no longer runs on current PyTorch. As in the
    script, the BN statistics are then taken in the low precision.
 5. The teacher's (and competitor's) train/eval mode is restored on exit, and
-   the input shape is an argument (the script hard-coded 3x32x32).
+   the input shape is an argument (the script hard-coded 3x32x32); `all_bn`
+   extends the BN hooks to BatchNorm1d/3d layers for nets that have them.
 6. The per-iteration loss terms are kept (detached, no extra host sync) and
-   returned as a history.
+   returned as a history, with the teacher's agreement with the targets
+   ("teacher_acc", the fraction of the batch it labels as its target).
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def public_deepinversion(
     use_amp: bool = False,
     callback: Callable[[int, float], None] | None = None,
     input_shape: tuple[int, int, int] = (3, 32, 32),
+    all_bn: bool = False,
 ) -> tuple[torch.Tensor, float, dict[str, torch.Tensor]]:
     """Optimise a batch of random inputs so that `teacher` labels them `targets`.
 
@@ -130,13 +133,16 @@ def public_deepinversion(
         callback: called as `callback(iteration, loss)` after every step
             (`loss` the float total loss of that iteration, before the step).
         input_shape: (C, H, W) of one input.
+        all_bn: hook every BatchNorm1d/2d/3d, not only BatchNorm2d (the
+            script's CIFAR nets have 2-D ones only; a LeNet-5-BN has 1-D ones
+            too, which exml_fast's matcher counts).
 
     Returns:
         `(best_inputs, best_cost, losses)`: the (N, C, H, W) float32 batch with the
         lowest total loss (a copy, taken before that iteration's step), that loss,
         and a dict of 1-D float32 CPU tensors of length `iterations`, one value per
-        iteration: "total", "main" (CE), "bn", "tv_l2", "l2" and, with a
-        competitor, "competition".
+        iteration: "total", "main" (CE), "bn", "tv_l2", "l2", "teacher_acc" and,
+        with a competitor, "competition".
     """
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"public_deepinversion: iterations must be an int >= 1; got {iterations!r}")
@@ -163,10 +169,10 @@ def public_deepinversion(
     teacher.eval()
     if competitor is not None:
         competitor.eval()
-    hooks = deepinversion_bn_loss_hooks(teacher)
+    hooks = deepinversion_bn_loss_hooks(teacher, all_bn=all_bn)
     best_cost = 1e6
     best_inputs = inputs.detach().clone()
-    history: dict[str, list[torch.Tensor]] = {k: [] for k in ("main", "bn", "tv_l2", "l2")}
+    history: dict[str, list[torch.Tensor]] = {k: [] for k in ("main", "bn", "tv_l2", "l2", "teacher_acc")}
     if use_competition:
         history["competition"] = []
     totals: list[float] = []
@@ -206,6 +212,7 @@ def public_deepinversion(
             history["bn"].append(torch.as_tensor(loss_bn).detach())
             history["tv_l2"].append(loss_var.detach())
             history["l2"].append(loss_l2.detach())
+            history["teacher_acc"].append((outputs.detach().argmax(1) == targets).float().mean())
             if use_competition:
                 history["competition"].append(loss_comp.detach())
 
