@@ -81,7 +81,9 @@ def add_commands(sub) -> None:
     s.add_argument("--device", type=device_arg, default=None, help="cpu or cuda[:N] (default: cuda when available)")
     s.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="teacher forward precision (default: the method's, fp32)")
-    s.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: picked from the teacher; on the CPU channels_last "
+                        "for networks with convolutions of 16+ input channels)")
     s.add_argument("--cuda-graph", action="store_true", help="capture each step in a CUDA graph (CUDA only)")
     s.add_argument("--compile", action="store_true", help="torch.compile the step")
     s.add_argument("--lr", type=positive_float, default=None, help="learning rate of x (default: the method's)")

@@ -48,7 +48,8 @@ def lenet():
 
 
 def _hook_count(model: nn.Module) -> int:
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    """Hooks, and forwards replaced for a job (the fused BN matcher, the input-gradient swap), left on the model."""
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) + ("forward" in m.__dict__) for m in model.modules())
 
 
 def _make(cls, teacher, shape, **kw):

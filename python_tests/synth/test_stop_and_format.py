@@ -1,0 +1,96 @@
+"""The engine's CPU memory format choice and early stopping (stop_when)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from exml_fast.models import LeNet5BN, resnet18_cifar
+from exml_fast.synth import DeepInversion, ModelInversion
+from exml_fast.synth.inversion import auto_channels_last
+
+SHAPE = (3, 16, 16)
+
+
+def _calibrated(model: nn.Module, shape, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn((16, *shape), generator=g) * 0.8 + 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return _calibrated(resnet18_cifar(num_classes=10, width=16), SHAPE)
+
+
+def test_auto_channels_last_follows_the_teacher(resnet):
+    cpu = torch.device("cpu")
+    assert auto_channels_last(resnet, cpu, "fp32")  # 16+ input channels: oneDNN's channels_last path
+    assert auto_channels_last(resnet, cpu, "bf16")
+    assert not auto_channels_last(resnet, cpu, "fp16")
+    assert not auto_channels_last(LeNet5BN(), cpu, "fp32")  # LeNet-sized layers stay NCHW
+    assert not auto_channels_last(resnet, torch.device("cuda", 0), "fp32")  # not measured there
+    assert DeepInversion(resnet, input_shape=SHAPE, iterations=1).channels_last
+    assert not DeepInversion(resnet, input_shape=SHAPE, iterations=1, channels_last=False).channels_last
+    assert not DeepInversion(LeNet5BN(), input_shape=(1, 32, 32), iterations=1).channels_last
+
+
+def test_channels_last_and_nchw_synthesise_the_same_batch(resnet):
+    kw = dict(input_shape=SHAPE, mean=0.5, std=0.25, iterations=4, batch_size=8)
+    a = DeepInversion(resnet, channels_last=True, **kw).synthesize(8, generator=1, progress=False)
+    b = DeepInversion(resnet, channels_last=False, **kw).synthesize(8, generator=1, progress=False)
+    torch.testing.assert_close(a.x, b.x, rtol=1e-3, atol=1e-3)
+    assert all(p.is_contiguous() for p in resnet.parameters())  # weights put back
+    assert not any("forward" in m.__dict__ for m in resnet.modules())
+
+
+def test_without_stop_when_every_step_runs(resnet):
+    synth = DeepInversion(resnet, input_shape=SHAPE, iterations=6, batch_size=4)
+    synth.synthesize(8, generator=0, progress=False)
+    assert synth.steps_run == [6, 6]
+    assert "stop_when" not in synth.config()  # manifests of jobs without it are unchanged
+
+
+def test_callable_stop_when_is_asked_at_each_refresh(resnet):
+    calls = []
+
+    def stop(step, terms):
+        calls.append((step, set(terms)))
+        return step >= 10
+
+    synth = DeepInversion(resnet, input_shape=SHAPE, iterations=40, batch_size=4, log_every=5, stop_when=stop)
+    batch = synth.synthesize(8, generator=0, progress=False)
+    assert synth.steps_run == [10, 10]
+    assert [s for s, _ in calls] == [5, 10, 5, 10]
+    assert {"total", "main", "bn", "teacher_acc"} <= calls[0][1]
+    assert batch.x.shape == (8, *SHAPE) and torch.isfinite(batch.x).all()
+    assert synth.config()["stop_when"] == "callable"
+
+
+def test_converged_stops_once_agreement_holds_and_the_loss_plateaus():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).eval()
+    # Pixels clipped to [0, 1] (mean/std given): the loss bottoms out, so it plateaus.
+    synth = ModelInversion(teacher, input_shape=(3, 2, 2), mean=0.5, std=0.25, iterations=2000, batch_size=6,
+                           lr=0.1, bn_weight=0.0,
+                           blur_weight=0.0, l2_sq_weight=0.0, log_every=10, stop_when="converged",
+                           stop_patience=50, stop_tol=1e-3, jitter=0)
+    batch = synth.synthesize(6, generator=0, progress=False)
+    assert 50 <= synth.steps_run[0] < 2000
+    assert float(batch.losses["teacher_acc"][0]) >= 0.95
+    cfg = synth.config()
+    assert cfg["stop_when"] == "converged" and cfg["stop_patience"] == 50 and cfg["stop_tol"] == 1e-3
+
+
+def test_stop_when_is_checked(resnet):
+    with pytest.raises(ValueError, match="stop_when must be None, 'converged' or a callable"):
+        DeepInversion(resnet, input_shape=SHAPE, stop_when="soon")
+    with pytest.raises(ValueError, match="stop_agreement must be in"):
+        DeepInversion(resnet, input_shape=SHAPE, stop_agreement=1.5)
+    with pytest.raises(ValueError, match="stop_patience must be an int"):
+        DeepInversion(resnet, input_shape=SHAPE, stop_patience=0)
