@@ -305,7 +305,7 @@ def bench_headlines(rec: dict) -> list[str]:
                 lines.append(f"{net['net']} {r['variant']}: FAILED ({r['failed'][:120]})")
             else:
                 lines.append(f"{net['net']} batch {net['batch']}, {r['variant']}: {r['images_per_s']:.0f} images/s, "
-                             f"x{r['speedup']:.2f} vs the public loop")
+                             f"x{r['speedup']:.2f} vs the frozen public loop")
         for ch in net.get("check", []):
             if not ch.get("within_noise", True):  # information: a short run's losses are noisy
                 lines.append(f"{net['net']} {ch['variant']}: final loss differs from the public loop's by "

@@ -206,7 +206,7 @@ def test_bench_headlines():
     synth = {"argv": ["--quick"], "results": [{"net": "resnet18", "batch": 64, "timing": [
         {"variant": "public", "images_per_s": 1000.4, "speedup": 1.0},
         {"variant": "exml bf16+cl+graph", "failed": "RuntimeError: capture failed"}]}]}
-    assert gc.bench_headlines(synth) == ["resnet18 batch 64, public: 1000 images/s, x1.00 vs the public loop",
+    assert gc.bench_headlines(synth) == ["resnet18 batch 64, public: 1000 images/s, x1.00 vs the frozen public loop",
                                          "resnet18 exml bf16+cl+graph: FAILED (RuntimeError: capture failed)"]
 
 
