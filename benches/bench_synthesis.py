@@ -296,6 +296,10 @@ def bench_net(name: str, args) -> dict:
     print(f"{name}, batch {batch}, {'x'.join(map(str, SHAPES[name][1:]))} — timing (K1={args.k1}, "
           f"K2={args.k2}, {args.rounds} rounds)", flush=True)
     teacher = calibrated_teacher(name, args.device)
+    if args.ttq_only:
+        ttq = time_to_quality(teacher, name, {}, args)
+        print(flush=True)
+        return {"net": name, "batch": batch, "timing": [], "floor": None, "check": [], "ttq": ttq}
     variants = variants_for(teacher, name, args)
     samples, failed = time_steps(variants, args)
     rows = []
@@ -358,9 +362,9 @@ def to_markdown(rec: dict) -> str:
               f"ratios [min-max] against **{PEER}** (the public loop with the teacher's parameters frozen). "
               "\"public as shipped\" computes weight gradients nobody uses: listed, not a peer.", ""]
     for net in rec["results"]:
-        lines += [f"## {net['net']}, batch {net['batch']}", "",
-                  f"| variant | ms / iteration | images / s | speed-up vs {PEER} |",
-                  "|---|---:|---:|---:|"]
+        lines += [f"## {net['net']}, batch {net['batch']}", ""]
+        if net["timing"]:
+            lines += [f"| variant | ms / iteration | images / s | speed-up vs {PEER} |", "|---|---:|---:|---:|"]
         for r in net["timing"]:
             if "failed" in r:
                 lines.append(f"| {r['variant']} | failed: {r['failed'][:80]} | | |")
@@ -435,6 +439,8 @@ def main(argv=None) -> None:
     p.add_argument("--ttq-steps", type=int, default=None,
                    help="the peer's steps in the time-to-quality race (default: CPU 200, CUDA 2000, --quick 0; "
                         "0 skips it)")
+    p.add_argument("--ttq-only", action="store_true",
+                   help="only the time-to-quality race (no per-step timing, no loss check)")
     p.add_argument("--suffix", default="", help="appended to the result files' stem (e.g. _avx2)")
     p.add_argument("--ttq-cap", type=int, default=3,
                    help="the engine may run up to this many times the peer's steps before it is called short")
