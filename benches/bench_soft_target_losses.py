@@ -8,15 +8,24 @@ Ops: soft-target cross-entropy at T = 20 (Data Impressions; grad w.r.t. the
 logits), KD at T = 2 (grad w.r.t. the student), JS divergence at T = 3 with
 clamp (0.01, 0.99) (Adaptive DeepInversion; grads w.r.t. both logits), and
 the Ex-Model Distillation loss (slice targets, centred; grad w.r.t. the student).
-Variants: exml_fast, the reference (plain PyTorch: log_softmax etc.) and
-torch.compile(reference), timed round-robin in one run; the ratios are medians
-of same-round ratios, robust to a shared machine's drift. GB/s counts the
-minimum traffic (forward reads the inputs; backward reads them again and
-writes the gradients) against the measured copy bandwidth.
+Variants: exml_fast, the reference (exml_fast.reference: the plain composite a
+user would write, e.g. `-(t * F.log_softmax(x / T, 1)).sum(1).mean()` for the
+soft-target CE, `F.kl_div(F.log_softmax(s / T, 1), F.softmax(t / T, 1),
+reduction="batchmean") * T**2` for KD) and torch.compile(reference), timed
+round-robin in one run; the ratios are medians of same-round ratios, robust to
+a shared machine's drift. GB/s counts the minimum traffic (forward reads the
+inputs; backward reads them again and writes the gradients) against the
+measured copy bandwidth.
+
+On CPU the recorded header says whether the machine has AVX-512 and which ISA
+caps were set: run once as is and once as on a CPU without AVX-512,
+
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 EXML_FAST_CPU_ISA=avx2 \
+        python benches/bench_soft_target_losses.py --device cpu --suffix _avx2
 
 Usage:
     python benches/bench_soft_target_losses.py [--device cpu|cuda] [--quick] [--no-compile]
-        [--dtype float32] [--out benches/results]
+        [--dtype float32] [--threads N] [--suffix S] [--out benches/results]
 """
 
 from __future__ import annotations
@@ -157,8 +166,11 @@ def run(device, dtype, *, use_compile, min_run_time, copy_bw, ops):
 
 def to_markdown(rec: dict, command: str) -> str:
     lines = env_markdown(rec["env"], "soft_target_losses", command) + [
-        f"Forward + backward through autograd, dtype {rec['dtype']}. `exml_fast faster`:",
-        "median over rounds of (variant time / exml_fast time, same round).",
+        f"Forward + backward through autograd, dtype {rec['dtype']}. `reference` is the plain",
+        "composite a user would write (soft-target CE: `-(t * F.log_softmax(x / T, 1)).sum(1).mean()`;",
+        "KD: `F.kl_div(F.log_softmax(s / T, 1), F.softmax(t / T, 1), reduction=\"batchmean\") * T**2`;",
+        "JS and ED: exml_fast.reference's), `compile(reference)` torch.compile of it. `exml_fast",
+        "faster`: median over rounds of (variant time / exml_fast time, same round).",
         "",
         "| op | (B, K) | variant | ms | exml_fast faster | GB/s | % of copy bw |",
         "|---|---|---|---:|---:|---:|---:|",
@@ -174,7 +186,12 @@ def main(argv=None) -> int:
     p = op_parser(__doc__, quick_help="short smoke run (0.2 s per variant)",
                   default_run_time="2 s on CPU, 1 s on CUDA")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--suffix", default="",
+                   help="appended to the recorded files' names, e.g. _avx2 for a run under the ISA caps")
     args = parse_op_args(p, argv, cpu_run_time=2.0)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     min_run_time = args.min_run_time
     dtype = getattr(torch, args.dtype)
 
@@ -185,7 +202,7 @@ def main(argv=None) -> int:
     env["wall_s"] = time.perf_counter() - t0
     rec = {"env": env, "dtype": args.dtype, "rows": rows}
     command = " ".join(["python benches/bench_soft_target_losses.py"] + (argv if argv is not None else sys.argv[1:]))
-    stem = f"soft_target_losses_{args.device}" + ("_quick" if args.quick else "")
+    stem = f"soft_target_losses_{args.device}{args.suffix}" + ("_quick" if args.quick else "")
     record(args.out, stem, rec, to_markdown(rec, command))
     return 0
 

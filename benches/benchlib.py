@@ -78,6 +78,23 @@ def median(values) -> float:
     return float(torch.tensor(values, dtype=torch.float64).median())
 
 
+# The variables that cap the CPU kernels' instruction set (torch, oneDNN, exml_fast's own loops).
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "EXML_FAST_CPU_ISA")
+
+
+def cpu_isa() -> dict:
+    """Whether the CPU has AVX-512 (F), the vector ISA torch's CPU kernels run with, and the ISA caps
+    set in the environment (a run under them imitates a CPU without AVX-512)."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), "").split()
+    except OSError:
+        flags = []
+    return {"cpu_has_avx512": "avx512f" in flags,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "caps": {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ}}
+
+
 def environment(device: str, title: str) -> dict:
     """Facts recorded with every run; prints a one-line header and the copy bandwidth."""
     env = {
@@ -91,6 +108,8 @@ def environment(device: str, title: str) -> dict:
         "exml_fast_build": exml_fast.build_info(),
         "commit": git_commit(),
     }
+    if device == "cpu":
+        env["cpu_isa"] = cpu_isa()
     print(f"exml_fast {title} benchmark on {env['device']} ({device}, {env['threads']} threads), "
           f"torch {env['torch']}, CUDA {env['cuda']}, commit {env['commit']}")
     bw = copy_bandwidth(device)
@@ -109,6 +128,11 @@ def env_markdown(env: dict, title: str, command: str) -> list[str]:
         f"- copy bandwidth (read + write): {env['copy_bandwidth_GBps']:.1f} GB/s",
         f"- command: `{command}`",
     ]
+    if "cpu_isa" in env:
+        isa = env["cpu_isa"]
+        caps = ", ".join(f"{k}={v}" for k, v in isa["caps"].items()) or "none"
+        lines.insert(-1, f"- CPU {'with' if isa['cpu_has_avx512'] else 'without'} AVX-512; torch CPU "
+                         f"kernels: {isa['torch_cpu_capability']}; ISA caps: {caps}")
     if "wall_s" in env:
         lines[-1] += f"; wall {env['wall_s']:.0f} s"
     return lines + [""]

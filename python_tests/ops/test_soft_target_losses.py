@@ -206,6 +206,118 @@ def test_js_matches_reference(device, dtype, case, clamp):
              torch.tensor(1.3, device=device))
 
 
+# ---- the small-K CPU path --------------------------------------------------------------------------
+# Rows of K <= 32 with fp32 accumulation (fp32, fp16, bf16 logits) take the rows-across-lanes loops on
+# CPUs with AVX2 (8 rows a register) or AVX-512 (16); fp64, K > 32 and EXML_FAST_CPU_ISA=base take the
+# row loops. The cases: row lengths around the register widths and the path's limit (33 is past it);
+# batches that leave a partial block, or a block without the second one the forward pairs it with
+# (17, 40); operands read in place with a row stride (a column slice of a wider tensor) or a stride of
+# 0 (one target row broadcast over the batch). Gradients are taken w.r.t. the tensors the views come
+# from, so that the kernels see the strided operands themselves.
+SMALL_K = (1, 2, 3, 7, 8, 9, 10, 15, 16, 17, 31, 32, 33)
+SMALL_CASES = [(b, layout) for b in (1, 5, 17, 40, 300)
+               for layout in ("contiguous", "column_slice", "broadcast_second")]
+# KD and JS run the dtypes that take the small-K loops (fp64 takes the row loops, which the battery
+# above covers) and leave out B = 1, which takes no code path that B = 5 (one partial block) does
+# not. Both because a divergence near 0 is formed by the fused formulas (row and small-K loops alike)
+# as a difference of O(1) log-probability terms, e.g. KL_r = sum_k p_k ((zt_k - zs_k) - (lse_t -
+# lse_s)), and is off by a few roundings of those terms: with one row, or in fp64 (where torch's own
+# error is 0 by construction), that can exceed this suite's bound of 32 roundings of the result.
+DIVERGENCE_CASES = [(b, layout) for b, layout in SMALL_CASES if b > 1]
+DIVERGENCE_DTYPES = [d for d in DTYPES if d != torch.float64]
+
+
+def small_k_leaves(b, k, dtype, layout, seed, second="logits"):
+    """The tensors gradients are taken of, and a function mapping them to the (B, K) operands."""
+    g = torch.Generator().manual_seed(seed)
+    cols = k + 3 if layout == "column_slice" else k
+
+    def draw(rows, probs):
+        v = torch.rand(rows, cols, generator=g) if probs else torch.randn(rows, cols, generator=g) * 3
+        return v.to(dtype)  # before slicing: .to() of a sliced tensor would copy it to contiguous
+
+    first = draw(b, False)
+    other = draw(1 if layout == "broadcast_second" else b, second == "probs")
+
+    def operands(x, y):
+        if layout == "column_slice":
+            return x[:, :k], y[:, 2:k + 2]
+        if layout == "broadcast_second":
+            return x, y.expand(b, k)
+        return x, y
+
+    return (first, other), operands
+
+
+def check_small_k(fused_fn, ref_fn, leaves, operands, dtype, upstream, needs_grad=(True, True)):
+    """check_op's comparison for operands that are views: values and gradients w.r.t. the leaves."""
+
+    def run(fn, ls, up):
+        xs = [t.detach().clone().requires_grad_(rg) for t, rg in zip(ls, needs_grad)]
+        out = fn(*operands(*xs))
+        wrt = [x for x in xs if x.requires_grad]
+        return out.detach(), torch.autograd.grad(out, wrt, up.to(out.dtype))
+
+    out, g = run(fused_fn, leaves, upstream)
+    own_out, own_g = run(ref_fn, leaves, upstream)
+    truth_out, truth_g = run(ref_fn, [t.double() for t in leaves], upstream.double())
+    assert out.dtype == leaves[0].dtype and out.shape == truth_out.shape
+    assert_close_to_truth(out, own_out, truth_out, dtype)
+    for a, b, c in zip(g, own_g, truth_g):
+        assert a.shape == c.shape
+        assert_close_to_truth(a, b, c, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", SMALL_K)
+def test_small_k_soft_ce_matches_reference(k, dtype):
+    for i, (b, layout) in enumerate(SMALL_CASES):
+        reduction = ("none", "mean", "sum")[i % 3]
+        kw = dict(temperature=(2.5, 0.7, 20.0)[i % 3], reduction=reduction)
+        leaves, operands = small_k_leaves(b, k, dtype, layout, seed=100 + i, second="probs")
+        g = torch.Generator().manual_seed(i)
+        up = torch.randn(b, generator=g) if reduction == "none" else torch.tensor(1.7)
+        check_small_k(lambda z, t: ops.soft_target_cross_entropy(z, t, **kw),
+                      lambda z, t: ref.soft_target_cross_entropy(z, t, **kw), leaves, operands, dtype, up)
+
+
+@pytest.mark.parametrize("dtype", DIVERGENCE_DTYPES, ids=str)
+@pytest.mark.parametrize("k", SMALL_K)
+def test_small_k_kd_matches_reference(k, dtype):
+    # Odd cases freeze the teacher: the forward then also writes the student's gradient factor.
+    for i, (b, layout) in enumerate(DIVERGENCE_CASES):
+        temperature = (2.0, 0.6, 4.0)[i % 3]
+        leaves, operands = small_k_leaves(b, k, dtype, layout, seed=200 + i)
+        check_small_k(lambda s, t: ops.kd_loss(s, t, temperature=temperature),
+                      lambda s, t: ref.kd_loss(s, t, temperature=temperature), leaves, operands, dtype,
+                      torch.tensor(0.8), needs_grad=(True, i % 2 == 0))
+
+
+@pytest.mark.parametrize("dtype", DIVERGENCE_DTYPES, ids=str)
+@pytest.mark.parametrize("k", SMALL_K)
+def test_small_k_js_matches_reference(k, dtype):
+    for i, (b, layout) in enumerate(DIVERGENCE_CASES):
+        kw = dict(temperature=(3.0, 0.8, 1.5)[i % 3], clamp=((0.01, 0.99), (0.0, 1.0), (0.05, 0.3))[i % 3])
+        leaves, operands = small_k_leaves(b, k, dtype, layout, seed=300 + i)
+        check_small_k(lambda x, y: ops.js_divergence(x, y, **kw),
+                      lambda x, y: ref.js_divergence(x, y, **kw), leaves, operands, dtype,
+                      torch.tensor(1.3))
+
+
+@pytest.mark.slow
+def test_baseline_cpu_loops_pass_the_small_k_battery():
+    """EXML_FAST_CPU_ISA=base forces the baseline build, which has no small-K loops: the row loops must
+    pass the same small-K value and gradient checks."""
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
+         "small_k and matches_reference and (float32 or bfloat16)"],
+        capture_output=True, text=True, timeout=900,
+        env={**os.environ, "EXML_FAST_CPU_ISA": "base"},
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout
+
+
 def test_soft_ce_targets_not_renormalised_and_target_grad_only_when_needed():
     z = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     t = torch.rand(5, 4, dtype=torch.float64) * 3  # rows sum to ~4.5
