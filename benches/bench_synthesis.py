@@ -355,8 +355,7 @@ def to_markdown(rec: dict) -> str:
     a = rec["args"]
     cmd = " ".join(["python benches/bench_synthesis.py", *rec["argv"]])
     lines = env_markdown(rec["env"], "synthesis (DeepInversion)", cmd)
-    lines += [f"- CPU: {rec['env'].get('cpu_isa', '?')}", "",
-              "Objective: CE + 10·R_BN (l2, no first-layer multiplier) + 2.5e-5·TV-l2, Adam lr 0.05 constant, "
+    lines += ["Objective: CE + 10·R_BN (l2, no first-layer multiplier) + 2.5e-5·TV-l2, Adam lr 0.05 constant, "
               "2-px roll, no flips, no clip. Step cost = (t(K2) - t(K1)) / (K2 - K1) of whole synthesis calls, "
               f"K1 = {a['k1']}, K2 = {a['k2']}, {a['rounds']} interleaved rounds; speed-up = median of per-round "
               f"ratios [min-max] against **{PEER}** (the public loop with the teacher's parameters frozen). "
@@ -401,21 +400,6 @@ def to_markdown(rec: dict) -> str:
                                  f"{'yes' if r['reached'] else 'no'} | {sp} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def cpu_isa_line() -> str:
-    """Whether the CPU has AVX-512, and what ATen and oneDNN were allowed to use in this run."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-        has512 = " avx512f" in flags
-    except OSError:
-        has512 = None
-    import os
-
-    caps = ", ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "EXML_FAST_CPU_ISA")
-                     if k in os.environ)
-    return (f"{'has' if has512 else 'no' if has512 is False else 'unknown'} AVX-512; ATen kernels: "
-            f"{torch.backends.cpu.get_cpu_capability()}" + (f" ({caps})" if caps else ""))
 
 
 def main(argv=None) -> None:
@@ -467,7 +451,6 @@ def main(argv=None) -> None:
 
     t0 = time.perf_counter()
     env = environment(args.device, "synthesis (DeepInversion)")
-    env["cpu_isa"] = cpu_isa_line()
     results = [bench_net(n, args) for n in args.nets]
     env["wall_s"] = time.perf_counter() - t0
     rec = {"env": env, "argv": sys.argv[1:] if argv is None else list(argv),
