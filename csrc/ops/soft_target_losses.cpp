@@ -5,7 +5,7 @@
 // than with torch.library.register_autograd in Python: the benchmark shapes
 // ((5000, 10) and (1216, 1000) logits) are small enough that the Python
 // autograd path's per-call cost would dominate the fused kernels. The fake
-// kernels stay in Python (exml_fast/ops/losses.py), so torch.compile traces.
+// kernels stay in Python (exml_fast/ops/soft_target_losses.py), so torch.compile traces.
 // The backward ops have autograd kernels too, whose backward raises: double
 // backward is refused with a clear error rather than silently wrong.
 #include <ATen/core/Tensor.h>
