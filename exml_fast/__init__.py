@@ -32,8 +32,8 @@ from exml_fast.cl.strategies import (EnsembleAverage, ExModelDistillation, MinEn
                                      ParameterAverage, RealReplay, SynthesizerGenerator, SynthesizerSource,
                                      register_strategy)
 from exml_fast.models import build_model, register_arch
-from exml_fast.synth import (AuxiliaryData, DataImpressions, DeepInversion, ModelInversion, SyntheticBatch,
-                             load_synthetic)
+from exml_fast.synth import (AuxiliaryData, DataImpressions, DeepInversion, LowAgreementWarning, ModelInversion,
+                             SyntheticBatch, load_synthetic)
 from exml_fast.synth.matcher import BNStatsMatcher
 from exml_fast.training import distill
 from exml_fast.viz import save_grid
@@ -41,7 +41,8 @@ from exml_fast.viz import save_grid
 __version__ = "0.1.0"
 
 __all__ = ["AuxiliaryData", "BNStatsMatcher", "DataImpressions", "DeepInversion", "EnsembleAverage",
-           "ExModelDistillation", "Experience", "Expert", "ExpertError", "ExpertStream", "MinEntropyEnsemble",
+           "ExModelDistillation", "Experience", "Expert", "ExpertError", "ExpertStream", "LowAgreementWarning",
+           "MinEntropyEnsemble",
            "ModelInfo", "ModelInversion", "OracleEnsemble", "ParameterAverage", "RealReplay", "SCENARIOS", "Scenario",
            "StreamResult", "SyntheticBatch", "SyntheticBuffer", "SynthesizerGenerator", "SynthesizerSource",
            "build_info", "build_model", "distill", "has_ops", "load_model", "load_synthetic", "make_scenario", "ops",

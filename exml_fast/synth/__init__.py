@@ -8,21 +8,26 @@ Three lines with any classifier::
 
 - :class:`ModelInversion` — CE at temperature τ plus image priors.
 - :class:`DeepInversion` — BN-statistic matching, TV/l2 priors, jitter and
-  flips, Adam (constant by default, the paper's CIFAR-10 setting; cosine after
-  a warm-up in ``DeepInversion.imagenet``), best-batch selection,
-  multi-resolution, Adaptive DeepInversion with ``competitor=student``.
+  flips, Adam, best-batch selection, multi-resolution, Adaptive DeepInversion
+  with ``competitor=student``; settings from a preset: ``"auto"`` (picked from
+  the teacher: the default), ``"cifar"``, ``"imagenet"``, ``"digits"``
+  (:data:`DEEPINVERSION_PRESETS`).
 - :class:`DataImpressions` — Dirichlet soft targets from the classifier's weights.
 - :class:`AuxiliaryData` — samples of another dataset labelled by the teacher.
 
-Every synthesizer returns a :class:`SyntheticBatch`; ``synthesize_iter``
+When the teacher labels less than ``warn_below`` (0.9) of a batch as its
+targets, the synthesizer warns once (:class:`LowAgreementWarning`, with the
+weighted loss terms and which one dominated). Every synthesizer returns a
+:class:`SyntheticBatch`; ``synthesize_iter``
 streams one per optimisation batch and ``save_to=`` writes resumable shards
 (:func:`load_synthetic` reads them back).
 """
 
+from exml_fast.synth.agreement import LowAgreementWarning
 from exml_fast.synth.auxiliary import AuxiliaryData
 from exml_fast.synth.base import Synthesizer
 from exml_fast.synth.batch import SyntheticBatch, load_synthetic
 from exml_fast.synth.inversion import DEEPINVERSION_PRESETS, DataImpressions, DeepInversion, ModelInversion, lr_table
 
-__all__ = ["DEEPINVERSION_PRESETS", "AuxiliaryData", "DataImpressions", "DeepInversion", "ModelInversion",
-           "SyntheticBatch", "Synthesizer", "load_synthetic", "lr_table"]
+__all__ = ["DEEPINVERSION_PRESETS", "AuxiliaryData", "DataImpressions", "DeepInversion", "LowAgreementWarning",
+           "ModelInversion", "SyntheticBatch", "Synthesizer", "load_synthetic", "lr_table"]

@@ -103,6 +103,37 @@ def test_synthesize_classes_and_no_grid(teacher, tmp_path):
     assert not (out / "grid.png").exists()
 
 
+def test_synthesize_deepinversion_presets(teacher, tmp_path, capsys):
+    import json
+
+    from exml_fast.synth import DEEPINVERSION_PRESETS
+
+    def job_config(out):
+        with open(out / "manifest.json") as f:
+            return json.load(f)["job"]["config"]
+
+    # An MNIST teacher gets the "digits" preset: the settings this command has always used for it.
+    assert _synth(teacher, tmp_path / "d") == 0
+    assert "deepinversion, preset digits:" in capsys.readouterr().out
+    cfg = job_config(tmp_path / "d")
+    digits = DEEPINVERSION_PRESETS["digits"]
+    assert cfg["preset"] == "digits" and cfg["bn_weight"] == digits["bn_weight"] == 1.0
+    assert cfg["first_bn_multiplier"] == 10.0 and cfg["priors"]["tv_l2"] == 0.05 and cfg["priors"]["l2_sq"] == 1e-3
+    assert cfg["lr"] == 0.1 and cfg["schedule"] == "constant" and not cfg["flip"] and cfg["jitter"] == 2
+    # --preset picks another one; --lr still wins over it.
+    assert _synth(teacher, tmp_path / "a", "deepinversion", "--preset", "auto", "--lr", "0.2") == 0
+    cfg = job_config(tmp_path / "a")
+    assert cfg["preset"] == "auto" and cfg["lr"] == 0.2 and 0 < cfg["bn_weight"] < 1 and not cfg["flip"]
+    assert _synth(teacher, tmp_path / "c", "deepinversion", "--preset", "cifar10") == 0
+    cfg = job_config(tmp_path / "c")
+    assert cfg["preset"] == "cifar" and cfg["bn_weight"] == 10.0 and cfg["flip"]
+    capsys.readouterr()
+    assert _synth(teacher, tmp_path / "m", "model-inversion", "--preset", "digits") == 2
+    assert "--preset: only used by --method deepinversion" in capsys.readouterr().err
+    assert _synth(teacher, tmp_path / "x", "deepinversion", "--preset", "mnist") == 2
+    assert "invalid choice: 'mnist'" in capsys.readouterr().err
+
+
 def test_synthesize_resume_is_deterministic_and_does_no_new_work(teacher, tmp_path, capsys):
     out = tmp_path / "r"
     assert _synth(teacher, out) == 0
