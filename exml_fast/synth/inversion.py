@@ -52,6 +52,7 @@ from exml_fast.synth.presets import (DEEPINVERSION_PRESETS, PRESET_NAMES, auto_b
 __all__ = ["DEEPINVERSION_PRESETS", "DataImpressions", "DeepInversion", "LowAgreementWarning", "ModelInversion"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUGMENT_PER = ("sample", "batch")
 SCHEDULES = ("cosine", "constant")
 PRIORS = ("tv_l1", "tv_l2", "blur", "l2", "l2_sq")
 # Draws of augmentation parameters made ahead, in steps; a chunk is one
@@ -132,6 +133,7 @@ class _Inversion(Synthesizer):
         jitter: int | None = None,
         flip: bool = True,
         pad_crop: int = 0,
+        augment_per: str = "sample",
         clip: bool = True,
         keep_best: bool = True,
         init_std: float = 1.0,
@@ -207,6 +209,9 @@ class _Inversion(Synthesizer):
         if isinstance(pad_crop, bool) or not isinstance(pad_crop, int) or pad_crop < 0:
             raise ValueError(f"{owner}: pad_crop must be an int >= 0; got {pad_crop!r}")
         self.pad_crop = pad_crop
+        if augment_per not in AUGMENT_PER:
+            raise ValueError(f"{owner}: augment_per must be one of {AUGMENT_PER}; got {augment_per!r}")
+        self.augment_per = augment_per
         self.clip = bool(clip) and self.mean is not None
         self.keep_best = bool(keep_best)
         self.init_std = check_float(init_std, "init_std", owner, positive=True)
@@ -299,6 +304,8 @@ class _Inversion(Synthesizer):
             precision=self.precision,
             multi_resolution=None if self.multi_resolution is None else list(self.multi_resolution),
         )
+        if self.augment_per != "sample":  # recorded only when not the default, as stop_when below
+            cfg["augment_per"] = self.augment_per
         if self.stop_when is not None:  # recorded only when set: manifests of jobs without it are unchanged
             cfg.update(stop_when=self.stop_when if isinstance(self.stop_when, str) else "callable",
                        stop_agreement=self.stop_agreement, stop_patience=self.stop_patience,
@@ -475,9 +482,11 @@ class _Inversion(Synthesizer):
         for i in range(steps):
             if augments and i % _AUG_CHUNK == 0:
                 k = min(_AUG_CHUNK, steps - i)
+                per_batch = self.augment_per == "batch"
                 table = draw_augment_params(
-                    k * b, max_shift=jitter, flip=self.flip, pad_crop=self.pad_crop, generator=generator,
-                ).view(k, b, 5).to(dev, non_blocking=True)
+                    k if per_batch else k * b, max_shift=jitter, flip=self.flip, pad_crop=self.pad_crop,
+                    generator=generator,
+                ).view(k, 1 if per_batch else b, 5).expand(k, b, 5).contiguous().to(dev, non_blocking=True)
             params = table[i % _AUG_CHUNK] if augments else None
             if runner is not None:
                 terms = runner(params, scalars[i])
@@ -858,7 +867,13 @@ class DeepInversion(_Inversion):
             the default form.
         jitter: largest roll in pixels (None: 2 up to 64 px, else 30·H/224);
             flip: random horizontal flips; pad_crop: random-crop padding.
-            Drawn per sample and per step.
+            Drawn per step, and per sample (``augment_per="sample"``, the
+            default) or once for the whole batch (``"batch"``, as the public
+            code draws them). Per batch, a step whose draw is no shift
+            optimises the un-augmented batch itself; per sample, no step
+            does, which matters for a teacher whose BN layers see positions
+            (LeNet-5-BN's BatchNorm1d after the flatten): there the returned
+            images' own BN term stays about twice the one optimised.
         clip: clip x to the valid pixel range (needs mean/std).
         keep_best: return the batch with the lowest total loss seen (its
             copy), else the last one.

@@ -94,3 +94,31 @@ def test_stop_when_is_checked(resnet):
         DeepInversion(resnet, input_shape=SHAPE, stop_agreement=1.5)
     with pytest.raises(ValueError, match="stop_patience must be an int"):
         DeepInversion(resnet, input_shape=SHAPE, stop_patience=0)
+
+
+# -- augment_per: one draw per sample (the default) or per batch (the public code's) --------------------------------
+
+
+def test_augment_per_batch_draws_one_augmentation_for_the_whole_batch(monkeypatch):
+    import exml_fast.synth.inversion as inv
+
+    teacher = LeNet5BN(10, in_channels=1).eval()
+    seen = []
+    orig = inv.augment_with_params
+
+    def spy(x, params, **kw):
+        seen.append(params.clone())
+        return orig(x, params, **kw)
+
+    monkeypatch.setattr(inv, "augment_with_params", spy)
+    for per, same in (("batch", True), ("sample", False)):
+        seen.clear()
+        synth = DeepInversion(teacher, input_shape=(1, 32, 32), augment_per=per, iterations=3, batch_size=6,
+                              warn_below=None, flip=True, jitter=2)
+        synth.synthesize(6, generator=0, progress=False)
+        assert len(seen) == 3 and all(p.shape == (6, 5) for p in seen)
+        assert all(bool((p == p[:1]).all()) for p in seen) == same, per
+        # recorded in the config (and so in manifests) only when not the default
+        assert synth.config().get("augment_per") == ("batch" if same else None)
+    with pytest.raises(ValueError, match=r"augment_per must be one of \('sample', 'batch'\); got 'image'"):
+        DeepInversion(teacher, input_shape=(1, 32, 32), augment_per="image")
