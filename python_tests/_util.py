@@ -32,6 +32,17 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def calibrated_bn(model: torch.nn.Module, shape, seed: int = 0, batches: int = 4) -> torch.nn.Module:
+    """``model`` with running BN statistics from ``batches`` train-mode forwards of 16 random N(0.1, 0.8²)
+    inputs of ``shape`` (so BN matching has a target), returned in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn((16, *shape), generator=g) * 0.8 + 0.1)
+    return model.eval()
+
+
 def band_images(classes, n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Learnable toy (N, 1, 32, 32) images for the ExML tests: class c lights up the c-th horizontal band.
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from exml_fast.models import LeNet5, LeNet5BN, resnet18_cifar, resnet18_cifar_slim
+from exml_fast.models import LeNet5BN, resnet18_cifar_slim
 from exml_fast.synth import (DEEPINVERSION_PRESETS, DataImpressions, DeepInversion, LowAgreementWarning,
                              ModelInversion, load_synthetic)
 from exml_fast.synth.presets import PRESET_NAMES, auto_bn_weight, bn_loss_of_noise
@@ -19,27 +19,6 @@ SHAPE = (3, 16, 16)
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 OLD_DEFAULTS = {"lr": 0.05, "betas": [0.9, 0.999], "schedule": "constant", "warmup": 0.0, "bn_weight": 10.0,
                 "first_bn_multiplier": 1.0, "flip": True}
-
-
-def _calibrated(model: nn.Module, shape, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.randn((16, *shape), generator=g) * 0.8 + 0.1)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def bn_cnn():
-    torch.manual_seed(0)
-    return _calibrated(resnet18_cifar(num_classes=10, width=4), SHAPE)
-
-
-@pytest.fixture(scope="module")
-def lenet():
-    torch.manual_seed(1)
-    return LeNet5(num_classes=10).eval()
 
 
 class _no_warnings:

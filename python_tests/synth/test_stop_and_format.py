@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _util import calibrated_bn
 from torch import nn
 
 from exml_fast.models import LeNet5BN, resnet18_cifar
@@ -13,19 +14,10 @@ from exml_fast.synth.inversion import auto_channels_last
 SHAPE = (3, 16, 16)
 
 
-def _calibrated(model: nn.Module, shape, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn((16, *shape), generator=g) * 0.8 + 0.1)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def resnet():
     torch.manual_seed(0)
-    return _calibrated(resnet18_cifar(num_classes=10, width=16), SHAPE)
+    return calibrated_bn(resnet18_cifar(num_classes=10, width=16), SHAPE, batches=3)
 
 
 def test_auto_channels_last_follows_the_teacher(resnet):

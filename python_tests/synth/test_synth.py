@@ -11,10 +11,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import requires_ops
+from _util import calibrated_bn, requires_ops
 from torch import nn
 
-from exml_fast.models import LeNet5, resnet18_cifar
+from exml_fast.models import resnet18_cifar
 from exml_fast.synth import (AuxiliaryData, DataImpressions, DeepInversion, ModelInversion, SyntheticBatch,
                              load_synthetic, lr_table)
 from exml_fast.synth.base import batch_seed
@@ -23,28 +23,6 @@ CUDA = torch.cuda.is_available()
 SHAPE_BN = (3, 16, 16)
 SHAPE_LENET = (1, 32, 32)
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
-
-
-def _calibrated(model: nn.Module, shape, seed: int = 0) -> nn.Module:
-    """Running BN statistics of a few random batches, so BN matching has a target."""
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.randn((16, *shape), generator=g) * 0.8 + 0.1)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def bn_cnn():
-    torch.manual_seed(0)
-    return _calibrated(resnet18_cifar(num_classes=10, width=4), SHAPE_BN)
-
-
-@pytest.fixture(scope="module")
-def lenet():
-    torch.manual_seed(1)
-    return LeNet5(num_classes=10).eval()
 
 
 def _hook_count(model: nn.Module) -> int:
@@ -196,7 +174,7 @@ OPTION_GRID = list(itertools.product(
 @pytest.mark.parametrize("precision,channels_last,multi_resolution,adi,keep_best", OPTION_GRID)
 def test_every_option_combination_runs_on_cpu(bn_cnn, precision, channels_last, multi_resolution, adi,
                                               keep_best):
-    student = _calibrated(resnet18_cifar(num_classes=10, width=4), SHAPE_BN, seed=9) if adi else None
+    student = calibrated_bn(resnet18_cifar(num_classes=10, width=4), SHAPE_BN, seed=9) if adi else None
     synth = DeepInversion(bn_cnn, input_shape=SHAPE_BN, mean=MEAN, std=STD, iterations=4, batch_size=4,
                           precision=precision, channels_last=channels_last, multi_resolution=multi_resolution,
                           competitor=student, keep_best=keep_best, pad_crop=1, tv_l1_weight=1e-3,
@@ -474,7 +452,7 @@ def test_bad_synthesize_arguments(bn_cnn, kwargs, match):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cuda_graph_matches_eager_on_cuda(precision):
     torch.manual_seed(0)
-    teacher = _calibrated(resnet18_cifar(num_classes=10, width=8), SHAPE_BN).cuda()
+    teacher = calibrated_bn(resnet18_cifar(num_classes=10, width=8), SHAPE_BN).cuda()
     kw = dict(input_shape=SHAPE_BN, mean=MEAN, std=STD, iterations=8, batch_size=16, precision=precision,
               channels_last=True)
     eager = DeepInversion(teacher, **kw).synthesize(16, generator=3, progress=False)
@@ -490,8 +468,8 @@ def test_cuda_graph_matches_eager_on_cuda(precision):
 @requires_ops
 def test_cuda_matches_cpu_start_and_runs_every_option():
     torch.manual_seed(0)
-    teacher = _calibrated(resnet18_cifar(num_classes=10, width=8), SHAPE_BN)
-    student = _calibrated(resnet18_cifar(num_classes=10, width=8), SHAPE_BN, seed=2)
+    teacher = calibrated_bn(resnet18_cifar(num_classes=10, width=8), SHAPE_BN)
+    student = calibrated_bn(resnet18_cifar(num_classes=10, width=8), SHAPE_BN, seed=2)
     kw = dict(input_shape=SHAPE_BN, mean=MEAN, std=STD, iterations=1, batch_size=8, lr=1e-6, keep_best=False)
     cpu = DeepInversion(teacher, **kw).synthesize(8, generator=3, progress=False)
     gpu = DeepInversion(teacher.cuda(), **kw).synthesize(8, generator=3, progress=False)
@@ -536,7 +514,7 @@ def test_deepinversion_cifar_and_imagenet_presets(bn_cnn):
 def test_competition_form_reaches_the_adaptive_deepinversion_term(bn_cnn, form):
     from exml_fast.ops import js_divergence
 
-    student = _calibrated(resnet18_cifar(num_classes=10, width=4), SHAPE_BN, seed=9)
+    student = calibrated_bn(resnet18_cifar(num_classes=10, width=4), SHAPE_BN, seed=9)
     synth = DeepInversion(bn_cnn, input_shape=SHAPE_BN, iterations=1, batch_size=6, num_classes=10, jitter=0,
                           flip=False, competitor=student, competition_form=form)
     assert synth.config()["competition_form"] == form
