@@ -67,6 +67,27 @@ def _base_seed(generator, owner: str) -> int:
     return int(torch.randint(0, SEED_MAX, (1,), generator=generator, device=generator.device).item())
 
 
+def check_input_shape(input_shape, owner: str) -> tuple[int, int, int]:
+    """``input_shape`` as a (C, H, W) tuple of ints.
+
+    Raises:
+        TypeError: not a sequence of ints. ValueError: not three positive sizes (both name ``owner``).
+    """
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except TypeError:
+        raise TypeError(f"{owner}: input_shape must be a (C, H, W) sequence of ints; got {input_shape!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"{owner}: input_shape must be (C, H, W) with positive sizes; got {input_shape!r}")
+    return shape
+
+
+def teacher_device(teacher: nn.Module) -> torch.device:
+    """The device of the teacher's first parameter (the CPU for a model without parameters)."""
+    p = next(iter(teacher.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 class Synthesizer:
     """Base class: turns a trained classifier into labelled synthetic inputs.
 
@@ -96,13 +117,8 @@ class Synthesizer:
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"{owner}: teacher must be an nn.Module; got {type(teacher).__name__}")
         self.teacher = teacher
-        try:
-            shape = tuple(int(s) for s in input_shape)
-        except TypeError:
-            raise TypeError(f"{owner}: input_shape must be a (C, H, W) sequence of ints; got {input_shape!r}") from None
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"{owner}: input_shape must be (C, H, W) with positive sizes; got {input_shape!r}")
-        self.input_shape = shape
+        self.input_shape = check_input_shape(input_shape, owner)
+        shape = self.input_shape
         self.mean = per_channel(mean, shape[0], "mean", owner)
         self.std = per_channel(std, shape[0], "std", owner)
         if (self.mean is None) != (self.std is None):
@@ -112,10 +128,7 @@ class Synthesizer:
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f"{owner}: num_classes must be a positive int or None; got {num_classes!r}")
         self._num_classes = num_classes
-        if device is None:
-            p = next(iter(teacher.parameters()), None)
-            device = p.device if p is not None else torch.device("cpu")
-        self.device = torch.device(device)
+        self.device = torch.device(teacher_device(teacher) if device is None else device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.iterations = self._check_iterations(iterations, owner)

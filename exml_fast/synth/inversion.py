@@ -46,8 +46,7 @@ from exml_fast.synth.base import Synthesizer, eval_mode
 from exml_fast.synth.batch import SyntheticBatch
 from exml_fast.synth.input_grad_conv import input_grad_convs
 from exml_fast.synth.matcher import BNStatsMatcher
-from exml_fast.synth.presets import (DEEPINVERSION_PRESETS, PRESET_NAMES, auto_bn_weight, bn_loss_of_noise,
-                                     resolve_deepinversion)
+from exml_fast.synth.presets import DEEPINVERSION_PRESETS, PRESET_NAMES, measured_bn_weight, resolve_deepinversion
 
 __all__ = ["DEEPINVERSION_PRESETS", "DataImpressions", "DeepInversion", "LowAgreementWarning", "ModelInversion"]
 
@@ -746,11 +745,9 @@ class ModelInversion(_Inversion):
         if self.bn_weight_auto:
             if bn_weight != "auto":
                 raise ValueError(f"{type(self).__name__}: bn_weight must be a number >= 0 or 'auto'; got {bn_weight!r}")
-            noise, k = bn_loss_of_noise(teacher, input_shape, form=bn_form,
-                                        first_bn_multiplier=kwargs.get("first_bn_multiplier", 1.0),
-                                        init_std=kwargs.get("init_std", 1.0), device=kwargs.get("device"),
-                                        owner=type(self).__name__)
-            bn_weight = auto_bn_weight(noise, kwargs.get("num_classes") or k)
+            bn_weight, k = measured_bn_weight(teacher, input_shape, kwargs, form=bn_form, owner=type(self).__name__)
+            if kwargs.get("num_classes") is None:
+                kwargs["num_classes"] = k  # the probe's forward found it: the synthesizer need not make another
         super().__init__(teacher, input_shape=input_shape, mean=mean, std=std, temperature=temperature, lr=lr,
                          iterations=iterations, batch_size=batch_size, bn_weight=bn_weight, bn_form=bn_form,
                          blur_weight=blur_weight, l2_sq_weight=l2_sq_weight, flip=flip, schedule=schedule,

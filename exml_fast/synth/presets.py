@@ -20,11 +20,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from exml_fast.reference.bn_stats import BN_LOSS_FORMS
-from exml_fast.synth.base import eval_mode
+from exml_fast.synth.base import check_input_shape, eval_mode, teacher_device
 from exml_fast.synth.matcher import BNStatsMatcher
 
 __all__ = ["AUTO_BN_RATIO", "DEEPINVERSION_PRESETS", "PRESET_ALIASES", "PRESET_NAMES", "auto_bn_weight",
-           "bn_loss_of_noise", "has_batchnorm", "resolve_deepinversion"]
+           "bn_loss_of_noise", "has_batchnorm", "measured_bn_weight", "resolve_deepinversion"]
 
 #: Named settings of :class:`~exml_fast.synth.DeepInversion` (keyword arguments), with their sources.
 #: ``DeepInversion(teacher, preset=name, **overrides)`` (or ``DeepInversion.preset(name, teacher, **overrides)``)
@@ -103,20 +103,15 @@ def bn_loss_of_noise(teacher: nn.Module, input_shape: Sequence[int], *, form: st
 
     Raises:
         ValueError: an unknown ``form`` (named ``bn_form``, the synthesizers' argument), an ``input_shape`` that
-            is no (C, H, W), or a teacher that fails on such an input or does not return (N, K) logits (the
-            message names ``owner``).
+            is no (C, H, W) of positive sizes, or a teacher that fails on such an input or does not return (N, K)
+            logits (the message names ``owner``).
+        TypeError: an ``input_shape`` that is no sequence of ints.
     """
     if form not in BN_LOSS_FORMS:
         raise ValueError(f"{owner}: bn_form must be one of {BN_LOSS_FORMS}; got {form!r}")
-    try:
-        shape = tuple(int(s) for s in input_shape)
-    except TypeError:
-        raise ValueError(f"{owner}: input_shape must be a (C, H, W) sequence of ints; got {input_shape!r}") from None
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"{owner}: input_shape must be (C, H, W) with positive sizes; got {input_shape!r}")
+    shape = check_input_shape(input_shape, owner)
     if device is None:
-        p = next(iter(teacher.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
+        device = teacher_device(teacher)
     g = torch.Generator().manual_seed(_PROBE_SEED)
     x = (torch.randn((_PROBE_BATCH, *shape), generator=g) * init_std).to(device)
     with eval_mode(teacher), torch.no_grad(), contextlib.ExitStack() as stack:
@@ -140,6 +135,21 @@ def auto_bn_weight(bn_noise: float | None, num_classes: int, *, ratio: float = A
     if bn_noise is None or bn_noise <= 0:
         return 0.0
     return ratio * math.log(max(num_classes, 2)) / bn_noise
+
+
+def measured_bn_weight(teacher: nn.Module, input_shape: Sequence[int], settings: Mapping[str, Any], *,
+                       form: str, owner: str) -> tuple[float, int]:
+    """The ``auto`` BN weight of ``teacher`` and its number of classes K.
+
+    Measures :func:`bn_loss_of_noise` with the ``first_bn_multiplier``, ``init_std`` and ``device`` of
+    ``settings`` (a synthesizer's keyword arguments; absent: 1, 1, the teacher's device), and returns
+    (:func:`auto_bn_weight` of it, K): ``settings["num_classes"]`` when given, else the probe's output width.
+    """
+    noise, k = bn_loss_of_noise(teacher, input_shape, form=form,
+                                first_bn_multiplier=settings.get("first_bn_multiplier", 1.0),
+                                init_std=settings.get("init_std", 1.0), device=settings.get("device"), owner=owner)
+    k = settings.get("num_classes") or k
+    return auto_bn_weight(noise, k), k
 
 
 def resolve_deepinversion(preset: str, teacher: nn.Module, *, input_shape: Sequence[int] | None,
@@ -169,9 +179,8 @@ def resolve_deepinversion(preset: str, teacher: nn.Module, *, input_shape: Seque
     settings = {**(_AUTO_LARGE if large else _AUTO_SMALL), "input_shape": input_shape}
     settings.update(overrides)
     if "bn_weight" not in overrides:
-        noise, k = bn_loss_of_noise(
-            teacher, input_shape, form=settings.get("bn_form", "l2"),
-            first_bn_multiplier=settings["first_bn_multiplier"], init_std=settings.get("init_std", 1.0),
-            device=settings.get("device"), owner=owner)
-        settings["bn_weight"] = auto_bn_weight(noise, settings.get("num_classes") or k)
+        settings["bn_weight"], k = measured_bn_weight(teacher, input_shape, settings,
+                                                      form=settings.get("bn_form", "l2"), owner=owner)
+        if settings.get("num_classes") is None:
+            settings["num_classes"] = k  # the probe's forward found it: the synthesizer need not make another
     return name, settings
