@@ -383,9 +383,9 @@ class _Inversion(Synthesizer):
             for j, (size, steps) in enumerate(phases):
                 if tuple(x.shape[2:]) != tuple(size):
                     x = F.interpolate(x, size=size, mode="nearest")
-                x, terms = self._optimise(x, labels, soft, steps, generator, progress,
-                                          final_phase=j == len(phases) - 1)
-                ran += self._last_steps
+                x, terms, done = self._optimise(x, labels, soft, steps, generator, progress,
+                                                final_phase=j == len(phases) - 1)
+                ran += done
         self.steps_run.append(ran)
         names = self.term_names()
         losses = {k: terms[j : j + 1].float().cpu() for j, k in enumerate(names)}
@@ -441,7 +441,7 @@ class _Inversion(Synthesizer):
 
     def _optimise(self, x0, labels, soft, steps, generator, progress, final_phase=True):
         """Runs ``steps`` Adam steps from ``x0`` (fewer when ``stop_when`` stops the final phase);
-        returns (kept x, its loss terms)."""
+        returns (kept x, its loss terms, the steps run)."""
         b, c, h, w = x0.shape
         dev = self.device
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -477,11 +477,11 @@ class _Inversion(Synthesizer):
         table = None
         terms = None
         last_report = 0
-        self._last_steps = steps
+        done = steps
+        per_batch = self.augment_per == "batch"
         for i in range(steps):
             if augments and i % _AUG_CHUNK == 0:
                 k = min(_AUG_CHUNK, steps - i)
-                per_batch = self.augment_per == "batch"
                 table = draw_augment_params(
                     k if per_batch else k * b, max_shift=jitter, flip=self.flip, pad_crop=self.pad_crop,
                     generator=generator,
@@ -498,13 +498,13 @@ class _Inversion(Synthesizer):
                 post = {"loss": vals[0], **post}
                 if stopper is not None and i + 1 < steps and stopper(i + 1, dict(zip(names, vals))):
                     progress(steps - last_report, {**post, "stopped": i + 1})
-                    self._last_steps = i + 1
+                    done = i + 1
                     break
                 progress(i + 1 - last_report, post)
                 last_report = i + 1
         if self.keep_best:
-            return st.best_x.detach(), st.best_terms
-        return st.x.detach(), terms
+            return st.best_x.detach(), st.best_terms, done
+        return st.x.detach(), terms, done
 
     # -- the step ---------------------------------------------------------------------
     def _step_fn(self):

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from exml_fast.ops.bn_stats import bn_stats_loss, frozen_bn_stats
-from exml_fast.reference.bn_stats import BN_LOSS_FORMS, combine_bn_loss, frozen_bn_scale_shift
+from exml_fast.reference.bn_stats import BN_LOSS_FORMS, acc_dtype, combine_bn_loss, frozen_bn_scale_shift
 
 # The BatchNorm classes whose eval-mode forward is exactly ``x * scale + shift`` (subclasses may override it).
 _FUSABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -158,9 +158,9 @@ class BNStatsMatcher:
         key = (rm._version, rv._version, *(p._version for p in params), x.dtype)
         cached = layer.__dict__.get("_exml_scale_shift")
         if cached is None or cached[0] != key:
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
             with torch.no_grad():
-                cached = (key, *frozen_bn_scale_shift(rm, rv, layer.weight, layer.bias, layer.eps, acc))
+                cached = (key, *frozen_bn_scale_shift(rm, rv, layer.weight, layer.bias, layer.eps,
+                                                      acc_dtype(x.dtype)))
             layer.__dict__["_exml_scale_shift"] = cached
         y, mean, var = frozen_bn_stats(x, cached[1], cached[2])
         term = combine_bn_loss(mean, var, rm, rv, form=self.form, eps=layer.eps)
