@@ -224,3 +224,23 @@ def test_no_warning_when_the_teacher_agrees_or_when_disabled(bn_cnn):
 def test_warn_below_is_checked(bn_cnn, bad):
     with pytest.raises(ValueError, match=r"warn_below must be a fraction in \(0, 1\] or None"):
         DeepInversion(bn_cnn, input_shape=SHAPE, num_classes=10, warn_below=bad)
+
+
+def test_warning_threshold_is_exact(bn_cnn):
+    """18 of 20 agreeing meets warn_below=0.9, although the float32 mean the step records is 0.89999998."""
+    from exml_fast.synth import SyntheticBatch
+
+    synth = DeepInversion(bn_cnn, input_shape=SHAPE, num_classes=10, preset="cifar")
+    x, y = torch.zeros(20, *SHAPE), torch.zeros(20, dtype=torch.int64)
+
+    def batch(hits):
+        acc = (torch.arange(20) < hits).float().mean().reshape(1)
+        losses = {"total": torch.ones(1), "main": torch.ones(1), "bn": torch.ones(1), "tv_l2": torch.ones(1),
+                  "teacher_acc": acc}
+        return SyntheticBatch(x, y, None, losses, MEAN, STD)
+
+    assert float(batch(18).losses["teacher_acc"][0]) < 0.9  # the float32 mean
+    with _no_warnings():
+        synth._check_agreement(batch(18))
+    with pytest.warns(LowAgreementWarning, match="labels only 85% of a batch"):
+        synth._check_agreement(batch(17))
