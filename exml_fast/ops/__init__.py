@@ -34,7 +34,8 @@ from exml_fast.ops.dirichlet import dirichlet_targets
 from exml_fast.ops.ed_loss import ed_class_table, ed_loss
 from exml_fast.ops.image_priors import image_priors
 from exml_fast.ops.soft_target_losses import js_divergence, kd_loss, soft_target_cross_entropy
+from exml_fast.ops.window_pool import fast_pooling, window_pool
 
 __all__ = ["augment", "augment_with_params", "bn_stats", "bn_stats_loss", "class_similarity",
            "dirichlet_targets", "draw_augment_params", "ed_class_table", "ed_loss", "frozen_bn_stats", "image_priors",
-           "js_divergence", "kd_loss", "soft_target_cross_entropy"]
+           "fast_pooling", "js_divergence", "kd_loss", "soft_target_cross_entropy", "window_pool"]

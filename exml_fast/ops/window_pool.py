@@ -1,0 +1,172 @@
+"""Max and average pooling over non-overlapping windows: `window_pool`, and `fast_pooling` to use it in a model.
+
+LeNet-class networks pool 2 x 2 windows with stride 2. On the CPU, PyTorch's NCHW pooling kernels are
+slow for them: a 2 x 2 ``max_pool2d`` of a (256, 6, 28, 28) batch took 5.5 ms (about 0.2 G elements/s)
+on a 2-core AVX-512 EPYC, and the max pooling was over a quarter of a LeNet-5-BN DeepInversion step;
+``avg_pool2d`` about a fifth of a LeNet-5 distillation step (benches/results/window_pool_cpu.md). The
+fused kernels read each element once in either direction; the max backward recomputes each window's
+argmax from the input instead of storing an int64 index per output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from exml_fast import _ext
+from exml_fast._utils.checks import refuse_double_backward
+from exml_fast._utils.dtypes import FLOAT_DTYPES
+from exml_fast.reference.window_pool import MODES
+from exml_fast.reference.window_pool import window_pool as _ref_window_pool
+
+__all__ = ["fast_pooling", "window_pool"]
+
+#: Swap eligible pooling layers in :func:`fast_pooling` (tests turn it off to compare).
+FAST_POOLING = True
+
+
+def _pair(kernel_size, owner: str) -> tuple[int, int]:
+    ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) and not isinstance(kernel_size, bool) else \
+        tuple(kernel_size) if isinstance(kernel_size, (tuple, list)) else None
+    if ks is None or len(ks) != 2 or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                                             for k in ks) or ks[0] * ks[1] > 1024:
+        raise ValueError(f"{owner}: kernel_size must be an int >= 1 or a pair (kh, kw) of them with "
+                         f"kh * kw <= 1024; got {kernel_size!r}")
+    return ks  # type: ignore[return-value]
+
+
+def window_pool(x: torch.Tensor, kernel_size: int | tuple[int, int] = 2, *, mode: str = "max") -> torch.Tensor:
+    """Max or mean over the non-overlapping ``kernel_size`` windows of ``x``: ``F.max_pool2d`` /
+    ``F.avg_pool2d`` with stride = kernel, no padding, floor mode.
+
+    Args:
+        x: (N, C, H, W) float32, float64, float16 or bfloat16, NCHW or channels_last (read without a
+            copy; other strides are copied once); H >= kh and W >= kw.
+        kernel_size: kh = kw, or (kh, kw); kh * kw <= 1024.
+        mode: "max" (NaN propagates, ties go to the first element in row-major window order, as in
+            PyTorch) or "avg" (the window's mean, accumulated in float32 for 16-bit dtypes).
+
+    Returns:
+        (N, C, H // kh, W // kw) in x's dtype and memory format. Differentiable w.r.t. x once: the
+        gradient goes to each window's argmax (max) or is spread evenly over the window (avg); rows
+        and columns past the last whole window get 0. Double backward raises: use
+        ``exml_fast.reference.window_pool`` for it.
+    """
+    kh, kw = _pair(kernel_size, "window_pool")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"window_pool: x must be a torch.Tensor; got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"window_pool: x must have shape (N, C, H, W); got {x.dim()} dims with shape "
+                         f"{tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"window_pool: x must be float32, float64, float16 or bfloat16; got {x.dtype}")
+    if x.shape[2] < kh or x.shape[3] < kw:
+        raise ValueError(f"window_pool: x must be at least one window ({kh} x {kw}) high and wide; got shape "
+                         f"{tuple(x.shape)}")
+    if mode not in MODES:
+        raise ValueError(f"window_pool: mode must be one of {MODES}; got {mode!r}")
+    if _ext.use_compiled(x):
+        return torch.ops.exml_fast.window_pool(x, kh, kw, mode == "max")
+    return _ref_window_pool(x, (kh, kw), mode)
+
+
+def _eligible(m: nn.Module) -> str | None:
+    """The mode of a pooling layer window_pool computes exactly, else None."""
+    if type(m) is nn.MaxPool2d:  # subclasses may override forward
+        stride = m.stride if m.stride is not None else m.kernel_size
+        ok = (not m.return_indices and not m.ceil_mode and m.padding in (0, (0, 0))
+              and m.dilation in (1, (1, 1)) and _as_pair(stride) == _as_pair(m.kernel_size))
+        return "max" if ok else None
+    if type(m) is nn.AvgPool2d:
+        stride = m.stride if m.stride is not None else m.kernel_size
+        ok = (not m.ceil_mode and m.padding in (0, (0, 0)) and m.divisor_override is None
+              and _as_pair(stride) == _as_pair(m.kernel_size))
+        return "avg" if ok else None
+    return None
+
+
+def _as_pair(v) -> tuple[int, int] | None:
+    if isinstance(v, int):
+        return (v, v)
+    return tuple(v) if isinstance(v, (tuple, list)) and len(v) == 2 else None
+
+
+def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    kh, kw = _as_pair(self.kernel_size)
+    if (x.dim() == 4 and x.device.type == "cpu" and x.dtype in FLOAT_DTYPES and x.shape[2] >= kh
+            and x.shape[3] >= kw and _ext.has_ops()):
+        return torch.ops.exml_fast.window_pool(x, kh, kw, self.__dict__["_exml_pool_mode"] == "max")
+    return type(self).forward(self, x)
+
+
+@contextlib.contextmanager
+def fast_pooling(*models: nn.Module) -> Iterator[None]:
+    """Within the block, the eligible pooling layers of ``models`` run :func:`window_pool` on the CPU.
+
+    Eligible: ``nn.MaxPool2d`` and ``nn.AvgPool2d`` (exactly those classes) with stride = kernel, no
+    padding, dilation 1, no ``ceil_mode``, no ``return_indices`` and no ``divisor_override``: the layers
+    whose result ``window_pool`` reproduces (values and first derivatives). At call time a 4-D float CPU
+    input takes the fused op; anything else (CUDA, where PyTorch's pooling is not the bottleneck;
+    unbatched input; no compiled library) takes the layer's own forward. Double backward through a
+    swapped layer raises. Restored on exit, also after an exception; a layer already patched (a nested
+    block) is left to its owner.
+    """
+    patched = []
+    if FAST_POOLING:
+        for model in models:
+            if model is None:
+                continue
+            for m in model.modules():
+                mode = _eligible(m)
+                if mode is not None and "forward" not in m.__dict__:
+                    m.__dict__["_exml_pool_mode"] = mode
+                    m.forward = types.MethodType(_forward, m)
+                    patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+            m.__dict__.pop("_exml_pool_mode", None)
+
+
+def _register() -> None:
+    """Fake kernels and autograd for the compiled ops (only when _C loaded)."""
+
+    def _format(x):
+        cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return torch.channels_last if cl else torch.contiguous_format
+
+    @torch.library.register_fake("exml_fast::window_pool")
+    def _window_pool_fake(x, kh, kw, is_max):
+        n, c, h, w = x.shape
+        return torch.empty((n, c, h // kh, w // kw), dtype=x.dtype, device=x.device,
+                           memory_format=_format(x))
+
+    @torch.library.register_fake("exml_fast::_window_pool_backward")
+    def _window_pool_backward_fake(grad, x, kh, kw, is_max):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_format(x))
+
+    def setup_context(ctx, inputs, output):
+        x, kh, kw, is_max = inputs
+        ctx.save_for_backward(x)
+        ctx.args = (kh, kw, is_max)
+
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.ops.exml_fast._window_pool_backward(grad, x, *ctx.args), None, None, None
+
+    torch.library.register_autograd("exml_fast::window_pool", backward, setup_context=setup_context)
+    torch.library.register_autograd(
+        "exml_fast::_window_pool_backward",
+        refuse_double_backward("window_pool", "window_pool"),
+        setup_context=lambda ctx, inputs, output: None,
+    )
+
+
+if _ext.has_ops():
+    _register()
