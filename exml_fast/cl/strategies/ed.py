@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from exml_fast._utils.progress import Progress
+from exml_fast.ops.window_pool import fast_pooling
 from exml_fast.cl.buffer import SyntheticBuffer
 from exml_fast.cl.heads import task_head_mask
 from exml_fast.cl.strategies.base import Strategy, check_float, check_int, derive_seed, expert_name, frozen_copy
@@ -241,36 +242,38 @@ class ExModelDistillation(Strategy):
         running, seen, every = torch.zeros((), device=dev), 0, max(1, min(100, self.iterations // 20))
         last = float("nan")
         self.model.train()
-        try:
-            for step in range(self.iterations):
-                idx = self.buffer.sample(self.batch_size, generator=gen)
-                xb = bx[idx].to(dev, non_blocking=True)
-                yb = by[idx].to(dev, non_blocking=True)
-                if self.augment and (self.pad_crop or self.max_shift or self.flip):
-                    xb = augment_batch(xb, gen, pad_crop=self.pad_crop, max_shift=self.max_shift, flip=self.flip,
-                                       fill=fill)
-                with torch.no_grad():
-                    e_logits = expert_model(xb)
-                    p_logits = prev(xb) if prev is not None else None
-                logits = self.model(xb)
-                loss = ed_loss(logits, yb, expert_logits=e_logits, expert_classes=expert_classes,
-                               prev_logits=p_logits, prev_classes=prev_t, target_mode=self.target_mode,
-                               normalize=self.normalize, lambda_ce=self.lambda_ce,
-                               task_ids=None if task_of is None else task_of[bexp[idx]].to(dev),
-                               task_heads=heads, check_labels=False)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                running += loss.detach()
-                seen += 1
-                if seen == every or step + 1 == self.iterations:
-                    last = float(running) / seen  # one host sync per `every` steps
-                    bar.update(seen, {"loss": last})
-                    running.zero_()
-                    seen = 0
-        finally:
-            bar.close()
-            self.model.eval()
+        # The three models' stride = kernel pooling layers (LeNet's) take exml_fast.ops.window_pool on the CPU.
+        with fast_pooling(self.model, expert_model, prev):
+            try:
+                for step in range(self.iterations):
+                    idx = self.buffer.sample(self.batch_size, generator=gen)
+                    xb = bx[idx].to(dev, non_blocking=True)
+                    yb = by[idx].to(dev, non_blocking=True)
+                    if self.augment and (self.pad_crop or self.max_shift or self.flip):
+                        xb = augment_batch(xb, gen, pad_crop=self.pad_crop, max_shift=self.max_shift, flip=self.flip,
+                                           fill=fill)
+                    with torch.no_grad():
+                        e_logits = expert_model(xb)
+                        p_logits = prev(xb) if prev is not None else None
+                    logits = self.model(xb)
+                    loss = ed_loss(logits, yb, expert_logits=e_logits, expert_classes=expert_classes,
+                                   prev_logits=p_logits, prev_classes=prev_t, target_mode=self.target_mode,
+                                   normalize=self.normalize, lambda_ce=self.lambda_ce,
+                                   task_ids=None if task_of is None else task_of[bexp[idx]].to(dev),
+                                   task_heads=heads, check_labels=False)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    running += loss.detach()
+                    seen += 1
+                    if seen == every or step + 1 == self.iterations:
+                        last = float(running) / seen  # one host sync per `every` steps
+                        bar.update(seen, {"loss": last})
+                        running.zero_()
+                        seen = 0
+            finally:
+                bar.close()
+                self.model.eval()
         return last
 
     @torch.no_grad()
