@@ -65,7 +65,7 @@ def _tol(dtype, mode):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["max", "avg"])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_values_and_gradients_match_pytorch(device, dtype, mode, kernel):
+def test_matches_reference_values_and_gradients(device, dtype, mode, kernel):
     for name, x in inputs(device, dtype):
         if x.shape[2] < kernel[0] or x.shape[3] < kernel[1]:
             continue
