@@ -3,7 +3,8 @@
 LeNet-class networks pool 2 x 2 windows with stride 2. On the CPU, PyTorch's NCHW pooling kernels are
 slow for them: a 2 x 2 ``max_pool2d`` of a (256, 6, 28, 28) batch took 5.5 ms (about 0.2 G elements/s)
 on a 2-core AVX-512 EPYC, and the max pooling was over a quarter of a LeNet-5-BN DeepInversion step;
-``avg_pool2d`` about a fifth of a LeNet-5 distillation step (benches/results/window_pool_cpu.md). The
+``avg_pool2d`` about a fifth of a LeNet-5 distillation step (torch.profiler; benches/bench_window_pool.py
+times the op against them). The
 fused kernels read each element once in either direction; the max backward recomputes each window's
 argmax from the input instead of storing an int64 index per output.
 """
