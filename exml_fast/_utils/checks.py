@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_float", "check_int", "per_channel", "refuse_double_backward"]
+from exml_fast._utils.dtypes import FLOAT_DTYPES
+
+__all__ = ["check_float", "check_image_batch", "check_int", "per_channel", "refuse_double_backward"]
 
 
 def check_int(value: Any, name: str, owner: str, *, low: int | None = None, high: int | None = None) -> int:
@@ -92,3 +94,15 @@ def refuse_double_backward(op: str, reference: str | None = None) -> Callable[..
                            f"(double backward) is not implemented.{hint}")
 
     return backward
+
+
+def check_image_batch(x: Any, owner: str) -> None:
+    """``x`` is an (N, C, H, W) tensor of a float dtype the ops accept: else TypeError (not a tensor, another
+    dtype) or ValueError (other dims), ``"<owner>: x must ...; got ..."``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{owner}: x must be a torch.Tensor; got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{owner}: x must have shape (N, C, H, W); got {x.dim()} dims with shape "
+                         f"{tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{owner}: x must be float32, float64, float16 or bfloat16; got {x.dtype}")

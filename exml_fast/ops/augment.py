@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from exml_fast import _ext
-from exml_fast._utils.dtypes import FLOAT_DTYPES
+from exml_fast._utils.checks import check_image_batch
 
 # Names, not the module: exml_fast.reference re-exports a function `augment`,
 # which shadows the submodule as an attribute of the package.
@@ -25,13 +25,7 @@ _MAX_EXTENT = (2**31 - 1) // 4  # the kernels' limit on pad_crop, H and W
 
 
 def _check_x(x: torch.Tensor, op: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: x must be a torch.Tensor; got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{op}: x must have shape (N, C, H, W); got {x.dim()} dims with shape "
-                         f"{tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: x must be float32, float64, float16 or bfloat16; got {x.dtype}")
+    check_image_batch(x, op)
     if x.shape[2] > _MAX_EXTENT or x.shape[3] > _MAX_EXTENT:
         raise ValueError(f"{op}: x's height and width must be at most {_MAX_EXTENT}; "
                          f"got shape {tuple(x.shape)}")

@@ -7,8 +7,7 @@ import math
 import torch
 
 from exml_fast import _ext
-from exml_fast._utils.checks import refuse_double_backward
-from exml_fast._utils.dtypes import FLOAT_DTYPES
+from exml_fast._utils.checks import check_image_batch, refuse_double_backward
 from exml_fast.reference.image_priors import BLUR_KERNEL_SIZES, acc_dtype, default_blur_sigma
 from exml_fast.reference.image_priors import image_priors as _ref_image_priors
 
@@ -16,15 +15,7 @@ _N_SUMS = 10
 
 
 def _check_args(x, blur_kernel_size, blur_sigma) -> float:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"image_priors: x must be a torch.Tensor; got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(
-            f"image_priors: x must have shape (N, C, H, W); got {x.dim()} dims with shape "
-            f"{tuple(x.shape)}"
-        )
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"image_priors: x must be float32, float64, float16 or bfloat16; got {x.dtype}")
+    check_image_batch(x, "image_priors")
     if x.numel() == 0:
         raise ValueError(
             f"image_priors: x must not be empty (N, C, H and W >= 1); got shape {tuple(x.shape)}"

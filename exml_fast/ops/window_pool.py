@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from exml_fast import _ext
-from exml_fast._utils.checks import refuse_double_backward
+from exml_fast._utils.checks import check_image_batch, refuse_double_backward
 from exml_fast._utils.dtypes import FLOAT_DTYPES
 from exml_fast.reference.window_pool import MODES
 from exml_fast.reference.window_pool import window_pool as _ref_window_pool
@@ -58,13 +58,7 @@ def window_pool(x: torch.Tensor, kernel_size: int | tuple[int, int] = 2, *, mode
         ``exml_fast.reference.window_pool`` for it.
     """
     kh, kw = _pair(kernel_size, "window_pool")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"window_pool: x must be a torch.Tensor; got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"window_pool: x must have shape (N, C, H, W); got {x.dim()} dims with shape "
-                         f"{tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"window_pool: x must be float32, float64, float16 or bfloat16; got {x.dtype}")
+    check_image_batch(x, "window_pool")
     if x.shape[2] < kh or x.shape[3] < kw:
         raise ValueError(f"window_pool: x must be at least one window ({kh} x {kw}) high and wide; got shape "
                          f"{tuple(x.shape)}")
