@@ -3,6 +3,9 @@ tolerances relative to PyTorch's own error in a dtype."""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 
@@ -54,3 +57,11 @@ def band_images(classes, n_per_class: int, seed: int) -> tuple[torch.Tensor, tor
     for r, c in enumerate(y.tolist()):
         x[r, 0, 4 * c + 2 : 4 * c + 6, 4:28] += 2.5
     return x, y
+
+
+@contextlib.contextmanager
+def no_warnings():
+    """Every warning is an error inside the block (``warnings.catch_warnings(action="error")`` before 3.11)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from _util import no_warnings
 from torch import nn
 
 from exml_fast.models import LeNet5BN, resnet18_cifar_slim
@@ -20,17 +21,6 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 OLD_DEFAULTS = {"lr": 0.05, "betas": [0.9, 0.999], "schedule": "constant", "warmup": 0.0, "bn_weight": 10.0,
                 "first_bn_multiplier": 1.0, "flip": True}
 
-
-class _no_warnings:
-    """Every warning is an error inside the block."""
-
-    def __enter__(self):
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("error")
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
 
 
 # -- preset resolution ------------------------------------------------------------------------------------------
@@ -64,7 +54,7 @@ def test_auto_weights_the_bn_term_by_its_size_on_the_teacher():
 
 
 def test_auto_without_batchnorm_matches_nothing_and_says_nothing(lenet):
-    with _no_warnings():
+    with no_warnings():
         synth = DeepInversion(lenet, input_shape=(1, 32, 32), mean=0.5, std=0.25)
         mi = ModelInversion(lenet, input_shape=(1, 32, 32), mean=0.5, std=0.25)
     assert synth.bn_weight == 0.0 and mi.bn_weight == 0.0 and "bn" not in synth.term_names()
@@ -212,7 +202,7 @@ def test_no_warning_when_the_teacher_agrees_or_when_disabled(bn_cnn):
     torch.manual_seed(3)
     linear = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()  # any target is easy to reach
     synth = DeepInversion(linear, input_shape=(1, 8, 8), lr=0.1, jitter=0, iterations=50, batch_size=10)
-    with _no_warnings():
+    with no_warnings():
         batch = synth.synthesize(10, generator=0, progress=False)
     assert float(batch.losses["teacher_acc"][0]) >= 0.9
     quiet = _low(DeepInversion, bn_cnn, preset="cifar", bn_weight=1000.0, warn_below=None)
@@ -240,7 +230,7 @@ def test_warning_threshold_is_exact(bn_cnn):
         return SyntheticBatch(x, y, None, losses, MEAN, STD)
 
     assert float(batch(18).losses["teacher_acc"][0]) < 0.9  # the float32 mean
-    with _no_warnings():
+    with no_warnings():
         synth._check_agreement(batch(18))
     with pytest.warns(LowAgreementWarning, match="labels only 85% of a batch"):
         synth._check_agreement(batch(17))

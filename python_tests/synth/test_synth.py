@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import calibrated_bn, requires_ops
+from _util import calibrated_bn, no_warnings, requires_ops
 from torch import nn
 
 from exml_fast.models import resnet18_cifar
@@ -49,7 +49,7 @@ def test_each_synthesizer_on_bn_and_bn_free_teachers(cls, model, request):
     teacher = request.getfixturevalue(model)
     shape = SHAPE_BN if model == "bn_cnn" else SHAPE_LENET
     # The defaults pick the BN weight from the teacher: 0, and no warning, without BatchNorm.
-    with _no_warning():
+    with no_warnings():
         synth = _make(cls, teacher, shape)
     batch = synth.synthesize(11, generator=0, progress=False)
     assert isinstance(batch, SyntheticBatch)
@@ -80,16 +80,6 @@ def test_each_synthesizer_on_bn_and_bn_free_teachers(cls, model, request):
     assert _hook_count(teacher) == 0
     assert all(p.requires_grad for p in teacher.parameters()) and not teacher.training
 
-
-class _no_warning:
-    def __enter__(self):
-        import warnings
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("error")
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
 
 
 @pytest.mark.parametrize("cls", METHODS, ids=lambda c: c.__name__)
