@@ -151,17 +151,11 @@ at::Tensor window_pool_backward_cuda(const at::Tensor& grad_in, const at::Tensor
   const char* op = "exml_fast::_window_pool_backward";
   check_window_pool_args(x_in, kh, kw, op, "x");
   check_kernel_device(x_in, c10::DeviceType::CUDA, op, "x");
-  check_same_device(grad_in, x_in, op, "grad", "x");
-  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), op, ": grad must have x's dtype (",
-              x_in.scalar_type(), "); got ", grad_in.scalar_type());
+  check_window_pool_grad(grad_in, x_in, kh, kw, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor x;
   const bool cl = window_pool_layout(x_in, x);
   const Geom g = geom_of(x, kh, kw, cl);
-  TORCH_CHECK(grad_in.dim() == 4 && grad_in.size(0) == g.n && grad_in.size(1) == g.c &&
-                  grad_in.size(2) == g.oh && grad_in.size(3) == g.ow,
-              op, ": grad must have shape (", g.n, ", ", g.c, ", ", g.oh, ", ", g.ow, "); got ",
-              grad_in.sizes());
   const at::Tensor grad = grad_in.contiguous(format_of(cl));
   const bool tail = g.oh * kh < g.h || g.ow * kw < g.w;
   at::Tensor dx = tail ? at::zeros(x.sizes(), x.options().memory_format(format_of(cl)))

@@ -29,6 +29,18 @@ inline void check_window_pool_args(const at::Tensor& x, int64_t kh, int64_t kw, 
               " must be at least one window (", kh, " x ", kw, ") high and wide; got sizes ", x.sizes());
 }
 
+// The backward's grad: x's device and dtype, and window_pool(x)'s shape.
+inline void check_window_pool_grad(const at::Tensor& grad, const at::Tensor& x, int64_t kh, int64_t kw,
+                                   const char* op) {
+  check_same_device(grad, x, op, "grad", "x");
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), op, ": grad must have x's dtype (", x.scalar_type(),
+              "); got ", grad.scalar_type());
+  const int64_t n = x.size(0), c = x.size(1), oh = x.size(2) / kh, ow = x.size(3) / kw;
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == n && grad.size(1) == c && grad.size(2) == oh &&
+                  grad.size(3) == ow,
+              op, ": grad must have shape (", n, ", ", c, ", ", oh, ", ", ow, "); got ", grad.sizes());
+}
+
 // x in one of the two layouts the kernels read: NCHW contiguous or
 // channels_last contiguous (the latter is returned as is; anything else is
 // copied to NCHW). True for channels_last.
