@@ -69,19 +69,16 @@ def window_pool(x: torch.Tensor, kernel_size: int | tuple[int, int] = 2, *, mode
     return _ref_window_pool(x, (kh, kw), mode)
 
 
-def _eligible(m: nn.Module) -> str | None:
-    """The mode of a pooling layer window_pool computes exactly, else None."""
-    if type(m) is nn.MaxPool2d:  # subclasses may override forward
-        stride = m.stride if m.stride is not None else m.kernel_size
-        ok = (not m.return_indices and not m.ceil_mode and m.padding in (0, (0, 0))
-              and m.dilation in (1, (1, 1)) and _as_pair(stride) == _as_pair(m.kernel_size))
-        return "max" if ok else None
-    if type(m) is nn.AvgPool2d:
-        stride = m.stride if m.stride is not None else m.kernel_size
-        ok = (not m.ceil_mode and m.padding in (0, (0, 0)) and m.divisor_override is None
-              and _as_pair(stride) == _as_pair(m.kernel_size))
-        return "avg" if ok else None
-    return None
+def _window_of(m: nn.Module) -> tuple[int, int, bool] | None:
+    """(kh, kw, is_max): the window_pool call that reproduces pooling layer ``m``, else None."""
+    if type(m) not in (nn.MaxPool2d, nn.AvgPool2d):  # exactly these: subclasses may override forward
+        return None
+    is_max = type(m) is nn.MaxPool2d
+    kernel = _as_pair(m.kernel_size)
+    stride = kernel if m.stride is None else _as_pair(m.stride)
+    ok = (stride == kernel and not m.ceil_mode and m.padding in (0, (0, 0))
+          and (not m.return_indices and m.dilation in (1, (1, 1)) if is_max else m.divisor_override is None))
+    return (*kernel, is_max) if ok else None
 
 
 def _as_pair(v) -> tuple[int, int] | None:
@@ -91,10 +88,10 @@ def _as_pair(v) -> tuple[int, int] | None:
 
 
 def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    kh, kw = _as_pair(self.kernel_size)
+    kh, kw, is_max = self.__dict__["_exml_window"]
     if (x.dim() == 4 and x.device.type == "cpu" and x.dtype in FLOAT_DTYPES and x.shape[2] >= kh
             and x.shape[3] >= kw and _ext.has_ops()):
-        return torch.ops.exml_fast.window_pool(x, kh, kw, self.__dict__["_exml_pool_mode"] == "max")
+        return torch.ops.exml_fast.window_pool(x, kh, kw, is_max)
     return type(self).forward(self, x)
 
 
@@ -105,7 +102,7 @@ def fast_pooling(*models: nn.Module) -> Iterator[None]:
     Eligible: ``nn.MaxPool2d`` and ``nn.AvgPool2d`` (exactly those classes) with stride = kernel, no
     padding, dilation 1, no ``ceil_mode``, no ``return_indices`` and no ``divisor_override``: the layers
     whose result ``window_pool`` reproduces (values and first derivatives). At call time a 4-D float CPU
-    input takes the fused op; anything else (CUDA, where PyTorch's pooling is not the bottleneck;
+    input takes the fused op; anything else (CUDA, where the op's kernel has not run on a GPU yet;
     unbatched input; no compiled library) takes the layer's own forward. Double backward through a
     swapped layer raises. Restored on exit, also after an exception; a layer already patched (a nested
     block) is left to its owner.
@@ -116,9 +113,9 @@ def fast_pooling(*models: nn.Module) -> Iterator[None]:
             if model is None:
                 continue
             for m in model.modules():
-                mode = _eligible(m)
-                if mode is not None and "forward" not in m.__dict__:
-                    m.__dict__["_exml_pool_mode"] = mode
+                window = _window_of(m)
+                if window is not None and "forward" not in m.__dict__:
+                    m.__dict__["_exml_window"] = window
                     m.forward = types.MethodType(_forward, m)
                     patched.append(m)
     try:
@@ -126,7 +123,7 @@ def fast_pooling(*models: nn.Module) -> Iterator[None]:
     finally:
         for m in patched:
             del m.forward
-            m.__dict__.pop("_exml_pool_mode", None)
+            m.__dict__.pop("_exml_window", None)
 
 
 def _register() -> None:
