@@ -1,4 +1,5 @@
-"""Results of an Ex-Model CL run: the accuracy matrix, stream accuracy, forgetting, tables and plots.
+"""Results of a continual-learning run (ExML or class-incremental): the accuracy matrix, stream accuracy,
+forgetting, tables and plots.
 
 A run over a stream of ``n`` experts gives the accuracy matrix ``R`` (n x n):
 ``R[i][j]`` is the accuracy of the learner after expert ``i`` (0-based) on
@@ -8,7 +9,9 @@ the test set of experience ``j`` — every ``j``, future ones too. From it
 - stream accuracy (Eq. 2 of the ExML paper) after expert ``i``: the accuracy
   over the union of the test sets seen so far,
   ``sum_{j<=i} R[i][j] n_j / sum_{j<=i} n_j``; the headline number is its last
-  value (all test sets);
+  value (all test sets; class-incremental papers call it the last accuracy);
+- average incremental accuracy (Rebuffi et al.): the mean of the stream
+  accuracies after each experience;
 - average forgetting, max over history (Chaudhry et al.):
   ``mean_{j<n-1} max_{j<=i<=n-2} R[i][j] - R[n-1][j]``;
 - Avalanche's forgetting (what the ExML paper's experiments report):
@@ -179,6 +182,13 @@ class StreamResult:
         """Accuracy of the final learner over the union of all test sets."""
         return self.stream_accuracy[-1]
 
+    @property
+    def average_incremental_accuracy(self) -> float:
+        """The mean of :attr:`stream_accuracy` over the experiences (iCaRL's average incremental accuracy;
+        nan entries — all test sets so far empty — left out)."""
+        vals = [v for v in self.stream_accuracy if not math.isnan(v)]
+        return sum(vals) / len(vals) if vals else math.nan
+
     def _past(self) -> list[int]:
         return [j for j in range(self.num_experiences - 1) if self.test_sizes[j]]
 
@@ -235,6 +245,7 @@ class StreamResult:
             "summary": {
                 "stream_accuracy": [nn(v) for v in self.stream_accuracy],
                 "final_stream_accuracy": nn(self.final_stream_accuracy),
+                "average_incremental_accuracy": nn(self.average_incremental_accuracy),
                 "average_forgetting": nn(self.average_forgetting),
                 "avalanche_forgetting": nn(self.avalanche_forgetting),
                 "bwt": nn(self.bwt),
@@ -308,6 +319,7 @@ class StreamResult:
             "",
             f"- stream accuracy: {_pct(self.final_stream_accuracy)} %",
             f"- stream accuracy after each expert: {', '.join(_pct(v) for v in self.stream_accuracy)} %",
+            f"- average incremental accuracy: {_pct(self.average_incremental_accuracy)} %",
             f"- average forgetting (max over history): {_pct(self.average_forgetting)} %",
             f"- forgetting, Avalanche's (R[j][j] − R[T][j]): {_pct(self.avalanche_forgetting)} %",
             f"- BWT: {_pct(self.bwt)} %",
@@ -316,6 +328,8 @@ class StreamResult:
         if "ex_model" in self.meta:
             lines.append("- ex-model (no data of the experiences, no past expert kept): "
                          + ("yes" if self.meta["ex_model"] else "no"))
+        if "keeps_data" in self.meta:
+            lines.append("- keeps real data of past experiences: " + ("yes" if self.meta["keeps_data"] else "no"))
         if self.per_class_accuracy:
             pcs = ", ".join(f"{c}: {_pct(v, 1)}" for c, v in enumerate(self.per_class_accuracy))
             lines.append(f"- per-class accuracy after the last expert (%): {pcs}")
@@ -344,8 +358,10 @@ def mean_std(values: list[float], ddof: int) -> tuple[float, float]:
 def summary_table(results: Sequence[StreamResult], *, ddof: int = 1) -> str:
     """A Markdown table, one row per (strategy, scenario) in order of first appearance.
 
-    Each row gives the number of runs (e.g. seeds) and, over them, mean ± std
-    of the final stream accuracy, the average forgetting (max over history),
+    Each row gives whether the strategy keeps real data of past experiences
+    (``meta["keeps_data"]``; "?" where the results do not say), the number of
+    runs (e.g. seeds) and, over them, mean ± std of the final stream accuracy,
+    the average incremental accuracy, the average forgetting (max over history),
     Avalanche's forgetting (``R[j][j] − R[T][j]``) and the BWT, in %.
     ``ddof`` is the std's delta degrees of freedom: 1 (default) is the sample
     std over runs, 0 the population std (``numpy.std``'s default). With too
@@ -359,11 +375,15 @@ def summary_table(results: Sequence[StreamResult], *, ddof: int = 1) -> str:
         m, s = mean_std(values, ddof)
         return _pct(m) if math.isnan(s) else f"{_pct(m)} ± {_pct(s)}"
 
-    lines = ["| strategy | scenario | runs | stream accuracy (%) | forgetting, max (%) | forgetting, Avalanche (%) "
-             "| BWT (%) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| strategy | keeps data | scenario | runs | stream accuracy (%) | average incremental (%) "
+             "| forgetting, max (%) | forgetting, Avalanche (%) | BWT (%) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for (strategy, scenario), rs in groups.items():
-        lines.append(f"| {strategy} | {scenario} | {len(rs)} | {cell([r.final_stream_accuracy for r in rs])} | "
+        keeps = {r.meta.get("keeps_data") for r in rs}
+        keeps_cell = "yes" if keeps == {True} else "no" if keeps == {False} else "?"
+        lines.append(f"| {strategy} | {keeps_cell} | {scenario} | {len(rs)} | "
+                     f"{cell([r.final_stream_accuracy for r in rs])} | "
+                     f"{cell([r.average_incremental_accuracy for r in rs])} | "
                      f"{cell([r.average_forgetting for r in rs])} | {cell([r.avalanche_forgetting for r in rs])} | "
                      f"{cell([r.bwt for r in rs])} |")
     return "\n".join(lines) + "\n"

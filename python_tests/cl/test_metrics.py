@@ -50,6 +50,7 @@ def test_metrics_on_a_hand_computed_matrix():
     assert r.bwt == pytest.approx((-0.40 - 0.10) / 2)
     # Avalanche's forgetting: j=0: R[0][0] - R[2][0] = 0.90 - 0.50; j=1: 0.80 - 0.70.
     assert r.avalanche_forgetting == pytest.approx((0.40 + 0.10) / 2)
+    assert r.average_incremental_accuracy == pytest.approx(sum(expected) / 3)
     assert r.num_experiences == 3
 
 
@@ -129,6 +130,7 @@ def test_json_round_trip_strict_json(tmp_path):
     assert StreamResult.from_dict(r.to_dict()).bwt == pytest.approx(r.bwt)
     assert d["summary"]["avalanche_forgetting"] == pytest.approx(0.25)
     assert d["summary"]["average_forgetting"] == pytest.approx(0.275)
+    assert d["summary"]["average_incremental_accuracy"] == pytest.approx(r.average_incremental_accuracy)
 
 
 def test_json_written_before_avalanche_forgetting_loads(tmp_path):
@@ -185,11 +187,16 @@ def test_summary_table_mean_std_over_runs():
     b = _result(strategy="oracle")
     table = summary_table([a[0], b, a[1], a[2]])
     lines = table.strip().splitlines()
-    assert lines[0].startswith("| strategy | scenario | runs |")
+    assert lines[0].startswith("| strategy | keeps data | scenario | runs |")
     # First-appearance order; sample std of 50/70/90 is 20.
-    assert "| forgetting, max (%) | forgetting, Avalanche (%) | BWT (%) |" in lines[0]
-    assert lines[2] == "| ed-mi | split_mnist | 3 | 70.00 ± 20.00 | 0.00 ± 0.00 | 0.00 ± 0.00 | 0.00 ± 0.00 |"
-    assert lines[3] == "| oracle | split_mnist | 1 | 73.33 | 27.50 | 25.00 | -25.00 |"
+    assert ("| stream accuracy (%) | average incremental (%) | forgetting, max (%) | forgetting, Avalanche (%) "
+            "| BWT (%) |") in lines[0]
+    assert lines[2] == ("| ed-mi | ? | split_mnist | 3 | 70.00 ± 20.00 | 70.00 ± 20.00 | 0.00 ± 0.00 | 0.00 ± 0.00 "
+                        "| 0.00 ± 0.00 |")
+    assert lines[3] == "| oracle | ? | split_mnist | 1 | 73.33 | 82.36 | 27.50 | 25.00 | -25.00 |"
+    kept = summary_table([_result(strategy="joint", meta={"keeps_data": True}),
+                          _result(strategy="lwf", meta={"keeps_data": False})]).strip().splitlines()
+    assert kept[2].startswith("| joint | yes |") and kept[3].startswith("| lwf | no |")
     pop = summary_table(a, ddof=0).strip().splitlines()[2]
     assert f"70.00 ± {100 * math.sqrt(0.08 / 3):.2f}" in pop
     other = summary_table([a[0], _result(scenario="split_cifar10", acc_matrix=[[0.1]], test_sizes=[5],
