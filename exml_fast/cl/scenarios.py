@@ -6,7 +6,10 @@ seeded permutation: ``torch.randperm(num_classes, generator=Generator().manual_s
 experience i gets the next consecutive block of that order. When ``n_experiences``
 does not divide the number of classes the remainder is distributed: the first
 ``num_classes % n_experiences`` experiences get one class more (10 classes in 3
-experiences: 4, 3, 3). Within an experience the classes are stored sorted.
+experiences: 4, 3, 3). With ``base_classes=B`` (the SKD and PyCIL protocols, e.g.
+"B50 Inc10" on CIFAR-100) the first experience takes the first B classes of the order
+and the other ``n_experiences - 1`` share the rest as above. Within an experience the
+classes are stored sorted.
 
 - class-incremental (NC) scenarios: no task labels (``task_id`` None); an expert
   is trained with cross-entropy over all ``num_classes`` outputs.
@@ -15,8 +18,8 @@ experiences: 4, 3, 3). Within an experience the classes are stored sorted.
   over its head only (:meth:`Scenario.task_heads`).
 
 Images: MNIST / Fashion-MNIST zero-padded to 32x32 and normalised with the
-dataset's mean and std (:func:`exml_fast.data.mnist_tensors`); CIFAR-10 from the
-python pickles, normalised per channel. Joint MNIST is one experience holding all
+dataset's mean and std (:func:`exml_fast.data.mnist_tensors`); CIFAR-10 and
+CIFAR-100 (its 100 fine labels) from the python pickles, normalised per channel. Joint MNIST is one experience holding all
 ten classes and the full 60000-image training set (the paper reports 50000
 training samples, i.e. it held out a validation split; pass
 ``max_train_per_experience=50000`` for that size).
@@ -45,17 +48,21 @@ from exml_fast._utils.checks import check_int
 from exml_fast.cl.experts import Expert, ExpertStream
 from exml_fast.cl.heads import task_head_mask
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "EVAL_SPLITS", "Experience", "SCENARIOS", "Scenario", "class_order",
-           "default_expert_epochs", "joint_mnist", "make_scenario", "scenario_of", "split_cifar10",
+__all__ = ["CIFAR100_MEAN", "CIFAR100_STD", "CIFAR10_MEAN", "CIFAR10_STD", "EVAL_SPLITS", "Experience", "SCENARIOS", "Scenario", "class_order",
+           "default_expert_epochs", "joint_mnist", "make_scenario", "scenario_of", "split_cifar10", "split_cifar100",
            "split_fashion_mnist", "split_mnist", "train_experts", "validation_indices"]
 
 #: Per-channel mean and std of the CIFAR-10 training pixels scaled to [0, 1].
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+#: Per-channel mean and std of the CIFAR-100 training pixels scaled to [0, 1].
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 _CIFAR_FOLDER = "cifar-10-batches-py"
 _CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR_TEST = "test_batch"
+_CIFAR100_FOLDER = "cifar-100-python"
 
 
 # ------------------------------------------------------------------------------------------- the containers
@@ -103,7 +110,7 @@ class Scenario:
 
     Attributes:
         name: a key of :data:`SCENARIOS` ("split_mnist", "split_mnist_mt", "joint_mnist", ...).
-        dataset: "mnist" | "fashion-mnist" | "cifar10".
+        dataset: "mnist" | "fashion-mnist" | "cifar10" | "cifar100".
         num_classes: outputs of every expert (all of the dataset's classes).
         input_shape: (C, H, W) of one image.
         mean, std: per-channel normalisation of pixels in [0, 1].
@@ -185,8 +192,12 @@ def class_order(num_classes: int, seed: int) -> tuple[int, ...]:
     return tuple(torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed)).tolist())
 
 
-def _partition(order: tuple[int, ...], n_experiences: int) -> list[tuple[int, ...]]:
-    """Consecutive blocks of ``order``; the first ``len(order) % n`` blocks get one class more."""
+def _partition(order: tuple[int, ...], n_experiences: int, base_classes: int | None = None) -> list[tuple[int, ...]]:
+    """Consecutive blocks of ``order``; the first ``len(order) % n`` blocks get one class more. With
+    ``base_classes`` the first block is the first ``base_classes`` classes and the rest is split so over
+    ``n_experiences - 1`` blocks."""
+    if base_classes is not None:
+        return [tuple(sorted(order[:base_classes])), *_partition(order[base_classes:], n_experiences - 1)]
     base, extra = divmod(len(order), n_experiences)
     blocks, start = [], 0
     for i in range(n_experiences):
@@ -206,9 +217,15 @@ def _select(x: torch.Tensor, y: torch.Tensor, classes: tuple[int, ...], cap: int
 
 def _build(name: str, dataset: str, *, train, test, num_classes: int, mean, std, n_experiences: int, seed: int,
            multi_task: bool, max_train_per_experience: int | None, max_test_per_experience: int | None,
-           validation_size: int | None = None, eval_split: str = "test", owner: str) -> Scenario:
+           validation_size: int | None = None, eval_split: str = "test", base_classes: int | None = None,
+           owner: str) -> Scenario:
     check_int(n_experiences, "n_experiences", owner, low=1, high=num_classes)
     check_int(seed, "seed", owner, low=0)
+    if base_classes is not None:
+        if n_experiences < 2:
+            raise ValueError(f"{owner}: base_classes needs n_experiences >= 2 (a base task, then the others); "
+                             f"got n_experiences={n_experiences}")
+        check_int(base_classes, "base_classes", owner, low=1, high=num_classes - (n_experiences - 1))
     for cap_name, cap in (("max_train_per_experience", max_train_per_experience),
                           ("max_test_per_experience", max_test_per_experience)):
         if cap is not None:
@@ -216,14 +233,15 @@ def _build(name: str, dataset: str, *, train, test, num_classes: int, mean, std,
     train, test = _split_validation(train, test, validation_size, eval_split, owner)
     order = class_order(num_classes, seed)
     experiences = []
-    for i, classes in enumerate(_partition(order, n_experiences)):
+    for i, classes in enumerate(_partition(order, n_experiences, base_classes)):
         tx, ty = _select(*train, classes, max_train_per_experience)
         vx, vy = _select(*test, classes, max_test_per_experience)
         experiences.append(Experience(index=i, classes=classes, task_id=i if multi_task else None,
                                       train_x=tx, train_y=ty, test_x=vx, test_y=vy))
     options = {k: v for k, v in (("max_train_per_experience", max_train_per_experience),
                                  ("max_test_per_experience", max_test_per_experience),
-                                 ("validation_size", validation_size)) if v is not None}
+                                 ("validation_size", validation_size), ("base_classes", base_classes))
+               if v is not None}
     if eval_split != "test":
         options["eval_split"] = eval_split
     return Scenario(name=name, dataset=dataset, num_classes=num_classes, input_shape=tuple(train[0].shape[1:]),
@@ -264,7 +282,7 @@ def _split_validation(train, test, validation_size: int | None, eval_split: str,
 
 def _mnist_like(dataset: str, name: str, *, n_experiences: int, seed: int, root, multi_task: bool,
                 max_train_per_experience: int | None, max_test_per_experience: int | None,
-                validation_size: int | None, eval_split: str) -> Scenario:
+                validation_size: int | None, eval_split: str, base_classes: int | None = None) -> Scenario:
     from exml_fast.data import DATASET_STATS, mnist_tensors
 
     owner = name
@@ -276,13 +294,13 @@ def _mnist_like(dataset: str, name: str, *, n_experiences: int, seed: int, root,
                   n_experiences=n_experiences, seed=seed, multi_task=multi_task,
                   max_train_per_experience=max_train_per_experience,
                   max_test_per_experience=max_test_per_experience, validation_size=validation_size,
-                  eval_split=eval_split, owner=owner)
+                  eval_split=eval_split, base_classes=base_classes, owner=owner)
 
 
 def split_mnist(n_experiences: int = 5, *, seed: int = 0, root: str | os.PathLike | None = None,
                 multi_task: bool = False, max_train_per_experience: int | None = None,
                 max_test_per_experience: int | None = None, validation_size: int | None = None,
-                eval_split: str = "test") -> Scenario:
+                eval_split: str = "test", base_classes: int | None = None) -> Scenario:
     """Split MNIST: the 10 digits in ``n_experiences`` experiences (5: two classes each), 32x32 images.
 
     Args:
@@ -298,24 +316,26 @@ def split_mnist(n_experiences: int = 5, *, seed: int = 0, root: str | os.PathLik
             ``validation_size``) becomes each experience's ``test_x`` / ``test_y``, so that everything
             evaluated on a scenario — the run loop, the metrics — can select hyperparameters on
             validation data without touching the test set.
+        base_classes: the first experience takes this many classes of the order, the others share the
+            rest (needs ``n_experiences >= 2``); None splits all classes evenly.
     """
     return _mnist_like("mnist", "split_mnist_mt" if multi_task else "split_mnist", n_experiences=n_experiences,
                        seed=seed, root=root, multi_task=multi_task,
                        max_train_per_experience=max_train_per_experience,
                        max_test_per_experience=max_test_per_experience, validation_size=validation_size,
-                       eval_split=eval_split)
+                       eval_split=eval_split, base_classes=base_classes)
 
 
 def split_fashion_mnist(n_experiences: int = 5, *, seed: int = 0, root: str | os.PathLike | None = None,
                         multi_task: bool = False, max_train_per_experience: int | None = None,
                         max_test_per_experience: int | None = None, validation_size: int | None = None,
-                        eval_split: str = "test") -> Scenario:
+                        eval_split: str = "test", base_classes: int | None = None) -> Scenario:
     """Split Fashion-MNIST, as :func:`split_mnist`."""
     return _mnist_like("fashion-mnist", "split_fashion_mnist_mt" if multi_task else "split_fashion_mnist",
                        n_experiences=n_experiences, seed=seed, root=root, multi_task=multi_task,
                        max_train_per_experience=max_train_per_experience,
                        max_test_per_experience=max_test_per_experience, validation_size=validation_size,
-                       eval_split=eval_split)
+                       eval_split=eval_split, base_classes=base_classes)
 
 
 def joint_mnist(*, seed: int = 0, root: str | os.PathLike | None = None,
@@ -330,11 +350,11 @@ def joint_mnist(*, seed: int = 0, root: str | os.PathLike | None = None,
                        eval_split=eval_split)
 
 
-# ------------------------------------------------------------------------------------------------ CIFAR-10
+# ------------------------------------------------------------------------------------------ CIFAR-10 / -100
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles the CIFAR-10 batches: plain containers and numpy arrays, nothing else (no code)."""
+    """Unpickles the CIFAR batches: plain containers and numpy arrays, nothing else (no code)."""
 
     # _codecs.encode: how protocol-2 pickles written by Python 3 store bytes (a str -> bytes conversion).
     _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -343,68 +363,106 @@ class _ArrayUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch file")
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch file")
 
 
-def _cifar_candidates(root) -> list[pathlib.Path]:
+@dataclass(frozen=True)
+class _CifarLayout:
+    """Where a CIFAR version's python pickles live and what they hold."""
+
+    dataset: str  # "cifar10" | "cifar100": the folder under a data root
+    folder: str  # the folder the archive extracts to
+    train: tuple[str, ...]
+    test: str
+    label_key: str
+    num_classes: int
+    archive: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+_CIFAR10 = _CifarLayout("cifar10", _CIFAR_FOLDER, _CIFAR_TRAIN, _CIFAR_TEST, "labels", 10, "cifar-10-python.tar.gz",
+                        CIFAR10_MEAN, CIFAR10_STD)
+_CIFAR100 = _CifarLayout("cifar100", _CIFAR100_FOLDER, ("train",), "test", "fine_labels", 100,
+                         "cifar-100-python.tar.gz", CIFAR100_MEAN, CIFAR100_STD)
+
+
+def _cifar_candidates(root, layout: _CifarLayout) -> list[pathlib.Path]:
     from exml_fast.data.datasets import search_roots
 
     if root is not None:
         r = pathlib.Path(root).expanduser()
-        return [r, r / _CIFAR_FOLDER, r / "cifar10", r / "cifar10" / _CIFAR_FOLDER]
-    return [d for r in search_roots() for d in (r / "cifar10", r / "cifar10" / _CIFAR_FOLDER)]
+        return [r, r / layout.folder, r / layout.dataset, r / layout.dataset / layout.folder]
+    return [d for r in search_roots() for d in (r / layout.dataset, r / layout.dataset / layout.folder)]
 
 
-def _find_cifar10(root) -> pathlib.Path:
-    looked = _cifar_candidates(root)
-    names = (*_CIFAR_TRAIN, _CIFAR_TEST)
+def _find_cifar(root, layout: _CifarLayout) -> pathlib.Path:
+    looked = _cifar_candidates(root, layout)
+    names = (*layout.train, layout.test)
     for folder in looked:
         if all((folder / n).is_file() for n in names):
             return folder
     where = "\n".join(f"  {p}" for p in looked)
+    name = "CIFAR-10" if layout.num_classes == 10 else "CIFAR-100"
     raise FileNotFoundError(
-        f"cifar10: no folder holding {', '.join(names)} (the CIFAR-10 python version: cifar-10-python.tar.gz "
+        f"{layout.dataset}: no folder holding {', '.join(names)} (the {name} python version: {layout.archive} "
         f"from https://www.cs.toronto.edu/~kriz/cifar.html, extracted) was found; looked in\n{where}\n"
-        f"Put the six files in <DIR>/cifar10/ (or <DIR>/cifar10/{_CIFAR_FOLDER}/) and set EXML_FAST_DATA=<DIR>, "
-        f"or pass root=<the folder holding them>."
+        f"Put the {len(names)} files in <DIR>/{layout.dataset}/ (or <DIR>/{layout.dataset}/{layout.folder}/) and "
+        f"set EXML_FAST_DATA=<DIR>, or pass root=<the folder holding them>."
     )
 
 
-def _read_cifar_batch(path: pathlib.Path) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_cifar_batch(path: pathlib.Path, layout: _CifarLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 (N, 3, 32, 32), labels int64 (N,)) of one pickled batch."""
     import numpy as np
 
+    name = "CIFAR-10" if layout.num_classes == 10 else "CIFAR-100"
     try:
         with open(path, "rb") as f:
             obj = _ArrayUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
-        raise ValueError(f"{path}: not a readable CIFAR-10 batch (corrupt file?): {e}") from e
+        raise ValueError(f"{path}: not a readable {name} batch (corrupt file?): {e}") from e
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: not a CIFAR-10 batch (a {type(obj).__name__}, not a dict)")
+        raise ValueError(f"{path}: not a {name} batch (a {type(obj).__name__}, not a dict)")
     get = lambda key: obj.get(key.encode(), obj.get(key))  # noqa: E731 - python 2 pickles have bytes keys
-    data, labels = get("data"), get("labels")
+    data, labels = get("data"), get(layout.label_key)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise ValueError(f"{path}: 'data' must be a uint8 array of shape (N, 3072); got "
                          f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
     labels_t = torch.as_tensor(list(labels) if labels is not None else [], dtype=torch.int64)
-    if labels_t.shape[0] != data.shape[0] or (labels_t.numel() and not (0 <= labels_t.min() and labels_t.max() < 10)):
-        raise ValueError(f"{path}: 'labels' must hold {data.shape[0]} classes in 0..9")
+    k = layout.num_classes
+    if labels_t.shape[0] != data.shape[0] or (labels_t.numel() and not (0 <= labels_t.min() and labels_t.max() < k)):
+        raise ValueError(f"{path}: '{layout.label_key}' must hold {data.shape[0]} classes in 0..{k - 1}")
     # Each row: 1024 red, 1024 green, 1024 blue values, each plane row-major 32x32.
     return torch.from_numpy(data.copy()).view(-1, 3, 32, 32), labels_t
 
 
-def _cifar_tensors(paths: list[pathlib.Path]) -> tuple[torch.Tensor, torch.Tensor]:
-    parts = [_read_cifar_batch(p) for p in paths]
+def _cifar_tensors(paths: list[pathlib.Path], layout: _CifarLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    parts = [_read_cifar_batch(p, layout) for p in paths]
     x = torch.cat([p[0] for p in parts]).to(torch.float32).div_(255.0)
-    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(layout.mean).view(1, 3, 1, 1)
+    std = torch.tensor(layout.std).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std).contiguous(), torch.cat([p[1] for p in parts])
+
+
+def _split_cifar(layout: _CifarLayout, name: str, *, n_experiences: int, seed: int, root, multi_task: bool,
+                 max_train_per_experience, max_test_per_experience, validation_size, eval_split: str,
+                 base_classes) -> Scenario:
+    check_int(n_experiences, "n_experiences", name, low=1, high=layout.num_classes)
+    folder = _find_cifar(root, layout)
+    train = _cifar_tensors([folder / n for n in layout.train], layout)
+    test = _cifar_tensors([folder / layout.test], layout)
+    return _build(name, layout.dataset, train=train, test=test, num_classes=layout.num_classes, mean=layout.mean,
+                  std=layout.std, n_experiences=n_experiences, seed=seed, multi_task=multi_task,
+                  max_train_per_experience=max_train_per_experience,
+                  max_test_per_experience=max_test_per_experience, validation_size=validation_size,
+                  eval_split=eval_split, base_classes=base_classes, owner=name)
 
 
 def split_cifar10(n_experiences: int = 5, *, seed: int = 0, root: str | os.PathLike | None = None,
                   multi_task: bool = False, max_train_per_experience: int | None = None,
                   max_test_per_experience: int | None = None, validation_size: int | None = None,
-                  eval_split: str = "test") -> Scenario:
+                  eval_split: str = "test", base_classes: int | None = None) -> Scenario:
     """Split CIFAR-10 from the python pickles (``data_batch_1`` .. ``data_batch_5``, ``test_batch``).
 
     The files are looked up in ``root`` (or ``root/cifar-10-batches-py``, ``root/cifar10``),
@@ -417,16 +475,33 @@ def split_cifar10(n_experiences: int = 5, *, seed: int = 0, root: str | os.PathL
         FileNotFoundError: the files are nowhere; the message says where to put which files.
         ValueError: a malformed batch file.
     """
-    name = "split_cifar10_mt" if multi_task else "split_cifar10"
-    check_int(n_experiences, "n_experiences", name, low=1, high=10)
-    folder = _find_cifar10(root)
-    train = _cifar_tensors([folder / n for n in _CIFAR_TRAIN])
-    test = _cifar_tensors([folder / _CIFAR_TEST])
-    return _build(name, "cifar10", train=train, test=test, num_classes=10, mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                  n_experiences=n_experiences, seed=seed, multi_task=multi_task,
-                  max_train_per_experience=max_train_per_experience,
-                  max_test_per_experience=max_test_per_experience, validation_size=validation_size,
-                  eval_split=eval_split, owner=name)
+    return _split_cifar(_CIFAR10, "split_cifar10_mt" if multi_task else "split_cifar10", n_experiences=n_experiences,
+                        seed=seed, root=root, multi_task=multi_task, max_train_per_experience=max_train_per_experience,
+                        max_test_per_experience=max_test_per_experience, validation_size=validation_size,
+                        eval_split=eval_split, base_classes=base_classes)
+
+
+def split_cifar100(n_experiences: int = 10, *, seed: int = 0, root: str | os.PathLike | None = None,
+                   multi_task: bool = False, max_train_per_experience: int | None = None,
+                   max_test_per_experience: int | None = None, validation_size: int | None = None,
+                   eval_split: str = "test", base_classes: int | None = None) -> Scenario:
+    """Split CIFAR-100 (the 100 fine labels) from the python pickles (``train``, ``test``), by default in 10
+    experiences of 10 classes; ``base_classes=50, n_experiences=6`` is PyCIL's "B50 Inc10".
+
+    The files are looked up as for :func:`split_cifar10`, in ``cifar100`` / ``cifar-100-python`` folders
+    (``root``, ``root/cifar-100-python``, ``root/cifar100``, else ``$EXML_FAST_DATA/cifar100`` and the other
+    data roots); the same code-free unpickler reads them. Images are normalised with
+    :data:`CIFAR100_MEAN` / :data:`CIFAR100_STD`. Other arguments: see :func:`split_mnist`.
+
+    Raises:
+        FileNotFoundError: the files are nowhere; the message says where to put which files.
+        ValueError: a malformed file.
+    """
+    return _split_cifar(_CIFAR100, "split_cifar100_mt" if multi_task else "split_cifar100",
+                        n_experiences=n_experiences, seed=seed, root=root, multi_task=multi_task,
+                        max_train_per_experience=max_train_per_experience,
+                        max_test_per_experience=max_test_per_experience, validation_size=validation_size,
+                        eval_split=eval_split, base_classes=base_classes)
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -440,8 +515,10 @@ def _joint_mnist_factory(n_experiences: int = 1, **kwargs) -> Scenario:
 
 
 def _mt(factory: Callable[..., Scenario]) -> Callable[..., Scenario]:
-    def make(n_experiences: int = 5, **kwargs) -> Scenario:
-        return factory(n_experiences, multi_task=True, **kwargs)
+    def make(n_experiences: int | None = None, **kwargs) -> Scenario:
+        if n_experiences is not None:
+            kwargs["n_experiences"] = n_experiences  # else the factory's own default
+        return factory(multi_task=True, **kwargs)
 
     make.__name__ = f"{factory.__name__}_mt"
     make.__doc__ = f"{factory.__name__}(..., multi_task=True)"
@@ -449,7 +526,8 @@ def _mt(factory: Callable[..., Scenario]) -> Callable[..., Scenario]:
 
 
 #: Scenario factories by name, each called as ``factory(n_experiences=..., seed=..., root=...)``
-#: (plus the optional ``max_train_per_experience`` / ``max_test_per_experience``).
+#: (plus the optional ``max_train_per_experience`` / ``max_test_per_experience``, ``validation_size`` /
+#: ``eval_split`` and, for the split scenarios, ``base_classes``).
 SCENARIOS: dict[str, Callable[..., Scenario]] = {
     "split_mnist": split_mnist,
     "split_mnist_mt": _mt(split_mnist),
@@ -458,6 +536,8 @@ SCENARIOS: dict[str, Callable[..., Scenario]] = {
     "split_fashion_mnist_mt": _mt(split_fashion_mnist),
     "split_cifar10": split_cifar10,
     "split_cifar10_mt": _mt(split_cifar10),
+    "split_cifar100": split_cifar100,
+    "split_cifar100_mt": _mt(split_cifar100),
 }
 
 
@@ -504,8 +584,9 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, units: tupl
 
 def default_expert_epochs(scenario: Scenario) -> int:
     """Epochs of the ExML paper's experts (Appendix A): CIFAR-10 100 (joint, split and multi-task), MNIST 100
-    for the joint scenario and 20 for the split ones."""
-    return 100 if scenario.dataset == "cifar10" or len(scenario) == 1 else 20
+    for the joint scenario and 20 for the split ones. CIFAR-100, which the paper does not use, takes
+    CIFAR-10's 100."""
+    return 100 if scenario.dataset in ("cifar10", "cifar100") or len(scenario) == 1 else 20
 
 
 def train_experts(scenario: Scenario, out: str | os.PathLike, *, arch: str = "lenet5",

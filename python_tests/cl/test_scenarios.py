@@ -165,7 +165,8 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="n_experiences"):
         split_cifar10(0)
     assert set(SCENARIOS) == {"split_mnist", "split_mnist_mt", "joint_mnist", "split_fashion_mnist",
-                              "split_fashion_mnist_mt", "split_cifar10", "split_cifar10_mt"}
+                              "split_fashion_mnist_mt", "split_cifar10", "split_cifar10_mt", "split_cifar100",
+                              "split_cifar100_mt"}
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR-10
@@ -227,6 +228,80 @@ def test_cifar_pickle_with_code_is_refused(tmp_path):
         pickle.dump({b"data": Evil(), b"labels": []}, f)
     with pytest.raises(ValueError, match=r"test_batch: not a readable CIFAR-10 batch.*is not allowed"):
         split_cifar10(root=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR-100
+
+
+def _fake_cifar100(folder, n_train=200, n_test=100):
+    """train and test pickles in the CIFAR-100 python layout (bytes keys, uint8 (N, 3072) rows, fine labels
+    i % 100, coarse labels i % 20), as the archive holds them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        data = np.zeros((n, 3072), dtype=np.uint8)
+        data[:, 2 * 1024 + 5 * 32 + 7] = 255  # blue channel, row 5, column 7
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"fine_labels": [i % 100 for i in range(n)],
+                         b"coarse_labels": [i % 20 for i in range(n)], b"filenames": [b"x.png"] * n,
+                         b"batch_label": name.encode()}, f, protocol=2)
+
+
+def test_split_cifar100_from_fake_pickles(tmp_path):
+    _fake_cifar100(tmp_path / "cifar-100-python")
+    s = sc.split_cifar100(seed=3, root=tmp_path)
+    assert s.dataset == "cifar100" and s.num_classes == 100 and s.input_shape == (3, 32, 32) and len(s) == 10
+    assert [len(e.classes) for e in s] == [10] * 10 and s.class_order == sc.class_order(100, 3)
+    assert sum(e.num_train for e in s) == 200 and sum(e.num_test for e in s) == 100
+    assert all(set(e.train_y.tolist()) == set(e.classes) for e in s)
+    mean, std = torch.tensor(sc.CIFAR100_MEAN), torch.tensor(sc.CIFAR100_STD)
+    x = s[0].train_x
+    assert torch.allclose(x[0, 2, 5, 7], (1 - mean[2]) / std[2]) and torch.allclose(x[0, 0, 0, 0], -mean[0] / std[0])
+    mt = SCENARIOS["split_cifar100_mt"](root=tmp_path)  # the factory's own default: 10 experiences
+    assert mt.multi_task and len(mt) == 10 and mt.task_heads().shape == (10, 100)
+    assert make_scenario(**{"name": "split_cifar100", **s.describe()["kwargs"], "root": tmp_path}).class_order \
+        == s.class_order
+
+
+def test_split_cifar100_found_through_the_environment_and_missing_files_message(tmp_path, monkeypatch):
+    _fake_cifar100(tmp_path / "cifar100")
+    monkeypatch.setenv("EXML_FAST_DATA", str(tmp_path))
+    assert sc.split_cifar100(5).dataset == "cifar100"
+    monkeypatch.setenv("EXML_FAST_DATA", str(tmp_path / "env"))
+    os.unlink(tmp_path / "cifar100" / "test")
+    with pytest.raises(FileNotFoundError) as info:
+        sc.split_cifar100(root=tmp_path / "cifar100")
+    for needle in ["train, test", "cifar-100-python.tar.gz", "EXML_FAST_DATA", "cifar100/cifar-100-python",
+                   str(tmp_path / "cifar100")]:
+        assert needle in str(info.value)
+
+
+def test_cifar100_labels_out_of_range_are_refused(tmp_path):
+    _fake_cifar100(tmp_path)
+    with open(tmp_path / "test", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), dtype=np.uint8), b"fine_labels": [0, 100]}, f, protocol=2)
+    with pytest.raises(ValueError, match=r"test: 'fine_labels' must hold 2 classes in 0..99"):
+        sc.split_cifar100(root=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- base classes
+
+
+def test_base_classes_first_task_then_the_rest_split_evenly(tmp_path):
+    _fake_cifar100(tmp_path)
+    s = sc.split_cifar100(6, base_classes=50, seed=1, root=tmp_path)
+    order = sc.class_order(100, 1)
+    assert [len(e.classes) for e in s] == [50, 10, 10, 10, 10, 10]
+    assert s[0].classes == tuple(sorted(order[:50])) and s[1].classes == tuple(sorted(order[50:60]))
+    assert s.describe()["kwargs"]["base_classes"] == 50
+    odd = sc.split_cifar100(4, base_classes=10, root=tmp_path)  # 90 left over 3 tasks
+    assert [len(e.classes) for e in odd] == [10, 30, 30, 30]
+    uneven = sc.split_cifar100(3, base_classes=60, root=tmp_path)  # 40 over 2
+    assert [len(e.classes) for e in uneven] == [60, 20, 20]
+    for kw, match in [({"n_experiences": 1, "base_classes": 50}, "n_experiences >= 2"),
+                      ({"n_experiences": 6, "base_classes": 96}, r"base_classes must be an int in \[1, 95\]"),
+                      ({"n_experiences": 6, "base_classes": 0}, "base_classes")]:
+        with pytest.raises(ValueError, match=match):
+            sc.split_cifar100(root=tmp_path, **kw)
 
 
 # ----------------------------------------------------------------------------------------- train_experts
@@ -370,3 +445,10 @@ def test_train_experts_on_cuda(tmp_path):
     for e in stream:
         assert next(e.model.parameters()).device.type == "cpu" and e.meta["device"].startswith("cuda")
         assert e.meta["test_accuracy_head"] >= 0.75
+
+
+@needs_mnist
+def test_split_mnist_base_classes_and_the_mt_default():
+    s = split_mnist(3, base_classes=6, seed=2, max_train_per_experience=5, max_test_per_experience=5)
+    assert [len(e.classes) for e in s] == [6, 2, 2] and s.options["base_classes"] == 6
+    assert len(SCENARIOS["split_mnist_mt"](max_train_per_experience=1, max_test_per_experience=1)) == 5
