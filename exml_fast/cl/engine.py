@@ -1,9 +1,12 @@
-"""The ExML run loop: a strategy meets a stream of experts, is evaluated after each, and checkpoints.
+"""The run loop of ExML and class-incremental learning: a strategy meets a stream of experiences (experts, or
+the scenario's data), is evaluated after each, and checkpoints.
 
 :func:`run_stream` feeds the experts of an :class:`~exml_fast.cl.experts.ExpertStream`
 to a :class:`~exml_fast.cl.strategies.Strategy` one at a time (only the current
-expert in memory), evaluates the strategy on every experience's test set after
-each expert (the accuracy matrix), and — with ``out`` — writes an atomic
+expert in memory) — or, with no stream, the scenario's experiences with their
+training data (class-incremental strategies, :mod:`exml_fast.cl.strategies.cil`) —,
+evaluates the strategy on every experience's test set after each (the accuracy
+matrix), and — with ``out`` — writes an atomic
 checkpoint after every experience, so a killed run resumes (``resume=True``)
 to the same final numbers as an uninterrupted run with the same seed.
 """
@@ -85,7 +88,8 @@ def _stream_fingerprint(stream) -> list[str]:
 
 def _job(strategy, stream, scenario) -> dict[str, Any]:
     return json.loads(json.dumps({
-        "version": _VERSION, "strategy": strategy.config(), "experts": _stream_fingerprint(stream),
+        "version": _VERSION, "strategy": strategy.config(),
+        "experts": _stream_fingerprint(stream) if stream is not None else None,
         "scenario": scenario.describe(),
     }, default=str))
 
@@ -120,8 +124,10 @@ def run_stream(
         strategy: a :class:`~exml_fast.cl.strategies.Strategy`.
         stream: an :class:`~exml_fast.cl.experts.ExpertStream` (or any sequence
             of experts with ``entries``); its experts are loaded one at a time.
+            None: the strategy learns from data (class-incremental) and is fed
+            the scenario's experiences, each with its training data.
         scenario: the :class:`~exml_fast.cl.scenarios.Scenario` the experts were
-            trained on: its test sets are the evaluation (the strategy never
+            trained on: its test sets are the evaluation (an ExML strategy never
             sees its training data unless it is Replay ED).
         out: a folder for ``checkpoint.pt`` (after every experience, atomic),
             ``result.json`` and the plots. None: nothing is written.
@@ -140,10 +146,15 @@ def run_stream(
         The :class:`~exml_fast.cl.metrics.StreamResult` (partial when stopped early).
     """
     n = len(scenario.experiences)
-    if len(stream) != n:
+    wants_data = getattr(strategy, "learns_from", "experts") == "data"
+    if stream is None and not wants_data:
+        raise ValueError(f"run_stream: {type(strategy).__name__} learns from experts: pass their stream")
+    if stream is not None and wants_data:
+        raise ValueError(f"run_stream: {type(strategy).__name__} learns from the scenario's data: pass stream=None")
+    if stream is not None and len(stream) != n:
         raise ValueError(f"run_stream: the stream has {len(stream)} experts but the scenario {scenario.name!r} "
                          f"has {n} experiences")
-    for j, exp in enumerate(scenario.experiences):
+    for j, exp in enumerate(scenario.experiences if stream is not None else ()):
         if tuple(stream.classes(j)) != tuple(exp.classes):
             raise ValueError(f"run_stream: expert {j} covers classes {list(stream.classes(j))} but experience {j} of "
                              f"the scenario has {list(exp.classes)}: the stream was trained on another scenario")
@@ -184,10 +195,10 @@ def run_stream(
     stop = n if stop_after is None else min(n, stop_after)
     correct = total = None
     for i in range(start, stop):
-        expert = stream[i]
+        experience = stream[i] if stream is not None else scenario.experiences[i]
         t0 = time.perf_counter()
-        strategy.train(expert)
-        del expert
+        strategy.train(experience)
+        del experience
         t_train = time.perf_counter() - t0
         t0 = time.perf_counter()
         row, correct, total = evaluate_strategy(strategy, scenario, batch_size=eval_batch_size)
@@ -210,7 +221,8 @@ def run_stream(
     result = StreamResult(
         strategy=strategy.name, scenario=scenario.name, seed=getattr(strategy, "seed", None),
         acc_matrix=[list(r[:k]) for r in rows], test_sizes=sizes[:k], per_class_accuracy=per_class,
-        meta={"config": job["strategy"], "ex_model": bool(getattr(strategy, "ex_model", True)), "timings": timings,
+        meta={"config": job["strategy"], "ex_model": bool(getattr(strategy, "ex_model", True)),
+              "keeps_data": bool(getattr(strategy, "keeps_data", False)), "timings": timings,
               "complete": k == n,
               "history": getattr(strategy, "history", [])},
     )

@@ -5,6 +5,7 @@
     exml-fast train-experts --scenario split_mnist --arch lenet5 --seed 0 --out experts/split_mnist_s0
     exml-fast run --experts experts/split_mnist_s0 --strategy mi-ed --out runs/mi_ed_s0
     exml-fast run --experts experts/split_mnist_s0 --config my_run.yaml --out runs/x --resume
+    exml-fast run --scenario split_mnist --strategy lwf --out runs/lwf_s0      # class-incremental, from data
     exml-fast report runs/* --out runs/report.md
     exml-fast demo
 
@@ -13,7 +14,10 @@ continues a killed run and ends with the same numbers as an uninterrupted
 one. Budget flags override the strategy's defaults (the paper's settings
 for the experts' dataset, Appendix B: MNIST, or CIFAR-10 through
 ``DATASET_RUN_DEFAULTS``) and a ``--config`` YAML file; a flag given on the
-command line wins over the file.
+command line wins over the file. The class-incremental strategies (finetune,
+joint, lwf) learn from a scenario's data instead of experts: their runs take
+``--scenario`` (class order from ``--seed``) and train with the experts'
+recipe by default.
 """
 from __future__ import annotations
 
@@ -25,9 +29,10 @@ from exml_fast._utils.io import atomic_write
 from exml_fast.cl.experts import ExpertStream, default_weights_format
 from exml_fast.cl.metrics import StreamResult, plot_stream_accuracy, summary_table
 from exml_fast.cl.scenarios import SCENARIOS, make_scenario, scenario_of, train_experts
-from exml_fast.cl.strategies import (DATASET_RUN_DEFAULTS, RUN_OPTIONS, load_config, run_named_strategy, strategy_names,
-                                     stream_arch)
+from exml_fast.cl.strategies import (DATASET_RUN_DEFAULTS, RUN_OPTIONS, STRATEGIES, load_config, run_named_strategy,
+                                     strategy_names, stream_arch)
 from exml_fast.cl.strategies.options import parse_floats
+from exml_fast.cl.strategies.registry import StrategyOptionError
 from exml_fast.cli.common import UsageError, device_arg, positive_float, positive_int, resolve_device
 from exml_fast.experiments.demo import run_demo
 from exml_fast.experiments.presets import PRESETS
@@ -52,6 +57,8 @@ def add_commands(sub) -> None:
                     "write them as an expert stream. Rerunning the same command skips the experts already there.")
     t.add_argument("--scenario", choices=sorted(SCENARIOS), default="split_mnist", help="(default: split_mnist)")
     t.add_argument("--n-experiences", type=positive_int, default=None, help="experiences (default: the scenario's)")
+    t.add_argument("--base-classes", type=positive_int, default=None, metavar="B",
+                   help="a first experience of B classes, the others share the rest")
     t.add_argument("--arch", default="lenet5", help="expert architecture (default: lenet5)")
     t.add_argument("--epochs", type=positive_int, default=None,
                    help="default (the paper): MNIST 20 split, 100 joint; CIFAR-10 100")
@@ -69,12 +76,26 @@ def add_commands(sub) -> None:
     t.set_defaults(func=_train_experts, subparser=t)
 
     r = sub.add_parser(
-        "run", help="run an ExML strategy over an expert stream (checkpointed, resumable)",
-        description="Feed the experts of a stream to a strategy one at a time, evaluate after each, and write "
-                    "checkpoint.pt (every experience), result.json and plots to --out. --resume continues a "
-                    "killed run. Defaults are the paper's settings for the experts' dataset (Appendix B: MNIST, "
-                    "CIFAR-10); flags override --config.")
-    r.add_argument("--experts", required=True, metavar="DIR", help="expert stream (from train-experts)")
+        "run", help="run a strategy over an expert stream (ExML) or a scenario's data (class-incremental; "
+                    "checkpointed, resumable)",
+        description="Feed the experts of a stream (--experts) — or, for the class-incremental strategies, the "
+                    "tasks of a scenario with their training data (--scenario) — to a strategy one at a time, "
+                    "evaluate after each, and write checkpoint.pt (every experience), result.json and plots to "
+                    "--out. --resume continues a killed run. ExML defaults are the paper's settings for the "
+                    "experts' dataset (Appendix B: MNIST, CIFAR-10); class-incremental ones the experts' "
+                    "training recipe; flags override --config.")
+    r.add_argument("--experts", default=None, metavar="DIR",
+                   help="expert stream (from train-experts), for the ExML strategies")
+    r.add_argument("--scenario", choices=sorted(SCENARIOS), default=None,
+                   help="the scenario whose data the class-incremental strategies learn from (class order from "
+                        "--seed)")
+    r.add_argument("--n-experiences", type=positive_int, default=None,
+                   help="--scenario: tasks (default: the scenario's)")
+    r.add_argument("--max-train", type=positive_int, default=None, metavar="N",
+                   help="--scenario: at most N training samples per task (quick runs)")
+    r.add_argument("--base-classes", type=positive_int, default=None, metavar="B",
+                   help="--scenario: a first task of B classes, the other tasks share the rest (e.g. "
+                        "split_cifar100 --base-classes 50 --n-experiences 6: PyCIL's B50 Inc10)")
     r.add_argument("--strategy", choices=strategy_names(), default=None, help="required here or in --config")
     r.add_argument("--out", required=True, metavar="DIR", help="run folder")
     r.add_argument("--config", default=None, metavar="YAML", help="run options (keys: the flags below, with _)")
@@ -124,6 +145,8 @@ def _train_experts(args) -> int:
         kw["max_train_per_experience"] = args.max_train
     if args.n_experiences is not None:
         kw["n_experiences"] = args.n_experiences
+    if args.base_classes is not None:
+        kw["base_classes"] = args.base_classes
     scenario = make_scenario(args.scenario, **kw)
     print(f"[scenario] {scenario.name}: {len(scenario.experiences)} experiences, classes "
           f"{[list(e.classes) for e in scenario.experiences]}")
@@ -154,6 +177,30 @@ def _run(args) -> int:
     if strategy_name is None:
         raise UsageError("--strategy is required (or 'strategy:' in --config)")
     seed = args.seed if args.seed is not None else config.get("seed", 0)
+    data = STRATEGIES[strategy_name].data
+    if data:
+        if args.experts is not None or args.preset is not None:
+            raise UsageError(f"--strategy {strategy_name} learns from a scenario's data: pass --scenario, not "
+                             "--experts or --preset")
+        if args.scenario is None:
+            raise UsageError(f"--strategy {strategy_name} learns from a scenario's data: --scenario is required")
+        kw = {"seed": seed, "root": args.data_root}
+        if args.n_experiences is not None:
+            kw["n_experiences"] = args.n_experiences
+        if args.max_train is not None:
+            kw["max_train_per_experience"] = args.max_train
+        if args.base_classes is not None:
+            kw["base_classes"] = args.base_classes
+        scenario = make_scenario(args.scenario, **kw)
+        if scenario.multi_task:
+            raise UsageError(f"--scenario {args.scenario}: the class-incremental strategies learn one head without "
+                             "task labels; pick a scenario without _mt")
+        return _run_named(args, strategy_name, None, scenario, options, seed, device)
+    if args.experts is None:
+        raise UsageError(f"--strategy {strategy_name} learns from experts: --experts is required")
+    if any(v is not None for v in (args.scenario, args.n_experiences, args.max_train, args.base_classes)):
+        raise UsageError("--scenario, --n-experiences, --max-train and --base-classes are for the class-incremental "
+                         "strategies; an ExML run takes its scenario from --experts")
     stream = ExpertStream(args.experts)
     scenario = scenario_of(stream, root=args.data_root)
     if args.preset is not None:
@@ -164,10 +211,19 @@ def _run(args) -> int:
     if scenario.dataset in DATASET_RUN_DEFAULTS:
         print(f"[run] {scenario.dataset} defaults (the ExML paper's Appendix B) under the options given: "
               f"{DATASET_RUN_DEFAULTS[scenario.dataset]}")
-    print(f"[run] {strategy_name} on {scenario.name} ({len(stream)} experts), seed {seed}, {device}")
-    result = run_named_strategy(strategy_name, stream, scenario, options=options, seed=seed, device=device,
-                                out=args.out, resume=args.resume, stop_after=args.stop_after, plots=not args.no_plots,
-                                progress=not args.no_progress, data_root=args.data_root, log=print)
+    return _run_named(args, strategy_name, stream, scenario, options, seed, device)
+
+
+def _run_named(args, strategy_name, stream, scenario, options, seed, device) -> int:
+    what = f"{len(stream)} experts" if stream is not None else f"{len(scenario)} tasks of its data"
+    print(f"[run] {strategy_name} on {scenario.name} ({what}), seed {seed}, {device}")
+    try:
+        result = run_named_strategy(strategy_name, stream, scenario, options=options, seed=seed, device=device,
+                                    out=args.out, resume=args.resume, stop_after=args.stop_after,
+                                    plots=not args.no_plots, progress=not args.no_progress, data_root=args.data_root,
+                                    log=print)
+    except StrategyOptionError as e:  # an option the strategy does not read: a usage error like a bad flag
+        raise UsageError(str(e)) from None
     if result.meta.get("complete"):
         print(f"[result] {strategy_name}: final stream accuracy {100 * result.final_stream_accuracy:.2f} %, "
               f"forgetting {100 * result.average_forgetting:.2f} (max over history), "

@@ -352,7 +352,7 @@ def test_the_old_generator_names_still_work_with_a_deprecation_warning():
 
 def test_the_registry_names_every_strategy_and_refuses_a_second_registration():
     assert S.strategy_names() == ("mi-ed", "di-ed", "aux-ed", "replay-ed", "oracle", "ensemble-avg", "min-entropy",
-                                  "param-avg")
+                                  "param-avg", "finetune", "joint", "lwf")
     assert S.STRATEGIES["replay-ed"].keeps_data and not S.STRATEGIES["mi-ed"].keeps_data
     with pytest.raises(ValueError, match="registered already"):
         S.register_strategy("mi-ed", keeps_data=False, help="again")(lambda ctx, opt: None)
@@ -370,7 +370,7 @@ def test_a_registered_strategy_is_built_by_name_without_touching_the_command_lin
         return S.ParameterAverage(device=ctx.device, seed=ctx.seed, progress=False)
 
     scenario = type("Sc", (), {"dataset": "mnist"})()
-    s = S.registry.build_strategy("test-avg", None, scenario, options={"lr": 0.5}, seed=3,
+    s = S.registry.build_strategy("test-avg", object(), scenario, options={"lr": 0.5}, seed=3,
                                   device=torch.device("cpu"), progress=False)
     assert isinstance(s, S.ParameterAverage) and seen == {"seed": 3, "lr": 0.5}
     assert "test-avg" in S.registry.strategy_names()

@@ -200,3 +200,32 @@ def test_adaptive_deepinversion_competes_with_the_learner(experts, tmp_path, mon
     assert seen[0] == (None, None)
     assert isinstance(seen[1][0], __import__("torch").nn.Module) and seen[1][1] == 2.0
     assert _result(run)["meta"]["config"]["source"]["options"]["competitor"] == "learner"
+
+
+CIL = ["--scenario", "split_mnist", "--n-experiences", "2", "--max-train", "200", "--epochs", "1", "--no-progress",
+       "--seed", "0"]
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "joint", "lwf"])
+def test_class_incremental_run_from_a_scenario_then_report(tmp_path, strategy, capsys):
+    run = tmp_path / strategy
+    assert main(["run", "--strategy", strategy, "--out", str(run), *CIL]) == 0
+    res = _result(run)
+    assert res["strategy"] == strategy and len(res["acc_matrix"]) == 2
+    assert res["meta"]["keeps_data"] is (strategy == "joint") and res["meta"]["ex_model"] is False
+    assert res["meta"]["config"]["epochs"] == 1 and "average_incremental_accuracy" in res["summary"]
+    assert "2 tasks of its data" in capsys.readouterr().out
+    assert main(["report", str(run)]) == 0
+    assert f"| {strategy} | {'yes' if strategy == 'joint' else 'no'} | split_mnist |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strategy", "lwf", "--experts", "x"], "pass --scenario, not --experts"),
+    (["--strategy", "lwf"], "--scenario is required"),
+    (["--strategy", "mi-ed", "--scenario", "split_mnist"], "--experts is required"),
+    (["--strategy", "lwf", "--scenario", "split_mnist", "--buffer-size", "9"], "does not use the option"),
+    (["--strategy", "lwf", "--scenario", "split_mnist_mt"], "without task labels"),
+])
+def test_class_incremental_run_refusals(tmp_path, capsys, args, message):
+    assert main(["run", *args, "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err

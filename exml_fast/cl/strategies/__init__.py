@@ -1,9 +1,12 @@
-"""Ex-Model Continual Learning strategies (the ExML paper, §3-§5).
+"""Continual-learning strategies: Ex-Model Continual Learning (the ExML paper, §3-§5) and class-incremental
+learning from data (REFERENCE.md §4).
 
-A strategy learns from a stream of trained experts, one :class:`~exml_fast.cl.experts.Expert` at a time:
-``strategy.train(expert)`` handles one experience and ``strategy.predict(x)`` answers with (B, num_classes)
-logits. All strategies share that interface (:class:`Strategy`), ``state_dict``/``load_state_dict`` (what a run
-checkpoints) and ``config`` (what decides their results). One module per family:
+An ExML strategy learns from a stream of trained experts, one :class:`~exml_fast.cl.experts.Expert` at a time;
+a class-incremental one from a scenario's experiences, each with its training data:
+``strategy.train(expert)`` (or ``strategy.train(experience)``) handles one experience and
+``strategy.predict(x)`` answers with (B, num_classes) logits. All strategies share that interface
+(:class:`Strategy`), ``state_dict``/``load_state_dict`` (what a run checkpoints) and ``config`` (what decides
+their results). One module per family:
 
 - :mod:`.ed` — :class:`ExModelDistillation` (ED, Algorithm 1): synthesise ``N/i`` samples from the i-th expert
   with its data ``source`` (:mod:`.sources`), keep a fixed-size class-balanced
@@ -14,25 +17,31 @@ checkpoints) and ``config`` (what decides their results). One module per family:
 - :mod:`.ensembles` — :class:`OracleEnsemble` (the task label picks the expert), :class:`EnsembleAverage`,
   :class:`MinEntropyEnsemble`: they keep every expert, so they break the ExML memory constraint and only bound it.
 - :mod:`.param_avg` — :class:`ParameterAverage`, the running mean of the experts' parameters (one model).
+- :mod:`.cil` — class-incremental learning from data (each experience brings its training data, and only while it
+  is learned): :class:`FineTune` (the lower bound), :class:`Joint` (keeps all data: the upper bound) and
+  :class:`LwF` (Learning without Forgetting), on :class:`DataStrategy`. Their ``learns_from`` is ``"data"``: a run
+  feeds them the scenario's experiences instead of experts.
 
 Every strategy is registered under its command-line name (:mod:`.registry`: :func:`register_strategy`,
 :func:`build_strategy`); run options and their defaults are in :mod:`.options`.
 """
 
-# Importing ed, ensembles and param_avg registers their strategies, in the order of --strategy's choices.
+# Importing ed, ensembles, param_avg and cil registers their strategies, in the order of --strategy's choices.
 from exml_fast.cl.strategies.base import Strategy, derive_seed, expert_name
 from exml_fast.cl.strategies.ed import ExModelDistillation
 from exml_fast.cl.strategies.ensembles import EnsembleAverage, MinEntropyEnsemble, OracleEnsemble
 from exml_fast.cl.strategies.options import DATASET_RUN_DEFAULTS, RUN_OPTIONS, run_defaults
 from exml_fast.cl.strategies.param_avg import ParameterAverage
-from exml_fast.cl.strategies.registry import (STRATEGIES, BuildContext, StrategySpec, build_learner, build_strategy,
-                                              load_config, register_strategy, run_named_strategy, strategy_names,
-                                              stream_arch)
+from exml_fast.cl.strategies.cil import LWF_FORMS, DataStrategy, FineTune, Joint, LwF  # noqa: I001 (after param_avg)
+from exml_fast.cl.strategies.registry import (STRATEGIES, BuildContext, StrategyOptionError, StrategySpec,
+                                              build_data_learner, build_learner, build_strategy, load_config,
+                                              register_strategy, run_named_strategy, strategy_names, stream_arch)
 from exml_fast.cl.strategies.sources import (DataSource, Generator, RealReplay, SynthesizerGenerator,
                                              SynthesizerSource)
 
-__all__ = ["DATASET_RUN_DEFAULTS", "RUN_OPTIONS", "STRATEGIES", "BuildContext", "DataSource", "EnsembleAverage",
-           "ExModelDistillation", "Generator", "MinEntropyEnsemble", "OracleEnsemble", "ParameterAverage",
-           "RealReplay", "Strategy", "StrategySpec", "SynthesizerGenerator", "SynthesizerSource", "build_learner",
-           "build_strategy", "derive_seed", "expert_name", "load_config", "register_strategy", "run_defaults",
-           "run_named_strategy", "stream_arch", "strategy_names"]
+__all__ = ["DATASET_RUN_DEFAULTS", "LWF_FORMS", "RUN_OPTIONS", "STRATEGIES", "BuildContext", "DataSource",
+           "DataStrategy", "EnsembleAverage", "ExModelDistillation", "FineTune", "Generator", "Joint", "LwF",
+           "MinEntropyEnsemble", "OracleEnsemble", "ParameterAverage", "RealReplay", "Strategy",
+           "StrategyOptionError", "StrategySpec", "SynthesizerGenerator", "SynthesizerSource", "build_data_learner",
+           "build_learner", "build_strategy", "derive_seed", "expert_name", "load_config", "register_strategy",
+           "run_defaults", "run_named_strategy", "strategy_names", "stream_arch"]

@@ -47,6 +47,10 @@ class Strategy:
     needs_task_labels = False
     #: whether the strategy respects the ExML constraints (no data, no past expert kept)
     ex_model = True
+    #: what :meth:`train` takes: "experts" (ExML) or "data" (a scenario's experience with its training data)
+    learns_from = "experts"
+    #: whether real data of past experiences is kept after they are learned (shown beside every result)
+    keeps_data = False
 
     def __init__(self, *, num_classes: int | None = None, device: torch.device | str | None = None,
                  seed: int = 0, progress: bool = True) -> None:

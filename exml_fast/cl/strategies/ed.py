@@ -93,6 +93,11 @@ class ExModelDistillation(Strategy):
         data. A data source says so by its ``ex_model`` attribute (True when it has none)."""
         return bool(getattr(self.source, "ex_model", True))
 
+    @property
+    def keeps_data(self) -> bool:
+        """Whether real data of past experiences is kept: with :class:`RealReplay` (the buffer holds it)."""
+        return not self.ex_model
+
     def __init__(
         self,
         model: nn.Module,
@@ -290,9 +295,6 @@ class ExModelDistillation(Strategy):
         self.buffer.load_state_dict(state["buffer"])
 
 
-# -- baselines ------------------------------------------------------------------------------
-
-
 # -- the command-line variants -------------------------------------------------------------------------
 
 
@@ -310,9 +312,10 @@ def _synth_options(opt: dict[str, Any]) -> dict[str, Any]:
 def _ed(ctx: BuildContext, opt: dict[str, Any], source) -> ExModelDistillation:
     return ExModelDistillation(
         build_learner(ctx.stream, ctx.seed), source=source, buffer_size=opt["buffer_size"],
-        iterations=opt["iterations"], lr=opt["lr"], momentum=opt["momentum"], batch_size=opt["batch_size"],
-        lambda_ce=opt["lambda_ce"], target_mode=opt["target_mode"], normalize=opt["normalize"],
-        augment=opt["augment"], flip=opt["flip"], seed=ctx.seed, device=ctx.device, progress=ctx.progress)
+        iterations=opt["iterations"], lr=opt["lr"], momentum=opt["momentum"], weight_decay=opt["weight_decay"],
+        batch_size=opt["batch_size"], lambda_ce=opt["lambda_ce"], target_mode=opt["target_mode"],
+        normalize=opt["normalize"], augment=opt["augment"], flip=opt["flip"], seed=ctx.seed, device=ctx.device,
+        progress=ctx.progress)
 
 
 @register_strategy("mi-ed", keeps_data=False, help="Ex-Model Distillation from model inversion of each expert")

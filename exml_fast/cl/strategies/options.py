@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["DATASET_RUN_DEFAULTS", "RUN_OPTIONS", "parse_floats", "run_defaults"]
+__all__ = ["DATASET_RUN_DEFAULTS", "DATA_ONLY_OPTIONS", "RUN_OPTIONS", "parse_floats", "run_defaults"]
 
 #: Run options: name -> (type, default, help). Defaults are the paper's MNIST settings (Appendix B); CIFAR-10 runs
 #: take DATASET_RUN_DEFAULTS over them.
@@ -43,7 +43,24 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
     "competition_weight": (float, 0.0, "mi-ed/di-ed: Adaptive DeepInversion against the learner, the weight of "
                                        "1 - JS(expert, learner) from the second expert on (default: 0, off)"),
     "aux_dataset": (str, None, "aux-ed: the unrelated dataset (default: the other of mnist / fashion-mnist)"),
+    "weight_decay": (float, 0.0, "SGD weight decay of the learner (default: 0 for the ExML strategies; 5e-4 for "
+                                 "the class-incremental ones, the experts' recipe)"),
+    # -- the class-incremental strategies (they learn from the scenario's data) --
+    "epochs": (int, None, "class-incremental: training epochs per task (default: the experts' epochs for the "
+                          "scenario, 20 on Split MNIST)"),
+    "arch": (str, None, "class-incremental: learner architecture (default: lenet5 on MNIST and Fashion-MNIST, "
+                        "resnet32 on CIFAR-10 and CIFAR-100)"),
+    "distill_temperature": (float, 2.0, "lwf: distillation temperature (default: 2)"),
+    "distill_weight": (float, 1.0, "lwf: weight of the distillation term (default: 1)"),
+    "distill_by_task": (bool, False, "lwf: weigh cross-entropy 1/t and distillation (1 - 1/t) at task t, as van "
+                                     "de Ven et al.'s code (default: off)"),
+    "lwf_form": (str, "softmax", "lwf: softmax (Li & Hoiem: cross-entropy + KD) or mc (LwF.MC: sigmoid binary "
+                                 "cross-entropy, iCaRL's form)"),
 }
+
+#: Options only the class-incremental strategies read (an ExML run given one is an error).
+DATA_ONLY_OPTIONS = frozenset({"epochs", "arch", "distill_temperature", "distill_weight", "distill_by_task",
+                               "lwf_form"})
 
 
 #: Run options by the scenario's dataset, over the RUN_OPTIONS defaults (the MNIST settings); given options win.

@@ -20,17 +20,24 @@ import torch
 
 from exml_fast.cl.engine import CHECKPOINT, run_stream
 from exml_fast.cl.strategies.base import Strategy, derive_seed
-from exml_fast.cl.strategies.options import RUN_OPTIONS, parse_floats, run_defaults
+from exml_fast.cl.strategies.options import DATA_ONLY_OPTIONS, RUN_OPTIONS, parse_floats, run_defaults
 from exml_fast.models import build_model
 
-__all__ = ["STRATEGIES", "BuildContext", "StrategySpec", "build_learner", "build_strategy", "load_config",
-           "register_strategy", "run_named_strategy", "stream_arch", "strategy_names"]
+__all__ = ["DATA_ARCH_DEFAULTS", "STRATEGIES", "BuildContext", "StrategyOptionError", "StrategySpec",
+           "build_data_learner", "build_learner", "build_strategy", "load_config", "register_strategy",
+           "run_named_strategy", "stream_arch", "strategy_names"]
+
+
+class StrategyOptionError(ValueError):
+    """A run option the strategy does not read, or a run of the wrong kind for it (experts for a strategy that
+    learns from data, or the other way round)."""
 
 
 @dataclass(frozen=True)
 class BuildContext:
-    """What a strategy builder may need besides the run options: the expert stream and its scenario, the run's
-    seed and device, progress bars, and where datasets live (auxiliary data)."""
+    """What a strategy builder may need besides the run options: the expert stream (None for the strategies
+    that learn from data) and the scenario, the run's seed and device, progress bars, and where datasets live
+    (auxiliary data)."""
 
     stream: Any
     scenario: Any
@@ -43,29 +50,46 @@ class BuildContext:
 @dataclass(frozen=True)
 class StrategySpec:
     """A registered strategy: its command-line name, its builder, whether it keeps real data of past
-    experiences (shown beside its results), and a one-line description."""
+    experiences (shown beside its results), a one-line description, whether it learns from the experiences'
+    data (class-incremental) instead of from experts, its own defaults over the run options', and the run
+    options its builder reads."""
 
     name: str
     build: Callable[[BuildContext, dict[str, Any]], Strategy]
     keeps_data: bool
     help: str
+    data: bool = False
+    defaults: dict[str, Any] | None = None
+    options: frozenset[str] | None = None
 
 
 #: Registered strategies by command-line name, in registration order (the order of ``--strategy``'s choices).
 STRATEGIES: dict[str, StrategySpec] = {}
 
 
-def register_strategy(name: str, *, keeps_data: bool, help: str):
+def register_strategy(name: str, *, keeps_data: bool, help: str, data: bool = False,
+                      defaults: dict[str, Any] | None = None, options=None):
     """Decorator: registers ``builder(ctx, options) -> Strategy`` under ``name``; a second registration of a name
-    raises ValueError."""
+    raises ValueError. ``data``: the strategy learns from the experiences' training data (class-incremental
+    learning; its runs take a scenario, not an expert stream). ``defaults``: run options (RUN_OPTIONS names)
+    whose defaults differ for this strategy; the options a run gives still win. ``options``: the run options
+    the builder reads (a run that gives another is an error); None: every option but the class-incremental
+    ones (DATA_ONLY_OPTIONS)."""
     if not isinstance(name, str) or not name or name != name.strip():
         raise ValueError(f"register_strategy: name must be a non-empty string without surrounding spaces; got "
                          f"{name!r}")
 
+    unknown = (set(defaults or {}) | set(options or ())) - set(RUN_OPTIONS)
+    if unknown:
+        raise ValueError(f"register_strategy: defaults and options must name run options; unknown: "
+                         f"{sorted(unknown)}")
+    reads = frozenset(options) if options is not None else frozenset(RUN_OPTIONS) - DATA_ONLY_OPTIONS
+
     def add(builder):
         if name in STRATEGIES:
             raise ValueError(f"register_strategy: {name!r} is registered already")
-        STRATEGIES[name] = StrategySpec(name, builder, bool(keeps_data), help)
+        STRATEGIES[name] = StrategySpec(name, builder, bool(keeps_data), help, bool(data), dict(defaults or {}),
+                                        reads)
         return builder
 
     return add
@@ -90,18 +114,44 @@ def build_learner(stream, seed: int) -> torch.nn.Module:
         return build_model(arch, **arch_kwargs)
 
 
+#: The learner architecture of class-incremental runs by dataset, when the run gives no ``arch``.
+#: CIFAR: He et al.'s ResNet-32, the iCaRL and PyCIL network.
+DATA_ARCH_DEFAULTS = {"mnist": "lenet5", "fashion-mnist": "lenet5", "cifar10": "resnet32", "cifar100": "resnet32"}
+
+
+def build_data_learner(ctx: BuildContext, opt: dict[str, Any]) -> torch.nn.Module:
+    """A fresh learner for a class-incremental run: ``opt["arch"]`` (default: DATA_ARCH_DEFAULTS of the
+    scenario's dataset) with the scenario's classes and input channels, initialised from the run's seed (the
+    global RNG left untouched)."""
+    scenario = ctx.scenario
+    arch = opt.get("arch") or DATA_ARCH_DEFAULTS.get(scenario.dataset, "lenet5")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(ctx.seed, "learner-init"))
+        return build_model(arch, num_classes=scenario.num_classes, in_channels=scenario.input_shape[0])
+
+
 def build_strategy(name: str, stream, scenario, *, options: dict[str, Any], seed: int, device: torch.device,
                    progress: bool, data_root=None) -> Strategy:
-    """The strategy registered as ``name`` with ``options`` (RUN_OPTIONS names) over the defaults of the
-    scenario's dataset (:func:`~exml_fast.cl.strategies.options.run_defaults`: the MNIST settings, CIFAR-10's
-    Appendix B.2)."""
+    """The strategy registered as ``name`` with ``options`` (RUN_OPTIONS names) over the strategy's own
+    defaults, over the defaults of the scenario's dataset (:func:`~exml_fast.cl.strategies.options.run_defaults`:
+    the MNIST settings, CIFAR-10's Appendix B.2). ``stream`` is None for the strategies that learn from data."""
     if name not in STRATEGIES:
         raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {name!r}")
+    spec = STRATEGIES[name]
+    if spec.data != (stream is None):
+        raise StrategyOptionError(f"strategy {name!r} learns from " + ("the scenario's data: pass no expert stream"
+                                                              if spec.data else "experts: pass an expert stream"))
+    given = {k: v for k, v in options.items() if v is not None}
+    unused = sorted(set(given) - spec.options)
+    if unused:
+        raise StrategyOptionError(f"strategy {name!r} does not use the option(s) {', '.join(unused)}; it reads "
+                         f"{', '.join(sorted(spec.options))}")
     opt = run_defaults(scenario.dataset)
-    opt.update({k: v for k, v in options.items() if v is not None})
+    opt.update(spec.defaults or {})
+    opt.update(given)
     ctx = BuildContext(stream=stream, scenario=scenario, seed=seed, device=device, progress=progress,
                        data_root=data_root)
-    return STRATEGIES[name].build(ctx, opt)
+    return spec.build(ctx, opt)
 
 
 def run_named_strategy(name: str, stream, scenario, *, options: dict[str, Any], seed: int, device: torch.device,

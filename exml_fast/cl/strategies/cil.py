@@ -1,0 +1,373 @@
+"""Class-incremental learning from data (REFERENCE.md §4): each experience brings the training data of its
+classes, and only while it is learned. :class:`FineTune` (the lower bound) and :class:`LwF` keep nothing of
+it; :class:`Joint` (the upper bound) keeps all of it.
+
+Every strategy here trains one learner in place with SGD over the experience's training set for ``epochs``
+(the experts' recipe by default: lr 0.01, momentum 0.9, weight decay 5e-4, batch 32), one head and no task
+label. Its classification term is the cross-entropy over the **active** units, the classes seen so far
+(those of earlier experiences and the current one): the usual class-incremental protocol (van de Ven et al.;
+PyCIL grows its head instead, which is the same), and :meth:`predict` answers among the active units only.
+
+The experience passed to :meth:`DataStrategy.train` is a :class:`~exml_fast.cl.scenarios.Experience`
+(anything with ``index``, ``classes``, ``task_id``, ``train_x`` and ``train_y``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exml_fast._utils.batches import minibatch_bounds
+from exml_fast._utils.progress import Progress
+from exml_fast.cl.strategies.base import Strategy, check_float, check_int, derive_seed, frozen_copy
+from exml_fast.cl.strategies.registry import BuildContext, build_data_learner, register_strategy
+from exml_fast.ops.window_pool import fast_pooling
+from exml_fast.training import augment_batch
+
+__all__ = ["DataStrategy", "FineTune", "Joint", "LwF", "LWF_FORMS"]
+
+#: LwF's loss forms: "softmax" (Li & Hoiem: cross-entropy on the active units, KD on the old units' softened
+#: softmax) and "mc" (LwF.MC, iCaRL's form: binary cross-entropy with sigmoids on every active unit, the old
+#: units' targets the previous model's sigmoids).
+LWF_FORMS = ("softmax", "mc")
+
+
+class DataStrategy(Strategy):
+    """Base of the strategies that learn from data experiences: trains ``model`` for ``epochs`` over each
+    experience's training set (as returned by :meth:`_train_set`) on the loss of :meth:`_loss`.
+
+    Args:
+        model: the learner, (B, C, H, W) → (B, num_classes) logits; trained in place on ``device``.
+        num_classes: the learner's outputs (default: the model's last ``nn.Linear``'s ``out_features``).
+        epochs: passes over each experience's training set.
+        lr, momentum, weight_decay, batch_size: SGD (a fresh optimiser per experience).
+        augment, pad_crop, flip: per-sample pad-crop (and flip) augmentation of each minibatch
+            (:func:`exml_fast.training.augment_batch`); off by default, as the experts' recipe.
+        seed: minibatch order and augmentation of experience i are drawn from (seed, i), so a run resumed
+            after experience i equals an uninterrupted one.
+        device: where the learner trains (None: the model's device).
+        progress: a progress bar per experience.
+    """
+
+    name = "data"
+    #: these strategies see the real data of the current experience: never ex-model
+    ex_model = False
+    learns_from = "data"
+
+    def __init__(self, model: nn.Module, *, num_classes: int | None = None, epochs: int = 20, lr: float = 0.01,
+                 momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 32, augment: bool = False,
+                 pad_crop: int = 4, flip: bool = False, seed: int = 0, device: torch.device | str | None = None,
+                 progress: bool = True) -> None:
+        owner = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{owner}: model must be an nn.Module; got {type(model).__name__}")
+        if device is None:
+            p = next(iter(model.parameters()), None)
+            device = p.device if p is not None else "cpu"
+        if num_classes is None:
+            linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ValueError(f"{owner}: num_classes is needed (the model has no nn.Linear to read it from)")
+            num_classes = linears[-1].out_features
+        super().__init__(num_classes=num_classes, device=device, seed=seed, progress=progress)
+        self.model = model.to(self.device)
+        self.epochs = check_int(epochs, "epochs", owner, low=1)
+        self.lr = check_float(lr, "lr", owner, positive=True)
+        self.momentum = check_float(momentum, "momentum", owner)
+        self.weight_decay = check_float(weight_decay, "weight_decay", owner)
+        self.batch_size = check_int(batch_size, "batch_size", owner, low=1)
+        self.augment = bool(augment)
+        self.pad_crop = check_int(pad_crop, "pad_crop", owner, low=0)
+        self.flip = bool(flip)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "keeps_data": self.keeps_data, "epochs": self.epochs, "lr": self.lr,
+                "momentum": self.momentum, "weight_decay": self.weight_decay, "batch_size": self.batch_size,
+                "augment": self.augment, "pad_crop": self.pad_crop, "flip": self.flip}
+
+    # -- checks ------------------------------------------------------------------------------------------
+    def _check_experience(self, exp) -> None:
+        owner = type(self).__name__
+        for attr in ("index", "classes", "task_id", "train_x", "train_y"):
+            if not hasattr(exp, attr):
+                raise TypeError(f"{owner}.train: experience must be an exml_fast.cl.scenarios.Experience (with "
+                                f"training data); got {type(exp).__name__}")
+        if exp.task_id is not None:
+            raise ValueError(f"{owner}.train: class-incremental strategies take experiences without task labels; "
+                             f"experience {exp.index} has task_id={exp.task_id!r}")
+        classes = tuple(int(c) for c in exp.classes)
+        if not classes or any(not 0 <= c < self.num_classes for c in classes):
+            raise ValueError(f"{owner}.train: experience classes must be a non-empty subset of "
+                             f"[0, {self.num_classes}); got {list(classes)}")
+        x, y = exp.train_x, exp.train_y
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+            raise ValueError(f"{owner}.train: experience {exp.index}: train_x must be a floating (N, C, H, W) "
+                             f"tensor; got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+        if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.shape != (x.shape[0],):
+            raise ValueError(f"{owner}.train: experience {exp.index}: train_y must be int64 of shape "
+                             f"({x.shape[0]},); got {getattr(y, 'dtype', type(y).__name__)} "
+                             f"{tuple(getattr(y, 'shape', ()))}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{owner}.train: experience {exp.index} has no training data")
+        outside = set(torch.unique(y).tolist()) - set(classes)
+        if outside:
+            raise ValueError(f"{owner}.train: experience {exp.index}: train_y holds classes {sorted(outside)} "
+                             f"outside its classes {list(classes)}")
+
+    # -- training ----------------------------------------------------------------------------------------
+    def train(self, experience) -> None:
+        """Learns one experience from its training data; keeps none of it unless :attr:`keeps_data`."""
+        self._check_experience(experience)
+        i = self.experiences_seen + 1
+        t0 = time.perf_counter()
+        x, y = self._train_set(experience)
+        self._begin(experience, i)
+        try:
+            loss = self._fit(x, y, experience, i)
+        finally:
+            self._end()
+        self._learned(x, y)
+        del x, y
+        self._record(experience, train_size=int(experience.train_y.shape[0]), final_loss=loss,
+                     train_s=round(time.perf_counter() - t0, 3))
+
+    def _train_set(self, exp) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (x, y) to train on for this experience (the experience's own data; Joint adds its memory)."""
+        return exp.train_x, exp.train_y
+
+    def _begin(self, exp, i: int) -> None:
+        """Before experience i's training (LwF freezes the previous model here)."""
+
+    def _learned(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """After experience i's training succeeded, with the set it trained on (Joint keeps it here)."""
+
+    def _end(self) -> None:
+        """After experience i's training, also after an error (LwF drops the previous model here)."""
+
+    def _active(self, exp) -> torch.Tensor:
+        """The classes seen so far, this experience's included (sorted, on the device)."""
+        seen = sorted(set(self.classes_seen) | {int(c) for c in exp.classes})
+        return torch.tensor(seen, dtype=torch.int64, device=self._device())
+
+    def _loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        """Cross-entropy over the active units (``ctx["active"]``; ``ctx["pos"]`` maps a class to its column)."""
+        return F.cross_entropy(logits.index_select(1, ctx["active"]), ctx["pos"][y])
+
+    def _models(self) -> tuple[nn.Module | None, ...]:
+        """The models whose pooling layers take the fused window_pool during training."""
+        return (self.model,)
+
+    def _fill(self) -> float:
+        return 0.0
+
+    def _fit(self, x: torch.Tensor, y: torch.Tensor, exp, i: int) -> float:
+        dev = self._device()
+        active = self._active(exp)
+        pos = torch.full((self.num_classes,), -1, dtype=torch.int64, device=dev)
+        pos[active] = torch.arange(active.numel(), device=dev)
+        ctx = {"active": active, "pos": pos, "experience": i}
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "train", i))
+        opt = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum,
+                              weight_decay=self.weight_decay)
+        bounds = minibatch_bounds(int(x.shape[0]), self.batch_size)
+        total = self.epochs * len(bounds)
+        bar = Progress(total, f"train {i}", self.progress)
+        running, seen, every = torch.zeros((), device=dev), 0, max(1, min(100, total // 20))
+        last = float("nan")
+        self.model.train()
+        with fast_pooling(*self._models()):
+            try:
+                for _ in range(self.epochs):
+                    perm = torch.randperm(int(x.shape[0]), generator=gen)
+                    for start, end in bounds:
+                        idx = perm[start:end]
+                        xb = x[idx].to(dev, non_blocking=True)
+                        yb = y[idx].to(dev, non_blocking=True)
+                        if self.augment and (self.pad_crop or self.flip):
+                            xb = augment_batch(xb, gen, pad_crop=self.pad_crop, flip=self.flip, fill=self._fill())
+                        loss = self._loss(self.model(xb), xb, yb, ctx)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        running += loss.detach()
+                        seen += 1
+                        if seen == every:
+                            last = float(running) / seen  # one host sync per `every` steps
+                            bar.update(seen, {"loss": last})
+                            running.zero_()
+                            seen = 0
+                if seen:
+                    last = float(running) / seen
+                    bar.update(seen, {"loss": last})
+            finally:
+                bar.close()
+                self.model.eval()
+        return last
+
+    @torch.no_grad()
+    def _logits(self, x, task_ids):
+        self.model.eval()
+        out = self.model(x)
+        seen = torch.tensor(self.classes_seen, dtype=torch.int64, device=out.device)
+        mask = torch.ones(out.shape[1], dtype=torch.bool, device=out.device)
+        mask[seen] = False
+        return out.masked_fill(mask, float("-inf"))  # one head over the classes seen
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.model.load_state_dict(state["model"])
+
+
+class FineTune(DataStrategy):
+    """Fine-tuning: each experience trained on its own data with cross-entropy over the classes seen, nothing
+    done against forgetting — the lower bound."""
+
+    name = "finetune"
+
+
+class Joint(DataStrategy):
+    """Joint training: each experience trains on all the training data seen so far (it keeps every past
+    experience's data, in :attr:`memory_x` / :attr:`memory_y`, and checkpoints it: on Split MNIST about
+    250 MB after the last task) — the upper bound."""
+
+    name = "joint"
+    keeps_data = True
+
+    def __init__(self, model: nn.Module, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self.memory_x: torch.Tensor | None = None
+        self.memory_y: torch.Tensor | None = None
+
+    def _train_set(self, exp):
+        x, y = exp.train_x.detach().cpu(), exp.train_y.detach().cpu()
+        if self.memory_x is not None:
+            if self.memory_x.shape[1:] != x.shape[1:]:
+                raise ValueError(f"Joint.train: experience {exp.index}'s images are {tuple(x.shape[1:])}, the "
+                                 f"earlier ones {tuple(self.memory_x.shape[1:])}")
+            x, y = torch.cat([self.memory_x, x]), torch.cat([self.memory_y, y])
+        return x, y
+
+    def _learned(self, x, y):
+        self.memory_x, self.memory_y = x, y  # only once the task is learned: a failed task adds nothing
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "memory_x": self.memory_x, "memory_y": self.memory_y}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.memory_x, self.memory_y = state["memory_x"], state["memory_y"]
+
+
+class LwF(DataStrategy):
+    """Learning without Forgetting (Li & Hoiem): before each experience after the first, a frozen copy of
+    the learner is the teacher of the old classes on the new data.
+
+    ``form="softmax"``: ``w_ce · CE(active units) + w_kd · kd_loss(old units, T)``, the distillation the
+    fused :func:`exml_fast.ops.kd_loss` (``T² · KL(softmax(prev / T) || softmax(model / T))`` over the old
+    classes' logits, Hinton's scaling). ``form="mc"`` (LwF.MC, iCaRL's form): the mean binary cross-entropy
+    of sigmoids over the active units, with one-hot targets on the new classes' units and the previous
+    model's sigmoids on the old ones (``distill_weight`` and ``temperature`` do not apply).
+
+    Weights (softmax form): ``by_task=False`` (default): ``w_ce = 1``, ``w_kd = distill_weight``;
+    ``by_task=True`` (van de Ven et al.'s code): at experience t, ``w_ce = 1/t`` and
+    ``w_kd = distill_weight · (1 − 1/t)``.
+    """
+
+    name = "lwf"
+
+    def __init__(self, model: nn.Module, *, temperature: float = 2.0, distill_weight: float = 1.0,
+                 by_task: bool = False, form: str = "softmax", **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        owner = type(self).__name__
+        self.temperature = check_float(temperature, "temperature", owner, positive=True)
+        self.distill_weight = check_float(distill_weight, "distill_weight", owner)
+        self.by_task = bool(by_task)
+        if form not in LWF_FORMS:
+            raise ValueError(f"{owner}: form must be one of {LWF_FORMS}; got {form!r}")
+        self.form = form
+        self.prev: nn.Module | None = None  # the frozen previous model, while a task after the first trains
+        self._old: torch.Tensor | None = None  # the classes it answers for
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "temperature": self.temperature, "distill_weight": self.distill_weight,
+                "by_task": self.by_task, "form": self.form}
+
+    def _begin(self, exp, i: int) -> None:
+        self.prev = frozen_copy(self.model) if self.experiences_seen else None
+        self._old = torch.tensor(self.classes_seen, dtype=torch.int64, device=self._device())
+
+    def _end(self) -> None:
+        self.prev = None
+
+    def _models(self):
+        return (self.model, self.prev)
+
+    def _loss(self, logits, x, y, ctx):
+        active, pos, t = ctx["active"], ctx["pos"], ctx["experience"]
+        if self.form == "mc":
+            target = F.one_hot(pos[y], active.numel()).to(logits.dtype)
+            if self.prev is not None:
+                with torch.no_grad():
+                    old = torch.sigmoid(self.prev(x).index_select(1, self._old))
+                target[:, pos[self._old]] = old.to(logits.dtype)
+            return F.binary_cross_entropy_with_logits(logits.index_select(1, active), target)
+        ce = F.cross_entropy(logits.index_select(1, active), pos[y])
+        if self.prev is None:
+            return ce
+        from exml_fast.ops import kd_loss
+
+        with torch.no_grad():
+            teacher = self.prev(x).index_select(1, self._old)
+        kd = kd_loss(logits.index_select(1, self._old), teacher, temperature=self.temperature)
+        w_ce, w_kd = (1.0 / t, self.distill_weight * (1.0 - 1.0 / t)) if self.by_task else (1.0, self.distill_weight)
+        return w_ce * ce + w_kd * kd
+
+
+# -- the command-line names ------------------------------------------------------------------------------
+
+
+def _common(ctx: BuildContext, opt: dict[str, Any]) -> dict[str, Any]:
+    from exml_fast.cl.scenarios import default_expert_epochs
+
+    epochs = opt["epochs"] if opt["epochs"] is not None else default_expert_epochs(ctx.scenario)
+    return {"num_classes": ctx.scenario.num_classes, "epochs": epochs, "lr": opt["lr"],
+            "momentum": opt["momentum"], "weight_decay": opt["weight_decay"], "batch_size": opt["batch_size"],
+            "augment": opt["augment"], "flip": opt["flip"], "seed": ctx.seed, "device": ctx.device,
+            "progress": ctx.progress}
+
+
+#: What the class-incremental strategies take over the run options' defaults: the experts' training recipe
+#: (exml_fast.cl.scenarios.train_experts: SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 32, no
+#: augmentation); ``epochs`` None is the experts' epochs for the scenario (20 on Split MNIST).
+CIL_DEFAULTS: dict[str, Any] = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 32,
+                                "augment": False, "epochs": None}
+#: The run options every class-incremental strategy reads, and LwF's own.
+CIL_OPTIONS = frozenset({"epochs", "arch", "lr", "momentum", "weight_decay", "batch_size", "augment", "flip"})
+LWF_OPTIONS = CIL_OPTIONS | {"distill_temperature", "distill_weight", "distill_by_task", "lwf_form"}
+
+
+@register_strategy("finetune", keeps_data=False, data=True, defaults=CIL_DEFAULTS, options=CIL_OPTIONS,
+                   help="class-incremental: fine-tune on each task's data (the lower bound)")
+def _finetune(ctx: BuildContext, opt: dict[str, Any]) -> FineTune:
+    return FineTune(build_data_learner(ctx, opt), **_common(ctx, opt))
+
+
+@register_strategy("joint", keeps_data=True, data=True, defaults=CIL_DEFAULTS, options=CIL_OPTIONS,
+                   help="class-incremental: train on all data seen so far (keeps it; the upper bound)")
+def _joint(ctx: BuildContext, opt: dict[str, Any]) -> Joint:
+    return Joint(build_data_learner(ctx, opt), **_common(ctx, opt))
+
+
+@register_strategy("lwf", keeps_data=False, data=True, defaults=CIL_DEFAULTS, options=LWF_OPTIONS,
+                   help="class-incremental: Learning without Forgetting (distil the previous model's old classes)")
+def _lwf(ctx: BuildContext, opt: dict[str, Any]) -> LwF:
+    return LwF(build_data_learner(ctx, opt), temperature=opt["distill_temperature"],
+               distill_weight=opt["distill_weight"], by_task=opt["distill_by_task"], form=opt["lwf_form"],
+               **_common(ctx, opt))

@@ -1,0 +1,276 @@
+"""Class-incremental strategies that learn from data (finetune, joint, lwf): each one's update is the loss it
+states, the previous model is frozen, no real past-task tensor outlives its task unless the strategy keeps
+data, resume equals an uninterrupted run, and bad input is refused by name. Seconds in all (toy images)."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _util import band_images
+
+from exml_fast.cl import strategies as S
+from exml_fast.cl.engine import RunError, run_stream
+from exml_fast.cl.scenarios import Experience, Scenario
+from exml_fast.models import build_model
+from exml_fast.reference.soft_target_losses import kd_loss as kd_reference
+
+K = 6
+SPLITS = [(0, 1), (2, 3), (4, 5)]
+
+
+def _experience(i, classes, n=24, task_id=None):
+    tx, ty = band_images(classes, n, seed=i)
+    vx, vy = band_images(classes, 10, seed=100 + i)
+    return Experience(i, classes, task_id, tx, ty, vx, vy)
+
+
+def _scenario():
+    exps = [_experience(i, cls) for i, cls in enumerate(SPLITS)]
+    return Scenario("toy", "toy", K, (1, 32, 32), (0.5,), (0.5,), False, 0, tuple(range(K)), exps)
+
+
+def _learner(seed=5):
+    torch.manual_seed(seed)
+    return build_model("lenet5", num_classes=K)
+
+
+def _strategy(cls, **kw):
+    opts = {"epochs": 2, "batch_size": 16, "lr": 0.05, "progress": False, **kw}
+    return cls(_learner(), **opts)
+
+
+def _one_step(strategy, exp, loss_fn):
+    """The expected parameters after one full-batch SGD step (momentum's first step is plain SGD) on loss_fn,
+    from the strategy's model as it is now."""
+    m = copy.deepcopy(strategy.model).train()
+    loss = loss_fn(m(exp.train_x))
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    with torch.no_grad():
+        return [p - strategy.lr * (g + strategy.weight_decay * p) for p, g in zip(m.parameters(), grads)]
+
+
+def _assert_params(model, expected):
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
+
+
+def _active(classes):
+    return torch.tensor(sorted(classes))
+
+
+def _pos(active):
+    pos = torch.full((K,), -1, dtype=torch.int64)
+    pos[active] = torch.arange(active.numel())
+    return pos
+
+
+# -- each strategy's update is its loss ---------------------------------------------------------------------------
+
+
+def test_finetune_step_is_cross_entropy_over_the_classes_seen():
+    s = _strategy(S.FineTune, epochs=1, batch_size=1000)
+    s.train(_experience(0, SPLITS[0]))
+    exp = _experience(1, SPLITS[1])
+    active = _active(SPLITS[0] + SPLITS[1])
+    expected = _one_step(s, exp, lambda out: F.cross_entropy(out[:, active], _pos(active)[exp.train_y]))
+    s.train(exp)
+    _assert_params(s.model, expected)
+
+
+@pytest.mark.parametrize("by_task", [False, True])
+def test_lwf_step_is_ce_plus_kd_of_the_frozen_previous_model(by_task):
+    s = _strategy(S.LwF, epochs=1, batch_size=1000, distill_weight=0.7, temperature=3.0, by_task=by_task)
+    s.train(_experience(0, SPLITS[0]))
+    prev = copy.deepcopy(s.model).eval()
+    exp = _experience(1, SPLITS[1])
+    active, old = _active(SPLITS[0] + SPLITS[1]), _active(SPLITS[0])
+    with torch.no_grad():
+        teacher = prev(exp.train_x)[:, old]
+    w_ce, w_kd = (0.5, 0.7 * 0.5) if by_task else (1.0, 0.7)
+
+    def loss(out):
+        return (w_ce * F.cross_entropy(out[:, active], _pos(active)[exp.train_y])
+                + w_kd * kd_reference(out[:, old], teacher, temperature=3.0))
+
+    expected = _one_step(s, exp, loss)
+    s.train(exp)
+    _assert_params(s.model, expected)
+    assert s.prev is None  # the previous model is dropped after its task
+
+
+def test_lwf_mc_step_is_bce_with_the_previous_sigmoids_on_old_units():
+    s = _strategy(S.LwF, epochs=1, batch_size=1000, form="mc")
+    s.train(_experience(0, SPLITS[0]))
+    prev = copy.deepcopy(s.model).eval()
+    exp = _experience(1, SPLITS[1])
+    active = _active(SPLITS[0] + SPLITS[1])  # 0, 1 old; 2, 3 new
+    with torch.no_grad():
+        target = F.one_hot(_pos(active)[exp.train_y], 4).float()
+        target[:, :2] = torch.sigmoid(prev(exp.train_x)[:, :2])
+    expected = _one_step(s, exp, lambda out: F.binary_cross_entropy_with_logits(out[:, active], target))
+    s.train(exp)
+    _assert_params(s.model, expected)
+
+
+def test_lwf_teacher_is_a_frozen_copy_of_the_model_before_the_task(monkeypatch):
+    s = _strategy(S.LwF, epochs=1)
+    s.train(_experience(0, SPLITS[0]))
+    before = copy.deepcopy(s.model.state_dict())
+    seen = []
+    loss = S.LwF._loss
+
+    def spy(self, logits, x, y, ctx):
+        seen.append((self.prev.training, [p.requires_grad for p in self.prev.parameters()],
+                     {k: v.clone() for k, v in self.prev.state_dict().items()}))
+        return loss(self, logits, x, y, ctx)
+
+    monkeypatch.setattr(S.LwF, "_loss", spy)
+    s.train(_experience(1, SPLITS[1]))
+    assert seen
+    for training, grads, state in seen:
+        assert not training and not any(grads)
+        for k in before:  # the teacher never moves while the learner trains
+            assert torch.equal(state[k], before[k])
+
+
+def test_predictions_stay_among_the_classes_seen_and_joint_learns_the_union():
+    s = _strategy(S.Joint, epochs=6)
+    sc = _scenario()
+    s.train(sc[0])
+    x = torch.cat([e.test_x for e in sc])
+    assert set(s.predict(x).argmax(1).tolist()) <= set(SPLITS[0])
+    s.train(sc[1])
+    s.train(sc[2])
+    x, y = torch.cat([e.test_x for e in sc]), torch.cat([e.test_y for e in sc])
+    assert (s.predict(x).argmax(1) == y).float().mean() > 0.9  # the toy bands are easy when all data is kept
+    assert s.memory_x.shape[0] == sum(e.num_train for e in sc)
+
+
+# -- memory ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [S.FineTune, S.LwF])
+def test_no_real_past_task_tensor_outlives_its_task(cls):
+    s = _strategy(cls, epochs=1)
+    refs = []
+    for i, classes in enumerate(SPLITS):
+        exp = _experience(i, classes)
+        refs.append((weakref.ref(exp.train_x), weakref.ref(exp.train_y)))
+        s.train(exp)
+        del exp
+        gc.collect()
+        assert all(r() is None for pair in refs for r in pair), f"{cls.name} holds task data after task {i}"
+    assert not cls.keeps_data and cls.learns_from == "data" and not cls.ex_model
+
+
+def test_joint_keeps_the_data_and_says_so():
+    s = _strategy(S.Joint, epochs=1)
+    exp = _experience(0, SPLITS[0])
+    s.train(exp)
+    assert torch.equal(s.memory_x, exp.train_x) and s.keeps_data and s.config()["keeps_data"]
+
+
+# -- the run loop: resume, results, refusals ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [S.FineTune, S.LwF, S.Joint])
+def test_resumed_run_equals_an_uninterrupted_one(cls, tmp_path):
+    sc = _scenario()
+    whole = run_stream(_strategy(cls, seed=3), None, sc, out=tmp_path / "whole", plots=False, log=None)
+    run_stream(_strategy(cls, seed=3), None, sc, out=tmp_path / "cut", stop_after=1, plots=False, log=None)
+    fresh = _strategy(cls, seed=3)
+    resumed = run_stream(fresh, None, sc, out=tmp_path / "cut", resume=True, plots=False, log=None)
+    assert resumed.acc_matrix == whole.acc_matrix and resumed.per_class_accuracy == whole.per_class_accuracy
+    assert resumed.meta["keeps_data"] == cls.keeps_data and resumed.meta["ex_model"] is False
+    assert 0.0 <= resumed.average_incremental_accuracy <= 1.0
+    with pytest.raises(RunError, match="different run"):
+        run_stream(_strategy(cls, seed=4), None, sc, out=tmp_path / "cut", resume=True, plots=False, log=None)
+
+
+def test_finetune_forgets_and_lwf_holds_the_old_outputs_on_new_data():
+    """Class-incremental fine-tuning forgets the first task outright. LwF's distillation holds the old
+    classes' softened outputs on the new task's data nearer the previous model's than fine-tuning does (what
+    it optimises; on these toy bands the new data say nothing about the old classes' features, so no accuracy
+    claim is made)."""
+    sc = _scenario()
+    ft_res = run_stream(_strategy(S.FineTune, epochs=4), None, sc, plots=False, log=None)
+    assert ft_res.acc_matrix[0][0] > 0.9 and ft_res.acc_matrix[-1][-1] > 0.9  # each task learned ...
+    assert ft_res.acc_matrix[-1][0] < 0.5  # ... and the first forgotten
+
+    ft, lwf = _strategy(S.FineTune, epochs=4), _strategy(S.LwF, epochs=4)
+    ft.train(sc[0])
+    lwf.train(sc[0])
+    for a, b in zip(ft.model.parameters(), lwf.model.parameters()):  # the first task is plain cross-entropy
+        assert torch.equal(a, b)
+    old, x = list(SPLITS[0]), sc[1].train_x
+    with torch.no_grad():
+        target = ft.model(x)[:, old]
+    ft.train(sc[1])
+    lwf.train(sc[1])
+
+    def drift(s):
+        with torch.no_grad():
+            return float(kd_reference(s.model(x)[:, old], target, temperature=2.0))
+
+    assert drift(lwf) < drift(ft)
+
+
+def test_the_run_loop_refuses_the_wrong_kind_of_stream(tmp_path):
+    sc = _scenario()
+    with pytest.raises(ValueError, match="learns from the scenario's data"):
+        run_stream(_strategy(S.FineTune), object(), sc, plots=False, log=None)
+    ed = S.ParameterAverage(progress=False)
+    with pytest.raises(ValueError, match="learns from experts"):
+        run_stream(ed, None, sc, plots=False, log=None)
+
+
+def test_bad_arguments_and_experiences_are_refused_by_name():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        S.FineTune("lenet")
+    for kw, match in [({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"batch_size": 0}, "batch_size")]:
+        with pytest.raises(ValueError, match=match):
+            S.FineTune(_learner(), **kw)
+    with pytest.raises(ValueError, match="form must be one of"):
+        S.LwF(_learner(), form="kd")
+    with pytest.raises(ValueError, match="temperature"):
+        S.LwF(_learner(), temperature=0.0)
+    s = _strategy(S.FineTune)
+    with pytest.raises(TypeError, match="Experience"):
+        s.train(object())
+    with pytest.raises(ValueError, match="task labels"):
+        s.train(_experience(0, SPLITS[0], task_id=0))
+    exp = _experience(0, SPLITS[0])
+    with pytest.raises(ValueError, match="outside its classes"):
+        s.train(Experience(0, (0,), None, exp.train_x, exp.train_y, exp.test_x, exp.test_y))
+    with pytest.raises(ValueError, match="subset of"):
+        s.train(Experience(0, (6, 7), None, exp.train_x, exp.train_y + 6, exp.test_x, exp.test_y))
+    with pytest.raises(ValueError, match="train_x must be a floating"):
+        s.train(Experience(0, SPLITS[0], None, exp.train_x.long(), exp.train_y, exp.test_x, exp.test_y))
+    assert s.experiences_seen == 0  # nothing recorded by a refused experience
+
+
+def test_the_registry_builds_the_data_strategies_and_refuses_options_they_do_not_read():
+    sc = _scenario()
+    sc.dataset = "mnist"
+    cpu = torch.device("cpu")
+    s = S.build_strategy("lwf", None, sc, options={"epochs": 1, "distill_weight": 2.0, "lwf_form": "mc"}, seed=1,
+                         device=cpu, progress=False)
+    assert isinstance(s, S.LwF) and (s.epochs, s.distill_weight, s.form) == (1, 2.0, "mc")
+    assert (s.lr, s.momentum, s.weight_decay, s.batch_size, s.augment) == (0.01, 0.9, 5e-4, 32, False)
+    ft = S.build_strategy("finetune", None, sc, options={}, seed=1, device=cpu, progress=False)
+    assert ft.epochs == 20  # the experts' epochs on a split MNIST scenario
+    with pytest.raises(S.StrategyOptionError, match="does not use the option.*buffer_size"):
+        S.build_strategy("lwf", None, sc, options={"buffer_size": 10}, seed=1, device=cpu, progress=False)
+    with pytest.raises(S.StrategyOptionError, match="distill_weight"):
+        S.build_strategy("finetune", None, sc, options={"distill_weight": 1.0}, seed=1, device=cpu, progress=False)
+    with pytest.raises(S.StrategyOptionError, match="pass no expert stream"):
+        S.build_strategy("lwf", object(), sc, options={}, seed=1, device=cpu, progress=False)
+    with pytest.raises(S.StrategyOptionError, match="epochs"):
+        S.build_strategy("param-avg", object(), sc, options={"epochs": 2}, seed=1, device=cpu, progress=False)
+    assert S.STRATEGIES["joint"].keeps_data and not S.STRATEGIES["lwf"].keeps_data
+    assert S.STRATEGIES["lwf"].data and not S.STRATEGIES["mi-ed"].data
