@@ -239,8 +239,8 @@ def smallest_steps(run, grid: list[int], meets) -> tuple[int | None, float | Non
     """The fewest steps in ``grid`` (increasing step counts) whose returned batch ``meets`` the bar;
     ``run(steps) -> (x, wall_s)``. Galloping search (grid indices 0, 1, 3, 7, ... and the last) for the first
     probe that meets the bar, then bisection below it: about 2 log2(answer / grid step) probes, none longer
-    than twice the answer, whatever the grid's end. Assumes the returned batch (the best so far by loss) only gets better with more steps; every probe is
-    listed. Returns (steps, the wall seconds of that call, the probes)."""
+    than twice the answer, whatever the grid's end. Assumes the returned batch (the best so far by loss) only
+    gets better with more steps; every probe is listed. Returns (steps, the wall seconds of that call, the probes)."""
     probes: list[dict] = []
 
     def probe(i: int) -> bool:

@@ -19,8 +19,8 @@ classes are stored sorted.
 
 Images: MNIST / Fashion-MNIST zero-padded to 32x32 and normalised with the
 dataset's mean and std (:func:`exml_fast.data.mnist_tensors`); CIFAR-10 and
-CIFAR-100 (its 100 fine labels) from the python pickles, normalised per channel. Joint MNIST is one experience holding all
-ten classes and the full 60000-image training set (the paper reports 50000
+CIFAR-100 (its 100 fine labels) from the python pickles, normalised per channel.
+Joint MNIST is one experience holding all ten classes and the full 60000-image training set (the paper reports 50000
 training samples, i.e. it held out a validation split; pass
 ``max_train_per_experience=50000`` for that size).
 
@@ -48,9 +48,10 @@ from exml_fast._utils.checks import check_int
 from exml_fast.cl.experts import Expert, ExpertStream
 from exml_fast.cl.heads import task_head_mask
 
-__all__ = ["CIFAR100_MEAN", "CIFAR100_STD", "CIFAR10_MEAN", "CIFAR10_STD", "EVAL_SPLITS", "Experience", "SCENARIOS", "Scenario", "class_order",
-           "default_expert_epochs", "joint_mnist", "make_scenario", "scenario_of", "split_cifar10", "split_cifar100",
-           "split_fashion_mnist", "split_mnist", "train_experts", "validation_indices"]
+__all__ = ["CIFAR100_MEAN", "CIFAR100_STD", "CIFAR10_MEAN", "CIFAR10_STD", "EVAL_SPLITS", "Experience", "SCENARIOS",
+           "Scenario", "class_order", "default_expert_epochs", "joint_mnist", "make_scenario", "scenario_of",
+           "split_cifar10", "split_cifar100", "split_fashion_mnist", "split_mnist", "train_experts",
+           "validation_indices"]
 
 #: Per-channel mean and std of the CIFAR-10 training pixels scaled to [0, 1].
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
