@@ -112,7 +112,9 @@ def test_lwf_mc_step_is_bce_with_the_previous_sigmoids_on_old_units():
     with torch.no_grad():
         target = F.one_hot(_pos(active)[exp.train_y], 4).float()
         target[:, :2] = torch.sigmoid(prev(exp.train_x)[:, :2])
-    expected = _one_step(s, exp, lambda out: F.binary_cross_entropy_with_logits(out[:, active], target))
+    # summed over the units, averaged over the batch (iCaRL's loss)
+    expected = _one_step(s, exp, lambda out: F.binary_cross_entropy_with_logits(out[:, active], target,
+                                                                                reduction="sum") / out.shape[0])
     s.train(exp)
     _assert_params(s.model, expected)
 
@@ -272,5 +274,11 @@ def test_the_registry_builds_the_data_strategies_and_refuses_options_they_do_not
         S.build_strategy("lwf", object(), sc, options={}, seed=1, device=cpu, progress=False)
     with pytest.raises(S.StrategyOptionError, match="epochs"):
         S.build_strategy("param-avg", object(), sc, options={"epochs": 2}, seed=1, device=cpu, progress=False)
-    assert S.STRATEGIES["joint"].keeps_data and not S.STRATEGIES["lwf"].keeps_data
+    icarl = S.build_strategy("icarl", None, sc, options={"memory_size": 100, "classifier": "cnn"}, seed=1,
+                             device=cpu, progress=False)
+    assert isinstance(icarl, S.ICaRL) and (icarl.memory.capacity, icarl.classifier, icarl.form) == (100, "cnn", "mc")
+    with pytest.raises(S.StrategyOptionError, match="lwf_form"):
+        S.build_strategy("icarl", None, sc, options={"lwf_form": "mc"}, seed=1, device=cpu, progress=False)
+    assert S.STRATEGIES["joint"].keeps_data and S.STRATEGIES["icarl"].keeps_data
+    assert not S.STRATEGIES["lwf"].keeps_data
     assert S.STRATEGIES["lwf"].data and not S.STRATEGIES["mi-ed"].data

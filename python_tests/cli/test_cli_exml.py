@@ -206,17 +206,19 @@ CIL = ["--scenario", "split_mnist", "--n-experiences", "2", "--max-train", "200"
        "--seed", "0"]
 
 
-@pytest.mark.parametrize("strategy", ["finetune", "joint", "lwf"])
+@pytest.mark.parametrize("strategy", ["finetune", "joint", "lwf", "icarl"])
 def test_class_incremental_run_from_a_scenario_then_report(tmp_path, strategy, capsys):
     run = tmp_path / strategy
-    assert main(["run", "--strategy", strategy, "--out", str(run), *CIL]) == 0
+    extra = ["--memory-size", "40"] if strategy == "icarl" else []
+    assert main(["run", "--strategy", strategy, "--out", str(run), *CIL, *extra]) == 0
     res = _result(run)
     assert res["strategy"] == strategy and len(res["acc_matrix"]) == 2
-    assert res["meta"]["keeps_data"] is (strategy == "joint") and res["meta"]["ex_model"] is False
+    assert res["meta"]["keeps_data"] is (strategy in ("joint", "icarl")) and res["meta"]["ex_model"] is False
     assert res["meta"]["config"]["epochs"] == 1 and "average_incremental_accuracy" in res["summary"]
     assert "2 tasks of its data" in capsys.readouterr().out
     assert main(["report", str(run)]) == 0
-    assert f"| {strategy} | {'yes' if strategy == 'joint' else 'no'} | split_mnist |" in capsys.readouterr().out
+    keeps = "yes" if strategy in ("joint", "icarl") else "no"
+    assert f"| {strategy} | {keeps} | split_mnist |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [

@@ -23,17 +23,20 @@ from torch import nn
 
 from exml_fast._utils.batches import minibatch_bounds
 from exml_fast._utils.progress import Progress
+from exml_fast.cl.exemplars import ExemplarMemory, class_means, herding, nearest_mean_logits, penultimate_features
 from exml_fast.cl.strategies.base import Strategy, check_float, check_int, derive_seed, frozen_copy
 from exml_fast.cl.strategies.registry import BuildContext, build_data_learner, register_strategy
 from exml_fast.ops.window_pool import fast_pooling
 from exml_fast.training import augment_batch
 
-__all__ = ["DataStrategy", "FineTune", "Joint", "LwF", "LWF_FORMS"]
+__all__ = ["ICARL_CLASSIFIERS", "LWF_FORMS", "DataStrategy", "FineTune", "ICaRL", "Joint", "LwF"]
 
 #: LwF's loss forms: "softmax" (Li & Hoiem: cross-entropy on the active units, KD on the old units' softened
-#: softmax) and "mc" (LwF.MC, iCaRL's form: binary cross-entropy with sigmoids on every active unit, the old
-#: units' targets the previous model's sigmoids).
+#: softmax) and "mc" (LwF.MC, iCaRL's form: binary cross-entropy with sigmoids on every active unit, summed
+#: over them, the old units' targets the previous model's sigmoids).
 LWF_FORMS = ("softmax", "mc")
+#: iCaRL's classifiers: the nearest mean of exemplars, or the network's outputs.
+ICARL_CLASSIFIERS = ("nme", "cnn")
 
 
 class DataStrategy(Strategy):
@@ -130,7 +133,7 @@ class DataStrategy(Strategy):
             loss = self._fit(x, y, experience, i)
         finally:
             self._end()
-        self._learned(x, y)
+        self._learned(experience, x, y)
         del x, y
         self._record(experience, train_size=int(experience.train_y.shape[0]), final_loss=loss,
                      train_s=round(time.perf_counter() - t0, 3))
@@ -142,8 +145,9 @@ class DataStrategy(Strategy):
     def _begin(self, exp, i: int) -> None:
         """Before experience i's training (LwF freezes the previous model here)."""
 
-    def _learned(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """After experience i's training succeeded, with the set it trained on (Joint keeps it here)."""
+    def _learned(self, exp, x: torch.Tensor, y: torch.Tensor) -> None:
+        """After the experience's training succeeded, with the set it trained on (Joint keeps it here; iCaRL
+        selects exemplars)."""
 
     def _end(self) -> None:
         """After experience i's training, also after an error (LwF drops the previous model here)."""
@@ -254,7 +258,7 @@ class Joint(DataStrategy):
             x, y = torch.cat([self.memory_x, x]), torch.cat([self.memory_y, y])
         return x, y
 
-    def _learned(self, x, y):
+    def _learned(self, exp, x, y):
         self.memory_x, self.memory_y = x, y  # only once the task is learned: a failed task adds nothing
 
     def state_dict(self) -> dict[str, Any]:
@@ -271,9 +275,10 @@ class LwF(DataStrategy):
 
     ``form="softmax"``: ``w_ce · CE(active units) + w_kd · kd_loss(old units, T)``, the distillation the
     fused :func:`exml_fast.ops.kd_loss` (``T² · KL(softmax(prev / T) || softmax(model / T))`` over the old
-    classes' logits, Hinton's scaling). ``form="mc"`` (LwF.MC, iCaRL's form): the mean binary cross-entropy
-    of sigmoids over the active units, with one-hot targets on the new classes' units and the previous
-    model's sigmoids on the old ones (``distill_weight`` and ``temperature`` do not apply).
+    classes' logits, Hinton's scaling). ``form="mc"`` (LwF.MC, iCaRL's form): the binary cross-entropy of
+    sigmoids summed over the active units and averaged over the batch, with one-hot targets on the new
+    classes' units and the previous model's sigmoids on the old ones (``distill_weight``, ``temperature`` and
+    ``by_task`` do not apply).
 
     Weights (softmax form): ``by_task=False`` (default): ``w_ce = 1``, ``w_kd = distill_weight``;
     ``by_task=True`` (van de Ven et al.'s code): at experience t, ``w_ce = 1/t`` and
@@ -317,7 +322,9 @@ class LwF(DataStrategy):
                 with torch.no_grad():
                     old = torch.sigmoid(self.prev(x).index_select(1, self._old))
                 target[:, pos[self._old]] = old.to(logits.dtype)
-            return F.binary_cross_entropy_with_logits(logits.index_select(1, active), target)
+            # iCaRL's loss: the binary cross-entropies summed over the active units, averaged over the batch
+            return F.binary_cross_entropy_with_logits(logits.index_select(1, active), target,
+                                                      reduction="sum") / logits.shape[0]
         ce = F.cross_entropy(logits.index_select(1, active), pos[y])
         if self.prev is None:
             return ce
@@ -328,6 +335,84 @@ class LwF(DataStrategy):
         kd = kd_loss(logits.index_select(1, self._old), teacher, temperature=self.temperature)
         w_ce, w_kd = (1.0 / t, self.distill_weight * (1.0 - 1.0 / t)) if self.by_task else (1.0, self.distill_weight)
         return w_ce * ce + w_kd * kd
+
+
+class ICaRL(LwF):
+    """iCaRL (Rebuffi et al.), the exemplar-based reference: a memory of ``memory_size`` real exemplars split
+    evenly over the classes seen (:class:`~exml_fast.cl.exemplars.ExemplarMemory`), chosen by herding on the
+    L2-normalised penultimate features; each task trains on its data plus the exemplars with LwF.MC's loss
+    (sigmoid BCE; the old classes' targets the frozen previous model's sigmoids); predictions by the nearest
+    mean of exemplars (``classifier="nme"``, the class means recomputed after each task) or the network's own
+    outputs (``"cnn"``). It keeps real data of past tasks (the exemplars).
+
+    Args:
+        model: the learner (its last ``nn.Linear`` is the classifier; its input is the feature).
+        memory_size: K, the exemplars kept in all (iCaRL: 2000).
+        classifier: "nme" or "cnn".
+        **kwargs: as :class:`DataStrategy` (``form`` is always "mc").
+    """
+
+    name = "icarl"
+    keeps_data = True
+
+    def __init__(self, model: nn.Module, *, memory_size: int = 2000, classifier: str = "nme",
+                 **kwargs: Any) -> None:
+        owner = type(self).__name__
+        if kwargs.pop("form", "mc") != "mc":
+            raise ValueError(f"{owner}: form is always 'mc' (iCaRL's sigmoid loss)")
+        super().__init__(model, form="mc", **kwargs)
+        if classifier not in ICARL_CLASSIFIERS:
+            raise ValueError(f"{owner}: classifier must be one of {ICARL_CLASSIFIERS}; got {classifier!r}")
+        self.classifier = classifier
+        self.memory = ExemplarMemory(check_int(memory_size, "memory_size", owner, low=1))
+        self.means: torch.Tensor | None = None  # (C, D) normalised class means of the exemplars' features
+        self.mean_classes: list[int] = []
+
+    def config(self) -> dict[str, Any]:
+        cfg = {**super().config(), "memory_size": self.memory.capacity, "classifier": self.classifier}
+        for key in ("temperature", "distill_weight", "by_task"):  # LwF.MC's loss does not use them
+            cfg.pop(key)
+        return cfg
+
+    def _train_set(self, exp):
+        x, y = exp.train_x, exp.train_y
+        if len(self.memory):
+            mx, my = self.memory.tensors()
+            x, y = torch.cat([x.detach().cpu(), mx]), torch.cat([y.detach().cpu(), my])
+        return x, y
+
+    def _learned(self, exp, x, y):
+        classes = sorted(set(self.classes_seen) | {int(c) for c in exp.classes})
+        m = self.memory.per_class(len(classes))
+        self.memory.reduce(m)
+        new_x, new_y = exp.train_x.detach().cpu(), exp.train_y.detach().cpu()
+        feats = penultimate_features(self.model, new_x)
+        for c in sorted(int(c) for c in exp.classes):
+            idx = (new_y == c).nonzero().flatten()
+            order = herding(feats[idx], m)
+            self.memory.add(c, new_x[idx[order]])
+        mx, my = self.memory.tensors()
+        self.mean_classes = self.memory.classes
+        self.means = class_means(penultimate_features(self.model, mx), my, self.mean_classes)
+
+    @torch.no_grad()
+    def _logits(self, x, task_ids):
+        if self.classifier == "cnn" or self.means is None:
+            return super()._logits(x, task_ids)
+        f = penultimate_features(self.model, x)
+        means = self.means.to(f.device)
+        out = torch.full((x.shape[0], self.num_classes), float("-inf"), device=f.device)
+        out[:, torch.tensor(self.mean_classes, device=f.device)] = nearest_mean_logits(f, means)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "memory": self.memory.state_dict(), "means": self.means,
+                "mean_classes": self.mean_classes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.memory.load_state_dict(state["memory"])
+        self.means, self.mean_classes = state["means"], list(state["mean_classes"])
 
 
 # -- the command-line names ------------------------------------------------------------------------------
@@ -351,6 +436,7 @@ CIL_DEFAULTS: dict[str, Any] = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-
 #: The run options every class-incremental strategy reads, and LwF's own.
 CIL_OPTIONS = frozenset({"epochs", "arch", "lr", "momentum", "weight_decay", "batch_size", "augment", "flip"})
 LWF_OPTIONS = CIL_OPTIONS | {"distill_temperature", "distill_weight", "distill_by_task", "lwf_form"}
+ICARL_OPTIONS = CIL_OPTIONS | {"memory_size", "classifier"}
 
 
 @register_strategy("finetune", keeps_data=False, data=True, defaults=CIL_DEFAULTS, options=CIL_OPTIONS,
@@ -371,3 +457,11 @@ def _lwf(ctx: BuildContext, opt: dict[str, Any]) -> LwF:
     return LwF(build_data_learner(ctx, opt), temperature=opt["distill_temperature"],
                distill_weight=opt["distill_weight"], by_task=opt["distill_by_task"], form=opt["lwf_form"],
                **_common(ctx, opt))
+
+
+@register_strategy("icarl", keeps_data=True, data=True, defaults=CIL_DEFAULTS, options=ICARL_OPTIONS,
+                   help="class-incremental: iCaRL (herding exemplars of real images, BCE + distillation, nearest "
+                        "mean of exemplars; keeps K real images)")
+def _icarl(ctx: BuildContext, opt: dict[str, Any]) -> ICaRL:
+    return ICaRL(build_data_learner(ctx, opt), memory_size=opt["memory_size"], classifier=opt["classifier"],
+                 **_common(ctx, opt))

@@ -56,11 +56,14 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
                                      "de Ven et al.'s code (default: off)"),
     "lwf_form": (str, "softmax", "lwf: softmax (Li & Hoiem: cross-entropy + KD) or mc (LwF.MC: sigmoid binary "
                                  "cross-entropy, iCaRL's form)"),
+    "memory_size": (int, 2000, "icarl: exemplars kept in all, split evenly over the classes seen (default: 2000)"),
+    "classifier": (str, "nme", "icarl: nme (nearest mean of exemplars, the default) or cnn (the network's "
+                               "outputs)"),
 }
 
 #: Options only the class-incremental strategies read (an ExML run given one is an error).
 DATA_ONLY_OPTIONS = frozenset({"epochs", "arch", "distill_temperature", "distill_weight", "distill_by_task",
-                               "lwf_form"})
+                               "lwf_form", "memory_size", "classifier"})
 
 
 #: Run options by the scenario's dataset, over the RUN_OPTIONS defaults (the MNIST settings); given options win.
