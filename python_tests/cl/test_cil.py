@@ -19,6 +19,9 @@ from exml_fast.cl.scenarios import Experience, Scenario
 from exml_fast.models import build_model
 from exml_fast.reference.soft_target_losses import kd_loss as kd_reference
 
+# The synthesising strategies run DeepInversion for 3 steps here: its low-agreement warning is expected.
+pytestmark = pytest.mark.filterwarnings("ignore::exml_fast.synth.LowAgreementWarning")
+
 K = 6
 SPLITS = [(0, 1), (2, 3), (4, 5)]
 
@@ -282,3 +285,106 @@ def test_the_registry_builds_the_data_strategies_and_refuses_options_they_do_not
     assert S.STRATEGIES["joint"].keeps_data and S.STRATEGIES["icarl"].keeps_data
     assert not S.STRATEGIES["lwf"].keeps_data
     assert S.STRATEGIES["lwf"].data and not S.STRATEGIES["mi-ed"].data
+
+
+# -- DeepInversion instead of old data ----------------------------------------------------------------------------
+
+TINY_SYNTH = {"synth_iterations": 3, "synth_batch_size": 8, "input_shape": (1, 32, 32), "mean": (0.5,),
+              "std": (0.5,)}
+
+
+def _bn_strategy(cls, **kw):
+    torch.manual_seed(5)
+    opts = {"epochs": 2, "batch_size": 16, "lr": 0.05, "progress": False, **TINY_SYNTH, **kw}
+    return cls(build_model("lenet5_bn", num_classes=K), **opts)
+
+
+def test_deepinversion_cil_step_is_equation_11(monkeypatch):
+    """One full-batch step of task 2 with the synthetic set fixed: KL on the synthetic images against the
+    previous model's old-class softmax padded with zeros, CE on the new data, KD of the old classes on it."""
+    s = _bn_strategy(S.DeepInversionCIL, epochs=1, batch_size=1000, seed=4)
+    s.train(_experience(0, SPLITS[0]))
+    fake = torch.randn(10, 1, 32, 32, generator=torch.Generator().manual_seed(9))
+    calls = []
+
+    def synthesize(teacher, classes, per_class, tag, i):
+        calls.append((classes, per_class, i, [p.requires_grad for p in teacher.parameters()]))
+        return fake, torch.zeros(10, dtype=torch.int64)
+
+    monkeypatch.setattr(s, "_synthesize", synthesize)
+    prev = copy.deepcopy(s.model).eval()
+    exp = _experience(1, SPLITS[1])
+    n = exp.num_train
+    gen = torch.Generator().manual_seed(S.derive_seed(4, "train", 2))
+    torch.randperm(n, generator=gen)  # the epoch's order (the full-batch loss does not depend on it)
+    xs = fake[torch.randint(0, 10, (n,), generator=gen)]
+    active, old = _active(SPLITS[0] + SPLITS[1]), _active(SPLITS[0])
+    both = torch.cat([exp.train_x, xs])
+    with torch.no_grad():
+        old_logits = prev(both)[:, old]
+
+    def loss(out):
+        logits = out[:, active]
+        target = torch.zeros(n, 4)
+        target[:, :2] = torch.softmax(old_logits[n:], 1)
+        synth = -(target * torch.log_softmax(logits[n:], 1)).sum(1).mean()
+        ce = F.cross_entropy(logits[:n], _pos(active)[exp.train_y])
+        return synth + ce + kd_reference(logits[:n, :2], old_logits[:n], temperature=1.0)
+
+    m = copy.deepcopy(s.model).train()
+    grads = torch.autograd.grad(loss(m(both)), list(m.parameters()))
+    with torch.no_grad():
+        expected = [p - s.lr * (g + s.weight_decay * p) for p, g in zip(m.parameters(), grads)]
+    s.train(exp)
+    _assert_params(s.model, expected)
+    assert calls == [([0, 1], 250, 2, [False] * len(calls[0][3]))]  # the frozen previous model, old classes
+    assert s.prev is None and s._synth_x is None  # nothing of the task kept
+
+
+def test_deepinversion_cil_synthesises_from_the_previous_model_and_resumes(tmp_path):
+    sc = _scenario()
+    mk = lambda: _bn_strategy(S.DeepInversionCIL, synth_per_class=3, seed=1)  # noqa: E731
+    whole = run_stream(mk(), None, sc, out=tmp_path / "a", plots=False, log=None)
+    run_stream(mk(), None, sc, out=tmp_path / "b", stop_after=2, plots=False, log=None)
+    s = mk()
+    resumed = run_stream(s, None, sc, out=tmp_path / "b", resume=True, plots=False, log=None)
+    assert resumed.acc_matrix == whole.acc_matrix
+    assert [st["images"] for st in s.synth_stats] == [3 * 4]  # after the resume: task 3, four old classes
+    assert [h.get("synthesis", [{}])[0].get("images") for h in resumed.meta["history"]] == [None, 3 * 2, 3 * 4]
+    assert resumed.meta["keeps_data"] is False and S.STRATEGIES["deepinversion-cil"].keeps_data is False
+
+
+def test_synthetic_exemplars_keep_only_synthetic_images_within_k():
+    sc = _scenario()
+    s = _bn_strategy(S.SyntheticExemplars, memory_size=12)
+    for i, exp in enumerate(sc):
+        s.train(exp)
+        seen = [c for e in SPLITS[: i + 1] for c in e]
+        x, y = s.memory.tensors()
+        assert len(s.memory) <= 12 and torch.bincount(y, minlength=K)[seen].tolist() == [12 // len(seen)] * len(seen)
+    real = torch.cat([e.train_x for e in sc])
+    assert not (x.flatten(1)[:, None] == real.flatten(1)[None]).all(-1).any()  # no exemplar is a real image
+    assert not s.keeps_data and s.config()["classifier"] == "nme" and len(s.synth_stats) == 3
+    assert set(s.predict(sc[0].test_x).argmax(1).tolist()) <= set(range(K))
+
+
+@pytest.mark.parametrize("cls", [S.DeepInversionCIL, S.SyntheticExemplars])
+def test_synthesising_strategies_hold_no_real_past_task_tensor(cls):
+    s = _bn_strategy(cls, epochs=1, **({"synth_per_class": 2} if cls is S.DeepInversionCIL else {"memory_size": 6}))
+    refs = []
+    for i, classes in enumerate(SPLITS):
+        exp = _experience(i, classes)
+        refs.append((weakref.ref(exp.train_x), weakref.ref(exp.train_y)))
+        s.train(exp)
+        del exp
+        gc.collect()
+        assert all(r() is None for pair in refs for r in pair), f"{cls.name} holds task data after task {i}"
+
+
+def test_synthesising_strategies_argument_errors():
+    with pytest.raises(ValueError, match="input_shape"):
+        S.DeepInversionCIL(_learner(), input_shape=None)
+    with pytest.raises(ValueError, match="synth_per_class"):
+        _bn_strategy(S.DeepInversionCIL, synth_per_class=0)
+    with pytest.raises(ValueError, match="synth_iterations"):
+        _bn_strategy(S.SyntheticExemplars, synth_iterations=0)

@@ -19,7 +19,8 @@ their results). One module per family:
 - :mod:`.param_avg` — :class:`ParameterAverage`, the running mean of the experts' parameters (one model).
 - :mod:`.cil` — class-incremental learning from data (each experience brings its training data, and only while it
   is learned): :class:`FineTune` (the lower bound), :class:`Joint` (keeps all data: the upper bound) and
-  :class:`LwF` (Learning without Forgetting) and :class:`ICaRL` (the exemplar reference: keeps K real images), on
+  :class:`LwF` (Learning without Forgetting), :class:`ICaRL` (the exemplar reference: keeps K real images),
+  :class:`DeepInversionCIL` and :class:`SyntheticExemplars` (DeepInversion images instead of old data), on
   :class:`DataStrategy`. Their ``learns_from`` is ``"data"``: a run
   feeds them the scenario's experiences instead of experts.
 
@@ -33,8 +34,8 @@ from exml_fast.cl.strategies.ed import ExModelDistillation
 from exml_fast.cl.strategies.ensembles import EnsembleAverage, MinEntropyEnsemble, OracleEnsemble
 from exml_fast.cl.strategies.options import DATASET_RUN_DEFAULTS, RUN_OPTIONS, run_defaults
 from exml_fast.cl.strategies.param_avg import ParameterAverage
-from exml_fast.cl.strategies.cil import (LWF_FORMS, DataStrategy, FineTune, ICaRL, Joint,  # noqa: I001 (after param_avg)
-                                         LwF)
+from exml_fast.cl.strategies.cil import (LWF_FORMS, DataStrategy, DeepInversionCIL, FineTune, ICaRL,  # noqa: I001
+                                         Joint, LwF, SyntheticExemplars)
 from exml_fast.cl.strategies.registry import (STRATEGIES, BuildContext, StrategyOptionError, StrategySpec,
                                               build_data_learner, build_learner, build_strategy, load_config,
                                               register_strategy, run_named_strategy, strategy_names, stream_arch)
@@ -42,8 +43,9 @@ from exml_fast.cl.strategies.sources import (DataSource, Generator, RealReplay, 
                                              SynthesizerSource)
 
 __all__ = ["DATASET_RUN_DEFAULTS", "LWF_FORMS", "RUN_OPTIONS", "STRATEGIES", "BuildContext", "DataSource",
-           "DataStrategy", "EnsembleAverage", "ExModelDistillation", "FineTune", "Generator", "ICaRL", "Joint", "LwF",
-           "MinEntropyEnsemble", "OracleEnsemble", "ParameterAverage", "RealReplay", "Strategy",
-           "StrategyOptionError", "StrategySpec", "SynthesizerGenerator", "SynthesizerSource", "build_data_learner",
-           "build_learner", "build_strategy", "derive_seed", "expert_name", "load_config", "register_strategy",
-           "run_defaults", "run_named_strategy", "strategy_names", "stream_arch"]
+           "DataStrategy", "DeepInversionCIL", "EnsembleAverage", "ExModelDistillation", "FineTune", "Generator",
+           "ICaRL", "Joint", "LwF", "MinEntropyEnsemble", "OracleEnsemble", "ParameterAverage", "RealReplay",
+           "Strategy", "StrategyOptionError", "StrategySpec", "SynthesizerGenerator", "SynthesizerSource",
+           "SyntheticExemplars", "build_data_learner", "build_learner", "build_strategy", "derive_seed",
+           "expert_name", "load_config", "register_strategy", "run_defaults", "run_named_strategy", "strategy_names",
+           "stream_arch"]

@@ -29,7 +29,8 @@ from exml_fast.cl.strategies.registry import BuildContext, build_data_learner, r
 from exml_fast.ops.window_pool import fast_pooling
 from exml_fast.training import augment_batch
 
-__all__ = ["ICARL_CLASSIFIERS", "LWF_FORMS", "DataStrategy", "FineTune", "ICaRL", "Joint", "LwF"]
+__all__ = ["ICARL_CLASSIFIERS", "LWF_FORMS", "DataStrategy", "DeepInversionCIL", "FineTune", "ICaRL", "Joint", "LwF",
+           "SyntheticExemplars"]
 
 #: LwF's loss forms: "softmax" (Li & Hoiem: cross-entropy on the active units, KD on the old units' softened
 #: softmax) and "mc" (LwF.MC, iCaRL's form: binary cross-entropy with sigmoids on every active unit, summed
@@ -136,7 +137,11 @@ class DataStrategy(Strategy):
         self._learned(experience, x, y)
         del x, y
         self._record(experience, train_size=int(experience.train_y.shape[0]), final_loss=loss,
-                     train_s=round(time.perf_counter() - t0, 3))
+                     train_s=round(time.perf_counter() - t0, 3), **self._record_info(i))
+
+    def _record_info(self, i: int) -> dict[str, Any]:
+        """Extras for experience i's history entry (the synthesising strategies: their synthesis)."""
+        return {}
 
     def _train_set(self, exp) -> tuple[torch.Tensor, torch.Tensor]:
         """The (x, y) to train on for this experience (the experience's own data; Joint adds its memory)."""
@@ -161,6 +166,10 @@ class DataStrategy(Strategy):
         """Cross-entropy over the active units (``ctx["active"]``; ``ctx["pos"]`` maps a class to its column)."""
         return F.cross_entropy(logits.index_select(1, ctx["active"]), ctx["pos"][y])
 
+    def _step_loss(self, xb: torch.Tensor, yb: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        """One minibatch's loss (DeepInversion-CIL adds synthetic images of the old classes here)."""
+        return self._loss(self.model(xb), xb, yb, ctx)
+
     def _models(self) -> tuple[nn.Module | None, ...]:
         """The models whose pooling layers take the fused window_pool during training."""
         return (self.model,)
@@ -173,8 +182,8 @@ class DataStrategy(Strategy):
         active = self._active(exp)
         pos = torch.full((self.num_classes,), -1, dtype=torch.int64, device=dev)
         pos[active] = torch.arange(active.numel(), device=dev)
-        ctx = {"active": active, "pos": pos, "experience": i}
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "train", i))
+        ctx = {"active": active, "pos": pos, "experience": i, "generator": gen}
         opt = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum,
                               weight_decay=self.weight_decay)
         bounds = minibatch_bounds(int(x.shape[0]), self.batch_size)
@@ -193,7 +202,7 @@ class DataStrategy(Strategy):
                         yb = y[idx].to(dev, non_blocking=True)
                         if self.augment and (self.pad_crop or self.flip):
                             xb = augment_batch(xb, gen, pad_crop=self.pad_crop, flip=self.flip, fill=self._fill())
-                        loss = self._loss(self.model(xb), xb, yb, ctx)
+                        loss = self._step_loss(xb, yb, ctx)
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
@@ -415,6 +424,172 @@ class ICaRL(LwF):
         self.means, self.mean_classes = state["means"], list(state["mean_classes"])
 
 
+class _Synthesis:
+    """DeepInversion of a frozen model for the strategies that replace old data by synthetic images: its
+    settings (``synth_options`` go to :class:`~exml_fast.synth.DeepInversion`, whose ``preset="auto"``
+    picks the rest from the teacher) and the call that makes ``per_class`` images of each class."""
+
+    def _init_synthesis(self, *, input_shape, mean, std, synth_iterations: int | None,
+                        synth_batch_size: int, synth_options: dict[str, Any] | None) -> None:
+        owner = type(self).__name__
+        if input_shape is None or len(tuple(input_shape)) != 3:
+            raise ValueError(f"{owner}: input_shape (C, H, W) of the images is needed to synthesise them; got "
+                             f"{input_shape!r}")
+        self.input_shape = tuple(int(v) for v in input_shape)
+        self.mean = None if mean is None else tuple(float(v) for v in mean)
+        self.std = None if std is None else tuple(float(v) for v in std)
+        self.synth_iterations = None if synth_iterations is None else check_int(synth_iterations,
+                                                                               "synth_iterations", owner, low=1)
+        self.synth_batch_size = check_int(synth_batch_size, "synth_batch_size", owner, low=1)
+        self.synth_options = dict(synth_options or {})
+        self.synth_stats: list[dict[str, float]] = []
+
+    def _record_info(self, i: int) -> dict[str, Any]:
+        done = [st for st in self.synth_stats if st["experience"] == i]
+        return {"synthesis": done} if done else {}
+
+    def _synthesis_config(self) -> dict[str, Any]:
+        return {"synth_iterations": self.synth_iterations, "synth_batch_size": self.synth_batch_size,
+                "synth_options": self.synth_options, "input_shape": list(self.input_shape),
+                "mean": None if self.mean is None else list(self.mean),
+                "std": None if self.std is None else list(self.std)}
+
+    def _synthesize(self, teacher: nn.Module, classes: list[int], per_class: int, tag: str,
+                    i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``per_class`` DeepInversion images of each of ``classes`` from the frozen ``teacher`` (CPU float32),
+        seeded from (seed, tag, i)."""
+        from exml_fast.synth import DeepInversion
+
+        synth = DeepInversion(teacher, input_shape=self.input_shape, mean=self.mean, std=self.std,
+                              device=self._device(), **self.synth_options)
+        batch = synth.synthesize(per_class * len(classes), classes=classes, iterations=self.synth_iterations,
+                                 batch_size=self.synth_batch_size, generator=derive_seed(self.seed, tag, i),
+                                 progress=self.progress)
+        with torch.no_grad():
+            agree = float((teacher(batch.x).argmax(1) == batch.y).float().mean())
+        self.synth_stats.append({"experience": i, "images": int(batch.y.numel()), "teacher_agreement": agree})
+        return batch.x.detach().to("cpu", torch.float32), batch.y.detach().cpu()
+
+
+class DeepInversionCIL(_Synthesis, DataStrategy):
+    """Data-free class-incremental learning with DeepInversion (Yin et al., §4.5): before each task after the
+    first, the frozen previous model synthesises ``synth_per_class`` images of every old class; every training
+    step takes a minibatch of new real data and one of the same size of those images, and minimises Eq. 11::
+
+        KL(p_old(x̂) ‖ p(x̂)) + CE(y, p(x)) + KL(p_old(x | old) ‖ p(x | old))
+
+    where ``p`` is the learner's softmax over the classes seen (old and new), ``p_old(x̂)`` the previous
+    model's softmax over the old classes with zeros on the new ones (the fused
+    :func:`exml_fast.ops.soft_target_cross_entropy`, which differs from that KL by a constant), and the last
+    term the distillation of the old classes on the new data (:func:`exml_fast.ops.kd_loss`, τ 1: the paper
+    gives none). The synthetic images are dropped after the task: no real image of an old task is kept.
+
+    Args:
+        model: the learner (with BatchNorm layers, whose statistics DeepInversion matches).
+        input_shape, mean, std: of the scenario's images (C, H, W) and their normalisation.
+        synth_per_class: DeepInversion images per old class and task (the paper: 250).
+        synth_iterations, synth_batch_size: DeepInversion's steps per batch (None: its default) and batch.
+        synth_options: further :class:`~exml_fast.synth.DeepInversion` settings (e.g. ``lr``, ``bn_weight``).
+        **kwargs: as :class:`DataStrategy`.
+    """
+
+    name = "deepinversion-cil"
+
+    def __init__(self, model: nn.Module, *, input_shape, mean=None, std=None, synth_per_class: int = 250,
+                 synth_iterations: int | None = None, synth_batch_size: int = 256,
+                 synth_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self._init_synthesis(input_shape=input_shape, mean=mean, std=std, synth_iterations=synth_iterations,
+                             synth_batch_size=synth_batch_size, synth_options=synth_options)
+        self.synth_per_class = check_int(synth_per_class, "synth_per_class", type(self).__name__, low=1)
+        self.prev: nn.Module | None = None
+        self._old: torch.Tensor | None = None
+        self._synth_x: torch.Tensor | None = None
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), **self._synthesis_config(), "synth_per_class": self.synth_per_class}
+
+    def _begin(self, exp, i: int) -> None:
+        if not self.experiences_seen:
+            return
+        self.prev = frozen_copy(self.model)
+        old = list(self.classes_seen)
+        self._old = torch.tensor(old, dtype=torch.int64, device=self._device())
+        self._synth_x, _ = self._synthesize(self.prev, old, self.synth_per_class, "deepinversion-cil", i)
+
+    def _end(self) -> None:
+        self.prev = self._old = self._synth_x = None
+
+    def _models(self):
+        return (self.model, self.prev)
+
+    def _step_loss(self, xb, yb, ctx):
+        if self.prev is None:
+            return self._loss(self.model(xb), xb, yb, ctx)
+        from exml_fast.ops import kd_loss, soft_target_cross_entropy
+
+        gen, dev = ctx["generator"], self._device()
+        idx = torch.randint(0, self._synth_x.shape[0], (xb.shape[0],), generator=gen)
+        xs = self._synth_x[idx].to(dev, non_blocking=True)
+        if self.augment and (self.pad_crop or self.flip):
+            xs = augment_batch(xs, gen, pad_crop=self.pad_crop, flip=self.flip, fill=self._fill())
+        both = torch.cat([xb, xs])
+        logits = self.model(both).index_select(1, ctx["active"])
+        with torch.no_grad():
+            old_logits = self.prev(both).index_select(1, self._old)
+        n = xb.shape[0]
+        pos_old = ctx["pos"][self._old]
+        # KL(p_old(x̂) || p(x̂)): p_old's old-class softmax, zeros on the new classes' columns
+        target = torch.zeros_like(logits[n:])
+        target[:, pos_old] = torch.softmax(old_logits[n:], 1).to(logits.dtype)
+        synth_term = soft_target_cross_entropy(logits[n:], target)
+        ce = F.cross_entropy(logits[:n], ctx["pos"][yb])
+        kd = kd_loss(logits[:n].index_select(1, pos_old), old_logits[:n].contiguous(), temperature=1.0)
+        return synth_term + ce + kd
+
+    def _loss(self, logits, x, y, ctx):
+        return F.cross_entropy(logits.index_select(1, ctx["active"]), ctx["pos"][y])
+
+
+class SyntheticExemplars(_Synthesis, ICaRL):
+    """iCaRL with every exemplar replaced by a DeepInversion image of its class (the incremental-learning
+    report's §5.2, from noise): after each task, the model just trained (frozen) synthesises ``m = K // classes``
+    images of each new class, which become that class's exemplars; training, distillation and the
+    nearest-mean classifier are iCaRL's. No real image of a past task is kept.
+
+    Args:
+        model, memory_size, classifier: as :class:`ICaRL`.
+        input_shape, mean, std, synth_iterations, synth_batch_size, synth_options: as
+            :class:`DeepInversionCIL`.
+        **kwargs: as :class:`DataStrategy`.
+    """
+
+    name = "synthetic-exemplars"
+    keeps_data = False
+
+    def __init__(self, model: nn.Module, *, input_shape, mean=None, std=None, synth_iterations: int | None = None,
+                 synth_batch_size: int = 256, synth_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self._init_synthesis(input_shape=input_shape, mean=mean, std=std, synth_iterations=synth_iterations,
+                             synth_batch_size=synth_batch_size, synth_options=synth_options)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), **self._synthesis_config()}
+
+    def _learned(self, exp, x, y):
+        classes = sorted(set(self.classes_seen) | {int(c) for c in exp.classes})
+        m = self.memory.per_class(len(classes))
+        self.memory.reduce(m)
+        new = sorted(int(c) for c in exp.classes)
+        teacher = frozen_copy(self.model)
+        sx, sy = self._synthesize(teacher, new, m, "synthetic-exemplars", self.experiences_seen + 1)
+        for c in new:
+            self.memory.add(c, sx[sy == c])
+        mx, my = self.memory.tensors()
+        self.mean_classes = self.memory.classes
+        self.means = class_means(penultimate_features(self.model, mx), my, self.mean_classes)
+
+
 # -- the command-line names ------------------------------------------------------------------------------
 
 
@@ -437,6 +612,13 @@ CIL_DEFAULTS: dict[str, Any] = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-
 CIL_OPTIONS = frozenset({"epochs", "arch", "lr", "momentum", "weight_decay", "batch_size", "augment", "flip"})
 LWF_OPTIONS = CIL_OPTIONS | {"distill_temperature", "distill_weight", "distill_by_task", "lwf_form"}
 ICARL_OPTIONS = CIL_OPTIONS | {"memory_size", "classifier"}
+#: DeepInversion's settings that runs may give (the rest: its preset="auto" from the learner).
+SYNTH_OPTIONS = frozenset({"synth_iterations", "synth_batch_size", "synth_lr", "bn_weight", "first_bn_multiplier"})
+DI_CIL_OPTIONS = CIL_OPTIONS | SYNTH_OPTIONS | {"synth_per_class"}
+SYNTH_EXEMPLAR_OPTIONS = ICARL_OPTIONS | SYNTH_OPTIONS
+#: The synthesis defaults of those strategies: DeepInversion's own (None), not ED's MNIST settings.
+SYNTH_DEFAULTS = {**CIL_DEFAULTS, "synth_iterations": None, "synth_lr": None, "bn_weight": None,
+                  "first_bn_multiplier": None}
 
 
 @register_strategy("finetune", keeps_data=False, data=True, defaults=CIL_DEFAULTS, options=CIL_OPTIONS,
@@ -465,3 +647,28 @@ def _lwf(ctx: BuildContext, opt: dict[str, Any]) -> LwF:
 def _icarl(ctx: BuildContext, opt: dict[str, Any]) -> ICaRL:
     return ICaRL(build_data_learner(ctx, opt), memory_size=opt["memory_size"], classifier=opt["classifier"],
                  **_common(ctx, opt))
+
+
+def _synthesis(ctx: BuildContext, opt: dict[str, Any]) -> dict[str, Any]:
+    sc = ctx.scenario
+    options = {k: opt[o] for k, o in (("lr", "synth_lr"), ("bn_weight", "bn_weight"),
+                                      ("first_bn_multiplier", "first_bn_multiplier")) if opt[o] is not None}
+    return {"input_shape": sc.input_shape, "mean": sc.mean, "std": sc.std,
+            "synth_iterations": opt["synth_iterations"], "synth_batch_size": opt["synth_batch_size"],
+            "synth_options": options}
+
+
+@register_strategy("deepinversion-cil", keeps_data=False, data=True, defaults=SYNTH_DEFAULTS, options=DI_CIL_OPTIONS,
+                   help="class-incremental: DeepInversion images of the old classes from the previous model, "
+                        "mixed with the new data (no real old image kept)")
+def _deepinversion_cil(ctx: BuildContext, opt: dict[str, Any]) -> DeepInversionCIL:
+    return DeepInversionCIL(build_data_learner(ctx, opt), synth_per_class=opt["synth_per_class"],
+                            **_synthesis(ctx, opt), **_common(ctx, opt))
+
+
+@register_strategy("synthetic-exemplars", keeps_data=False, data=True, defaults=SYNTH_DEFAULTS,
+                   options=SYNTH_EXEMPLAR_OPTIONS,
+                   help="class-incremental: iCaRL with DeepInversion images as exemplars (no real image kept)")
+def _synthetic_exemplars(ctx: BuildContext, opt: dict[str, Any]) -> SyntheticExemplars:
+    return SyntheticExemplars(build_data_learner(ctx, opt), memory_size=opt["memory_size"],
+                              classifier=opt["classifier"], **_synthesis(ctx, opt), **_common(ctx, opt))

@@ -23,7 +23,8 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
     "augment": (bool, True, "per-sample pad-crop augmentation of distillation minibatches (default: on)"),
     "flip": (bool, False, "per-sample horizontal flips in the distillation augmentation (default: off; on for "
                           "CIFAR-10)"),
-    "synth_iterations": (int, 3000, "optimisation steps per synthesis batch, MI/DI (default: 3000)"),
+    "synth_iterations": (int, 3000, "optimisation steps per synthesis batch, MI/DI (default: 3000; "
+                                    "deepinversion-cil and synthetic-exemplars: DeepInversion's own)"),
     "synth_batch_size": (int, 256, "inputs optimised together, MI/DI (default: 256)"),
     "synth_lr": (float, 0.01, "Adam learning rate of the synthetic inputs (default: 0.01)"),
     "temperature": (float, None, "synthesizer temperature (default: MI 2, DI 20)"),
@@ -48,7 +49,7 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
     # -- the class-incremental strategies (they learn from the scenario's data) --
     "epochs": (int, None, "class-incremental: training epochs per task (default: the experts' epochs for the "
                           "scenario, 20 on Split MNIST)"),
-    "arch": (str, None, "class-incremental: learner architecture (default: lenet5 on MNIST and Fashion-MNIST, "
+    "arch": (str, None, "class-incremental: learner architecture (default: lenet5_bn on MNIST and Fashion-MNIST, "
                         "resnet32 on CIFAR-10 and CIFAR-100)"),
     "distill_temperature": (float, 2.0, "lwf: distillation temperature (default: 2)"),
     "distill_weight": (float, 1.0, "lwf: weight of the distillation term (default: 1)"),
@@ -56,6 +57,8 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
                                      "de Ven et al.'s code (default: off)"),
     "lwf_form": (str, "softmax", "lwf: softmax (Li & Hoiem: cross-entropy + KD) or mc (LwF.MC: sigmoid binary "
                                  "cross-entropy, iCaRL's form)"),
+    "synth_per_class": (int, 250, "deepinversion-cil: DeepInversion images per old class and task (default: 250, "
+                                  "the paper's)"),
     "memory_size": (int, 2000, "icarl: exemplars kept in all, split evenly over the classes seen (default: 2000)"),
     "classifier": (str, "nme", "icarl: nme (nearest mean of exemplars, the default) or cnn (the network's "
                                "outputs)"),
@@ -63,7 +66,7 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
 
 #: Options only the class-incremental strategies read (an ExML run given one is an error).
 DATA_ONLY_OPTIONS = frozenset({"epochs", "arch", "distill_temperature", "distill_weight", "distill_by_task",
-                               "lwf_form", "memory_size", "classifier"})
+                               "lwf_form", "memory_size", "classifier", "synth_per_class"})
 
 
 #: Run options by the scenario's dataset, over the RUN_OPTIONS defaults (the MNIST settings); given options win.

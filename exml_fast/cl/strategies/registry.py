@@ -115,8 +115,10 @@ def build_learner(stream, seed: int) -> torch.nn.Module:
 
 
 #: The learner architecture of class-incremental runs by dataset, when the run gives no ``arch``.
-#: CIFAR: He et al.'s ResNet-32, the iCaRL and PyCIL network.
-DATA_ARCH_DEFAULTS = {"mnist": "lenet5", "fashion-mnist": "lenet5", "cifar10": "resnet32", "cifar100": "resnet32"}
+#: Networks with BatchNorm, whose statistics the DeepInversion-based strategies match: LeNet-5-BN on the digits
+#: and clothes; on CIFAR He et al.'s ResNet-32, the iCaRL and PyCIL network.
+DATA_ARCH_DEFAULTS = {"mnist": "lenet5_bn", "fashion-mnist": "lenet5_bn", "cifar10": "resnet32",
+                      "cifar100": "resnet32"}
 
 
 def build_data_learner(ctx: BuildContext, opt: dict[str, Any]) -> torch.nn.Module:
@@ -124,7 +126,7 @@ def build_data_learner(ctx: BuildContext, opt: dict[str, Any]) -> torch.nn.Modul
     scenario's dataset) with the scenario's classes and input channels, initialised from the run's seed (the
     global RNG left untouched)."""
     scenario = ctx.scenario
-    arch = opt.get("arch") or DATA_ARCH_DEFAULTS.get(scenario.dataset, "lenet5")
+    arch = opt.get("arch") or DATA_ARCH_DEFAULTS.get(scenario.dataset, "lenet5_bn")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(ctx.seed, "learner-init"))
         return build_model(arch, num_classes=scenario.num_classes, in_channels=scenario.input_shape[0])
