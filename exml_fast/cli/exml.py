@@ -128,7 +128,8 @@ def add_commands(sub) -> None:
     p.set_defaults(func=_report, subparser=p)
     d = sub.add_parser("demo", help="Split MNIST: 5 LeNet-5 experts, every strategy at a reduced budget",
                        description="Train (once) 5 LeNet-5 experts on Split MNIST, run the ED strategies and the "
-                                   "baselines at a reduced budget, print the stream-accuracy table, write plots.")
+                                   "baselines at a reduced budget, then the class-incremental strategies on the "
+                                   "same tasks' data, print the tables, write plots.")
     d.add_argument("--out", default="runs/demo", metavar="DIR", help="(default: runs/demo)")
     d.add_argument("--seed", type=int, default=0, help="(default: 0)")
     d.add_argument("--device", type=device_arg, default=None, help="cpu or cuda[:N] (default: cuda when available)")

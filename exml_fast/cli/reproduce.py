@@ -7,6 +7,7 @@ from exml_fast.cli.common import UsageError, device_arg, positive_int, resolve_d
 from exml_fast.experiments import EXPERIMENTS
 from exml_fast.experiments.ablation import TEST_SEEDS, ablate_exml_mnist
 from exml_fast.experiments.budgets import BUDGETS, ZSKD_BUDGETS
+from exml_fast.experiments.cil import CIL_BUDGETS, CIL_EXPERIMENTS, reproduce_cil
 from exml_fast.experiments.table2 import reproduce_exml_mnist
 from exml_fast.experiments.zskd import reproduce_zskd
 
@@ -20,12 +21,14 @@ def add_commands(sub) -> None:
                                    "paper's Table 2, MNIST columns (Split MNIST NC and Joint MNIST, every strategy), "
                                    "over --runs independent expert streams; zskd-mnist / zskd-fmnist: zero-shot KD "
                                    "from 24000 / 48000 Data Impressions (LeNet-5 -> LeNet-5-Half); "
-                                   "exml-mnist-ablation: the Ex-Model Distillation ablation on Split MNIST. Writes "
+                                   "exml-mnist-ablation: the Ex-Model Distillation ablation on Split MNIST; "
+                                   "cil-mnist / cil-fmnist: every class-incremental strategy on Split MNIST / "
+                                   "Fashion-MNIST over --runs seeds. Writes "
                                    "<results>/<experiment>.{json,md} (<experiment>_<budget>.* for a reduced "
                                    "budget). Rerun to resume.")
     q.add_argument("experiment", choices=EXPERIMENTS)
     q.add_argument("--runs", type=positive_int, default=5,
-                   help="exml-mnist(-ablation): independent expert streams (default: 5)")
+                   help="exml-mnist(-ablation): independent expert streams; cil-*: seeds (default: 5)")
     q.add_argument("--seed", type=int, default=0, help="zskd-*: the seed of the teacher, DIs and student (default: 0)")
     q.add_argument("--budget", choices=sorted(BUDGETS), default=None,
                    help="paper (Appendix A-B, hours per run on 2 CPU cores), demo, or smoke (default: paper; "
@@ -36,7 +39,9 @@ def add_commands(sub) -> None:
                    help="exml-mnist-ablation: fresh expert streams on which the variant selected on validation "
                         "data is scored on the test set (default: 100,101,102,103,104; none: skip)")
     q.add_argument("--scenarios", default="split_mnist,joint_mnist", help="(default: split_mnist,joint_mnist)")
-    q.add_argument("--strategies", default=None, help="comma-separated subset of Table 2's (default: all)")
+    q.add_argument("--strategies", default=None,
+                   help="comma-separated subset of Table 2's (exml-mnist) or of the class-incremental ones (cil-*) "
+                        "(default: all)")
     q.add_argument("--out", default=None, metavar="DIR",
                    help="experts, runs, teachers and DIs (resumable; default: runs/reproduce/<experiment>)")
     q.add_argument("--results", default="benches/results", metavar="DIR", help="(default: benches/results)")
@@ -49,6 +54,22 @@ def add_commands(sub) -> None:
 def _reproduce(args) -> int:
     device = resolve_device(args.device)
     out = args.out or f"runs/reproduce/{args.experiment}"
+    if args.experiment in CIL_EXPERIMENTS:
+        if args.variants is not None or args.test_seeds is not None:
+            raise UsageError("--variants and --test-seeds are for exml-mnist-ablation")
+        budget = args.budget or "paper"
+        if budget not in CIL_BUDGETS:
+            raise UsageError(f"--budget for {args.experiment}: one of {', '.join(CIL_BUDGETS)}")
+        rows = reproduce_cil(
+            args.experiment, runs=args.runs, budget=budget,
+            strategies=None if args.strategies is None else tuple(s for s in args.strategies.split(",") if s),
+            out=args.out or "runs/reproduce/cil", results=args.results, device=device, data_root=args.data_root,
+            progress=args.progress)
+        for r in rows:
+            print(f"{r['strategy']:20s} final {r['final']['mean']:6.2f}  average incremental "
+                  f"{r['average_incremental']['mean']:6.2f}  ({r['runs']} runs, keeps data: "
+                  f"{'yes' if r['keeps_data'] else 'no'})")
+        return 0
     if args.experiment == "exml-mnist-ablation":
         if args.strategies is not None:
             raise UsageError("--strategies is for exml-mnist; exml-mnist-ablation takes --variants")

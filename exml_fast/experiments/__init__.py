@@ -2,4 +2,4 @@
 the Ex-Model Distillation ablation and its presets, the demos."""
 
 #: ``exml-fast reproduce`` experiments: Table 2 (MNIST), the ED ablation, zero-shot KD from Data Impressions.
-EXPERIMENTS = ("exml-mnist", "exml-mnist-ablation", "zskd-mnist", "zskd-fmnist")
+EXPERIMENTS = ("exml-mnist", "exml-mnist-ablation", "zskd-mnist", "zskd-fmnist", "cil-mnist", "cil-fmnist")

@@ -1,4 +1,5 @@
-"""``exml-fast demo`` / ``make demo``: Ex-Model CL on Split MNIST at a reduced budget, every strategy."""
+"""``exml-fast demo`` / ``make demo``: Ex-Model CL on Split MNIST at a reduced budget, every strategy; then the
+class-incremental strategies, which learn from the tasks' data, on the same scenario."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from exml_fast._utils.io import atomic_write
 from exml_fast.cl.experts import ExpertStream, default_weights_format
 from exml_fast.cl.metrics import plot_stream_accuracy, summary_table
 from exml_fast.cl.scenarios import split_mnist, train_experts
-from exml_fast.cl.strategies import run_named_strategy
+from exml_fast.cl.strategies import STRATEGIES, run_named_strategy
 from exml_fast.experiments.budgets import BUDGETS
+from exml_fast.experiments.cil import CIL_BUDGETS, CIL_STRATEGIES
 
 __all__ = ["DEMO_STRATEGIES", "run_demo"]
 
@@ -22,10 +24,12 @@ DEMO_STRATEGIES = ("mi-ed", "di-ed", "aux-ed", "param-avg", "ensemble-avg", "min
 
 
 def run_demo(*, out: str | os.PathLike = "runs/demo", seed: int = 0, device: torch.device | str = "cpu",
-             data_root: str | os.PathLike | None = None, progress: bool = False) -> list:
+             data_root: str | os.PathLike | None = None, progress: bool = False, cil: bool = True) -> list:
     """Split MNIST, 5 LeNet-5 experts (trained once, reused), then every strategy of :data:`DEMO_STRATEGIES` at
-    the demo budget (:data:`~exml_fast.experiments.budgets.BUDGETS` ``["demo"]``); prints the stream-accuracy
-    table, writes ``<out>/report.md``, ``stream_accuracy.png`` and each run's folder. Returns the results."""
+    the demo budget (:data:`~exml_fast.experiments.budgets.BUDGETS` ``["demo"]``); with ``cil``, every
+    class-incremental strategy (:data:`~exml_fast.experiments.cil.CIL_STRATEGIES`) on the same scenario's data
+    at its demo budget. Prints the tables, writes ``<out>/report.md``, ``stream_accuracy.png`` and each run's
+    folder. Returns the results (ExML first)."""
     device = torch.device(device)
     out = pathlib.Path(out)
     t_start = time.perf_counter()
@@ -53,9 +57,24 @@ def run_demo(*, out: str | os.PathLike = "runs/demo", seed: int = 0, device: tor
               f"({time.perf_counter() - t0:.1f} s)", flush=True)
     table = summary_table(results)
     print("\n" + table)
-    atomic_write(out / "report.md", lambda f: f.write(("## Demo: Split MNIST, reduced budget "
-                                                      f"{budget['run']}\n\n" + table + "\n").encode()))
-    plot_stream_accuracy(results, out / "stream_accuracy.png")
+    report = f"## Demo: Split MNIST, reduced budget {budget['run']}\n\n" + table + "\n"
+    cil_results = []
+    if cil:
+        run = CIL_BUDGETS["demo"]["run"]
+        print(f"[demo] class-incremental strategies (they learn from each task's data) at {run}", flush=True)
+        for name in CIL_STRATEGIES:
+            t0 = time.perf_counter()
+            options = {k: v for k, v in run.items() if k in STRATEGIES[name].options}
+            result = run_named_strategy(name, None, scenario, options=options, seed=seed, device=device,
+                                        out=out / f"{name}_seed{seed}", progress=progress, data_root=data_root)
+            cil_results.append(result)
+            print(f"[demo] {name:19s} final accuracy {100 * result.final_stream_accuracy:6.2f} % "
+                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
+        cil_table = summary_table(cil_results)
+        print("\n" + cil_table)
+        report += f"\n## Class-incremental learning from data, reduced budget {run}\n\n" + cil_table + "\n"
+    atomic_write(out / "report.md", lambda f: f.write(report.encode()))
+    plot_stream_accuracy(results + cil_results, out / "stream_accuracy.png")
     print(f"\n[demo] wrote {out / 'report.md'}, {out / 'stream_accuracy.png'} and per-strategy plots in "
           f"{out}/<strategy>_seed{seed}/ ({time.perf_counter() - t_start:.0f} s in all)")
-    return results
+    return results + cil_results

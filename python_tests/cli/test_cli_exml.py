@@ -238,3 +238,20 @@ def test_class_incremental_run_from_a_scenario_then_report(tmp_path, strategy, c
 def test_class_incremental_run_refusals(tmp_path, capsys, args, message):
     assert main(["run", *args, "--out", str(tmp_path / "r"), "--no-progress"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_reproduce_cil_smoke_writes_the_table_and_resumes(tmp_path, capsys):
+    args = ["reproduce", "cil-mnist", "--runs", "1", "--budget", "smoke", "--strategies", "finetune,icarl",
+            "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
+    assert main(args) == 0
+    rec = json.loads((tmp_path / "res" / "cil_mnist_smoke.json").read_text())
+    assert [r["strategy"] for r in rec["rows"]] == ["finetune", "icarl"]
+    assert [r["keeps_data"] for r in rec["rows"]] == [False, True] and rec["meta"]["budget"] == "smoke"
+    assert rec["rows"][0]["published"]["value"] == "19.94"  # van de Ven et al.'s "None"
+    md = (tmp_path / "res" / "cil_mnist_smoke.md").read_text()
+    assert "| icarl | yes | 1 |" in md and "pipeline check" in md
+    capsys.readouterr()
+    assert main(args) == 0  # a rerun reads the finished runs back
+    assert "finetune" in capsys.readouterr().out
+    assert main([*args[:2], "--budget", "paper-ish"]) == 2
+    assert main([*args, "--strategies", "mi-ed"]) == 1
