@@ -10,6 +10,9 @@ inputs are summed in float32 by both, then rounded once (rtol 2 eps of the dtype
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -186,6 +189,25 @@ def test_fast_pooling_off_switch_and_fallbacks(monkeypatch):
     x3 = torch.randn(3, 6, 6)  # unbatched: the layer's own forward
     with fast_pooling(pool):
         torch.testing.assert_close(pool(x3), F.max_pool2d(x3, 2))
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    with fast_pooling(pool):
+        nchw, cl = pool(x), pool(x.contiguous(memory_format=CL))
+    assert type(nchw.grad_fn).__name__ != type(F.max_pool2d(x, 2).grad_fn).__name__  # the fused op
+    assert type(cl.grad_fn).__name__ == type(F.max_pool2d(x, 2).grad_fn).__name__  # channels_last: PyTorch's
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_every_cpu_build_passes_the_same_battery(isa):
+    """The CPU loops are built for baseline x86-64, AVX2 and AVX-512 (chosen per layout at run time);
+    EXML_FAST_CPU_ISA caps the choice, so each build runs the value, gradient and NaN tests."""
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+         "-k", "(matches_reference or nan_and_infinity) and cpu"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "EXML_FAST_CPU_ISA": isa},
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout
 
 
 def test_fast_pooling_restores_after_an_exception():
