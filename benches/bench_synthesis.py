@@ -356,14 +356,18 @@ def ttq_variants(name: str) -> list[tuple[str, dict]]:
 
 def conv_floor(name: str, batch: int, step_s: float) -> dict:
     """The floor of a step on ATen's kernels: every Conv2d and Linear layer of the network run alone, forward
-    + input gradient (the weights frozen), on its own input shape, each in its faster memory format (NCHW or
-    channels_last), timed and summed. No implementation of the step that calls these kernels goes under it;
-    everything above it (BN, activations, pooling, the losses, the optimiser) is what a synthesis loop adds.
+    + input gradient (the weights frozen), on its own input shape, each in its fastest way — autograd in NCHW
+    or channels_last, or, for stride-1 convolutions, the input gradient as a convolution with the flipped
+    kernel (exml_fast's swap, exml_fast.synth.input_grad_conv) — timed and summed. No implementation of the
+    step that calls these kernels goes under it; everything above it (BN, activations, pooling, the losses,
+    the optimiser) is what a synthesis loop adds.
 
     Also: the FLOPs of those layers (FlopCounterMode, forward x 2) and the rate of a 2048-square fp32 matmul.
     The matmul is listed, not used: on the AMD CPUs here torch's sgemm ran below oneDNN's convolutions (both
     loops ran faster than the convolutions' FLOPs at the sgemm rate would allow), so it is no floor."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from exml_fast.synth.input_grad_conv import conv2d_input_grad, flip_kernel
 
     model = NETS[name]().eval().requires_grad_(False)
     x = torch.randn(batch, *SHAPES[name])
@@ -390,8 +394,20 @@ def conv_floor(name: str, batch: int, step_s: float) -> dict:
             def call(mod=mod, xi=xi, g=g):
                 torch.autograd.grad(mod(xi), xi, g)
 
-            call()
-            best = min(best, median([timed_call(call, "cpu") for _ in range(5)]))
+            calls = [call]
+            if (isinstance(layer, nn.Conv2d) and layer.stride == (1, 1) and layer.dilation == (1, 1)
+                    and layer.groups == 1 and isinstance(layer.padding, tuple)):
+                flipped = flip_kernel(mod.weight)
+                xd = xi.detach()
+
+                def swap(mod=mod, xd=xd, g=g, flipped=flipped):
+                    mod(xd)
+                    conv2d_input_grad(g, mod.weight, mod.padding, flipped)
+
+                calls.append(swap)
+            for fn in calls:
+                fn()
+                best = min(best, median([timed_call(fn, "cpu") for _ in range(5)]))
         total += best
     m = 2048
     a, bm = torch.randn(m, m), torch.randn(m, m)
@@ -485,7 +501,8 @@ def to_markdown(rec: dict) -> str:
         f = net.get("floor")
         if f:
             lines += ["", f"Floor: the network's {f['layers']} convolution and linear layers run alone, forward + "
-                      "input gradient, each on its own input shape in its faster memory format: "
+                      "input gradient, each on its own input shape in its fastest way (NCHW or channels_last "
+                      "autograd, or the input gradient as a flipped-kernel convolution): "
                       f"{f['floor_s'] * 1e3:.1f} ms per step ({f['gflop_per_image']:.3g} GFLOP per image, "
                       f"{f['conv_gflops']:.0f} GFLOP/s): {f['fraction_of_floor']:.0%} of exml fp32's step. "
                       f"A 2048-square fp32 matmul runs at {f['sgemm_gflops']:.0f} GFLOP/s here"
