@@ -39,6 +39,7 @@ def bench(shape, mode, layout, args) -> dict:
     variants = {"reference": fwd_bwd(lambda t: ref_window_pool(t, (2, 2), mode), x, g),
                 "exml_fast": fwd_bwd(lambda t: window_pool(t, 2, mode=mode), x, g)}
     if not args.no_compile:
+        torch._dynamo.reset()  # one lambda's code object for every case: past 8 recompiles dynamo ran eager
         compiled = torch.compile(lambda t: ref_window_pool(t, (2, 2), mode))
         variants["compile(reference)"] = fwd_bwd(compiled, x, g)
     samples = interleaved_samples(variants, device=args.device, min_run_time=args.min_run_time)

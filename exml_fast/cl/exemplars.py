@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from exml_fast._utils.checks import check_int
+from exml_fast.ops.window_pool import fast_pooling
 
 __all__ = ["ExemplarMemory", "class_means", "herding", "nearest_mean_logits", "penultimate_features"]
 
@@ -34,8 +35,8 @@ def _classifier(model: nn.Module) -> nn.Linear:
 def penultimate_features(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500,
                          normalize: bool = True) -> torch.Tensor:
     """(N, D) float32 features of ``x`` (N, C, H, W): the input of ``model``'s last ``nn.Linear``, computed in
-    eval mode on the model's device in minibatches, L2-normalised per row when ``normalize``; on ``x``'s
-    device."""
+    eval mode on the model's device in minibatches (its stride = kernel pooling layers on the fused
+    :func:`~exml_fast.ops.window_pool`), L2-normalised per row when ``normalize``; on ``x``'s device."""
     head = _classifier(model)
     p = next(iter(model.parameters()), None)
     dev = p.device if p is not None else x.device
@@ -45,10 +46,11 @@ def penultimate_features(model: nn.Module, x: torch.Tensor, *, batch_size: int =
     model.eval()
     try:
         parts = []
-        for start in range(0, x.shape[0], batch_size):
-            grabbed.clear()
-            model(x[start:start + batch_size].to(dev))
-            parts.append(grabbed[-1])
+        with fast_pooling(model):  # LeNet's pooling: PyTorch's max_pool2d was 15 % of an iCaRL task here
+            for start in range(0, x.shape[0], batch_size):
+                grabbed.clear()
+                model(x[start:start + batch_size].to(dev))
+                parts.append(grabbed[-1])
     finally:
         hook.remove()
         model.train(was_training)
