@@ -90,7 +90,7 @@ def _as_pair(v) -> tuple[int, int] | None:
 def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     kh, kw, is_max = self.__dict__["_exml_window"]
     if (x.dim() == 4 and x.device.type == "cpu" and x.dtype in FLOAT_DTYPES and x.shape[2] >= kh
-            and x.shape[3] >= kw and _ext.has_ops()):
+            and x.shape[3] >= kw and x.is_contiguous() and _ext.has_ops()):
         return torch.ops.exml_fast.window_pool(x, kh, kw, is_max)
     return type(self).forward(self, x)
 
@@ -101,9 +101,11 @@ def fast_pooling(*models: nn.Module) -> Iterator[None]:
 
     Eligible: ``nn.MaxPool2d`` and ``nn.AvgPool2d`` (exactly those classes) with stride = kernel, no
     padding, dilation 1, no ``ceil_mode``, no ``return_indices`` and no ``divisor_override``: the layers
-    whose result ``window_pool`` reproduces (values and first derivatives). At call time a 4-D float CPU
-    input (NCHW or channels_last) takes the fused op; anything else (CUDA, where the op's kernel has not run
-    on a GPU yet; unbatched input; no compiled library) takes the layer's own forward. Double backward through a
+    whose result ``window_pool`` reproduces (values and first derivatives). At call time a 4-D float
+    NCHW-contiguous CPU input takes the fused op (3-8x PyTorch's eager pooling, 1.3-5x compiled, in
+    benches/results/window_pool_cpu.md); anything else takes the layer's own forward: channels_last (where
+    the op beat PyTorch's eager kernel at 6 channels but not at 16, and not compiled average pooling), CUDA
+    (the op's kernel has not run on a GPU yet), unbatched input, no compiled library. Double backward through a
     swapped layer raises. Restored on exit, also after an exception; a layer already patched (a nested
     block) is left to its owner.
     """
