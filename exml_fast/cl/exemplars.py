@@ -4,7 +4,7 @@ selection, the class-balanced memory of K exemplars and the nearest-mean-of-exem
 - :func:`penultimate_features`: the input of a classifier's last ``nn.Linear`` (the common layout of every
   model in :mod:`exml_fast.models`), L2-normalised as iCaRL uses it.
 - :func:`herding`: the greedy order in which each next sample brings the mean of the chosen set closest to
-  the class mean; one vectorised step per chosen sample (no Python loop over candidates). A prefix of the
+  the class mean; one matrix-vector product per chosen sample (no Python loop over candidates). A prefix of the
   order is the herding choice for a smaller budget, so shrinking a class's exemplars keeps their first m.
 - :class:`ExemplarMemory`: at most K exemplars, ``K // classes`` per class, each class in herding order.
 - :func:`nearest_mean_logits`: NME as one batched distance computation: ``-||f(x) - mu_c||²`` per class.
@@ -64,7 +64,8 @@ def herding(features: torch.Tensor, m: int) -> torch.Tensor:
     """The first ``m`` indices of iCaRL's herding order over ``features`` (N, D): step k picks, among the
     samples not chosen yet, the one that makes the mean of the k chosen closest (L2) to the mean of all N.
 
-    Each step is one (N, D) distance computation over every candidate; ties go to the lowest index.
+    Each step is one matrix-vector product over every candidate (the distances expanded, their constant
+    dropped); ties go to the lowest index.
     Returns int64 (min(m, N),), on ``features``' device.
     """
     if features.dim() != 2:
@@ -74,13 +75,16 @@ def herding(features: torch.Tensor, m: int) -> torch.Tensor:
     m = min(m, n)
     f = features.double()  # the running sums over hundreds of steps stay exact enough to keep the order
     mu = f.mean(0)
+    sq = (f * f).sum(1)
     chosen = torch.empty(m, dtype=torch.int64, device=f.device)
     taken = torch.zeros(n, dtype=torch.bool, device=f.device)
     running = torch.zeros_like(mu)
     for k in range(1, m + 1):
-        # || mu - (running + f_i) / k ||² for every candidate i
-        dist = ((mu - (running + f) / k) ** 2).sum(1).masked_fill(taken, float("inf"))
-        i = int(torch.argmin(dist))
+        # || mu - (running + f_i) / k ||² = || c ||² - (2 / k) c · f_i + || f_i ||² / k², c = mu - running / k:
+        # one matrix-vector product per step (the constant || c ||² dropped)
+        c = mu - running / k
+        score = (sq / (k * k) - (2.0 / k) * (f @ c)).masked_fill_(taken, float("inf"))
+        i = int(torch.argmin(score))
         chosen[k - 1] = i
         taken[i] = True
         running += f[i]
