@@ -1,12 +1,15 @@
 """Class-incremental learning from data (REFERENCE.md §4): each experience brings the training data of its
-classes, and only while it is learned. :class:`FineTune` (the lower bound) and :class:`LwF` keep nothing of
-it; :class:`Joint` (the upper bound) keeps all of it.
+classes, and only while it is learned. :class:`FineTune` (the lower bound), :class:`LwF`,
+:class:`DeepInversionCIL` and :class:`SyntheticExemplars` keep nothing of it (the last two replace old data
+by DeepInversion images); :class:`ICaRL` keeps K real exemplars and :class:`Joint` (the upper bound) all of
+it.
 
 Every strategy here trains one learner in place with SGD over the experience's training set for ``epochs``
 (the experts' recipe by default: lr 0.01, momentum 0.9, weight decay 5e-4, batch 32), one head and no task
-label. Its classification term is the cross-entropy over the **active** units, the classes seen so far
-(those of earlier experiences and the current one): the usual class-incremental protocol (van de Ven et al.;
-PyCIL grows its head instead, which is the same), and :meth:`predict` answers among the active units only.
+label. Its classification term (the softmax forms; iCaRL's sigmoids likewise) runs over the **active**
+units, the classes seen so far (those of earlier experiences and the current one): the usual
+class-incremental protocol (van de Ven et al.; PyCIL grows its head instead, which is the same), and
+:meth:`predict` answers among the active units only.
 
 The experience passed to :meth:`DataStrategy.train` is a :class:`~exml_fast.cl.scenarios.Experience`
 (anything with ``index``, ``classes``, ``task_id``, ``train_x`` and ``train_y``).
