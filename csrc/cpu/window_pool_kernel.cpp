@@ -94,9 +94,7 @@ at::Tensor window_pool_cpu(const at::Tensor& x_in, int64_t kh, int64_t kw, bool 
   at::Tensor x;
   const bool cl = window_pool_layout(x_in, x);
   const Geometry g = geometry_of(x, kh, kw);
-  at::Tensor y = at::empty({g.n, g.c, g.oh, g.ow},
-                           x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
-                                                        : at::MemoryFormat::Contiguous));
+  at::Tensor y = at::empty({g.n, g.c, g.oh, g.ow}, x.options().memory_format(window_pool_format(cl)));
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "window_pool_cpu", [&] {
     forward_dispatch(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g, cl, is_max);
@@ -113,10 +111,8 @@ at::Tensor window_pool_backward_cpu(const at::Tensor& grad_in, const at::Tensor&
   at::Tensor x;
   const bool cl = window_pool_layout(x_in, x);
   const Geometry g = geometry_of(x, kh, kw);
-  const at::Tensor grad =
-      grad_in.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
-                                                                     : at::MemoryFormat::Contiguous));
+  const at::Tensor grad = grad_in.contiguous(window_pool_format(cl));
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(window_pool_format(cl)));
   if (dx.numel() == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "window_pool_backward_cpu", [&] {
     backward_dispatch(grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),

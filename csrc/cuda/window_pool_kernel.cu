@@ -118,10 +118,6 @@ Geom geom_of(const at::Tensor& x, int64_t kh, int64_t kw, bool cl) {
   return {x.size(0), x.size(1), x.size(2), x.size(3), x.size(2) / kh, x.size(3) / kw, kh, kw, cl};
 }
 
-at::MemoryFormat format_of(bool cl) {
-  return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
 at::Tensor window_pool_cuda(const at::Tensor& x_in, int64_t kh, int64_t kw, bool is_max) {
   const char* op = "exml_fast::window_pool";
   check_window_pool_args(x_in, kh, kw, op, "x");
@@ -130,7 +126,7 @@ at::Tensor window_pool_cuda(const at::Tensor& x_in, int64_t kh, int64_t kw, bool
   at::Tensor x;
   const bool cl = window_pool_layout(x_in, x);
   const Geom g = geom_of(x, kh, kw, cl);
-  at::Tensor y = at::empty({g.n, g.c, g.oh, g.ow}, x.options().memory_format(format_of(cl)));
+  at::Tensor y = at::empty({g.n, g.c, g.oh, g.ow}, x.options().memory_format(window_pool_format(cl)));
   const int64_t total = y.numel();
   if (total == 0) return y;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
@@ -156,10 +152,10 @@ at::Tensor window_pool_backward_cuda(const at::Tensor& grad_in, const at::Tensor
   at::Tensor x;
   const bool cl = window_pool_layout(x_in, x);
   const Geom g = geom_of(x, kh, kw, cl);
-  const at::Tensor grad = grad_in.contiguous(format_of(cl));
+  const at::Tensor grad = grad_in.contiguous(window_pool_format(cl));
   const bool tail = g.oh * kh < g.h || g.ow * kw < g.w;
-  at::Tensor dx = tail ? at::zeros(x.sizes(), x.options().memory_format(format_of(cl)))
-                       : at::empty(x.sizes(), x.options().memory_format(format_of(cl)));
+  at::Tensor dx = tail ? at::zeros(x.sizes(), x.options().memory_format(window_pool_format(cl)))
+                       : at::empty(x.sizes(), x.options().memory_format(window_pool_format(cl)));
   const int64_t total = grad.numel();
   if (total == 0) return dx;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();

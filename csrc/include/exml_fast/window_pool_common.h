@@ -57,6 +57,11 @@ inline bool window_pool_layout(const at::Tensor& x_in, at::Tensor& x) {
   return false;
 }
 
+// The memory format of the tensors a kernel allocates for a layout window_pool_layout returned.
+inline at::MemoryFormat window_pool_format(bool cl) {
+  return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 // The max rule of PyTorch's max_pool2d: a larger value or any NaN replaces the
 // running best (so a NaN wins and the last NaN's position is kept); ties keep
 // the first. `v` and `best` in the accumulation type.
