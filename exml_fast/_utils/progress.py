@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
-__all__ = ["Progress"]
+import torch
+
+__all__ = ["Progress", "RunningLoss"]
 
 
 class Progress:
@@ -46,3 +49,31 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class RunningLoss:
+    """The mean loss of a training loop's last steps, shown on ``bar``: the losses add up on their device and
+    are read (one host sync) every ``every`` steps — ``min(100, total // 20)``, at least 1 — and at
+    :meth:`flush`. :attr:`last` is the mean of the last group read (nan before any)."""
+
+    def __init__(self, bar: Progress, total: int, device: torch.device) -> None:
+        self.bar = bar
+        self.every = max(1, min(100, total // 20))
+        self.sum = torch.zeros((), device=device)
+        self.count = 0
+        self.last = math.nan
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss.detach()
+        self.count += 1
+        if self.count == self.every:
+            self.flush()
+
+    def flush(self) -> float:
+        """Reads the steps added since the last read, if any, onto the bar; returns :attr:`last`."""
+        if self.count:
+            self.last = float(self.sum) / self.count
+            self.bar.update(self.count, {"loss": self.last})
+            self.sum.zero_()
+            self.count = 0
+        return self.last

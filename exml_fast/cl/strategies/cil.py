@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exml_fast._utils.batches import minibatch_bounds
-from exml_fast._utils.progress import Progress
+from exml_fast._utils.progress import Progress, RunningLoss
 from exml_fast.cl.exemplars import ExemplarMemory, class_means, herding, nearest_mean_logits, penultimate_features
 from exml_fast.cl.strategies.base import Strategy, check_float, check_int, derive_seed, frozen_copy
 from exml_fast.cl.strategies.registry import BuildContext, build_data_learner, register_strategy
@@ -192,8 +192,7 @@ class DataStrategy(Strategy):
         bounds = minibatch_bounds(int(x.shape[0]), self.batch_size)
         total = self.epochs * len(bounds)
         bar = Progress(total, f"train {i}", self.progress)
-        running, seen, every = torch.zeros((), device=dev), 0, max(1, min(100, total // 20))
-        last = float("nan")
+        running = RunningLoss(bar, total, dev)
         self.model.train()
         with fast_pooling(*self._models()):
             try:
@@ -209,20 +208,12 @@ class DataStrategy(Strategy):
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
-                        running += loss.detach()
-                        seen += 1
-                        if seen == every:
-                            last = float(running) / seen  # one host sync per `every` steps
-                            bar.update(seen, {"loss": last})
-                            running.zero_()
-                            seen = 0
-                if seen:
-                    last = float(running) / seen
-                    bar.update(seen, {"loss": last})
+                        running.add(loss)
+                running.flush()
             finally:
                 bar.close()
                 self.model.eval()
-        return last
+        return running.last
 
     @torch.no_grad()
     def _logits(self, x, task_ids):
@@ -394,18 +385,23 @@ class ICaRL(LwF):
         return x, y
 
     def _learned(self, exp, x, y):
+        """Shrinks every stored class to m = K // (classes seen), stores m exemplars of each new class and
+        recomputes the class means of the exemplars' features."""
         classes = sorted(set(self.classes_seen) | {int(c) for c in exp.classes})
         m = self.memory.per_class(len(classes))
         self.memory.reduce(m)
-        new_x, new_y = exp.train_x.detach().cpu(), exp.train_y.detach().cpu()
-        feats = penultimate_features(self.model, new_x)
-        for c in sorted(int(c) for c in exp.classes):
-            idx = (new_y == c).nonzero().flatten()
-            order = herding(feats[idx], m)
-            self.memory.add(c, new_x[idx[order]])
+        self._add_exemplars(exp, sorted(int(c) for c in exp.classes), m)
         mx, my = self.memory.tensors()
         self.mean_classes = self.memory.classes
         self.means = class_means(penultimate_features(self.model, mx), my, self.mean_classes)
+
+    def _add_exemplars(self, exp, new: list[int], m: int) -> None:
+        """Stores ``m`` exemplars of each class of ``new``: iCaRL's herding over the experience's images."""
+        new_x, new_y = exp.train_x.detach().cpu(), exp.train_y.detach().cpu()
+        feats = penultimate_features(self.model, new_x)
+        for c in new:
+            idx = (new_y == c).nonzero().flatten()
+            self.memory.add(c, new_x[idx[herding(feats[idx], m)]])
 
     @torch.no_grad()
     def _logits(self, x, task_ids):
@@ -527,8 +523,8 @@ class DeepInversionCIL(_Synthesis, DataStrategy):
         return (self.model, self.prev)
 
     def _step_loss(self, xb, yb, ctx):
-        if self.prev is None:
-            return self._loss(self.model(xb), xb, yb, ctx)
+        if self.prev is None:  # the first task: cross-entropy on its data
+            return super()._step_loss(xb, yb, ctx)
         from exml_fast.ops import kd_loss, soft_target_cross_entropy
 
         gen, dev = ctx["generator"], self._device()
@@ -549,10 +545,6 @@ class DeepInversionCIL(_Synthesis, DataStrategy):
         ce = F.cross_entropy(logits[:n], ctx["pos"][yb])
         kd = kd_loss(logits[:n].index_select(1, pos_old), old_logits[:n].contiguous(), temperature=1.0)
         return synth_term + ce + kd
-
-    def _loss(self, logits, x, y, ctx):
-        return F.cross_entropy(logits.index_select(1, ctx["active"]), ctx["pos"][y])
-
 
 class SyntheticExemplars(_Synthesis, ICaRL):
     """iCaRL with every exemplar replaced by a DeepInversion image of its class (the incremental-learning
@@ -579,18 +571,13 @@ class SyntheticExemplars(_Synthesis, ICaRL):
     def config(self) -> dict[str, Any]:
         return {**super().config(), **self._synthesis_config()}
 
-    def _learned(self, exp, x, y):
-        classes = sorted(set(self.classes_seen) | {int(c) for c in exp.classes})
-        m = self.memory.per_class(len(classes))
-        self.memory.reduce(m)
-        new = sorted(int(c) for c in exp.classes)
+    def _add_exemplars(self, exp, new, m):
+        """Stores ``m`` DeepInversion images of each class of ``new``, synthesised by the model just trained
+        (frozen); the experience's own images are not used."""
         teacher = frozen_copy(self.model)
         sx, sy = self._synthesize(teacher, new, m, "synthetic-exemplars", self.experiences_seen + 1)
         for c in new:
             self.memory.add(c, sx[sy == c])
-        mx, my = self.memory.tensors()
-        self.mean_classes = self.memory.classes
-        self.means = class_means(penultimate_features(self.model, mx), my, self.mean_classes)
 
 
 # -- the command-line names ------------------------------------------------------------------------------

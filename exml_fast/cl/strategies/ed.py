@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from exml_fast._utils.progress import Progress
+from exml_fast._utils.progress import Progress, RunningLoss
 from exml_fast.ops.window_pool import fast_pooling
 from exml_fast.cl.buffer import SyntheticBuffer
 from exml_fast.cl.heads import task_head_mask
@@ -244,13 +244,12 @@ class ExModelDistillation(Strategy):
         # Buffer labels come from the sources (the expert's classes) or from earlier experiences, so
         # ed_loss's per-step label check (a host sync on CUDA) is skipped.
         bar = Progress(self.iterations, f"distil {i}", self.progress)
-        running, seen, every = torch.zeros((), device=dev), 0, max(1, min(100, self.iterations // 20))
-        last = float("nan")
+        running = RunningLoss(bar, self.iterations, dev)
         self.model.train()
         # The three models' stride = kernel pooling layers (LeNet's) take exml_fast.ops.window_pool on the CPU.
         with fast_pooling(self.model, expert_model, prev):
             try:
-                for step in range(self.iterations):
+                for _ in range(self.iterations):
                     idx = self.buffer.sample(self.batch_size, generator=gen)
                     xb = bx[idx].to(dev, non_blocking=True)
                     yb = by[idx].to(dev, non_blocking=True)
@@ -269,17 +268,12 @@ class ExModelDistillation(Strategy):
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    running += loss.detach()
-                    seen += 1
-                    if seen == every or step + 1 == self.iterations:
-                        last = float(running) / seen  # one host sync per `every` steps
-                        bar.update(seen, {"loss": last})
-                        running.zero_()
-                        seen = 0
+                    running.add(loss)
+                running.flush()
             finally:
                 bar.close()
                 self.model.eval()
-        return last
+        return running.last
 
     @torch.no_grad()
     def _logits(self, x, task_ids):
