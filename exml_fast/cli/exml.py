@@ -138,17 +138,21 @@ def add_commands(sub) -> None:
     d.set_defaults(func=_demo, subparser=d)
 
 
+def _scenario_from_args(args, seed: int):
+    """The scenario ``--scenario`` names, with ``--n-experiences``, ``--max-train`` and ``--base-classes`` when
+    given (else the scenario's defaults), the class order from ``seed``."""
+    kw = {"seed": seed, "root": args.data_root}
+    for flag, key in (("n_experiences", "n_experiences"), ("max_train", "max_train_per_experience"),
+                      ("base_classes", "base_classes")):
+        if getattr(args, flag) is not None:
+            kw[key] = getattr(args, flag)
+    return make_scenario(args.scenario, **kw)
+
+
 def _train_experts(args) -> int:
     device = resolve_device(args.device)
     fmt = args.weights_format or default_weights_format()
-    kw = {"seed": args.seed, "root": args.data_root}
-    if args.max_train is not None:
-        kw["max_train_per_experience"] = args.max_train
-    if args.n_experiences is not None:
-        kw["n_experiences"] = args.n_experiences
-    if args.base_classes is not None:
-        kw["base_classes"] = args.base_classes
-    scenario = make_scenario(args.scenario, **kw)
+    scenario = _scenario_from_args(args, args.seed)
     print(f"[scenario] {scenario.name}: {len(scenario.experiences)} experiences, classes "
           f"{[list(e.classes) for e in scenario.experiences]}")
     t0 = time.perf_counter()
@@ -185,14 +189,7 @@ def _run(args) -> int:
                              "--experts or --preset")
         if args.scenario is None:
             raise UsageError(f"--strategy {strategy_name} learns from a scenario's data: --scenario is required")
-        kw = {"seed": seed, "root": args.data_root}
-        if args.n_experiences is not None:
-            kw["n_experiences"] = args.n_experiences
-        if args.max_train is not None:
-            kw["max_train_per_experience"] = args.max_train
-        if args.base_classes is not None:
-            kw["base_classes"] = args.base_classes
-        scenario = make_scenario(args.scenario, **kw)
+        scenario = _scenario_from_args(args, seed)
         if scenario.multi_task:
             raise UsageError(f"--scenario {args.scenario}: the class-incremental strategies learn one head without "
                              "task labels; pick a scenario without _mt")

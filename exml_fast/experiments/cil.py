@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from exml_fast._utils.checks import check_int
 from exml_fast.cl.metrics import mean_std
 from exml_fast.cl.scenarios import make_scenario
 from exml_fast.cl.strategies import STRATEGIES, run_named_strategy
@@ -131,8 +132,7 @@ def reproduce_cil(
     """
     if experiment not in CIL_EXPERIMENTS:
         raise ValueError(f"reproduce_cil: experiment must be one of {', '.join(CIL_EXPERIMENTS)}; got {experiment!r}")
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise ValueError(f"reproduce_cil: runs must be an int >= 1; got {runs!r}")
+    check_int(runs, "runs", "reproduce_cil", low=1)
     if budget not in CIL_BUDGETS:
         raise ValueError(f"reproduce_cil: budget must be one of {', '.join(CIL_BUDGETS)}; got {budget!r}")
     chosen = tuple(strategies) if strategies is not None else CIL_STRATEGIES
