@@ -159,20 +159,6 @@ def test_predictions_stay_among_the_classes_seen_and_joint_learns_the_union():
 # -- memory ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", [S.FineTune, S.LwF])
-def test_no_real_past_task_tensor_outlives_its_task(cls):
-    s = _strategy(cls, epochs=1)
-    refs = []
-    for i, classes in enumerate(SPLITS):
-        exp = _experience(i, classes)
-        refs.append((weakref.ref(exp.train_x), weakref.ref(exp.train_y)))
-        s.train(exp)
-        del exp
-        gc.collect()
-        assert all(r() is None for pair in refs for r in pair), f"{cls.name} holds task data after task {i}"
-    assert not cls.keeps_data and cls.learns_from == "data" and not cls.ex_model
-
-
 def test_joint_keeps_the_data_and_says_so():
     s = _strategy(S.Joint, epochs=1)
     exp = _experience(0, SPLITS[0])
@@ -368,9 +354,14 @@ def test_synthetic_exemplars_keep_only_synthetic_images_within_k():
     assert set(s.predict(sc[0].test_x).argmax(1).tolist()) <= set(range(K))
 
 
-@pytest.mark.parametrize("cls", [S.DeepInversionCIL, S.SyntheticExemplars])
-def test_synthesising_strategies_hold_no_real_past_task_tensor(cls):
-    s = _bn_strategy(cls, epochs=1, **({"synth_per_class": 2} if cls is S.DeepInversionCIL else {"memory_size": 6}))
+@pytest.mark.parametrize("cls, make", [
+    (S.FineTune, lambda: _strategy(S.FineTune, epochs=1)),
+    (S.LwF, lambda: _strategy(S.LwF, epochs=1)),
+    (S.DeepInversionCIL, lambda: _bn_strategy(S.DeepInversionCIL, epochs=1, synth_per_class=2)),
+    (S.SyntheticExemplars, lambda: _bn_strategy(S.SyntheticExemplars, epochs=1, memory_size=6)),
+])
+def test_no_real_past_task_tensor_outlives_its_task(cls, make):
+    s = make()
     refs = []
     for i, classes in enumerate(SPLITS):
         exp = _experience(i, classes)
@@ -379,6 +370,7 @@ def test_synthesising_strategies_hold_no_real_past_task_tensor(cls):
         del exp
         gc.collect()
         assert all(r() is None for pair in refs for r in pair), f"{cls.name} holds task data after task {i}"
+    assert not cls.keeps_data and cls.learns_from == "data" and not cls.ex_model
 
 
 def test_synthesising_strategies_argument_errors():
