@@ -75,7 +75,8 @@ NEEDED_MODULES = ("pytest", "numpy", "tqdm", "safetensors", "yaml", "matplotlib"
 #: that turns on torch's sync debug mode is left out: without the caching allocator
 #: (see `sanitizer_step`) every free synchronises.
 SANITIZER_FILES = ("ops/test_bn_stats.py", "ops/test_image_priors.py", "ops/test_soft_target_losses.py",
-                   "ops/test_ed_loss.py", "ops/test_dirichlet.py", "ops/test_augment.py", "ops/test_window_pool.py")
+                   "ops/test_ed_loss.py", "ops/test_dirichlet.py", "ops/test_augment.py", "ops/test_window_pool.py",
+                   "ops/test_tanh.py")
 SANITIZER_K = ("((matches_reference and float32) or cuda_matches_cpu or philox or dirichlet_rows_sum_to_one)"
                " and not generator_device")
 
@@ -88,6 +89,7 @@ BENCHES = (
     ("dirichlet", "bench_dirichlet.py", ["--quick"], "dirichlet_cuda_quick"),
     ("augment", "bench_augment.py", ["--quick"], "augment_cuda_float32_quick"),
     ("window_pool", "bench_window_pool.py", ["--quick"], "window_pool_cuda_quick"),
+    ("tanh", "bench_tanh.py", ["--quick"], "tanh_cuda_quick"),
     ("synthesis", "bench_synthesis.py", ["--quick"], "synthesis_cuda_quick"),
 )
 STEPS = ("build", "cmake-build", "ctest", "pytest-cuda", "sanitizer") + tuple(f"bench-{b[0]}" for b in BENCHES)

@@ -19,8 +19,9 @@ How an op is registered (the rule every module here follows):
   in C++ instead (an Autograd-key kernel in csrc/ops/<op>.cpp that calls
   `_<op>_backward` through the dispatcher), and says so in both files. The
   fake kernels stay here. Today: soft_target_cross_entropy, kd_loss,
-  js_divergence (csrc/ops/soft_target_losses.cpp) and ed_loss
-  (csrc/ops/ed_loss.cpp).
+  js_divergence (csrc/ops/soft_target_losses.cpp), ed_loss
+  (csrc/ops/ed_loss.cpp) and tanh (csrc/ops/tanh.cpp, whose backward op's
+  refusing autograd is in C++ too).
 - One op is CPU-only by design: `frozen_bn_stats` (csrc/ops/bn_stats.cpp)
   fuses an eval-mode BatchNorm with `bn_stats` to save the CPU's memory
   passes; on other devices its wrapper composes the affine map with the
@@ -32,10 +33,13 @@ from exml_fast.ops.bn_stats import bn_stats, bn_stats_loss, frozen_bn_stats
 from exml_fast.ops.class_similarity import class_similarity
 from exml_fast.ops.dirichlet import dirichlet_targets
 from exml_fast.ops.ed_loss import ed_class_table, ed_loss
+from exml_fast.ops.fast_layers import fast_layers
 from exml_fast.ops.image_priors import image_priors
 from exml_fast.ops.soft_target_losses import js_divergence, kd_loss, soft_target_cross_entropy
+from exml_fast.ops.tanh import fast_tanh, tanh
 from exml_fast.ops.window_pool import fast_pooling, window_pool
 
 __all__ = ["augment", "augment_with_params", "bn_stats", "bn_stats_loss", "class_similarity",
            "dirichlet_targets", "draw_augment_params", "ed_class_table", "ed_loss", "frozen_bn_stats", "image_priors",
-           "fast_pooling", "js_divergence", "kd_loss", "soft_target_cross_entropy", "window_pool"]
+           "fast_layers", "fast_pooling", "fast_tanh", "js_divergence", "kd_loss", "soft_target_cross_entropy", "tanh",
+           "window_pool"]

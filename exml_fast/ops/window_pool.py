@@ -12,7 +12,6 @@ argmax from the input instead of storing an int64 index per output.
 from __future__ import annotations
 
 import contextlib
-import types
 from collections.abc import Iterator
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 from exml_fast import _ext
 from exml_fast._utils.checks import check_image_batch, refuse_double_backward
 from exml_fast._utils.dtypes import FLOAT_DTYPES
+from exml_fast._utils.patching import PLAN_KEY, patched_forwards
 from exml_fast.reference.window_pool import MODES
 from exml_fast.reference.window_pool import window_pool as _ref_window_pool
 
@@ -88,7 +88,7 @@ def _as_pair(v) -> tuple[int, int] | None:
 
 
 def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    kh, kw, is_max = self.__dict__["_exml_window"]
+    kh, kw, is_max = self.__dict__[PLAN_KEY]
     if (x.dim() == 4 and x.device.type == "cpu" and x.dtype in FLOAT_DTYPES and x.shape[2] >= kh
             and x.shape[3] >= kw and x.is_contiguous() and _ext.has_ops()):
         return torch.ops.exml_fast.window_pool(x, kh, kw, is_max)
@@ -109,23 +109,8 @@ def fast_pooling(*models: nn.Module) -> Iterator[None]:
     swapped layer raises. Restored on exit, also after an exception; a layer already patched (a nested
     block) is left to its owner.
     """
-    patched = []
-    if FAST_POOLING:
-        for model in models:
-            if model is None:
-                continue
-            for m in model.modules():
-                window = _window_of(m)
-                if window is not None and "forward" not in m.__dict__:
-                    m.__dict__["_exml_window"] = window
-                    m.forward = types.MethodType(_forward, m)
-                    patched.append(m)
-    try:
+    with patched_forwards(models if FAST_POOLING else (), _window_of, _forward):
         yield
-    finally:
-        for m in patched:
-            del m.forward
-            m.__dict__.pop("_exml_window", None)
 
 
 def _register() -> None:

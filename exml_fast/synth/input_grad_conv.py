@@ -20,12 +20,13 @@ else keeps PyTorch's own path. Set ``FAST_INPUT_GRAD = False`` to turn it off (t
 from __future__ import annotations
 
 import contextlib
-import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from exml_fast._utils.patching import patched_forwards
 
 #: Use the input-gradient convolution in synthesis on the CPU (see the module docstring).
 FAST_INPUT_GRAD = True
@@ -110,15 +111,6 @@ def input_grad_convs(model: nn.Module):
     A convolution whose weight requires gradients at call time takes PyTorch's path, so the result is
     always correct; the swap only pays off for a frozen model. Restored on exit, also after an exception.
     """
-    patched = []
-    if FAST_INPUT_GRAD:
-        for m in model.modules():
-            if _eligible(m) and "forward" not in m.__dict__:
-                m.forward = types.MethodType(_forward, m)
-                patched.append(m)
-    try:
+    with patched_forwards((model,) if FAST_INPUT_GRAD else (), lambda m: True if _eligible(m) else None, _forward,
+                          scratch=("_exml_flipped",)):
         yield model
-    finally:
-        for m in patched:
-            del m.forward
-            m.__dict__.pop("_exml_flipped", None)

@@ -38,7 +38,7 @@ from exml_fast.ops.class_similarity import class_similarity
 from exml_fast.ops.dirichlet import dirichlet_targets
 from exml_fast.ops.image_priors import image_priors
 from exml_fast.ops.soft_target_losses import js_divergence, soft_target_cross_entropy
-from exml_fast.ops.window_pool import fast_pooling
+from exml_fast.ops.fast_layers import fast_layers
 from exml_fast.reference.augment import draw_augment_params
 from exml_fast.reference.bn_stats import BN_LOSS_FORMS
 from exml_fast.reference.soft_target_losses import JS_FORMS
@@ -341,8 +341,9 @@ class _Inversion(Synthesizer):
                     stack.enter_context(input_grad_convs(m))
                 if self.device.type == "cpu" and not self.compile:
                     # Stride = kernel max/avg pooling (LeNet's) in one pass each way instead of PyTorch's NCHW
-                    # kernels (over a quarter of a LeNet-5-BN step: exml_fast.ops.window_pool).
-                    stack.enter_context(fast_pooling(m))
+                    # kernels (over a quarter of a LeNet-5-BN step: exml_fast.ops.window_pool), and nn.Tanh
+                    # vectorised (PyTorch's CPU tanh is a scalar loop, 15 % of a LeNet-5 MI step: ops.tanh).
+                    stack.enter_context(fast_layers(m))
             if self.bn_weight > 0:
                 # fused: each eval-mode BN layer and its statistics in one pass each way (CPU).
                 self._matcher = stack.enter_context(

@@ -29,7 +29,7 @@ from exml_fast._utils.progress import Progress, RunningLoss
 from exml_fast.cl.exemplars import ExemplarMemory, class_means, herding, nearest_mean_logits, penultimate_features
 from exml_fast.cl.strategies.base import Strategy, check_float, check_int, derive_seed, frozen_copy
 from exml_fast.cl.strategies.registry import BuildContext, build_data_learner, register_strategy
-from exml_fast.ops.window_pool import fast_pooling
+from exml_fast.ops.fast_layers import fast_layers
 from exml_fast.training import augment_batch
 
 __all__ = ["ICARL_CLASSIFIERS", "LWF_FORMS", "DataStrategy", "DeepInversionCIL", "FineTune", "ICaRL", "Joint", "LwF",
@@ -194,7 +194,7 @@ class DataStrategy(Strategy):
         bar = Progress(total, f"train {i}", self.progress)
         running = RunningLoss(bar, total, dev)
         self.model.train()
-        with fast_pooling(*self._models()):
+        with fast_layers(*self._models()):
             try:
                 for _ in range(self.epochs):
                     perm = torch.randperm(int(x.shape[0]), generator=gen)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from exml_fast._utils.progress import Progress, RunningLoss
-from exml_fast.ops.window_pool import fast_pooling
+from exml_fast.ops.fast_layers import fast_layers
 from exml_fast.cl.buffer import SyntheticBuffer
 from exml_fast.cl.heads import task_head_mask
 from exml_fast.cl.strategies.base import Strategy, check_float, check_int, derive_seed, expert_name, frozen_copy
@@ -246,8 +246,9 @@ class ExModelDistillation(Strategy):
         bar = Progress(self.iterations, f"distil {i}", self.progress)
         running = RunningLoss(bar, self.iterations, dev)
         self.model.train()
-        # The three models' stride = kernel pooling layers (LeNet's) take exml_fast.ops.window_pool on the CPU.
-        with fast_pooling(self.model, expert_model, prev):
+        # The three models' stride = kernel pooling and tanh layers (LeNet's) take exml_fast.ops.window_pool
+        # and exml_fast.ops.tanh on the CPU.
+        with fast_layers(self.model, expert_model, prev):
             try:
                 for _ in range(self.iterations):
                     idx = self.buffer.sample(self.batch_size, generator=gen)

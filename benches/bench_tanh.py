@@ -1,0 +1,133 @@
+"""Benchmark of tanh: exml_fast.ops.tanh vs torch.tanh (what nn.Tanh runs), and a LeNet-5 step with it.
+
+Ops: forward, and forward + backward through autograd, on LeNet-5's activations: (32, 6, 28, 28),
+(32, 16, 10, 10), (32, 120) and (32, 84) (a distillation batch) and (256, 6, 28, 28) (a synthesis batch);
+each against torch.tanh (the reference and the peer) and torch.compile of it, with the effective
+bandwidth (forward: read x, write y) beside the machine's copy bandwidth. Then one SGD step of
+LeNet-5 at batch 32 (a teacher forward under no_grad, the learner's forward + backward), its pooling on
+exml_fast's window_pool either way (fast_pooling), with and without fast_tanh: what a distillation step
+gains. Calls are timed round-robin; the speed-up is the median of per-round ratios.
+
+Usage:
+    python benches/bench_tanh.py [--device cpu|cuda] [--threads N] [--quick] [--no-compile]
+        [--suffix S] [--out benches/results]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+
+import torch
+from benchlib import env_markdown, environment, interleaved_samples, median, op_parser, parse_op_args, record
+
+from exml_fast.models import build_model
+from exml_fast.ops.tanh import fast_tanh, tanh
+from exml_fast.ops.window_pool import fast_pooling
+from exml_fast.reference.tanh import tanh as ref_tanh
+
+SHAPES = [(32, 6, 28, 28), (32, 16, 10, 10), (32, 120), (32, 84), (256, 6, 28, 28)]
+
+
+def _rows(samples: dict, numel: int | None = None) -> list[dict]:
+    rows = []
+    for name, s in samples.items():
+        ratios = [a / b for a, b in zip(s, samples["exml_fast"], strict=True)]
+        row = {"variant": name, "ms": median(s) * 1e3, "vs_exml": median(ratios)}
+        if numel is not None:
+            row["GBps"] = 8 * numel / median(s) / 1e9
+        rows.append(row)
+    return rows
+
+
+def bench_op(shape, direction, args) -> dict:
+    x = torch.randn(*shape, device=args.device) * 2
+    g = torch.randn(*shape, device=args.device)
+    if direction == "forward":
+        def wrap(fn):
+            return lambda: fn(x)
+    else:
+        xg = x.clone().requires_grad_(True)
+
+        def wrap(fn):
+            return lambda: torch.autograd.grad(fn(xg), xg, g)
+    variants = {"reference": wrap(ref_tanh), "exml_fast": wrap(tanh)}
+    if not args.no_compile:
+        torch._dynamo.reset()  # one lambda's code object for every case: past 8 recompiles dynamo runs eager
+        variants["compile(reference)"] = wrap(torch.compile(ref_tanh))
+    samples = interleaved_samples(variants, device=args.device, min_run_time=args.min_run_time)
+    return {"shape": list(shape), "direction": direction,
+            "rows": _rows(samples, x.numel() if direction == "forward" else None)}
+
+
+def bench_lenet_step(args) -> dict:
+    torch.manual_seed(0)
+    learner, teacher = build_model("lenet5").to(args.device), build_model("lenet5").to(args.device).eval()
+    x = torch.randn(32, 1, 32, 32, device=args.device)
+    opt = torch.optim.SGD(learner.parameters(), lr=1e-3, momentum=0.9)
+
+    def step(swap_tanh):
+        def run():
+            with fast_pooling(learner, teacher), (fast_tanh(learner, teacher) if swap_tanh else
+                                                  contextlib.nullcontext()):
+                with torch.no_grad():
+                    target = teacher(x)
+                loss = (learner(x) - target).square().mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return run
+
+    samples = interleaved_samples({"reference": step(False), "exml_fast": step(True)}, device=args.device,
+                                  min_run_time=args.min_run_time)
+    return {"case": "LeNet-5 SGD step, batch 32 (teacher forward + learner forward/backward)",
+            "rows": _rows(samples)}
+
+
+def to_markdown(rec: dict) -> str:
+    lines = env_markdown(rec["env"], "tanh", "python benches/bench_tanh.py " + " ".join(rec["argv"]))
+    lines += ["\"time / exml_fast\" is the median of per-round ratios (> 1: exml_fast is faster). GB/s: bytes "
+              "read + written by the forward (8 per element) per second, beside the copy bandwidth above.", "",
+              "| direction | shape | variant | ms | GB/s | time / exml_fast |", "|---|---|---|---:|---:|---:|"]
+    for r in rec["results"]:
+        for row in r["rows"]:
+            gbps = f"{row['GBps']:.1f}" if "GBps" in row else ""
+            lines.append(f"| {r['direction']} | {tuple(r['shape'])} | {row['variant']} | {row['ms']:.4f} | {gbps} | "
+                         f"{row['vs_exml']:.2f}x |")
+    step = rec["lenet_step"]
+    lines += ["", f"**{step['case']}**, pooling on `fast_pooling` in both rows; \"reference\": nn.Tanh as "
+              "PyTorch runs it, \"exml_fast\": under `fast_tanh`.", "",
+              "| variant | ms | time / exml_fast |", "|---|---:|---:|"]
+    for row in step["rows"]:
+        lines.append(f"| {row['variant']} | {row['ms']:.3f} | {row['vs_exml']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = op_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--suffix", default="", help="appended to the result files' stem (e.g. _avx2)")
+    args = parse_op_args(p, argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    env = environment(args.device, "tanh")
+    results = []
+    for shape in SHAPES:
+        for direction in ("forward", "forward+backward"):
+            r = bench_op(shape, direction, args)
+            results.append(r)
+            print(f"  {direction} {shape}: " + ", ".join(
+                f"{row['variant']} {row['ms']:.4f} ms ({row['vs_exml']:.2f}x)" for row in r["rows"]), flush=True)
+    step = bench_lenet_step(args)
+    print(f"  {step['case']}: " + ", ".join(f"{row['variant']} {row['ms']:.3f} ms ({row['vs_exml']:.2f}x)"
+                                           for row in step["rows"]), flush=True)
+    env["wall_s"] = time.perf_counter() - t0
+    rec = {"env": env, "argv": sys.argv[1:] if argv is None else list(argv), "results": results,
+           "lenet_step": step}
+    record(args.out, f"tanh_{args.device}{'_quick' if args.quick else ''}{args.suffix}", rec, to_markdown(rec))
+
+
+if __name__ == "__main__":
+    main()
