@@ -5,8 +5,11 @@ Ops: forward, and forward + backward through autograd, on LeNet-5's activations:
 each against torch.tanh (the reference and the peer) and torch.compile of it, with the effective
 bandwidth (forward: read x, write y) beside the machine's copy bandwidth. Then one SGD step of
 LeNet-5 at batch 32 (a teacher forward under no_grad, the learner's forward + backward), its pooling on
-exml_fast's window_pool either way (fast_pooling), with and without fast_tanh: what a distillation step
-gains. Calls are timed round-robin; the speed-up is the median of per-round ratios.
+exml_fast's window_pool either way (fast_pooling), with and without fast_tanh. Last, Ex-Model
+Distillation's own distillation loop (ExModelDistillation on LeNet-5, the second experience: an expert and
+a previous model forward and the learner's step, as benches/profile_exml.py times it) with PyTorch's
+layers, with fast_pooling only, and with fast_layers (pooling and tanh), per step from the difference of a
+400- and a 100-step run. Calls are timed round-robin; the speed-up is the median of per-round ratios.
 
 Usage:
     python benches/bench_tanh.py [--device cpu|cuda] [--threads N] [--quick] [--no-compile]
@@ -16,12 +19,15 @@ Usage:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
 import time
 
 import torch
-from benchlib import env_markdown, environment, interleaved_samples, median, op_parser, parse_op_args, record
+from benchlib import (RandomSource, StubExpert, env_markdown, environment, interleaved_samples, median, op_parser,
+                      parse_op_args, record)
 
+from exml_fast.cl.strategies import ExModelDistillation
 from exml_fast.models import build_model
 from exml_fast.ops.tanh import fast_tanh, tanh
 from exml_fast.ops.window_pool import fast_pooling
@@ -85,6 +91,35 @@ def bench_lenet_step(args) -> dict:
             "rows": _rows(samples)}
 
 
+def bench_ed_step(args, rounds: int) -> dict:
+    pool_mod = importlib.import_module("exml_fast.ops.window_pool")
+    tanh_mod = importlib.import_module("exml_fast.ops.tanh")
+    dev = torch.device(args.device)
+    expert = build_model("lenet5").to(dev).eval()
+
+    def distil(k):
+        ed = ExModelDistillation(build_model("lenet5"), source=RandomSource(), buffer_size=1000, iterations=k,
+                                 device=dev, progress=False)
+        ed.train(StubExpert(expert, [0, 1], 0))
+        ed.train(StubExpert(expert, [2, 3], 1))
+        return ed.history[-1]["distill_s"]
+
+    variants = {"PyTorch layers": (False, False), "fast_pooling": (True, False), "exml_fast": (True, True)}
+    k1, k2 = (20, 80) if args.quick else (100, 400)
+    samples: dict[str, list[float]] = {n: [] for n in variants}
+    distil(k1)  # warm-up
+    try:
+        for r in range(rounds):
+            names = list(variants)
+            for name in names[r % 3:] + names[:r % 3]:
+                pool_mod.FAST_POOLING, tanh_mod.FAST_TANH = variants[name]
+                samples[name].append((distil(k2) - distil(k1)) / (k2 - k1))
+    finally:
+        pool_mod.FAST_POOLING = tanh_mod.FAST_TANH = True
+    return {"case": "Ex-Model Distillation step (batch 32, LeNet-5 learner, expert and previous model)",
+            "rows": _rows(samples)}
+
+
 def to_markdown(rec: dict) -> str:
     lines = env_markdown(rec["env"], "tanh", "python benches/bench_tanh.py " + " ".join(rec["argv"]))
     lines += ["\"time / exml_fast\" is the median of per-round ratios (> 1: exml_fast is faster). GB/s: bytes "
@@ -100,6 +135,12 @@ def to_markdown(rec: dict) -> str:
               "PyTorch runs it, \"exml_fast\": under `fast_tanh`.", "",
               "| variant | ms | time / exml_fast |", "|---|---:|---:|"]
     for row in step["rows"]:
+        lines.append(f"| {row['variant']} | {row['ms']:.3f} | {row['vs_exml']:.2f}x |")
+    ed = rec["ed_step"]
+    lines += ["", f"**{ed['case']}**, ExModelDistillation's loop; \"fast_pooling\": only the pooling layers "
+              "swapped; \"exml_fast\": `fast_layers` (pooling and tanh), as the library runs it.", "",
+              "| variant | ms per step | time / exml_fast |", "|---|---:|---:|"]
+    for row in ed["rows"]:
         lines.append(f"| {row['variant']} | {row['ms']:.3f} | {row['vs_exml']:.2f}x |")
     return "\n".join(lines) + "\n"
 
@@ -123,9 +164,12 @@ def main(argv=None) -> None:
     step = bench_lenet_step(args)
     print(f"  {step['case']}: " + ", ".join(f"{row['variant']} {row['ms']:.3f} ms ({row['vs_exml']:.2f}x)"
                                            for row in step["rows"]), flush=True)
+    ed = bench_ed_step(args, rounds=2 if args.quick else 5)
+    print(f"  {ed['case']}: " + ", ".join(f"{row['variant']} {row['ms']:.3f} ms ({row['vs_exml']:.2f}x)"
+                                         for row in ed["rows"]), flush=True)
     env["wall_s"] = time.perf_counter() - t0
     rec = {"env": env, "argv": sys.argv[1:] if argv is None else list(argv), "results": results,
-           "lenet_step": step}
+           "lenet_step": step, "ed_step": ed}
     record(args.out, f"tanh_{args.device}{'_quick' if args.quick else ''}{args.suffix}", rec, to_markdown(rec))
 
 

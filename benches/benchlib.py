@@ -20,6 +20,7 @@ import torch
 from torch.utils import benchmark
 
 import exml_fast
+from exml_fast.synth import SyntheticBatch
 from exml_fast._utils.provenance import device_name, git_commit  # noqa: F401 - the scripts import them from here
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,3 +188,29 @@ def parse_op_args(p: argparse.ArgumentParser, argv=None, *, cpu_run_time: float 
         args.min_run_time = 0.2 if args.quick else (
             cpu_run_time if args.device == "cpu" else cuda_run_time)
     return args
+
+
+# -- stand-ins for an expert stream (profiles and benchmarks of the distillation loop) --------------
+
+
+class StubExpert:
+    """The attributes ExModelDistillation and the synthesizers read from an Expert (a LeNet-5 on MNIST shapes):
+    what the profiles and the tanh benchmark distil from."""
+
+    def __init__(self, model, classes, i):
+        self.model, self.classes, self.task_id = model, classes, None
+        self.mean, self.std, self.input_shape, self.num_classes = (0.1307,), (0.3081,), (1, 32, 32), 10
+        self.meta = {"experience": i}
+
+
+class RandomSource:
+    """A buffer source of N(0, 1) images labelled with the expert's classes: distillation without synthesis."""
+
+    def describe(self):
+        return {"method": "random"}
+
+    def generate(self, expert, n, *, seed, device, progress):
+        g = torch.Generator().manual_seed(seed)
+        cls = torch.tensor(expert.classes)
+        return SyntheticBatch(torch.randn(n, 1, 32, 32, generator=g), cls[torch.randint(0, 2, (n,), generator=g)],
+                              None, {}, expert.mean, expert.std)

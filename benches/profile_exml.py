@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 from exml_fast.models import build_model  # noqa: E402
-from exml_fast.synth import DataImpressions, ModelInversion, SyntheticBatch  # noqa: E402
+from exml_fast.synth import DataImpressions, ModelInversion  # noqa: E402
 
 RUNS = 5
 N = 5000
@@ -55,26 +55,6 @@ COUNTS = {
     "distillation (steps of 32)": 3 * (5 * 30000 + 30000),
     "evaluation (images)": 7 * 15 * 10000 + 4 * 10000,  # Split: 7 strategies x 15 (after i, on j <= i)
 }
-
-
-class _Expert:
-    """The attributes ExModelDistillation and the synthesizers read from an Expert."""
-
-    def __init__(self, model, classes, i):
-        self.model, self.classes, self.task_id = model, classes, None
-        self.mean, self.std, self.input_shape, self.num_classes = (0.1307,), (0.3081,), (1, 32, 32), 10
-        self.meta = {"experience": i}
-
-
-class _RandomSource:
-    def describe(self):
-        return {"method": "random"}
-
-    def generate(self, expert, n, *, seed, device, progress):
-        g = torch.Generator().manual_seed(seed)
-        cls = torch.tensor(expert.classes)
-        return SyntheticBatch(torch.randn(n, 1, 32, 32, generator=g), cls[torch.randint(0, 2, (n,), generator=g)],
-                              None, {}, expert.mean, expert.std)
 
 
 def _synth(cls, expert, dev, batch, **kw):
@@ -145,19 +125,19 @@ def per_unit(device: str, synth_batch: int, k1: int, k2: int) -> dict[str, float
     from exml_fast.cl.strategies import ExModelDistillation
 
     def distil(k):
-        ed = ExModelDistillation(build_model("lenet5"), source=_RandomSource(), buffer_size=1000, iterations=k,
+        ed = ExModelDistillation(build_model("lenet5"), source=benchlib.RandomSource(), buffer_size=1000, iterations=k,
                                  device=dev, progress=False)
-        ed.train(_Expert(expert, [0, 1], 0))
+        ed.train(benchlib.StubExpert(expert, [0, 1], 0))
         t0 = time.perf_counter()
-        ed.train(_Expert(expert, [2, 3], 1))
+        ed.train(benchlib.StubExpert(expert, [2, 3], 1))
         return ed.history[-1]["distill_s"], time.perf_counter() - t0
     distil(k1)
     out["distillation (steps of 32)"] = (distil(k2 * 4)[0] - distil(k1 * 4)[0]) / ((k2 - k1) * 4)
 
     xs = torch.randn(10000, 1, 32, 32, device=dev)
-    ed = ExModelDistillation(build_model("lenet5"), source=_RandomSource(), buffer_size=10, iterations=1,
+    ed = ExModelDistillation(build_model("lenet5"), source=benchlib.RandomSource(), buffer_size=10, iterations=1,
                              device=dev, progress=False)
-    ed.train(_Expert(expert, [0, 1], 0))
+    ed.train(benchlib.StubExpert(expert, [0, 1], 0))
     ed.predict(xs[:100])
     out["evaluation (images)"] = _seconds(lambda: ed.predict(xs), device) / 10000
     return out
@@ -178,11 +158,11 @@ def top_ops(device: str, synth_batch: int) -> dict[str, str]:
     with profile(activities=acts) as prof:
         synth.synthesize(synth_batch, classes=[0, 1], iterations=20, generator=0, progress=False)
     tables = {"synthesis": prof.key_averages().table(sort_by=key, row_limit=12)}
-    ed = ExModelDistillation(build_model("lenet5"), source=_RandomSource(), buffer_size=1000, iterations=100,
+    ed = ExModelDistillation(build_model("lenet5"), source=benchlib.RandomSource(), buffer_size=1000, iterations=100,
                              device=dev, progress=False)
-    ed.train(_Expert(expert, [0, 1], 0))
+    ed.train(benchlib.StubExpert(expert, [0, 1], 0))
     with profile(activities=acts) as prof:
-        ed.train(_Expert(expert, [2, 3], 1))
+        ed.train(benchlib.StubExpert(expert, [2, 3], 1))
     tables["distillation"] = prof.key_averages().table(sort_by=key, row_limit=12)
     return tables
 

@@ -1,7 +1,10 @@
 // Schemas of the window-pooling ops: max or average pooling over non-overlapping
 // kh x kw windows (stride = kernel, no padding, floor mode), the layers of
-// LeNet-class networks. Kernels live in cpu/window_pool_kernel.cpp and
-// cuda/window_pool_kernel.cu; the math is in include/exml_fast/window_pool_common.h.
+// LeNet-class networks, and their autograd (in C++, see below). Kernels live in
+// cpu/window_pool_kernel.cpp and cuda/window_pool_kernel.cu; the math is in
+// include/exml_fast/window_pool_common.h.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(exml_fast, m) {
@@ -15,4 +18,86 @@ TORCH_LIBRARY_FRAGMENT(exml_fast, m) {
   // grad / (kh * kw) over the window. Rows and columns past the last whole
   // window get 0. Returns x's shape, dtype and memory format.
   m.def("_window_pool_backward(Tensor grad, Tensor x, int kh, int kw, bool is_max) -> Tensor");
+}
+
+// Autograd in C++: a LeNet-5 distillation step calls the op 8 times (two
+// layers, three models, two backwards) on batch-32 activations whose kernels
+// take 10-40 us; the Python register_autograd wrappers cost about as much per
+// call. The forward saves x; the backward is _window_pool_backward, whose own
+// autograd refuses a second derivative. The fake kernels stay in Python, so
+// torch.compile traces both.
+
+namespace exml_fast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor call_window_pool(const at::Tensor& x, int64_t kh, int64_t kw, bool is_max) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("exml_fast::window_pool", "")
+                       .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, bool)>();
+  return op.call(x, kh, kw, is_max);
+}
+
+at::Tensor call_window_pool_backward(const at::Tensor& grad, const at::Tensor& x, int64_t kh, int64_t kw,
+                                     bool is_max) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("exml_fast::_window_pool_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool)>();
+  return op.call(grad, x, kh, kw, is_max);
+}
+
+class WindowPoolFunction : public torch::autograd::Function<WindowPoolFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t kh, int64_t kw, bool is_max) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x});
+    ctx->saved_data["kh"] = kh;
+    ctx->saved_data["kw"] = kw;
+    ctx->saved_data["is_max"] = is_max;
+    return call_window_pool(x, kh, kw, is_max);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    return {call_window_pool_backward(grad_outputs[0], saved[0], ctx->saved_data["kh"].toInt(),
+                                      ctx->saved_data["kw"].toInt(), ctx->saved_data["is_max"].toBool()),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// First derivatives only: _window_pool_backward's inputs get a node whose backward raises.
+class WindowPoolBackwardFunction : public torch::autograd::Function<WindowPoolBackwardFunction> {
+ public:
+  static at::Tensor forward(AutogradContext*, const at::Tensor& grad, const at::Tensor& x, int64_t kh, int64_t kw,
+                            bool is_max) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_window_pool_backward(grad, x, kh, kw, is_max);
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false,
+                "exml_fast.ops.window_pool supports first derivatives only: the gradient of its gradient "
+                "(double backward) is not implemented. Use exml_fast.reference.window_pool for higher-order "
+                "derivatives.");
+    return {};
+  }
+};
+
+at::Tensor window_pool_autograd(const at::Tensor& x, int64_t kh, int64_t kw, bool is_max) {
+  return WindowPoolFunction::apply(x, kh, kw, is_max);
+}
+
+at::Tensor window_pool_backward_autograd(const at::Tensor& grad, const at::Tensor& x, int64_t kh, int64_t kw,
+                                         bool is_max) {
+  return WindowPoolBackwardFunction::apply(grad, x, kh, kw, is_max);
+}
+
+}  // namespace
+}  // namespace exml_fast
+
+TORCH_LIBRARY_IMPL(exml_fast, Autograd, m) {
+  m.impl("window_pool", &exml_fast::window_pool_autograd);
+  m.impl("_window_pool_backward", &exml_fast::window_pool_backward_autograd);
 }

@@ -20,8 +20,9 @@ How an op is registered (the rule every module here follows):
   `_<op>_backward` through the dispatcher), and says so in both files. The
   fake kernels stay here. Today: soft_target_cross_entropy, kd_loss,
   js_divergence (csrc/ops/soft_target_losses.cpp), ed_loss
-  (csrc/ops/ed_loss.cpp) and tanh (csrc/ops/tanh.cpp, whose backward op's
-  refusing autograd is in C++ too).
+  (csrc/ops/ed_loss.cpp), and tanh and window_pool (csrc/ops/tanh.cpp,
+  csrc/ops/window_pool.cpp: LeNet's layers, called many times per step on
+  small activations; their backward ops' refusing autograd is in C++ too).
 - One op is CPU-only by design: `frozen_bn_stats` (csrc/ops/bn_stats.cpp)
   fuses an eval-mode BatchNorm with `bn_stats` to save the CPU's memory
   passes; on other devices its wrapper composes the affine map with the

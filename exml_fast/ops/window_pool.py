@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from exml_fast import _ext
-from exml_fast._utils.checks import check_image_batch, refuse_double_backward
+from exml_fast._utils.checks import check_image_batch
 from exml_fast._utils.dtypes import FLOAT_DTYPES
 from exml_fast._utils.patching import PLAN_KEY, patched_forwards
 from exml_fast.reference.window_pool import MODES
@@ -130,21 +130,8 @@ def _register() -> None:
     def _window_pool_backward_fake(grad, x, kh, kw, is_max):
         return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_format(x))
 
-    def setup_context(ctx, inputs, output):
-        x, kh, kw, is_max = inputs
-        ctx.save_for_backward(x)
-        ctx.args = (kh, kw, is_max)
-
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return torch.ops.exml_fast._window_pool_backward(grad, x, *ctx.args), None, None, None
-
-    torch.library.register_autograd("exml_fast::window_pool", backward, setup_context=setup_context)
-    torch.library.register_autograd(
-        "exml_fast::_window_pool_backward",
-        refuse_double_backward("window_pool", "window_pool"),
-        setup_context=lambda ctx, inputs, output: None,
-    )
+    # The autograd of both ops is registered in C++ (csrc/ops/window_pool.cpp): the Python register_autograd
+    # wrappers cost about as much per call as the kernels on a distillation step's batch-32 activations.
 
 
 if _ext.has_ops():
