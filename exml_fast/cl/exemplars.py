@@ -20,13 +20,15 @@ from torch import nn
 from exml_fast._utils.checks import check_int
 from exml_fast.ops.fast_layers import fast_layers
 
-__all__ = ["ExemplarMemory", "class_means", "herding", "nearest_mean_logits", "penultimate_features"]
+__all__ = ["ExemplarMemory", "class_means", "classifier_layer", "herding", "nearest_mean_logits",
+           "penultimate_features"]
 
 
-def _classifier(model: nn.Module) -> nn.Linear:
+def classifier_layer(model: nn.Module, owner: str = "penultimate_features") -> nn.Linear:
+    """``model``'s classifier: its last ``nn.Linear`` (whose input is the feature of iCaRL's classifier)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f"penultimate_features: {type(model).__name__} has no nn.Linear; its last one is taken "
+        raise ValueError(f"{owner}: {type(model).__name__} has no nn.Linear; its last one is taken "
                          "as the classifier whose input is the feature")
     return linears[-1]
 
@@ -37,7 +39,7 @@ def penultimate_features(model: nn.Module, x: torch.Tensor, *, batch_size: int =
     """(N, D) float32 features of ``x`` (N, C, H, W): the input of ``model``'s last ``nn.Linear``, computed in
     eval mode on the model's device in minibatches (its stride = kernel pooling layers on the fused
     :func:`~exml_fast.ops.window_pool`), L2-normalised per row when ``normalize``; on ``x``'s device."""
-    head = _classifier(model)
+    head = classifier_layer(model)
     p = next(iter(model.parameters()), None)
     dev = p.device if p is not None else x.device
     grabbed: list[torch.Tensor] = []

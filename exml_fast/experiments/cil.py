@@ -36,7 +36,8 @@ __all__ = ["CIL_BUDGETS", "CIL_EXPERIMENTS", "CIL_STRATEGIES", "PUBLISHED_SPLIT_
 CIL_EXPERIMENTS = {"cil-mnist": ("split_mnist", "cil_mnist"), "cil-fmnist": ("split_fashion_mnist", "cil_fmnist")}
 
 #: Every class-incremental strategy, in the table's order.
-CIL_STRATEGIES = ("finetune", "lwf", "deepinversion-cil", "synthetic-exemplars", "icarl", "joint")
+CIL_STRATEGIES = ("finetune", "lwf", "deepinversion-cil", "deepinversion-cil-balanced", "synthetic-exemplars", "icarl",
+                  "joint")
 
 #: Work per budget (run options over each strategy's defaults). "paper": the defaults (the experts' recipe,
 #: 20 epochs per task; DeepInversion at its own defaults, 250 images per old class; iCaRL's K = 2000).

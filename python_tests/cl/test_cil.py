@@ -15,6 +15,7 @@ from _util import band_images
 
 from exml_fast.cl import strategies as S
 from exml_fast.cl.engine import RunError, run_stream
+from exml_fast.cl.exemplars import classifier_layer, penultimate_features
 from exml_fast.cl.scenarios import Experience, Scenario
 from exml_fast.models import build_model
 from exml_fast.reference.soft_target_losses import kd_loss as kd_reference
@@ -285,10 +286,12 @@ def _bn_strategy(cls, **kw):
     return cls(build_model("lenet5_bn", num_classes=K), **opts)
 
 
-def test_deepinversion_cil_step_is_equation_11(monkeypatch):
+@pytest.mark.parametrize("ce_classes", ["seen", "new"])
+def test_deepinversion_cil_step_is_equation_11(monkeypatch, ce_classes):
     """One full-batch step of task 2 with the synthetic set fixed: KL on the synthetic images against the
-    previous model's old-class softmax padded with zeros, CE on the new data, KD of the old classes on it."""
-    s = _bn_strategy(S.DeepInversionCIL, epochs=1, batch_size=1000, seed=4)
+    previous model's old-class softmax padded with zeros, CE on the new data (over every class seen, or with
+    ce_classes="new" over the task's own), KD of the old classes on it."""
+    s = _bn_strategy(S.DeepInversionCIL, epochs=1, batch_size=1000, seed=4, ce_classes=ce_classes)
     s.train(_experience(0, SPLITS[0]))
     fake = torch.randn(10, 1, 32, 32, generator=torch.Generator().manual_seed(9))
     calls = []
@@ -314,7 +317,10 @@ def test_deepinversion_cil_step_is_equation_11(monkeypatch):
         target = torch.zeros(n, 4)
         target[:, :2] = torch.softmax(old_logits[n:], 1)
         synth = -(target * torch.log_softmax(logits[n:], 1)).sum(1).mean()
-        ce = F.cross_entropy(logits[:n], _pos(active)[exp.train_y])
+        if ce_classes == "new":  # classes 2, 3: columns 2, 3 of the active four
+            ce = F.cross_entropy(logits[:n, 2:], exp.train_y - 2)
+        else:
+            ce = F.cross_entropy(logits[:n], _pos(active)[exp.train_y])
         return synth + ce + kd_reference(logits[:n, :2], old_logits[:n], temperature=1.0)
 
     m = copy.deepcopy(s.model).train()
@@ -325,6 +331,48 @@ def test_deepinversion_cil_step_is_equation_11(monkeypatch):
     _assert_params(s.model, expected)
     assert calls == [([0, 1], 250, 2, [False] * len(calls[0][3]))]  # the frozen previous model, old classes
     assert s.prev is None and s._synth_x is None  # nothing of the task kept
+
+
+def test_balanced_head_tunes_only_the_classifier_on_class_proportional_batches(monkeypatch):
+    """head_epochs: after task 2's training, only the last nn.Linear moves (BN statistics included, the rest is
+    frozen in eval mode), in ceil(N / 16) steps per epoch of 2 * 16 features, new and synthetic in proportion
+    to their classes (2 new of 4 seen: 16 and 16)."""
+    s = _bn_strategy(S.DeepInversionCIL, epochs=1, seed=4, head_epochs=1)
+    s.train(_experience(0, SPLITS[0]))
+    fake_x = torch.zeros(6, 1, 32, 32)  # every synthetic feature is the same row: counted in the batches
+    fake_y = torch.tensor([0, 1, 0, 1, 0, 1])
+    monkeypatch.setattr(s, "_synthesize", lambda teacher, classes, per_class, tag, i: (fake_x, fake_y))
+    exp = _experience(1, SPLITS[1])
+    s._begin(exp, 2)
+    head = classifier_layer(s.model)
+    before = copy.deepcopy(s.model.state_dict())
+    synth_row = penultimate_features(s.model, fake_x, normalize=False)[0]
+    batches = []
+
+    def count(m, inp, out):  # the steps' minibatches (the feature passes run the whole network)
+        if inp[0].shape[0] == 32:
+            batches.append(int(torch.isclose(inp[0], synth_row, rtol=1e-4, atol=1e-5).all(1).sum()))
+
+    head.register_forward_hook(count)
+    s._balance_head(exp.train_x, exp.train_y, exp, 2)
+    s._end()
+    after = s.model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    prefix = next(n for n, m in s.model.named_modules() if m is head)
+    assert moved == {f"{prefix}.weight", f"{prefix}.bias"}
+    assert batches == [16] * -(-exp.num_train // 16)  # 48 images: 3 steps of 16 new + 16 synthetic
+
+
+def test_deepinversion_cil_balanced_is_registered_with_both_changes():
+    sc = _scenario()
+    s = S.build_strategy("deepinversion-cil-balanced", None, sc, options={}, seed=1, device=torch.device("cpu"),
+                         progress=False)
+    assert isinstance(s, S.DeepInversionCIL) and not s.keeps_data
+    assert (s.ce_classes, s.head_epochs, s.name) == ("new", 1, "deepinversion-cil-balanced")
+    assert s.config()["ce_classes"] == "new" and not S.STRATEGIES["deepinversion-cil-balanced"].keeps_data
+    plain = S.build_strategy("deepinversion-cil", None, sc, options={}, seed=1, device=torch.device("cpu"),
+                             progress=False)
+    assert (plain.ce_classes, plain.head_epochs) == ("seen", 0)
 
 
 def test_deepinversion_cil_synthesises_from_the_previous_model_and_resumes(tmp_path):
@@ -378,5 +426,9 @@ def test_synthesising_strategies_argument_errors():
         S.DeepInversionCIL(_learner(), input_shape=None)
     with pytest.raises(ValueError, match="synth_per_class"):
         _bn_strategy(S.DeepInversionCIL, synth_per_class=0)
+    with pytest.raises(ValueError, match="ce_classes must be one of seen, new"):
+        _bn_strategy(S.DeepInversionCIL, ce_classes="old")
+    with pytest.raises(ValueError, match="head_epochs"):
+        _bn_strategy(S.DeepInversionCIL, head_epochs=-1)
     with pytest.raises(ValueError, match="synth_iterations"):
         _bn_strategy(S.SyntheticExemplars, synth_iterations=0)

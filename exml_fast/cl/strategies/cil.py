@@ -26,7 +26,8 @@ from torch import nn
 
 from exml_fast._utils.batches import minibatch_bounds
 from exml_fast._utils.progress import Progress, RunningLoss
-from exml_fast.cl.exemplars import ExemplarMemory, class_means, herding, nearest_mean_logits, penultimate_features
+from exml_fast.cl.exemplars import (ExemplarMemory, class_means, classifier_layer, herding, nearest_mean_logits,
+                                    penultimate_features)
 from exml_fast.cl.strategies.base import Strategy, check_float, check_int, derive_seed, frozen_copy
 from exml_fast.cl.strategies.registry import BuildContext, build_data_learner, register_strategy
 from exml_fast.ops.fast_layers import fast_layers
@@ -483,30 +484,54 @@ class DeepInversionCIL(_Synthesis, DataStrategy):
     term the distillation of the old classes on the new data (:func:`exml_fast.ops.kd_loss`, τ 1: the paper
     gives none). The synthetic images are dropped after the task: no real image of an old task is kept.
 
+    Two options counter the bias of that loss towards the new classes (Smith et al. 2021, "Always Be
+    Dreaming", found the learner separating real from synthetic images: every real image is new, every
+    synthetic one old). ``ce_classes="new"``: the cross-entropy of the new data runs over the new classes'
+    logits only, so real images stop pushing the old classes' logits down. ``head_epochs``: after the task,
+    the classifier (the last ``nn.Linear``) alone is fine-tuned on features of the new data and of the
+    synthetic images (the rest of the network frozen, in eval mode), every minibatch holding the two in
+    proportion to their classes, cross-entropy over all classes seen. Registered as
+    ``deepinversion-cil-balanced`` with ``ce_classes="new", head_epochs=1``, chosen on a validation split
+    (benches/results/cil_dicil_validation.md).
+
     Args:
         model: the learner (with BatchNorm layers, whose statistics DeepInversion matches).
         input_shape, mean, std: of the scenario's images (C, H, W) and their normalisation.
         synth_per_class: DeepInversion images per old class and task (the paper: 250).
         synth_iterations, synth_batch_size: DeepInversion's steps per batch (None: its default) and batch.
         synth_options: further :class:`~exml_fast.synth.DeepInversion` settings (e.g. ``lr``, ``bn_weight``).
+        ce_classes: "seen" (Eq. 11: the new data's cross-entropy over every class seen) or "new" (over the
+            task's own classes).
+        head_epochs: passes of the balanced classifier fine-tuning after each task from the second, in
+            minibatches of ``2 * batch_size`` (0: none, Eq. 11 alone).
         **kwargs: as :class:`DataStrategy`.
     """
 
     name = "deepinversion-cil"
+    CE_CLASSES = ("seen", "new")
 
     def __init__(self, model: nn.Module, *, input_shape, mean=None, std=None, synth_per_class: int = 250,
                  synth_iterations: int | None = None, synth_batch_size: int = 256,
-                 synth_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 synth_options: dict[str, Any] | None = None, ce_classes: str = "seen", head_epochs: int = 0,
+                 **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
+        owner = type(self).__name__
         self._init_synthesis(input_shape=input_shape, mean=mean, std=std, synth_iterations=synth_iterations,
                              synth_batch_size=synth_batch_size, synth_options=synth_options)
-        self.synth_per_class = check_int(synth_per_class, "synth_per_class", type(self).__name__, low=1)
+        self.synth_per_class = check_int(synth_per_class, "synth_per_class", owner, low=1)
+        if ce_classes not in self.CE_CLASSES:
+            raise ValueError(f"{owner}: ce_classes must be one of {', '.join(self.CE_CLASSES)}; got {ce_classes!r}")
+        self.ce_classes = ce_classes
+        self.head_epochs = check_int(head_epochs, "head_epochs", owner, low=0)
         self.prev: nn.Module | None = None
         self._old: torch.Tensor | None = None
+        self._new: torch.Tensor | None = None
         self._synth_x: torch.Tensor | None = None
+        self._synth_y: torch.Tensor | None = None
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), **self._synthesis_config(), "synth_per_class": self.synth_per_class}
+        return {**super().config(), **self._synthesis_config(), "synth_per_class": self.synth_per_class,
+                "ce_classes": self.ce_classes, "head_epochs": self.head_epochs}
 
     def _begin(self, exp, i: int) -> None:
         if not self.experiences_seen:
@@ -514,10 +539,43 @@ class DeepInversionCIL(_Synthesis, DataStrategy):
         self.prev = frozen_copy(self.model)
         old = list(self.classes_seen)
         self._old = torch.tensor(old, dtype=torch.int64, device=self._device())
-        self._synth_x, _ = self._synthesize(self.prev, old, self.synth_per_class, "deepinversion-cil", i)
+        self._new = torch.tensor(sorted({int(c) for c in exp.classes}), dtype=torch.int64, device=self._device())
+        self._synth_x, self._synth_y = self._synthesize(self.prev, old, self.synth_per_class, "deepinversion-cil", i)
 
     def _end(self) -> None:
-        self.prev = self._old = self._synth_x = None
+        self.prev = self._old = self._new = self._synth_x = self._synth_y = None
+
+    def _fit(self, x: torch.Tensor, y: torch.Tensor, exp, i: int) -> float:
+        loss = super()._fit(x, y, exp, i)
+        if self.prev is not None and self.head_epochs > 0:
+            self._balance_head(x, y, exp, i)
+        return loss
+
+    def _balance_head(self, x: torch.Tensor, y: torch.Tensor, exp, i: int) -> None:
+        """Fine-tunes the last ``nn.Linear`` alone on penultimate features of the new data and the synthetic
+        images: minibatches of ``2 * batch_size``, the two parts in proportion to their classes, cross-entropy
+        over the classes seen; SGD as training, draws seeded from (seed, "head", i)."""
+        dev = self._device()
+        head = classifier_layer(self.model)
+        real = penultimate_features(self.model, x, normalize=False).to(dev)
+        synth = penultimate_features(self.model, self._synth_x, normalize=False).to(dev)
+        real_y, synth_y = y.to(dev), self._synth_y.to(dev)
+        active = self._active(exp)
+        pos = torch.full((self.num_classes,), -1, dtype=torch.int64, device=dev)
+        pos[active] = torch.arange(active.numel(), device=dev)
+        size = 2 * self.batch_size
+        n_real = min(size - 1, max(1, round(size * self._new.numel() / active.numel())))
+        steps = self.head_epochs * -(-int(x.shape[0]) // self.batch_size)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "head", i))
+        opt = torch.optim.SGD(head.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        for _ in range(steps):
+            ir = torch.randint(0, real.shape[0], (n_real,), generator=gen).to(dev)
+            isy = torch.randint(0, synth.shape[0], (size - n_real,), generator=gen).to(dev)
+            logits = head(torch.cat([real[ir], synth[isy]])).index_select(1, active)
+            loss = F.cross_entropy(logits, pos[torch.cat([real_y[ir], synth_y[isy]])])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
     def _models(self):
         return (self.model, self.prev)
@@ -542,7 +600,11 @@ class DeepInversionCIL(_Synthesis, DataStrategy):
         target = torch.zeros_like(logits[n:])
         target[:, pos_old] = torch.softmax(old_logits[n:], 1).to(logits.dtype)
         synth_term = soft_target_cross_entropy(logits[n:], target)
-        ce = F.cross_entropy(logits[:n], ctx["pos"][yb])
+        if self.ce_classes == "new":  # over the task's own columns: yb's rank among the new classes
+            ce = F.cross_entropy(logits[:n].index_select(1, ctx["pos"][self._new]),
+                                 torch.searchsorted(self._new, yb))
+        else:
+            ce = F.cross_entropy(logits[:n], ctx["pos"][yb])
         kd = kd_loss(logits[:n].index_select(1, pos_old), old_logits[:n].contiguous(), temperature=1.0)
         return synth_term + ce + kd
 
@@ -604,11 +666,11 @@ LWF_OPTIONS = CIL_OPTIONS | {"distill_temperature", "distill_weight", "distill_b
 ICARL_OPTIONS = CIL_OPTIONS | {"memory_size", "classifier"}
 #: DeepInversion's settings that runs may give (the rest: its preset="auto" from the learner).
 SYNTH_OPTIONS = frozenset({"synth_iterations", "synth_batch_size", "synth_lr", "bn_weight", "first_bn_multiplier"})
-DI_CIL_OPTIONS = CIL_OPTIONS | SYNTH_OPTIONS | {"synth_per_class"}
+DI_CIL_OPTIONS = CIL_OPTIONS | SYNTH_OPTIONS | {"synth_per_class", "ce_classes", "head_epochs"}
 SYNTH_EXEMPLAR_OPTIONS = ICARL_OPTIONS | SYNTH_OPTIONS
 #: The synthesis defaults of those strategies: DeepInversion's own (None), not ED's MNIST settings.
 SYNTH_DEFAULTS = {**CIL_DEFAULTS, "synth_iterations": None, "synth_lr": None, "bn_weight": None,
-                  "first_bn_multiplier": None}
+                  "first_bn_multiplier": None, "ce_classes": "seen", "head_epochs": 0}
 
 
 @register_strategy("finetune", keeps_data=False, data=True, defaults=CIL_DEFAULTS, options=CIL_OPTIONS,
@@ -653,7 +715,18 @@ def _synthesis(ctx: BuildContext, opt: dict[str, Any]) -> dict[str, Any]:
                         "mixed with the new data (no real old image kept)")
 def _deepinversion_cil(ctx: BuildContext, opt: dict[str, Any]) -> DeepInversionCIL:
     return DeepInversionCIL(build_data_learner(ctx, opt), synth_per_class=opt["synth_per_class"],
-                            **_synthesis(ctx, opt), **_common(ctx, opt))
+                            ce_classes=opt["ce_classes"], head_epochs=opt["head_epochs"], **_synthesis(ctx, opt),
+                            **_common(ctx, opt))
+
+
+@register_strategy("deepinversion-cil-balanced", keeps_data=False, data=True,
+                   defaults={**SYNTH_DEFAULTS, "ce_classes": "new", "head_epochs": 1}, options=DI_CIL_OPTIONS,
+                   help="class-incremental: deepinversion-cil with the new data's cross-entropy over the new classes "
+                        "and a class-balanced classifier fine-tuning after each task (no real old image kept)")
+def _deepinversion_cil_balanced(ctx: BuildContext, opt: dict[str, Any]) -> DeepInversionCIL:
+    strategy = _deepinversion_cil(ctx, opt)
+    strategy.name = "deepinversion-cil-balanced"  # its results and tables carry the name it was run under
+    return strategy
 
 
 @register_strategy("synthetic-exemplars", keeps_data=False, data=True, defaults=SYNTH_DEFAULTS,

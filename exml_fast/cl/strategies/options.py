@@ -59,6 +59,11 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
                                  "cross-entropy, iCaRL's form)"),
     "synth_per_class": (int, 250, "deepinversion-cil: DeepInversion images per old class and task (default: 250, "
                                   "the paper's)"),
+    "ce_classes": (str, None, "deepinversion-cil: the new data's cross-entropy over every class seen (seen, Eq. 11) "
+                              "or over the task's own (new) (default: seen; new for deepinversion-cil-balanced)"),
+    "head_epochs": (int, None, "deepinversion-cil: epochs of class-balanced fine-tuning of the classifier alone "
+                               "on the new data and the synthetic images after each task (default: 0; 1 for "
+                               "deepinversion-cil-balanced)"),
     "memory_size": (int, 2000, "icarl: exemplars kept in all, split evenly over the classes seen (default: 2000)"),
     "classifier": (str, "nme", "icarl: nme (nearest mean of exemplars, the default) or cnn (the network's "
                                "outputs)"),
@@ -66,7 +71,8 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
 
 #: Options only the class-incremental strategies read (an ExML run given one is an error).
 DATA_ONLY_OPTIONS = frozenset({"epochs", "arch", "distill_temperature", "distill_weight", "distill_by_task",
-                               "lwf_form", "memory_size", "classifier", "synth_per_class"})
+                               "lwf_form", "memory_size", "classifier", "synth_per_class", "ce_classes",
+                               "head_epochs"})
 
 
 #: Run options by the scenario's dataset, over the RUN_OPTIONS defaults (the MNIST settings); given options win.
