@@ -363,6 +363,23 @@ def test_balanced_head_tunes_only_the_classifier_on_class_proportional_batches(m
     assert batches == [16] * -(-exp.num_train // 16)  # 48 images: 3 steps of 16 new + 16 synthetic
 
 
+def test_a_deepinversion_cil_run_from_before_its_options_resumes_as_eq_11(tmp_path):
+    """Checkpoints written before ce_classes and head_epochs existed were Eq. 11 runs: they resume under the
+    defaults and are refused under the balanced settings."""
+    sc = _scenario()
+    run_stream(_bn_strategy(S.DeepInversionCIL, epochs=1, synth_per_class=2, seed=1), None, sc, out=tmp_path,
+               stop_after=1, plots=False, log=None)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del ckpt["job"]["strategy"]["ce_classes"], ckpt["job"]["strategy"]["head_epochs"]
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.raises(RunError, match="ce_classes"):
+        run_stream(_bn_strategy(S.DeepInversionCIL, epochs=1, synth_per_class=2, seed=1, ce_classes="new"), None,
+                   sc, out=tmp_path, resume=True, plots=False, log=None)
+    resumed = run_stream(_bn_strategy(S.DeepInversionCIL, epochs=1, synth_per_class=2, seed=1), None, sc,
+                         out=tmp_path, resume=True, plots=False, log=None)
+    assert len(resumed.acc_matrix) == 3
+
+
 def test_deepinversion_cil_balanced_is_registered_with_both_changes():
     sc = _scenario()
     s = S.build_strategy("deepinversion-cil-balanced", None, sc, options={}, seed=1, device=torch.device("cpu"),
