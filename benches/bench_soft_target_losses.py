@@ -186,12 +186,7 @@ def main(argv=None) -> int:
     p = op_parser(__doc__, quick_help="short smoke run (0.2 s per variant)",
                   default_run_time="2 s on CPU, 1 s on CUDA")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--suffix", default="",
-                   help="appended to the recorded files' names, e.g. _avx2 for a run under the ISA caps")
     args = parse_op_args(p, argv, cpu_run_time=2.0)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     min_run_time = args.min_run_time
     dtype = getattr(torch, args.dtype)
 

@@ -558,10 +558,8 @@ def main(argv=None) -> None:
     p.add_argument("--ttq-steps", type=int, default=None,
                    help="the peer's steps in the time-to-quality race (default: CPU 200, CUDA 2000, --quick 0; "
                         "0 skips it)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--ttq-only", action="store_true",
                    help="only the time-to-quality race (no per-step timing, no loss check)")
-    p.add_argument("--suffix", default="", help="appended to the result files' stem (e.g. _avx2)")
     p.add_argument("--ttq-cap", type=int, default=3,
                    help="the engine may run up to this many times the peer's steps before it is called short")
     args = p.parse_args(argv)

@@ -147,11 +147,7 @@ def to_markdown(rec: dict) -> str:
 
 def main(argv=None) -> None:
     p = op_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--suffix", default="", help="appended to the result files' stem (e.g. _avx2)")
     args = parse_op_args(p, argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     env = environment(args.device, "tanh")
     results = []

@@ -159,7 +159,7 @@ def record(out: str | Path, stem: str, rec: dict, markdown: str) -> None:
 def op_parser(description: str, *, quick_help: str = "short smoke run (0.2 s per measurement)",
               default_run_time: str = "1 s") -> argparse.ArgumentParser:
     """The arguments every op benchmark takes: --device, --quick, --no-compile,
-    --min-run-time, --out. Scripts add their own before calling `parse_op_args`."""
+    --min-run-time, --threads, --suffix, --out. Scripts add their own before calling `parse_op_args`."""
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -169,6 +169,9 @@ def op_parser(description: str, *, quick_help: str = "short smoke run (0.2 s per
     p.add_argument("--min-run-time", type=float, default=None,
                    help=f"seconds of timed runs per measurement (default {default_run_time}; "
                         "0.2 with --quick)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--suffix", default="",
+                   help="appended to the recorded files' names, e.g. _avx2 for a run under the ISA caps")
     p.add_argument("--out", default=str(RESULTS),
                    help="directory for the recorded run ('' to not record)")
     return p
@@ -178,8 +181,10 @@ def parse_op_args(p: argparse.ArgumentParser, argv=None, *, cpu_run_time: float 
                   cuda_run_time: float = 1.0) -> argparse.Namespace:
     """Parse, refuse a run that would mean nothing (no GPU for --device cuda, or
     no compiled library: the reference would be timed twice), and fill in
-    `min_run_time`."""
+    `min_run_time`; apply --threads."""
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     if not exml_fast.has_ops():
