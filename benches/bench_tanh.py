@@ -120,6 +120,11 @@ def bench_ed_step(args, rounds: int) -> dict:
             "rows": _rows(samples)}
 
 
+def _step_table(step: dict, caption: str, unit: str) -> list[str]:
+    lines = ["", f"**{step['case']}**, {caption}", "", f"| variant | {unit} | time / exml_fast |", "|---|---:|---:|"]
+    return lines + [f"| {row['variant']} | {row['ms']:.3f} | {row['vs_exml']:.2f}x |" for row in step["rows"]]
+
+
 def to_markdown(rec: dict) -> str:
     lines = env_markdown(rec["env"], "tanh", "python benches/bench_tanh.py " + " ".join(rec["argv"]))
     lines += ["\"time / exml_fast\" is the median of per-round ratios (> 1: exml_fast is faster). GB/s: bytes "
@@ -130,18 +135,11 @@ def to_markdown(rec: dict) -> str:
             gbps = f"{row['GBps']:.1f}" if "GBps" in row else ""
             lines.append(f"| {r['direction']} | {tuple(r['shape'])} | {row['variant']} | {row['ms']:.4f} | {gbps} | "
                          f"{row['vs_exml']:.2f}x |")
-    step = rec["lenet_step"]
-    lines += ["", f"**{step['case']}**, pooling on `fast_pooling` in both rows; \"reference\": nn.Tanh as "
-              "PyTorch runs it, \"exml_fast\": under `fast_tanh`.", "",
-              "| variant | ms | time / exml_fast |", "|---|---:|---:|"]
-    for row in step["rows"]:
-        lines.append(f"| {row['variant']} | {row['ms']:.3f} | {row['vs_exml']:.2f}x |")
-    ed = rec["ed_step"]
-    lines += ["", f"**{ed['case']}**, ExModelDistillation's loop; \"fast_pooling\": only the pooling layers "
-              "swapped; \"exml_fast\": `fast_layers` (pooling and tanh), as the library runs it.", "",
-              "| variant | ms per step | time / exml_fast |", "|---|---:|---:|"]
-    for row in ed["rows"]:
-        lines.append(f"| {row['variant']} | {row['ms']:.3f} | {row['vs_exml']:.2f}x |")
+    lines += _step_table(rec["lenet_step"], "pooling on `fast_pooling` in both rows; \"reference\": nn.Tanh as "
+                         "PyTorch runs it, \"exml_fast\": under `fast_tanh`.", "ms")
+    lines += _step_table(rec["ed_step"], "ExModelDistillation's loop; \"fast_pooling\": only the pooling layers "
+                         "swapped; \"exml_fast\": `fast_layers` (pooling and tanh), as the library runs it.",
+                         "ms per step")
     return "\n".join(lines) + "\n"
 
 
