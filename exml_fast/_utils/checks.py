@@ -96,13 +96,23 @@ def refuse_double_backward(op: str, reference: str | None = None) -> Callable[..
     return backward
 
 
+def check_tensor(x: Any, name: str, owner: str) -> None:
+    """``x`` is a torch.Tensor: else TypeError ``"<owner>: <name> must be a torch.Tensor; got ..."``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor; got {type(x).__name__}")
+
+
+def check_float_dtype(x: torch.Tensor, name: str, owner: str) -> None:
+    """``x`` has a float dtype the ops accept: else TypeError ``"<owner>: <name> must be float32, ...; got ..."``."""
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{owner}: {name} must be float32, float64, float16 or bfloat16; got {x.dtype}")
+
+
 def check_image_batch(x: Any, owner: str) -> None:
     """``x`` is an (N, C, H, W) tensor of a float dtype the ops accept: else TypeError (not a tensor, another
     dtype) or ValueError (other dims), ``"<owner>: x must ...; got ..."``."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{owner}: x must be a torch.Tensor; got {type(x).__name__}")
+    check_tensor(x, "x", owner)
     if x.dim() != 4:
         raise ValueError(f"{owner}: x must have shape (N, C, H, W); got {x.dim()} dims with shape "
                          f"{tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{owner}: x must be float32, float64, float16 or bfloat16; got {x.dtype}")
+    check_float_dtype(x, "x", owner)

@@ -5,25 +5,20 @@ from __future__ import annotations
 import torch
 
 from exml_fast import _ext
-from exml_fast._utils.checks import refuse_double_backward
-from exml_fast._utils.dtypes import FLOAT_DTYPES
+from exml_fast._utils.checks import check_float_dtype, check_tensor, refuse_double_backward
 from exml_fast import reference as _ref
 from exml_fast.reference.bn_stats import BN_LOSS_FORMS, acc_dtype, combine_bn_loss
 
 
 
 def _check_x(x: torch.Tensor, op: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: x must be a torch.Tensor; got {type(x).__name__}")
+    check_tensor(x, "x", op)
     if not 2 <= x.dim() <= 5:
         raise ValueError(
             f"{op}: x must have shape (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W); "
             f"got {x.dim()} dims with shape {tuple(x.shape)}"
         )
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{op}: x must be float32, float64, float16 or bfloat16; got {x.dtype}"
-        )
+    check_float_dtype(x, "x", op)
     if x.shape[1] == 0:
         raise ValueError(f"{op}: x must have at least one channel (dim 1); got shape {tuple(x.shape)}")
     if x.numel() == 0:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from exml_fast import _ext
-from exml_fast._utils.checks import refuse_double_backward
-from exml_fast._utils.dtypes import FLOAT_DTYPES, acc_dtype
+from exml_fast._utils.checks import check_float_dtype, refuse_double_backward
+from exml_fast._utils.dtypes import acc_dtype
 from exml_fast.reference.class_similarity import class_similarity as _ref_class_similarity
 
 __all__ = ["class_similarity"]
@@ -40,10 +40,7 @@ def class_similarity(weight: torch.Tensor, *, floor: float = 1e-4) -> torch.Tens
         raise ValueError(
             f"class_similarity: weight must be a 2-D (K, H) classifier weight; got shape {tuple(weight.shape)}"
         )
-    if weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"class_similarity: weight must be float32, float64, float16 or bfloat16; got {weight.dtype}"
-        )
+    check_float_dtype(weight, "weight", "class_similarity")
     floor = float(floor)
     if not 0.0 < floor <= 1.0:
         raise ValueError(f"class_similarity: floor must be in (0, 1]; got {floor}")

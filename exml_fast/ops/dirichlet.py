@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from exml_fast import _ext
-from exml_fast._utils.dtypes import FLOAT_DTYPES
+from exml_fast._utils.checks import check_float_dtype
 from exml_fast.reference import dirichlet as _ref
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -78,11 +78,7 @@ def dirichlet_targets(
             "dirichlet_targets: concentration must be a 2-D (B, K) matrix; got shape "
             f"{tuple(concentration.shape)}"
         )
-    if concentration.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            "dirichlet_targets: concentration must be float32, float64, float16 or bfloat16; "
-            f"got {concentration.dtype}"
-        )
+    check_float_dtype(concentration, "concentration", "dirichlet_targets")
     if concentration.shape[1] < 1:
         raise ValueError(
             "dirichlet_targets: concentration must have at least one column (K >= 1); got shape "

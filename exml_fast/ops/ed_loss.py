@@ -13,8 +13,7 @@ from collections import OrderedDict
 import torch
 
 from exml_fast import _ext
-from exml_fast._utils.checks import refuse_double_backward
-from exml_fast._utils.dtypes import FLOAT_DTYPES
+from exml_fast._utils.checks import check_float_dtype, check_tensor, refuse_double_backward
 from exml_fast.reference.ed_loss import NORMALIZE_MODES, STANDARDIZE_EPS, TARGET_MODES, acc_dtype
 from exml_fast.reference.ed_loss import ed_loss as _ref_ed_loss
 
@@ -133,11 +132,8 @@ def _cached_table(expert_classes, prev_classes, c: int, device: torch.device):
 
 
 def _check_teacher(t, name: str, b: int, c: int, n: int | None, device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"ed_loss: {name} must be a torch.Tensor; got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"ed_loss: {name} must be float32, float64, float16 or bfloat16; "
-                        f"got {t.dtype}")
+    check_tensor(t, name, "ed_loss")
+    check_float_dtype(t, name, "ed_loss")
     width = f"{n} (the size of its class set) or {c}" if n is not None else f"|set| or {c}"
     if t.dim() != 2 or t.shape[0] != b or (n is not None and t.shape[1] not in (n, c)):
         raise ValueError(f"ed_loss: {name} must have shape ({b}, {width}); got "
@@ -216,9 +212,7 @@ def ed_loss(
     if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
         raise ValueError(f"ed_loss: logits must have shape (B, C) with B, C >= 1; got "
                          f"{tuple(logits.shape)}")
-    if logits.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"ed_loss: logits must be float32, float64, float16 or bfloat16; "
-                        f"got {logits.dtype}")
+    check_float_dtype(logits, "logits", "ed_loss")
     b, c = logits.shape
     dev = logits.device
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != (b,):

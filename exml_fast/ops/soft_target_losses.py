@@ -21,7 +21,8 @@ import math
 import torch
 
 from exml_fast import _ext
-from exml_fast._utils.dtypes import FLOAT_DTYPES, acc_dtype
+from exml_fast._utils.checks import check_float_dtype, check_tensor
+from exml_fast._utils.dtypes import acc_dtype
 from exml_fast.reference import soft_target_losses as _ref
 from exml_fast.reference.soft_target_losses import JS_FORMS, REDUCTIONS
 
@@ -29,15 +30,13 @@ _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction's values
 
 
 def _check_logits(x, op: str, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(x).__name__}")
+    check_tensor(x, name, op)
     if x.dim() != 2:
         raise ValueError(
             f"{op}: {name} must have shape (B, K) (rows of logits over K classes); "
             f"got {x.dim()} dims with shape {tuple(x.shape)}"
         )
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32, float64, float16 or bfloat16; got {x.dtype}")
+    check_float_dtype(x, name, op)
     if x.shape[1] == 0:
         raise ValueError(f"{op}: {name} must have at least one class (K >= 1); got shape {tuple(x.shape)}")
 

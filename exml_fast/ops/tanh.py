@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from exml_fast import _ext
+from exml_fast._utils.checks import check_float_dtype, check_tensor
 from exml_fast._utils.dtypes import FLOAT_DTYPES
 from exml_fast._utils.patching import patched_forwards
 from exml_fast.reference.tanh import tanh as _ref_tanh
@@ -41,10 +42,8 @@ def tanh(x: torch.Tensor) -> torch.Tensor:
         Differentiable once: the gradient is ``grad * (1 - tanh(x)^2)``, from the output, as PyTorch
         computes it. Double backward raises: use ``exml_fast.reference.tanh`` for it.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"tanh: x must be a torch.Tensor; got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"tanh: x must be float32, float64, float16 or bfloat16; got {x.dtype}")
+    check_tensor(x, "x", "tanh")
+    check_float_dtype(x, "x", "tanh")
     if _ext.use_compiled(x):
         return torch.ops.exml_fast.tanh(x)
     return _ref_tanh(x)
