@@ -182,11 +182,11 @@ def run_stream(
                 # Written before configs recorded ex_model, which follows from the strategy and its data
                 # source (both compared): not a difference.
                 stored["strategy"]["ex_model"] = job["strategy"].get("ex_model")
-            if isinstance(stored.get("strategy"), dict) and stored["strategy"].get("strategy") == "deepinversion-cil":
-                # Written before DeepInversion-CIL took ce_classes and head_epochs: those runs were Eq. 11 with
-                # no head fine-tuning, which is what these defaults mean.
-                stored["strategy"].setdefault("ce_classes", "seen")
-                stored["strategy"].setdefault("head_epochs", 0)
+            if isinstance(stored.get("strategy"), dict) and \
+                    stored["strategy"].get("strategy") == job["strategy"].get("strategy"):
+                # Written before the strategy recorded these settings: the value its runs had then.
+                for key, value in type(strategy).config_added.items():
+                    stored["strategy"].setdefault(key, value)
             differ = config_diff(stored, job)
             if differ:
                 raise RunError(f"run_stream: {out} holds a different run; these settings differ: "

@@ -51,6 +51,9 @@ class Strategy:
     learns_from = "experts"
     #: whether real data of past experiences is kept after they are learned (shown beside every result)
     keeps_data = False
+    #: settings added to :meth:`config` after runs were recorded, with the value those runs had: a checkpoint
+    #: of this strategy written before lacks them and resumes as that setting (exml_fast.cl.engine.run_stream)
+    config_added: dict[str, Any] = {}
 
     def __init__(self, *, num_classes: int | None = None, device: torch.device | str | None = None,
                  seed: int = 0, progress: bool = True) -> None:

@@ -509,6 +509,8 @@ class DeepInversionCIL(_Synthesis, DataStrategy):
 
     name = "deepinversion-cil"
     CE_CLASSES = ("seen", "new")
+    #: runs recorded before these options existed were Eq. 11 with no head fine-tuning
+    config_added = {"ce_classes": "seen", "head_epochs": 0}
 
     def __init__(self, model: nn.Module, *, input_shape, mean=None, std=None, synth_per_class: int = 250,
                  synth_iterations: int | None = None, synth_batch_size: int = 256,
