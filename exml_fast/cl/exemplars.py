@@ -18,19 +18,11 @@ import torch
 from torch import nn
 
 from exml_fast._utils.checks import check_int
+from exml_fast.models.features import classifier_layer
 from exml_fast.ops.fast_layers import fast_layers
 
 __all__ = ["ExemplarMemory", "class_means", "classifier_layer", "herding", "nearest_mean_logits",
            "penultimate_features"]
-
-
-def classifier_layer(model: nn.Module, owner: str = "penultimate_features") -> nn.Linear:
-    """``model``'s classifier: its last ``nn.Linear`` (whose input is the feature of iCaRL's classifier)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{owner}: {type(model).__name__} has no nn.Linear; its last one is taken "
-                         "as the classifier whose input is the feature")
-    return linears[-1]
 
 
 @torch.no_grad()
