@@ -5,7 +5,7 @@ Public entry points:
     exml_fast.reference      pure-PyTorch twins of every op
     exml_fast.BNStatsMatcher BatchNorm-statistic matching for any model
     exml_fast.synth          data-free synthesizers (DeepInversion, ModelInversion,
-                             DataImpressions, AuxiliaryData), also exported here
+                             DataImpressions, AuxiliaryData, GenerativeSynthesizer), also exported here
     exml_fast.save_grid      a PNG grid of a SyntheticBatch
     exml_fast.save_model / load_model   checksummed model checkpoints
     Ex-Model Continual Learning:
@@ -34,8 +34,8 @@ from exml_fast.cl.strategies import (DeepInversionCIL, EnsembleAverage, ExModelD
                                      LwF, MinEntropyEnsemble, OracleEnsemble, ParameterAverage, RealReplay,
                                      SyntheticExemplars, SynthesizerGenerator, SynthesizerSource, register_strategy)
 from exml_fast.models import build_model, register_arch
-from exml_fast.synth import (AuxiliaryData, DataImpressions, DeepInversion, LowAgreementWarning, ModelInversion,
-                             SyntheticBatch, load_synthetic)
+from exml_fast.synth import (AuxiliaryData, DataImpressions, DeepInversion, GenerativeSynthesizer, LowAgreementWarning,
+                             ModelInversion, SyntheticBatch, load_synthetic)
 from exml_fast.synth.matcher import BNStatsMatcher
 from exml_fast.training import distill
 from exml_fast.viz import save_grid
@@ -44,7 +44,8 @@ __version__ = "0.1.0"
 
 __all__ = ["AuxiliaryData", "BNStatsMatcher", "DataImpressions", "DeepInversion", "DeepInversionCIL",
            "EnsembleAverage", "ExModelDistillation", "Experience", "Expert", "ExpertError", "ExpertStream",
-           "FineTune", "ICaRL", "Joint", "LowAgreementWarning", "LwF", "MinEntropyEnsemble", "ModelInfo",
+           "FineTune", "GenerativeSynthesizer", "ICaRL", "Joint", "LowAgreementWarning", "LwF", "MinEntropyEnsemble",
+           "ModelInfo",
            "ModelInversion", "OracleEnsemble", "ParameterAverage", "RealReplay", "SCENARIOS", "Scenario",
            "StreamResult", "SynthesizerGenerator", "SynthesizerSource", "SyntheticBatch", "SyntheticBuffer",
            "SyntheticExemplars", "build_info", "build_model", "distill", "has_ops", "load_model", "load_synthetic",

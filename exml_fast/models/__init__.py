@@ -6,6 +6,8 @@
 - :func:`resnet18_cifar` (``width`` 64; :func:`resnet18_cifar_slim`: width 20),
   :func:`resnet34_cifar`, :func:`resnet32` — CIFAR ResNets, (N, 3, 32, 32) → (N, classes).
 - :func:`mobilenet_v2` — torchvision's MobileNetV2 (needs torchvision).
+- :class:`SKDGenerator` — SKD's knowledge delegator (generator networks, :data:`GENERATOR_ARCHS`).
+- :class:`FeatureTap`, :func:`classifier_layer` — a classifier's penultimate features.
 
 Every entry of :data:`ARCHS` is called as ``ARCHS[name](num_classes=K, in_channels=C, **kwargs)``;
 :func:`register_arch` adds your own, :func:`build_model` builds one by name.
@@ -17,6 +19,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from .features import FeatureTap, classifier_layer
+from .generators import GENERATOR_ARCHS, SKDGenerator, build_generator
 from .lenet import LeNet5, LeNet5BN, LeNet5Half
 from .mobilenet import mobilenet_v2
 from .resnet_cifar import BasicBlock, ResNetCIFAR, resnet18_cifar, resnet18_cifar_slim, resnet32, resnet34_cifar
@@ -73,6 +77,6 @@ def build_model(arch: str, *, num_classes: int = 10, in_channels: int | None = N
     return ARCHS[arch](num_classes=num_classes, **kwargs)
 
 
-__all__ = ["ARCHS", "LeNet5", "LeNet5BN", "LeNet5Half", "BasicBlock", "ResNetCIFAR", "build_model",
-           "mobilenet_v2", "register_arch", "resnet18_cifar", "resnet18_cifar_slim", "resnet32",
-           "resnet34_cifar"]
+__all__ = ["ARCHS", "GENERATOR_ARCHS", "BasicBlock", "FeatureTap", "LeNet5", "LeNet5BN", "LeNet5Half", "ResNetCIFAR",
+           "SKDGenerator", "build_generator", "build_model", "classifier_layer", "mobilenet_v2", "register_arch",
+           "resnet18_cifar", "resnet18_cifar_slim", "resnet32", "resnet34_cifar"]

@@ -14,6 +14,8 @@ Three lines with any classifier::
   (:data:`DEEPINVERSION_PRESETS`).
 - :class:`DataImpressions` — Dirichlet soft targets from the classifier's weights.
 - :class:`AuxiliaryData` — samples of another dataset labelled by the teacher.
+- :class:`GenerativeSynthesizer` — a generator network trained against the teacher (SKD's knowledge
+  delegator, DAFL, DFAD presets), then sampled in one forward pass per batch.
 
 When the teacher labels less than ``warn_below`` (0.9) of a batch as its
 targets, the synthesizer warns once (:class:`LowAgreementWarning`, with the
@@ -27,7 +29,9 @@ from exml_fast.synth.agreement import LowAgreementWarning
 from exml_fast.synth.auxiliary import AuxiliaryData
 from exml_fast.synth.base import Synthesizer
 from exml_fast.synth.batch import SyntheticBatch, load_synthetic
+from exml_fast.synth.generative import GENERATIVE_PRESETS, DelegatorError, FitResult, GenerativeSynthesizer
 from exml_fast.synth.inversion import DEEPINVERSION_PRESETS, DataImpressions, DeepInversion, ModelInversion, lr_table
 
-__all__ = ["DEEPINVERSION_PRESETS", "AuxiliaryData", "DataImpressions", "DeepInversion", "LowAgreementWarning",
-           "ModelInversion", "SyntheticBatch", "Synthesizer", "load_synthetic", "lr_table"]
+__all__ = ["DEEPINVERSION_PRESETS", "GENERATIVE_PRESETS", "AuxiliaryData", "DataImpressions", "DeepInversion",
+           "DelegatorError", "FitResult", "GenerativeSynthesizer", "LowAgreementWarning", "ModelInversion",
+           "SyntheticBatch", "Synthesizer", "load_synthetic", "lr_table"]

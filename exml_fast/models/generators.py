@@ -1,0 +1,98 @@
+"""Generator networks that map a latent vector to an input of a classifier (SKD's knowledge delegator).
+
+- :class:`SKDGenerator` with ``large=False`` — SKD Table IV (low resolution, DFAD's backbone)::
+
+      z (N, latent_dim) → Linear → reshape (N, 128, H/4, W/4) → BN
+        → upsample 2× → conv3x3(128) → BN → LeakyReLU(0.2)
+        → upsample 2× → conv3x3(64)  → BN → LeakyReLU(0.2)
+        → conv3x3(C) → tanh → helper BN(C)                     (N, C, H, W)
+
+- ``large=True`` — SKD Table V (high resolution): the two upsample + conv
+  stages become four stride-2 3×3 deconvolutions (512, 256, 128, 64
+  channels) from (N, 512, H/16, W/16).
+
+The **helper BN** at the output (SKD §III-B-2) is an affine BatchNorm2d over
+the C channels: it normalises the generator's output towards the
+distribution of (normalised) real inputs and is trained with the rest.
+
+:data:`GENERATOR_ARCHS` names them (``"skd-small"``, ``"skd-large"``) for
+:class:`exml_fast.synth.GenerativeSynthesizer` and its saved files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["GENERATOR_ARCHS", "SKDGenerator", "build_generator"]
+
+
+class SKDGenerator(nn.Module):
+    """SKD's knowledge delegator: Table IV (``large=False``) or Table V (``large=True``), then the helper BN.
+
+    Args:
+        out_shape: (C, H, W) of the classifier's input. H and W must be
+            divisible by 4 (Table IV) or by 16 (Table V).
+        latent_dim: size of the Gaussian latent vector z.
+        helper_bn: append the helper BN layer (SKD's ablation switches it off).
+
+    ``forward(z)``: (N, latent_dim) → (N, C, H, W).
+    """
+
+    def __init__(self, out_shape: Sequence[int], *, latent_dim: int = 100, large: bool = False,
+                 helper_bn: bool = True) -> None:
+        super().__init__()
+        c, h, w = (int(s) for s in out_shape)
+        step = 16 if large else 4
+        if h % step or w % step:
+            raise ValueError(f"SKDGenerator: out_shape {tuple(out_shape)} must have H and W divisible by {step} "
+                             f"({'Table V, large=True' if large else 'Table IV, large=False'})")
+        if latent_dim < 1:
+            raise ValueError(f"SKDGenerator: latent_dim must be >= 1; got {latent_dim}")
+        self.out_shape = (c, h, w)
+        self.latent_dim = latent_dim
+        base = 512 if large else 128
+        self._start = (base, h // step, w // step)
+        self.project = nn.Linear(latent_dim, base * (h // step) * (w // step))
+        layers: list[nn.Module] = [nn.BatchNorm2d(base)]
+        if large:
+            widths = (512, 256, 128, 64)
+            prev = base
+            for width in widths:
+                layers += [nn.ConvTranspose2d(prev, width, 3, stride=2, padding=1, output_padding=1),
+                           nn.BatchNorm2d(width), nn.LeakyReLU(0.2, inplace=True)]
+                prev = width
+        else:
+            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(base, 128, 3, padding=1),
+                       nn.BatchNorm2d(128), nn.LeakyReLU(0.2, inplace=True),
+                       nn.Upsample(scale_factor=2), nn.Conv2d(128, 64, 3, padding=1),
+                       nn.BatchNorm2d(64), nn.LeakyReLU(0.2, inplace=True)]
+            prev = 64
+        layers += [nn.Conv2d(prev, c, 3, padding=1), nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+        self.helper_bn = nn.BatchNorm2d(c) if helper_bn else nn.Identity()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.project(z).view(z.shape[0], *self._start)
+        return self.helper_bn(self.body(x))
+
+
+def _small(out_shape: Sequence[int], *, latent_dim: int = 100, helper_bn: bool = True) -> SKDGenerator:
+    return SKDGenerator(out_shape, latent_dim=latent_dim, large=False, helper_bn=helper_bn)
+
+
+def _large(out_shape: Sequence[int], *, latent_dim: int = 100, helper_bn: bool = True) -> SKDGenerator:
+    return SKDGenerator(out_shape, latent_dim=latent_dim, large=True, helper_bn=helper_bn)
+
+
+#: Generator architectures by name: ``GENERATOR_ARCHS[name](out_shape, latent_dim=..., helper_bn=...)``.
+GENERATOR_ARCHS: dict[str, Callable[..., nn.Module]] = {"skd-small": _small, "skd-large": _large}
+
+
+def build_generator(arch: str, out_shape: Sequence[int], **kwargs) -> nn.Module:
+    """``GENERATOR_ARCHS[arch](out_shape, **kwargs)``, with an error that lists the known names."""
+    if arch not in GENERATOR_ARCHS:
+        raise ValueError(f"build_generator: arch must be one of {sorted(GENERATOR_ARCHS)}; got {arch!r}")
+    return GENERATOR_ARCHS[arch](out_shape, **kwargs)

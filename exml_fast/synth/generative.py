@@ -1,0 +1,630 @@
+"""GenerativeSynthesizer: a generator network trained against the teacher, then sampled in one forward pass.
+
+Pixel optimisation (model inversion, DeepInversion, Data Impressions) pays
+thousands of teacher passes for every batch; a trained generator — SKD's
+*knowledge delegator* (papers/self-distilled-knowledge-delegator.txt), DAFL's
+or DFAD's generator — pays once, in :meth:`GenerativeSynthesizer.fit`, and then
+makes any number of samples at one generator + one teacher forward per batch.
+
+Training (SKD Algorithm 1, the "imitate & explore" loop), one iteration:
+
+1. **imitate** (``imitate_steps`` times, 5 in SKD): a student ``S`` — a clone
+   of the teacher re-initialised at random — takes an SGD step (lr 0.1) on the
+   discrepancy between itself and the frozen teacher ``T`` on fresh samples
+   ``x = D(z)``: SKD's feature cosine discrepancy ψ (weight ``imitation``)
+   and/or DFAD's logit L1 (weight ``adversarial``).
+2. **explore**: the generator ``D`` takes an Adam step (lr 1e-3) on::
+
+       L = −imitation·ψ(T, S) − adversarial·L1(T, S)          (seek what S has not learnt)
+           + category·CE(T(x), argmax T(x))                     (SKD Eq. 4–5, DAFL one-hot)
+           + diversity·Σ_k w_k log w_k                          (SKD Eq. 6, DAFL entropy)
+           + activation·(−mean |F_T(x)|)                        (DAFL)
+           + bn·Σ_l BN-statistic distance of T's layers         (SKD Eq. 7, DeepInversion's R_feature)
+
+   and, with ``student_explore="explore"`` (Algorithm 1 as written: "train
+   both S and D by minimising L_explore"), ``S`` steps on the same loss.
+
+Presets (:data:`GENERATIVE_PRESETS`): ``"skd"`` (every SKD term at weight 1,
+5 imitate steps), ``"dafl"`` (one-hot 1, activation 0.1, information entropy
+5; no student), ``"dfad"`` (the adversarial L1 alone, 5 imitate steps).
+
+Sampling: :meth:`synthesize` keeps the base interface — ``classes=`` are
+honoured by drawing until the teacher has labelled enough samples as each
+requested class (``balance=True``), or, with ``balance=False``, every draw is
+kept and labelled by the teacher's argmax over ``classes``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from exml_fast._utils.checks import check_float, check_int
+from exml_fast._utils.io import atomic_write, load_torch_file
+from exml_fast._utils.progress import Progress
+from exml_fast._utils.provenance import SEED_MAX, derive_seed
+from exml_fast.checkpoint import state_dict_sha256
+from exml_fast.models.features import FeatureTap
+from exml_fast.models.generators import GENERATOR_ARCHS, build_generator
+from exml_fast.ops.fast_layers import fast_layers
+from exml_fast.synth.base import Synthesizer, eval_mode, teacher_fingerprint
+from exml_fast.synth.batch import SyntheticBatch
+from exml_fast.synth.generative_losses import (activation_loss, category_loss, diversity_loss,
+                                               feature_cosine_discrepancy, logit_l1)
+from exml_fast.synth.matcher import BNStatsMatcher
+
+__all__ = ["GENERATIVE_PRESETS", "GENERATIVE_TERMS", "DelegatorError", "FitResult", "GenerativeSynthesizer"]
+
+#: The loss terms a generator can be trained with (see the module docstring).
+GENERATIVE_TERMS = ("imitation", "adversarial", "category", "diversity", "activation", "bn")
+
+#: name → the term weights and the number of imitate steps per explore step.
+GENERATIVE_PRESETS: dict[str, dict[str, Any]] = {
+    "skd": {"weights": {"imitation": 1.0, "category": 1.0, "diversity": 1.0, "bn": 1.0}, "imitate_steps": 5},
+    "dafl": {"weights": {"category": 1.0, "activation": 0.1, "diversity": 5.0}, "imitate_steps": 0},
+    "dfad": {"weights": {"adversarial": 1.0}, "imitate_steps": 5},
+}
+
+STUDENT_EXPLORE = ("explore", "none")
+FORMAT = "exml_fast.delegator"
+FIT_FORMAT = "exml_fast.delegator_fit"
+VERSION = 1
+
+
+class DelegatorError(ValueError):
+    """A file that is not a readable delegator (or fit checkpoint), or one that does not fit this synthesizer."""
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :meth:`GenerativeSynthesizer.fit` returns.
+
+    Attributes:
+        student: the student ``S`` trained alongside (None for presets without one, e.g. DAFL); SKD's
+            sanity figure puts the teacher's classifier on it and compares accuracies (SKD Table I).
+        history: term name → the mean of each logged window of explore steps (``"imitate"``: the
+            student's loss), in the order they were logged.
+        iterations: explore steps done in total (with a resumed run's).
+    """
+
+    student: nn.Module | None
+    history: dict[str, list[float]]
+    iterations: int
+
+
+def reinitialised_clone(model: nn.Module, seed: int) -> nn.Module:
+    """A deep copy of ``model`` whose every submodule with ``reset_parameters`` is re-initialised,
+    drawn from ``seed`` (torch's global generator is left as it was); BN running statistics reset too."""
+    clone = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in clone.modules():
+            if hasattr(m, "reset_running_stats"):
+                m.reset_running_stats()
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    for p in clone.parameters():
+        p.requires_grad_(True)
+    return clone.train()
+
+
+class GenerativeSynthesizer(Synthesizer):
+    """Synthesis by a generator network trained against the teacher (SKD / DAFL / DFAD).
+
+    Example::
+
+        synth = GenerativeSynthesizer(teacher, input_shape=(1, 32, 32), mean=(0.1307,), std=(0.3081,))
+        synth.fit(2000, batch_size=256, generator=0)      # trains the delegator (resumable: checkpoint=)
+        batch = synth.synthesize(10_000, classes=range(10), generator=1)
+        synth.save("delegator.pt")                          # weights-only, checksummed
+
+    Args:
+        teacher: the frozen classifier, (N, C, H, W) → (N, K) logits; its
+            last ``nn.Linear`` is the classifier whose input is the feature
+            for ψ and the activation term.
+        input_shape, mean, std, num_classes, device, batch_size: as for every
+            :class:`~exml_fast.synth.Synthesizer` (``batch_size``: samples
+            drawn per teacher forward in :meth:`synthesize`).
+        preset: ``"skd"`` (default), ``"dafl"`` or ``"dfad"``: the default
+            term weights and imitate steps.
+        weights: term → weight, overriding the preset's (terms in
+            :data:`GENERATIVE_TERMS`; an absent term is 0).
+        imitate_steps: student steps per explore step (None: the preset's).
+        generator_arch: ``"skd-small"`` (SKD Table IV, default), ``"skd-large"``
+            (Table V), or a callable ``f(input_shape, latent_dim=...)`` that
+            returns a module mapping (N, latent_dim) to (N, C, H, W).
+        latent_dim: size of z.
+        delegator: an existing generator network to train further and sample
+            from (SKD's continual fine-tuning: ``D_n`` starts as ``D_{n-1}``);
+            it is used, and trained, in place. None: built at the first
+            :meth:`fit` from its seed.
+        student: the model imitating the teacher during :meth:`fit` (None: a
+            re-initialised clone of the teacher, as in SKD).
+        student_explore: ``"explore"`` — the student also steps on the
+            explore loss (Algorithm 1 as written) — or ``"none"``.
+        lr_generator, lr_student: Adam's and SGD's learning rates (SKD: 1e-3, 0.1).
+        lr_decay_every: divide both by 10 every this many iterations (None: never;
+            SKD: every 100 epochs).
+        balance: in :meth:`synthesize`, draw until each requested class has its
+            share as labelled by the teacher (True), or keep every draw with
+            the teacher's argmax over the requested classes as its label (False).
+        max_draw_factor: with ``balance``, give up (RuntimeError) after drawing
+            this many times the requested number of samples.
+    """
+
+    method = "generative"
+    optimizes = False
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        *,
+        input_shape: Sequence[int],
+        mean=None,
+        std=None,
+        num_classes: int | None = None,
+        device: torch.device | str | None = None,
+        batch_size: int = 256,
+        preset: str = "skd",
+        weights: dict[str, float] | None = None,
+        imitate_steps: int | None = None,
+        generator_arch: str | Callable[..., nn.Module] = "skd-small",
+        latent_dim: int = 100,
+        delegator: nn.Module | None = None,
+        student: nn.Module | None = None,
+        student_explore: str = "explore",
+        lr_generator: float = 1e-3,
+        lr_student: float = 0.1,
+        lr_decay_every: int | None = None,
+        balance: bool = True,
+        max_draw_factor: int = 100,
+    ) -> None:
+        super().__init__(teacher, input_shape=input_shape, mean=mean, std=std, num_classes=num_classes,
+                         device=device, iterations=None, batch_size=batch_size)
+        owner = "GenerativeSynthesizer"
+        if preset not in GENERATIVE_PRESETS:
+            raise ValueError(f"{owner}: preset must be one of {sorted(GENERATIVE_PRESETS)}; got {preset!r}")
+        self.preset = preset
+        chosen = dict(GENERATIVE_PRESETS[preset]["weights"])
+        if weights is not None:
+            if not isinstance(weights, dict):
+                raise TypeError(f"{owner}: weights must be a dict term -> weight; got {type(weights).__name__}")
+            unknown = sorted(set(weights) - set(GENERATIVE_TERMS))
+            if unknown:
+                raise ValueError(f"{owner}: weights has unknown terms {unknown}; terms: {list(GENERATIVE_TERMS)}")
+            chosen.update(weights)
+        self.weights = {t: check_float(chosen.get(t, 0.0), f"weights[{t!r}]", owner) for t in GENERATIVE_TERMS}
+        if not any(self.weights.values()):
+            raise ValueError(f"{owner}: every term weight is 0; nothing would train the generator")
+        steps = GENERATIVE_PRESETS[preset]["imitate_steps"] if imitate_steps is None else imitate_steps
+        self.imitate_steps = check_int(steps, "imitate_steps", owner, low=0)
+        self.uses_student = self.weights["imitation"] > 0 or self.weights["adversarial"] > 0
+        if self.uses_student and self.imitate_steps == 0 and student_explore == "none":
+            raise ValueError(f"{owner}: the imitation/adversarial terms need a student that learns: "
+                             "imitate_steps >= 1 or student_explore='explore'")
+        if isinstance(generator_arch, str):
+            if generator_arch not in GENERATOR_ARCHS:
+                raise ValueError(f"{owner}: generator_arch must be one of {sorted(GENERATOR_ARCHS)} or a callable; "
+                                 f"got {generator_arch!r}")
+        elif not callable(generator_arch):
+            raise TypeError(f"{owner}: generator_arch must be a name or a callable; got "
+                            f"{type(generator_arch).__name__}")
+        self.generator_arch = generator_arch
+        self.latent_dim = check_int(latent_dim, "latent_dim", owner, low=1)
+        if delegator is not None and not isinstance(delegator, nn.Module):
+            raise TypeError(f"{owner}: delegator must be an nn.Module or None; got {type(delegator).__name__}")
+        if student is not None and not isinstance(student, nn.Module):
+            raise TypeError(f"{owner}: student must be an nn.Module or None; got {type(student).__name__}")
+        self._delegator = delegator.to(self.device) if delegator is not None else None
+        self._student_given = student
+        if student_explore not in STUDENT_EXPLORE:
+            raise ValueError(f"{owner}: student_explore must be one of {STUDENT_EXPLORE}; got {student_explore!r}")
+        self.student_explore = student_explore
+        self.lr_generator = check_float(lr_generator, "lr_generator", owner, positive=True)
+        self.lr_student = check_float(lr_student, "lr_student", owner, positive=True)
+        self.lr_decay_every = None if lr_decay_every is None else check_int(lr_decay_every, "lr_decay_every",
+                                                                              owner, low=1)
+        if not isinstance(balance, bool):
+            raise TypeError(f"{owner}: balance must be a bool; got {balance!r}")
+        self.balance = balance
+        self.max_draw_factor = check_int(max_draw_factor, "max_draw_factor", owner, low=1)
+        self._job_classes: list[int] | None = None
+
+    # -- the generator network --------------------------------------------------------------------
+    @property
+    def delegator(self) -> nn.Module:
+        """The generator network (raises before :meth:`fit`, :meth:`load` or ``delegator=``)."""
+        if self._delegator is None:
+            raise RuntimeError("GenerativeSynthesizer: no delegator yet; call fit() first, pass delegator=, "
+                               "or use GenerativeSynthesizer.load(path, teacher)")
+        return self._delegator
+
+    def _build_delegator(self, seed: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if isinstance(self.generator_arch, str):
+                net = build_generator(self.generator_arch, self.input_shape, latent_dim=self.latent_dim)
+            else:
+                net = self.generator_arch(self.input_shape, latent_dim=self.latent_dim)
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"GenerativeSynthesizer: generator_arch returned a {type(net).__name__}, not an nn.Module")
+        net = net.to(self.device)
+        with torch.no_grad(), eval_mode(net):
+            out = net(torch.zeros(2, self.latent_dim, device=self.device))
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, *self.input_shape):
+            raise ValueError(f"GenerativeSynthesizer: generator_arch maps (2, {self.latent_dim}) to "
+                             f"{getattr(out, 'shape', type(out).__name__)}, not (2, *input_shape) = "
+                             f"(2, {', '.join(map(str, self.input_shape))})")
+        return net
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The delegator's state_dict."""
+        return self.delegator.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Loads a delegator state_dict (strict); builds the delegator first when there is none."""
+        if self._delegator is None:
+            self._delegator = self._build_delegator(0)
+        self.delegator.load_state_dict(state, strict=True)
+
+    def config(self) -> dict[str, Any]:
+        arch = self.generator_arch if isinstance(self.generator_arch, str) else "custom"
+        return {**super().config(), "generator_arch": arch, "latent_dim": self.latent_dim, "balance": self.balance,
+                "delegator": teacher_fingerprint(self.delegator)}
+
+    # -- files -------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the delegator to ``path`` atomically: one ``torch.save`` of plain data (the architecture's
+        name and arguments, input shape, normalisation, the state_dict and its sha256), read back by
+        :meth:`load` with ``weights_only=True``. A custom ``generator_arch`` is saved by weights only:
+        pass the same callable to :meth:`load`."""
+        state = {k: v.detach().to("cpu").clone() for k, v in self.delegator.state_dict().items()}
+        payload = {
+            "format": FORMAT, "version": VERSION,
+            "generator_arch": self.generator_arch if isinstance(self.generator_arch, str) else None,
+            "latent_dim": self.latent_dim, "input_shape": list(self.input_shape),
+            "mean": None if self.mean is None else list(self.mean), "std": None if self.std is None else list(self.std),
+            "num_classes": self.num_classes, "preset": self.preset, "weights": dict(self.weights),
+            "torch_version": str(torch.__version__), "sha256": state_dict_sha256(state), "state_dict": state,
+        }
+        atomic_write(path, lambda f: torch.save(payload, f))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, teacher: nn.Module, **kwargs: Any) -> GenerativeSynthesizer:
+        """A synthesizer for ``teacher`` sampling from the delegator saved at ``path``.
+
+        ``kwargs`` go to the constructor (the file's input shape, normalisation, architecture and
+        latent size are used unless given). Nothing in the file is executed: it is read with
+        ``weights_only=True`` and its weights must match their sha256.
+
+        Raises:
+            FileNotFoundError: no file. DelegatorError: not a delegator file, corrupt, or weights that
+            do not fit the architecture.
+        """
+        path = os.fspath(path)
+        obj = load_torch_file(path, what="delegator file", error=DelegatorError)
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise DelegatorError(f"{path}: not an exml_fast delegator file (no 'format': {FORMAT!r}); write one "
+                                 "with GenerativeSynthesizer.save")
+        if obj.get("version") != VERSION:
+            raise DelegatorError(f"{path}: unknown delegator format version {obj.get('version')!r}; this exml_fast "
+                                 f"reads version {VERSION}")
+        state = obj.get("state_dict")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise DelegatorError(f"{path}: 'state_dict' is missing or is not a dict of tensors")
+        if state_dict_sha256(state) != obj.get("sha256"):
+            raise DelegatorError(f"{path}: the weights do not match their stored sha256 (corrupt file)")
+        arch = kwargs.pop("generator_arch", obj.get("generator_arch"))
+        if arch is None:
+            raise DelegatorError(f"{path}: was saved from a custom generator_arch; pass the same callable as "
+                                 "generator_arch=")
+        for key in ("input_shape", "mean", "std", "latent_dim"):
+            kwargs.setdefault(key, obj.get(key))
+        synth = cls(teacher, generator_arch=arch, **kwargs)
+        try:
+            synth.load_state_dict(state)
+        except RuntimeError as e:
+            raise DelegatorError(f"{path}: the weights do not fit generator_arch {arch!r}: {e}") from e
+        return synth
+
+    # -- training -----------------------------------------------------------------------------------
+    def fit(
+        self,
+        iterations: int,
+        *,
+        batch_size: int = 256,
+        generator: int | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 100,
+        log_every: int = 50,
+        progress: bool = True,
+    ) -> FitResult:
+        """Trains the delegator for ``iterations`` explore steps (each after ``imitate_steps`` student steps).
+
+        A delegator given or trained before is trained further (SKD's fine-tuning across tasks); the
+        student is created afresh for each call (a re-initialised clone of the current teacher).
+
+        Args:
+            iterations: explore steps, >= 1.
+            batch_size: samples per step (SKD: 256 on CIFAR).
+            generator: an int seed (None: drawn from torch's global generator): the delegator's
+                initialisation when it is built here, the student's, and every latent batch.
+            checkpoint: a file: the whole training state is written there atomically every
+                ``checkpoint_every`` iterations and at the end; calling ``fit`` again with the same
+                arguments resumes from it (after a kill, the result equals an uninterrupted run's).
+            log_every: iterations per entry of the returned history.
+            progress: a progress bar with the latest loss terms.
+        """
+        owner = "GenerativeSynthesizer.fit"
+        iterations = check_int(iterations, "iterations", owner, low=1)
+        batch_size = check_int(batch_size, "batch_size", owner, low=2)  # BN needs two samples
+        checkpoint_every = check_int(checkpoint_every, "checkpoint_every", owner, low=1)
+        log_every = check_int(log_every, "log_every", owner, low=1)
+        if generator is None:
+            seed = int(torch.randint(0, SEED_MAX, (1,)).item())
+        else:
+            seed = check_int(generator, "generator (a seed)", owner, low=0) & SEED_MAX
+        job = {"iterations": iterations, "batch_size": batch_size, "seed": seed, "preset": self.preset,
+               "weights": dict(self.weights), "imitate_steps": self.imitate_steps,
+               "student_explore": self.student_explore, "lr_generator": self.lr_generator,
+               "lr_student": self.lr_student, "lr_decay_every": self.lr_decay_every,
+               "teacher": teacher_fingerprint(self.teacher)}
+        state = _FitState.start(self, seed, job, checkpoint)
+        bar = Progress(iterations, f"{self.preset} fit", progress)
+        bar.update(state.done)
+        window: dict[str, list[float]] = {}
+        try:
+            with self._fit_session(state):
+                while state.done < iterations:
+                    terms = self._iteration(state, batch_size)
+                    state.done += 1
+                    for k, v in terms.items():
+                        window.setdefault(k, []).append(v)
+                    if state.done % log_every == 0 or state.done == iterations:
+                        means = {k: sum(v) / len(v) for k, v in window.items()}
+                        for k, v in means.items():
+                            state.history.setdefault(k, []).append(v)
+                        window.clear()
+                        bar.update(0, {k: means[k] for k in ("explore", "imitate") if k in means})
+                    bar.update(1)
+                    if checkpoint is not None and (state.done % checkpoint_every == 0 or state.done == iterations):
+                        state.save(checkpoint)
+        finally:
+            bar.close()
+        student = state.student
+        if student is not None:
+            student.eval()
+        return FitResult(student=student, history=state.history, iterations=state.done)
+
+    @contextlib.contextmanager
+    def _fit_session(self, state: _FitState):
+        """Teacher frozen in eval mode (flags restored on exit), BN matching on it, fast CPU layers."""
+        flags = [(p, p.requires_grad) for p in self.teacher.parameters()]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(eval_mode(self.teacher))
+            for p, _ in flags:
+                p.requires_grad_(False)
+            stack.callback(lambda: [p.requires_grad_(f) for p, f in flags])
+            if self.device.type == "cpu":
+                stack.enter_context(fast_layers(self.teacher, state.student))
+            state.matcher = None
+            if self.weights["bn"] > 0:
+                state.matcher = stack.enter_context(BNStatsMatcher(self.teacher, form="l2", allow_empty=True))
+            state.t_tap = stack.enter_context(FeatureTap(self.teacher, owner="GenerativeSynthesizer"))
+            if state.student is not None:
+                state.s_tap = stack.enter_context(FeatureTap(state.student, owner="GenerativeSynthesizer (student)"))
+            yield
+
+    def _latent(self, state: _FitState, n: int) -> torch.Tensor:
+        return torch.randn(n, self.latent_dim, generator=state.z_gen).to(self.device)
+
+    def _discrepancy(self, state: _FitState, t_logits, s_logits, *, unweighted: bool = False) -> torch.Tensor:
+        """ψ on the tapped features (weight ``imitation``) + L1 of the logits (weight ``adversarial``);
+        ``unweighted``: the terms in use at weight 1 (the student's imitate loss)."""
+        w = self.weights
+        total = s_logits.new_zeros(())
+        if w["imitation"] > 0:
+            psi = feature_cosine_discrepancy(state.t_tap.features, state.s_tap.features)
+            total = total + (psi if unweighted else w["imitation"] * psi)
+        if w["adversarial"] > 0:
+            l1 = logit_l1(t_logits, s_logits)
+            total = total + (l1 if unweighted else w["adversarial"] * l1)
+        return total
+
+    def _iteration(self, state: _FitState, batch_size: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if state.student is not None:
+            for _ in range(self.imitate_steps):
+                out["imitate"] = self._imitate(state, batch_size)
+        out.update(self._explore(state, batch_size))
+        if self.lr_decay_every is not None and (state.done + 1) % self.lr_decay_every == 0:
+            for opt in (state.opt_g, state.opt_s):
+                for group in (opt.param_groups if opt is not None else ()):
+                    group["lr"] /= 10.0
+        return out
+
+    def _imitate(self, state: _FitState, batch_size: int) -> float:
+        """One student step on the discrepancy to the teacher, on fresh samples of the fixed delegator."""
+        D, T, S = self.delegator, self.teacher, state.student
+        D.train()
+        S.train()
+        with torch.no_grad():
+            x = D(self._latent(state, batch_size))
+            t_logits = T(x)
+        s_logits = S(x)
+        loss = self._discrepancy(state, t_logits, s_logits, unweighted=True)
+        state.opt_s.zero_grad(set_to_none=True)
+        loss.backward()
+        state.opt_s.step()
+        return float(loss.detach())
+
+    def _explore(self, state: _FitState, batch_size: int) -> dict[str, float]:
+        """One delegator step on the explore loss (and a student step on it with ``student_explore='explore'``)."""
+        D, T, S = self.delegator, self.teacher, state.student
+        D.train()
+        x = D(self._latent(state, batch_size))
+        t_logits = T(x)
+        terms: dict[str, torch.Tensor] = {}
+        w = self.weights
+        if S is not None:
+            S.train()
+            terms["discrepancy"] = -self._discrepancy(state, t_logits, S(x))
+        if w["category"] > 0:
+            terms["category"] = w["category"] * category_loss(t_logits)
+        if w["diversity"] > 0:
+            terms["diversity"] = w["diversity"] * diversity_loss(t_logits)
+        if w["activation"] > 0:
+            terms["activation"] = w["activation"] * activation_loss(state.t_tap.features)
+        if w["bn"] > 0 and state.matcher is not None and state.matcher.layers:
+            terms["bn"] = w["bn"] * state.matcher.loss()
+        total = sum(terms.values())
+        state.opt_g.zero_grad(set_to_none=True)
+        if state.opt_s is not None:
+            state.opt_s.zero_grad(set_to_none=True)
+        total.backward()
+        state.opt_g.step()
+        if state.opt_s is not None and self.student_explore == "explore":
+            state.opt_s.step()
+        out = {k: float(v.detach()) for k, v in terms.items()}
+        out["explore"] = float(total.detach())
+        out["teacher_confidence"] = float(torch.softmax(t_logits.detach(), 1).amax(1).mean())
+        return out
+
+    # -- sampling ---------------------------------------------------------------------------------
+    def _labels(self, n, classes):
+        labels, given = super()._labels(n, classes)
+        self._job_classes = list(range(self.num_classes)) if given is None else given
+        return labels, given
+
+    @torch.no_grad()
+    def _draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.randn(n, self.latent_dim, generator=generator).to(self.device)
+        x = self.delegator(z)
+        return x, self.teacher(x)
+
+    def _synthesize_batch(self, labels, *, iterations, generator, offset, progress) -> SyntheticBatch:
+        classes = torch.tensor(self._job_classes, dtype=torch.int64, device=self.device)
+        with eval_mode(self.delegator), eval_mode(self.teacher), contextlib.ExitStack() as stack:
+            if self.device.type == "cpu":
+                stack.enter_context(fast_layers(self.teacher))
+            if not self.balance:
+                x, logits = self._draw(labels.numel(), generator)
+                y = classes[logits[:, classes].argmax(1)]
+                progress(1, None)
+                return SyntheticBatch(x.float(), y, None, {"acceptance": torch.ones(1)}, self.mean, self.std)
+            need = torch.bincount(labels, minlength=self.num_classes).tolist()
+            parts_x: list[torch.Tensor] = []
+            parts_y: list[torch.Tensor] = []
+            drawn, limit, chunk = 0, self.max_draw_factor * labels.numel(), max(2 * labels.numel(), 64)
+            while any(need) and drawn < limit:
+                x, logits = self._draw(chunk, generator)
+                drawn += chunk
+                pred = logits.argmax(1)
+                for c in (c for c in range(self.num_classes) if need[c]):
+                    rows = (pred == c).nonzero().flatten()[:need[c]]
+                    if rows.numel():
+                        parts_x.append(x[rows])
+                        parts_y.append(pred[rows])
+                        need[c] -= rows.numel()
+        if any(need):
+            short = {c: k for c, k in enumerate(need) if k}
+            raise RuntimeError(f"GenerativeSynthesizer: after {drawn} draws the teacher had not labelled enough "
+                               f"samples as class(es) {sorted(short)} (missing {short}); train the delegator longer "
+                               "(fit), raise max_draw_factor, or pass balance=False to keep every draw with the "
+                               "teacher's label")
+        x, y = torch.cat(parts_x), torch.cat(parts_y)
+        order = _interleave(y, labels)
+        progress(1, None)
+        losses = {"acceptance": torch.tensor([labels.numel() / drawn], dtype=torch.float32)}
+        return SyntheticBatch(x[order].float(), y[order], None, losses, self.mean, self.std)
+
+
+def _interleave(y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The permutation of ``y`` (a multiset equal to ``labels``'s) that puts its rows in ``labels``'s order."""
+    order_y = torch.argsort(y, stable=True)
+    order_l = torch.argsort(labels, stable=True)
+    perm = torch.empty_like(order_y)
+    perm[order_l] = order_y
+    return perm
+
+
+class _FitState:
+    """Everything :meth:`GenerativeSynthesizer.fit` carries across iterations and checkpoints."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.history: dict[str, list[float]] = {}
+        self.delegator: nn.Module | None = None
+        self.student: nn.Module | None = None
+        self.opt_g: torch.optim.Optimizer | None = None
+        self.opt_s: torch.optim.Optimizer | None = None
+        self.z_gen = torch.Generator()
+        self.job: dict[str, Any] = {}
+        self.matcher = None
+        self.t_tap: FeatureTap | None = None
+        self.s_tap: FeatureTap | None = None
+
+    @classmethod
+    def start(cls, synth: GenerativeSynthesizer, seed: int, job: dict[str, Any], checkpoint) -> _FitState:
+        st = cls()
+        st.job = job
+        if synth._delegator is None:
+            synth._delegator = synth._build_delegator(derive_seed("exml_fast.generative.delegator", seed))
+        st.delegator = synth.delegator
+        if synth.uses_student:
+            st.student = (synth._student_given if synth._student_given is not None else
+                          reinitialised_clone(synth.teacher, derive_seed("exml_fast.generative.student", seed)))
+            st.student = st.student.to(synth.device).train()
+            st.opt_s = torch.optim.SGD(st.student.parameters(), lr=synth.lr_student, momentum=0.9,
+                                       weight_decay=5e-4)
+        st.opt_g = torch.optim.Adam(synth.delegator.parameters(), lr=synth.lr_generator, betas=(0.5, 0.999))
+        st.z_gen.manual_seed(derive_seed("exml_fast.generative.latent", seed))
+        if checkpoint is not None and os.path.exists(os.fspath(checkpoint)):
+            st._resume(synth, checkpoint)
+        return st
+
+    def save(self, path) -> None:
+        payload = {
+            "format": FIT_FORMAT, "version": VERSION, "job": self.job, "done": self.done, "history": self.history,
+            "z_gen": self.z_gen.get_state(),
+            "delegator": _cpu_state(self.delegator.state_dict()),
+            "opt_g": self.opt_g.state_dict(),
+            "student": None if self.student is None else _cpu_state(self.student.state_dict()),
+            "opt_s": None if self.opt_s is None else self.opt_s.state_dict(),
+        }
+        atomic_write(path, lambda f: torch.save(payload, f))
+
+    def _resume(self, synth: GenerativeSynthesizer, path) -> None:
+        path = os.fspath(path)
+        obj = load_torch_file(path, what="fit checkpoint", error=DelegatorError)
+        if not isinstance(obj, dict) or obj.get("format") != FIT_FORMAT or obj.get("version") != VERSION:
+            raise DelegatorError(f"{path}: not an exml_fast delegator fit checkpoint (format {FIT_FORMAT!r}, "
+                                 f"version {VERSION})")
+        if obj.get("job") != self.job:
+            diff = sorted(k for k in set(self.job) | set(obj.get("job") or {})
+                          if (obj.get("job") or {}).get(k) != self.job.get(k))
+            raise DelegatorError(f"{path}: was written by a fit with other settings (differing: {diff}); "
+                                 "use another checkpoint path or delete it to start over")
+        try:
+            synth.delegator.load_state_dict(obj["delegator"], strict=True)
+            self.opt_g.load_state_dict(obj["opt_g"])
+            if self.student is not None:
+                self.student.load_state_dict(obj["student"], strict=True)
+                self.opt_s.load_state_dict(obj["opt_s"])
+            self.z_gen.set_state(obj["z_gen"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise DelegatorError(f"{path}: a fit checkpoint that does not fit this synthesizer: {e}") from e
+        self.done = int(obj["done"])
+        self.history = {k: list(v) for k, v in (obj.get("history") or {}).items()}
+
+
+def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").clone() for k, v in state.items()}
+

@@ -1,0 +1,377 @@
+"""GenerativeSynthesizer (SKD / DAFL / DFAD): loss terms, the generator networks, the imitate & explore loop,
+sampling, files, seeds, resume and argument errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from _util import calibrated_bn
+from torch import nn
+
+from exml_fast.models import FeatureTap, LeNet5BN, SKDGenerator, build_generator
+from exml_fast.synth import DelegatorError, GenerativeSynthesizer
+from exml_fast.synth.base import eval_mode
+from exml_fast.synth.generative import _FitState
+from exml_fast.synth.generative_losses import (activation_loss, category_loss, diversity_loss,
+                                               feature_cosine_discrepancy, logit_l1)
+
+SHAPE = (1, 16, 16)
+
+
+class TinyBN(nn.Module):
+    """conv → BN → ReLU → pool → fc → BN → ReLU → classifier, for (N, 1, 16, 16) inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(4),
+                                      nn.Flatten(), nn.Linear(64, 12), nn.BatchNorm1d(12), nn.ReLU())
+        self.classifier = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+@pytest.fixture
+def teacher():
+    torch.manual_seed(0)
+    return calibrated_bn(TinyBN(), SHAPE)
+
+
+def make(teacher, **kw) -> GenerativeSynthesizer:
+    kw.setdefault("batch_size", 16)
+    return GenerativeSynthesizer(teacher, input_shape=SHAPE, mean=(0.5,), std=(0.25,), **kw)
+
+
+def params(module: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ------------------------------------------------------------------------------------------------ loss terms
+def _rows(seed: int, n: int = 7, k: int = 5, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g, dtype=dtype).requires_grad_(True)
+
+
+def test_feature_cosine_discrepancy_matches_the_formula():
+    a, b = _rows(0), _rows(1)
+    want = sum(1 - torch.dot(a[i], b[i]) / (a[i].norm() * b[i].norm()) for i in range(a.shape[0])) / a.shape[0]
+    got = feature_cosine_discrepancy(a, b)
+    torch.testing.assert_close(got, want)
+    ga = torch.autograd.grad(got, (a, b))
+    wa = torch.autograd.grad(want, (a, b))
+    torch.testing.assert_close(ga, wa)
+    assert torch.autograd.gradcheck(feature_cosine_discrepancy, (a, b))
+    a = a.detach()
+    assert float(feature_cosine_discrepancy(a, 3 * a)) == pytest.approx(0.0, abs=1e-12)
+    assert float(feature_cosine_discrepancy(a, -a)) == pytest.approx(2.0)
+
+
+def test_category_and_diversity_and_activation_and_l1_match_the_formulas():
+    z = _rows(2)
+    pred = z.detach().argmax(1)
+    want_cat = -torch.stack([torch.log_softmax(z[i], 0)[pred[i]] for i in range(z.shape[0])]).mean()
+    w = torch.softmax(z, 1).mean(0)
+    want_div = sum(w[k] * torch.log(w[k]) for k in range(z.shape[1]))
+    for got, want in ((category_loss(z), want_cat), (diversity_loss(z), want_div),
+                      (activation_loss(z), -z.abs().sum() / z.numel())):
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got, z)[0], torch.autograd.grad(want, z)[0])
+    t, s = _rows(3), _rows(4)
+    torch.testing.assert_close(logit_l1(t, s), (t - s).abs().sum() / t.numel())
+    assert torch.autograd.gradcheck(diversity_loss, (z,))
+    # uniform classes: the diversity term is at its minimum, -log K
+    assert float(diversity_loss(torch.zeros(4, 5))) == pytest.approx(-math.log(5))
+
+
+@pytest.mark.parametrize("fn", [category_loss, diversity_loss, activation_loss])
+def test_loss_terms_reject_bad_input(fn):
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        fn([[1.0]])
+    with pytest.raises(ValueError, match=r"\(N, K\)"):
+        fn(torch.zeros(3))
+    with pytest.raises(ValueError, match="non-empty"):
+        fn(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match="one shape"):
+        logit_l1(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+# ------------------------------------------------------------------------------------------------ networks
+@pytest.mark.parametrize("large,shape", [(False, (1, 32, 32)), (False, (3, 16, 16)), (True, (3, 32, 32))])
+def test_skd_generator_shapes_and_helper_bn(large, shape):
+    torch.manual_seed(0)
+    net = SKDGenerator(shape, latent_dim=8, large=large)
+    assert net(torch.randn(3, 8)).shape == (3, *shape)
+    assert isinstance(net.helper_bn, nn.BatchNorm2d) and net.helper_bn.num_features == shape[0]
+    assert net.helper_bn.affine and all(p.requires_grad for p in net.helper_bn.parameters())
+    assert isinstance(net.body[-1], nn.Tanh)
+    assert (sum(isinstance(m, nn.ConvTranspose2d) for m in net.modules()) == 4) == large
+    assert isinstance(SKDGenerator(shape, large=large, helper_bn=False).helper_bn, nn.Identity)
+
+
+def test_generator_arguments_are_checked():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        SKDGenerator((1, 30, 32))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        SKDGenerator((1, 24, 24), large=True)
+    with pytest.raises(ValueError, match="arch must be one of"):
+        build_generator("dcgan", (1, 32, 32))
+
+
+def test_feature_tap_records_the_classifier_input_with_its_graph(teacher):
+    x = torch.randn(4, *SHAPE, requires_grad=True)
+    with FeatureTap(teacher) as tap:
+        out = teacher(x)
+        f = tap.features
+    assert f.shape == (4, 12) and f.requires_grad
+    torch.testing.assert_close(teacher.classifier(f), out)
+    assert not teacher.classifier._forward_pre_hooks
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def _session(synth, seed=0):
+    state = _FitState.start(synth, seed, {}, None)
+    return state, synth._fit_session(state)
+
+
+def test_imitate_steps_update_only_the_student_and_explore_steps_the_delegator(teacher):
+    t_before = params(teacher)
+    synth = make(teacher, student_explore="none")
+    state, session = _session(synth)
+    with session:
+        d0, s0 = params(synth.delegator), params(state.student)
+        synth._imitate(state, 8)
+        d1, s1 = params(synth.delegator), params(state.student)
+        assert same(d0, d1) and not same(s0, s1)
+        synth._explore(state, 8)
+        d2, s2 = params(synth.delegator), params(state.student)
+        assert not same(d1, d2) and same(s1, s2)
+    assert same(params(teacher), t_before)
+    assert all(p.requires_grad for p in teacher.parameters())  # flags restored
+
+
+def test_explore_updates_the_student_too_with_algorithm_1_as_written(teacher):
+    synth = make(teacher)  # student_explore="explore", the default
+    state, session = _session(synth)
+    with session:
+        s0, bn0 = params(state.student), synth.delegator.helper_bn.weight.detach().clone()
+        synth._explore(state, 8)
+        assert not same(s0, params(state.student))
+        assert not torch.equal(bn0, synth.delegator.helper_bn.weight)  # the helper BN is trained
+
+
+def test_the_student_is_a_reinitialised_clone_of_the_teacher(teacher):
+    synth = make(teacher)
+    state, _ = _session(synth)
+    s = state.student
+    assert type(s) is type(teacher) and s is not teacher
+    assert [p.shape for p in s.parameters()] == [p.shape for p in teacher.parameters()]
+    assert not torch.equal(s.classifier.weight, teacher.classifier.weight)
+    assert torch.equal(s.features[1].running_var, torch.ones(4))  # statistics reset too
+
+
+def test_dafl_has_no_student_and_dfad_trains_on_the_logit_l1(teacher):
+    dafl = make(teacher, preset="dafl")
+    result = dafl.fit(2, batch_size=8, generator=0, progress=False, log_every=1)
+    assert result.student is None and "imitate" not in result.history
+    assert set(result.history) >= {"category", "activation", "diversity", "explore"}
+    dfad = make(teacher, preset="dfad")
+    result = dfad.fit(2, batch_size=8, generator=0, progress=False, log_every=1)
+    assert result.student is not None and set(result.history) >= {"imitate", "discrepancy"}
+    assert "bn" not in result.history and "category" not in result.history
+
+
+def test_seeds_reproduce_and_differ(teacher):
+    a, b, c = make(teacher, balance=False), make(teacher, balance=False), make(teacher, balance=False)
+    for synth, seed in ((a, 3), (b, 3), (c, 4)):
+        synth.fit(2, batch_size=8, generator=seed, progress=False)
+    assert same(params(a.delegator), params(b.delegator))
+    assert not same(params(a.delegator), params(c.delegator))
+    xa = a.synthesize(10, generator=7, progress=False)
+    xb = b.synthesize(10, generator=7, progress=False)
+    assert torch.equal(xa.x, xb.x) and torch.equal(xa.y, xb.y)
+
+
+def test_fit_resumes_after_an_interruption_with_the_numbers_of_an_uninterrupted_run(teacher, tmp_path, monkeypatch):
+    whole = make(teacher)
+    whole.fit(4, batch_size=8, generator=1, progress=False)
+    ck = tmp_path / "fit.pt"
+    broken = make(teacher)
+    calls = {"n": 0}
+    real = GenerativeSynthesizer._iteration
+
+    def dies_at_the_third(self, state, bs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(self, state, bs)
+
+    monkeypatch.setattr(GenerativeSynthesizer, "_iteration", dies_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        broken.fit(4, batch_size=8, generator=1, progress=False, checkpoint=ck, checkpoint_every=1)
+    monkeypatch.setattr(GenerativeSynthesizer, "_iteration", real)
+    assert not list(tmp_path.glob(".*.tmp"))  # no half-written file left
+    resumed = make(teacher)
+    result = resumed.fit(4, batch_size=8, generator=1, progress=False, checkpoint=ck, checkpoint_every=1)
+    assert result.iterations == 4
+    assert same(params(resumed.delegator), params(whole.delegator))
+    # a checkpoint of other settings is refused, not silently mixed in
+    with pytest.raises(DelegatorError, match="other settings.*batch_size"):
+        make(teacher).fit(4, batch_size=4, generator=1, progress=False, checkpoint=ck)
+
+
+def test_one_delegator_is_fine_tuned_across_tasks(teacher):
+    first = make(teacher)
+    first.fit(2, batch_size=8, generator=0, progress=False)
+    trained = params(first.delegator)
+    torch.manual_seed(5)
+    teacher2 = calibrated_bn(TinyBN(), SHAPE, seed=5)
+    second = make(teacher2, delegator=first.delegator)
+    assert second.delegator is first.delegator and same(params(second.delegator), trained)
+    second.fit(2, batch_size=8, generator=0, progress=False)
+    assert not same(params(second.delegator), trained)
+    # a fresh synthesizer with the same seed starts elsewhere: the second one did not re-create its delegator
+    fresh = make(teacher2)
+    fresh.fit(2, batch_size=8, generator=0, progress=False)
+    assert not same(params(fresh.delegator), params(second.delegator))
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+def test_synthesize_balances_the_requested_classes_as_the_teacher_labels_them(teacher):
+    synth = make(teacher)
+    synth.fit(1, batch_size=8, generator=0, progress=False)
+    with torch.no_grad(), eval_mode(synth.delegator):
+        counts = torch.bincount(synth._draw(512, torch.Generator().manual_seed(0))[1].argmax(1), minlength=5)
+    common = counts.argsort(descending=True)[:2].tolist()
+    batch = synth.synthesize(6, classes=common, generator=2, progress=False)
+    assert batch.y.tolist() == [common[i % 2] for i in range(6)]
+    with torch.no_grad():
+        assert torch.equal(teacher(batch.x).argmax(1), batch.y)
+    assert batch.mean == (0.5,) and 0 < float(batch.losses["acceptance"]) <= 1
+
+
+def test_unbalanced_sampling_keeps_every_draw_with_the_teachers_label_among_the_classes(teacher):
+    synth = make(teacher, balance=False)
+    synth.fit(1, batch_size=8, generator=0, progress=False)
+    batch = synth.synthesize(20, classes=[1, 3], generator=2, progress=False)
+    assert set(batch.y.tolist()) <= {1, 3}
+    with torch.no_grad():
+        logits = teacher(batch.x)
+    torch.testing.assert_close(batch.y, torch.tensor([1, 3])[logits[:, [1, 3]].argmax(1)])
+
+
+def test_a_class_the_teacher_never_predicts_is_an_error_naming_it(teacher):
+    never = copy.deepcopy(teacher)
+    with torch.no_grad():
+        never.classifier.bias[0] = 1e4  # every input is class 0
+    synth = make(never, max_draw_factor=2)
+    synth.fit(1, batch_size=8, generator=0, progress=False)
+    with pytest.raises(RuntimeError, match=r"class\(es\) \[4\].*balance=False"):
+        synth.synthesize(5, classes=[0, 4], generator=0, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ files
+def test_save_and_load_are_bit_exact_and_checked(teacher, tmp_path):
+    synth = make(teacher, balance=False)
+    synth.fit(2, batch_size=8, generator=0, progress=False)
+    path = tmp_path / "d.pt"
+    synth.save(path)
+    back = GenerativeSynthesizer.load(path, teacher, batch_size=16, balance=False)
+    assert back.input_shape == SHAPE and back.mean == (0.5,) and back.latent_dim == synth.latent_dim
+    for k, v in synth.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k])
+    a = synth.synthesize(8, generator=3, progress=False)
+    b = back.synthesize(8, generator=3, progress=False)
+    assert torch.equal(a.x, b.x)
+    # a flipped byte inside the weights is caught by the checksum (or the zip's own CRC)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DelegatorError):
+        GenerativeSynthesizer.load(bad, teacher)
+    other = tmp_path / "other.pt"
+    torch.save({"format": "something else"}, other)
+    with pytest.raises(DelegatorError, match="not an exml_fast delegator"):
+        GenerativeSynthesizer.load(other, teacher)
+    (tmp_path / "trunc.pt").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DelegatorError, match="corrupt or truncated"):
+        GenerativeSynthesizer.load(tmp_path / "trunc.pt", teacher)
+    with pytest.raises(FileNotFoundError):
+        GenerativeSynthesizer.load(tmp_path / "none.pt", teacher)
+
+
+def test_saved_jobs_record_the_delegator(teacher, tmp_path):
+    synth = make(teacher, balance=False)
+    synth.fit(1, batch_size=8, generator=0, progress=False)
+    first = synth.synthesize(8, generator=1, progress=False, save_to=tmp_path / "job")
+    again = synth.synthesize(8, generator=1, progress=False, save_to=tmp_path / "job")
+    assert torch.equal(first.x, again.x)
+    synth.fit(1, batch_size=8, generator=1, progress=False)  # a changed delegator is another job
+    with pytest.raises(ValueError):
+        synth.synthesize(8, generator=1, progress=False, save_to=tmp_path / "job")
+
+
+# ------------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize("kw,err,match", [
+    ({"preset": "gan"}, ValueError, "preset must be one of"),
+    ({"weights": {"bogus": 1.0}}, ValueError, "unknown terms"),
+    ({"weights": {"imitation": 0, "category": 0, "diversity": 0, "bn": 0}}, ValueError, "every term weight is 0"),
+    ({"weights": {"bn": -1.0}}, ValueError, r"weights\['bn'\]"),
+    ({"generator_arch": "dcgan"}, ValueError, "generator_arch must be one of"),
+    ({"generator_arch": 3}, TypeError, "generator_arch must be a name or a callable"),
+    ({"student_explore": "both"}, ValueError, "student_explore must be one of"),
+    ({"imitate_steps": 0, "student_explore": "none"}, ValueError, "need a student that learns"),
+    ({"balance": 1}, TypeError, "balance must be a bool"),
+    ({"latent_dim": 0}, ValueError, "latent_dim must be an int >= 1"),
+    ({"delegator": "net"}, TypeError, "delegator must be an nn.Module"),
+    ({"lr_generator": 0}, ValueError, "lr_generator"),
+])
+def test_bad_arguments_get_clear_errors(teacher, kw, err, match):
+    with pytest.raises(err, match=match):
+        make(teacher, **kw)
+
+
+def test_bad_use_gets_clear_errors(teacher):
+    synth = make(teacher)
+    with pytest.raises(RuntimeError, match="no delegator yet"):
+        synth.synthesize(4, progress=False)
+    with pytest.raises(ValueError, match="iterations must be an int >= 1"):
+        synth.fit(0, progress=False)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 2"):
+        synth.fit(1, batch_size=1, progress=False)
+    with pytest.raises(ValueError, match="iterations must be None"):
+        synth.synthesize(4, iterations=3, progress=False)
+    bad_arch = make(teacher, generator_arch=lambda shape, latent_dim: nn.Linear(latent_dim, 3))
+    with pytest.raises(ValueError, match="not \\(2, \\*input_shape\\)"):
+        bad_arch.fit(1, batch_size=2, progress=False)
+
+
+def test_a_custom_architecture_trains_and_must_be_named_again_to_load(teacher, tmp_path):
+    def arch(shape, latent_dim):
+        return nn.Sequential(nn.Linear(latent_dim, math.prod(shape)), nn.Tanh(), nn.Unflatten(1, shape))
+
+    synth = make(teacher, generator_arch=arch, latent_dim=6)
+    synth.fit(1, batch_size=4, generator=0, progress=False)
+    synth.save(tmp_path / "c.pt")
+    with pytest.raises(DelegatorError, match="custom generator_arch"):
+        GenerativeSynthesizer.load(tmp_path / "c.pt", teacher)
+    back = GenerativeSynthesizer.load(tmp_path / "c.pt", teacher, generator_arch=arch)
+    assert back.latent_dim == 6
+
+
+def test_lenet5_bn_teacher_runs_end_to_end_at_32px():
+    torch.manual_seed(0)
+    t = calibrated_bn(LeNet5BN(10), (1, 32, 32))
+    synth = GenerativeSynthesizer(t, input_shape=(1, 32, 32), batch_size=8)
+    result = synth.fit(1, batch_size=4, generator=0, progress=False)
+    assert result.iterations == 1 and result.history["bn"][0] > 0
+    batch = GenerativeSynthesizer(t, input_shape=(1, 32, 32), delegator=synth.delegator, balance=False).synthesize(
+        3, generator=0, progress=False)
+    assert batch.x.shape == (3, 1, 32, 32)
