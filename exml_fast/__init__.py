@@ -16,7 +16,7 @@ Public entry points:
       EnsembleAverage, MinEntropyEnsemble, ParameterAverage   the strategies (register_strategy adds one)
       exml_fast.run_stream, StreamResult   the run loop (checkpoint/resume) and its metrics
     Class-incremental learning from data (same run loop, stream=None):
-      exml_fast.FineTune, Joint, LwF, ICaRL, DeepInversionCIL, SyntheticExemplars
+      exml_fast.FineTune, Joint, LwF, ICaRL, DeepInversionCIL, SyntheticExemplars, SKDCIL
     exml-fast (command line) train-teacher, synthesize, train-experts, run, report, demo
     exml_fast.has_ops()      whether the compiled library loaded
     exml_fast.build_info()   how it was built
@@ -30,8 +30,8 @@ from exml_fast.cl.engine import run_stream
 from exml_fast.cl.experts import Expert, ExpertError, ExpertStream
 from exml_fast.cl.metrics import StreamResult, summary_table
 from exml_fast.cl.scenarios import SCENARIOS, Experience, Scenario, make_scenario, train_experts
-from exml_fast.cl.strategies import (DeepInversionCIL, EnsembleAverage, ExModelDistillation, FineTune, ICaRL, Joint,
-                                     LwF, MinEntropyEnsemble, OracleEnsemble, ParameterAverage, RealReplay,
+from exml_fast.cl.strategies import (SKDCIL, DeepInversionCIL, EnsembleAverage, ExModelDistillation, FineTune, ICaRL,
+                                     Joint, LwF, MinEntropyEnsemble, OracleEnsemble, ParameterAverage, RealReplay,
                                      SyntheticExemplars, SynthesizerGenerator, SynthesizerSource, register_strategy)
 from exml_fast.models import build_model, register_arch
 from exml_fast.synth import (AuxiliaryData, DataImpressions, DeepInversion, GenerativeSynthesizer, LowAgreementWarning,
@@ -46,7 +46,7 @@ __all__ = ["AuxiliaryData", "BNStatsMatcher", "DataImpressions", "DeepInversion"
            "EnsembleAverage", "ExModelDistillation", "Experience", "Expert", "ExpertError", "ExpertStream",
            "FineTune", "GenerativeSynthesizer", "ICaRL", "Joint", "LowAgreementWarning", "LwF", "MinEntropyEnsemble",
            "ModelInfo",
-           "ModelInversion", "OracleEnsemble", "ParameterAverage", "RealReplay", "SCENARIOS", "Scenario",
+           "ModelInversion", "OracleEnsemble", "ParameterAverage", "RealReplay", "SCENARIOS", "SKDCIL", "Scenario",
            "StreamResult", "SynthesizerGenerator", "SynthesizerSource", "SyntheticBatch", "SyntheticBuffer",
            "SyntheticExemplars", "build_info", "build_model", "distill", "has_ops", "load_model", "load_synthetic",
            "make_scenario", "ops", "reference", "register_arch", "register_strategy", "run_stream", "save_grid",

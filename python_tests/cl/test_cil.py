@@ -424,6 +424,7 @@ def test_synthetic_exemplars_keep_only_synthetic_images_within_k():
     (S.LwF, lambda: _strategy(S.LwF, epochs=1)),
     (S.DeepInversionCIL, lambda: _bn_strategy(S.DeepInversionCIL, epochs=1, synth_per_class=2)),
     (S.SyntheticExemplars, lambda: _bn_strategy(S.SyntheticExemplars, epochs=1, memory_size=6)),
+    (S.SKDCIL, lambda: _skd(epochs=1)),
 ])
 def test_no_real_past_task_tensor_outlives_its_task(cls, make):
     s = make()
@@ -449,3 +450,87 @@ def test_synthesising_strategies_argument_errors():
         _bn_strategy(S.DeepInversionCIL, head_epochs=-1)
     with pytest.raises(ValueError, match="synth_iterations"):
         _bn_strategy(S.SyntheticExemplars, synth_iterations=0)
+
+
+def _skd(**kw):
+    torch.manual_seed(5)
+    opts = {"epochs": 2, "batch_size": 16, "lr": 0.05, "progress": False, "input_shape": (1, 32, 32),
+            "mean": (0.5,), "std": (0.5,), "num_tasks": len(SPLITS), "delegator_iterations": 2,
+            "delegator_batch_size": 8, **kw}
+    return S.SKDCIL(build_model("lenet5_bn", num_classes=K), **opts)
+
+
+def test_skd_step_is_equation_11_on_real_and_delegator_samples():
+    """Task 2's step: gamma_n * CE over the active classes of [new data; delegator samples labelled by the
+    previous model's argmax over the old classes] + psi between the previous and the current model's features on
+    the whole batch, gamma_n = beta / (N * classes seen) (Eq. 12)."""
+    s = _skd(seed=3)
+    s.train(_experience(0, SPLITS[0]))
+    exp = _experience(1, SPLITS[1])
+    s._begin(exp, 2)
+    try:
+        assert s._gamma == pytest.approx(5.0 / (3 * 4))
+        xb, yb = exp.train_x[:10], exp.train_y[:10]
+        active = torch.tensor([0, 1, 2, 3])
+        pos = torch.full((K,), -1, dtype=torch.int64)
+        pos[active] = torch.arange(4)
+        got = s._step_loss(xb, yb, {"active": active, "pos": pos, "generator": torch.Generator().manual_seed(1)})
+        with torch.no_grad():
+            z = torch.randn(10, s._synth.latent_dim, generator=torch.Generator().manual_seed(1))
+            xs = s.delegator.eval()(z)
+            both = torch.cat([xb, xs])
+            old_logits = s.prev(both)
+            ys = old_logits[10:, :2].argmax(1)  # the old classes are 0 and 1
+            t_feat = s.prev.features(both)
+        s_feat = s.model.features(both)
+        logits = s.model.classifier(s_feat)[:, :4]
+        ce = F.cross_entropy(logits, torch.cat([yb, ys]))
+        psi = (1 - F.cosine_similarity(t_feat, s_feat, dim=1)).mean()
+        torch.testing.assert_close(got, 5.0 / 12 * ce + psi)
+        assert not any(p.requires_grad for p in s.prev.parameters())
+    finally:
+        s._end()
+
+
+def test_skd_fine_tunes_one_delegator_and_resumes(tmp_path):
+    sc = _scenario()
+    whole_s = _skd(seed=1)
+    whole = run_stream(whole_s, None, sc, out=tmp_path / "a", plots=False, log=None)
+    assert [st["experience"] for st in whole_s.delegator_stats] == [2, 3]
+    run_stream(_skd(seed=1), None, sc, out=tmp_path / "b", stop_after=2, plots=False, log=None)
+    s = _skd(seed=1)
+    resumed = run_stream(s, None, sc, out=tmp_path / "b", resume=True, plots=False, log=None)
+    assert resumed.acc_matrix == whole.acc_matrix
+    for a, b in zip(whole_s.delegator.state_dict().values(), s.delegator.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [h.get("delegator", [{}])[0].get("experience") for h in resumed.meta["history"]] == [None, 2, 3]
+    assert resumed.meta["keeps_data"] is False and S.STRATEGIES["skd"].keeps_data is False
+
+
+def test_skd_continues_the_previous_delegator(monkeypatch):
+    s = _skd()
+    s.train(_experience(0, SPLITS[0]))
+    s.train(_experience(1, SPLITS[1]))
+    first = s.delegator
+    before = [p.detach().clone() for p in first.parameters()]
+    seen = []
+    real = S.SKDCIL._synthesizer
+
+    def spy(self, teacher):
+        synth = real(self, teacher)
+        seen.append(synth.delegator)
+        return synth
+
+    monkeypatch.setattr(S.SKDCIL, "_synthesizer", spy)
+    s.train(_experience(2, SPLITS[2]))
+    assert seen[0] is first and s.delegator is first  # D_3 starts as D_2, trained in place
+    assert any(not torch.equal(a, b) for a, b in zip(before, first.parameters()))
+
+
+def test_skd_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="num_tasks must be an int >= 1"):
+        _skd(num_tasks=0)
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+        _skd(beta=0)
+    with pytest.raises(ValueError, match="input_shape"):
+        _skd(input_shape=None)

@@ -209,12 +209,13 @@ CIL = ["--scenario", "split_mnist", "--n-experiences", "2", "--max-train", "200"
 TINY_SYNTH = ["--synth-iterations", "3", "--synth-batch-size", "16"]
 CIL_EXTRA = {"icarl": ["--memory-size", "40"], "deepinversion-cil": ["--synth-per-class", "4", *TINY_SYNTH],
              "deepinversion-cil-balanced": ["--synth-per-class", "4", *TINY_SYNTH],
-             "synthetic-exemplars": ["--memory-size", "20", *TINY_SYNTH]}
+             "synthetic-exemplars": ["--memory-size", "20", *TINY_SYNTH],
+             "skd": ["--synth-iterations", "2", "--synth-batch-size", "8"]}
 
 
 @pytest.mark.filterwarnings("ignore::exml_fast.synth.LowAgreementWarning")  # 3 synthesis steps
 @pytest.mark.parametrize("strategy", ["finetune", "joint", "lwf", "icarl", "deepinversion-cil",
-                                      "deepinversion-cil-balanced", "synthetic-exemplars"])
+                                      "deepinversion-cil-balanced", "synthetic-exemplars", "skd"])
 def test_class_incremental_run_from_a_scenario_then_report(tmp_path, strategy, capsys):
     run = tmp_path / strategy
     extra = CIL_EXTRA.get(strategy, [])

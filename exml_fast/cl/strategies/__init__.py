@@ -20,7 +20,8 @@ their results). One module per family:
 - :mod:`.cil` — class-incremental learning from data (each experience brings its training data, and only while it
   is learned): :class:`FineTune` (the lower bound), :class:`Joint` (keeps all data: the upper bound) and
   :class:`LwF` (Learning without Forgetting), :class:`ICaRL` (the exemplar reference: keeps K real images),
-  :class:`DeepInversionCIL` and :class:`SyntheticExemplars` (DeepInversion images instead of old data), on
+  :class:`DeepInversionCIL` and :class:`SyntheticExemplars` (DeepInversion images instead of old data),
+  :class:`SKDCIL` (SKD: a trained knowledge delegator's samples instead of old data), on
   :class:`DataStrategy`. Their ``learns_from`` is ``"data"``: a run
   feeds them the scenario's experiences instead of experts.
 
@@ -35,7 +36,7 @@ from exml_fast.cl.strategies.ensembles import EnsembleAverage, MinEntropyEnsembl
 from exml_fast.cl.strategies.options import DATASET_RUN_DEFAULTS, RUN_OPTIONS, run_defaults
 from exml_fast.cl.strategies.param_avg import ParameterAverage
 from exml_fast.cl.strategies.cil import (LWF_FORMS, DataStrategy, DeepInversionCIL, FineTune, ICaRL,  # noqa: I001
-                                         Joint, LwF, SyntheticExemplars)
+                                         SKDCIL, Joint, LwF, SyntheticExemplars)
 from exml_fast.cl.strategies.registry import (STRATEGIES, BuildContext, StrategyOptionError, StrategySpec,
                                               build_data_learner, build_learner, build_strategy, load_config,
                                               register_strategy, run_named_strategy, strategy_names, stream_arch)
@@ -45,7 +46,7 @@ from exml_fast.cl.strategies.sources import (DataSource, Generator, RealReplay, 
 __all__ = ["DATASET_RUN_DEFAULTS", "LWF_FORMS", "RUN_OPTIONS", "STRATEGIES", "BuildContext", "DataSource",
            "DataStrategy", "DeepInversionCIL", "EnsembleAverage", "ExModelDistillation", "FineTune", "Generator",
            "ICaRL", "Joint", "LwF", "MinEntropyEnsemble", "OracleEnsemble", "ParameterAverage", "RealReplay",
-           "Strategy", "StrategyOptionError", "StrategySpec", "SynthesizerGenerator", "SynthesizerSource",
+           "SKDCIL", "Strategy", "StrategyOptionError", "StrategySpec", "SynthesizerGenerator", "SynthesizerSource",
            "SyntheticExemplars", "build_data_learner", "build_learner", "build_strategy", "derive_seed",
            "expert_name", "load_config", "register_strategy", "run_defaults", "run_named_strategy", "strategy_names",
            "stream_arch"]
