@@ -164,6 +164,14 @@ class DataStrategy(Strategy):
     def _end(self) -> None:
         """After experience i's training, also after an error (LwF drops the previous model here)."""
 
+    def _freeze_previous(self) -> list[int]:
+        """Before a task after the first: a frozen copy of the learner becomes ``self.prev`` and ``self._old`` the
+        classes seen so far (on the device); returns those classes."""
+        self.prev = frozen_copy(self.model)
+        old = list(self.classes_seen)
+        self._old = torch.tensor(old, dtype=torch.int64, device=self._device())
+        return old
+
     def _active(self, exp) -> torch.Tensor:
         """The classes seen so far, this experience's included (sorted, on the device)."""
         seen = sorted(set(self.classes_seen) | {int(c) for c in exp.classes})
@@ -541,9 +549,7 @@ class DeepInversionCIL(_Synthesis, DataStrategy):
     def _begin(self, exp, i: int) -> None:
         if not self.experiences_seen:
             return
-        self.prev = frozen_copy(self.model)
-        old = list(self.classes_seen)
-        self._old = torch.tensor(old, dtype=torch.int64, device=self._device())
+        old = self._freeze_previous()
         self._new = torch.tensor(sorted({int(c) for c in exp.classes}), dtype=torch.int64, device=self._device())
         self._synth_x, self._synth_y = self._synthesize(self.prev, old, self.synth_per_class, "deepinversion-cil", i)
 
@@ -713,9 +719,7 @@ class SKDCIL(DataStrategy):
     def _begin(self, exp, i: int) -> None:
         if not self.experiences_seen:
             return
-        self.prev = frozen_copy(self.model)
-        old = list(self.classes_seen)
-        self._old = torch.tensor(old, dtype=torch.int64, device=self._device())
+        old = self._freeze_previous()
         seen = len(set(old) | {int(c) for c in exp.classes})
         self._gamma = self.beta / (self.num_tasks * seen)
         self._synth = self._synthesizer(self.prev)
