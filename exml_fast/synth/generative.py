@@ -354,8 +354,9 @@ class GenerativeSynthesizer(Synthesizer):
         Args:
             iterations: explore steps, >= 1.
             batch_size: samples per step (SKD: 256 on CIFAR).
-            generator: an int seed (None: drawn from torch's global generator): the delegator's
-                initialisation when it is built here, the student's, and every latent batch.
+            generator: an int seed (None: the checkpoint's when resuming, else drawn from torch's global
+                generator): the delegator's initialisation when it is built here, the student's, and every
+                latent batch.
             checkpoint: a file: the whole training state is written there atomically every
                 ``checkpoint_every`` iterations and at the end; calling ``fit`` again with the same
                 arguments resumes from it (after a kill, the result equals an uninterrupted run's).
@@ -367,10 +368,12 @@ class GenerativeSynthesizer(Synthesizer):
         batch_size = check_int(batch_size, "batch_size", owner, low=2)  # BN needs two samples
         checkpoint_every = check_int(checkpoint_every, "checkpoint_every", owner, low=1)
         log_every = check_int(log_every, "log_every", owner, low=1)
-        if generator is None:
-            seed = int(torch.randint(0, SEED_MAX, (1,)).item())
-        else:
+        if generator is not None:
             seed = check_int(generator, "generator (a seed)", owner, low=0) & SEED_MAX
+        elif checkpoint is not None and os.path.exists(os.fspath(checkpoint)):
+            seed = _FitState.stored_seed(checkpoint)  # resuming without a seed: the interrupted run's
+        else:
+            seed = int(torch.randint(0, SEED_MAX, (1,)).item())
         job = {"iterations": iterations, "batch_size": batch_size, "seed": seed, "preset": self.preset,
                "weights": dict(self.weights), "imitate_steps": self.imitate_steps,
                "student_explore": self.student_explore, "lr_generator": self.lr_generator,
@@ -601,12 +604,25 @@ class _FitState:
         }
         atomic_write(path, lambda f: torch.save(payload, f))
 
-    def _resume(self, synth: GenerativeSynthesizer, path) -> None:
+    @staticmethod
+    def _read(path) -> dict[str, Any]:
         path = os.fspath(path)
         obj = load_torch_file(path, what="fit checkpoint", error=DelegatorError)
         if not isinstance(obj, dict) or obj.get("format") != FIT_FORMAT or obj.get("version") != VERSION:
             raise DelegatorError(f"{path}: not an exml_fast delegator fit checkpoint (format {FIT_FORMAT!r}, "
                                  f"version {VERSION})")
+        return obj
+
+    @classmethod
+    def stored_seed(cls, path) -> int:
+        seed = (cls._read(path).get("job") or {}).get("seed")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise DelegatorError(f"{os.fspath(path)}: a fit checkpoint without its seed")
+        return seed
+
+    def _resume(self, synth: GenerativeSynthesizer, path) -> None:
+        path = os.fspath(path)
+        obj = self._read(path)
         if obj.get("job") != self.job:
             diff = sorted(k for k in set(self.job) | set(obj.get("job") or {})
                           if (obj.get("job") or {}).get(k) != self.job.get(k))

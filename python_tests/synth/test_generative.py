@@ -221,6 +221,10 @@ def test_fit_resumes_after_an_interruption_with_the_numbers_of_an_uninterrupted_
     result = resumed.fit(4, batch_size=8, generator=1, progress=False, checkpoint=ck, checkpoint_every=1)
     assert result.iterations == 4
     assert same(params(resumed.delegator), params(whole.delegator))
+    # without a seed, a rerun takes the checkpoint's (a fresh random one would be "other settings")
+    unseeded = tmp_path / "unseeded.pt"
+    make(teacher).fit(2, batch_size=8, progress=False, checkpoint=unseeded)
+    assert make(teacher).fit(2, batch_size=8, progress=False, checkpoint=unseeded).iterations == 2
     # a checkpoint of other settings is refused, not silently mixed in
     with pytest.raises(DelegatorError, match="other settings.*batch_size"):
         make(teacher).fit(4, batch_size=4, generator=1, progress=False, checkpoint=ck)
