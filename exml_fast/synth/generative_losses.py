@@ -16,12 +16,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from exml_fast._utils.checks import check_tensor
+
 __all__ = ["activation_loss", "category_loss", "diversity_loss", "feature_cosine_discrepancy", "logit_l1"]
 
 
 def _check_2d(x, name: str, owner: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{owner}: {name} must be a torch.Tensor; got {type(x).__name__}")
+    check_tensor(x, name, owner)
     if x.dim() != 2 or x.shape[0] == 0 or not x.is_floating_point():
         raise ValueError(f"{owner}: {name} must be a non-empty floating-point (N, K) tensor; got "
                          f"{x.dtype} {tuple(x.shape)}")
