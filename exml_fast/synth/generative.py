@@ -285,7 +285,7 @@ class GenerativeSynthesizer(Synthesizer):
         name and arguments, input shape, normalisation, the state_dict and its sha256), read back by
         :meth:`load` with ``weights_only=True``. A custom ``generator_arch`` is saved by weights only:
         pass the same callable to :meth:`load`."""
-        state = {k: v.detach().to("cpu").clone() for k, v in self.delegator.state_dict().items()}
+        state = _cpu_state(self.delegator.state_dict())
         payload = {
             "format": FORMAT, "version": VERSION,
             "generator_arch": self.generator_arch if isinstance(self.generator_arch, str) else None,
@@ -368,10 +368,13 @@ class GenerativeSynthesizer(Synthesizer):
         batch_size = check_int(batch_size, "batch_size", owner, low=2)  # BN needs two samples
         checkpoint_every = check_int(checkpoint_every, "checkpoint_every", owner, low=1)
         log_every = check_int(log_every, "log_every", owner, low=1)
+        stored = None
+        if checkpoint is not None and os.path.exists(os.fspath(checkpoint)):
+            stored = _FitState.read(checkpoint)
         if generator is not None:
             seed = check_int(generator, "generator (a seed)", owner, low=0) & SEED_MAX
-        elif checkpoint is not None and os.path.exists(os.fspath(checkpoint)):
-            seed = _FitState.stored_seed(checkpoint)  # resuming without a seed: the interrupted run's
+        elif stored is not None:
+            seed = _FitState.stored_seed(stored, checkpoint)  # resuming without a seed: the interrupted run's
         else:
             seed = int(torch.randint(0, SEED_MAX, (1,)).item())
         job = {"iterations": iterations, "batch_size": batch_size, "seed": seed, "preset": self.preset,
@@ -379,7 +382,7 @@ class GenerativeSynthesizer(Synthesizer):
                "student_explore": self.student_explore, "lr_generator": self.lr_generator,
                "lr_student": self.lr_student, "lr_decay_every": self.lr_decay_every,
                "teacher": teacher_fingerprint(self.teacher)}
-        state = _FitState.start(self, seed, job, checkpoint)
+        state = _FitState.start(self, seed, job, stored, checkpoint)
         bar = Progress(iterations, f"{self.preset} fit", progress)
         bar.update(state.done)
         window: dict[str, list[float]] = {}
@@ -408,7 +411,7 @@ class GenerativeSynthesizer(Synthesizer):
 
     @contextlib.contextmanager
     def _fit_session(self, state: _FitState):
-        """Teacher frozen in eval mode (flags restored on exit), BN matching on it, fast CPU layers."""
+        """Teacher frozen in eval mode (flags restored on exit), feature taps, fast CPU layers."""
         flags = [(p, p.requires_grad) for p in self.teacher.parameters()]
         with contextlib.ExitStack() as stack:
             stack.enter_context(eval_mode(self.teacher))
@@ -417,9 +420,10 @@ class GenerativeSynthesizer(Synthesizer):
             stack.callback(lambda: [p.requires_grad_(f) for p, f in flags])
             if self.device.type == "cpu":
                 stack.enter_context(fast_layers(self.teacher, state.student))
-            state.matcher = None
-            if self.weights["bn"] > 0:
-                state.matcher = stack.enter_context(BNStatsMatcher(self.teacher, form="l2", allow_empty=True))
+            # Entered around each explore step's teacher forward only: the imitate steps' no-grad forwards
+            # have no use for BN terms.
+            state.matcher = (BNStatsMatcher(self.teacher, form="l2", allow_empty=True) if self.weights["bn"] > 0
+                             else None)
             state.t_tap = stack.enter_context(FeatureTap(self.teacher, owner="GenerativeSynthesizer"))
             if state.student is not None:
                 state.s_tap = stack.enter_context(FeatureTap(state.student, owner="GenerativeSynthesizer (student)"))
@@ -473,7 +477,8 @@ class GenerativeSynthesizer(Synthesizer):
         D, T, S = self.delegator, self.teacher, state.student
         D.train()
         x = D(self._latent(state, batch_size))
-        t_logits = T(x)
+        with state.matcher if state.matcher is not None else contextlib.nullcontext():
+            t_logits = T(x)
         terms: dict[str, torch.Tensor] = {}
         w = self.weights
         if S is not None:
@@ -575,7 +580,9 @@ class _FitState:
         self.s_tap: FeatureTap | None = None
 
     @classmethod
-    def start(cls, synth: GenerativeSynthesizer, seed: int, job: dict[str, Any], checkpoint) -> _FitState:
+    def start(cls, synth: GenerativeSynthesizer, seed: int, job: dict[str, Any], stored: dict[str, Any] | None,
+              path) -> _FitState:
+        """A fresh state for ``job``, or the one ``stored`` (a checkpoint read from ``path``) holds."""
         st = cls()
         st.job = job
         if synth._delegator is None:
@@ -589,8 +596,8 @@ class _FitState:
                                        weight_decay=5e-4)
         st.opt_g = torch.optim.Adam(synth.delegator.parameters(), lr=synth.lr_generator, betas=(0.5, 0.999))
         st.z_gen.manual_seed(derive_seed("exml_fast.generative.latent", seed))
-        if checkpoint is not None and os.path.exists(os.fspath(checkpoint)):
-            st._resume(synth, checkpoint)
+        if stored is not None:
+            st._resume(synth, stored, path)
         return st
 
     def save(self, path) -> None:
@@ -605,7 +612,7 @@ class _FitState:
         atomic_write(path, lambda f: torch.save(payload, f))
 
     @staticmethod
-    def _read(path) -> dict[str, Any]:
+    def read(path) -> dict[str, Any]:
         path = os.fspath(path)
         obj = load_torch_file(path, what="fit checkpoint", error=DelegatorError)
         if not isinstance(obj, dict) or obj.get("format") != FIT_FORMAT or obj.get("version") != VERSION:
@@ -613,16 +620,15 @@ class _FitState:
                                  f"version {VERSION})")
         return obj
 
-    @classmethod
-    def stored_seed(cls, path) -> int:
-        seed = (cls._read(path).get("job") or {}).get("seed")
+    @staticmethod
+    def stored_seed(stored: dict[str, Any], path) -> int:
+        seed = (stored.get("job") or {}).get("seed")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise DelegatorError(f"{os.fspath(path)}: a fit checkpoint without its seed")
         return seed
 
-    def _resume(self, synth: GenerativeSynthesizer, path) -> None:
+    def _resume(self, synth: GenerativeSynthesizer, obj: dict[str, Any], path) -> None:
         path = os.fspath(path)
-        obj = self._read(path)
         if obj.get("job") != self.job:
             diff = sorted(k for k in set(self.job) | set(obj.get("job") or {})
                           if (obj.get("job") or {}).get(k) != self.job.get(k))

@@ -136,7 +136,7 @@ def test_feature_tap_records_the_classifier_input_with_its_graph(teacher):
 
 # ------------------------------------------------------------------------------------------------ the loop
 def _session(synth, seed=0):
-    state = _FitState.start(synth, seed, {}, None)
+    state = _FitState.start(synth, seed, {}, None, None)
     return state, synth._fit_session(state)
 
 
