@@ -39,6 +39,28 @@ def eval_mode(model: nn.Module):
             m.training = flag
 
 
+@contextlib.contextmanager
+def frozen(model: nn.Module, *, channels_last: bool = False):
+    """Eval mode, no parameter gradients and (optionally) channels_last weights, restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    formats = []
+    if channels_last:
+        for p in model.parameters():
+            if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last):
+                formats.append((p, p.data))
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+    try:
+        with eval_mode(model):
+            for p, _ in flags:
+                p.requires_grad_(False)
+            yield model
+    finally:
+        for p, data in formats:
+            p.data = data
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def teacher_fingerprint(model: nn.Module) -> str:
     """sha256 over the model's parameters and buffers (names, shapes, dtypes, bytes)."""
     h = hashlib.sha256()

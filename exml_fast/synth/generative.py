@@ -54,7 +54,7 @@ from exml_fast.checkpoint import state_dict_sha256
 from exml_fast.models.features import FeatureTap
 from exml_fast.models.generators import GENERATOR_ARCHS, build_generator
 from exml_fast.ops.fast_layers import fast_layers
-from exml_fast.synth.base import Synthesizer, eval_mode, teacher_fingerprint
+from exml_fast.synth.base import Synthesizer, eval_mode, frozen, teacher_fingerprint
 from exml_fast.synth.batch import SyntheticBatch
 from exml_fast.synth.generative_losses import (activation_loss, category_loss, diversity_loss,
                                                feature_cosine_discrepancy, logit_l1)
@@ -412,12 +412,8 @@ class GenerativeSynthesizer(Synthesizer):
     @contextlib.contextmanager
     def _fit_session(self, state: _FitState):
         """Teacher frozen in eval mode (flags restored on exit), feature taps, fast CPU layers."""
-        flags = [(p, p.requires_grad) for p in self.teacher.parameters()]
         with contextlib.ExitStack() as stack:
-            stack.enter_context(eval_mode(self.teacher))
-            for p, _ in flags:
-                p.requires_grad_(False)
-            stack.callback(lambda: [p.requires_grad_(f) for p, f in flags])
+            stack.enter_context(frozen(self.teacher))
             if self.device.type == "cpu":
                 stack.enter_context(fast_layers(self.teacher, state.student))
             # Entered around each explore step's teacher forward only: the imitate steps' no-grad forwards

@@ -43,7 +43,7 @@ from exml_fast.reference.augment import draw_augment_params
 from exml_fast.reference.bn_stats import BN_LOSS_FORMS
 from exml_fast.reference.soft_target_losses import JS_FORMS
 from exml_fast.synth.agreement import LowAgreementWarning, agreement_message, stacklevel_outside_synth
-from exml_fast.synth.base import Synthesizer, eval_mode
+from exml_fast.synth.base import Synthesizer, eval_mode, frozen
 from exml_fast.synth.batch import SyntheticBatch
 from exml_fast.synth.input_grad_conv import input_grad_convs
 from exml_fast.synth.matcher import BNStatsMatcher
@@ -334,7 +334,7 @@ class _Inversion(Synthesizer):
         models = [self.teacher] + ([self.competitor] if self.competitor is not None else [])
         with contextlib.ExitStack() as stack:
             for m in models:
-                stack.enter_context(_frozen(m, channels_last=self.channels_last))
+                stack.enter_context(frozen(m, channels_last=self.channels_last))
                 if self.device.type == "cpu" and self.precision == "fp32" and not self.compile:
                     # Only the input gradient is needed: for the layers where it was measured to
                     # win (few input channels), one convolution instead of oneDNN's backward.
@@ -639,28 +639,6 @@ class _Stopper:
         if not then:
             return False
         return then[-1] - lowest <= s.stop_tol * abs(then[-1])
-
-
-@contextlib.contextmanager
-def _frozen(model: nn.Module, *, channels_last: bool):
-    """Eval mode, no parameter gradients and (optionally) channels_last weights, restored on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    formats = []
-    if channels_last:
-        for p in model.parameters():
-            if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last):
-                formats.append((p, p.data))
-                p.data = p.data.contiguous(memory_format=torch.channels_last)
-    try:
-        with eval_mode(model):
-            for p, _ in flags:
-                p.requires_grad_(False)
-            yield model
-    finally:
-        for p, data in formats:
-            p.data = data
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 class _GraphStep:
