@@ -7,6 +7,9 @@
         → upsample 2× → conv3x3(64)  → BN → LeakyReLU(0.2)
         → conv3x3(C) → tanh → helper BN(C)                     (N, C, H, W)
 
+- ``width=0.25`` (``"skd-narrow"``) — Table IV with a quarter of the channels
+  (32, 32, 16): about 16× fewer multiply-adds, for 28–32 px inputs on a CPU.
+
 - ``large=True`` — SKD Table V (high resolution): the two upsample + conv
   stages become four stride-2 3×3 deconvolutions (512, 256, 128, 64
   channels) from (N, 512, H/16, W/16).
@@ -37,12 +40,15 @@ class SKDGenerator(nn.Module):
             divisible by 4 (Table IV) or by 16 (Table V).
         latent_dim: size of the Gaussian latent vector z.
         helper_bn: append the helper BN layer (SKD's ablation switches it off).
+        width: multiplies every hidden channel count (1.0: the tables' widths; the
+            ``"skd-narrow"`` arch is Table IV at 0.25, for CPU-sized budgets). Each
+            count is rounded and at least 1.
 
     ``forward(z)``: (N, latent_dim) → (N, C, H, W).
     """
 
     def __init__(self, out_shape: Sequence[int], *, latent_dim: int = 100, large: bool = False,
-                 helper_bn: bool = True) -> None:
+                 helper_bn: bool = True, width: float = 1.0) -> None:
         super().__init__()
         c, h, w = (int(s) for s in out_shape)
         step = 16 if large else 4
@@ -51,25 +57,31 @@ class SKDGenerator(nn.Module):
                              f"({'Table V, large=True' if large else 'Table IV, large=False'})")
         if latent_dim < 1:
             raise ValueError(f"SKDGenerator: latent_dim must be >= 1; got {latent_dim}")
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
+            raise ValueError(f"SKDGenerator: width must be a number > 0; got {width!r}")
         self.out_shape = (c, h, w)
         self.latent_dim = latent_dim
-        base = 512 if large else 128
+        self.width = float(width)
+
+        def ch(n: int) -> int:
+            return max(1, round(n * width))
+
+        base = ch(512 if large else 128)
         self._start = (base, h // step, w // step)
         self.project = nn.Linear(latent_dim, base * (h // step) * (w // step))
         layers: list[nn.Module] = [nn.BatchNorm2d(base)]
         if large:
-            widths = (512, 256, 128, 64)
             prev = base
-            for width in widths:
-                layers += [nn.ConvTranspose2d(prev, width, 3, stride=2, padding=1, output_padding=1),
-                           nn.BatchNorm2d(width), nn.LeakyReLU(0.2, inplace=True)]
-                prev = width
+            for n in (512, 256, 128, 64):
+                layers += [nn.ConvTranspose2d(prev, ch(n), 3, stride=2, padding=1, output_padding=1),
+                           nn.BatchNorm2d(ch(n)), nn.LeakyReLU(0.2, inplace=True)]
+                prev = ch(n)
         else:
-            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(base, 128, 3, padding=1),
-                       nn.BatchNorm2d(128), nn.LeakyReLU(0.2, inplace=True),
-                       nn.Upsample(scale_factor=2), nn.Conv2d(128, 64, 3, padding=1),
-                       nn.BatchNorm2d(64), nn.LeakyReLU(0.2, inplace=True)]
-            prev = 64
+            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(base, ch(128), 3, padding=1),
+                       nn.BatchNorm2d(ch(128)), nn.LeakyReLU(0.2, inplace=True),
+                       nn.Upsample(scale_factor=2), nn.Conv2d(ch(128), ch(64), 3, padding=1),
+                       nn.BatchNorm2d(ch(64)), nn.LeakyReLU(0.2, inplace=True)]
+            prev = ch(64)
         layers += [nn.Conv2d(prev, c, 3, padding=1), nn.Tanh()]
         self.body = nn.Sequential(*layers)
         self.helper_bn = nn.BatchNorm2d(c) if helper_bn else nn.Identity()
@@ -83,12 +95,17 @@ def _small(out_shape: Sequence[int], *, latent_dim: int = 100, helper_bn: bool =
     return SKDGenerator(out_shape, latent_dim=latent_dim, large=False, helper_bn=helper_bn)
 
 
+def _narrow(out_shape: Sequence[int], *, latent_dim: int = 100, helper_bn: bool = True) -> SKDGenerator:
+    return SKDGenerator(out_shape, latent_dim=latent_dim, large=False, helper_bn=helper_bn, width=0.25)
+
+
 def _large(out_shape: Sequence[int], *, latent_dim: int = 100, helper_bn: bool = True) -> SKDGenerator:
     return SKDGenerator(out_shape, latent_dim=latent_dim, large=True, helper_bn=helper_bn)
 
 
 #: Generator architectures by name: ``GENERATOR_ARCHS[name](out_shape, latent_dim=..., helper_bn=...)``.
-GENERATOR_ARCHS: dict[str, Callable[..., nn.Module]] = {"skd-small": _small, "skd-large": _large}
+GENERATOR_ARCHS: dict[str, Callable[..., nn.Module]] = {"skd-small": _small, "skd-narrow": _narrow,
+                                                        "skd-large": _large}
 
 
 def build_generator(arch: str, out_shape: Sequence[int], **kwargs) -> nn.Module:

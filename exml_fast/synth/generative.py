@@ -137,9 +137,9 @@ class GenerativeSynthesizer(Synthesizer):
         weights: term → weight, overriding the preset's (terms in
             :data:`GENERATIVE_TERMS`; an absent term is 0).
         imitate_steps: student steps per explore step (None: the preset's).
-        generator_arch: ``"skd-small"`` (SKD Table IV, default), ``"skd-large"``
-            (Table V), or a callable ``f(input_shape, latent_dim=...)`` that
-            returns a module mapping (N, latent_dim) to (N, C, H, W).
+        generator_arch: ``"skd-small"`` (SKD Table IV, default), ``"skd-narrow"``
+            (Table IV at a quarter of the width), ``"skd-large"`` (Table V), or a
+            callable ``f(input_shape, latent_dim=...)`` that returns a module mapping (N, latent_dim) to (N, C, H, W).
         latent_dim: size of z.
         delegator: an existing generator network to train further and sample
             from (SKD's continual fine-tuning: ``D_n`` starts as ``D_{n-1}``);

@@ -122,6 +122,20 @@ def test_generator_arguments_are_checked():
         SKDGenerator((1, 24, 24), large=True)
     with pytest.raises(ValueError, match="arch must be one of"):
         build_generator("dcgan", (1, 32, 32))
+    for bad in (0, -1.0, True, "half"):
+        with pytest.raises(ValueError, match="width must be a number > 0"):
+            SKDGenerator((1, 32, 32), width=bad)
+
+
+def test_narrow_generator_is_table_iv_at_a_quarter_of_the_channels():
+    torch.manual_seed(0)
+    full, narrow = build_generator("skd-small", (1, 32, 32)), build_generator("skd-narrow", (1, 32, 32))
+    convs = [m.out_channels for m in narrow.modules() if isinstance(m, nn.Conv2d)]
+    assert convs == [32, 16, 1] == [max(1, c // 4) for c in
+                                    [m.out_channels for m in full.modules() if isinstance(m, nn.Conv2d)][:2]] + [1]
+    assert narrow.body[0].num_features == 32 and narrow.project.out_features == 32 * 8 * 8
+    assert narrow(torch.randn(3, 100)).shape == (3, 1, 32, 32)
+    assert isinstance(narrow.helper_bn, nn.BatchNorm2d)
 
 
 def test_feature_tap_records_the_classifier_input_with_its_graph(teacher):
