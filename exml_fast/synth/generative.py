@@ -21,12 +21,14 @@ Training (SKD Algorithm 1, the "imitate & explore" loop), one iteration:
            + activation·(−mean |F_T(x)|)                        (DAFL)
            + bn·Σ_l BN-statistic distance of T's layers         (SKD Eq. 7, DeepInversion's R_feature)
 
-   and, with ``student_explore="explore"`` (Algorithm 1 as written: "train
-   both S and D by minimising L_explore"), ``S`` steps on the same loss.
+   and, with ``student_explore="explore"`` (the ``skd`` preset's: Algorithm 1
+   as written, "train both S and D by minimising L_explore"), ``S`` steps on
+   the same loss.
 
 Presets (:data:`GENERATIVE_PRESETS`): ``"skd"`` (every SKD term at weight 1,
-5 imitate steps), ``"dafl"`` (one-hot 1, activation 0.1, information entropy
-5; no student), ``"dfad"`` (the adversarial L1 alone, 5 imitate steps).
+5 imitate steps, the student on the explore loss too), ``"dafl"`` (one-hot 1,
+activation 0.1, information entropy 5; no student), ``"dfad"`` (the
+adversarial L1 alone, 5 imitate steps; the student only imitates).
 
 Sampling: :meth:`synthesize` keeps the base interface — ``classes=`` are
 honoured by drawing until the teacher has labelled enough samples as each
@@ -65,11 +67,16 @@ __all__ = ["GENERATIVE_PRESETS", "GENERATIVE_TERMS", "DelegatorError", "FitResul
 #: The loss terms a generator can be trained with (see the module docstring).
 GENERATIVE_TERMS = ("imitation", "adversarial", "category", "diversity", "activation", "bn")
 
-#: name → the term weights and the number of imitate steps per explore step.
+#: name → the term weights, the number of imitate steps per explore step, and whether the student also steps
+#: on the explore loss.
 GENERATIVE_PRESETS: dict[str, dict[str, Any]] = {
-    "skd": {"weights": {"imitation": 1.0, "category": 1.0, "diversity": 1.0, "bn": 1.0}, "imitate_steps": 5},
-    "dafl": {"weights": {"category": 1.0, "activation": 0.1, "diversity": 5.0}, "imitate_steps": 0},
-    "dfad": {"weights": {"adversarial": 1.0}, "imitate_steps": 5},
+    "skd": {"weights": {"imitation": 1.0, "category": 1.0, "diversity": 1.0, "bn": 1.0}, "imitate_steps": 5,
+            "student_explore": "explore"},
+    "dafl": {"weights": {"category": 1.0, "activation": 0.1, "diversity": 5.0}, "imitate_steps": 0,
+             "student_explore": "none"},
+    # DFAD's student only ever minimises the discrepancy: stepping it on the generator's loss would make it
+    # ascend the very L1 it is meant to close.
+    "dfad": {"weights": {"adversarial": 1.0}, "imitate_steps": 5, "student_explore": "none"},
 }
 
 STUDENT_EXPLORE = ("explore", "none")
@@ -148,7 +155,8 @@ class GenerativeSynthesizer(Synthesizer):
         student: the model imitating the teacher during :meth:`fit` (None: a
             re-initialised clone of the teacher, as in SKD).
         student_explore: ``"explore"`` — the student also steps on the
-            explore loss (Algorithm 1 as written) — or ``"none"``.
+            explore loss (Algorithm 1 as written) — or ``"none"`` (None: the
+            preset's; ``"explore"`` for skd, ``"none"`` for dfad and dafl).
         lr_generator, lr_student: Adam's and SGD's learning rates (SKD: 1e-3, 0.1).
         lr_decay_every: divide both by 10 every this many iterations (None: never;
             SKD: every 100 epochs).
@@ -179,7 +187,7 @@ class GenerativeSynthesizer(Synthesizer):
         latent_dim: int = 100,
         delegator: nn.Module | None = None,
         student: nn.Module | None = None,
-        student_explore: str = "explore",
+        student_explore: str | None = None,
         lr_generator: float = 1e-3,
         lr_student: float = 0.1,
         lr_decay_every: int | None = None,
@@ -206,6 +214,8 @@ class GenerativeSynthesizer(Synthesizer):
         steps = GENERATIVE_PRESETS[preset]["imitate_steps"] if imitate_steps is None else imitate_steps
         self.imitate_steps = check_int(steps, "imitate_steps", owner, low=0)
         self.uses_student = self.weights["imitation"] > 0 or self.weights["adversarial"] > 0
+        if student_explore is None:
+            student_explore = GENERATIVE_PRESETS[preset]["student_explore"]
         if self.uses_student and self.imitate_steps == 0 and student_explore == "none":
             raise ValueError(f"{owner}: the imitation/adversarial terms need a student that learns: "
                              "imitate_steps >= 1 or student_explore='explore'")

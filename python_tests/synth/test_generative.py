@@ -171,7 +171,8 @@ def test_imitate_steps_update_only_the_student_and_explore_steps_the_delegator(t
 
 
 def test_explore_updates_the_student_too_with_algorithm_1_as_written(teacher):
-    synth = make(teacher)  # student_explore="explore", the default
+    synth = make(teacher)  # preset skd: student_explore="explore"
+    assert synth.student_explore == "explore"
     state, session = _session(synth)
     with session:
         s0, bn0 = params(state.student), synth.delegator.helper_bn.weight.detach().clone()
@@ -196,8 +197,10 @@ def test_dafl_has_no_student_and_dfad_trains_on_the_logit_l1(teacher):
     assert result.student is None and "imitate" not in result.history
     assert set(result.history) >= {"category", "activation", "diversity", "explore"}
     dfad = make(teacher, preset="dfad")
+    assert dfad.student_explore == "none"  # DFAD's student only imitates: an explore step would ascend the L1
     result = dfad.fit(2, batch_size=8, generator=0, progress=False, log_every=1)
     assert result.student is not None and set(result.history) >= {"imitate", "discrepancy"}
+    assert make(teacher, preset="dfad", student_explore="explore").student_explore == "explore"
     assert "bn" not in result.history and "category" not in result.history
 
 
