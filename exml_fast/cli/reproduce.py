@@ -8,6 +8,7 @@ from exml_fast.experiments import EXPERIMENTS
 from exml_fast.experiments.ablation import TEST_SEEDS, ablate_exml_mnist
 from exml_fast.experiments.budgets import BUDGETS, ZSKD_BUDGETS
 from exml_fast.experiments.cil import CIL_BUDGETS, CIL_EXPERIMENTS, reproduce_cil
+from exml_fast.experiments.dfkd import DFKD_BUDGETS, DFKD_METHODS, reproduce_dfkd
 from exml_fast.experiments.table2 import reproduce_exml_mnist
 from exml_fast.experiments.zskd import reproduce_zskd
 
@@ -20,7 +21,9 @@ def add_commands(sub) -> None:
                        description="Reproduce a published table with one command. exml-mnist: the Ex-Model CL "
                                    "paper's Table 2, MNIST columns (Split MNIST NC and Joint MNIST, every strategy), "
                                    "over --runs independent expert streams; zskd-mnist / zskd-fmnist: zero-shot KD "
-                                   "from 24000 / 48000 Data Impressions (LeNet-5 -> LeNet-5-Half); "
+                                   "from 24000 / 48000 Data Impressions (LeNet-5 -> LeNet-5-Half); dfkd-mnist: the "
+                                   "same from a trained generator (DAFL / DFAD / SKD presets, selected on "
+                                   "validation data) beside Data Impressions, with synthesis times; "
                                    "exml-mnist-ablation: the Ex-Model Distillation ablation on Split MNIST; "
                                    "cil-mnist / cil-fmnist: every class-incremental strategy on Split MNIST / "
                                    "Fashion-MNIST over --runs seeds. Writes "
@@ -29,7 +32,8 @@ def add_commands(sub) -> None:
     q.add_argument("experiment", choices=EXPERIMENTS)
     q.add_argument("--runs", type=positive_int, default=5,
                    help="exml-mnist(-ablation): independent expert streams; cil-*: seeds (default: 5)")
-    q.add_argument("--seed", type=int, default=0, help="zskd-*: the seed of the teacher, DIs and student (default: 0)")
+    q.add_argument("--seed", type=int, default=0,
+                   help="zskd-*, dfkd-*: the seed of the teacher, synthesis and student (default: 0)")
     q.add_argument("--budget", choices=sorted(BUDGETS), default=None,
                    help="paper (Appendix A-B, hours per run on 2 CPU cores), demo, or smoke (default: paper; "
                         "demo for exml-mnist-ablation)")
@@ -39,6 +43,8 @@ def add_commands(sub) -> None:
                    help="exml-mnist-ablation: fresh expert streams on which the variant selected on validation "
                         "data is scored on the test set (default: 100,101,102,103,104; none: skip)")
     q.add_argument("--scenarios", default="split_mnist,joint_mnist", help="(default: split_mnist,joint_mnist)")
+    q.add_argument("--methods", default=None,
+                   help=f"dfkd-mnist: comma-separated subset of {','.join(DFKD_METHODS)} (default: all)")
     q.add_argument("--strategies", default=None,
                    help="comma-separated subset of Table 2's (exml-mnist) or of the class-incremental ones (cil-*) "
                         "(default: all)")
@@ -54,6 +60,24 @@ def add_commands(sub) -> None:
 def _reproduce(args) -> int:
     device = resolve_device(args.device)
     out = args.out or f"runs/reproduce/{args.experiment}"
+    if args.methods is not None and args.experiment != "dfkd-mnist":
+        raise UsageError("--methods is for dfkd-mnist")
+    if args.experiment == "dfkd-mnist":
+        if args.variants is not None or args.test_seeds is not None or args.strategies is not None:
+            raise UsageError("--variants, --test-seeds and --strategies are not for dfkd-mnist (it takes --methods)")
+        budget = args.budget or "paper"
+        if budget not in DFKD_BUDGETS:
+            raise UsageError(f"--budget for dfkd-mnist: one of {', '.join(DFKD_BUDGETS)}")
+        methods = None if args.methods is None else tuple(m for m in args.methods.split(",") if m)
+        if methods is not None and (not methods or any(m not in DFKD_METHODS for m in methods)):
+            raise UsageError(f"--methods: comma-separated names among {', '.join(DFKD_METHODS)}; got {args.methods!r}")
+        rec = reproduce_dfkd(args.experiment, budget=budget, seed=args.seed, methods=methods, out=out,
+                             results=args.results, device=device, data_root=args.data_root, progress=args.progress)
+        for r in rec["rows"]:
+            print(f"{r['method']:18s} synthesis {r['synthesis_s']:7.0f} s  student validation "
+                  f"{r['student']['validation']:6.2f}  test {r['student']['test']:6.2f}"
+                  + ("  (selected)" if r["method"] == rec["selected"] else ""))
+        return 0
     if args.experiment in CIL_EXPERIMENTS:
         if args.variants is not None or args.test_seeds is not None:
             raise UsageError("--variants and --test-seeds are for exml-mnist-ablation")

@@ -82,3 +82,39 @@ def test_zskd_smoke_writes_the_record_beside_the_paper(tmp_path, experiment):
 
 def test_zskd_refuses_unknown_budget(capsys):
     assert main(["reproduce", "zskd-mnist", "--budget", "demo-x"]) == 2
+
+
+@needs_mnist
+def test_dfkd_smoke_compares_generators_with_data_impressions_and_resumes(tmp_path):
+    args = ["reproduce", "dfkd-mnist", "--budget", "smoke", "--out", str(tmp_path / "w"), "--results",
+            str(tmp_path / "res"), "--device", "cpu"]
+    assert main(args) == 0
+    rec = json.loads((tmp_path / "res" / "dfkd_mnist_smoke.json").read_text())
+    assert [r["method"] for r in rec["rows"]] == ["data-impressions", "dafl", "dfad", "skd"]
+    assert rec["validation_size"] == 500 and rec["n"] == 64
+    for r in rec["rows"]:
+        assert r["synthesis_s"] > 0 and sum(r["class_counts"]) == 64
+        assert all(0 <= r["student"][k] <= 100 for k in ("validation", "test"))
+    by = {r["method"]: r for r in rec["rows"]}
+    assert "fit_student" in by["dfad"] and "fit_student" not in by["dafl"]
+    # The selection is the generator preset with the best validation accuracy, never Data Impressions.
+    best = max((r for r in rec["rows"] if r["method"] != "data-impressions"), key=lambda r: r["student"]["validation"])
+    assert rec["selected"] == best["method"]
+    md = (tmp_path / "res" / "dfkd_mnist_smoke.md").read_text()
+    assert f"| {best['method']} **(selected)** |" in md and "not the paper budget" in md
+    # Every method's result is on disk: a rerun reads them back unchanged.
+    assert main(args) == 0
+    again = json.loads((tmp_path / "res" / "dfkd_mnist_smoke.json").read_text())
+    assert again["rows"] == rec["rows"] and again["teacher_acc"] == rec["teacher_acc"]
+
+
+def test_dfkd_arguments_are_checked(capsys):
+    assert main(["reproduce", "dfkd-mnist", "--methods", "dafl,gan"]) == 2
+    assert "--methods" in capsys.readouterr().err
+    assert main(["reproduce", "zskd-mnist", "--methods", "dafl"]) == 2
+    assert main(["reproduce", "dfkd-mnist", "--budget", "huge"]) == 2
+    from exml_fast.experiments.dfkd import reproduce_dfkd
+    with pytest.raises(ValueError, match="methods must be a non-empty subset"):
+        reproduce_dfkd(methods=("gan",), results=None)
+    with pytest.raises(ValueError, match="budget for dfkd-mnist"):
+        reproduce_dfkd(budget="huge", results=None)
