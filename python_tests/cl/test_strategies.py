@@ -351,8 +351,8 @@ def test_the_old_generator_names_still_work_with_a_deprecation_warning():
 
 
 def test_the_registry_names_every_strategy_and_refuses_a_second_registration():
-    assert S.strategy_names() == ("mi-ed", "di-ed", "aux-ed", "replay-ed", "oracle", "ensemble-avg", "min-entropy",
-                                  "param-avg", "finetune", "joint", "lwf", "icarl", "deepinversion-cil",
+    assert S.strategy_names() == ("mi-ed", "di-ed", "aux-ed", "replay-ed", "gen-ed", "oracle", "ensemble-avg",
+                                  "min-entropy", "param-avg", "finetune", "joint", "lwf", "icarl", "deepinversion-cil",
                                   "deepinversion-cil-balanced", "synthetic-exemplars", "skd")
     assert S.STRATEGIES["replay-ed"].keeps_data and not S.STRATEGIES["mi-ed"].keeps_data
     with pytest.raises(ValueError, match="registered already"):

@@ -50,6 +50,19 @@ def test_run_every_strategy_then_report(experts, tmp_path, strategy, capsys):
     assert (tmp_path / "report.png").exists()
 
 
+def test_gen_ed_runs_end_to_end_and_refuses_a_buffer(experts, tmp_path, capsys):
+    run = tmp_path / "gen-ed"
+    tiny = ["--iterations", "6", "--synth-iterations", "2", "--synth-batch-size", "8", "--gen-preset", "dafl",
+            "--no-progress", "--seed", "0"]
+    assert main(["run", "--experts", str(experts), "--strategy", "gen-ed", "--out", str(run), *tiny]) == 0
+    res = _result(run)
+    assert res["strategy"] == "gen-ed" and len(res["acc_matrix"]) == 2 and (run / "checkpoint.pt").exists()
+    capsys.readouterr()
+    assert main(["run", "--experts", str(experts), "--strategy", "gen-ed", "--out", str(tmp_path / "b"), *tiny,
+                 "--buffer-size", "40"]) == 2
+    assert "buffer_size" in capsys.readouterr().err
+
+
 def test_yaml_config_and_flags_override_it(experts, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("strategy: replay-ed\nbuffer_size: 30\niterations: 7\nlr: 0.05\nseed: 3\n")

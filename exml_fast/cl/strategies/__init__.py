@@ -14,6 +14,8 @@ their results). One module per family:
   with the fused :func:`exml_fast.ops.ed_loss`. It keeps no expert after its experience. With
   :class:`RealReplay` as the source it is the paper's Replay ED (real data: an upper bound), and its
   ``ex_model`` is False (recorded in its config and in a run's result).
+- :mod:`.gen_ed` — :class:`GenerativeED` (``gen-ed``, in no paper): ED whose samples come fresh at every step
+  from one knowledge delegator fine-tuned on each expert (no buffer).
 - :mod:`.ensembles` — :class:`OracleEnsemble` (the task label picks the expert), :class:`EnsembleAverage`,
   :class:`MinEntropyEnsemble`: they keep every expert, so they break the ExML memory constraint and only bound it.
 - :mod:`.param_avg` — :class:`ParameterAverage`, the running mean of the experts' parameters (one model).
@@ -29,9 +31,10 @@ Every strategy is registered under its command-line name (:mod:`.registry`: :fun
 :func:`build_strategy`); run options and their defaults are in :mod:`.options`.
 """
 
-# Importing ed, ensembles, param_avg and cil registers their strategies, in the order of --strategy's choices.
+# Importing ed, gen_ed, ensembles, param_avg and cil registers their strategies, in the order of --strategy's choices.
 from exml_fast.cl.strategies.base import Strategy, derive_seed, expert_name
 from exml_fast.cl.strategies.ed import ExModelDistillation
+from exml_fast.cl.strategies.gen_ed import GenerativeED
 from exml_fast.cl.strategies.ensembles import EnsembleAverage, MinEntropyEnsemble, OracleEnsemble
 from exml_fast.cl.strategies.options import DATASET_RUN_DEFAULTS, RUN_OPTIONS, run_defaults
 from exml_fast.cl.strategies.param_avg import ParameterAverage
@@ -44,7 +47,8 @@ from exml_fast.cl.strategies.sources import (DataSource, Generator, RealReplay, 
                                              SynthesizerSource)
 
 __all__ = ["DATASET_RUN_DEFAULTS", "LWF_FORMS", "RUN_OPTIONS", "STRATEGIES", "BuildContext", "DataSource",
-           "DataStrategy", "DeepInversionCIL", "EnsembleAverage", "ExModelDistillation", "FineTune", "Generator",
+           "DataStrategy", "DeepInversionCIL", "EnsembleAverage", "ExModelDistillation", "FineTune", "GenerativeED",
+           "Generator",
            "ICaRL", "Joint", "LwF", "MinEntropyEnsemble", "OracleEnsemble", "ParameterAverage", "RealReplay",
            "SKDCIL", "Strategy", "StrategyOptionError", "StrategySpec", "SynthesizerGenerator", "SynthesizerSource",
            "SyntheticExemplars", "build_data_learner", "build_learner", "build_strategy", "derive_seed",

@@ -240,7 +240,6 @@ class ExModelDistillation(Strategy):
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "distill", i))
         opt = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum,
                               weight_decay=self.weight_decay)
-        bx, by, bexp = self.buffer.x, self.buffer.y, self.buffer.experience
         # Buffer labels come from the sources (the expert's classes) or from earlier experiences, so
         # ed_loss's per-step label check (a host sync on CUDA) is skipped.
         bar = Progress(self.iterations, f"distil {i}", self.progress)
@@ -251,9 +250,7 @@ class ExModelDistillation(Strategy):
         with fast_layers(self.model, expert_model, prev):
             try:
                 for _ in range(self.iterations):
-                    idx = self.buffer.sample(self.batch_size, generator=gen)
-                    xb = bx[idx].to(dev, non_blocking=True)
-                    yb = by[idx].to(dev, non_blocking=True)
+                    xb, yb, exp_b = self._minibatch(gen, expert_model, expert_classes)
                     if self.augment and (self.pad_crop or self.max_shift or self.flip):
                         xb = augment_batch(xb, gen, pad_crop=self.pad_crop, max_shift=self.max_shift, flip=self.flip,
                                            fill=fill)
@@ -264,7 +261,7 @@ class ExModelDistillation(Strategy):
                     loss = ed_loss(logits, yb, expert_logits=e_logits, expert_classes=expert_classes,
                                    prev_logits=p_logits, prev_classes=prev_t, target_mode=self.target_mode,
                                    normalize=self.normalize, lambda_ce=self.lambda_ce,
-                                   task_ids=None if task_of is None else task_of[bexp[idx]].to(dev),
+                                   task_ids=None if task_of is None else task_of[exp_b].to(dev),
                                    task_heads=heads, check_labels=False)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -275,6 +272,14 @@ class ExModelDistillation(Strategy):
                 bar.close()
                 self.model.eval()
         return running.last
+
+    def _minibatch(self, gen: torch.Generator, expert_model: nn.Module, expert_classes: torch.Tensor):
+        """One distillation minibatch before augmentation: inputs and labels on the device, and the experience
+        index of each sample (CPU); here drawn from the buffer."""
+        dev = self._device()
+        idx = self.buffer.sample(self.batch_size, generator=gen)
+        return (self.buffer.x[idx].to(dev, non_blocking=True), self.buffer.y[idx].to(dev, non_blocking=True),
+                self.buffer.experience[idx])
 
     @torch.no_grad()
     def _logits(self, x, task_ids):

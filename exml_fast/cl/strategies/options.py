@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["DATASET_RUN_DEFAULTS", "DATA_ONLY_OPTIONS", "RUN_OPTIONS", "parse_floats", "run_defaults"]
+__all__ = ["DATASET_RUN_DEFAULTS", "DATA_ONLY_OPTIONS", "GENERATIVE_ONLY_OPTIONS", "RUN_OPTIONS", "parse_floats",
+           "run_defaults"]
 
 #: Run options: name -> (type, default, help). Defaults are the paper's MNIST settings (Appendix B); CIFAR-10 runs
 #: take DATASET_RUN_DEFAULTS over them.
@@ -46,6 +47,9 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
     "aux_dataset": (str, None, "aux-ed: the unrelated dataset (default: the other of mnist / fashion-mnist)"),
     "weight_decay": (float, 0.0, "SGD weight decay of the learner (default: 0 for the ExML strategies; 5e-4 for "
                                  "the class-incremental ones, the experts' recipe)"),
+    "gen_preset": (str, "skd", "gen-ed: the delegator's loss, a GenerativeSynthesizer preset: skd, dafl or dfad "
+                               "(default: skd)"),
+    "gen_arch": (str, "skd-narrow", "gen-ed: the delegator network: skd-narrow (default), skd-small or skd-large"),
     # -- the class-incremental strategies (they learn from the scenario's data) --
     "epochs": (int, None, "class-incremental: training epochs per task (default: the experts' epochs for the "
                           "scenario, 20 on Split MNIST)"),
@@ -68,6 +72,9 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
     "classifier": (str, "nme", "icarl: nme (nearest mean of exemplars, the default) or cnn (the network's "
                                "outputs)"),
 }
+
+#: Options only gen-ed reads (the other ExML strategies refuse them).
+GENERATIVE_ONLY_OPTIONS = frozenset({"gen_preset", "gen_arch"})
 
 #: Options only the class-incremental strategies read (an ExML run given one is an error).
 DATA_ONLY_OPTIONS = frozenset({"epochs", "arch", "distill_temperature", "distill_weight", "distill_by_task",

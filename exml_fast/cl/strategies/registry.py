@@ -20,7 +20,8 @@ import torch
 
 from exml_fast.cl.engine import CHECKPOINT, run_stream
 from exml_fast.cl.strategies.base import Strategy, derive_seed
-from exml_fast.cl.strategies.options import DATA_ONLY_OPTIONS, RUN_OPTIONS, parse_floats, run_defaults
+from exml_fast.cl.strategies.options import (DATA_ONLY_OPTIONS, GENERATIVE_ONLY_OPTIONS, RUN_OPTIONS, parse_floats,
+                                             run_defaults)
 from exml_fast.models import build_model
 
 __all__ = ["DATA_ARCH_DEFAULTS", "STRATEGIES", "BuildContext", "StrategyOptionError", "StrategySpec",
@@ -74,7 +75,7 @@ def register_strategy(name: str, *, keeps_data: bool, help: str, data: bool = Fa
     learning; its runs take a scenario, not an expert stream). ``defaults``: run options (RUN_OPTIONS names)
     whose defaults differ for this strategy; the options a run gives still win. ``options``: the run options
     the builder reads (a run that gives another is an error); None: every option but the class-incremental
-    ones (DATA_ONLY_OPTIONS)."""
+    ones (DATA_ONLY_OPTIONS) and gen-ed's (GENERATIVE_ONLY_OPTIONS)."""
     if not isinstance(name, str) or not name or name != name.strip():
         raise ValueError(f"register_strategy: name must be a non-empty string without surrounding spaces; got "
                          f"{name!r}")
@@ -83,7 +84,8 @@ def register_strategy(name: str, *, keeps_data: bool, help: str, data: bool = Fa
     if unknown:
         raise ValueError(f"register_strategy: defaults and options must name run options; unknown: "
                          f"{sorted(unknown)}")
-    reads = frozenset(options) if options is not None else frozenset(RUN_OPTIONS) - DATA_ONLY_OPTIONS
+    reads = (frozenset(options) if options is not None
+             else frozenset(RUN_OPTIONS) - DATA_ONLY_OPTIONS - GENERATIVE_ONLY_OPTIONS)
 
     def add(builder):
         if name in STRATEGIES:
