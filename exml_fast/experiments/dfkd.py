@@ -26,13 +26,13 @@ from typing import Any
 import torch
 
 from exml_fast._utils.io import atomic_write
-from exml_fast.checkpoint import load_model, save_model
 from exml_fast.cl.scenarios import validation_indices
 from exml_fast.data import DATASET_STATS, mnist_tensors
 from exml_fast.experiments.records import machine, machine_line
-from exml_fast.models import LeNet5, LeNet5Half
+from exml_fast.experiments.zskd import lenet5_teacher
+from exml_fast.models import LeNet5Half
 from exml_fast.synth import DataImpressions, GenerativeSynthesizer
-from exml_fast.training import distill, evaluate, train_classifier
+from exml_fast.training import distill, evaluate
 
 __all__ = ["DFKD_BUDGETS", "DFKD_METHODS", "PAPER_DFKD", "reproduce_dfkd"]
 
@@ -108,22 +108,10 @@ def reproduce_dfkd(
     x, y = x[~held], y[~held]
     xt, yt = mnist_tensors("test", dataset=dataset, pad_to=32, root=data_root)
 
-    teacher_path = out / f"teacher_lenet5_seed{seed}_ep{spec['teacher_epochs']}.pt"
-    if teacher_path.exists():
-        teacher, _ = load_model(teacher_path, map_location=device)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            teacher = LeNet5(num_classes=10, in_channels=1)
-        teacher = teacher.to(device)
-        t0 = time.perf_counter()
-        train_classifier(teacher, x, y, epochs=spec["teacher_epochs"], batch_size=64, lr=0.01,
-                         generator=torch.Generator().manual_seed(seed))
-        log(f"[reproduce] {experiment}: teacher trained on {y.shape[0]} images ({time.perf_counter() - t0:.0f} s)")
-        save_model(teacher, teacher_path, arch="lenet5", num_classes=10, in_channels=1, input_shape=(1, 32, 32),
-                   mean=(mean,), std=(std,), metadata={"dataset": dataset, "epochs": spec["teacher_epochs"],
-                                                       "seed": seed, "validation_size": validation_size})
-    teacher = teacher.to(device).eval()
+    teacher = lenet5_teacher(out / f"teacher_lenet5_seed{seed}_ep{spec['teacher_epochs']}.pt", x, y, seed=seed,
+                             epochs=spec["teacher_epochs"], dataset=dataset, mean=mean, std=std, device=device,
+                             log=lambda line: log(f"[reproduce] {experiment}: {line}"),
+                             metadata={"validation_size": validation_size})
     teacher_acc = {"validation": 100 * evaluate(teacher, xv, yv), "test": 100 * evaluate(teacher, xt, yt)}
     log(f"[reproduce] {experiment}: teacher validation {teacher_acc['validation']:.2f} %, "
         f"test {teacher_acc['test']:.2f} %")

@@ -21,13 +21,34 @@ from exml_fast.models import LeNet5, LeNet5Half
 from exml_fast.synth import DataImpressions
 from exml_fast.training import distill, evaluate, train_classifier
 
-__all__ = ["PAPER_ZSKD", "reproduce_zskd"]
+__all__ = ["PAPER_ZSKD", "lenet5_teacher", "reproduce_zskd"]
 
 #: Zero-shot KD with Data Impressions (Nayak et al., Table 1-2): dataset, DIs, paper teacher / student accuracy (%).
 PAPER_ZSKD: dict[str, dict[str, Any]] = {
     "zskd-mnist": {"dataset": "mnist", "n": 24000, "teacher": 99.34, "student": 98.77},
     "zskd-fmnist": {"dataset": "fashion-mnist", "n": 48000, "teacher": 90.84, "student": 79.62},
 }
+
+
+def lenet5_teacher(path: pathlib.Path, x: torch.Tensor, y: torch.Tensor, *, seed: int, epochs: int, dataset: str,
+                   mean: float, std: float, device: torch.device, log, metadata: dict[str, Any] | None = None):
+    """The LeNet-5 teacher of the zero-shot KD reproductions, in eval mode on ``device``: read back from
+    ``path``, or initialised from ``seed``, trained on (x, y) with the ExML expert recipe (SGD lr 0.01,
+    momentum 0.9, weight decay 5e-4, batch 64) for ``epochs`` and saved there with ``metadata``."""
+    if path.exists():
+        teacher, _ = load_model(path, map_location=device)
+        return teacher.to(device).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        teacher = LeNet5(num_classes=10, in_channels=1)
+    teacher = teacher.to(device)
+    t0 = time.perf_counter()
+    train_classifier(teacher, x, y, epochs=epochs, batch_size=64, lr=0.01,
+                     generator=torch.Generator().manual_seed(seed))
+    log(f"teacher trained on {y.shape[0]} images ({time.perf_counter() - t0:.0f} s)")
+    save_model(teacher, path, arch="lenet5", num_classes=10, in_channels=1, input_shape=(1, 32, 32), mean=(mean,),
+               std=(std,), metadata={"dataset": dataset, "epochs": epochs, "seed": seed, **(metadata or {})})
+    return teacher.eval()
 
 
 def reproduce_zskd(
@@ -72,22 +93,9 @@ def reproduce_zskd(
         x, y = x[: spec["max_train"]], y[: spec["max_train"]]
     xt, yt = mnist_tensors("test", dataset=dataset, pad_to=32, root=data_root)
 
-    teacher_path = out / f"teacher_lenet5_seed{seed}_ep{spec['teacher_epochs']}.pt"
-    if teacher_path.exists():
-        teacher, _ = load_model(teacher_path, map_location=device)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            teacher = LeNet5(num_classes=10, in_channels=1)
-        teacher = teacher.to(device)
-        t0 = time.perf_counter()
-        train_classifier(teacher, x, y, epochs=spec["teacher_epochs"], batch_size=64, lr=0.01,
-                         generator=torch.Generator().manual_seed(seed))
-        log(f"[reproduce] {experiment}: teacher trained ({time.perf_counter() - t0:.0f} s)")
-        save_model(teacher, teacher_path, arch="lenet5", num_classes=10, in_channels=1, input_shape=(1, 32, 32),
-                   mean=(mean,), std=(std,), metadata={"dataset": dataset, "epochs": spec["teacher_epochs"],
-                                                       "seed": seed})
-    teacher = teacher.to(device).eval()
+    teacher = lenet5_teacher(out / f"teacher_lenet5_seed{seed}_ep{spec['teacher_epochs']}.pt", x, y, seed=seed,
+                             epochs=spec["teacher_epochs"], dataset=dataset, mean=mean, std=std, device=device,
+                             log=lambda line: log(f"[reproduce] {experiment}: {line}"))
     teacher_acc = evaluate(teacher, xt, yt)
     log(f"[reproduce] {experiment}: teacher test accuracy {100 * teacher_acc:.2f} %")
 

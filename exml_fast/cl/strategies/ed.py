@@ -207,13 +207,18 @@ class ExModelDistillation(Strategy):
         gen_stats = {k: float(v.float().mean()) for k, v in batch.losses.items() if v.numel()}
         del batch, soft
 
+        loss, t_distill = self._distill_from(expert_model, expert, i)
+        del expert_model
+        self._record(expert, generated=self.buffer.quota(i), buffer=len(self.buffer), final_loss=loss,
+                     generate_s=round(t_gen, 3), distill_s=round(t_distill, 3), source_stats=gen_stats)
+
+    def _distill_from(self, expert_model: nn.Module, expert, i: int) -> tuple[float, float]:
+        """Distils ``expert_model`` and (from the second experience) a frozen copy of the learner taken now;
+        returns the last loss and the seconds it took."""
         prev = frozen_copy(self.model) if i > 1 else None
         t0 = time.perf_counter()
         loss = self._distill(expert_model, expert, prev, i)
-        t_distill = time.perf_counter() - t0
-        del prev, expert_model
-        self._record(expert, generated=self.buffer.quota(i), buffer=len(self.buffer), final_loss=loss,
-                     generate_s=round(t_gen, 3), distill_s=round(t_distill, 3), source_stats=gen_stats)
+        return loss, time.perf_counter() - t0
 
     def _fill(self, expert) -> float | torch.Tensor:
         if expert.mean is None or expert.std is None:

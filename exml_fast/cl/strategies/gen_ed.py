@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from exml_fast.cl.strategies.base import check_int, derive_seed, expert_name, frozen_copy
+from exml_fast.cl.strategies.base import check_int, derive_seed, expert_name
 from exml_fast.cl.strategies.ed import ExModelDistillation
 from exml_fast.cl.strategies.registry import BuildContext, build_learner, register_strategy
 from exml_fast.models.generators import GENERATOR_ARCHS, build_generator
@@ -143,11 +143,8 @@ class GenerativeED(ExModelDistillation):
         fit_stats = {k: v[-1] for k, v in fit.history.items() if v}
         del synth, fit
 
-        prev = frozen_copy(self.model) if i > 1 else None
-        t0 = time.perf_counter()
-        loss = self._distill(expert_model, expert, prev, i)
-        t_distill = time.perf_counter() - t0
-        del prev, expert_model
+        loss, t_distill = self._distill_from(expert_model, expert, i)
+        del expert_model
         self._record(expert, generated=self.iterations * self.batch_size, final_loss=loss,
                      generate_s=round(t_fit, 3), distill_s=round(t_distill, 3), source_stats=fit_stats)
 
