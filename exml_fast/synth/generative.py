@@ -536,8 +536,11 @@ class GenerativeSynthesizer(Synthesizer):
             need = torch.bincount(labels, minlength=self.num_classes).tolist()
             parts_x: list[torch.Tensor] = []
             parts_y: list[torch.Tensor] = []
-            drawn, limit, chunk = 0, self.max_draw_factor * labels.numel(), max(2 * labels.numel(), 64)
+            drawn, limit = 0, self.max_draw_factor * labels.numel()
             while any(need) and drawn < limit:
+                # A quarter more than is still missing: a generator that covers the classes evenly fills most
+                # of them in one draw, and the rest in a small second one.
+                chunk = max(sum(need) + sum(need) // 4, 64)
                 x, logits = self._draw(chunk, generator)
                 drawn += chunk
                 pred = logits.argmax(1)
