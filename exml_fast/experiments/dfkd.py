@@ -97,6 +97,7 @@ def reproduce_dfkd(
     device = torch.device(device)
     out = pathlib.Path(out if out is not None else f"runs/reproduce/{experiment}") / budget
     t_start = time.perf_counter()
+    where = machine(device)  # the commit the work starts from, not the one checked out when the record is written
     mean, std = DATASET_STATS[dataset]
     x, y = mnist_tensors("train", dataset=dataset, pad_to=32, root=data_root)
     if spec.get("max_train"):
@@ -135,7 +136,7 @@ def reproduce_dfkd(
     record = {"experiment": experiment, "budget": budget, "budget_detail": spec, "seed": seed, "n": n,
               "validation_size": validation_size, "teacher_acc": teacher_acc, "paper": paper, "rows": rows,
               "selected": selected, "wall_s": time.perf_counter() - t_start,
-              "command": command or " ".join(["exml-fast", *sys.argv[1:]]), "machine": machine(device)}
+              "command": command or " ".join(["exml-fast", *sys.argv[1:]]), "machine": where}
     if results is not None:
         stem = experiment.replace("-", "_") + ("" if budget == "paper" else f"_{budget}")
         folder = pathlib.Path(results)
