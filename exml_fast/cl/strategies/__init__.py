@@ -48,9 +48,8 @@ from exml_fast.cl.strategies.sources import (DataSource, Generator, RealReplay, 
 
 __all__ = ["DATASET_RUN_DEFAULTS", "LWF_FORMS", "RUN_OPTIONS", "STRATEGIES", "BuildContext", "DataSource",
            "DataStrategy", "DeepInversionCIL", "EnsembleAverage", "ExModelDistillation", "FineTune", "GenerativeED",
-           "Generator",
-           "ICaRL", "Joint", "LwF", "MinEntropyEnsemble", "OracleEnsemble", "ParameterAverage", "RealReplay",
-           "SKDCIL", "Strategy", "StrategyOptionError", "StrategySpec", "SynthesizerGenerator", "SynthesizerSource",
-           "SyntheticExemplars", "build_data_learner", "build_learner", "build_strategy", "derive_seed",
-           "expert_name", "load_config", "register_strategy", "run_defaults", "run_named_strategy", "strategy_names",
-           "stream_arch"]
+           "Generator", "ICaRL", "Joint", "LwF", "MinEntropyEnsemble", "OracleEnsemble", "ParameterAverage",
+           "RealReplay", "SKDCIL", "Strategy", "StrategyOptionError", "StrategySpec", "SynthesizerGenerator",
+           "SynthesizerSource", "SyntheticExemplars", "build_data_learner", "build_learner", "build_strategy",
+           "derive_seed", "expert_name", "load_config", "register_strategy", "run_defaults", "run_named_strategy",
+           "strategy_names", "stream_arch"]

@@ -129,9 +129,7 @@ class GenerativeED(ExModelDistillation):
             raise ValueError(f"{owner}: expert {expert_name(expert)} takes inputs {shape}; the delegator makes "
                              f"{self._input_shape}")
         self._input_shape = shape
-        mean = expert.mean if expert.mean is not None else None
-        std = expert.std if expert.std is not None else None
-        synth = GenerativeSynthesizer(expert_model, input_shape=shape, mean=mean, std=std,
+        synth = GenerativeSynthesizer(expert_model, input_shape=shape, mean=expert.mean, std=expert.std,
                                       num_classes=expert.num_classes, device=dev, preset=self.preset,
                                       generator_arch=self.generator_arch, delegator=self.delegator,
                                       **self.synth_options)
