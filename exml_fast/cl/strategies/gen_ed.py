@@ -13,7 +13,7 @@ from torch import nn
 from exml_fast.cl.strategies.base import check_int, derive_seed, expert_name
 from exml_fast.cl.strategies.ed import ExModelDistillation
 from exml_fast.cl.strategies.registry import BuildContext, build_learner, register_strategy
-from exml_fast.models.generators import GENERATOR_ARCHS, build_generator
+from exml_fast.models.generators import GENERATOR_ARCHS
 from exml_fast.synth.base import eval_mode
 from exml_fast.synth.generative import GENERATIVE_PRESETS, GenerativeSynthesizer
 
@@ -105,7 +105,13 @@ class GenerativeED(ExModelDistillation):
         self.name = "gen-ed"
         self.delegator: nn.Module | None = None
         self._input_shape: tuple[int, ...] | None = None
-        self._latent_dim = int(self.synth_options.get("latent_dim", 100))
+        self._latent_dim: int | None = None  # the delegator's, set with it
+
+    def _synthesizer(self, teacher: nn.Module, shape: tuple[int, ...], **kw: Any) -> GenerativeSynthesizer:
+        """A GenerativeSynthesizer on ``teacher`` around the current delegator (None: built at its fit)."""
+        return GenerativeSynthesizer(teacher, input_shape=shape, device=self._device(), preset=self.preset,
+                                     generator_arch=self.generator_arch, delegator=self.delegator,
+                                     **kw, **self.synth_options)
 
     def config(self) -> dict[str, Any]:
         cfg = super().config()
@@ -129,15 +135,13 @@ class GenerativeED(ExModelDistillation):
             raise ValueError(f"{owner}: expert {expert_name(expert)} takes inputs {shape}; the delegator makes "
                              f"{self._input_shape}")
         self._input_shape = shape
-        synth = GenerativeSynthesizer(expert_model, input_shape=shape, mean=expert.mean, std=expert.std,
-                                      num_classes=expert.num_classes, device=dev, preset=self.preset,
-                                      generator_arch=self.generator_arch, delegator=self.delegator,
-                                      **self.synth_options)
+        synth = self._synthesizer(expert_model, shape, mean=expert.mean, std=expert.std,
+                                  num_classes=expert.num_classes)
         t0 = time.perf_counter()
         fit = synth.fit(self.fit_iterations, batch_size=self.fit_batch_size,
                         generator=derive_seed(self.seed, "delegator", i), progress=self.progress)
         t_fit = time.perf_counter() - t0
-        self.delegator = synth.delegator
+        self.delegator, self._latent_dim = synth.delegator, synth.latent_dim
         fit_stats = {k: v[-1] for k, v in fit.history.items() if v}
         del synth, fit
 
@@ -167,13 +171,12 @@ class GenerativeED(ExModelDistillation):
         delegator, shape = state.pop("delegator", None), state.pop("delegator_input_shape", None)
         state["buffer"] = self.buffer.state_dict()
         super().load_state_dict(state)
-        if delegator is None:
-            self.delegator, self._input_shape = None, None
-            return
-        self._input_shape = tuple(shape)
-        net = build_generator(self.generator_arch, self._input_shape, latent_dim=self._latent_dim)
-        net.load_state_dict(delegator)
-        self.delegator = net.to(self._device())
+        self.delegator, self._input_shape, self._latent_dim = None, None, None
+        if delegator is not None:
+            self._input_shape = tuple(shape)
+            synth = self._synthesizer(self.model, self._input_shape, num_classes=self.num_classes)
+            synth.load_state_dict(delegator)
+            self.delegator, self._latent_dim = synth.delegator, synth.latent_dim
 
 
 @register_strategy("gen-ed", keeps_data=False, options=GEN_ED_OPTIONS,
