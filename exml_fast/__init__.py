@@ -42,10 +42,9 @@ from exml_fast.viz import save_grid
 
 __version__ = "0.1.0"
 
-__all__ = ["AuxiliaryData", "BNStatsMatcher", "DataImpressions", "DeepInversion", "DeepInversionCIL",
-           "EnsembleAverage", "ExModelDistillation", "Experience", "Expert", "ExpertError", "ExpertStream",
-           "FineTune", "GenerativeSynthesizer", "ICaRL", "Joint", "LowAgreementWarning", "LwF", "MinEntropyEnsemble",
-           "ModelInfo",
+__all__ = ["AuxiliaryData", "BNStatsMatcher", "DataImpressions", "DeepInversion", "DeepInversionCIL", "EnsembleAverage",
+           "ExModelDistillation", "Experience", "Expert", "ExpertError", "ExpertStream", "FineTune",
+           "GenerativeSynthesizer", "ICaRL", "Joint", "LowAgreementWarning", "LwF", "MinEntropyEnsemble", "ModelInfo",
            "ModelInversion", "OracleEnsemble", "ParameterAverage", "RealReplay", "SCENARIOS", "SKDCIL", "Scenario",
            "StreamResult", "SynthesizerGenerator", "SynthesizerSource", "SyntheticBatch", "SyntheticBuffer",
            "SyntheticExemplars", "build_info", "build_model", "distill", "has_ops", "load_model", "load_synthetic",
