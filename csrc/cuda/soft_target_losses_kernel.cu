@@ -36,6 +36,15 @@ using losses::kNone;
 
 constexpr int kBlock = 256;
 
+// z = x * inv_t, rounded once and never fused into the add or subtract that
+// follows (nvcc contracts a * b + c into one FMA by default): every pass sees
+// the same z, so the row maximum's exp(z - m) is exactly 1 and a one-class
+// row's log-probability exactly 0, as on the CPU and in PyTorch. Fused, the
+// max pass and the exp pass round differently, and K = 1 rows gave losses of
+// 1e-8 where the truth is 0.
+__device__ __forceinline__ float scaled(float x, float inv_t) { return __fmul_rn(x, inv_t); }
+__device__ __forceinline__ double scaled(double x, double inv_t) { return __dmul_rn(x, inv_t); }
+
 // Sum / max over the TPR threads of a row: a warp (TPR = 32, no shared memory
 // used) or the whole block (TPR = kBlock; every thread gets the result).
 template <int TPR, typename T>
@@ -64,12 +73,12 @@ __device__ acc_t row_lse(const scalar_t* __restrict__ p, int64_t len, acc_t inv_
                          acc_t* sh) {
   acc_t m = -INFINITY;
   for (int64_t k = lane; k < len; k += TPR) {
-    const acc_t z = static_cast<acc_t>(p[k]) * inv_t;
+    const acc_t z = scaled(static_cast<acc_t>(p[k]), inv_t);
     m = z > m ? z : m;
   }
   m = group_max<TPR>(m, sh);
   acc_t s = 0;
-  for (int64_t k = lane; k < len; k += TPR) s += exp(static_cast<acc_t>(p[k]) * inv_t - m);
+  for (int64_t k = lane; k < len; k += TPR) s += exp(scaled(static_cast<acc_t>(p[k]), inv_t) - m);
   s = group_sum<TPR>(s, sh);
   return m + log(s);
 }
@@ -102,7 +111,7 @@ __global__ void soft_ce_fwd_kernel(const scalar_t* __restrict__ x, int64_t xs,
   for (int64_t k = ri.lane; k < len; k += TPR) {
     const acc_t tk = static_cast<acc_t>(tr[k]);
     st += tk;
-    loss += tk * (lse - static_cast<acc_t>(xr[k]) * inv_t);
+    loss += tk * (lse - scaled(static_cast<acc_t>(xr[k]), inv_t));
   }
   st = group_sum<TPR>(st, sh);
   loss = group_sum<TPR>(loss, sh);
@@ -123,13 +132,14 @@ __global__ void soft_ce_bwd_kernel(const acc_t* __restrict__ g, int64_t gs, acc_
   if (ri.row >= rows) return;
   const acc_t w = g[ri.row * gs] * scale;
   const acc_t lse = saved[2 * ri.row];
-  const acc_t wst = w * inv_t * saved[2 * ri.row + 1];
+  const acc_t st = saved[2 * ri.row + 1];
   const acc_t wt = w * inv_t;
   const scalar_t* xr = x + ri.row * xs;
   const scalar_t* tr = t + ri.row * ts;
   for (int64_t k = ri.lane; k < len; k += TPR) {
-    const acc_t z = static_cast<acc_t>(xr[k]) * inv_t;
-    gx[ri.row * len + k] = static_cast<scalar_t>(exp(z - lse) * wst - static_cast<acc_t>(tr[k]) * wt);
+    const acc_t z = scaled(static_cast<acc_t>(xr[k]), inv_t);
+    // wt * (p * sum(t) - t): for K = 1 (p = 1, sum(t) = t) the bracket is exactly 0.
+    gx[ri.row * len + k] = static_cast<scalar_t>(wt * (exp(z - lse) * st - static_cast<acc_t>(tr[k])));
     if (gt != nullptr) gt[ri.row * len + k] = static_cast<scalar_t>(w * (lse - z));
   }
 }
@@ -151,8 +161,8 @@ __global__ void kd_fwd_kernel(const scalar_t* __restrict__ s, int64_t ss,
   const acc_t c = lse_t - lse_s;
   acc_t kl = 0;
   for (int64_t k = ri.lane; k < len; k += TPR) {
-    const acc_t zt = static_cast<acc_t>(tr[k]) * inv_t;
-    const acc_t zs = static_cast<acc_t>(sr[k]) * inv_t;
+    const acc_t zt = scaled(static_cast<acc_t>(tr[k]), inv_t);
+    const acc_t zs = scaled(static_cast<acc_t>(sr[k]), inv_t);
     const acc_t p = exp(zt - lse_t);
     kl += p * ((zt - zs) - c);
     if (gf != nullptr) gf[ri.row * len + k] = exp(zs - lse_s) - p;  // q - p
@@ -180,8 +190,8 @@ __global__ void kd_bwd_kernel(const acc_t* __restrict__ g, acc_t scale, const sc
   const scalar_t* sr = s + ri.row * ss;
   const scalar_t* tr = t + ri.row * ts;
   for (int64_t k = ri.lane; k < len; k += TPR) {
-    const acc_t zs = static_cast<acc_t>(sr[k]) * inv_t;
-    const acc_t zt = static_cast<acc_t>(tr[k]) * inv_t;
+    const acc_t zs = scaled(static_cast<acc_t>(sr[k]), inv_t);
+    const acc_t zt = scaled(static_cast<acc_t>(tr[k]), inv_t);
     const acc_t p = exp(zt - lse_t);
     gs[ri.row * len + k] = static_cast<scalar_t>(w * (exp(zs - lse_s) - p));
     if (gt != nullptr) gt[ri.row * len + k] = static_cast<scalar_t>(w * p * (((zt - zs) - c) - kl));
@@ -223,7 +233,9 @@ __device__ __forceinline__ JsTerms<acc_t> js_terms(acc_t za, acc_t zb, acc_t lse
   v.lpc = v.p < lo ? log_lo : (v.p > hi ? log_hi : la);
   v.lqc = v.q < lo ? log_lo : (v.q > hi ? log_hi : lb);
   const acc_t tiny = sizeof(acc_t) == 8 ? acc_t(DBL_MIN) : acc_t(FLT_MIN);
-  v.lmc = log(v.mc < tiny ? tiny : v.mc);
+  // Where M is clamped its log is the bound's, as for P and Q (see the CPU kernel): the host's
+  // log(hi) and the device's log of the clamped value can differ by an ulp.
+  v.lmc = m < lo ? log_lo : (m > hi ? log_hi : log(v.mc < tiny ? tiny : v.mc));
   return v;
 }
 
@@ -242,9 +254,9 @@ __global__ void js_fwd_kernel(const scalar_t* __restrict__ a, int64_t as,
   const acc_t lse_b = row_lse<TPR>(br, len, inv_t, ri.lane, sh);
   acc_t js = 0;
   for (int64_t k = ri.lane; k < len; k += TPR) {
-    const JsTerms<acc_t> v =
-        js_terms(static_cast<acc_t>(ar[k]) * inv_t, static_cast<acc_t>(br[k]) * inv_t, lse_a,
-                 lse_b, lo, hi, log_lo, log_hi);
+    const JsTerms<acc_t> v = js_terms(scaled(static_cast<acc_t>(ar[k]), inv_t),
+                                      scaled(static_cast<acc_t>(br[k]), inv_t), lse_a, lse_b, lo,
+                                      hi, log_lo, log_hi);
     js += v.pc * (v.lpc - v.lmc) + v.qc * (v.lqc - v.lmc);
   }
   js = group_sum<TPR>(js, sh);
@@ -282,9 +294,9 @@ __global__ void js_bwd_kernel(const acc_t* __restrict__ g, acc_t scale, const sc
   const acc_t lse_a = saved[2 * ri.row], lse_b = saved[2 * ri.row + 1];
   acc_t dot_p = 0, dot_q = 0;
   for (int64_t k = ri.lane; k < len; k += TPR) {
-    const JsTerms<acc_t> v =
-        js_terms(static_cast<acc_t>(ar[k]) * inv_t, static_cast<acc_t>(br[k]) * inv_t, lse_a,
-                 lse_b, lo, hi, log_lo, log_hi);
+    const JsTerms<acc_t> v = js_terms(scaled(static_cast<acc_t>(ar[k]), inv_t),
+                                      scaled(static_cast<acc_t>(br[k]), inv_t), lse_a, lse_b, lo,
+                                      hi, log_lo, log_hi);
     acc_t g_p, g_q;
     js_grads(v, lo, hi, g_p, g_q);
     dot_p += v.p * g_p;
@@ -294,9 +306,9 @@ __global__ void js_bwd_kernel(const acc_t* __restrict__ g, acc_t scale, const sc
   dot_q = group_sum<TPR>(dot_q, sh);
   const acc_t wt = w * inv_t;
   for (int64_t k = ri.lane; k < len; k += TPR) {
-    const JsTerms<acc_t> v =
-        js_terms(static_cast<acc_t>(ar[k]) * inv_t, static_cast<acc_t>(br[k]) * inv_t, lse_a,
-                 lse_b, lo, hi, log_lo, log_hi);
+    const JsTerms<acc_t> v = js_terms(scaled(static_cast<acc_t>(ar[k]), inv_t),
+                                      scaled(static_cast<acc_t>(br[k]), inv_t), lse_a, lse_b, lo,
+                                      hi, log_lo, log_hi);
     acc_t g_p, g_q;
     js_grads(v, lo, hi, g_p, g_q);
     ga[ri.row * len + k] = static_cast<scalar_t>(wt * v.p * (g_p - dot_p));
