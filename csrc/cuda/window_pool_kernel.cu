@@ -12,7 +12,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -154,8 +153,10 @@ at::Tensor window_pool_backward_cuda(const at::Tensor& grad_in, const at::Tensor
   const Geom g = geom_of(x, kh, kw, cl);
   const at::Tensor grad = grad_in.contiguous(window_pool_format(cl));
   const bool tail = g.oh * kh < g.h || g.ow * kw < g.w;
-  at::Tensor dx = tail ? at::zeros(x.sizes(), x.options().memory_format(window_pool_format(cl)))
-                       : at::empty(x.sizes(), x.options().memory_format(window_pool_format(cl)));
+  // at::zeros would drop the memory format (its schema has none) and leave a channels_last
+  // gradient laid out NCHW under channels_last offsets: allocate, then zero.
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(window_pool_format(cl)));
+  if (tail) dx.zero_();
   const int64_t total = grad.numel();
   if (total == 0) return dx;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
