@@ -18,8 +18,11 @@ import glob
 import os
 import platform
 import re
+import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 
 from setuptools import find_packages, setup
 
@@ -105,6 +108,48 @@ def nvidia_wheel_dirs() -> tuple[list[str], list[str]]:
     return incs, libs
 
 
+def links_shared_libstdcxx(cxx: str) -> bool | None:
+    """Whether `cxx -shared` makes libraries that load the shared libstdc++ (True) or carry a
+    static copy of it (False); None where that cannot be told (no such compiler, no ldd)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
+        with open(src, "w") as f:
+            f.write("#include <sstream>\n"
+                    "int probe(long n) { std::ostringstream s; s << n; return int(s.str().size()); }\n")
+        try:
+            subprocess.run([*shlex.split(cxx), "-shared", "-fPIC", src, "-o", lib], capture_output=True,
+                           check=True, timeout=120)
+            deps = subprocess.run(["ldd", lib], capture_output=True, text=True, check=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return "libstdc++" in deps
+
+
+def check_cxx_runtime() -> None:
+    """Refuse a $CXX that links libstdc++ statically into shared libraries.
+
+    The extension would then carry a second C++ runtime whose iostreams are never set up, and
+    the first error message with a number in it (any bad argument) crashes the process, as the
+    /opt/gcc wrappers named by the GPU machines' CC/CXX did. Such a compiler is replaced by the
+    g++ and gcc on PATH when those link the shared runtime; the build stops when none does.
+    """
+    if platform.system() != "Linux":
+        return
+    cxx = os.environ.get("CXX", "c++")
+    if links_shared_libstdcxx(cxx) is not False:
+        return
+    for cand_cxx, cand_cc in (("g++", "gcc"), ("c++", "cc")):
+        path, cc = shutil.which(cand_cxx), shutil.which(cand_cc)
+        if path and cc and links_shared_libstdcxx(path):
+            log(f"CXX={cxx} links libstdc++ statically into shared libraries (a second C++ runtime in the "
+                f"extension crashes on its first error message): building with CXX={path} CC={cc} instead")
+            os.environ["CXX"], os.environ["CC"] = path, cc
+            return
+    sys.exit(f"exml_fast: the C++ compiler {cxx} links libstdc++ statically into shared libraries, and no "
+             "g++ or c++ on PATH links the shared one: the extension would crash on its first error message. "
+             "Set CXX and CC to a compiler that links the shared libstdc++.")
+
+
 def compiler_version() -> str:
     cxx = os.environ.get("CXX", "c++")
     try:
@@ -140,6 +185,8 @@ def write_build_info(with_cuda: bool, archs: str) -> str:
 
 
 def make_extension():
+    if not QUIET:
+        check_cxx_runtime()
     with_cuda, why = decide_cuda()
     cpu_sources = sorted(glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     sources = ["csrc/module.cpp"] + cpu_sources

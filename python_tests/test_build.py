@@ -85,3 +85,48 @@ def test_setup_reports_what_it_builds():
     assert "CUDA kernels: skipped because EXML_FAST_NO_CUDA=1" in r.stdout
     cpu_line = next(line for line in r.stdout.splitlines() if "CPU kernels:" in line)
     assert "csrc/cpu/bn_stats_kernel.cpp" in cpu_line
+
+
+def _static_libstdcxx_wrapper(tmp_path: Path, name: str = "g++") -> Path:
+    """A compiler that links libstdc++ statically into shared libraries, as the /opt/gcc wrappers of
+    the GPU machines' image do; skips where the system g++ cannot (no libstdc++.a)."""
+    import shutil
+
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("no g++ on PATH")
+    wrapper = tmp_path / name
+    wrapper.write_text(f'#!/bin/sh\nexec {gxx} -static-libstdc++ "$@"\n')
+    wrapper.chmod(0o755)
+    src, lib = tmp_path / "t.cpp", tmp_path / "t.so"
+    src.write_text("#include <sstream>\nint f(long n) { std::ostringstream s; s << n; return 0; }\n")
+    made = subprocess.run([str(wrapper), "-shared", "-fPIC", str(src), "-o", str(lib)], capture_output=True)
+    if made.returncode != 0 or "libstdc++" in subprocess.run(["ldd", str(lib)], capture_output=True,
+                                                              text=True).stdout:
+        pytest.skip("this g++ cannot link libstdc++ statically into a shared library")
+    return wrapper
+
+
+def test_setup_replaces_a_compiler_that_links_libstdcxx_statically(tmp_path):
+    wrapper = _static_libstdcxx_wrapper(tmp_path)
+    r = subprocess.run([sys.executable, "setup.py", "--name"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300, env={**os.environ, "EXML_FAST_NO_CUDA": "1", "CXX": str(wrapper)})
+    assert r.returncode == 0, r.stderr
+    line = next(line for line in r.stdout.splitlines() if "links libstdc++ statically" in line)
+    assert f"CXX={wrapper}" in line and "building with CXX=" in line and str(tmp_path) not in line.split("with")[1]
+
+
+def test_setup_stops_when_no_compiler_links_libstdcxx_shared(tmp_path):
+    import shutil
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = _static_libstdcxx_wrapper(bin_dir)  # the only g++ on PATH, no c++ or gcc
+    for tool in ("ldd", "as", "ld"):  # what the probe and g++ itself run from PATH
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    r = subprocess.run([sys.executable, "setup.py", "--name"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300, env={**os.environ, "EXML_FAST_NO_CUDA": "1", "CXX": str(wrapper),
+                                         "PATH": str(bin_dir)})
+    assert r.returncode != 0
+    assert f"the C++ compiler {wrapper} links libstdc++ statically" in r.stderr
+    assert "Set CXX and CC" in r.stderr
