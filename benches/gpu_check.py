@@ -334,7 +334,8 @@ def bench_headlines(rec: dict) -> list[str]:
 _PROBE = r"""
 import importlib.util, json, os, platform, sys
 info = {"python": platform.python_version(), "executable": sys.executable,
-        "missing_modules": [m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]}
+        "missing_modules": [m for m in sys.argv[1:] if importlib.util.find_spec(m) is None],
+        "xdist": importlib.util.find_spec("xdist") is not None}
 try:
     import torch
 except Exception as e:
@@ -500,8 +501,9 @@ def summary_markdown(env: dict, results: list[StepResult], *, finished: bool, ou
          f"{env.get('memory_gib') or 0:.1f} GiB), driver {driver} (CUDA {smi.get('driver_cuda', '?')})"),
         (f"- torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), Python {env.get('python')}, "
          f"nvcc {env.get('nvcc')}, {env.get('cores')} cores"),
-        (f"- build: TORCH_CUDA_ARCH_LIST={env.get('arch')}, MAX_JOBS={env.get('cores')}; "
-         f"compute-sanitizer: {env.get('sanitizer') or 'not found'}"),
+        (f"- build: TORCH_CUDA_ARCH_LIST={env.get('arch')}, MAX_JOBS={env.get('cores')}, "
+         f"CC={env.get('cc') or '(unset)'}, CXX={env.get('cxx') or '(unset)'} (setup.py replaces a CXX that "
+         f"links libstdc++ statically; see logs/build.log); compute-sanitizer: {env.get('sanitizer') or 'not found'}"),
     ]
     if env.get("missing_modules"):
         lines.append(f"- Python modules missing: {', '.join(env['missing_modules'])}")
@@ -648,9 +650,12 @@ def judge_pytest(r: StepResult, text: str) -> StepResult:
 
 
 def pytest_step(c: Check) -> StepResult:
-    """python -m pytest python_tests -m cuda: every CUDA test."""
+    """python -m pytest python_tests -m cuda: every CUDA test; in 8 worker processes where pytest-xdist
+    is installed, so that a test that crashes its process fails alone instead of ending the step."""
     cmd = [c.python, "-m", "pytest", "python_tests", "-m", "cuda", "-q", "-p", "no:cacheprovider", "--durations=15",
            f"--junitxml={c.logs / 'pytest-cuda.xml'}"]
+    if c.env.get("xdist"):
+        cmd += ["-n", str(min(8, c.env["cores"])), "-rfE"]
     r = c.run("pytest-cuda", cmd, env={"PYTHONPATH": str(ROOT)})
     return r if r.status == "not run" else judge_pytest(r, read_log(r))
 
@@ -732,7 +737,8 @@ def machine_facts(python: str, budget_s: float) -> tuple[dict, str | None]:
     cuda_home = os.environ.get("CUDA_HOME") or ("/usr/local/cuda" if os.path.isdir("/usr/local/cuda") else None)
     env = {**torch_info, "nvidia_smi": smi, "cuda_home": cuda_home, "budget_s": budget_s,
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cores": cpu_count(),
-           "hostname": platform.node(), "probe_s": time.monotonic() - t0}
+           "hostname": platform.node(), "cc": os.environ.get("CC"), "cxx": os.environ.get("CXX"),
+           "probe_s": time.monotonic() - t0}
     if reason is None:
         env["arch"] = "{}.{}".format(*torch_info["capability"])
         env["commit"] = git_commit()
