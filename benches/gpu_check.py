@@ -652,10 +652,11 @@ def judge_pytest(r: StepResult, text: str) -> StepResult:
 def pytest_step(c: Check) -> StepResult:
     """python -m pytest python_tests -m cuda: every CUDA test; in 8 worker processes where pytest-xdist
     is installed, so that a test that crashes its process fails alone instead of ending the step."""
-    cmd = [c.python, "-m", "pytest", "python_tests", "-m", "cuda", "-q", "-p", "no:cacheprovider", "--durations=15",
-           f"--junitxml={c.logs / 'pytest-cuda.xml'}"]
+    # -rfEs: the short summary lists skips too, which judge_pytest reads (a skip for want of the GPU fails).
+    cmd = [c.python, "-m", "pytest", "python_tests", "-m", "cuda", "-q", "-rfEs", "-p", "no:cacheprovider",
+           "--durations=15", f"--junitxml={c.logs / 'pytest-cuda.xml'}"]
     if c.env.get("xdist"):
-        cmd += ["-n", str(min(8, c.env["cores"])), "-rfE"]
+        cmd += ["-n", str(min(8, c.env["cores"]))]
     r = c.run("pytest-cuda", cmd, env={"PYTHONPATH": str(ROOT)})
     return r if r.status == "not run" else judge_pytest(r, read_log(r))
 
