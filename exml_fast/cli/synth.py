@@ -66,7 +66,10 @@ def add_commands(sub) -> None:
     s = sub.add_parser(
         "synthesize", help="synthesise images from a teacher checkpoint (resumable)",
         description="Synthesise n images from a teacher checkpoint into --out (atomic shards; rerun the same "
-                    "command to resume an interrupted job), then write --out/grid.png and a summary.",
+                    "command to resume an interrupted job), then write --out/grid.png and a summary. Under "
+                    "torchrun (torchrun --nproc_per_node=K -m exml_fast synthesize ...) the batches are shared "
+                    "out between the K ranks (gloo on the CPU, NCCL with --device cuda); --out must be a folder "
+                    "every rank reaches.",
     )
     s.add_argument("--teacher", required=True, metavar="CKPT", help="checkpoint from train-teacher / save_model")
     s.add_argument("--method", required=True, choices=METHODS, help="synthesis method")
@@ -227,10 +230,30 @@ def _shard_stats(folder: str) -> dict[str, tuple[int, int]]:
 
 
 def _synthesize(args: argparse.Namespace) -> int:
-    from exml_fast.synth.batch import shard_name
-    from exml_fast.viz import save_grid
+    """Under torchrun (WORLD_SIZE > 1) every rank joins the group (gloo on the CPU, NCCL on
+    cuda:LOCAL_RANK) and the job is sharded over the ranks (Synthesizer.synthesize's
+    ``distributed``); each rank reports its own batches, rank 0 the whole job and the grid."""
+    from exml_fast._utils import dist
 
     device = _check_synthesize_args(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    joined = dist.init_from_env(device)
+    try:
+        return _synthesize_on(args, device)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _synthesize_on(args: argparse.Namespace, device: torch.device) -> int:
+    from exml_fast._utils import dist
+    from exml_fast.synth.batch import read_manifest, shard_name
+    from exml_fast.viz import save_grid
+
+    rank, world = dist.rank_and_world()
+    who = f"[synthesize rank {rank}/{world}]" if world > 1 else "[synthesize]"
     teacher, info = load_model(args.teacher, map_location=device)
     if args.classes is not None and max(args.classes) >= info.num_classes:
         raise UsageError(f"--classes: the teacher has {info.num_classes} classes (0..{info.num_classes - 1}); "
@@ -242,8 +265,10 @@ def _synthesize(args: argparse.Namespace) -> int:
     if args.iterations is not None:
         kwargs["iterations"] = args.iterations
     preset = f", preset {synth.preset_name}" if args.method == "deepinversion" else ""
-    print(f"[synthesize] {args.method}{preset}: {args.n} images from {args.teacher} ({info.arch}, "
-          f"{info.num_classes} classes) on {device}, seed {args.seed} -> {args.out}")
+    if rank == 0:
+        shards = f", sharded over {world} ranks" if world > 1 else ""
+        print(f"[synthesize] {args.method}{preset}: {args.n} images from {args.teacher} ({info.arch}, "
+              f"{info.num_classes} classes) on {device}{shards}, seed {args.seed} -> {args.out}")
     before = _shard_stats(args.out)
     t0 = time.perf_counter()
     total = made = 0
@@ -251,9 +276,11 @@ def _synthesize(args: argparse.Namespace) -> int:
     grid_x: list[torch.Tensor] = []
     grid_y: list[torch.Tensor] = []
     first = None
-    # Every batch is seen once, whether computed now or read back from a shard of an
-    # earlier run, so the summary and the grid cover the whole job without re-reading it.
-    for index, b in enumerate(synth.synthesize_iter(args.n, **kwargs)):
+    # Every batch (sharded: of this rank, indices rank, rank + world, ...) is seen once, whether
+    # computed now or read back from a shard of an earlier run, so the summary and the grid cover
+    # the job without re-reading it. The generator comes first in zip: its last next() runs the
+    # job's end (the manifest; sharded, a collective) before zip stops.
+    for b, index in zip(synth.synthesize_iter(args.n, **kwargs), range(rank, args.n, world)):
         first = first or b
         total += len(b)
         name = shard_name(index)
@@ -276,9 +303,12 @@ def _synthesize(args: argparse.Namespace) -> int:
             quality = f"{what} {torch.cat(per_batch[key]).mean().item():.4f}"
             break
     rate = f"{made / elapsed:.1f} images/s" if made and elapsed > 0 else "nothing new to do"
-    print(f"[synthesize] {total} images in {args.out} ({made} made by this run, {total - made} on disk before); "
-          f"{elapsed:.1f} s, {rate}; {quality}")
-    if args.grid and first is not None:
+    mine = " of this rank's batches" if world > 1 else ""
+    print(f"{who} {total} images{mine} in {args.out} ({made} made by this run, {total - made} on disk before); "
+          f"{elapsed:.1f} s, {rate}; {quality}", flush=True)
+    if world > 1 and rank == 0 and read_manifest(args.out)["complete"]:
+        print(f"[synthesize] all {world} ranks done: the job's {args.n} images are complete in {args.out}")
+    if args.grid and first is not None and rank == 0:
         grid_path = os.path.join(args.out, "grid.png")
         x = torch.cat(grid_x)
         save_grid(SimpleNamespace(x=x, y=torch.cat(grid_y), mean=first.mean, std=first.std), grid_path)

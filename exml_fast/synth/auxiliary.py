@@ -96,13 +96,14 @@ class AuxiliaryData(Synthesizer):
         return x.float()
 
     def synthesize_iter(self, n, *, classes=None, iterations=None, batch_size=None, generator=None,
-                        progress=True, save_to=None):
+                        progress=True, save_to=None, distributed=None):
         if isinstance(n, int) and not isinstance(n, bool) and n > len(self.data):
             raise ValueError(f"{type(self).__name__}.synthesize: n ({n}) is larger than the dataset "
                              f"({len(self.data)} items); samples are drawn without replacement")
         self._classes = classes
         return super().synthesize_iter(n, classes=classes, iterations=iterations, batch_size=batch_size,
-                                       generator=generator, progress=progress, save_to=save_to)
+                                       generator=generator, progress=progress, save_to=save_to,
+                                       distributed=distributed)
 
     synthesize_iter.__doc__ = Synthesizer.synthesize_iter.__doc__
 

@@ -11,11 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from exml_fast._utils import dist
 from exml_fast._utils.batches import batch_bounds
 from exml_fast._utils.checks import per_channel
 from exml_fast._utils.progress import Progress
 from exml_fast._utils.provenance import SEED_MAX, derive_seed
-from exml_fast.synth.batch import MANIFEST, ShardStore, SyntheticBatch, read_manifest
+from exml_fast.synth.batch import MANIFEST, ShardStore, SyntheticBatch, load_synthetic, read_manifest
 
 __all__ = ["Synthesizer"]
 
@@ -238,6 +239,7 @@ class Synthesizer:
         generator: int | torch.Generator | None = None,
         progress: bool = True,
         save_to: str | os.PathLike | None = None,
+        distributed: bool | None = None,
     ) -> SyntheticBatch:
         """Synthesises ``n`` labelled inputs and returns them as one SyntheticBatch.
 
@@ -257,14 +259,51 @@ class Synthesizer:
                 as it is done, and a rerun with the same arguments resumes
                 after the last whole shard. Read it back with
                 :func:`exml_fast.synth.load_synthetic`.
+            distributed: shard the job over the ranks of the default
+                ``torch.distributed`` process group (``torchrun``, or your own
+                ``init_process_group``): rank r synthesises batches r, r + K,
+                r + 2K, ... of the K ranks into ``save_to`` (required then: a
+                folder every rank reaches), and rank 0 marks the job complete
+                once every shard is there. None (default): shard when a group
+                of more than one rank is initialised and ``save_to`` is given
+                (without it every rank does the whole job, as before). False:
+                never shard. True: shard, and raise without a group or without
+                ``save_to``. Batch b is seeded from
+                (seed, b) alone, and the ranks use rank 0's seed, so the union
+                is the single-process result for that seed, bit for bit
+                (given the same kernels: device, dtype, thread count).
 
         Returns:
             A :class:`SyntheticBatch` of n rows, on the synthesizer's device.
+            Sharded, every rank returns the whole job, read back from
+            ``save_to`` after all ranks finished.
         """
-        return SyntheticBatch.cat(list(self.synthesize_iter(
+        batches = list(self.synthesize_iter(
             n, classes=classes, iterations=iterations, batch_size=batch_size,
-            generator=generator, progress=progress, save_to=save_to,
-        )))
+            generator=generator, progress=progress, save_to=save_to, distributed=distributed,
+        ))
+        if self._world(distributed, save_to, type(self).__name__)[1] > 1:
+            return load_synthetic(save_to).to(self.device)
+        return SyntheticBatch.cat(batches)
+
+    @staticmethod
+    def _world(distributed: bool | None, save_to, owner: str) -> tuple[int, int]:
+        """(rank, world size) the job is sharded over: (0, 1) unless sharded."""
+        if distributed is not None and not isinstance(distributed, bool):
+            raise TypeError(f"{owner}.synthesize: distributed must be None, True or False; got {distributed!r}")
+        if distributed is False:
+            return 0, 1
+        rank, world = dist.rank_and_world()
+        if distributed:
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                raise ValueError(f"{owner}.synthesize: distributed=True needs an initialised torch.distributed "
+                                 "process group (run under torchrun, or call init_process_group first)")
+            if save_to is None:
+                raise ValueError(f"{owner}.synthesize: distributed=True: each rank writes its batches to save_to; "
+                                 "pass save_to, a folder every rank reaches")
+        elif save_to is None:
+            return 0, 1
+        return rank, world
 
     def synthesize_iter(
         self,
@@ -276,6 +315,7 @@ class Synthesizer:
         generator: int | torch.Generator | None = None,
         progress: bool = True,
         save_to: str | os.PathLike | None = None,
+        distributed: bool | None = None,
     ) -> Iterator[SyntheticBatch]:
         """Like :meth:`synthesize`, but yields one SyntheticBatch per optimisation batch.
 
@@ -283,6 +323,9 @@ class Synthesizer:
         memory; with ``save_to`` a job of any size streams to disk. Batches
         already on disk from an interrupted run are read back, not redone.
         Arguments are checked when this is called, before the first batch.
+        Sharded (see ``distributed``), each rank yields its own batches only,
+        shows the progress bar on rank 0 only, and the iteration's end is a
+        collective: every rank must run it to the end.
         """
         owner = type(self).__name__
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -293,7 +336,9 @@ class Synthesizer:
             raise ValueError(f"{owner}.synthesize: iterations must be None ({owner} does not optimise)")
         batch_size = self.batch_size if batch_size is None else self._check_batch_size(batch_size, owner)
         labels, given = self._labels(n, classes)
-        bounds = batch_bounds(n, batch_size)
+        rank, world = self._world(distributed, save_to, owner)
+        # (b, (start, stop)) of the batches this rank owns: all of them unless sharded.
+        bounds = [(b, se) for b, se in enumerate(batch_bounds(n, batch_size)) if b % world == rank]
 
         store = None
         if save_to is not None:
@@ -304,19 +349,23 @@ class Synthesizer:
             }
             manifest_seed = _existing_seed(save_to) if generator is None else None
             job["seed"] = manifest_seed if manifest_seed is not None else _base_seed(generator, owner)
-            store = ShardStore(save_to, _jsonable(job))
+            if world == 1:
+                store = ShardStore(save_to, _jsonable(job))
+            else:
+                store = _open_sharded_store(save_to, job, rank)
             seed = job["seed"]
         else:
             seed = _base_seed(generator, owner)
 
-        return self._run(labels, bounds, iterations, seed, store, progress)
+        return self._run(labels, bounds, iterations, seed, store, progress and rank == 0)
 
     def _run(self, labels, bounds, iterations, seed, store, progress) -> Iterator[SyntheticBatch]:
+        """Runs the batches ``bounds`` lists, as (index, (start, stop)), in order (sharded: this rank's)."""
         steps_per_batch = iterations if self.optimizes else 1
         bar = Progress(len(bounds) * steps_per_batch, self.method, progress)
         try:
-            for b, (start, stop) in enumerate(bounds):
-                desc = f"{self.method} {b + 1}/{len(bounds)}"
+            for i, (b, (start, stop)) in enumerate(bounds):
+                desc = f"{self.method} {i + 1}/{len(bounds)}"
                 if store is not None:
                     done = store.load(b, stop - start)
                     if done is not None:
@@ -341,6 +390,23 @@ class Synthesizer:
     def _synthesize_batch(self, labels: torch.Tensor, *, iterations, generator: torch.Generator,
                           offset: int, progress) -> SyntheticBatch:
         raise NotImplementedError
+
+
+def _open_sharded_store(save_to, job: dict, rank: int) -> ShardStore:
+    """Every rank's store on ``save_to`` for a sharded job: rank 0's seed for all (``job["seed"]`` is
+    set to it), rank 0 opens the folder first (it writes or checks the manifest) and the others
+    after it; an error of rank 0's (another job in the folder, say) is raised on every rank."""
+    job["seed"] = dist.broadcast_object(job["seed"])
+    store, error = None, None
+    if rank == 0:
+        try:
+            store = ShardStore(save_to, _jsonable(job), distributed=True)
+        except ValueError as e:
+            error = str(e)
+    error = dist.broadcast_object(error)
+    if error is not None:
+        raise ValueError(error)
+    return store if store is not None else ShardStore(save_to, _jsonable(job), distributed=True)
 
 
 def _existing_seed(folder) -> int | None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from exml_fast._utils import dist
 from exml_fast._utils.batches import batch_bounds
 from exml_fast._utils.io import atomic_write
 
@@ -141,11 +142,18 @@ class ShardStore:
     Every file is written atomically (temporary file, fsync, rename), so an
     interrupted job leaves only whole shards behind; a shard is trusted when
     it loads and holds the rows the manifest assigns to it.
+
+    With ``distributed=True`` every rank of the default process group holds a
+    store on the same folder and writes its own shards; rank 0 alone writes the
+    manifest: the unfinished one when it opens the folder (the other ranks open
+    it after that, see ``Synthesizer.synthesize_iter``), the finished one in
+    :meth:`finish`, once every rank has reached it and every shard is on disk.
     """
 
-    def __init__(self, folder: str | os.PathLike, job: dict[str, Any]) -> None:
+    def __init__(self, folder: str | os.PathLike, job: dict[str, Any], *, distributed: bool = False) -> None:
         self.folder = os.fspath(folder)
         self.job = job
+        self.distributed = distributed
         if os.path.exists(self.folder) and not os.path.isdir(self.folder):
             raise ValueError(f"save_to: {self.folder!r} exists and is not a folder")
         path = os.path.join(self.folder, MANIFEST)
@@ -181,7 +189,26 @@ class ShardStore:
         atomic_write(os.path.join(self.folder, shard_name(index)), write)
 
     def finish(self) -> None:
-        self._write_manifest(complete=True)
+        """Marks the job complete. Distributed: a collective (every rank calls it after its own
+        shards); rank 0 checks that every shard is on disk and whole first, and every rank raises
+        RuntimeError when some are not (a folder the ranks do not share, say)."""
+        if not self.distributed:
+            self._write_manifest(complete=True)
+            return
+        dist.barrier()  # every rank has written its shards
+        missing = None
+        if dist.rank_and_world()[0] == 0:
+            bounds = batch_bounds(self.job["n"], self.job["batch_size"])
+            missing = [i for i, (a, b) in enumerate(bounds) if _load_shard(self.folder, i, b - a) is None]
+            if not missing:
+                self._write_manifest(complete=True)
+        missing = dist.broadcast_object(missing)  # also: nobody returns before the manifest is written
+        if missing:
+            raise RuntimeError(
+                f"synthesize: after every rank finished, {len(missing)} shard(s) are missing or damaged in "
+                f"{self.folder!r} as rank 0 sees it (first: {shard_name(missing[0])}); save_to must be a "
+                "folder every rank reaches. The manifest stays unfinished; a rerun redoes the missing shards."
+            )
 
 
 def _load_shard(folder: str, index: int, rows: int) -> SyntheticBatch | None:
