@@ -305,7 +305,7 @@ def _synthesize_on(args: argparse.Namespace, device: torch.device) -> int:
     rate = f"{made / elapsed:.1f} images/s" if made and elapsed > 0 else "nothing new to do"
     mine = " of this rank's batches" if world > 1 else ""
     print(f"{who} {total} images{mine} in {args.out} ({made} made by this run, {total - made} on disk before); "
-          f"{elapsed:.1f} s, {rate}; {quality}", flush=True)
+          f"{elapsed:.2f} s, {rate}; {quality}", flush=True)
     if world > 1 and rank == 0 and read_manifest(args.out)["complete"]:
         print(f"[synthesize] all {world} ranks done: the job's {args.n} images are complete in {args.out}")
     if args.grid and first is not None and rank == 0:
