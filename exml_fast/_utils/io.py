@@ -13,23 +13,40 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 
     The temporary file is fsynced before the rename and removed if ``write``
     raises, so an interrupted job leaves either nothing or the previous
-    version at ``path``. Parent folders are created.
+    version at ``path`` (a process killed outright can leave the temporary
+    file, named by :func:`temporary_files_of`, which never reads as ``path``).
+    Parent folders are created. An OS error (a full disk, a read-only folder)
+    is raised as an OSError of the same errno whose message names ``path``.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     # Not tempfile.mkstemp: its 0600 mode would survive the rename.
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, FileExistsError) and e.errno is not None:
+            raise OSError(e.errno, f"could not write {path!r} ({e.strerror or e}); any earlier version of it "
+                                   "is intact", path) from e
         raise
+
+
+def temporary_files_of(folder: str | os.PathLike, name_prefix: str = "") -> list[str]:
+    """The temporary files :func:`atomic_write` leaves in ``folder`` when its process is killed
+    mid-write (of files whose names start with ``name_prefix``): safe to delete when no writer
+    of them is running."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                  if n.startswith("." + name_prefix) and n.endswith(".tmp"))
 
 
 def load_torch_bytes(data: bytes, *, where: str, what: str, error: type[Exception] = ValueError):

@@ -13,7 +13,7 @@ import torch
 
 from exml_fast._utils import dist
 from exml_fast._utils.batches import batch_bounds
-from exml_fast._utils.io import atomic_write
+from exml_fast._utils.io import atomic_write, temporary_files_of
 
 __all__ = ["SyntheticBatch", "load_synthetic"]
 
@@ -168,6 +168,12 @@ class ShardStore:
                 )
         else:
             self._write_manifest(complete=False)
+        # A run killed mid-write left its temporary files: the opener removes them before anyone
+        # writes (sharded, rank 0 opens first and the other ranks after it, see synthesize_iter).
+        if not distributed or dist.rank_and_world()[0] == 0:
+            for prefix in ("shard_", MANIFEST):
+                for tmp in temporary_files_of(self.folder, prefix):
+                    os.unlink(tmp)
 
     def _write_manifest(self, *, complete: bool) -> None:
         text = json.dumps({"format": FORMAT, "version": VERSION, "complete": complete, "job": self.job},
