@@ -3,13 +3,15 @@
 # torch/torchvision, build the extension, then run.
 #
 #   make test                  lint, Python tests (and the numerically sensitive ones again as on an
-#                              AVX2-only CPU), the C++ (ctest) suite
+#                              AVX2-only CPU), the C++ (ctest) suite, the op tests under ASan + UBSan
 #   make lint                  ruff (configured in pyproject.toml)
 #   make demo                  Ex-Model CL on Split MNIST: 5 LeNet-5 experts, every strategy (~15 min)
 #   make demo-inversion        train a LeNet-5-BN on MNIST, invert it, save a PNG grid (~20 s)
 #   make bench                 op benchmarks, printed and recorded in benches/results/
 #   make bench-e2e             end-to-end synthesis benchmarks (about an hour on 2 CPU cores)
 #   USE_SYSTEM_TORCH=1 make …  use `python3` and the torch it has (e.g. a GPU machine)
+#   make sanitize              the CPU ops built with ASan + UBSan (apart, in build-sanitize/) and the op
+#                              tests run against them (about 20 min on 2 cores)
 #   make gpu-check             on a GPU machine, with its own torch (USE_SYSTEM_TORCH=1 implied):
 #                              build for its GPU, every CUDA test (pytest -m cuda, ctest), memcheck,
 #                              short benches; summary + logs in GPU_CHECK_OUT (< 10 min; exit 2 without a GPU)
@@ -56,7 +58,7 @@ CMAKE_BUILD_DIR := build-cmake
 CMAKE_CUDA = $(shell $(PY) -c 'import torch; print("ON" if torch.cuda.is_available() else "OFF")' 2>/dev/null || echo OFF)
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: help env build lint test pytest pytest-avx2 ctest demo demo-inversion bench bench-e2e gpu-check clean FORCE
+.PHONY: help env build lint test pytest pytest-avx2 ctest sanitize demo demo-inversion bench bench-e2e gpu-check clean FORCE
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -118,7 +120,28 @@ ctest: $(ENV_STAMP)
 	cmake --build $(CMAKE_BUILD_DIR) -j2
 	ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
 
-test: lint pytest pytest-avx2 ctest
+test: lint pytest pytest-avx2 ctest sanitize
+
+# The CPU ops built apart with AddressSanitizer + UndefinedBehaviorSanitizer (setup.py, EXML_FAST_SANITIZE=1)
+# into $(SANITIZE_DIR)/site beside a copy of the package, and the op tests run against that copy (from its
+# folder, so `import exml_fast` finds it) with the sanitizer runtimes preloaded into the uninstrumented python.
+# Any finding aborts the run. detect_leaks=0: CPython and torch keep memory to the end by design.
+SANITIZE_DIR ?= build-sanitize
+SANITIZE_TESTS ?= python_tests/ops
+sanitize: $(ENV_STAMP)
+	rm -rf $(SANITIZE_DIR)/site && mkdir -p $(SANITIZE_DIR)/site
+	cp -r exml_fast $(SANITIZE_DIR)/site/ && rm -f $(SANITIZE_DIR)/site/exml_fast/_C*.so
+	EXML_FAST_SANITIZE=1 EXML_FAST_NO_CUDA=1 MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext \
+	  --build-lib $(SANITIZE_DIR)/site --build-temp $(SANITIZE_DIR)/temp
+	@so=$$(ls $(SANITIZE_DIR)/site/exml_fast/_C*.so) && nm -D $$so | grep -q __asan_report_ \
+	  && nm -D $$so | grep -q __ubsan_handle_ || { echo "$$so is not instrumented"; exit 1; }
+	cd $(SANITIZE_DIR)/site && \
+	  export LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	    ASAN_OPTIONS=detect_leaks=0:protect_shadow_gap=0:abort_on_error=1 \
+	    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 && \
+	  $(abspath $(PY)) -c 'import exml_fast, sys; assert exml_fast.has_ops() and "$(SANITIZE_DIR)" in exml_fast.__file__, exml_fast.__file__; print("sanitized build:", exml_fast.__file__)' && \
+	  $(abspath $(PY)) -m pytest $(addprefix $(CURDIR)/,$(SANITIZE_TESTS)) -q -p no:cacheprovider \
+	    --rootdir $(CURDIR) -c $(CURDIR)/pyproject.toml -m "not cuda and not slow"
 
 demo: build
 	$(PY) -m exml_fast demo
@@ -147,6 +170,6 @@ gpu-check:
 	$(PYTHON) benches/gpu_check.py --out "$(GPU_CHECK_OUT)"
 
 clean:
-	rm -rf build $(CMAKE_BUILD_DIR) build-cmake-cuda .stamps exml_fast/_C*.so *.egg-info
+	rm -rf build $(CMAKE_BUILD_DIR) build-cmake-cuda $(SANITIZE_DIR) .stamps exml_fast/_C*.so *.egg-info
 
 FORCE:

@@ -6,6 +6,8 @@ Switches (environment variables):
   TORCH_CUDA_ARCH_LIST    CUDA archs, e.g. "9.0" or "8.0;9.0+PTX"; defaults to the
                           visible GPU's arch, or to DEFAULT_ARCHS when none is visible.
   MAX_JOBS                parallel compile jobs (ninja).
+  EXML_FAST_SANITIZE=1    build with AddressSanitizer and UndefinedBehaviorSanitizer
+                          (-O1 -g; `make sanitize` builds it apart and runs the op tests).
   CUDA_HOME               CUDA toolkit root; defaults to /usr/local/cuda when unset.
 
 Install with `pip install --no-build-isolation -e .`: the extension compiles
@@ -221,6 +223,12 @@ def make_extension():
     # one of which divides (tanh_common.h); without it such loops do not vectorise. No value changes.
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-Wno-unknown-pragmas"]
     ext_kwargs = {"extra_link_args": ["-fopenmp"]}
+    if env_flag("EXML_FAST_SANITIZE"):
+        # The sanitizers find more with less optimisation; errors abort, so a test run fails on the first.
+        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+        cxx_flags = [f for f in cxx_flags if f != "-O3"] + ["-O1", *san]
+        ext_kwargs["extra_link_args"] += ["-fsanitize=address,undefined"]
+        log("EXML_FAST_SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer, -O1")
     if with_cuda:
         incs, libs = nvidia_wheel_dirs()
         if incs:
