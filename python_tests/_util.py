@@ -4,7 +4,10 @@ tolerances relative to PyTorch's own error in a dtype."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +68,18 @@ def no_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         yield
+
+
+@contextlib.contextmanager
+def bench_module(name: str):
+    """``benches/<name>.py`` imported as a module, with ``benches/`` on sys.path meanwhile (the scripts
+    import their sibling ``benchlib``)."""
+    benches = str(Path(__file__).resolve().parents[1] / "benches")
+    sys.path.insert(0, benches)
+    try:
+        spec = importlib.util.spec_from_file_location(name, f"{benches}/{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.path.remove(benches)

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-
-ROOT = Path(__file__).resolve().parents[1]
+from _util import bench_module
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="this torch has no torch.distributed with gloo")
@@ -18,14 +14,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "benches"))  # the script imports its sibling benchlib
-    try:
-        spec = importlib.util.spec_from_file_location("bench_distributed", ROOT / "benches" / "bench_distributed.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+    with bench_module("bench_distributed") as mod:
         yield mod
-    finally:
-        sys.path.remove(str(ROOT / "benches"))
 
 
 def test_quick_run_records_every_configuration(bench, tmp_path):

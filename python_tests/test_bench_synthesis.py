@@ -4,25 +4,14 @@ the floor times the network's own layers. Nothing here times anything that is as
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from _util import bench_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "benches"))  # the script imports its sibling benchlib
-    try:
-        spec = importlib.util.spec_from_file_location("bench_synthesis", ROOT / "benches" / "bench_synthesis.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+    with bench_module("bench_synthesis") as mod:
         yield mod
-    finally:
-        sys.path.remove(str(ROOT / "benches"))
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 40, 120])
