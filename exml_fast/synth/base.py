@@ -268,10 +268,10 @@ class Synthesizer:
                 of more than one rank is initialised and ``save_to`` is given
                 (without it every rank does the whole job, as before). False:
                 never shard. True: shard, and raise without a group or without
-                ``save_to``. Batch b is seeded from
-                (seed, b) alone, and the ranks use rank 0's seed, so the union
-                is the single-process result for that seed, bit for bit
-                (given the same kernels: device, dtype, thread count).
+                ``save_to``. Batch b is seeded from (seed, b) alone, and the
+                ranks use rank 0's seed, so the union is the single-process
+                result for that seed, bit for bit (given the same kernels:
+                device, dtype, thread count).
 
         Returns:
             A :class:`SyntheticBatch` of n rows, on the synthesizer's device.
