@@ -12,6 +12,7 @@ and then briefly. This script does the whole check and writes it down:
   ctest        the C++ suite, its CUDA cases included (none may skip)
   pytest-cuda  python -m pytest python_tests -m cuda: every CUDA test
   sanitizer    compute-sanitizer --tool memcheck over a few fast CUDA tests of each op
+  racecheck    compute-sanitizer --tool racecheck (shared-memory hazards) over the same tests
   bench-*      the op benchmarks and the synthesis benchmark on the GPU, short settings,
                without torch.compile (`make bench` with USE_SYSTEM_TORCH=1 gives the full runs)
 
@@ -63,7 +64,7 @@ EXIT_FAILED, EXIT_NO_GPU = 1, 2
 #: pytest-cuda 1-2 min, sanitizer about 1 min, each benchmark 10-40 s.
 TIMEOUTS = {
     "gpu": 60, "build": 300, "cmake-build": 300, "ctest": 120, "pytest-cuda": 300,
-    "sanitizer": 180, "bench": 90, "bench-synthesis": 150,
+    "sanitizer": 180, "racecheck": 180, "bench": 90, "bench-synthesis": 150,
 }
 #: A step is not started with less than this many seconds of budget left.
 MIN_STEP_S = 10.0
@@ -92,7 +93,8 @@ BENCHES = (
     ("tanh", "bench_tanh.py", ["--quick"], "tanh_cuda_quick"),
     ("synthesis", "bench_synthesis.py", ["--quick"], "synthesis_cuda_quick"),
 )
-STEPS = ("build", "cmake-build", "ctest", "pytest-cuda", "sanitizer") + tuple(f"bench-{b[0]}" for b in BENCHES)
+STEPS = ("build", "cmake-build", "ctest", "pytest-cuda", "sanitizer", "racecheck") + tuple(
+    f"bench-{b[0]}" for b in BENCHES)
 
 # Skip reasons that mean the GPU or the compiled library is missing: on a GPU machine
 # a CUDA test skipped for one of them is a failure, not a skip.
@@ -471,6 +473,7 @@ def summary_dict(env: dict, results: list[StepResult], *, finished: bool) -> dic
         if "pytest-cuda" in by else None,
         "ctest": {k: by["ctest"].details.get(k) for k in ("passed", "failed", "skipped")} if "ctest" in by else None,
         "sanitizer_errors": by["sanitizer"].details.get("error_count") if "sanitizer" in by else None,
+        "racecheck_errors": by["racecheck"].details.get("error_count") if "racecheck" in by else None,
     }
     return {"ok": finished and overall(results), "finished": finished, "env": env, "steps": steps,
             "failed_steps": [r.name for r in results if not r.ok], "totals": totals}
@@ -669,21 +672,22 @@ def sanitizer_help(sanitizer: str) -> str:
         return ""
 
 
-def sanitizer_step(c: Check) -> StepResult:
-    """compute-sanitizer memcheck over the SANITIZER_FILES/SANITIZER_K tests, with only our kernels
-    instrumented where the tool can filter, and torch's caching allocator off so that an
-    access past a tensor's end lands outside its allocation."""
+def sanitizer_step(c: Check, name: str = "sanitizer", check: str = "memcheck") -> StepResult:
+    """compute-sanitizer's `check` (memcheck; racecheck: shared-memory races) over the
+    SANITIZER_FILES/SANITIZER_K tests, as step `name`, with only our kernels instrumented where
+    the tool can filter, and torch's caching allocator off so that an access past a tensor's end
+    lands outside its allocation."""
     tool = c.env.get("sanitizer")
     if not tool:
-        return not_run("sanitizer", "compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin, "
-                                    "nvidia wheels)")
-    cmd = [tool, "--tool", "memcheck", "--error-exitcode", "86", "--print-limit", "50"]
+        return not_run(name, "compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin, "
+                             "nvidia wheels)")
+    cmd = [tool, "--tool", check, "--error-exitcode", "86", "--print-limit", "50"]
     help_text = sanitizer_help(tool)
     if "--kernel-name" in help_text and "kns" in help_text:
         cmd += ["--kernel-name", "kns=exml_fast"]  # substring of the mangled names of our kernels
     cmd += [c.python, "-m", "pytest", *(f"python_tests/{f}" for f in SANITIZER_FILES), "-m", "cuda",
             "-k", SANITIZER_K, "-q", "-p", "no:cacheprovider"]
-    r = c.run("sanitizer", cmd, env={"PYTHONPATH": str(ROOT), "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
+    r = c.run(name, cmd, env={"PYTHONPATH": str(ROOT), "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
     if r.status == "not run":
         return r
     text = read_log(r)
@@ -691,10 +695,10 @@ def sanitizer_step(c: Check) -> StepResult:
     r.details.update(s)
     r.details["pytest"] = {k: v for k, v in (parse_pytest_summary(text) or {}).items() if isinstance(v, (int, float))}
     count = f"{s['error_count']}" if s["complete"] else f"at least {s['error_count']}"
-    r.summary = f"{count} memcheck errors; " + ", ".join(f"{v} {k}" for k, v in r.details["pytest"].items()
+    r.summary = f"{count} {check} errors; " + ", ".join(f"{v} {k}" for k, v in r.details["pytest"].items()
                                                             if k in ("passed", "failed", "skipped") and v)
     if s["error_count"]:
-        r.fail(f"memcheck: {count} errors, first: {s['errors'][0] if s['errors'] else '?'}")
+        r.fail(f"{check}: {count} errors, first: {s['errors'][0] if s['errors'] else '?'}")
     if r.status == "pass" and not s["complete"]:
         r.fail("no ERROR SUMMARY line from compute-sanitizer")
     if r.status == "pass" and not r.details["pytest"].get("passed"):
@@ -791,6 +795,8 @@ def run_all(c: Check, steps: list[str], results: list[StepResult]) -> list[StepR
         done(pytest_step(c))
     if "sanitizer" in steps:
         done(sanitizer_step(c))
+    if "racecheck" in steps:
+        done(sanitizer_step(c, "racecheck", "racecheck"))
     for name, script, args, stem in BENCHES:
         if f"bench-{name}" in steps:
             done(bench_step(c, name, script, args, stem))

@@ -287,6 +287,8 @@ FAKE_LOGS = {
              "2/2 Test  #2: cuda_nchw_fp32 ..   Passed    2.01 sec\n100% tests passed, 0 tests failed out of 2\n",
     "pytest-cuda": "862 passed, 1404 deselected in 95.00s (0:01:35)\n",
     "sanitizer": "========= COMPUTE-SANITIZER\n230 passed in 60.0s\n========= ERROR SUMMARY: 0 errors\n",
+    "racecheck": "========= COMPUTE-SANITIZER\n230 passed in 80.0s\n========= RACECHECK SUMMARY: 0 hazards displayed "
+                 "(0 errors, 0 warnings)\n========= ERROR SUMMARY: 0 errors\n",
 }
 
 
@@ -326,7 +328,7 @@ def test_main_runs_every_step_in_order_and_writes_the_summary(monkeypatch, tmp_p
     out = tmp_path / "gpu"
     assert gc.main(["--out", str(out), "--python", "/usr/bin/python3"]) == 0
     names = [c[0] for c in calls]
-    assert names == ["cmake-build", "build", "ctest", "pytest-cuda", "sanitizer",
+    assert names == ["cmake-build", "build", "ctest", "pytest-cuda", "sanitizer", "racecheck",
                      *(f"bench-{b[0]}" for b in gc.BENCHES)]
     by = {c[0]: c for c in calls}
     # Built for the visible GPU's arch with every core, the CUDA kernels forced.
@@ -336,6 +338,7 @@ def test_main_runs_every_step_in_order_and_writes_the_summary(monkeypatch, tmp_p
     assert "-DEXML_FAST_CUDA=ON" in by["cmake-build"][1][-1]
     assert by["pytest-cuda"][1][:6] == ["/usr/bin/python3", "-m", "pytest", "python_tests", "-m", "cuda"]
     assert "--tool" in by["sanitizer"][1] and by["sanitizer"][2]["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
+    assert by["racecheck"][1][by["racecheck"][1].index("--tool") + 1] == "racecheck"
     for name, *_ in gc.BENCHES:
         cmd = by[f"bench-{name}"][1]
         assert cmd[cmd.index("--device") + 1] == "cuda" and "--no-compile" in cmd
@@ -343,7 +346,7 @@ def test_main_runs_every_step_in_order_and_writes_the_summary(monkeypatch, tmp_p
     s = json.loads((out / "summary.json").read_text())
     assert s["ok"] and s["finished"] and s["failed_steps"] == []
     assert s["totals"]["pytest"]["passed"] == 862 and s["totals"]["ctest"]["passed"] == 2
-    assert s["totals"]["sanitizer_errors"] == 0
+    assert s["totals"]["sanitizer_errors"] == 0 and s["totals"]["racecheck_errors"] == 0
     md = (out / "summary.md").read_text()
     assert md.startswith("# gpu-check: PASS") and "| bench-synthesis | pass |" in md
     assert "- bench-bn_stats: benches/bn_stats_cuda.md" in md
