@@ -117,8 +117,8 @@ def test_an_error_of_rank_0_reaches_every_rank(tmp_path):
 
 def test_a_rank_that_dies_leaves_an_unfinished_job_that_a_rerun_completes(tmp_path, single):
     # spawn reports whichever process failed first: rank 1 itself, or rank 0, whose barrier gloo ends
-    # when rank 1's connection closes (it does not hang).
-    with pytest.raises(mp.ProcessRaisedException, match="rank 1 dies|Connection closed by peer"):
+    # with an error when rank 1's connection goes (it does not hang; gloo's words vary: closed, reset).
+    with pytest.raises(mp.ProcessRaisedException, match=r"rank 1 dies|in barrier\n"):
         _spawn(tmp_path, "rank1-dies")
     job = tmp_path / "job"
     assert not json.loads((job / "manifest.json").read_text())["complete"]
