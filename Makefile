@@ -133,8 +133,10 @@ sanitize: $(ENV_STAMP)
 	cp -r exml_fast $(SANITIZE_DIR)/site/ && rm -f $(SANITIZE_DIR)/site/exml_fast/_C*.so
 	EXML_FAST_SANITIZE=1 EXML_FAST_NO_CUDA=1 MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext \
 	  --build-lib $(SANITIZE_DIR)/site --build-temp $(SANITIZE_DIR)/temp
-	@so=$$(ls $(SANITIZE_DIR)/site/exml_fast/_C*.so) && nm -D $$so | grep -q __asan_report_ \
-	  && nm -D $$so | grep -q __ubsan_handle_ || { echo "$$so is not instrumented"; exit 1; }
+	@# (into a file, not a pipe: grep -q would close it early, and pipefail would count nm's SIGPIPE)
+	@so=$$(ls $(SANITIZE_DIR)/site/exml_fast/_C*.so) && nm -D $$so > $(SANITIZE_DIR)/symbols.txt \
+	  && grep -q __asan_report_ $(SANITIZE_DIR)/symbols.txt && grep -q __ubsan_handle_ $(SANITIZE_DIR)/symbols.txt \
+	  || { echo "$$so is not instrumented (no ASan/UBSan symbols)"; exit 1; }
 	cd $(SANITIZE_DIR)/site && \
 	  export LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	    ASAN_OPTIONS=detect_leaks=0:protect_shadow_gap=0:abort_on_error=1 \
