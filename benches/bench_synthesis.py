@@ -648,7 +648,7 @@ def main(argv=None) -> None:
                    help="only the time-to-quality race (no per-step timing, no loss check)")
     p.add_argument("--ttq-cap", type=int, default=3,
                    help="the engine may run up to this many times the peer's steps before it is called short")
-    p.add_argument("--generator-fit", type=int, default=None,
+    p.add_argument("--generator-fit", type=int, default=0,
                    help="fit steps of the trained generator compared with DeepInversion per net (default: 0, off; "
                         "recorded with --nets lenet5_bn --generator-fit 200 --suffix _generator)")
     p.add_argument("--generator-arch", default="skd-narrow", help="the generator network (default: skd-narrow)")
@@ -656,8 +656,6 @@ def main(argv=None) -> None:
                    help="DeepInversion's first step count in the comparison, doubled until its batch reaches "
                         "the agreement bar (default: 200)")
     args = p.parse_args(argv)
-    if args.generator_fit is None:
-        args.generator_fit = 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():

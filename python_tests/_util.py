@@ -83,3 +83,15 @@ def bench_module(name: str):
         yield mod
     finally:
         sys.path.remove(benches)
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's intra-op thread count set to ``n`` meanwhile (the same kernels as a one-thread worker), then
+    restored."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _util import num_threads
 
 from exml_fast.checkpoint import save_model
 from exml_fast.models import build_model
@@ -50,13 +51,9 @@ def _assert_same(a: SyntheticBatch, b: SyntheticBatch) -> None:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> SyntheticBatch:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with num_threads(1):
         return _synth().synthesize(N, generator=SEED, progress=False,
                                    save_to=tmp_path_factory.mktemp("single") / "job")
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _worker(rank: int, world: int, init: str, out: str, mode: str) -> None:
@@ -125,12 +122,8 @@ def test_a_rank_that_dies_leaves_an_unfinished_job_that_a_rerun_completes(tmp_pa
     with pytest.raises(ValueError, match="not finished"):
         load_synthetic(job)
     assert not (job / "shard_00003.pt").exists()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:  # the rerun (one process here) keeps the shards on disk and makes the rest
+    with num_threads(1):  # the rerun (one process here) keeps the shards on disk and makes the rest
         again = _synth().synthesize(N, generator=SEED, progress=False, save_to=job)
-    finally:
-        torch.set_num_threads(threads)
     _assert_same(again, single)
     assert json.loads((job / "manifest.json").read_text())["complete"]
 

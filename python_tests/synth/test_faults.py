@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _util import num_threads
 
 from exml_fast._utils.io import atomic_write, temporary_files_of
 from exml_fast.models import build_model
@@ -82,20 +83,14 @@ def _synth() -> DeepInversion:
 
 @pytest.fixture
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with num_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with num_threads(1):
         return _synth().synthesize(N, generator=SEED, progress=False, save_to=tmp_path_factory.mktemp("u") / "job")
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("site", ["mid-write", "before-rename", "after-rename"])
