@@ -254,6 +254,12 @@ def _synthesize_on(args: argparse.Namespace, device: torch.device) -> int:
 
     rank, world = dist.rank_and_world()
     who = f"[synthesize rank {rank}/{world}]" if world > 1 else "[synthesize]"
+
+    def say(line: str) -> None:
+        # One write per line (text and newline together): under torchrun the ranks share stdout, and an
+        # unbuffered print writes the newline apart, so two ranks' lines could run into one.
+        print(line + "\n", end="", flush=True)
+
     teacher, info = load_model(args.teacher, map_location=device)
     if args.classes is not None and max(args.classes) >= info.num_classes:
         raise UsageError(f"--classes: the teacher has {info.num_classes} classes (0..{info.num_classes - 1}); "
@@ -267,8 +273,8 @@ def _synthesize_on(args: argparse.Namespace, device: torch.device) -> int:
     preset = f", preset {synth.preset_name}" if args.method == "deepinversion" else ""
     if rank == 0:
         shards = f", sharded over {world} ranks" if world > 1 else ""
-        print(f"[synthesize] {args.method}{preset}: {args.n} images from {args.teacher} ({info.arch}, "
-              f"{info.num_classes} classes) on {device}{shards}, seed {args.seed} -> {args.out}")
+        say(f"[synthesize] {args.method}{preset}: {args.n} images from {args.teacher} ({info.arch}, "
+            f"{info.num_classes} classes) on {device}{shards}, seed {args.seed} -> {args.out}")
     before = _shard_stats(args.out)
     t0 = time.perf_counter()
     total = made = 0
@@ -304,15 +310,15 @@ def _synthesize_on(args: argparse.Namespace, device: torch.device) -> int:
             break
     rate = f"{made / elapsed:.1f} images/s" if made and elapsed > 0 else "nothing new to do"
     mine = " of this rank's batches" if world > 1 else ""
-    print(f"{who} {total} images{mine} in {args.out} ({made} made by this run, {total - made} on disk before); "
-          f"{elapsed:.2f} s, {rate}; {quality}", flush=True)
+    say(f"{who} {total} images{mine} in {args.out} ({made} made by this run, {total - made} on disk before); "
+        f"{elapsed:.2f} s, {rate}; {quality}")
     if world > 1 and rank == 0 and read_manifest(args.out)["complete"]:
-        print(f"[synthesize] all {world} ranks done: the job's {args.n} images are complete in {args.out}")
+        say(f"[synthesize] all {world} ranks done: the job's {args.n} images are complete in {args.out}")
     if args.grid and first is not None and rank == 0:
         grid_path = os.path.join(args.out, "grid.png")
         x = torch.cat(grid_x)
         save_grid(SimpleNamespace(x=x, y=torch.cat(grid_y), mean=first.mean, std=first.std), grid_path)
-        print(f"[save] {grid_path} ({len(x)} images); read the job with exml_fast.synth.load_synthetic({args.out!r})")
+        say(f"[save] {grid_path} ({len(x)} images); read the job with exml_fast.synth.load_synthetic({args.out!r})")
     return 0
 
 
