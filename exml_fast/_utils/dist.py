@@ -1,5 +1,6 @@
 """torch.distributed, as exml_fast uses it: the default process group's rank and size, and the
-few collectives a sharded job needs (an object from rank 0, a barrier).
+few collectives a sharded job needs (an object from rank 0, every rank's objects, a sum, a barrier),
+and which rows of a minibatch a rank takes.
 
 Nothing here starts a process or picks an address: ``torchrun`` (or the caller's own
 ``torch.distributed.init_process_group``) does that. :func:`init_from_env` only joins the group
@@ -15,7 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["barrier", "broadcast_object", "init_from_env", "rank_and_world"]
+__all__ = ["all_gather_object", "all_reduce_sum", "barrier", "broadcast_object", "init_from_env", "is_sharded",
+           "rank_and_world", "resolve_world", "shard_rows"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -33,8 +35,49 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    box: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(box, obj)
+    return box
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over the ranks, returned on ``tensor``'s device (NCCL reduces on the current
+    CUDA device, gloo on the CPU; ``tensor`` itself is left as it was)."""
+    backend = dist.get_backend()
+    work = tensor.detach().to("cuda" if backend == "nccl" else "cpu", copy=True)
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    return work.to(tensor.device)
+
+
 def barrier() -> None:
     dist.barrier()
+
+
+def resolve_world(distributed: bool | None, owner: str) -> tuple[int, int]:
+    """(rank, world size) a job of ``owner``'s runs over: ``distributed`` None, the default process group
+    when one of more than one rank is initialised (else (0, 1)); False, (0, 1) always; True, the group,
+    which must be initialised."""
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"{owner}: distributed must be None, True or False; got {distributed!r}")
+    if distributed is False:
+        return 0, 1
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"{owner}: distributed=True needs an initialised torch.distributed process group "
+                         "(run under torchrun, or call init_process_group first)")
+    return rank_and_world()
+
+
+def is_sharded(distributed: bool | None = None) -> bool:
+    """Whether work is split over more than one rank (:func:`resolve_world`)."""
+    return resolve_world(distributed, "exml_fast")[1] > 1
+
+
+def shard_rows(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous share [lo, hi) of ``n`` rows split over ``world`` ranks (sizes differ by
+    at most one; a rank gets no row when ``n < world``)."""
+    return n * rank // world, n * (rank + 1) // world
 
 
 def init_from_env(device: torch.device, *, timeout_s: float | None = None) -> bool:

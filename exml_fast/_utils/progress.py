@@ -54,10 +54,13 @@ class Progress:
 class RunningLoss:
     """The mean loss of a training loop's last steps, shown on ``bar``: the losses add up on their device and
     are read (one host sync) every ``every`` steps — ``min(100, total // 20)``, at least 1 — and at
-    :meth:`flush`. :attr:`last` is the mean of the last group read (nan before any)."""
+    :meth:`flush`. :attr:`last` is the mean of the last group read (nan before any). ``reduce``, if given,
+    maps the group's sum before it is read (the sum over the ranks of a sharded loop: every rank must
+    then add and flush at the same steps)."""
 
-    def __init__(self, bar: Progress, total: int, device: torch.device) -> None:
+    def __init__(self, bar: Progress, total: int, device: torch.device, reduce=None) -> None:
         self.bar = bar
+        self.reduce = reduce
         self.every = max(1, min(100, total // 20))
         self.sum = torch.zeros((), device=device)
         self.count = 0
@@ -72,7 +75,7 @@ class RunningLoss:
     def flush(self) -> float:
         """Reads the steps added since the last read, if any, onto the bar; returns :attr:`last`."""
         if self.count:
-            self.last = float(self.sum) / self.count
+            self.last = float(self.sum if self.reduce is None else self.reduce(self.sum)) / self.count
             self.bar.update(self.count, {"loss": self.last})
             self.sum.zero_()
             self.count = 0

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from exml_fast._utils.dist import all_reduce_sum, barrier, broadcast_object, resolve_world, shard_rows
 from exml_fast._utils.io import atomic_write, load_torch_file
 from exml_fast._utils.provenance import config_diff
 from exml_fast.cl.metrics import StreamResult, accuracy_counts
@@ -62,24 +63,29 @@ def evaluate_strategy(strategy, scenario, *, batch_size: int = 1000) -> tuple[li
 
     Returns (accuracy per experience — NaN where the strategy cannot answer
     yet, e.g. the oracle on a task it has not seen —, per-class correct
-    counts, per-class totals) over the experiences it can answer.
+    counts, per-class totals) over the experiences it can answer. Under
+    ``torch.distributed`` (the strategy's ``distributed``, see
+    :mod:`exml_fast.cl.parallel`) each rank counts its share of every test set
+    and the counts are summed over the ranks: every rank returns the same.
     """
+    rank, world = resolve_world(getattr(strategy, "distributed", None), "evaluate_strategy")
     k = scenario.num_classes
-    correct_all = torch.zeros(k, dtype=torch.int64)
-    total_all = torch.zeros(k, dtype=torch.int64)
-    row = []
+    n = len(scenario.experiences)
+    counts = torch.zeros(n, 2, k, dtype=torch.int64)  # per experience: correct, total
+    answers = [_can_answer(strategy, scenario, j) for j in range(n)]
     for j, exp in enumerate(scenario.experiences):
-        if not _can_answer(strategy, scenario, j):
-            row.append(float("nan"))
+        if not answers[j]:
             continue
         tids = _task_ids_for(strategy, scenario, j, exp.test_y.shape[0])
-        correct, total = accuracy_counts(
-            lambda xb, tb: strategy.predict(xb, task_ids=tb), exp.test_x, exp.test_y, num_classes=k,
-            batch_size=batch_size, task_ids=tids)
-        correct_all += correct
-        total_all += total
-        row.append(float(correct.sum()) / max(1, int(total.sum())))
-    return row, correct_all, total_all
+        lo, hi = shard_rows(int(exp.test_y.shape[0]), rank, world)
+        counts[j, 0], counts[j, 1] = accuracy_counts(
+            lambda xb, tb: strategy.predict(xb, task_ids=tb), exp.test_x[lo:hi], exp.test_y[lo:hi], num_classes=k,
+            batch_size=batch_size, task_ids=None if tids is None else tids[lo:hi])
+    if world > 1:
+        counts = all_reduce_sum(counts)
+    row = [float(counts[j, 0].sum()) / max(1, int(counts[j, 1].sum())) if answers[j] else float("nan")
+           for j in range(n)]
+    return row, counts[:, 0].sum(0), counts[:, 1].sum(0)
 
 
 def _stream_fingerprint(stream) -> list[str]:
@@ -102,6 +108,37 @@ def _load_checkpoint(path: pathlib.Path) -> dict[str, Any]:
     ckpt = load_torch_file(path, what="run checkpoint (delete it to start the run again)", error=RunError)
     if not isinstance(ckpt, dict) or not {"job", "strategy", "rows", "timings"} <= set(ckpt):
         raise RunError(f"{path}: not a run checkpoint of exml_fast.cl.engine (delete it to start the run again)")
+    return ckpt
+
+
+def _resume_from(out: pathlib.Path, ckpt_path: pathlib.Path, resume: bool, job: dict[str, Any],
+                 strategy) -> dict[str, Any] | None:
+    """The checkpoint of the run in ``out`` to continue (None: no run there yet); RunError when there is one
+    and ``resume`` is not set, or it is another run's."""
+    if not ckpt_path.exists():
+        return None
+    if not resume:
+        raise RunError(f"run_stream: {out} already holds a run ({CHECKPOINT}); pass resume=True "
+                       "(--resume) to continue it, or choose another folder")
+    ckpt = _load_checkpoint(ckpt_path)
+    stored = ckpt.get("job", {})
+    if isinstance(stored.get("strategy"), dict) and "generator" in stored["strategy"] \
+            and "source" not in stored["strategy"]:
+        # Written before ED's data source was renamed from "generator" to "source": the same setting.
+        stored["strategy"]["source"] = stored["strategy"].pop("generator")
+    if isinstance(stored.get("strategy"), dict) and "ex_model" not in stored["strategy"]:
+        # Written before configs recorded ex_model, which follows from the strategy and its data
+        # source (both compared): not a difference.
+        stored["strategy"]["ex_model"] = job["strategy"].get("ex_model")
+    if isinstance(stored.get("strategy"), dict) and \
+            stored["strategy"].get("strategy") == job["strategy"].get("strategy"):
+        # Written before the strategy recorded these settings: the value its runs had then.
+        for key, value in type(strategy).config_added.items():
+            stored["strategy"].setdefault(key, value)
+    differ = config_diff(stored, job)
+    if differ:
+        raise RunError(f"run_stream: {out} holds a different run; these settings differ: "
+                       f"{', '.join(differ[:8])}")
     return ckpt
 
 
@@ -142,8 +179,17 @@ def run_stream(
         progress: progress bars (the strategy's own are set by its constructor).
         log: called with one line per experience (None: silent).
 
+    Under ``torchrun`` (a default process group of K > 1 ranks, unless the
+    strategy's ``distributed`` is False) every rank calls this with the same
+    arguments: synthesis is split over the ranks, training runs
+    DistributedDataParallel on each rank's share of every minibatch
+    (:mod:`exml_fast.cl.parallel`), evaluation counts are summed over the
+    ranks, and rank 0 alone logs, reads the folder (its checkpoint reaches the
+    others) and writes checkpoints, results and plots. A checkpoint does not
+    depend on K: a run resumes under any number of processes.
+
     Returns:
-        The :class:`~exml_fast.cl.metrics.StreamResult` (partial when stopped early).
+        The :class:`~exml_fast.cl.metrics.StreamResult` (partial when stopped early; the same on every rank).
     """
     n = len(scenario.experiences)
     wants_data = getattr(strategy, "learns_from", "experts") == "data"
@@ -160,7 +206,8 @@ def run_stream(
                              f"the scenario has {list(exp.classes)}: the stream was trained on another scenario")
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"run_stream: stop_after must be an int >= 1 or None; got {stop_after!r}")
-    log = log or (lambda *_: None)
+    rank, world = resolve_world(getattr(strategy, "distributed", None), "run_stream")
+    log = log if log is not None and rank == 0 else (lambda *_: None)
     job = _job(strategy, stream, scenario)
     rows: list[list[float]] = []
     timings: list[dict[str, float]] = []
@@ -168,29 +215,19 @@ def run_stream(
     if out is not None:
         out = pathlib.Path(out)
         ckpt_path, result_path = out / CHECKPOINT, out / RESULT
-        if ckpt_path.exists():
-            if not resume:
-                raise RunError(f"run_stream: {out} already holds a run ({CHECKPOINT}); pass resume=True "
-                               "(--resume) to continue it, or choose another folder")
-            ckpt = _load_checkpoint(ckpt_path)
-            stored = ckpt.get("job", {})
-            if isinstance(stored.get("strategy"), dict) and "generator" in stored["strategy"] \
-                    and "source" not in stored["strategy"]:
-                # Written before ED's data source was renamed from "generator" to "source": the same setting.
-                stored["strategy"]["source"] = stored["strategy"].pop("generator")
-            if isinstance(stored.get("strategy"), dict) and "ex_model" not in stored["strategy"]:
-                # Written before configs recorded ex_model, which follows from the strategy and its data
-                # source (both compared): not a difference.
-                stored["strategy"]["ex_model"] = job["strategy"].get("ex_model")
-            if isinstance(stored.get("strategy"), dict) and \
-                    stored["strategy"].get("strategy") == job["strategy"].get("strategy"):
-                # Written before the strategy recorded these settings: the value its runs had then.
-                for key, value in type(strategy).config_added.items():
-                    stored["strategy"].setdefault(key, value)
-            differ = config_diff(stored, job)
-            if differ:
-                raise RunError(f"run_stream: {out} holds a different run; these settings differ: "
-                               f"{', '.join(differ[:8])}")
+        # Sharded: rank 0 reads the folder and every rank gets its checkpoint (or its error).
+        found = None
+        if rank == 0:
+            try:
+                found = ("ok", _resume_from(out, ckpt_path, resume, job, strategy))
+            except RunError as e:
+                found = ("error", str(e))
+        if world > 1:
+            found = broadcast_object(found)
+        if found[0] == "error":
+            raise RunError(found[1])
+        ckpt = found[1]
+        if ckpt is not None:
             strategy.load_state_dict(ckpt["strategy"])
             rows, timings = ckpt["rows"], ckpt["timings"]
             log(f"resuming {out} after experience {len(rows)}/{n}")
@@ -198,6 +235,50 @@ def run_stream(
     sizes = [int(e.test_y.shape[0]) for e in scenario.experiences]
     start = len(rows)
     stop = n if stop_after is None else min(n, stop_after)
+    if world > 1:
+        log(f"[{strategy.name}] sharded over {world} processes (torch.distributed, "
+            f"{torch.distributed.get_backend()}): rank 0 writes the checkpoints and the result")
+    shown = strategy.progress if hasattr(strategy, "progress") else None
+    if rank != 0 and shown is not None:
+        strategy.progress = False  # progress bars on rank 0 only
+    try:
+        rows, timings, correct, total = _experiences(strategy, stream, scenario, job, rows, timings, start, stop,
+                                                     ckpt_path if rank == 0 else None, sizes, eval_batch_size, log)
+    finally:
+        if shown is not None:
+            strategy.progress = shown
+    if correct is None:  # resumed a run whose experts were all done: evaluate the restored strategy once more
+        _, correct, total = evaluate_strategy(strategy, scenario, batch_size=eval_batch_size)
+    per_class = [float(c) / float(t) if t > 0 else float("nan") for c, t in zip(correct.tolist(), total.tolist())]
+    # Stopped early: the result covers the first k experiences only (a k x k matrix).
+    k = len(rows)
+    result = StreamResult(
+        strategy=strategy.name, scenario=scenario.name, seed=getattr(strategy, "seed", None),
+        acc_matrix=[list(r[:k]) for r in rows], test_sizes=sizes[:k], per_class_accuracy=per_class,
+        meta={"config": job["strategy"], "ex_model": bool(getattr(strategy, "ex_model", True)),
+              "keeps_data": bool(getattr(strategy, "keeps_data", False)), "timings": timings,
+              "complete": k == n,
+              "history": getattr(strategy, "history", [])},
+    )
+    if out is not None and rank == 0:
+        if len(rows) == n:
+            result.save_json(result_path)
+        if plots:
+            if importlib.util.find_spec("matplotlib") is None:
+                warnings.warn("run_stream: plots skipped: matplotlib is not installed (pip install matplotlib); "
+                              f"{RESULT} holds every number", stacklevel=2)
+            else:
+                _plots(result, strategy, scenario, out)
+    if world > 1:  # every rank returns once rank 0 has written: the folder is whole when any rank is done
+        barrier()
+    return result
+
+
+def _experiences(strategy, stream, scenario, job, rows, timings, start, stop, ckpt_path, sizes, eval_batch_size,
+                 log):
+    """Experiences ``start`` to ``stop`` of the run: train, evaluate, checkpoint (when ``ckpt_path``), log.
+    Returns the rows and timings so far and the last evaluation's per-class counts (None if none ran)."""
+    n = len(scenario.experiences)
     correct = total = None
     for i in range(start, stop):
         experience = stream[i] if stream is not None else scenario.experiences[i]
@@ -217,30 +298,7 @@ def run_stream(
                                          "timings": timings})
         log(f"[{strategy.name}] experience {i + 1}/{n}: stream accuracy {100 * acc:.2f} % "
             f"(train {t_train:.1f} s, eval {t_eval:.1f} s)" + (" — checkpoint written" if ckpt_path else ""))
-
-    if correct is None:  # resumed a run whose experts were all done: evaluate the restored strategy once more
-        _, correct, total = evaluate_strategy(strategy, scenario, batch_size=eval_batch_size)
-    per_class = [float(c) / float(t) if t > 0 else float("nan") for c, t in zip(correct.tolist(), total.tolist())]
-    # Stopped early: the result covers the first k experiences only (a k x k matrix).
-    k = len(rows)
-    result = StreamResult(
-        strategy=strategy.name, scenario=scenario.name, seed=getattr(strategy, "seed", None),
-        acc_matrix=[list(r[:k]) for r in rows], test_sizes=sizes[:k], per_class_accuracy=per_class,
-        meta={"config": job["strategy"], "ex_model": bool(getattr(strategy, "ex_model", True)),
-              "keeps_data": bool(getattr(strategy, "keeps_data", False)), "timings": timings,
-              "complete": k == n,
-              "history": getattr(strategy, "history", [])},
-    )
-    if out is not None:
-        if len(rows) == n:
-            result.save_json(result_path)
-        if plots:
-            if importlib.util.find_spec("matplotlib") is None:
-                warnings.warn("run_stream: plots skipped: matplotlib is not installed (pip install matplotlib); "
-                              f"{RESULT} holds every number", stacklevel=2)
-            else:
-                _plots(result, strategy, scenario, out)
-    return result
+    return rows, timings, correct, total
 
 
 def _plots(result: StreamResult, strategy, scenario, out: pathlib.Path) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+from collections.abc import Iterator
 
 import torch
 
 __all__ = ["PROG", "UsageError", "class_list", "device_arg", "one_line", "positive_float", "positive_int",
-           "resolve_device"]
+           "resolve_device", "say", "torchrun_group"]
 
 PROG = "exml-fast"
 
@@ -73,3 +76,30 @@ def one_line(e: BaseException) -> str:
     if isinstance(e, FileNotFoundError) and e.filename is not None and not str(e).startswith("checkpoint"):
         text = f"{e.strerror or 'not found'}: {e.filename}"
     return text
+
+
+def say(line: str) -> None:
+    """Prints ``line`` in one write (text and newline together): under torchrun the ranks share stdout, and
+    an unbuffered print writes the newline apart, so two ranks' lines could run into one."""
+    print(line + "\n", end="", flush=True)
+
+
+@contextlib.contextmanager
+def torchrun_group(device: torch.device) -> Iterator[torch.device]:
+    """Under torchrun (``WORLD_SIZE`` > 1) joins the process group it describes — gloo on the CPU, NCCL on
+    ``cuda:LOCAL_RANK`` when ``device`` is CUDA without an index — and leaves it on exit; yields the device
+    this process works on (``device`` itself outside torchrun)."""
+    from exml_fast._utils import dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    joined = dist.init_from_env(device)
+    try:
+        yield device
+        if joined:
+            # The ranks leave together: gloo can abort a process whose group is destroyed while a peer
+            # still works (seen as "terminate called without an active exception" at exit).
+            dist.barrier()
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()

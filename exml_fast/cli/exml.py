@@ -33,7 +33,8 @@ from exml_fast.cl.strategies import (DATASET_RUN_DEFAULTS, RUN_OPTIONS, STRATEGI
                                      strategy_names, stream_arch)
 from exml_fast.cl.strategies.options import parse_floats
 from exml_fast.cl.strategies.registry import StrategyOptionError
-from exml_fast.cli.common import UsageError, device_arg, positive_float, positive_int, resolve_device
+from exml_fast.cli.common import (UsageError, device_arg, positive_float, positive_int, resolve_device, say,
+                                  torchrun_group)
 from exml_fast.experiments.demo import run_demo
 from exml_fast.experiments.presets import PRESETS
 
@@ -168,7 +169,16 @@ def _train_experts(args) -> int:
 
 
 def _run(args) -> int:
-    device = resolve_device(args.device)
+    """Under torchrun (WORLD_SIZE > 1) every rank joins the group (gloo on the CPU, NCCL on cuda:LOCAL_RANK)
+    and the run is sharded over the ranks (exml_fast.cl.engine.run_stream); rank 0 prints and writes."""
+    with torchrun_group(resolve_device(args.device)) as device:
+        return _run_on(args, device)
+
+
+def _run_on(args, device) -> int:
+    from exml_fast._utils.dist import rank_and_world
+
+    show = say if rank_and_world()[0] == 0 else (lambda *_: None)
     try:
         config = load_config(args.config) if args.config else {}
     except ValueError as e:  # malformed file, unknown key, wrong type: a usage error like a bad flag
@@ -193,7 +203,7 @@ def _run(args) -> int:
         if scenario.multi_task:
             raise UsageError(f"--scenario {args.scenario}: the class-incremental strategies learn one head without "
                              "task labels; pick a scenario without _mt")
-        return _run_named(args, strategy_name, None, scenario, options, seed, device)
+        return _run_named(args, strategy_name, None, scenario, options, seed, device, show)
     if args.experts is None:
         raise UsageError(f"--strategy {strategy_name} learns from experts: --experts is required")
     if any(v is not None for v in (args.scenario, args.n_experiences, args.max_train, args.base_classes)):
@@ -203,32 +213,32 @@ def _run(args) -> int:
     scenario = scenario_of(stream, root=args.data_root)
     if args.preset is not None:
         arch = stream_arch(stream)
-        print(f"[preset] {args.preset}: {preset['strategy']} with {preset['options']}")
+        show(f"[preset] {args.preset}: {preset['strategy']} with {preset['options']}")
         if arch != preset["arch"]:
-            print(f"[preset] note: {args.preset} was chosen with {preset['arch']} experts; these are {arch}")
+            show(f"[preset] note: {args.preset} was chosen with {preset['arch']} experts; these are {arch}")
     if scenario.dataset in DATASET_RUN_DEFAULTS:
-        print(f"[run] {scenario.dataset} defaults (the ExML paper's Appendix B) under the options given: "
+        show(f"[run] {scenario.dataset} defaults (the ExML paper's Appendix B) under the options given: "
               f"{DATASET_RUN_DEFAULTS[scenario.dataset]}")
-    return _run_named(args, strategy_name, stream, scenario, options, seed, device)
+    return _run_named(args, strategy_name, stream, scenario, options, seed, device, show)
 
 
-def _run_named(args, strategy_name, stream, scenario, options, seed, device) -> int:
+def _run_named(args, strategy_name, stream, scenario, options, seed, device, show=say) -> int:
     what = f"{len(stream)} experts" if stream is not None else f"{len(scenario)} tasks of its data"
-    print(f"[run] {strategy_name} on {scenario.name} ({what}), seed {seed}, {device}")
+    show(f"[run] {strategy_name} on {scenario.name} ({what}), seed {seed}, {device}")
     try:
         result = run_named_strategy(strategy_name, stream, scenario, options=options, seed=seed, device=device,
                                     out=args.out, resume=args.resume, stop_after=args.stop_after,
                                     plots=not args.no_plots, progress=not args.no_progress, data_root=args.data_root,
-                                    log=print)
+                                    log=show)
     except StrategyOptionError as e:  # an option the strategy does not read: a usage error like a bad flag
         raise UsageError(str(e)) from None
     if result.meta.get("complete"):
-        print(f"[result] {strategy_name}: final stream accuracy {100 * result.final_stream_accuracy:.2f} %, "
+        show(f"[result] {strategy_name}: final stream accuracy {100 * result.final_stream_accuracy:.2f} %, "
               f"forgetting {100 * result.average_forgetting:.2f} (max over history), "
               f"{100 * result.avalanche_forgetting:.2f} (Avalanche's), BWT {100 * result.bwt:.2f}")
-        print(f"[save] {pathlib.Path(args.out) / 'result.json'}")
+        show(f"[save] {pathlib.Path(args.out) / 'result.json'}")
     else:
-        print(f"[stop] after {len(result.acc_matrix)} experiences; continue with --resume")
+        show(f"[stop] after {len(result.acc_matrix)} experiences; continue with --resume")
     return 0
 
 

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from exml_fast.checkpoint import load_model, save_model
-from exml_fast.cli.common import UsageError, class_list, device_arg, positive_float, positive_int, resolve_device
+from exml_fast.cli.common import (UsageError, class_list, device_arg, positive_float, positive_int, resolve_device,
+                                  say, torchrun_group)
 from exml_fast.data import DATASETS
 from exml_fast.models import ARCHS
 from exml_fast.synth.presets import PRESET_NAMES
@@ -233,18 +234,8 @@ def _synthesize(args: argparse.Namespace) -> int:
     """Under torchrun (WORLD_SIZE > 1) every rank joins the group (gloo on the CPU, NCCL on
     cuda:LOCAL_RANK) and the job is sharded over the ranks (Synthesizer.synthesize's
     ``distributed``); each rank reports its own batches, rank 0 the whole job and the grid."""
-    from exml_fast._utils import dist
-
-    device = _check_synthesize_args(args)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    joined = dist.init_from_env(device)
-    try:
+    with torchrun_group(_check_synthesize_args(args)) as device:
         return _synthesize_on(args, device)
-    finally:
-        if joined:
-            torch.distributed.destroy_process_group()
 
 
 def _synthesize_on(args: argparse.Namespace, device: torch.device) -> int:
@@ -254,11 +245,6 @@ def _synthesize_on(args: argparse.Namespace, device: torch.device) -> int:
 
     rank, world = dist.rank_and_world()
     who = f"[synthesize rank {rank}/{world}]" if world > 1 else "[synthesize]"
-
-    def say(line: str) -> None:
-        # One write per line (text and newline together): under torchrun the ranks share stdout, and an
-        # unbuffered print writes the newline apart, so two ranks' lines could run into one.
-        print(line + "\n", end="", flush=True)
 
     teacher, info = load_model(args.teacher, map_location=device)
     if args.classes is not None and max(args.classes) >= info.num_classes:

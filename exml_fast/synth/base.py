@@ -90,6 +90,17 @@ def _base_seed(generator, owner: str) -> int:
     return int(torch.randint(0, SEED_MAX, (1,), generator=generator, device=generator.device).item())
 
 
+def check_teacher(teacher, owner: str) -> None:
+    """``teacher`` must be an ``nn.Module`` whose parameters and buffers are finite (one pass over them: a
+    NaN weight would otherwise be inverted into NaN images)."""
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"{owner}: teacher must be an nn.Module; got {type(teacher).__name__}")
+    for name, t in [*teacher.named_parameters(), *teacher.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{owner}: the teacher's {name} holds NaN or Inf values; a teacher must have "
+                             "finite weights")
+
+
 def check_input_shape(input_shape, owner: str) -> tuple[int, int, int]:
     """``input_shape`` as a (C, H, W) tuple of ints.
 
@@ -97,8 +108,10 @@ def check_input_shape(input_shape, owner: str) -> tuple[int, int, int]:
         TypeError: not a sequence of ints. ValueError: not three positive sizes (both name ``owner``).
     """
     try:
+        if isinstance(input_shape, (str, bytes)) or any(isinstance(s, (bool, float)) for s in input_shape):
+            raise TypeError
         shape = tuple(int(s) for s in input_shape)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(f"{owner}: input_shape must be a (C, H, W) sequence of ints; got {input_shape!r}") from None
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"{owner}: input_shape must be (C, H, W) with positive sizes; got {input_shape!r}")
@@ -137,8 +150,7 @@ class Synthesizer:
         batch_size: int = 256,
     ) -> None:
         owner = type(self).__name__
-        if not isinstance(teacher, nn.Module):
-            raise TypeError(f"{owner}: teacher must be an nn.Module; got {type(teacher).__name__}")
+        check_teacher(teacher, owner)
         self.teacher = teacher
         self.input_shape = check_input_shape(input_shape, owner)
         shape = self.input_shape
@@ -213,6 +225,8 @@ class Synthesizer:
         else:
             if isinstance(classes, torch.Tensor):
                 classes = classes.reshape(-1).tolist()
+            if isinstance(classes, (str, bytes)):
+                raise TypeError(f"{owner}: classes must be None or a sequence of class indices; got {classes!r}")
             try:
                 cls = [int(c) for c in classes]
             except (TypeError, ValueError):
@@ -262,13 +276,15 @@ class Synthesizer:
             distributed: shard the job over the ranks of the default
                 ``torch.distributed`` process group (``torchrun``, or your own
                 ``init_process_group``): rank r synthesises batches r, r + K,
-                r + 2K, ... of the K ranks into ``save_to`` (required then: a
-                folder every rank reaches), and rank 0 marks the job complete
-                once every shard is there. None (default): shard when a group
-                of more than one rank is initialised and ``save_to`` is given
-                (without it every rank does the whole job, as before). False:
-                never shard. True: shard, and raise without a group or without
-                ``save_to``. Batch b is seeded from (seed, b) alone, and the
+                r + 2K, ... of the K ranks into ``save_to`` (a folder every
+                rank reaches), and rank 0 marks the job complete once every
+                shard is there. None (default): shard when a group of more
+                than one rank is initialised and ``save_to`` is given (without
+                it every rank does the whole job, as before). False: never
+                shard. True: shard, and raise without a group; without
+                ``save_to`` the ranks' batches are gathered in memory (every
+                rank receives every batch: for jobs that fit in memory, such
+                as a run's buffer). Batch b is seeded from (seed, b) alone, and the
                 ranks use rank 0's seed, so the union is the single-process
                 result for that seed, bit for bit (given the same kernels:
                 device, dtype, thread count).
@@ -276,14 +292,22 @@ class Synthesizer:
         Returns:
             A :class:`SyntheticBatch` of n rows, on the synthesizer's device.
             Sharded, every rank returns the whole job, read back from
-            ``save_to`` after all ranks finished.
+            ``save_to`` after all ranks finished (or gathered from the
+            ranks without ``save_to``).
         """
+        world = self._world(distributed, save_to, type(self).__name__)[1]
         batches = list(self.synthesize_iter(
             n, classes=classes, iterations=iterations, batch_size=batch_size,
             generator=generator, progress=progress, save_to=save_to, distributed=distributed,
         ))
-        if self._world(distributed, save_to, type(self).__name__)[1] > 1:
+        if world > 1 and save_to is not None:
             return load_synthetic(save_to).to(self.device)
+        if world > 1:
+            # Rank r holds batches r, r + K, ...: every rank's, interleaved back into batch order.
+            own = [b.to("cpu") for b in batches]
+            ranks = dist.all_gather_object(own)
+            batches = [ranks[b % world][b // world] for b in range(sum(len(r) for r in ranks))]
+            return SyntheticBatch.cat(batches).to(self.device)
         return SyntheticBatch.cat(batches)
 
     @staticmethod
@@ -298,9 +322,6 @@ class Synthesizer:
             if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
                 raise ValueError(f"{owner}.synthesize: distributed=True needs an initialised torch.distributed "
                                  "process group (run under torchrun, or call init_process_group first)")
-            if save_to is None:
-                raise ValueError(f"{owner}.synthesize: distributed=True: each rank writes its batches to save_to; "
-                                 "pass save_to, a folder every rank reaches")
         elif save_to is None:
             return 0, 1
         return rank, world
@@ -324,8 +345,8 @@ class Synthesizer:
         already on disk from an interrupted run are read back, not redone.
         Arguments are checked when this is called, before the first batch.
         Sharded (see ``distributed``), each rank yields its own batches only,
-        shows the progress bar on rank 0 only, and the iteration's end is a
-        collective: every rank must run it to the end.
+        shows the progress bar on rank 0 only, and (with ``save_to``) the
+        iteration's end is a collective: every rank must run it to the end.
         """
         owner = type(self).__name__
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -356,6 +377,8 @@ class Synthesizer:
             seed = job["seed"]
         else:
             seed = _base_seed(generator, owner)
+            if world > 1:  # sharded in memory: every rank runs rank 0's seed
+                seed = dist.broadcast_object(seed)
 
         return self._run(labels, bounds, iterations, seed, store, progress and rank == 0)
 

@@ -47,7 +47,8 @@ class _LossLog:
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator | None, *, pad_crop: int = 4, max_shift: int = 0,
-                  flip: bool = False, fill: float | torch.Tensor = 0.0) -> torch.Tensor:
+                  flip: bool = False, fill: float | torch.Tensor = 0.0,
+                  within: tuple[int, int] | None = None) -> torch.Tensor:
     """Per-sample augmentation of a (B, C, H, W) minibatch (the fused ``augment`` op).
 
     Each sample gets its own draw, made on the CPU from ``generator``: a
@@ -56,11 +57,19 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None, *, pad_cro
     padding takes the value ``fill`` (in the space of ``x``: pass the
     normalised background, e.g. ``-mean / std``, to pad with black): a float,
     or a tensor broadcastable to ``x`` such as a (1, C, 1, 1) per-channel value.
+    ``within=(lo, total)``: ``x`` is rows ``lo`` to ``lo + len(x)`` of a minibatch of ``total`` rows (one
+    rank's share of a sharded step): the draws of all ``total`` rows are made, and those rows' applied, so
+    ``generator`` advances as for the whole minibatch.
     """
     from exml_fast.ops import augment_with_params, draw_augment_params
 
-    params = draw_augment_params(x.shape[0], max_shift=max_shift, flip=flip, pad_crop=pad_crop, device="cpu",
-                                 generator=generator).to(x.device)
+    b = x.shape[0]
+    lo, total = (0, b) if within is None else within
+    if not 0 <= lo <= lo + b <= total:
+        raise ValueError(f"augment_batch: within=(lo, total) must hold the {b} rows of x; got {within!r}")
+    params = draw_augment_params(total, max_shift=max_shift, flip=flip, pad_crop=pad_crop, device="cpu",
+                                 generator=generator)
+    params = (params if within is None else params[lo : lo + b]).to(x.device)
     # The op pads with zeros: shift so that the padding takes the value `fill`.
     if isinstance(fill, torch.Tensor) or fill:
         return augment_with_params(x - fill, params, pad_crop=pad_crop) + fill

@@ -43,8 +43,8 @@ def test_one_delegator_is_fine_tuned_across_experts_and_fresh_samples_feed_every
     drawn = []
     real = S.GenerativeED._minibatch
 
-    def spy(self, gen, expert_model, expert_classes):
-        x, y, e = real(self, gen, expert_model, expert_classes)
+    def spy(self, gen, expert_model, expert_classes, **kw):
+        x, y, e = real(self, gen, expert_model, expert_classes, **kw)
         drawn.append(x.clone())
         assert set(y.tolist()) <= set(experts[1].classes) and torch.equal(e, torch.ones(8, dtype=torch.int64))
         return x, y, e

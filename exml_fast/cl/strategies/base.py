@@ -54,6 +54,9 @@ class Strategy:
     #: settings added to :meth:`config` after runs were recorded, with the value those runs had: a checkpoint
     #: of this strategy written before lacks them and resumes as that setting (exml_fast.cl.engine.run_stream)
     config_added: dict[str, Any] = {}
+    #: training over ``torch.distributed`` ranks (:mod:`exml_fast.cl.parallel`): None, when a default process
+    #: group of more than one rank is initialised (torchrun); False, never (each rank alone); True, required
+    distributed: bool | None = None
 
     def __init__(self, *, num_classes: int | None = None, device: torch.device | str | None = None,
                  seed: int = 0, progress: bool = True) -> None:

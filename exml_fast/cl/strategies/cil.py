@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from exml_fast._utils.batches import minibatch_bounds
+from exml_fast._utils.dist import is_sharded
 from exml_fast._utils.progress import Progress, RunningLoss
+from exml_fast.cl.parallel import ShardedSteps
 from exml_fast.cl.exemplars import (ExemplarMemory, class_means, classifier_layer, herding, nearest_mean_logits,
                                     penultimate_features)
 from exml_fast.cl.strategies.base import Strategy, check_float, check_int, derive_seed, frozen_copy
@@ -182,8 +184,11 @@ class DataStrategy(Strategy):
         return F.cross_entropy(logits.index_select(1, ctx["active"]), ctx["pos"][y])
 
     def _step_loss(self, xb: torch.Tensor, yb: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
-        """One minibatch's loss (DeepInversion-CIL adds synthetic images of the old classes here)."""
-        return self._loss(self.model(xb), xb, yb, ctx)
+        """One minibatch's loss, a mean over its rows (DeepInversion-CIL adds synthetic images of the old
+        classes here). The learner's forward is ``ctx["forward"]`` (DDP under torchrun); ``xb`` holds rows
+        ``lo...`` of a minibatch of ``n`` (``ctx["rows"] = (lo, n)``): draws for the minibatch are made for
+        all ``n`` rows, and this rank's taken."""
+        return self._loss(ctx.get("forward", self.model)(xb), xb, yb, ctx)
 
     def _models(self) -> tuple[nn.Module | None, ...]:
         """The models whose pooling layers take the fused window_pool during training."""
@@ -198,25 +203,32 @@ class DataStrategy(Strategy):
         pos = torch.full((self.num_classes,), -1, dtype=torch.int64, device=dev)
         pos[active] = torch.arange(active.numel(), device=dev)
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "train", i))
-        ctx = {"active": active, "pos": pos, "experience": i, "generator": gen}
+        # Under torchrun: DDP over the ranks, each on its share of every minibatch (exml_fast.cl.parallel).
+        steps = ShardedSteps(self)
+        # ctx["forward"]: the learner to train through; ctx["rows"]: (lo, n), the minibatch of this step
+        # holds n rows, of which this rank has rows lo... (all of them in one process).
+        ctx = {"active": active, "pos": pos, "experience": i, "generator": gen, "forward": steps.forward}
         opt = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum,
                               weight_decay=self.weight_decay)
         bounds = minibatch_bounds(int(x.shape[0]), self.batch_size)
         total = self.epochs * len(bounds)
-        bar = Progress(total, f"train {i}", self.progress)
-        running = RunningLoss(bar, total, dev)
+        bar = Progress(total, f"train {i}", self.progress and steps.rank == 0)
+        running = RunningLoss(bar, total, dev, reduce=steps.mean_over_ranks if steps.sharded else None)
         self.model.train()
         with fast_layers(*self._models()):
             try:
                 for _ in range(self.epochs):
                     perm = torch.randperm(int(x.shape[0]), generator=gen)
                     for start, end in bounds:
-                        idx = perm[start:end]
+                        lo, hi, scale = steps.rows(end - start)
+                        idx = perm[start + lo : start + hi]
                         xb = x[idx].to(dev, non_blocking=True)
                         yb = y[idx].to(dev, non_blocking=True)
+                        ctx["rows"] = (lo, end - start)
                         if self.augment and (self.pad_crop or self.flip):
-                            xb = augment_batch(xb, gen, pad_crop=self.pad_crop, flip=self.flip, fill=self._fill())
-                        loss = self._step_loss(xb, yb, ctx)
+                            xb = augment_batch(xb, gen, pad_crop=self.pad_crop, flip=self.flip, fill=self._fill(),
+                                               within=ctx["rows"])
+                        loss = steps.scaled(self._step_loss(xb, yb, ctx), scale)
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
@@ -224,6 +236,7 @@ class DataStrategy(Strategy):
                 running.flush()
             finally:
                 bar.close()
+                steps.finish()
                 self.model.eval()
         return running.last
 
@@ -475,7 +488,7 @@ class _Synthesis:
                               device=self._device(), **self.synth_options)
         batch = synth.synthesize(per_class * len(classes), classes=classes, iterations=self.synth_iterations,
                                  batch_size=self.synth_batch_size, generator=derive_seed(self.seed, tag, i),
-                                 progress=self.progress)
+                                 progress=self.progress, distributed=is_sharded(self.distributed))
         with torch.no_grad():
             agree = float((teacher(batch.x).argmax(1) == batch.y).float().mean())
         self.synth_stats.append({"experience": i, "images": int(batch.y.numel()), "teacher_agreement": agree})
@@ -597,12 +610,14 @@ class DeepInversionCIL(_Synthesis, DataStrategy):
         from exml_fast.ops import kd_loss, soft_target_cross_entropy
 
         gen, dev = ctx["generator"], self._device()
-        idx = torch.randint(0, self._synth_x.shape[0], (xb.shape[0],), generator=gen)
+        lo, total = ctx.get("rows", (0, xb.shape[0]))
+        idx = torch.randint(0, self._synth_x.shape[0], (total,), generator=gen)[lo : lo + xb.shape[0]]
         xs = self._synth_x[idx].to(dev, non_blocking=True)
         if self.augment and (self.pad_crop or self.flip):
-            xs = augment_batch(xs, gen, pad_crop=self.pad_crop, flip=self.flip, fill=self._fill())
+            xs = augment_batch(xs, gen, pad_crop=self.pad_crop, flip=self.flip, fill=self._fill(),
+                               within=(lo, total))
         both = torch.cat([xb, xs])
-        logits = self.model(both).index_select(1, ctx["active"])
+        logits = ctx.get("forward", self.model)(both).index_select(1, ctx["active"])
         with torch.no_grad():
             old_logits = self.prev(both).index_select(1, self._old)
         n = xb.shape[0]
@@ -744,17 +759,18 @@ class SKDCIL(DataStrategy):
         if self.prev is None:
             return super()._step_loss(xb, yb, ctx)
         gen = ctx["generator"]
+        lo, total = ctx.get("rows", (0, xb.shape[0]))
         with torch.no_grad():
             self.delegator.eval()
-            z = torch.randn(xb.shape[0], self._synth.latent_dim, generator=gen).to(self._device())
-            xs = self.delegator(z)
+            z = torch.randn(total, self._synth.latent_dim, generator=gen)[lo : lo + xb.shape[0]]
+            xs = self.delegator(z.to(self._device()))
         both = torch.cat([xb, xs])
         with FeatureTap(self.prev) as t_tap, torch.no_grad():
             old_logits = self.prev(both)
             t_feat = t_tap.features
         ys = self._old[old_logits[xb.shape[0]:].index_select(1, self._old).argmax(1)]
         with FeatureTap(self.model) as s_tap:
-            logits = self.model(both).index_select(1, ctx["active"])
+            logits = ctx.get("forward", self.model)(both).index_select(1, ctx["active"])
             s_feat = s_tap.features
         ce = F.cross_entropy(logits, ctx["pos"][torch.cat([yb, ys])])
         return self._gamma * ce + feature_cosine_discrepancy(t_feat, s_feat)
@@ -877,6 +893,8 @@ SKD_DEFAULTS = {**CIL_DEFAULTS, "synth_iterations": 200, "synth_batch_size": 64}
                         "its samples mixed with the new data, feature cosine consolidation; no image kept)")
 def _skd(ctx: BuildContext, opt: dict[str, Any]) -> SKDCIL:
     sc = ctx.scenario
+    # The delegator's settings come from the synthesis options: refused here under the names the user gave.
+    iterations = check_int(opt["synth_iterations"], "synth_iterations", "skd", low=1)
+    batch = check_int(opt["synth_batch_size"], "synth_batch_size", "skd", low=2)
     return SKDCIL(build_data_learner(ctx, opt), input_shape=sc.input_shape, mean=sc.mean, std=sc.std,
-                  num_tasks=len(sc), delegator_iterations=opt["synth_iterations"],
-                  delegator_batch_size=opt["synth_batch_size"], **_common(ctx, opt))
+                  num_tasks=len(sc), delegator_iterations=iterations, delegator_batch_size=batch, **_common(ctx, opt))

@@ -11,10 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from exml_fast._utils.dist import is_sharded
 from exml_fast._utils.progress import Progress, RunningLoss
 from exml_fast.ops.fast_layers import fast_layers
 from exml_fast.cl.buffer import SyntheticBuffer
 from exml_fast.cl.heads import task_head_mask
+from exml_fast.cl.parallel import ShardedSteps
 from exml_fast.cl.strategies.base import Strategy, check_float, check_int, derive_seed, expert_name, frozen_copy
 from exml_fast.cl.strategies.registry import BuildContext, build_learner, register_strategy
 from exml_fast.cl.strategies.sources import RealReplay, SynthesizerSource, as_source
@@ -191,8 +193,11 @@ class ExModelDistillation(Strategy):
 
         t0 = time.perf_counter()
         extra = {}
-        if i > 1 and "learner" in inspect.signature(self.source.generate).parameters:
+        takes = inspect.signature(self.source.generate).parameters
+        if i > 1 and "learner" in takes:
             extra["learner"] = self.model
+        if "distributed" in takes:  # under torchrun: each rank synthesises its share of the batches
+            extra["distributed"] = is_sharded(self.distributed)
         batch = self.source.generate(expert, self.buffer.quota(i), seed=derive_seed(self.seed, "generate", i),
                                         device=dev, progress=self.progress, **extra)
         t_gen = time.perf_counter() - t0
@@ -243,31 +248,35 @@ class ExModelDistillation(Strategy):
         fill = self._fill(expert)
 
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "distill", i))
+        # Under torchrun: DDP over the ranks, each on its share of every minibatch (exml_fast.cl.parallel).
+        steps = ShardedSteps(self)
         opt = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum,
                               weight_decay=self.weight_decay)
         # Buffer labels come from the sources (the expert's classes) or from earlier experiences, so
         # ed_loss's per-step label check (a host sync on CUDA) is skipped.
-        bar = Progress(self.iterations, f"distil {i}", self.progress)
-        running = RunningLoss(bar, self.iterations, dev)
+        bar = Progress(self.iterations, f"distil {i}", self.progress and steps.rank == 0)
+        running = RunningLoss(bar, self.iterations, dev, reduce=steps.mean_over_ranks if steps.sharded else None)
         self.model.train()
         # The three models' stride = kernel pooling and tanh layers (LeNet's) take exml_fast.ops.window_pool
         # and exml_fast.ops.tanh on the CPU.
         with fast_layers(self.model, expert_model, prev):
             try:
                 for _ in range(self.iterations):
-                    xb, yb, exp_b = self._minibatch(gen, expert_model, expert_classes)
+                    lo, hi, scale = steps.rows(self.batch_size)
+                    xb, yb, exp_b = self._minibatch(gen, expert_model, expert_classes, rows=(lo, hi))
                     if self.augment and (self.pad_crop or self.max_shift or self.flip):
                         xb = augment_batch(xb, gen, pad_crop=self.pad_crop, max_shift=self.max_shift, flip=self.flip,
-                                           fill=fill)
+                                           fill=fill, within=(lo, self.batch_size) if steps.sharded else None)
                     with torch.no_grad():
                         e_logits = expert_model(xb)
                         p_logits = prev(xb) if prev is not None else None
-                    logits = self.model(xb)
+                    logits = steps.forward(xb)
                     loss = ed_loss(logits, yb, expert_logits=e_logits, expert_classes=expert_classes,
                                    prev_logits=p_logits, prev_classes=prev_t, target_mode=self.target_mode,
                                    normalize=self.normalize, lambda_ce=self.lambda_ce,
                                    task_ids=None if task_of is None else task_of[exp_b].to(dev),
                                    task_heads=heads, check_labels=False)
+                    loss = steps.scaled(loss, scale)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -275,14 +284,19 @@ class ExModelDistillation(Strategy):
                 running.flush()
             finally:
                 bar.close()
+                steps.finish()
                 self.model.eval()
         return running.last
 
-    def _minibatch(self, gen: torch.Generator, expert_model: nn.Module, expert_classes: torch.Tensor):
+    def _minibatch(self, gen: torch.Generator, expert_model: nn.Module, expert_classes: torch.Tensor, *,
+                   rows: tuple[int, int] | None = None):
         """One distillation minibatch before augmentation: inputs and labels on the device, and the experience
-        index of each sample (CPU); here drawn from the buffer."""
+        index of each sample (CPU); here drawn from the buffer. ``rows=(lo, hi)``: only those rows of the
+        minibatch (a rank's share), the draws made as for all of it."""
         dev = self._device()
         idx = self.buffer.sample(self.batch_size, generator=gen)
+        if rows is not None:
+            idx = idx[rows[0] : rows[1]]
         return (self.buffer.x[idx].to(dev, non_blocking=True), self.buffer.y[idx].to(dev, non_blocking=True),
                 self.buffer.experience[idx])
 

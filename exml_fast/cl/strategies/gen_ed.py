@@ -150,14 +150,18 @@ class GenerativeED(ExModelDistillation):
         self._record(expert, generated=self.iterations * self.batch_size, final_loss=loss,
                      generate_s=round(t_fit, 3), distill_s=round(t_distill, 3), source_stats=fit_stats)
 
-    def _minibatch(self, gen: torch.Generator, expert_model: nn.Module, expert_classes: torch.Tensor):
-        """``batch_size`` fresh delegator samples, labelled by the expert's argmax over its classes."""
+    def _minibatch(self, gen: torch.Generator, expert_model: nn.Module, expert_classes: torch.Tensor, *,
+                   rows: tuple[int, int] | None = None):
+        """``batch_size`` fresh delegator samples (``rows=(lo, hi)``: those rows of them), labelled by the
+        expert's argmax over its classes."""
         dev = self._device()
-        z = torch.randn(self.batch_size, self._latent_dim, generator=gen).to(dev)
+        z = torch.randn(self.batch_size, self._latent_dim, generator=gen)
+        if rows is not None:
+            z = z[rows[0] : rows[1]]
         with torch.no_grad(), eval_mode(self.delegator):
-            x = self.delegator(z)
+            x = self.delegator(z.to(dev))
             y = expert_classes[expert_model(x)[:, expert_classes].argmax(1)]
-        return x, y, torch.full((self.batch_size,), self.experiences_seen, dtype=torch.int64)
+        return x, y, torch.full((z.shape[0],), self.experiences_seen, dtype=torch.int64)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

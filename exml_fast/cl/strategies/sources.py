@@ -21,7 +21,10 @@ class DataSource(Protocol):
     """What ED asks of its data source: ``n`` labelled samples for one expert's classes.
 
     A ``generate`` that also takes ``learner=`` is given the learner (from
-    the second expert on), e.g. for Adaptive DeepInversion.
+    the second expert on), e.g. for Adaptive DeepInversion; one that takes
+    ``distributed=`` is told whether the run is sharded over
+    ``torch.distributed`` ranks (then every rank calls it with the same
+    arguments and must receive the same samples).
     """
 
     def generate(self, expert, n: int, *, seed: int, device: torch.device, progress: bool) -> SyntheticBatch:
@@ -52,6 +55,10 @@ class SynthesizerSource:
     competitor (the first expert, with nothing learnt to compete with, is
     synthesised without the term).
 
+    ``distributed=True`` (a run under torchrun): the synthesizer's batches
+    are split over the ranks and gathered back, so every rank gets the whole
+    set (:meth:`~exml_fast.synth.base.Synthesizer.synthesize`).
+
     The synthesizer (and so its reference to the expert) is dropped when
     ``generate`` returns.
     """
@@ -75,7 +82,7 @@ class SynthesizerSource:
         return {"method": self.synthesizer.method, "options": opts}
 
     def generate(self, expert, n: int, *, seed: int, device: torch.device, progress: bool,
-                 learner: nn.Module | None = None) -> SyntheticBatch:
+                 learner: nn.Module | None = None, distributed: bool = False) -> SyntheticBatch:
         cls = self.synthesizer
         kw = dict(self.options)
         if isinstance(kw.get("competitor"), str):
@@ -101,7 +108,7 @@ class SynthesizerSource:
                 kw["input_shape"] = expert.input_shape
             synth = cls(expert.model, **kw)
         classes = list(expert.classes)
-        batch = synth.synthesize(n, classes=classes, generator=seed, progress=progress)
+        batch = synth.synthesize(n, classes=classes, generator=seed, progress=progress, distributed=bool(distributed))
         if isinstance(synth, DataImpressions) and batch.soft_targets is not None:
             cls_t = torch.tensor(classes, dtype=torch.int64, device=batch.soft_targets.device)
             batch.y = cls_t[batch.soft_targets[:, cls_t].argmax(1)].to(batch.y.device)
