@@ -30,7 +30,8 @@ VENV ?= .venv
 USE_SYSTEM_TORCH ?= 0
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 RUFF_PIN := ruff==0.17.6
-PY_DEPS := numpy tqdm safetensors pyyaml matplotlib pytest pytest-benchmark pybind11 ninja "setuptools>=69" wheel \
+PY_DEPS := numpy tqdm safetensors pyyaml matplotlib pytest pytest-benchmark hypothesis==6.170.15 pybind11 ninja \
+           "setuptools>=69" wheel \
            $(RUFF_PIN)
 # Tests whose tolerances depend on the CPU's kernels (convolutions, reductions, Adam): run again with torch and
 # oneDNN limited to AVX2, as on CPUs without AVX-512, so a tolerance tuned to one machine fails here first.

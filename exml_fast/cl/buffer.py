@@ -371,10 +371,14 @@ class SyntheticBuffer:
             x = _t(x, "x", torch.float32, 4)
             if x.shape[0] != n:
                 raise ValueError(f"{owner}: x has {x.shape[0]} samples for {n} labels")
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{owner}: x holds NaN or Inf values")
         if s is not None:
             s = _t(s, "soft_targets", torch.float32, 2)
             if s.shape[0] != n:
                 raise ValueError(f"{owner}: soft_targets has {s.shape[0]} rows for {n} labels")
+            if not bool(torch.isfinite(s).all()):
+                raise ValueError(f"{owner}: soft_targets holds NaN or Inf values")
         if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos <= perm.shape[0]:
             raise ValueError(f"{owner}: pos must be an int in [0, len(perm)]; got {pos!r}")
         if perm.numel() and (perm.shape[0] != n or not torch.equal(torch.sort(perm).values, torch.arange(n))):

@@ -41,6 +41,8 @@ def class_similarity(weight: torch.Tensor, *, floor: float = 1e-4) -> torch.Tens
             f"class_similarity: weight must be a 2-D (K, H) classifier weight; got shape {tuple(weight.shape)}"
         )
     check_float_dtype(weight, "weight", "class_similarity")
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)):
+        raise TypeError(f"class_similarity: floor must be a number in (0, 1]; got {type(floor).__name__}")
     floor = float(floor)
     if not 0.0 < floor <= 1.0:
         raise ValueError(f"class_similarity: floor must be in (0, 1]; got {floor}")

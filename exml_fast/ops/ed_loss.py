@@ -56,17 +56,27 @@ def ed_class_table(
     num_classes: int,
     *,
     device: torch.device | str | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """The per-unit code the kernels read, built from the two class sets.
 
-    Plain tensor ops (traceable by torch.compile, no host sync); no validation —
-    `ed_loss` validates and caches it per (class-set tensors, C, device).
+    Plain tensor ops (traceable by torch.compile, no host sync) after the
+    checks of ``ed_loss`` on the class sets and ``num_classes`` (a host sync;
+    ``check=False`` skips them — `ed_loss` validates once and caches the table
+    per (class-set tensors, C, device)).
 
     Returns an int32 tensor of length 2 + 7 C: [|Y^i|, |Y^prev|], then per unit
     its kind (0 none, 1 expert, 2 prev, 3 both), its column in compact and in
     full-width expert / prev logits, and the units of each set in column order
     (layout in csrc/include/exml_fast/ed_loss_common.h).
     """
+    if check:
+        from exml_fast._utils.checks import check_int
+
+        check_int(num_classes, "num_classes", "ed_class_table", low=1)
+        _check_classes(expert_classes, "expert_classes", num_classes)
+        if prev_classes is not None:
+            _check_classes(prev_classes, "prev_classes", num_classes)
     device = torch.device(device) if device is not None else expert_classes.device
     c = int(num_classes)
     me, ecc, ecf, eu, ne = _set_rows(expert_classes, c, device)
@@ -112,6 +122,10 @@ _TABLE_CACHE_SIZE = 32
 
 
 def _cached_table(expert_classes, prev_classes, c: int, device: torch.device):
+    for name, classes in (("expert_classes", expert_classes), ("prev_classes", prev_classes)):
+        if classes is not None and not isinstance(classes, torch.Tensor):
+            raise TypeError(f"ed_loss: {name} must be a (C,) bool mask or a 1-D int64 index tensor; "
+                            f"got {type(classes).__name__}")
     key = (id(expert_classes), expert_classes._version,
            -1 if prev_classes is None else id(prev_classes),
            -1 if prev_classes is None else prev_classes._version, c, device)
@@ -121,7 +135,7 @@ def _cached_table(expert_classes, prev_classes, c: int, device: torch.device):
         return hit[1], hit[2], hit[3]
     ne = _check_classes(expert_classes, "expert_classes", c)
     np_ = 0 if prev_classes is None else _check_classes(prev_classes, "prev_classes", c)
-    table = ed_class_table(expert_classes, prev_classes, c, device=device)
+    table = ed_class_table(expert_classes, prev_classes, c, device=device, check=False)
     _TABLE_CACHE[key] = ((expert_classes, prev_classes), table, ne, np_)
     if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
         _TABLE_CACHE.popitem(last=False)
@@ -232,7 +246,7 @@ def ed_loss(
         raise ValueError("ed_loss: task_ids and task_heads must be given together")
     compiling = torch.compiler.is_compiling()
     if compiling:
-        table, ne, np_ = ed_class_table(expert_classes, prev_classes, c, device=dev), None, None
+        table, ne, np_ = ed_class_table(expert_classes, prev_classes, c, device=dev, check=False), None, None
     else:
         table, ne, np_ = _cached_table(expert_classes, prev_classes, c, dev)
     _check_teacher(expert_logits, "expert_logits", b, c, ne, dev)

@@ -46,6 +46,12 @@ def draw_augment_params(
     an independent draw from `generator` (None: torch's default generator of
     `device`).
     """
+    from exml_fast._utils.checks import check_int
+
+    owner = "draw_augment_params"
+    n = check_int(n, "n", owner, low=0)
+    max_shift = check_int(max_shift, "max_shift", owner, low=0)
+    pad_crop = check_int(pad_crop, "pad_crop", owner, low=0)
     kw = {"generator": generator, "device": device, "dtype": torch.int64}
     shifts = torch.randint(-max_shift, max_shift + 1, (n, 2), **kw)
     flips = (torch.randint(0, 2, (n, 1), **kw) if flip

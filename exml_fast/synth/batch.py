@@ -225,6 +225,9 @@ def _load_shard(folder: str, index: int, rows: int) -> SyntheticBatch | None:
         batch = SyntheticBatch.from_state(torch.load(path, map_location="cpu", weights_only=True))
     except Exception:  # a foreign or damaged file: redo the shard (it is rewritten atomically)
         return None
+    if any(t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all())
+           for t in (batch.x, batch.soft_targets)):
+        return None  # NaN or Inf images or targets: damaged too
     return batch if len(batch) == rows else None
 
 
@@ -233,13 +236,21 @@ def read_manifest(folder: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise ValueError(f"{path!r} is not a readable exml_fast synthesis manifest: {e}") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        got = manifest if isinstance(manifest, dict) else {}
         raise ValueError(
             f"{path!r} is not an exml_fast synthesis manifest of version {VERSION} "
-            f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})"
+            f"(format {got.get('format')!r}, version {got.get('version')!r})"
         )
+    job = manifest.get("job")
+    sizes_ok = isinstance(job, dict) and all(
+        isinstance(job.get(k), int) and not isinstance(job.get(k), bool) and job.get(k) >= 1
+        for k in ("n", "batch_size"))
+    if not isinstance(manifest.get("complete"), bool) or not sizes_ok:
+        raise ValueError(f"{path!r}: a damaged synthesis manifest ('complete' must be true or false, 'job' must "
+                         "hold the ints n and batch_size >= 1); rerun the job in a new folder")
     return manifest
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from exml_fast.reference.bn_stats import BN_LOSS_FORMS
-from exml_fast.synth.base import check_input_shape, eval_mode, teacher_device
+from exml_fast.synth.base import check_input_shape, check_teacher, eval_mode, teacher_device
 from exml_fast.synth.matcher import BNStatsMatcher
 
 __all__ = ["AUTO_BN_RATIO", "DEEPINVERSION_PRESETS", "PRESET_ALIASES", "PRESET_NAMES", "auto_bn_weight",
@@ -145,7 +145,8 @@ def measured_bn_weight(teacher: nn.Module, input_shape: Sequence[int], settings:
     ``settings`` (a synthesizer's keyword arguments; absent: 1, 1, the teacher's device), and returns
     (:func:`auto_bn_weight` of it, K): ``settings["num_classes"]`` when given, else the probe's output width.
     """
-    noise, k = bn_loss_of_noise(teacher, input_shape, form=form,
+    check_teacher(teacher, owner)
+    noise, k = bn_loss_of_noise(teacher, check_input_shape(input_shape, owner), form=form,
                                 first_bn_multiplier=settings.get("first_bn_multiplier", 1.0),
                                 init_std=settings.get("init_std", 1.0), device=settings.get("device"), owner=owner)
     k = settings.get("num_classes") or k
@@ -165,6 +166,9 @@ def resolve_deepinversion(preset: str, teacher: nn.Module, *, input_shape: Seque
     """
     if not isinstance(preset, str) or preset not in PRESET_NAMES:
         raise ValueError(f"{owner}: preset must be one of {PRESET_NAMES}; got {preset!r}")
+    check_teacher(teacher, owner)
+    if input_shape is not None:
+        input_shape = check_input_shape(input_shape, owner)
     name = PRESET_ALIASES.get(preset, preset)
     if name != "auto":
         settings = dict(DEEPINVERSION_PRESETS[name])

@@ -179,7 +179,10 @@ def run_named_strategy(name: str, stream, scenario, *, options: dict[str, Any], 
 def load_config(path: str | pathlib.Path) -> dict[str, Any]:
     """Reads a YAML (or JSON) run config: a mapping of RUN_OPTIONS names (and ``strategy``, ``seed``)."""
     path = pathlib.Path(path)
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config {path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     if path.suffix == ".json":
         try:
             data = json.loads(text)
