@@ -49,6 +49,28 @@ def calibrated_bn(model: torch.nn.Module, shape, seed: int = 0, batches: int = 4
     return model.eval()
 
 
+def toy_expert_stream(path, scenario, *, num_classes: int, seed: int = 3):
+    """One LeNet-5 per experience of ``scenario`` (band images, 1 x 32 x 32), trained 2 epochs from one shared
+    initialisation drawn from ``seed``, written as an expert stream at ``path``; returns it reopened."""
+    from exml_fast.cl.experts import Expert, ExpertStream
+    from exml_fast.models import build_model
+    from exml_fast.training import train_classifier
+
+    stream = ExpertStream.create(path, meta={"scenario": {"name": "toy"}})
+    torch.manual_seed(seed)
+    init = build_model("lenet5", num_classes=num_classes).state_dict()
+    for exp in scenario.experiences:
+        m = build_model("lenet5", num_classes=num_classes)
+        m.load_state_dict(init)
+        train_classifier(m, exp.train_x, exp.train_y, epochs=2, batch_size=16, lr=0.05,
+                         generator=torch.Generator().manual_seed(exp.index))
+        stream.append(Expert(m, exp.classes, arch="lenet5",
+                             arch_kwargs={"num_classes": num_classes, "in_channels": 1},
+                             meta={"input_shape": [1, 32, 32], "mean": [0.5], "std": [0.5],
+                                   "experience": exp.index}))
+    return ExpertStream(path)
+
+
 def band_images(classes, n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Learnable toy (N, 1, 32, 32) images for the ExML tests: class c lights up the c-th horizontal band.
 

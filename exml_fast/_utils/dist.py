@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_object", "all_reduce_sum", "barrier", "broadcast_object", "init_from_env", "is_sharded",
-           "rank_and_world", "resolve_world", "shard_rows"]
+__all__ = ["all_gather_object", "all_reduce_sum", "barrier", "broadcast_", "broadcast_object", "init_from_env",
+           "is_sharded", "rank_and_world", "resolve_world", "shard_rows"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -42,13 +42,25 @@ def all_gather_object(obj: Any) -> list[Any]:
     return box
 
 
+def _work_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` where the backend's collectives run: the current CUDA device for NCCL, the CPU
+    for gloo."""
+    return tensor.detach().to("cuda" if dist.get_backend() == "nccl" else "cpu", copy=True)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum of ``tensor`` over the ranks, returned on ``tensor``'s device (NCCL reduces on the current
-    CUDA device, gloo on the CPU; ``tensor`` itself is left as it was)."""
-    backend = dist.get_backend()
-    work = tensor.detach().to("cuda" if backend == "nccl" else "cpu", copy=True)
+    """The sum of ``tensor`` over the ranks, returned on ``tensor``'s device (``tensor`` itself is left as
+    it was)."""
+    work = _work_copy(tensor)
     dist.all_reduce(work, op=dist.ReduceOp.SUM)
     return work.to(tensor.device)
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrites ``tensor`` with rank ``src``'s, on every rank; returns it."""
+    work = _work_copy(tensor)
+    dist.broadcast(work, src=src)
+    return tensor.copy_(work.to(tensor.device))
 
 
 def barrier() -> None:

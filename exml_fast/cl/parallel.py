@@ -155,9 +155,7 @@ class ShardedSteps:
         if self.world > 1:
             with torch.no_grad():
                 for b in self.model.buffers():
-                    work = b.detach().to("cuda" if torch.distributed.get_backend() == "nccl" else "cpu", copy=True)
-                    torch.distributed.broadcast(work, src=0)
-                    b.copy_(work.to(b.device))
+                    dist.broadcast_(b)
         for m in self._patched:
             del m.forward  # the class's forward again
         self._patched = []

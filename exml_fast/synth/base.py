@@ -312,19 +312,11 @@ class Synthesizer:
 
     @staticmethod
     def _world(distributed: bool | None, save_to, owner: str) -> tuple[int, int]:
-        """(rank, world size) the job is sharded over: (0, 1) unless sharded."""
-        if distributed is not None and not isinstance(distributed, bool):
-            raise TypeError(f"{owner}.synthesize: distributed must be None, True or False; got {distributed!r}")
-        if distributed is False:
+        """(rank, world size) the job is sharded over: (0, 1) unless sharded (:func:`dist.resolve_world`; None
+        without ``save_to`` does not shard)."""
+        if distributed is None and save_to is None:
             return 0, 1
-        rank, world = dist.rank_and_world()
-        if distributed:
-            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-                raise ValueError(f"{owner}.synthesize: distributed=True needs an initialised torch.distributed "
-                                 "process group (run under torchrun, or call init_process_group first)")
-        elif save_to is None:
-            return 0, 1
-        return rank, world
+        return dist.resolve_world(distributed, f"{owner}.synthesize")
 
     def synthesize_iter(
         self,

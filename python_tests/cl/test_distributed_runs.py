@@ -28,18 +28,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _util import band_images, num_threads
+from _util import band_images, num_threads, toy_expert_stream
 
 from exml_fast._utils.dist import shard_rows
 from exml_fast.cl import engine
 from exml_fast.cl import strategies as S
 from exml_fast.cl.engine import run_stream
-from exml_fast.cl.experts import Expert, ExpertStream
+from exml_fast.cl.experts import ExpertStream
 from exml_fast.cl.parallel import ShardedSteps
 from exml_fast.cl.scenarios import Experience, Scenario
 from exml_fast.models import build_model
 from exml_fast.synth import ModelInversion
-from exml_fast.training import train_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
 K = 6
@@ -57,21 +56,6 @@ def _scenario() -> Scenario:
         vx, vy = band_images(cls, 20 + 5 * i, seed=100 + i)
         exps.append(Experience(i, cls, None, tx, ty, vx, vy))
     return Scenario("toy", "toy", K, (1, 32, 32), (0.5,), (0.5,), False, 0, tuple(range(K)), exps)
-
-
-def _make_stream(path: Path) -> None:
-    scenario = _scenario()
-    stream = ExpertStream.create(path, meta={"scenario": {"name": "toy"}})
-    torch.manual_seed(3)
-    init = build_model("lenet5", num_classes=K).state_dict()
-    for exp in scenario.experiences:
-        m = build_model("lenet5", num_classes=K)
-        m.load_state_dict(init)
-        train_classifier(m, exp.train_x, exp.train_y, epochs=2, batch_size=16, lr=0.05,
-                         generator=torch.Generator().manual_seed(exp.index))
-        stream.append(Expert(m, exp.classes, arch="lenet5", arch_kwargs={"num_classes": K, "in_channels": 1},
-                             meta={"input_shape": [1, 32, 32], "mean": [0.5], "std": [0.5],
-                                   "experience": exp.index}))
 
 
 def _strategy(kind: str):
@@ -164,7 +148,7 @@ def _max_diff(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def stream_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("stream")
-    _make_stream(path)
+    toy_expert_stream(path, _scenario(), num_classes=K)
     return path
 
 

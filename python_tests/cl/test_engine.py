@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from _util import band_images
+from _util import band_images, toy_expert_stream
 
 from exml_fast.cl import strategies as S
 from exml_fast.cl.engine import CHECKPOINT, RESULT, RunError, run_stream
@@ -33,19 +33,7 @@ def _scenario(multi_task=False):
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     scenario = _scenario()
-    path = tmp_path_factory.mktemp("stream")
-    stream = ExpertStream.create(path, meta={"scenario": {"name": "toy"}})
-    torch.manual_seed(3)
-    init = build_model("lenet5", num_classes=K).state_dict()
-    for exp in scenario.experiences:
-        m = build_model("lenet5", num_classes=K)
-        m.load_state_dict(init)
-        train_classifier(m, exp.train_x, exp.train_y, epochs=2, batch_size=16, lr=0.05,
-                         generator=torch.Generator().manual_seed(exp.index))
-        stream.append(Expert(m, exp.classes, arch="lenet5", arch_kwargs={"num_classes": K, "in_channels": 1},
-                             meta={"input_shape": [1, 32, 32], "mean": [0.5], "std": [0.5],
-                                   "experience": exp.index}))
-    return scenario, ExpertStream(path)
+    return scenario, toy_expert_stream(tmp_path_factory.mktemp("stream"), scenario, num_classes=K)
 
 
 def _replay(scenario, seed=0, iterations=30):
