@@ -5,6 +5,7 @@ the floor times the network's own layers. Nothing here times anything that is as
 from __future__ import annotations
 
 import pytest
+import torch
 from _util import bench_module
 
 
@@ -21,14 +22,11 @@ def test_smallest_steps_finds_the_first_grid_point_that_meets_the_bar(bench, n):
         bar = grid[answer] if answer is not None else float("inf")
         calls = []
 
-        def run(steps):
+        def measure(steps):
             calls.append(steps)
-            return steps, 0.01 * steps
+            return {"steps": steps, "wall_s": 0.01 * steps, "agreement": 1.0, "bn": 0.0, "meets": steps >= bar}
 
-        def meets(x):
-            return x >= bar, 1.0, 0.0
-
-        steps, wall, probes = bench.smallest_steps(run, grid, meets)
+        steps, wall, probes = bench.smallest_steps(measure, grid)
         assert [p["steps"] for p in probes] == calls
         if answer is None:
             assert (steps, wall) == (None, None)
@@ -42,9 +40,60 @@ def test_smallest_steps_finds_the_first_grid_point_that_meets_the_bar(bench, n):
             assert max(calls) <= 2 * grid[answer] + grid[0]
 
 
+@pytest.mark.parametrize("rel_tol", [0.1, 0.25])
+def test_smallest_steps_with_a_tolerance_answers_a_call_that_meets_the_bar_within_it(bench, rel_tol):
+    grid = [50 * (i + 1) for i in range(40)]
+    for true in grid:
+        calls = []
+
+        def measure(steps, true=true):
+            calls.append(steps)
+            return {"steps": steps, "wall_s": 0.01 * steps, "agreement": 1.0, "bn": 0.0, "meets": steps >= true}
+
+        steps, _, _ = bench.smallest_steps(measure, grid, rel_tol=rel_tol)
+        assert steps >= true and steps - true <= rel_tol * steps
+        exact = []
+        bench.smallest_steps(lambda k, exact=exact, true=true: exact.append(k) or
+                             {"steps": k, "wall_s": 0.0, "agreement": 1.0, "bn": 0.0, "meets": k >= true}, grid)
+        assert len(calls) <= len(exact)
+
+
 def test_conv_floor_times_every_conv_and_linear_layer(bench):
     floor = bench.conv_floor("lenet5_bn", 4, step_s=1.0)
     assert floor["layers"] == 5  # LeNet-5-BN: two convolutions, three linear layers
     assert floor["floor_s"] > 0 and floor["fraction_of_floor"] == pytest.approx(floor["floor_s"])
     assert floor["gflop_per_step"] == pytest.approx(4 * floor["gflop_per_image"])
     assert floor["conv_gflops"] > 0 and floor["sgemm_gflops"] > 0
+
+
+def test_peer_trajectory_measures_what_shorter_calls_return(bench):
+    # The peer's time to quality is read off one run: each point must be the quality of a call of that length.
+    from exml_fast.models import LeNet5BN
+    from exml_fast.reference.public.deepinversion import public_deepinversion
+
+    torch.manual_seed(0)
+    teacher = LeNet5BN(10).eval()
+    y = bench.targets_for(8, "cpu")
+    points = bench.peer_trajectory(teacher, "lenet5_bn", y, 5, 2, 7, "cpu")
+    assert [p["steps"] for p in points] == [2, 4, 5]
+    assert all(p["wall_s"] > 0 for p in points) and points[0]["wall_s"] < points[-1]["wall_s"]
+    for p in points:
+        x = public_deepinversion(teacher, y, iterations=p["steps"], lr=bench.LR, bn_reg_scale=bench.BN_WEIGHT,
+                                 tv_l2_scale=bench.TV_L2_WEIGHT, l2_scale=bench.L2_WEIGHT, jitter=bench.JITTER,
+                                 flip=bench.FLIP, generator=7, input_shape=(1, 32, 32), all_bn=True)[0]
+        assert (p["agreement"], p["bn"]) == bench.clean_quality(teacher, x, y)
+
+
+def test_race_log_resumes_the_same_race_and_sets_another_aside(bench, tmp_path):
+    path = tmp_path / "race.json"
+    log = bench.RaceLog(path, {"net": "resnet18", "steps": 2000})
+    log.put("peer", {"points": [1, 2]})
+    log.put("exml | 50", {"wall_s": 3.0})
+    again = bench.RaceLog(path, {"net": "resnet18", "steps": 2000})
+    assert again.get("peer")["points"] == [1, 2] and again.get("exml | 50")["wall_s"] == 3.0
+    assert "commit" in again.get("peer") and again.get("exml | 100") is None
+    other = bench.RaceLog(path, {"net": "resnet18", "steps": 1000})  # other settings: never mixed in
+    assert other.get("peer") is None
+    assert (tmp_path / "race.stale.json").exists() and not path.exists()
+    other.put("peer", {"points": []})
+    assert bench.RaceLog(path, {"net": "resnet18", "steps": 1000}).get("peer")["points"] == []

@@ -131,6 +131,21 @@ def test_best_inputs_is_a_copy_of_the_batch_with_the_lowest_loss():
     assert not any(_untransform_matches(best, s) for i, s in enumerate(seen) if i != k)
     assert not best.requires_grad
 
+def test_best_callback_sees_what_a_shorter_call_returns():
+    # The time-to-quality race follows the peer's quality along one run: the best batch after iteration k must
+    # be, bit for bit, the batch a call of k + 1 iterations from the same seed returns.
+    model = tiny_teacher()
+    targets = torch.arange(8) % 10
+    snaps = {}
+    public_deepinversion(model, targets, iterations=7, lr=0.1, generator=3, flip=True,
+                         best_callback=lambda it, best: snaps.__setitem__(it, best.clone()), **WEIGHTS)
+    assert sorted(snaps) == list(range(7))
+    for k in (1, 4, 7):
+        short, _, _ = public_deepinversion(model, targets, iterations=k, lr=0.1, generator=3, flip=True, **WEIGHTS)
+        assert torch.equal(snaps[k - 1], short)
+    assert not torch.equal(snaps[0], snaps[6])  # the runs moved: the check above compares something
+
+
 
 def test_hooks_removed_and_mode_restored_also_after_an_exception():
     model = tiny_teacher()

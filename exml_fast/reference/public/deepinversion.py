@@ -104,6 +104,7 @@ def public_deepinversion(
     generator: int | torch.Generator | None = None,
     use_amp: bool = False,
     callback: Callable[[int, float], None] | None = None,
+    best_callback: Callable[[int, torch.Tensor], None] | None = None,
     input_shape: tuple[int, int, int] = (3, 32, 32),
     all_bn: bool = False,
 ) -> tuple[torch.Tensor, float, dict[str, torch.Tensor]]:
@@ -132,6 +133,11 @@ def public_deepinversion(
         use_amp: forward and losses under torch.autocast(bfloat16).
         callback: called as `callback(iteration, loss)` after every step
             (`loss` the float total loss of that iteration, before the step).
+        best_callback: called as `best_callback(iteration, best_inputs)` after
+            every step with the lowest-loss batch so far: the batch a call of
+            `iteration + 1` iterations returns (same seed). Not a copy: read it,
+            do not change it. For following a run's quality step by step
+            without paying for one call per step count (benches/bench_synthesis.py).
         input_shape: (C, H, W) of one input.
         all_bn: hook every BatchNorm1d/2d/3d, not only BatchNorm2d (the
             script's CIFAR nets have 2-D ones only; a LeNet-5-BN has 1-D ones
@@ -220,6 +226,8 @@ def public_deepinversion(
             optimizer.step()
             if callback is not None:
                 callback(it, cost)
+            if best_callback is not None:
+                best_callback(it, best_inputs)
     finally:
         for h in hooks:
             h.remove()
