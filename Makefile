@@ -15,6 +15,11 @@
 #   make gpu-check             on a GPU machine, with its own torch (USE_SYSTEM_TORCH=1 implied):
 #                              build for its GPU, every CUDA test (pytest -m cuda, ctest), memcheck,
 #                              short benches; summary + logs in GPU_CHECK_OUT (< 10 min; exit 2 without a GPU)
+#   make gpu-data              here: copy MNIST and Fashion-MNIST into runs/gpu-data, for the GPU machine
+#                              (which has no ../shared) to carry
+#   make gpu-ttq               on the GPU machine, after gpu-check: the time-to-quality race at batch 256
+#                              (TTQ_NETS, default the ResNets and LeNet-5-BN), resumable from runs/bench_synthesis,
+#                              recorded in GPU_CHECK_OUT/benches/synthesis_cuda_ttq.{json,md}
 #
 # Variables: PYTHON (interpreter that creates the venv, or the one used with
 # USE_SYSTEM_TORCH=1 and by gpu-check), VENV (default .venv), TORCH_CUDA_ARCH_LIST,
@@ -59,7 +64,7 @@ CMAKE_BUILD_DIR := build-cmake
 CMAKE_CUDA = $(shell $(PY) -c 'import torch; print("ON" if torch.cuda.is_available() else "OFF")' 2>/dev/null || echo OFF)
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: help env build lint test pytest pytest-avx2 ctest sanitize demo demo-inversion bench bench-e2e gpu-check clean FORCE
+.PHONY: help env build lint test pytest pytest-avx2 ctest sanitize demo demo-inversion bench bench-e2e gpu-check gpu-data gpu-ttq clean FORCE
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -171,6 +176,22 @@ GPU_CHECK_OUT ?= benches/results/gpu
 
 gpu-check:
 	$(PYTHON) benches/gpu_check.py --out "$(GPU_CHECK_OUT)"
+
+# The time-to-quality race of bench_synthesis on the GPU, with the library gpu-check built. Its data come from
+# EXML_FAST_DATA, else runs/gpu-data (`make gpu-data` here, then carry runs/gpu-data); every measurement is
+# kept in runs/bench_synthesis, so a call cut off by its time limit resumes where it stopped.
+SHARED_DATA ?= ../shared/data
+TTQ_NETS ?= resnet18 resnet34 lenet5_bn
+
+gpu-data:
+	rm -rf runs/gpu-data && mkdir -p runs/gpu-data
+	cp -r $(SHARED_DATA)/mnist $(SHARED_DATA)/fashion-mnist runs/gpu-data/ && chmod -R u+w runs/gpu-data
+	@du -sh runs/gpu-data
+
+gpu-ttq:
+	EXML_FAST_DATA="$${EXML_FAST_DATA:-$(CURDIR)/runs/gpu-data}" PYTHONPATH=$(CURDIR) \
+	  $(PYTHON) benches/bench_synthesis.py --device cuda --ttq-only --batch 256 --nets $(TTQ_NETS) \
+	  --suffix _ttq --out "$(GPU_CHECK_OUT)/benches"
 
 clean:
 	rm -rf build $(CMAKE_BUILD_DIR) build-cmake-cuda $(SANITIZE_DIR) .stamps exml_fast/_C*.so *.egg-info

@@ -318,14 +318,16 @@ def ttq_teacher(name: str, device: str, folder, calibrated: nn.Module, *, seed: 
         idx = torch.randperm(x.shape[0], generator=g)[:TTQ_TRAIN_IMAGES]
         t0 = time.perf_counter()
         x3 = x[idx].expand(-1, 3, -1, -1).contiguous()
+        model.to(device)  # trained where the race runs: seconds on a GPU (whose draws differ from the CPU's)
         train_classifier(model, x3, y[idx], epochs=1, batch_size=64, lr=0.05, generator=g)
-        recalibrate_bn(model, x3[:5000])
+        recalibrate_bn(model, x3[:5000].to(device))
         xt, yt = mnist_tensors("test", dataset="fashion-mnist")
         acc = evaluate(model, xt[:2000].expand(-1, 3, -1, -1).contiguous(), yt[:2000])
         info = {"teacher": f"trained one pass over {TTQ_TRAIN_IMAGES} Fashion-MNIST images (3-channel copies, "
-                           f"32 x 32), BN statistics recomputed: {acc:.1%} on 2000 test images",
+                           f"32 x 32) on {device}, BN statistics recomputed: {acc:.1%} on 2000 test images",
                 "train_s": time.perf_counter() - t0}
-        atomic_write(path, lambda f: torch.save({"state": model.state_dict(), "info": info}, f))
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        atomic_write(path, lambda f: torch.save({"state": state, "info": info}, f))
         print(f"  {name}: {info['teacher']}, trained in {info['train_s']:.0f} s, saved to {path}", flush=True)
     return model.to(device).eval(), info
 
@@ -608,8 +610,9 @@ def conv_floor(name: str, batch: int, step_s: float) -> dict:
 
 def bench_net(name: str, args) -> dict:
     batch = args.batch_of[name]
-    print(f"{name}, batch {batch}, {'x'.join(map(str, SHAPES[name][1:]))} — timing (K1={args.k1}, "
-          f"K2={args.k2}, {args.rounds} rounds)", flush=True)
+    print(f"{name}, batch {batch}, {'x'.join(map(str, SHAPES[name][1:]))} — " + (
+        "time to quality" if args.ttq_only else f"timing (K1={args.k1}, K2={args.k2}, {args.rounds} rounds)"),
+        flush=True)
     teacher = calibrated_teacher(name, args.device)
     if args.ttq_only:
         ttq = time_to_quality(*ttq_teacher(name, args.device, args.ttq_state, teacher), name, args)
