@@ -11,23 +11,35 @@ beside ours (Split Fashion-MNIST has none for these methods).
 No hyperparameter is tuned here: every strategy runs at its defaults (the experts' training recipe,
 :data:`~exml_fast.cl.strategies.cil.CIL_DEFAULTS`) under the budget's options, and the test sets are only
 evaluated. Everything is resumable: a rerun reads finished runs back and continues a killed one.
+
+Each finished run is also kept in a ledger beside the table, ``<results>/cil_{mnist,fmnist}[_<budget>]_runs.json``
+(its accuracy matrix, timings, strategy configuration, machine and commit, written atomically after every run),
+and a rerun whose run folder is gone takes a run from it when the strategy's configuration is unchanged. The
+paper budget is hours per seed on 2 CPU cores and run folders do not outlive a machine: the ledger, committed
+with the table, lets the seeds be run on different days and machines and still make one table, each run's
+commit and machine on record.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pathlib
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
 
 from exml_fast._utils.checks import check_int
-from exml_fast.cl.metrics import mean_std
+from exml_fast._utils.io import atomic_write
+from exml_fast.cl.engine import CHECKPOINT
+from exml_fast.cl.metrics import StreamResult, mean_std
 from exml_fast.cl.scenarios import make_scenario
 from exml_fast.cl.strategies import STRATEGIES, run_named_strategy
+from exml_fast.cl.strategies.registry import build_strategy
 from exml_fast.experiments.records import machine, machine_line, run_seconds, write_records
 
 __all__ = ["CIL_BUDGETS", "CIL_EXPERIMENTS", "CIL_STRATEGIES", "PUBLISHED_SPLIT_MNIST", "reproduce_cil"]
@@ -63,6 +75,67 @@ PUBLISHED_SPLIT_MNIST: dict[str, dict[str, Any]] = {
 }
 
 
+LEDGER_FORMAT = "exml_fast.cil_runs"
+
+
+class RunLedger:
+    """The finished runs of one table (experiment and budget), by strategy and seed, in a JSON file rewritten
+    atomically after each run. An entry is a :class:`StreamResult` dict (its per-step history left out) with
+    the machine, versions and commit that recorded it (for a run finished before its folder was read into the
+    ledger, those of the reading); :meth:`get` returns it only while the strategy's configuration is the
+    same."""
+
+    def __init__(self, path: str | os.PathLike, experiment: str, budget: str):
+        self.path = pathlib.Path(path)
+        self.head = {"format": LEDGER_FORMAT, "experiment": experiment, "budget": budget}
+        self.runs: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"reproduce_cil: {self.path}: not a run ledger (invalid JSON: {e}); move it "
+                                 "away to start a new one") from None
+            if not isinstance(data, dict) or any(data.get(k) != v for k, v in self.head.items()) \
+                    or not isinstance(data.get("runs"), dict):
+                raise ValueError(f"reproduce_cil: {self.path} is not the run ledger of {experiment} at budget "
+                                 f"{budget!r}; move it away to start a new one")
+            self.runs = data["runs"]
+
+    @staticmethod
+    def key(strategy: str, seed: int) -> str:
+        return f"{strategy} s{seed}"
+
+    def has(self, strategy: str, seed: int) -> bool:
+        return self.key(strategy, seed) in self.runs
+
+    def get(self, strategy: str, seed: int, config: dict[str, Any]) -> StreamResult | None:
+        entry = self.runs.get(self.key(strategy, seed))
+        if entry is None or entry.get("meta", {}).get("config") != json.loads(json.dumps(config)):
+            return None
+        return StreamResult.from_dict({k: v for k, v in entry.items() if k != "machine"})
+
+    def machine_of(self, strategy: str, seed: int) -> dict[str, Any] | None:
+        entry = self.runs.get(self.key(strategy, seed))
+        return None if entry is None else entry.get("machine")
+
+    def put(self, strategy: str, seed: int, result: StreamResult, where: dict[str, Any]) -> None:
+        d = result.to_dict()
+        d["meta"] = {k: v for k, v in d["meta"].items() if k != "history"}
+        self.runs[self.key(strategy, seed)] = {**d, "machine": where}
+        text = json.dumps({**self.head, "runs": self.runs}, indent=1, allow_nan=False)
+        atomic_write(self.path, lambda f: f.write(text.encode()))
+
+
+def _config_of(strat: str, scenario, options: dict[str, Any], seed: int, device: torch.device,
+               data_root) -> dict[str, Any]:
+    """The configuration the strategy would run with (built, not run: a model's initialisation, under a forked
+    random state)."""
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.simplefilter("ignore")
+        return build_strategy(strat, None, scenario, options=options, seed=seed, device=device, progress=False,
+                              data_root=data_root).config()
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     mean, std = mean_std([100.0 * v for v in values], ddof=1)
     return {"mean": mean, "std": std}
@@ -82,6 +155,9 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"- seeds 0..{meta['runs'] - 1} (class order, initialisation, every draw): {meta['runs']} runs per strategy",
         machine_line(meta["machine"]),
         f"- wall time of this invocation: {meta['wall_s']:.0f} s (finished runs are read back, not redone)",
+        *([f"- runs read back from the ledger `{meta['ledger']}`: {meta['from_ledger']} of "
+           f"{meta['runs'] * len(rows)}; the runs were made at commit(s) "
+           + ", ".join(f"`{c}`" for c in meta["commits"])] if meta.get("from_ledger") else []),
         "- every strategy at its defaults (no tuning; the test sets are only evaluated)",
         "",
         "| strategy | keeps real data | runs | final accuracy, all classes (%) | average incremental (%) | "
@@ -146,21 +222,41 @@ def reproduce_cil(
     scenario_name, stem = CIL_EXPERIMENTS[experiment]
     spec = CIL_BUDGETS[budget]
     out = pathlib.Path(out) / experiment / budget
+    table = stem if budget == "paper" else f"{stem}_{budget}"
+    ledger = RunLedger(pathlib.Path(results) / f"{table}_runs.json", experiment, budget) \
+        if results is not None else None
     t_start = time.perf_counter()
     per: dict[str, dict[str, list[float]]] = {s: {"final": [], "aia": [], "seconds": []} for s in chosen}
+    commits, from_ledger, here = set(), 0, machine(device)
     for r in range(runs):
         scenario = make_scenario(scenario_name, seed=r, root=data_root, **spec.get("scenario", {}))
         for strat in chosen:
             options = {k: v for k, v in spec["run"].items() if k in STRATEGIES[strat].options}
+            folder = out / f"{strat}_s{r}"
             t0 = time.perf_counter()
-            result = run_named_strategy(strat, None, scenario, options=options, seed=r, device=device,
-                                        out=out / f"{strat}_s{r}", progress=progress, data_root=data_root)
+            result = None
+            if ledger is not None and ledger.has(strat, r) and not (folder / CHECKPOINT).exists():
+                result = ledger.get(strat, r, _config_of(strat, scenario, options, r, device, data_root))
+            if result is not None:
+                from_ledger += 1
+                where = ledger.machine_of(strat, r) or {}
+                how = f"from the ledger, run at commit {where.get('commit', '?')}"
+            else:
+                result = run_named_strategy(strat, None, scenario, options=options, seed=r, device=device,
+                                            out=folder, progress=progress, data_root=data_root)
+                if ledger is not None:
+                    if ledger.get(strat, r, result.meta["config"]) is None:  # a new run: this machine's
+                        ledger.put(strat, r, result, here)
+                    where = ledger.machine_of(strat, r) or here
+                else:
+                    where = here
+                how = f"{time.perf_counter() - t0:.0f} s"
+            commits.add(where.get("commit", "?"))
             per[strat]["final"].append(result.final_stream_accuracy)
             per[strat]["aia"].append(result.average_incremental_accuracy)
             per[strat]["seconds"].append(run_seconds(result))
             log(f"[reproduce] {experiment} seed {r} {strat}: final {100 * result.final_stream_accuracy:.2f} %, "
-                f"average incremental {100 * result.average_incremental_accuracy:.2f} % "
-                f"({time.perf_counter() - t0:.0f} s)")
+                f"average incremental {100 * result.average_incremental_accuracy:.2f} % ({how})")
     rows = []
     for strat in chosen:
         p = per[strat]
@@ -173,7 +269,7 @@ def reproduce_cil(
     if results is not None:
         meta = {"experiment": experiment, "scenario": scenario_name, "budget": budget, "budget_detail": spec,
                 "runs": runs, "command": command or " ".join(["exml-fast", *sys.argv[1:]]),
-                "machine": machine(device), "wall_s": time.perf_counter() - t_start}
-        write_records(results, stem if budget == "paper" else f"{stem}_{budget}", meta, rows, _markdown(rows, meta),
-                      log=lambda m: log(f"[reproduce] {m}"))
+                "machine": here, "wall_s": time.perf_counter() - t_start,
+                "ledger": ledger.path.name, "from_ledger": from_ledger, "commits": sorted(commits)}
+        write_records(results, table, meta, rows, _markdown(rows, meta), log=lambda m: log(f"[reproduce] {m}"))
     return rows
