@@ -7,8 +7,9 @@ DeepInversion 300 steps, 50 images per old class) unless --budget paper. Prints 
 accuracy on all classes and the average incremental accuracy of each setting, mean over the seeds.
 
 The settings: Eq. 11 as the paper gives it (deepinversion-cil), each of the two changes alone (the new data's
-cross-entropy over its own classes; the balanced classifier fine-tuning), and both
-(deepinversion-cil-balanced).
+cross-entropy over its own classes; the balanced classifier fine-tuning), both (deepinversion-cil-balanced),
+and on top of both the images made in two rounds (the second halfway through the task), plain or as Adaptive
+DeepInversion against the learner (competition weight 1 or 10).
 
 Usage:
     python benches/validate_cil.py [--seeds 1 2] [--budget demo|paper] [--validation-size 6000]
@@ -36,6 +37,9 @@ SETTINGS = [
     ("+ ce_classes=new", "deepinversion-cil", {"ce_classes": "new"}),
     ("+ head_epochs=1", "deepinversion-cil", {"head_epochs": 1}),
     ("both (deepinversion-cil-balanced)", "deepinversion-cil-balanced", {}),
+    ("both, 2 synthesis rounds", "deepinversion-cil-balanced", {"synth_rounds": 2}),
+    ("both, 2 rounds, ADI weight 1", "deepinversion-cil-balanced", {"synth_rounds": 2, "competition_weight": 1.0}),
+    ("both, 2 rounds, ADI weight 10", "deepinversion-cil-balanced", {"synth_rounds": 2, "competition_weight": 10.0}),
 ]
 
 

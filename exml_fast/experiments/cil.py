@@ -108,9 +108,13 @@ class RunLedger:
     def has(self, strategy: str, seed: int) -> bool:
         return self.key(strategy, seed) in self.runs
 
-    def get(self, strategy: str, seed: int, config: dict[str, Any]) -> StreamResult | None:
+    def get(self, strategy: str, seed: int, config: dict[str, Any],
+            added: dict[str, Any] | None = None) -> StreamResult | None:
+        """The run, if its configuration is ``config``; ``added``: options that were added to the strategy after
+        the run, at the values it ran with (the strategy's ``config_added``)."""
         entry = self.runs.get(self.key(strategy, seed))
-        if entry is None or entry.get("meta", {}).get("config") != json.loads(json.dumps(config)):
+        stored = None if entry is None else entry.get("meta", {}).get("config")
+        if not isinstance(stored, dict) or {**(added or {}), **stored} != json.loads(json.dumps(config)):
             return None
         return StreamResult.from_dict({k: v for k, v in entry.items() if k != "machine"})
 
@@ -127,13 +131,14 @@ class RunLedger:
 
 
 def _config_of(strat: str, scenario, options: dict[str, Any], seed: int, device: torch.device,
-               data_root) -> dict[str, Any]:
-    """The configuration the strategy would run with (built, not run: a model's initialisation, under a forked
-    random state)."""
+               data_root) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The configuration the strategy would run with, and its ``config_added`` (built, not run: a model's
+    initialisation, under a forked random state)."""
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore")
-        return build_strategy(strat, None, scenario, options=options, seed=seed, device=device, progress=False,
-                              data_root=data_root).config()
+        strategy = build_strategy(strat, None, scenario, options=options, seed=seed, device=device, progress=False,
+                                  data_root=data_root)
+    return strategy.config(), dict(getattr(strategy, "config_added", {}))
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -236,7 +241,7 @@ def reproduce_cil(
             t0 = time.perf_counter()
             result = None
             if ledger is not None and ledger.has(strat, r) and not (folder / CHECKPOINT).exists():
-                result = ledger.get(strat, r, _config_of(strat, scenario, options, r, device, data_root))
+                result = ledger.get(strat, r, *_config_of(strat, scenario, options, r, device, data_root))
             if result is not None:
                 from_ledger += 1
                 where = ledger.machine_of(strat, r) or {}

@@ -389,7 +389,13 @@ def test_deepinversion_cil_balanced_is_registered_with_both_changes():
     assert s.config()["ce_classes"] == "new" and not S.STRATEGIES["deepinversion-cil-balanced"].keeps_data
     plain = S.build_strategy("deepinversion-cil", None, sc, options={}, seed=1, device=torch.device("cpu"),
                              progress=False)
-    assert (plain.ce_classes, plain.head_epochs) == ("seen", 0)
+    assert (plain.ce_classes, plain.head_epochs, plain.synth_rounds, plain.competition_weight) == ("seen", 0, 1, 0.0)
+    adaptive = S.build_strategy("deepinversion-cil", None, sc, options={"synth_rounds": 4, "competition_weight": 0.5},
+                                seed=1, device=torch.device("cpu"), progress=False)
+    assert (adaptive.synth_rounds, adaptive.competition_weight) == (4, 0.5)
+    with pytest.raises(S.StrategyOptionError, match="synth_rounds"):
+        S.build_strategy("lwf", None, sc, options={"synth_rounds": 2}, seed=1, device=torch.device("cpu"),
+                         progress=False)
 
 
 def test_deepinversion_cil_synthesises_from_the_previous_model_and_resumes(tmp_path):
@@ -403,6 +409,54 @@ def test_deepinversion_cil_synthesises_from_the_previous_model_and_resumes(tmp_p
     assert [st["images"] for st in s.synth_stats] == [3 * 4]  # after the resume: task 3, four old classes
     assert [h.get("synthesis", [{}])[0].get("images") for h in resumed.meta["history"]] == [None, 3 * 2, 3 * 4]
     assert resumed.meta["keeps_data"] is False and S.STRATEGIES["deepinversion-cil"].keeps_data is False
+
+
+def test_adaptive_rounds_synthesise_against_the_learner_as_it_trains(monkeypatch):
+    """synth_rounds 3 over 4 epochs, 5 images per class: rounds of 2, 2, 1 before the task and at the starts
+    of epochs 1 and 2; the later rounds compete against a frozen copy of the learner as it is then, and the
+    training set grows by each round."""
+    s = _bn_strategy(S.DeepInversionCIL, epochs=4, seed=4, synth_per_class=5, synth_rounds=3,
+                     competition_weight=0.5)
+    s.train(_experience(0, SPLITS[0]))
+    calls, epochs = [], []
+    epoch_begin = s._epoch_begin
+
+    def record_epoch(epoch, exp, i):
+        epochs.append(epoch)
+        epoch_begin(epoch, exp, i)
+
+    def synthesize(teacher, classes, per_class, tag, i, competitor=None, competition_weight=0.0, **stats):
+        learner = [p.detach().clone() for p in s.model.parameters()]
+        copied = competitor is not None and competitor is not s.model and all(
+            torch.equal(a, b) for a, b in zip(competitor.parameters(), learner))
+        frozen = competitor is not None and not any(p.requires_grad for p in competitor.parameters())
+        calls.append({"classes": classes, "per_class": per_class, "tag": tag, "epoch": epochs[-1] if epochs else None,
+                      "copied": copied, "frozen": frozen, "weight": competition_weight, "stats": stats,
+                      "held": 0 if s._synth_x is None else s._synth_x.shape[0], "teacher": teacher is s.prev})
+        n = per_class * len(classes)
+        return torch.zeros(n, 1, 32, 32), torch.tensor(classes * per_class)
+
+    monkeypatch.setattr(s, "_epoch_begin", record_epoch)
+    monkeypatch.setattr(s, "_synthesize", synthesize)
+    s.train(_experience(1, SPLITS[1]))
+    assert [(c["per_class"], c["epoch"], c["held"]) for c in calls] == [(2, None, 0), (2, 1, 4), (1, 2, 8)]
+    assert [c["tag"] for c in calls] == ["deepinversion-cil", "deepinversion-cil-r1", "deepinversion-cil-r2"]
+    assert [c["stats"] for c in calls] == [{"round": 0}, {"round": 1}, {"round": 2}]
+    assert all(c["classes"] == [0, 1] and c["teacher"] for c in calls)
+    assert [(c["copied"], c["frozen"], c["weight"]) for c in calls[1:]] == [(True, True, 0.5)] * 2
+    assert epochs == [0, 1, 2, 3] and s._synth_x is None  # nothing kept after the task
+
+
+def test_adaptive_rounds_run_and_are_recorded():
+    """A real run (3 DeepInversion steps a batch): each round is recorded with its images and the teacher's
+    agreement; plain rounds (competition_weight 0) run too."""
+    for weight in (0.0, 1.0):
+        s = _bn_strategy(S.DeepInversionCIL, epochs=2, seed=2, synth_per_class=2, synth_rounds=2,
+                         competition_weight=weight)
+        for exp in (_experience(0, SPLITS[0]), _experience(1, SPLITS[1])):
+            s.train(exp)
+        assert [(st["experience"], st["round"], st["images"]) for st in s.synth_stats] == [(2, 0, 2), (2, 1, 2)]
+        assert s.config()["synth_rounds"] == 2 and s.config()["competition_weight"] == weight
 
 
 def test_synthetic_exemplars_keep_only_synthetic_images_within_k():
@@ -448,6 +502,16 @@ def test_synthesising_strategies_argument_errors():
         _bn_strategy(S.DeepInversionCIL, ce_classes="old")
     with pytest.raises(ValueError, match="head_epochs"):
         _bn_strategy(S.DeepInversionCIL, head_epochs=-1)
+    with pytest.raises(ValueError, match=r"synth_rounds must be at most epochs \(2\)"):
+        _bn_strategy(S.DeepInversionCIL, synth_rounds=3)
+    with pytest.raises(ValueError, match=r"synth_rounds must be at most .* synth_per_class \(1\)"):
+        _bn_strategy(S.DeepInversionCIL, synth_rounds=2, synth_per_class=1)
+    with pytest.raises(ValueError, match="synth_rounds must be an int >= 1"):
+        _bn_strategy(S.DeepInversionCIL, synth_rounds=0)
+    with pytest.raises(ValueError, match="competition_weight > 0 needs synth_rounds > 1"):
+        _bn_strategy(S.DeepInversionCIL, competition_weight=0.5)
+    with pytest.raises(ValueError, match="competition_weight must be a finite number >= 0"):
+        _bn_strategy(S.DeepInversionCIL, synth_rounds=2, competition_weight=-1.0)
     with pytest.raises(ValueError, match="synth_iterations"):
         _bn_strategy(S.SyntheticExemplars, synth_iterations=0)
 

@@ -166,6 +166,10 @@ class DataStrategy(Strategy):
     def _end(self) -> None:
         """After experience i's training, also after an error (LwF drops the previous model here)."""
 
+    def _epoch_begin(self, epoch: int, exp, i: int) -> None:
+        """At the start of each training epoch (0-based) of experience i, the learner in train mode
+        (DeepInversion-CIL synthesises its later rounds here)."""
+
     def _freeze_previous(self) -> list[int]:
         """Before a task after the first: a frozen copy of the learner becomes ``self.prev`` and ``self._old`` the
         classes seen so far (on the device); returns those classes."""
@@ -217,7 +221,8 @@ class DataStrategy(Strategy):
         self.model.train()
         with fast_layers(*self._models()):
             try:
-                for _ in range(self.epochs):
+                for epoch in range(self.epochs):
+                    self._epoch_begin(epoch, exp, i)
                     perm = torch.randperm(int(x.shape[0]), generator=gen)
                     for start, end in bounds:
                         lo, hi, scale = steps.rows(end - start)
@@ -478,20 +483,24 @@ class _Synthesis:
                 "mean": None if self.mean is None else list(self.mean),
                 "std": None if self.std is None else list(self.std)}
 
-    def _synthesize(self, teacher: nn.Module, classes: list[int], per_class: int, tag: str,
-                    i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _synthesize(self, teacher: nn.Module, classes: list[int], per_class: int, tag: str, i: int, *,
+                    competitor: nn.Module | None = None, competition_weight: float = 0.0,
+                    **stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``per_class`` DeepInversion images of each of ``classes`` from the frozen ``teacher`` (CPU float32),
-        seeded from (seed, tag, i)."""
+        seeded from (seed, tag, i); with a ``competitor``, Adaptive DeepInversion against it. ``stats``: extra
+        entries of the synthesis record."""
         from exml_fast.synth import DeepInversion
 
+        adaptive = {} if competitor is None else {"competitor": competitor, "competition_weight": competition_weight}
         synth = DeepInversion(teacher, input_shape=self.input_shape, mean=self.mean, std=self.std,
-                              device=self._device(), **self.synth_options)
+                              device=self._device(), **self.synth_options, **adaptive)
         batch = synth.synthesize(per_class * len(classes), classes=classes, iterations=self.synth_iterations,
                                  batch_size=self.synth_batch_size, generator=derive_seed(self.seed, tag, i),
                                  progress=self.progress, distributed=is_sharded(self.distributed))
         with torch.no_grad():
             agree = float((teacher(batch.x).argmax(1) == batch.y).float().mean())
-        self.synth_stats.append({"experience": i, "images": int(batch.y.numel()), "teacher_agreement": agree})
+        self.synth_stats.append({"experience": i, "images": int(batch.y.numel()), "teacher_agreement": agree,
+                                 **stats})
         return batch.x.detach().to("cpu", torch.float32), batch.y.detach().cpu()
 
 
@@ -518,6 +527,14 @@ class DeepInversionCIL(_Synthesis, DataStrategy):
     ``deepinversion-cil-balanced`` with ``ce_classes="new", head_epochs=1``, chosen on a validation split
     (benches/results/cil_dicil_validation.md).
 
+    Adaptive DeepInversion against the learner (§4.5's "ADI"): with ``synth_rounds`` R > 1 the images of each
+    old class are made in R rounds of near-equal size, the first before the task and round k at the start of
+    epoch ``k * epochs // R``; with ``competition_weight`` w > 0 the later rounds add DeepInversion's
+    competition term ``w * (1 - JS(previous model, learner))`` against a frozen copy of the learner as it is
+    then, so they seek old-class images the learner has started to get wrong. (Before the task the learner
+    *is* the previous model and the term is zero, hence the rounds.) Training draws from every image made so
+    far.
+
     Args:
         model: the learner (with BatchNorm layers, whose statistics DeepInversion matches).
         input_shape, mean, std: of the scenario's images (C, H, W) and their normalisation.
@@ -528,18 +545,22 @@ class DeepInversionCIL(_Synthesis, DataStrategy):
             task's own classes).
         head_epochs: passes of the balanced classifier fine-tuning after each task from the second, in
             minibatches of ``2 * batch_size`` (0: none, Eq. 11 alone).
+        synth_rounds: rounds the old-class images of a task are made in (1: all before the task; at most
+            ``epochs`` and ``synth_per_class``).
+        competition_weight: weight of the competition against the learner in rounds after the first (0: plain
+            DeepInversion; > 0 needs ``synth_rounds`` > 1).
         **kwargs: as :class:`DataStrategy`.
     """
 
     name = "deepinversion-cil"
     CE_CLASSES = ("seen", "new")
-    #: runs recorded before these options existed were Eq. 11 with no head fine-tuning
-    config_added = {"ce_classes": "seen", "head_epochs": 0}
+    #: runs recorded before these options existed were Eq. 11 with no head fine-tuning, all images made first
+    config_added = {"ce_classes": "seen", "head_epochs": 0, "synth_rounds": 1, "competition_weight": 0.0}
 
     def __init__(self, model: nn.Module, *, input_shape, mean=None, std=None, synth_per_class: int = 250,
                  synth_iterations: int | None = None, synth_batch_size: int = 256,
                  synth_options: dict[str, Any] | None = None, ce_classes: str = "seen", head_epochs: int = 0,
-                 **kwargs: Any) -> None:
+                 synth_rounds: int = 1, competition_weight: float = 0.0, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         owner = type(self).__name__
         self._init_synthesis(input_shape=input_shape, mean=mean, std=std, synth_iterations=synth_iterations,
@@ -549,6 +570,15 @@ class DeepInversionCIL(_Synthesis, DataStrategy):
             raise ValueError(f"{owner}: ce_classes must be one of {', '.join(self.CE_CLASSES)}; got {ce_classes!r}")
         self.ce_classes = ce_classes
         self.head_epochs = check_int(head_epochs, "head_epochs", owner, low=0)
+        self.synth_rounds = check_int(synth_rounds, "synth_rounds", owner, low=1)
+        if self.synth_rounds > min(self.epochs, self.synth_per_class):
+            raise ValueError(f"{owner}: synth_rounds must be at most epochs ({self.epochs}) and synth_per_class "
+                             f"({self.synth_per_class}): one round starts an epoch and makes an image of each "
+                             f"class at least; got {synth_rounds}")
+        self.competition_weight = check_float(competition_weight, "competition_weight", owner)
+        if self.competition_weight > 0 and self.synth_rounds == 1:
+            raise ValueError(f"{owner}: competition_weight > 0 needs synth_rounds > 1: before the task the learner "
+                             "is the previous model, so the competition against it is zero; got synth_rounds 1")
         self.prev: nn.Module | None = None
         self._old: torch.Tensor | None = None
         self._new: torch.Tensor | None = None
@@ -557,14 +587,32 @@ class DeepInversionCIL(_Synthesis, DataStrategy):
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), **self._synthesis_config(), "synth_per_class": self.synth_per_class,
-                "ce_classes": self.ce_classes, "head_epochs": self.head_epochs}
+                "ce_classes": self.ce_classes, "head_epochs": self.head_epochs, "synth_rounds": self.synth_rounds,
+                "competition_weight": self.competition_weight}
+
+    def _round_sizes(self) -> list[int]:
+        """Images per old class in each round: near-equal, the larger first."""
+        q, r = divmod(self.synth_per_class, self.synth_rounds)
+        return [q + (k < r) for k in range(self.synth_rounds)]
 
     def _begin(self, exp, i: int) -> None:
         if not self.experiences_seen:
             return
         old = self._freeze_previous()
         self._new = torch.tensor(sorted({int(c) for c in exp.classes}), dtype=torch.int64, device=self._device())
-        self._synth_x, self._synth_y = self._synthesize(self.prev, old, self.synth_per_class, "deepinversion-cil", i)
+        extra = {} if self.synth_rounds == 1 else {"round": 0}
+        self._synth_x, self._synth_y = self._synthesize(self.prev, old, self._round_sizes()[0], "deepinversion-cil",
+                                                        i, **extra)
+
+    def _epoch_begin(self, epoch: int, exp, i: int) -> None:
+        if self.prev is None or self.synth_rounds == 1:
+            return
+        rounds = [k for k in range(1, self.synth_rounds) if k * self.epochs // self.synth_rounds == epoch]
+        for k in rounds:  # (one at most: rounds <= epochs)
+            competitor = frozen_copy(self.model) if self.competition_weight > 0 else None
+            x, y = self._synthesize(self.prev, self._old.tolist(), self._round_sizes()[k], f"deepinversion-cil-r{k}",
+                                    i, competitor=competitor, competition_weight=self.competition_weight, round=k)
+            self._synth_x, self._synth_y = torch.cat([self._synth_x, x]), torch.cat([self._synth_y, y])
 
     def _end(self) -> None:
         self.prev = self._old = self._new = self._synth_x = self._synth_y = None
@@ -811,7 +859,8 @@ LWF_OPTIONS = CIL_OPTIONS | {"distill_temperature", "distill_weight", "distill_b
 ICARL_OPTIONS = CIL_OPTIONS | {"memory_size", "classifier"}
 #: DeepInversion's settings that runs may give (the rest: its preset="auto" from the learner).
 SYNTH_OPTIONS = frozenset({"synth_iterations", "synth_batch_size", "synth_lr", "bn_weight", "first_bn_multiplier"})
-DI_CIL_OPTIONS = CIL_OPTIONS | SYNTH_OPTIONS | {"synth_per_class", "ce_classes", "head_epochs"}
+DI_CIL_OPTIONS = CIL_OPTIONS | SYNTH_OPTIONS | {"synth_per_class", "ce_classes", "head_epochs", "synth_rounds",
+                                               "competition_weight"}
 SYNTH_EXEMPLAR_OPTIONS = ICARL_OPTIONS | SYNTH_OPTIONS
 #: The synthesis defaults of those strategies: DeepInversion's own (None), not ED's MNIST settings.
 SYNTH_DEFAULTS = {**CIL_DEFAULTS, "synth_iterations": None, "synth_lr": None, "bn_weight": None,
@@ -860,7 +909,9 @@ def _synthesis(ctx: BuildContext, opt: dict[str, Any]) -> dict[str, Any]:
                         "mixed with the new data (no real old image kept)")
 def _deepinversion_cil(ctx: BuildContext, opt: dict[str, Any]) -> DeepInversionCIL:
     return DeepInversionCIL(build_data_learner(ctx, opt), synth_per_class=opt["synth_per_class"],
-                            ce_classes=opt["ce_classes"], head_epochs=opt["head_epochs"], **_synthesis(ctx, opt),
+                            ce_classes=opt["ce_classes"], head_epochs=opt["head_epochs"],
+                            synth_rounds=opt["synth_rounds"], competition_weight=opt["competition_weight"],
+                            **_synthesis(ctx, opt),
                             **_common(ctx, opt))
 
 

@@ -43,7 +43,9 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
                                  "about 20x smaller at N(0, 1) inputs: the same weight pushes harder here)"),
     "l2_sq_weight": (float, 1e-3, "mi-ed/di-ed: squared-L2 prior weight (default: 1e-3)"),
     "competition_weight": (float, 0.0, "mi-ed/di-ed: Adaptive DeepInversion against the learner, the weight of "
-                                       "1 - JS(expert, learner) from the second expert on (default: 0, off)"),
+                                       "1 - JS(expert, learner) from the second expert on; deepinversion-cil: "
+                                       "1 - JS(previous model, learner) in the synthesis rounds after the first "
+                                       "(needs synth_rounds > 1) (default: 0, off)"),
     "aux_dataset": (str, None, "aux-ed: the unrelated dataset (default: the other of mnist / fashion-mnist)"),
     "weight_decay": (float, 0.0, "SGD weight decay of the learner (default: 0 for the ExML strategies; 5e-4 for "
                                  "the class-incremental ones, the experts' recipe)"),
@@ -68,6 +70,9 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
     "head_epochs": (int, None, "deepinversion-cil: epochs of class-balanced fine-tuning of the classifier alone "
                                "on the new data and the synthetic images after each task (default: 0; 1 for "
                                "deepinversion-cil-balanced)"),
+    "synth_rounds": (int, 1, "deepinversion-cil: rounds the old-class images of a task are made in, the first "
+                             "before the task, round k at epoch k * epochs // rounds, against the learner as it "
+                             "then is with competition_weight > 0 (default: 1, all before the task)"),
     "memory_size": (int, 2000, "icarl: exemplars kept in all, split evenly over the classes seen (default: 2000)"),
     "classifier": (str, "nme", "icarl: nme (nearest mean of exemplars, the default) or cnn (the network's "
                                "outputs)"),
@@ -79,7 +84,7 @@ GENERATIVE_ONLY_OPTIONS = frozenset({"gen_preset", "gen_arch"})
 #: Options only the class-incremental strategies read (an ExML run given one is an error).
 DATA_ONLY_OPTIONS = frozenset({"epochs", "arch", "distill_temperature", "distill_weight", "distill_by_task",
                                "lwf_form", "memory_size", "classifier", "synth_per_class", "ce_classes",
-                               "head_epochs"})
+                               "head_epochs", "synth_rounds"})
 
 
 #: Run options by the scenario's dataset, over the RUN_OPTIONS defaults (the MNIST settings); given options win.
