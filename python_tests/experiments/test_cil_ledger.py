@@ -57,3 +57,21 @@ def test_a_foreign_ledger_is_refused_by_name(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ValueError, match="cil_mnist_smoke_runs.json"):
         RunLedger(path, "cil-mnist", "smoke")
+
+
+def test_options_added_since_a_run_count_at_the_values_it_ran_with(tmp_path):
+    """A run recorded before an option existed matches a configuration holding that option at the strategy's
+    config_added value, and only that value."""
+    from exml_fast.cl.metrics import StreamResult
+
+    old = {"strategy": "deepinversion-cil", "epochs": 20}
+    result = StreamResult("deepinversion-cil", "split_mnist", 0, [[0.9]], [10], [0.9], meta={"config": old})
+    ledger = RunLedger(tmp_path / "l.json", "cil-mnist", "paper")
+    ledger.put("deepinversion-cil", 0, result, {"commit": "abc"})
+    ledger = RunLedger(tmp_path / "l.json", "cil-mnist", "paper")  # read back from the file
+    added = {"synth_rounds": 1}
+    assert ledger.get("deepinversion-cil", 0, {**old, "synth_rounds": 1}, added).acc_matrix == [[0.9]]
+    assert ledger.get("deepinversion-cil", 0, {**old, "synth_rounds": 2}, added) is None
+    assert ledger.get("deepinversion-cil", 0, {**old, "synth_rounds": 1}) is None  # not known to be the default
+    assert ledger.get("deepinversion-cil", 1, old) is None
+    assert ledger.machine_of("deepinversion-cil", 0)["commit"] == "abc"
