@@ -251,7 +251,7 @@ def reproduce_cil(
                                             out=folder, progress=progress, data_root=data_root)
                 if ledger is not None:
                     if ledger.get(strat, r, result.meta["config"]) is None:  # a new run: this machine's
-                        ledger.put(strat, r, result, here)
+                        ledger.put(strat, r, result, machine(device))  # when the run finished
                     where = ledger.machine_of(strat, r) or here
                 else:
                     where = here
