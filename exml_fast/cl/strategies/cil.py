@@ -607,12 +607,14 @@ class DeepInversionCIL(_Synthesis, DataStrategy):
     def _epoch_begin(self, epoch: int, exp, i: int) -> None:
         if self.prev is None or self.synth_rounds == 1:
             return
-        rounds = [k for k in range(1, self.synth_rounds) if k * self.epochs // self.synth_rounds == epoch]
-        for k in rounds:  # (one at most: rounds <= epochs)
-            competitor = frozen_copy(self.model) if self.competition_weight > 0 else None
-            x, y = self._synthesize(self.prev, self._old.tolist(), self._round_sizes()[k], f"deepinversion-cil-r{k}",
-                                    i, competitor=competitor, competition_weight=self.competition_weight, round=k)
-            self._synth_x, self._synth_y = torch.cat([self._synth_x, x]), torch.cat([self._synth_y, y])
+        # rounds <= epochs, so each round has an epoch of its own
+        k = next((k for k in range(1, self.synth_rounds) if k * self.epochs // self.synth_rounds == epoch), None)
+        if k is None:
+            return
+        competitor = frozen_copy(self.model) if self.competition_weight > 0 else None
+        x, y = self._synthesize(self.prev, self._old.tolist(), self._round_sizes()[k], f"deepinversion-cil-r{k}", i,
+                                competitor=competitor, competition_weight=self.competition_weight, round=k)
+        self._synth_x, self._synth_y = torch.cat([self._synth_x, x]), torch.cat([self._synth_y, y])
 
     def _end(self) -> None:
         self.prev = self._old = self._new = self._synth_x = self._synth_y = None
