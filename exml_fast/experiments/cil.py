@@ -232,7 +232,7 @@ def reproduce_cil(
         if results is not None else None
     t_start = time.perf_counter()
     per: dict[str, dict[str, list[float]]] = {s: {"final": [], "aia": [], "seconds": []} for s in chosen}
-    commits, from_ledger, here = set(), 0, machine(device)
+    commits, from_ledger = set(), 0
     for r in range(runs):
         scenario = make_scenario(scenario_name, seed=r, root=data_root, **spec.get("scenario", {}))
         for strat in chosen:
@@ -244,19 +244,15 @@ def reproduce_cil(
                 result = ledger.get(strat, r, *_config_of(strat, scenario, options, r, device, data_root))
             if result is not None:
                 from_ledger += 1
-                where = ledger.machine_of(strat, r) or {}
-                how = f"from the ledger, run at commit {where.get('commit', '?')}"
+                how = f"from the ledger, run at commit {(ledger.machine_of(strat, r) or {}).get('commit', '?')}"
             else:
                 result = run_named_strategy(strat, None, scenario, options=options, seed=r, device=device,
                                             out=folder, progress=progress, data_root=data_root)
-                if ledger is not None:
-                    if ledger.get(strat, r, result.meta["config"]) is None:  # a new run: this machine's
-                        ledger.put(strat, r, result, machine(device))  # when the run finished
-                    where = ledger.machine_of(strat, r) or here
-                else:
-                    where = here
+                if ledger is not None and ledger.get(strat, r, result.meta["config"]) is None:
+                    ledger.put(strat, r, result, machine(device))  # a new run: this machine's, when it finished
                 how = f"{time.perf_counter() - t0:.0f} s"
-            commits.add(where.get("commit", "?"))
+            if ledger is not None:
+                commits.add((ledger.machine_of(strat, r) or {}).get("commit", "?"))
             per[strat]["final"].append(result.final_stream_accuracy)
             per[strat]["aia"].append(result.average_incremental_accuracy)
             per[strat]["seconds"].append(run_seconds(result))
@@ -274,7 +270,7 @@ def reproduce_cil(
     if results is not None:
         meta = {"experiment": experiment, "scenario": scenario_name, "budget": budget, "budget_detail": spec,
                 "runs": runs, "command": command or " ".join(["exml-fast", *sys.argv[1:]]),
-                "machine": here, "wall_s": time.perf_counter() - t_start,
+                "machine": machine(device), "wall_s": time.perf_counter() - t_start,
                 "ledger": ledger.path.name, "from_ledger": from_ledger, "commits": sorted(commits)}
         write_records(results, table, meta, rows, _markdown(rows, meta), log=lambda m: log(f"[reproduce] {m}"))
     return rows
