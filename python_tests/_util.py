@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+import shutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -117,3 +120,22 @@ def num_threads(n: int):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def mount_namespace() -> list[str] | None:
+    """The command prefix that runs a process in a private mount namespace where it may mount a tmpfs (for
+    the real full-disk and read-only tests): ``unshare -Urm`` (a user namespace: no root needed where the
+    kernel allows them) or, for root, ``unshare -m``; None where neither can mount one (a container without
+    the capability, no util-linux). The namespace and its mounts end with the process."""
+    if os.name != "posix" or shutil.which("unshare") is None or shutil.which("mount") is None:
+        return None
+    prefixes = [["unshare", "-Urm"]] + ([["unshare", "-m"]] if os.geteuid() == 0 else [])
+    probe = 'd=$(mktemp -d) && mount -t tmpfs -o size=8k tmpfs "$d" && umount "$d"; r=$?; rmdir "$d"; exit $r'
+    for prefix in prefixes:
+        try:
+            r = subprocess.run([*prefix, "sh", "-c", probe], capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if r.returncode == 0:
+            return prefix
+    return None

@@ -38,6 +38,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         raise
 
 
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """Creates ``folder`` and writes and removes a one-byte temporary file in it, so a job whose first write
+    there comes after hours of work fails at once on a read-only or forbidden folder (a full disk can still
+    come later: every write is atomic, see :func:`atomic_write`). Raises an OSError of the same errno whose
+    message starts with ``what`` and names the folder."""
+    folder = os.fspath(folder)
+    probe = os.path.join(folder, f".write-probe.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "xb") as f:
+            f.write(b"\0")
+        os.unlink(probe)
+    except OSError as e:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+        raise OSError(e.errno, f"{what}: cannot write into {folder!r} ({e.strerror or e})", folder) from e
+
+
 def temporary_files_of(folder: str | os.PathLike, name_prefix: str = "") -> list[str]:
     """The temporary files :func:`atomic_write` leaves in ``folder`` when its process is killed
     mid-write (of files whose names start with ``name_prefix``): safe to delete when no writer

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from exml_fast._utils.dist import all_reduce_sum, barrier, broadcast_object, resolve_world, shard_rows
-from exml_fast._utils.io import atomic_write, load_torch_file
+from exml_fast._utils.io import atomic_write, check_writable, load_torch_file
 from exml_fast._utils.provenance import config_diff
 from exml_fast.cl.metrics import StreamResult, accuracy_counts
 
@@ -216,16 +216,22 @@ def run_stream(
         out = pathlib.Path(out)
         ckpt_path, result_path = out / CHECKPOINT, out / RESULT
         # Sharded: rank 0 reads the folder and every rank gets its checkpoint (or its error).
+        # The folder must take writes before the first experience is trained (hours, at a paper's budget).
         found = None
         if rank == 0:
             try:
                 found = ("ok", _resume_from(out, ckpt_path, resume, job, strategy))
+                check_writable(out, "run_stream: out")
             except RunError as e:
                 found = ("error", str(e))
+            except OSError as e:
+                found = ("os-error", e.errno, e.strerror, e.filename)
         if world > 1:
             found = broadcast_object(found)
         if found[0] == "error":
             raise RunError(found[1])
+        if found[0] == "os-error":
+            raise OSError(found[1], found[2], found[3])
         ckpt = found[1]
         if ckpt is not None:
             strategy.load_state_dict(ckpt["strategy"])

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from _util import band_images, toy_expert_stream
+from _util import band_images, mount_namespace, num_threads, toy_expert_stream
 
 from exml_fast.cl import strategies as S
 from exml_fast.cl.engine import CHECKPOINT, RESULT, RunError, run_stream
@@ -165,3 +170,94 @@ def test_checkpoint_written_before_ex_model_was_recorded_resumes(toy, tmp_path):
     torch.save(ckpt, tmp_path / CHECKPOINT)
     resumed = run_stream(_replay(scenario), stream, scenario, out=tmp_path, resume=True, plots=False, log=None)
     assert resumed.meta["complete"] and resumed.meta["ex_model"] is False
+
+
+def test_unwritable_out_fails_before_any_training(toy, tmp_path):
+    scenario, stream = toy
+    (tmp_path / "file").write_text("not a folder")
+    strategy = _replay(scenario)
+    strategy.train = lambda experience: pytest.fail("trained although the out folder cannot take the checkpoint")
+    with pytest.raises(OSError, match=r"run_stream: out: cannot write into .*file/run") as info:
+        run_stream(strategy, stream, scenario, out=tmp_path / "file" / "run", plots=False, log=None)
+    assert info.value.errno in (errno.ENOTDIR, errno.EEXIST)
+    assert os.listdir(tmp_path) == ["file"]
+
+
+# The child of the real full-disk test, in its own mount namespace: a run into a tmpfs that has room for the
+# first checkpoint but not for the second beside it (an atomic write holds both), then room again, then the
+# tmpfs remounted read-only.
+MOUNTED_RUN = r"""
+import json, os, subprocess, sys
+import torch
+torch.set_num_threads(1)
+sys.path[:0] = [sys.argv[3], os.path.join(sys.argv[3], "cl")]
+from test_engine import _replay, _scenario
+from exml_fast._utils.io import temporary_files_of
+from exml_fast.cl.engine import CHECKPOINT, RESULT, run_stream
+from exml_fast.cl.experts import ExpertStream
+
+mnt, stream = sys.argv[1], ExpertStream(sys.argv[2])
+scenario = _scenario()
+run = os.path.join(mnt, "run")
+
+def sh(*args):
+    subprocess.run(args, check=True)
+
+def attempt(folder, resume):
+    strategy = _replay(scenario)
+    trained = []
+    train = strategy.train
+    strategy.train = lambda experience: (trained.append(1), train(experience))[1]
+    try:
+        return run_stream(strategy, stream, scenario, out=folder, resume=resume, plots=False, log=None), None
+    except OSError as e:
+        return None, {"errno": e.errno, "message": str(e), "trained": len(trained)}
+
+sh("mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", mnt)
+run_stream(_replay(scenario), stream, scenario, out=run, stop_after=1, plots=False, log=None)
+ckpt = os.path.join(run, CHECKPOINT)
+pages = -(-os.path.getsize(ckpt) // 4096)
+sh("mount", "-o", f"remount,size={(pages + 1) * 4096}", mnt)
+out = {}
+_, out["full"] = attempt(run, True)
+out["after_full"] = {"files": sorted(os.listdir(run)), "temporary": temporary_files_of(run),
+                     "rows": len(torch.load(ckpt, weights_only=False)["rows"])}
+sh("mount", "-o", "remount,size=64m", mnt)
+done, err = attempt(run, True)
+out["resumed"] = None if done is None else done.acc_matrix
+sh("mount", "-o", "remount,ro", mnt)
+_, out["read_only"] = attempt(os.path.join(mnt, "run2"), False)
+out["kept"] = json.loads(open(os.path.join(run, RESULT)).read())["summary"]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_real_full_disk_and_read_only_mount(toy, tmp_path):
+    """On a real tmpfs (not an injected error): the checkpoint write that fills the disk fails with ENOSPC
+    naming checkpoint.pt, the previous checkpoint stays whole, the run resumes to the uninterrupted numbers
+    once there is room, and a read-only folder fails by name with earlier results intact."""
+    prefix = mount_namespace()
+    if prefix is None:
+        pytest.skip("no private mount namespace with tmpfs here (unshare -Urm / unshare -m refused)")
+    scenario, stream = toy
+    with num_threads(1):
+        full = run_stream(_replay(scenario), stream, scenario, out=tmp_path / "a", plots=False, log=None)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    tests = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tests.parent)}
+    r = subprocess.run([*prefix, sys.executable, "-c", MOUNTED_RUN, str(mnt), str(stream.path), str(tests)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+
+    assert out["full"] is not None, "the second checkpoint fitted on the small tmpfs: nothing was tested"
+    assert out["full"]["errno"] == errno.ENOSPC and CHECKPOINT in out["full"]["message"], out["full"]
+    assert "any earlier version of it is intact" in out["full"]["message"]
+    assert out["after_full"] == {"files": [CHECKPOINT], "temporary": [], "rows": 1}, out["after_full"]
+    assert out["resumed"] == full.acc_matrix
+    assert out["read_only"] is not None and out["read_only"]["errno"] == errno.EROFS, out["read_only"]
+    assert "run_stream: out: cannot write into" in out["read_only"]["message"], out["read_only"]
+    assert "run2" in out["read_only"]["message"] and out["read_only"]["trained"] == 0, out["read_only"]
+    assert out["kept"] == json.loads((tmp_path / "a" / RESULT).read_text())["summary"]
+    assert not any(mnt.iterdir()), "the tmpfs leaked out of its mount namespace"

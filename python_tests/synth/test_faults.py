@@ -1,7 +1,12 @@
 """A synthesis job under faults: SIGKILL at every write of the job (mid-write, before the rename,
 after it), a full disk, a read-only folder. Nothing half-written is read as complete, the error
 names the path, earlier results stay intact, and a rerun finishes with the bits of an
-uninterrupted run (one thread everywhere: the same kernels)."""
+uninterrupted run (one thread everywhere: the same kernels).
+
+The full disk and the read-only folder are tested twice: with the failure injected (``torch.save``
+raising ENOSPC; a folder without write permission, which root ignores), and for real on a small
+tmpfs mounted in a private mount namespace (``unshare``), filled by the job itself and then
+remounted read-only — skipped where the machine allows no such mount."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _util import num_threads
+from _util import mount_namespace, num_threads
 
 from exml_fast._utils.io import atomic_write, temporary_files_of
 from exml_fast.models import build_model
@@ -165,3 +170,104 @@ def test_read_only_folder_names_the_path(tmp_path):
             _synth().synthesize(N, generator=SEED, progress=False, save_to=job)
     finally:
         job.chmod(0o755)
+
+
+# -- a real full disk and a real read-only mount: a tmpfs in a private mount namespace ----------------------
+
+PAGE = 4096
+
+# The child, run inside `unshare` (its own mount namespace: the tmpfs is gone when it exits). It mounts a
+# tmpfs of `pages` pages at `mnt`, runs the job into it until the disk is full, checks what is left, makes
+# room and reruns; then remounts the tmpfs read-only and starts a second job there.
+MOUNTED_CHILD = r"""
+import errno, json, os, subprocess, sys
+import torch
+torch.set_num_threads(1)
+from exml_fast._utils.io import temporary_files_of
+from exml_fast.models import build_model
+from exml_fast.synth import DeepInversion, load_synthetic
+
+mnt, pages, reference = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+iters, batch, n, seed = map(int, sys.argv[4:8])
+
+def mount(options):
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", mnt], check=True)
+
+def remount(options):
+    subprocess.run(["mount", "-o", "remount," + options, mnt], check=True)
+
+def synth():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        teacher = build_model("lenet5bn").eval()
+    return DeepInversion(teacher, input_shape=(1, 32, 32), iterations=iters, batch_size=batch, warn_below=None)
+
+def failure(job):
+    try:
+        synth().synthesize(n, generator=seed, progress=False, save_to=job)
+    except OSError as e:
+        return {"errno": e.errno, "message": str(e)}
+    return None
+
+def unfinished(job):
+    try:
+        load_synthetic(job)
+    except ValueError as e:
+        return str(e)
+    return None
+
+want = load_synthetic(reference)
+out = {}
+mount(f"size={pages * 4096}")
+job = os.path.join(mnt, "job")
+out["full"] = failure(job)
+out["after_full"] = {"files": sorted(os.listdir(job)), "temporary": temporary_files_of(job),
+                     "load": unfinished(job)}
+remount("size=4m")  # room again: the rerun goes on from the shard that landed
+got = synth().synthesize(n, generator=seed, progress=False, save_to=job)
+out["rerun_equal"] = bool(torch.equal(got.x, want.x) and torch.equal(got.y, want.y))
+out["rerun_complete"] = json.loads(open(os.path.join(job, "manifest.json")).read())["complete"]
+remount("ro")
+out["read_only"] = failure(os.path.join(mnt, "job2"))
+kept = load_synthetic(job)
+out["kept_equal"] = bool(torch.equal(kept.x, want.x) and torch.equal(kept.y, want.y))
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_real_full_disk_and_read_only_mount(tmp_path):
+    prefix = mount_namespace()
+    if prefix is None:
+        pytest.skip("no private mount namespace with tmpfs here (unshare -Urm / unshare -m refused)")
+    reference = tmp_path / "reference"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    with num_threads(1):
+        _synth().synthesize(N, generator=SEED, progress=False, save_to=reference)
+    # The tmpfs holds the first manifest and the first shard, and one page less than the second shard: the
+    # job fills it at its third write (files take whole pages; a directory takes none).
+    shard = -(-(reference / "shard_00000.pt").stat().st_size // PAGE)
+    manifest = -(-(reference / "manifest.json").stat().st_size // PAGE)
+    assert (reference / "shard_00001.pt").stat().st_size > (shard - 1) * PAGE
+    pages = manifest + shard + shard - 1
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run([*prefix, sys.executable, "-c", MOUNTED_CHILD, str(mnt), str(pages), str(reference),
+                        *map(str, (ITERS, BATCH, N, SEED))], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
+    out = json.loads(line[len("RESULT "):])
+
+    full = out["full"]
+    assert full is not None, "the job fitted on the small tmpfs: nothing was tested"
+    assert full["errno"] == errno.ENOSPC, full
+    assert "shard_00001.pt" in full["message"] and "any earlier version of it is intact" in full["message"], full
+    after = out["after_full"]
+    assert after["files"] == ["manifest.json", "shard_00000.pt"], after  # no temporary file, no half shard
+    assert after["temporary"] == [] and after["load"] is not None and "not finished" in after["load"], after
+    assert out["rerun_equal"] and out["rerun_complete"]
+
+    ro = out["read_only"]
+    assert ro is not None and ro["errno"] == errno.EROFS, ro
+    assert "job2" in ro["message"] and "manifest.json" in ro["message"], ro
+    assert out["kept_equal"]
+    assert not any(mnt.iterdir()), "the tmpfs leaked out of its mount namespace"
