@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from exml_fast._utils.checks import check_int, per_channel
+from exml_fast._utils.checks import check_choice, check_int, per_channel
 from exml_fast._utils.io import atomic_write, load_torch_bytes
 from exml_fast.models import ARCHS, build_model
 
@@ -117,8 +117,7 @@ def save_model(
         classes: one name per output (``num_classes`` strings), or None.
         metadata: JSON-serialisable dict of anything else (dataset, epochs, accuracy).
     """
-    if arch not in ARCHS:
-        raise ValueError(f"save_model: arch must be one of {sorted(ARCHS)}; got {arch!r}")
+    check_choice(arch, "arch", "save_model", ARCHS)
     num_classes = check_int(num_classes, "num_classes", "save_model", low=1)
     in_channels = check_int(in_channels, "in_channels", "save_model", low=1)
     shape = tuple(input_shape) if isinstance(input_shape, (Sequence, torch.Size)) else None

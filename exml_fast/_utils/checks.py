@@ -15,7 +15,7 @@ import torch
 
 from exml_fast._utils.dtypes import FLOAT_DTYPES
 
-__all__ = ["check_float", "check_image_batch", "check_int", "per_channel", "refuse_double_backward"]
+__all__ = ["check_choice", "check_float", "check_image_batch", "check_int", "per_channel", "refuse_double_backward"]
 
 
 def check_int(value: Any, name: str, owner: str, *, low: int | None = None, high: int | None = None) -> int:
@@ -32,6 +32,19 @@ def check_int(value: Any, name: str, owner: str, *, low: int | None = None, high
         else:
             bound = ""
         raise ValueError(f"{owner}: {name} must be an int{bound}; got {value!r}")
+    return value
+
+
+def check_choice(value: Any, name: str, owner: str, choices) -> Any:
+    """``value`` if it is one of ``choices`` (a tuple, or a dict / set of names; a bool never matches); else
+    ValueError ``"<owner>: <name> must be one of a, b, c; got value"`` (an unhashable value too, not a
+    TypeError)."""
+    try:
+        ok = not isinstance(value, bool) and value in choices
+    except TypeError:  # an unhashable value against a dict or set of names
+        ok = False
+    if not ok:
+        raise ValueError(f"{owner}: {name} must be one of {', '.join(map(str, choices))}; got {value!r}")
     return value
 
 

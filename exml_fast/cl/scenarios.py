@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from exml_fast._utils.checks import check_int
+from exml_fast._utils.checks import check_choice, check_int
 from exml_fast.cl.experts import Expert, ExpertStream
 from exml_fast.cl.heads import task_head_mask
 
@@ -266,8 +266,7 @@ def validation_indices(n: int, size: int) -> torch.Tensor:
 def _split_validation(train, test, validation_size: int | None, eval_split: str, owner: str):
     """(train, evaluation) pairs: training data without the held-out images, and the test set or the
     held-out images (``eval_split``)."""
-    if eval_split not in EVAL_SPLITS:
-        raise ValueError(f"{owner}: eval_split must be one of {', '.join(EVAL_SPLITS)}; got {eval_split!r}")
+    check_choice(eval_split, "eval_split", owner, EVAL_SPLITS)
     if validation_size is None:
         if eval_split == "validation":
             raise ValueError(f"{owner}: eval_split='validation' needs validation_size (images held out of "
@@ -544,8 +543,7 @@ SCENARIOS: dict[str, Callable[..., Scenario]] = {
 
 def make_scenario(name: str, **kwargs) -> Scenario:
     """``SCENARIOS[name](**kwargs)``; e.g. ``make_scenario("split_mnist", n_experiences=5, seed=1)``."""
-    if name not in SCENARIOS:
-        raise ValueError(f"make_scenario: name must be one of {sorted(SCENARIOS)}; got {name!r}")
+    check_choice(name, "name", "make_scenario", SCENARIOS)
     return SCENARIOS[name](**kwargs)
 
 
@@ -637,8 +635,7 @@ def train_experts(scenario: Scenario, out: str | os.PathLike, *, arch: str = "le
     owner = "train_experts"
     if not isinstance(scenario, Scenario):
         raise TypeError(f"{owner}: scenario must be a Scenario; got {type(scenario).__name__}")
-    if arch not in ARCHS:
-        raise ValueError(f"{owner}: arch must be one of {sorted(ARCHS)}; got {arch!r}")
+    check_choice(arch, "arch", owner, ARCHS)
     kwargs = dict(arch_kwargs or {})
     for key, value in (("num_classes", scenario.num_classes), ("in_channels", scenario.input_shape[0])):
         if kwargs.setdefault(key, value) != value:

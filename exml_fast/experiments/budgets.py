@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from exml_fast._utils.checks import check_choice
+
 __all__ = ["BUDGETS", "ZSKD_BUDGETS", "check_runs_and_budget"]
 
 #: Work per budget: expert epochs per scenario, and the run options (exml_fast.cl.strategies.RUN_OPTIONS names).
@@ -46,5 +48,4 @@ def check_runs_and_budget(runs, budget: str, owner: str) -> None:
     """Raises ValueError unless ``runs`` is an int >= 1 and ``budget`` a key of :data:`BUDGETS`."""
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise ValueError(f"{owner}: runs must be an int >= 1; got {runs!r}")
-    if budget not in BUDGETS:
-        raise ValueError(f"{owner}: budget must be one of {', '.join(BUDGETS)}; got {budget!r}")
+    check_choice(budget, "budget", owner, BUDGETS)

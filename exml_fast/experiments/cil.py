@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from exml_fast._utils.checks import check_int
+from exml_fast._utils.checks import check_choice, check_int
 from exml_fast._utils.io import atomic_write
 from exml_fast.cl.engine import CHECKPOINT
 from exml_fast.cl.metrics import StreamResult, mean_std
@@ -212,11 +212,9 @@ def reproduce_cil(
         command: the command line to record (default: ``sys.argv``).
         log: called with one line per finished run (None: print, flushed).
     """
-    if experiment not in CIL_EXPERIMENTS:
-        raise ValueError(f"reproduce_cil: experiment must be one of {', '.join(CIL_EXPERIMENTS)}; got {experiment!r}")
+    check_choice(experiment, "experiment", "reproduce_cil", CIL_EXPERIMENTS)
     check_int(runs, "runs", "reproduce_cil", low=1)
-    if budget not in CIL_BUDGETS:
-        raise ValueError(f"reproduce_cil: budget must be one of {', '.join(CIL_BUDGETS)}; got {budget!r}")
+    check_choice(budget, "budget", "reproduce_cil", CIL_BUDGETS)
     chosen = tuple(strategies) if strategies is not None else CIL_STRATEGIES
     unknown = sorted(set(chosen) - set(CIL_STRATEGIES))
     if unknown or not chosen:

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from exml_fast._utils.checks import check_choice
 from exml_fast._utils.io import atomic_write
 from exml_fast.cl.scenarios import validation_indices
 from exml_fast.data import DATASET_STATS, mnist_tensors
@@ -81,8 +82,7 @@ def reproduce_dfkd(
     checkpoint, its result as JSON), so rerunning the same call resumes. Writes
     ``<results>/dfkd_mnist.{json,md}`` (``_<budget>`` appended unless "paper") and returns the record.
     """
-    if experiment not in PAPER_DFKD:
-        raise ValueError(f"reproduce: experiment must be one of {', '.join(PAPER_DFKD)}; got {experiment!r}")
+    check_choice(experiment, "experiment", "reproduce", PAPER_DFKD)
     if budget not in DFKD_BUDGETS:
         raise ValueError(f"reproduce: budget for {experiment} must be one of {', '.join(DFKD_BUDGETS)}; "
                          f"got {budget!r}")

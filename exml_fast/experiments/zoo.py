@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from exml_fast._utils.checks import check_choice
 from exml_fast.data import DATASET_STATS, mnist_tensors
 from exml_fast.models import LeNet5, LeNet5BN, mobilenet_v2, resnet18_cifar_slim
 from exml_fast.synth.batch import SyntheticBatch
@@ -104,8 +105,7 @@ def train_zoo_teacher(name: str, *, seed: int = 0, root=None,
                       test_images: int = 2000) -> tuple[nn.Module, float, float]:
     """Builds and trains ``ZOO[name]`` on the CPU; returns (the teacher in eval mode, its accuracy on the first
     ``test_images`` of the test split, the training seconds). The seed drives the initialisation and the order."""
-    if name not in ZOO:
-        raise ValueError(f"train_zoo_teacher: name must be one of {tuple(ZOO)}; got {name!r}")
+    check_choice(name, "name", "train_zoo_teacher", ZOO)
     z = ZOO[name]
     x, y = mnist_tensors("train", dataset=z.dataset, root=root)
     g = torch.Generator().manual_seed(seed)

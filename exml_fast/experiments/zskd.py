@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from exml_fast._utils.checks import check_choice
 from exml_fast._utils.io import atomic_write
 from exml_fast.checkpoint import load_model, save_model
 from exml_fast.data import DATASET_STATS, mnist_tensors
@@ -77,10 +78,8 @@ def reproduce_zskd(
     paper's numbers beside ours. Returns the record.
     """
 
-    if experiment not in PAPER_ZSKD:
-        raise ValueError(f"reproduce: experiment must be one of {', '.join(PAPER_ZSKD)}; got {experiment!r}")
-    if budget not in ZSKD_BUDGETS:
-        raise ValueError(f"reproduce: budget must be one of {', '.join(ZSKD_BUDGETS)}; got {budget!r}")
+    check_choice(experiment, "experiment", "reproduce", PAPER_ZSKD)
+    check_choice(budget, "budget", "reproduce", ZSKD_BUDGETS)
     log = log or (lambda line: print(line, flush=True))
     paper, spec = PAPER_ZSKD[experiment], ZSKD_BUDGETS[budget]
     dataset, n = paper["dataset"], spec["n"] or paper["n"]

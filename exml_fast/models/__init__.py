@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from exml_fast._utils.checks import check_choice
 from .features import FeatureTap, classifier_layer
 from .generators import GENERATOR_ARCHS, SKDGenerator, build_generator
 from .lenet import LeNet5, LeNet5BN, LeNet5Half
@@ -70,8 +71,7 @@ def build_model(arch: str, *, num_classes: int = 10, in_channels: int | None = N
     Extra ``kwargs`` go to the factory (e.g. ``width=20`` for the CIFAR ResNets). The
     initialisation draws from torch's global generator: seed it (or fork it) around the call.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"build_model: arch must be one of {sorted(ARCHS)}; got {arch!r}")
+    check_choice(arch, "arch", "build_model", ARCHS)
     if in_channels is not None:
         kwargs["in_channels"] = in_channels
     return ARCHS[arch](num_classes=num_classes, **kwargs)

@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from exml_fast._utils.checks import check_choice
+
 __all__ = ["GENERATOR_ARCHS", "SKDGenerator", "build_generator"]
 
 
@@ -110,6 +112,5 @@ GENERATOR_ARCHS: dict[str, Callable[..., nn.Module]] = {"skd-small": _small, "sk
 
 def build_generator(arch: str, out_shape: Sequence[int], **kwargs) -> nn.Module:
     """``GENERATOR_ARCHS[arch](out_shape, **kwargs)``, with an error that lists the known names."""
-    if arch not in GENERATOR_ARCHS:
-        raise ValueError(f"build_generator: arch must be one of {sorted(GENERATOR_ARCHS)}; got {arch!r}")
+    check_choice(arch, "arch", "build_generator", GENERATOR_ARCHS)
     return GENERATOR_ARCHS[arch](out_shape, **kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from exml_fast import _ext
-from exml_fast._utils.checks import check_float_dtype, check_tensor, refuse_double_backward
+from exml_fast._utils.checks import check_choice, check_float_dtype, check_tensor, refuse_double_backward
 from exml_fast import reference as _ref
 from exml_fast.reference.bn_stats import BN_LOSS_FORMS, acc_dtype, combine_bn_loss
 
@@ -84,8 +84,7 @@ def bn_stats_loss(
     Returns:
         A scalar tensor, float32 (float64 for float64 x).
     """
-    if form not in BN_LOSS_FORMS:
-        raise ValueError(f"bn_stats_loss: form must be one of {BN_LOSS_FORMS}; got {form!r}")
+    check_choice(form, "form", "bn_stats_loss", BN_LOSS_FORMS)
     _check_x(x, "bn_stats_loss")
     _check_running(running_mean, "running_mean", x.shape[1], x)
     _check_running(running_var, "running_var", x.shape[1], x)

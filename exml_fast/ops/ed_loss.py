@@ -13,7 +13,7 @@ from collections import OrderedDict
 import torch
 
 from exml_fast import _ext
-from exml_fast._utils.checks import check_float_dtype, check_tensor, refuse_double_backward
+from exml_fast._utils.checks import check_choice, check_float_dtype, check_tensor, refuse_double_backward
 from exml_fast.reference.ed_loss import NORMALIZE_MODES, STANDARDIZE_EPS, TARGET_MODES, acc_dtype
 from exml_fast.reference.ed_loss import ed_loss as _ref_ed_loss
 
@@ -235,10 +235,8 @@ def ed_loss(
                          f"{tuple(getattr(labels, 'shape', ()))}")
     if labels.device != dev:
         raise ValueError(f"ed_loss: labels is on {labels.device} but logits is on {dev}")
-    if target_mode not in TARGET_MODES:
-        raise ValueError(f"ed_loss: target_mode must be one of {TARGET_MODES}; got {target_mode!r}")
-    if normalize not in NORMALIZE_MODES:
-        raise ValueError(f"ed_loss: normalize must be one of {NORMALIZE_MODES}; got {normalize!r}")
+    check_choice(target_mode, "target_mode", "ed_loss", TARGET_MODES)
+    check_choice(normalize, "normalize", "ed_loss", NORMALIZE_MODES)
     if (prev_logits is None) != (prev_classes is None):
         raise ValueError("ed_loss: prev_logits and prev_classes must be given together "
                          "(both None on the first experience)")

@@ -7,7 +7,7 @@ import math
 import torch
 
 from exml_fast import _ext
-from exml_fast._utils.checks import check_image_batch, refuse_double_backward
+from exml_fast._utils.checks import check_choice, check_image_batch, refuse_double_backward
 from exml_fast.reference.image_priors import BLUR_KERNEL_SIZES, acc_dtype, default_blur_sigma
 from exml_fast.reference.image_priors import image_priors as _ref_image_priors
 
@@ -20,10 +20,7 @@ def _check_args(x, blur_kernel_size, blur_sigma) -> float:
         raise ValueError(
             f"image_priors: x must not be empty (N, C, H and W >= 1); got shape {tuple(x.shape)}"
         )
-    if isinstance(blur_kernel_size, bool) or blur_kernel_size not in BLUR_KERNEL_SIZES:
-        raise ValueError(
-            f"image_priors: blur_kernel_size must be one of {BLUR_KERNEL_SIZES}; got {blur_kernel_size!r}"
-        )
+    check_choice(blur_kernel_size, "blur_kernel_size", "image_priors", BLUR_KERNEL_SIZES)
     if blur_sigma is None:
         return default_blur_sigma(blur_kernel_size)
     if isinstance(blur_sigma, bool) or not isinstance(blur_sigma, (int, float)):

@@ -21,7 +21,7 @@ import math
 import torch
 
 from exml_fast import _ext
-from exml_fast._utils.checks import check_float_dtype, check_tensor
+from exml_fast._utils.checks import check_choice, check_float_dtype, check_tensor
 from exml_fast._utils.dtypes import acc_dtype
 from exml_fast.reference import soft_target_losses as _ref
 from exml_fast.reference.soft_target_losses import JS_FORMS, REDUCTIONS
@@ -178,8 +178,7 @@ def js_divergence(
         raise TypeError(f"{op}: clamp must be a pair (lo, hi) of numbers; got {clamp!r}") from None
     if not (0.0 <= lo < hi <= 1.0):
         raise ValueError(f"{op}: clamp must satisfy 0 <= lo < hi <= 1; got ({lo}, {hi})")
-    if form not in JS_FORMS:
-        raise ValueError(f"{op}: form must be one of {JS_FORMS}; got {form!r}")
+    check_choice(form, "form", op, JS_FORMS)
     if form == "public":
         return _ref.js_divergence(logits_a, logits_b, temperature=temperature, clamp=(lo, hi), form=form)
     if _ext.use_compiled(logits_a, logits_b):

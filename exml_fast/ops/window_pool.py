@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from exml_fast import _ext
-from exml_fast._utils.checks import check_image_batch
+from exml_fast._utils.checks import check_choice, check_image_batch
 from exml_fast._utils.dtypes import FLOAT_DTYPES
 from exml_fast._utils.patching import PLAN_KEY, patched_forwards
 from exml_fast.reference.window_pool import MODES
@@ -62,8 +62,7 @@ def window_pool(x: torch.Tensor, kernel_size: int | tuple[int, int] = 2, *, mode
     if x.shape[2] < kh or x.shape[3] < kw:
         raise ValueError(f"window_pool: x must be at least one window ({kh} x {kw}) high and wide; got shape "
                          f"{tuple(x.shape)}")
-    if mode not in MODES:
-        raise ValueError(f"window_pool: mode must be one of {MODES}; got {mode!r}")
+    check_choice(mode, "mode", "window_pool", MODES)
     if _ext.use_compiled(x):
         return torch.ops.exml_fast.window_pool(x, kh, kw, mode == "max")
     return _ref_window_pool(x, (kh, kw), mode)

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from exml_fast._utils.checks import check_float, check_int
+from exml_fast._utils.checks import check_choice, check_float, check_int
 from exml_fast._utils.io import atomic_write, load_torch_file
 from exml_fast._utils.progress import Progress
 from exml_fast._utils.provenance import SEED_MAX, derive_seed
@@ -197,8 +197,7 @@ class GenerativeSynthesizer(Synthesizer):
         super().__init__(teacher, input_shape=input_shape, mean=mean, std=std, num_classes=num_classes,
                          device=device, iterations=None, batch_size=batch_size)
         owner = "GenerativeSynthesizer"
-        if preset not in GENERATIVE_PRESETS:
-            raise ValueError(f"{owner}: preset must be one of {sorted(GENERATIVE_PRESETS)}; got {preset!r}")
+        check_choice(preset, "preset", owner, GENERATIVE_PRESETS)
         self.preset = preset
         chosen = dict(GENERATIVE_PRESETS[preset]["weights"])
         if weights is not None:
@@ -234,8 +233,7 @@ class GenerativeSynthesizer(Synthesizer):
             raise TypeError(f"{owner}: student must be an nn.Module or None; got {type(student).__name__}")
         self._delegator = delegator.to(self.device) if delegator is not None else None
         self._student_given = student
-        if student_explore not in STUDENT_EXPLORE:
-            raise ValueError(f"{owner}: student_explore must be one of {STUDENT_EXPLORE}; got {student_explore!r}")
+        check_choice(student_explore, "student_explore", owner, STUDENT_EXPLORE)
         self.student_explore = student_explore
         self.lr_generator = check_float(lr_generator, "lr_generator", owner, positive=True)
         self.lr_student = check_float(lr_student, "lr_student", owner, positive=True)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from exml_fast._utils.checks import check_float
+from exml_fast._utils.checks import check_choice, check_float
 from exml_fast.ops.augment import augment_with_params
 from exml_fast.ops.class_similarity import class_similarity
 from exml_fast.ops.dirichlet import dirichlet_targets
@@ -164,8 +164,7 @@ class _Inversion(Synthesizer):
             raise ValueError(f"{owner}: betas must be two numbers in [0, 1); got {betas!r}")
         self.betas = (float(betas[0]), float(betas[1]))
         self.adam_eps = check_float(adam_eps, "adam_eps", owner, positive=True)
-        if schedule not in SCHEDULES:
-            raise ValueError(f"{owner}: schedule must be one of {SCHEDULES}; got {schedule!r}")
+        check_choice(schedule, "schedule", owner, SCHEDULES)
         self.schedule = schedule
         if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0.0 <= warmup < 1.0:
             raise ValueError(f"{owner}: warmup must be a fraction of the iterations in [0, 1); got {warmup!r}")
@@ -174,8 +173,7 @@ class _Inversion(Synthesizer):
 
         self.bn_weight = check_float(bn_weight, "bn_weight", owner)
         self.first_bn_multiplier = check_float(first_bn_multiplier, "first_bn_multiplier", owner)
-        if bn_form not in BN_LOSS_FORMS:
-            raise ValueError(f"{owner}: bn_form must be one of {BN_LOSS_FORMS}; got {bn_form!r}")
+        check_choice(bn_form, "bn_form", owner, BN_LOSS_FORMS)
         self.bn_form = bn_form
         has_bn = any(isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
                      for m in teacher.modules())
@@ -209,8 +207,7 @@ class _Inversion(Synthesizer):
         if isinstance(pad_crop, bool) or not isinstance(pad_crop, int) or pad_crop < 0:
             raise ValueError(f"{owner}: pad_crop must be an int >= 0; got {pad_crop!r}")
         self.pad_crop = pad_crop
-        if augment_per not in AUGMENT_PER:
-            raise ValueError(f"{owner}: augment_per must be one of {AUGMENT_PER}; got {augment_per!r}")
+        check_choice(augment_per, "augment_per", owner, AUGMENT_PER)
         self.augment_per = augment_per
         self.clip = bool(clip) and self.mean is not None
         self.keep_best = bool(keep_best)
@@ -229,12 +226,10 @@ class _Inversion(Synthesizer):
             raise ValueError(f"{owner}: competition_clamp must be (low, high) with 0 <= low < high <= 1; "
                              f"got {competition_clamp!r}")
         self.competition_clamp = (float(lo), float(hi))
-        if competition_form not in JS_FORMS:
-            raise ValueError(f"{owner}: competition_form must be one of {JS_FORMS}; got {competition_form!r}")
+        check_choice(competition_form, "competition_form", owner, JS_FORMS)
         self.competition_form = competition_form
 
-        if precision not in PRECISIONS:
-            raise ValueError(f"{owner}: precision must be one of {tuple(PRECISIONS)}; got {precision!r}")
+        check_choice(precision, "precision", owner, PRECISIONS)
         self.precision = precision
         if channels_last is None:
             channels_last = auto_channels_last(teacher, self.device, precision)
@@ -925,8 +920,7 @@ class DeepInversion(_Inversion):
             teacher: the classifier to invert.
             kwargs: any constructor argument (``input_shape``, ``mean`` and ``std`` included).
         """
-        if name not in PRESET_NAMES:
-            raise ValueError(f"DeepInversion.preset: name must be one of {PRESET_NAMES}; got {name!r}")
+        check_choice(name, "name", "DeepInversion.preset", PRESET_NAMES)
         return cls(teacher, preset=name, **kwargs)
 
     @classmethod

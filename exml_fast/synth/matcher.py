@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from exml_fast._utils.checks import check_choice
 from exml_fast.ops.bn_stats import bn_stats_loss, frozen_bn_stats
 from exml_fast.reference.bn_stats import BN_LOSS_FORMS, acc_dtype, combine_bn_loss, frozen_bn_scale_shift
 
@@ -68,8 +69,7 @@ class BNStatsMatcher:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"BNStatsMatcher: model must be an nn.Module; got {type(model).__name__}")
-        if form not in BN_LOSS_FORMS:
-            raise ValueError(f"BNStatsMatcher: form must be one of {BN_LOSS_FORMS}; got {form!r}")
+        check_choice(form, "form", "BNStatsMatcher", BN_LOSS_FORMS)
         self.model = model
         self.form = form
         self.first_bn_multiplier = float(first_bn_multiplier)

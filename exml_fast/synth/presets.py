@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from exml_fast._utils.checks import check_choice
 from exml_fast.reference.bn_stats import BN_LOSS_FORMS
 from exml_fast.synth.base import check_input_shape, check_teacher, eval_mode, teacher_device
 from exml_fast.synth.matcher import BNStatsMatcher
@@ -107,8 +108,7 @@ def bn_loss_of_noise(teacher: nn.Module, input_shape: Sequence[int], *, form: st
             logits (the message names ``owner``).
         TypeError: an ``input_shape`` that is no sequence of ints.
     """
-    if form not in BN_LOSS_FORMS:
-        raise ValueError(f"{owner}: bn_form must be one of {BN_LOSS_FORMS}; got {form!r}")
+    check_choice(form, "bn_form", owner, BN_LOSS_FORMS)
     shape = check_input_shape(input_shape, owner)
     if device is None:
         device = teacher_device(teacher)
@@ -164,8 +164,7 @@ def resolve_deepinversion(preset: str, teacher: nn.Module, *, input_shape: Seque
     Raises:
         ValueError: an unknown preset (naming the argument and the choices), or ``auto`` without input_shape.
     """
-    if not isinstance(preset, str) or preset not in PRESET_NAMES:
-        raise ValueError(f"{owner}: preset must be one of {PRESET_NAMES}; got {preset!r}")
+    check_choice(preset, "preset", owner, PRESET_NAMES)
     check_teacher(teacher, owner)
     if input_shape is not None:
         input_shape = check_input_shape(input_shape, owner)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exml_fast._utils.batches import minibatch_bounds
-from exml_fast._utils.checks import check_int
+from exml_fast._utils.checks import check_choice, check_int
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "augment_batch", "distill", "evaluate", "minibatch_bounds", "train_classifier"]
 
@@ -273,10 +273,8 @@ def distill(
     else:
         check_int(iterations, "iterations", "distill", low=1)
     check_int(batch_size, "batch_size", "distill", low=1)
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"distill: optimizer must be one of {OPTIMIZERS}; got {optimizer!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"distill: schedule must be one of {SCHEDULES}; got {schedule!r}")
+    check_choice(optimizer, "optimizer", "distill", OPTIMIZERS)
+    check_choice(schedule, "schedule", "distill", SCHEDULES)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"distill: lr must be a finite number > 0; got {lr!r}")
     if labels is None and not (isinstance(temperature, (int, float)) and math.isfinite(temperature)

@@ -103,7 +103,7 @@ def test_digits_preset(bn_cnn):
 
 
 def test_unknown_preset_names_the_argument_and_the_choices(bn_cnn):
-    choices = r"\('auto', 'cifar', 'cifar10', 'imagenet', 'digits'\)"
+    choices = "auto, cifar, cifar10, imagenet, digits"
     with pytest.raises(ValueError, match=rf"DeepInversion: preset must be one of {choices}; got 'mnist'"):
         DeepInversion(bn_cnn, input_shape=SHAPE, preset="mnist")
     with pytest.raises(ValueError, match=rf"DeepInversion.preset: name must be one of {choices}; got 'mnist'"):

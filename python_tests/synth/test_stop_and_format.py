@@ -112,5 +112,5 @@ def test_augment_per_batch_draws_one_augmentation_for_the_whole_batch(monkeypatc
         assert all(bool((p == p[:1]).all()) for p in seen) == same, per
         # recorded in the config (and so in manifests) only when not the default
         assert synth.config().get("augment_per") == ("batch" if same else None)
-    with pytest.raises(ValueError, match=r"augment_per must be one of \('sample', 'batch'\); got 'image'"):
+    with pytest.raises(ValueError, match="augment_per must be one of sample, batch; got 'image'"):
         DeepInversion(teacher, input_shape=(1, 32, 32), augment_per="image")

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exml_fast._utils.checks import check_choice
 from exml_fast._utils.batches import minibatch_bounds
 from exml_fast._utils.dist import is_sharded
 from exml_fast._utils.progress import Progress, RunningLoss
@@ -327,8 +328,7 @@ class LwF(DataStrategy):
         self.temperature = check_float(temperature, "temperature", owner, positive=True)
         self.distill_weight = check_float(distill_weight, "distill_weight", owner)
         self.by_task = bool(by_task)
-        if form not in LWF_FORMS:
-            raise ValueError(f"{owner}: form must be one of {LWF_FORMS}; got {form!r}")
+        check_choice(form, "form", owner, LWF_FORMS)
         self.form = form
         self.prev: nn.Module | None = None  # the frozen previous model, while a task after the first trains
         self._old: torch.Tensor | None = None  # the classes it answers for
@@ -394,8 +394,7 @@ class ICaRL(LwF):
         if kwargs.pop("form", "mc") != "mc":
             raise ValueError(f"{owner}: form is always 'mc' (iCaRL's sigmoid loss)")
         super().__init__(model, form="mc", **kwargs)
-        if classifier not in ICARL_CLASSIFIERS:
-            raise ValueError(f"{owner}: classifier must be one of {ICARL_CLASSIFIERS}; got {classifier!r}")
+        check_choice(classifier, "classifier", owner, ICARL_CLASSIFIERS)
         self.classifier = classifier
         self.memory = ExemplarMemory(check_int(memory_size, "memory_size", owner, low=1))
         self.means: torch.Tensor | None = None  # (C, D) normalised class means of the exemplars' features
@@ -566,8 +565,7 @@ class DeepInversionCIL(_Synthesis, DataStrategy):
         self._init_synthesis(input_shape=input_shape, mean=mean, std=std, synth_iterations=synth_iterations,
                              synth_batch_size=synth_batch_size, synth_options=synth_options)
         self.synth_per_class = check_int(synth_per_class, "synth_per_class", owner, low=1)
-        if ce_classes not in self.CE_CLASSES:
-            raise ValueError(f"{owner}: ce_classes must be one of {', '.join(self.CE_CLASSES)}; got {ce_classes!r}")
+        check_choice(ce_classes, "ce_classes", owner, self.CE_CLASSES)
         self.ce_classes = ce_classes
         self.head_epochs = check_int(head_epochs, "head_epochs", owner, low=0)
         self.synth_rounds = check_int(synth_rounds, "synth_rounds", owner, low=1)

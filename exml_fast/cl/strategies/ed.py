@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from exml_fast._utils.checks import check_choice
 from exml_fast._utils.dist import is_sharded
 from exml_fast._utils.progress import Progress, RunningLoss
 from exml_fast.ops.fast_layers import fast_layers
@@ -161,10 +162,8 @@ class ExModelDistillation(Strategy):
         self.batch_size = check_int(batch_size, "batch_size", owner, low=1)
         self.temperature = temperature
         self.lambda_ce = check_float(lambda_ce, "lambda_ce", owner)
-        if target_mode not in TARGET_MODES:
-            raise ValueError(f"{owner}: target_mode must be one of {TARGET_MODES}; got {target_mode!r}")
-        if normalize not in NORMALIZE_MODES:
-            raise ValueError(f"{owner}: normalize must be one of {NORMALIZE_MODES}; got {normalize!r}")
+        check_choice(target_mode, "target_mode", owner, TARGET_MODES)
+        check_choice(normalize, "normalize", owner, NORMALIZE_MODES)
         self.target_mode, self.normalize = target_mode, normalize
         self.augment = bool(augment)
         self.pad_crop = check_int(pad_crop, "pad_crop", owner, low=0)

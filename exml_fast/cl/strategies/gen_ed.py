@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from exml_fast._utils.checks import check_choice
 from exml_fast.cl.strategies.base import check_int, derive_seed, expert_name
 from exml_fast.cl.strategies.ed import ExModelDistillation
 from exml_fast.cl.strategies.registry import BuildContext, build_learner, register_strategy
@@ -82,8 +83,7 @@ class GenerativeED(ExModelDistillation):
             if key in ed_options:
                 raise TypeError(f"{owner}: {key} is not an option of the generative ED (its samples come from "
                                 "its delegator)")
-        if preset not in GENERATIVE_PRESETS:
-            raise ValueError(f"{owner}: preset must be one of {sorted(GENERATIVE_PRESETS)}; got {preset!r}")
+        check_choice(preset, "preset", owner, GENERATIVE_PRESETS)
         if generator_arch not in GENERATOR_ARCHS:
             raise ValueError(f"{owner}: generator_arch must be one of {sorted(GENERATOR_ARCHS)}; "
                              f"got {generator_arch!r}")
