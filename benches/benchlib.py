@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -94,6 +95,17 @@ def cpu_isa() -> dict:
     return {"cpu_has_avx512": "avx512f" in flags,
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "caps": {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ}}
+
+
+def data_missing(datasets) -> bool:
+    """True (after saying which on stderr) if the files of one of ``datasets`` are not found."""
+    from exml_fast.data import find_data_root
+
+    for ds in datasets:
+        if find_data_root(ds) is None:
+            print(f"{ds} files not found (set EXML_FAST_DATA)", file=sys.stderr)
+            return True
+    return False
 
 
 def environment(device: str, title: str) -> dict:

@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import RESULTS, env_markdown, environment, record
+from benchlib import RESULTS, data_missing, env_markdown, environment, record
 
 from exml_fast.checkpoint import load_model, save_model
-from exml_fast.data import DATASET_STATS, find_data_root, mnist_tensors
+from exml_fast.data import DATASET_STATS, mnist_tensors
 from exml_fast.models import LeNet5BN
 from exml_fast.models.features import classifier_layer
 from exml_fast.synth import GenerativeSynthesizer
@@ -158,10 +158,8 @@ def markdown(env: dict, cmd: str, args, rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    for ds in args.datasets.split(","):
-        if find_data_root(ds) is None:
-            print(f"{ds} files not found (set EXML_FAST_DATA)", file=sys.stderr)
-            return 2
+    if data_missing(args.datasets.split(",")):
+        return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     wall0 = time.perf_counter()

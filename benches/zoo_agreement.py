@@ -31,9 +31,9 @@ import time
 import warnings
 
 import torch
-from benchlib import RESULTS, env_markdown, environment, record
+from benchlib import RESULTS, data_missing, env_markdown, environment, record
 
-from exml_fast.data import DATASET_STATS, find_data_root, mnist_tensors
+from exml_fast.data import DATASET_STATS, mnist_tensors
 from exml_fast.experiments.zoo import ZOO, agreement, normalisation, train_zoo_teacher
 from exml_fast.synth import DeepInversion, LowAgreementWarning, ModelInversion
 from exml_fast.synth.matcher import BNStatsMatcher
@@ -187,10 +187,8 @@ def markdown(env: dict, cmd: str, teachers: list[dict], case: dict | None = None
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    for ds in {ZOO[t].dataset for t in args.teachers.split(",")}:
-        if find_data_root(ds) is None:
-            print(f"{ds} files not found (set EXML_FAST_DATA)", file=sys.stderr)
-            return 2
+    if data_missing(sorted({ZOO[t].dataset for t in args.teachers.split(",")})):
+        return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     wall0 = time.perf_counter()
