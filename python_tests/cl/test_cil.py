@@ -246,6 +246,24 @@ def test_bad_arguments_and_experiences_are_refused_by_name():
     assert s.experiences_seen == 0  # nothing recorded by a refused experience
 
 
+def test_icarl_refuses_a_task_missing_a_class_before_training_it():
+    """Herding chooses a class's exemplars among its images: a task without any image of one of its classes
+    is refused by name before its training (it failed in class_means after it); the synthetic exemplars need
+    no image and learn such a task."""
+    exp = _experience(0, SPLITS[0])
+    only_0 = exp.train_y == 0
+    lacking = Experience(0, SPLITS[0], None, exp.train_x[only_0], exp.train_y[only_0], exp.test_x, exp.test_y)
+    s = _strategy(S.ICaRL, memory_size=8)
+    before = [p.detach().clone() for p in s.model.parameters()]
+    with pytest.raises(ValueError, match=r"ICaRL.train: experience 0 has no training sample of class\(es\) \[1\]"):
+        s.train(lacking)
+    assert s.experiences_seen == 0 and all(torch.equal(a, b) for a, b in zip(before, s.model.parameters()))
+    assert S.SyntheticExemplars.exemplars_from_data is False
+    for cls in (S.ICaRL, S.SyntheticExemplars):  # K // 10 classes = 0 exemplars a class: refused when built
+        with pytest.raises(ValueError, match=rf"{cls.__name__}: memory_size must be at least num_classes \({K}\)"):
+            cls(_learner(), memory_size=K - 1, **({} if cls is S.ICaRL else {"input_shape": (1, 32, 32)}))
+
+
 def test_the_registry_builds_the_data_strategies_and_refuses_options_they_do_not_read():
     sc = _scenario()
     sc.dataset = "mnist"

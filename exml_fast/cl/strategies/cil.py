@@ -387,6 +387,8 @@ class ICaRL(LwF):
 
     name = "icarl"
     keeps_data = True
+    #: The exemplars are herded from each task's own images, so every class of a task needs one.
+    exemplars_from_data = True
 
     def __init__(self, model: nn.Module, *, memory_size: int = 2000, classifier: str = "nme",
                  **kwargs: Any) -> None:
@@ -396,7 +398,11 @@ class ICaRL(LwF):
         super().__init__(model, form="mc", **kwargs)
         check_choice(classifier, "classifier", owner, ICARL_CLASSIFIERS)
         self.classifier = classifier
-        self.memory = ExemplarMemory(check_int(memory_size, "memory_size", owner, low=1))
+        check_int(memory_size, "memory_size", owner, low=1)
+        if memory_size < self.num_classes:  # K // (classes seen) per class: 0 leaves a class without a mean
+            raise ValueError(f"{owner}: memory_size must be at least num_classes ({self.num_classes}), so that "
+                             f"every class keeps an exemplar; got {memory_size}")
+        self.memory = ExemplarMemory(memory_size)
         self.means: torch.Tensor | None = None  # (C, D) normalised class means of the exemplars' features
         self.mean_classes: list[int] = []
 
@@ -405,6 +411,15 @@ class ICaRL(LwF):
         for key in ("temperature", "distill_weight", "by_task"):  # LwF.MC's loss does not use them
             cfg.pop(key)
         return cfg
+
+    def _check_experience(self, exp) -> None:
+        super()._check_experience(exp)
+        if self.exemplars_from_data:
+            missing = sorted({int(c) for c in exp.classes} - set(torch.unique(exp.train_y).tolist()))
+            if missing:  # refused before the task's training, not after it (herding has nothing to choose from)
+                raise ValueError(f"{type(self).__name__}.train: experience {exp.index} has no training sample of "
+                                 f"class(es) {missing}; herding needs at least one image of each class of the "
+                                 "task (a cap on the training data, e.g. --max-train, too small for its classes?)")
 
     def _train_set(self, exp):
         x, y = exp.train_x, exp.train_y
@@ -697,6 +712,7 @@ class SyntheticExemplars(_Synthesis, ICaRL):
 
     name = "synthetic-exemplars"
     keeps_data = False
+    exemplars_from_data = False  # synthesised by the model, whatever images the task had
 
     def __init__(self, model: nn.Module, *, input_shape, mean=None, std=None, synth_iterations: int | None = None,
                  synth_batch_size: int = 256, synth_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
