@@ -1,7 +1,10 @@
-"""Atomic file writes: readers see the old file or the complete new one, never a part."""
+"""Atomic file writes: readers see the old file or the complete new one, never a part; and an advisory lock
+for files that several processes update."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
 from collections.abc import Callable
@@ -36,6 +39,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             raise OSError(e.errno, f"could not write {path!r} ({e.strerror or e}); any earlier version of it "
                                    "is intact", path) from e
         raise
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike):
+    """Holds an exclusive advisory lock (``flock``) on the file ``path`` for the ``with`` block, waiting for
+    any other process that holds it. For read-modify-write updates of a file replaced by :func:`atomic_write`
+    (whose inode changes at every write, so it cannot carry the lock itself): lock a fixed file beside it.
+    ``path`` and its folder are created if missing and kept afterwards; the lock ends with the block, or
+    with the process."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def check_writable(folder: str | os.PathLike, what: str) -> None:

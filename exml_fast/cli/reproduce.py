@@ -32,6 +32,10 @@ def add_commands(sub) -> None:
     q.add_argument("experiment", choices=EXPERIMENTS)
     q.add_argument("--runs", type=positive_int, default=5,
                    help="exml-mnist(-ablation): independent expert streams; cil-*: seeds (default: 5)")
+    q.add_argument("--seeds", default=None, metavar="S,S,...",
+                   help="cil-*: run only these seeds, into the run ledger, and write no table (to share one "
+                        "table's seeds among processes or machines; a later --runs K makes the table of seeds "
+                        "0..K-1 from the ledger)")
     q.add_argument("--seed", type=int, default=0,
                    help="zskd-*, dfkd-*: the seed of the teacher, synthesis and student (default: 0)")
     q.add_argument("--budget", choices=sorted(BUDGETS), default=None,
@@ -62,6 +66,8 @@ def _reproduce(args) -> int:
     out = args.out or f"runs/reproduce/{args.experiment}"
     if args.methods is not None and args.experiment != "dfkd-mnist":
         raise UsageError("--methods is for dfkd-mnist")
+    if args.seeds is not None and args.experiment not in CIL_EXPERIMENTS:
+        raise UsageError(f"--seeds is for {' and '.join(CIL_EXPERIMENTS)}")
     if args.experiment == "dfkd-mnist":
         if args.variants is not None or args.test_seeds is not None or args.strategies is not None:
             raise UsageError("--variants, --test-seeds and --strategies are not for dfkd-mnist (it takes --methods)")
@@ -86,6 +92,7 @@ def _reproduce(args) -> int:
             raise UsageError(f"--budget for {args.experiment}: one of {', '.join(CIL_BUDGETS)}")
         rows = reproduce_cil(
             args.experiment, runs=args.runs, budget=budget,
+            seeds=None if args.seeds is None else _seed_list(args.seeds, "--seeds"),
             strategies=None if args.strategies is None else tuple(s for s in args.strategies.split(",") if s),
             out=args.out or "runs/reproduce/cil", results=args.results, device=device, data_root=args.data_root,
             progress=args.progress)
@@ -103,10 +110,7 @@ def _reproduce(args) -> int:
         elif args.test_seeds.strip().lower() == "none":
             test_seeds = ()
         else:
-            try:
-                test_seeds = tuple(int(s) for s in args.test_seeds.split(",") if s.strip())
-            except ValueError:
-                raise UsageError(f"--test-seeds: comma-separated ints or none; got {args.test_seeds!r}") from None
+            test_seeds = _seed_list(args.test_seeds, "--test-seeds", none_ok=True)
         res = ablate_exml_mnist(
             runs=args.runs, budget=args.budget or "demo", out=out, results=args.results, device=device,
             variants=None if args.variants is None else tuple(v for v in args.variants.split(",") if v),
@@ -135,3 +139,15 @@ def _reproduce(args) -> int:
         print(f"{r['scenario']:12s} {r['strategy']:13s} {r['mean']:6.2f} (paper {r['paper_mean']:.2f} ± "
               f"{r['paper_std']:.2f}) {'within 2 std' if r['within_2_std'] else 'outside 2 std'}")
     return 0
+
+
+def _seed_list(text: str, flag: str, *, none_ok: bool = False) -> tuple[int, ...]:
+    """``text`` ("3,4") as seeds: distinct ints >= 0, at least one (or none, with ``none_ok``)."""
+    expected = "comma-separated distinct ints >= 0" + (" or none" if none_ok else ", at least one")
+    try:
+        seeds = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{flag}: {expected}; got {text!r}") from None
+    if (not seeds and not none_ok) or any(v < 0 for v in seeds) or len(set(seeds)) != len(seeds):
+        raise UsageError(f"{flag}: {expected}; got {text!r}")
+    return seeds

@@ -17,7 +17,8 @@ Each finished run is also kept in a ledger beside the table, ``<results>/cil_{mn
 and a rerun whose run folder is gone takes a run from it when the strategy's configuration is unchanged. The
 paper budget is hours per seed on 2 CPU cores and run folders do not outlive a machine: the ledger, committed
 with the table, lets the seeds be run on different days and machines and still make one table, each run's
-commit and machine on record.
+commit and machine on record. ``seeds`` runs some seeds into the ledger only (no table), so that processes
+can share a table's seeds at once: the ledger re-reads its file under a lock before each write.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ import pathlib
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from exml_fast._utils.checks import check_choice, check_int
-from exml_fast._utils.io import atomic_write
+from exml_fast._utils.io import atomic_write, locked
 from exml_fast.cl.engine import CHECKPOINT
 from exml_fast.cl.metrics import StreamResult, mean_std
 from exml_fast.cl.scenarios import make_scenario
@@ -88,18 +90,22 @@ class RunLedger:
     def __init__(self, path: str | os.PathLike, experiment: str, budget: str):
         self.path = pathlib.Path(path)
         self.head = {"format": LEDGER_FORMAT, "experiment": experiment, "budget": budget}
-        self.runs: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
-            try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"reproduce_cil: {self.path}: not a run ledger (invalid JSON: {e}); move it "
-                                 "away to start a new one") from None
-            if not isinstance(data, dict) or any(data.get(k) != v for k, v in self.head.items()) \
-                    or not isinstance(data.get("runs"), dict):
-                raise ValueError(f"reproduce_cil: {self.path} is not the run ledger of {experiment} at budget "
-                                 f"{budget!r}; move it away to start a new one")
-            self.runs = data["runs"]
+        self.runs: dict[str, dict[str, Any]] = self._read()
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        """The runs in the file (none if there is no file yet)."""
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"reproduce_cil: {self.path}: not a run ledger (invalid JSON: {e}); move it "
+                             "away to start a new one") from None
+        if not isinstance(data, dict) or any(data.get(k) != v for k, v in self.head.items()) \
+                or not isinstance(data.get("runs"), dict):
+            raise ValueError(f"reproduce_cil: {self.path} is not the run ledger of {self.head['experiment']} at "
+                             f"budget {self.head['budget']!r}; move it away to start a new one")
+        return data["runs"]
 
     @staticmethod
     def key(strategy: str, seed: int) -> str:
@@ -125,9 +131,12 @@ class RunLedger:
     def put(self, strategy: str, seed: int, result: StreamResult, where: dict[str, Any]) -> None:
         d = result.to_dict()
         d["meta"] = {k: v for k, v in d["meta"].items() if k != "history"}
-        self.runs[self.key(strategy, seed)] = {**d, "machine": where}
-        text = json.dumps({**self.head, "runs": self.runs}, indent=1, allow_nan=False)
-        atomic_write(self.path, lambda f: f.write(text.encode()))
+        # Read again under the lock: another process (other seeds, say) may have added runs since this one read
+        # the file, and writing back only what this process knows would silently drop them.
+        with locked(self.path.with_name(f".{self.path.name}.lock")):
+            self.runs = {**self._read(), self.key(strategy, seed): {**d, "machine": where}}
+            text = json.dumps({**self.head, "runs": self.runs}, indent=1, allow_nan=False)
+            atomic_write(self.path, lambda f: f.write(text.encode()))
 
 
 def _config_of(strat: str, scenario, options: dict[str, Any], seed: int, device: torch.device,
@@ -190,6 +199,7 @@ def reproduce_cil(
     experiment: str = "cil-mnist",
     *,
     runs: int = 5,
+    seeds: Sequence[int] | None = None,
     budget: str = "paper",
     strategies: tuple[str, ...] | None = None,
     out: str | os.PathLike = "runs/reproduce/cil",
@@ -205,6 +215,9 @@ def reproduce_cil(
 
     Args:
         runs: seeds 0 .. runs-1.
+        seeds: instead of ``runs``, only these seeds, and no table: their runs go into the ledger (and ``out``)
+            alone. For sharing one table's seeds among processes or machines at once (the ledger takes their
+            runs under a lock); a later call with ``runs`` makes the table from the ledger.
         budget: a key of :data:`CIL_BUDGETS`.
         strategies: a subset of :data:`CIL_STRATEGIES` (None: all).
         out: where the runs (with their checkpoints) live.
@@ -214,6 +227,10 @@ def reproduce_cil(
     """
     check_choice(experiment, "experiment", "reproduce_cil", CIL_EXPERIMENTS)
     check_int(runs, "runs", "reproduce_cil", low=1)
+    if seeds is not None:
+        seeds = [check_int(r, "seeds", "reproduce_cil", low=0) for r in seeds]
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"reproduce_cil: seeds must be distinct seeds (ints >= 0), at least one; got {seeds}")
     check_choice(budget, "budget", "reproduce_cil", CIL_BUDGETS)
     chosen = tuple(strategies) if strategies is not None else CIL_STRATEGIES
     unknown = sorted(set(chosen) - set(CIL_STRATEGIES))
@@ -231,7 +248,7 @@ def reproduce_cil(
     t_start = time.perf_counter()
     per: dict[str, dict[str, list[float]]] = {s: {"final": [], "aia": [], "seconds": []} for s in chosen}
     commits, from_ledger = set(), 0
-    for r in range(runs):
+    for r in range(runs) if seeds is None else seeds:
         scenario = make_scenario(scenario_name, seed=r, root=data_root, **spec.get("scenario", {}))
         for strat in chosen:
             options = {k: v for k, v in spec["run"].items() if k in STRATEGIES[strat].options}
@@ -265,7 +282,10 @@ def reproduce_cil(
         if scenario_name == "split_mnist" and strat in PUBLISHED_SPLIT_MNIST:
             row["published"] = PUBLISHED_SPLIT_MNIST[strat]
         rows.append(row)
-    if results is not None:
+    if seeds is not None:
+        log(f"[reproduce] seed(s) {', '.join(map(str, seeds))} done"
+            + ("" if ledger is None else f", in {ledger.path}; --runs K makes the table of seeds 0..K-1 from it"))
+    elif results is not None:
         meta = {"experiment": experiment, "scenario": scenario_name, "budget": budget, "budget_detail": spec,
                 "runs": runs, "command": command or " ".join(["exml-fast", *sys.argv[1:]]),
                 "machine": machine(device), "wall_s": time.perf_counter() - t_start,

@@ -270,3 +270,17 @@ def test_reproduce_cil_smoke_writes_the_table_and_resumes(tmp_path, capsys):
     assert "finetune" in capsys.readouterr().out
     assert main([*args[:2], "--budget", "paper-ish"]) == 2
     assert main([*args, "--strategies", "mi-ed"]) == 1
+
+
+def test_reproduce_cil_seeds_fill_the_ledger_without_a_table(tmp_path, capsys):
+    args = ["reproduce", "cil-mnist", "--seeds", "1", "--budget", "smoke", "--strategies", "finetune",
+            "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
+    assert main(args) == 0
+    assert "finetune s1" in json.loads((tmp_path / "res" / "cil_mnist_smoke_runs.json").read_text())["runs"]
+    assert not (tmp_path / "res" / "cil_mnist_smoke.md").exists()
+    capsys.readouterr()
+    for bad in ("x", "1,1", "-1", ","):
+        assert main([*args[:2], "--seeds", bad, *args[4:]]) == 2
+        assert "--seeds: comma-separated distinct ints >= 0, at least one" in capsys.readouterr().err
+    assert main(["reproduce", "exml-mnist", "--seeds", "1"]) == 2
+    assert "--seeds is for cil-mnist and cil-fmnist" in capsys.readouterr().err

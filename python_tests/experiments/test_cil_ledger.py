@@ -75,3 +75,66 @@ def test_options_added_since_a_run_count_at_the_values_it_ran_with(tmp_path):
     assert ledger.get("deepinversion-cil", 0, {**old, "synth_rounds": 1}) is None  # not known to be the default
     assert ledger.get("deepinversion-cil", 1, old) is None
     assert ledger.machine_of("deepinversion-cil", 0)["commit"] == "abc"
+
+
+def _result(seed: int):
+    from exml_fast.cl.metrics import StreamResult
+
+    return StreamResult("finetune", "split_mnist", seed, [[0.5]], [10], [0.5], meta={"config": {"seed": seed}})
+
+
+def test_two_ledgers_open_at_once_keep_each_others_runs(tmp_path):
+    """Two processes (say, two sets of seeds) read the ledger, then each adds a run: the second write keeps
+    the first's run, which it never read (it re-reads the file under the lock before writing)."""
+    a = RunLedger(tmp_path / "l.json", "cil-mnist", "paper")
+    b = RunLedger(tmp_path / "l.json", "cil-mnist", "paper")
+    a.put("finetune", 0, _result(0), {"commit": "a"})
+    b.put("finetune", 1, _result(1), {"commit": "b"})
+    runs = json.loads((tmp_path / "l.json").read_text())["runs"]
+    assert sorted(runs) == ["finetune s0", "finetune s1"]
+    assert b.machine_of("finetune", 0) == {"commit": "a"}  # b now knows a's run too
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def _put_many(path, seeds):
+    ledger = RunLedger(path, "cil-mnist", "paper")
+    for s in seeds:
+        ledger.put("finetune", s, _result(s), {"commit": str(s)})
+
+
+def test_processes_writing_one_ledger_at_once_lose_no_run(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    path = tmp_path / "l.json"
+    procs = [ctx.Process(target=_put_many, args=(path, range(k, 60, 3))) for k in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    runs = json.loads(path.read_text())["runs"]
+    assert sorted(runs) == sorted(f"finetune s{s}" for s in range(60))
+
+
+def test_seeds_run_into_the_ledger_only_and_runs_make_the_table_from_it(tmp_path):
+    lines = []
+    rows = _reproduce(tmp_path, lines, seeds=(1,))
+    assert rows[0]["runs"] == 1 and "seed(s) 1 done" in lines[-1]
+    assert not (tmp_path / "res" / "cil_mnist_smoke.md").exists()  # no table of a part of the seeds
+    assert sorted(json.loads((tmp_path / "res" / "cil_mnist_smoke_runs.json").read_text())["runs"]) == \
+        ["finetune s1"]
+    shutil.rmtree(tmp_path / "runs")
+    lines.clear()
+    reproduce_cil("cil-mnist", runs=2, budget="smoke", strategies=("finetune",), out=tmp_path / "runs",
+                  results=tmp_path / "res", device="cpu", log=lines.append)
+    assert "seed 0" in lines[0] and "from the ledger" not in lines[0]
+    assert "seed 1" in lines[1] and "from the ledger" in lines[1]
+    rec = json.loads((tmp_path / "res" / "cil_mnist_smoke.json").read_text())
+    assert rec["rows"][0]["runs"] == 2 and rec["meta"]["from_ledger"] == 1
+
+
+@pytest.mark.parametrize("seeds", [(), (1, 1), (-1,), ("1",)])
+def test_bad_seeds_are_refused_by_name(tmp_path, seeds):
+    with pytest.raises(ValueError, match="reproduce_cil: seeds must be"):
+        _reproduce(tmp_path, [], seeds=seeds)
