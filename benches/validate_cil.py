@@ -1,19 +1,23 @@
 """Choose a class-incremental setting on a validation split, never on the test set.
 
-Runs settings of the DeepInversion-CIL family on Split MNIST with ``validation_size`` training images held
-out (exml_fast.cl.scenarios: the same fixed draw for every seed) and evaluated instead of the test set, for
-a few seeds, at the reduced "demo" budget of ``exml-fast reproduce cil-mnist`` (2 epochs per task,
-DeepInversion 300 steps, 50 images per old class) unless --budget paper. Prints and records the final
-accuracy on all classes and the average incremental accuracy of each setting, mean over the seeds.
+Runs the settings of one strategy family on Split MNIST with ``validation_size`` training images held out
+(exml_fast.cl.scenarios: the same fixed draw for every seed) and evaluated instead of the test set, for a few
+seeds, at the reduced "demo" budget of ``exml-fast reproduce cil-mnist`` (2 epochs per task, 300 synthesis
+steps — DeepInversion's steps, or SKD's explore steps of each delegator fit —, 50 images per old class)
+unless --budget paper (or smoke, seconds: a pipeline check). Prints and records the final accuracy on all
+classes and the average incremental accuracy of each setting, mean over the seeds.
 
-The settings: Eq. 11 as the paper gives it (deepinversion-cil), each of the two changes alone (the new data's
-cross-entropy over its own classes; the balanced classifier fine-tuning), both (deepinversion-cil-balanced),
-and on top of both the images made in two rounds (the second halfway through the task), plain or as Adaptive
-DeepInversion against the learner (competition weight 1 or 10).
+--family deepinversion-cil (``cil_dicil_validation``): Eq. 11 as the paper gives it (deepinversion-cil), each
+of the two changes alone (the new data's cross-entropy over its own classes; the balanced classifier
+fine-tuning), both (deepinversion-cil-balanced), and on top of both the images made in two rounds (the second
+halfway through the task), plain or as Adaptive DeepInversion against the learner (competition weight 1 or 10).
+
+--family skd (``cil_skd_validation``): SKD-CIL with its delegator as SKD's Table IV gives it (skd-small), at a
+quarter of the channels (skd-narrow, ~11x cheaper per sample on the CPU), and narrow with SKD's batch of 256.
 
 Usage:
-    python benches/validate_cil.py [--seeds 1 2] [--budget demo|paper] [--validation-size 6000]
-        [--out benches/results]
+    python benches/validate_cil.py [--family deepinversion-cil|skd] [--seeds 1 2] [--budget demo|paper|smoke]
+        [--validation-size 6000] [--threads N] [--out benches/results]
 """
 
 from __future__ import annotations
@@ -28,11 +32,11 @@ from benchlib import RESULTS, environment, env_markdown, record
 
 from exml_fast.cl.engine import run_stream
 from exml_fast.cl.scenarios import make_scenario
-from exml_fast.cl.strategies.registry import build_strategy
+from exml_fast.cl.strategies.registry import STRATEGIES, build_strategy
 from exml_fast.experiments.cil import CIL_BUDGETS
 
 #: (label, strategy, options over the budget's)
-SETTINGS = [
+DICIL_SETTINGS = [
     ("Eq. 11 (deepinversion-cil)", "deepinversion-cil", {}),
     ("+ ce_classes=new", "deepinversion-cil", {"ce_classes": "new"}),
     ("+ head_epochs=1", "deepinversion-cil", {"head_epochs": 1}),
@@ -41,12 +45,20 @@ SETTINGS = [
     ("both, 2 rounds, ADI weight 1", "deepinversion-cil-balanced", {"synth_rounds": 2, "competition_weight": 1.0}),
     ("both, 2 rounds, ADI weight 10", "deepinversion-cil-balanced", {"synth_rounds": 2, "competition_weight": 10.0}),
 ]
+SKD_SETTINGS = [
+    ("skd, skd-small (SKD's Table IV)", "skd", {}),
+    ("skd, skd-narrow", "skd", {"gen_arch": "skd-narrow"}),
+    ("skd, skd-narrow, batch 256", "skd", {"gen_arch": "skd-narrow", "synth_batch_size": 256}),
+]
+#: family -> (settings, record name)
+FAMILIES = {"deepinversion-cil": (DICIL_SETTINGS, "cil_dicil_validation"), "skd": (SKD_SETTINGS, "cil_skd_validation")}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", choices=sorted(FAMILIES), default="deepinversion-cil")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--budget", choices=["demo", "paper"], default="demo")
+    p.add_argument("--budget", choices=["demo", "paper", "smoke"], default="demo")
     p.add_argument("--validation-size", type=int, default=6000)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(RESULTS), help="directory for the record ('' to not record)")
@@ -55,15 +67,18 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     env = environment("cpu", "class-incremental validation")
+    settings, name = FAMILIES[args.family]
     budget = CIL_BUDGETS[args.budget]["run"]
     rows = []
-    for label, strategy, extra in SETTINGS:
+    for label, strategy, extra in settings:
         finals, aias = [], []
+        reads = STRATEGIES[strategy].options
         for seed in args.seeds:
             sc = make_scenario("split_mnist", seed=seed, validation_size=args.validation_size,
-                               eval_split="validation")
-            s = build_strategy(strategy, None, sc, options={**budget, **extra}, seed=seed,
-                               device=torch.device("cpu"), progress=False)
+                               eval_split="validation", **CIL_BUDGETS[args.budget].get("scenario", {}))
+            options = {**{k: v for k, v in budget.items() if k in reads}, **extra}
+            s = build_strategy(strategy, None, sc, options=options, seed=seed, device=torch.device("cpu"),
+                               progress=False)
             res = run_stream(s, None, sc, plots=False, progress=False, log=None)
             finals.append(100 * res.final_stream_accuracy)
             aias.append(100 * res.average_incremental_accuracy)
@@ -72,7 +87,8 @@ def main(argv=None) -> None:
         rows.append({"setting": label, "strategy": strategy, "options": extra, "finals": finals, "aias": aias,
                      "final_mean": statistics.mean(finals), "aia_mean": statistics.mean(aias)})
     env["wall_s"] = time.perf_counter() - t0
-    rec = {"env": env, "argv": sys.argv[1:] if argv is None else list(argv), "budget": args.budget,
+    rec = {"env": env, "argv": sys.argv[1:] if argv is None else list(argv), "family": args.family,
+           "budget": args.budget,
            "budget_detail": budget, "seeds": args.seeds, "validation_size": args.validation_size, "rows": rows}
     lines = env_markdown(env, "class-incremental validation", "python benches/validate_cil.py " + " ".join(rec["argv"]))
     lines += [f"Split MNIST, 5 tasks of 2 classes; {args.validation_size} training images held out and evaluated "
@@ -83,7 +99,7 @@ def main(argv=None) -> None:
         lines.append(f"| {r['setting']} | {', '.join(f'{v:.2f}' for v in r['finals'])} | {r['final_mean']:.2f} | "
                      f"{r['aia_mean']:.2f} |")
     if args.out:
-        record(args.out, f"cil_dicil_validation{'' if args.budget == 'demo' else '_' + args.budget}", rec,
+        record(args.out, f"{name}{'' if args.budget == 'demo' else '_' + args.budget}", rec,
                "\n".join(lines) + "\n")
 
 

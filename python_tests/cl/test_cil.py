@@ -616,3 +616,24 @@ def test_skd_refuses_bad_arguments():
         _skd(beta=0)
     with pytest.raises(ValueError, match="input_shape"):
         _skd(input_shape=None)
+
+
+def test_the_registry_builds_skd_with_the_delegator_network_asked_for():
+    from exml_fast.models.generators import build_generator
+
+    sc = _scenario()
+    sc.dataset = "mnist"
+    cpu = torch.device("cpu")
+    default = S.build_strategy("skd", None, sc, options={}, seed=1, device=cpu, progress=False)
+    assert default.delegator_options == {"generator_arch": "skd-small"}  # SKD's Table IV
+    s = S.build_strategy("skd", None, sc, options={"gen_arch": "skd-narrow", "epochs": 1, "synth_iterations": 1,
+                                                   "synth_batch_size": 4}, seed=1, device=cpu, progress=False)
+    assert s.config()["delegator_options"] == {"generator_arch": "skd-narrow"}
+    s.train(sc[0])
+    s.train(sc[1])  # the first delegator is fitted before the second task
+    narrow = build_generator("skd-narrow", sc.input_shape)
+    assert [p.shape for p in s.delegator.parameters()] == [p.shape for p in narrow.parameters()]
+    with pytest.raises(ValueError, match="skd: gen_arch must be one of .*; got 'wide'"):
+        S.build_strategy("skd", None, sc, options={"gen_arch": "wide"}, seed=1, device=cpu, progress=False)
+    with pytest.raises(S.StrategyOptionError, match="gen_arch"):
+        S.build_strategy("lwf", None, sc, options={"gen_arch": "skd-narrow"}, seed=1, device=cpu, progress=False)

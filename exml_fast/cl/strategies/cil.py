@@ -34,6 +34,7 @@ from exml_fast.cl.exemplars import (ExemplarMemory, class_means, classifier_laye
 from exml_fast.cl.strategies.base import Strategy, check_float, check_int, derive_seed, frozen_copy
 from exml_fast.cl.strategies.registry import BuildContext, build_data_learner, register_strategy
 from exml_fast.models.features import FeatureTap
+from exml_fast.models.generators import GENERATOR_ARCHS
 from exml_fast.ops.fast_layers import fast_layers
 from exml_fast.synth.generative import GenerativeSynthesizer
 from exml_fast.synth.generative_losses import feature_cosine_discrepancy
@@ -949,10 +950,11 @@ def _synthetic_exemplars(ctx: BuildContext, opt: dict[str, Any]) -> SyntheticExe
                               classifier=opt["classifier"], **_synthesis(ctx, opt), **_common(ctx, opt))
 
 
-#: SKD-CIL reads the class-incremental options and the delegator's fit: synth_iterations (explore steps per
-#: task; default 200) and synth_batch_size (its batch; default 64).
-SKD_OPTIONS = CIL_OPTIONS | {"synth_iterations", "synth_batch_size"}
-SKD_DEFAULTS = {**CIL_DEFAULTS, "synth_iterations": 200, "synth_batch_size": 64}
+#: SKD-CIL reads the class-incremental options and the delegator's: synth_iterations (explore steps of each
+#: task's fit; default 200), synth_batch_size (its batch; default 64) and gen_arch (its network; default
+#: skd-small, SKD's Table IV).
+SKD_OPTIONS = CIL_OPTIONS | {"synth_iterations", "synth_batch_size", "gen_arch"}
+SKD_DEFAULTS = {**CIL_DEFAULTS, "synth_iterations": 200, "synth_batch_size": 64, "gen_arch": "skd-small"}
 
 
 @register_strategy("skd", keeps_data=False, data=True, defaults=SKD_DEFAULTS, options=SKD_OPTIONS,
@@ -963,5 +965,7 @@ def _skd(ctx: BuildContext, opt: dict[str, Any]) -> SKDCIL:
     # The delegator's settings come from the synthesis options: refused here under the names the user gave.
     iterations = check_int(opt["synth_iterations"], "synth_iterations", "skd", low=1)
     batch = check_int(opt["synth_batch_size"], "synth_batch_size", "skd", low=2)
+    arch = check_choice(opt["gen_arch"], "gen_arch", "skd", GENERATOR_ARCHS)
     return SKDCIL(build_data_learner(ctx, opt), input_shape=sc.input_shape, mean=sc.mean, std=sc.std,
-                  num_tasks=len(sc), delegator_iterations=iterations, delegator_batch_size=batch, **_common(ctx, opt))
+                  num_tasks=len(sc), delegator_iterations=iterations, delegator_batch_size=batch,
+                  delegator_options={"generator_arch": arch}, **_common(ctx, opt))

@@ -51,7 +51,8 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
                                  "the class-incremental ones, the experts' recipe)"),
     "gen_preset": (str, "skd", "gen-ed: the delegator's loss, a GenerativeSynthesizer preset: skd, dafl or dfad "
                                "(default: skd)"),
-    "gen_arch": (str, "skd-narrow", "gen-ed: the delegator network: skd-narrow (default), skd-small or skd-large"),
+    "gen_arch": (str, "skd-narrow", "gen-ed, skd: the delegator network: skd-narrow, skd-small or skd-large "
+                                    "(default: skd-narrow; skd: skd-small, SKD's Table IV)"),
     # -- the class-incremental strategies (they learn from the scenario's data) --
     "epochs": (int, None, "class-incremental: training epochs per task (default: the experts' epochs for the "
                           "scenario, 20 on Split MNIST)"),
