@@ -246,6 +246,9 @@ def reproduce_cil(
     ledger = RunLedger(pathlib.Path(results) / f"{table}_runs.json", experiment, budget) \
         if results is not None else None
     t_start = time.perf_counter()
+    # The code this process runs is the tree as it is now: a commit made while the runs go on (they take
+    # hours) must not be stamped on them. Each run's date is still taken when it finishes.
+    code = machine(device)["commit"]
     per: dict[str, dict[str, list[float]]] = {s: {"final": [], "aia": [], "seconds": []} for s in chosen}
     commits, from_ledger = set(), 0
     for r in range(runs) if seeds is None else seeds:
@@ -264,7 +267,7 @@ def reproduce_cil(
                 result = run_named_strategy(strat, None, scenario, options=options, seed=r, device=device,
                                             out=folder, progress=progress, data_root=data_root)
                 if ledger is not None and ledger.get(strat, r, result.meta["config"]) is None:
-                    ledger.put(strat, r, result, machine(device))  # a new run: this machine's, when it finished
+                    ledger.put(strat, r, result, {**machine(device), "commit": code})  # this machine's, at its end
                 how = f"{time.perf_counter() - t0:.0f} s"
             if ledger is not None:
                 commits.add((ledger.machine_of(strat, r) or {}).get("commit", "?"))

@@ -138,3 +138,17 @@ def test_seeds_run_into_the_ledger_only_and_runs_make_the_table_from_it(tmp_path
 def test_bad_seeds_are_refused_by_name(tmp_path, seeds):
     with pytest.raises(ValueError, match="reproduce_cil: seeds must be"):
         _reproduce(tmp_path, [], seeds=seeds)
+
+
+def test_a_run_is_stamped_with_the_commit_its_process_started_at(tmp_path, monkeypatch):
+    """A commit made while a reproduce invocation runs (hours) is not the code of its runs: each ledger entry
+    carries the commit read when the invocation started, and the date of the run's end."""
+    import exml_fast.experiments.cil as cil
+
+    heads = iter(["aaa", "bbb", "ccc", "ddd"])
+    real = cil.machine
+    monkeypatch.setattr(cil, "machine", lambda device: {**real(device), "commit": next(heads)})
+    _reproduce(tmp_path, [], seeds=(0, 1))
+    runs = json.loads((tmp_path / "res" / "cil_mnist_smoke_runs.json").read_text())["runs"]
+    assert [runs[f"finetune s{s}"]["machine"]["commit"] for s in (0, 1)] == ["aaa", "aaa"]
+    assert runs["finetune s0"]["machine"]["date"] <= runs["finetune s1"]["machine"]["date"]
