@@ -68,14 +68,15 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     env = environment("cpu", "class-incremental validation")
     settings, name = FAMILIES[args.family]
-    budget = CIL_BUDGETS[args.budget]["run"]
+    spec = CIL_BUDGETS[args.budget]
+    budget = spec["run"]
     rows = []
     for label, strategy, extra in settings:
         finals, aias = [], []
         reads = STRATEGIES[strategy].options
         for seed in args.seeds:
             sc = make_scenario("split_mnist", seed=seed, validation_size=args.validation_size,
-                               eval_split="validation", **CIL_BUDGETS[args.budget].get("scenario", {}))
+                               eval_split="validation", **spec.get("scenario", {}))
             options = {**{k: v for k, v in budget.items() if k in reads}, **extra}
             s = build_strategy(strategy, None, sc, options=options, seed=seed, device=torch.device("cpu"),
                                progress=False)

@@ -37,6 +37,7 @@ import torch
 
 from exml_fast._utils.checks import check_choice, check_int
 from exml_fast._utils.io import atomic_write, locked
+from exml_fast._utils.provenance import git_commit
 from exml_fast.cl.engine import CHECKPOINT
 from exml_fast.cl.metrics import StreamResult, mean_std
 from exml_fast.cl.scenarios import make_scenario
@@ -248,7 +249,7 @@ def reproduce_cil(
     t_start = time.perf_counter()
     # The code this process runs is the tree as it is now: a commit made while the runs go on (they take
     # hours) must not be stamped on them. Each run's date is still taken when it finishes.
-    code = machine(device)["commit"]
+    code = git_commit()
     per: dict[str, dict[str, list[float]]] = {s: {"final": [], "aia": [], "seconds": []} for s in chosen}
     commits, from_ledger = set(), 0
     for r in range(runs) if seeds is None else seeds:

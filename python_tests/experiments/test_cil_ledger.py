@@ -145,10 +145,11 @@ def test_a_run_is_stamped_with_the_commit_its_process_started_at(tmp_path, monke
     carries the commit read when the invocation started, and the date of the run's end."""
     import exml_fast.experiments.cil as cil
 
-    heads = iter(["aaa", "bbb", "ccc", "ddd"])
+    heads = iter(["aaa", "bbb", "ccc", "ddd"])  # HEAD as it moves on while the runs go
     real = cil.machine
+    monkeypatch.setattr(cil, "git_commit", lambda: "start")
     monkeypatch.setattr(cil, "machine", lambda device: {**real(device), "commit": next(heads)})
     _reproduce(tmp_path, [], seeds=(0, 1))
     runs = json.loads((tmp_path / "res" / "cil_mnist_smoke_runs.json").read_text())["runs"]
-    assert [runs[f"finetune s{s}"]["machine"]["commit"] for s in (0, 1)] == ["aaa", "aaa"]
+    assert [runs[f"finetune s{s}"]["machine"]["commit"] for s in (0, 1)] == ["start", "start"]
     assert runs["finetune s0"]["machine"]["date"] <= runs["finetune s1"]["machine"]["date"]
