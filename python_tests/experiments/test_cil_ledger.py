@@ -22,6 +22,10 @@ def test_a_run_whose_folder_is_gone_is_read_from_the_ledger(tmp_path):
     entry = data["runs"]["finetune s0"]
     assert entry["machine"]["commit"] and "history" not in entry["meta"]
     assert entry["meta"]["config"]["strategy"] == "finetune"
+    # a table of runs made now (not read from the ledger) still names the commit they were made at
+    table = (tmp_path / "res" / "cil_mnist_smoke.md").read_text()
+    assert f"the runs were made at commit(s) `{entry['machine']['commit']}`" in table
+    assert "0 of 1 read back from the ledger" in table
 
     shutil.rmtree(tmp_path / "runs")  # another machine, another day: only the committed records are left
     lines.clear()
