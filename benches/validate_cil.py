@@ -15,9 +15,13 @@ halfway through the task), plain or as Adaptive DeepInversion against the learne
 --family skd (``cil_skd_validation``): SKD-CIL with its delegator as SKD's Table IV gives it (skd-small), at a
 quarter of the channels (skd-narrow, ~11x cheaper per sample on the CPU), and narrow with SKD's batch of 256.
 
+--settings 2 3 runs only those rows of the family (1-based, in the order above) and records them under
+``<name>_settings-2-3``, so that two processes can share a family's rows on two cores without one
+overwriting the other's record.
+
 Usage:
     python benches/validate_cil.py [--family deepinversion-cil|skd] [--seeds 1 2] [--budget demo|paper|smoke]
-        [--validation-size 6000] [--threads N] [--out benches/results]
+        [--settings I ...] [--validation-size 6000] [--threads N] [--out benches/results]
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ def main(argv=None) -> None:
     p.add_argument("--family", choices=sorted(FAMILIES), default="deepinversion-cil")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--budget", choices=["demo", "paper", "smoke"], default="demo")
+    p.add_argument("--settings", type=int, nargs="+", default=None,
+                   help="only these rows of the family, 1-based (default: all)")
     p.add_argument("--validation-size", type=int, default=6000)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(RESULTS), help="directory for the record ('' to not record)")
@@ -68,6 +74,12 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     env = environment("cpu", "class-incremental validation")
     settings, name = FAMILIES[args.family]
+    if args.settings is not None:
+        if len(set(args.settings)) != len(args.settings) or not all(1 <= i <= len(settings) for i in args.settings):
+            p.error(f"--settings: distinct row numbers from 1 to {len(settings)} for --family {args.family}; "
+                    f"got {args.settings}")
+        settings = [settings[i - 1] for i in sorted(args.settings)]
+        name += "_settings-" + "-".join(map(str, sorted(args.settings)))
     spec = CIL_BUDGETS[args.budget]
     budget = spec["run"]
     rows = []

@@ -44,3 +44,15 @@ def test_each_family_names_its_record(bench):
         {"deepinversion-cil": "cil_dicil_validation", "skd": "cil_skd_validation"}
     with pytest.raises(SystemExit):
         bench.main(["--family", "lwf"])
+
+
+@pytest.mark.skipif(data.find_data_root("mnist") is None, reason="MNIST files not found (set EXML_FAST_DATA)")
+def test_settings_runs_only_those_rows_under_its_own_record_name(bench, tmp_path):
+    bench.main(["--family", "skd", "--budget", "smoke", "--seeds", "1", "--validation-size", "500", "--threads",
+                "1", "--settings", "3", "2", "--out", str(tmp_path)])
+    rec = json.loads((tmp_path / "cil_skd_validation_settings-2-3_smoke.json").read_text())
+    assert [r["setting"] for r in rec["rows"]] == [label for label, _, _ in bench.SKD_SETTINGS[1:]]
+    assert not (tmp_path / "cil_skd_validation_smoke.json").exists()  # the whole family's record is left alone
+    for bad in (["4"], ["0"], ["2", "2"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--family", "skd", "--settings", *bad, "--out", ""])
