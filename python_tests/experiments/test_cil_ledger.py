@@ -26,6 +26,9 @@ def test_a_run_whose_folder_is_gone_is_read_from_the_ledger(tmp_path):
     table = (tmp_path / "res" / "cil_mnist_smoke.md").read_text()
     assert f"the runs were made at commit(s) `{entry['machine']['commit']}`" in table
     assert "0 of 1 read back from the ledger" in table
+    # the published Split MNIST figures beside ours, and generative replay's for scale, each with its source
+    assert "- finetune: 19.94 — van de Ven" in table and "deep generative replay (DGR): 91.69" in table
+    assert "generative replay (GR): 75 — ContinualAI/continual-learning-baselines" in table
 
     shutil.rmtree(tmp_path / "runs")  # another machine, another day: only the committed records are left
     lines.clear()
