@@ -182,7 +182,7 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"- seeds 0..{meta['runs'] - 1} (class order, initialisation, every draw): {meta['runs']} runs per strategy",
         machine_line(meta["machine"]),
         f"- wall time of this invocation: {meta['wall_s']:.0f} s (finished runs are read back, not redone)",
-        *([f"- the runs were made at commit(s) " + ", ".join(f"`{c}`" for c in meta["commits"])
+        *(["- the runs were made at commit(s) " + ", ".join(f"`{c}`" for c in meta["commits"])
            + f" (the line above is this invocation's); {meta.get('from_ledger', 0)} of {meta['runs'] * len(rows)} "
            f"read back from the ledger `{meta['ledger']}`, the others from their run folders or run now"]
           if meta.get("commits") else []),
