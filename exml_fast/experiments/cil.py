@@ -45,15 +45,18 @@ from exml_fast.cl.strategies import STRATEGIES, run_named_strategy
 from exml_fast.cl.strategies.registry import build_strategy
 from exml_fast.experiments.records import machine, machine_line, run_seconds, write_records
 
-__all__ = ["CIL_BUDGETS", "CIL_EXPERIMENTS", "CIL_STRATEGIES", "PUBLISHED_SPLIT_MNIST", "PUBLISHED_SPLIT_MNIST_OTHERS",
-           "reproduce_cil"]
+__all__ = ["CIL_BUDGETS", "CIL_EXPERIMENTS", "CIL_STRATEGIES", "DEMO_CIL_STRATEGIES", "PUBLISHED_SPLIT_MNIST",
+           "PUBLISHED_SPLIT_MNIST_OTHERS", "reproduce_cil"]
 
 #: The experiments: name -> (scenario, results stem).
 CIL_EXPERIMENTS = {"cil-mnist": ("split_mnist", "cil_mnist"), "cil-fmnist": ("split_fashion_mnist", "cil_fmnist")}
 
 #: Every class-incremental strategy, in the table's order.
-CIL_STRATEGIES = ("finetune", "lwf", "deepinversion-cil", "deepinversion-cil-balanced", "synthetic-exemplars", "icarl",
-                  "joint")
+CIL_STRATEGIES = ("finetune", "lwf", "deepinversion-cil", "deepinversion-cil-balanced", "synthetic-exemplars", "skd",
+                  "icarl", "joint")
+#: The ones ``exml-fast demo`` runs: all but skd, whose delegator (SKD's Table IV network, chosen on the validation
+#: split: benches/results/cil_skd_validation.md) takes about 40 min a run at the demo budget on one CPU core.
+DEMO_CIL_STRATEGIES = tuple(s for s in CIL_STRATEGIES if s != "skd")
 
 #: Work per budget (run options over each strategy's defaults). "paper": the defaults (the experts' recipe,
 #: 20 epochs per task; DeepInversion at its own defaults, 250 images per old class; iCaRL's K = 2000).
