@@ -23,7 +23,9 @@ Model-Inversion ED at the budget's settings:
 - the ED target (``slice``, the reference code; ``per_sample``, the
   paper's Eq. 8) and the logit normalisation;
 - Data Impressions' β (10, the ExML paper; the mixture 1, 0.1 of the DI paper);
-- the synthesis iterations.
+- the synthesis iterations;
+- Generative ED (``gen-ed``, in no paper): no buffer, one trained delegator fine-tuned on each expert and
+  sampled fresh at every distillation step.
 
 Selection protocol (no test data is looked at to choose):
 
@@ -58,12 +60,13 @@ from exml_fast.cl.engine import RESULT
 from exml_fast.cl.metrics import StreamResult, mean_std
 from exml_fast.cl.scenarios import make_scenario, train_experts
 from exml_fast.cl.strategies import run_named_strategy
+from exml_fast.cl.strategies.registry import STRATEGIES
 from exml_fast.experiments.budgets import BUDGETS, check_runs_and_budget
 from exml_fast.experiments.presets import PRESETS
 from exml_fast.experiments.records import machine, machine_line, run_seconds, write_records
 
 __all__ = ["ABLATION_BASE", "PRESETS", "TEST_SEEDS", "VALIDATION_SIZE", "VARIANTS", "Variant", "ablate_exml_mnist",
-           "select_variant"]
+           "select_variant", "variant_options"]
 
 #: Training images held out of every expert's training data to select a variant on.
 VALIDATION_SIZE = 10000
@@ -120,6 +123,13 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("mi-bn-100it", "mi-ed", arch="lenet5_bn", options={"synth_iterations": 100},
             note="BN experts, 100 synthesis steps (1/30 of the paper's 3000)"),
     Variant("di-bn", "di-ed", arch="lenet5_bn", note="Data Impressions of BN experts (β 10, BNS 1)"),
+    Variant("gen-ed-bn", "gen-ed", arch="lenet5_bn", options={"augment": False},
+            note="Generative ED (in no paper): BN experts, no buffer; one skd-narrow delegator fine-tuned on each "
+                 "expert for the budget's synthesis steps (as explore steps, batch synth_batch_size), fresh samples "
+                 "at every distillation step; no augmentation, as mi-bn-no-augment"),
+    Variant("gen-ed-bn-50", "gen-ed", arch="lenet5_bn", options={"augment": False, "synth_iterations": 50},
+            note="gen-ed-bn with 50 explore steps per expert (a sixth of the budget's), nearer mi-bn-no-augment's "
+                 "synthesis time"),
     Variant("replay", "replay-ed", note="Replay ED on real data (breaks ExML: the upper bound)"),
 )
 
@@ -295,6 +305,13 @@ def ablate_exml_mnist(
     return {"rows": rows, "selected": selected, "test": test}
 
 
+def variant_options(v: Variant, spec: dict[str, Any]) -> dict[str, Any]:
+    """The run options of ``v`` under the budget ``spec``: the budget's and :data:`ABLATION_BASE`'s that its
+    strategy reads (gen-ed has no buffer and no BN form, say), then the variant's own, all of them."""
+    reads = STRATEGIES[v.strategy].options
+    return {**{k: x for k, x in {**spec["run"], **ABLATION_BASE}.items() if k in reads}, **v.options}
+
+
 def _finished_test_seeds(out: pathlib.Path, v: Variant) -> list[int]:
     folder = out / "test" / "split_mnist"
     prefix = f"{v.name}_s"
@@ -319,9 +336,8 @@ def _run_variant(v: Variant, seed: int, split: str, cache: dict[str, Any], *, ru
                                       arch=v.arch, epochs=spec["expert_epochs"]["split_mnist"], seed=seed,
                                       device=device, progress=progress, weights_format="torch")
     t0 = time.perf_counter()
-    result = run_named_strategy(v.strategy, cache[v.arch], scenario,
-                                options={**spec["run"], **ABLATION_BASE, **v.options}, seed=seed, device=device,
-                                out=run_dir, progress=progress, data_root=data_root)
+    result = run_named_strategy(v.strategy, cache[v.arch], scenario, options=variant_options(v, spec), seed=seed,
+                                device=device, out=run_dir, progress=progress, data_root=data_root)
     log(f"[ablation] {split} seed {seed} {v.name}: {100 * result.final_stream_accuracy:.2f} % "
         f"({time.perf_counter() - t0:.0f} s)")
     return _summary(result, seed)
@@ -333,6 +349,8 @@ def _summary(result, seed: int) -> dict[str, Any]:
     config = meta.get("config") or {}
     gen = config.get("source") or config.get("generator") or {}  # "generator" before the rename
     return {"seed": seed, "acc": result.final_stream_accuracy, "run_s": run_seconds(result),
-            "synth_iterations": (gen.get("options") or {}).get("iterations"),
+            # gen-ed's delegator: its explore steps per expert
+            "synth_iterations": (gen.get("options") or {}).get("iterations", (gen.get("options") or {}).get(
+                "fit_iterations")),
             "generate_s": sum(h.get("generate_s", 0.0) for h in hist),
             "distill_s": sum(h.get("distill_s", 0.0) for h in hist)}

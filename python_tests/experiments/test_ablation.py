@@ -103,3 +103,28 @@ def test_the_best_preset_is_the_variant_the_recorded_ablation_selected_on_valida
     ran = {**BUDGETS["demo"]["run"], **ABLATION_BASE, **variant.options}
     assert preset["strategy"] == variant.strategy and preset["arch"] == variant.arch
     assert {k: ran.get(k, RUN_OPTIONS[k][1]) for k in preset["options"]} == preset["options"]
+
+
+def test_every_variant_gets_only_options_its_strategy_reads():
+    from exml_fast.cl.strategies.registry import STRATEGIES
+    from exml_fast.experiments.ablation import variant_options
+    from exml_fast.experiments.budgets import BUDGETS
+
+    for budget in ("demo", "paper", "smoke"):
+        for v in VARIANTS:
+            opts = variant_options(v, BUDGETS[budget])
+            assert set(opts) <= STRATEGIES[v.strategy].options, (budget, v.name)
+            assert all(opts[k] == x for k, x in v.options.items())  # the variant's own always win
+    gen = next(v for v in VARIANTS if v.name == "gen-ed-bn")
+    assert "buffer_size" not in variant_options(gen, BUDGETS["demo"])  # gen-ed keeps no buffer
+    assert variant_options(gen, BUDGETS["demo"])["synth_iterations"] == BUDGETS["demo"]["run"]["synth_iterations"]
+
+
+@needs_mnist
+def test_gen_ed_runs_in_the_ablation(tmp_path):
+    rec = ablate_exml_mnist(runs=1, budget="smoke", variants=("gen-ed-bn",), test_seeds=None, out=tmp_path / "runs",
+                            results=None, device="cpu")
+    (row,) = rec["rows"]
+    assert row["variant"] == "gen-ed-bn" and row["strategy"] == "gen-ed" and 0 <= row["mean"] <= 100
+    assert rec["selected"]["variant"] == "gen-ed-bn"  # an ExML row: a candidate like the others
+    assert row["synth_iterations"] == 5  # the smoke budget's synthesis steps, as the delegator's explore steps
