@@ -36,7 +36,7 @@ from benchlib import RESULTS, environment, env_markdown, record
 
 from exml_fast.cl.engine import run_stream
 from exml_fast.cl.scenarios import make_scenario
-from exml_fast.cl.strategies.registry import STRATEGIES, build_strategy
+from exml_fast.cl.strategies.registry import build_strategy, options_read_by
 from exml_fast.experiments.cil import CIL_BUDGETS
 
 #: (label, strategy, options over the budget's)
@@ -85,11 +85,10 @@ def main(argv=None) -> None:
     rows = []
     for label, strategy, extra in settings:
         finals, aias = [], []
-        reads = STRATEGIES[strategy].options
         for seed in args.seeds:
             sc = make_scenario("split_mnist", seed=seed, validation_size=args.validation_size,
                                eval_split="validation", **spec.get("scenario", {}))
-            options = {**{k: v for k, v in budget.items() if k in reads}, **extra}
+            options = {**options_read_by(strategy, budget), **extra}
             s = build_strategy(strategy, None, sc, options=options, seed=seed, device=torch.device("cpu"),
                                progress=False)
             res = run_stream(s, None, sc, plots=False, progress=False, log=None)

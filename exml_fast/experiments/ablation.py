@@ -60,7 +60,7 @@ from exml_fast.cl.engine import RESULT
 from exml_fast.cl.metrics import StreamResult, mean_std
 from exml_fast.cl.scenarios import make_scenario, train_experts
 from exml_fast.cl.strategies import run_named_strategy
-from exml_fast.cl.strategies.registry import STRATEGIES
+from exml_fast.cl.strategies.registry import options_read_by
 from exml_fast.experiments.budgets import BUDGETS, check_runs_and_budget
 from exml_fast.experiments.presets import PRESETS
 from exml_fast.experiments.records import machine, machine_line, run_seconds, write_records
@@ -308,8 +308,7 @@ def ablate_exml_mnist(
 def variant_options(v: Variant, spec: dict[str, Any]) -> dict[str, Any]:
     """The run options of ``v`` under the budget ``spec``: the budget's and :data:`ABLATION_BASE`'s that its
     strategy reads (gen-ed has no buffer and no BN form, say), then the variant's own, all of them."""
-    reads = STRATEGIES[v.strategy].options
-    return {**{k: x for k, x in {**spec["run"], **ABLATION_BASE}.items() if k in reads}, **v.options}
+    return {**options_read_by(v.strategy, {**spec["run"], **ABLATION_BASE}), **v.options}
 
 
 def _finished_test_seeds(out: pathlib.Path, v: Variant) -> list[int]:
@@ -348,9 +347,9 @@ def _summary(result, seed: int) -> dict[str, Any]:
     hist = meta.get("history") or []
     config = meta.get("config") or {}
     gen = config.get("source") or config.get("generator") or {}  # "generator" before the rename
+    gen_options = gen.get("options") or {}
     return {"seed": seed, "acc": result.final_stream_accuracy, "run_s": run_seconds(result),
             # gen-ed's delegator: its explore steps per expert
-            "synth_iterations": (gen.get("options") or {}).get("iterations", (gen.get("options") or {}).get(
-                "fit_iterations")),
+            "synth_iterations": gen_options.get("iterations", gen_options.get("fit_iterations")),
             "generate_s": sum(h.get("generate_s", 0.0) for h in hist),
             "distill_s": sum(h.get("distill_s", 0.0) for h in hist)}

@@ -42,7 +42,7 @@ from exml_fast.cl.engine import CHECKPOINT
 from exml_fast.cl.metrics import StreamResult, mean_std
 from exml_fast.cl.scenarios import make_scenario
 from exml_fast.cl.strategies import STRATEGIES, run_named_strategy
-from exml_fast.cl.strategies.registry import build_strategy
+from exml_fast.cl.strategies.registry import build_strategy, options_read_by
 from exml_fast.experiments.records import machine, machine_line, run_seconds, write_records
 
 __all__ = ["CIL_BUDGETS", "CIL_EXPERIMENTS", "CIL_STRATEGIES", "DEMO_CIL_STRATEGIES", "PUBLISHED_SPLIT_MNIST",
@@ -275,7 +275,7 @@ def reproduce_cil(
     for r in range(runs) if seeds is None else seeds:
         scenario = make_scenario(scenario_name, seed=r, root=data_root, **spec.get("scenario", {}))
         for strat in chosen:
-            options = {k: v for k, v in spec["run"].items() if k in STRATEGIES[strat].options}
+            options = options_read_by(strat, spec["run"])
             folder = out / f"{strat}_s{r}"
             t0 = time.perf_counter()
             result = None

@@ -13,7 +13,8 @@ from exml_fast._utils.io import atomic_write
 from exml_fast.cl.experts import ExpertStream, default_weights_format
 from exml_fast.cl.metrics import plot_stream_accuracy, summary_table
 from exml_fast.cl.scenarios import split_mnist, train_experts
-from exml_fast.cl.strategies import STRATEGIES, run_named_strategy
+from exml_fast.cl.strategies import run_named_strategy
+from exml_fast.cl.strategies.registry import options_read_by
 from exml_fast.experiments.budgets import BUDGETS
 from exml_fast.experiments.cil import CIL_BUDGETS, DEMO_CIL_STRATEGIES
 
@@ -64,9 +65,9 @@ def run_demo(*, out: str | os.PathLike = "runs/demo", seed: int = 0, device: tor
         print(f"[demo] class-incremental strategies (they learn from each task's data) at {run}", flush=True)
         for name in DEMO_CIL_STRATEGIES:
             t0 = time.perf_counter()
-            options = {k: v for k, v in run.items() if k in STRATEGIES[name].options}
-            result = run_named_strategy(name, None, scenario, options=options, seed=seed, device=device,
-                                        out=out / f"{name}_seed{seed}", progress=progress, data_root=data_root)
+            result = run_named_strategy(name, None, scenario, options=options_read_by(name, run), seed=seed,
+                                        device=device, out=out / f"{name}_seed{seed}", progress=progress,
+                                        data_root=data_root)
             cil_results.append(result)
             print(f"[demo] {name:19s} final accuracy {100 * result.final_stream_accuracy:6.2f} % "
                   f"({time.perf_counter() - t0:.1f} s)", flush=True)

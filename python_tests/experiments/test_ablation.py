@@ -91,7 +91,7 @@ def test_select_variant_ignores_replay_and_unfinished_rows():
 def test_the_best_preset_is_the_variant_the_recorded_ablation_selected_on_validation():
     import pathlib
 
-    from exml_fast.experiments.ablation import ABLATION_BASE
+    from exml_fast.experiments.ablation import variant_options
     from exml_fast.experiments.budgets import BUDGETS
 
     record = json.loads((pathlib.Path(__file__).resolve().parents[2] / "benches" / "results"
@@ -100,7 +100,7 @@ def test_the_best_preset_is_the_variant_the_recorded_ablation_selected_on_valida
     assert not set(record["test"]["seeds"]) & {s for r in record["rows"] for s in r["seeds"]}  # fresh test seeds
     preset = PRESETS["ed-best"]
     variant = next(v for v in VARIANTS if v.name == record["selected"])
-    ran = {**BUDGETS["demo"]["run"], **ABLATION_BASE, **variant.options}
+    ran = variant_options(variant, BUDGETS["demo"])
     assert preset["strategy"] == variant.strategy and preset["arch"] == variant.arch
     assert {k: ran.get(k, RUN_OPTIONS[k][1]) for k in preset["options"]} == preset["options"]
 

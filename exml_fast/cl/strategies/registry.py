@@ -25,8 +25,8 @@ from exml_fast.cl.strategies.options import (DATA_ONLY_OPTIONS, GENERATIVE_ONLY_
 from exml_fast.models import build_model
 
 __all__ = ["DATA_ARCH_DEFAULTS", "STRATEGIES", "BuildContext", "StrategyOptionError", "StrategySpec",
-           "build_data_learner", "build_learner", "build_strategy", "load_config", "register_strategy",
-           "run_named_strategy", "stream_arch", "strategy_names"]
+           "build_data_learner", "build_learner", "build_strategy", "load_config", "options_read_by",
+           "register_strategy", "run_named_strategy", "stream_arch", "strategy_names"]
 
 
 class StrategyOptionError(ValueError):
@@ -132,6 +132,13 @@ def build_data_learner(ctx: BuildContext, opt: dict[str, Any]) -> torch.nn.Modul
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(ctx.seed, "learner-init"))
         return build_model(arch, num_classes=scenario.num_classes, in_channels=scenario.input_shape[0])
+
+
+def options_read_by(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``options`` that strategy ``name`` reads (its builder refuses the others): a shared
+    budget's options narrowed to one strategy."""
+    reads = STRATEGIES[name].options
+    return {k: v for k, v in options.items() if k in reads}
 
 
 def build_strategy(name: str, stream, scenario, *, options: dict[str, Any], seed: int, device: torch.device,
