@@ -35,7 +35,7 @@ from exml_fast.cl.strategies.options import parse_floats
 from exml_fast.cl.strategies.registry import StrategyOptionError
 from exml_fast.cli.common import (UsageError, device_arg, positive_float, positive_int, resolve_device, say,
                                   torchrun_group)
-from exml_fast.experiments.demo import run_demo
+from exml_fast.experiments.demo import DEMO_BUDGETS, run_demo
 from exml_fast.experiments.presets import PRESETS
 
 __all__ = ["add_commands"]
@@ -136,6 +136,9 @@ def add_commands(sub) -> None:
     d.add_argument("--device", type=device_arg, default=None, help="cpu or cuda[:N] (default: cuda when available)")
     d.add_argument("--data-root", default=None, metavar="DIR", help="folder holding the dataset files")
     d.add_argument("--progress", action="store_true", help="progress bars (default: one line per experience)")
+    d.add_argument("--budget", choices=DEMO_BUDGETS, default="demo",
+                   help="demo: the reduced budget of the README's figures; smoke: 500 images per experience and a "
+                        "few steps, seconds, to check the pipeline (under <out>/smoke) (default: demo)")
     d.set_defaults(func=_demo, subparser=d)
 
 
@@ -269,5 +272,5 @@ def _report(args) -> int:
 
 def _demo(args) -> int:
     run_demo(out=args.out, seed=args.seed, device=resolve_device(args.device), data_root=args.data_root,
-             progress=args.progress)
+             progress=args.progress, budget=args.budget)
     return 0
