@@ -56,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", default="deepinversion")
     p.add_argument("-n", type=int, default=None, help="images (default 512; --quick 32)")
     p.add_argument("--batch-size", type=int, default=None, help="default 64; --quick 8")
-    p.add_argument("--iterations", type=int, default=None, help="default 100; --quick 5")
-    p.add_argument("--quick", action="store_true", help="a smoke run: n 32, batch 8, 5 iterations, P <= 2")
+    p.add_argument("--iterations", type=int, default=None, help="default 100; --quick 30")
+    p.add_argument("--quick", action="store_true", help="a smoke run: n 32, batch 8, 30 iterations, P <= 2")
     p.add_argument("--suffix", default="", help="appended to the recorded files' names")
     p.add_argument("--out", default=str(RESULTS), help="directory for the recorded run ('' to not record)")
     args = p.parse_args(argv)
@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.max_procs = units if args.device == "cuda" else max(1, units // args.threads_per_rank)
     if args.quick:
         args.max_procs = min(args.max_procs, 2)
-    for name, default, quick in (("n", 512, 32), ("batch_size", 64, 8), ("iterations", 100, 5)):
+    for name, default, quick in (("n", 512, 32), ("batch_size", 64, 8), ("iterations", 100, 30)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else default)
     return args
