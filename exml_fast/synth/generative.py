@@ -42,6 +42,7 @@ import contextlib
 import copy
 import dataclasses
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -99,11 +100,15 @@ class FitResult:
         history: term name → the mean of each logged window of explore steps (``"imitate"``: the
             student's loss), in the order they were logged.
         iterations: explore steps done in total (with a resumed run's).
+        seconds: wall seconds of those steps, summed over the call and every interrupted call it resumed
+            (the steps an interruption lost after the last checkpoint are not counted); None when it
+            resumed a checkpoint that does not record its time.
     """
 
     student: nn.Module | None
     history: dict[str, list[float]]
     iterations: int
+    seconds: float | None = None
 
 
 def reinitialised_clone(model: nn.Module, seed: int) -> nn.Module:
@@ -396,9 +401,14 @@ class GenerativeSynthesizer(Synthesizer):
         window: dict[str, list[float]] = {}
         try:
             with self._fit_session(state):
+                tick = time.perf_counter()
                 while state.done < iterations:
                     terms = self._iteration(state, batch_size)
                     state.done += 1
+                    tock = time.perf_counter()
+                    if state.seconds is not None:
+                        state.seconds += tock - tick
+                    tick = tock
                     for k, v in terms.items():
                         window.setdefault(k, []).append(v)
                     if state.done % log_every == 0 or state.done == iterations:
@@ -415,7 +425,7 @@ class GenerativeSynthesizer(Synthesizer):
         student = state.student
         if student is not None:
             student.eval()
-        return FitResult(student=student, history=state.history, iterations=state.done)
+        return FitResult(student=student, history=state.history, iterations=state.done, seconds=state.seconds)
 
     @contextlib.contextmanager
     def _fit_session(self, state: _FitState):
@@ -575,6 +585,7 @@ class _FitState:
 
     def __init__(self) -> None:
         self.done = 0
+        self.seconds: float | None = 0.0  # wall seconds of the steps done (None: a resumed checkpoint without it)
         self.history: dict[str, list[float]] = {}
         self.delegator: nn.Module | None = None
         self.student: nn.Module | None = None
@@ -609,7 +620,8 @@ class _FitState:
 
     def save(self, path) -> None:
         payload = {
-            "format": FIT_FORMAT, "version": VERSION, "job": self.job, "done": self.done, "history": self.history,
+            "format": FIT_FORMAT, "version": VERSION, "job": self.job, "done": self.done, "seconds": self.seconds,
+            "history": self.history,
             "z_gen": self.z_gen.get_state(),
             "delegator": _cpu_state(self.delegator.state_dict()),
             "opt_g": self.opt_g.state_dict(),
@@ -651,6 +663,8 @@ class _FitState:
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise DelegatorError(f"{path}: a fit checkpoint that does not fit this synthesizer: {e}") from e
         self.done = int(obj["done"])
+        seconds = obj.get("seconds")  # absent from checkpoints written before fits were timed
+        self.seconds = float(seconds) if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None
         self.history = {k: list(v) for k, v in (obj.get("history") or {}).items()}
 
 

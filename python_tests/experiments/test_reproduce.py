@@ -97,6 +97,10 @@ def test_dfkd_smoke_compares_generators_with_data_impressions_and_resumes(tmp_pa
         assert all(0 <= r["student"][k] <= 100 for k in ("validation", "test"))
     by = {r["method"]: r for r in rec["rows"]}
     assert "fit_student" in by["dfad"] and "fit_student" not in by["dafl"]
+    assert all(r["threads"] >= 1 for r in rec["rows"])
+    for m in ("dafl", "dfad", "skd"):  # a generator's synthesis time includes its whole fit
+        assert 0 < by[m]["fit_s"] < by[m]["synthesis_s"] and not by[m].get("fit_s_incomplete")
+    assert "fit_s" not in by["data-impressions"]
     # The selection is the generator preset with the best validation accuracy, never Data Impressions.
     best = max((r for r in rec["rows"] if r["method"] != "data-impressions"), key=lambda r: r["student"]["validation"])
     assert rec["selected"] == best["method"]

@@ -234,10 +234,19 @@ def test_fit_resumes_after_an_interruption_with_the_numbers_of_an_uninterrupted_
         broken.fit(4, batch_size=8, generator=1, progress=False, checkpoint=ck, checkpoint_every=1)
     monkeypatch.setattr(GenerativeSynthesizer, "_iteration", real)
     assert not list(tmp_path.glob(".*.tmp"))  # no half-written file left
+    before = torch.load(ck, weights_only=False)["seconds"]  # the two steps the killed call finished
+    assert before > 0
     resumed = make(teacher)
     result = resumed.fit(4, batch_size=8, generator=1, progress=False, checkpoint=ck, checkpoint_every=1)
     assert result.iterations == 4
     assert same(params(resumed.delegator), params(whole.delegator))
+    # its time is the killed call's steps plus its own, not its own alone
+    assert result.seconds > before and torch.load(ck, weights_only=False)["seconds"] == result.seconds
+    # a checkpoint written before fits were timed still resumes; its time is then unknown, not understated
+    legacy = torch.load(ck, weights_only=False)
+    del legacy["seconds"]
+    torch.save(legacy, ck)
+    assert make(teacher).fit(4, batch_size=8, generator=1, progress=False, checkpoint=ck).seconds is None
     # without a seed, a rerun takes the checkpoint's (a fresh random one would be "other settings")
     unseeded = tmp_path / "unseeded.pt"
     make(teacher).fit(2, batch_size=8, progress=False, checkpoint=unseeded)
