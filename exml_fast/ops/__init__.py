@@ -27,6 +27,11 @@ How an op is registered (the rule every module here follows):
   fuses an eval-mode BatchNorm with `bn_stats` to save the CPU's memory
   passes; on other devices its wrapper composes the affine map with the
   `bn_stats` kernel (a fused CUDA kernel belongs to the GPU work).
+- One op is a composite of ATen ops, with no compiled kernel and no
+  registration: `upsample2x_conv3x3` (ops/upsample_conv.py) saves arithmetic,
+  not memory passes (nearest 2× upsampling + a 3×3 convolution as four 2×2
+  convolutions of the small input), so PyTorch's own ops run it on every
+  device and autograd and `torch.compile` come with them.
 """
 
 from exml_fast.ops.augment import augment, augment_with_params, draw_augment_params
@@ -38,9 +43,10 @@ from exml_fast.ops.fast_layers import fast_layers
 from exml_fast.ops.image_priors import image_priors
 from exml_fast.ops.soft_target_losses import js_divergence, kd_loss, soft_target_cross_entropy
 from exml_fast.ops.tanh import fast_tanh, tanh
+from exml_fast.ops.upsample_conv import upsample2x_conv3x3
 from exml_fast.ops.window_pool import fast_pooling, window_pool
 
 __all__ = ["augment", "augment_with_params", "bn_stats", "bn_stats_loss", "class_similarity",
            "dirichlet_targets", "draw_augment_params", "ed_class_table", "ed_loss", "frozen_bn_stats", "image_priors",
            "fast_layers", "fast_pooling", "fast_tanh", "js_divergence", "kd_loss", "soft_target_cross_entropy", "tanh",
-           "window_pool"]
+           "upsample2x_conv3x3", "window_pool"]
