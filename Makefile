@@ -157,7 +157,7 @@ demo: build
 demo-inversion: build
 	$(PY) -m exml_fast.experiments.demo_inversion
 
-BENCHES := bn_stats image_priors soft_target_losses dirichlet augment window_pool tanh
+BENCHES := bn_stats image_priors soft_target_losses dirichlet augment window_pool tanh upsample_conv
 E2E_BENCHES := synthesis data_impressions
 
 bench: build

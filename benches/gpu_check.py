@@ -91,6 +91,7 @@ BENCHES = (
     ("augment", "bench_augment.py", ["--quick"], "augment_cuda_float32_quick"),
     ("window_pool", "bench_window_pool.py", ["--quick"], "window_pool_cuda_quick"),
     ("tanh", "bench_tanh.py", ["--quick"], "tanh_cuda_quick"),
+    ("upsample_conv", "bench_upsample_conv.py", ["--quick"], "upsample_conv_cuda_quick"),
     ("synthesis", "bench_synthesis.py", ["--quick"], "synthesis_cuda_quick"),
 )
 STEPS = ("build", "cmake-build", "ctest", "pytest-cuda", "sanitizer", "racecheck") + tuple(

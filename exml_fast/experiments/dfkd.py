@@ -81,7 +81,8 @@ def reproduce_dfkd(
 
     Each finished method is stored under ``out`` (its inputs as resumable shards, a generator's fit as a
     checkpoint, its result as JSON), so rerunning the same call resumes. Writes
-    ``<results>/dfkd_mnist.{json,md}`` (``_<budget>`` appended unless "paper") and returns the record.
+    ``<results>/dfkd_mnist.{json,md}`` (``_<budget>`` appended unless "paper", then ``_<method>_...`` for a
+    subset of the methods) and returns the record.
     """
     check_choice(experiment, "experiment", "reproduce", PAPER_DFKD)
     if budget not in DFKD_BUDGETS:
@@ -92,6 +93,7 @@ def reproduce_dfkd(
     if unknown or not methods:
         raise ValueError(f"reproduce: methods must be a non-empty subset of {', '.join(DFKD_METHODS)}; "
                          f"got {list(methods)}")
+    methods = tuple(m for m in DFKD_METHODS if m in methods)  # the table's order, each once
     log = log or (lambda line: print(line, flush=True))
     paper, spec = PAPER_DFKD[experiment], DFKD_BUDGETS[budget]
     dataset, n = paper["dataset"], spec["n"]
@@ -140,6 +142,8 @@ def reproduce_dfkd(
               "command": command or " ".join(["exml-fast", *sys.argv[1:]]), "machine": where}
     if results is not None:
         stem = experiment.replace("-", "_") + ("" if budget == "paper" else f"_{budget}")
+        if methods != DFKD_METHODS:  # a subset never overwrites the whole comparison's record
+            stem += "_" + "_".join(methods)
         folder = pathlib.Path(results)
         atomic_write(folder / f"{stem}.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
         atomic_write(folder / f"{stem}.md", lambda f: f.write(_markdown(record).encode()))

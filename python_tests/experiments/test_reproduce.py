@@ -110,6 +110,11 @@ def test_dfkd_smoke_compares_generators_with_data_impressions_and_resumes(tmp_pa
     assert main(args) == 0
     again = json.loads((tmp_path / "res" / "dfkd_mnist_smoke.json").read_text())
     assert again["rows"] == rec["rows"] and again["teacher_acc"] == rec["teacher_acc"]
+    # A subset of the methods (rows run in separate processes) has a record of its own, named after them.
+    assert main([*args, "--methods", "skd,data-impressions"]) == 0
+    part = json.loads((tmp_path / "res" / "dfkd_mnist_smoke_data-impressions_skd.json").read_text())
+    assert [r["method"] for r in part["rows"]] == ["data-impressions", "skd"] and part["selected"] == "skd"
+    assert json.loads((tmp_path / "res" / "dfkd_mnist_smoke.json").read_text()) == again
 
 
 def test_dfkd_arguments_are_checked(capsys):
