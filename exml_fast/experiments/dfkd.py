@@ -158,6 +158,8 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
     fit_student = None
     earlier_calls_s = 0.0
     if method == "data-impressions":
+        if _has_shards(out / f"dis_seed{seed}_n{n}"):
+            row["synthesis_s_incomplete"] = True  # shards of an interrupted call are read back, not timed
         synth = DataImpressions(teacher, input_shape=(1, 32, 32), mean=mean, std=std, beta=(1.0, 0.1),
                                 temperature=20.0, lr=spec["di_lr"], jitter=2, flip=False, device=device)
         batch = synth.synthesize(n, iterations=spec["di_iterations"], batch_size=spec["di_batch_size"],
@@ -182,6 +184,8 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
         row["fit_history_last"] = {k: v[-1] for k, v in fit.history.items() if v}
         if method == "dfad":
             fit_student = fit.student
+        if any(_has_shards(out / f"{method}_samples{kind}_seed{seed}_n{n}") for kind in ("", "_unbalanced")):
+            row["synthesis_s_incomplete"] = True
         try:
             batch = synth.synthesize(n, classes=range(10), generator=seed, progress=progress,
                                      save_to=out / f"{method}_samples_seed{seed}_n{n}")
@@ -207,6 +211,10 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
     if fit_student is not None:
         row["fit_student"] = {k: 100 * evaluate(fit_student, *xy) for k, xy in evaluation.items()}
     return row
+
+
+def _has_shards(folder: pathlib.Path) -> bool:
+    return any(folder.glob("shard_*.pt"))
 
 
 @torch.no_grad()
@@ -239,8 +247,9 @@ def _markdown(record: dict[str, Any]) -> str:
     for r in rows:
         ratio = "" if di is None or r is di else f"{r['synthesis_s'] / max(di['synthesis_s'], 1e-9):.2f}"
         name = r["method"] + (" **(selected)**" if r["method"] == record["selected"] else "")
-        at_least = "≥ " if r.get("fit_s_incomplete") else ""  # a resumed fit whose earlier time is unknown
-        fit = f"{at_least}{r['fit_s']:.0f}" if "fit_s" in r else ""
+        # resumed work whose earlier time is unknown: a fit checkpoint without it, or synthesis shards read back
+        at_least = "≥ " if r.get("fit_s_incomplete") or r.get("synthesis_s_incomplete") else ""
+        fit = f"{'≥ ' if r.get('fit_s_incomplete') else ''}{r['fit_s']:.0f}" if "fit_s" in r else ""
         lines.append(f"| {name} | {at_least}{r['synthesis_s']:.0f} | {fit} | {at_least}{ratio} | "
                      f"{r.get('threads', 'not recorded')} | {'yes' if r['balanced'] else 'no'} | "
                      f"{r['student']['validation']:.2f} | {r['student']['test']:.2f} |")

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from exml_fast.cli import main
 from exml_fast.data import find_data_root
@@ -100,7 +101,7 @@ def test_dfkd_smoke_compares_generators_with_data_impressions_and_resumes(tmp_pa
     assert all(r["threads"] >= 1 for r in rec["rows"])
     for m in ("dafl", "dfad", "skd"):  # a generator's synthesis time includes its whole fit
         assert 0 < by[m]["fit_s"] < by[m]["synthesis_s"] and not by[m].get("fit_s_incomplete")
-    assert "fit_s" not in by["data-impressions"]
+    assert "fit_s" not in by["data-impressions"] and not any(r.get("synthesis_s_incomplete") for r in rec["rows"])
     # The selection is the generator preset with the best validation accuracy, never Data Impressions.
     best = max((r for r in rec["rows"] if r["method"] != "data-impressions"), key=lambda r: r["student"]["validation"])
     assert rec["selected"] == best["method"]
@@ -127,3 +128,27 @@ def test_dfkd_arguments_are_checked(capsys):
         reproduce_dfkd(methods=("gan",), results=None)
     with pytest.raises(ValueError, match="budget for dfkd-mnist"):
         reproduce_dfkd(budget="huge", results=None)
+
+
+@needs_mnist
+def test_dfkd_marks_a_time_that_misses_an_interrupted_calls_work(tmp_path):
+    """Synthesis shards (or a fit checkpoint without its time) left by a killed call are read back, not timed:
+    the row says its time is a lower bound, and the table prints it with "≥"."""
+    args = ["reproduce", "dfkd-mnist", "--budget", "smoke", "--out", str(tmp_path / "w"), "--results",
+            str(tmp_path / "res"), "--device", "cpu", "--methods", "data-impressions,dafl"]
+    assert main(args) == 0
+    work = tmp_path / "w" / "smoke"
+    for done in work.glob("*_seed0_n64.json"):  # forget the finished rows, keep their shards and checkpoint
+        done.unlink()
+    ck = work / "dafl_fit_seed0.pt"
+    legacy = torch.load(ck, weights_only=False)
+    del legacy["seconds"]
+    torch.save(legacy, ck)
+    assert main(args) == 0
+    rec = json.loads((tmp_path / "res" / "dfkd_mnist_smoke_data-impressions_dafl.json").read_text())
+    by = {r["method"]: r for r in rec["rows"]}
+    assert by["data-impressions"]["synthesis_s_incomplete"] and by["dafl"]["synthesis_s_incomplete"]
+    assert by["dafl"]["fit_s_incomplete"]
+    md = (tmp_path / "res" / "dfkd_mnist_smoke_data-impressions_dafl.md").read_text()
+    assert f"| data-impressions | ≥ {by['data-impressions']['synthesis_s']:.0f} |" in md
+    assert f"| ≥ {by['dafl']['fit_s']:.0f} |" in md
