@@ -49,8 +49,8 @@ DFKD_METHODS = ("data-impressions", "dafl", "dfad", "skd")
 
 #: Work per budget. "paper": the zskd-mnist paper budget for Data Impressions and its KD (24000 inputs, 100
 #: epochs), the full-width Table IV generator fitted for 4000 steps of 256 (DAFL and DFAD fit for tens of
-#: thousands of steps on a GPU; on one AVX-512 CPU thread a step costs about 2 s for DAFL and 7 s for DFAD and
-#: SKD, whose five student steps each draw a batch: 2.3 and 7.5 hours per fit). "demo": the zskd demo budget (2400
+#: thousands of steps on a GPU; on one AVX-512 CPU thread a step costs about 1.4 s for DAFL and 3.8 s for DFAD
+#: and SKD, whose five student steps each draw a batch: 1.5 and 4.2 hours per fit). "demo": the zskd demo budget (2400
 #: inputs) with the quarter-width generator fitted for 500 steps. "smoke": seconds.
 DFKD_BUDGETS: dict[str, dict[str, Any]] = {
     "paper": {"teacher_epochs": 20, "n": 24000, "kd_epochs": 100, "di_iterations": 1500, "di_lr": 0.01,

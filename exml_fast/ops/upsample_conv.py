@@ -28,7 +28,7 @@ __all__ = ["fusable_upsample_conv", "upsample2x_conv3x3"]
 
 # _TAPS[a, t, k]: how much of the 3×3 kernel's tap k reaches low-resolution offset t (0: i - 1 + a,
 # 1: i + a) for output phase a.
-_TAPS = ((((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))))
+_TAPS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
 
 
 def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
