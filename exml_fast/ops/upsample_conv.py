@@ -64,7 +64,7 @@ def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     # phase_w[a, b, o, c, t, u] = sum_kl taps[a, t, k] taps[b, u, l] weight[o, c, k, l]
     phase_w = torch.einsum("atk,bul,ockl->aboctu", taps, taps, weight).reshape(4 * out_ch, x.shape[1], 2, 2)
     y = F.conv2d(x, phase_w, None if bias is None else bias.repeat(4), padding=1)  # (N, 4·C_out, H+1, W+1)
-    return _Interleave.apply(y.view(n, 2, 2, out_ch, h + 1, w + 1))
+    return _Phases.apply(y.view(n, 2, 2, out_ch, h + 1, w + 1), False)
 
 
 def _interleave(y: torch.Tensor) -> torch.Tensor:
@@ -91,26 +91,20 @@ def _deinterleave(g: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class _Interleave(torch.autograd.Function):
-    # One strided copy each way. Autograd through slicing and stacking instead wrote a zero-filled tensor of
-    # y's size per phase in the backward, the larger part of the layer's backward time.
+class _Phases(torch.autograd.Function):
+    """:func:`_interleave` (``adjoint`` False) or :func:`_deinterleave` (True); each one's gradient is the
+    other, so double backward works. One strided copy each way: autograd through slicing and stacking instead
+    wrote a zero-filled tensor of y's size per phase in the backward, the larger part of the layer's backward
+    time."""
+
     @staticmethod
-    def forward(ctx, y):
-        return _interleave(y)
+    def forward(ctx, t, adjoint: bool):
+        ctx.adjoint = adjoint
+        return _deinterleave(t) if adjoint else _interleave(t)
 
     @staticmethod
     def backward(ctx, g):
-        return _Deinterleave.apply(g)
-
-
-class _Deinterleave(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, g):
-        return _deinterleave(g)
-
-    @staticmethod
-    def backward(ctx, gg):
-        return _Interleave.apply(gg)
+        return _Phases.apply(g, not ctx.adjoint), None
 
 
 def fusable_upsample_conv(upsample: nn.Module, conv: nn.Module) -> bool:
