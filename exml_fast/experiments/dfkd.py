@@ -33,6 +33,7 @@ from exml_fast.experiments.records import machine, machine_line
 from exml_fast.experiments.zskd import lenet5_teacher
 from exml_fast.models import LeNet5Half
 from exml_fast.synth import DataImpressions, GenerativeSynthesizer
+from exml_fast.synth.batch import has_shards
 from exml_fast.training import distill, evaluate
 
 __all__ = ["DFKD_BUDGETS", "DFKD_METHODS", "PAPER_DFKD", "reproduce_dfkd"]
@@ -156,15 +157,15 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
     row: dict[str, Any] = {"method": method, "threads": torch.get_num_threads()}
     t0 = time.perf_counter()
     fit_student = None
-    earlier_calls_s = 0.0
     if method == "data-impressions":
-        if _has_shards(out / f"dis_seed{seed}_n{n}"):
+        if has_shards(out / f"dis_seed{seed}_n{n}"):
             row["synthesis_s_incomplete"] = True  # shards of an interrupted call are read back, not timed
         synth = DataImpressions(teacher, input_shape=(1, 32, 32), mean=mean, std=std, beta=(1.0, 0.1),
                                 temperature=20.0, lr=spec["di_lr"], jitter=2, flip=False, device=device)
         batch = synth.synthesize(n, iterations=spec["di_iterations"], batch_size=spec["di_batch_size"],
                                  generator=seed, progress=progress, save_to=out / f"dis_seed{seed}_n{n}")
         row["balanced"] = True
+        row["synthesis_s"] = time.perf_counter() - t0
     else:
         student = None
         if method == "dfad":
@@ -176,15 +177,14 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
         fit = synth.fit(spec["fit_iterations"], batch_size=spec["fit_batch_size"], generator=seed,
                         checkpoint=out / f"{method}_fit_seed{seed}.pt", checkpoint_every=25, progress=progress)
         # A fit resumed across invocations: its steps' time summed over them, not this invocation's share.
-        t_call = time.perf_counter() - t0
-        row["fit_s"] = fit.seconds if fit.seconds is not None else t_call
+        t_fit = time.perf_counter()
+        row["fit_s"] = fit.seconds if fit.seconds is not None else t_fit - t0
         if fit.seconds is None:
             row["fit_s_incomplete"] = True  # resumed from a checkpoint that did not record its time
-        earlier_calls_s = row["fit_s"] - t_call
         row["fit_history_last"] = {k: v[-1] for k, v in fit.history.items() if v}
         if method == "dfad":
             fit_student = fit.student
-        if any(_has_shards(out / f"{method}_samples{kind}_seed{seed}_n{n}") for kind in ("", "_unbalanced")):
+        if any(has_shards(out / f"{method}_samples{kind}_seed{seed}_n{n}") for kind in ("", "_unbalanced")):
             row["synthesis_s_incomplete"] = True
         try:
             batch = synth.synthesize(n, classes=range(10), generator=seed, progress=progress,
@@ -196,7 +196,7 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
             synth.balance = False
             batch = synth.synthesize(n, classes=range(10), generator=seed, progress=progress,
                                      save_to=out / f"{method}_samples_unbalanced_seed{seed}_n{n}")
-    row["synthesis_s"] = time.perf_counter() - t0 + earlier_calls_s  # a generator's: the whole fit + drawing
+        row["synthesis_s"] = row["fit_s"] + time.perf_counter() - t_fit  # the whole fit + drawing the inputs
     row["class_counts"] = _teacher_counts(teacher, batch.x, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
@@ -211,10 +211,6 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
     if fit_student is not None:
         row["fit_student"] = {k: 100 * evaluate(fit_student, *xy) for k, xy in evaluation.items()}
     return row
-
-
-def _has_shards(folder: pathlib.Path) -> bool:
-    return any(folder.glob("shard_*.pt"))
 
 
 @torch.no_grad()

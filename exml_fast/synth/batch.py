@@ -132,8 +132,17 @@ class SyntheticBatch:
         )
 
 
+SHARD_PREFIX = "shard_"
+
+
 def shard_name(index: int) -> str:
-    return f"shard_{index:05d}.pt"
+    return f"{SHARD_PREFIX}{index:05d}.pt"
+
+
+def has_shards(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a shard of a synthesis job (an earlier call's work that a rerun reads back)."""
+    folder = os.fspath(folder)
+    return os.path.isdir(folder) and any(f.startswith(SHARD_PREFIX) and f.endswith(".pt") for f in os.listdir(folder))
 
 
 class ShardStore:
@@ -171,7 +180,7 @@ class ShardStore:
         # A run killed mid-write left its temporary files: the opener removes them before anyone
         # writes (sharded, rank 0 opens first and the other ranks after it, see synthesize_iter).
         if not distributed or dist.rank_and_world()[0] == 0:
-            for prefix in ("shard_", MANIFEST):
+            for prefix in (SHARD_PREFIX, MANIFEST):
                 for tmp in temporary_files_of(self.folder, prefix):
                     os.unlink(tmp)
 

@@ -664,7 +664,7 @@ class _FitState:
             raise DelegatorError(f"{path}: a fit checkpoint that does not fit this synthesizer: {e}") from e
         self.done = int(obj["done"])
         seconds = obj.get("seconds")  # absent from checkpoints written before fits were timed
-        self.seconds = float(seconds) if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None
+        self.seconds = None if seconds is None else float(seconds)
         self.history = {k: list(v) for k, v in (obj.get("history") or {}).items()}
 
 
