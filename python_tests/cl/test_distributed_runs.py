@@ -37,6 +37,7 @@ from exml_fast.cl.engine import run_stream
 from exml_fast.cl.experts import ExpertStream
 from exml_fast.cl.parallel import ShardedSteps
 from exml_fast.cl.scenarios import Experience, Scenario
+from exml_fast.data import find_data_root
 from exml_fast.models import build_model
 from exml_fast.synth import ModelInversion
 
@@ -213,6 +214,7 @@ def test_a_run_stopped_under_k_processes_resumes_under_another_number(kind, firs
     _assert_as_one_process(ranks, single[kind])
 
 
+@pytest.mark.skipif(find_data_root("mnist") is None, reason="MNIST files not found (set EXML_FAST_DATA)")
 def test_run_command_under_torchrun_and_resumed_by_one_process(tmp_path):
     args = ["run", "--strategy", "lwf", "--scenario", "split_mnist", "--n-experiences", "2", "--max-train", "120",
             "--epochs", "1", "--batch-size", "16", "--augment", "--seed", "2", "--device", "cpu", "--no-progress",

@@ -5,7 +5,11 @@ import shutil
 
 import pytest
 
+from exml_fast.data import find_data_root
 from exml_fast.experiments.cil import RunLedger, reproduce_cil
+
+# The tests that run reproduce_cil train on Split MNIST, as the other data tests, only where its files are.
+needs_mnist = pytest.mark.skipif(find_data_root("mnist") is None, reason="MNIST files not found (set EXML_FAST_DATA)")
 
 
 def _reproduce(tmp_path, lines, **kw):
@@ -13,6 +17,7 @@ def _reproduce(tmp_path, lines, **kw):
                          results=tmp_path / "res", device="cpu", log=lines.append, **kw)
 
 
+@needs_mnist
 def test_a_run_whose_folder_is_gone_is_read_from_the_ledger(tmp_path):
     lines = []
     first = _reproduce(tmp_path, lines)
@@ -41,6 +46,7 @@ def test_a_run_whose_folder_is_gone_is_read_from_the_ledger(tmp_path):
     assert "read back from the ledger" in (tmp_path / "res" / "cil_mnist_smoke.md").read_text()
 
 
+@needs_mnist
 def test_a_changed_configuration_runs_again(tmp_path):
     lines = []
     _reproduce(tmp_path, lines)
@@ -124,6 +130,7 @@ def test_processes_writing_one_ledger_at_once_lose_no_run(tmp_path):
     assert sorted(runs) == sorted(f"finetune s{s}" for s in range(60))
 
 
+@needs_mnist
 def test_seeds_run_into_the_ledger_only_and_runs_make_the_table_from_it(tmp_path):
     lines = []
     rows = _reproduce(tmp_path, lines, seeds=(1,))
@@ -147,6 +154,7 @@ def test_bad_seeds_are_refused_by_name(tmp_path, seeds):
         _reproduce(tmp_path, [], seeds=seeds)
 
 
+@needs_mnist
 def test_a_run_is_stamped_with_the_commit_its_process_started_at(tmp_path, monkeypatch):
     """A commit made while a reproduce invocation runs (hours) is not the code of its runs: each ledger entry
     carries the commit read when the invocation started, and the date of the run's end."""
