@@ -172,12 +172,14 @@ def _fmt(mean: float, std: float) -> str:
 def _markdown(rows: list[dict[str, Any]], selected: dict[str, Any] | None, test: dict[str, Any] | None,
               meta: dict[str, Any]) -> str:
     m = meta["machine"]
+    # ABLATION_BASE's options, less those the budget's run options already spell out with the same value
+    extra = {k: v for k, v in meta["base"].items() if meta["budget_detail"]["run"].get(k, object()) != v}
     lines = [
         "# Ablation: Ex-Model Distillation on Split MNIST NC, selected on validation data",
         "",
         f"- command: `{meta['command']}`",
-        f"- budget: **{meta['budget']}** — every row starts from {json.dumps(meta['budget_detail'])} and "
-        f"{json.dumps(meta['base'])}",
+        f"- budget: **{meta['budget']}** — every row starts from {json.dumps(meta['budget_detail'])}"
+        + (f" and {json.dumps(extra)}" if extra else ""),
         f"- protocol: experts train {meta['budget_detail']['expert_epochs']['split_mnist']} epochs on the MNIST "
         f"training set minus {meta['validation_size']} held-out images (the same images for every stream); every "
         f"row runs on {meta['runs']} expert streams (seeds 0..{meta['runs'] - 1}) and is scored by its stream "

@@ -33,7 +33,7 @@ from exml_fast.experiments.records import machine, machine_line
 from exml_fast.experiments.zskd import lenet5_teacher
 from exml_fast.models import LeNet5Half
 from exml_fast.synth import DataImpressions, GenerativeSynthesizer
-from exml_fast.synth.batch import has_shards
+from exml_fast.synth.batch import has_shards, load_synthetic
 from exml_fast.training import distill, evaluate
 
 __all__ = ["DFKD_BUDGETS", "DFKD_METHODS", "PAPER_DFKD", "reproduce_dfkd"]
@@ -158,14 +158,15 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
     t0 = time.perf_counter()
     fit_student = None
     if method == "data-impressions":
-        if has_shards(out / f"dis_seed{seed}_n{n}"):
-            row["synthesis_s_incomplete"] = True  # shards of an interrupted call are read back, not timed
         synth = DataImpressions(teacher, input_shape=(1, 32, 32), mean=mean, std=std, beta=(1.0, 0.1),
                                 temperature=20.0, lr=spec["di_lr"], jitter=2, flip=False, device=device)
         batch = synth.synthesize(n, iterations=spec["di_iterations"], batch_size=spec["di_batch_size"],
                                  generator=seed, progress=progress, save_to=out / f"dis_seed{seed}_n{n}")
         row["balanced"] = True
-        row["synthesis_s"] = time.perf_counter() - t0
+        # Every batch's time, whichever call made it (shards read back carry theirs).
+        row["synthesis_s"] = batch.seconds if batch.seconds is not None else time.perf_counter() - t0
+        if batch.seconds is None:
+            row["synthesis_s_incomplete"] = True  # shards of an older version, written without their time
     else:
         student = None
         if method == "dfad":
@@ -184,19 +185,38 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
         row["fit_history_last"] = {k: v[-1] for k, v in fit.history.items() if v}
         if method == "dfad":
             fit_student = fit.student
-        if any(has_shards(out / f"{method}_samples{kind}_seed{seed}_n{n}") for kind in ("", "_unbalanced")):
-            row["synthesis_s_incomplete"] = True
-        try:
-            batch = synth.synthesize(n, classes=range(10), generator=seed, progress=progress,
-                                     save_to=out / f"{method}_samples_seed{seed}_n{n}")
-            row["balanced"] = True
-        except RuntimeError as err:  # a generator that (nearly) never makes some class: keep every draw
-            row["balanced"] = False
-            row["balance_error"] = str(err)
+        # A balanced draw that gave up (a generator that (nearly) never makes some class) is followed by one that
+        # keeps every draw; the failure and its time are kept on disk, so a rerun goes straight to the second.
+        balanced_folder = out / f"{method}_samples_seed{seed}_n{n}"
+        failure_file = out / f"{method}_balance_failure_seed{seed}_n{n}.json"
+        failure = json.loads(failure_file.read_text()) if failure_file.exists() else None
+        if failure is None:
+            # the time of an interrupted earlier call's shards, which this call reads back (None: not recorded)
+            earlier_s = load_synthetic(balanced_folder, allow_partial=True).seconds if has_shards(
+                balanced_folder) else 0.0
+            t_draw = time.perf_counter()
+            try:
+                batch = synth.synthesize(n, classes=range(10), generator=seed, progress=progress,
+                                         save_to=balanced_folder)
+            except RuntimeError as err:
+                failure = {"error": str(err),
+                           "seconds": None if earlier_s is None else earlier_s + time.perf_counter() - t_draw}
+                atomic_write(failure_file, lambda f: f.write(json.dumps(failure).encode()))
+        row["balanced"] = failure is None
+        failed_s = 0.0
+        if failure is not None:
+            row["balance_error"] = failure["error"]
+            if failure["seconds"] is None:
+                row["synthesis_s_incomplete"] = True
+            failed_s = failure["seconds"] or 0.0
             synth.balance = False
+            t_draw = time.perf_counter()
             batch = synth.synthesize(n, classes=range(10), generator=seed, progress=progress,
                                      save_to=out / f"{method}_samples_unbalanced_seed{seed}_n{n}")
-        row["synthesis_s"] = row["fit_s"] + time.perf_counter() - t_fit  # the whole fit + drawing the inputs
+        if batch.seconds is None:
+            row["synthesis_s_incomplete"] = True  # shards of an older version, written without their time
+        row["draw_s"] = failed_s + (batch.seconds if batch.seconds is not None else time.perf_counter() - t_draw)
+        row["synthesis_s"] = row["fit_s"] + row["draw_s"]  # the whole fit + drawing the inputs
     row["class_counts"] = _teacher_counts(teacher, batch.x, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
@@ -229,7 +249,7 @@ def _markdown(record: dict[str, Any]) -> str:
         f"- budget: **{record['budget']}** — {json.dumps(spec)}",
         machine_line(m),
         f"- wall time of this invocation: {record['wall_s']:.0f} s (work already on disk is read back; each row's "
-        "times are from the invocation that ran it)",
+        "times are those of the invocations that did its work)",
         f"- teacher LeNet-5 trained on the training split minus {record['validation_size']} held-out images: "
         f"validation {record['teacher_acc']['validation']:.2f} %, test {record['teacher_acc']['test']:.2f} %",
         f"- every method makes {record['n']} inputs; the same KD recipe (τ 20, SGD lr 0.05 cosine, "
@@ -249,9 +269,10 @@ def _markdown(record: dict[str, Any]) -> str:
         lines.append(f"| {name} | {at_least}{r['synthesis_s']:.0f} | {fit} | {at_least}{ratio} | "
                      f"{r.get('threads', 'not recorded')} | {'yes' if r['balanced'] else 'no'} | "
                      f"{r['student']['validation']:.2f} | {r['student']['test']:.2f} |")
-    lines += ["", "A generator's synthesis time is its whole fit (summed over the invocations that resumed it) plus "
-              "drawing the inputs; each row's time is its own process's, on the CPU threads shown, under whatever "
-              "else ran on the machine."]
+    lines += ["", "Synthesis time is summed over the invocations that resumed the work: Data Impressions' every "
+              "batch; a generator's whole fit plus drawing the inputs. Each row's time is its own process's, on the "
+              "CPU threads shown, under whatever else ran on the machine; ≥ marks work resumed from files that did "
+              "not record their time."]
     for r in rows:
         if "fit_student" in r:
             lines += ["", f"The {r['method']} fit's own adversarial LeNet-5-Half (no KD stage): validation "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -387,6 +388,7 @@ class Synthesizer:
                         bar.update(steps_per_batch, desc=desc + " (on disk)")
                         yield done.to(self.device)
                         continue
+                t0 = time.perf_counter()
                 gen = torch.Generator().manual_seed(batch_seed(seed, b))
                 # Hooks and model modes are set per batch (in _synthesize_batch), so
                 # nothing of the job is attached to the teacher while a batch is yielded.
@@ -394,6 +396,9 @@ class Synthesizer:
                     labels[start:stop].to(self.device), iterations=iterations, generator=gen,
                     offset=start, progress=lambda k, post, _d=desc: bar.update(k, post, _d),
                 )
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # the batch's kernels, not just their launches
+                batch.seconds = time.perf_counter() - t0
                 if store is not None:
                     store.save(b, batch)
                 yield batch

@@ -41,6 +41,12 @@ class SyntheticBatch:
             batch the teacher labelled as its target.
         mean, std: per-channel normalisation of ``x`` (None: not normalised);
             :func:`exml_fast.viz.save_grid` un-normalises with them.
+        seconds: wall seconds the synthesizer spent making these rows, summed
+            over their optimisation batches whichever call made them (a shard
+            read back from ``save_to`` keeps the time of the call that wrote
+            it), so a resumed job reports what the whole job cost. None where
+            unknown: rows picked out of a batch, or a batch concatenated with
+            one of unknown time (shards written before this was recorded).
     """
 
     x: torch.Tensor
@@ -49,6 +55,7 @@ class SyntheticBatch:
     losses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.x.dim() != 4:
@@ -75,7 +82,7 @@ class SyntheticBatch:
         return SyntheticBatch(
             self.x[index], self.y[index],
             None if self.soft_targets is None else self.soft_targets[index],
-            dict(self.losses), self.mean, self.std,
+            dict(self.losses), self.mean, self.std,  # seconds: unknown for a part of the batch
         )
 
     def to(self, *args, **kwargs) -> SyntheticBatch:
@@ -83,7 +90,7 @@ class SyntheticBatch:
         x = self.x.to(*args, **kwargs)
         return SyntheticBatch(
             x, self.y.to(x.device), None if self.soft_targets is None else self.soft_targets.to(x.device),
-            dict(self.losses), self.mean, self.std,
+            dict(self.losses), self.mean, self.std, self.seconds,
         )
 
     @classmethod
@@ -110,6 +117,7 @@ class SyntheticBatch:
             {k: torch.cat([b.losses[k].reshape(-1) for b in batches]) for k in keys},
             first.mean,
             first.std,
+            None if any(b.seconds is None for b in batches) else sum(b.seconds for b in batches),
         )
 
     def state(self) -> dict[str, Any]:
@@ -121,6 +129,7 @@ class SyntheticBatch:
             "losses": {k: v.detach().cpu() for k, v in self.losses.items()},
             "mean": None if self.mean is None else list(self.mean),
             "std": None if self.std is None else list(self.std),
+            "seconds": self.seconds,
         }
 
     @classmethod
@@ -129,6 +138,7 @@ class SyntheticBatch:
             s["x"], s["y"], s["soft_targets"], dict(s["losses"]),
             None if s["mean"] is None else tuple(s["mean"]),
             None if s["std"] is None else tuple(s["std"]),
+            None if s.get("seconds") is None else float(s["seconds"]),  # absent from shards of before 2026-11-25
         )
 
 

@@ -346,8 +346,9 @@ def test_save_to_resumes_to_the_uninterrupted_result(bn_cnn, tmp_path):
     synth = _make(DeepInversion, bn_cnn, SHAPE_BN, batch_size=4)
     ref = synth.synthesize(10, generator=5, progress=False)
     it = synth.synthesize_iter(10, generator=5, progress=False, save_to=tmp_path)
-    next(it)
+    first = next(it)
     it.close()  # interrupted after the first shard
+    assert ref.seconds > 0 and first.seconds > 0
     assert sorted(os.listdir(tmp_path)) == ["manifest.json", "shard_00000.pt"]
     assert not json.loads((tmp_path / "manifest.json").read_text())["complete"]
     with pytest.raises(ValueError, match="not finished"):
@@ -362,10 +363,13 @@ def test_save_to_resumes_to_the_uninterrupted_result(bn_cnn, tmp_path):
     done = synth.synthesize(10, progress=False, save_to=tmp_path)
     assert calls == [4, 8]
     assert torch.equal(done.x, ref.x) and torch.equal(done.y, ref.y)
+    # The time of the job is every batch's, the one read back included (it keeps the first call's time).
+    again = list(synth.synthesize_iter(10, progress=False, save_to=tmp_path))
+    assert again[0].seconds == first.seconds and done.seconds == sum(b.seconds for b in again)
     assert json.loads((tmp_path / "manifest.json").read_text())["complete"]
     back = load_synthetic(tmp_path)
     assert torch.equal(back.x, ref.x) and back.mean == ref.mean
-    assert torch.equal(back.losses["total"], ref.losses["total"])
+    assert torch.equal(back.losses["total"], ref.losses["total"]) and back.seconds == done.seconds
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     with pytest.raises(ValueError, match="different synthesis job"):
         synth.synthesize(10, generator=5, iterations=5, progress=False, save_to=tmp_path)
@@ -385,6 +389,14 @@ def test_synthetic_batch_helpers():
     b = SyntheticBatch(torch.ones(2, 1, 2, 2), torch.arange(2), None, {"total": torch.zeros(1)}, (0.5,), (0.2,))
     c = SyntheticBatch.cat([a, b])
     assert len(c) == 5 and c.losses["total"].tolist() == [1.0, 0.0] and c.mean == (0.5,)
+    assert c.seconds is None  # neither batch's time is known
+    a.seconds, b.seconds = 1.5, 2.0
+    c = SyntheticBatch.cat([a, b])
+    assert c.seconds == 3.5 and c.to(torch.float64).seconds == 3.5 and c[1:3].seconds is None
+    assert SyntheticBatch.from_state(c.state()).seconds == 3.5
+    legacy = c.state()
+    del legacy["seconds"]  # a shard written before the time was recorded
+    assert SyntheticBatch.from_state(legacy).seconds is None
     assert len(c[1:3]) == 2 and len(c[torch.tensor([0, 4])]) == 2 and len(c[-1]) == 1
     assert c.to(torch.float64).x.dtype == torch.float64 and c.to(torch.float64).y.dtype == torch.int64
     with pytest.raises(ValueError, match="y must be"):
