@@ -35,8 +35,9 @@ def test_quick_run_records_the_gap_and_resumes(bench, tmp_path):
     # A rerun reads the teacher and the finished fit back: the same figures.
     assert bench.main(argv) == 0
     again = json.loads((tmp_path / "r" / "skd_transfer_cpu_skd-narrow.json").read_text())["rows"][0]
-    assert {k: again[k] for k in ("teacher_test_acc", "student_test_acc")} == \
-        {k: row[k] for k in ("teacher_test_acc", "student_test_acc")}
+    assert {k: again[k] for k in ("teacher_test_acc", "student_test_acc", "fit_s")} == \
+        {k: row[k] for k in ("teacher_test_acc", "student_test_acc", "fit_s")}  # the fit's time, not the rerun's
+    assert row["fit_s"] > 0 and not again["fit_s_incomplete"]
 
 
 def test_with_head_of_copies_the_teacher_classifier_only(bench):
