@@ -87,6 +87,7 @@ def _worker(rank: int, world: int, init: str, tmp: str, kind: str, stream_dir: s
         result, strategy = _run(kind, stream_dir, out, **kw)
         torch.save({"acc": result.acc_matrix, "params": strategy.model.state_dict(), "saves": saves,
                     "losses": [h["final_loss"] for h in strategy.history]}, os.path.join(tmp, f"rank{rank}.pt"))
+        dist.barrier()  # leave together, as the CLI does: gloo may abort a rank whose peer destroyed the group
     finally:
         dist.destroy_process_group()
 
