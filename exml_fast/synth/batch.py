@@ -44,7 +44,9 @@ class SyntheticBatch:
         seconds: wall seconds the synthesizer spent making these rows, summed
             over their optimisation batches whichever call made them (a shard
             read back from ``save_to`` keeps the time of the call that wrote
-            it), so a resumed job reports what the whole job cost. None where
+            it), so a resumed job reports what the whole job cost (a job
+            sharded over ranks: the sum over every rank's batches, not the
+            wall time of the ranks working side by side). None where
             unknown: rows picked out of a batch, or a batch concatenated with
             one of unknown time (shards written before this was recorded).
     """
