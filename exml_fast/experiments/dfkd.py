@@ -33,6 +33,7 @@ from exml_fast.experiments.records import machine, machine_line
 from exml_fast.experiments.zskd import lenet5_teacher
 from exml_fast.models import LeNet5Half
 from exml_fast.synth import DataImpressions, GenerativeSynthesizer
+from exml_fast.synth.base import teacher_fingerprint
 from exml_fast.synth.batch import has_shards, load_synthetic
 from exml_fast.training import distill, evaluate
 
@@ -189,7 +190,10 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
         # keeps every draw; the failure and its time are kept on disk, so a rerun goes straight to the second.
         balanced_folder = out / f"{method}_samples_seed{seed}_n{n}"
         failure_file = out / f"{method}_balance_failure_seed{seed}_n{n}.json"
+        of = {"delegator": teacher_fingerprint(synth.delegator), "teacher": teacher_fingerprint(teacher)}
         failure = json.loads(failure_file.read_text()) if failure_file.exists() else None
+        if failure is not None and failure.get("of") != of:
+            failure = None  # another generator's (or teacher's) failure: this one gets its balanced draw
         if failure is None:
             # the time of an interrupted earlier call's shards, which this call reads back (None: not recorded)
             earlier_s = load_synthetic(balanced_folder, allow_partial=True).seconds if has_shards(
@@ -199,7 +203,7 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
                 batch = synth.synthesize(n, classes=range(10), generator=seed, progress=progress,
                                          save_to=balanced_folder)
             except RuntimeError as err:
-                failure = {"error": str(err),
+                failure = {"error": str(err), "of": of,
                            "seconds": None if earlier_s is None else earlier_s + time.perf_counter() - t_draw}
                 atomic_write(failure_file, lambda f: f.write(json.dumps(failure).encode()))
         row["balanced"] = failure is None

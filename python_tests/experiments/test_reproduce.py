@@ -167,3 +167,11 @@ def test_dfkd_times_resumed_work_as_the_calls_that_did_it(tmp_path):
     md = (tmp_path / "res" / "dfkd_mnist_smoke_data-impressions_dafl.md").read_text()
     assert f"| data-impressions | ≥ {by['data-impressions']['synthesis_s']:.0f} |" in md
     assert f"| ≥ {by['dafl']['fit_s']:.0f} |" in md
+
+    # The smoke delegator never makes every class: its failed balanced draw is kept, for this delegator only.
+    failure_file = work / "dafl_balance_failure_seed0_n64.json"
+    failure = json.loads(failure_file.read_text())
+    assert not by["dafl"]["balanced"] and by["dafl"]["balance_error"] == failure["error"]
+    failure_file.write_text(json.dumps({**failure, "of": {**failure["of"], "delegator": "another"}}))
+    rerun_from_the_files()  # a stale failure is not trusted: the balanced draw is tried again, and fails again
+    assert json.loads(failure_file.read_text())["of"] == failure["of"]
