@@ -29,7 +29,7 @@ from exml_fast._utils.checks import check_choice
 from exml_fast._utils.io import atomic_write
 from exml_fast.cl.scenarios import validation_indices
 from exml_fast.data import DATASET_STATS, mnist_tensors
-from exml_fast.experiments.records import machine, machine_line
+from exml_fast.experiments.records import machine, machine_line, seconds_or_lower_bound
 from exml_fast.experiments.zskd import lenet5_teacher
 from exml_fast.models import LeNet5Half
 from exml_fast.synth import DataImpressions, GenerativeSynthesizer
@@ -165,8 +165,8 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
                                  generator=seed, progress=progress, save_to=out / f"dis_seed{seed}_n{n}")
         row["balanced"] = True
         # Every batch's time, whichever call made it (shards read back carry theirs).
-        row["synthesis_s"] = batch.seconds if batch.seconds is not None else time.perf_counter() - t0
-        if batch.seconds is None:
+        row["synthesis_s"], incomplete = seconds_or_lower_bound(batch.seconds, t0)
+        if incomplete:
             row["synthesis_s_incomplete"] = True  # shards of an older version, written without their time
     else:
         student = None
@@ -179,9 +179,8 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
         fit = synth.fit(spec["fit_iterations"], batch_size=spec["fit_batch_size"], generator=seed,
                         checkpoint=out / f"{method}_fit_seed{seed}.pt", checkpoint_every=25, progress=progress)
         # A fit resumed across invocations: its steps' time summed over them, not this invocation's share.
-        t_fit = time.perf_counter()
-        row["fit_s"] = fit.seconds if fit.seconds is not None else t_fit - t0
-        if fit.seconds is None:
+        row["fit_s"], incomplete = seconds_or_lower_bound(fit.seconds, t0)
+        if incomplete:
             row["fit_s_incomplete"] = True  # resumed from a checkpoint that did not record its time
         row["fit_history_last"] = {k: v[-1] for k, v in fit.history.items() if v}
         if method == "dfad":
@@ -217,9 +216,10 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
             t_draw = time.perf_counter()
             batch = synth.synthesize(n, classes=range(10), generator=seed, progress=progress,
                                      save_to=out / f"{method}_samples_unbalanced_seed{seed}_n{n}")
-        if batch.seconds is None:
+        draw_s, incomplete = seconds_or_lower_bound(batch.seconds, t_draw)
+        if incomplete:
             row["synthesis_s_incomplete"] = True  # shards of an older version, written without their time
-        row["draw_s"] = failed_s + (batch.seconds if batch.seconds is not None else time.perf_counter() - t_draw)
+        row["draw_s"] = failed_s + draw_s
         row["synthesis_s"] = row["fit_s"] + row["draw_s"]  # the whole fit + drawing the inputs
     row["class_counts"] = _teacher_counts(teacher, batch.x, device)
     with torch.random.fork_rng(devices=[]):

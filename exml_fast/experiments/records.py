@@ -8,6 +8,7 @@ import json
 import math
 import pathlib
 import platform
+import time
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from exml_fast._utils.io import atomic_write
 from exml_fast._utils.provenance import device_name, git_commit
 
-__all__ = ["machine", "machine_line", "run_seconds", "write_records"]
+__all__ = ["machine", "machine_line", "run_seconds", "seconds_or_lower_bound", "write_records"]
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -34,6 +35,19 @@ def machine_line(m: dict[str, Any]) -> str:
 def run_seconds(result) -> float:
     """Seconds a finished run spent training and evaluating, from the timings its run loop recorded."""
     return float(sum(t.get("train_s", 0.0) + t.get("eval_s", 0.0) for t in result.meta.get("timings") or []))
+
+
+def seconds_or_lower_bound(seconds: float | None, t0: float) -> tuple[float, bool]:
+    """The time of a job that may have resumed earlier calls' work, and whether it is only a lower bound.
+
+    ``seconds`` is the whole job's time when its saved state recorded it (a fit's ``FitResult.seconds``, a
+    synthesis's ``SyntheticBatch.seconds``), None when some of that state predates the record. Then the time
+    since ``t0`` (a ``time.perf_counter()`` reading taken when this call started the job) stands in for it:
+    this call's share only, so ``(that, True)``; otherwise ``(seconds, False)``.
+    """
+    if seconds is not None:
+        return seconds, False
+    return time.perf_counter() - t0, True
 
 
 def _nan_to_none(value):

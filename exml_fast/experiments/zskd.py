@@ -17,7 +17,7 @@ from exml_fast._utils.io import atomic_write
 from exml_fast.checkpoint import load_model, save_model
 from exml_fast.data import DATASET_STATS, mnist_tensors
 from exml_fast.experiments.budgets import ZSKD_BUDGETS
-from exml_fast.experiments.records import machine, machine_line
+from exml_fast.experiments.records import machine, machine_line, seconds_or_lower_bound
 from exml_fast.models import LeNet5, LeNet5Half
 from exml_fast.synth import DataImpressions
 from exml_fast.training import distill, evaluate, train_classifier
@@ -105,8 +105,8 @@ def reproduce_zskd(
                            generator=seed, progress=progress, save_to=out / f"dis_seed{seed}_n{n}")
     # every batch's time, whichever invocation made it (shards read back carry theirs); unknown for shards of
     # an older version, written without it: then this invocation's time, a lower bound
-    t_synth = dis.seconds if dis.seconds is not None else time.perf_counter() - t0
-    at_least = "≥ " if dis.seconds is None else ""
+    t_synth, synth_incomplete = seconds_or_lower_bound(dis.seconds, t0)
+    at_least = "≥ " if synth_incomplete else ""
     log(f"[reproduce] {experiment}: {n} Data Impressions ({at_least}{t_synth:.0f} s)")
 
     with torch.random.fork_rng(devices=[]):
@@ -122,7 +122,7 @@ def reproduce_zskd(
     log(f"[reproduce] {experiment}: student test accuracy {100 * student_acc:.2f} % (paper {paper['student']:.2f} %)")
     record = {"experiment": experiment, "budget": budget, "budget_detail": spec, "seed": seed, "n_dis": n,
               "teacher_acc": 100 * teacher_acc, "student_acc": 100 * student_acc, "paper": paper,
-              "synthesis_s": t_synth, "synthesis_s_incomplete": dis.seconds is None,
+              "synthesis_s": t_synth, "synthesis_s_incomplete": synth_incomplete,
               "kd_s": t_kd, "wall_s": time.perf_counter() - t_start,
               "command": command or " ".join(["exml-fast", *sys.argv[1:]]), "machine": machine(device)}
     if results is not None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
 
 from exml_fast.cli import main
 from exml_fast.data import find_data_root
+from exml_fast.experiments.records import seconds_or_lower_bound
 from exml_fast.experiments.table2 import PAPER_TABLE2, reproduce_exml_mnist, summarize
 
 needs_mnist = pytest.mark.skipif(find_data_root("mnist") is None or find_data_root("fashion-mnist") is None,
@@ -175,3 +177,11 @@ def test_dfkd_times_resumed_work_as_the_calls_that_did_it(tmp_path):
     failure_file.write_text(json.dumps({**failure, "of": {**failure["of"], "delegator": "another"}}))
     rerun_from_the_files()  # a stale failure is not trusted: the balanced draw is tried again, and fails again
     assert json.loads(failure_file.read_text())["of"] == failure["of"]
+
+
+def test_seconds_or_lower_bound():
+    """A resumed job's recorded time is taken as it is; without one, this call's time stands in, flagged."""
+    assert seconds_or_lower_bound(12.5, time.perf_counter()) == (12.5, False)
+    t0 = time.perf_counter() - 3.0
+    seconds, lower_bound = seconds_or_lower_bound(None, t0)
+    assert lower_bound and 3.0 <= seconds < 60.0
