@@ -34,7 +34,7 @@ from exml_fast.experiments.zskd import lenet5_teacher
 from exml_fast.models import LeNet5Half
 from exml_fast.synth import DataImpressions, GenerativeSynthesizer
 from exml_fast.synth.base import teacher_fingerprint
-from exml_fast.synth.batch import has_shards, load_synthetic
+from exml_fast.synth.batch import shard_seconds
 from exml_fast.training import distill, evaluate
 
 __all__ = ["DFKD_BUDGETS", "DFKD_METHODS", "PAPER_DFKD", "reproduce_dfkd"]
@@ -195,8 +195,7 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
             failure = None  # another generator's (or teacher's) failure: this one gets its balanced draw
         if failure is None:
             # the time of an interrupted earlier call's shards, which this call reads back (None: not recorded)
-            earlier_s = load_synthetic(balanced_folder, allow_partial=True).seconds if has_shards(
-                balanced_folder) else 0.0
+            earlier_s = shard_seconds(balanced_folder)
             t_draw = time.perf_counter()
             try:
                 batch = synth.synthesize(n, classes=range(10), generator=seed, progress=progress,

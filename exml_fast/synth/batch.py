@@ -157,6 +157,34 @@ def has_shards(folder: str | os.PathLike) -> bool:
     return os.path.isdir(folder) and any(f.startswith(SHARD_PREFIX) and f.endswith(".pt") for f in os.listdir(folder))
 
 
+def shard_seconds(folder: str | os.PathLike) -> float | None:
+    """Seconds the shards on disk in ``folder`` took to make, summed (0.0 when there are none).
+
+    Reads only each shard's record, not its tensors (they are memory-mapped and left unread), so it is cheap
+    where :func:`load_synthetic` would read the whole job. Every shard that loads counts, wherever it lies in
+    the job (a sharded run leaves gaps) and whether or not a rerun will trust it: its time was spent. A shard
+    that does not load (a damaged file) counts nothing. None when some shard predates the time record.
+    """
+    folder = os.fspath(folder)
+    if not has_shards(folder):
+        return 0.0
+    total = 0.0
+    for name in sorted(os.listdir(folder)):
+        if not (name.startswith(SHARD_PREFIX) and name.endswith(".pt")):
+            continue
+        try:
+            state = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # a foreign or damaged file (a rerun redoes it): no time of this job's to count
+            continue
+        if not isinstance(state, dict):
+            continue  # not a shard
+        seconds = state.get("seconds")
+        if seconds is None:
+            return None
+        total += float(seconds)
+    return total
+
+
 class ShardStore:
     """The folder of one synthesis job: ``manifest.json`` plus one shard per optimisation batch.
 

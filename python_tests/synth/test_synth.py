@@ -18,6 +18,7 @@ from exml_fast.models import resnet18_cifar
 from exml_fast.synth import (AuxiliaryData, DataImpressions, DeepInversion, ModelInversion, SyntheticBatch,
                              load_synthetic, lr_table)
 from exml_fast.synth.base import batch_seed
+from exml_fast.synth.batch import shard_seconds
 
 CUDA = torch.cuda.is_available()
 SHAPE_BN = (3, 16, 16)
@@ -350,12 +351,14 @@ def test_save_to_resumes_to_the_uninterrupted_result(bn_cnn, tmp_path):
     it.close()  # interrupted after the first shard
     assert ref.seconds > 0 and first.seconds > 0
     assert sorted(os.listdir(tmp_path)) == ["manifest.json", "shard_00000.pt"]
+    assert shard_seconds(tmp_path) == first.seconds and shard_seconds(tmp_path / "nothing") == 0.0
     assert not json.loads((tmp_path / "manifest.json").read_text())["complete"]
     with pytest.raises(ValueError, match="not finished"):
         load_synthetic(tmp_path)
     assert len(load_synthetic(tmp_path, allow_partial=True)) == 4
     # A damaged shard is redone, not trusted.
     (tmp_path / "shard_00001.pt").write_bytes(b"half a shard")
+    assert shard_seconds(tmp_path) == first.seconds  # a damaged shard holds no time
     calls = []
     orig = synth._synthesize_batch
     synth._synthesize_batch = lambda *a, **k: calls.append(k["offset"]) or orig(*a, **k)
@@ -370,6 +373,14 @@ def test_save_to_resumes_to_the_uninterrupted_result(bn_cnn, tmp_path):
     back = load_synthetic(tmp_path)
     assert torch.equal(back.x, ref.x) and back.mean == ref.mean
     assert torch.equal(back.losses["total"], ref.losses["total"]) and back.seconds == done.seconds
+    assert shard_seconds(tmp_path) == done.seconds
+    shard = tmp_path / "shard_00002.pt"
+    kept = shard.read_bytes()
+    legacy = torch.load(shard, weights_only=False)
+    del legacy["seconds"]  # a shard written before the time was recorded
+    torch.save(legacy, shard)
+    assert shard_seconds(tmp_path) is None
+    shard.write_bytes(kept)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     with pytest.raises(ValueError, match="different synthesis job"):
         synth.synthesize(10, generator=5, iterations=5, progress=False, save_to=tmp_path)
