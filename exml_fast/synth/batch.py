@@ -151,12 +151,6 @@ def shard_name(index: int) -> str:
     return f"{SHARD_PREFIX}{index:05d}.pt"
 
 
-def has_shards(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` holds a shard of a synthesis job (an earlier call's work that a rerun reads back)."""
-    folder = os.fspath(folder)
-    return os.path.isdir(folder) and any(f.startswith(SHARD_PREFIX) and f.endswith(".pt") for f in os.listdir(folder))
-
-
 def shard_seconds(folder: str | os.PathLike) -> float | None:
     """Seconds the shards on disk in ``folder`` took to make, summed (0.0 when there are none).
 
@@ -166,12 +160,10 @@ def shard_seconds(folder: str | os.PathLike) -> float | None:
     that does not load (a damaged file) counts nothing. None when some shard predates the time record.
     """
     folder = os.fspath(folder)
-    if not has_shards(folder):
+    if not os.path.isdir(folder):
         return 0.0
     total = 0.0
-    for name in sorted(os.listdir(folder)):
-        if not (name.startswith(SHARD_PREFIX) and name.endswith(".pt")):
-            continue
+    for name in sorted(f for f in os.listdir(folder) if f.startswith(SHARD_PREFIX) and f.endswith(".pt")):
         try:
             state = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # a foreign or damaged file (a rerun redoes it): no time of this job's to count
