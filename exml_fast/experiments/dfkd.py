@@ -182,6 +182,7 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
         row["fit_s"], incomplete = seconds_or_lower_bound(fit.seconds, t0)
         if incomplete:
             row["fit_s_incomplete"] = True  # resumed from a checkpoint that did not record its time
+        row["fit_segments"] = fit.segments  # the fit's steps per invocation, with the threads each ran on
         row["fit_history_last"] = {k: v[-1] for k, v in fit.history.items() if v}
         if method == "dfad":
             fit_student = fit.student
@@ -236,6 +237,18 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
     return row
 
 
+def _threads_cell(row: dict[str, Any]) -> str:
+    """The CPU threads of a row: one number when all its work ran on as many, else the fit's invocations with
+    their steps and then the rest's ("?": a fit checkpoint from before threads were recorded)."""
+    threads = row.get("threads", "not recorded")
+    segments = [seg for seg in row.get("fit_segments") or [] if seg.get("steps")]
+    if all(seg.get("threads") == threads for seg in segments):
+        return str(threads)
+    fit = ", ".join(f"{'?' if seg.get('threads') is None else seg['threads']} × {seg['steps']} steps"
+                    for seg in segments)
+    return f"fit: {fit}; rest: {threads}"
+
+
 @torch.no_grad()
 def _teacher_counts(teacher, x: torch.Tensor, device) -> list[int]:
     preds = torch.cat([teacher(x[i:i + 1000].to(device)).argmax(1).cpu() for i in range(0, x.shape[0], 1000)])
@@ -270,12 +283,12 @@ def _markdown(record: dict[str, Any]) -> str:
         at_least = "≥ " if r.get("fit_s_incomplete") or r.get("synthesis_s_incomplete") else ""
         fit = f"{'≥ ' if r.get('fit_s_incomplete') else ''}{r['fit_s']:.0f}" if "fit_s" in r else ""
         lines.append(f"| {name} | {at_least}{r['synthesis_s']:.0f} | {fit} | {at_least}{ratio} | "
-                     f"{r.get('threads', 'not recorded')} | {'yes' if r['balanced'] else 'no'} | "
+                     f"{_threads_cell(r)} | {'yes' if r['balanced'] else 'no'} | "
                      f"{r['student']['validation']:.2f} | {r['student']['test']:.2f} |")
     lines += ["", "Synthesis time is summed over the invocations that resumed the work: Data Impressions' every "
-              "batch; a generator's whole fit plus drawing the inputs. Each row's time is its own process's, on the "
-              "CPU threads shown, under whatever else ran on the machine; ≥ marks work resumed from files that did "
-              "not record their time."]
+              "batch; a generator's whole fit plus drawing the inputs. Each row's time is its own processes', on the "
+              "CPU threads shown (a fit resumed on other threads lists its invocations' steps), under whatever else "
+              "ran on the machine; ≥ marks work resumed from files that did not record their time."]
     for r in rows:
         if "fit_student" in r:
             lines += ["", f"The {r['method']} fit's own adversarial LeNet-5-Half (no KD stage): validation "

@@ -103,12 +103,16 @@ class FitResult:
         seconds: wall seconds of those steps, summed over the call and every interrupted call it resumed
             (the steps an interruption lost after the last checkpoint are not counted); None when it
             resumed a checkpoint that does not record its time.
+        segments: one dict per call that did steps, in order: ``{"steps", "seconds", "threads", "device"}``
+            (``threads``: ``torch.get_num_threads()`` of that call); a checkpoint written before segments were
+            recorded gives one first segment with ``threads`` and ``device`` None.
     """
 
     student: nn.Module | None
     history: dict[str, list[float]]
     iterations: int
     seconds: float | None = None
+    segments: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def reinitialised_clone(model: nn.Module, seed: int) -> nn.Module:
@@ -401,6 +405,11 @@ class GenerativeSynthesizer(Synthesizer):
         window: dict[str, list[float]] = {}
         try:
             with self._fit_session(state):
+                segment = None
+                if state.done < iterations:  # this call's share of the steps, and the threads it ran them on
+                    segment = {"steps": 0, "seconds": 0.0, "threads": torch.get_num_threads(),
+                               "device": str(self.device)}
+                    state.segments.append(segment)
                 tick = time.perf_counter()
                 while state.done < iterations:
                     terms = self._iteration(state, batch_size)
@@ -408,6 +417,8 @@ class GenerativeSynthesizer(Synthesizer):
                     tock = time.perf_counter()
                     if state.seconds is not None:
                         state.seconds += tock - tick
+                    segment["steps"] += 1
+                    segment["seconds"] += tock - tick
                     tick = tock
                     for k, v in terms.items():
                         window.setdefault(k, []).append(v)
@@ -425,7 +436,8 @@ class GenerativeSynthesizer(Synthesizer):
         student = state.student
         if student is not None:
             student.eval()
-        return FitResult(student=student, history=state.history, iterations=state.done, seconds=state.seconds)
+        return FitResult(student=student, history=state.history, iterations=state.done, seconds=state.seconds,
+                         segments=[dict(seg) for seg in state.segments])
 
     @contextlib.contextmanager
     def _fit_session(self, state: _FitState):
@@ -586,6 +598,7 @@ class _FitState:
     def __init__(self) -> None:
         self.done = 0
         self.seconds: float | None = 0.0  # wall seconds of the steps done (None: a resumed checkpoint without it)
+        self.segments: list[dict[str, Any]] = []  # one per call that did steps (FitResult.segments)
         self.history: dict[str, list[float]] = {}
         self.delegator: nn.Module | None = None
         self.student: nn.Module | None = None
@@ -621,7 +634,7 @@ class _FitState:
     def save(self, path) -> None:
         payload = {
             "format": FIT_FORMAT, "version": VERSION, "job": self.job, "done": self.done, "seconds": self.seconds,
-            "history": self.history,
+            "segments": self.segments, "history": self.history,
             "z_gen": self.z_gen.get_state(),
             "delegator": _cpu_state(self.delegator.state_dict()),
             "opt_g": self.opt_g.state_dict(),
@@ -665,6 +678,12 @@ class _FitState:
         self.done = int(obj["done"])
         seconds = obj.get("seconds")  # absent from checkpoints written before fits were timed
         self.seconds = None if seconds is None else float(seconds)
+        segments = obj.get("segments")
+        if segments is None:  # a checkpoint written before segments were recorded: its steps in one, threads unknown
+            segments = [{"steps": self.done, "seconds": self.seconds, "threads": None, "device": None}] \
+                if self.done else []
+        # the steps after the last checkpoint of an interrupted call were lost: its segment keeps the saved ones
+        self.segments = [dict(seg) for seg in segments]
         self.history = {k: list(v) for k, v in (obj.get("history") or {}).items()}
 
 

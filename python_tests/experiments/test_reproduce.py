@@ -105,6 +105,9 @@ def test_dfkd_smoke_compares_generators_with_data_impressions_and_resumes(tmp_pa
     assert all(r["threads"] >= 1 for r in rec["rows"])
     for m in ("dafl", "dfad", "skd"):  # a generator's synthesis time includes its whole fit
         assert 0 < by[m]["fit_s"] < by[m]["synthesis_s"] and not by[m].get("fit_s_incomplete")
+        # one invocation did the whole fit, on the row's threads
+        assert [(seg["steps"], seg["threads"]) for seg in by[m]["fit_segments"]] == \
+            [(rec["budget_detail"]["fit_iterations"], by[m]["threads"])]
     assert "fit_s" not in by["data-impressions"] and not any(r.get("synthesis_s_incomplete") for r in rec["rows"])
     # The selection is the generator preset with the best validation accuracy, never Data Impressions.
     best = max((r for r in rec["rows"] if r["method"] != "data-impressions"), key=lambda r: r["student"]["validation"])
@@ -120,6 +123,16 @@ def test_dfkd_smoke_compares_generators_with_data_impressions_and_resumes(tmp_pa
     part = json.loads((tmp_path / "res" / "dfkd_mnist_smoke_data-impressions_skd.json").read_text())
     assert [r["method"] for r in part["rows"]] == ["data-impressions", "skd"] and part["selected"] == "skd"
     assert json.loads((tmp_path / "res" / "dfkd_mnist_smoke.json").read_text()) == again
+
+
+def test_dfkd_threads_column_lists_a_fit_resumed_on_other_threads():
+    from exml_fast.experiments.dfkd import _threads_cell
+    assert _threads_cell({"threads": 2}) == "2"  # Data Impressions, or a row from before fits kept segments
+    assert _threads_cell({"threads": 2, "fit_segments": [{"steps": 40, "threads": 2}, {"steps": 0, "threads": 1}]}) \
+        == "2"  # a segment without steps (a call that found the fit done) does not count
+    mixed = {"threads": 2, "fit_segments": [{"steps": 1375, "threads": None}, {"steps": 25, "threads": 1},
+                                            {"steps": 2600, "threads": 2}]}
+    assert _threads_cell(mixed) == "fit: ? × 1375 steps, 1 × 25 steps, 2 × 2600 steps; rest: 2"
 
 
 def test_dfkd_arguments_are_checked(capsys):

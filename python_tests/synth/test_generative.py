@@ -242,11 +242,23 @@ def test_fit_resumes_after_an_interruption_with_the_numbers_of_an_uninterrupted_
     assert same(params(resumed.delegator), params(whole.delegator))
     # its time is the killed call's steps plus its own, not its own alone
     assert result.seconds > before and torch.load(ck, weights_only=False)["seconds"] == result.seconds
+    # ... and each call's share is kept with the threads it ran on: the killed call's two saved steps, then two
+    threads = torch.get_num_threads()
+    assert [(seg["steps"], seg["threads"], seg["device"]) for seg in result.segments] == [(2, threads, "cpu")] * 2
+    assert sum(seg["seconds"] for seg in result.segments) == pytest.approx(result.seconds)
+    assert torch.load(ck, weights_only=False)["segments"] == result.segments
+    # a finished fit called again does no step and adds no segment
+    assert make(teacher).fit(4, batch_size=8, generator=1, progress=False, checkpoint=ck).segments == result.segments
     # a checkpoint written before fits were timed still resumes; its time is then unknown, not understated
     legacy = torch.load(ck, weights_only=False)
-    del legacy["seconds"]
+    del legacy["seconds"], legacy["segments"]
+    legacy["done"] = 3
     torch.save(legacy, ck)
-    assert make(teacher).fit(4, batch_size=8, generator=1, progress=False, checkpoint=ck).seconds is None
+    old = make(teacher).fit(4, batch_size=8, generator=1, progress=False, checkpoint=ck)
+    assert old.seconds is None
+    # its steps are one segment whose threads are unknown, then this call's
+    assert [(seg["steps"], seg["threads"]) for seg in old.segments] == [(3, None), (1, threads)]
+    assert old.segments[0]["seconds"] is None
     # without a seed, a rerun takes the checkpoint's (a fresh random one would be "other settings")
     unseeded = tmp_path / "unseeded.pt"
     make(teacher).fit(2, batch_size=8, progress=False, checkpoint=unseeded)
