@@ -23,7 +23,7 @@ __all__ = ["OPTIMIZERS", "SCHEDULES", "augment_batch", "distill", "evaluate", "m
 
 #: Optimisers :func:`distill` accepts.
 OPTIMIZERS = ("sgd", "adam")
-#: Learning-rate schedules :func:`distill` accepts.
+#: Learning-rate schedules :func:`distill` and :func:`train_classifier` accept.
 SCHEDULES = ("constant", "cosine")
 
 
@@ -107,11 +107,14 @@ def train_classifier(
     generator: torch.Generator | None = None,
     log_every: int = 0,
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    schedule: str = "constant",
 ) -> nn.Module:
     """Trains ``model`` with SGD and cross-entropy on (N, ...) images ``x``, labels ``y`` (N,).
 
     The Ex-Model CL expert recipe by default (SGD lr 0.01, momentum 0.9,
-    weight decay 5e-4). Minibatches are drawn by a permutation from
+    weight decay 5e-4, constant lr); ``schedule="cosine"`` decays the lr to 0 over
+    the run's steps (a short run then ends on a settled model, not on wherever the
+    last steps of a constant lr left it). Minibatches are drawn by a permutation from
     ``generator`` each epoch (:func:`minibatch_bounds`: a last minibatch of one
     sample is folded into the one before) and moved to the model's device. Prints the
     running loss every ``log_every`` steps (0: silent); ``callback(epoch, step,
@@ -127,10 +130,13 @@ def train_classifier(
         raise ValueError(
             f"train_classifier: x and y must have the same, non-zero length; got {x.shape[0]} and {y.shape[0]}"
         )
+    check_choice(schedule, "schedule", "train_classifier", SCHEDULES)
     device = next(model.parameters()).device
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     n = x.shape[0]
     bounds = minibatch_bounds(n, batch_size)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(bounds))
+             if schedule == "cosine" else None)
     model.train()
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=generator)
@@ -141,6 +147,8 @@ def train_classifier(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             log.add(step, loss)
             if callback is not None:
                 callback(epoch, step, loss.detach())
