@@ -12,7 +12,8 @@ and then briefly. This script does the whole check and writes it down:
   ctest        the C++ suite, its CUDA cases included (none may skip)
   pytest-cuda  python -m pytest python_tests -m cuda: every CUDA test
   sanitizer    compute-sanitizer --tool memcheck over a few fast CUDA tests of each op
-  racecheck    compute-sanitizer --tool racecheck (shared-memory hazards) over the same tests
+  racecheck    compute-sanitizer --tool racecheck (shared-memory hazards) over the tests of the ops whose
+               kernels use shared memory, beside memcheck
   bench-*      the op benchmarks and the synthesis benchmark on the GPU, short settings,
                without torch.compile (`make bench` with USE_SYSTEM_TORCH=1 gives the full runs)
 
@@ -74,10 +75,14 @@ NEEDED_MODULES = ("pytest", "numpy", "tqdm", "safetensors", "yaml", "matplotlib"
 #: The memcheck subset: a few fast CUDA tests of each op (forward/backward against the
 #: reference in fp32, the CUDA-vs-CPU comparisons, the Philox known answers). The test
 #: that turns on torch's sync debug mode is left out: without the caching allocator
-#: (see `sanitizer_step`) every free synchronises.
+#: (see `start_sanitizer`) every free synchronises.
 SANITIZER_FILES = ("ops/test_bn_stats.py", "ops/test_image_priors.py", "ops/test_soft_target_losses.py",
                    "ops/test_ed_loss.py", "ops/test_dirichlet.py", "ops/test_augment.py", "ops/test_window_pool.py",
                    "ops/test_tanh.py")
+#: racecheck looks for hazards on shared memory only: the tests of the ops whose CUDA kernels use it
+#: (python_tests/test_gpu_check.py checks this list against csrc/cuda/*.cu).
+RACECHECK_FILES = ("ops/test_bn_stats.py", "ops/test_image_priors.py", "ops/test_soft_target_losses.py",
+                   "ops/test_ed_loss.py")
 SANITIZER_K = ("((matches_reference and float32) or cuda_matches_cpu or philox or dirichlet_rows_sum_to_one)"
                " and not generator_device")
 
@@ -289,16 +294,24 @@ def parse_ctest(text: str) -> dict:
 
 
 _SANITIZER_SUMMARY = re.compile(r"ERROR SUMMARY:\s*(\d+) error")
-_SANITIZER_ERROR = re.compile(r"^========= (?!COMPUTE-SANITIZER|ERROR SUMMARY|Target application|\s)(.+)$")
+#: racecheck ends with its own line instead: "RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)".
+_RACECHECK_SUMMARY = re.compile(r"RACECHECK SUMMARY:\s*\d+ hazards? displayed \((\d+) errors?, (\d+) warnings?\)")
+_SANITIZER_ERROR = re.compile(
+    r"^========= (?!COMPUTE-SANITIZER|ERROR SUMMARY|RACECHECK SUMMARY|Target application|\s)(.+)$")
 
 
 def parse_sanitizer(text: str) -> dict:
-    """compute-sanitizer's error count: its ERROR SUMMARY, else (a run cut short) the error
-    headers printed so far, with `complete` False. `errors` holds the first 20 headers."""
+    """compute-sanitizer's error count: its ERROR SUMMARY (racecheck: the errors of its RACECHECK
+    SUMMARY, its warnings in `warning_count`), else (a run cut short) the error headers printed so
+    far, with `complete` False. `errors` holds the first 20 headers."""
     headers = [m.group(1) for m in map(_SANITIZER_ERROR.match, text.splitlines()) if m]
     found = _SANITIZER_SUMMARY.findall(text)
     if found:
         return {"error_count": int(found[-1]), "complete": True, "errors": headers[:20]}
+    race = _RACECHECK_SUMMARY.findall(text)
+    if race:
+        return {"error_count": int(race[-1][0]), "warning_count": int(race[-1][1]), "complete": True,
+                "errors": headers[:20]}
     return {"error_count": len(headers), "complete": False, "errors": headers[:20]}
 
 
@@ -673,11 +686,11 @@ def sanitizer_help(sanitizer: str) -> str:
         return ""
 
 
-def sanitizer_step(c: Check, name: str = "sanitizer", check: str = "memcheck") -> StepResult:
-    """compute-sanitizer's `check` (memcheck; racecheck: shared-memory races) over the
-    SANITIZER_FILES/SANITIZER_K tests, as step `name`, with only our kernels instrumented where
-    the tool can filter, and torch's caching allocator off so that an access past a tensor's end
-    lands outside its allocation."""
+def start_sanitizer(c: Check, name: str = "sanitizer", check: str = "memcheck"):
+    """Start compute-sanitizer's `check` (memcheck over SANITIZER_FILES; racecheck, which looks at shared
+    memory only, over RACECHECK_FILES) on the SANITIZER_K tests, as step `name`, with only our kernels
+    instrumented where the tool can filter, and torch's caching allocator off so that an access past a
+    tensor's end lands outside its allocation. A Running (see :func:`finish_sanitizer`), or "not run"."""
     tool = c.env.get("sanitizer")
     if not tool:
         return not_run(name, "compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin, "
@@ -686,9 +699,15 @@ def sanitizer_step(c: Check, name: str = "sanitizer", check: str = "memcheck") -
     help_text = sanitizer_help(tool)
     if "--kernel-name" in help_text and "kns" in help_text:
         cmd += ["--kernel-name", "kns=exml_fast"]  # substring of the mangled names of our kernels
-    cmd += [c.python, "-m", "pytest", *(f"python_tests/{f}" for f in SANITIZER_FILES), "-m", "cuda",
+    files = RACECHECK_FILES if check == "racecheck" else SANITIZER_FILES
+    cmd += [c.python, "-m", "pytest", *(f"python_tests/{f}" for f in files), "-m", "cuda",
             "-k", SANITIZER_K, "-q", "-p", "no:cacheprovider"]
-    r = c.run(name, cmd, env={"PYTHONPATH": str(ROOT), "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
+    return c.start(name, cmd, env={"PYTHONPATH": str(ROOT), "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
+
+
+def finish_sanitizer(started, check: str = "memcheck") -> StepResult:
+    """Wait for a started sanitizer step, then read its error count and test counts from the log."""
+    r = started if isinstance(started, StepResult) else started.wait()
     if r.status == "not run":
         return r
     text = read_log(r)
@@ -696,12 +715,13 @@ def sanitizer_step(c: Check, name: str = "sanitizer", check: str = "memcheck") -
     r.details.update(s)
     r.details["pytest"] = {k: v for k, v in (parse_pytest_summary(text) or {}).items() if isinstance(v, (int, float))}
     count = f"{s['error_count']}" if s["complete"] else f"at least {s['error_count']}"
-    r.summary = f"{count} {check} errors; " + ", ".join(f"{v} {k}" for k, v in r.details["pytest"].items()
-                                                            if k in ("passed", "failed", "skipped") and v)
+    warned = f", {s['warning_count']} warnings" if "warning_count" in s else ""
+    r.summary = f"{count} {check} errors{warned}; " + ", ".join(f"{v} {k}" for k, v in r.details["pytest"].items()
+                                                                   if k in ("passed", "failed", "skipped") and v)
     if s["error_count"]:
         r.fail(f"{check}: {count} errors, first: {s['errors'][0] if s['errors'] else '?'}")
     if r.status == "pass" and not s["complete"]:
-        r.fail("no ERROR SUMMARY line from compute-sanitizer")
+        r.fail("no ERROR SUMMARY (or RACECHECK SUMMARY) line from compute-sanitizer")
     if r.status == "pass" and not r.details["pytest"].get("passed"):
         r.fail("no test passed under the sanitizer")
     return r
@@ -794,10 +814,14 @@ def run_all(c: Check, steps: list[str], results: list[StepResult]) -> list[StepR
         done(ctest_step(c, cmake if cmake is not None else StepResult("cmake-build", "pass")))
     if "pytest-cuda" in steps:
         done(pytest_step(c))
-    if "sanitizer" in steps:
-        done(sanitizer_step(c))
-    if "racecheck" in steps:
-        done(sanitizer_step(c, "racecheck", "racecheck"))
+    # memcheck and racecheck side by side: each is mostly the tool's instrumentation, on 16 cores and a GPU
+    # that one of them leaves idle (one after the other, they took 163 of the 570 s on an H100).
+    memcheck = start_sanitizer(c) if "sanitizer" in steps else None
+    racecheck = start_sanitizer(c, "racecheck", "racecheck") if "racecheck" in steps else None
+    if memcheck is not None:
+        done(finish_sanitizer(memcheck))
+    if racecheck is not None:
+        done(finish_sanitizer(racecheck, "racecheck"))
     for name, script, args, stem in BENCHES:
         if f"bench-{name}" in steps:
             done(bench_step(c, name, script, args, stem))

@@ -190,6 +190,29 @@ def test_parse_sanitizer():
     assert gc.parse_sanitizer("========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n")["error_count"] == 0
 
 
+def test_racecheck_covers_every_op_whose_cuda_kernels_use_shared_memory():
+    root = Path(gc.__file__).resolve().parents[1]
+    shared = {f"ops/test_{cu.name.removesuffix('_kernel.cu')}.py" for cu in (root / "csrc" / "cuda").glob("*.cu")
+              if "__shared__" in cu.read_text()}
+    assert shared and shared <= set(gc.RACECHECK_FILES) <= set(gc.SANITIZER_FILES)
+    assert all((root / "python_tests" / f).exists() for f in gc.RACECHECK_FILES)
+
+
+def test_parse_racecheck():
+    # racecheck prints no ERROR SUMMARY: its own summary line (this one as an H100 printed it, 2026-11-25)
+    clean = gc.parse_sanitizer("========= COMPUTE-SANITIZER\n236 passed in 97.43s (0:01:37)\n"
+                               "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
+    assert clean == {"error_count": 0, "warning_count": 0, "complete": True, "errors": []}
+    race = gc.parse_sanitizer(
+        "========= COMPUTE-SANITIZER\n"
+        "========= Error: Race reported between Write access at reduce_kernel<float>+0x90 in bn_stats_kernel.cu:40\n"
+        "=========     and Read access at reduce_kernel<float>+0xb0 in bn_stats_kernel.cu:44 [128 hazards]\n"
+        "========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)\n")
+    assert race["error_count"] == 1 and race["warning_count"] == 1 and race["complete"]
+    assert race["errors"] == ["Error: Race reported between Write access at reduce_kernel<float>+0x90 in "
+                              "bn_stats_kernel.cu:40"]
+
+
 def test_bench_headlines():
     ops = {"env": {"device": "H100"}, "op_level": [
         {"variant": "reference", "speedup_vs_reference": 1.0},
@@ -287,8 +310,9 @@ FAKE_LOGS = {
              "2/2 Test  #2: cuda_nchw_fp32 ..   Passed    2.01 sec\n100% tests passed, 0 tests failed out of 2\n",
     "pytest-cuda": "862 passed, 1404 deselected in 95.00s (0:01:35)\n",
     "sanitizer": "========= COMPUTE-SANITIZER\n230 passed in 60.0s\n========= ERROR SUMMARY: 0 errors\n",
-    "racecheck": "========= COMPUTE-SANITIZER\n230 passed in 80.0s\n========= RACECHECK SUMMARY: 0 hazards displayed "
-                 "(0 errors, 0 warnings)\n========= ERROR SUMMARY: 0 errors\n",
+    # as an H100 printed it: racecheck ends with its own summary, and no ERROR SUMMARY line
+    "racecheck": "========= COMPUTE-SANITIZER\n120 passed in 80.0s\n========= RACECHECK SUMMARY: 0 hazards displayed "
+                 "(0 errors, 0 warnings)\n",
 }
 
 
@@ -339,6 +363,8 @@ def test_main_runs_every_step_in_order_and_writes_the_summary(monkeypatch, tmp_p
     assert by["pytest-cuda"][1][:6] == ["/usr/bin/python3", "-m", "pytest", "python_tests", "-m", "cuda"]
     assert "--tool" in by["sanitizer"][1] and by["sanitizer"][2]["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
     assert by["racecheck"][1][by["racecheck"][1].index("--tool") + 1] == "racecheck"
+    assert [a for a in by["racecheck"][1] if a.startswith("python_tests/")] == [
+        f"python_tests/{f}" for f in gc.RACECHECK_FILES]
     for name, *_ in gc.BENCHES:
         cmd = by[f"bench-{name}"][1]
         assert cmd[cmd.index("--device") + 1] == "cuda" and "--no-compile" in cmd
