@@ -69,11 +69,12 @@ def bench_pair(pair, direction: str, args) -> dict:
 
 def _fused(flag: bool, fn):
     def run():
+        before = SKDGenerator.fuse_upsample_conv
         SKDGenerator.fuse_upsample_conv = flag
         try:
             fn()
         finally:
-            SKDGenerator.fuse_upsample_conv = True
+            SKDGenerator.fuse_upsample_conv = before
     return run
 
 
@@ -97,7 +98,7 @@ def bench_generator(direction: str, args) -> dict:
 
 def bench_fit_step(args) -> dict:
     torch.manual_seed(0)
-    teacher = LeNet5(num_classes=10, in_channels=1).eval()
+    teacher = LeNet5(num_classes=10, in_channels=1).to(args.device).eval()
     synth = GenerativeSynthesizer(teacher, input_shape=(1, 32, 32), mean=(0.1307,), std=(0.3081,), preset="dfad",
                                   generator_arch="skd-small", student=LeNet5Half(num_classes=10, in_channels=1),
                                   device=args.device)

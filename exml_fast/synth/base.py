@@ -125,6 +125,23 @@ def teacher_device(teacher: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def resolve_device(teacher: nn.Module, device: torch.device | str | None, owner: str) -> torch.device:
+    """The device a synthesizer runs on: ``device``, else the teacher's (``cuda`` gets the current index).
+
+    Raises:
+        ValueError: ``device`` is not where the teacher's parameters are (the message names ``owner``);
+            caught here rather than at the first forward, as torch's "Input type ... and weight type ...".
+    """
+    dev = torch.device(teacher_device(teacher) if device is None else device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if next(iter(teacher.parameters()), None) is not None and teacher_device(teacher) != dev:
+        raise ValueError(f"{owner}: device is {dev} but the teacher's parameters are on {teacher_device(teacher)}; "
+                         f"move the teacher first (teacher.to({str(dev)!r})) or leave device=None to run where "
+                         "the teacher is")
+    return dev
+
+
 class Synthesizer:
     """Base class: turns a trained classifier into labelled synthetic inputs.
 
@@ -164,9 +181,7 @@ class Synthesizer:
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f"{owner}: num_classes must be a positive int or None; got {num_classes!r}")
         self._num_classes = num_classes
-        self.device = torch.device(teacher_device(teacher) if device is None else device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = resolve_device(teacher, device, owner)
         self.iterations = self._check_iterations(iterations, owner)
         self.batch_size = self._check_batch_size(batch_size, owner)
 

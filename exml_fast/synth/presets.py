@@ -21,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from exml_fast._utils.checks import check_choice
 from exml_fast.reference.bn_stats import BN_LOSS_FORMS
-from exml_fast.synth.base import check_input_shape, check_teacher, eval_mode, teacher_device
+from exml_fast.synth.base import check_input_shape, check_teacher, eval_mode, resolve_device
 from exml_fast.synth.matcher import BNStatsMatcher
 
 __all__ = ["AUTO_BN_RATIO", "DEEPINVERSION_PRESETS", "PRESET_ALIASES", "PRESET_NAMES", "auto_bn_weight",
@@ -110,8 +110,7 @@ def bn_loss_of_noise(teacher: nn.Module, input_shape: Sequence[int], *, form: st
     """
     check_choice(form, "bn_form", owner, BN_LOSS_FORMS)
     shape = check_input_shape(input_shape, owner)
-    if device is None:
-        device = teacher_device(teacher)
+    device = resolve_device(teacher, device, owner)
     g = torch.Generator().manual_seed(_PROBE_SEED)
     x = (torch.randn((_PROBE_BATCH, *shape), generator=g) * init_std).to(device)
     with eval_mode(teacher), torch.no_grad(), contextlib.ExitStack() as stack:

@@ -374,6 +374,7 @@ def test_saved_jobs_record_the_delegator(teacher, tmp_path):
     ({"latent_dim": 0}, ValueError, "latent_dim must be an int >= 1"),
     ({"delegator": "net"}, TypeError, "delegator must be an nn.Module"),
     ({"lr_generator": 0}, ValueError, "lr_generator"),
+    ({"device": "meta"}, ValueError, r"device is meta but the teacher's parameters are on cpu"),
 ])
 def test_bad_arguments_get_clear_errors(teacher, kw, err, match):
     with pytest.raises(err, match=match):

@@ -435,6 +435,7 @@ def test_synthetic_batch_helpers():
     (dict(competition_clamp=(0.5, 0.1)), "competition_clamp"),
     (dict(compile="yes"), "compile"),
     (dict(competition_weight=1.0, competitor="student"), "competitor"),
+    (dict(device="meta"), r"device is meta but the teacher's parameters are on cpu; move the teacher"),
 ])
 def test_bad_arguments_name_themselves(bn_cnn, kwargs, match):
     kw = dict(input_shape=SHAPE_BN)
