@@ -28,6 +28,6 @@ def test_quick_run_records_every_case(bench, tmp_path):
     assert {r["direction"] for r in rec["generator"]} == {"forward", "forward+backward", "fit step"}
     for row in rec["op_level"] + rec["generator"]:
         assert row["variant"] in ("reference", "exml_fast") and row["ms"] > 0 and row["speedup_vs_reference"] > 0
-    assert SKDGenerator.fuse_upsample_conv is True
+    assert SKDGenerator.fuse_upsample_conv is None
     md = (tmp_path / "upsample_conv_cpu_quick.md").read_text()
     assert "| DFAD fit step" in md and md.count("| exml_fast |") == len(cases) + 3

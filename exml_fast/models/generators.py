@@ -49,12 +49,16 @@ class SKDGenerator(nn.Module):
 
     ``forward(z)``: (N, latent_dim) → (N, C, H, W). Each upsample-then-3×3-convolution pair of Table IV runs
     as :func:`exml_fast.ops.upsample_conv.upsample2x_conv3x3` (the same function with 2.25× fewer FLOPs and no
-    upsampled tensor); set ``fuse_upsample_conv = False`` on an instance to run the layers one by one. The
-    modules, and so the ``state_dict``, are the same either way.
+    upsampled tensor) on CPU tensors; set ``fuse_upsample_conv`` on an instance to ``True`` or ``False`` to
+    fuse, or run the layers one by one, on every device. The modules, and so the ``state_dict``, are the same
+    either way.
     """
 
-    #: Run Table IV's upsample + convolution pairs as :func:`upsample2x_conv3x3` (tests switch it off to compare).
-    fuse_upsample_conv: bool = True
+    #: Run Table IV's upsample + convolution pairs as :func:`upsample2x_conv3x3`: ``None`` (the default) on CPU
+    #: tensors only, ``True`` everywhere, ``False`` nowhere (tests switch it to compare). On an H100 the
+    #: composite's einsum, 2×2 convolution and interleave took 3-8× the time of ``F.interpolate`` + cuDNN's
+    #: convolution at batch 32, and a DFAD fit step 1.6× (benches/results/gpu/benches/upsample_conv_cuda_quick.md).
+    fuse_upsample_conv: bool | None = None
 
     def __init__(self, out_shape: Sequence[int], *, latent_dim: int = 100, large: bool = False,
                  helper_bn: bool = True, width: float = 1.0) -> None:
@@ -98,9 +102,10 @@ class SKDGenerator(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.project(z).view(z.shape[0], *self._start)
         layers = list(self.body)
+        fuse = x.device.type == "cpu" if self.fuse_upsample_conv is None else self.fuse_upsample_conv
         k = 0
         while k < len(layers):
-            if self.fuse_upsample_conv and k + 1 < len(layers) and fusable_upsample_conv(layers[k], layers[k + 1]):
+            if fuse and k + 1 < len(layers) and fusable_upsample_conv(layers[k], layers[k + 1]):
                 x = upsample2x_conv3x3(x, layers[k + 1].weight, layers[k + 1].bias)
                 k += 2
             else:

@@ -152,4 +152,24 @@ def test_the_generator_computes_what_its_layers_one_by_one_do(arch, train):
     if train:  # the BN running statistics the fused forward left equal the unfused ones'
         for (name, b), c in zip(gen.named_buffers(), unfused.buffers()):
             torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
-    assert SKDGenerator.fuse_upsample_conv and list(gen.state_dict()) == list(unfused.state_dict())
+    assert SKDGenerator.fuse_upsample_conv is None and list(gen.state_dict()) == list(unfused.state_dict())
+
+
+@pytest.mark.parametrize("flag,device,fused", [(None, "cpu", True), (None, "meta", False), (True, "meta", True),
+                                               (False, "cpu", False)])
+def test_the_generator_fuses_on_cpu_tensors_unless_told(monkeypatch, flag, device, fused):
+    # None (the default): fused on CPU tensors only (on an H100 the composite was slower than F.interpolate +
+    # cuDNN, see generators.py); True / False on an instance: on every device, or nowhere. "meta" stands in for
+    # a GPU: the decision is made on the tensor's device type.
+    import exml_fast.models.generators as generators
+    calls = []
+
+    def counted(*a, **k):
+        calls.append(1)
+        return upsample2x_conv3x3(*a, **k)
+    monkeypatch.setattr(generators, "upsample2x_conv3x3", counted)
+    gen = build_generator("skd-narrow", (1, 16, 16)).to(device)
+    if flag is not None:
+        gen.fuse_upsample_conv = flag
+    out = gen(torch.randn(4, gen.latent_dim, device=device))
+    assert out.shape == (4, 1, 16, 16) and len(calls) == (2 if fused else 0)
