@@ -293,16 +293,27 @@ def ttq_teacher(name: str, device: str, folder, calibrated: nn.Module, *, seed: 
     trained: one pass (SGD lr 0.05, batch 64) over TTQ_TRAIN_IMAGES Fashion-MNIST training images padded to
     32 x 32 and copied to 3 channels (CIFAR is not on these machines). The weights are kept in ``folder``
     (``teacher_<net>_fmnist_s<seed>.pt``, written atomically) and read back by a rerun, so a resumed race
-    inverts the same teacher. LeNet-5-BN is ``calibrated`` (calibrated_teacher's: one epoch on MNIST), and so
-    is a ResNet without the data (a random network, which the facts then say)."""
+    inverts the same teacher. LeNet-5-BN is ``calibrated`` (calibrated_teacher's: one epoch on MNIST), kept in
+    ``folder`` as ``teacher_lenet5_bn_mnist_s<seed>.pt`` in the same way; so is a ResNet without the data (a
+    random network, which the facts then say; not kept)."""
     from exml_fast._utils.io import atomic_write, load_torch_file
     from exml_fast.data.datasets import find_data_root, mnist_tensors
     from exml_fast.training.core import evaluate, train_classifier
 
+    if name == "lenet5_bn" and find_data_root("mnist") is not None:
+        # Trained afresh by every run, and on a GPU not bit-identically (its teacher hash, part of the race's
+        # key, then differed and a rerun started over): the first run's weights are kept and read back.
+        path = Path(folder) / f"teacher_{name}_mnist_s{seed}.pt"
+        info = {"teacher": "trained one epoch on MNIST"}
+        if path.exists():
+            calibrated.load_state_dict(load_torch_file(path, what="teacher checkpoint")["state"])
+            print(f"  {name}: read {path}", flush=True)
+        else:
+            state = {k: v.cpu() for k, v in calibrated.state_dict().items()}
+            atomic_write(path, lambda f: torch.save({"state": state, "info": info}, f))
+        return calibrated.eval(), info
     if name == "lenet5_bn" or find_data_root("fashion-mnist") is None:
-        trained = name == "lenet5_bn" and find_data_root("mnist") is not None
-        return calibrated, {
-            "teacher": "trained one epoch on MNIST" if trained else "random init, calibrated BN statistics"}
+        return calibrated, {"teacher": "random init, calibrated BN statistics"}
     path = Path(folder) / f"teacher_{name}_fmnist_s{seed}.pt"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -97,3 +97,21 @@ def test_race_log_resumes_the_same_race_and_sets_another_aside(bench, tmp_path):
     assert (tmp_path / "race.stale.json").exists() and not path.exists()
     other.put("peer", {"points": []})
     assert bench.RaceLog(path, {"net": "resnet18", "steps": 1000}).get("peer")["points"] == []
+
+
+def test_the_lenet_teacher_of_the_race_is_kept_and_read_back(bench, tmp_path, monkeypatch):
+    # A GPU trains it afresh, not bit-identically, on every run: its hash (in the race's key) then changed and
+    # a rerun started over. The first run's weights are kept and a rerun races the same teacher.
+    import exml_fast.data.datasets as datasets
+    from exml_fast.models import LeNet5BN
+    monkeypatch.setattr(datasets, "find_data_root", lambda name: tmp_path if name == "mnist" else None)
+    first = LeNet5BN(num_classes=10, in_channels=1)
+    model, info = bench.ttq_teacher("lenet5_bn", "cpu", tmp_path, first)
+    assert model is first and info["teacher"] == "trained one epoch on MNIST"
+    assert (tmp_path / "teacher_lenet5_bn_mnist_s0.pt").exists()
+    torch.manual_seed(1)
+    retrained = LeNet5BN(num_classes=10, in_channels=1)  # another run's (different) weights
+    model, _ = bench.ttq_teacher("lenet5_bn", "cpu", tmp_path, retrained)
+    for a, b in zip(model.state_dict().values(), first.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not model.training
