@@ -683,6 +683,11 @@ class _FitState:
             segments = [{"steps": self.done, "seconds": self.seconds, "threads": None, "device": None}] \
                 if self.done else []
         # the steps after the last checkpoint of an interrupted call were lost: its segment keeps the saved ones
+        if not (isinstance(segments, list) and all(isinstance(seg, dict) and isinstance(seg.get("steps"), int)
+                                                   for seg in segments)
+                and sum(seg["steps"] for seg in segments) == self.done):
+            raise DelegatorError(f"{path}: its 'segments' are not a list of per-call records whose steps add up "
+                                 f"to its {self.done} done steps; delete it to start over")
         self.segments = [dict(seg) for seg in segments]
         self.history = {k: list(v) for k, v in (obj.get("history") or {}).items()}
 

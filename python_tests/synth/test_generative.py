@@ -266,6 +266,13 @@ def test_fit_resumes_after_an_interruption_with_the_numbers_of_an_uninterrupted_
     # a checkpoint of other settings is refused, not silently mixed in
     with pytest.raises(DelegatorError, match="other settings.*batch_size"):
         make(teacher).fit(4, batch_size=4, generator=1, progress=False, checkpoint=ck)
+    # a damaged record of the calls is refused with the file's name, not a TypeError from deep inside
+    for damaged in ("two calls", [{"steps": 1}], [{"steps": "4"}], [None]):
+        bad = torch.load(ck, weights_only=False)
+        bad["segments"] = damaged
+        torch.save(bad, tmp_path / "damaged.pt")
+        with pytest.raises(DelegatorError, match=r"damaged.pt: its 'segments' are not"):
+            make(teacher).fit(4, batch_size=8, generator=1, progress=False, checkpoint=tmp_path / "damaged.pt")
 
 
 def test_one_delegator_is_fine_tuned_across_tasks(teacher):
