@@ -107,7 +107,7 @@ def run_teacher(name: str, seeds: list[int]) -> dict:
                   f"(bn_weight {synth.bn_weight:.3g}; BN term {row['bn_term_kept']} vs real "
                   f"{row['bn_term_real_batch']}; warned {row['warned']})", flush=True)
     return {"name": name, "kind": z.kind, "dataset": z.dataset, "train_images": z.train_images,
-            "test_accuracy": acc, "train_s": train_s, "rows": rows}
+            "schedule": z.schedule, "test_accuracy": acc, "train_s": train_s, "rows": rows}
 
 
 def issue_case(seeds: list[int]) -> dict:
@@ -163,7 +163,8 @@ def markdown(env: dict, cmd: str, teachers: list[dict], case: dict | None = None
             secs = sum(r["seconds"] for r in rs) / len(rs)
             bn = "—" if rs[0]["bn_term_kept"] is None else (
                 f"{rs[0]['bn_term_kept']:.3g} / {rs[0]['bn_term_real_batch']:.3g}")
-            lines.append(f"| {t['name']} ({t['kind']}) | {t['dataset']} ({t['train_images']}) | "
+            lr = "" if t.get("schedule", "constant") == "constant" else f", {t['schedule']} lr"
+            lines.append(f"| {t['name']} ({t['kind']}) | {t['dataset']} ({t['train_images']}{lr}) | "
                          f"{t['test_accuracy'] * 100:.1f} % | {method} | {rs[0]['iterations']} | {ag} | "
                          f"{secs:.1f} | {rs[0]['bn_weight']:.3g} | {bn} |")
     if case is not None:
