@@ -305,7 +305,8 @@ def ttq_teacher(name: str, device: str, folder, calibrated: nn.Module, *, seed: 
         # key, then differed and a rerun started over): the first run's weights are kept and read back.
         path = Path(folder) / f"teacher_{name}_mnist_s{seed}.pt"
         info = {"teacher": "trained one epoch on MNIST"}
-        if path.exists():
+        if path.exists():  # into a copy: the caller's teacher serves the run's other benchmarks
+            calibrated = copy.deepcopy(calibrated)
             calibrated.load_state_dict(load_torch_file(path, what="teacher checkpoint")["state"])
             print(f"  {name}: read {path}", flush=True)
         else:
