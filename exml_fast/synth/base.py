@@ -132,13 +132,13 @@ def resolve_device(teacher: nn.Module, device: torch.device | str | None, owner:
         ValueError: ``device`` is not where the teacher's parameters are (the message names ``owner``);
             caught here rather than at the first forward, as torch's "Input type ... and weight type ...".
     """
-    dev = torch.device(teacher_device(teacher) if device is None else device)
+    home = teacher_device(teacher)
+    dev = torch.device(home if device is None else device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    if next(iter(teacher.parameters()), None) is not None and teacher_device(teacher) != dev:
-        raise ValueError(f"{owner}: device is {dev} but the teacher's parameters are on {teacher_device(teacher)}; "
-                         f"move the teacher first (teacher.to({str(dev)!r})) or leave device=None to run where "
-                         "the teacher is")
+    if home != dev and next(iter(teacher.parameters()), None) is not None:  # a parameterless one runs anywhere
+        raise ValueError(f"{owner}: device is {dev} but the teacher's parameters are on {home}; move the teacher "
+                         f"first (teacher.to({str(dev)!r})) or leave device=None to run where the teacher is")
     return dev
 
 
