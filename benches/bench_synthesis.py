@@ -296,7 +296,6 @@ def ttq_teacher(name: str, device: str, folder, calibrated: nn.Module, *, seed: 
     inverts the same teacher. LeNet-5-BN is ``calibrated`` (calibrated_teacher's: one epoch on MNIST), kept in
     ``folder`` as ``teacher_lenet5_bn_mnist_s<seed>.pt`` in the same way; so is a ResNet without the data (a
     random network, which the facts then say; not kept)."""
-    from exml_fast._utils.io import atomic_write, load_torch_file
     from exml_fast.data.datasets import find_data_root, mnist_tensors
     from exml_fast.training.core import evaluate, train_classifier
 
@@ -307,11 +306,10 @@ def ttq_teacher(name: str, device: str, folder, calibrated: nn.Module, *, seed: 
         info = {"teacher": "trained one epoch on MNIST"}
         if path.exists():  # into a copy: the caller's teacher serves the run's other benchmarks
             calibrated = copy.deepcopy(calibrated)
-            calibrated.load_state_dict(load_torch_file(path, what="teacher checkpoint")["state"])
+            _read_teacher(path, calibrated)
             print(f"  {name}: read {path}", flush=True)
         else:
-            state = {k: v.cpu() for k, v in calibrated.state_dict().items()}
-            atomic_write(path, lambda f: torch.save({"state": state, "info": info}, f))
+            _keep_teacher(path, calibrated, info)
         return calibrated.eval(), info
     if name == "lenet5_bn" or find_data_root("fashion-mnist") is None:
         return calibrated, {"teacher": "random init, calibrated BN statistics"}
@@ -320,9 +318,7 @@ def ttq_teacher(name: str, device: str, folder, calibrated: nn.Module, *, seed: 
         torch.manual_seed(seed)
         model = NETS[name]()
     if path.exists():
-        saved = load_torch_file(path, what="teacher checkpoint")
-        model.load_state_dict(saved["state"])
-        info = dict(saved["info"])
+        info = _read_teacher(path, model)
         print(f"  {name}: read {path} ({info['teacher']})", flush=True)
     else:
         x, y = mnist_tensors("train", dataset="fashion-mnist")
@@ -338,10 +334,26 @@ def ttq_teacher(name: str, device: str, folder, calibrated: nn.Module, *, seed: 
         info = {"teacher": f"trained one pass over {TTQ_TRAIN_IMAGES} Fashion-MNIST images (3-channel copies, "
                            f"32 x 32) on {device}, BN statistics recomputed: {acc:.1%} on 2000 test images",
                 "train_s": time.perf_counter() - t0}
-        state = {k: v.cpu() for k, v in model.state_dict().items()}
-        atomic_write(path, lambda f: torch.save({"state": state, "info": info}, f))
+        _keep_teacher(path, model, info)
         print(f"  {name}: {info['teacher']}, trained in {info['train_s']:.0f} s, saved to {path}", flush=True)
     return model.to(device).eval(), info
+
+
+def _keep_teacher(path: Path, model: nn.Module, info: dict) -> None:
+    """Writes a race teacher's weights (on the CPU) and facts to ``path``, atomically."""
+    from exml_fast._utils.io import atomic_write
+
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda f: torch.save({"state": state, "info": info}, f))
+
+
+def _read_teacher(path: Path, model: nn.Module) -> dict:
+    """Loads the weights :func:`_keep_teacher` wrote into ``model``; returns the facts kept with them."""
+    from exml_fast._utils.io import load_torch_file
+
+    saved = load_torch_file(path, what="teacher checkpoint")
+    model.load_state_dict(saved["state"])
+    return dict(saved["info"])
 
 
 def recalibrate_bn(model: nn.Module, x: torch.Tensor, *, batch: int = 250) -> None:
