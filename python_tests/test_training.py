@@ -206,6 +206,75 @@ def test_distill_seed_reproduces():
     assert torch.equal(params_of(s), a)
 
 
+# ---------------------------------------------------------------------------- distill: a sampler (fresh inputs)
+
+
+def test_distill_from_a_sampler_draws_fresh_inputs_every_step_and_learns():
+    teacher = teacher_model()
+    x_eval = toy_data(256, seed=9)
+    calls = []
+
+    def sampler(n, gen):
+        calls.append(n)
+        assert isinstance(gen, torch.Generator)
+        return torch.randn(n, 1, 8, 8, generator=gen)
+
+    student = tiny_model(1)
+    before = kd_on(student, teacher, x_eval, 4.0)
+    out = distill(student, sampler, teacher=teacher, temperature=4.0, iterations=60, batch_size=32, lr=0.05,
+                  augment=True, pad_crop=1, generator=0)
+    assert out is student and not student.training
+    assert calls == [32] * 60  # one call a step, batch_size inputs each
+    after = kd_on(student, teacher, x_eval, 4.0)  # on inputs the sampler never returned
+    assert after < 0.5 * before, (before, after)
+
+
+def test_distill_from_a_sampler_reproduces_and_trains_on_what_it_returns():
+    teacher = teacher_model()
+
+    def run(source, seed=3, batch_size=16, augment=True):
+        s = tiny_model(5)
+        distill(s, source, teacher=teacher, temperature=4.0, iterations=4, batch_size=batch_size, augment=augment,
+                pad_crop=1, generator=seed)
+        return params_of(s)
+
+    def sampler(n, gen):
+        return torch.randn(n, 1, 8, 8, generator=gen)
+
+    a, b, c = run(sampler), run(sampler), run(sampler, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # a sampler that returns the same single input every step trains as that input as a fixed x does
+    one = toy_data(1, seed=2)
+    assert torch.equal(run(lambda n, gen: one.clone(), batch_size=1, augment=False),
+                       run(one, batch_size=1, augment=False))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"soft_targets": torch.ones(8, K), "iterations": 1}, "sampler x .* takes its targets from teacher; got "
+                                                               "soft_targets"),
+        ({"labels": torch.zeros(8, dtype=torch.long), "iterations": 1}, "from teacher; got labels"),
+        ({"teacher": "T", "epochs": 1}, "pass iterations, not epochs"),
+    ],
+)
+def test_distill_sampler_argument_errors(kwargs, match):
+    if kwargs.get("teacher") == "T":
+        kwargs = {**kwargs, "teacher": teacher_model()}
+    with pytest.raises(ValueError, match=match):
+        distill(tiny_model(0), lambda n, gen: torch.zeros(n, 1, 8, 8), **kwargs)
+
+
+@pytest.mark.parametrize("bad, got", [(lambda n, g: torch.zeros(n + 1, 1, 8, 8), r"got torch.float32 \(9, 1, 8, 8\)"),
+                                      (lambda n, g: torch.zeros(n, 64), r"got torch.float32 \(8, 64\)"),
+                                      (lambda n, g: torch.zeros(n, 1, 8, 8, dtype=torch.long), "got torch.int64"),
+                                      (lambda n, g: [0.0] * n, "got list")])
+def test_distill_names_a_sampler_that_returns_a_bad_batch(bad, got):
+    with pytest.raises(ValueError, match=r"sampler x must return a float tensor of shape \(batch_size=8, C, H, W\); "
+                                         + got):
+        distill(tiny_model(0), bad, teacher=teacher_model(), iterations=1, batch_size=8)
+
+
 def test_distill_padding_takes_fill_value():
     # A constant image c is left unchanged by roll and by pad-crop that pads with c,
     # so training on it with augmentation and fill=c is training without augmentation.

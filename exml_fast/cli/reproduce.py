@@ -8,7 +8,7 @@ from exml_fast.experiments import EXPERIMENTS
 from exml_fast.experiments.ablation import TEST_SEEDS, ablate_exml_mnist
 from exml_fast.experiments.budgets import BUDGETS, ZSKD_BUDGETS
 from exml_fast.experiments.cil import CIL_BUDGETS, CIL_EXPERIMENTS, reproduce_cil
-from exml_fast.experiments.dfkd import DFKD_BUDGETS, DFKD_METHODS, reproduce_dfkd
+from exml_fast.experiments.dfkd import DFKD_BUDGETS, DFKD_METHODS, KD_SAMPLES, reproduce_dfkd
 from exml_fast.experiments.table2 import reproduce_exml_mnist
 from exml_fast.experiments.zskd import reproduce_zskd
 
@@ -49,6 +49,9 @@ def add_commands(sub) -> None:
     q.add_argument("--scenarios", default="split_mnist,joint_mnist", help="(default: split_mnist,joint_mnist)")
     q.add_argument("--methods", default=None,
                    help=f"dfkd-mnist: comma-separated subset of {','.join(DFKD_METHODS)} (default: all)")
+    q.add_argument("--kd-samples", choices=KD_SAMPLES, default=None,
+                   help="dfkd-mnist: a generator's KD student learns from a fixed class-balanced draw of the "
+                        "budget's n inputs, or from fresh delegator samples at every KD step (default: fixed)")
     q.add_argument("--strategies", default=None,
                    help="comma-separated subset of Table 2's (exml-mnist) or of the class-incremental ones (cil-*) "
                         "(default: all)")
@@ -66,6 +69,8 @@ def _reproduce(args) -> int:
     out = args.out or f"runs/reproduce/{args.experiment}"
     if args.methods is not None and args.experiment != "dfkd-mnist":
         raise UsageError("--methods is for dfkd-mnist")
+    if args.kd_samples is not None and args.experiment != "dfkd-mnist":
+        raise UsageError("--kd-samples is for dfkd-mnist")
     if args.seeds is not None and args.experiment not in CIL_EXPERIMENTS:
         raise UsageError(f"--seeds is for {' and '.join(CIL_EXPERIMENTS)}")
     if args.experiment == "dfkd-mnist":
@@ -77,7 +82,8 @@ def _reproduce(args) -> int:
         methods = None if args.methods is None else tuple(m for m in args.methods.split(",") if m)
         if methods is not None and (not methods or any(m not in DFKD_METHODS for m in methods)):
             raise UsageError(f"--methods: comma-separated names among {', '.join(DFKD_METHODS)}; got {args.methods!r}")
-        rec = reproduce_dfkd(args.experiment, budget=budget, seed=args.seed, methods=methods, out=out,
+        rec = reproduce_dfkd(args.experiment, budget=budget, seed=args.seed, methods=methods,
+                             kd_samples=args.kd_samples or "fixed", out=out,
                              results=args.results, device=device, data_root=args.data_root, progress=args.progress)
         for r in rec["rows"]:
             print(f"{r['method']:18s} synthesis {r['synthesis_s']:7.0f} s  student validation "

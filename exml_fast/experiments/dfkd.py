@@ -9,6 +9,10 @@ Every method makes ``n`` inputs from the same teacher, and the same KD recipe tr
   DFAD's adversary is the LeNet-5-Half itself; its accuracy straight out of the fit is recorded too. SKD's
   student is a re-initialised clone of the teacher (its features must match the teacher's width).
 
+``kd_samples="fresh"`` trains each generator's student on new delegator samples at every KD step instead of a
+fixed draw (as DAFL and DFAD train theirs), for as many steps as the fixed draw's KD takes; the sampling is counted
+as synthesis time. Data Impressions keep their fixed set either way.
+
 The generator preset is **selected on validation data**: the teacher trains on the training split minus
 5000 held-out images, the students are scored on those, and the test accuracy of the selected preset is the
 headline. Data Impressions is the reference row, not a candidate.
@@ -25,6 +29,7 @@ from typing import Any
 
 import torch
 
+from exml_fast._utils.batches import minibatch_bounds
 from exml_fast._utils.checks import check_choice
 from exml_fast._utils.io import atomic_write
 from exml_fast.cl.scenarios import validation_indices
@@ -37,7 +42,7 @@ from exml_fast.synth.base import teacher_fingerprint
 from exml_fast.synth.batch import shard_seconds
 from exml_fast.training import distill, evaluate
 
-__all__ = ["DFKD_BUDGETS", "DFKD_METHODS", "PAPER_DFKD", "reproduce_dfkd"]
+__all__ = ["DFKD_BUDGETS", "DFKD_METHODS", "KD_SAMPLES", "PAPER_DFKD", "reproduce_dfkd"]
 
 #: The published zero-shot KD anchors on MNIST (LeNet-5 → LeNet-5-Half), test accuracy (%), and our goal.
 PAPER_DFKD: dict[str, dict[str, Any]] = {
@@ -48,6 +53,12 @@ PAPER_DFKD: dict[str, dict[str, Any]] = {
 
 #: The synthesis methods compared; all but the first are generator presets, the candidates of the selection.
 DFKD_METHODS = ("data-impressions", "dafl", "dfad", "skd")
+
+#: Where a generator's KD student gets its inputs: a fixed class-balanced draw of ``n``, or fresh samples every step.
+KD_SAMPLES = ("fixed", "fresh")
+
+#: The KD minibatch (the zskd recipe's).
+KD_BATCH = 64
 
 #: Work per budget. "paper": the zskd-mnist paper budget for Data Impressions and its KD (24000 inputs, 100
 #: epochs), the full-width Table IV generator fitted for 4000 steps of 256 (DAFL and DFAD fit for tens of
@@ -71,6 +82,7 @@ def reproduce_dfkd(
     budget: str = "paper",
     seed: int = 0,
     methods: tuple[str, ...] | None = None,
+    kd_samples: str = "fixed",
     out: str | os.PathLike | None = None,
     results: str | os.PathLike | None = "benches/results",
     device: torch.device | str = "cpu",
@@ -83,10 +95,14 @@ def reproduce_dfkd(
 
     Each finished method is stored under ``out`` (its inputs as resumable shards, a generator's fit as a
     checkpoint, its result as JSON), so rerunning the same call resumes. Writes
-    ``<results>/dfkd_mnist.{json,md}`` (``_<budget>`` appended unless "paper", then ``_<method>_...`` for a
-    subset of the methods) and returns the record.
+    ``<results>/dfkd_mnist.{json,md}`` (``_<budget>`` appended unless "paper", ``_fresh`` with
+    ``kd_samples="fresh"``, then ``_<method>_...`` for a subset of the methods) and returns the record.
+    ``kd_samples`` (:data:`KD_SAMPLES`): "fixed" distils each generator's student from a class-balanced draw of
+    ``n`` inputs; "fresh" from new samples of the delegator at every KD step (that KD is not resumable: a killed
+    run redoes it, reading the fit back).
     """
     check_choice(experiment, "experiment", "reproduce", PAPER_DFKD)
+    check_choice(kd_samples, "kd_samples", "reproduce", KD_SAMPLES)
     if budget not in DFKD_BUDGETS:
         raise ValueError(f"reproduce: budget for {experiment} must be one of {', '.join(DFKD_BUDGETS)}; "
                          f"got {budget!r}")
@@ -124,13 +140,15 @@ def reproduce_dfkd(
 
     rows = []
     for method in methods:
-        done = out / f"{method}_seed{seed}_n{n}.json"
+        fresh = kd_samples == "fresh" and method != "data-impressions"
+        done = out / f"{method}{'_fresh' if fresh else ''}_seed{seed}_n{n}.json"
         if done.exists():
             row = json.loads(done.read_text())
             log(f"[reproduce] {experiment}: {method} read back from {done}")
         else:
             row = _run_method(method, teacher, spec, n=n, seed=seed, mean=mean, std=std, out=out, device=device,
-                              progress=progress, evaluation={"validation": (xv, yv), "test": (xt, yt)})
+                              progress=progress, evaluation={"validation": (xv, yv), "test": (xt, yt)},
+                              fresh=fresh)
             atomic_write(done, lambda f, row=row: f.write(json.dumps(row, indent=1).encode()))
         log(f"[reproduce] {experiment}: {method}: synthesis {row['synthesis_s']:.0f} s, student validation "
             f"{row['student']['validation']:.2f} %, test {row['student']['test']:.2f} %")
@@ -138,12 +156,14 @@ def reproduce_dfkd(
 
     candidates = [r for r in rows if r["method"] != "data-impressions"]
     selected = max(candidates, key=lambda r: r["student"]["validation"])["method"] if candidates else None
-    record = {"experiment": experiment, "budget": budget, "budget_detail": spec, "seed": seed, "n": n,
+    record = {"experiment": experiment, "budget": budget, "budget_detail": spec, "kd_samples": kd_samples,
+              "seed": seed, "n": n,
               "validation_size": validation_size, "teacher_acc": teacher_acc, "paper": paper, "rows": rows,
               "selected": selected, "wall_s": time.perf_counter() - t_start,
               "command": command or " ".join(["exml-fast", *sys.argv[1:]]), "machine": where}
     if results is not None:
         stem = experiment.replace("-", "_") + ("" if budget == "paper" else f"_{budget}")
+        stem += "_fresh" if kd_samples == "fresh" else ""
         if methods != DFKD_METHODS:  # a subset never overwrites the whole comparison's record
             stem += "_" + "_".join(methods)
         folder = pathlib.Path(results)
@@ -153,9 +173,12 @@ def reproduce_dfkd(
     return record
 
 
-def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progress, evaluation) -> dict[str, Any]:
-    """Synthesises ``n`` inputs with ``method``, distils a LeNet-5-Half on them, scores it."""
+def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progress, evaluation,
+                fresh=False) -> dict[str, Any]:
+    """Synthesises ``n`` inputs with ``method``, distils a LeNet-5-Half on them, scores it (``fresh``: a
+    generator's student learns from new samples at every KD step instead)."""
     row: dict[str, Any] = {"method": method, "threads": torch.get_num_threads()}
+    sampler = None
     t0 = time.perf_counter()
     fit_student = None
     if method == "data-impressions":
@@ -186,55 +209,93 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
         row["fit_history_last"] = {k: v[-1] for k, v in fit.history.items() if v}
         if method == "dfad":
             fit_student = fit.student
-        # A balanced draw that gave up (a generator that (nearly) never makes some class) is followed by one that
-        # keeps every draw; the failure and its time are kept on disk, so a rerun goes straight to the second.
-        balanced_folder = out / f"{method}_samples_seed{seed}_n{n}"
-        failure_file = out / f"{method}_balance_failure_seed{seed}_n{n}.json"
-        of = {"delegator": teacher_fingerprint(synth.delegator), "teacher": teacher_fingerprint(teacher)}
-        failure = json.loads(failure_file.read_text()) if failure_file.exists() else None
-        if failure is not None and failure.get("of") != of:
-            failure = None  # another generator's (or teacher's) failure: this one gets its balanced draw
-        if failure is None:
-            # the time of an interrupted earlier call's shards, which this call reads back (None: not recorded)
-            earlier_s = shard_seconds(balanced_folder)
-            t_draw = time.perf_counter()
-            try:
-                batch = synth.synthesize(n, classes=range(10), generator=seed, progress=progress,
-                                         save_to=balanced_folder)
-            except RuntimeError as err:
-                failure = {"error": str(err), "of": of,
-                           "seconds": None if earlier_s is None else earlier_s + time.perf_counter() - t_draw}
-                atomic_write(failure_file, lambda f: f.write(json.dumps(failure).encode()))
-        row["balanced"] = failure is None
-        failed_s = 0.0
-        if failure is not None:
-            row["balance_error"] = failure["error"]
-            if failure["seconds"] is None:
-                row["synthesis_s_incomplete"] = True
-            failed_s = failure["seconds"] or 0.0
-            synth.balance = False
-            t_draw = time.perf_counter()
-            batch = synth.synthesize(n, classes=range(10), generator=seed, progress=progress,
-                                     save_to=out / f"{method}_samples_unbalanced_seed{seed}_n{n}")
-        draw_s, incomplete = seconds_or_lower_bound(batch.seconds, t_draw)
-        if incomplete:
-            row["synthesis_s_incomplete"] = True  # shards of an older version, written without their time
-        row["draw_s"] = failed_s + draw_s
-        row["synthesis_s"] = row["fit_s"] + row["draw_s"]  # the whole fit + drawing the inputs
-    row["class_counts"] = _teacher_counts(teacher, batch.x, device)
+        if fresh:
+            sampler = _TimedSampler(synth.sample)
+            row["kd_samples"] = "fresh"
+            row["balanced"] = False
+        else:
+            batch = _draw_inputs(synth, teacher, method, row, n=n, seed=seed, out=out, progress=progress)
+            row["synthesis_s"] = row["fit_s"] + row["draw_s"]  # the whole fit + drawing the inputs
+    # the classes the teacher gives the inputs (a fresh row's: a draw of n, for the record, its time not counted)
+    if sampler is None:
+        chunks = (batch.x[i : i + 1000] for i in range(0, n, 1000))
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        chunks = (synth.sample(min(1000, n - i), gen) for i in range(0, n, 1000))
+    row["class_counts"] = _teacher_counts(teacher, chunks, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         kd_student = LeNet5Half(num_classes=10, in_channels=1)
     kd_student = kd_student.to(device)
     t0 = time.perf_counter()
-    distill(kd_student, batch.x, teacher=teacher, temperature=20.0, epochs=spec["kd_epochs"], batch_size=64,
-            lr=0.05, schedule="cosine", augment=True, pad_crop=4, max_shift=1, flip=False, fill=-mean / std,
-            generator=seed)
+    # as many steps either way: kd_epochs passes over a fixed draw of n
+    steps = spec["kd_epochs"] * len(minibatch_bounds(n, KD_BATCH))
+    distill(kd_student, batch.x if sampler is None else sampler, teacher=teacher, temperature=20.0, iterations=steps,
+            batch_size=KD_BATCH, lr=0.05, schedule="cosine", augment=True, pad_crop=4, max_shift=1, flip=False,
+            fill=-mean / std, generator=seed)
     row["kd_s"] = time.perf_counter() - t0
+    if sampler is not None:  # the delegator's forwards during KD are the student's inputs' synthesis
+        row["kd_s"] -= sampler.seconds
+        row["draw_s"], row["inputs_drawn"] = sampler.seconds, sampler.drawn
+        row["synthesis_s"] = row["fit_s"] + row["draw_s"]
     row["student"] = {k: 100 * evaluate(kd_student, *xy) for k, xy in evaluation.items()}
     if fit_student is not None:
         row["fit_student"] = {k: 100 * evaluate(fit_student, *xy) for k, xy in evaluation.items()}
     return row
+
+
+def _draw_inputs(synth, teacher, method, row, *, n, seed, out, progress):
+    """The fixed draw of ``n`` inputs of a fitted generator, class-balanced by the teacher where it can be; its
+    time (``draw_s``) and what became of the balance go into ``row``."""
+    # A balanced draw that gave up (a generator that (nearly) never makes some class) is followed by one that
+    # keeps every draw; the failure and its time are kept on disk, so a rerun goes straight to the second.
+    balanced_folder = out / f"{method}_samples_seed{seed}_n{n}"
+    failure_file = out / f"{method}_balance_failure_seed{seed}_n{n}.json"
+    of = {"delegator": teacher_fingerprint(synth.delegator), "teacher": teacher_fingerprint(teacher)}
+    failure = json.loads(failure_file.read_text()) if failure_file.exists() else None
+    if failure is not None and failure.get("of") != of:
+        failure = None  # another generator's (or teacher's) failure: this one gets its balanced draw
+    if failure is None:
+        # the time of an interrupted earlier call's shards, which this call reads back (None: not recorded)
+        earlier_s = shard_seconds(balanced_folder)
+        t_draw = time.perf_counter()
+        try:
+            batch = synth.synthesize(n, classes=range(10), generator=seed, progress=progress,
+                                     save_to=balanced_folder)
+        except RuntimeError as err:
+            failure = {"error": str(err), "of": of,
+                       "seconds": None if earlier_s is None else earlier_s + time.perf_counter() - t_draw}
+            atomic_write(failure_file, lambda f: f.write(json.dumps(failure).encode()))
+    row["balanced"] = failure is None
+    failed_s = 0.0
+    if failure is not None:
+        row["balance_error"] = failure["error"]
+        if failure["seconds"] is None:
+            row["synthesis_s_incomplete"] = True
+        failed_s = failure["seconds"] or 0.0
+        synth.balance = False
+        t_draw = time.perf_counter()
+        batch = synth.synthesize(n, classes=range(10), generator=seed, progress=progress,
+                                 save_to=out / f"{method}_samples_unbalanced_seed{seed}_n{n}")
+    draw_s, incomplete = seconds_or_lower_bound(batch.seconds, t_draw)
+    if incomplete:
+        row["synthesis_s_incomplete"] = True  # shards of an older version, written without their time
+    row["draw_s"] = failed_s + draw_s
+    return batch
+
+
+class _TimedSampler:
+    """A :func:`~exml_fast.training.distill` sampler that adds up the time and the number of its draws."""
+
+    def __init__(self, sample) -> None:
+        self.sample, self.seconds, self.drawn = sample, 0.0, 0
+
+    def __call__(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        t0 = time.perf_counter()
+        x = self.sample(n, generator)
+        self.seconds += time.perf_counter() - t0
+        self.drawn += n
+        return x
 
 
 def _threads_cell(row: dict[str, Any]) -> str:
@@ -250,9 +311,26 @@ def _threads_cell(row: dict[str, Any]) -> str:
 
 
 @torch.no_grad()
-def _teacher_counts(teacher, x: torch.Tensor, device) -> list[int]:
-    preds = torch.cat([teacher(x[i:i + 1000].to(device)).argmax(1).cpu() for i in range(0, x.shape[0], 1000)])
+def _teacher_counts(teacher, chunks, device) -> list[int]:
+    """How many of the inputs (an iterable of batches) the teacher gives each of the 10 classes."""
+    preds = torch.cat([teacher(x.to(device)).argmax(1).cpu() for x in chunks])
     return torch.bincount(preds, minlength=10).tolist()
+
+
+def _inputs_line(record: dict[str, Any]) -> str:
+    """The record's line on what each student learns from."""
+    spec, n = record["budget_detail"], record["n"]
+    steps = spec["kd_epochs"] * len(minibatch_bounds(n, KD_BATCH))
+    recipe = (f"the same KD recipe (τ 20, SGD lr 0.05 cosine, {steps} steps of {KD_BATCH}, pad-crop 4) trains a "
+              "LeNet-5-Half")
+    if record.get("kd_samples") == "fresh":
+        what = (f"Data Impressions make {n} inputs ({spec['kd_epochs']} KD epochs over them); each generator's "
+                f"student learns from **fresh** delegator samples at every KD step ({steps * KD_BATCH} in all), and "
+                f"{recipe} on either")
+    else:
+        what = f"every method makes {n} inputs, class-balanced by the teacher where it can; {recipe} on them"
+    return (f"- {what}. The generator preset with the best **validation** accuracy is selected; its test accuracy "
+            "is the result.")
 
 
 def _markdown(record: dict[str, Any]) -> str:
@@ -268,9 +346,7 @@ def _markdown(record: dict[str, Any]) -> str:
         "times are those of the invocations that did its work)",
         f"- teacher LeNet-5 trained on the training split minus {record['validation_size']} held-out images: "
         f"validation {record['teacher_acc']['validation']:.2f} %, test {record['teacher_acc']['test']:.2f} %",
-        f"- every method makes {record['n']} inputs; the same KD recipe (τ 20, SGD lr 0.05 cosine, "
-        f"{spec['kd_epochs']} epochs, pad-crop 4) trains a LeNet-5-Half on them. The generator preset with the "
-        "best **validation** accuracy is selected; its test accuracy is the result.",
+        _inputs_line(record),
         "",
         "| method | synthesis (s) | of which generator fit (s) | × Data Impressions' time | CPU threads "
         "| inputs class-balanced | LeNet-5-Half validation (%) | LeNet-5-Half test (%) |",
@@ -282,11 +358,13 @@ def _markdown(record: dict[str, Any]) -> str:
         # resumed work whose earlier time is unknown: a fit checkpoint without it, or synthesis shards read back
         at_least = "≥ " if r.get("fit_s_incomplete") or r.get("synthesis_s_incomplete") else ""
         fit = f"{'≥ ' if r.get('fit_s_incomplete') else ''}{r['fit_s']:.0f}" if "fit_s" in r else ""
+        balanced = "fresh every step" if r.get("kd_samples") == "fresh" else "yes" if r["balanced"] else "no"
         lines.append(f"| {name} | {at_least}{r['synthesis_s']:.0f} | {fit} | {at_least}{ratio} | "
-                     f"{_threads_cell(r)} | {'yes' if r['balanced'] else 'no'} | "
+                     f"{_threads_cell(r)} | {balanced} | "
                      f"{r['student']['validation']:.2f} | {r['student']['test']:.2f} |")
     lines += ["", "Synthesis time is summed over the invocations that resumed the work: Data Impressions' every "
-              "batch; a generator's whole fit plus drawing the inputs. Each row's time is its own processes', on the "
+              "batch; a generator's whole fit plus drawing the inputs (with fresh samples: every KD step's draw). "
+              "Each row's time is its own processes', on the "
               "CPU threads shown (a fit resumed on other threads lists its invocations' steps), under whatever else "
               "ran on the machine; ≥ marks work resumed from files that did not record their time."]
     for r in rows:

@@ -532,6 +532,22 @@ class GenerativeSynthesizer(Synthesizer):
         return out
 
     # -- sampling ---------------------------------------------------------------------------------
+    def sample(self, n: int, generator: torch.Generator | int | None = None) -> torch.Tensor:
+        """``n`` fresh inputs of the delegator, unlabelled: one forward of ``n`` latents drawn on the CPU from
+        ``generator`` (a ``torch.Generator``, an int seed, or None: torch's global one), in eval mode, without
+        gradients, on the synthesizer's device. ``distill(student, synth.sample, teacher=..., iterations=...)``
+        trains a student on new samples at every step (DAFL's and DFAD's students), where :meth:`synthesize`
+        makes a fixed, class-balanced set."""
+        n = check_int(n, "n", "GenerativeSynthesizer.sample", low=1)
+        if isinstance(generator, int) and not isinstance(generator, bool):
+            generator = torch.Generator().manual_seed(generator)
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"GenerativeSynthesizer.sample: generator must be a torch.Generator, an int seed or "
+                            f"None; got {type(generator).__name__}")
+        z = torch.randn(n, self.latent_dim, generator=generator)
+        with torch.no_grad(), eval_mode(self.delegator):
+            return self.delegator(z.to(self.device)).float()
+
     def _labels(self, n, classes):
         labels, given = super()._labels(n, classes)
         self._job_classes = list(range(self.num_classes)) if given is None else given

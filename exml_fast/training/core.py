@@ -76,6 +76,17 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None, *, pad_cro
     return augment_with_params(x, params, pad_crop=pad_crop)
 
 
+def _sampled(sampler: Callable[[int, torch.Generator], torch.Tensor], batch_size: int,
+             gen: torch.Generator) -> torch.Tensor:
+    """One step's inputs from a :func:`distill` sampler, checked to be a (batch_size, C, H, W) float batch."""
+    xb = sampler(batch_size, gen)
+    if not (isinstance(xb, torch.Tensor) and xb.dim() == 4 and xb.shape[0] == batch_size and xb.is_floating_point()):
+        got = f"{xb.dtype} {tuple(xb.shape)}" if isinstance(xb, torch.Tensor) else type(xb).__name__
+        raise ValueError(f"distill: the sampler x must return a float tensor of shape (batch_size={batch_size}, "
+                         f"C, H, W); got {got}")
+    return xb
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000) -> float:
     """Top-1 accuracy of ``model`` (put in eval mode) on images ``x`` (N, ...) with labels ``y`` (N,).
 
@@ -172,7 +183,7 @@ def _as_generator(generator: torch.Generator | int | None) -> torch.Generator | 
 
 def distill(
     student: nn.Module,
-    x: torch.Tensor,
+    x: torch.Tensor | Callable[[int, torch.Generator], torch.Tensor],
     *,
     teacher: nn.Module | None = None,
     soft_targets: torch.Tensor | None = None,
@@ -208,7 +219,14 @@ def distill(
       Dirichlet targets).
     - ``labels`` (N,) int64: plain cross-entropy (``temperature`` unused).
 
-    Minibatches are drawn without replacement by a permutation per pass over
+    ``x`` is a fixed set of inputs, or a *sampler*: a callable
+    ``x(batch_size, generator)`` that returns ``batch_size`` fresh inputs for
+    every step (e.g. :meth:`GenerativeSynthesizer.sample
+    <exml_fast.synth.GenerativeSynthesizer.sample>`, as DAFL and DFAD train
+    their students on new generator samples at every step). A sampler's
+    targets come from ``teacher`` and its length from ``iterations``.
+
+    Minibatches of a fixed ``x`` are drawn without replacement by a permutation per pass over
     ``x`` (the last minibatch of a pass may be smaller, but is never a single
     sample: :func:`minibatch_bounds`); ``iterations`` steps
     run as many passes as needed, the last one cut short. With ``augment``
@@ -226,7 +244,9 @@ def distill(
         student: the model to train, (B, C, H, W) → (B, K) logits; trained in
             place on its own device and returned in eval mode.
         x: (N, C, H, W) float inputs in the space the teacher expects (e.g.
-            ``SyntheticBatch.x``); on any device, minibatches are moved.
+            ``SyntheticBatch.x``); on any device, minibatches are moved. Or a
+            sampler ``x(batch_size, generator) -> (batch_size, C, H, W)``
+            called once a step with this run's CPU generator (above).
         teacher: frozen model whose logits are the targets (put in eval mode,
             its parameters untouched; run under ``torch.no_grad``).
         soft_targets: (N, K) float probabilities.
@@ -251,7 +271,9 @@ def distill(
 
     Raises:
         ValueError: no target source or more than one; neither or both of
-            ``epochs`` / ``iterations``; shapes that do not match; an unknown
+            ``epochs`` / ``iterations``; shapes that do not match; a sampler
+            without ``teacher`` or with ``epochs``, or one whose batch is not
+            (batch_size, C, H, W) float; an unknown
             ``optimizer`` or ``schedule``; a non-positive size, lr or temperature.
     """
     from exml_fast.ops import kd_loss, soft_target_cross_entropy
@@ -261,10 +283,18 @@ def distill(
     if len(sources) != 1:
         raise ValueError(f"distill: pass exactly one of teacher, soft_targets or labels; got "
                          f"{', '.join(sources) if sources else 'none'}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"distill: x must be a float tensor of shape (N, C, H, W); got "
+    sampler = x if callable(x) and not isinstance(x, torch.Tensor) else None
+    if sampler is not None:
+        if teacher is None:
+            raise ValueError(f"distill: a sampler x (fresh inputs every step) takes its targets from teacher; got "
+                             f"{sources[0]}, which belongs to a fixed x")
+        if iterations is None:
+            raise ValueError("distill: a sampler x has no passes to count: pass iterations, not epochs")
+    elif not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"distill: x must be a float tensor of shape (N, C, H, W) or a sampler "
+                         f"x(batch_size, generator); got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    n = x.shape[0]
+    n = batch_size if sampler is not None else x.shape[0]
     if n == 0:
         raise ValueError("distill: x must hold at least one sample; got N = 0")
     if soft_targets is not None and (soft_targets.dim() != 2 or soft_targets.shape[0] != n):
@@ -313,11 +343,14 @@ def distill(
     perm = torch.empty(0, dtype=torch.int64)
     pos = len(bounds)
     for step in range(total):
-        if pos == len(bounds):
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[bounds[pos][0] : bounds[pos][1]]
-        pos += 1
-        xb = x[idx].to(device)
+        if sampler is not None:
+            xb = _sampled(sampler, batch_size, gen).to(device)
+        else:
+            if pos == len(bounds):
+                perm, pos = torch.randperm(n, generator=gen), 0
+            idx = perm[bounds[pos][0] : bounds[pos][1]]
+            pos += 1
+            xb = x[idx].to(device)
         if do_augment:
             xb = augment_batch(xb, gen, pad_crop=pad_crop, max_shift=max_shift, flip=flip, fill=fill)
         logits = student(xb)

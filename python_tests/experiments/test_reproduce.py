@@ -13,6 +13,7 @@ from exml_fast.cli import main
 from exml_fast.data import find_data_root
 from exml_fast.experiments.records import seconds_or_lower_bound
 from exml_fast.experiments.table2 import PAPER_TABLE2, reproduce_exml_mnist, summarize
+from exml_fast.training import minibatch_bounds
 
 needs_mnist = pytest.mark.skipif(find_data_root("mnist") is None or find_data_root("fashion-mnist") is None,
                                  reason="MNIST / Fashion-MNIST files not found")
@@ -145,6 +146,38 @@ def test_dfkd_arguments_are_checked(capsys):
         reproduce_dfkd(methods=("gan",), results=None)
     with pytest.raises(ValueError, match="budget for dfkd-mnist"):
         reproduce_dfkd(budget="huge", results=None)
+    with pytest.raises(ValueError, match="kd_samples must be one of fixed, fresh; got 'new'"):
+        reproduce_dfkd(kd_samples="new", results=None)
+    assert main(["reproduce", "zskd-mnist", "--kd-samples", "fresh"]) == 2
+    assert "--kd-samples is for dfkd-mnist" in capsys.readouterr().err
+    assert main(["reproduce", "dfkd-mnist", "--kd-samples", "new"]) == 2
+
+
+@needs_mnist
+def test_dfkd_fresh_samples_train_each_generators_student_on_new_draws(tmp_path):
+    """--kd-samples fresh: a generator's student learns from a new delegator draw at every KD step, as many steps
+    as the fixed draw's KD; the fit is shared with the fixed rows, the draws are counted as synthesis time, and
+    the record and each row are kept apart from the fixed ones."""
+    base = ["reproduce", "dfkd-mnist", "--budget", "smoke", "--out", str(tmp_path / "w"), "--results",
+            str(tmp_path / "res"), "--device", "cpu", "--methods", "data-impressions,dafl"]
+    assert main(base) == 0
+    fixed = {r["method"]: r for r in json.loads((tmp_path / "res" /
+                                                 "dfkd_mnist_smoke_data-impressions_dafl.json").read_text())["rows"]}
+    assert main([*base, "--kd-samples", "fresh"]) == 0
+    rec = json.loads((tmp_path / "res" / "dfkd_mnist_smoke_fresh_data-impressions_dafl.json").read_text())
+    by = {r["method"]: r for r in rec["rows"]}
+    assert rec["kd_samples"] == "fresh" and rec["selected"] == "dafl"
+    assert by["data-impressions"] == fixed["data-impressions"]  # its fixed set either way: read back
+    spec = rec["budget_detail"]
+    steps = spec["kd_epochs"] * len(minibatch_bounds(spec["n"], 64))
+    dafl = by["dafl"]
+    assert dafl["kd_samples"] == "fresh" and dafl["inputs_drawn"] == steps * 64 and not dafl["balanced"]
+    assert dafl["fit_s"] == fixed["dafl"]["fit_s"]  # the same fit, read back from its checkpoint
+    assert dafl["synthesis_s"] == dafl["fit_s"] + dafl["draw_s"] and dafl["draw_s"] > 0
+    assert sum(dafl["class_counts"]) == spec["n"] and "balance_error" not in dafl
+    assert (tmp_path / "w" / "smoke" / "dafl_fresh_seed0_n64.json").exists()
+    md = (tmp_path / "res" / "dfkd_mnist_smoke_fresh_data-impressions_dafl.md").read_text()
+    assert "| dafl **(selected)** |" in md and "fresh every step" in md and f"({steps * 64} in all)" in md
 
 
 @needs_mnist

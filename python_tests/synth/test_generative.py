@@ -305,6 +305,27 @@ def test_synthesize_balances_the_requested_classes_as_the_teacher_labels_them(te
     assert batch.mean == (0.5,) and 0 < float(batch.losses["acceptance"]) <= 1
 
 
+def test_sample_draws_fresh_unlabelled_inputs_from_the_delegator_in_eval_mode(teacher):
+    synth = make(teacher)
+    synth.fit(1, batch_size=8, generator=0, progress=False)
+    synth.delegator.train()
+    x = synth.sample(5, 3)
+    assert x.shape == (5, *SHAPE) and x.dtype == torch.float32 and not x.requires_grad
+    assert synth.delegator.training, "sample restores the delegator's mode"
+    # an int seed and a Generator seeded with it are the same draw; a Generator advances between calls
+    assert torch.equal(synth.sample(5, torch.Generator().manual_seed(3)), x)
+    gen = torch.Generator().manual_seed(3)
+    first, second = synth.sample(5, gen), synth.sample(5, gen)
+    assert torch.equal(first, x) and not torch.equal(second, x)
+    with torch.no_grad(), eval_mode(synth.delegator):
+        expect = synth.delegator(torch.randn(5, synth.latent_dim, generator=torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(x, expect, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="sample: n must be an int >= 1"):
+        synth.sample(0)
+    with pytest.raises(TypeError, match="sample: generator must be a torch.Generator, an int seed or None; got str"):
+        synth.sample(2, "3")
+
+
 def test_unbalanced_sampling_keeps_every_draw_with_the_teachers_label_among_the_classes(teacher):
     synth = make(teacher, balance=False)
     synth.fit(1, batch_size=8, generator=0, progress=False)
