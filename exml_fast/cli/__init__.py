@@ -11,12 +11,14 @@ holding another job, ...); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from exml_fast.checkpoint import CheckpointError
 from exml_fast.cli import exml, reproduce, synth
-from exml_fast.cli.common import PROG, UsageError, one_line
+from exml_fast.cli.common import PROG, UsageError, left_torchrun_group, one_line
 
 __all__ = ["build_parser", "main"]
 
@@ -42,6 +44,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(None if argv is None else list(argv))
     except SystemExit as e:  # argparse: --help (0) or a usage error (2), message already printed
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    status = _dispatch(args)
+    if left_torchrun_group():
+        # A torchrun rank whose work is written and whose group is destroyed: end here, without the teardown
+        # in which gloo may still abort it (left_torchrun_group). Output first: os._exit flushes nothing.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Runs the parsed command; returns the exit status."""
     try:
         return args.func(args)
     except UsageError as e:

@@ -229,3 +229,26 @@ def test_synthesize_cuda_graph_bf16(teacher, tmp_path, capsys):
                "--channels-last", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     assert len(load_synthetic(out)) == 64
+
+
+def test_a_rank_that_left_its_torchrun_group_ends_without_the_interpreters_teardown(monkeypatch, capsys):
+    """Under torchrun, once its group is destroyed, main ends the process with os._exit(status) after flushing
+    (gloo may abort a rank in the teardown); outside torchrun it returns the status as always."""
+    import exml_fast.cli as cli
+    from exml_fast.cli.common import left_torchrun_group
+
+    assert not left_torchrun_group()
+    assert main(["reproduce", "zskd-mnist", "--methods", "dafl"]) == 2  # no group joined: returns
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(status):
+        raise Exited(status)
+
+    monkeypatch.setattr(cli, "left_torchrun_group", lambda: True)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    with pytest.raises(Exited) as info:
+        main(["reproduce", "zskd-mnist", "--methods", "dafl"])
+    assert info.value.args == (2,)
+    assert "--methods is for dfkd-mnist" in capsys.readouterr().err  # written before the exit
