@@ -15,7 +15,8 @@ import torch
 
 from exml_fast._utils.dtypes import FLOAT_DTYPES
 
-__all__ = ["check_choice", "check_float", "check_image_batch", "check_int", "per_channel", "refuse_double_backward"]
+__all__ = ["check_choice", "check_float", "check_image_batch", "check_int", "cpu_generator", "per_channel",
+           "refuse_double_backward"]
 
 
 def check_int(value: Any, name: str, owner: str, *, low: int | None = None, high: int | None = None) -> int:
@@ -33,6 +34,21 @@ def check_int(value: Any, name: str, owner: str, *, low: int | None = None, high
             bound = ""
         raise ValueError(f"{owner}: {name} must be an int{bound}; got {value!r}")
     return value
+
+
+def cpu_generator(generator: Any, owner: str) -> torch.Generator | None:
+    """``generator`` as a CPU ``torch.Generator`` (an int is a seed) or None (torch's global one). Draws made on
+    the CPU give a seed the same run on every device; a generator on another device is refused."""
+    if generator is None or isinstance(generator, torch.Generator):
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError(f"{owner}: generator must be a CPU torch.Generator (draws are made on the "
+                             f"CPU so that a seed gives the same run on every device); got one on "
+                             f"{generator.device}")
+        return generator
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        return torch.Generator().manual_seed(generator)
+    raise TypeError(f"{owner}: generator must be None, an int seed or a torch.Generator; "
+                    f"got {type(generator).__name__}")
 
 
 def check_choice(value: Any, name: str, owner: str, choices) -> Any:

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from exml_fast._utils.checks import check_choice, check_float, check_int
+from exml_fast._utils.checks import check_choice, check_float, check_int, cpu_generator
 from exml_fast._utils.io import atomic_write, load_torch_file
 from exml_fast._utils.progress import Progress
 from exml_fast._utils.provenance import SEED_MAX, derive_seed
@@ -539,12 +539,7 @@ class GenerativeSynthesizer(Synthesizer):
         trains a student on new samples at every step (DAFL's and DFAD's students), where :meth:`synthesize`
         makes a fixed, class-balanced set."""
         n = check_int(n, "n", "GenerativeSynthesizer.sample", low=1)
-        if isinstance(generator, int) and not isinstance(generator, bool):
-            generator = torch.Generator().manual_seed(generator)
-        elif generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"GenerativeSynthesizer.sample: generator must be a torch.Generator, an int seed or "
-                            f"None; got {type(generator).__name__}")
-        z = torch.randn(n, self.latent_dim, generator=generator)
+        z = torch.randn(n, self.latent_dim, generator=cpu_generator(generator, "GenerativeSynthesizer.sample"))
         with torch.no_grad(), eval_mode(self.delegator):
             return self.delegator(z.to(self.device)).float()
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exml_fast._utils.batches import minibatch_bounds
-from exml_fast._utils.checks import check_choice, check_int
+from exml_fast._utils.checks import check_choice, check_int, cpu_generator
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "augment_batch", "distill", "evaluate", "minibatch_bounds", "train_classifier"]
 
@@ -166,19 +166,6 @@ def train_classifier(
     return model.eval()
 
 
-def _as_generator(generator: torch.Generator | int | None) -> torch.Generator | None:
-    if generator is None or isinstance(generator, torch.Generator):
-        if generator is not None and generator.device.type != "cpu":
-            raise ValueError(f"distill: generator must be a CPU torch.Generator (draws are made on the "
-                             f"CPU so that a seed gives the same run on every device); got one on "
-                             f"{generator.device}")
-        return generator
-    if isinstance(generator, int) and not isinstance(generator, bool):
-        return torch.Generator().manual_seed(generator)
-    raise TypeError(f"distill: generator must be None, an int seed or a torch.Generator; "
-                    f"got {type(generator).__name__}")
-
-
 
 
 def distill(
@@ -323,7 +310,7 @@ def distill(
             raise ValueError(f"distill: {name} must be an int >= 0; got {value!r}")
     if not isinstance(log_every, int) or log_every < 0:
         raise ValueError(f"distill: log_every must be an int >= 0; got {log_every!r}")
-    gen = _as_generator(generator)
+    gen = cpu_generator(generator, "distill")
 
     device = next(student.parameters()).device
     bounds = minibatch_bounds(n, batch_size)

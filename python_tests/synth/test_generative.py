@@ -322,7 +322,7 @@ def test_sample_draws_fresh_unlabelled_inputs_from_the_delegator_in_eval_mode(te
     torch.testing.assert_close(x, expect, rtol=0, atol=0)
     with pytest.raises(ValueError, match="sample: n must be an int >= 1"):
         synth.sample(0)
-    with pytest.raises(TypeError, match="sample: generator must be a torch.Generator, an int seed or None; got str"):
+    with pytest.raises(TypeError, match="sample: generator must be None, an int seed or a torch.Generator; got str"):
         synth.sample(2, "3")
 
 
