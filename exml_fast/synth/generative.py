@@ -550,8 +550,7 @@ class GenerativeSynthesizer(Synthesizer):
 
     @torch.no_grad()
     def _draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        z = torch.randn(n, self.latent_dim, generator=generator).to(self.device)
-        x = self.delegator(z)
+        x = self.sample(n, generator)
         return x, self.teacher(x)
 
     def _synthesize_batch(self, labels, *, iterations, generator, offset, progress) -> SyntheticBatch:
