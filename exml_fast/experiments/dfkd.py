@@ -228,11 +228,9 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
         kd_student = LeNet5Half(num_classes=10, in_channels=1)
     kd_student = kd_student.to(device)
     t0 = time.perf_counter()
-    # as many steps either way: kd_epochs passes over a fixed draw of n
-    steps = spec["kd_epochs"] * len(minibatch_bounds(n, KD_BATCH))
-    distill(kd_student, batch.x if sampler is None else sampler, teacher=teacher, temperature=20.0, iterations=steps,
-            batch_size=KD_BATCH, lr=0.05, schedule="cosine", augment=True, pad_crop=4, max_shift=1, flip=False,
-            fill=-mean / std, generator=seed)
+    distill(kd_student, batch.x if sampler is None else sampler, teacher=teacher, temperature=20.0,
+            iterations=_kd_steps(spec, n), batch_size=KD_BATCH, lr=0.05, schedule="cosine", augment=True, pad_crop=4,
+            max_shift=1, flip=False, fill=-mean / std, generator=seed)
     row["kd_s"] = time.perf_counter() - t0
     if sampler is not None:  # the delegator's forwards during KD are the student's inputs' synthesis
         row["kd_s"] -= sampler.seconds
@@ -284,6 +282,11 @@ def _draw_inputs(synth, teacher, method, row, *, n, seed, out, progress):
     return batch
 
 
+def _kd_steps(spec: dict[str, Any], n: int) -> int:
+    """The KD's optimiser steps, fixed draw or fresh samples alike: ``kd_epochs`` passes over ``n`` inputs."""
+    return spec["kd_epochs"] * len(minibatch_bounds(n, KD_BATCH))
+
+
 class _TimedSampler:
     """A :func:`~exml_fast.training.distill` sampler that adds up the time and the number of its draws."""
 
@@ -320,7 +323,7 @@ def _teacher_counts(teacher, chunks, device) -> list[int]:
 def _inputs_line(record: dict[str, Any]) -> str:
     """The record's line on what each student learns from."""
     spec, n = record["budget_detail"], record["n"]
-    steps = spec["kd_epochs"] * len(minibatch_bounds(n, KD_BATCH))
+    steps = _kd_steps(spec, n)
     recipe = (f"the same KD recipe (τ 20, SGD lr 0.05 cosine, {steps} steps of {KD_BATCH}, pad-crop 4) trains a "
               "LeNet-5-Half")
     if record.get("kd_samples") == "fresh":
