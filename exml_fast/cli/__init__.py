@@ -11,14 +11,12 @@ holding another job, ...); 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from collections.abc import Sequence
 
 from exml_fast.checkpoint import CheckpointError
 from exml_fast.cli import exml, reproduce, synth
-from exml_fast.cli.common import PROG, UsageError, left_torchrun_group, one_line
+from exml_fast.cli.common import PROG, UsageError, end_without_teardown, left_torchrun_group, one_line
 
 __all__ = ["build_parser", "main"]
 
@@ -47,11 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = _dispatch(args)
     if left_torchrun_group():
         # A torchrun rank whose work is written and whose group is destroyed: end here, without the teardown
-        # in which gloo may still abort it (left_torchrun_group). Output first: os._exit flushes nothing.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+        # in which gloo may still abort it (left_torchrun_group).
+        end_without_teardown(status)
     return status
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
+import sys
 from collections.abc import Iterator
 
 import torch
 
-__all__ = ["PROG", "UsageError", "class_list", "device_arg", "left_torchrun_group", "one_line", "positive_float",
-           "positive_int", "resolve_device", "say", "torchrun_group"]
+__all__ = ["PROG", "UsageError", "class_list", "device_arg", "end_without_teardown", "left_torchrun_group", "one_line",
+           "positive_float", "positive_int", "resolve_device", "say", "torchrun_group"]
 
 PROG = "exml-fast"
 
@@ -117,3 +119,13 @@ def left_torchrun_group() -> bool:
     the barrier and destroyed its group, which torchrun reports as a failed run though all its work is written
     (seen under load on 2 CPU cores, in torch 2.14)."""
     return _left_group
+
+
+def end_without_teardown(status: int) -> None:
+    """Ends the process with ``status`` at once, after flushing the logs, stdout and stderr (``os._exit``
+    flushes nothing): for a rank that has written its work and destroyed its process group, so that gloo cannot
+    abort it in the interpreter's teardown (:func:`left_torchrun_group`)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

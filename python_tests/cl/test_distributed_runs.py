@@ -37,6 +37,7 @@ from exml_fast.cl.engine import run_stream
 from exml_fast.cl.experts import ExpertStream
 from exml_fast.cl.parallel import ShardedSteps
 from exml_fast.cl.scenarios import Experience, Scenario
+from exml_fast.cli.common import end_without_teardown
 from exml_fast.data import find_data_root
 from exml_fast.models import build_model
 from exml_fast.synth import ModelInversion
@@ -77,16 +78,6 @@ def _run(kind: str, stream_dir: str, out: str, **kw):
     return result, strategy
 
 
-def _leave() -> None:
-    """Ends a spawned worker that has saved its results and destroyed its process group, skipping the
-    interpreter's teardown: under load, a gloo rank may abort there (SIGABRT, "terminate called without an active
-    exception") after destroy_process_group has returned on both ranks, which mp.spawn reports as a failure
-    (seen in 1 of 3 runs beside a CPU hog)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def _worker(rank: int, world: int, init: str, tmp: str, kind: str, stream_dir: str, out: str, kw: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -100,7 +91,9 @@ def _worker(rank: int, world: int, init: str, tmp: str, kind: str, stream_dir: s
         dist.barrier()  # leave together, as the CLI does: gloo may abort a rank whose peer destroyed the group
     finally:
         dist.destroy_process_group()
-    _leave()
+    # Saved, and the group destroyed: skip the teardown, where a gloo rank may still abort under load (SIGABRT,
+    # "terminate called without an active exception"; 1 in 3 runs beside a CPU hog), as the CLI does.
+    end_without_teardown(0)
 
 
 def _bn_step(seed_x: int, n: int):
@@ -128,7 +121,7 @@ def _step_worker(rank: int, world: int, init: str, tmp: str, n: int) -> None:
         dist.barrier()  # leave together (as run_stream and the CLI do): gloo may abort a rank left behind
     finally:
         dist.destroy_process_group()
-    _leave()
+    end_without_teardown(0)  # as _worker
 
 
 @pytest.mark.parametrize("world, n", [(2, 10), (3, 7), (3, 2)])

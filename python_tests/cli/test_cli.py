@@ -247,7 +247,7 @@ def test_a_rank_that_left_its_torchrun_group_ends_without_the_interpreters_teard
         raise Exited(status)
 
     monkeypatch.setattr(cli, "left_torchrun_group", lambda: True)
-    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr(os, "_exit", fake_exit)
     with pytest.raises(Exited) as info:
         main(["reproduce", "zskd-mnist", "--methods", "dafl"])
     assert info.value.args == (2,)
