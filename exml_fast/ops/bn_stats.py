@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from exml_fast import _ext
-from exml_fast._utils.checks import check_choice, check_float_dtype, check_tensor, refuse_double_backward
+from exml_fast._utils.checks import check_choice, check_float_dtype, check_tensor
 from exml_fast import reference as _ref
 from exml_fast.reference.bn_stats import BN_LOSS_FORMS, acc_dtype, combine_bn_loss
 
@@ -47,7 +47,8 @@ def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _ref.bn_stats(x)
 
 
-def _check_running(t: torch.Tensor, name: str, channels: int, x: torch.Tensor, op: str = "bn_stats_loss") -> None:
+def check_running_stat(t: torch.Tensor, name: str, channels: int, x: torch.Tensor, op: str = "bn_stats_loss") -> None:
+    """Raises unless ``t`` (argument ``name`` of ``op``) is a floating (channels,) tensor on x's device."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
     if t.dim() != 1 or t.shape[0] != channels:
@@ -86,8 +87,8 @@ def bn_stats_loss(
     """
     check_choice(form, "form", "bn_stats_loss", BN_LOSS_FORMS)
     _check_x(x, "bn_stats_loss")
-    _check_running(running_mean, "running_mean", x.shape[1], x)
-    _check_running(running_var, "running_var", x.shape[1], x)
+    check_running_stat(running_mean, "running_mean", x.shape[1], x)
+    check_running_stat(running_var, "running_var", x.shape[1], x)
     mean, var = bn_stats(x)
     return combine_bn_loss(mean, var, running_mean, running_var, form=form, eps=eps)
 
@@ -118,7 +119,7 @@ def frozen_bn_stats(x: torch.Tensor, scale: torch.Tensor,
     _check_x(x, "frozen_bn_stats")
     acc = acc_dtype(x.dtype)
     for t, name in ((scale, "scale"), (shift, "shift")):
-        _check_running(t, name, x.shape[1], x, op="frozen_bn_stats")
+        check_running_stat(t, name, x.shape[1], x, op="frozen_bn_stats")
     scale = scale.detach().to(acc)
     shift = shift.detach().to(acc)
     if _ext.use_compiled(x) and x.device.type == "cpu":
@@ -130,7 +131,9 @@ def frozen_bn_stats(x: torch.Tensor, scale: torch.Tensor,
 
 
 def _register() -> None:
-    """Fake kernels and autograd for the compiled ops (only when _C loaded)."""
+    """Fake kernels of the compiled ops (only when _C loaded). Their autograd is registered in C++
+    (csrc/ops/bn_stats.cpp): the matcher calls them once per BatchNorm layer and step, where a Python
+    autograd node per call would cost more host time than the GPU kernels take."""
 
     @torch.library.register_fake("exml_fast::bn_stats")
     def _bn_stats_fake(x):
@@ -142,22 +145,6 @@ def _register() -> None:
     def _bn_stats_backward_fake(grad_mean, grad_var, x, mean):
         return torch.empty_like(x)
 
-    def setup_context(ctx, inputs, output):
-        (x,) = inputs
-        mean, _ = output
-        ctx.save_for_backward(x, mean)
-
-    def backward(ctx, grad_mean, grad_var):
-        x, mean = ctx.saved_tensors
-        if grad_mean is None:
-            grad_mean = torch.zeros_like(mean)
-        if grad_var is None:
-            grad_var = torch.zeros_like(mean)
-        return torch.ops.exml_fast._bn_stats_backward(grad_mean, grad_var, x, mean)
-
-    torch.library.register_autograd("exml_fast::bn_stats", backward, setup_context=setup_context)
-
-
     @torch.library.register_fake("exml_fast::frozen_bn_stats")
     def _frozen_fake(x, scale, shift):
         acc = acc_dtype(x.dtype)
@@ -167,36 +154,6 @@ def _register() -> None:
     @torch.library.register_fake("exml_fast::_frozen_bn_stats_backward")
     def _frozen_backward_fake(grad_y, grad_mean, grad_var, x, mean, scale):
         return torch.empty_like(x)
-
-    def frozen_setup_context(ctx, inputs, output):
-        x, scale, _ = inputs
-        _, mean, _ = output
-        ctx.save_for_backward(x, mean, scale)
-
-    def frozen_backward(ctx, grad_y, grad_mean, grad_var):
-        x, mean, scale = ctx.saved_tensors
-        if grad_y is None:
-            grad_y = torch.zeros_like(x)
-        if grad_mean is None:
-            grad_mean = torch.zeros_like(mean)
-        if grad_var is None:
-            grad_var = torch.zeros_like(mean)
-        dx = torch.ops.exml_fast._frozen_bn_stats_backward(grad_y, grad_mean, grad_var, x, mean, scale)
-        return dx, None, None
-
-    torch.library.register_autograd("exml_fast::frozen_bn_stats", frozen_backward,
-                                    setup_context=frozen_setup_context)
-    torch.library.register_autograd(
-        "exml_fast::_frozen_bn_stats_backward",
-        refuse_double_backward("frozen_bn_stats", "frozen_bn_stats"),
-        setup_context=lambda ctx, inputs, output: None,
-    )
-
-    torch.library.register_autograd(
-        "exml_fast::_bn_stats_backward",
-        refuse_double_backward("bn_stats", "bn_stats"),
-        setup_context=lambda ctx, inputs, output: None,
-    )
 
 
 if _ext.has_ops():
