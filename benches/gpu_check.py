@@ -76,13 +76,13 @@ NEEDED_MODULES = ("pytest", "numpy", "tqdm", "safetensors", "yaml", "matplotlib"
 #: reference in fp32, the CUDA-vs-CPU comparisons, the Philox known answers). The test
 #: that turns on torch's sync debug mode is left out: without the caching allocator
 #: (see `start_sanitizer`) every free synchronises.
-SANITIZER_FILES = ("ops/test_bn_stats.py", "ops/test_image_priors.py", "ops/test_soft_target_losses.py",
-                   "ops/test_ed_loss.py", "ops/test_dirichlet.py", "ops/test_augment.py", "ops/test_window_pool.py",
-                   "ops/test_tanh.py")
+SANITIZER_FILES = ("ops/test_bn_stats.py", "ops/test_bn_match_loss.py", "ops/test_image_priors.py",
+                   "ops/test_soft_target_losses.py", "ops/test_ed_loss.py", "ops/test_dirichlet.py",
+                   "ops/test_augment.py", "ops/test_window_pool.py", "ops/test_tanh.py")
 #: racecheck looks for hazards on shared memory only: the tests of the ops whose CUDA kernels use it
 #: (python_tests/test_gpu_check.py checks this list against csrc/cuda/*.cu).
-RACECHECK_FILES = ("ops/test_bn_stats.py", "ops/test_image_priors.py", "ops/test_soft_target_losses.py",
-                   "ops/test_ed_loss.py")
+RACECHECK_FILES = ("ops/test_bn_stats.py", "ops/test_bn_match_loss.py", "ops/test_image_priors.py",
+                   "ops/test_soft_target_losses.py", "ops/test_ed_loss.py")
 SANITIZER_K = ("((matches_reference and float32) or cuda_matches_cpu or philox or dirichlet_rows_sum_to_one)"
                " and not generator_device")
 

@@ -35,6 +35,7 @@ How an op is registered (the rule every module here follows):
 """
 
 from exml_fast.ops.augment import augment, augment_with_params, draw_augment_params
+from exml_fast.ops.bn_match_loss import bn_match_loss
 from exml_fast.ops.bn_stats import bn_stats, bn_stats_loss, frozen_bn_stats
 from exml_fast.ops.class_similarity import class_similarity
 from exml_fast.ops.dirichlet import dirichlet_targets
@@ -46,7 +47,7 @@ from exml_fast.ops.tanh import fast_tanh, tanh
 from exml_fast.ops.upsample_conv import upsample2x_conv3x3
 from exml_fast.ops.window_pool import fast_pooling, window_pool
 
-__all__ = ["augment", "augment_with_params", "bn_stats", "bn_stats_loss", "class_similarity",
+__all__ = ["augment", "augment_with_params", "bn_match_loss", "bn_stats", "bn_stats_loss", "class_similarity",
            "dirichlet_targets", "draw_augment_params", "ed_class_table", "ed_loss", "frozen_bn_stats", "image_priors",
            "fast_layers", "fast_pooling", "fast_tanh", "js_divergence", "kd_loss", "soft_target_cross_entropy", "tanh",
            "upsample2x_conv3x3", "window_pool"]
