@@ -128,6 +128,38 @@ def test_fused_path_equals_hook_path_on_a_frozen_model(channels_last):
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_path_under_autocast_keeps_the_input_dtype(dtype, monkeypatch):
+    """Under autocast the fused forward runs too (a frozen teacher in bf16 synthesis): its output keeps the
+    low-precision input's dtype as PyTorch's BatchNorm does, and output, loss and input gradient agree with
+    the hook path to that dtype's rounding."""
+    import exml_fast.synth.matcher as matcher_mod
+
+    calls = []
+    real = matcher_mod.frozen_bn_stats
+    monkeypatch.setattr(matcher_mod, "frozen_bn_stats", lambda x, *a: calls.append(x.dtype) or real(x, *a))
+    net = frozen_copy(make_net())
+    x0 = torch.randn(6, 3, 4, 4)
+    results = []
+    for fused in (True, False):
+        x = x0.clone().requires_grad_(True)
+        with BNStatsMatcher(net, first_bn_multiplier=10.0, fused=fused) as m, \
+                torch.autocast("cpu", dtype=dtype):
+            out = net(x)
+            total = out.float().square().mean() + m.loss()
+        total.backward()
+        patched = sum("forward" in layer.__dict__ for layer in net.modules())
+        results.append((out.dtype, out.detach().float(), m.loss().detach(), x.grad))
+    (d1, o1, l1, g1), (d2, o2, l2, g2) = results
+    assert d1 == d2
+    assert calls and all(c == dtype for c in calls)  # the fused path ran, on the low-precision input
+    tol = dict(rtol=4 * torch.finfo(dtype).eps, atol=4 * torch.finfo(dtype).eps)
+    torch.testing.assert_close(o1, o2, **tol)
+    torch.testing.assert_close(l1, l2, **tol)
+    torch.testing.assert_close(g1, g2, rtol=0.05, atol=1e-3)
+    assert patched == 0
+
+
 def test_fused_path_falls_back_in_train_mode_and_with_trainable_affine():
     """Calls the fused kernel cannot stand for take the hook path, with the same numbers."""
     x = torch.randn(5, 3, 4, 4, requires_grad=True)
