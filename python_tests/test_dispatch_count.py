@@ -182,6 +182,14 @@ def test_the_profiler_count_leaves_out_views_allocations_and_no_op_composites():
     assert p.ops["aten::add"] == 1 and p.ops["aten::copy_"] == 1
 
 
+def test_the_profiler_counts_each_sync_once_at_its_innermost_op():
+    a, _ = tensors()
+    with LeafOpCounter() as p:
+        bool(a.sum() > 0)  # aten::is_nonzero runs aten::item, which runs aten::_local_scalar_dense
+        a.sum().item()
+    assert dict(p.syncs) == {"aten::_local_scalar_dense": 2}
+
+
 def test_the_profiler_count_sees_a_composite_s_parts():
     a, b = tensors()
     with DispatchCounter() as c:

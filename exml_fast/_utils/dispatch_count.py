@@ -49,8 +49,8 @@ model and input shapes:
     ``aten::copy_`` that converts the scalar, an ``aten::sum`` as the ``aten::fill_`` that zeroes its output, a
     kernel that makes its input contiguous as that ``aten::copy_``). It is a proxy for the kernel launches that
     sees into composites and custom ops: the total, not the names, is what it measures. Apart, ``syncs``
-    tallies the events of :data:`SYNC_OPS` at any depth: the host syncs made inside kernels, which the
-    dispatch mode cannot see (they are among the leaves too). Python-level events (autograd nodes,
+    tallies the innermost events of :data:`SYNC_OPS` at any depth: the host syncs made inside kernels too,
+    which the dispatch mode cannot see (they are among the leaves as well). Python-level events (autograd nodes,
     optimiser ranges, ``record_function``) are not ops and only group their children.
 
 Use::
@@ -354,9 +354,10 @@ class LeafOpCounter:
         ops: ``collections.Counter`` of the working leaf ops by name (``"aten::copy_"``, ``"exml_fast::tanh"``),
             filled when the block exits.
         total: their sum.
-        syncs: ``collections.Counter`` of the events of :data:`SYNC_OPS` at any depth, by name: the host syncs
-            made inside kernels too (a C++ kernel's ``.item()``), which :class:`DispatchCounter` cannot see.
-            Boolean-mask indexing and copies between devices are not told apart here.
+        syncs: ``collections.Counter`` of the events of :data:`SYNC_OPS` at any depth with none below them, by
+            name: the host syncs made inside kernels too (a C++ kernel's ``.item()``), which
+            :class:`DispatchCounter` cannot see. Boolean-mask indexing and copies between devices are not told
+            apart here (the former shows as its ``aten::nonzero``).
     """
 
     def __init__(self) -> None:
@@ -392,19 +393,21 @@ class LeafOpCounter:
                     self._tally(event)
         return False
 
-    def _tally(self, event) -> bool:
-        """Counts the working leaves under ``event`` (itself included); whether there was one."""
-        if event.name in SYNC_OPS:
-            self.syncs[event.name] += 1
-        below = False
+    def _tally(self, event) -> tuple[bool, bool]:
+        """Counts the working leaves and the syncs under ``event`` (itself included); whether there was a
+        working op, and whether there was a sync (a sync op counts once: ``aten::is_nonzero`` runs
+        ``aten::_local_scalar_dense`` inside, and only that one is tallied)."""
+        working = synced = False
         for child in event.cpu_children:
-            below = self._tally(child) or below
-        if below:
-            return True
-        if _event_kind(event.name) == "op":
+            w, s = self._tally(child)
+            working, synced = working or w, synced or s
+        if event.name in SYNC_OPS and not synced:
+            self.syncs[event.name] += 1
+            synced = True
+        if not working and _event_kind(event.name) == "op":
             self.ops[event.name] += 1
-            return True
-        return False
+            working = True
+        return working, synced
 
     def reset(self) -> None:
         self.ops.clear()
