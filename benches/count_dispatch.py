@@ -23,14 +23,15 @@ Each loop runs three steps in one call: step 1 warms up, step 2 is counted by th
 profiler (exml_fast._utils.dispatch_count: DispatchCounter, LeafOpCounter). "BN off" is the same loop without the
 BN term (public: no hooks; matcher: no matcher; engine: bn_weight 0), and (on - off) / BN layers is the BN term's
 cost per layer. Last, the fixed cost of one tiny call (forward + backward) of each exml_fast op: median
-microseconds on one thread (torch.utils.benchmark) and its counts.
+microseconds on one thread (torch.utils.benchmark, five interleaved rounds), its ratio to a plain PyTorch tiny
+call timed in the same rounds, and its counts.
 
 The counts are the CPU's dispatch: on a GPU some paths differ (frozen_bn_stats is fused on the CPU only, fast_layers
 and the input-gradient convolutions are CPU-only, augment_with_params checks its parameters only on the CPU).
 
 Usage:
     python benches/count_dispatch.py [--nets resnet18 lenet5_bn] [--batch 8] [--no-tiny]
-        [--min-run-time 0.5] [--threads 1] [--stem dispatch_counts_cpu] [--suffix _before] [--out benches/results]
+        [--min-run-time 1] [--threads 1] [--stem dispatch_counts_cpu] [--suffix _before] [--out benches/results]
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from benchlib import RESULTS, ROOT, env_markdown, environment, record
+from benchlib import RESULTS, ROOT, env_markdown, environment, median, record
 from bench_synthesis import BN_WEIGHT, FLIP, JITTER, L2_WEIGHT, LR, SHAPES, TV_L2_WEIGHT, exml_synth, targets_for
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -345,29 +346,50 @@ def tiny_calls() -> dict[str, Callable[[], object]]:
     }
 
 
-def tiny_record(min_run_time: float) -> list[dict]:
-    """Median microseconds (and the range of the timer's blocks) of each tiny call on one thread, with its
-    dispatch and profiler counts."""
-    rows = []
-    for name, fn in tiny_calls().items():
+#: The reference tiny call timed beside the ops: ``torch.autograd.grad(x * w, x)`` on (1, 1) tensors, two ATen
+#: ops (``mul`` forward and backward) through PyTorch's own C++ autograd. Ratios to it cancel the load of a
+#: shared machine; what an op costs above it is its Python wrapper, checks and autograd wiring.
+BASELINE = "torch x * w (baseline)"
+
+
+def baseline_call() -> Callable[[], object]:
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 1, generator=g).requires_grad_(True), torch.randn(1, 1, generator=g)
+    grad = torch.ones(1, 1)
+    return lambda: torch.autograd.grad(x * w, x, grad)
+
+
+def tiny_record(min_run_time: float, rounds: int = 5) -> list[dict]:
+    """Each tiny call's microseconds on one thread, timed in ``rounds`` rounds (the order rotated each round;
+    torch.utils.benchmark's blocked_autorange for ``min_run_time / rounds`` seconds per call and round): the
+    median over the rounds and their range, and the median of the per-round ratios to :data:`BASELINE`; with
+    each call's dispatch and profiler counts."""
+    calls = {BASELINE: baseline_call(), **tiny_calls()}
+    names = list(calls)
+    rows = {}
+    for name, fn in calls.items():
         fn()  # warm-up
         with DispatchCounter() as d:
             fn()
         with LeafOpCounter() as p:
             fn()
-        m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=1).blocked_autorange(
-            min_run_time=min_run_time)
-        times = sorted(m.times)
-        rows.append({"op": name, "us": m.median * 1e6, "us_min": times[0] * 1e6, "us_max": times[-1] * 1e6,
-                     "blocks": len(times), "calls_per_block": m.number_per_run, "ops": d.total_ops,
-                     "views": d.total_views, "syncs": d.total_syncs, "leaf_ops": p.total,
-                     "profiler_syncs": p.summary()["syncs"], "by_op": d.summary()["by_op"],
-                     "leaf_by_op": p.summary()["by_op"]})
-        r = rows[-1]
-        print(f"  {name:26s} {r['us']:8.1f} us [{r['us_min']:.1f}-{r['us_max']:.1f}]  ops {r['ops']:3d}  "
-              f"views {r['views']:3d}  syncs {r['syncs']} ({r['profiler_syncs']} nested)  "
-              f"leaf ops {r['leaf_ops']:3d}", flush=True)
-    return rows
+        rows[name] = {"op": name, "ops": d.total_ops, "views": d.total_views, "syncs": d.total_syncs,
+                      "leaf_ops": p.total, "profiler_syncs": p.summary()["syncs"], "by_op": d.summary()["by_op"],
+                      "leaf_by_op": p.summary()["by_op"], "rounds_us": []}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            m = benchmark.Timer(stmt="fn()", globals={"fn": calls[name]}, num_threads=1).blocked_autorange(
+                min_run_time=min_run_time / rounds)
+            rows[name]["rounds_us"].append(m.median * 1e6)
+    base = rows[BASELINE]["rounds_us"]
+    for row in rows.values():
+        us = row["rounds_us"]
+        row.update(us=median(us), us_min=min(us), us_max=max(us),
+                   vs_baseline=median([u / b for u, b in zip(us, base)]))
+        print(f"  {row['op']:26s} {row['us']:8.1f} us [{row['us_min']:.1f}-{row['us_max']:.1f}] "
+              f"{row['vs_baseline']:5.2f}x baseline  ops {row['ops']:2d}  views {row['views']:2d}  "
+              f"syncs {row['syncs']} ({row['profiler_syncs']} nested)  leaf ops {row['leaf_ops']:2d}", flush=True)
+    return list(rows.values())
 
 
 # -- output ----------------------------------------------------------------------------------------------------
@@ -470,17 +492,22 @@ def to_markdown(rec: dict) -> str:
         lines += ["", "Top leaf ops (profiler): " + ", ".join(f"`{k}` {v}" for k, v in top) + "."]
     if rec["tiny"]:
         lines += ["", "## Fixed cost of one tiny call (forward + backward), one thread", "",
-                  "Smallest valid input ((1, 1), (1, 1, 1, 1); window_pool (1, 1, 2, 2)); dirichlet_targets forward "
-                  "only. Median microseconds of torch.utils.benchmark's blocks [min-max]; counts of one call.", "",
-                  "| op | µs per call | ops | views | syncs (nested) | leaf ops | ops dispatched "
+                  "Smallest valid input ((1, 1), (1, 1, 1, 1); window_pool (1, 1, 2, 2)); augment with its draw; "
+                  "dirichlet_targets forward only. Microseconds: the median over "
+                  f"{len(rec['tiny'][0]['rounds_us'])} interleaved rounds [min-max] (each round the median of "
+                  "torch.utils.benchmark's blocks), and the median of the per-round ratios to the baseline, "
+                  "`torch.autograd.grad(x * w, x)` on (1, 1) tensors (two ATen ops through PyTorch's C++ autograd): "
+                  "the ratio is what to compare across runs, the microseconds move with the machine's load. "
+                  "Counts of one call; syncs in brackets: the profiler's, inside kernels too.", "",
+                  "| op | µs per call | vs baseline | ops | views | syncs | leaf ops | ops dispatched "
                   "| leaf ops (profiler) |",
-                  "|---|---:|---:|---:|---:|---:|---|---|"]
+                  "|---|---:|---:|---:|---:|---:|---:|---|---|"]
         for t in rec["tiny"]:
             by_op = ", ".join(f"`{k}` {v}" for k, v in t["by_op"].items())
             leaves = ", ".join(f"`{k}` {v}" for k, v in t["leaf_by_op"].items())
-            lines.append(f"| {t['op']} | {t['us']:.1f} [{t['us_min']:.1f}-{t['us_max']:.1f}] | {t['ops']} | "
-                         f"{t['views']} | {t['syncs']} ({t['profiler_syncs']}) | {t['leaf_ops']} | {by_op} | "
-                         f"{leaves} |")
+            lines.append(f"| {t['op']} | {t['us']:.1f} [{t['us_min']:.1f}-{t['us_max']:.1f}] | "
+                         f"{t['vs_baseline']:.2f}x | {t['ops']} | {t['views']} | {t['syncs']} ({t['profiler_syncs']}) "
+                         f"| {t['leaf_ops']} | {by_op} | {leaves} |")
     return "\n".join(lines) + "\n"
 
 
@@ -490,8 +517,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--batch", type=int, default=8, help="images per step (default 8)")
     p.add_argument("--no-tiny", action="store_true", help="skip the tiny-call fixed costs")
-    p.add_argument("--min-run-time", type=float, default=0.5,
-                   help="seconds of timed tiny calls per op (default 0.5)")
+    p.add_argument("--min-run-time", type=float, default=1.0,
+                   help="seconds of timed tiny calls per op, over 5 interleaved rounds (default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--stem", default=DEFAULT_STEM, help=f"recorded files' stem (default {DEFAULT_STEM})")
     p.add_argument("--suffix", default="", help="appended to the stem, e.g. _before")

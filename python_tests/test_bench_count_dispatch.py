@@ -85,6 +85,13 @@ def test_every_tiny_call_dispatches_its_op(bench):
             assert any(op.startswith("exml_fast::_") and op.endswith("_backward") for op in c.ops), name
 
 
+def test_the_tiny_call_record_has_the_baseline_and_every_op(bench):
+    rows = {r["op"]: r for r in bench.tiny_record(0.02, rounds=2)}
+    assert list(rows) == [bench.BASELINE, *bench.tiny_calls()]
+    assert rows[bench.BASELINE]["vs_baseline"] == 1.0 and rows[bench.BASELINE]["ops"] == 2
+    assert all(len(r["rounds_us"]) == 2 and r["us_min"] <= r["us"] <= r["us_max"] for r in rows.values())
+
+
 def test_count_step_refuses_bad_arguments_by_name(bench):
     with pytest.raises(ValueError, match="count_step: variant must be one of public frozen, matcher, engine"):
         bench.count_step("lenet5_bn", "compiled", 2)
