@@ -23,15 +23,15 @@ Each loop runs three steps in one call: step 1 warms up, step 2 is counted by th
 profiler (exml_fast._utils.dispatch_count: DispatchCounter, LeafOpCounter). "BN off" is the same loop without the
 BN term (public: no hooks; matcher: no matcher; engine: bn_weight 0), and (on - off) / BN layers is the BN term's
 cost per layer. Last, the fixed cost of one tiny call (forward + backward) of each exml_fast op: median
-microseconds on one thread (torch.utils.benchmark, five interleaved rounds), its ratio to a plain PyTorch tiny
+microseconds on one thread (torch.utils.benchmark, ten interleaved rounds), its ratio to a plain PyTorch tiny
 call timed in the same rounds, and its counts.
 
 The counts are the CPU's dispatch: on a GPU some paths differ (frozen_bn_stats is fused on the CPU only, fast_layers
 and the input-gradient convolutions are CPU-only, augment_with_params checks its parameters only on the CPU).
 
 Usage:
-    python benches/count_dispatch.py [--nets resnet18 lenet5_bn] [--batch 8] [--no-tiny]
-        [--min-run-time 1] [--threads 1] [--stem dispatch_counts_cpu] [--suffix _before] [--out benches/results]
+    python benches/count_dispatch.py [--nets resnet18 lenet5_bn] [--batch 8] [--no-tiny] [--min-run-time 2]
+        [--rounds 10] [--threads 1] [--stem dispatch_counts_cpu] [--suffix _before] [--out benches/results]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import contextlib
 import copy
 import functools
 import itertools
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -359,7 +360,7 @@ def baseline_call() -> Callable[[], object]:
     return lambda: torch.autograd.grad(x * w, x, grad)
 
 
-def tiny_record(min_run_time: float, rounds: int = 5) -> list[dict]:
+def tiny_record(min_run_time: float, rounds: int = 10) -> list[dict]:
     """Each tiny call's microseconds on one thread, timed in ``rounds`` rounds (the order rotated each round;
     torch.utils.benchmark's blocked_autorange for ``min_run_time / rounds`` seconds per call and round): the
     median over the rounds and their range, and the median of the per-round ratios to :data:`BASELINE`; with
@@ -497,7 +498,9 @@ def to_markdown(rec: dict) -> str:
                   f"{len(rec['tiny'][0]['rounds_us'])} interleaved rounds [min-max] (each round the median of "
                   "torch.utils.benchmark's blocks), and the median of the per-round ratios to the baseline, "
                   "`torch.autograd.grad(x * w, x)` on (1, 1) tensors (two ATen ops through PyTorch's C++ autograd): "
-                  "the ratio is what to compare across runs, the microseconds move with the machine's load. "
+                  "the ratio is what to compare across runs, the microseconds move with the machine's load "
+                  f"(1-minute load average {rec['env']['load_average']['start']:.1f} at the start of this run, "
+                  f"{rec['env']['load_average']['end']:.1f} at its end, on {rec['env']['load_average']['cpus']} CPUs). "
                   "Counts of one call; syncs in brackets: the profiler's, inside kernels too.", "",
                   "| op | µs per call | vs baseline | ops | views | syncs | leaf ops | ops dispatched "
                   "| leaf ops (profiler) |",
@@ -517,8 +520,9 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--batch", type=int, default=8, help="images per step (default 8)")
     p.add_argument("--no-tiny", action="store_true", help="skip the tiny-call fixed costs")
-    p.add_argument("--min-run-time", type=float, default=1.0,
-                   help="seconds of timed tiny calls per op, over 5 interleaved rounds (default 1)")
+    p.add_argument("--min-run-time", type=float, default=2.0,
+                   help="seconds of timed tiny calls per op, over the rounds (default 2)")
+    p.add_argument("--rounds", type=int, default=10, help="interleaved rounds of the tiny calls (default 10)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--stem", default=DEFAULT_STEM, help=f"recorded files' stem (default {DEFAULT_STEM})")
     p.add_argument("--suffix", default="", help="appended to the stem, e.g. _before")
@@ -530,12 +534,15 @@ def main(argv=None) -> int:
         p.error(f"--threads: an int >= 1; got {args.threads}")
     if args.min_run_time <= 0:
         p.error(f"--min-run-time: seconds > 0; got {args.min_run_time}")
+    if args.rounds < 1:
+        p.error(f"--rounds: an int >= 1; got {args.rounds}")
     if not exml_fast.has_ops():
         p.error("exml_fast._C is not built: the ops would run their pure-PyTorch fallback")
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     env = environment("cpu", "dispatch counts (DeepInversion step)")
+    env["load_average"] = {"start": os.getloadavg()[0], "cpus": os.cpu_count()}
     steps = []
     for net in args.nets:
         for variant in args.variants:
@@ -547,8 +554,9 @@ def main(argv=None) -> int:
     tiny = []
     if not args.no_tiny:
         print("\ntiny calls (forward + backward, one thread):")
-        tiny = tiny_record(args.min_run_time)
+        tiny = tiny_record(args.min_run_time, args.rounds)
     env["wall_s"] = time.perf_counter() - t0
+    env["load_average"]["end"] = os.getloadavg()[0]
     rec = {"env": env, "argv": sys.argv[1:] if argv is None else list(argv),
            "args": {k: v for k, v in vars(args).items() if k != "out"}, "steps": steps, "ratios": ratios(steps),
            "refresh": refresh, "tiny": tiny}
