@@ -17,8 +17,11 @@ from exml_fast.reference.bn_stats import BN_LOSS_FORMS, acc_dtype, combine_bn_lo
 
 # The BatchNorm classes whose eval-mode forward is exactly ``x * scale + shift`` (subclasses may override it).
 _FUSABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-#: The input dtypes the fused forward takes (those frozen_bn_stats' kernels read).
-_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: The input dtypes the fused forward takes, by device type: on CUDA also the 16-bit ones of autocast (the
+#: fused kernel saves launches there); on the CPU, where bf16 synthesis is rare and the fused kernel was not
+#: measured against PyTorch's bf16 BatchNorm, those keep PyTorch's own.
+_FUSED_DTYPES = {"cpu": (torch.float32, torch.float64),
+                 "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 
 
 class _Stat(NamedTuple):
@@ -68,8 +71,9 @@ class BNStatsMatcher:
             forward inside the block by :func:`exml_fast.ops.frozen_bn_stats`
             whenever the call allows it (layer in eval mode, its affine
             parameters not requiring gradients, an input that does — a frozen
-            teacher in synthesis, also under autocast, where the output keeps the
-            input's dtype as PyTorch's BatchNorm does): the layer's output and its input's
+            teacher in synthesis; fp32/fp64 inputs, and on CUDA also the fp16/bf16
+            ones of autocast, whose output keeps the input's dtype as PyTorch's
+            BatchNorm does): the layer's output and its input's
             statistics from one pass, and the whole input gradient from one
             backward sweep instead of three. Other calls and layers take the
             hook path; the numbers agree up to rounding.
@@ -194,7 +198,7 @@ class BNStatsMatcher:
     def _fused_forward(self, name: str, weight: float, layer: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
         params = [p for p in (layer.weight, layer.bias) if p is not None]
         if (layer.training or not torch.is_grad_enabled() or not x.requires_grad
-                or x.dtype not in _FUSED_DTYPES
+                or x.dtype not in _FUSED_DTYPES.get(x.device.type, ())
                 or any(p.requires_grad for p in params)):
             self._on_bn_input(name, weight, layer, (x,))
             return type(layer).forward(layer, x)

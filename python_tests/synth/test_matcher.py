@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from _util import DEVICES
+
 from exml_fast import BNStatsMatcher
 from exml_fast import reference as ref
 
@@ -128,23 +130,24 @@ def test_fused_path_equals_hook_path_on_a_frozen_model(channels_last):
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_path_under_autocast_keeps_the_input_dtype(dtype, monkeypatch):
-    """Under autocast the fused forward runs too (a frozen teacher in bf16 synthesis): its output keeps the
-    low-precision input's dtype as PyTorch's BatchNorm does, and output, loss and input gradient agree with
-    the hook path to that dtype's rounding."""
+def test_fused_path_under_autocast(device, dtype, monkeypatch):
+    """Under autocast the fused forward runs on CUDA (a frozen teacher in bf16 synthesis), on the
+    low-precision input, and its output keeps that dtype as PyTorch's BatchNorm does; on the CPU PyTorch's
+    own BatchNorm runs. Output, loss and input gradient agree with the hook path to the dtype's rounding."""
     import exml_fast.synth.matcher as matcher_mod
 
     calls = []
     real = matcher_mod.frozen_bn_stats
     monkeypatch.setattr(matcher_mod, "frozen_bn_stats", lambda x, *a: calls.append(x.dtype) or real(x, *a))
-    net = frozen_copy(make_net())
-    x0 = torch.randn(6, 3, 4, 4)
+    net = frozen_copy(make_net()).to(device)
+    x0 = torch.randn(6, 3, 4, 4, device=device)
     results = []
     for fused in (True, False):
         x = x0.clone().requires_grad_(True)
         with BNStatsMatcher(net, first_bn_multiplier=10.0, fused=fused) as m, \
-                torch.autocast("cpu", dtype=dtype):
+                torch.autocast(device, dtype=dtype):
             out = net(x)
             total = out.float().square().mean() + m.loss()
         total.backward()
@@ -152,7 +155,10 @@ def test_fused_path_under_autocast_keeps_the_input_dtype(dtype, monkeypatch):
         results.append((out.dtype, out.detach().float(), m.loss().detach(), x.grad))
     (d1, o1, l1, g1), (d2, o2, l2, g2) = results
     assert d1 == d2
-    assert calls and all(c == dtype for c in calls)  # the fused path ran, on the low-precision input
+    if device == "cpu":
+        assert calls == []
+    else:
+        assert calls and all(c == dtype for c in calls)  # the fused path ran, on the low-precision input
     tol = dict(rtol=4 * torch.finfo(dtype).eps, atol=4 * torch.finfo(dtype).eps)
     torch.testing.assert_close(o1, o2, **tol)
     torch.testing.assert_close(l1, l2, **tol)
