@@ -89,7 +89,9 @@ def add_commands(sub) -> None:
     s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: picked from the teacher; on the CPU channels_last "
                         "for networks with convolutions of 16+ input channels)")
-    s.add_argument("--cuda-graph", action="store_true", help="capture each step in a CUDA graph (CUDA only)")
+    s.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture each step in a CUDA graph (default: on a CUDA device without --compile, with an "
+                        "eager fallback; --no-cuda-graph: never)")
     s.add_argument("--compile", action="store_true", help="torch.compile the step")
     s.add_argument("--lr", type=positive_float, default=None, help="learning rate of x (default: the method's)")
     s.add_argument("--preset", choices=PRESET_NAMES, default=None,

@@ -144,7 +144,7 @@ class _Inversion(Synthesizer):
         competition_form: str = "js",
         precision: str = "fp32",
         channels_last: bool | None = None,
-        cuda_graph: bool = False,
+        cuda_graph: bool | None = None,
         compile: bool | dict = False,
         multi_resolution: tuple[float, float] | None = None,
         log_every: int | None = None,
@@ -234,15 +234,18 @@ class _Inversion(Synthesizer):
         if channels_last is None:
             channels_last = auto_channels_last(teacher, self.device, precision)
         self.channels_last = bool(channels_last)
-        self.cuda_graph = bool(cuda_graph)
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(f"{owner}: compile must be a bool or a dict of torch.compile arguments; "
+                            f"got {type(compile).__name__}")
+        # None (auto): on CUDA without torch.compile, capture the step; a step that cannot be captured (a host
+        # sync in the teacher's forward, say) then runs eagerly with a warning instead of failing.
+        self._cuda_graph_auto = cuda_graph is None
+        self.cuda_graph = (self.device.type == "cuda" and not compile) if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(
                 f"{owner}: cuda_graph=True needs a CUDA device; this synthesizer runs on {self.device} "
                 "(pass device='cuda' with a CUDA teacher, or cuda_graph=False)"
             )
-        if not isinstance(compile, (bool, dict)):
-            raise TypeError(f"{owner}: compile must be a bool or a dict of torch.compile arguments; "
-                            f"got {type(compile).__name__}")
         self.compile = compile
         if multi_resolution is not None:
             try:
@@ -644,6 +647,13 @@ class _GraphStep:
     steps of the optimisation); the fourth is captured, and every later one is a
     replay. Inputs that change per step — the augmentation parameters and the
     Adam scalars — are copied into static buffers before each replay.
+
+    A step that synchronises with the host (a teacher whose forward reads a
+    value, say) cannot be captured, and a failed capture leaves the process's
+    current stream and allocator mid-capture. So the first warm-up step runs with
+    PyTorch's sync debug mode on "warn": if it synchronised, nothing is captured;
+    with ``cuda_graph=None`` (auto) every step then runs eagerly, with a
+    RuntimeWarning, and with ``cuda_graph=True`` it is an error naming the sync.
     """
 
     WARMUP = 3
@@ -652,19 +662,56 @@ class _GraphStep:
         self.synth, self.st, self.step, self.augments = synth, st, step, augments
         self.calls = 0
         self.graph = None
+        self.eager = False  # the step synchronises (auto mode): every step runs eagerly
         self.stream = torch.cuda.Stream(device=synth.device)
         self.params = None
         self.scalars = None
         self.terms = None
 
+    def _warmup(self, params, scalars):
+        self.stream.wait_stream(torch.cuda.current_stream(self.synth.device))
+        with torch.cuda.stream(self.stream):
+            if self.calls > 1:
+                out = self.step(self.st, params, scalars)
+            else:
+                out, syncs = self._probed(params, scalars)
+                if syncs:
+                    self._refuse(syncs)
+        torch.cuda.current_stream(self.synth.device).wait_stream(self.stream)
+        return out
+
+    def _probed(self, params, scalars):
+        """One step with the sync debug mode on "warn"; (its terms, the sync warnings' first lines)."""
+        previous = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = self.step(self.st, params, scalars)
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+        syncs = [str(w.message).splitlines()[0] for w in seen if "synchroniz" in str(w.message)]
+        for w in seen:  # the step's other warnings, passed on
+            if "synchroniz" not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return out, syncs
+
+    def _refuse(self, syncs: list[str]) -> None:
+        name = type(self.synth).__name__
+        what = f"the step synchronises with the host ({syncs[0]})"
+        if not self.synth._cuda_graph_auto:
+            raise RuntimeError(f"{name}: cuda_graph=True, but {what}, so it cannot be captured in a CUDA graph; "
+                               "pass cuda_graph=False, or None to capture only where it can")
+        self.eager = True
+        warnings.warn(f"{name}: {what}, so it is not captured in a CUDA graph and runs eagerly "
+                      "(cuda_graph=False silences this)", RuntimeWarning, stacklevel=stacklevel_outside_synth())
+
     def __call__(self, params, scalars):
         self.calls += 1
+        if self.eager:
+            return self.step(self.st, params, scalars)
         if self.graph is None and self.calls <= self.WARMUP:
-            self.stream.wait_stream(torch.cuda.current_stream(self.synth.device))
-            with torch.cuda.stream(self.stream):
-                out = self.step(self.st, params, scalars)
-            torch.cuda.current_stream(self.synth.device).wait_stream(self.stream)
-            return out
+            return self._warmup(params, scalars)
         if self.graph is None:
             self.params = None if params is None else params.clone()
             self.scalars = scalars.clone()
@@ -869,7 +916,13 @@ class DeepInversion(_Inversion):
         channels_last: run the networks in channels_last (weights converted
             for the job and put back afterwards).
         cuda_graph: capture the whole step (forward, backward, Adam, clip,
-            best-batch selection) in a CUDA graph and replay it. CUDA only.
+            best-batch selection) in a CUDA graph and replay it: one launch a
+            step instead of hundreds, which is what bounds a small-batch step
+            on a GPU. None (the default): on a CUDA device without
+            ``compile``, with eager steps and a warning instead where the
+            step synchronises with the host (e.g. a teacher whose forward
+            reads a value), which a graph cannot hold; True: always, an error
+            for such a step; False: never. True needs a CUDA device.
         compile: torch.compile the loss (True, or a dict of torch.compile
             arguments).
         multi_resolution: (scale, fraction): the first ``fraction`` of the

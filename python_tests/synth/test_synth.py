@@ -209,6 +209,11 @@ def test_cuda_only_options_raise_on_cpu(bn_cnn):
         DeepInversion(bn_cnn, input_shape=SHAPE_BN, cuda_graph=True)
 
 
+def test_cuda_graph_default_is_off_on_the_cpu(bn_cnn):
+    assert DeepInversion(bn_cnn, input_shape=SHAPE_BN).cuda_graph is False
+    assert DeepInversion(bn_cnn, input_shape=SHAPE_BN, cuda_graph=None).cuda_graph is False
+
+
 def test_multi_resolution_needs_a_teacher_that_takes_small_inputs(lenet):
     synth = DeepInversion(lenet, input_shape=SHAPE_LENET, bn_weight=0.0, multi_resolution=(0.5, 0.5),
                           iterations=2, batch_size=2)
@@ -475,6 +480,45 @@ def test_cuda_graph_matches_eager_on_cuda(precision):
     torch.testing.assert_close(graph.x, eager.x, atol=tol, rtol=tol)
     torch.testing.assert_close(graph.losses["total"], eager.losses["total"], atol=tol * 100, rtol=tol)
     assert _hook_count(teacher) == 0
+
+
+class _SyncingTeacher(nn.Module):
+    """A teacher whose forward reads a value on the host: its step cannot be captured in a CUDA graph."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        scale = float(x.abs().amax()) > -1.0  # a host sync
+        return self.net(x) * scale
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@requires_ops
+def test_cuda_graph_is_the_default_on_cuda_and_falls_back_to_eager():
+    """On CUDA the step is captured by default (and then equals the eager run); a teacher that syncs in its
+    forward runs eagerly with a RuntimeWarning, with the same result as cuda_graph=False; cuda_graph=True
+    raises instead, naming the way out."""
+    torch.manual_seed(0)
+    net = calibrated_bn(resnet18_cifar(num_classes=10, width=8), SHAPE_BN).cuda()
+    kw = dict(input_shape=SHAPE_BN, mean=MEAN, std=STD, iterations=8, batch_size=8, warn_below=None)
+    auto = DeepInversion(net, **kw)
+    assert auto.cuda_graph is True
+    assert DeepInversion(net, compile=True, **kw).cuda_graph is False
+    eager = DeepInversion(net, cuda_graph=False, **kw).synthesize(8, generator=3, progress=False)
+    with no_warnings():  # no sync inside the engine's step: it is captured, with no fallback warning
+        graph = auto.synthesize(8, generator=3, progress=False)
+    torch.testing.assert_close(graph.x, eager.x, atol=1e-4, rtol=1e-4)
+    syncing = _SyncingTeacher(net)
+    with pytest.warns(RuntimeWarning, match="synchronises with the host.*runs eagerly"):
+        fallback = DeepInversion(syncing, **kw).synthesize(8, generator=3, progress=False)
+    plain = DeepInversion(syncing, cuda_graph=False, **kw).synthesize(8, generator=3, progress=False)
+    torch.testing.assert_close(fallback.x, plain.x, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph; pass cuda_graph=False"):
+        DeepInversion(syncing, cuda_graph=True, **kw).synthesize(8, generator=3, progress=False)
+    assert _hook_count(net) == 0
 
 
 @pytest.mark.cuda
