@@ -12,12 +12,12 @@ best form: bf16 autocast, channels_last and torch.compile), each side compared i
                       against exml fp32; public frozen bf16 + channels_last + torch.compile in each of
                       --compile-modes (max-autotune and reduce-overhead; the faster kept) against exml bf16 +
                       channels_last + CUDA graph; and each loop without its BN term (the term's share)
-  ops-bn_stats        bench_bn_stats at batch 256: the op rows (1.9 GB per call; GB/s against the copy
-                      bandwidth; against torch.compile(reference)) and the BN term's share of a step with
-                      the public hooks and with exml_fast's matcher
   synthesis-resnet34  ResNet-34 at batch 256, the public best form in the compile mode that won on ResNet-18
                       (its record in --out, also one an earlier call left there; else reduce-overhead)
   synthesis-resnet50  the ImageNet ResNet-50 at 224 px, batch 64, likewise
+  ops-bn_stats        bench_bn_stats at batch 256: the op rows (1.9 GB per call; GB/s against the copy
+                      bandwidth; against torch.compile(reference)) and the BN term's share of a hand-written
+                      step with the public hooks and with exml_fast's matcher
   ops-<op>            the other op benchmarks at their GPU sizes (rows that move >= 100 MB per call), with
                       torch.compile(reference)
   ttq-resnet18        the time-to-quality race at ResNet-18 batch 256 against the fp32 frozen peer (whose
@@ -64,7 +64,7 @@ DATA = ROOT / "runs" / "gpu-data"
 #: The synthesis nets: (net, batch). CIFAR shapes at 256 fill an H100; ResNet-50 at 224 px, 64.
 NETS = {"resnet18": 256, "resnet34": 256, "resnet50": 64}
 #: The op benchmarks: (name, script, arguments, recorded stem). Each runs at its GPU sizes, with
-#: torch.compile(reference); bn_stats first (its step-level rows are the BN term's share of a step).
+#: torch.compile(reference); bn_stats first (its step-level rows are the BN term's share of a hand-written step).
 OPS = (
     ("bn_stats", "bench_bn_stats.py",
      ["--batches", "256", "--step-batch", "256", "--min-run-time", "0.5", "--step-run-time", "3"], "bn_stats_cuda"),
@@ -76,8 +76,8 @@ OPS = (
     ("tanh", "bench_tanh.py", ["--min-run-time", "0.3"], "tanh_cuda"),
     ("upsample_conv", "bench_upsample_conv.py", ["--min-run-time", "0.3"], "upsample_conv_cuda"),
 )
-STEPS = ("build", "synthesis-resnet18", "ops-bn_stats", "synthesis-resnet34", "synthesis-resnet50",
-         *(f"ops-{o[0]}" for o in OPS[1:]), "ttq-resnet18")
+STEPS = ("build", "synthesis-resnet18", "synthesis-resnet34", "synthesis-resnet50", *(f"ops-{o[0]}" for o in OPS),
+         "ttq-resnet18")
 
 #: Seconds each step may take at most (the budget may leave less). Expected on an H100 with 16 cores (see
 #: the README's "On a GPU machine"): build 60-100 s; ResNet-18 120-180 s (two torch.compile modes of the
