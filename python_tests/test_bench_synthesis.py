@@ -263,3 +263,13 @@ def test_the_best_forms_race_to_the_fp32_peers_bar(bench, tmp_path, no_data, mon
     log = json.loads(next((tmp_path / "state").glob("ttq_cpu_lenet5_bn_*.json")).read_text())
     assert "peer best | public frozen bf16+cl" in log["entries"]  # resumable, as the fp32 race
     assert "The best forms, to the same bar" in (tmp_path / "synthesis_cpu_race.md").read_text()
+
+
+def test_the_local_resnet50_is_torchvisions(bench):
+    # A GPU machine without torchvision builds the same network: the same parameter and buffer shapes, in order.
+    pytest.importorskip("torchvision")
+    tv, local = bench.resnet50_imagenet(), bench._resnet50_local()
+    assert [tuple(t.shape) for t in tv.state_dict().values()] == [tuple(t.shape) for t in local.state_dict().values()]
+    assert bench.SHAPES["resnet50"] == (3, 224, 224) and bench.GPU_BATCH["resnet50"] == 64
+    with torch.no_grad():
+        assert local.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 10)
