@@ -303,3 +303,25 @@ def test_bn_stats_records_the_bn_terms_share_and_the_op_rows_timing(tmp_path):
     assert any(h.startswith("step_level: the BN loss adds") and "of the step" in h for h in heads)
     md = (tmp_path / "bn_stats_cpu.md").read_text()
     assert "share of the step" in md and "rounds × calls" in md
+
+
+def test_bench_synthesis_takes_the_arguments_gpu_perf_gives_it(gp, tmp_path, monkeypatch):
+    # Each synthesis step's and the race's arguments, parsed by bench_synthesis itself (on the CPU, the nets not
+    # run): the settings the GPU run will have.
+    args = gp.parse_args(["--out", str(tmp_path)])
+    seen = []
+    with bench_module("bench_synthesis") as bs:
+        monkeypatch.setattr(bs, "environment", lambda device, title: {"device_kind": device})
+        monkeypatch.setattr(bs, "record", lambda *a, **k: None)
+        monkeypatch.setattr(bs, "to_markdown", lambda rec: "")
+        monkeypatch.setattr(bs, "bench_net", lambda name, a: seen.append((name, a)))
+        for net in gp.NETS:
+            bs.main(["--device", "cpu", *gp.synthesis_args(net, args), "--out", str(tmp_path)])
+        bs.main(["--device", "cpu", *gp.ttq_args(args), "--out", str(tmp_path)])
+    (_, r18), (_, r34), (_, r50), (net, ttq) = seen
+    assert r18.best and r18.bn_share and r18.compile_modes == ["max-autotune", "reduce-overhead"]
+    assert (r18.k1, r18.k2, r18.rounds, r18.check_iterations, r18.ttq_steps) == (5, 45, 5, 0, 0)
+    assert r18.batch_of["resnet18"] == 256 and r50.batch_of["resnet50"] == 64 and not r50.bn_share
+    assert r34.compile_modes == r50.compile_modes == ["reduce-overhead"]  # no ResNet-18 record here: the fallback
+    assert net == "resnet18" and ttq.ttq_only and ttq.ttq_best and ttq.ttq_steps == 2000 and ttq.ttq_variants == 1
+    assert ttq.ttq_rel_tol == 0.1 and ttq.ttq_state == str(tmp_path / "ttq_state") and ttq.batch_of["resnet18"] == 256
