@@ -14,7 +14,13 @@
 #                              tests run against them (about 20 min on 2 cores)
 #   make gpu-check             on a GPU machine, with its own torch (USE_SYSTEM_TORCH=1 implied):
 #                              build for its GPU, every CUDA test (pytest -m cuda, ctest), memcheck,
-#                              short benches; summary + logs in GPU_CHECK_OUT (< 10 min; exit 2 without a GPU)
+#                              smoke runs of the benches; summary + logs in GPU_CHECK_OUT (< 10 min; exit 2
+#                              without a GPU)
+#   make gpu-perf              on a GPU machine, with its own torch: build once, then the performance figures
+#                              (synthesis images/s against the frozen public loop in fp32 and in its best form,
+#                              the BN term's share of a step, the op rows >= 100 MB, then the time-to-quality
+#                              race if time is left) in < 9 min, into GPU_PERF_OUT (exit 2 without a GPU)
+#   make gpu-… GPU_TAR=x.tgz   also pack the output folder into one .tgz at the end (whatever happened)
 #   make gpu-data              here: copy MNIST and Fashion-MNIST into runs/gpu-data, for the GPU machine
 #                              (which has no ../shared) to carry
 #   make gpu-ttq               on the GPU machine, after gpu-check: the time-to-quality race at batch 256
@@ -24,7 +30,8 @@
 # Variables: PYTHON (interpreter that creates the venv, or the one used with
 # USE_SYSTEM_TORCH=1 and by gpu-check), VENV (default .venv), TORCH_CUDA_ARCH_LIST,
 # MAX_JOBS, CMAKE_CUDA (ON/OFF: CUDA kernels and tests in the CMake build; default
-# ON when torch sees a GPU), GPU_CHECK_OUT (default benches/results/gpu).
+# ON when torch sees a GPU), GPU_CHECK_OUT (default benches/results/gpu), GPU_PERF_OUT (default
+# GPU_CHECK_OUT/perf), GPU_TAR (a .tgz gpu-check and gpu-perf pack their output into; default none).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -64,7 +71,7 @@ CMAKE_BUILD_DIR := build-cmake
 CMAKE_CUDA = $(shell $(PY) -c 'import torch; print("ON" if torch.cuda.is_available() else "OFF")' 2>/dev/null || echo OFF)
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: help env build lint test pytest pytest-avx2 ctest sanitize demo demo-inversion bench bench-e2e gpu-check gpu-data gpu-ttq clean FORCE
+.PHONY: help env build lint test pytest pytest-avx2 ctest sanitize demo demo-inversion bench bench-e2e gpu-check gpu-perf gpu-data gpu-ttq clean FORCE
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -173,9 +180,16 @@ bench-e2e: build
 # builds with pip install --no-build-isolation -e . for that GPU with all cores, and
 # keeps going past a failing step. Exit 0 all passed, 1 a step failed, 2 no GPU.
 GPU_CHECK_OUT ?= benches/results/gpu
+GPU_PERF_OUT ?= $(GPU_CHECK_OUT)/perf
+GPU_TAR ?=
 
 gpu-check:
-	$(PYTHON) benches/gpu_check.py --out "$(GPU_CHECK_OUT)"
+	$(PYTHON) benches/gpu_check.py --out "$(GPU_CHECK_OUT)" $(if $(GPU_TAR),--tar "$(GPU_TAR)")
+
+# The performance figures (benches/gpu_perf.py, same machine, same interpreter): built once, then each
+# benchmark as a step with its own timeout inside a 530 s budget; the race's state is kept under GPU_PERF_OUT.
+gpu-perf:
+	$(PYTHON) benches/gpu_perf.py --out "$(GPU_PERF_OUT)" $(if $(GPU_TAR),--tar "$(GPU_TAR)")
 
 # The time-to-quality race of bench_synthesis on the GPU, with the library gpu-check built. Its data come from
 # EXML_FAST_DATA, else runs/gpu-data (`make gpu-data` here, then carry runs/gpu-data); every measurement is

@@ -25,7 +25,8 @@ import sys
 import time
 
 import torch
-from benchlib import env_markdown, environment, median_seconds, op_parser, parse_op_args, record
+from benchlib import (TIMING_HEADER, command_line, env_markdown, environment, op_parser, parse_op_args, record,
+                      time_fn, timing_cells)
 
 from exml_fast.ops.augment import augment
 from exml_fast.reference.augment import augment as ref_augment
@@ -33,6 +34,8 @@ from exml_fast.reference.augment import augment_with_params as ref_apply
 from exml_fast.reference.augment import batch_augment_public, draw_augment_params
 
 SIZES = [((256, 3, 32, 32), 2, 4), ((1024, 1, 32, 32), 2, 4), ((64, 3, 224, 224), 30, 0)]
+#: On a GPU: a CIFAR batch, and an ImageNet batch of 256 (616 MB moved per call).
+GPU_SIZES = [((256, 3, 32, 32), 2, 4), ((256, 3, 224, 224), 30, 0)]
 
 
 def make_step(fn, x, grad):
@@ -65,8 +68,8 @@ def bench(device, dtype, channels_last, *, use_compile, min_run_time, copy_bw, s
                                        generator=gen), pad_crop=pad)
         variants["public once-per-batch (info)"] = lambda t: batch_augment_public(
             t, max_shift=max_shift, flip=True)
-        times = {name: median_seconds(make_step(fn, x, grad), min_run_time=min_run_time)
-                 for name, fn in variants.items()}
+        timings = {name: time_fn(make_step(fn, x, grad), device=device, min_run_time=min_run_time)
+                   for name, fn in variants.items()}
 
         params = draw_augment_params(n, max_shift=max_shift, pad_crop=pad, device=device,
                                      generator=gen)
@@ -76,13 +79,14 @@ def bench(device, dtype, channels_last, *, use_compile, min_run_time, copy_bw, s
             torch.ops.exml_fast.augment_with_params(xd, params, pad)
             torch.ops.exml_fast._augment_with_params_backward(grad, params, pad)
 
-        times["exml_fast kernels only"] = median_seconds(kernels_only, min_run_time=min_run_time)
+        timings["exml_fast kernels only"] = time_fn(kernels_only, device=device, min_run_time=min_run_time)
         nbytes = 4 * x.numel() * x.element_size()
         layout = "channels_last" if channels_last else "NCHW"
-        for name, sec in times.items():
+        for name, t in timings.items():
+            sec = t.median_s
             row = {"shape": list(shape), "max_shift": max_shift, "pad_crop": pad, "layout": layout,
-                   "dtype": str(dtype).removeprefix("torch."), "variant": name, "ms": sec * 1e3,
-                   "speedup_vs_reference": times["reference"] / sec, "GB/s": nbytes / sec / 1e9,
+                   "dtype": str(dtype).removeprefix("torch."), "variant": name, **t.fields(), "MB": nbytes / 1e6,
+                   "speedup_vs_reference": timings["reference"].median_s / sec, "GB/s": nbytes / sec / 1e9,
                    "pct_copy_bw": 100 * nbytes / sec / copy_bw}
             rows.append(row)
             print(f"  {str(tuple(shape)):18s} shift {max_shift:2d} pad {pad} {layout:13s} "
@@ -98,7 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action="store_true", help="x and grad in channels_last")
     args = parse_op_args(p, argv)
     min_run_time = args.min_run_time
-    sizes = SIZES[:2] if args.quick else SIZES
+    sizes = SIZES[:2] if args.quick else GPU_SIZES if args.device == "cuda" else SIZES
     dtype = getattr(torch, args.dtype)
 
     env = environment(args.device, "augment")
@@ -107,10 +111,10 @@ def main(argv=None) -> int:
     rows = bench(args.device, dtype, args.channels_last, use_compile=not args.no_compile,
                  min_run_time=min_run_time, copy_bw=env["copy_bandwidth_GBps"] * 1e9, sizes=sizes)
     env["wall_s"] = time.perf_counter() - t0
-    rec = {"env": env, "rows": rows}
+    cmd = command_line("bench_augment.py", argv)
+    rec = {"env": env, "command": cmd, "rows": rows}
     layout = "_cl" if args.channels_last else ""
     stem = f"augment_{args.device}_{args.dtype}{layout}" + ("_quick" if args.quick else "")
-    cmd = " ".join(["python benches/bench_augment.py"] + (argv if argv is not None else sys.argv[1:]))
     record(args.out, stem, rec, to_markdown(rec, cmd))
     return 0
 
@@ -121,13 +125,14 @@ def to_markdown(rec: dict, command: str) -> str:
         "`public once-per-batch` is a weaker augmentation (one draw per batch), for information.",
         "",
         "| shape | max_shift | pad_crop | layout | dtype | variant | ms | speed-up vs reference |"
-        " GB/s | % of copy bw |",
-        "|---|---:|---:|---|---|---|---:|---:|---:|---:|",
+        f" GB/s | % of copy bw | MB moved | {TIMING_HEADER} |",
+        "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rec["rows"]:
         lines.append(f"| {tuple(r['shape'])} | {r['max_shift']} | {r['pad_crop']} | {r['layout']} | "
                      f"{r['dtype']} | {r['variant']} | {r['ms']:.3f} | "
-                     f"{r['speedup_vs_reference']:.2f}x | {r['GB/s']:.1f} | {r['pct_copy_bw']:.0f}% |")
+                     f"{r['speedup_vs_reference']:.2f}x | {r['GB/s']:.1f} | {r['pct_copy_bw']:.0f}% | "
+                     f"{r['MB']:.0f} | {timing_cells(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from benchlib import RESULTS, env_markdown, environment, interleaved_samples, median, median_seconds, record
+from benchlib import (RESULTS, TIMING_HEADER, command_line, env_markdown, environment, interleaved_samples, record,
+                      time_fn, timing_cells, true_median)
 
 import exml_fast
 from exml_fast import BNStatsMatcher, ops
@@ -86,22 +87,24 @@ def bench_op_level(device, batches, *, use_compile, min_run_time, copy_bw):
             if use_compile:
                 torch._dynamo.reset()
                 variants["compile(reference)"] = torch.compile(ref.bn_stats, dynamic=False)
-            times = {}
-            for name, fn in variants.items():
-                times[name] = median_seconds(make_fwd_bwd(fn, acts, grads), min_run_time=min_run_time)
+            timings = {name: time_fn(make_fwd_bwd(fn, acts, grads), device=device, min_run_time=min_run_time)
+                       for name, fn in variants.items()}
             # The fused kernels alone, without autograd or its fresh gradient buffers
             # (on CPU those cost first-touch page faults that every variant pays).
-            times["exml_fast kernels only"] = median_seconds(
-                make_kernels_only(acts, grads), min_run_time=min_run_time)
+            timings["exml_fast kernels only"] = time_fn(make_kernels_only(acts, grads), device=device,
+                                                       min_run_time=min_run_time)
             layout = "channels_last" if channels_last else "NCHW"
-            for name, sec in times.items():
+            ref_s = timings["reference"].median_s
+            for name, t in timings.items():
+                sec = t.median_s
                 rows.append({
-                    "batch": batch, "layout": layout, "variant": name, "ms": sec * 1e3,
-                    "speedup_vs_reference": times["reference"] / sec,
+                    "batch": batch, "layout": layout, "variant": name, **t.fields(), "MB": nbytes / 1e6,
+                    "speedup_vs_reference": ref_s / sec,
                     "GB/s": nbytes / sec / 1e9, "pct_copy_bw": 100 * nbytes / sec / copy_bw,
                 })
-                print(f"  batch {batch:4d} {layout:13s} {name:23s} {sec * 1e3:9.2f} ms  "
-                      f"x{times['reference'] / sec:6.2f} vs reference  "
+                print(f"  batch {batch:4d} {layout:13s} {name:23s} {sec * 1e3:9.2f} ms "
+                      f"[{t.fields()['ms_min']:.2f}-{t.fields()['ms_max']:.2f}, {t.rounds} x {t.inner}]  "
+                      f"x{ref_s / sec:6.2f} vs reference  "
                       f"{nbytes / sec / 1e9:7.2f} GB/s ({100 * nbytes / sec / copy_bw:5.1f}% of copy)",
                       flush=True)
             del acts
@@ -161,12 +164,16 @@ def bench_step_level(device, batch, *, min_run_time):
     base = samples["no BN loss"]
     rows = []
     for name, vals in samples.items():
-        # Overhead from same-round pairs: robust to a machine whose speed drifts.
-        overhead = 100 * (median([v / b for v, b in zip(vals, base)]) - 1)
-        rows.append({"batch": batch, "variant": name, "ms": median(vals) * 1e3,
-                     "overhead_pct_vs_no_bn": overhead, "rounds": len(vals)})
-        print(f"  batch {batch:4d} {name:16s} {median(vals) * 1e3:9.1f} ms/step (median of "
-              f"{len(vals)})  BN loss adds {overhead:6.1f}% (median of same-round ratios)",
+        # Overhead and share from same-round pairs: robust to a machine whose speed drifts.
+        ratios = [v / b for v, b in zip(vals, base)]
+        overhead = 100 * (true_median(ratios) - 1)
+        share = 100 * (1 - true_median([b / v for v, b in zip(vals, base)]))
+        rows.append({"batch": batch, "variant": name, **samples.fields(name), "overhead_pct_vs_no_bn": overhead,
+                     "overhead_pct_min": 100 * (min(ratios) - 1), "overhead_pct_max": 100 * (max(ratios) - 1),
+                     "bn_share_pct": share})
+        print(f"  batch {batch:4d} {name:16s} {true_median(vals) * 1e3:9.1f} ms/step (median of "
+              f"{len(vals)} rounds x {samples.inner[name]})  BN loss adds {overhead:6.1f}% "
+              f"[{100 * (min(ratios) - 1):.1f}-{100 * (max(ratios) - 1):.1f}], {share:.1f}% of the step",
               flush=True)
     return rows
 
@@ -178,7 +185,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    choices=["cpu", "cuda"])
-    p.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--batches", type=int, nargs="+", default=[64, 256],
+                   help="batches of the op level (ResNet-18's BN inputs move 472 MB per call at 64, 1.9 GB at 256)")
     p.add_argument("--step-batch", type=int, default=None,
                    help="batch of the DeepInversion step (default 64 on CPU, 256 on CUDA)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
@@ -208,38 +216,42 @@ def main(argv=None) -> int:
                                  or (20.0 if args.device == "cpu" else 3.0))
     env["wall_s"] = time.perf_counter() - t0
 
-    rec = {"env": env, "op_level": op_rows, "step_level": step_rows}
+    rec = {"env": env, "command": command_line("bench_bn_stats.py", argv), "op_level": op_rows,
+           "step_level": step_rows}
     record(args.out, f"bn_stats_{args.device}", rec, to_markdown(rec))
     return 0
 
 
 def to_markdown(rec: dict) -> str:
     e = rec["env"]
-    lines = env_markdown(e, "bn_stats", f"python benches/bench_bn_stats.py --device {e['device_kind']}") + [
+    lines = env_markdown(e, "bn_stats", rec["command"]) + [
         "## Op level: forward + backward over the 20 BN inputs of CIFAR ResNet-18",
         "",
         "Each variant runs through autograd (`torch.autograd.grad`), which allocates a",
         "fresh gradient buffer per activation; `exml_fast kernels only` calls the fused",
         "forward and backward ops directly, and is what the GB/s column measures best.",
         "",
-        "| batch | layout | variant | ms | speed-up vs reference | GB/s | % of copy bw |",
-        "|---:|---|---|---:|---:|---:|---:|",
+        f"| batch | layout | variant | ms | speed-up vs reference | GB/s | % of copy bw | MB moved | {TIMING_HEADER} |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rec["op_level"]:
         lines.append(f"| {r['batch']} | {r['layout']} | {r['variant']} | {r['ms']:.2f} | "
-                     f"{r['speedup_vs_reference']:.2f}x | {r['GB/s']:.1f} | {r['pct_copy_bw']:.0f}% |")
+                     f"{r['speedup_vs_reference']:.2f}x | {r['GB/s']:.1f} | {r['pct_copy_bw']:.0f}% | "
+                     f"{r['MB']:.0f} | {timing_cells(r, '.2f')} |")
     lines += [
         "",
         "## Step level: one DeepInversion step (CE + TV + l2 + BN loss, Adam)",
         "",
-        "BN loss adds: median over rounds of (step with it / step without it, same round) − 1.",
+        "BN loss adds: median over rounds of (step with it / step without it, same round) − 1 [min–max]; "
+        "its share of the step: 1 − median of (step without it / step with it).",
         "",
-        "| batch | variant | ms/step (median) | rounds | BN loss adds |",
-        "|---:|---|---:|---:|---:|",
+        f"| batch | variant | ms/step (median) | rounds | BN loss adds | share of the step | {TIMING_HEADER} |",
+        "|---:|---|---:|---:|---:|---:|---|---|",
     ]
     for r in rec["step_level"]:
         lines.append(f"| {r['batch']} | {r['variant']} | {r['ms']:.1f} | {r['rounds']} | "
-                     f"{r['overhead_pct_vs_no_bn']:.1f}% |")
+                     f"{r['overhead_pct_vs_no_bn']:.1f}% [{r['overhead_pct_min']:.1f}–{r['overhead_pct_max']:.1f}] | "
+                     f"{r['bn_share_pct']:.1f}% | {timing_cells(r, '.1f')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -20,7 +20,8 @@ import sys
 import time
 
 import torch
-from benchlib import env_markdown, environment, median_seconds, op_parser, parse_op_args, record
+from benchlib import (TIMING_HEADER, command_line, env_markdown, environment, op_parser, parse_op_args, record,
+                      time_fn, timing_cells)
 
 from exml_fast.ops.class_similarity import class_similarity
 from exml_fast.ops.dirichlet import dirichlet_targets
@@ -28,6 +29,8 @@ from exml_fast.reference.class_similarity import class_similarity as ref_class_s
 from exml_fast.reference import dirichlet as ref
 
 DIRICHLET_SHAPES = [(24000, 10, 84), (1216, 1000, 512)]  # (B, K, H of the head)
+#: On a GPU: the MNIST DI set and 32768 rows of 1000 classes (reads and writes 262 MB per call).
+GPU_DIRICHLET_SHAPES = [(24000, 10, 84), (32768, 1000, 512)]
 BETAS = [10.0, 0.1]
 SIM_SHAPES = [(10, 84), (1000, 512)]
 
@@ -43,9 +46,10 @@ def try_compile(fn, probe):
     return compiled, ""
 
 
-def bench_dirichlet(device, *, use_compile, min_run_time):
+def bench_dirichlet(device, *, use_compile, min_run_time, copy_bw, shapes=DIRICHLET_SHAPES):
+    """GB/s counts reading the concentrations and writing the sample (2 B K floats)."""
     rows = []
-    for b, k, h in DIRICHLET_SHAPES:
+    for b, k, h in shapes:
         g0 = torch.Generator().manual_seed(0)
         w = torch.randn(k, h, generator=g0).to(device)
         y = torch.randint(0, k, (b,), generator=g0).to(device)
@@ -66,13 +70,16 @@ def bench_dirichlet(device, *, use_compile, min_run_time):
                     note = f"torch.compile(reference) failed: {why}"
                 else:
                     variants["compile(reference)"] = lambda fn=fn: fn(conc)
-            times = {n: median_seconds(f, min_run_time=min_run_time) for n, f in variants.items()}
-            for name, sec in times.items():
-                rows.append({"B": b, "K": k, "beta": beta, "variant": name, "ms": sec * 1e3,
-                             "speedup_vs_reference": times["reference"] / sec,
-                             "rows_per_s": b / sec, "gammas_per_s": b * k / sec})
+            timings = {n: time_fn(f, device=device, min_run_time=min_run_time) for n, f in variants.items()}
+            nbytes = 2 * conc.numel() * conc.element_size()
+            for name, t in timings.items():
+                sec = t.median_s
+                rows.append({"B": b, "K": k, "beta": beta, "variant": name, **t.fields(),
+                             "speedup_vs_reference": timings["reference"].median_s / sec,
+                             "rows_per_s": b / sec, "gammas_per_s": b * k / sec, "MB": nbytes / 1e6,
+                             "GB/s": nbytes / sec / 1e9, "pct_copy_bw": 100 * nbytes / sec / copy_bw})
                 print(f"  ({b:5d}, {k:4d}) beta {beta:4.1f} {name:19s} {sec * 1e3:9.3f} ms  "
-                      f"x{times['reference'] / sec:6.2f} vs reference  {b / sec / 1e6:7.3f} M rows/s  "
+                      f"x{timings['reference'].median_s / sec:6.2f} vs reference  {b / sec / 1e6:7.3f} M rows/s  "
                       f"{b * k / sec / 1e6:8.2f} M gammas/s", flush=True)
             if note:
                 print(f"  ({b:5d}, {k:4d}) beta {beta:4.1f} {note}")
@@ -101,12 +108,13 @@ def bench_class_similarity(device, *, use_compile, min_run_time):
                 variants["compile(reference)"] = fwd_bwd(fn)
             else:
                 print(f"  K {k}: torch.compile(reference) failed: {why}")
-        times = {n: median_seconds(f, min_run_time=min_run_time) for n, f in variants.items()}
-        for name, sec in times.items():
-            rows.append({"K": k, "H": h, "variant": name, "ms": sec * 1e3,
-                         "speedup_vs_reference": times["reference"] / sec})
+        timings = {n: time_fn(f, device=device, min_run_time=min_run_time) for n, f in variants.items()}
+        for name, t in timings.items():
+            sec = t.median_s
+            rows.append({"K": k, "H": h, "variant": name, **t.fields(),
+                         "speedup_vs_reference": timings["reference"].median_s / sec})
             print(f"  K {k:4d} H {h:4d} {name:19s} {sec * 1e3:9.3f} ms  "
-                  f"x{times['reference'] / sec:6.2f} vs reference", flush=True)
+                  f"x{timings['reference'].median_s / sec:6.2f} vs reference", flush=True)
     return rows
 
 
@@ -114,21 +122,26 @@ def to_markdown(rec: dict, command: str) -> str:
     lines = env_markdown(rec["env"], "dirichlet", command) + [
         "## dirichlet_targets (one sample per row of beta * class_similarity(W)[y])",
         "",
-        "| B | K | beta | variant | ms | speed-up vs reference | M rows/s | M gammas/s |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|",
+        "GB/s: reading the concentrations and writing the sample, against the copy bandwidth.",
+        "",
+        f"| B | K | beta | variant | ms | speed-up vs reference | M rows/s | M gammas/s | GB/s | % of copy bw | "
+        f"{TIMING_HEADER} |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rec["dirichlet"]:
         if "note" in r:
-            lines.append(f"| {r['B']} | {r['K']} | {r['beta']} | {r['variant']} | – | {r['note']} | | |")
+            lines.append(f"| {r['B']} | {r['K']} | {r['beta']} | {r['variant']} | – | {r['note']} | | | | | | |")
             continue
         lines.append(f"| {r['B']} | {r['K']} | {r['beta']} | {r['variant']} | {r['ms']:.3f} | "
                      f"{r['speedup_vs_reference']:.2f}x | {r['rows_per_s'] / 1e6:.3f} | "
-                     f"{r['gammas_per_s'] / 1e6:.2f} |")
+                     f"{r['gammas_per_s'] / 1e6:.2f} | {r['GB/s']:.1f} | {r['pct_copy_bw']:.0f}% | "
+                     f"{timing_cells(r)} |")
     lines += ["", "## class_similarity forward + backward", "",
-              "| K | H | variant | ms | speed-up vs reference |", "|---:|---:|---|---:|---:|"]
+              f"| K | H | variant | ms | speed-up vs reference | {TIMING_HEADER} |",
+              "|---:|---:|---|---:|---:|---|---|"]
     for r in rec["class_similarity"]:
         lines.append(f"| {r['K']} | {r['H']} | {r['variant']} | {r['ms']:.3f} | "
-                     f"{r['speedup_vs_reference']:.2f}x |")
+                     f"{r['speedup_vs_reference']:.2f}x | {timing_cells(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -139,13 +152,15 @@ def main(argv=None) -> int:
     env = environment(args.device, "dirichlet")
     t0 = time.perf_counter()
     print("1. dirichlet_targets")
-    d_rows = bench_dirichlet(args.device, use_compile=not args.no_compile, min_run_time=min_run_time)
+    shapes = GPU_DIRICHLET_SHAPES if args.device == "cuda" and not args.quick else DIRICHLET_SHAPES
+    d_rows = bench_dirichlet(args.device, use_compile=not args.no_compile, min_run_time=min_run_time,
+                             copy_bw=env["copy_bandwidth_GBps"] * 1e9, shapes=shapes)
     print("\n2. class_similarity forward + backward")
     s_rows = bench_class_similarity(args.device, use_compile=not args.no_compile,
                                     min_run_time=min_run_time)
     env["wall_s"] = time.perf_counter() - t0
-    rec = {"env": env, "dirichlet": d_rows, "class_similarity": s_rows}
-    command = "python benches/bench_dirichlet.py --device " + args.device + (" --quick" if args.quick else "")
+    command = command_line("bench_dirichlet.py", argv)
+    rec = {"env": env, "command": command, "dirichlet": d_rows, "class_similarity": s_rows}
     record(args.out, f"dirichlet_{args.device}" + ("_quick" if args.quick else ""), rec,
            to_markdown(rec, command))
     return 0

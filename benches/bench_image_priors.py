@@ -7,6 +7,8 @@ code) and torch.compile(reference), each through autograd; plus the fused
 kernels alone (forward op + backward op, no autograd). GB/s counts the minimum
 traffic — read x (forward), read x and write dx (backward) — against the
 machine's measured copy bandwidth. Every ratio is measured in this one run.
+On a GPU the shapes are a CIFAR batch and an ImageNet batch of 256 (462 MB
+moved per call), timed with CUDA events.
 
 Usage:
     python benches/bench_image_priors.py [--device cpu|cuda] [--quick] [--no-compile]
@@ -19,13 +21,16 @@ import sys
 import time
 
 import torch
-from benchlib import env_markdown, environment, median_seconds, op_parser, parse_op_args, record
+from benchlib import (TIMING_HEADER, command_line, env_markdown, environment, op_parser, parse_op_args, record,
+                      time_fn, timing_cells)
 
 from exml_fast.ops.image_priors import image_priors
 from exml_fast.reference.image_priors import image_priors as ref_image_priors
 
 SHAPES = [(256, 3, 32, 32), (1024, 1, 32, 32), (64, 3, 224, 224)]
 QUICK_SHAPES = [(256, 3, 32, 32)]
+#: On a GPU: a CIFAR batch, and an ImageNet batch of 256 that moves 462 MB per call (fills an H100).
+GPU_SHAPES = [(256, 3, 32, 32), (256, 3, 224, 224)]
 KERNELS = (3, 7)
 # DeepInversion / Ex-Model CL magnitudes: tv_l1, tv_l2, blur, l2.
 WEIGHTS = (1e-4, 2.5e-5, 1e-3, 3e-8)
@@ -62,14 +67,15 @@ def run(device, shapes, *, use_compile, min_run_time, copy_bw):
             if use_compile:
                 torch._dynamo.reset()
                 variants["compile(reference)"] = torch.compile(ref_image_priors, dynamic=False)
-            times = {name: median_seconds(make_fwd_bwd(fn, x, k), min_run_time=min_run_time)
-                     for name, fn in variants.items()}
-            times["exml_fast kernels only"] = median_seconds(make_kernels_only(x, k),
-                                                             min_run_time=min_run_time)
-            for name, sec in times.items():
+            timings = {name: time_fn(make_fwd_bwd(fn, x, k), device=device, min_run_time=min_run_time)
+                       for name, fn in variants.items()}
+            timings["exml_fast kernels only"] = time_fn(make_kernels_only(x, k), device=device,
+                                                       min_run_time=min_run_time)
+            for name, t in timings.items():
+                sec = t.median_s
                 row = {
-                    "shape": list(shape), "blur_kernel_size": k, "variant": name, "ms": sec * 1e3,
-                    "speedup_vs_reference": times["reference"] / sec,
+                    "shape": list(shape), "blur_kernel_size": k, "variant": name, **t.fields(), "MB": nbytes / 1e6,
+                    "speedup_vs_reference": timings["reference"].median_s / sec,
                     "GB/s": nbytes / sec / 1e9, "pct_copy_bw": 100 * nbytes / sec / copy_bw,
                 }
                 rows.append(row)
@@ -85,13 +91,13 @@ def to_markdown(rec: dict, command: str) -> str:
         "",
         "GB/s counts read x (forward) + read x and write dx (backward), fp32.",
         "",
-        "| shape | blur k | variant | ms | speed-up vs reference | GB/s | % of copy bw |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        f"| shape | blur k | variant | ms | speed-up vs reference | GB/s | % of copy bw | MB moved | {TIMING_HEADER} |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rec["rows"]:
         lines.append(f"| {tuple(r['shape'])} | {r['blur_kernel_size']} | {r['variant']} | "
                      f"{r['ms']:.3f} | {r['speedup_vs_reference']:.2f}x | {r['GB/s']:.1f} | "
-                     f"{r['pct_copy_bw']:.0f}% |")
+                     f"{r['pct_copy_bw']:.0f}% | {r['MB']:.0f} | {timing_cells(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -102,14 +108,15 @@ def main(argv=None) -> int:
     env = environment(args.device, "image_priors")
     t0 = time.perf_counter()
     print("forward + backward of image_priors (tv_l1, tv_l2, blur, l2), fp32")
-    rows = run(args.device, QUICK_SHAPES if args.quick else SHAPES,
+    shapes = QUICK_SHAPES if args.quick else GPU_SHAPES if args.device == "cuda" else SHAPES
+    rows = run(args.device, shapes,
                use_compile=not (args.no_compile or args.quick), min_run_time=min_run_time,
                copy_bw=env["copy_bandwidth_GBps"] * 1e9)
     env["wall_s"] = time.perf_counter() - t0
     if not args.quick:
-        command = f"python benches/bench_image_priors.py --device {args.device}"
-        record(args.out, f"image_priors_{args.device}", {"env": env, "rows": rows}, to_markdown(
-            {"env": env, "rows": rows}, command))
+        command = command_line("bench_image_priors.py", argv)
+        rec = {"env": env, "command": command, "rows": rows}
+        record(args.out, f"image_priors_{args.device}", rec, to_markdown(rec, command))
     return 0
 
 

@@ -4,8 +4,10 @@ the public DeepInversion CIFAR-10 loop, as a careful user already has it.
 Teachers: CIFAR ResNet-18 and ResNet-34 (exml_fast.models), random init, with
 a few train-mode forwards on N(0, 1)-like data first so the BatchNorm running
 statistics are not the defaults (the BN loss then has something to match), at
-batch 64 (CIFAR shapes, 3 x 32 x 32); LeNet-5-BN trained for one epoch on MNIST
-(when the files are found; else calibrated like the ResNets) at batch 256. The
+batch 64 on the CPU and 256 on a GPU (CIFAR shapes, 3 x 32 x 32); LeNet-5-BN
+trained for one epoch on MNIST (when the files are found; else calibrated like
+the ResNets) at batch 256; on request (--nets resnet50) the ImageNet ResNet-50
+(torchvision's, random init, calibrated the same way) at 224 px, batch 64. The
 objective (the issue's): CE + 10 · R_BN (every BN layer, l2 form, no first-layer
 multiplier) + 2.5e-5 · TV-l2, Adam lr 0.05 at a constant rate, a 2-px roll, no
 flips, no clipping (mean/std None), no l2 term.
@@ -20,20 +22,38 @@ Variants, each with its own deep copy of the teacher:
                       (requires_grad_(False)): THE PEER every ratio is against.
   public frozen+compile  the frozen teacher wrapped in torch.compile, the next
                       peer a user reaches for.
-  exml fp32           exml_fast.synth.DeepInversion at its CPU defaults
-                      (channels_last picked for the ResNets, fused frozen-BN
+  exml fp32           exml_fast.synth.DeepInversion at its defaults (on the CPU:
+                      channels_last picked for the ResNets, fused frozen-BN
                       statistics, the input-gradient swap on 1-channel layers).
 The engine runs with the public loop's objective and optimiser (see
 exml_runner), so only the implementation differs.
 
+With --best (the default on a GPU) each side also runs in its best form, and the
+comparisons pair precision with precision:
+  public frozen bf16+cl+compile(<mode>)  the frozen peer as a careful GPU user
+                      runs it: bf16 autocast (the loop's use_amp), the teacher's
+                      weights in channels_last, and the teacher — its forward
+                      with the public BN hooks, which dynamo inlines into one
+                      graph — under torch.compile(mode=<mode>), for each of
+                      --compile-modes (default max-autotune and reduce-overhead);
+                      the faster is "the best peer".
+  exml bf16+cl+graph  the engine with precision="bf16", channels_last=True and
+                      cuda_graph=True (the whole step in one CUDA graph); with
+                      --exml-compile also that with compile=True.
+exml fp32 is compared with public frozen (fp32 eager), the engine's best form
+with the best peer; public frozen at fp32 is every row's second ratio.
+--bn-share adds each side's step without the BN term (the public loop with no BN
+hooks; the engine at bn_weight 0): the term's share of a step.
+
 How a step is timed (the honest per-iteration cost, set-up removed): each
 variant runs a whole synthesis call through its public API for K1 and for K2
 iterations from the same seed, and a step costs (t(K2) - t(K1)) / (K2 - K1).
-Set-up that does not scale with the iterations cancels. Calls are timed
-round-robin with the order rotated each round, so the per-round ratios cancel
+Set-up that does not scale with the iterations cancels. On a GPU each call
+is timed with CUDA events. Calls are timed round-robin with the order rotated each round, so the per-round ratios cancel
 the drift of a shared machine; the speed-up printed is the median of the
-per-round ratios against "public frozen" (min-max in brackets). One call of
-each variant warms up first (torch.compile compiles there).
+per-round ratios against "public frozen" (min-max in brackets), and each
+median is the true median (mean of the middle two for an even count). One call
+of each variant warms up first (torch.compile compiles there).
 
 Time to quality (--ttq-steps N): the frozen peer runs N steps on one batch; the
 quality bar is the BN term of the batch it returns, measured by one clean
@@ -61,16 +81,26 @@ the un-augmented x), so the losses agree only statistically: the check passes
 when the mean losses differ by at most max(3 x the peer's spread over the
 seeds, 2 % of the loss).
 
+With --ttq-best (default with --best) the race is also run by the best forms:
+the best peer (its compile mode: the winner of this run's timing, else the
+first of --compile-modes), warmed up (compiled) before its run, is followed
+along its own N steps against the same bar, and the engine's best form races it.
+
 Usage:
-    python benches/bench_synthesis.py [--device cpu|cuda] [--quick] [--nets resnet18 resnet34 lenet5_bn]
+    python benches/bench_synthesis.py [--device cpu|cuda] [--quick] [--nets resnet18 resnet34 lenet5_bn resnet50]
+        [--best | --no-best] [--compile-modes max-autotune reduce-overhead] [--exml-compile] [--bn-share]
         [--batch N] [--k1 1|5] [--k2 4|105] [--rounds 3|5] [--check-iterations 10|200]
         [--seeds 0 1] [--no-compile] [--ttq-steps 200] [--ttq-only] [--ttq-cap 3] [--ttq-all-variants]
-        [--ttq-state runs/bench_synthesis] [--out benches/results]
+        [--ttq-best | --no-ttq-best] [--ttq-variants N] [--ttq-state runs/bench_synthesis] [--suffix S]
+        [--out benches/results]
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -80,18 +110,59 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import ROOT, env_markdown, environment, median, op_parser, record, timed_call
+from benchlib import ROOT, command_line, env_markdown, environment, op_parser, record, timed_call, true_median
 from torch import nn
 
 import exml_fast
 from exml_fast.models import LeNet5BN, resnet18_cifar, resnet34_cifar
 from exml_fast.reference.public.deepinversion import public_deepinversion
 
-NETS = {"resnet18": resnet18_cifar, "resnet34": resnet34_cifar, "lenet5_bn": LeNet5BN}
-SHAPES = {"resnet18": (3, 32, 32), "resnet34": (3, 32, 32), "lenet5_bn": (1, 32, 32)}
+def resnet50_imagenet() -> nn.Module:
+    """The ImageNet ResNet-50 (224 px, 10 outputs): torchvision's resnet50(weights=None), else the same
+    network (bottleneck v1.5: the stride on the 3 x 3 convolution) built here, for a machine without
+    torchvision."""
+    try:
+        from torchvision.models import resnet50
+    except ImportError:
+        return _resnet50_local()
+    return resnet50(weights=None, num_classes=10)
+
+
+class _Bottleneck(nn.Module):
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = 4 * width
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def _resnet50_local(num_classes: int = 10) -> nn.Module:
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                               nn.MaxPool2d(3, 2, 1)]
+    cin = 64
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for i in range(blocks):
+            layers.append(_Bottleneck(cin, width, stride if i == 0 else 1))
+            cin = 4 * width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+
+
+NETS = {"resnet18": resnet18_cifar, "resnet34": resnet34_cifar, "lenet5_bn": LeNet5BN, "resnet50": resnet50_imagenet}
+SHAPES = {"resnet18": (3, 32, 32), "resnet34": (3, 32, 32), "lenet5_bn": (1, 32, 32), "resnet50": (3, 224, 224)}
+#: What a run times unless --nets says otherwise (ResNet-50 at 224 px is for GPUs: --nets resnet50).
+DEFAULT_NETS = ["resnet18", "resnet34", "lenet5_bn"]
 # Batch per net on the CPU (--batch overrides): the ResNets at 64 keep a round of the benchmark in minutes on
 # two cores; LeNet-5-BN at the paper's 256.
-CPU_BATCH = {"resnet18": 64, "resnet34": 64, "lenet5_bn": 256}
+CPU_BATCH = {"resnet18": 64, "resnet34": 64, "lenet5_bn": 256, "resnet50": 8}
+#: Batch per net on a GPU: 256 fills an H100 at 32 px; ResNet-50 at 224 px, 64.
+GPU_BATCH = {"resnet18": 256, "resnet34": 256, "lenet5_bn": 256, "resnet50": 64}
 
 # The objective timed (the issue's measurement): the public script's "paper parameters" (lr 0.05, BN weight
 # 10, TV-l2 2.5e-5, no l2), a 2-px roll, no flips, no clip.
@@ -149,18 +220,48 @@ PEER = "public frozen"
 # -- the variants: run(K, seed) -> final loss (a float) ---------------------------
 
 
-def public_runner(teacher: nn.Module, batch: int, device: str, *, name: str, frozen: bool = True,
-                  compile_teacher: bool = False, history: dict | None = None):
+@contextlib.contextmanager
+def public_bn_hooks_off():
+    """The public loop without its BN hooks: no hook is registered, so the BN term is 0 and costs nothing
+    (its step without the BN term, for the term's share). The loop looks the hook factory up in its
+    module's globals on every call; it is swapped there for the duration."""
+    import exml_fast.reference.public.deepinversion as public
+
+    saved = public.deepinversion_bn_loss_hooks
+    public.deepinversion_bn_loss_hooks = lambda teacher, all_bn=False: []
+    try:
+        yield
+    finally:
+        public.deepinversion_bn_loss_hooks = saved
+
+
+def public_teacher(teacher: nn.Module, *, frozen: bool = True, channels_last: bool = False,
+                   compile_mode: str | None = None) -> nn.Module:
+    """A copy of ``teacher`` as the public loop gets it: frozen (the one-line fix: no weight gradients), its
+    weights in channels_last, under torch.compile(mode=compile_mode) ("default": torch.compile's default;
+    None: eager). What is compiled is the teacher's forward, with the loop's BN hooks (registered on its
+    layers per call), which dynamo inlines: one graph for the network and the hooks' statistics."""
     t = copy.deepcopy(teacher)
-    t.requires_grad_(not frozen)  # the one-line fix: no weight gradients
-    if compile_teacher:
-        t = torch.compile(t)
+    t.requires_grad_(not frozen)
+    if channels_last:
+        t = t.to(memory_format=torch.channels_last)
+    if compile_mode is not None:
+        t = torch.compile(t) if compile_mode == "default" else torch.compile(t, mode=compile_mode)
+    return t
+
+
+def public_runner(teacher: nn.Module, batch: int, device: str, *, name: str, frozen: bool = True,
+                  compile_mode: str | None = None, channels_last: bool = False, use_amp: bool = False,
+                  bn: bool = True, history: dict | None = None):
+    t = public_teacher(teacher, frozen=frozen, channels_last=channels_last, compile_mode=compile_mode)
     y = targets_for(batch, device)
 
     def run(k: int, seed: int) -> float:
-        _, best_cost, losses = public_deepinversion(
-            t, y, iterations=k, lr=LR, bn_reg_scale=BN_WEIGHT, tv_l2_scale=TV_L2_WEIGHT,
-            l2_scale=L2_WEIGHT, jitter=JITTER, flip=FLIP, generator=seed, input_shape=SHAPES[name], all_bn=True)
+        with contextlib.nullcontext() if bn else public_bn_hooks_off():
+            _, best_cost, losses = public_deepinversion(
+                t, y, iterations=k, lr=LR, bn_reg_scale=BN_WEIGHT if bn else 0.0, tv_l2_scale=TV_L2_WEIGHT,
+                l2_scale=L2_WEIGHT, jitter=JITTER, flip=FLIP, generator=seed, input_shape=SHAPES[name], all_bn=True,
+                use_amp=use_amp)
         if history is not None:
             history.clear()
             history.update(losses)
@@ -192,17 +293,80 @@ def exml_runner(teacher: nn.Module, batch: int, device: str, *, name: str, **opt
     return run
 
 
-def variants_for(teacher, name, args) -> dict:
+@dataclasses.dataclass
+class Variant:
+    """One timed loop: ``run(K, seed)`` runs a K-step synthesis call and returns its final loss. ``side``:
+    "public" or "exml"; ``form``: "fp32" (each side's fp32 form), "best" (its best-configured form) or
+    "listed" (shown, compared with nobody); ``bn``: whether the BN term is in the objective; ``config``:
+    what runs, in words, for the record."""
+
+    run: object
+    side: str
+    form: str
+    bn: bool = True
+    config: str = ""
+
+
+NO_BN = ", no BN term"
+
+
+def public_best_label(mode: str | None) -> str:
+    return "public frozen bf16+cl" + (f"+compile({mode})" if mode else "")
+
+
+def exml_best_forms(device: str, *, with_compile: bool = False) -> list[tuple[str, dict]]:
+    """(label, DeepInversion options) of the engine's best forms: bf16 autocast, channels_last, and on a GPU
+    the whole step in one CUDA graph; with_compile: also that with its loss under torch.compile."""
+    opts: dict = {"precision": "bf16", "channels_last": True}
+    label = "exml bf16+cl"
+    if device == "cuda":
+        opts["cuda_graph"] = True
+        label += "+graph"
+    forms = [(label, opts)]
+    if with_compile:
+        forms.append((label + "+compile", {**opts, "compile": True}))
+    return forms
+
+
+def variants_for(teacher, name, args) -> dict[str, Variant]:
     b, d = args.batch_of[name], args.device
-    v = {"public as shipped": public_runner(teacher, b, d, name=name, frozen=False),
-         PEER: public_runner(teacher, b, d, name=name)}
-    if not args.no_compile:
-        v["public frozen+compile"] = public_runner(teacher, b, d, name=name, compile_teacher=True)
-    if not args.port_only:
-        v["exml fp32"] = exml_runner(teacher, b, d, name=name, precision="fp32")
-        if d == "cuda":
-            v["exml bf16+cl+graph"] = exml_runner(teacher, b, d, name=name, precision="bf16",
-                                                  channels_last=True, cuda_graph=True)
+    v: dict[str, Variant] = {}
+
+    def public(label, form, *, bn=True, config, **kw):
+        v[label] = Variant(public_runner(teacher, b, d, name=name, bn=bn, **kw), "public", form, bn, config)
+
+    def exml(label, form, *, bn=True, config, **options):
+        if not bn:
+            options["bn_weight"] = 0.0
+        v[label] = Variant(exml_runner(teacher, b, d, name=name, **options), "exml", form, bn, config)
+
+    if not args.best:
+        public("public as shipped", "listed", frozen=False,
+               config="fp32 eager, the teacher's parameters requiring grad as the public script leaves them")
+    public(PEER, "fp32", config="fp32 eager, the teacher frozen")
+    if args.bn_share:
+        public(PEER + NO_BN, "fp32", bn=False, config="fp32 eager, the teacher frozen, no BN hooks")
+    if not args.best and args.compile_modes:
+        public("public frozen+compile", "listed", compile_mode=args.compile_modes[0],
+               config=f"fp32, the frozen teacher under torch.compile(mode={args.compile_modes[0]})")
+    if args.best:
+        for mode in args.compile_modes or [None]:
+            public(public_best_label(mode), "best", channels_last=True, use_amp=True, compile_mode=mode,
+                   config="bf16 autocast, channels_last weights, the frozen teacher (with the BN hooks) "
+                          + (f"under torch.compile(mode={mode})" if mode else "eager"))
+    if args.port_only:
+        return v
+    exml("exml fp32", "fp32", precision="fp32", config="the engine's defaults, fp32")
+    if args.bn_share:
+        exml("exml fp32" + NO_BN, "fp32", bn=False, precision="fp32", config="fp32, bn_weight 0")
+    if args.best:
+        forms = exml_best_forms(d, with_compile=args.exml_compile)
+        for label, options in forms:
+            exml(label, "best", config=", ".join(f"{k}={v}" for k, v in options.items()), **options)
+        if args.bn_share:
+            label, options = forms[0]
+            exml(label + NO_BN, "best", bn=False, config=", ".join(f"{k}={v}" for k, v in options.items())
+                 + ", bn_weight 0", **options)
     return v
 
 
@@ -216,7 +380,9 @@ def time_steps(variants: dict, args) -> tuple[dict[str, list[float]], dict[str, 
     failed = {}
     for n in names:  # warm-up: allocations, autotuning, compilation, graph capture
         try:
-            timed_call(lambda: variants[n](args.k1, 0), args.device)
+            t0 = time.perf_counter()
+            timed_call(lambda: variants[n].run(args.k1, 0), args.device)
+            print(f"  {n}: warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
         except Exception as e:  # a variant that cannot run is reported, not fatal
             failed[n] = f"{type(e).__name__}: {e}"
             print(f"  {n}: failed ({failed[n][:200]})", flush=True)
@@ -224,8 +390,8 @@ def time_steps(variants: dict, args) -> tuple[dict[str, list[float]], dict[str, 
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
         for n in names[r % len(names):] + names[: r % len(names)]:
-            t1 = timed_call(lambda: variants[n](args.k1, 0), args.device)
-            t2 = timed_call(lambda: variants[n](args.k2, 0), args.device)
+            t1 = timed_call(lambda: variants[n].run(args.k1, 0), args.device)
+            t2 = timed_call(lambda: variants[n].run(args.k2, 0), args.device)
             samples[n].append((t2 - t1) / (args.k2 - args.k1))  # <= 0: below the noise (see below)
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
             f"{n} {samples[n][-1] * 1e3:.0f} ms/it" for n in names), flush=True)
@@ -419,7 +585,8 @@ class RaceLog:
 
 
 def peer_trajectory(teacher: nn.Module, name: str, y: torch.Tensor, steps: int, every: int, seed: int,
-                    device: str, *, bn_weight: float = BN_WEIGHT) -> list[dict]:
+                    device: str, *, bn_weight: float = BN_WEIGHT, peer: nn.Module | None = None,
+                    use_amp: bool = False) -> list[dict]:
     """One call of the frozen peer for ``steps`` steps, its best batch so far measured (clean_quality) after
     every ``every`` steps and the last: ``[{"steps", "wall_s", "agreement", "bn"}]``.
 
@@ -427,10 +594,10 @@ def peer_trajectory(teacher: nn.Module, name: str, y: torch.Tensor, steps: int, 
     steps of a longer one, so the best batch after step k is, bit for bit, what a k-step call returns
     (``test_best_callback_sees_what_a_shorter_call_returns``); ``wall_s`` is the time from the call's start
     to the end of step k with the measurements' own time taken out. One run instead of one call per probe:
-    the peer's 2000 steps at batch 256 are hours for a ResNet on a 2-core CPU."""
-    from exml_fast.reference.public.deepinversion import public_deepinversion
-
-    peer_teacher = copy.deepcopy(teacher).requires_grad_(False)
+    the peer's 2000 steps at batch 256 are hours for a ResNet on a 2-core CPU. ``peer``: the network the loop
+    runs (default: a frozen copy of ``teacher``; the best peer's is compiled, and warmed up by the caller);
+    ``use_amp``: the loop's bf16 autocast. The batches are measured on ``teacher`` either way."""
+    peer_teacher = peer if peer is not None else public_teacher(teacher)
     points: list[dict] = []
     paused = 0.0
 
@@ -453,7 +620,7 @@ def peer_trajectory(teacher: nn.Module, name: str, y: torch.Tensor, steps: int, 
     t0 = time.perf_counter()
     public_deepinversion(peer_teacher, y, iterations=steps, lr=LR, bn_reg_scale=bn_weight, tv_l2_scale=TV_L2_WEIGHT,
                          l2_scale=L2_WEIGHT, jitter=JITTER, flip=FLIP, generator=seed, input_shape=SHAPES[name],
-                         all_bn=True, best_callback=snap)
+                         all_bn=True, best_callback=snap, use_amp=use_amp)
     return points
 
 
@@ -467,6 +634,10 @@ def time_to_quality(teacher, info: dict, name: str, args) -> dict:
     smallest_steps: the engine's cosine step size depends on the call's length, so no run is the prefix of
     another) whose returned batch meets the bar; the engine may run up to --ttq-cap x N steps. Every
     measurement goes to a RaceLog under --ttq-state, so a stopped race resumes where it was.
+
+    With --ttq-best the best forms race too, to the same bar: the best peer (public_teacher with bf16
+    autocast, channels_last and torch.compile, compiled by a warm-up call before its clock starts) followed
+    along its own N steps, and the engine's best form (exml_best_forms) searched as above.
     """
     b, d, n, seed = args.batch_of[name], args.device, args.ttq_steps, args.seeds[0]
     y = targets_for(b, d)
@@ -498,9 +669,30 @@ def time_to_quality(teacher, info: dict, name: str, args) -> dict:
     reach = next(p for p in points if meets(p["agreement"], p["bn"]))  # the last point meets it at least
     out.update(peer_reach_step=reach["steps"], peer_reach_s=reach["wall_s"])
     print(f"  peer: {reach['steps']} steps, {reach['wall_s']:.1f} s", flush=True)
-    for label, options in ttq_variants(name, all_variants=args.ttq_all_variants):
+    variants = ttq_variants(name, all_variants=args.ttq_all_variants)[:args.ttq_variants]
+    out["engine"] = race_engine(teacher, name, variants, {"precision": "fp32"}, "", log, meets, reach["wall_s"],
+                                args)
+    if args.ttq_best:
+        out["best"] = best_race(teacher, name, variants, log, meets, reach["wall_s"], args)
+    return out
+
+
+def race_engine(teacher, name: str, variants: list[tuple[str, dict]], form: dict, form_label: str, log: RaceLog,
+                meets, peer_s: float, args) -> list[dict]:
+    """The engine's side of a race: for each of ``variants`` (label, options) in ``form`` (precision and the
+    like), the shortest call that ``meets`` the bar (smallest_steps over a grid of N/40 steps), each probe
+    read from or written to ``log``; the speed-up against a peer that took ``peer_s``."""
+    b, d, n, seed = args.batch_of[name], args.device, args.ttq_steps, args.seeds[0]
+    y = targets_for(b, d)
+    grid_step = max(1, n // 40)
+    bn_weight = log.key["bn_weight"]
+    rows = []
+    for label, options in variants:
+        label = f"{label} [{form_label}]" if form_label else label
         # warn_below=None: the short probes are meant to fall short; quality is measured here.
-        synth = exml_synth(teacher, name, d, precision="fp32", bn_weight=bn_weight, warn_below=None, **options)
+        synth = exml_synth(teacher, name, d, bn_weight=bn_weight, warn_below=None, **form, **options)
+        if d == "cuda":  # the first call's one-off costs (kernel selection, allocator) are no step's
+            synth.synthesize(b, iterations=min(grid_step, 10), batch_size=b, generator=seed + 1, progress=False)
 
         def measure(k: int, label=label, synth=synth) -> dict:
             entry = f"{label} | {k}"
@@ -520,12 +712,50 @@ def time_to_quality(teacher, info: dict, name: str, args) -> dict:
 
         grid_e = list(range(grid_step, args.ttq_cap * n + 1, grid_step))
         e_steps, e_wall, e_probes = smallest_steps(measure, grid_e, rel_tol=args.ttq_rel_tol)
-        row = {"variant": label, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+        row = {"variant": label, "options": {k: list(v) if isinstance(v, tuple) else v
+                                             for k, v in {**form, **options}.items()},
                "steps": e_steps, "reached": e_steps is not None, "wall_s": e_wall, "probes": e_probes,
-               "speedup": (reach["wall_s"] / e_wall) if e_steps is not None else None}
-        out["engine"].append(row)
+               "speedup": (peer_s / e_wall) if e_steps is not None else None}
+        rows.append(row)
         print(f"  {label:>28}: " + (f"{e_steps} steps, {e_wall:.1f} s -> x{row['speedup']:.2f} vs the peer"
                                      if e_steps is not None else f"NOT reached in {grid_e[-1]} steps"), flush=True)
+    return rows
+
+
+def best_race(teacher, name: str, variants: list[tuple[str, dict]], log: RaceLog, meets, fp32_peer_s: float,
+              args) -> dict:
+    """The race of the best forms to the fp32 peer's bar: the best peer's own trajectory (compiled first,
+    off the clock) and the engine's best form against it (and, for the record, against the fp32 peer)."""
+    b, d, n, seed = args.batch_of[name], args.device, args.ttq_steps, args.seeds[0]
+    y = targets_for(b, d)
+    grid_step = max(1, n // 40)
+    mode = args.best_mode_of.get(name) or (args.compile_modes[0] if args.compile_modes else None)
+    label = public_best_label(mode)
+    entry = f"peer best | {label}"
+    if log.get(entry) is None:
+        peer = public_teacher(teacher, channels_last=True, compile_mode=mode)
+        t0 = time.perf_counter()
+        public_deepinversion(peer, y, iterations=5, lr=LR, bn_reg_scale=log.key["bn_weight"],
+                             tv_l2_scale=TV_L2_WEIGHT, l2_scale=L2_WEIGHT, jitter=JITTER, flip=FLIP,
+                             generator=seed + 1, input_shape=SHAPES[name], all_bn=True, use_amp=True)
+        print(f"  time to quality: the best peer ({label}) compiled in {time.perf_counter() - t0:.1f} s; "
+              f"{n} steps, measured every {grid_step}", flush=True)
+        log.put(entry, {"points": peer_trajectory(teacher, name, y, n, grid_step, seed, d,
+                                                  bn_weight=log.key["bn_weight"], peer=peer, use_amp=True)})
+    points = log.get(entry)["points"]
+    reach = next((p for p in points if meets(p["agreement"], p["bn"])), None)
+    out = {"peer": label, "peer_points": points, "peer_reach_step": reach and reach["steps"],
+           "peer_reach_s": reach and reach["wall_s"], "engine": []}
+    print("  best peer: " + (f"{reach['steps']} steps, {reach['wall_s']:.1f} s" if reach else
+                              f"not at the bar within its {n} steps"), flush=True)
+    form_label, form = exml_best_forms(d)[0]
+    rows = race_engine(teacher, name, variants, form, form_label.removeprefix("exml "), log, meets,
+                       reach["wall_s"] if reach else float("nan"), args)
+    for r in rows:
+        r["speedup_vs_fp32_peer"] = fp32_peer_s / r["wall_s"] if r["reached"] else None
+        if reach is None:
+            r["speedup"] = None
+    out["engine"] = rows
     return out
 
 
@@ -621,15 +851,97 @@ def conv_floor(name: str, batch: int, step_s: float) -> dict:
                 calls.append(swap)
             for fn in calls:
                 fn()
-                best = min(best, median([timed_call(fn, "cpu") for _ in range(5)]))
+                best = min(best, true_median([timed_call(fn, "cpu") for _ in range(5)]))
         total += best
     m = 2048
     a, bm = torch.randn(m, m), torch.randn(m, m)
     a @ bm
-    t = median([timed_call(lambda: a @ bm, "cpu") for _ in range(5)])
+    t = true_median([timed_call(lambda: a @ bm, "cpu") for _ in range(5)])
     return {"gflop_per_step": flops / 1e9, "gflop_per_image": flops / 1e9 / batch, "layers": len(seen),
             "floor_s": total, "conv_gflops": flops / total / 1e9, "sgemm_gflops": 2 * m**3 / t / 1e9,
             "fraction_of_floor": total / step_s}
+
+
+def timing_rows(variants: dict[str, Variant], samples: dict[str, list[float]], failed: dict[str, str], batch: int,
+                args) -> list[dict]:
+    """One row per variant: its step's true median and range, images/s, and the median [min-max] of the
+    per-round ratios against the fp32 peer ("speedup") and against its peer of the same precision
+    (pair_with_peers)."""
+    rows = []
+    base = samples.get(PEER, [])
+    for n, s in samples.items():
+        v = variants[n]
+        role = {"variant": n, "side": v.side, "form": v.form, "bn": v.bn, "config": v.config}
+        if not s:
+            rows.append({**role, "failed": failed[n]})
+            continue
+        if min(s) <= 0:  # the longer call was not slower: no figure, rather than a clamped absurd one
+            rows.append({**role, "samples_s": s, "failed": (
+                f"t(K2 = {args.k2}) <= t(K1 = {args.k1}) in {sum(x <= 0 for x in s)} of {len(s)} rounds: "
+                f"{args.k2 - args.k1} iterations are below the timing noise; raise --k2")})
+            print(f"  {n:>24}: no figure ({rows[-1]['failed']})", flush=True)
+            continue
+        # No ratio against a peer without a figure of its own (failed, or below the noise).
+        ratios = [b / x for b, x in zip(base, s)] if base and min(base) > 0 else [float("nan")]
+        step = true_median(s)
+        rows.append({**role, "s_per_iter": step, "s_min": min(s), "s_max": max(s), "rounds": len(s),
+                     "images_per_s": batch / step, "speedup": true_median(ratios), "speedup_min": min(ratios),
+                     "speedup_max": max(ratios), "samples_s": s})
+        print(f"  {n:>24}: {step * 1e3:8.1f} ms/it [{min(s) * 1e3:.1f}-{max(s) * 1e3:.1f}]  "
+              f"{batch / step:8.1f} img/s  x{true_median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}] "
+              f"vs {PEER}", flush=True)
+    pair_with_peers(rows, samples)
+    return rows
+
+
+def pair_with_peers(rows: list[dict], samples: dict[str, list[float]]) -> None:
+    """Marks each side's fastest best form ("best": True) and gives every timed row with the BN term (but the
+    fp32 peer) its peer of the same precision and the median [min-max] of the per-round ratios against it:
+    an fp32 row against the fp32 peer; the engine's best forms against the best peer; the public best forms
+    against the fp32 peer (what the careful user's configuration buys)."""
+    timed = [r for r in rows if "s_per_iter" in r]
+    for side in ("public", "exml"):
+        best = [r for r in timed if r["side"] == side and r["form"] == "best" and r["bn"]]
+        if best:
+            min(best, key=lambda r: r["s_per_iter"])["best"] = True
+    fp32_peer = next((r for r in timed if r["variant"] == PEER), None)
+    best_peer = next((r for r in timed if r.get("best") and r["side"] == "public"), None)
+    for r in timed:
+        if not r["bn"] or r is fp32_peer or r["form"] == "listed":
+            continue
+        peer = best_peer if (r["side"], r["form"]) == ("exml", "best") else fp32_peer
+        if peer is None:
+            continue
+        ratios = [a / b for a, b in zip(samples[peer["variant"]], samples[r["variant"]])]
+        r.update(peer=peer["variant"], speedup_vs_peer=true_median(ratios), speedup_vs_peer_min=min(ratios),
+                 speedup_vs_peer_max=max(ratios))
+
+
+def bn_shares(rows: list[dict], samples: dict[str, list[float]]) -> list[dict]:
+    """The BN term's cost in each loop timed with and without it (same-round pairs): what it adds (median
+    [min-max] of with / without - 1) and its share of the step with it (1 - median of without / with)."""
+    out = []
+    timed = {r["variant"]: r for r in rows if "s_per_iter" in r}
+    for name, r in timed.items():
+        if r["bn"] or name.removesuffix(NO_BN) not in timed:
+            continue
+        with_bn = name.removesuffix(NO_BN)
+        ratios = [w / wo for w, wo in zip(samples[with_bn], samples[name])]
+        out.append({"variant": with_bn, "with_ms": timed[with_bn]["s_per_iter"] * 1e3,
+                    "without_ms": r["s_per_iter"] * 1e3, "adds_pct": 100 * (true_median(ratios) - 1),
+                    "adds_pct_min": 100 * (min(ratios) - 1), "adds_pct_max": 100 * (max(ratios) - 1),
+                    "share_pct": 100 * (1 - true_median([1 / x for x in ratios])), "rounds": len(ratios)})
+        print(f"  the BN term in {with_bn}: adds {out[-1]['adds_pct']:.1f} % [{out[-1]['adds_pct_min']:.1f}-"
+              f"{out[-1]['adds_pct_max']:.1f}], {out[-1]['share_pct']:.1f} % of its step", flush=True)
+    return out
+
+
+def best_peer_mode(rows: list[dict]) -> str | None:
+    """The compile mode of the fastest public best form in ``rows`` (None: none timed, or eager)."""
+    r = next((r for r in rows if r.get("best") and r["side"] == "public"), None)
+    if r is None or "+compile(" not in r["variant"]:
+        return None
+    return r["variant"].split("+compile(", 1)[1].rstrip(")")
 
 
 def bench_net(name: str, args) -> dict:
@@ -637,6 +949,7 @@ def bench_net(name: str, args) -> dict:
     print(f"{name}, batch {batch}, {'x'.join(map(str, SHAPES[name][1:]))} — " + (
         "time to quality" if args.ttq_only else f"timing (K1={args.k1}, K2={args.k2}, {args.rounds} rounds)"),
         flush=True)
+    torch._dynamo.reset()  # each net's compiled peers start from an empty cache (ResNet-18 and -34 share code)
     teacher = calibrated_teacher(name, args.device)
     if args.ttq_only:
         ttq = time_to_quality(*ttq_teacher(name, args.device, args.ttq_state, teacher), name, args)
@@ -644,31 +957,11 @@ def bench_net(name: str, args) -> dict:
         return {"net": name, "batch": batch, "timing": [], "floor": None, "check": [], "ttq": ttq}
     variants = variants_for(teacher, name, args)
     samples, failed = time_steps(variants, args)
-    rows = []
-    base = samples[PEER]
-    for n, s in samples.items():
-        if not s:
-            rows.append({"variant": n, "failed": failed[n]})
-            continue
-        if min(s) <= 0:  # the longer call was not slower: no figure, rather than a clamped absurd one
-            rows.append({"variant": n, "samples_s": s, "failed": (
-                f"t(K2 = {args.k2}) <= t(K1 = {args.k1}) in {sum(x <= 0 for x in s)} of {len(s)} rounds: "
-                f"{args.k2 - args.k1} iterations are below the timing noise; raise --k2")})
-            print(f"  {n:>24}: no figure ({rows[-1]['failed']})", flush=True)
-            continue
-        # No ratio against a peer without a figure of its own (failed, or below the noise).
-        ratios = [b / x for b, x in zip(base, s)] if base and min(base) > 0 else [float("nan")]
-        rows.append({
-            "variant": n,
-            "s_per_iter": median(s),
-            "images_per_s": batch / median(s),
-            "speedup": median(ratios),
-            "speedup_min": min(ratios),
-            "speedup_max": max(ratios),
-            "samples_s": s,
-        })
-        print(f"  {n:>24}: {median(s) * 1e3:8.1f} ms/it  {batch / median(s):8.1f} img/s  "
-              f"x{median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}] vs {PEER}", flush=True)
+    rows = timing_rows(variants, samples, failed, batch, args)
+    shares = bn_shares(rows, samples)
+    mode = best_peer_mode(rows)
+    if mode is not None:
+        args.best_mode_of[name] = mode
     step_s = {r["variant"]: r["s_per_iter"] for r in rows if "s_per_iter" in r}
     floor = conv_floor(name, batch, step_s["exml fp32"]) if "exml fp32" in step_s and args.device == "cpu" else None
     if floor:
@@ -681,10 +974,11 @@ def bench_net(name: str, args) -> dict:
     if args.check_iterations > 0:
         print(f"  equal-loss check: {args.check_iterations} iterations, seeds {args.seeds}",
               flush=True)
-        for n, run in variants.items():
-            if n in failed or n in ("public frozen+compile", "public as shipped"):
+        for n, v in variants.items():
+            # the public loop compiled, as shipped or without its BN term: the same loop as the peer's
+            if n in failed or v.form == "listed" or not v.bn or (v.side == "public" and n != PEER):
                 continue
-            finals = [run(args.check_iterations, s) for s in args.seeds]
+            finals = [v.run(args.check_iterations, s) for s in args.seeds]
             check.append({"variant": n, "final_losses": finals})
             print(f"  {n:>24}: final loss " + ", ".join(f"{f:.4f}" for f in finals), flush=True)
         ref = check[0]["final_losses"]
@@ -700,8 +994,8 @@ def bench_net(name: str, args) -> dict:
            if args.ttq_steps > 0 and not args.port_only else None)
     gen = (bench_generator(teacher, name, args) if args.generator_fit > 0 and not args.port_only else None)
     print(flush=True)
-    return {"net": name, "batch": batch, "timing": rows, "floor": floor, "check": check, "ttq": ttq,
-            "generator": gen}
+    return {"net": name, "batch": batch, "timing": rows, "bn_share": shares, "best_peer_mode": mode, "floor": floor,
+            "check": check, "ttq": ttq, "generator": gen}
 
 
 def bench_generator(teacher: nn.Module, name: str, args) -> dict:
@@ -740,7 +1034,7 @@ def bench_generator(teacher: nn.Module, name: str, args) -> dict:
         out["failed"] = str(err)
         print(f"    sampling failed: {err}", flush=True)
         return out
-    out.update(images_per_s=n / median(walls), agreement=min(agree), acceptance=median(accept))
+    out.update(images_per_s=n / true_median(walls), agreement=min(agree), acceptance=true_median(accept))
     di = exml_synth(teacher, name, dev, precision="fp32")
     steps = args.generator_di_steps
     for attempt in range(4):  # double DeepInversion's steps until its batch reaches the agreement bar
@@ -765,23 +1059,33 @@ def bench_generator(teacher: nn.Module, name: str, args) -> dict:
 
 def to_markdown(rec: dict) -> str:
     a = rec["args"]
-    cmd = " ".join(["python benches/bench_synthesis.py", *rec["argv"]])
+    cmd = rec.get("command") or " ".join(["python benches/bench_synthesis.py", *rec["argv"]])
     lines = env_markdown(rec["env"], "synthesis (DeepInversion)", cmd)
     lines += ["Objective: CE + 10·R_BN (l2, no first-layer multiplier) + 2.5e-5·TV-l2, Adam lr 0.05 constant, "
               "2-px roll, no flips, no clip. Step cost = (t(K2) - t(K1)) / (K2 - K1) of whole synthesis calls, "
               f"K1 = {a['k1']}, K2 = {a['k2']}, {a['rounds']} interleaved rounds; speed-up = median of per-round "
-              f"ratios [min-max] against **{PEER}** (the public loop with the teacher's parameters frozen). "
-              "\"public as shipped\" computes weight gradients nobody uses: listed, not a peer.", ""]
+              f"ratios [min-max] against **{PEER}** (the public loop with the teacher's parameters frozen)."
+              + (" \"public as shipped\" computes weight gradients nobody uses: listed, not a peer."
+                 if not a.get("best") else
+                 " Precision with precision: exml fp32 against public frozen (fp32 eager); the engine's fastest "
+                 "best form against the fastest public best form (bf16 autocast, channels_last, torch.compile "
+                 f"modes {', '.join(a.get('compile_modes') or []) or 'none: eager'})."), ""]
     for net in rec["results"]:
         lines += [f"## {net['net']}, batch {net['batch']}", ""]
         if net["timing"]:
-            lines += [f"| variant | ms / iteration | images / s | speed-up vs {PEER} |", "|---|---:|---:|---:|"]
+            lines += [f"| variant | ms / iteration | images / s | speed-up vs {PEER} | min–max ms | form | "
+                      "speed-up vs its peer (same precision) |", "|---|---:|---:|---:|---|---|---|"]
         for r in net["timing"]:
             if "failed" in r:
-                lines.append(f"| {r['variant']} | failed: {r['failed'][:80]} | | |")
+                lines.append(f"| {r['variant']} | failed: {r['failed'][:80]} | | | | | |")
                 continue
+            form = r.get("form", "") + (" (fastest)" if r.get("best") else "")
+            vs_peer = (f"{r['speedup_vs_peer']:.2f}x [{r['speedup_vs_peer_min']:.2f}-{r['speedup_vs_peer_max']:.2f}] "
+                       f"vs {r['peer']}" if r.get("peer") else "—")
             lines.append(f"| {r['variant']} | {r['s_per_iter'] * 1e3:.1f} | {r['images_per_s']:.1f} | "
-                         f"{r['speedup']:.2f}x [{r['speedup_min']:.2f}-{r['speedup_max']:.2f}] |")
+                         f"{r['speedup']:.2f}x [{r['speedup_min']:.2f}-{r['speedup_max']:.2f}] | "
+                         f"{r['s_min'] * 1e3:.1f}–{r['s_max'] * 1e3:.1f} | {form} | {vs_peer} |")
+        lines += _pairs_text(net)
         f = net.get("floor")
         if f:
             lines += ["", f"Floor: the network's {f['layers']} convolution and linear layers run alone, forward + "
@@ -830,6 +1134,7 @@ def to_markdown(rec: dict) -> str:
                 for r in q["engine"]:
                     lines.append(f"- {r['variant']}: " + ", ".join(
                         _probe_text(p, p["meets"]) for p in sorted(r["probes"], key=lambda p: p["steps"])))
+                lines += _best_race_text(q)
         g = net.get("generator")
         if g:
             lines += ["", f"Trained generator (`GenerativeSynthesizer`, preset skd, `{g['arch']}`): fitted "
@@ -852,15 +1157,77 @@ def to_markdown(rec: dict) -> str:
     return "\n".join(lines)
 
 
+def _pairs_text(net: dict) -> list[str]:
+    """The headline ratios (precision with precision), what each variant runs, and the BN term's share."""
+    timed = [r for r in net["timing"] if "s_per_iter" in r]
+    lines = []
+    heads = [f"**{r['variant']}** vs {r['peer']}: **{r['speedup_vs_peer']:.2f}x** [{r['speedup_vs_peer_min']:.2f}–"
+             f"{r['speedup_vs_peer_max']:.2f}]" for r in timed
+             if r.get("peer") and r["side"] == "exml" and (r["form"] == "fp32" or r.get("best"))]
+    if heads:
+        lines += ["", "Precision with precision: " + "; ".join(heads) + "."]
+    if any(r.get("config") for r in timed):
+        lines += ["", "What each variant runs:", ""]
+        lines += [f"- {r['variant']}: {r['config']}" for r in timed if r.get("config")]
+    if net.get("bn_share"):
+        lines += ["", "The BN term's cost (each loop with and without it, same-round pairs):", "",
+                  "| loop | ms / iteration with it | without | it adds [min–max] | its share of the step |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {b['variant']} | {b['with_ms']:.2f} | {b['without_ms']:.2f} | {b['adds_pct']:.1f} % "
+                  f"[{b['adds_pct_min']:.1f}–{b['adds_pct_max']:.1f}] | {b['share_pct']:.1f} % |"
+                  for b in net["bn_share"]]
+    return lines
+
+
+def _best_race_text(q: dict) -> list[str]:
+    """The race of the best forms (bench's time_to_quality with --ttq-best), to the fp32 peer's bar."""
+    best = q.get("best")
+    if not best:
+        return []
+    reach = best["peer_reach_step"]
+    lines = ["", f"The best forms, to the same bar: the best peer ({best['peer']}, compiled before its clock "
+             "started) followed along its own run; the engine's best form searched as above.", "",
+             "| loop | steps to the bar | seconds | speed-up vs the best peer | vs the fp32 peer |",
+             "|---|---:|---:|---:|---:|",
+             f"| {best['peer']} (best peer) | " + (
+                 f"{reach} | {best['peer_reach_s']:.1f} | 1.00x | {q['peer_reach_s'] / best['peer_reach_s']:.2f}x |"
+                 if reach is not None else f"not within {q['peer_steps']} | — | — | — |")]
+    for r in best["engine"]:
+        if r["reached"]:
+            vs_best = f"**{r['speedup']:.2f}x**" if r["speedup"] is not None else "—"
+            lines.append(f"| {r['variant']} | {r['steps']} | {r['wall_s']:.1f} | {vs_best} | "
+                         f"{r['speedup_vs_fp32_peer']:.2f}x |")
+        else:
+            lines.append(f"| {r['variant']} | not within {r['probes'][-1]['steps']} | — | — | — |")
+    lines += ["", f"- {best['peer']}: " + ", ".join(
+        _probe_text(p, p["agreement"] >= AGREEMENT and p["bn"] <= q["bn_bar"]) for p in best["peer_points"]
+        if p["steps"] % (4 * q["grid_step"]) == 0 or p["steps"] == reach)]
+    for r in best["engine"]:
+        lines.append(f"- {r['variant']}: " + ", ".join(
+            _probe_text(p, p["meets"]) for p in sorted(r["probes"], key=lambda p: p["steps"])))
+    return lines
+
+
 def _probe_text(p: dict, meets: bool) -> str:
     return f"{p['steps']}: {p['wall_s']:.1f} s, {p['agreement']:.0%}, {p['bn']:.4f}" + (" *" if meets else "")
 
 
 def main(argv=None) -> None:
     p = op_parser(__doc__, quick_help="batch 64, K2 = K1 + 2 (CUDA: K1 + 20), 2 rounds, 5 check iterations")
-    p.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
+    p.add_argument("--nets", nargs="+", default=DEFAULT_NETS, choices=list(NETS))
     p.add_argument("--batch", type=int, default=None,
-                   help="default: CPU 64 for the ResNets, 256 for LeNet-5-BN; CUDA 256 (64 with --quick)")
+                   help="default: CPU 64 for the ResNets, 256 for LeNet-5-BN; CUDA 256, ResNet-50 64 "
+                        "(64 with --quick)")
+    p.add_argument("--best", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time each side's best form (bf16, channels_last, torch.compile / CUDA graph) and "
+                        "compare precision with precision (default: on a GPU)")
+    p.add_argument("--compile-modes", nargs="+", default=None,
+                   help="torch.compile modes of the public best forms, the faster kept (default: CUDA "
+                        "max-autotune reduce-overhead, CPU default; none with --no-compile)")
+    p.add_argument("--exml-compile", action="store_true",
+                   help="also the engine's best form with compile=True (its loss under torch.compile)")
+    p.add_argument("--bn-share", action="store_true",
+                   help="also each side's step without the BN term: the term's share of a step")
     p.add_argument("--k1", type=int, default=None,
                    help="iterations of the short call (default: CPU 1, CUDA 5 — past the "
                         "engine's 3 eager warm-up steps and its graph capture)")
@@ -881,6 +1248,10 @@ def main(argv=None) -> None:
                    help="only the time-to-quality race (no per-step timing, no loss check)")
     p.add_argument("--ttq-cap", type=int, default=3,
                    help="the engine may run up to this many times the peer's steps before it is called short")
+    p.add_argument("--ttq-best", action=argparse.BooleanOptionalAction, default=None,
+                   help="race the best forms too, to the fp32 peer's bar (default: with --best)")
+    p.add_argument("--ttq-variants", type=int, default=None,
+                   help="race only the first N of the engine's settings (default: all)")
     p.add_argument("--ttq-all-variants", action="store_true",
                    help="on the ResNets, also race the engine at the peer's step size (hours more on a CPU)")
     p.add_argument("--ttq-bn-weight", default=None,
@@ -909,7 +1280,16 @@ def main(argv=None) -> None:
         p.error("exml_fast._C is not built: the engine would run its pure-PyTorch fallback")
     cuda = args.device == "cuda"
     args.batch_of = {n: (args.batch if args.batch is not None else
-                         64 if args.quick else CPU_BATCH[n] if not cuda else 256) for n in NETS}
+                         64 if args.quick else GPU_BATCH[n] if cuda else CPU_BATCH[n]) for n in NETS}
+    if args.best is None:
+        args.best = cuda
+    if args.ttq_best is None:
+        args.ttq_best = args.best
+    if args.compile_modes is None:
+        args.compile_modes = ["max-autotune", "reduce-overhead"] if cuda else ["default"]
+    if args.no_compile:
+        args.compile_modes = []
+    args.best_mode_of = {}  # net -> the compile mode of its fastest public best form (set by its timing)
     if args.k1 is None:
         args.k1 = 5 if cuda else 1
     if args.k2 is None:
@@ -936,6 +1316,7 @@ def main(argv=None) -> None:
     results = [bench_net(n, args) for n in args.nets]
     env["wall_s"] = time.perf_counter() - t0
     rec = {"env": env, "argv": sys.argv[1:] if argv is None else list(argv),
+           "command": command_line("bench_synthesis.py", argv),
            "args": {k: v for k, v in vars(args).items() if k != "out"}, "results": results}
     suffix = ("_quick" if args.quick else "") + (args.suffix or "")
     record(args.out, f"synthesis_{args.device}{suffix}", rec, to_markdown(rec))

@@ -24,8 +24,8 @@ import sys
 import time
 
 import torch
-from benchlib import (RandomSource, StubExpert, env_markdown, environment, interleaved_samples, median, op_parser,
-                      parse_op_args, record)
+from benchlib import (TIMING_HEADER, RandomSource, StubExpert, command_line, env_markdown, environment,
+                      Samples, interleaved_samples, op_parser, parse_op_args, record, timing_cells, true_median)
 
 from exml_fast.cl.strategies import ExModelDistillation
 from exml_fast.models import build_model
@@ -34,15 +34,22 @@ from exml_fast.ops.window_pool import fast_pooling
 from exml_fast.reference.tanh import tanh as ref_tanh
 
 SHAPES = [(32, 6, 28, 28), (32, 16, 10, 10), (32, 120), (32, 84), (256, 6, 28, 28)]
+#: On a GPU: the synthesis batch, and (256, 64, 56, 56): 411 MB per forward, 1 GB forward + backward.
+GPU_SHAPES = [(256, 6, 28, 28), (256, 64, 56, 56)]
+#: Bytes per element each direction moves at least: forward reads x and writes y; forward + backward also
+#: reads the output gradient and y and writes dx.
+BYTES_PER_ELEMENT = {"forward": 8, "forward+backward": 20}
 
 
-def _rows(samples: dict, numel: int | None = None) -> list[dict]:
+def _rows(samples, nbytes: int | None = None) -> list[dict]:
     rows = []
     for name, s in samples.items():
         ratios = [a / b for a, b in zip(s, samples["exml_fast"], strict=True)]
-        row = {"variant": name, "ms": median(s) * 1e3, "vs_exml": median(ratios)}
-        if numel is not None:
-            row["GBps"] = 8 * numel / median(s) / 1e9
+        row = {"variant": name, **samples.fields(name), "vs_exml": true_median(ratios), "vs_exml_min": min(ratios),
+               "vs_exml_max": max(ratios)}
+        if nbytes is not None:
+            row["MB"] = nbytes / 1e6
+            row["GBps"] = nbytes / true_median(s) / 1e9
         rows.append(row)
     return rows
 
@@ -64,7 +71,7 @@ def bench_op(shape, direction, args) -> dict:
         variants["compile(reference)"] = wrap(torch.compile(ref_tanh))
     samples = interleaved_samples(variants, device=args.device, min_run_time=args.min_run_time)
     return {"shape": list(shape), "direction": direction,
-            "rows": _rows(samples, x.numel() if direction == "forward" else None)}
+            "rows": _rows(samples, BYTES_PER_ELEMENT[direction] * x.numel())}
 
 
 def bench_lenet_step(args) -> dict:
@@ -106,7 +113,9 @@ def bench_ed_step(args, rounds: int) -> dict:
 
     variants = {"PyTorch layers": (False, False), "fast_pooling": (True, False), "exml_fast": (True, True)}
     k1, k2 = (20, 80) if args.quick else (100, 400)
-    samples: dict[str, list[float]] = {n: [] for n in variants}
+    samples = Samples({n: [] for n in variants})
+    samples.inner = {n: k2 - k1 for n in variants}  # steps per sample
+    samples.timer = f"the loop's own distill_s, (t({k2} steps) - t({k1})) / {k2 - k1}"
     distil(k1)  # warm-up
     try:
         for r in range(rounds):
@@ -121,20 +130,25 @@ def bench_ed_step(args, rounds: int) -> dict:
 
 
 def _step_table(step: dict, caption: str, unit: str) -> list[str]:
-    lines = ["", f"**{step['case']}**, {caption}", "", f"| variant | {unit} | time / exml_fast |", "|---|---:|---:|"]
-    return lines + [f"| {row['variant']} | {row['ms']:.3f} | {row['vs_exml']:.2f}x |" for row in step["rows"]]
+    lines = ["", f"**{step['case']}**, {caption}", "", f"| variant | {unit} | time / exml_fast | {TIMING_HEADER} |",
+             "|---|---:|---:|---|---|"]
+    return lines + [f"| {row['variant']} | {row['ms']:.3f} | {row['vs_exml']:.2f}x [{row['vs_exml_min']:.2f}–"
+                    f"{row['vs_exml_max']:.2f}] | {timing_cells(row)} |" for row in step["rows"]]
 
 
 def to_markdown(rec: dict) -> str:
-    lines = env_markdown(rec["env"], "tanh", "python benches/bench_tanh.py " + " ".join(rec["argv"]))
-    lines += ["\"time / exml_fast\" is the median of per-round ratios (> 1: exml_fast is faster). GB/s: bytes "
-              "read + written by the forward (8 per element) per second, beside the copy bandwidth above.", "",
-              "| direction | shape | variant | ms | GB/s | time / exml_fast |", "|---|---|---|---:|---:|---:|"]
+    lines = env_markdown(rec["env"], "tanh", rec["command"])
+    lines += ["\"time / exml_fast\" is the median of per-round ratios [min–max] (> 1: exml_fast is faster). GB/s: "
+              "bytes read + written per second (forward: 8 per element, x and y; forward + backward: 20, adding the "
+              "output gradient, y and dx), beside the copy bandwidth above.", "",
+              f"| direction | shape | variant | ms | GB/s | time / exml_fast | {TIMING_HEADER} |",
+              "|---|---|---|---:|---:|---:|---|---|"]
     for r in rec["results"]:
         for row in r["rows"]:
             gbps = f"{row['GBps']:.1f}" if "GBps" in row else ""
             lines.append(f"| {r['direction']} | {tuple(r['shape'])} | {row['variant']} | {row['ms']:.4f} | {gbps} | "
-                         f"{row['vs_exml']:.2f}x |")
+                         f"{row['vs_exml']:.2f}x [{row['vs_exml_min']:.2f}–{row['vs_exml_max']:.2f}] | "
+                         f"{timing_cells(row, '.4f')} |")
     lines += _step_table(rec["lenet_step"], "pooling on `fast_pooling` in both rows; \"reference\": nn.Tanh as "
                          "PyTorch runs it, \"exml_fast\": under `fast_tanh`.", "ms")
     lines += _step_table(rec["ed_step"], "ExModelDistillation's loop; \"fast_pooling\": only the pooling layers "
@@ -149,7 +163,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     env = environment(args.device, "tanh")
     results = []
-    for shape in SHAPES:
+    for shape in GPU_SHAPES if args.device == "cuda" and not args.quick else SHAPES:
         for direction in ("forward", "forward+backward"):
             r = bench_op(shape, direction, args)
             results.append(r)
@@ -162,7 +176,8 @@ def main(argv=None) -> None:
     print(f"  {ed['case']}: " + ", ".join(f"{row['variant']} {row['ms']:.3f} ms ({row['vs_exml']:.2f}x)"
                                          for row in ed["rows"]), flush=True)
     env["wall_s"] = time.perf_counter() - t0
-    rec = {"env": env, "argv": sys.argv[1:] if argv is None else list(argv), "results": results,
+    rec = {"env": env, "argv": sys.argv[1:] if argv is None else list(argv),
+           "command": command_line("bench_tanh.py", argv), "results": results,
            "lenet_step": step, "ed_step": ed}
     record(args.out, f"tanh_{args.device}{'_quick' if args.quick else ''}{args.suffix}", rec, to_markdown(rec))
 

@@ -20,7 +20,8 @@ import sys
 import time
 
 import torch
-from benchlib import env_markdown, environment, interleaved_samples, median, op_parser, parse_op_args, record
+from benchlib import (TIMING_HEADER, command_line, env_markdown, environment, interleaved_samples, op_parser,
+                      parse_op_args, record, timing_cells, true_median)
 
 from exml_fast.models import LeNet5, LeNet5Half
 from exml_fast.models.generators import SKDGenerator, build_generator
@@ -33,11 +34,14 @@ PAIRS = [("skd-small", 128, 8, 128), ("skd-small", 128, 16, 64), ("skd-narrow", 
          ("skd-narrow", 32, 16, 16)]
 
 
-def _rows(samples: dict[str, list[float]]) -> list[dict]:
+def _rows(samples) -> list[dict]:
     ref = samples["reference"]
-    return [{"variant": name, "ms": median(s) * 1e3,
-             "speedup_vs_reference": median([a / b for a, b in zip(ref, s, strict=True)])}
-            for name, s in samples.items()]
+    rows = []
+    for name, s in samples.items():
+        ratios = [a / b for a, b in zip(ref, s, strict=True)]
+        rows.append({"variant": name, **samples.fields(name), "speedup_vs_reference": true_median(ratios),
+                     "speedup_min": min(ratios), "speedup_max": max(ratios)})
+    return rows
 
 
 def bench_pair(pair, direction: str, args) -> dict:
@@ -112,17 +116,18 @@ def bench_fit_step(args) -> dict:
 
 
 def to_markdown(rec: dict) -> str:
-    lines = env_markdown(rec["env"], "upsample2x_conv3x3", "python benches/bench_upsample_conv.py "
-                         + " ".join(rec["argv"]))
+    lines = env_markdown(rec["env"], "upsample2x_conv3x3", rec["command"])
     lines += ["\"reference\": `F.interpolate` (nearest, 2x) then `F.conv2d`, as the generator's layers run it; "
               "\"exml_fast\": `upsample2x_conv3x3` (for the generator and the fit step: "
               "`SKDGenerator.fuse_upsample_conv` on). \"speed-up\" is the median of per-round time ratios "
-              "reference / variant (> 1: faster than the reference).", "",
-              "| case | direction | variant | ms | speed-up vs reference |", "|---|---|---|---:|---:|"]
+              "reference / variant [min–max] (> 1: faster than the reference).", "",
+              f"| case | direction | variant | ms | speed-up vs reference | {TIMING_HEADER} |",
+              "|---|---|---|---:|---:|---|---|"]
     for key in ("op_level", "generator"):
         for row in rec[key]:
             lines.append(f"| {row['case']} | {row['direction']} | {row['variant']} | {row['ms']:.2f} | "
-                         f"{row['speedup_vs_reference']:.2f}x |")
+                         f"{row['speedup_vs_reference']:.2f}x [{row['speedup_min']:.2f}–{row['speedup_max']:.2f}] | "
+                         f"{timing_cells(row, '.2f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -146,7 +151,8 @@ def main(argv=None) -> None:
     env["wall_s"] = time.perf_counter() - t0
     flat = {key: [{**row, "case": r["case"], "direction": r["direction"]} for r in rs for row in r["rows"]]
             for key, rs in (("op_level", ops), ("generator", gens))}
-    rec = {"env": env, "argv": sys.argv[1:] if argv is None else list(argv), "op_level": flat["op_level"],
+    rec = {"env": env, "argv": sys.argv[1:] if argv is None else list(argv),
+           "command": command_line("bench_upsample_conv.py", argv), "op_level": flat["op_level"],
            "generator": flat["generator"]}
     record(args.out, f"upsample_conv_{args.device}{'_quick' if args.quick else ''}{args.suffix}", rec,
            to_markdown(rec))

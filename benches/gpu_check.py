@@ -14,8 +14,9 @@ and then briefly. This script does the whole check and writes it down:
   sanitizer    compute-sanitizer --tool memcheck over a few fast CUDA tests of each op
   racecheck    compute-sanitizer --tool racecheck (shared-memory hazards) over the tests of the ops whose
                kernels use shared memory, beside memcheck
-  bench-*      the op benchmarks and the synthesis benchmark on the GPU, short settings,
-               without torch.compile (`make bench` with USE_SYSTEM_TORCH=1 gives the full runs)
+  bench-*      SMOKE runs of the op benchmarks and the synthesis benchmark on the GPU: short
+               settings, without torch.compile, to show that they run; their figures are not
+               performance figures (`make gpu-perf`, benches/gpu_perf.py, measures those)
 
 A failing step does not stop the next ones; each has a timeout, and all of them share
 a budget (--budget-s, default 570 s), so the whole check ends within 10 minutes: a step
@@ -27,9 +28,11 @@ Writes to --out (default $GPU_CHECK_OUT, else benches/results/gpu/):
                              seconds, test counts, sanitizer errors, bench figures
   logs/<step>.log            the full output of each step (+ logs/pytest-cuda.xml)
   benches/                   the recorded benchmark runs (<bench>_cuda*.{json,md})
+--tar PATH packs the whole folder into one .tgz at the end, whatever happened (a machine that
+returns only a few files of its output returns that one).
 
 Usage (from the repository root, with the GPU machine's own python and torch):
-    python3 benches/gpu_check.py [--out DIR] [--budget-s 570] [--steps build,pytest-cuda,...]
+    python3 benches/gpu_check.py [--out DIR] [--budget-s 570] [--steps build,pytest-cuda,...] [--tar PATH]
 Exit status: 0 every step passed, 1 a step failed or timed out, 2 no usable GPU,
 130 interrupted (SIGINT or SIGTERM: the running steps are stopped, the summary kept).
 
@@ -52,6 +55,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -149,10 +153,10 @@ class Budget:
     def left(self) -> float:
         return self.deadline - self.clock()
 
-    def timeout_for(self, step_timeout: float) -> float | None:
-        """The step's timeout cut to the budget; None when too little budget is left to start it."""
+    def timeout_for(self, step_timeout: float, min_s: float = MIN_STEP_S) -> float | None:
+        """The step's timeout cut to the budget; None when less than ``min_s`` seconds are left to start it."""
         left = self.left()
-        return None if left < MIN_STEP_S else min(step_timeout, left)
+        return None if left < min_s else min(step_timeout, left)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -319,16 +323,7 @@ def bench_headlines(rec: dict) -> list[str]:
     """A few lines of figures from a recorded benchmark run (its JSON)."""
     lines = []
     for net in rec.get("results", []):  # bench_synthesis
-        for r in net.get("timing", []):
-            if "failed" in r:
-                lines.append(f"{net['net']} {r['variant']}: FAILED ({r['failed'][:120]})")
-            else:
-                lines.append(f"{net['net']} batch {net['batch']}, {r['variant']}: {r['images_per_s']:.0f} images/s, "
-                             f"x{r['speedup']:.2f} vs the frozen public loop")
-        for ch in net.get("check", []):
-            if not ch.get("within_noise", True):  # information: a short run's losses are noisy
-                lines.append(f"{net['net']} {ch['variant']}: final loss differs from the public loop's by "
-                             f"{ch['diff']:.4f} (tolerance {ch['tolerance']:.4f})")
+        lines += synthesis_headlines(net)
     for key, rows in rec.items():
         if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)):
             continue
@@ -338,10 +333,97 @@ def bench_headlines(rec: dict) -> list[str]:
         if ups:
             lines.append(f"{key}: exml_fast vs reference x{statistics.median(ups):.2f} median "
                          f"(x{min(ups):.2f} to x{max(ups):.2f}) over {len(ups)} cases")
-        over = {r["variant"]: r["overhead_pct_vs_no_bn"] for r in rows if "overhead_pct_vs_no_bn" in r}
+        over = {r["variant"]: r for r in rows if "overhead_pct_vs_no_bn" in r}
         if over:
-            lines.append(f"{key}: the BN loss adds " + ", ".join(f"{v:.1f} % ({k})" for k, v in over.items()
-                                                                 if k != "no BN loss"))
+            lines.append(f"{key}: the BN loss adds " + ", ".join(
+                f"{r['overhead_pct_vs_no_bn']:.1f} %" + (f" ({r['bn_share_pct']:.0f} % of the step)"
+                                                         if "bn_share_pct" in r else "") + f" ({k})"
+                for k, r in over.items() if k != "no BN loss"))
+    lines += big_row_headlines(rec)
+    return lines
+
+
+def synthesis_headlines(net: dict) -> list[str]:
+    """bench_synthesis's figures for one net: images/s, each row against its peer of the same precision
+    (the fp32 peer where the record has no pairs), the BN term's share, the time-to-quality race."""
+    lines = []
+    head = f"{net['net']} batch {net['batch']}"
+    for r in net.get("timing", []):
+        if "failed" in r:
+            lines.append(f"{net['net']} {r['variant']}: FAILED ({r['failed'][:120]})")
+        elif r.get("peer"):
+            lines.append(f"{head}, {r['variant']}: {r['images_per_s']:.0f} images/s, x{r['speedup_vs_peer']:.2f} "
+                         f"[{r['speedup_vs_peer_min']:.2f}-{r['speedup_vs_peer_max']:.2f}] vs {r['peer']}")
+        else:
+            lines.append(f"{head}, {r['variant']}: {r['images_per_s']:.0f} images/s, x{r['speedup']:.2f} "
+                         "vs the frozen public loop")
+    for b in net.get("bn_share") or []:
+        lines.append(f"{head}: the BN term is {b['share_pct']:.0f} % of {b['variant']}'s step "
+                     f"(adds {b['adds_pct']:.0f} % [{b['adds_pct_min']:.0f}-{b['adds_pct_max']:.0f}])")
+    for ch in net.get("check", []):
+        if not ch.get("within_noise", True):  # information: a short run's losses are noisy
+            lines.append(f"{net['net']} {ch['variant']}: final loss differs from the public loop's by "
+                         f"{ch['diff']:.4f} (tolerance {ch['tolerance']:.4f})")
+    q = net.get("ttq")
+    if q:
+        if q.get("peer_reach_step") is None:
+            lines.append(f"{head} time to quality: no bar (the peer's batch after {q['peer_steps']} steps is "
+                         f"at {q['peer_agreement']:.0%} agreement)")
+        else:
+            lines += _race_lines(head, "public frozen", q["peer_reach_step"], q["peer_reach_s"], q["engine"])
+            best = q.get("best")
+            if best:
+                lines += _race_lines(head, best["peer"], best["peer_reach_step"], best["peer_reach_s"],
+                                     best["engine"])
+    return lines
+
+
+def _race_lines(head: str, peer: str, steps, seconds, engine: list[dict]) -> list[str]:
+    lines = [f"{head} time to quality: {peer} {steps} steps, {seconds:.1f} s" if steps is not None else
+             f"{head} time to quality: {peer} did not reach the bar"]
+    for r in engine:
+        if r["reached"]:
+            vs = f"x{r['speedup']:.2f} vs {peer}" if r.get("speedup") is not None else "no peer figure"
+            lines.append(f"{head} time to quality: {r['variant']} {r['steps']} steps, {r['wall_s']:.1f} s, {vs}")
+        else:
+            lines.append(f"{head} time to quality: {r['variant']} not within {r['probes'][-1]['steps']} steps")
+    return lines
+
+
+#: The keys of an op benchmark's row that say which case it is (the rest are measurements).
+_CASE_KEYS = ("op", "shape", "batch", "classes", "B", "K", "H", "beta", "layout", "blur_kernel_size", "max_shift",
+              "pad_crop", "dtype", "mode", "direction", "case")
+
+
+def big_row_headlines(rec: dict, min_mb: float = 100.0) -> list[str]:
+    """The op rows that move >= ``min_mb`` MB per call: exml_fast's GB/s against the copy bandwidth and its
+    time beside the reference's and torch.compile(reference)'s in the same case."""
+    rows = []
+    for value in rec.values():
+        if not isinstance(value, list):
+            continue
+        for item in value:
+            if isinstance(item, dict) and isinstance(item.get("rows"), list):  # nested per case (tanh, window_pool)
+                case = {k: v for k, v in item.items() if k != "rows"}
+                rows += [{**case, **r} for r in item["rows"]]
+            elif isinstance(item, dict):
+                rows.append(item)
+    lines = []
+    for r in rows:
+        if r.get("variant") != "exml_fast" or (r.get("MB") or 0) < min_mb:
+            continue
+        case = {k: r[k] for k in _CASE_KEYS if k in r}
+        same = {o["variant"]: o for o in rows if {k: o.get(k) for k in case} == case and "ms" in o}
+        gbps = r.get("GB/s", r.get("GBps"))
+        pct = r.get("pct_copy_bw")
+        text = ", ".join(f"{k}={v}" for k, v in case.items())
+        text += f": {r['MB']:.0f} MB, exml_fast {r['ms']:.3f} ms"
+        if gbps is not None:
+            text += f" = {gbps:.0f} GB/s" + (f" ({pct:.0f} % of copy)" if pct is not None else "")
+        for peer in ("reference", "compile(reference)"):
+            if peer in same:
+                text += f"; {peer} {same[peer]['ms']:.3f} ms (x{same[peer]['ms'] / r['ms']:.2f})"
+        lines.append(text)
     return lines
 
 
@@ -490,7 +572,7 @@ def summary_dict(env: dict, results: list[StepResult], *, finished: bool) -> dic
         "racecheck_errors": by["racecheck"].details.get("error_count") if "racecheck" in by else None,
     }
     return {"ok": finished and overall(results), "finished": finished, "env": env, "steps": steps,
-            "failed_steps": [r.name for r in results if not r.ok], "totals": totals}
+            "failed_steps": [r.name for r in results if not r.ok], "totals": totals, "benchmarks": SMOKE_NOTE}
 
 
 def _rel(path: str | None, out: Path) -> str:
@@ -502,15 +584,19 @@ def _rel(path: str | None, out: Path) -> str:
         return str(path)
 
 
-def summary_markdown(env: dict, results: list[StepResult], *, finished: bool, out: Path) -> str:
-    """The Markdown summary: header facts, one table row per step, then notes, skips and bench figures."""
+def verdict(results: list[StepResult], *, finished: bool) -> str:
     failed = [r for r in results if not r.ok]
-    verdict = ("IN PROGRESS" if not finished else
-               "PASS" if not failed else f"FAIL ({len(failed)} of {len(results)} steps)")
+    return ("IN PROGRESS" if not finished else
+            "PASS" if not failed else f"FAIL ({len(failed)} of {len(results)} steps)")
+
+
+def header_lines(env: dict, title: str) -> list[str]:
+    """The summary's title and the facts of the machine and the run (date, commit, GPU, driver, versions,
+    build, the exact command)."""
     smi = env.get("nvidia_smi") or {}
     driver = smi["gpus"][0][1] if smi.get("gpus") else "?"
     lines = [
-        f"# gpu-check: {verdict} on {env.get('device_name', '?')}",
+        f"# {title} on {env.get('device_name', '?')}",
         "",
         (f"- date: {env.get('date')}, commit `{env.get('commit')}`, wall {env.get('wall_s') or 0:.0f} s "
          f"of a {env.get('budget_s') or 0:.0f} s budget"),
@@ -522,9 +608,16 @@ def summary_markdown(env: dict, results: list[StepResult], *, finished: bool, ou
          f"CC={env.get('cc') or '(unset)'}, CXX={env.get('cxx') or '(unset)'} (setup.py replaces a CXX that "
          f"links libstdc++ statically; see logs/build.log); compute-sanitizer: {env.get('sanitizer') or 'not found'}"),
     ]
+    if env.get("command"):
+        lines.append(f"- command: `{env['command']}`")
     if env.get("missing_modules"):
         lines.append(f"- Python modules missing: {', '.join(env['missing_modules'])}")
-    lines += ["", "| step | status | seconds | result | log |", "|---|---|---:|---|---|"]
+    return lines
+
+
+def step_table(results: list[StepResult], out: Path) -> list[str]:
+    """One table row per step, then the steps' notes and the skipped tests."""
+    lines = ["", "| step | status | seconds | result | log |", "|---|---|---:|---|---|"]
     for r in results:
         status = r.status.upper() if not r.ok else "pass"
         lines.append(f"| {r.name} | {status} | {r.seconds:.0f} | {r.summary} | {_rel(r.log, out)} |")
@@ -534,24 +627,66 @@ def summary_markdown(env: dict, results: list[StepResult], *, finished: bool, ou
     skips = [f"- {s}" for r in results for s in r.details.get("skips", [])]
     if skips:
         lines += ["", "## Skipped tests", "", *skips]
-    bench = [r for r in results if r.name.startswith("bench-")]
-    if bench:
-        lines += ["", "## Benchmarks (short runs, no torch.compile)", ""]
-        for r in bench:
+    return lines
+
+
+def bench_lines(results: list[StepResult], out: Path, prefix: str = "bench-") -> list[str]:
+    """Each benchmark step's record and its headline figures."""
+    lines = []
+    for r in results:
+        if r.name.startswith(prefix):
             rec = _rel(r.details.get("record_md"), out)
             lines.append(f"- {r.name}: {rec or 'not recorded'}")
             lines += [f"  - {h}" for h in r.details.get("headlines", [])]
+    return lines
+
+
+#: What gpu-check's benchmark figures are (the summary says it where it lists them).
+SMOKE_NOTE = ("smoke runs: short settings (2 rounds, small batches), no torch.compile peer; they show that the "
+              "benchmarks run on the GPU, not how fast exml_fast is there: `make gpu-perf` (benches/gpu_perf.py) "
+              "takes the performance figures")
+
+
+def summary_markdown(env: dict, results: list[StepResult], *, finished: bool, out: Path) -> str:
+    """The Markdown summary: header facts, one table row per step, then notes, skips and bench figures."""
+    lines = header_lines(env, f"gpu-check: {verdict(results, finished=finished)}") + step_table(results, out)
+    bench = bench_lines(results, out)
+    if bench:
+        lines += ["", "## Benchmarks: smoke runs, not performance figures", "", f"These are {SMOKE_NOTE}.", "",
+                  *bench]
     return "\n".join(lines) + "\n"
 
 
-def write_summary(out: Path, env: dict, results: list[StepResult], *, finished: bool) -> None:
-    """(Re)write summary.md and summary.json under `out`, each atomically."""
+def write_summary(out: Path, env: dict, results: list[StepResult], *, finished: bool,
+                  summary=None, markdown=None) -> None:
+    """(Re)write summary.md and summary.json under `out`, each atomically (``summary`` and ``markdown``:
+    the functions that make them; default gpu-check's)."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("summary.json", json.dumps(summary_dict(env, results, finished=finished), indent=2) + "\n"),
-                       ("summary.md", summary_markdown(env, results, finished=finished, out=out))):
+    summary, markdown = summary or summary_dict, markdown or summary_markdown
+    for name, text in (("summary.json", json.dumps(summary(env, results, finished=finished), indent=2) + "\n"),
+                       ("summary.md", markdown(env, results, finished=finished, out=out))):
         tmp = out / (name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, out / name)
+
+
+def pack_output(out: Path, tar: str | Path) -> str | None:
+    """Pack the folder ``out`` into the gzipped tarball ``tar`` (written atomically; the tarball itself left
+    out when it lies inside ``out``). Returns None, or why it could not."""
+    tar = Path(tar).resolve()
+    if not out.exists():
+        return f"{out} does not exist: nothing to pack"
+    tmp = tar.with_name(tar.name + ".tmp")
+    try:
+        tar.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tmp, "w:gz") as tf:
+            tf.add(out, arcname=out.name,
+                   filter=lambda info: None if Path(out.parent, info.name).resolve() in (tar, tmp) else info)
+        os.replace(tmp, tar)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        return f"could not write {tar}: {e}"
+    return None
 
 
 # -- the steps --------------------------------------------------------------------------------------
@@ -566,6 +701,9 @@ class Check:
     budget: Budget
     env: dict            # the facts of the machine (summary header)
     build_env: dict      # TORCH_CUDA_ARCH_LIST, MAX_JOBS, CUDA_HOME, ...
+    timeouts: dict = dataclasses.field(default_factory=lambda: dict(TIMEOUTS))  # step (or key) -> seconds
+    min_start: dict = dataclasses.field(default_factory=dict)  # step -> budget seconds it needs to start
+    label: str = "gpu-check"  # the prefix of the console lines
 
     @property
     def logs(self) -> Path:
@@ -573,10 +711,12 @@ class Check:
 
     def start(self, name: str, cmd: list[str], *, timeout_key: str | None = None, env: dict | None = None):
         """Start a step, or return a "not run" result when the budget is spent."""
-        timeout = self.budget.timeout_for(TIMEOUTS[timeout_key or name])
+        min_s = self.min_start.get(name, MIN_STEP_S)
+        timeout = self.budget.timeout_for(self.timeouts[timeout_key or name], min_s)
         if timeout is None:
-            return not_run(name, f"the {self.env.get('budget_s', 0):.0f} s budget was spent")
-        print(f"[gpu-check] {name}: {shlex.join(cmd)[:160]}", flush=True)
+            return not_run(name, f"the {self.env.get('budget_s', 0):.0f} s budget was spent"
+                           + (f" (the step needs {min_s:.0f} s to start)" if min_s != MIN_STEP_S else ""))
+        print(f"[{self.label}] {name}: {shlex.join(cmd)[:160]}", flush=True)
         return start_step(name, cmd, log=self.logs / f"{name}.log", timeout_s=timeout,
                           env={**self.build_env, **(env or {})})
 
@@ -727,16 +867,19 @@ def finish_sanitizer(started, check: str = "memcheck") -> StepResult:
     return r
 
 
-def bench_step(c: Check, name: str, script: str, args: list[str], stem: str) -> StepResult:
-    """One benchmark on the GPU, recorded under <out>/benches/; its figures go to the summary."""
+def bench_step(c: Check, name: str, script: str, args: list[str], stem: str, *, smoke: bool = True,
+               step: str | None = None, timeout_key: str | None = None, env: dict | None = None) -> StepResult:
+    """One benchmark on the GPU, recorded under <out>/benches/; its figures go to the summary. ``smoke``:
+    without torch.compile (gpu-check's short runs); ``step``: the step's name (default bench-<name>)."""
     bench_out = c.out / "benches"
-    cmd = [c.python, f"benches/{script}", "--device", "cuda", "--no-compile", *args, "--out", str(bench_out)]
-    step = f"bench-{name}"
+    cmd = [c.python, f"benches/{script}", "--device", "cuda", *(["--no-compile"] if smoke else []), *args,
+           "--out", str(bench_out)]
+    step = step or f"bench-{name}"
     rec_json = bench_out / f"{stem}.json"
     for old in (rec_json, rec_json.with_suffix(".md")):  # a record left by an earlier run is not this run's
         old.unlink(missing_ok=True)
-    r = c.run(step, cmd, timeout_key="bench-synthesis" if name == "synthesis" else "bench",
-              env={"PYTHONPATH": str(ROOT)})
+    r = c.run(step, cmd, timeout_key=timeout_key or ("bench-synthesis" if name == "synthesis" else "bench"),
+              env={"PYTHONPATH": str(ROOT), **(env or {})})
     if r.status == "not run":
         return r
     if not rec_json.exists():
@@ -784,6 +927,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated subset of the steps, to re-run some (default: all: %(default)s)")
     p.add_argument("--python", default=sys.executable,
                    help="the interpreter whose torch builds and runs everything (default: this one)")
+    p.add_argument("--tar", default=None,
+                   help="at the end (also after a failure, a timeout or an interruption) pack --out into this "
+                        ".tgz: one file to bring back from a machine that returns only a few")
     args = p.parse_args(argv)
     args.steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = [s for s in args.steps if s not in STEPS]
@@ -838,38 +984,69 @@ def main(argv=None) -> int:
     budget = Budget(args.budget_s)
     env, reason = machine_facts(args.python, args.budget_s)
     if reason is not None:
-        print(f"gpu-check: no usable CUDA GPU on this machine: {reason}.\n"
-              "gpu-check builds and runs the CUDA kernels, so it needs one: run `make gpu-check` on the GPU "
-              "machine. Nothing was built or written.", file=sys.stderr)
+        print(no_gpu_message("gpu-check", reason, "builds and runs the CUDA kernels"), file=sys.stderr)
         return EXIT_NO_GPU
     out = Path(args.out).resolve()
-    build_env = {"TORCH_CUDA_ARCH_LIST": env["arch"], "MAX_JOBS": str(env["cores"])}
-    if env.get("cuda_home"):
-        build_env["CUDA_HOME"] = env["cuda_home"]
+    env["command"] = shlex.join(["python3", "benches/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
     print(f"[gpu-check] {env['device_name']} (sm {env['arch']}), torch {env['torch']}, {env['cores']} cores; "
           f"writing to {out}", flush=True)
-    c = Check(python=args.python, out=out, budget=budget, env=env, build_env=build_env)
+    c = Check(python=args.python, out=out, budget=budget, env=env, build_env=build_env(env))
+    return session(c, lambda results: run_all(c, args.steps, results), tar=args.tar)
+
+
+def no_gpu_message(label: str, reason: str, what: str) -> str:
+    return (f"{label}: no usable CUDA GPU on this machine: {reason}.\n"
+            f"{label} {what}, so it needs one: run `make {label}` on the GPU machine. Nothing was built or written.")
+
+
+def gpu_result(env: dict) -> StepResult:
+    """The first step's result: the GPU torch sees (and the Python modules missing beside it)."""
     gpu = StepResult("gpu", "pass", seconds=env["probe_s"], summary=f"{env['device_name']}, sm {env['arch']}, "
                      f"{env['memory_gib']:.0f} GiB, {env['device_count']} device(s)")
     if env.get("missing_modules"):
         gpu.notes.append(f"Python modules missing: {', '.join(env['missing_modules'])} (the steps needing them fail)")
-    results = [gpu]
+    return gpu
+
+
+def session(c: Check, run, *, tar: str | None, summary=None, markdown=None) -> int:
+    """``run(results)`` after the gpu step, SIGTERM taken as an interruption (the running steps are then
+    stopped); the final summary (``summary``, ``markdown``: write_summary's), the verdict, and ``tar`` packed
+    whatever happened. The exit status: 0 every step passed, 1 one did not, 130 interrupted."""
+    results = [gpu_result(c.env)]
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        run_all(c, args.steps, results)
+        run(results)
     except KeyboardInterrupt:
         stop_running_steps()
-        results.append(not_run("interrupted", "gpu-check was interrupted; the steps then running were stopped"))
-        write_summary(out, env, results, finished=True)
-        print(f"[gpu-check] interrupted; summary of the steps done in {out / 'summary.md'}", file=sys.stderr)
+        results.append(not_run("interrupted", f"{c.label} was interrupted; the steps then running were stopped"))
+        write_summary(c.out, c.env, results, finished=True, summary=summary, markdown=markdown)
+        print(f"[{c.label}] interrupted; summary of the steps done in {c.out / 'summary.md'}", file=sys.stderr)
         return 130
-    finally:
+    else:
+        write_summary(c.out, c.env, results, finished=True, summary=summary, markdown=markdown)
+        failed = [r.name for r in results if not r.ok]
+        print(f"[{c.label}] {'FAIL: ' + ', '.join(failed) if failed else 'PASS'}; summary in "
+              f"{c.out / 'summary.md'}", flush=True)
+        return EXIT_FAILED if failed else 0
+    finally:  # after the last summary, whatever happened
         signal.signal(signal.SIGTERM, previous)
-    write_summary(out, env, results, finished=True)
-    failed = [r.name for r in results if not r.ok]
-    print(f"[gpu-check] {'FAIL: ' + ', '.join(failed) if failed else 'PASS'}; summary in {out / 'summary.md'}",
-          flush=True)
-    return EXIT_FAILED if failed else 0
+        if tar:
+            report_pack(c.out, tar, c.label)
+
+
+def build_env(env: dict) -> dict:
+    """The build's settings for this machine: its GPU's arch, all its cores, its CUDA toolkit."""
+    out = {"TORCH_CUDA_ARCH_LIST": env["arch"], "MAX_JOBS": str(env["cores"])}
+    if env.get("cuda_home"):
+        out["CUDA_HOME"] = env["cuda_home"]
+    return out
+
+
+def report_pack(out: Path, tar: str, label: str) -> None:
+    """Pack ``out`` into ``tar`` and say so (or why not)."""
+    why = pack_output(out, tar)
+    print(f"[{label}] " + (f"packed {out} into {tar}" if why is None else f"--tar: {why}"), flush=True,
+          file=sys.stderr if why else sys.stdout)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import env_markdown, environment, median, op_parser, record, timed_call  # noqa: E402
+from benchlib import env_markdown, environment, op_parser, record, timed_call, true_median  # noqa: E402
 
 from exml_fast.cl import strategies as S  # noqa: E402
 from exml_fast.cl.exemplars import herding, nearest_mean_logits  # noqa: E402
@@ -80,7 +80,7 @@ def time_herding_and_nme(device: str, quick: bool) -> dict:
     n, d, m = (1500, 84, 250) if quick else (6000, 84, 1000)
     f = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(device)
     herding(f, 10)
-    t_herd = median([timed_call(lambda: herding(f, m), device) for _ in range(3)])
+    t_herd = true_median([timed_call(lambda: herding(f, m), device) for _ in range(3)])
     x = torch.nn.functional.normalize(torch.randn(10000, d, generator=g), dim=1).to(device)
     means = torch.nn.functional.normalize(torch.randn(10, d, generator=g), dim=1).to(device)
 
@@ -88,8 +88,8 @@ def time_herding_and_nme(device: str, quick: bool) -> dict:
         return torch.stack([((x - mu) ** 2).sum(1) for mu in means], 1).argmin(1)
 
     assert torch.equal(loop(), nearest_mean_logits(x, means).argmax(1))
-    t_nme = median([timed_call(lambda: nearest_mean_logits(x, means).argmax(1), device) for _ in range(20)])
-    t_loop = median([timed_call(loop, device) for _ in range(20)])
+    t_nme = true_median([timed_call(lambda: nearest_mean_logits(x, means).argmax(1), device) for _ in range(20)])
+    t_loop = true_median([timed_call(loop, device) for _ in range(20)])
     return {"herding": {"n": n, "d": d, "m": m, "seconds": t_herd},
             "nme": {"images": 10000, "classes": 10, "ms": 1e3 * t_nme, "per_class_loop_ms": 1e3 * t_loop}}
 

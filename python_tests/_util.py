@@ -101,13 +101,19 @@ def bench_module(name: str):
     import their sibling ``benchlib``)."""
     benches = str(Path(__file__).resolve().parents[1] / "benches")
     sys.path.insert(0, benches)
+    saved = sys.modules.get(name)
     try:
         spec = importlib.util.spec_from_file_location(name, f"{benches}/{name}.py")
         mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses (and pickling) look a module's classes up by its name
         spec.loader.exec_module(mod)
         yield mod
     finally:
         sys.path.remove(benches)
+        if saved is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = saved
 
 
 @contextlib.contextmanager

@@ -118,3 +118,158 @@ def test_the_lenet_teacher_of_the_race_is_kept_and_read_back(bench, tmp_path, mo
     assert model is not retrained and not torch.equal(retrained.state_dict()["features.0.weight"],
                                                       first.state_dict()["features.0.weight"])
     assert not model.training
+
+
+# -- the GPU method on the CPU: precision-paired variants, the BN term's share, the best forms' race ----------
+
+
+def _rows(bench, spec):
+    """timing_rows' input from {name: (side, form, bn, per-round seconds)}."""
+    variants = {n: bench.Variant(None, side, form, bn) for n, (side, form, bn, _) in spec.items()}
+    samples = {n: s for n, (*_, s) in spec.items()}
+    return variants, samples
+
+
+def test_rows_pair_precision_with_precision_and_pick_each_sides_fastest_best_form(bench):
+    import types
+
+    variants, samples = _rows(bench, {
+        bench.PEER: ("public", "fp32", True, [10.0, 12.0, 10.0, 12.0]),
+        "public frozen bf16+cl+compile(max-autotune)": ("public", "best", True, [4.0, 4.0, 4.0, 4.0]),
+        "public frozen bf16+cl+compile(reduce-overhead)": ("public", "best", True, [5.0, 5.0, 5.0, 5.0]),
+        "exml fp32": ("exml", "fp32", True, [5.0, 6.0, 4.0, 4.0]),
+        "exml bf16+cl+graph": ("exml", "best", True, [2.0, 1.0, 2.0, 1.0]),
+        "exml fp32, no BN term": ("exml", "fp32", False, [4.0, 4.0, 4.0, 4.0]),
+    })
+    rows = {r["variant"]: r for r in bench.timing_rows(variants, samples, {}, 8, types.SimpleNamespace(k1=1, k2=2))}
+    # true medians: of 4, 4, 5, 6, and of the per-round ratios 10/5, 12/6, 10/4, 12/4 = 2, 2, 2.5, 3 (the lower
+    # middle values, torch.median's, would say 4 and 2)
+    assert rows["exml fp32"]["s_per_iter"] == 4.5
+    assert rows["exml fp32"]["peer"] == bench.PEER and rows["exml fp32"]["speedup_vs_peer"] == pytest.approx(2.25)
+    best = rows["exml bf16+cl+graph"]
+    assert best["best"] and best["peer"] == "public frozen bf16+cl+compile(max-autotune)"
+    assert best["speedup_vs_peer"] == pytest.approx(3.0) and (best["speedup_vs_peer_min"],
+                                                               best["speedup_vs_peer_max"]) == (2.0, 4.0)
+    assert rows["public frozen bf16+cl+compile(max-autotune)"]["best"]
+    assert "best" not in rows["public frozen bf16+cl+compile(reduce-overhead)"]
+    assert rows["public frozen bf16+cl+compile(max-autotune)"]["peer"] == bench.PEER  # what the user's best buys
+    assert "peer" not in rows["exml fp32, no BN term"] and "peer" not in rows[bench.PEER]
+    assert bench.best_peer_mode(list(rows.values())) == "max-autotune"
+    (share,) = bench.bn_shares(list(rows.values()), samples)
+    # with / without the BN term per round: 1.25, 1.5, 1, 1; without / with: 0.8, 2/3, 1, 1
+    assert share["variant"] == "exml fp32" and share["adds_pct"] == pytest.approx(12.5)
+    assert share["share_pct"] == pytest.approx(10.0) and share["adds_pct_max"] == pytest.approx(50.0)
+
+
+def test_variants_of_the_gpu_method(bench):
+    import types
+
+    from exml_fast.models import LeNet5BN
+
+    args = types.SimpleNamespace(batch_of={"lenet5_bn": 4}, device="cpu", best=True, bn_share=True,
+                                 compile_modes=["max-autotune", "reduce-overhead"], port_only=False,
+                                 exml_compile=True)
+    v = bench.variants_for(LeNet5BN(10).eval(), "lenet5_bn", args)
+    assert list(v) == [bench.PEER, bench.PEER + bench.NO_BN, "public frozen bf16+cl+compile(max-autotune)",
+                       "public frozen bf16+cl+compile(reduce-overhead)", "exml fp32", "exml fp32" + bench.NO_BN,
+                       "exml bf16+cl", "exml bf16+cl+compile", "exml bf16+cl" + bench.NO_BN]
+    assert [v[n].form for n in v].count("best") == 5 and not v["exml bf16+cl" + bench.NO_BN].bn
+    assert "torch.compile(mode=max-autotune)" in v["public frozen bf16+cl+compile(max-autotune)"].config
+    assert bench.exml_best_forms("cuda")[0] == ("exml bf16+cl+graph", {"precision": "bf16", "channels_last": True,
+                                                                       "cuda_graph": True})
+    args.best, args.bn_share, args.compile_modes = False, False, ["default"]  # the CPU records' set
+    assert list(bench.variants_for(LeNet5BN(10).eval(), "lenet5_bn", args)) == [
+        "public as shipped", bench.PEER, "public frozen+compile", "exml fp32"]
+
+
+def test_the_public_loop_without_its_bn_hooks_has_no_bn_term(bench):
+    from exml_fast.models import LeNet5BN
+
+    torch.manual_seed(0)
+    teacher = LeNet5BN(10).eval()
+    with_bn, without = {}, {}
+    bench.public_runner(teacher, 4, "cpu", name="lenet5_bn", history=with_bn)(2, 0)
+    bench.public_runner(teacher, 4, "cpu", name="lenet5_bn", bn=False, history=without)(2, 0)
+    assert float(with_bn["bn"].min()) > 0 and float(without["bn"].abs().max()) == 0
+    # and the hooks are back afterwards
+    again = {}
+    bench.public_runner(teacher, 4, "cpu", name="lenet5_bn", history=again)(2, 0)
+    assert torch.equal(again["bn"], with_bn["bn"])
+
+
+@pytest.mark.slow  # a torch.compile of LeNet-5-BN: about 40 s on 2 cores
+def test_the_compiled_public_teacher_keeps_its_bn_hooks_across_calls(bench):
+    # Each call of the public loop registers new BN hooks on the compiled teacher; the compiled forward must
+    # see them (dynamo inlines them), call after call: the BN terms equal the eager loop's.
+    from exml_fast.models import LeNet5BN
+
+    torch.manual_seed(0)
+    teacher = LeNet5BN(10).eval()
+    eager = [{}, {}]
+    compiled = [{}, {}]
+    run_e = bench.public_runner(teacher, 4, "cpu", name="lenet5_bn", history=eager[0])
+    run_c = bench.public_runner(teacher, 4, "cpu", name="lenet5_bn", compile_mode="default", history=compiled[0])
+    for seed in (0, 1):
+        run_e(3, seed)
+        run_c(3, seed)
+        eager[1][seed] = eager[0]["bn"].clone()
+        compiled[1][seed] = compiled[0]["bn"].clone()
+    for seed in (0, 1):
+        torch.testing.assert_close(compiled[1][seed], eager[1][seed], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def no_data(bench, monkeypatch):
+    """No MNIST / Fashion-MNIST: random calibrated teachers (nothing trained)."""
+    import exml_fast.data.datasets as datasets
+
+    monkeypatch.setattr(datasets, "find_data_root", lambda name: None)
+    monkeypatch.setattr(bench, "_mnist_lenet", lambda model, device, g: None)
+
+
+def test_gpu_method_smoke_on_the_cpu_records_pairs_shares_and_the_command(bench, tmp_path, no_data):
+    import json
+
+    argv = ["--device", "cpu", "--nets", "lenet5_bn", "--batch", "4", "--k1", "1", "--k2", "3", "--rounds", "5",
+            "--check-iterations", "0", "--ttq-steps", "0", "--best", "--bn-share", "--no-compile", "--threads", "1",
+            "--out", str(tmp_path), "--suffix", "_smoke"]
+    bench.main(argv)
+    rec = json.loads((tmp_path / "synthesis_cpu_smoke.json").read_text())
+    assert rec["command"] == "python benches/bench_synthesis.py " + " ".join(argv)
+    (net,) = rec["results"]
+    rows = {r["variant"]: r for r in net["timing"]}
+    assert rows["exml fp32"]["peer"] == bench.PEER and rows["exml bf16+cl"]["peer"] == "public frozen bf16+cl"
+    assert all(r["rounds"] == 5 and r["s_min"] <= r["s_per_iter"] <= r["s_max"] for r in rows.values())
+    assert {b["variant"] for b in net["bn_share"]} == {bench.PEER, "exml fp32", "exml bf16+cl"}
+    md = (tmp_path / "synthesis_cpu_smoke.md").read_text()
+    assert "Precision with precision: **exml fp32** vs public frozen" in md
+    assert "**exml bf16+cl** vs public frozen bf16+cl" in md and "its share of the step" in md
+
+
+def test_the_best_forms_race_to_the_fp32_peers_bar(bench, tmp_path, no_data, monkeypatch):
+    import json
+
+    monkeypatch.setattr(bench, "AGREEMENT", 0.0)  # a random teacher's few steps: the BN bar alone
+    argv = ["--device", "cpu", "--nets", "lenet5_bn", "--batch", "4", "--ttq-only", "--ttq-steps", "8",
+            "--ttq-variants", "1", "--ttq-cap", "2", "--best", "--no-compile", "--threads", "1",
+            "--ttq-state", str(tmp_path / "state"), "--out", str(tmp_path), "--suffix", "_race"]
+    bench.main(argv)
+    q = json.loads((tmp_path / "synthesis_cpu_race.json").read_text())["results"][0]["ttq"]
+    assert q["peer_reach_step"] is not None and len(q["engine"]) == 1
+    best = q["best"]
+    assert best["peer"] == "public frozen bf16+cl" and [p["steps"] for p in best["peer_points"]] == list(range(1, 9))
+    (row,) = best["engine"]
+    assert row["variant"] == "exml (peer's optimiser) [bf16+cl]" and row["options"]["precision"] == "bf16"
+    log = json.loads(next((tmp_path / "state").glob("ttq_cpu_lenet5_bn_*.json")).read_text())
+    assert "peer best | public frozen bf16+cl" in log["entries"]  # resumable, as the fp32 race
+    assert "The best forms, to the same bar" in (tmp_path / "synthesis_cpu_race.md").read_text()
+
+
+def test_the_local_resnet50_is_torchvisions(bench):
+    # A GPU machine without torchvision builds the same network: the same parameter and buffer shapes, in order.
+    pytest.importorskip("torchvision")
+    tv, local = bench.resnet50_imagenet(), bench._resnet50_local()
+    assert [tuple(t.shape) for t in tv.state_dict().values()] == [tuple(t.shape) for t in local.state_dict().values()]
+    assert bench.SHAPES["resnet50"] == (3, 224, 224) and bench.GPU_BATCH["resnet50"] == 64
+    with torch.no_grad():
+        assert local.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 10)

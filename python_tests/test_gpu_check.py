@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -231,6 +232,25 @@ def test_bench_headlines():
         {"variant": "exml bf16+cl+graph", "failed": "RuntimeError: capture failed"}]}]}
     assert gc.bench_headlines(synth) == ["resnet18 batch 64, public: 1000 images/s, x1.00 vs the frozen public loop",
                                          "resnet18 exml bf16+cl+graph: FAILED (RuntimeError: capture failed)"]
+    paired = {"results": [{"net": "resnet18", "batch": 256, "timing": [
+        {"variant": "exml bf16+cl+graph", "images_per_s": 9000.0, "speedup": 6.0, "peer": "public frozen bf16+cl",
+         "speedup_vs_peer": 1.5, "speedup_vs_peer_min": 1.4, "speedup_vs_peer_max": 1.7}],
+        "bn_share": [{"variant": "exml fp32", "share_pct": 12.0, "adds_pct": 13.6, "adds_pct_min": 10.0,
+                      "adds_pct_max": 15.0}]}]}
+    assert gc.bench_headlines(paired) == [
+        "resnet18 batch 256, exml bf16+cl+graph: 9000 images/s, x1.50 [1.40-1.70] vs public frozen bf16+cl",
+        "resnet18 batch 256: the BN term is 12 % of exml fp32's step (adds 14 % [10-15])"]
+
+
+def test_big_row_headlines_give_gb_per_s_and_the_peers_of_the_same_case():
+    rec = {"results": [{"shape": [256, 64, 56, 56], "mode": "max", "rows": [
+        {"variant": "reference", "ms": 2.0, "MB": 514.0, "GB/s": 257.0},
+        {"variant": "exml_fast", "ms": 1.0, "MB": 514.0, "GB/s": 514.0, "pct_copy_bw": 16.0},
+        {"variant": "compile(reference)", "ms": 1.5, "MB": 514.0}]},
+        {"shape": [256, 6, 28, 28], "mode": "max", "rows": [{"variant": "exml_fast", "ms": 0.1, "MB": 12.0}]}]}
+    assert gc.big_row_headlines(rec) == [
+        "shape=[256, 64, 56, 56], mode=max: 514 MB, exml_fast 1.000 ms = 514 GB/s (16 % of copy); "
+        "reference 2.000 ms (x2.00); compile(reference) 1.500 ms (x1.50)"]
 
 
 def test_no_gpu_reason():
@@ -376,6 +396,37 @@ def test_main_runs_every_step_in_order_and_writes_the_summary(monkeypatch, tmp_p
     md = (out / "summary.md").read_text()
     assert md.startswith("# gpu-check: PASS") and "| bench-synthesis | pass |" in md
     assert "- bench-bn_stats: benches/bn_stats_cuda.md" in md
+    # the correctness run: its benchmarks are smoke runs, and the summary says so (and the command)
+    assert "## Benchmarks: smoke runs, not performance figures" in md and "make gpu-perf" in md
+    assert s["benchmarks"].startswith("smoke runs") and "- command: `python3 benches/gpu_check.py --out" in md
+
+
+def test_tar_packs_the_whole_output_at_the_end(monkeypatch, tmp_path):
+    _fake_gpu(monkeypatch, tmp_path, fail={"ctest"})
+    out, tar = tmp_path / "gpu", tmp_path / "back" / "gpu.tgz"
+    assert gc.main(["--out", str(out), "--tar", str(tar)]) == gc.EXIT_FAILED  # packed after a failure too
+    with tarfile.open(tar) as tf:
+        names = set(tf.getnames())
+    assert {"gpu/summary.md", "gpu/summary.json", "gpu/logs/ctest.log", "gpu/benches/bn_stats_cuda.json"} <= names
+    with tarfile.open(tar) as tf:  # the final summary, not an in-progress one
+        assert json.loads(tf.extractfile("gpu/summary.json").read())["finished"] is True
+
+
+def test_tar_after_an_interruption(monkeypatch, tmp_path):
+    _fake_gpu(monkeypatch, tmp_path)
+
+    def wait(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FakeRunning, "wait", wait)
+    assert gc.main(["--out", str(tmp_path / "o"), "--tar", str(tmp_path / "o.tgz")]) == 130
+    with tarfile.open(tmp_path / "o.tgz") as tf:
+        assert "o/summary.json" in tf.getnames()
+
+
+def test_pack_output_of_a_missing_folder_says_why(tmp_path):
+    assert "does not exist" in gc.pack_output(tmp_path / "nothing", tmp_path / "x.tgz")
+    assert not (tmp_path / "x.tgz").exists()
 
 
 def test_main_keeps_going_after_a_failure_and_exits_1(monkeypatch, tmp_path):
