@@ -24,7 +24,11 @@ Variants, each with its own deep copy of the teacher:
                       peer a user reaches for.
   exml fp32           exml_fast.synth.DeepInversion at its defaults (on the CPU:
                       channels_last picked for the ResNets, fused frozen-BN
-                      statistics, the input-gradient swap on 1-channel layers).
+                      statistics, the input-gradient swap on 1-channel layers;
+                      on a GPU: fused frozen-BN statistics, the step captured in
+                      a CUDA graph).
+  exml fp32 eager     on a GPU, listed: the same without the CUDA graph
+                      (cuda_graph=False), what the graph brings.
 The engine runs with the public loop's objective and optimiser (see
 exml_runner), so only the implementation differs.
 
@@ -357,6 +361,9 @@ def variants_for(teacher, name, args) -> dict[str, Variant]:
     if args.port_only:
         return v
     exml("exml fp32", "fp32", precision="fp32", config="the engine's defaults, fp32")
+    if d == "cuda":
+        exml("exml fp32 eager", "listed", precision="fp32", cuda_graph=False,
+             config="the engine's defaults, fp32, cuda_graph=False")
     if args.bn_share:
         exml("exml fp32" + NO_BN, "fp32", bn=False, precision="fp32", config="fp32, bn_weight 0")
     if args.best:
