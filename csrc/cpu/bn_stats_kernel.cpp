@@ -107,16 +107,6 @@ at::Tensor bn_stats_backward_cpu(const at::Tensor& grad_mean, const at::Tensor& 
   return dx_for_input(x_in, x, dx);
 }
 
-void check_per_channel(const at::Tensor& t, const char* name, const at::Tensor& x,
-                       at::ScalarType acc, const char* op) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name, " must have shape (",
-              x.size(1), ",) to match x's channels; got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == acc, op, ": ", name, " must be ", acc, " (the accumulation dtype of ",
-              x.scalar_type(), " x); got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> frozen_bn_stats_cpu(const at::Tensor& x_in,
                                                                    const at::Tensor& scale_in,
                                                                    const at::Tensor& shift_in) {
@@ -171,10 +161,7 @@ at::Tensor frozen_bn_stats_backward_cpu(const at::Tensor& grad_y, const at::Tens
   const char* op = "exml_fast::_frozen_bn_stats_backward";
   check_bn_input(x_in, op);
   check_bn_backward_args(grad_mean, grad_var, x_in, mean);
-  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), op, ": grad_y must have x's shape ", x_in.sizes(),
-              "; got ", grad_y.sizes());
-  TORCH_CHECK(grad_y.scalar_type() == x_in.scalar_type(), op, ": grad_y must have x's dtype ",
-              x_in.scalar_type(), "; got ", grad_y.scalar_type());
+  check_frozen_grad_y(grad_y, x_in, op);
   at::Tensor x;
   const BnGeometry g = classify(x_in, x);
   const auto acc_type = acc_scalar_type(x);

@@ -106,4 +106,26 @@ inline void check_bn_backward_args(const at::Tensor& grad_mean, const at::Tensor
               "_bn_stats_backward: grad_mean, grad_var, mean and x must be on one device");
 }
 
+// A per-channel argument of the frozen-BatchNorm ops (scale, shift): shape (C,),
+// the accumulation dtype of x (see acc_scalar_type), on x's device.
+inline void check_per_channel(const at::Tensor& t, const char* name, const at::Tensor& x,
+                              at::ScalarType acc, const char* op) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name, " must have shape (",
+              x.size(1), ",) to match x's channels; got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc, op, ": ", name, " must be ", acc, " (the accumulation dtype of ",
+              x.scalar_type(), " x); got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device());
+}
+
+// grad_y of _frozen_bn_stats_backward: x's shape, dtype and device (any strides).
+inline void check_frozen_grad_y(const at::Tensor& grad_y, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y must have x's shape ", x.sizes(),
+              "; got ", grad_y.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y must have x's dtype ",
+              x.scalar_type(), "; got ", grad_y.scalar_type());
+  TORCH_CHECK(grad_y.device() == x.device(), op, ": grad_y is on ", grad_y.device(),
+              " but x is on ", x.device());
+}
+
 }  // namespace exml_fast
