@@ -136,7 +136,8 @@ void check_backward(const at::Tensor& x, Tol tol, const std::string& what) {
 
 #define EXPECT_C10_ERROR(stmt, needle) EXML_EXPECT_THROWS(c10::Error, stmt, needle)
 
-const char* const kOps[] = {"exml_fast::bn_stats", "exml_fast::_bn_stats_backward"};
+const char* const kOps[] = {"exml_fast::bn_stats", "exml_fast::_bn_stats_backward",
+                            "exml_fast::frozen_bn_stats", "exml_fast::_frozen_bn_stats_backward"};
 
 }  // namespace
 
