@@ -98,14 +98,14 @@ def frozen_bn_stats(x: torch.Tensor, scale: torch.Tensor,
     """A frozen (eval-mode) BatchNorm fused with the statistics of its input.
 
     Returns ``(y, mean, var)``: ``y = x * scale_c + shift_c`` (the layer's output,
-    in x's dtype and memory format) and ``bn_stats(x)``. On the CPU one kernel
-    reads x once for both, and its backward is one sweep that produces the
+    in x's dtype and memory format) and ``bn_stats(x)``. One kernel (CPU or
+    CUDA) reads x once for both, and its backward is one sweep that produces the
     whole input gradient, ``grad_y · scale_c`` plus the statistics' part — where
     the unfused pair costs a BatchNorm backward, a bn_stats backward and the
     sum of the two gradients (BN-statistic matching's hot path in synthesis;
     :class:`exml_fast.synth.BNStatsMatcher` uses it for eval-mode layers of a
-    frozen model). On other devices it composes ``batch_norm``-free affine
-    arithmetic with :func:`bn_stats` (same values, separate passes).
+    frozen model). Without the compiled library, or on other devices, the
+    affine map and :func:`bn_stats` run as separate passes (same values).
 
     Args:
         x: as in :func:`bn_stats`.
@@ -122,7 +122,7 @@ def frozen_bn_stats(x: torch.Tensor, scale: torch.Tensor,
         check_running_stat(t, name, x.shape[1], x, op="frozen_bn_stats")
     scale = scale.detach().to(acc)
     shift = shift.detach().to(acc)
-    if _ext.use_compiled(x) and x.device.type == "cpu":
+    if _ext.use_compiled(x) and x.device.type in ("cpu", "cuda"):
         return torch.ops.exml_fast.frozen_bn_stats(x, scale, shift)
     shape = [1, -1] + [1] * (x.dim() - 2)
     y = (x.to(acc) * scale.view(shape) + shift.view(shape)).to(x.dtype)
