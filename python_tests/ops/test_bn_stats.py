@@ -389,12 +389,13 @@ def test_frozen_gradcheck_float64(device, shape, fmt):
     assert torch.autograd.gradcheck(lambda t: ops.frozen_bn_stats(t, scale, shift)[2], (x,))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
-def test_frozen_opcheck(dtype):
-    for name, x in sample_inputs("cpu", dtype):
+def test_frozen_opcheck(device, dtype):
+    for name, x in sample_inputs(device, dtype):
         if name in ("large_c", "large_c_channels_last", "long_runs", "many_rows_channels_last"):
             continue
-        scale, shift = _scale_shift(x.shape[1], "cpu", dtype)
+        scale, shift = _scale_shift(x.shape[1], device, dtype)
         for requires_grad in (False, True):
             xi = x.detach().clone(memory_format=torch.preserve_format)
             if not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
@@ -403,21 +404,24 @@ def test_frozen_opcheck(dtype):
             torch.library.opcheck(torch.ops.exml_fast.frozen_bn_stats.default, (xi, scale, shift))
         c = x.shape[1]
         acc = acc_dtype(dtype)
-        args = (torch.randn(x.shape).to(dtype), torch.randn(c, dtype=acc), torch.randn(c, dtype=acc),
-                x.detach(), torch.randn(c, dtype=acc), scale)
+        args = (torch.randn(x.shape).to(dtype).to(device), torch.randn(c, dtype=acc, device=device),
+                torch.randn(c, dtype=acc, device=device), x.detach(), torch.randn(c, dtype=acc, device=device),
+                scale)
         torch.library.opcheck(
             torch.ops.exml_fast._frozen_bn_stats_backward.default, args,
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
         )
 
 
-def test_frozen_grad_y_in_another_layout():
+@pytest.mark.parametrize("device", DEVICES)
+def test_frozen_grad_y_in_another_layout(device):
     """grad_y laid out differently from x (autograd may hand either) gives the same dx."""
-    x = torch.randn(4, 6, 5, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
-    scale, shift = _scale_shift(6, "cpu", torch.float64)
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64, device=device).to(memory_format=torch.channels_last)
+    scale, shift = _scale_shift(6, device, torch.float64)
     mean = ops.bn_stats(x)[0]
-    gy = torch.randn(4, 6, 5, 5, dtype=torch.float64)
-    gm, gv = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    gy = torch.randn(4, 6, 5, 5, dtype=torch.float64, device=device)
+    gm = torch.randn(6, dtype=torch.float64, device=device)
+    gv = torch.randn(6, dtype=torch.float64, device=device)
     a = torch.ops.exml_fast._frozen_bn_stats_backward(gy, gm, gv, x, mean, scale)
     b = torch.ops.exml_fast._frozen_bn_stats_backward(gy.to(memory_format=torch.channels_last), gm, gv, x,
                                                       mean, scale)
@@ -482,3 +486,178 @@ def test_bn_module_output_equals_fused_y():
     scale, shift = frozen_bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, torch.float32)
     y = ops.frozen_bn_stats(x, scale, shift)[0]
     torch.testing.assert_close(y, bn(x), rtol=1e-5, atol=1e-6)
+
+
+
+# -- CUDA kernel paths: vectorised and scalar loops, tiles, one- and two-level finalisation --------------
+
+# (name, shape, memory format, storage offset in elements). The CUDA kernels load 16-byte vectors along
+# NCHW rows when S is a multiple of the vector and x is aligned (S = 64 or 160: vectorised; 49, 13, an odd
+# S or a storage offset of one element: the scalar loop), and 2 channels a lane (fp64: 1) across
+# channels_last rows when C is even and x aligned. Blocks split a channel (tile) when there are few of
+# them; more than 32 parts per channel (the "two_level" cases, on any GPU with 17 SMs or more) takes the
+# second merge level, and C >= 8 * SMs (the c1000 cases on H100/H200: 1056 blocks a wave) none.
+CUDA_PATH_CASES = [
+    ("rows_vec", (4, 6, 8, 8), None, 0),
+    ("rows_7x7", (3, 5, 7, 7), None, 0),
+    ("rows_offset", (4, 6, 8, 8), None, 1),
+    ("rows_batch1", (1, 3, 17, 19), None, 0),
+    ("rows_c1000", (2, 1000, 4, 4), None, 0),
+    ("rows_c1100", (2, 1100, 4, 4), None, 0),
+    ("rows_two_level", (4, 2, 130, 130), None, 0),
+    ("rows_two_level_odd", (2, 1, 181, 183), None, 0),
+    ("3d_odd", (7, 5, 13), None, 0),
+    ("5d_vec", (2, 3, 4, 5, 8), None, 0),
+    ("cl_c64", (4, 64, 8, 8), torch.channels_last, 0),
+    ("cl_c33", (5, 33, 6, 7), torch.channels_last, 0),
+    ("cl_c1000", (2, 1000, 3, 3), torch.channels_last, 0),
+    ("cl_offset", (4, 64, 8, 8), torch.channels_last, 1),
+    ("cl_c1_7x7", (3, 1, 7, 7), torch.channels_last, 0),
+    ("cl_two_level_c3", (4, 3, 128, 128), torch.channels_last, 0),
+    ("cl_two_level_c2", (8, 2, 96, 96), torch.channels_last, 0),
+    ("cl_tiles_and_parts", (16, 64, 32, 32), torch.channels_last, 0),
+    ("cl_5d", (2, 8, 4, 6, 6), torch.channels_last_3d, 0),
+    ("spatial1x1_c1000", (3, 1000, 1, 1), None, 0),
+    ("2d_c3", (1000, 3), None, 0),
+    ("2d_c64_offset", (4096, 64), None, 1),
+]
+
+
+def _with_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """t's values in a tensor with t's strides whose data starts `offset` elements into its storage
+    (misaligned for vector loads when offset is odd)."""
+    if offset == 0:
+        return t
+    flat = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    return torch.as_strided(flat, t.shape, t.stride(), storage_offset=offset).copy_(t)
+
+
+def cuda_path_input(case: str, dtype: torch.dtype) -> torch.Tensor:
+    _, shape, fmt, offset = next(c for c in CUDA_PATH_CASES if c[0] == case)
+    g = torch.Generator().manual_seed(sum(shape) + len(case))
+    x = (torch.randn(*shape, generator=g) * 1.5 + 0.25).to(dtype)
+    if fmt is not None:
+        x = x.to(memory_format=fmt)
+    x = _with_offset(x.cuda(), offset)
+    assert x.storage_offset() == offset
+    return x
+
+
+def _other_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t's values, dense, with strides other than like's."""
+    o = t.mT.contiguous().mT
+    return o if o.stride() != like.stride() else t.contiguous()
+
+
+def _assert_close_to(ours, other, rounding_dtype, scale, factor=4):
+    """|ours - other| <= factor * eps(rounding_dtype) * (|other| + max|scale|): the two sides differ by
+    a few roundings to `rounding_dtype` (FMA contraction, summation order)."""
+    eps = eps_of(rounding_dtype)
+    torch.testing.assert_close(ours.cpu(), other.cpu(), rtol=factor * eps,
+                               atol=factor * eps * max(float(scale.abs().max()), 1e-30))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [c[0] for c in CUDA_PATH_CASES])
+def test_cuda_paths_matches_reference(dtype, case):
+    """bn_stats and frozen_bn_stats, forward and backward, through every CUDA loop and merge path: as
+    accurate as PyTorch in that dtype against the long-double truth, close to the CPU kernels, x's
+    layout kept, bit-for-bit repeatable."""
+    x = cuda_path_input(case, dtype)
+    xc = x.cpu()  # same strides, no offset
+    c, acc = x.shape[1], acc_dtype(dtype)
+
+    mean, var = torch.ops.exml_fast.bn_stats(x)
+    assert mean.dtype == acc and mean.shape == (c,) and mean.is_cuda
+    truth_m, truth_v = truth_stats(xc)
+    torch_m, torch_v = ref.bn_stats(x)
+    assert_as_accurate_as_torch(mean, torch_m, truth_m, dtype)
+    assert_as_accurate_as_torch(var, torch_v, truth_v, dtype)
+    cpu_m, cpu_v = torch.ops.exml_fast.bn_stats(xc)
+    spread = cpu_m.abs() + cpu_v.sqrt()
+    _assert_close_to(mean, cpu_m, acc, spread, factor=16)
+    _assert_close_to(var, cpu_v, acc, cpu_v, factor=16)
+    m2, v2 = torch.ops.exml_fast.bn_stats(x)
+    assert torch.equal(mean, m2) and torch.equal(var, v2)  # a fixed merge order
+
+    scale, shift = _scale_shift(c, "cuda", dtype)
+    y, fm, fv = torch.ops.exml_fast.frozen_bn_stats(x, scale, shift)
+    assert torch.equal(fm, mean) and torch.equal(fv, var)  # one partition, one method
+    assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
+    truth_y = _ld(xc) * _ld(scale).reshape(_bshape(x)) + _ld(shift).reshape(_bshape(x))
+    assert_as_accurate_as_torch(y, ref.frozen_bn_stats(x, scale, shift)[0], truth_y, dtype,
+                                extra_slack=eps_of(dtype))
+    cpu_y = torch.ops.exml_fast.frozen_bn_stats(xc, scale.cpu(), shift.cpu())[0]
+    _assert_close_to(y, cpu_y, dtype, cpu_y)
+
+    g = torch.Generator().manual_seed(5)
+    gm, gv = torch.randn(c, generator=g, dtype=acc), torch.randn(c, generator=g, dtype=acc)
+    gy = torch.empty_like(xc).copy_(torch.randn(x.shape, generator=g))  # x's layout
+    dx = torch.ops.exml_fast._bn_stats_backward(gm.cuda(), gv.cuda(), x, cpu_m.cuda())
+    assert dx.dtype == dtype and dx.stride() == x.stride()
+    cpu_dx = torch.ops.exml_fast._bn_stats_backward(gm, gv, xc, cpu_m)
+    _assert_close_to(dx, cpu_dx, dtype, cpu_dx)
+    cpu_fdx = torch.ops.exml_fast._frozen_bn_stats_backward(gy, gm, gv, xc, cpu_m, scale.cpu())
+    truth_dx = truth_grad(xc, gm, gv) + _ld(gy) * _ld(scale).reshape(_bshape(x))
+    # grad_y in x's layout, misaligned, and in another layout (copied to x's first).
+    for gy_dev in (gy.cuda(), _with_offset(gy.cuda(), 1), _other_layout(gy, xc).cuda()):
+        fdx = torch.ops.exml_fast._frozen_bn_stats_backward(gy_dev, gm.cuda(), gv.cuda(), x, cpu_m.cuda(),
+                                                            scale)
+        assert fdx.dtype == dtype and fdx.stride() == x.stride()
+        _assert_close_to(fdx, cpu_fdx, dtype, cpu_fdx)
+        # The kernels take the CPU kernel's mean, truth_grad the exact one: equally accurate, nearly equal.
+        assert_as_accurate_as_torch(fdx, cpu_fdx, truth_dx, dtype, extra_slack=eps_of(dtype))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "channels_last"])
+def test_cuda_graph_capture_and_streams(fmt):
+    """The per-call workspace and its zeroed counters make the kernels safe to capture in a CUDA graph
+    and to run on two streams at once: replays and concurrent calls give the eager results."""
+    def run(x, scale, shift, gy, gm, gv):
+        y, m, v = torch.ops.exml_fast.frozen_bn_stats(x, scale, shift)
+        dx = torch.ops.exml_fast._frozen_bn_stats_backward(gy, gm, gv, x, m, scale)
+        return y, m, v, dx, *torch.ops.exml_fast.bn_stats(x)
+
+    def inputs(seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(8, 3, 64, 64, generator=g) * 2 + 1  # several blocks per channel
+        if fmt is not None:
+            x = x.to(memory_format=fmt)
+        return [t.cuda() for t in (x, *_scale_shift(3, "cpu", torch.float32), torch.randn(x.shape, generator=g),
+                                   torch.randn(3, generator=g), torch.randn(3, generator=g))]
+
+    a, b = inputs(1), inputs(2)
+    want_a, want_b = run(*a), run(*b)
+    static = [t.clone(memory_format=torch.preserve_format) for t in a]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(*static)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run(*static)
+    for src, want in ((b, want_b), (a, want_a), (b, want_b)):
+        for t, s in zip(static, src):
+            t.copy_(s)
+        graph.replay()
+        for o, w in zip(out, want):
+            assert torch.equal(o, w)
+
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    s1.wait_stream(torch.cuda.current_stream())
+    s2.wait_stream(torch.cuda.current_stream())
+    results = {}
+    for _ in range(3):
+        with torch.cuda.stream(s1):
+            results["a"] = run(*a)
+        with torch.cuda.stream(s2):
+            results["b"] = run(*b)
+    torch.cuda.synchronize()
+    for key, want in (("a", want_a), ("b", want_b)):
+        for o, w in zip(results[key], want):
+            assert torch.equal(o, w)
