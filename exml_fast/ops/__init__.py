@@ -23,10 +23,6 @@ How an op is registered (the rule every module here follows):
   (csrc/ops/ed_loss.cpp), and tanh and window_pool (csrc/ops/tanh.cpp,
   csrc/ops/window_pool.cpp: LeNet's layers, called many times per step on
   small activations; their backward ops' refusing autograd is in C++ too).
-- One op is CPU-only by design: `frozen_bn_stats` (csrc/ops/bn_stats.cpp)
-  fuses an eval-mode BatchNorm with `bn_stats` to save the CPU's memory
-  passes; on other devices its wrapper composes the affine map with the
-  `bn_stats` kernel (a fused CUDA kernel belongs to the GPU work).
 - One op is a composite of ATen ops, with no compiled kernel and no
   registration: `upsample2x_conv3x3` (ops/upsample_conv.py) saves arithmetic,
   not memory passes (nearest 2× upsampling + a 3×3 convolution as four 2×2
