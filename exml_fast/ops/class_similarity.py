@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from exml_fast import _ext
-from exml_fast._utils.checks import check_float_dtype, refuse_double_backward
+from exml_fast._utils.checks import check_float_dtype
 from exml_fast._utils.dtypes import acc_dtype
 from exml_fast.reference.class_similarity import class_similarity as _ref_class_similarity
 
@@ -53,7 +53,8 @@ def class_similarity(weight: torch.Tensor, *, floor: float = 1e-4) -> torch.Tens
 
 
 def _register() -> None:
-    """Fake kernels and autograd for the compiled ops (only when _C loaded)."""
+    """Fake kernels for the compiled ops (only when _C loaded). Their autograd is in C++
+    (csrc/ops/class_similarity.cpp): a Python autograd node would cost more per call than the kernel."""
 
     @torch.library.register_fake("exml_fast::class_similarity")
     def _class_similarity_fake(weight, floor):
@@ -64,29 +65,6 @@ def _register() -> None:
     @torch.library.register_fake("exml_fast::_class_similarity_backward")
     def _class_similarity_backward_fake(grad_out, weight, sim, floor):
         return torch.empty_like(weight, memory_format=torch.contiguous_format)
-
-    def setup_context(ctx, inputs, output):
-        weight, floor = inputs
-        _, sim = output
-        ctx.save_for_backward(weight, sim)
-        ctx.floor = floor
-        ctx.mark_non_differentiable(sim)
-
-    def backward(ctx, grad_out, grad_sim):
-        weight, sim = ctx.saved_tensors
-        if grad_out is None:
-            return None, None
-        return torch.ops.exml_fast._class_similarity_backward(grad_out, weight, sim, ctx.floor), None
-
-    torch.library.register_autograd("exml_fast::class_similarity", backward,
-                                    setup_context=setup_context)
-
-
-    torch.library.register_autograd(
-        "exml_fast::_class_similarity_backward",
-        refuse_double_backward("class_similarity", "class_similarity"),
-        setup_context=lambda ctx, inputs, output: None,
-    )
 
 
 if _ext.has_ops():

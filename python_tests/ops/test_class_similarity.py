@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _util import DEVICES, DTYPES, acc_dtype, eps_of, requires_ops
+from _util import DEVICES, DTYPES, acc_dtype, assert_cpp_autograd, eps_of, requires_ops
 
 from exml_fast.ops.class_similarity import class_similarity
 from exml_fast.reference.class_similarity import class_similarity as ref_class_similarity
@@ -138,6 +138,20 @@ def test_class_similarity_bad_inputs():
         class_similarity([[1.0, 2.0]])
     with pytest.raises(RuntimeError, match="2-D"):  # the C++ check, for direct callers
         torch.ops.exml_fast.class_similarity(torch.randn(3), 1e-4)
+
+
+def test_class_similarity_autograd_is_registered_in_cpp():
+    """On CPU the op's and its backward op's autograd nodes are the C++ ones of csrc/ops/class_similarity.cpp,
+    not Python autograd nodes (which would cost more per call than the kernel)."""
+    w = torch.randn(10, 84, dtype=torch.float64, requires_grad=True)
+    out = class_similarity(w)
+    assert_cpp_autograd(out, "ClassSimilarityFunction")
+    (g,) = torch.autograd.grad(out.sum(), w, create_graph=True)
+    assert_cpp_autograd(g, "ClassSimilarityBackwardFunction")
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+    _, sim = torch.ops.exml_fast.class_similarity(w, 1e-4)
+    assert sim.grad_fn is None and not sim.requires_grad  # the auxiliary output
 
 
 @pytest.mark.parametrize("device", DEVICES)
