@@ -25,14 +25,24 @@ def class_similarity(weight: torch.Tensor, *, floor: float = 1e-4) -> torch.Tens
 
     Args:
         weight: (K, H) final-layer weight, float32/64/16 or bfloat16, K >= 0.
-            A row of zeros has no direction: raises RuntimeError naming it
-            (on CUDA the check costs one host sync; the op runs once per expert).
+            A row of zeros has no direction: on CPU it raises RuntimeError
+            naming it; on CUDA it is not checked (that would cost a host
+            sync) and the whole output is NaN (every row's min-max scaling
+            reads the undefined column).
         floor: the smallest output value, in (0, 1].
 
     Returns:
         (K, K), float32 (float64 for float64 weight). Differentiable with
         respect to `weight` (once); the gradient of min/max is shared evenly
         between tied entries, as torch.amin/amax do.
+
+    On CPU this runs the fused kernel (csrc/cpu/class_similarity_kernel.cpp)
+    with its autograd in C++ (csrc/ops/class_similarity.cpp). On CUDA and
+    other devices it runs the reference composite
+    (`exml_fast.reference.class_similarity`): the op runs once per expert,
+    on a GPU it is a few launches of PyTorch's own GEMM and row reductions
+    that a kernel of ours would not beat by much, and the composite makes no
+    host sync (so it can be captured in a CUDA graph).
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"class_similarity: weight must be a torch.Tensor; got {type(weight).__name__}")
@@ -46,7 +56,7 @@ def class_similarity(weight: torch.Tensor, *, floor: float = 1e-4) -> torch.Tens
     floor = float(floor)
     if not 0.0 < floor <= 1.0:
         raise ValueError(f"class_similarity: floor must be in (0, 1]; got {floor}")
-    if _ext.use_compiled(weight):
+    if weight.device.type == "cpu" and _ext.use_compiled(weight):
         out, _ = torch.ops.exml_fast.class_similarity(weight, floor)
         return out
     return _ref_class_similarity(weight, floor=floor)
