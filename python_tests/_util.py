@@ -41,6 +41,15 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def assert_cpp_autograd(out: torch.Tensor, function: str) -> None:
+    """out's autograd node is `function`, a torch::autograd::Function of exml_fast (csrc/ops/<op>.cpp), not a
+    Python autograd.Function such as the one torch.library.register_autograd generates."""
+    node = out.grad_fn
+    assert node is not None, "out has no autograd node"
+    assert not isinstance(node, torch.autograd.function.BackwardCFunction), f"Python autograd node {node.name()}"
+    assert node.name().startswith("torch::autograd::CppNode<exml_fast::") and function in node.name(), node.name()
+
+
 def calibrated_bn(model: torch.nn.Module, shape, seed: int = 0, batches: int = 4) -> torch.nn.Module:
     """``model`` with running BN statistics from ``batches`` train-mode forwards of 16 random N(0.1, 0.8²)
     inputs of ``shape`` (so BN matching has a target), returned in eval mode."""

@@ -279,17 +279,24 @@ void sample_rows(const scalar_t* conc, float* out, int64_t rows, int64_t k, uint
   });
 }
 
-at::Tensor dirichlet_sample_cpu(const at::Tensor& concentration, const at::Tensor& key) {
+at::Tensor dirichlet_sample_cpu(const at::Tensor& concentration,
+                                const std::optional<at::Tensor>& key,
+                                const std::optional<at::Generator>& generator) {
   constexpr const char* op = "exml_fast::dirichlet_sample";
-  check_dirichlet_args(concentration, key, op);
+  check_dirichlet_args(concentration, key, generator, op);
   TORCH_CHECK(concentration.device().is_cpu(), op,
               " (CPU kernel): concentration must be a CPU tensor");
+  // Drawn first: every call advances the generator, empty or not.
+  const int64_t key_value =
+      key.has_value() ? key->item<int64_t>()
+                      : draw_key(at::get_generator_or_default<at::CPUGeneratorImpl>(
+                            generator, at::detail::getDefaultCPUGenerator()));
   const at::Tensor conc = concentration.contiguous();
   const int64_t rows = conc.size(0), k = conc.size(1);
   at::Tensor out = at::empty({rows, k}, conc.options().dtype(at::kFloat));
   if (rows == 0) return out;
   uint32_t k0, k1;
-  dirichlet::split_key(key.item<int64_t>(), k0, k1);
+  dirichlet::split_key(key_value, k0, k1);
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conc.scalar_type(),
                                   "dirichlet_sample_cpu", [&] {

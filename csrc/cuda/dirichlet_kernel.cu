@@ -4,11 +4,21 @@
 // same host/device code as the CPU kernel (dirichlet_sampler.h), keeping them
 // in the output row; the warp reduces the row max, writes exp(log G - max)
 // and reduces their sum, then divides. Each lane re-reads only the entries it
-// wrote. The key is read from device memory by every thread: no host sync.
-// A row holding an invalid concentration (<= 0, NaN, inf as fp32) is written
-// as NaN (checking on the host would cost a sync).
+// wrote. A row holding an invalid concentration (<= 0, NaN, inf as fp32) is
+// written as NaN (checking on the host would cost a sync).
+//
+// The key (KeySource) is, in the order dirichlet_sample's schema gives:
+// an explicit key tensor, read from device memory by every thread; a CPU
+// generator's draw (draw_key, as the CPU kernel's), passed by value; or a
+// CUDA generator's Philox state (seed, offset), passed by value or, under CUDA
+// graph capture, as pointers the replay fills (at::cuda::philox::unpack), from
+// which every thread derives the key (dirichlet::key_from_philox_state). No
+// call makes a host sync, an extra launch or a host-to-device copy.
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/cuda/PhiloxUtils.cuh>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
@@ -18,6 +28,8 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <mutex>
+#include <optional>
 
 #include "exml_fast/cuda_reduce.cuh"
 #include "exml_fast/dirichlet_host.h"
@@ -29,14 +41,30 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kRowsPerBlock = kThreads / 32;
 
+// Where a launch's key comes from (see the top of the file).
+struct KeySource {
+  enum Kind : int { kTensor, kValue, kPhilox };
+  Kind kind = kValue;
+  const int64_t* tensor = nullptr;  // kTensor
+  int64_t value = 0;                // kValue
+  at::PhiloxCudaState philox;       // kPhilox
+};
+
+__device__ __forceinline__ int64_t load_key(const KeySource& src) {
+  if (src.kind == KeySource::kTensor) return src.tensor[0];
+  if (src.kind == KeySource::kValue) return src.value;
+  const auto seeds = at::cuda::philox::unpack(src.philox);
+  return dirichlet::key_from_philox_state(std::get<0>(seeds), std::get<1>(seeds));
+}
+
 template <typename scalar_t>
 __global__ void dirichlet_kernel(const scalar_t* __restrict__ conc, float* __restrict__ out,
-                                 int64_t rows, int64_t k, const int64_t* __restrict__ key) {
+                                 int64_t rows, int64_t k, const KeySource key) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;  // whole warps leave together: the shuffles stay full
   uint32_t k0, k1;
-  dirichlet::split_key(key[0], k0, k1);
+  dirichlet::split_key(load_key(key), k0, k1);
   const scalar_t* a = conc + row * k;
   float* o = out + row * k;
   float mx = -INFINITY;
@@ -80,13 +108,35 @@ __global__ void philox_kernel(const int64_t* __restrict__ ctr, int64_t* __restri
   out[4 * i + 3] = w.w;
 }
 
-at::Tensor dirichlet_sample_cuda(const at::Tensor& concentration, const at::Tensor& key) {
+// The launch's key source; a generator is advanced here, once per call.
+KeySource key_source(const at::Tensor& conc, const std::optional<at::Tensor>& key,
+                     const std::optional<at::Generator>& generator) {
+  KeySource src;
+  if (key.has_value()) {
+    src.kind = KeySource::kTensor;
+    src.tensor = key->const_data_ptr<int64_t>();  // 1 element: any strides
+  } else if (generator.has_value() && generator->device().is_cpu()) {
+    src.kind = KeySource::kValue;
+    src.value = draw_key(at::check_generator<at::CPUGeneratorImpl>(generator));
+  } else {
+    auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+        generator, at::cuda::detail::getDefaultCUDAGenerator(conc.device().index()));
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    src.kind = KeySource::kPhilox;
+    src.philox = gen->philox_cuda_state(4);  // one key: the smallest increment allowed
+  }
+  return src;
+}
+
+at::Tensor dirichlet_sample_cuda(const at::Tensor& concentration,
+                                 const std::optional<at::Tensor>& key,
+                                 const std::optional<at::Generator>& generator) {
   constexpr const char* op = "exml_fast::dirichlet_sample";
-  check_dirichlet_args(concentration, key, op);
+  check_dirichlet_args(concentration, key, generator, op);
   TORCH_CHECK(concentration.is_cuda(), op, " (CUDA kernel): concentration must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(concentration.device());
+  const KeySource src = key_source(concentration, key, generator);  // advances even when B = 0
   const at::Tensor conc = concentration.contiguous();
-  const at::Tensor key_c = key.contiguous();
   const int64_t rows = conc.size(0), k = conc.size(1);
   at::Tensor out = at::empty({rows, k}, conc.options().dtype(at::kFloat));
   if (rows == 0) return out;
@@ -96,8 +146,7 @@ at::Tensor dirichlet_sample_cuda(const at::Tensor& concentration, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conc.scalar_type(),
                                   "dirichlet_sample_cuda", [&] {
     dirichlet_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        conc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<float>(), rows, k,
-        key_c.const_data_ptr<int64_t>());
+        conc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<float>(), rows, k, src);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

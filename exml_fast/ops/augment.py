@@ -157,32 +157,14 @@ def augment(
 
 
 def _register() -> None:
-    """Fake kernels and autograd for the compiled ops (only when _C loaded)."""
+    """Fake kernels for the compiled ops (only when _C loaded). Their autograd is in C++
+    (csrc/ops/augment.cpp): a Python autograd node would cost more per call than the gather."""
 
     def fake(t, params, pad):
         return torch.empty_like(t, memory_format=output_memory_format(t))
 
     torch.library.register_fake("exml_fast::augment_with_params")(fake)
     torch.library.register_fake("exml_fast::_augment_with_params_backward")(fake)
-
-    def setup_context(ctx, inputs, output):
-        _, params, pad = inputs
-        ctx.save_for_backward(params)
-        ctx.pad = pad
-
-    def backward(ctx, grad):
-        (params,) = ctx.saved_tensors
-        return torch.ops.exml_fast._augment_with_params_backward(grad, params, ctx.pad), None, None
-
-    def backward_of_backward(ctx, grad):
-        # The backward is linear in grad_out with adjoint the forward gather.
-        (params,) = ctx.saved_tensors
-        return torch.ops.exml_fast.augment_with_params(grad, params, ctx.pad), None, None
-
-    torch.library.register_autograd("exml_fast::augment_with_params", backward,
-                                    setup_context=setup_context)
-    torch.library.register_autograd("exml_fast::_augment_with_params_backward", backward_of_backward,
-                                    setup_context=setup_context)
 
 
 if _ext.has_ops():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from exml_fast import _ext
-from exml_fast._utils.checks import check_float_dtype, refuse_double_backward
+from exml_fast._utils.checks import check_float_dtype
 from exml_fast._utils.dtypes import acc_dtype
 from exml_fast.reference.class_similarity import class_similarity as _ref_class_similarity
 
@@ -25,14 +25,24 @@ def class_similarity(weight: torch.Tensor, *, floor: float = 1e-4) -> torch.Tens
 
     Args:
         weight: (K, H) final-layer weight, float32/64/16 or bfloat16, K >= 0.
-            A row of zeros has no direction: raises RuntimeError naming it
-            (on CUDA the check costs one host sync; the op runs once per expert).
+            A row of zeros has no direction: on CPU it raises RuntimeError
+            naming it; on CUDA it is not checked (that would cost a host
+            sync) and the whole output is NaN (every row's min-max scaling
+            reads the undefined column).
         floor: the smallest output value, in (0, 1].
 
     Returns:
         (K, K), float32 (float64 for float64 weight). Differentiable with
         respect to `weight` (once); the gradient of min/max is shared evenly
         between tied entries, as torch.amin/amax do.
+
+    On CPU this runs the fused kernel (csrc/cpu/class_similarity_kernel.cpp)
+    with its autograd in C++ (csrc/ops/class_similarity.cpp). On CUDA and
+    other devices it runs the reference composite
+    (`exml_fast.reference.class_similarity`): the op runs once per expert,
+    on a GPU it is a few launches of PyTorch's own GEMM and row reductions
+    that a kernel of ours would not beat by much, and the composite makes no
+    host sync (so it can be captured in a CUDA graph).
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"class_similarity: weight must be a torch.Tensor; got {type(weight).__name__}")
@@ -46,14 +56,15 @@ def class_similarity(weight: torch.Tensor, *, floor: float = 1e-4) -> torch.Tens
     floor = float(floor)
     if not 0.0 < floor <= 1.0:
         raise ValueError(f"class_similarity: floor must be in (0, 1]; got {floor}")
-    if _ext.use_compiled(weight):
+    if weight.device.type == "cpu" and _ext.use_compiled(weight):
         out, _ = torch.ops.exml_fast.class_similarity(weight, floor)
         return out
     return _ref_class_similarity(weight, floor=floor)
 
 
 def _register() -> None:
-    """Fake kernels and autograd for the compiled ops (only when _C loaded)."""
+    """Fake kernels for the compiled ops (only when _C loaded). Their autograd is in C++
+    (csrc/ops/class_similarity.cpp): a Python autograd node would cost more per call than the kernel."""
 
     @torch.library.register_fake("exml_fast::class_similarity")
     def _class_similarity_fake(weight, floor):
@@ -64,29 +75,6 @@ def _register() -> None:
     @torch.library.register_fake("exml_fast::_class_similarity_backward")
     def _class_similarity_backward_fake(grad_out, weight, sim, floor):
         return torch.empty_like(weight, memory_format=torch.contiguous_format)
-
-    def setup_context(ctx, inputs, output):
-        weight, floor = inputs
-        _, sim = output
-        ctx.save_for_backward(weight, sim)
-        ctx.floor = floor
-        ctx.mark_non_differentiable(sim)
-
-    def backward(ctx, grad_out, grad_sim):
-        weight, sim = ctx.saved_tensors
-        if grad_out is None:
-            return None, None
-        return torch.ops.exml_fast._class_similarity_backward(grad_out, weight, sim, ctx.floor), None
-
-    torch.library.register_autograd("exml_fast::class_similarity", backward,
-                                    setup_context=setup_context)
-
-
-    torch.library.register_autograd(
-        "exml_fast::_class_similarity_backward",
-        refuse_double_backward("class_similarity", "class_similarity"),
-        setup_context=lambda ctx, inputs, output: None,
-    )
 
 
 if _ext.has_ops():

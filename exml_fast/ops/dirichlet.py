@@ -12,31 +12,22 @@ from exml_fast import _ext
 from exml_fast._utils.checks import check_float_dtype
 from exml_fast.reference import dirichlet as _ref
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
-
-def _key(concentration: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """A fresh 64-bit Philox key as a 1-element int64 tensor on concentration's device,
-    drawn from `generator` without a host sync."""
-    dev = concentration.device
+def _check_generator(concentration: torch.Tensor, generator: torch.Generator | None) -> None:
+    """`generator` is None, a CPU generator, or one on concentration's device."""
     if generator is None:
-        return torch.randint(_INT64_MIN, _INT64_MAX, (1,), dtype=torch.int64, device=dev)
+        return
     if not isinstance(generator, torch.Generator):
         raise TypeError(
             f"dirichlet_targets: generator must be a torch.Generator or None; got {type(generator).__name__}"
         )
-    gdev = generator.device
+    gdev, dev = generator.device, concentration.device
     same = gdev.type == dev.type and (gdev.index is None or dev.index is None or gdev.index == dev.index)
-    if same:
-        return torch.randint(_INT64_MIN, _INT64_MAX, (1,), dtype=torch.int64, device=dev,
-                             generator=generator)
-    if gdev.type == "cpu":  # a CPU generator seeds a CUDA draw: one 8-byte copy
-        key = torch.randint(_INT64_MIN, _INT64_MAX, (1,), dtype=torch.int64, generator=generator)
-        return key.to(dev, non_blocking=True)
-    raise ValueError(
-        f"dirichlet_targets: generator is on {gdev} but concentration is on {dev}; pass a "
-        f"generator on {dev}, a CPU generator, or None"
-    )
+    if not same and gdev.type != "cpu":
+        raise ValueError(
+            f"dirichlet_targets: generator is on {gdev} but concentration is on {dev}; pass a "
+            f"generator on {dev}, a CPU generator, or None"
+        )
 
 
 def dirichlet_targets(
@@ -54,6 +45,15 @@ def dirichlet_targets(
     rounding. The draws differ from torch.distributions.Dirichlet's (same law,
     other random stream).
 
+    The key is drawn inside the op, in C++: from a CPU generator on the host
+    (the value `torch.randint(-2**63, 2**63 - 1, (1,), generator=g)` would
+    give, so a CPU-seeded CUDA call gives the CPU samples), and from a CUDA
+    generator inside the kernel, from the generator's Philox (seed, offset)
+    it is launched with: one launch a call, no host sync, no host-to-device
+    copy, and safe under CUDA graph capture (a CPU generator's key would be
+    frozen into a captured graph: capture with a CUDA generator or None).
+    Every call advances the generator once, whatever B.
+
     Args:
         concentration: (B, K) positive, finite concentrations, K >= 1; float32,
             float64, float16 or bfloat16 (used in fp32). On CPU an entry <= 0,
@@ -61,8 +61,10 @@ def dirichlet_targets(
             host sync) its row comes out NaN.
         generator: the key's source. None: torch's default generator of
             concentration's device. A CPU generator is accepted for CUDA input
-            (the key is copied over, no sync); a generator on another
-            accelerator raises ValueError.
+            (its key is passed to the kernel by value: no copy, no sync); a
+            generator on another accelerator raises ValueError. torch.compile
+            cannot trace a Generator object (a graph break): under
+            fullgraph=True pass None.
 
     Returns:
         (B, K) float32, rows summing to 1 within fp32 rounding. Not
@@ -85,9 +87,9 @@ def dirichlet_targets(
             f"{tuple(concentration.shape)}"
         )
     conc = concentration.detach()
-    key = _key(conc, generator)
+    _check_generator(conc, generator)
     if _ext.use_compiled(conc):
-        return torch.ops.exml_fast.dirichlet_sample(conc, key)
+        return torch.ops.exml_fast.dirichlet_sample(conc, None, generator)
     if conc.device.type == "cpu":
         bad = ~(torch.isfinite(conc.float()) & (conc.float() > 0))
         if bool(bad.any()):
@@ -100,10 +102,10 @@ def dirichlet_targets(
 
 
 def _register() -> None:
-    """Fake kernels and autograd for the compiled ops (only when _C loaded)."""
+    """Fake kernels for the compiled ops (only when _C loaded; they are not differentiable)."""
 
     @torch.library.register_fake("exml_fast::dirichlet_sample")
-    def _dirichlet_sample_fake(concentration, key):
+    def _dirichlet_sample_fake(concentration, key=None, generator=None):
         return concentration.new_empty(concentration.shape, dtype=torch.float32)
 
     @torch.library.register_fake("exml_fast::_philox4x32_10")

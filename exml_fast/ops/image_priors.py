@@ -7,7 +7,7 @@ import math
 import torch
 
 from exml_fast import _ext
-from exml_fast._utils.checks import check_choice, check_image_batch, refuse_double_backward
+from exml_fast._utils.checks import check_choice, check_image_batch
 from exml_fast.reference.image_priors import BLUR_KERNEL_SIZES, acc_dtype, default_blur_sigma
 from exml_fast.reference.image_priors import image_priors as _ref_image_priors
 
@@ -86,7 +86,8 @@ def image_priors(
 
 
 def _register() -> None:
-    """Fake kernels and autograd for the compiled ops (only when _C loaded)."""
+    """Fake kernels for the compiled ops (only when _C loaded). Their autograd is in C++
+    (csrc/ops/image_priors.cpp): a Python autograd node would cost more per call than the kernels."""
 
     @torch.library.register_fake("exml_fast::image_priors")
     def _image_priors_fake(x, blur_kernel_size=3, blur_sigma=None, per_sample=False,
@@ -100,31 +101,6 @@ def _register() -> None:
     def _image_priors_backward_fake(grad, x, sums, blur_kernel_size=3, blur_sigma=None,
                                     per_sample=False, blur_per_sample_norm=False):
         return torch.empty_like(x)
-
-    def setup_context(ctx, inputs, output):
-        x, k, sigma, per_sample, blur_norm = inputs
-        out, sums = output
-        ctx.mark_non_differentiable(sums)
-        ctx.save_for_backward(x, sums)
-        ctx.args = (k, sigma, per_sample, blur_norm)
-
-    def backward(ctx, grad_out, grad_sums):
-        x, sums = ctx.saved_tensors
-        k, sigma, per_sample, blur_norm = ctx.args
-        if grad_out is None:
-            return None, None, None, None, None
-        dx = torch.ops.exml_fast._image_priors_backward(
-            grad_out, x, sums, k, sigma, per_sample, blur_norm)
-        return dx, None, None, None, None
-
-    torch.library.register_autograd("exml_fast::image_priors", backward, setup_context=setup_context)
-
-
-    torch.library.register_autograd(
-        "exml_fast::_image_priors_backward",
-        refuse_double_backward("image_priors", "image_priors"),
-        setup_context=lambda ctx, inputs, output: None,
-    )
 
 
 if _ext.has_ops():

@@ -21,14 +21,68 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from exml_fast._utils.checks import check_float_dtype, check_image_batch, check_tensor
 
 __all__ = ["fusable_upsample_conv", "upsample2x_conv3x3"]
 
-# _TAPS[a, t, k]: how much of the 3×3 kernel's tap k reaches low-resolution offset t (0: i - 1 + a,
-# 1: i + a) for output phase a.
-_TAPS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+# The tap matrices per (device, dtype), and the combined phase weights of weights that need no gradient
+# (a frozen generator's layers), per weight tensor: its entry goes when the weight is freed, and is
+# recomputed when the weight changes in place (its _version moves) or gets new data (.data = ...).
+# In-place writes through .data do not move _version and are not seen.
+_TAPS_CACHE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_PHASE_CACHE = WeakIdKeyDictionary()
+
+
+def _in_graph(device: torch.device) -> bool:
+    """Whether tensors made now belong to a graph (torch.compile's tracing, a CUDA graph capture): they are
+    then built in it and never cached, since a cached traced or captured tensor is unwritten outside it."""
+    return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _build_taps(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """taps[a, t, k]: 1 where the 3×3 kernel's tap k reaches low-resolution offset t (0: i - 1 + a, 1: i + a)
+    for output phase a, else 0: [[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]]. Output row 2i + a's tap k
+    reads upsampled row 2i + a + k - 1, low-resolution row i + ⌊(a + k - 1) / 2⌋, so t = ⌊(a + k + 1) / 2⌋ - a.
+    Built on the device (no copy from host memory, which a CUDA graph capture forbids)."""
+    a = torch.arange(2, device=device).view(2, 1, 1)
+    t = torch.arange(2, device=device).view(1, 2, 1)
+    k = torch.arange(3, device=device).view(1, 1, 3)
+    return ((a + k + 1) // 2 - a == t).to(dtype)
+
+
+def _taps(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if _in_graph(device):
+        return _build_taps(device, dtype)
+    taps = _TAPS_CACHE.get((device, dtype))
+    if taps is None:
+        taps = _TAPS_CACHE[(device, dtype)] = _build_taps(device, dtype)
+    return taps
+
+
+def _combine(weight: torch.Tensor) -> torch.Tensor:
+    """The (4·C_out, C, 2, 2) phase kernels: phase_w[a, b, o, c, t, u] = sum_kl taps[a, t, k] taps[b, u, l]
+    weight[o, c, k, l]."""
+    taps = _taps(weight.device, weight.dtype)
+    return torch.einsum("atk,bul,ockl->aboctu", taps, taps, weight).reshape(4 * weight.shape[0],
+                                                                            weight.shape[1], 2, 2)
+
+
+def _phase_weight(weight: torch.Tensor) -> torch.Tensor:
+    """:func:`_combine` of `weight`, cached while the weight needs no gradient (else the sums stay in
+    autograd's graph), is a plain tensor or parameter (a subclass may have no storage to identify it by),
+    and outside graphs and inference mode (whose tensors autograd cannot save later)."""
+    if ((weight.requires_grad and torch.is_grad_enabled()) or type(weight) not in (torch.Tensor, nn.Parameter)
+            or _in_graph(weight.device) or torch.is_inference_mode_enabled()):
+        return _combine(weight)
+    stamp = (weight._version, weight.data_ptr(), weight.dtype, weight.device, weight.shape, weight.stride())
+    hit = _PHASE_CACHE.get(weight)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    phase_w = _combine(weight)
+    _PHASE_CACHE[weight] = (stamp, phase_w)
+    return phase_w
 
 
 def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,6 +96,12 @@ def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
     Returns:
         (N, C_out, 2H, 2W) in x's dtype, contiguous.
+
+    The tap matrices are built once per (device, dtype), and the combined 2×2 kernels once per weight
+    that needs no gradient (a frozen generator's; recomputed when it changes in place, but not after an
+    in-place write through ``weight.data``, which PyTorch does not count); a weight that needs one keeps
+    them in autograd's graph. Under torch.compile's tracing and CUDA graph capture both are built in the
+    graph (never from host memory) and not cached.
     """
     owner = "upsample2x_conv3x3"
     check_image_batch(x, owner)
@@ -60,9 +120,7 @@ def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             raise ValueError(f"{owner}: bias must be None or have shape ({out_ch},) and x's dtype and device; "
                              f"got shape {tuple(bias.shape)}, {bias.dtype}, {bias.device}")
     n, _, h, w = x.shape
-    taps = torch.tensor(_TAPS, dtype=weight.dtype, device=weight.device)
-    # phase_w[a, b, o, c, t, u] = sum_kl taps[a, t, k] taps[b, u, l] weight[o, c, k, l]
-    phase_w = torch.einsum("atk,bul,ockl->aboctu", taps, taps, weight).reshape(4 * out_ch, x.shape[1], 2, 2)
+    phase_w = _phase_weight(weight)
     y = F.conv2d(x, phase_w, None if bias is None else bias.repeat(4), padding=1)  # (N, 4·C_out, H+1, W+1)
     return _Phases.apply(y.view(n, 2, 2, out_ch, h + 1, w + 1), False)
 

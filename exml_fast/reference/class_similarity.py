@@ -1,13 +1,13 @@
 """Reference class similarity of a classifier's weight (Data Impressions, Nayak et al. 2019), in plain PyTorch.
 
-The public formula (F.normalize, a Gram matrix, per-row amin/amax), with the fused op's conventions for constant
-rows and zero rows: the test oracle, the benchmark baseline and the fallback when exml_fast._C is missing.
+The public formula (rows divided by their norms, a Gram matrix, per-row amin/amax), with the fused op's
+conventions for constant rows and zero rows: the test oracle, the benchmark baseline, the fallback when
+exml_fast._C is missing, and what `exml_fast.ops.class_similarity` runs on CUDA.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from exml_fast._utils.dtypes import acc_dtype
 
@@ -15,16 +15,24 @@ __all__ = ["class_similarity"]
 
 
 def class_similarity(weight: torch.Tensor, *, floor: float = 1e-4) -> torch.Tensor:
-    """(K, K) class similarity of a (K, H) classifier weight; see exml_fast.ops."""
+    """(K, K) class similarity of a (K, H) classifier weight; see exml_fast.ops.
+
+    A zero row of `weight` raises on CPU. On other devices it is not checked (that would cost a host
+    sync: `exml_fast.ops.class_similarity` runs this function on CUDA): its cosines are 0/0 and, as every
+    row's min-max scaling reads its column, the whole output is NaN.
+    """
     w = weight.to(acc_dtype(weight.dtype))
-    norms = w.norm(dim=1)
-    zero = (norms == 0).nonzero()
-    if zero.numel() > 0:
-        raise RuntimeError(
-            f"class_similarity: row {int(zero[0, 0])} of weight is all zeros: its cosine "
-            "similarity to the other classes is undefined (a class with no weight has no direction)"
-        )
-    n = F.normalize(w, dim=1)
+    if w.shape[0] == 0:  # no classes: (0, 0), still in w's graph (amin/amax refuse empty rows)
+        return w @ w.T
+    norms = w.norm(dim=1, keepdim=True)
+    if w.device.type == "cpu":
+        zero = (norms[:, 0] == 0).nonzero()
+        if zero.numel() > 0:
+            raise RuntimeError(
+                f"class_similarity: row {int(zero[0, 0])} of weight is all zeros: its cosine "
+                "similarity to the other classes is undefined (a class with no weight has no direction)"
+            )
+    n = w / norms
     sim = n @ n.T
     mn = sim.amin(dim=1, keepdim=True)
     mx = sim.amax(dim=1, keepdim=True)

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from _util import DEVICES, DTYPES, requires_ops
+from _util import DEVICES, DTYPES, assert_cpp_autograd, requires_ops
 
 from exml_fast.ops.augment import augment, augment_with_params, draw_augment_params
 from exml_fast.reference.augment import augment as ref_augment
@@ -161,6 +161,22 @@ def test_gradcheck_and_gradgradcheck(device, shape, pad, cl):
     fn = lambda t: augment_with_params(t, params, pad_crop=pad)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,))
     assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autograd_is_registered_in_cpp(device):
+    """Both ops' autograd nodes are the C++ ones of csrc/ops/augment.cpp (a Python autograd node would cost
+    more per call than the gather), each the other's derivative: the third derivative is the gather again."""
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, device=device, requires_grad=True)
+    params = draw_augment_params(2, max_shift=2, pad_crop=1, generator=torch.Generator().manual_seed(3)).to(device)
+    y = augment_with_params(x, params, pad_crop=1)
+    assert_cpp_autograd(y, "AugmentFunction<false>")
+    g = torch.randn_like(y).requires_grad_(True)
+    (dx,) = torch.autograd.grad(y, x, g, create_graph=True)
+    assert_cpp_autograd(dx, "AugmentFunction<true>")
+    v = torch.randn_like(dx)
+    (dg,) = torch.autograd.grad(dx, g, v)
+    torch.testing.assert_close(dg, torch.ops.exml_fast.augment_with_params(v, params, 1), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _util import DEVICES, DTYPES, acc_dtype, eps_of, requires_ops
+from _util import DEVICES, DTYPES, acc_dtype, assert_cpp_autograd, eps_of, requires_ops
 
 from exml_fast.ops.class_similarity import class_similarity
 from exml_fast.reference.class_similarity import class_similarity as ref_class_similarity
@@ -119,12 +119,19 @@ def test_class_similarity_constant_rows(device):
 def test_class_similarity_zero_row_and_empty(device):
     w = torch.randn(4, 3, device=device)
     w[2] = 0
-    with pytest.raises(RuntimeError, match="row 2 of weight is all zeros"):
-        class_similarity(w)
-    with pytest.raises(RuntimeError, match="row 2 of weight is all zeros"):
-        ref_class_similarity(w)
-    out = class_similarity(torch.randn(0, 5, device=device))
-    assert out.shape == (0, 0)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="row 2 of weight is all zeros"):
+            class_similarity(w)
+        with pytest.raises(RuntimeError, match="row 2 of weight is all zeros"):
+            ref_class_similarity(w)
+    else:  # not checked (a host sync): the whole output is NaN
+        assert torch.isnan(class_similarity(w)).all()
+    for fn in (class_similarity, ref_class_similarity):
+        e = torch.randn(0, 5, device=device, requires_grad=True)
+        out = fn(e)
+        assert out.shape == (0, 0) and out.dtype == torch.float32
+        out.sum().backward()
+        assert e.grad.shape == (0, 5)
 
 
 def test_class_similarity_bad_inputs():
@@ -140,8 +147,22 @@ def test_class_similarity_bad_inputs():
         torch.ops.exml_fast.class_similarity(torch.randn(3), 1e-4)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_class_similarity_opcheck(device):
+def test_class_similarity_autograd_is_registered_in_cpp():
+    """On CPU the op's and its backward op's autograd nodes are the C++ ones of csrc/ops/class_similarity.cpp,
+    not Python autograd nodes (which would cost more per call than the kernel)."""
+    w = torch.randn(10, 84, dtype=torch.float64, requires_grad=True)
+    out = class_similarity(w)
+    assert_cpp_autograd(out, "ClassSimilarityFunction")
+    (g,) = torch.autograd.grad(out.sum(), w, create_graph=True)
+    assert_cpp_autograd(g, "ClassSimilarityBackwardFunction")
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+    _, sim = torch.ops.exml_fast.class_similarity(w, 1e-4)
+    assert sim.grad_fn is None and not sim.requires_grad  # the auxiliary output
+
+
+def test_class_similarity_opcheck():  # the compiled op has a CPU kernel only (on CUDA: the reference)
+    device = "cpu"
     for name, w in weight_cases(device, torch.float32):
         if name == "large_k":
             continue
@@ -169,3 +190,30 @@ def test_class_similarity_compile_fullgraph():
     (ge,) = torch.autograd.grad(expect, w)
     torch.testing.assert_close(out, expect)
     torch.testing.assert_close(g, ge)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_class_similarity_cuda_runs_the_reference_without_host_sync():
+    """On CUDA the wrapper runs the reference composite (PyTorch's GEMM, row reductions and autograd) and never
+    syncs the host, zero rows included; it agrees with the CPU kernel."""
+    w = torch.randn(10, 84, generator=torch.Generator().manual_seed(0)) * 0.1
+    gout = torch.randn(10, 10, generator=torch.Generator().manual_seed(1))
+    wc, gc = w.cuda().requires_grad_(True), gout.cuda()
+    zero = torch.zeros(4, 3, device="cuda")
+    zero[0, 0], zero[1, 1], zero[3, 2] = 1.0, 1.0, 1.0  # row 2 stays zero
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = class_similarity(wc)
+        (g,) = torch.autograd.grad(out, wc, gc)
+        nan_out = class_similarity(zero)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert "exml_fast" not in out.grad_fn.name()  # PyTorch's own autograd nodes
+    assert torch.isnan(nan_out).all()
+    wcpu = w.clone().requires_grad_(True)
+    ocpu = class_similarity(wcpu)
+    (gcpu,) = torch.autograd.grad(ocpu, wcpu, gout)
+    torch.testing.assert_close(out.cpu(), ocpu, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g.cpu(), gcpu, rtol=1e-4, atol=1e-5)

@@ -220,6 +220,23 @@ def test_dirichlet_dtypes_layouts_and_grad(device):
     assert dirichlet_targets(torch.ones(0, 4, device=device)).shape == (0, 4)
 
 
+def test_dirichlet_key_is_drawn_in_cpp_as_randint_would():
+    """The CPU op draws its key from the generator in C++: the value torch.randint(-2**63, 2**63 - 1) draws (so a
+    seed gives the samples it gave when the key was drawn in Python), one draw a call, empty batches too."""
+    conc = torch.rand(50, 7, generator=torch.Generator().manual_seed(0)) + 0.05
+    g, mirror = torch.Generator().manual_seed(99), torch.Generator().manual_seed(99)
+
+    def key():
+        return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, generator=mirror)
+
+    for c in (conc, conc[:0], conc):
+        y = dirichlet_targets(c, generator=g)
+        assert torch.equal(y, torch.ops.exml_fast.dirichlet_sample(c, key()))
+        assert torch.equal(g.get_state(), mirror.get_state())
+    with pytest.raises(RuntimeError, match="a key or a generator, not both"):
+        torch.ops.exml_fast.dirichlet_sample(conc, key(), torch.Generator())
+
+
 def test_dirichlet_bad_inputs():
     with pytest.raises(ValueError, match="2-D"):
         dirichlet_targets(torch.ones(5))
@@ -284,6 +301,63 @@ def test_dirichlet_cuda_matches_cpu_with_same_key():
     bad[1, 2] = -1
     y = dirichlet_targets(bad)
     assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+def _key_from_philox_state(seed: int, offset: int, device: str) -> int:
+    """dirichlet::key_from_philox_state (dirichlet_sampler.h) through the Philox op: words x (low) and y (high)
+    at counter (offset_lo, offset_hi, 0, 0) under the key `seed`, as a signed int64."""
+    k = seed - 2**64 if seed >= 2**63 else seed
+    ctr = torch.tensor([[offset & 0xFFFFFFFF, offset >> 32, 0, 0]], device=device)
+    w = torch.ops.exml_fast._philox4x32_10(ctr, torch.tensor([k], device=device)).cpu()[0].tolist()
+    key = w[0] | (w[1] << 32)
+    return key - 2**64 if key >= 2**63 else key
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_dirichlet_cuda_derives_its_key_in_the_kernel():
+    """With a CUDA generator the kernel derives the key from the generator's Philox (seed, offset), which the
+    call moves on by 4: no host sync, no copy (and a CPU generator's key goes by value: no copy either)."""
+    conc = (torch.rand(300, 10, generator=torch.Generator().manual_seed(0)) * 3 + 0.01).cuda()
+    g = torch.Generator("cuda").manual_seed(123)
+    dirichlet_targets(conc, generator=g)  # an offset other than 0
+    seed, offset = g.initial_seed(), g.get_offset()
+    cpu_gen = torch.Generator().manual_seed(5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = dirichlet_targets(conc, generator=g)
+        y_cpu_gen = dirichlet_targets(conc, generator=cpu_gen)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert g.get_offset() == offset + 4
+    key = _key_from_philox_state(seed, offset, "cuda")
+    assert torch.equal(y, torch.ops.exml_fast.dirichlet_sample(conc, torch.tensor([key], device="cuda")))
+    assert not torch.equal(y, dirichlet_targets(conc, generator=g))  # the next call: another key
+    expect = dirichlet_targets(conc.cpu(), generator=torch.Generator().manual_seed(5))
+    close = torch.isclose(y_cpu_gen.cpu(), expect, rtol=1e-5, atol=1e-7).all(dim=1)
+    assert float(close.float().mean()) > 0.99
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_dirichlet_cuda_graph_replays_draw_fresh_targets():
+    """Captured in a CUDA graph with the default generator, every replay draws under a new key."""
+    conc = torch.full((64, 10), 0.5, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        dirichlet_targets(conc)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = dirichlet_targets(conc)
+    graph.replay()
+    a = out.clone()
+    graph.replay()
+    b = out.clone()
+    assert torch.isfinite(a).all() and torch.isfinite(b).all() and not torch.equal(a, b)
+    torch.testing.assert_close(a.sum(1), torch.ones(64, device="cuda"), atol=1e-5, rtol=0)
 
 
 @pytest.mark.cuda

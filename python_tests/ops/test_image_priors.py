@@ -21,7 +21,7 @@ import torch
 from exml_fast import has_ops
 from exml_fast.ops.image_priors import image_priors
 
-from _util import DEVICES, DTYPES, acc_dtype, eps_of, requires_ops
+from _util import DEVICES, DTYPES, acc_dtype, assert_cpp_autograd, eps_of, requires_ops
 
 # the module, not the function exml_fast.reference re-exports under the same name
 ref = importlib.import_module("exml_fast.reference.image_priors")
@@ -265,6 +265,19 @@ def test_double_backward_refused():
     (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autograd_is_registered_in_cpp(device):
+    """The op's and its backward op's autograd nodes are the C++ ones of csrc/ops/image_priors.cpp: a Python
+    autograd node would cost more per call than the kernels."""
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
+    out = image_priors(x)
+    assert_cpp_autograd(out, "ImagePriorsFunction")
+    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    assert_cpp_autograd(g, "ImagePriorsBackwardFunction")
+    _, sums = torch.ops.exml_fast.image_priors(x, 3, None, False, False)
+    assert sums.grad_fn is None and not sums.requires_grad  # the auxiliary output
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -102,6 +102,83 @@ def test_compile_fullgraph():
     assert torch.equal(out, expected) and torch.equal(x.grad, x2.grad) and torch.equal(weight.grad, w2.grad)
 
 
+def _count_einsums(monkeypatch) -> list:
+    """Calls of torch.einsum from now on: the combination of the 3×3 kernel into the four 2×2 ones."""
+    calls, einsum = [], torch.einsum
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return einsum(*args, **kwargs)
+    monkeypatch.setattr(torch, "einsum", counted)
+    return calls
+
+
+def test_a_frozen_weight_is_combined_once_until_it_changes(monkeypatch):
+    x = ternary(2, 3, 4, 5, seed=11)
+    weight = ternary(4, 3, 3, 3, seed=12)
+    bias = ternary(4, seed=13)
+    calls = _count_einsums(monkeypatch)
+    first = upsample2x_conv3x3(x, weight, bias)
+    again = upsample2x_conv3x3(x, weight, bias)
+    assert len(calls) == 1 and torch.equal(first, again) and torch.equal(first, reference(x, weight, bias))
+    with torch.no_grad():
+        weight.mul_(-1)  # in place: the version moves
+    changed = upsample2x_conv3x3(x, weight, bias)
+    assert len(calls) == 2 and torch.equal(changed, reference(x, weight, bias))
+    weight.data = ternary(4, 3, 3, 3, seed=14)  # new data, same tensor object
+    assert torch.equal(upsample2x_conv3x3(x, weight, bias), reference(x, weight, bias)) and len(calls) == 3
+    other = weight.clone()  # another tensor (same values): its own entry
+    assert torch.equal(upsample2x_conv3x3(x, other, bias), reference(x, weight, bias)) and len(calls) == 4
+    # A frozen weight still passes gradients to x.
+    xg = x.clone().requires_grad_(True)
+    upsample2x_conv3x3(xg, weight, bias).square().sum().backward()
+    xr = x.clone().requires_grad_(True)
+    reference(xr, weight, bias).square().sum().backward()
+    assert len(calls) == 4 and torch.equal(xg.grad, xr.grad)
+
+
+def test_a_weight_that_needs_a_gradient_is_combined_in_the_graph(monkeypatch):
+    x = ternary(2, 3, 4, 5, seed=15)
+    weight = ternary(4, 3, 3, 3, seed=16)
+    grad = ternary(2, 4, 8, 10, seed=17)
+    calls = _count_einsums(monkeypatch)
+    upsample2x_conv3x3(x, weight)  # frozen: cached ...
+    weight.requires_grad_(True)  # ... but a weight that needs a gradient bypasses the cache
+    for _ in range(2):
+        weight.grad = None
+        upsample2x_conv3x3(x, weight).backward(grad)
+        w2 = weight.detach().clone().requires_grad_(True)
+        reference(x, w2).backward(grad)
+        assert torch.equal(weight.grad, w2.grad)
+    assert len(calls) == 3
+    with torch.no_grad():  # no graph to keep: the first call's entry serves (the weight did not change)
+        assert torch.equal(upsample2x_conv3x3(x, weight), reference(x, weight))
+    assert len(calls) == 3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_graph_capture_reads_the_weight_at_replay():
+    """Under CUDA graph capture the taps and the combined kernels are built in the graph (no copy from host
+    memory, no cached tensor): a frozen weight updated in place between replays is seen."""
+    x = ternary(2, 3, 4, 5, seed=18, device="cuda")
+    weight = ternary(4, 3, 3, 3, seed=19, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        upsample2x_conv3x3(x, weight)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = upsample2x_conv3x3(x, weight)
+    graph.replay()
+    assert torch.equal(out, reference(x, weight))
+    with torch.no_grad():
+        weight.mul_(-1)
+    graph.replay()
+    assert torch.equal(out, reference(x, weight))
+
+
 @pytest.mark.parametrize(("args", "error", "match"), [
     (("x", torch.randn(3, 3, 3)), ValueError, r"x must have shape \(N, C, H, W\)"),
     (("x", torch.randn(1, 3, 4, 4).long()), TypeError, "x must be float32"),

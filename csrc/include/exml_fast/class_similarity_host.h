@@ -1,5 +1,5 @@
-// Host-side checks and helpers shared by the CPU kernel and the generic (CUDA)
-// implementation of exml_fast::class_similarity.
+// Host-side checks and helpers of exml_fast::class_similarity's CPU kernel
+// (the op has no other: on other devices the wrapper runs the reference).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -216,5 +216,20 @@ EXML_FAST_PHILOX_HD void split_key(int64_t key, uint32_t& k0, uint32_t& k1) {
   k1 = static_cast<uint32_t>(k >> 32);
 }
 
+// The 64-bit key of one call from a Philox generator state (seed, offset), as a
+// CUDA generator hands one out (at::PhiloxCudaState): words x (low) and y (high)
+// of Philox4x32-10 at counter (offset_lo, offset_hi, 0, 0) under the key
+// (seed_lo, seed_hi). The CUDA kernel computes it in every thread from the
+// state it is launched with, so the key costs neither a launch nor a copy; the
+// generator's offset moves on by 4 a call, so consecutive calls get unrelated
+// keys. (The sampler's own counters, (attempt, col, row_lo, row_hi), run under
+// this derived key, not the generator's seed.)
+EXML_FAST_PHILOX_HD int64_t key_from_philox_state(uint64_t seed, uint64_t offset) {
+  const philox::Words4 w = philox::philox4x32_10(
+      philox::Words4{static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32), 0u, 0u},
+      static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  return static_cast<int64_t>((static_cast<uint64_t>(w.y) << 32) | w.x);
+}
+
 }  // namespace dirichlet
 }  // namespace exml_fast
