@@ -10,6 +10,8 @@
 #include <string>
 #include <tuple>
 
+#include "exml_fast/autograd_ops.h"
+
 TORCH_LIBRARY_FRAGMENT(exml_fast, m) {
   // logits (B, C) float; labels (B,) int64; expert_logits (B, |Y^i|) or (B, C);
   // prev_logits (B, |Y^prev|) or (B, C) or None; class_table int32 (2 + 7C,);
@@ -42,17 +44,13 @@ std::tuple<at::Tensor, at::Tensor> call_ed_loss(
     const c10::optional<at::Tensor>& prev, const at::Tensor& table,
     const c10::optional<at::Tensor>& task_ids, const c10::optional<at::Tensor>& task_heads,
     c10::string_view target_mode, c10::string_view normalize, double lambda_ce, bool need_grad) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("exml_fast::ed_loss", "")
-                       .typed<decltype(call_ed_loss)>();
+  static const auto op = find_op<decltype(call_ed_loss)>("exml_fast::ed_loss");
   return op.call(logits, labels, expert, prev, table, task_ids, task_heads, target_mode,
                  normalize, lambda_ce, need_grad);
 }
 
 at::Tensor call_ed_loss_backward(const at::Tensor& grad, const at::Tensor& grad_logits) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("exml_fast::_ed_loss_backward", "")
-                       .typed<decltype(call_ed_loss_backward)>();
+  static const auto op = find_op<decltype(call_ed_loss_backward)>("exml_fast::_ed_loss_backward");
   return op.call(grad, grad_logits);
 }
 
@@ -106,9 +104,26 @@ std::tuple<at::Tensor, at::Tensor> ed_loss_autograd(
   return {r[0], r[1]};
 }
 
+// First derivatives only: _ed_loss_backward's inputs get a node whose backward raises.
+class EdLossBackwardFunction : public torch::autograd::Function<EdLossBackwardFunction> {
+ public:
+  static at::Tensor forward(AutogradContext*, const at::Tensor& grad, const at::Tensor& grad_logits) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_ed_loss_backward(grad, grad_logits);
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    refuse_double_backward("ed_loss", "ed_loss");
+  }
+};
+
+at::Tensor ed_loss_backward_autograd(const at::Tensor& grad, const at::Tensor& grad_logits) {
+  return EdLossBackwardFunction::apply(grad, grad_logits);
+}
+
 }  // namespace
 }  // namespace exml_fast
 
 TORCH_LIBRARY_IMPL(exml_fast, Autograd, m) {
   m.impl("ed_loss", &exml_fast::ed_loss_autograd);
+  m.impl("_ed_loss_backward", &exml_fast::ed_loss_backward_autograd);
 }

@@ -17,6 +17,8 @@
 #include <optional>
 #include <tuple>
 
+#include "exml_fast/autograd_ops.h"
+
 TORCH_LIBRARY_FRAGMENT(exml_fast, m) {
   // logits, target_probs: (B, K) floating, same dtype and device; rows may have
   // any stride. reduction: 0 none, 1 mean, 2 sum (at::Reduction). Returns the
@@ -64,11 +66,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using TensorPair = std::tuple<at::Tensor, at::Tensor>;
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
 using SoftCeSig = TensorPair(const at::Tensor&, const at::Tensor&, double, int64_t);
 using SoftCeBwdSig = TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, double, int64_t, bool);
@@ -79,14 +76,6 @@ using KdBwdSig = TensorPair(const at::Tensor&, const at::Tensor&, const at::Tens
 using JsSig = TensorPair(const at::Tensor&, const at::Tensor&, double, double, double);
 using JsBwdSig = TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, double, double, double);
-
-[[noreturn]] void refuse_double_backward(const char* op) {
-  TORCH_CHECK(false, "exml_fast.ops.", op,
-              " supports first derivatives only: the gradient of its gradient (double "
-              "backward, e.g. create_graph=True then backward again) is not implemented. Use "
-              "exml_fast.reference.losses.",
-              op, " for higher-order derivatives.");
-}
 
 // ---- soft_target_cross_entropy --------------------------------------------------
 
@@ -101,7 +90,7 @@ class SoftCeBackwardFn : public torch::autograd::Function<SoftCeBackwardFn> {
     return {gl, gt};
   }
   static variable_list backward(AutogradContext*, variable_list) {
-    refuse_double_backward("soft_target_cross_entropy");
+    refuse_double_backward("soft_target_cross_entropy", "soft_target_cross_entropy");
   }
 };
 
@@ -156,7 +145,7 @@ class KdBackwardFn : public torch::autograd::Function<KdBackwardFn> {
     return {gs, gt};
   }
   static variable_list backward(AutogradContext*, variable_list) {
-    refuse_double_backward("kd_loss");
+    refuse_double_backward("kd_loss", "kd_loss");
   }
 };
 
@@ -217,7 +206,7 @@ class JsBackwardFn : public torch::autograd::Function<JsBackwardFn> {
     return {ga, gb};
   }
   static variable_list backward(AutogradContext*, variable_list) {
-    refuse_double_backward("js_divergence");
+    refuse_double_backward("js_divergence", "js_divergence");
   }
 };
 

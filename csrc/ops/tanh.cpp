@@ -6,6 +6,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "exml_fast/autograd_ops.h"
+
 TORCH_LIBRARY_FRAGMENT(exml_fast, m) {
   // x: any shape, floating. Returns tanh(x) in x's dtype and shape, laid out
   // as empty_like(x) (a dense x's strides; else x is copied to that layout).
@@ -30,15 +32,12 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 at::Tensor call_tanh(const at::Tensor& x) {
-  static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("exml_fast::tanh", "").typed<at::Tensor(const at::Tensor&)>();
+  static const auto op = find_op<at::Tensor(const at::Tensor&)>("exml_fast::tanh");
   return op.call(x);
 }
 
 at::Tensor call_tanh_backward(const at::Tensor& grad, const at::Tensor& y) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("exml_fast::_tanh_backward", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("exml_fast::_tanh_backward");
   return op.call(grad, y);
 }
 
@@ -66,11 +65,7 @@ class TanhBackwardFunction : public torch::autograd::Function<TanhBackwardFuncti
   }
 
   static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false,
-                "exml_fast.ops.tanh supports first derivatives only: the gradient of its gradient "
-                "(double backward) is not implemented. Use exml_fast.reference.tanh for higher-order "
-                "derivatives.");
-    return {};
+    refuse_double_backward("tanh", "tanh");
   }
 };
 

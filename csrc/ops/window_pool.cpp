@@ -7,6 +7,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "exml_fast/autograd_ops.h"
+
 TORCH_LIBRARY_FRAGMENT(exml_fast, m) {
   // x: (N, C, H, W) floating, NCHW or channels_last (other strides are copied
   // to NCHW); H >= kh, W >= kw. Returns (N, C, H / kh, W / kw) in x's dtype and
@@ -34,17 +36,15 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 at::Tensor call_window_pool(const at::Tensor& x, int64_t kh, int64_t kw, bool is_max) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("exml_fast::window_pool", "")
-                       .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, bool)>();
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, int64_t, int64_t, bool)>("exml_fast::window_pool");
   return op.call(x, kh, kw, is_max);
 }
 
 at::Tensor call_window_pool_backward(const at::Tensor& grad, const at::Tensor& x, int64_t kh, int64_t kw,
                                      bool is_max) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("exml_fast::_window_pool_backward", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool)>();
+  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool)>(
+      "exml_fast::_window_pool_backward");
   return op.call(grad, x, kh, kw, is_max);
 }
 
@@ -77,11 +77,7 @@ class WindowPoolBackwardFunction : public torch::autograd::Function<WindowPoolBa
   }
 
   static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false,
-                "exml_fast.ops.window_pool supports first derivatives only: the gradient of its gradient "
-                "(double backward) is not implemented. Use exml_fast.reference.window_pool for higher-order "
-                "derivatives.");
-    return {};
+    refuse_double_backward("window_pool", "window_pool");
   }
 };
 

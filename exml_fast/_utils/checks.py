@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from exml_fast._utils.dtypes import FLOAT_DTYPES
 
-__all__ = ["check_choice", "check_float", "check_image_batch", "check_int", "cpu_generator", "per_channel",
-           "refuse_double_backward"]
+__all__ = ["check_choice", "check_float", "check_image_batch", "check_int", "cpu_generator", "per_channel"]
 
 
 def check_int(value: Any, name: str, owner: str, *, low: int | None = None, high: int | None = None) -> int:
@@ -108,21 +106,6 @@ def per_channel(value: Any, channels: int, name: str, owner: str, *,
     if positive and any(v <= 0 for v in vals):
         raise ValueError(f"{owner}: {name} must be > 0; got {list(vals)}")
     return vals
-
-
-def refuse_double_backward(op: str, reference: str | None = None) -> Callable[..., Any]:
-    """The autograd of an op's ``_<op>_backward``: first derivatives only.
-
-    Every fused op's backward is its own op; registering this function as that op's autograd makes a second
-    derivative raise a RuntimeError that names the op and, when given, the reference twin to use instead.
-    """
-    hint = f" Use exml_fast.reference.{reference} for higher-order derivatives." if reference else ""
-
-    def backward(ctx, *grads):
-        raise RuntimeError(f"exml_fast.ops.{op} supports first derivatives only: the gradient of its gradient "
-                           f"(double backward) is not implemented.{hint}")
-
-    return backward
 
 
 def check_tensor(x: Any, name: str, owner: str) -> None:

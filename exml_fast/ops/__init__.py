@@ -8,26 +8,35 @@ How an op is registered (the rule every module here follows):
   kernels like the forward's.
 - `exml_fast/ops/<op>.py` holds the public wrapper and a `_register()` that
   gives every compiled op, the backward ops included, a fake kernel
-  (`torch.library.register_fake`, so `torch.compile` traces it) and wires the
-  forward to `_<op>_backward` with `torch.library.register_autograd`. A
-  backward op that has no derivative of its own registers an autograd that
-  raises (double backward refused with a clear error, never silently wrong).
+  (`torch.library.register_fake`, so `torch.compile` traces it).
 - `_register()` runs only when `_C` loaded (`if _ext.has_ops(): _register()`):
   importing the package never fails for want of the compiled library.
-- The one sanctioned exception: an op whose per-call cost is small enough that
-  the Python autograd path would dominate it registers its forward's autograd
-  in C++ instead (an Autograd-key kernel in csrc/ops/<op>.cpp that calls
-  `_<op>_backward` through the dispatcher), and says so in both files. The
-  fake kernels stay here. Today: soft_target_cross_entropy, kd_loss,
-  js_divergence (csrc/ops/soft_target_losses.cpp), ed_loss
-  (csrc/ops/ed_loss.cpp), and tanh and window_pool (csrc/ops/tanh.cpp,
-  csrc/ops/window_pool.cpp: LeNet's layers, called many times per step on
-  small activations; their backward ops' refusing autograd is in C++ too).
+- The autograd is in C++: an Autograd-key kernel in csrc/ops/<op>.cpp (a
+  `torch::autograd::Function` that calls `_<op>_backward` through the
+  dispatcher), for every differentiable op. A synthesis step calls these ops once per layer
+  and step, and a Python autograd node per call (tens of host microseconds)
+  cost more than their kernels take on a GPU (issue 41; before-and-after in
+  benches/results/dispatch_counts_cpu*.md). A backward op's own autograd
+  kernel refuses a second derivative with a clear error (never silently
+  wrong); `augment_with_params` and its backward are each other's
+  derivative, so every order works there. The helpers they share (`find_op`,
+  `refuse_double_backward`) are in csrc/include/exml_fast/autograd_ops.h.
+- One op has a compiled kernel on the CPU only: `class_similarity` (on other
+  devices its wrapper runs the reference composite — cuBLAS GEMM and row
+  reductions, no host sync; it runs once per expert, where a kernel of ours
+  could not beat that by the 1.5× issue 41 asks).
+- `dirichlet_sample` (behind `dirichlet_targets`) has no gradient (the
+  wrapper detaches) and so no autograd kernel; it takes a `Generator?` and
+  draws its key in C++ (on CUDA inside the kernel, from the generator's
+  Philox state).
 - One op is a composite of ATen ops, with no compiled kernel and no
   registration: `upsample2x_conv3x3` (ops/upsample_conv.py) saves arithmetic,
   not memory passes (nearest 2× upsampling + a 3×3 convolution as four 2×2
   convolutions of the small input), so PyTorch's own ops run it on every
-  device and autograd and `torch.compile` come with them.
+  device and autograd and `torch.compile` come with them. It caches its tap
+  matrices per (device, dtype) and a no-gradient weight's combined kernels
+  per weight version, never under torch.compile tracing or CUDA graph
+  capture.
 """
 
 from exml_fast.ops.augment import augment, augment_with_params, draw_augment_params

@@ -13,7 +13,7 @@ from collections import OrderedDict
 import torch
 
 from exml_fast import _ext
-from exml_fast._utils.checks import check_choice, check_float_dtype, check_tensor, refuse_double_backward
+from exml_fast._utils.checks import check_choice, check_float_dtype, check_tensor
 from exml_fast.reference.ed_loss import NORMALIZE_MODES, STANDARDIZE_EPS, TARGET_MODES, acc_dtype
 from exml_fast.reference.ed_loss import ed_loss as _ref_ed_loss
 
@@ -316,13 +316,8 @@ def _register() -> None:
     def _ed_loss_backward_fake(grad, grad_logits):
         return grad_logits.new_empty(grad_logits.shape)
 
-    # The autograd of exml_fast::ed_loss is registered in C++ (csrc/ops/ed_loss.cpp):
-    # a Python register_autograd cost more per call than the fused kernel itself.
-
-
-    torch.library.register_autograd(
-        "exml_fast::_ed_loss_backward", refuse_double_backward("ed_loss", "ed_loss"),
-        setup_context=lambda ctx, inputs, output: None)
+    # The autograd of both ops is registered in C++ (csrc/ops/ed_loss.cpp): a Python register_autograd
+    # cost more per call than the fused kernel itself.
 
 
 if _ext.has_ops():
