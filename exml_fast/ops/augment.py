@@ -39,7 +39,7 @@ def _check_extent(value, name: str, op: str) -> int:
     return value
 
 
-def _check_params(x: torch.Tensor, params: torch.Tensor, pad_crop: int, op: str) -> None:
+def _check_params(x: torch.Tensor, params: torch.Tensor, pad_crop: int, op: str, *, values: bool = True) -> None:
     if not isinstance(params, torch.Tensor):
         raise TypeError(f"{op}: params must be a torch.Tensor; got {type(params).__name__}")
     if params.dim() != 2 or params.shape[0] != x.shape[0] or params.shape[1] != 5:
@@ -52,7 +52,7 @@ def _check_params(x: torch.Tensor, params: torch.Tensor, pad_crop: int, op: str)
     # Values are checked where that needs no device sync (CPU, eager). On CUDA
     # any values are still well defined: shifts wrap, a nonzero flip flips, and
     # crop offsets outside [0, 2 * pad_crop] read more padding (zeros).
-    if params.device.type == "cpu" and params.shape[0] > 0 and not torch.compiler.is_compiling():
+    if values and params.device.type == "cpu" and params.shape[0] > 0 and not torch.compiler.is_compiling():
         flips, crops = params[:, 2], params[:, 3:]
         if bool(((flips != 0) & (flips != 1)).any()):
             raise ValueError(f"{op}: params[:, 2] (flip) must be 0 or 1; got values "
@@ -62,7 +62,8 @@ def _check_params(x: torch.Tensor, params: torch.Tensor, pad_crop: int, op: str)
                              f"[0, {2 * pad_crop}]; got min {int(crops.min())}, max {int(crops.max())}")
 
 
-def augment_with_params(x: torch.Tensor, params: torch.Tensor, *, pad_crop: int = 0) -> torch.Tensor:
+def augment_with_params(x: torch.Tensor, params: torch.Tensor, *, pad_crop: int = 0,
+                        check_values: bool = True) -> torch.Tensor:
     """Applies given per-sample augmentation parameters to x.
 
     Use it to apply one draw to several tensors (a teacher's and a student's
@@ -80,6 +81,11 @@ def augment_with_params(x: torch.Tensor, params: torch.Tensor, *, pad_crop: int 
             CPU; on CUDA they are not (that would sync the host) but any values
             are well defined (nonzero flip flips; offsets out of range read zeros).
         pad_crop: the pad-crop padding p >= 0 (0: no pad-crop).
+        check_values: check the flip and crop values on the CPU (two reads of
+            the host's answer, a dozen small ops). False skips them for
+            parameters known to be valid, e.g. drawn by `draw_augment_params`
+            (the synthesizers' step, which then makes no host read at all);
+            shapes, dtypes and devices are always checked.
 
     Returns:
         (N, C, H, W), x's dtype, channels_last if x is channels_last, else NCHW.
@@ -89,7 +95,7 @@ def augment_with_params(x: torch.Tensor, params: torch.Tensor, *, pad_crop: int 
     op = "augment_with_params"
     _check_x(x, op)
     pad_crop = _check_extent(pad_crop, "pad_crop", op)
-    _check_params(x, params, pad_crop, op)
+    _check_params(x, params, pad_crop, op, values=check_values)
     if _ext.use_compiled(x):
         return torch.ops.exml_fast.augment_with_params(x, params, pad_crop)
     return _ref_augment_with_params(x, params, pad_crop=pad_crop)

@@ -397,6 +397,10 @@ def test_bad_params():
         augment_with_params(x, bad_crop, pad_crop=1)
     with pytest.raises(ValueError, match="pad_crop must be an int in"):
         augment_with_params(x, good, pad_crop=-1)
+    # check_values=False skips the value checks only (a valid draw then reads nothing back to the host) ...
+    assert torch.equal(augment_with_params(x, good, check_values=False), augment_with_params(x, good))
+    with pytest.raises(ValueError, match=r"params must have shape"):  # ... never the shape checks
+        augment_with_params(x, torch.zeros(3, 5, dtype=torch.int64), check_values=False)
 
 
 @pytest.mark.parametrize(
