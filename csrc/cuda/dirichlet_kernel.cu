@@ -1,10 +1,12 @@
 // CUDA kernels of exml_fast::dirichlet_sample and exml_fast::_philox4x32_10.
 //
-// One warp per row: lane l draws log G for columns l, l + 32, ... with the
-// same host/device code as the CPU kernel (dirichlet_sampler.h), keeping them
-// in the output row; the warp reduces the row max, writes exp(log G - max)
-// and reduces their sum, then divides. Each lane re-reads only the entries it
-// wrote. A row holding an invalid concentration (<= 0, NaN, inf as fp32) is
+// One group of W lanes per row (W = 32 for K > 16, else the smallest of 4, 8,
+// 16 that covers K: at K = 10 a warp takes two rows instead of leaving 22 lanes
+// idle): lane l draws log G for columns l, l + W, ... with the same host/device
+// code as the CPU kernel (dirichlet_sampler.h), keeping them in the output row;
+// the group reduces the row max, writes exp(log G - max) and reduces their
+// sum, then divides. Each lane re-reads only the entries it wrote. For K <= W
+// the other lanes add 0 and -inf, so every W gives the same bits as W = 32. A row holding an invalid concentration (<= 0, NaN, inf as fp32) is
 // written as NaN (checking on the host would cost a sync).
 //
 // The key (KeySource) is, in the order dirichlet_sample's schema gives:
@@ -39,7 +41,6 @@ namespace exml_fast {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kRowsPerBlock = kThreads / 32;
 
 // Where a launch's key comes from (see the top of the file).
 struct KeySource {
@@ -57,39 +58,47 @@ __device__ __forceinline__ int64_t load_key(const KeySource& src) {
   return dirichlet::key_from_philox_state(std::get<0>(seeds), std::get<1>(seeds));
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int W>
 __global__ void dirichlet_kernel(const scalar_t* __restrict__ conc, float* __restrict__ out,
                                  int64_t rows, int64_t k, const KeySource key) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows) return;  // whole warps leave together: the shuffles stay full
+  constexpr int kRows = kThreads / W;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRows + threadIdx.x / W;
+  const int lane = threadIdx.x % W;
+  // Every lane of a warp stays to the end (the shuffles are full-mask); a row past
+  // the end reads and writes nothing.
+  const bool active = row < rows;
+  const int64_t kk = active ? k : 0;
   uint32_t k0, k1;
   dirichlet::split_key(load_key(key), k0, k1);
-  const scalar_t* a = conc + row * k;
-  float* o = out + row * k;
+  const scalar_t* a = conc + (active ? row : 0) * k;
+  float* o = out + (active ? row : 0) * k;
   float mx = -INFINITY;
-  bool bad = false;
-  for (int64_t c = lane; c < k; c += 32) {
+  int bad = 0;
+  for (int64_t c = lane; c < kk; c += W) {
     const float lg = dirichlet::log_gamma(static_cast<float>(a[c]), static_cast<uint64_t>(row),
                                           static_cast<uint32_t>(c), k0, k1);
-    bad |= isnan(lg);
+    bad |= isnan(lg) ? 1 : 0;
     o[c] = lg;
     mx = fmaxf(mx, lg);
   }
-  mx = cuda_reduce::warp_max(mx);  // never NaN: fmaxf above drops NaN (`bad` catches it)
-  if (__any_sync(0xffffffffu, bad)) {
-    for (int64_t c = lane; c < k; c += 32) o[c] = NAN;
-    return;
-  }
+  mx = cuda_reduce::warp_max<W>(mx);  // never NaN: fmaxf above drops NaN (`bad` catches it)
+  // A row with an invalid concentration is all NaN. Its lanes still take part in
+  // the sum's shuffle below: another group of the warp may need it.
+  const bool nan_row = cuda_reduce::warp_max<W>(bad) != 0;
   float sum = 0.f;
-  for (int64_t c = lane; c < k; c += 32) {
+  for (int64_t c = lane; c < kk; c += W) {
+    if (nan_row) {
+      o[c] = NAN;
+      continue;
+    }
     const float e = dirichlet::exp_nonpos(o[c] - mx);
     o[c] = e;
     sum += e;
   }
-  sum = cuda_reduce::warp_sum(sum);
+  sum = cuda_reduce::warp_sum<W>(sum);
+  if (nan_row) return;
   const float inv = 1.f / sum;
-  for (int64_t c = lane; c < k; c += 32) o[c] *= inv;
+  for (int64_t c = lane; c < kk; c += W) o[c] *= inv;
 }
 
 __global__ void philox_kernel(const int64_t* __restrict__ ctr, int64_t* __restrict__ out,
@@ -141,13 +150,23 @@ at::Tensor dirichlet_sample_cuda(const at::Tensor& concentration,
   at::Tensor out = at::empty({rows, k}, conc.options().dtype(at::kFloat));
   if (rows == 0) return out;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(conc.get_device()).stream();
-  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int width = k > 16 ? 32 : k > 8 ? 16 : k > 4 ? 8 : 4;  // lanes per row
+  const int64_t rows_per_block = kThreads / width;
+  const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
   TORCH_CHECK(blocks <= INT32_MAX, op, ": too many rows (", rows, ")");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conc.scalar_type(),
                                   "dirichlet_sample_cuda", [&] {
-    dirichlet_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        conc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<float>(), rows, k, src);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto launch = [&](auto kernel) {
+      kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          conc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<float>(), rows, k, src);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    switch (width) {
+      case 4: launch(dirichlet_kernel<scalar_t, 4>); break;
+      case 8: launch(dirichlet_kernel<scalar_t, 8>); break;
+      case 16: launch(dirichlet_kernel<scalar_t, 16>); break;
+      default: launch(dirichlet_kernel<scalar_t, 32>); break;
+    }
   });
   return out;
 }

@@ -303,6 +303,25 @@ def test_dirichlet_cuda_matches_cpu_with_same_key():
     assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("k", [1, 3, 4, 5, 8, 9, 16, 17, 40])
+def test_dirichlet_cuda_row_groups_of_every_width(k):
+    """Rows of K <= 16 share a warp (4, 8 or 16 lanes a row): a NaN row beside valid ones in the same warp, a
+    last block only partly filled (37 rows), and the CPU kernel's values for the same key."""
+    conc = torch.rand(37, k, generator=torch.Generator().manual_seed(k)) * 3 + 0.05
+    conc[5, 0] = -1.0
+    cpu = dirichlet_targets(conc, generator=torch.Generator().manual_seed(7))
+    gpu = dirichlet_targets(conc.cuda(), generator=torch.Generator().manual_seed(7)).cpu()
+    assert torch.isnan(gpu[5]).all() and torch.isnan(cpu[5]).all()
+    ok = torch.ones(37, dtype=torch.bool)
+    ok[5] = False
+    assert torch.isfinite(gpu[ok]).all()
+    torch.testing.assert_close(gpu[ok].sum(1), torch.ones(36), rtol=1e-5, atol=1e-5)
+    close = torch.isclose(gpu[ok], cpu[ok], rtol=1e-5, atol=1e-7).all(dim=1)
+    assert float(close.float().mean()) > 0.97
+
+
 def _key_from_philox_state(seed: int, offset: int, device: str) -> int:
     """dirichlet::key_from_philox_state (dirichlet_sampler.h) through the Philox op: words x (low) and y (high)
     at counter (offset_lo, offset_hi, 0, 0) under the key `seed`, as a signed int64."""
