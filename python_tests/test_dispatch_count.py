@@ -255,6 +255,7 @@ def test_an_error_inside_the_block_stops_counting():
     assert dict(c.ops) == {"aten::add": 1}
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_copies_to_the_host_sync_once():
     x = torch.randn(3, device="cuda")
