@@ -4,6 +4,8 @@
 #
 #   make test                  lint, Python tests (and the numerically sensitive ones again as on an
 #                              AVX2-only CPU), the C++ (ctest) suite, the op tests under ASan + UBSan
+#   make test-fast             the edit-test loop: lint, then the op, synthesizer and top-level unit tests not
+#                              marked slow, CPU only, stopping at the first failure (about 6 minutes on 2 cores)
 #   make lint                  ruff (configured in pyproject.toml)
 #   make demo                  Ex-Model CL on Split MNIST: 5 LeNet-5 experts, every strategy (~15 min)
 #   make demo-inversion        train a LeNet-5-BN on MNIST, invert it, save a PNG grid (~20 s)
@@ -71,7 +73,7 @@ CMAKE_BUILD_DIR := build-cmake
 CMAKE_CUDA = $(shell $(PY) -c 'import torch; print("ON" if torch.cuda.is_available() else "OFF")' 2>/dev/null || echo OFF)
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: help env build lint test pytest pytest-avx2 ctest sanitize demo demo-inversion bench bench-e2e gpu-check gpu-perf gpu-data gpu-ttq clean FORCE
+.PHONY: help env build lint test test-fast pytest pytest-avx2 ctest sanitize demo demo-inversion bench bench-e2e gpu-check gpu-perf gpu-data gpu-ttq clean FORCE
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -134,6 +136,11 @@ ctest: $(ENV_STAMP)
 	ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
 
 test: lint pytest pytest-avx2 ctest sanitize
+
+FAST_TESTS := python_tests/ops python_tests/synth $(wildcard python_tests/test_*.py)
+test-fast: lint build
+	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.stamps/inductor $(PY) -m pytest $(FAST_TESTS) -q -x \
+	  -m "not slow and not cuda" -p no:cacheprovider
 
 # The CPU ops built apart with AddressSanitizer + UndefinedBehaviorSanitizer (setup.py, EXML_FAST_SANITIZE=1)
 # into $(SANITIZE_DIR)/site beside a copy of the package, and the op tests run against that copy (from its

@@ -29,6 +29,8 @@ Variants, each with its own deep copy of the teacher:
                       a CUDA graph).
   exml fp32 eager     on a GPU, listed: the same without the CUDA graph
                       (cuda_graph=False), what the graph brings.
+  exml fp32 cl        on a GPU, listed: the defaults with channels_last=True,
+                      to choose the GPU's default memory format by measurement.
 The engine runs with the public loop's objective and optimiser (see
 exml_runner), so only the implementation differs.
 
@@ -364,6 +366,8 @@ def variants_for(teacher, name, args) -> dict[str, Variant]:
     if d == "cuda":
         exml("exml fp32 eager", "listed", precision="fp32", cuda_graph=False,
              config="the engine's defaults, fp32, cuda_graph=False")
+        exml("exml fp32 cl", "listed", precision="fp32", channels_last=True,
+             config="the engine's defaults, fp32, channels_last=True (the default on CUDA is NCHW: unmeasured)")
     if args.bn_share:
         exml("exml fp32" + NO_BN, "fp32", bn=False, precision="fp32", config="fp32, bn_weight 0")
     if args.best:

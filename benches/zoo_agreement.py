@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "figures, change a little with it)")
     p.add_argument("--no-issue-case", action="store_true",
                    help="skip the one-epoch LeNet-5-BN, 100 images at every default (about a minute)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="the synthesizers' precision= (autocast of the networks; x, Adam and the statistics stay "
+                        "fp32); the record is zoo_agreement_cpu_<precision> unless fp32")
     p.add_argument("--out", default=str(RESULTS), help="directory for the record ('' to not record)")
     args = p.parse_args(argv)
     bad = [t for t in args.teachers.split(",") if t not in ZOO]
@@ -77,7 +80,7 @@ def real_bn_term(teacher, name: str, synth) -> float | None:
         return float(bn.loss())
 
 
-def run_teacher(name: str, seeds: list[int]) -> dict:
+def run_teacher(name: str, seeds: list[int], precision: str = "fp32") -> dict:
     z = ZOO[name]
     teacher, acc, train_s = train_zoo_teacher(name, seed=0)
     print(f"{name} ({z.kind}, {z.dataset}): {z.train_images} images, test accuracy {acc:.4f}, "
@@ -89,7 +92,7 @@ def run_teacher(name: str, seeds: list[int]) -> dict:
         for seed in seeds:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", LowAgreementWarning)
-                synth = make(teacher, input_shape=(1, 32, 32), mean=mean, std=std)
+                synth = make(teacher, input_shape=(1, 32, 32), mean=mean, std=std, precision=precision)
                 t0 = time.perf_counter()
                 batch = synth.synthesize(N_IMAGES, iterations=iters, batch_size=N_IMAGES, generator=seed,
                                          progress=False)
@@ -110,7 +113,7 @@ def run_teacher(name: str, seeds: list[int]) -> dict:
             "schedule": z.schedule, "test_accuracy": acc, "train_s": train_s, "rows": rows}
 
 
-def issue_case(seeds: list[int]) -> dict:
+def issue_case(seeds: list[int], precision: str = "fp32") -> dict:
     """LeNet-5-BN trained one epoch on MNIST; 100 images of classes 0-9 with every default, auto vs cifar."""
     from exml_fast.models import LeNet5BN
     from exml_fast.training import evaluate, train_classifier
@@ -129,7 +132,8 @@ def issue_case(seeds: list[int]) -> dict:
         for seed in seeds:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", LowAgreementWarning)
-                synth = DeepInversion(teacher, input_shape=(1, 32, 32), mean=mean, std=std, preset=preset)
+                synth = DeepInversion(teacher, input_shape=(1, 32, 32), mean=mean, std=std, preset=preset,
+                                      precision=precision)
                 t0 = time.perf_counter()
                 batch = synth.synthesize(100, classes=range(10), generator=seed, progress=False)
                 seconds = time.perf_counter() - t0
@@ -143,8 +147,11 @@ def issue_case(seeds: list[int]) -> dict:
     return {"test_accuracy": acc, "rows": rows}
 
 
-def markdown(env: dict, cmd: str, teachers: list[dict], case: dict | None = None) -> str:
+def markdown(env: dict, cmd: str, teachers: list[dict], case: dict | None = None, precision: str = "fp32") -> str:
     lines = env_markdown(env, "zoo agreement (synthesis out of the box)", cmd)
+    if precision != "fp32":
+        lines += [f"Every synthesizer with `precision=\"{precision}\"`: the networks' forward and backward under "
+                  f"{precision} autocast; x, its gradient, Adam and the statistics stay fp32.", ""]
     lines += [
         f"{N_IMAGES} images (two per class) in one batch per run; agreement = fraction the teacher labels as "
         "their target (clean forward of the kept batch), one entry per seed. Teachers trained once (seed 0) "
@@ -194,13 +201,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     wall0 = time.perf_counter()
     env = environment("cpu", "zoo agreement")
-    teachers = [run_teacher(name, args.seeds) for name in args.teachers.split(",")]
-    case = None if args.no_issue_case else issue_case(args.seeds)
+    teachers = [run_teacher(name, args.seeds, args.precision) for name in args.teachers.split(",")]
+    case = None if args.no_issue_case else issue_case(args.seeds, args.precision)
     env["wall_s"] = time.perf_counter() - wall0
     cmd = "python benches/zoo_agreement.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    record(args.out, "zoo_agreement_cpu", {"env": env, "n_images": N_IMAGES, "teachers": teachers,
-                                           "issue_case": case},
-           markdown(env, cmd.strip(), teachers, case))
+    stem = "zoo_agreement_cpu" + ("" if args.precision == "fp32" else f"_{args.precision}")
+    record(args.out, stem, {"env": env, "n_images": N_IMAGES, "precision": args.precision, "teachers": teachers,
+                            "issue_case": case},
+           markdown(env, cmd.strip(), teachers, case, args.precision))
     return 0
 
 
