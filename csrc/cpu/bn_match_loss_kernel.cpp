@@ -18,16 +18,25 @@
 namespace exml_fast {
 namespace {
 
+// Layer l's statistics as pointers, and its channel count.
+template <typename scalar_t>
+struct LayerView {
+  const scalar_t *m, *v, *rm, *rv;
+  int64_t c;
+};
+
+template <typename scalar_t>
+LayerView<scalar_t> layer_of(const BnMatchArgs& a, int64_t l) {
+  return {a.mean[l].const_data_ptr<scalar_t>(), a.var[l].const_data_ptr<scalar_t>(),
+          a.rmean[l].const_data_ptr<scalar_t>(), a.rvar[l].const_data_ptr<scalar_t>(), a.mean[l].size(0)};
+}
+
 template <typename scalar_t>
 void forward_cpu(const BnMatchArgs& a, c10::ArrayRef<double> weight, c10::ArrayRef<double> eps,
                  int64_t form, scalar_t* terms, scalar_t* loss) {
   double total = 0.0;
   for (int64_t l = 0; l < a.layers; ++l) {
-    const scalar_t* m = a.mean[l].const_data_ptr<scalar_t>();
-    const scalar_t* v = a.var[l].const_data_ptr<scalar_t>();
-    const scalar_t* rm = a.rmean[l].const_data_ptr<scalar_t>();
-    const scalar_t* rv = a.rvar[l].const_data_ptr<scalar_t>();
-    const int64_t c = a.mean[l].size(0);
+    const auto [m, v, rm, rv, c] = layer_of<scalar_t>(a, l);
     double sm = 0.0, sv = 0.0;
     for (int64_t i = 0; i < c; ++i) {
       const double dm = static_cast<double>(m[i]) - static_cast<double>(rm[i]);
@@ -65,11 +74,7 @@ void backward_cpu(const BnMatchArgs& a, double g, c10::ArrayRef<double> weight, 
   scalar_t* dm_out = out;
   scalar_t* dv_out = out + a.total_channels;
   for (int64_t l = 0; l < a.layers; ++l) {
-    const scalar_t* m = a.mean[l].const_data_ptr<scalar_t>();
-    const scalar_t* v = a.var[l].const_data_ptr<scalar_t>();
-    const scalar_t* rm = a.rmean[l].const_data_ptr<scalar_t>();
-    const scalar_t* rv = a.rvar[l].const_data_ptr<scalar_t>();
-    const int64_t c = a.mean[l].size(0);
+    const auto [m, v, rm, rv, c] = layer_of<scalar_t>(a, l);
     const double gw = g * weight[l];
     double km, kv;  // the factors of d_m and d_v (or d_s)
     if (form == kL2) {
@@ -122,13 +127,7 @@ at::Tensor bn_match_loss_backward_cpu(const at::Tensor& grad, at::TensorList mea
   const char* op = "exml_fast::_bn_match_loss_backward";
   const BnMatchArgs a = check_bn_match_args(mean, var, rmean, rvar, weight, eps, form, op);
   check_kernel_device(a.mean[0], c10::DeviceType::CPU, op, "mean[0]");
-  TORCH_CHECK(grad.numel() == 1 && grad.device() == a.mean[0].device(), op,
-              ": grad must be the loss's one-element gradient on ", a.mean[0].device(), "; got sizes ",
-              grad.sizes(), " on ", grad.device());
-  TORCH_CHECK(terms_in.dim() == 2 && terms_in.size(0) == a.layers && terms_in.size(1) == 3 &&
-                  terms_in.scalar_type() == a.dtype,
-              op, ": terms must be the forward's (", a.layers, ", 3) ", a.dtype, " terms; got sizes ",
-              terms_in.sizes(), ", ", terms_in.scalar_type());
+  check_bn_match_backward(grad, terms_in, a, op);
   const at::Tensor terms = terms_in.contiguous();
   at::Tensor out = at::empty({2 * a.total_channels}, a.mean[0].options());
   AT_DISPATCH_FLOATING_TYPES(a.dtype, "bn_match_loss_backward_cpu", [&] {

@@ -166,10 +166,7 @@ at::Tensor frozen_bn_stats_backward_cpu(const at::Tensor& grad_y, const at::Tens
   const BnGeometry g = classify(x_in, x);
   const auto acc_type = acc_scalar_type(x);
   check_per_channel(scale_in, "scale", x, acc_type, op);
-  // grad_y in the layout x is read in (x is dense after classify).
-  const at::Tensor gy = grad_y.strides() == x.strides()
-                            ? grad_y
-                            : at::empty_strided(x.sizes(), x.strides(), x.options()).copy_(grad_y);
+  const at::Tensor gy = in_layout_of(grad_y, x);
   at::Tensor dx = at::empty_like(x);
   const at::Tensor gm = grad_mean.to(acc_type).contiguous();
   const at::Tensor gv = grad_var.to(acc_type).contiguous();

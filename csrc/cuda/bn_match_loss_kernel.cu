@@ -189,14 +189,7 @@ at::Tensor bn_match_loss_backward_cuda(const at::Tensor& grad_in, at::TensorList
   const char* op = "exml_fast::_bn_match_loss_backward";
   const BnMatchArgs a = check_bn_match_args(mean, var, rmean, rvar, weight, eps, form, op);
   check_kernel_device(a.mean[0], c10::DeviceType::CUDA, op, "mean[0]");
-  TORCH_CHECK(grad_in.numel() == 1 && grad_in.device() == a.mean[0].device(), op,
-              ": grad must be the loss's one-element gradient on ", a.mean[0].device(), "; got sizes ",
-              grad_in.sizes(), " on ", grad_in.device());
-  TORCH_CHECK(terms_in.dim() == 2 && terms_in.size(0) == a.layers && terms_in.size(1) == 3 &&
-                  terms_in.scalar_type() == a.dtype && terms_in.device() == a.mean[0].device(),
-              op, ": terms must be the forward's (", a.layers, ", 3) ", a.dtype, " terms on ",
-              a.mean[0].device(), "; got sizes ", terms_in.sizes(), ", ", terms_in.scalar_type(), " on ",
-              terms_in.device());
+  check_bn_match_backward(grad_in, terms_in, a, op);
   const c10::cuda::CUDAGuard guard(a.mean[0].device());
   const at::Tensor terms = terms_in.contiguous();
   const at::Tensor grad = grad_in.scalar_type() == a.dtype ? grad_in : grad_in.to(a.dtype);

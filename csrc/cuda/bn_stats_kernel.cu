@@ -495,6 +495,23 @@ struct XandGy {
   Vec<scalar_t, V> x, gy;
 };
 
+// x's vector at `off`, and grad_y's when there is one (frozen_bn_stats).
+template <typename scalar_t, int V, typename index_t>
+__device__ __forceinline__ XandGy<scalar_t, V> load_x_gy(const scalar_t* x, const scalar_t* gy, index_t off) {
+  XandGy<scalar_t, V> v{};  // gy stays zero (and defined) without a grad_y
+  v.x = load_vec<scalar_t, V>(x, off);
+  if (gy != nullptr) v.gy = load_vec<scalar_t, V>(gy, off);
+  return v;
+}
+
+// One element of dx: a + b (x - m) [+ grad_y * s], rounded once to x's dtype.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t dx_of(scalar_t x, scalar_t gy, bool has_gy, acc_t a, acc_t b, acc_t m,
+                                          acc_t s) {
+  const acc_t stat = a + b * (static_cast<acc_t>(x) - m);
+  return static_cast<scalar_t>(has_gy ? static_cast<acc_t>(gy) * s + stat : stat);
+}
+
 template <typename scalar_t, int V, typename index_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<index_t>)
     backward_rows_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ gy,
@@ -510,21 +527,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<index_t>)
   const acc_t m = cf.mean[c];
   const acc_t s = gy != nullptr ? cf.scale[c] : acc_t(0);
   sweep<U>(
-      cur,
-      [&](index_t off) {
-        XandGy<scalar_t, V> v;
-        v.x = load_vec<scalar_t, V>(x, off);
-        if (gy != nullptr) v.gy = load_vec<scalar_t, V>(gy, off);
-        return v;
-      },
+      cur, [&](index_t off) { return load_x_gy<scalar_t, V>(x, gy, off); },
       [&](const XandGy<scalar_t, V>& v, index_t off) {
         VecT o;
 #pragma unroll
-        for (int l = 0; l < V; ++l) {
-          const acc_t stat = a + b * (static_cast<acc_t>(v.x.val[l]) - m);
-          o.val[l] = static_cast<scalar_t>(
-              gy != nullptr ? static_cast<acc_t>(v.gy.val[l]) * s + stat : stat);
-        }
+        for (int l = 0; l < V; ++l) o.val[l] = dx_of(v.x.val[l], v.gy.val[l], gy != nullptr, a, b, m, s);
         store_vec<scalar_t, V>(dx, off, o);
       });
 }
@@ -552,20 +559,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<index_t>)
     s[l] = gy != nullptr ? cf.scale[c] : acc_t(0);
   }
   sweep<U>(
-      cur,
-      [&](index_t off) {
-        XandGy<scalar_t, V> v;
-        v.x = load_vec<scalar_t, V>(x, off);
-        if (gy != nullptr) v.gy = load_vec<scalar_t, V>(gy, off);
-        return v;
-      },
+      cur, [&](index_t off) { return load_x_gy<scalar_t, V>(x, gy, off); },
       [&](const XandGy<scalar_t, V>& v, index_t off) {
         VecT o;
 #pragma unroll
         for (int l = 0; l < V; ++l) {
-          const acc_t stat = a[l] + b[l] * (static_cast<acc_t>(v.x.val[l]) - m[l]);
-          o.val[l] = static_cast<scalar_t>(
-              gy != nullptr ? static_cast<acc_t>(v.gy.val[l]) * s[l] + stat : stat);
+          o.val[l] = dx_of(v.x.val[l], v.gy.val[l], gy != nullptr, a[l], b[l], m[l], s[l]);
         }
         store_vec<scalar_t, V>(dx, off, o);
       });
@@ -887,10 +886,7 @@ at::Tensor frozen_bn_stats_backward_cuda(const at::Tensor& grad_y, const at::Ten
   at::Tensor x;
   const BnGeometry g = classify(x_in, x);
   check_per_channel(scale, "scale", x, acc_scalar_type(x), op);
-  // grad_y in the layout x is read in (x is dense after classify).
-  const at::Tensor gy = grad_y.strides() == x.strides()
-                            ? grad_y
-                            : at::empty_strided(x.sizes(), x.strides(), x.options()).copy_(grad_y);
+  const at::Tensor gy = in_layout_of(grad_y, x);
   at::Tensor dx = at::empty_like(x);
   backward_cuda(x, g, grad_mean, grad_var, mean, gy, scale, dx);
   return dx_for_input(x_in, x, dx);

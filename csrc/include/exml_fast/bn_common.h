@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -126,6 +127,11 @@ inline void check_frozen_grad_y(const at::Tensor& grad_y, const at::Tensor& x, c
               x.scalar_type(), "; got ", grad_y.scalar_type());
   TORCH_CHECK(grad_y.device() == x.device(), op, ": grad_y is on ", grad_y.device(),
               " but x is on ", x.device());
+}
+
+// `t` (x's shape) laid out as x is read (x dense after classify): t itself, or a copy in x's strides.
+inline at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& x) {
+  return t.strides() == x.strides() ? t : at::empty_strided(x.sizes(), x.strides(), x.options()).copy_(t);
 }
 
 }  // namespace exml_fast

@@ -67,4 +67,18 @@ inline BnMatchArgs check_bn_match_args(at::TensorList mean, at::TensorList var, 
   return a;
 }
 
+// The backward's extra arguments: the loss's one-element gradient and the forward's (L, 3) terms, both on
+// the statistics' device, the terms in their dtype.
+inline void check_bn_match_backward(const at::Tensor& grad, const at::Tensor& terms, const BnMatchArgs& a,
+                                    const char* op) {
+  const auto device = a.mean[0].device();
+  TORCH_CHECK(grad.numel() == 1 && grad.device() == device, op,
+              ": grad must be the loss's one-element gradient on ", device, "; got sizes ", grad.sizes(), " on ",
+              grad.device());
+  TORCH_CHECK(terms.dim() == 2 && terms.size(0) == a.layers && terms.size(1) == 3 && terms.scalar_type() == a.dtype &&
+                  terms.device() == device,
+              op, ": terms must be the forward's (", a.layers, ", 3) ", a.dtype, " terms on ", device,
+              "; got sizes ", terms.sizes(), ", ", terms.scalar_type(), " on ", terms.device());
+}
+
 }  // namespace exml_fast
