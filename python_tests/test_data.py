@@ -107,6 +107,8 @@ def test_dataset_validation():
 def test_pad_to_validation():
     with pytest.raises(ValueError, match="pad_to"):
         data.mnist_tensors("test", pad_to=20)
+    with pytest.raises(ValueError, match="pad_to"):
+        data.mnist_tensors("test", pad_to=True)
 
 
 # -- checksums -------------------------------------------------------------------------
@@ -203,3 +205,12 @@ def test_mnist_tensors(mnist_dir):
     x28, _ = data.mnist_tensors("test", pad_to=28, normalize=False)
     assert x28.shape == (10000, 1, 28, 28)
     assert float(x28.min()) == 0.0 and float(x28.max()) == 1.0
+
+    # resize=True: the papers' bilinear 28 -> 32 (the digit fills the frame, pixels stay in [0, 1])
+    xr, yr = data.mnist_tensors("test", pad_to=32, normalize=False, resize=True)
+    assert xr.shape == (10000, 1, 32, 32) and torch.equal(yr, y)
+    assert float(xr.min()) >= 0.0 and float(xr.max()) <= 1.0
+    torch.testing.assert_close(xr, torch.nn.functional.interpolate(x28, size=(32, 32), mode="bilinear",
+                                                                   align_corners=False).clamp(0, 1))
+    xrn, _ = data.mnist_tensors("test", pad_to=32, resize=True)
+    torch.testing.assert_close(xrn, (xr - mean) / std)

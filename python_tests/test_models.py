@@ -86,9 +86,52 @@ def test_lenet5half_is_lenet5_with_half_the_widths():
         build_model("vgg")
 
 
+# ----------------------------------------------------------------------------- the data-free KD papers' LeNets
+
+@pytest.mark.parametrize("name,params,convs,dense,conv_fc1", [
+    # Data Impressions §4.1.2.1: "61706 and 35820 parameters"; only the convolutions are halved
+    ("lenet5_zskd", 61706, [6, 16], [120, 84, 10], False),
+    ("lenet5_half_zskd", 35820, [3, 8], [120, 84, 10], False),
+    # DAFL / DFAD lenet.py: conv5 is a 5x5 convolution to 120 (60 in the half), every layer halved
+    ("lenet5_dafl", 61706, [6, 16, 120], [84, 10], True),
+    ("lenet5_half_dafl", 15738, [3, 8, 60], [42, 10], True),
+])
+def test_paper_lenets_have_the_published_widths_and_parameter_counts(name, params, convs, dense, conv_fc1):
+    from exml_fast.models import ARCHS, FeatureTap
+
+    torch.manual_seed(0)
+    model = ARCHS[name](num_classes=10, in_channels=1)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)] == convs
+    assert [m.out_features for m in model.modules() if isinstance(m, nn.Linear)] == dense
+    # ReLU and max-pooling, not the ExML LeNet's Tanh and average pooling
+    assert _count(model, nn.ReLU) == 4 and _count(model, nn.MaxPool2d) == 2
+    assert _count(model, nn.Tanh) == 0 and _count(model, nn.AvgPool2d) == 0
+    x = torch.rand(5, 1, 32, 32)
+    assert model(x).shape == (5, 10)
+    with FeatureTap(model) as tap:
+        logits = model(x)
+        torch.testing.assert_close(model.classifier(tap.features), logits)
+        assert tap.features.shape == (5, 84 if name.endswith("zskd") or name == "lenet5_dafl" else 42)
+    assert ARCHS[name](num_classes=3, in_channels=2)(torch.rand(2, 2, 32, 32)).shape == (2, 3)
+
+
+def test_dafl_conv5_computes_what_a_linear_layer_would():
+    """DAFL's conv5 over the 5x5 map is a dense layer: same outputs as Linear with the reshaped weight."""
+    from exml_fast.models import LeNet5DAFL
+
+    torch.manual_seed(0)
+    model = LeNet5DAFL()
+    conv5 = [m for m in model.features if isinstance(m, nn.Conv2d)][-1]
+    h = torch.randn(4, 16, 5, 5)
+    torch.testing.assert_close(conv5(h).flatten(1), nn.functional.linear(h.flatten(1), conv5.weight.flatten(1),
+                                                                         conv5.bias))
+
+
 # ------------------------------------------------------------------------------------------- the registry
 
-ISSUE_ARCHS = ["lenet5", "lenet5_bn", "lenet5_half", "resnet18_cifar", "resnet18_cifar_slim", "resnet34_cifar",
+ISSUE_ARCHS = ["lenet5", "lenet5_bn", "lenet5_half", "lenet5_zskd", "lenet5_half_zskd", "lenet5_dafl",
+               "lenet5_half_dafl", "resnet18_cifar", "resnet18_cifar_slim", "resnet34_cifar",
                "resnet32", "mobilenet_v2"]
 
 

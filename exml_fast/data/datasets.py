@@ -343,8 +343,9 @@ def mnist_tensors(
     pad_to: int = 32,
     normalize: bool = True,
     root: str | os.PathLike | None = None,
+    resize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ready for a network: float32, channel dimension, padded, normalised.
+    """Images ready for a network: float32, channel dimension, padded (or resized), normalised.
 
     Args:
         split: ``"train"`` or ``"test"``.
@@ -355,15 +356,21 @@ def mnist_tensors(
             (:data:`DATASET_STATS`) after scaling to [0, 1]; padding is 0
             before normalisation, i.e. ``-mean/std`` after.
         root: see :func:`load_mnist`.
+        resize: scale the 28x28 image bilinearly to ``pad_to`` x ``pad_to``
+            instead of padding it (the Data Impressions, DAFL and DFAD papers
+            resize MNIST to 32x32).
 
     Returns:
         ``(images, labels)``: float32 (N, 1, pad_to, pad_to), int64 (N,).
     """
-    if not isinstance(pad_to, int) or pad_to < 28:
-        raise ValueError(f"pad_to must be an int >= 28, got {pad_to!r}")
+    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 28:
+        raise ValueError(f"mnist_tensors: pad_to must be an int >= 28, got {pad_to!r}")
     images, labels = load_mnist(split, dataset=dataset, root=root)
     x = images.to(torch.float32).div_(255.0).unsqueeze(1)
-    if pad_to > 28:
+    if resize and pad_to > 28:
+        x = torch.nn.functional.interpolate(x, size=(pad_to, pad_to), mode="bilinear", align_corners=False)
+        x = x.clamp_(0.0, 1.0)
+    elif pad_to > 28:
         lo = (pad_to - 28) // 2
         hi = pad_to - 28 - lo
         x = torch.nn.functional.pad(x, (lo, hi, lo, hi))

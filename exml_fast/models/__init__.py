@@ -2,7 +2,10 @@
 
 - :class:`LeNet5` — the Ex-Model CL reference LeNet-5 (Tanh, AvgPool, no BN).
 - :class:`LeNet5BN` — LeNet-5 with BatchNorm, (N, C, 32, 32) → (N, classes).
-- :class:`LeNet5Half` — LeNet-5 with half the filters (Data Impressions' student).
+- :class:`LeNet5Half` — the ExML LeNet-5 with every layer halved (15 738 parameters).
+- The data-free KD papers' networks (ReLU, max-pooling): :class:`LeNet5ZSKD` / :class:`LeNet5HalfZSKD`
+  (Data Impressions: 61 706 / 35 820 parameters) and :class:`LeNet5DAFL` / :class:`LeNet5HalfDAFL`
+  (DAFL, DFAD: 61 706 / 15 738).
 - :func:`resnet18_cifar` (``width`` 64; :func:`resnet18_cifar_slim`: width 20),
   :func:`resnet34_cifar`, :func:`resnet32` — CIFAR ResNets, (N, 3, 32, 32) → (N, classes).
 - :func:`mobilenet_v2` — torchvision's MobileNetV2 (needs torchvision).
@@ -22,7 +25,7 @@ from torch import nn
 from exml_fast._utils.checks import check_choice
 from .features import FeatureTap, classifier_layer
 from .generators import GENERATOR_ARCHS, SKDGenerator, build_generator
-from .lenet import LeNet5, LeNet5BN, LeNet5Half
+from .lenet import LeNet5, LeNet5BN, LeNet5DAFL, LeNet5Half, LeNet5HalfDAFL, LeNet5HalfZSKD, LeNet5ZSKD
 from .mobilenet import mobilenet_v2
 from .resnet_cifar import BasicBlock, ResNetCIFAR, resnet18_cifar, resnet18_cifar_slim, resnet32, resnet34_cifar
 
@@ -35,6 +38,10 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
     "lenet5_half": LeNet5Half,
     "lenet5bn": LeNet5BN,
     "lenet5half": LeNet5Half,
+    "lenet5_zskd": LeNet5ZSKD,
+    "lenet5_half_zskd": LeNet5HalfZSKD,
+    "lenet5_dafl": LeNet5DAFL,
+    "lenet5_half_dafl": LeNet5HalfDAFL,
     "resnet18_cifar": resnet18_cifar,
     "resnet18_cifar_slim": resnet18_cifar_slim,
     "resnet34_cifar": resnet34_cifar,
@@ -77,6 +84,7 @@ def build_model(arch: str, *, num_classes: int = 10, in_channels: int | None = N
     return ARCHS[arch](num_classes=num_classes, **kwargs)
 
 
-__all__ = ["ARCHS", "GENERATOR_ARCHS", "BasicBlock", "FeatureTap", "LeNet5", "LeNet5BN", "LeNet5Half", "ResNetCIFAR",
+__all__ = ["ARCHS", "GENERATOR_ARCHS", "BasicBlock", "FeatureTap", "LeNet5", "LeNet5BN", "LeNet5DAFL", "LeNet5Half",
+           "LeNet5HalfDAFL", "LeNet5HalfZSKD", "LeNet5ZSKD", "ResNetCIFAR",
            "SKDGenerator", "build_generator", "build_model", "classifier_layer", "mobilenet_v2", "register_arch",
            "resnet18_cifar", "resnet18_cifar_slim", "resnet32", "resnet34_cifar"]

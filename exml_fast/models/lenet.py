@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["LeNet5", "LeNet5BN", "LeNet5Half"]
+__all__ = ["LeNet5", "LeNet5BN", "LeNet5DAFL", "LeNet5Half", "LeNet5HalfDAFL", "LeNet5HalfZSKD", "LeNet5ZSKD"]
 
 
 class LeNet5BN(nn.Module):
@@ -104,3 +104,69 @@ class LeNet5Half(LeNet5):
     linear 60 and 42 units)."""
 
     widths = (3, 8, 60, 42)
+
+
+class _ReLULeNet5(nn.Module):
+    """LeNet-5 with ReLU and 2×2 max-pooling, the data-free KD papers' form (see the subclasses).
+
+    ``widths`` = (conv1, conv2, fc1, fc2); ``conv_fc1`` makes the first dense layer a 5×5 convolution
+    over the (conv2, 5, 5) map (DAFL/DFAD's ``conv5``: the same function and parameter count as a
+    ``Linear(conv2·25 → fc1)``, with the weight laid out as a convolution's).
+    """
+
+    widths: tuple[int, int, int, int] = (6, 16, 120, 84)
+    conv_fc1: bool = False
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        c1, c2, f1, f2 = self.widths
+        fc1: list[nn.Module] = ([nn.Conv2d(c2, f1, kernel_size=5), nn.ReLU(), nn.Flatten()] if self.conv_fc1 else
+                                [nn.Flatten(), nn.Linear(c2 * 5 * 5, f1), nn.ReLU()])
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, c1, kernel_size=5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, kernel_size=5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            *fc1,
+            nn.Linear(f1, f2),
+            nn.ReLU(),
+        )
+        self.classifier = nn.Linear(f2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_channels, 32, 32) → logits (N, num_classes)."""
+        return self.classifier(self.features(x))
+
+
+class LeNet5ZSKD(_ReLULeNet5):
+    """The zero-shot KD paper's teacher (Nayak et al., Data Impressions §4.1.2.1): LeNet-5 with conv 6, 16 and
+    dense 120, 84, 10 units — **61 706 parameters** for one input channel and 10 classes, as published.
+
+    The paper gives the widths and the count, not the non-linearity; we use ReLU and 2×2 max-pooling (its
+    reference [9] and the DAFL/DFAD code). Its inputs are 32×32 pixels in [0, 1] (no mean/std normalisation).
+    """
+
+
+class LeNet5HalfZSKD(_ReLULeNet5):
+    """The zero-shot KD paper's student: :class:`LeNet5ZSKD` with half the filters in each *convolution*
+    (3, 8) and the dense layers kept (120, 84) — **35 820 parameters**, as published. (DAFL/DFAD's
+    LeNet-5-Half, :class:`LeNet5HalfDAFL`, halves every layer: 15 738.)"""
+
+    widths = (3, 8, 120, 84)
+
+
+class LeNet5DAFL(_ReLULeNet5):
+    """DAFL's and DFAD's LeNet-5 teacher (their public ``lenet.py``): conv 6 → 16 with ReLU and max-pooling,
+    a 5×5 convolution to 120, dense 84, 10 — 61 706 parameters. Inputs normalised with (0.1307, 0.3081)."""
+
+    conv_fc1 = True
+
+
+class LeNet5HalfDAFL(_ReLULeNet5):
+    """DAFL's and DFAD's LeNet-5-Half student: every layer of :class:`LeNet5DAFL` halved (conv 3 → 8, conv
+    to 60, dense 42) — 15 738 parameters."""
+
+    widths = (3, 8, 60, 42)
+    conv_fc1 = True
