@@ -637,3 +637,50 @@ def test_the_registry_builds_skd_with_the_delegator_network_asked_for():
         S.build_strategy("skd", None, sc, options={"gen_arch": "wide"}, seed=1, device=cpu, progress=False)
     with pytest.raises(S.StrategyOptionError, match="gen_arch"):
         S.build_strategy("lwf", None, sc, options={"gen_arch": "skd-narrow"}, seed=1, device=cpu, progress=False)
+
+
+# -- the learner's lr schedule (SKD's: 160 epochs from 0.1, divided by 10 at 80 and 120) ----------------------
+
+def test_lr_milestones_divide_the_lr_by_ten_at_each_milestone_of_every_task(monkeypatch):
+    seen = []
+    step = torch.optim.SGD.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    s = _strategy(S.FineTune, epochs=4, batch_size=1000, lr=0.1, lr_milestones=(1, 3))
+    assert s.config()["lr_milestones"] == [1, 3]
+    s.train(_experience(0, SPLITS[0]))  # one minibatch: one step an epoch
+    s.train(_experience(1, SPLITS[1]))  # a fresh optimiser per task: the schedule starts again
+    assert seen == pytest.approx([0.1, 0.01, 0.01, 0.001] * 2)
+    seen.clear()
+    plain = _strategy(S.FineTune, epochs=2, batch_size=1000, lr=0.1)
+    assert plain.config()["lr_milestones"] == []
+    plain.train(_experience(0, SPLITS[0]))
+    assert seen == [0.1, 0.1]
+
+
+@pytest.mark.parametrize("milestones", [(0,), (4,), (2, 1), (1, 1), (1.5,), (True,), "x"])
+def test_lr_milestones_outside_the_epochs_are_refused_by_name(milestones):
+    with pytest.raises(ValueError, match=r"lr_milestones must be increasing whole epochs in \[1, epochs=4\)"):
+        S.FineTune(_learner(), epochs=4, lr_milestones=milestones)
+
+
+def test_the_paper_budget_runs_skd_with_its_papers_schedule():
+    from exml_fast.cl.strategies.registry import options_read_by
+    from exml_fast.experiments.cil import CIL_BUDGETS
+
+    sc = _scenario()
+    sc.dataset = "mnist"
+    spec = CIL_BUDGETS["paper"]
+    options = options_read_by("skd", {**spec["run"], **spec["strategies"]["skd"]})
+    s = S.build_strategy("skd", None, sc, options=options, seed=1, device=torch.device("cpu"), progress=False)
+    cfg = s.config()
+    assert (cfg["epochs"], cfg["lr"], cfg["lr_milestones"]) == (160, 0.1, [80, 120])
+    assert s.delegator_batch_size == 1024
+    # the other strategies keep the experts' recipe under the paper budget
+    lwf = S.build_strategy("lwf", None, sc, options=options_read_by("lwf", spec["run"]), seed=1,
+                           device=torch.device("cpu"), progress=False)
+    assert (lwf.config()["epochs"], lwf.config()["lr"], lwf.config()["lr_milestones"]) == (20, 0.01, [])

@@ -60,6 +60,8 @@ class DataStrategy(Strategy):
         num_classes: the learner's outputs (default: the model's last ``nn.Linear``'s ``out_features``).
         epochs: passes over each experience's training set.
         lr, momentum, weight_decay, batch_size: SGD (a fresh optimiser per experience).
+        lr_milestones: epochs (increasing, each in [1, epochs)) after which the lr is divided by 10, for every
+            experience (SKD's schedule: 80 and 120 of 160 epochs from lr 0.1); empty: a constant lr.
         augment, pad_crop, flip: per-sample pad-crop (and flip) augmentation of each minibatch
             (:func:`exml_fast.training.augment_batch`); off by default, as the experts' recipe.
         seed: minibatch order and augmentation of experience i are drawn from (seed, i), so a run resumed
@@ -72,11 +74,12 @@ class DataStrategy(Strategy):
     #: these strategies see the real data of the current experience: never ex-model
     ex_model = False
     learns_from = "data"
+    config_added = {"lr_milestones": []}
 
     def __init__(self, model: nn.Module, *, num_classes: int | None = None, epochs: int = 20, lr: float = 0.01,
                  momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 32, augment: bool = False,
-                 pad_crop: int = 4, flip: bool = False, seed: int = 0, device: torch.device | str | None = None,
-                 progress: bool = True) -> None:
+                 pad_crop: int = 4, flip: bool = False, lr_milestones=(), seed: int = 0,
+                 device: torch.device | str | None = None, progress: bool = True) -> None:
         owner = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{owner}: model must be an nn.Module; got {type(model).__name__}")
@@ -92,6 +95,7 @@ class DataStrategy(Strategy):
         self.model = model.to(self.device)
         self.epochs = check_int(epochs, "epochs", owner, low=1)
         self.lr = check_float(lr, "lr", owner, positive=True)
+        self.lr_milestones = _milestones(lr_milestones, self.epochs, owner)
         self.momentum = check_float(momentum, "momentum", owner)
         self.weight_decay = check_float(weight_decay, "weight_decay", owner)
         self.batch_size = check_int(batch_size, "batch_size", owner, low=1)
@@ -102,7 +106,8 @@ class DataStrategy(Strategy):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "keeps_data": self.keeps_data, "epochs": self.epochs, "lr": self.lr,
                 "momentum": self.momentum, "weight_decay": self.weight_decay, "batch_size": self.batch_size,
-                "augment": self.augment, "pad_crop": self.pad_crop, "flip": self.flip}
+                "augment": self.augment, "pad_crop": self.pad_crop, "flip": self.flip,
+                "lr_milestones": list(self.lr_milestones)}
 
     # -- checks ------------------------------------------------------------------------------------------
     def _check_experience(self, exp) -> None:
@@ -225,6 +230,9 @@ class DataStrategy(Strategy):
             try:
                 for epoch in range(self.epochs):
                     self._epoch_begin(epoch, exp, i)
+                    lr = self.lr * 0.1 ** sum(epoch >= m for m in self.lr_milestones)
+                    for group in opt.param_groups:
+                        group["lr"] = lr
                     perm = torch.randperm(int(x.shape[0]), generator=gen)
                     for start, end in bounds:
                         lo, hi, scale = steps.rows(end - start)
@@ -570,7 +578,8 @@ class DeepInversionCIL(_Synthesis, DataStrategy):
     name = "deepinversion-cil"
     CE_CLASSES = ("seen", "new")
     #: runs recorded before these options existed were Eq. 11 with no head fine-tuning, all images made first
-    config_added = {"ce_classes": "seen", "head_epochs": 0, "synth_rounds": 1, "competition_weight": 0.0}
+    config_added = {**DataStrategy.config_added, "ce_classes": "seen", "head_epochs": 0, "synth_rounds": 1,
+                    "competition_weight": 0.0}
 
     def __init__(self, model: nn.Module, *, input_shape, mean=None, std=None, synth_per_class: int = 250,
                  synth_iterations: int | None = None, synth_batch_size: int = 256,
@@ -855,13 +864,27 @@ class SKDCIL(DataStrategy):
             self.delegator = synth.delegator
 
 
+def _milestones(value, epochs: int, owner: str) -> tuple[int, ...]:
+    """``value`` (None, or numbers) as increasing whole epochs in [1, epochs), else a ValueError naming it."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, (int, float)) else list(value)
+    ok = all(not isinstance(v, bool) and isinstance(v, (int, float)) and float(v).is_integer() for v in items)
+    out = tuple(int(v) for v in items) if ok else ()
+    if not ok or any(not 1 <= v < epochs for v in out) or list(out) != sorted(set(out)):
+        raise ValueError(f"{owner}: lr_milestones must be increasing whole epochs in [1, epochs={epochs}); "
+                         f"got {value!r}")
+    return out
+
+
 def _common(ctx: BuildContext, opt: dict[str, Any]) -> dict[str, Any]:
     from exml_fast.cl.scenarios import default_expert_epochs
 
     epochs = opt["epochs"] if opt["epochs"] is not None else default_expert_epochs(ctx.scenario)
     return {"num_classes": ctx.scenario.num_classes, "epochs": epochs, "lr": opt["lr"],
             "momentum": opt["momentum"], "weight_decay": opt["weight_decay"], "batch_size": opt["batch_size"],
-            "augment": opt["augment"], "flip": opt["flip"], "seed": ctx.seed, "device": ctx.device,
+            "augment": opt["augment"], "flip": opt["flip"], "lr_milestones": opt["lr_milestones"],
+            "seed": ctx.seed, "device": ctx.device,
             "progress": ctx.progress}
 
 
@@ -871,7 +894,8 @@ def _common(ctx: BuildContext, opt: dict[str, Any]) -> dict[str, Any]:
 CIL_DEFAULTS: dict[str, Any] = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 32,
                                 "augment": False, "epochs": None}
 #: The run options every class-incremental strategy reads, and LwF's own.
-CIL_OPTIONS = frozenset({"epochs", "arch", "lr", "momentum", "weight_decay", "batch_size", "augment", "flip"})
+CIL_OPTIONS = frozenset({"epochs", "arch", "lr", "momentum", "weight_decay", "batch_size", "augment", "flip",
+                         "lr_milestones"})
 LWF_OPTIONS = CIL_OPTIONS | {"distill_temperature", "distill_weight", "distill_by_task", "lwf_form"}
 ICARL_OPTIONS = CIL_OPTIONS | {"memory_size", "classifier"}
 #: DeepInversion's settings that runs may give (the rest: its preset="auto" from the learner).

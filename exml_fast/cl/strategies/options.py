@@ -56,6 +56,9 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
     # -- the class-incremental strategies (they learn from the scenario's data) --
     "epochs": (int, None, "class-incremental: training epochs per task (default: the experts' epochs for the "
                           "scenario, 20 on Split MNIST)"),
+    "lr_milestones": (tuple, None, "class-incremental: epochs after which the learner's lr is divided by 10, "
+                                   "comma-separated (default: none, a constant lr; SKD's paper schedule: 80,120 of "
+                                   "160 epochs at lr 0.1)"),
     "arch": (str, None, "class-incremental: learner architecture (default: lenet5_bn on MNIST and Fashion-MNIST, "
                         "resnet32 on CIFAR-10 and CIFAR-100)"),
     "distill_temperature": (float, 2.0, "lwf: distillation temperature (default: 2)"),
@@ -83,7 +86,7 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
 GENERATIVE_ONLY_OPTIONS = frozenset({"gen_preset", "gen_arch"})
 
 #: Options only the class-incremental strategies read (an ExML run given one is an error).
-DATA_ONLY_OPTIONS = frozenset({"epochs", "arch", "distill_temperature", "distill_weight", "distill_by_task",
+DATA_ONLY_OPTIONS = frozenset({"epochs", "lr_milestones", "arch", "distill_temperature", "distill_weight", "distill_by_task",
                                "lwf_form", "memory_size", "classifier", "synth_per_class", "ce_classes",
                                "head_epochs", "synth_rounds"})
 
