@@ -10,7 +10,7 @@ from exml_fast.experiments.budgets import BUDGETS, ZSKD_BUDGETS
 from exml_fast.experiments.cil import CIL_BUDGETS, CIL_EXPERIMENTS, reproduce_cil
 from exml_fast.experiments.dfkd import DFKD_BUDGETS, DFKD_METHODS, KD_SAMPLES, reproduce_dfkd
 from exml_fast.experiments.table2 import reproduce_exml_mnist
-from exml_fast.experiments.zskd import reproduce_zskd
+from exml_fast.experiments.zskd import ZSKD_NETWORKS, reproduce_zskd
 
 __all__ = ["add_commands"]
 
@@ -47,6 +47,10 @@ def add_commands(sub) -> None:
                    help="exml-mnist-ablation: fresh expert streams on which the variant selected on validation "
                         "data is scored on the test set (default: 100,101,102,103,104; none: skip)")
     q.add_argument("--scenarios", default="split_mnist,joint_mnist", help="(default: split_mnist,joint_mnist)")
+    q.add_argument("--networks", choices=sorted(ZSKD_NETWORKS), default=None,
+                   help="zskd-*: the teacher and student; paper: the Data Impressions paper's LeNet-5 / "
+                        "LeNet-5-Half (61 706 / 35 820 parameters, inputs resized to 32 in [0, 1]); exml: the ExML "
+                        "paper's LeNet-5 and its every-layer half (the records made before; default: paper)")
     q.add_argument("--methods", default=None,
                    help=f"dfkd-mnist: comma-separated subset of {','.join(DFKD_METHODS)} (default: all)")
     q.add_argument("--kd-samples", choices=KD_SAMPLES, default=None,
@@ -71,6 +75,8 @@ def _reproduce(args) -> int:
         raise UsageError("--methods is for dfkd-mnist")
     if args.kd_samples is not None and args.experiment != "dfkd-mnist":
         raise UsageError("--kd-samples is for dfkd-mnist")
+    if args.networks is not None and not args.experiment.startswith("zskd-"):
+        raise UsageError("--networks is for zskd-mnist and zskd-fmnist")
     if args.seeds is not None and args.experiment not in CIL_EXPERIMENTS:
         raise UsageError(f"--seeds is for {' and '.join(CIL_EXPERIMENTS)}")
     if args.experiment == "dfkd-mnist":
@@ -134,8 +140,9 @@ def _reproduce(args) -> int:
     if args.experiment != "exml-mnist":
         if args.budget not in ZSKD_BUDGETS:
             raise UsageError(f"--budget for {args.experiment}: one of {', '.join(ZSKD_BUDGETS)}")
-        reproduce_zskd(args.experiment, budget=args.budget, seed=args.seed, out=out, results=args.results,
-                       device=device, data_root=args.data_root, progress=args.progress)
+        reproduce_zskd(args.experiment, budget=args.budget, seed=args.seed, networks=args.networks or "paper",
+                       out=out, results=args.results, device=device, data_root=args.data_root,
+                       progress=args.progress)
         return 0
     rows = reproduce_exml_mnist(
         runs=args.runs, budget=args.budget, scenarios=tuple(s for s in args.scenarios.split(",") if s),

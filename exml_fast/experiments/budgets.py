@@ -40,7 +40,7 @@ ZSKD_BUDGETS: dict[str, dict[str, Any]] = {
     "demo": {"teacher_epochs": 5, "n": 2400, "synth_iterations": 400, "synth_lr": 0.05, "synth_batch_size": 800,
              "kd_epochs": 200},
     "smoke": {"teacher_epochs": 1, "n": 64, "synth_iterations": 5, "synth_lr": 0.05, "synth_batch_size": 64,
-              "kd_epochs": 2, "max_train": 2000},
+              "kd_epochs": 2, "max_train": 2000, "validation_size": 500},
 }
 
 

@@ -8,6 +8,8 @@ Every method makes ``n`` inputs from the same teacher, and the same KD recipe tr
   (its training is the synthesis time), then samples ``n`` inputs, class-balanced by the teacher's labels.
   DFAD's adversary is the LeNet-5-Half itself; its accuracy straight out of the fit is recorded too. SKD's
   student is a re-initialised clone of the teacher (its features must match the teacher's width).
+- the **real-data control**: the same student and KD recipe on ``n`` real training images, the ceiling the
+  synthetic rows are read against.
 
 ``kd_samples="fresh"`` trains each generator's student on new delegator samples at every KD step instead of a
 fixed draw (as DAFL and DFAD train theirs), for as many steps as the fixed draw's KD takes; the sampling is counted
@@ -154,11 +156,15 @@ def reproduce_dfkd(
             f"{row['student']['validation']:.2f} %, test {row['student']['test']:.2f} %")
         rows.append(row)
 
+    control = _real_data_control(teacher, spec, n=n, seed=seed, mean=mean, std=std, out=out, device=device,
+                                 train=(x, y), evaluation={"validation": (xv, yv), "test": (xt, yt)}, log=log,
+                                 experiment=experiment)
     candidates = [r for r in rows if r["method"] != "data-impressions"]
     selected = max(candidates, key=lambda r: r["student"]["validation"])["method"] if candidates else None
     record = {"experiment": experiment, "budget": budget, "budget_detail": spec, "kd_samples": kd_samples,
               "seed": seed, "n": n,
               "validation_size": validation_size, "teacher_acc": teacher_acc, "paper": paper, "rows": rows,
+              "control": control,
               "selected": selected, "wall_s": time.perf_counter() - t_start,
               "command": command or " ".join(["exml-fast", *sys.argv[1:]]), "machine": where}
     if results is not None:
@@ -240,6 +246,34 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
     if fit_student is not None:
         row["fit_student"] = {k: 100 * evaluate(fit_student, *xy) for k, xy in evaluation.items()}
     return row
+
+
+def _real_data_control(teacher, spec, *, n, seed, mean, std, out, device, train, evaluation, log,
+                       experiment) -> dict[str, Any]:
+    """The ceiling the synthetic rows are read against: the same LeNet-5-Half (same initialisation) and KD
+    recipe on ``n`` real training images (a seeded draw from the training split, no label used), kept under
+    ``out`` once done."""
+    done = out / f"control_seed{seed}_n{n}.json"
+    if done.exists():
+        log(f"[reproduce] {experiment}: real-data control read back from {done}")
+        return json.loads(done.read_text())
+    x, _ = train
+    m = min(n, x.shape[0])
+    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:m]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        student = LeNet5Half(num_classes=10, in_channels=1)
+    student = student.to(device)
+    t0 = time.perf_counter()
+    distill(student, x[idx], teacher=teacher, temperature=20.0, iterations=_kd_steps(spec, m), batch_size=KD_BATCH,
+            lr=0.05, schedule="cosine", augment=True, pad_crop=4, max_shift=1, flip=False, fill=-mean / std,
+            generator=seed)
+    control = {"n": m, "student": {k: 100 * evaluate(student, *xy) for k, xy in evaluation.items()},
+               "kd_s": time.perf_counter() - t0}
+    atomic_write(done, lambda f: f.write(json.dumps(control, indent=1).encode()))
+    log(f"[reproduce] {experiment}: real-data control: validation {control['student']['validation']:.2f} %, "
+        f"test {control['student']['test']:.2f} %")
+    return control
 
 
 def _draw_inputs(synth, teacher, method, row, *, n, seed, out, progress):
@@ -365,6 +399,12 @@ def _markdown(record: dict[str, Any]) -> str:
         lines.append(f"| {name} | {at_least}{r['synthesis_s']:.0f} | {fit} | {at_least}{ratio} | "
                      f"{_threads_cell(r)} | {balanced} | "
                      f"{r['student']['validation']:.2f} | {r['student']['test']:.2f} |")
+    control = record.get("control")
+    if control is not None:
+        lines.append(f"| control: {control['n']} **real** training images | | | | | | "
+                     f"{control['student']['validation']:.2f} | {control['student']['test']:.2f} |")
+        lines += ["", "The control row is the ceiling the others are read against: the same student, initialisation "
+                  "and KD recipe on real training images (their labels unused) instead of synthetic ones."]
     lines += ["", "Synthesis time is summed over the invocations that resumed the work: Data Impressions' every "
               "batch; a generator's whole fit plus drawing the inputs (with fresh samples: every KD step's draw). "
               "Each row's time is its own processes', on the "

@@ -76,14 +76,44 @@ def test_zskd_smoke_writes_the_record_beside_the_paper(tmp_path, experiment):
     rec = json.loads((tmp_path / "res" / f"{stem}.json").read_text())
     assert rec["n_dis"] == 64 and rec["paper"]["n"] in (24000, 48000)
     assert 0 <= rec["student_acc"] <= 100 and 0 <= rec["teacher_acc"] <= 100
+    # the paper's networks by default, scored on the held-out validation images and the test set
+    assert rec["networks"] == "paper"
+    assert (rec["networks_detail"]["teacher_params"], rec["networks_detail"]["student_params"]) == (61706, 35820)
+    assert set(rec["student"]) == set(rec["teacher"]) == set(rec["control"]["acc"]) == {"validation", "test"}
+    assert rec["student"]["test"] == rec["student_acc"] and rec["control"]["n"] == 64
     md = (tmp_path / "res" / f"{stem}.md").read_text()
     assert f"{rec['student_acc']:.2f}" in md and "not the paper's" in md
-    # The teacher and the DIs are on disk: a rerun reads them back and gives the same student.
+    assert "control: the same student and KD on 64 real training images" in md and "35820 parameters" in md
+    # The teacher, the DIs and the control are on disk: a rerun reads them back and gives the same student.
+    control = next((tmp_path / "w" / "smoke" / "paper").glob("control_*.json"))
+    stamp = control.stat().st_mtime_ns
     assert main(args) == 0
+    assert control.stat().st_mtime_ns == stamp
     again = json.loads((tmp_path / "res" / f"{stem}.json").read_text())
+    assert again["control"] == rec["control"]
     assert again["teacher_acc"] == rec["teacher_acc"] and again["student_acc"] == rec["student_acc"]
     # ... and the synthesis time of the DIs read back is the one of the invocation that made them.
     assert again["synthesis_s"] == rec["synthesis_s"] > 0 and not again["synthesis_s_incomplete"]
+
+
+@needs_mnist
+def test_zskd_exml_networks_keep_the_records_made_before(tmp_path):
+    args = ["reproduce", "zskd-mnist", "--budget", "smoke", "--networks", "exml", "--out", str(tmp_path / "w"),
+            "--results", str(tmp_path / "res"), "--device", "cpu"]
+    assert main(args) == 0
+    rec = json.loads((tmp_path / "res" / "zskd_mnist_smoke_exml_nets.json").read_text())
+    assert rec["networks"] == "exml" and set(rec["student"]) == {"test"}
+    assert (rec["networks_detail"]["teacher_params"], rec["networks_detail"]["student_params"]) == (61706, 15738)
+    assert (tmp_path / "w" / "smoke" / "teacher_lenet5_seed0_ep1.pt").exists()  # the old layout, read back
+
+
+def test_zskd_networks_option_is_checked(tmp_path, capsys):
+    from exml_fast.experiments.zskd import reproduce_zskd
+
+    with pytest.raises(ValueError, match="networks"):
+        reproduce_zskd("zskd-mnist", networks="vgg", out=tmp_path, results=None)
+    assert main(["reproduce", "dfkd-mnist", "--networks", "paper", "--budget", "smoke"]) == 2
+    assert "--networks is for zskd-mnist and zskd-fmnist" in capsys.readouterr().err
 
 
 def test_zskd_refuses_unknown_budget(capsys):
@@ -115,10 +145,15 @@ def test_dfkd_smoke_compares_generators_with_data_impressions_and_resumes(tmp_pa
     assert rec["selected"] == best["method"]
     md = (tmp_path / "res" / "dfkd_mnist_smoke.md").read_text()
     assert f"| {best['method']} **(selected)** |" in md and "not the paper budget" in md
+    # The real-data control: the same student and KD on as many real training images, a row of the table.
+    control = rec["control"]
+    assert control["n"] == 64 and all(0 <= control["student"][k] <= 100 for k in ("validation", "test"))
+    assert f"| control: 64 **real** training images | | | | | | {control['student']['validation']:.2f} |" in md
     # Every method's result is on disk: a rerun reads them back unchanged.
     assert main(args) == 0
     again = json.loads((tmp_path / "res" / "dfkd_mnist_smoke.json").read_text())
     assert again["rows"] == rec["rows"] and again["teacher_acc"] == rec["teacher_acc"]
+    assert again["control"] == control
     # A subset of the methods (rows run in separate processes) has a record of its own, named after them.
     assert main([*args, "--methods", "skd,data-impressions"]) == 0
     part = json.loads((tmp_path / "res" / "dfkd_mnist_smoke_data-impressions_skd.json").read_text())
