@@ -144,8 +144,9 @@ class LeNet5ZSKD(_ReLULeNet5):
     """The zero-shot KD paper's teacher (Nayak et al., Data Impressions §4.1.2.1): LeNet-5 with conv 6, 16 and
     dense 120, 84, 10 units — **61 706 parameters** for one input channel and 10 classes, as published.
 
-    The paper gives the widths and the count, not the non-linearity; we use ReLU and 2×2 max-pooling (its
-    reference [9] and the DAFL/DFAD code). Its inputs are 32×32 pixels in [0, 1] (no mean/std normalisation).
+    The paper gives the widths and the count ("similar to [9]"); the layers are those of [9]'s public code
+    (Lopes et al.'s ``lenet5.py`` / ``lenet5_half.py``: ReLU, 2×2 max-pooling, 5×5 valid convolutions, which
+    give exactly these counts). Its inputs are 32×32 pixels in [0, 1] (no mean/std normalisation).
     """
 
 

@@ -1,0 +1,207 @@
+"""Why do Data Impressions lose points against real data? Variants of the zero-shot KD recipe on the papers'
+networks, scored on held-out validation images (issue 42).
+
+The setting of ``exml-fast reproduce zskd-mnist --networks paper`` at a reduced scale: the Data Impressions
+paper's LeNet-5 teacher (61 706 parameters, trained as the reproduction trains it: MNIST resized to 32 with
+pixels in [0, 1], the training split minus 5000 held-out images, SGD lr 0.05 cosine, pad-crop 2, 20 epochs),
+``--n`` DIs (β mixture (1.0, 0.1), τ 20, 2 px jitter, batches of 800) and its LeNet-5-Half student (35 820 parameters)
+distilled on them at τ 20 for ``--kd-epochs`` (batch 64, cosine, pad-crop 4 and ±1 px roll). Each variant
+changes one or two settings of that recipe (:data:`VARIANTS`); ``real`` rows distil the student on as many
+real training images instead (the ceiling). The student is scored on the 5000 validation images (the
+choice) and on the test set (reported, never used to choose).
+
+The DIs of a variant are kept under ``--work`` (resumable shards keyed by the synthesis settings), so KD-only
+variants reuse them; finished variants are kept in the JSON record and skipped on a rerun.
+
+Usage:
+    python benches/zskd_di_study.py [--variants a,b] [--n 2400] [--kd-epochs 200] [--threads 2]
+        [--work runs/zskd_di_study] [--out benches/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import pathlib
+import sys
+import time
+
+import torch
+from benchlib import RESULTS, command_line, data_missing, env_markdown, environment
+
+from exml_fast._utils.io import atomic_write
+from exml_fast.cl.scenarios import validation_indices
+from exml_fast.data import DATASET_STATS, mnist_tensors
+from exml_fast.experiments.zskd import ZSKD_NETWORKS, _FromNormalised, zskd_teacher
+from exml_fast.models import LeNet5HalfZSKD
+from exml_fast.synth import DataImpressions
+from exml_fast.training import distill, evaluate
+
+#: The recipe every variant starts from: DIs optimised on pixel inputs (the teacher's own coordinates, N(0, 1)
+#: start clipped to [0, 1]) at Adam lr 0.05 for 400 steps; KD by SGD lr 0.05 (momentum 0.9, weight decay 5e-4).
+BASE = {"real": False, "space": "input", "lr": 0.05, "iters": 400, "tv_l2": 0.0, "rescale": None,
+        "beta": [1.0, 0.1], "kd_opt": "sgd", "kd_lr": 0.05, "kd_wd": 5e-4, "kd_tau": 20.0}
+
+#: name -> (what it changes, the settings over BASE).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "real": ("real training images, KD lr 0.05", {"real": True}),
+    "real_kd0.01": ("real training images, KD lr 0.01", {"real": True, "kd_lr": 0.01}),
+    "input": ("DIs on pixels, Adam 0.05 x 400; KD SGD 0.05 (the ExML networks' demo recipe)", {}),
+    "input_kdadam": ("... KD Adam 1e-3, no weight decay (ZSKD's public code)",
+                     {"kd_opt": "adam", "kd_lr": 0.001, "kd_wd": 0.0}),
+    "dataset": ("DIs in MNIST-normalised coordinates, Adam 0.05 x 400; KD SGD 0.05", {"space": "dataset"}),
+    "dataset_kd0.01": ("... KD SGD 0.01", {"space": "dataset", "kd_lr": 0.01}),
+    "dataset_kdadam": ("... KD Adam 1e-3", {"space": "dataset", "kd_opt": "adam", "kd_lr": 0.001, "kd_wd": 0.0}),
+    "dataset_lr0.01": ("DIs in MNIST coordinates, Adam 0.01 x 400; KD SGD 0.01",
+                       {"space": "dataset", "lr": 0.01, "kd_lr": 0.01}),
+    "dataset_lr0.01_kdadam": ("... KD Adam 1e-3",
+                              {"space": "dataset", "lr": 0.01, "kd_opt": "adam", "kd_lr": 0.001, "kd_wd": 0.0}),
+    "dataset_lr0.0025": ("DIs in MNIST coordinates, Adam 0.0025 x 400; KD SGD 0.01",
+                         {"space": "dataset", "lr": 0.0025, "kd_lr": 0.01}),
+    "dataset_lr0.01_100it": ("DIs in MNIST coordinates, Adam 0.01 x 100; KD SGD 0.01",
+                             {"space": "dataset", "lr": 0.01, "iters": 100, "kd_lr": 0.01}),
+    "dataset_lr0.01_tv": ("DIs in MNIST coordinates, Adam 0.01 x 400, l2 total variation 0.001; KD SGD 0.01",
+                          {"space": "dataset", "lr": 0.01, "kd_lr": 0.01, "tv_l2": 0.001}),
+    "dataset_lr0.01_rescale": ("DIs in MNIST coordinates, Adam 0.01 x 400, each image min-max rescaled to the "
+                               "pixel range after every step (ZSKD's code rescales its batch); KD SGD 0.01",
+                               {"space": "dataset", "lr": 0.01, "kd_lr": 0.01, "rescale": "sample"}),
+    "dataset_lr0.01_kdtau4": ("DIs in MNIST coordinates, Adam 0.01 x 400; KD SGD 0.01 at τ 4",
+                              {"space": "dataset", "lr": 0.01, "kd_lr": 0.01, "kd_tau": 4.0}),
+    "dataset_lr0.01_beta0.1": ("DIs in MNIST coordinates, Adam 0.01 x 400, β 0.1 only (peaky targets); KD SGD 0.01",
+                               {"space": "dataset", "lr": 0.01, "kd_lr": 0.01, "beta": [0.1]}),
+    "dataset_lr0.01_beta1": ("DIs in MNIST coordinates, Adam 0.01 x 400, β 1.0 only (diffuse targets); KD SGD 0.01",
+                             {"space": "dataset", "lr": 0.01, "kd_lr": 0.01, "beta": [1.0]}),
+}
+
+
+class _RescaledDI(DataImpressions):
+    """Data Impressions whose every image is min-max rescaled onto the pixel range after each Adam step."""
+
+    def _update(self, st, g, total, terms, scalars) -> None:
+        super()._update(st, g, total, terms, scalars)
+        x = st.x
+        flat = x.flatten(1)
+        lo = flat.min(1).values.view(-1, 1, 1, 1)
+        hi = flat.max(1).values.view(-1, 1, 1, 1)
+        b0, b1 = st.bounds
+        x.sub_(lo).div_((hi - lo).clamp_min(1e-8)).mul_(b1 - b0).add_(b0)
+
+
+def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, seed=0) -> dict:
+    x, _ = train
+    t0 = time.perf_counter()
+    if cfg["real"]:
+        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+        inputs, diag = x[idx], {}
+    else:
+        if cfg["space"] == "dataset":
+            mean, std = DATASET_STATS["mnist"]
+            synth_teacher = _FromNormalised(teacher, mean, std).eval()
+        else:
+            mean, std, synth_teacher = 0.0, 1.0, teacher
+        keys = {k: cfg[k] for k in ("space", "lr", "iters", "tv_l2", "rescale", "beta")}
+        key = hashlib.md5(json.dumps({**keys, "n": n, "seed": seed}, sort_keys=True).encode()).hexdigest()[:10]
+        cls = _RescaledDI if cfg["rescale"] else DataImpressions
+        synth = cls(synth_teacher, input_shape=(1, 32, 32), mean=mean, std=std, beta=tuple(cfg["beta"]),
+                    temperature=20.0,
+                    lr=cfg["lr"], jitter=2, flip=False, tv_l2_weight=cfg["tv_l2"], cuda_graph=False)
+        dis = synth.synthesize(n, iterations=cfg["iters"], batch_size=800, generator=seed,
+                               save_to=work / f"dis_{key}")
+        inputs = (dis.x * std + mean).clamp_(0.0, 1.0)
+        with torch.no_grad():
+            logits = teacher(inputs)
+        diag = {"saturated": float(((inputs <= 1e-3) | (inputs >= 1 - 1e-3)).float().mean()),
+                "pixel_mean": float(inputs.mean()), "teacher_max_abs_logit": float(logits.abs().amax(1).median())}
+    t_synth = time.perf_counter() - t0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        student = LeNet5HalfZSKD()
+    t0 = time.perf_counter()
+    distill(student, inputs, teacher=teacher, temperature=cfg["kd_tau"], epochs=kd_epochs, batch_size=64,
+            lr=cfg["kd_lr"], optimizer=cfg["kd_opt"], weight_decay=cfg["kd_wd"], schedule="cosine",
+            augment=True, pad_crop=4, max_shift=1, flip=False, fill=0.0, generator=seed)
+    scores = {k: 100 * evaluate(student, *xy) for k, xy in evaluation.items()}
+    return {"variant": name, "what": VARIANTS[name][0], "settings": cfg, **scores, **diag,
+            "synthesis_s": t_synth, "kd_s": time.perf_counter() - t0}
+
+
+def markdown(rec: dict) -> str:
+    lines = [*env_markdown(rec["env"], "zero-shot KD study (Data Impressions on the papers' networks, MNIST)",
+                           rec["command"]),
+             f"- {rec['n']} inputs per variant, KD {rec['kd_epochs']} epochs of 64; teacher `lenet5_zskd` validation "
+             f"{rec['teacher']['validation']:.2f} %, test {rec['teacher']['test']:.2f} %; student "
+             "`lenet5_half_zskd`",
+             "- saturated: the fraction of the DIs' pixels at 0 or 1; logit: the median over DIs of the teacher's "
+             "largest |logit|; seconds by the host clock (synthesis 0: the DIs of an earlier row, read back)", "",
+             "| variant | what changes | validation (%) | test (%) | saturated | logit | synthesis (s) | KD (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rec["rows"]:
+        sat = f"{r['saturated']:.2f}" if "saturated" in r else ""
+        lg = f"{r['teacher_max_abs_logit']:.1f}" if "teacher_max_abs_logit" in r else ""
+        lines.append(f"| {r['variant']} | {r['what']} | {r['validation']:.2f} | {r['test']:.2f} | {sat} | {lg} | "
+                     f"{r['synthesis_s']:.0f} | {r['kd_s']:.0f} |")
+    chosen = max((r for r in rec["rows"] if not r["settings"]["real"]), key=lambda r: r["validation"], default=None)
+    if chosen is not None:
+        lines += ["", f"Best DI variant on **validation**: `{chosen['variant']}` ({chosen['validation']:.2f} %, test "
+                      f"{chosen['test']:.2f} %)."]
+    lines += ["", *rec.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--n", type=int, default=2400)
+    ap.add_argument("--kd-epochs", type=int, default=200)
+    ap.add_argument("--teacher-epochs", type=int, default=20)
+    ap.add_argument("--max-train", type=int, default=None, help="the first N training images only (a quick check)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default="runs/zskd_di_study")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; choose among {', '.join(VARIANTS)}")
+    if data_missing(["mnist"]):
+        return 0
+    torch.set_num_threads(args.threads)
+    work = pathlib.Path(args.work)
+    nets = ZSKD_NETWORKS["paper"]
+    x, y = mnist_tensors("train", pad_to=32, normalize=False, resize=True)
+    x, y = x[: args.max_train], y[: args.max_train]
+    xt, yt = mnist_tensors("test", pad_to=32, normalize=False, resize=True)
+    held = torch.zeros(y.shape[0], dtype=torch.bool)
+    held[validation_indices(y.shape[0], nets["validation_size"])] = True
+    evaluation = {"validation": (x[held], y[held]), "test": (xt, yt)}
+    train = (x[~held], y[~held])
+    teacher = zskd_teacher(work / f"teacher_lenet5_zskd_seed0_ep{args.teacher_epochs}_n{y.shape[0]}.pt", *train,
+                           arch=nets["teacher"], seed=0, epochs=args.teacher_epochs, dataset="mnist", mean=0.0,
+                           std=1.0, device=torch.device("cpu"), log=print, lr=nets["teacher_lr"],
+                           schedule=nets["teacher_schedule"], pad_crop=nets["teacher_pad_crop"])
+    out = pathlib.Path(args.out) / "zskd_di_study_cpu.json"
+    rec = json.loads(out.read_text()) if out.exists() else None
+    setting = {"n": args.n, "kd_epochs": args.kd_epochs, "teacher_epochs": args.teacher_epochs,
+               "train_images": int(train[1].shape[0])}
+    if rec is None or any(rec.get(k) != v for k, v in setting.items()):
+        rec = {**setting, "rows": []}  # another setting's record is replaced, not mixed with this one
+    env = environment("cpu", "zskd DI study")
+    env.pop("timer", None)  # wall-clock seconds of whole runs, not timed op calls
+    rec.update({"env": env, "command": command_line("zskd_di_study.py", argv),
+                "teacher": {k: 100 * evaluate(teacher, *xy) for k, xy in evaluation.items()}})
+    done = {r["variant"] for r in rec["rows"]}
+    for name in names:
+        if name in done:
+            continue
+        row = run_variant(name, {**BASE, **VARIANTS[name][1]}, teacher=teacher, train=train, evaluation=evaluation,
+                          n=args.n, kd_epochs=args.kd_epochs, work=work)
+        print(f"{name}: validation {row['validation']:.2f} %, test {row['test']:.2f} %", flush=True)
+        rec["rows"].append(row)
+        atomic_write(out, lambda f: f.write(json.dumps(rec, indent=1).encode()))
+        atomic_write(out.with_suffix(".md"), lambda f: f.write(markdown(rec).encode()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

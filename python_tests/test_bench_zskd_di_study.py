@@ -1,0 +1,34 @@
+"""benches/zskd_di_study.py: a quick run of two variants writes its record and resumes."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from exml_fast.data import find_data_root
+
+pytestmark = pytest.mark.skipif(find_data_root("mnist") is None, reason="MNIST files not found")
+
+
+def test_study_writes_the_variants_and_skips_them_on_a_rerun(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend("benches")
+    sys.modules.pop("zskd_di_study", None)
+    import zskd_di_study as study
+
+    args = ["--variants", "real,dataset_lr0.01", "--n", "16", "--kd-epochs", "1", "--teacher-epochs", "1",
+            "--max-train", "6000", "--threads", "1", "--work", str(tmp_path / "w"), "--out", str(tmp_path)]
+    assert study.main(args) == 0
+    rec = json.loads((tmp_path / "zskd_di_study_cpu.json").read_text())
+    assert [r["variant"] for r in rec["rows"]] == ["real", "dataset_lr0.01"]
+    assert rec["train_images"] == 1000 and rec["n"] == 16
+    di = rec["rows"][1]
+    assert di["settings"]["space"] == "dataset" and 0 <= di["saturated"] <= 1
+    assert all(0 <= r[k] <= 100 for r in rec["rows"] for k in ("validation", "test"))
+    md = (tmp_path / "zskd_di_study_cpu.md").read_text()
+    assert "| dataset_lr0.01 |" in md and "Best DI variant on **validation**: `dataset_lr0.01`" in md
+    assert study.main(args) == 0  # both done: read back, nothing rerun
+    assert json.loads((tmp_path / "zskd_di_study_cpu.json").read_text())["rows"] == rec["rows"]
+    with pytest.raises(SystemExit):
+        study.main(["--variants", "nope"])
