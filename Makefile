@@ -28,6 +28,11 @@
 #   make gpu-ttq               on the GPU machine, after gpu-check: the time-to-quality race at batch 256
 #                              (TTQ_NETS, default the ResNets and LeNet-5-BN), resumable from runs/bench_synthesis,
 #                              recorded in GPU_CHECK_OUT/benches/synthesis_cuda_ttq.{json,md}
+#   make gpu-repro METHOD=m    on the GPU machine: one reproduction run too long for the CPU, at most 9 min a
+#                              call (GPU_REPRO_S, default 530 s), resumed by the next call from runs/gpu-repro;
+#                              m = dafl | dfad | skd (dfkd-mnist's paper-budget generator fit and its KD) or
+#                              mi-ed (the ExML Table 2 paper-budget MI-ED row, one Split MNIST stream); the
+#                              record goes to GPU_CHECK_OUT/repro when the run finishes
 #
 # Variables: PYTHON (interpreter that creates the venv, or the one used with
 # USE_SYSTEM_TORCH=1 and by gpu-check), VENV (default .venv), TORCH_CUDA_ARCH_LIST,
@@ -73,7 +78,7 @@ CMAKE_BUILD_DIR := build-cmake
 CMAKE_CUDA = $(shell $(PY) -c 'import torch; print("ON" if torch.cuda.is_available() else "OFF")' 2>/dev/null || echo OFF)
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: help env build lint test test-fast pytest pytest-avx2 ctest sanitize demo demo-inversion bench bench-e2e gpu-check gpu-perf gpu-data gpu-ttq clean FORCE
+.PHONY: help env build lint test test-fast pytest pytest-avx2 ctest sanitize demo demo-inversion bench bench-e2e gpu-check gpu-perf gpu-data gpu-ttq gpu-repro clean FORCE
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -213,6 +218,22 @@ gpu-ttq:
 	EXML_FAST_DATA="$${EXML_FAST_DATA:-$(CURDIR)/runs/gpu-data}" PYTHONPATH=$(CURDIR) \
 	  $(PYTHON) benches/bench_synthesis.py --device cuda --ttq-only --batch 256 --nets $(TTQ_NETS) \
 	  --suffix _ttq --out "$(GPU_CHECK_OUT)/benches"
+
+# One reproduction run that needs a GPU (issue 42), cut at GPU_REPRO_S and resumed by the next call: every
+# piece of work is kept under runs/gpu-repro (fit checkpoints, DI shards, expert streams and run folders).
+GPU_REPRO_S ?= 530
+GPU_REPRO_OUT ?= $(GPU_CHECK_OUT)/repro
+GPU_REPRO_RUN = EXML_FAST_DATA="$${EXML_FAST_DATA:-$(CURDIR)/runs/gpu-data}" PYTHONPATH=$(CURDIR) \
+  timeout --signal=INT $(GPU_REPRO_S) $(PYTHON) -m exml_fast reproduce
+gpu-repro:
+	@case "$(METHOD)" in \
+	  dafl|dfad|skd) mkdir -p "$(GPU_REPRO_OUT)"; set -x; $(GPU_REPRO_RUN) dfkd-mnist --budget paper --methods $(METHOD) --device cuda \
+	    --out runs/gpu-repro/dfkd-mnist --results "$(GPU_REPRO_OUT)" ;; \
+	  mi-ed) mkdir -p "$(GPU_REPRO_OUT)"; set -x; $(GPU_REPRO_RUN) exml-mnist --budget paper --runs 1 --scenarios split_mnist \
+	    --strategies mi-ed --device cuda --out runs/gpu-repro/exml-mnist --results "$(GPU_REPRO_OUT)" ;; \
+	  *) echo "gpu-repro: METHOD must be one of dafl, dfad, skd, mi-ed; got '$(METHOD)'" >&2; exit 2 ;; \
+	esac; status=$$?; if [ $$status -eq 124 ]; then \
+	  echo "gpu-repro: stopped at $(GPU_REPRO_S) s; run the same command again to resume" >&2; fi; exit $$status
 
 clean:
 	rm -rf build $(CMAKE_BUILD_DIR) build-cmake-cuda $(SANITIZE_DIR) .stamps exml_fast/_C*.so *.egg-info

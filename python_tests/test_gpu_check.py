@@ -550,3 +550,30 @@ def test_every_cuda_test_carries_the_cuda_marker():
     missing = [f"{path.name}::{name}" for path in sorted((ROOT / "python_tests").rglob("test_*.py"))
                for name in unmarked_cuda_tests(path.read_text())]
     assert not missing, f"CUDA tests without @pytest.mark.cuda: {missing}"
+
+
+# -- make gpu-repro: one GPU-sized reproduction run, cut at GPU_REPRO_S and resumed ---------------------------
+
+def _make(*args):
+    if shutil.which("make") is None:
+        pytest.skip("make not found")
+    return subprocess.run(["make", "-s", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("method,command", [
+    ("dafl", "reproduce dfkd-mnist --budget paper --methods dafl --device cuda"),
+    ("skd", "reproduce dfkd-mnist --budget paper --methods skd --device cuda"),
+    ("mi-ed", "reproduce exml-mnist --budget paper --runs 1 --scenarios split_mnist --strategies mi-ed "
+              "--device cuda"),
+])
+def test_gpu_repro_runs_the_asked_reproduction_under_a_time_limit(method, command):
+    out = _make("-n", "gpu-repro", f"METHOD={method}", "GPU_REPRO_S=17").stdout
+    flat = " ".join(out.replace("\\\n", " ").split())
+    assert "timeout --signal=INT 17" in flat and " ".join(command.split()) in flat
+    assert "run the same command again to resume" in flat
+
+
+def test_gpu_repro_refuses_an_unknown_method():
+    done = _make("gpu-repro", "METHOD=vgg")
+    assert done.returncode != 0
+    assert "gpu-repro: METHOD must be one of dafl, dfad, skd, mi-ed; got 'vgg'" in done.stderr
