@@ -289,10 +289,10 @@ def _markdown(record: dict[str, Any], at_least: str) -> str:
     if record["networks"] == "paper":
         lines += ["", "Differences from the paper: its networks' layers follow its reference [9]'s public code "
                   "(ReLU, max-pooling; the parameter counts are the paper's); the paper gives no training recipe "
-                  "for the teacher or the student, and our DI and KD settings were chosen on the validation split "
-                  "(benches/results/zskd_di_study_cpu.md); its public code (CIFAR-10 only) trains the student with "
-                  "Adam on the DIs' stored soft labels and reports the best epoch's test accuracy, we report the "
-                  "final student's."]
+                  "for the teacher or the student, and our DI and KD settings were chosen on MNIST's validation "
+                  "split (benches/results/zskd_di_study_cpu.md); its public code (CIFAR-10 only) trains the "
+                  "student with Adam on the DIs' stored soft labels and reports the best epoch's test accuracy, we "
+                  "report the final student's."]
     if record["budget"] != "paper":
         lines += ["", f"Budget `{record['budget']}` is not the paper's."]
     return "\n".join(lines) + "\n"
