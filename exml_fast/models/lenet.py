@@ -55,7 +55,42 @@ class LeNet5BN(nn.Module):
         return self.classifier(self.features(x))
 
 
-class LeNet5(nn.Module):
+class _LeNet5Layers(nn.Module):
+    """LeNet-5's layers (5×5 valid convolutions, 2×2 pooling, two dense layers, a linear classifier) with the
+    subclass's ``widths`` (conv1, conv2, fc1, fc2), ``activation`` and ``pool``; ``conv_fc1`` makes the first
+    dense layer a 5×5 convolution over the (conv2, 5, 5) map (DAFL/DFAD's ``conv5``: the function and the
+    parameter count of a ``Linear(conv2·25 → fc1)``, the weight laid out as a convolution's)."""
+
+    widths: tuple[int, int, int, int] = (6, 16, 120, 84)
+    activation: type[nn.Module] = nn.Tanh
+    pool: type[nn.Module] = nn.AvgPool2d
+    conv_fc1: bool = False
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        c1, c2, f1, f2 = self.widths
+        act = self.activation
+        fc1: list[nn.Module] = ([nn.Conv2d(c2, f1, kernel_size=5), act(), nn.Flatten()] if self.conv_fc1 else
+                                [nn.Flatten(), nn.Linear(c2 * 5 * 5, f1), act()])
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, c1, kernel_size=5),
+            act(),
+            self.pool(2),
+            nn.Conv2d(c1, c2, kernel_size=5),
+            act(),
+            self.pool(2),
+            *fc1,
+            nn.Linear(f1, f2),
+            act(),
+        )
+        self.classifier = nn.Linear(f2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_channels, 32, 32) → logits (N, num_classes)."""
+        return self.classifier(self.features(x))
+
+
+class LeNet5(_LeNet5Layers):
     """LeNet-5 as in the Ex-Model CL reference code: Tanh, AvgPool, no BN.
 
     Layers (shapes for a (N, C, 32, 32) input)::
@@ -75,28 +110,6 @@ class LeNet5(nn.Module):
     #: (conv1, conv2, fc1, fc2) widths.
     widths: tuple[int, int, int, int] = (6, 16, 120, 84)
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
-        super().__init__()
-        c1, c2, f1, f2 = self.widths
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, kernel_size=5),
-            nn.Tanh(),
-            nn.AvgPool2d(2),
-            nn.Conv2d(c1, c2, kernel_size=5),
-            nn.Tanh(),
-            nn.AvgPool2d(2),
-            nn.Flatten(),
-            nn.Linear(c2 * 5 * 5, f1),
-            nn.Tanh(),
-            nn.Linear(f1, f2),
-            nn.Tanh(),
-        )
-        self.classifier = nn.Linear(f2, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_channels, 32, 32) → logits (N, num_classes)."""
-        return self.classifier(self.features(x))
-
 
 class LeNet5Half(LeNet5):
     """LeNet-5-Half, the Data Impressions paper's student: :class:`LeNet5` with
@@ -106,38 +119,11 @@ class LeNet5Half(LeNet5):
     widths = (3, 8, 60, 42)
 
 
-class _ReLULeNet5(nn.Module):
-    """LeNet-5 with ReLU and 2×2 max-pooling, the data-free KD papers' form (see the subclasses).
+class _ReLULeNet5(_LeNet5Layers):
+    """LeNet-5 with ReLU and 2×2 max-pooling, the data-free KD papers' form (see the subclasses)."""
 
-    ``widths`` = (conv1, conv2, fc1, fc2); ``conv_fc1`` makes the first dense layer a 5×5 convolution
-    over the (conv2, 5, 5) map (DAFL/DFAD's ``conv5``: the same function and parameter count as a
-    ``Linear(conv2·25 → fc1)``, with the weight laid out as a convolution's).
-    """
-
-    widths: tuple[int, int, int, int] = (6, 16, 120, 84)
-    conv_fc1: bool = False
-
-    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
-        super().__init__()
-        c1, c2, f1, f2 = self.widths
-        fc1: list[nn.Module] = ([nn.Conv2d(c2, f1, kernel_size=5), nn.ReLU(), nn.Flatten()] if self.conv_fc1 else
-                                [nn.Flatten(), nn.Linear(c2 * 5 * 5, f1), nn.ReLU()])
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, kernel_size=5),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, kernel_size=5),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            *fc1,
-            nn.Linear(f1, f2),
-            nn.ReLU(),
-        )
-        self.classifier = nn.Linear(f2, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_channels, 32, 32) → logits (N, num_classes)."""
-        return self.classifier(self.features(x))
+    activation = nn.ReLU
+    pool = nn.MaxPool2d
 
 
 class LeNet5ZSKD(_ReLULeNet5):
