@@ -86,9 +86,9 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
 GENERATIVE_ONLY_OPTIONS = frozenset({"gen_preset", "gen_arch"})
 
 #: Options only the class-incremental strategies read (an ExML run given one is an error).
-DATA_ONLY_OPTIONS = frozenset({"epochs", "lr_milestones", "arch", "distill_temperature", "distill_weight", "distill_by_task",
-                               "lwf_form", "memory_size", "classifier", "synth_per_class", "ce_classes",
-                               "head_epochs", "synth_rounds"})
+DATA_ONLY_OPTIONS = frozenset({"epochs", "lr_milestones", "arch", "distill_temperature", "distill_weight",
+                               "distill_by_task", "lwf_form", "memory_size", "classifier", "synth_per_class",
+                               "ce_classes", "head_epochs", "synth_rounds"})
 
 
 #: Run options by the scenario's dataset, over the RUN_OPTIONS defaults (the MNIST settings); given options win.
