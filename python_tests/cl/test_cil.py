@@ -684,3 +684,12 @@ def test_the_paper_budget_runs_skd_with_its_papers_schedule():
     lwf = S.build_strategy("lwf", None, sc, options=options_read_by("lwf", spec["run"]), seed=1,
                            device=torch.device("cpu"), progress=False)
     assert (lwf.config()["epochs"], lwf.config()["lr"], lwf.config()["lr_milestones"]) == (20, 0.01, [])
+
+
+@pytest.mark.parametrize("name", ["deepinversion-cil", "deepinversion-cil-balanced", "synthetic-exemplars"])
+def test_a_bad_synth_lr_is_refused_under_its_own_name(name):
+    """Found by python_tests/fuzz/test_fuzz_cli.py: --synth-lr 0 was refused as DeepInversion's "lr"."""
+    with pytest.raises(ValueError, match=r"(deepinversion-cil|synthetic-exemplars): synth_lr must be a finite "
+                                         r"number > 0; got 0"):
+        S.build_strategy(name, None, _scenario(), options={"synth_lr": 0}, seed=0, device=torch.device("cpu"),
+                         progress=False)

@@ -936,8 +936,10 @@ def _icarl(ctx: BuildContext, opt: dict[str, Any]) -> ICaRL:
                  **_common(ctx, opt))
 
 
-def _synthesis(ctx: BuildContext, opt: dict[str, Any]) -> dict[str, Any]:
+def _synthesis(ctx: BuildContext, opt: dict[str, Any], owner: str) -> dict[str, Any]:
     sc = ctx.scenario
+    if opt["synth_lr"] is not None:  # refused here under the name the user gave, not DeepInversion's "lr"
+        check_float(opt["synth_lr"], "synth_lr", owner, positive=True)
     options = {k: opt[o] for k, o in (("lr", "synth_lr"), ("bn_weight", "bn_weight"),
                                       ("first_bn_multiplier", "first_bn_multiplier")) if opt[o] is not None}
     return {"input_shape": sc.input_shape, "mean": sc.mean, "std": sc.std,
@@ -952,7 +954,7 @@ def _deepinversion_cil(ctx: BuildContext, opt: dict[str, Any]) -> DeepInversionC
     return DeepInversionCIL(build_data_learner(ctx, opt), synth_per_class=opt["synth_per_class"],
                             ce_classes=opt["ce_classes"], head_epochs=opt["head_epochs"],
                             synth_rounds=opt["synth_rounds"], competition_weight=opt["competition_weight"],
-                            **_synthesis(ctx, opt),
+                            **_synthesis(ctx, opt, "deepinversion-cil"),
                             **_common(ctx, opt))
 
 
@@ -971,7 +973,8 @@ def _deepinversion_cil_balanced(ctx: BuildContext, opt: dict[str, Any]) -> DeepI
                    help="class-incremental: iCaRL with DeepInversion images as exemplars (no real image kept)")
 def _synthetic_exemplars(ctx: BuildContext, opt: dict[str, Any]) -> SyntheticExemplars:
     return SyntheticExemplars(build_data_learner(ctx, opt), memory_size=opt["memory_size"],
-                              classifier=opt["classifier"], **_synthesis(ctx, opt), **_common(ctx, opt))
+                              classifier=opt["classifier"], **_synthesis(ctx, opt, "synthetic-exemplars"),
+                              **_common(ctx, opt))
 
 
 #: SKD-CIL reads the class-incremental options and the delegator's: synth_iterations (explore steps of each
