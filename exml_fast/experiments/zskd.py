@@ -207,13 +207,16 @@ def reproduce_zskd(
     dis_x = dis.x if synth_teacher is teacher else (dis.x * s_std + s_mean).clamp_(0.0, 1.0)
 
     def kd(inputs: torch.Tensor) -> tuple[dict[str, float], float]:
+        nonlocal student_params
         student = _student(nets["student"], seed, device)
+        student_params = sum(p.numel() for p in student.parameters())
         t = time.perf_counter()
         distill(student, inputs, teacher=teacher, temperature=20.0, epochs=spec["kd_epochs"], batch_size=64,
                 lr=nets["kd_lr"], schedule="cosine", augment=True, pad_crop=4, max_shift=1, flip=False,
                 fill=-mean / std, generator=seed)
         return _scores(student, evaluation), time.perf_counter() - t
 
+    student_params = 0
     student_acc, t_kd = kd(dis_x)
     say("student on DIs " + ", ".join(f"{k} {v:.2f} %" for k, v in student_acc.items())
         + f" (paper {paper['student']:.2f} %)")
@@ -229,7 +232,6 @@ def reproduce_zskd(
         atomic_write(control_file, lambda f: f.write(json.dumps(control, indent=1).encode()))
     say("real-data control " + ", ".join(f"{k} {v:.2f} %" for k, v in control["acc"].items()))
 
-    student_params = sum(p.numel() for p in _student(nets["student"], seed, torch.device("cpu")).parameters())
     teacher_params = sum(p.numel() for p in teacher.parameters())
     record = {"experiment": experiment, "budget": budget, "budget_detail": spec, "networks": networks,
               "networks_detail": {**nets, "teacher_params": teacher_params, "student_params": student_params,
