@@ -37,7 +37,7 @@ from exml_fast._utils.io import atomic_write
 from exml_fast.cl.scenarios import validation_indices
 from exml_fast.data import DATASET_STATS, mnist_tensors
 from exml_fast.experiments.records import machine, machine_line, seconds_or_lower_bound
-from exml_fast.experiments.zskd import lenet5_teacher
+from exml_fast.experiments.zskd import lenet5_teacher, real_data_control
 from exml_fast.models import LeNet5Half
 from exml_fast.synth import DataImpressions, GenerativeSynthesizer
 from exml_fast.synth.base import teacher_fingerprint
@@ -250,30 +250,22 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
 
 def _real_data_control(teacher, spec, *, n, seed, mean, std, out, device, train, evaluation, log,
                        experiment) -> dict[str, Any]:
-    """The ceiling the synthetic rows are read against: the same LeNet-5-Half (same initialisation) and KD
-    recipe on ``n`` real training images (a seeded draw from the training split, no label used), kept under
-    ``out`` once done."""
-    done = out / f"control_seed{seed}_n{n}.json"
-    if done.exists():
-        log(f"[reproduce] {experiment}: real-data control read back from {done}")
-        return json.loads(done.read_text())
-    x, _ = train
-    m = min(n, x.shape[0])
-    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:m]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        student = LeNet5Half(num_classes=10, in_channels=1)
-    student = student.to(device)
-    t0 = time.perf_counter()
-    distill(student, x[idx], teacher=teacher, temperature=20.0, iterations=_kd_steps(spec, m), batch_size=KD_BATCH,
-            lr=0.05, schedule="cosine", augment=True, pad_crop=4, max_shift=1, flip=False, fill=-mean / std,
-            generator=seed)
-    control = {"n": m, "student": {k: 100 * evaluate(student, *xy) for k, xy in evaluation.items()},
-               "kd_s": time.perf_counter() - t0}
-    atomic_write(done, lambda f: f.write(json.dumps(control, indent=1).encode()))
-    log(f"[reproduce] {experiment}: real-data control: validation {control['student']['validation']:.2f} %, "
-        f"test {control['student']['test']:.2f} %")
-    return control
+    """The same LeNet-5-Half (same initialisation) and KD recipe as the synthetic rows on ``n`` real training
+    images: :func:`~exml_fast.experiments.zskd.real_data_control`, kept under ``out``."""
+
+    def kd(inputs: torch.Tensor) -> tuple[dict[str, float], float]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            student = LeNet5Half(num_classes=10, in_channels=1)
+        student = student.to(device)
+        t0 = time.perf_counter()
+        distill(student, inputs, teacher=teacher, temperature=20.0, iterations=_kd_steps(spec, inputs.shape[0]),
+                batch_size=KD_BATCH, lr=0.05, schedule="cosine", augment=True, pad_crop=4, max_shift=1, flip=False,
+                fill=-mean / std, generator=seed)
+        return {k: 100 * evaluate(student, *xy) for k, xy in evaluation.items()}, time.perf_counter() - t0
+
+    return real_data_control(out / f"control_seed{seed}_n{n}_ep{spec['kd_epochs']}.json", train[0], n=n, seed=seed,
+                             kd=kd, log=lambda line: log(f"[reproduce] {experiment}: {line}"))
 
 
 def _draw_inputs(synth, teacher, method, row, *, n, seed, out, progress):

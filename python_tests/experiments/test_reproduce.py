@@ -79,7 +79,7 @@ def test_zskd_smoke_writes_the_record_beside_the_paper(tmp_path, experiment):
     # the paper's networks by default, scored on the held-out validation images and the test set
     assert rec["networks"] == "paper"
     assert (rec["networks_detail"]["teacher_params"], rec["networks_detail"]["student_params"]) == (61706, 35820)
-    assert set(rec["student"]) == set(rec["teacher"]) == set(rec["control"]["acc"]) == {"validation", "test"}
+    assert set(rec["student"]) == set(rec["teacher"]) == set(rec["control"]["student"]) == {"validation", "test"}
     assert rec["student"]["test"] == rec["student_acc"] and rec["control"]["n"] == 64
     md = (tmp_path / "res" / f"{stem}.md").read_text()
     assert f"{rec['student_acc']:.2f}" in md and "not the paper's" in md
