@@ -108,6 +108,7 @@ def test_train_classifier_cosine_schedule_settles_the_last_steps():
         ({"labels": torch.zeros(8, dtype=torch.long), "epochs": 1, "lr": -1.0}, "lr must be"),
         ({"labels": torch.zeros(8, dtype=torch.long), "epochs": 1, "pad_crop": -1}, "pad_crop must be"),
         ({"labels": torch.zeros(8, dtype=torch.long), "epochs": 1, "max_shift": 1.5}, "max_shift must be"),
+        ({"labels": torch.zeros(8, dtype=torch.long), "epochs": 1, "warmup": -1}, "warmup must be an int >= 0"),
     ],
 )
 def test_distill_argument_errors(kwargs, match):
@@ -169,6 +170,29 @@ def test_distill_soft_targets_and_labels_learn():
     acc1, acc2 = evaluate(s1, x, y), evaluate(s2, x, y)
     # measured (0.26, 0.83, 1.0)
     assert acc0 < 0.5 and acc1 >= 0.75 and acc2 >= 0.9, (acc0, acc1, acc2)
+
+
+def test_distill_warmup_scales_the_first_steps_lr_then_follows_the_schedule():
+    x, teacher = toy_data(32), teacher_model()
+    start = params_of(tiny_model(0))
+
+    def first_move(warmup):  # one plain SGD step on the whole batch
+        model = tiny_model(0)
+        distill(model, x, teacher=teacher, iterations=1, batch_size=32, lr=0.1, momentum=0.0, weight_decay=0.0,
+                warmup=warmup, augment=False, generator=0)
+        return params_of(model) - start
+
+    # step 1 of a 4-step warm-up runs at a quarter of the lr (plain SGD: a quarter of the move)
+    torch.testing.assert_close(first_move(4), first_move(0) / 4)
+    # a warm-up of 1 step, or 0, is the schedule alone; warmup=0 is the default, bit for bit
+    model = tiny_model(0)
+    distill(model, x, teacher=teacher, iterations=3, batch_size=32, lr=0.1, schedule="cosine", augment=False,
+            generator=0)
+    for w in (0, 1):
+        again = tiny_model(0)
+        distill(again, x, teacher=teacher, iterations=3, batch_size=32, lr=0.1, schedule="cosine", warmup=w,
+                augment=False, generator=0)
+        torch.testing.assert_close(params_of(again), params_of(model), rtol=1e-6, atol=1e-7)
 
 
 def test_distill_iterations_count_optimiser_steps():

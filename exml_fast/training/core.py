@@ -184,6 +184,7 @@ def distill(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     schedule: str = "constant",
+    warmup: int = 0,
     augment: bool = True,
     pad_crop: int = 4,
     max_shift: int = 0,
@@ -247,6 +248,10 @@ def distill(
             "adam"; both with ``weight_decay`` (L2, added to the gradient).
         schedule: one of :data:`SCHEDULES`: "constant", or "cosine" decay to 0
             over the run.
+        warmup: the first this many steps scale the scheduled lr by
+            ``(step + 1) / warmup`` (a linear warm-up; 0: none). A ReLU student
+            distilled on synthetic inputs can die in its first steps at full lr
+            (benches/results/zskd_di_study_cpu.md); a warm-up prevents it.
         augment, pad_crop, max_shift, flip, fill: the augmentation (above);
             ``pad_crop`` and ``max_shift`` are ints >= 0.
         generator: None (torch's default CPU generator), an int seed or a CPU
@@ -310,6 +315,7 @@ def distill(
             raise ValueError(f"distill: {name} must be an int >= 0; got {value!r}")
     if not isinstance(log_every, int) or log_every < 0:
         raise ValueError(f"distill: log_every must be an int >= 0; got {log_every!r}")
+    check_int(warmup, "warmup", "distill", low=0)
     gen = cpu_generator(generator, "distill")
 
     device = next(student.parameters()).device
@@ -320,7 +326,14 @@ def distill(
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     else:
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total) if schedule == "cosine" else None
+    if warmup:
+        def factor(step: int) -> float:
+            decay = 0.5 * (1.0 + math.cos(math.pi * step / total)) if schedule == "cosine" else 1.0
+            return min(1.0, (step + 1) / warmup) * decay
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    else:  # without a warm-up, the scheduler the records before it was added were made with
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total) if schedule == "cosine" else None
     if teacher is not None:
         teacher.eval()
     do_augment = augment and (pad_crop > 0 or max_shift > 0 or flip)
