@@ -18,8 +18,14 @@ The **helper BN** at the output (SKD §III-B-2) is an affine BatchNorm2d over
 the C channels: it normalises the generator's output towards the
 distribution of (normalised) real inputs and is trained with the rest.
 
-:data:`GENERATOR_ARCHS` names them (``"skd-small"``, ``"skd-large"``) for
-:class:`exml_fast.synth.GenerativeSynthesizer` and its saved files.
+DAFL's and DFAD's public generators are Table IV's layers with two
+differences: their output BN has no affine parameters (``helper_affine=False``),
+and DAFL's two hidden convolutions are followed by BNs of ``eps`` 0.8 (its
+``nn.BatchNorm2d(128, 0.8)``; ``bn_eps=0.8``), which damps their normalisation.
+``"dafl"`` and ``"dfad"`` name them.
+
+:data:`GENERATOR_ARCHS` names them (``"skd-small"``, ``"skd-narrow"``, ``"skd-large"``, ``"dafl"``,
+``"dfad"``) for :class:`exml_fast.synth.GenerativeSynthesizer` and its saved files.
 """
 
 from __future__ import annotations
@@ -46,6 +52,10 @@ class SKDGenerator(nn.Module):
         width: multiplies every hidden channel count (1.0: the tables' widths; the
             ``"skd-narrow"`` arch is Table IV at 0.25, for CPU-sized budgets). Each
             count is rounded and at least 1.
+        helper_affine: the helper BN has a trained scale and shift (SKD's); False:
+            it only normalises (DAFL's and DFAD's output BN).
+        bn_eps: the ``eps`` of the BNs after the hidden (de)convolutions (1e-5:
+            torch's default; DAFL's generator: 0.8).
 
     ``forward(z)``: (N, latent_dim) → (N, C, H, W). Each upsample-then-3×3-convolution pair of Table IV runs
     as :func:`exml_fast.ops.upsample_conv.upsample2x_conv3x3` (the same function with 2.25× fewer FLOPs and no
@@ -61,7 +71,8 @@ class SKDGenerator(nn.Module):
     fuse_upsample_conv: bool | None = None
 
     def __init__(self, out_shape: Sequence[int], *, latent_dim: int = 100, large: bool = False,
-                 helper_bn: bool = True, width: float = 1.0) -> None:
+                 helper_bn: bool = True, width: float = 1.0, helper_affine: bool = True,
+                 bn_eps: float = 1e-5) -> None:
         super().__init__()
         c, h, w = (int(s) for s in out_shape)
         step = 16 if large else 4
@@ -72,6 +83,8 @@ class SKDGenerator(nn.Module):
             raise ValueError(f"SKDGenerator: latent_dim must be >= 1; got {latent_dim}")
         if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
             raise ValueError(f"SKDGenerator: width must be a number > 0; got {width!r}")
+        if isinstance(bn_eps, bool) or not isinstance(bn_eps, (int, float)) or not bn_eps > 0:
+            raise ValueError(f"SKDGenerator: bn_eps must be a number > 0; got {bn_eps!r}")
         self.out_shape = (c, h, w)
         self.latent_dim = latent_dim
         self.width = float(width)
@@ -87,17 +100,17 @@ class SKDGenerator(nn.Module):
             prev = base
             for n in (512, 256, 128, 64):
                 layers += [nn.ConvTranspose2d(prev, ch(n), 3, stride=2, padding=1, output_padding=1),
-                           nn.BatchNorm2d(ch(n)), nn.LeakyReLU(0.2, inplace=True)]
+                           nn.BatchNorm2d(ch(n), eps=bn_eps), nn.LeakyReLU(0.2, inplace=True)]
                 prev = ch(n)
         else:
             layers += [nn.Upsample(scale_factor=2), nn.Conv2d(base, ch(128), 3, padding=1),
-                       nn.BatchNorm2d(ch(128)), nn.LeakyReLU(0.2, inplace=True),
+                       nn.BatchNorm2d(ch(128), eps=bn_eps), nn.LeakyReLU(0.2, inplace=True),
                        nn.Upsample(scale_factor=2), nn.Conv2d(ch(128), ch(64), 3, padding=1),
-                       nn.BatchNorm2d(ch(64)), nn.LeakyReLU(0.2, inplace=True)]
+                       nn.BatchNorm2d(ch(64), eps=bn_eps), nn.LeakyReLU(0.2, inplace=True)]
             prev = ch(64)
         layers += [nn.Conv2d(prev, c, 3, padding=1), nn.Tanh()]
         self.body = nn.Sequential(*layers)
-        self.helper_bn = nn.BatchNorm2d(c) if helper_bn else nn.Identity()
+        self.helper_bn = nn.BatchNorm2d(c, affine=helper_affine) if helper_bn else nn.Identity()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.project(z).view(z.shape[0], *self._start)
@@ -126,9 +139,20 @@ def _large(out_shape: Sequence[int], *, latent_dim: int = 100, helper_bn: bool =
     return SKDGenerator(out_shape, latent_dim=latent_dim, large=True, helper_bn=helper_bn)
 
 
+def _dafl(out_shape: Sequence[int], *, latent_dim: int = 100, helper_bn: bool = True) -> SKDGenerator:
+    return SKDGenerator(out_shape, latent_dim=latent_dim, large=False, helper_bn=helper_bn, helper_affine=False,
+                        bn_eps=0.8)
+
+
+def _dfad(out_shape: Sequence[int], *, latent_dim: int = 100, helper_bn: bool = True) -> SKDGenerator:
+    return SKDGenerator(out_shape, latent_dim=latent_dim, large=False, helper_bn=helper_bn, helper_affine=False)
+
+
 #: Generator architectures by name: ``GENERATOR_ARCHS[name](out_shape, latent_dim=..., helper_bn=...)``.
+#: "dafl" and "dfad": DAFL's and DFAD's public MNIST/CIFAR generators (Table IV's layers and widths, see the
+#: module docstring).
 GENERATOR_ARCHS: dict[str, Callable[..., nn.Module]] = {"skd-small": _small, "skd-narrow": _narrow,
-                                                        "skd-large": _large}
+                                                        "skd-large": _large, "dafl": _dafl, "dfad": _dfad}
 
 
 def build_generator(arch: str, out_shape: Sequence[int], **kwargs) -> nn.Module:

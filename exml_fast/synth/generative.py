@@ -27,8 +27,18 @@ Training (SKD Algorithm 1, the "imitate & explore" loop), one iteration:
 
 Presets (:data:`GENERATIVE_PRESETS`): ``"skd"`` (every SKD term at weight 1,
 5 imitate steps, the student on the explore loss too), ``"dafl"`` (one-hot 1,
-activation 0.1, information entropy 5; no student), ``"dfad"`` (the
-adversarial L1 alone, 5 imitate steps; the student only imitates).
+activation 0.1, information entropy 5 in log10; the student, when one is given,
+distilled beside the generator), ``"dfad"`` (the adversarial L1 alone, 5
+imitate steps; the student only imitates). DAFL's and DFAD's presets carry
+their public code's recipe: its generator (``"dafl"``, ``"dfad"`` in
+:data:`~exml_fast.models.GENERATOR_ARCHS`), learning rates, Adam betas and
+student optimiser; every one of them can be overridden.
+
+A student trained **beside** the generator (DAFL's: ``student_kd``, a
+temperature): after each explore step it takes one step of the KD loss
+:func:`exml_fast.ops.kd_loss` between itself and the teacher on that step's
+samples (detached, the generator in train mode, as DAFL's student sees them);
+:attr:`FitResult.student` is then the distilled student.
 
 Sampling: :meth:`synthesize` keeps the base interface — ``classes=`` are
 honoured by drawing until the teacher has labelled enough samples as each
@@ -41,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +68,7 @@ from exml_fast.checkpoint import state_dict_sha256
 from exml_fast.models.features import FeatureTap
 from exml_fast.models.generators import GENERATOR_ARCHS, build_generator
 from exml_fast.ops.fast_layers import fast_layers
+from exml_fast.ops.soft_target_losses import kd_loss
 from exml_fast.synth.base import Synthesizer, eval_mode, frozen, teacher_fingerprint
 from exml_fast.synth.batch import SyntheticBatch
 from exml_fast.synth.generative_losses import (activation_loss, category_loss, diversity_loss,
@@ -68,17 +80,32 @@ __all__ = ["GENERATIVE_PRESETS", "GENERATIVE_TERMS", "DelegatorError", "FitResul
 #: The loss terms a generator can be trained with (see the module docstring).
 GENERATIVE_TERMS = ("imitation", "adversarial", "category", "diversity", "activation", "bn")
 
-#: name → the term weights, the number of imitate steps per explore step, and whether the student also steps
-#: on the explore loss.
+#: name → the term weights, the number of imitate steps per explore step, whether the student also steps on
+#: the explore loss, the KD temperature of a student distilled beside the generator (None: none), the generator
+#: network and its Adam (lr, betas), and the student's optimiser (name, lr, weight decay; momentum 0.9 for SGD).
+#: "dafl" and "dfad" follow their public code (DAFL's DAFL_train.py and models.py for MNIST; DFAD's DFAD_mnist.py
+#: and network/gan.py): DAFL's entropy term is in log10 (weight 5 / ln 10 here, where the term is in natural log),
+#: its generator's Adam runs at lr 0.2 with torch's default betas, its student is distilled beside it at τ 1 by
+#: Adam 2e-3; DFAD's student steps by SGD 0.01 with weight decay 1e-4. SKD's: the paper's lrs, Adam betas (0.5,
+#: 0.999) (a DCGAN-style choice of ours; the paper gives none).
 GENERATIVE_PRESETS: dict[str, dict[str, Any]] = {
     "skd": {"weights": {"imitation": 1.0, "category": 1.0, "diversity": 1.0, "bn": 1.0}, "imitate_steps": 5,
-            "student_explore": "explore"},
-    "dafl": {"weights": {"category": 1.0, "activation": 0.1, "diversity": 5.0}, "imitate_steps": 0,
-             "student_explore": "none"},
+            "student_explore": "explore", "student_kd": None, "generator_arch": "skd-small", "lr_generator": 1e-3,
+            "generator_betas": (0.5, 0.999), "student_optimizer": "sgd", "lr_student": 0.1,
+            "student_weight_decay": 5e-4},
+    "dafl": {"weights": {"category": 1.0, "activation": 0.1, "diversity": 5.0 / math.log(10.0)}, "imitate_steps": 0,
+             "student_explore": "none", "student_kd": 1.0, "generator_arch": "dafl", "lr_generator": 0.2,
+             "generator_betas": (0.9, 0.999), "student_optimizer": "adam", "lr_student": 2e-3,
+             "student_weight_decay": 0.0},
     # DFAD's student only ever minimises the discrepancy: stepping it on the generator's loss would make it
     # ascend the very L1 it is meant to close.
-    "dfad": {"weights": {"adversarial": 1.0}, "imitate_steps": 5, "student_explore": "none"},
+    "dfad": {"weights": {"adversarial": 1.0}, "imitate_steps": 5, "student_explore": "none", "student_kd": None,
+             "generator_arch": "dfad", "lr_generator": 1e-3, "generator_betas": (0.9, 0.999),
+             "student_optimizer": "sgd", "lr_student": 0.01, "student_weight_decay": 1e-4},
 }
+
+#: The student's optimisers (SGD with momentum 0.9).
+STUDENT_OPTIMIZERS = ("sgd", "adam")
 
 STUDENT_EXPLORE = ("explore", "none")
 FORMAT = "exml_fast.delegator"
@@ -148,13 +175,14 @@ class GenerativeSynthesizer(Synthesizer):
         input_shape, mean, std, num_classes, device, batch_size: as for every
             :class:`~exml_fast.synth.Synthesizer` (``batch_size``: samples
             drawn per teacher forward in :meth:`synthesize`).
-        preset: ``"skd"`` (default), ``"dafl"`` or ``"dfad"``: the default
-            term weights and imitate steps.
+        preset: ``"skd"`` (default), ``"dafl"`` or ``"dfad"``: the defaults of
+            every setting below whose default is None (:data:`GENERATIVE_PRESETS`).
         weights: term → weight, overriding the preset's (terms in
             :data:`GENERATIVE_TERMS`; an absent term is 0).
         imitate_steps: student steps per explore step (None: the preset's).
-        generator_arch: ``"skd-small"`` (SKD Table IV, default), ``"skd-narrow"``
-            (Table IV at a quarter of the width), ``"skd-large"`` (Table V), or a
+        generator_arch: ``"skd-small"`` (SKD Table IV), ``"skd-narrow"``
+            (Table IV at a quarter of the width), ``"skd-large"`` (Table V),
+            ``"dafl"`` / ``"dfad"`` (their public generators), None (the preset's), or a
             callable ``f(input_shape, latent_dim=...)`` that returns a module mapping (N, latent_dim) to (N, C, H, W).
         latent_dim: size of z.
         delegator: an existing generator network to train further and sample
@@ -162,11 +190,20 @@ class GenerativeSynthesizer(Synthesizer):
             it is used, and trained, in place. None: built at the first
             :meth:`fit` from its seed.
         student: the model imitating the teacher during :meth:`fit` (None: a
-            re-initialised clone of the teacher, as in SKD).
+            re-initialised clone of the teacher, as in SKD); with ``student_kd``,
+            the model distilled beside the generator (None: no student).
         student_explore: ``"explore"`` — the student also steps on the
             explore loss (Algorithm 1 as written) — or ``"none"`` (None: the
             preset's; ``"explore"`` for skd, ``"none"`` for dfad and dafl).
-        lr_generator, lr_student: Adam's and SGD's learning rates (SKD: 1e-3, 0.1).
+        student_kd: the temperature of the KD step a given ``student`` takes after
+            each explore step (DAFL's student, τ 1); 0 turns it off; None: the
+            preset's. Only for presets without imitation/adversarial terms.
+        lr_generator: the generator's Adam lr (None: the preset's; SKD 1e-3, DAFL
+            0.2, DFAD 1e-3), with ``generator_betas`` (None: the preset's).
+        student_optimizer, lr_student, student_weight_decay: the student's
+            optimiser, "sgd" (momentum 0.9) or "adam", its lr and L2 weight decay
+            (None: the preset's; SKD SGD 0.1 / 5e-4, DAFL Adam 2e-3 / 0, DFAD SGD
+            0.01 / 1e-4).
         lr_decay_every: divide both by 10 every this many iterations (None: never;
             SKD: every 100 epochs).
         balance: in :meth:`synthesize`, draw until each requested class has its
@@ -192,13 +229,17 @@ class GenerativeSynthesizer(Synthesizer):
         preset: str = "skd",
         weights: dict[str, float] | None = None,
         imitate_steps: int | None = None,
-        generator_arch: str | Callable[..., nn.Module] = "skd-small",
+        generator_arch: str | Callable[..., nn.Module] | None = None,
         latent_dim: int = 100,
         delegator: nn.Module | None = None,
         student: nn.Module | None = None,
         student_explore: str | None = None,
-        lr_generator: float = 1e-3,
-        lr_student: float = 0.1,
+        student_kd: float | None = None,
+        lr_generator: float | None = None,
+        generator_betas: tuple[float, float] | None = None,
+        student_optimizer: str | None = None,
+        lr_student: float | None = None,
+        student_weight_decay: float | None = None,
         lr_decay_every: int | None = None,
         balance: bool = True,
         max_draw_factor: int = 100,
@@ -208,7 +249,8 @@ class GenerativeSynthesizer(Synthesizer):
         owner = "GenerativeSynthesizer"
         check_choice(preset, "preset", owner, GENERATIVE_PRESETS)
         self.preset = preset
-        chosen = dict(GENERATIVE_PRESETS[preset]["weights"])
+        recipe = GENERATIVE_PRESETS[preset]
+        chosen = dict(recipe["weights"])
         if weights is not None:
             if not isinstance(weights, dict):
                 raise TypeError(f"{owner}: weights must be a dict term -> weight; got {type(weights).__name__}")
@@ -227,6 +269,8 @@ class GenerativeSynthesizer(Synthesizer):
         if self.uses_student and self.imitate_steps == 0 and student_explore == "none":
             raise ValueError(f"{owner}: the imitation/adversarial terms need a student that learns: "
                              "imitate_steps >= 1 or student_explore='explore'")
+        if generator_arch is None:
+            generator_arch = recipe["generator_arch"]
         if isinstance(generator_arch, str):
             if generator_arch not in GENERATOR_ARCHS:
                 raise ValueError(f"{owner}: generator_arch must be one of {sorted(GENERATOR_ARCHS)} or a callable; "
@@ -244,8 +288,26 @@ class GenerativeSynthesizer(Synthesizer):
         self._student_given = student
         check_choice(student_explore, "student_explore", owner, STUDENT_EXPLORE)
         self.student_explore = student_explore
-        self.lr_generator = check_float(lr_generator, "lr_generator", owner, positive=True)
-        self.lr_student = check_float(lr_student, "lr_student", owner, positive=True)
+        if student_kd is None:
+            student_kd = recipe["student_kd"] or 0.0
+        self.student_kd = check_float(student_kd, "student_kd", owner)  # a temperature > 0, or 0: no KD student
+        if self.student_kd and self.uses_student:
+            raise ValueError(f"{owner}: student_kd distils a student beside the generator; the imitation/adversarial "
+                             "terms already train one (pass student_kd=0, or weights without those terms)")
+        self.lr_generator = check_float(recipe["lr_generator"] if lr_generator is None else lr_generator,
+                                        "lr_generator", owner, positive=True)
+        betas = recipe["generator_betas"] if generator_betas is None else generator_betas
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"{owner}: generator_betas must be two numbers in [0, 1); got {generator_betas!r}")
+        self.generator_betas = (float(betas[0]), float(betas[1]))
+        student_optimizer = recipe["student_optimizer"] if student_optimizer is None else student_optimizer
+        check_choice(student_optimizer, "student_optimizer", owner, STUDENT_OPTIMIZERS)
+        self.student_optimizer = student_optimizer
+        self.lr_student = check_float(recipe["lr_student"] if lr_student is None else lr_student, "lr_student",
+                                      owner, positive=True)
+        self.student_weight_decay = check_float(recipe["student_weight_decay"] if student_weight_decay is None
+                                                else student_weight_decay, "student_weight_decay", owner)
         self.lr_decay_every = None if lr_decay_every is None else check_int(lr_decay_every, "lr_decay_every",
                                                                               owner, low=1)
         if not isinstance(balance, bool):
@@ -398,6 +460,8 @@ class GenerativeSynthesizer(Synthesizer):
                "weights": dict(self.weights), "imitate_steps": self.imitate_steps,
                "student_explore": self.student_explore, "lr_generator": self.lr_generator,
                "lr_student": self.lr_student, "lr_decay_every": self.lr_decay_every,
+               "student_kd": self.student_kd, "generator_betas": list(self.generator_betas),
+               "student_optimizer": self.student_optimizer, "student_weight_decay": self.student_weight_decay,
                "teacher": teacher_fingerprint(self.teacher)}
         state = _FitState.start(self, seed, job, stored, checkpoint)
         bar = Progress(iterations, f"{self.preset} fit", progress)
@@ -507,7 +571,7 @@ class GenerativeSynthesizer(Synthesizer):
             t_logits = T(x)
         terms: dict[str, torch.Tensor] = {}
         w = self.weights
-        if S is not None:
+        if S is not None and self.uses_student:
             S.train()
             terms["discrepancy"] = -self._discrepancy(state, t_logits, S(x))
         if w["category"] > 0:
@@ -527,6 +591,13 @@ class GenerativeSynthesizer(Synthesizer):
         if state.opt_s is not None and self.student_explore == "explore":
             state.opt_s.step()
         out = {k: float(v.detach()) for k, v in terms.items()}
+        if S is not None and self.student_kd:  # DAFL's student, distilled beside the generator on its samples
+            S.train()
+            kd = kd_loss(S(x.detach()), t_logits.detach(), temperature=self.student_kd)
+            state.opt_s.zero_grad(set_to_none=True)
+            kd.backward()
+            state.opt_s.step()
+            out["kd"] = float(kd.detach())
         out["explore"] = float(total.detach())
         out["teacher_confidence"] = float(torch.softmax(t_logits.detach(), 1).amax(1).mean())
         return out
@@ -629,13 +700,17 @@ class _FitState:
         if synth._delegator is None:
             synth._delegator = synth._build_delegator(derive_seed("exml_fast.generative.delegator", seed))
         st.delegator = synth.delegator
-        if synth.uses_student:
+        if synth.uses_student or (synth.student_kd and synth._student_given is not None):
             st.student = (synth._student_given if synth._student_given is not None else
                           reinitialised_clone(synth.teacher, derive_seed("exml_fast.generative.student", seed)))
             st.student = st.student.to(synth.device).train()
-            st.opt_s = torch.optim.SGD(st.student.parameters(), lr=synth.lr_student, momentum=0.9,
-                                       weight_decay=5e-4)
-        st.opt_g = torch.optim.Adam(synth.delegator.parameters(), lr=synth.lr_generator, betas=(0.5, 0.999))
+            if synth.student_optimizer == "sgd":
+                st.opt_s = torch.optim.SGD(st.student.parameters(), lr=synth.lr_student, momentum=0.9,
+                                           weight_decay=synth.student_weight_decay)
+            else:
+                st.opt_s = torch.optim.Adam(st.student.parameters(), lr=synth.lr_student,
+                                            weight_decay=synth.student_weight_decay)
+        st.opt_g = torch.optim.Adam(synth.delegator.parameters(), lr=synth.lr_generator, betas=synth.generator_betas)
         st.z_gen.manual_seed(derive_seed("exml_fast.generative.latent", seed))
         if stored is not None:
             st._resume(synth, stored, path)

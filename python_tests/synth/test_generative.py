@@ -127,6 +127,23 @@ def test_generator_arguments_are_checked():
             SKDGenerator((1, 32, 32), width=bad)
 
 
+def test_dafl_and_dfad_generators_are_their_public_codes_networks():
+    # DFAD's GeneratorA (network/gan.py, ngf 64) and DAFL's Generator (models.py) at 32x32, one channel: Table IV's
+    # layers, an output BN without affine parameters, and DAFL's eps 0.8 on the two hidden BNs.
+    expected = (100 * 128 * 8 * 8 + 128 * 8 * 8) + 2 * 128 + (128 * 128 * 9 + 128) + 2 * 128 \
+        + (128 * 64 * 9 + 64) + 2 * 64 + (64 * 9 + 1)
+    for arch, eps in (("dafl", 0.8), ("dfad", 1e-5)):
+        net = build_generator(arch, (1, 32, 32))
+        assert sum(p.numel() for p in net.parameters()) == expected == 1_049_985
+        assert not net.helper_bn.affine and net.helper_bn.num_features == 1
+        bns = [m for m in net.body if isinstance(m, nn.BatchNorm2d)]
+        assert [m.eps for m in bns] == [1e-5, eps, eps]
+        assert net(torch.randn(4, 100)).shape == (4, 1, 32, 32)
+    assert build_generator("skd-small", (1, 32, 32)).helper_bn.affine  # SKD's helper BN is trained
+    with pytest.raises(ValueError, match="bn_eps must be a number > 0"):
+        SKDGenerator((1, 32, 32), bn_eps=0)
+
+
 def test_narrow_generator_is_table_iv_at_a_quarter_of_the_channels():
     torch.manual_seed(0)
     full, narrow = build_generator("skd-small", (1, 32, 32)), build_generator("skd-narrow", (1, 32, 32))
@@ -202,6 +219,59 @@ def test_dafl_has_no_student_and_dfad_trains_on_the_logit_l1(teacher):
     assert result.student is not None and set(result.history) >= {"imitate", "discrepancy"}
     assert make(teacher, preset="dfad", student_explore="explore").student_explore == "explore"
     assert "bn" not in result.history and "category" not in result.history
+
+
+def test_dafl_and_dfad_presets_carry_their_public_codes_recipes(teacher):
+    dafl, dfad, skd = make(teacher, preset="dafl"), make(teacher, preset="dfad"), make(teacher)
+    assert (dafl.lr_generator, dafl.generator_betas, dafl.generator_arch) == (0.2, (0.9, 0.999), "dafl")
+    assert (dafl.student_optimizer, dafl.lr_student, dafl.student_weight_decay, dafl.student_kd) == \
+        ("adam", 2e-3, 0.0, 1.0)
+    # DAFL's information entropy is in log10 at weight 5: 5 / ln 10 on the natural-log term
+    assert dafl.weights["diversity"] == pytest.approx(5 / math.log(10)) and dafl.weights["activation"] == 0.1
+    assert (dfad.lr_generator, dfad.generator_betas, dfad.generator_arch) == (1e-3, (0.9, 0.999), "dfad")
+    assert (dfad.student_optimizer, dfad.lr_student, dfad.student_weight_decay, dfad.student_kd) == \
+        ("sgd", 0.01, 1e-4, 0.0)
+    assert (skd.lr_generator, skd.generator_betas, skd.generator_arch, skd.lr_student) == \
+        (1e-3, (0.5, 0.999), "skd-small", 0.1)
+    over = make(teacher, preset="dafl", lr_generator=1e-3, generator_betas=(0.5, 0.9), student_optimizer="sgd",
+                lr_student=0.05, student_weight_decay=5e-4, generator_arch="skd-narrow", student_kd=0)
+    assert (over.lr_generator, over.generator_betas, over.student_optimizer, over.lr_student,
+            over.student_weight_decay, over.generator_arch, over.student_kd) == \
+        (1e-3, (0.5, 0.9), "sgd", 0.05, 5e-4, "skd-narrow", 0.0)
+
+
+def _tiny_student() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, 5))
+
+
+def test_dafl_distils_a_given_student_beside_the_generator(teacher, tmp_path):
+    student = _tiny_student()
+    before = params(student)
+    synth = make(teacher, preset="dafl", generator_arch="skd-narrow", student=student)
+    result = synth.fit(3, batch_size=8, generator=0, progress=False, log_every=1, checkpoint=tmp_path / "c.pt")
+    assert result.student is student and not same(before, params(student))
+    assert len(result.history["kd"]) == 3 and "imitate" not in result.history and "discrepancy" not in result.history
+    # its optimiser is the preset's (Adam 2e-3, no weight decay), kept in the checkpoint with the recipe
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=False)
+    assert ckpt["opt_s"]["param_groups"][0]["lr"] == 2e-3 and "exp_avg" in ckpt["opt_s"]["state"][0]
+    assert ckpt["job"]["student_kd"] == 1.0 and ckpt["job"]["generator_betas"] == [0.9, 0.999]
+    # the KD step reads the samples detached: the delegator's step is the same with or without the student
+    alone = make(teacher, preset="dafl", generator_arch="skd-narrow")
+    alone.fit(3, batch_size=8, generator=0, progress=False)
+    assert same(params(alone.delegator), params(synth.delegator))
+    # student_kd=0: the student is left alone (DAFL's generator only)
+    idle = _tiny_student()
+    before = params(idle)
+    off = make(teacher, preset="dafl", generator_arch="skd-narrow", student=idle, student_kd=0)
+    assert off.fit(2, batch_size=8, generator=0, progress=False).student is None and same(before, params(idle))
+
+
+def test_dfad_steps_its_student_with_the_public_codes_sgd(teacher, tmp_path):
+    synth = make(teacher, preset="dfad", generator_arch="skd-narrow")
+    synth.fit(1, batch_size=8, generator=0, progress=False, checkpoint=tmp_path / "c.pt")
+    group = torch.load(tmp_path / "c.pt", weights_only=False)["opt_s"]["param_groups"][0]
+    assert (group["lr"], group["weight_decay"], group["momentum"]) == (0.01, 1e-4, 0.9)
 
 
 def test_seeds_reproduce_and_differ(teacher):
@@ -402,6 +472,13 @@ def test_saved_jobs_record_the_delegator(teacher, tmp_path):
     ({"latent_dim": 0}, ValueError, "latent_dim must be an int >= 1"),
     ({"delegator": "net"}, TypeError, "delegator must be an nn.Module"),
     ({"lr_generator": 0}, ValueError, "lr_generator"),
+    ({"generator_betas": (1.0, 0.9)}, ValueError, r"generator_betas must be two numbers in \[0, 1\)"),
+    ({"generator_betas": 0.9}, ValueError, "generator_betas must be two numbers"),
+    ({"student_optimizer": "rmsprop"}, ValueError, "student_optimizer must be one of"),
+    ({"lr_student": -1}, ValueError, "lr_student"),
+    ({"student_weight_decay": -1e-4}, ValueError, "student_weight_decay must be a finite number >= 0"),
+    ({"preset": "dafl", "student_kd": -1.0}, ValueError, "student_kd must be a finite number >= 0"),
+    ({"preset": "dfad", "student_kd": 1.0}, ValueError, "the imitation/adversarial terms already train one"),
     ({"device": "meta"}, ValueError, r"device is meta but the teacher's parameters are on cpu"),
 ])
 def test_bad_arguments_get_clear_errors(teacher, kw, err, match):
