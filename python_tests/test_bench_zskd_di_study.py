@@ -27,7 +27,15 @@ def test_study_writes_the_variants_and_skips_them_on_a_rerun(tmp_path, monkeypat
     assert di["settings"]["space"] == "dataset" and 0 <= di["saturated"] <= 1
     assert all(0 <= r[k] <= 100 for r in rec["rows"] for k in ("validation", "test"))
     md = (tmp_path / "zskd_di_study_cpu.md").read_text()
-    assert "| dataset_lr0.01 |" in md and "Best DI variant on **validation**: `dataset_lr0.01`" in md
+    assert "| dataset_lr0.01 |" in md and "averaged over its KD seeds (`dataset_lr0.01` " in md
+    # a recipe's rows of other KD seeds are averaged: the choice is the recipe's mean, not its luckiest seed
+    seeded = {**di, "variant": "dataset_lr0.01_kdseed1", "settings": {**di["settings"], "kd_seed": 1},
+              "validation": di["validation"] + 10.0, "test": di["test"] + 10.0}
+    other = {**di, "variant": "dataset_lr0.0025", "settings": {**di["settings"], "lr": 0.0025},
+             "validation": di["validation"] + 4.0, "test": di["test"]}
+    md2 = study.markdown({**rec, "rows": [*rec["rows"], seeded, other]})
+    assert (f"(`dataset_lr0.01` {di['validation']:.2f}, `dataset_lr0.01_kdseed1` {di['validation'] + 10:.2f}): "
+            f"{di['validation'] + 5:.2f} %") in md2
     assert study.main(args) == 0  # both done: read back, nothing rerun
     assert json.loads((tmp_path / "zskd_di_study_cpu.json").read_text())["rows"] == rec["rows"]
     with pytest.raises(SystemExit):

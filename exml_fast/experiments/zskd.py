@@ -44,17 +44,18 @@ PAPER_ZSKD: dict[str, dict[str, Any]] = {
 ZSKD_NETWORKS: dict[str, dict[str, Any]] = {
     "paper": {"teacher": "lenet5_zskd", "student": "lenet5_half_zskd", "resize": True, "normalize": False,
               "teacher_lr": 0.05, "teacher_schedule": "cosine", "teacher_pad_crop": 2, "validation_size": 5000,
-              "synth_lr": 0.01, "synth_space": "dataset", "kd_lr": 0.01, "teacher_epochs": 20},
+              "synth_lr": 0.01, "synth_space": "dataset", "kd_lr": 0.01, "kd_warmup": 500, "teacher_epochs": 20},
     "exml": {"teacher": "lenet5", "student": "lenet5_half", "resize": False, "normalize": True,
              "teacher_lr": 0.01, "teacher_schedule": "constant", "teacher_pad_crop": 0, "validation_size": None,
-             "synth_lr": None, "synth_space": "input", "kd_lr": 0.05, "teacher_epochs": None},
+             "synth_lr": None, "synth_space": "input", "kd_lr": 0.05, "kd_warmup": 0, "teacher_epochs": None},
 }
 #: The rest of a "paper" networks' recipe, chosen on the validation split at 2400 DIs
 #: (benches/results/zskd_di_study_cpu.md): the DIs are optimised in the dataset's normalised coordinates
 #: (``synth_space="dataset"``: they start as N(0, 1) there, i.e. pixels of MNIST's mean and spread, and the
 #: teacher sees them as pixels), Adam at lr 0.01 whatever the budget says (0.05 saturates most pixels at 0 or 1
 #: against these ReLU networks), and the KD at SGD lr 0.01 (at 0.05 the ReLU student dies in its first steps
-#: on DIs). None: the budget's synth_lr. ``teacher_epochs``: the teacher's epochs whatever the budget but
+#: on DIs) warmed up linearly over its first ``kd_warmup`` steps (without it the student died at lr 0.01 too, for
+#: one KD seed in three). None: the budget's synth_lr. ``teacher_epochs``: the teacher's epochs whatever the budget but
 #: "smoke" (20: the teacher at the paper's accuracy, about 3 min on 2 cores); None: the budget's.
 
 
@@ -231,16 +232,17 @@ def reproduce_zskd(
         student_params = sum(p.numel() for p in student.parameters())
         t = time.perf_counter()
         distill(student, inputs, teacher=teacher, temperature=20.0, epochs=spec["kd_epochs"], batch_size=64,
-                lr=nets["kd_lr"], schedule="cosine", augment=True, pad_crop=4, max_shift=1, flip=False,
-                fill=-mean / std, generator=seed)
+                lr=nets["kd_lr"], schedule="cosine", warmup=nets["kd_warmup"], augment=True, pad_crop=4, max_shift=1,
+                flip=False, fill=-mean / std, generator=seed)
         return _scores(student, evaluation), time.perf_counter() - t
 
     student_params = 0
     student_acc, t_kd = kd(dis_x)
     say("student on DIs " + ", ".join(f"{k} {v:.2f} %" for k, v in student_acc.items())
         + f" (paper {paper['student']:.2f} %)")
-    control = real_data_control(out / f"control_seed{seed}_n{n}_ep{spec['kd_epochs']}.json", x, n=n, seed=seed,
-                                kd=kd, log=say)
+    warm = f"_warmup{nets['kd_warmup']}" if nets["kd_warmup"] else ""  # a control of the KD recipe in use
+    control = real_data_control(out / f"control_seed{seed}_n{n}_ep{spec['kd_epochs']}{warm}.json", x, n=n,
+                                seed=seed, kd=kd, log=say)
 
     teacher_params = sum(p.numel() for p in teacher.parameters())
     record = {"experiment": experiment, "budget": budget, "budget_detail": spec, "networks": networks,
@@ -284,7 +286,9 @@ def _markdown(record: dict[str, Any], at_least: str) -> str:
         f"- DIs: β (1.0, 0.1), τ 20, Adam lr {record['synth_lr']} for {spec['synth_iterations']} steps, 2 px jitter"
         + (", optimised in the dataset's normalised coordinates" if nets["synth_space"] == "dataset" else "")
         + ("" if record["synth_lr"] == spec["synth_lr"] else " (the networks' lr, not the budget's)"),
-        f"- KD (every student row): τ 20, SGD lr {nets['kd_lr']} cosine, momentum 0.9, weight decay 5e-4, batch 64, "
+        f"- KD (every student row): τ 20, SGD lr {nets['kd_lr']} cosine"
+        + (f" after a {nets['kd_warmup']}-step linear warm-up" if nets.get("kd_warmup") else "")
+        + ", momentum 0.9, weight decay 5e-4, batch 64, "
         f"{spec['kd_epochs']} epochs, per-sample pad-crop 4 and ±1 px roll; the final model is scored",
         machine_line(record["machine"]),
         f"- wall time of this invocation: {record['wall_s']:.0f} s (KD {record['kd_s']:.0f} s; work already on disk "
