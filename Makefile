@@ -30,7 +30,8 @@
 #                              recorded in GPU_CHECK_OUT/benches/synthesis_cuda_ttq.{json,md}
 #   make gpu-repro METHOD=m    on the GPU machine: one reproduction run too long for the CPU, at most 9 min a
 #                              call (GPU_REPRO_S, default 530 s), resumed by the next call from runs/gpu-repro;
-#                              m = dafl | dfad | skd (dfkd-mnist's paper-budget generator fit and its KD) or
+#                              m = dafl | dfad (dfkd-mnist's public-code recipe at its paper budget), skd (the
+#                              paper-budget generator fit and its KD) or
 #                              mi-ed (the ExML Table 2 paper-budget MI-ED row, one Split MNIST stream); the
 #                              record goes to GPU_CHECK_OUT/repro when the run finishes
 #
@@ -227,7 +228,9 @@ GPU_REPRO_RUN = EXML_FAST_DATA="$${EXML_FAST_DATA:-$(CURDIR)/runs/gpu-data}" PYT
   timeout --signal=INT $(GPU_REPRO_S) $(PYTHON) -m exml_fast reproduce
 gpu-repro:
 	@case "$(METHOD)" in \
-	  dafl|dfad|skd) mkdir -p "$(GPU_REPRO_OUT)"; set -x; $(GPU_REPRO_RUN) dfkd-mnist --budget paper --methods $(METHOD) --device cuda \
+	  dafl|dfad) mkdir -p "$(GPU_REPRO_OUT)"; set -x; $(GPU_REPRO_RUN) dfkd-mnist --budget paper --recipe public \
+	    --methods $(METHOD) --device cuda --out runs/gpu-repro/dfkd-mnist --results "$(GPU_REPRO_OUT)" ;; \
+	  skd) mkdir -p "$(GPU_REPRO_OUT)"; set -x; $(GPU_REPRO_RUN) dfkd-mnist --budget paper --methods $(METHOD) --device cuda \
 	    --out runs/gpu-repro/dfkd-mnist --results "$(GPU_REPRO_OUT)" ;; \
 	  mi-ed) mkdir -p "$(GPU_REPRO_OUT)"; set -x; $(GPU_REPRO_RUN) exml-mnist --budget paper --runs 1 --scenarios split_mnist \
 	    --strategies mi-ed --device cuda --out runs/gpu-repro/exml-mnist --results "$(GPU_REPRO_OUT)" ;; \

@@ -561,7 +561,8 @@ def _make(*args):
 
 
 @pytest.mark.parametrize("method,command", [
-    ("dafl", "reproduce dfkd-mnist --budget paper --methods dafl --device cuda"),
+    ("dafl", "reproduce dfkd-mnist --budget paper --recipe public --methods dafl --device cuda"),
+    ("dfad", "reproduce dfkd-mnist --budget paper --recipe public --methods dfad --device cuda"),
     ("skd", "reproduce dfkd-mnist --budget paper --methods skd --device cuda"),
     ("mi-ed", "reproduce exml-mnist --budget paper --runs 1 --scenarios split_mnist --strategies mi-ed "
               "--device cuda"),

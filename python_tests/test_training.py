@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from exml_fast.ops import kd_loss
-from exml_fast.training import OPTIMIZERS, SCHEDULES, distill, evaluate, minibatch_bounds, train_classifier
+from exml_fast.training import (KD_LOSSES, OPTIMIZERS, SCHEDULES, distill, evaluate, minibatch_bounds,
+                                train_classifier)
 
 K = 4
 
@@ -170,6 +171,35 @@ def test_distill_soft_targets_and_labels_learn():
     acc1, acc2 = evaluate(s1, x, y), evaluate(s2, x, y)
     # measured (0.26, 0.83, 1.0)
     assert acc0 < 0.5 and acc1 >= 0.75 and acc2 >= 0.9, (acc0, acc1, acc2)
+
+
+def test_distill_l1_loss_closes_the_logit_gap_as_dfads_student_does():
+    assert KD_LOSSES == ("kd", "l1")
+    x, teacher = toy_data(64), teacher_model()
+    student = tiny_model(1)
+
+    def gap():
+        with torch.no_grad():
+            return F.l1_loss(student(x), teacher(x)).item()
+
+    before = gap()
+    distill(student, x, teacher=teacher, loss="l1", iterations=60, batch_size=32, lr=0.05, augment=False,
+            generator=0)
+    assert gap() < 0.5 * before
+    # one step by hand: the gradient is the L1 loss's
+    a, b = tiny_model(2), tiny_model(2)
+    distill(a, x, teacher=teacher, loss="l1", iterations=1, batch_size=64, lr=0.1, momentum=0.0, weight_decay=0.0,
+            augment=False, generator=0)
+    opt = torch.optim.SGD(b.parameters(), lr=0.1)
+    with torch.no_grad():
+        target = teacher(x)
+    F.l1_loss(b(x), target).backward()
+    opt.step()
+    torch.testing.assert_close(params_of(a), params_of(b))
+    with pytest.raises(ValueError, match="loss='l1' compares the student's logits with a teacher's"):
+        distill(tiny_model(0), x, labels=torch.zeros(64, dtype=torch.long), loss="l1", epochs=1)
+    with pytest.raises(ValueError, match="loss must be one of kd, l1; got 'mse'"):
+        distill(tiny_model(0), x, teacher=teacher, loss="mse", epochs=1)
 
 
 def test_distill_warmup_scales_the_first_steps_lr_then_follows_the_schedule():

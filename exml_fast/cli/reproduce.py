@@ -8,7 +8,7 @@ from exml_fast.experiments import EXPERIMENTS
 from exml_fast.experiments.ablation import TEST_SEEDS, ablate_exml_mnist
 from exml_fast.experiments.budgets import BUDGETS, ZSKD_BUDGETS
 from exml_fast.experiments.cil import CIL_BUDGETS, CIL_EXPERIMENTS, reproduce_cil
-from exml_fast.experiments.dfkd import DFKD_BUDGETS, DFKD_METHODS, KD_SAMPLES, reproduce_dfkd
+from exml_fast.experiments.dfkd import DFKD_BUDGETS, DFKD_METHODS, DFKD_RECIPES, KD_SAMPLES, PUBLIC_DFKD, reproduce_dfkd
 from exml_fast.experiments.table2 import reproduce_exml_mnist
 from exml_fast.experiments.zskd import ZSKD_NETWORKS, reproduce_zskd
 
@@ -56,6 +56,10 @@ def add_commands(sub) -> None:
     q.add_argument("--kd-samples", choices=KD_SAMPLES, default=None,
                    help="dfkd-mnist: a generator's KD student learns from a fixed class-balanced draw of the "
                         "budget's n inputs, or from fresh delegator samples at every KD step (default: fixed)")
+    q.add_argument("--recipe", choices=DFKD_RECIPES, default=None,
+                   help="dfkd-mnist: ours (every method on the ExML LeNet-5 pair, one KD recipe) or public (DAFL and "
+                        "DFAD as their public code runs them: its ReLU LeNet-5 pair, generators, optimisers, batch "
+                        "and steps, each method's own student; writes dfkd_mnist*_public.*) (default: ours)")
     q.add_argument("--strategies", default=None,
                    help="comma-separated subset of Table 2's (exml-mnist) or of the class-incremental ones (cil-*) "
                         "(default: all)")
@@ -75,6 +79,8 @@ def _reproduce(args) -> int:
         raise UsageError("--methods is for dfkd-mnist")
     if args.kd_samples is not None and args.experiment != "dfkd-mnist":
         raise UsageError("--kd-samples is for dfkd-mnist")
+    if args.recipe is not None and args.experiment != "dfkd-mnist":
+        raise UsageError("--recipe is for dfkd-mnist")
     if args.networks is not None and not args.experiment.startswith("zskd-"):
         raise UsageError("--networks is for zskd-mnist and zskd-fmnist")
     if args.seeds is not None and args.experiment not in CIL_EXPERIMENTS:
@@ -85,11 +91,16 @@ def _reproduce(args) -> int:
         budget = args.budget or "paper"
         if budget not in DFKD_BUDGETS:
             raise UsageError(f"--budget for dfkd-mnist: one of {', '.join(DFKD_BUDGETS)}")
+        recipe = args.recipe or "ours"
+        allowed = DFKD_METHODS if recipe == "ours" else tuple(PUBLIC_DFKD["fits"])
         methods = None if args.methods is None else tuple(m for m in args.methods.split(",") if m)
-        if methods is not None and (not methods or any(m not in DFKD_METHODS for m in methods)):
-            raise UsageError(f"--methods: comma-separated names among {', '.join(DFKD_METHODS)}; got {args.methods!r}")
+        if methods is not None and (not methods or any(m not in allowed for m in methods)):
+            raise UsageError(f"--methods: comma-separated names among {', '.join(allowed)}"
+                             + (" (--recipe public)" if recipe == "public" else "") + f"; got {args.methods!r}")
+        if recipe == "public" and args.kd_samples is not None:
+            raise UsageError("--kd-samples is for --recipe ours: the public recipe's students learn inside the fit")
         rec = reproduce_dfkd(args.experiment, budget=budget, seed=args.seed, methods=methods,
-                             kd_samples=args.kd_samples or "fixed", out=out,
+                             kd_samples=args.kd_samples or "fixed", recipe=recipe, out=out,
                              results=args.results, device=device, data_root=args.data_root, progress=args.progress)
         for r in rec["rows"]:
             print(f"{r['method']:18s} synthesis {r['synthesis_s']:7.0f} s  student validation "

@@ -19,10 +19,14 @@ from torch import nn
 from exml_fast._utils.batches import minibatch_bounds
 from exml_fast._utils.checks import check_choice, check_int, cpu_generator
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "augment_batch", "distill", "evaluate", "minibatch_bounds", "train_classifier"]
+__all__ = ["KD_LOSSES", "OPTIMIZERS", "SCHEDULES", "augment_batch", "distill", "evaluate", "minibatch_bounds",
+           "train_classifier"]
 
 #: Optimisers :func:`distill` accepts.
 OPTIMIZERS = ("sgd", "adam")
+#: The losses :func:`distill` can put between a student and its teacher: the KD loss at a temperature, or DFAD's
+#: L1 distance of the logits.
+KD_LOSSES = ("kd", "l1")
 #: Learning-rate schedules :func:`distill` and :func:`train_classifier` accept.
 SCHEDULES = ("constant", "cosine")
 
@@ -176,6 +180,7 @@ def distill(
     soft_targets: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     temperature: float = 20.0,
+    loss: str = "kd",
     epochs: int | None = None,
     iterations: int | None = None,
     batch_size: int = 64,
@@ -240,6 +245,9 @@ def distill(
         soft_targets: (N, K) float probabilities.
         labels: (N,) int64 class indices.
         temperature: τ > 0 of the KD / soft-target loss.
+        loss: with ``teacher``, one of :data:`KD_LOSSES`: "kd" (above) or "l1",
+            the mean absolute difference of the student's and the teacher's
+            logits (DFAD's student loss; ``temperature`` unused).
         epochs, iterations: the length of training, exactly one of them (ints >= 1):
             passes over ``x`` or optimiser steps.
         batch_size: minibatch size (>= 1).
@@ -304,6 +312,10 @@ def distill(
         check_int(iterations, "iterations", "distill", low=1)
     check_int(batch_size, "batch_size", "distill", low=1)
     check_choice(optimizer, "optimizer", "distill", OPTIMIZERS)
+    check_choice(loss, "loss", "distill", KD_LOSSES)
+    if loss != "kd" and teacher is None:
+        raise ValueError(f"distill: loss={loss!r} compares the student's logits with a teacher's; with "
+                         f"{sources[0]} the loss is fixed (leave loss='kd')")
     check_choice(schedule, "schedule", "distill", SCHEDULES)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"distill: lr must be a finite number > 0; got {lr!r}")
@@ -357,16 +369,17 @@ def distill(
         if teacher is not None:
             with torch.no_grad():
                 t_logits = teacher(xb).to(logits.dtype)
-            loss = kd_loss(logits, t_logits, temperature=float(temperature))
+            value = (kd_loss(logits, t_logits, temperature=float(temperature)) if loss == "kd"
+                     else F.l1_loss(logits, t_logits))
         elif soft_targets is not None:
-            loss = soft_target_cross_entropy(logits, soft_targets[idx].to(device, logits.dtype),
-                                             temperature=float(temperature))
+            value = soft_target_cross_entropy(logits, soft_targets[idx].to(device, logits.dtype),
+                                              temperature=float(temperature))
         else:
-            loss = F.cross_entropy(logits, labels[idx].to(device))
+            value = F.cross_entropy(logits, labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
         if sched is not None:
             sched.step()
-        log.add(step, loss)
+        log.add(step, value)
     return student.eval()

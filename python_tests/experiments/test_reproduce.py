@@ -186,6 +186,46 @@ def test_dfkd_arguments_are_checked(capsys):
     assert main(["reproduce", "zskd-mnist", "--kd-samples", "fresh"]) == 2
     assert "--kd-samples is for dfkd-mnist" in capsys.readouterr().err
     assert main(["reproduce", "dfkd-mnist", "--kd-samples", "new"]) == 2
+    # the public recipe: DAFL and DFAD only, students inside the fit
+    assert main(["reproduce", "dfkd-mnist", "--recipe", "public", "--methods", "skd"]) == 2
+    assert "--methods: comma-separated names among dafl, dfad (--recipe public); got 'skd'" in capsys.readouterr().err
+    assert main(["reproduce", "dfkd-mnist", "--recipe", "public", "--kd-samples", "fresh"]) == 2
+    assert "--kd-samples is for --recipe ours" in capsys.readouterr().err
+    assert main(["reproduce", "zskd-mnist", "--recipe", "public"]) == 2
+    assert "--recipe is for dfkd-mnist" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="recipe must be one of ours, public; got 'paper'"):
+        reproduce_dfkd(recipe="paper", results=None)
+    with pytest.raises(ValueError, match="recipe 'public' runs a non-empty subset of dafl, dfad"):
+        reproduce_dfkd(recipe="public", methods=("data-impressions",), results=None)
+    with pytest.raises(ValueError, match="kd_samples is for recipe 'ours'"):
+        reproduce_dfkd(recipe="public", kd_samples="fresh", results=None)
+
+
+@needs_mnist
+def test_dfkd_public_recipe_trains_each_methods_own_student_and_resumes(tmp_path):
+    args = ["reproduce", "dfkd-mnist", "--budget", "smoke", "--recipe", "public", "--out", str(tmp_path / "w"),
+            "--results", str(tmp_path / "res"), "--device", "cpu"]
+    assert main(args) == 0
+    rec = json.loads((tmp_path / "res" / "dfkd_mnist_smoke_public.json").read_text())
+    assert rec["recipe"] == "public" and [r["method"] for r in rec["rows"]] == ["dafl", "dfad"]
+    assert rec["networks"] == {"teacher": "lenet5_dafl", "student": "lenet5_half_dafl",
+                               "params": {"teacher": 61706, "student": 15738}}
+    assert rec["control"] is None  # each row has its own
+    by = {r["method"]: r for r in rec["rows"]}
+    assert (by["dafl"]["generator_arch"], by["dfad"]["generator_arch"]) == ("dafl", "dfad")
+    assert "kd" in by["dafl"]["fit_history_last"] and "imitate" in by["dfad"]["fit_history_last"]
+    for r in rec["rows"]:
+        assert (r["fit_iterations"], r["fit_batch_size"]) == (2, 32) and r["synthesis_s"] == r["fit_s"] > 0
+        assert all(0 <= r[k][s] <= 100 for k in ("student",) for s in ("validation", "test"))
+        assert r["control"]["n"] == 1500 and all(0 <= v <= 100 for v in r["control"]["student"].values())
+    assert (by["dafl"]["control"]["steps"], by["dfad"]["control"]["steps"]) == (2, 10)  # DFAD: 5 student steps each
+    best = max(rec["rows"], key=lambda r: r["student"]["validation"])
+    assert rec["selected"] == best["method"]
+    md = (tmp_path / "res" / "dfkd_mnist_smoke_public.md").read_text()
+    assert f"| {best['method']} **(selected)** | 2 × 32 |" in md and "61706 parameters" in md
+    assert "Adam lr 0.2" in md and "not the paper budget" in md
+    assert main(args) == 0  # read back
+    assert json.loads((tmp_path / "res" / "dfkd_mnist_smoke_public.json").read_text())["rows"] == rec["rows"]
 
 
 @needs_mnist
