@@ -133,6 +133,14 @@ def test_dfkd_smoke_compares_generators_with_data_impressions_and_resumes(tmp_pa
         assert all(0 <= r["student"][k] <= 100 for k in ("validation", "test"))
     by = {r["method"]: r for r in rec["rows"]}
     assert "fit_student" in by["dfad"] and "fit_student" not in by["dafl"]
+    # the "ours" recipe fits every generator with the settings its records were made with, not the presets' public
+    # code's (--recipe public)
+    for m in ("dafl", "dfad", "skd"):
+        job = torch.load(tmp_path / "w" / "smoke" / f"{m}_fit_seed0.pt", weights_only=False)["job"]
+        assert (job["lr_generator"], job["generator_betas"], job["lr_student"], job["student_kd"]) == \
+            (1e-3, [0.5, 0.999], 0.1, 0.0), m
+    dafl_job = torch.load(tmp_path / "w" / "smoke" / "dafl_fit_seed0.pt", weights_only=False)["job"]
+    assert dafl_job["weights"]["diversity"] == 5.0
     assert all(r["threads"] >= 1 for r in rec["rows"])
     for m in ("dafl", "dfad", "skd"):  # a generator's synthesis time includes its whole fit
         assert 0 < by[m]["fit_s"] < by[m]["synthesis_s"] and not by[m].get("fit_s_incomplete")
