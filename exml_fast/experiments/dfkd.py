@@ -540,14 +540,7 @@ def _markdown_public(record: dict[str, Any]) -> str:
               "held-out validation images (the choice between the methods) and on the test set, where their code "
               "reports the best test accuracy over its epochs; DAFL's activation term reads the teacher's "
               "classifier input (the 84 features before the last layer) where DAFL's reads the 120 after conv5."]
-    lines += ["", "Published anchors (their own teachers; GPU budgets):", "",
-              "| method | teacher (%) | student (%) |", "|---|---:|---:|"]
-    for name, a in record["paper"]["anchors"].items():
-        lines.append(f"| {name} | {a['teacher']:.2f} | {a['student']:.2f} |")
-    lines += ["", f"Goal: ≥ {record['paper']['goal']} % test accuracy."]
-    if record["budget"] != "paper":
-        lines += ["", f"Budget `{record['budget']}` is not the paper budget: fewer generator steps than the "
-                  "public code runs."]
+    lines += _anchors(record, "GPU budgets", ": fewer generator steps than the public code runs")
     return "\n".join(lines) + "\n"
 
 
@@ -595,11 +588,18 @@ def _markdown(record: dict[str, Any]) -> str:
         if "fit_student" in r:
             lines += ["", f"The {r['method']} fit's own adversarial LeNet-5-Half (no KD stage): validation "
                           f"{r['fit_student']['validation']:.2f} %, test {r['fit_student']['test']:.2f} %."]
-    lines += ["", "Published anchors (their own teachers; GPU budgets of tens of thousands of generator steps):", "",
-              "| method | teacher (%) | student (%) |", "|---|---:|---:|"]
+    lines += _anchors(record, "GPU budgets of tens of thousands of generator steps")
+    return "\n".join(lines) + "\n"
+
+
+def _anchors(record: dict[str, Any], budgets: str, short: str = "") -> list[str]:
+    """The record's closing lines: the published anchors (on ``budgets``), the goal, and a note when the budget
+    is not the paper's (``short``: why it falls short)."""
+    lines = ["", f"Published anchors (their own teachers; {budgets}):", "",
+             "| method | teacher (%) | student (%) |", "|---|---:|---:|"]
     for name, a in record["paper"]["anchors"].items():
         lines.append(f"| {name} | {a['teacher']:.2f} | {a['student']:.2f} |")
     lines += ["", f"Goal: ≥ {record['paper']['goal']} % test accuracy."]
     if record["budget"] != "paper":
-        lines += ["", f"Budget `{record['budget']}` is not the paper budget."]
-    return "\n".join(lines) + "\n"
+        lines += ["", f"Budget `{record['budget']}` is not the paper budget{short}."]
+    return lines
