@@ -42,7 +42,7 @@ from exml_fast.training import distill, evaluate
 #: start clipped to [0, 1]) at Adam lr 0.05 for 400 steps; KD by SGD lr 0.05 (momentum 0.9, weight decay 5e-4).
 BASE = {"real": False, "space": "input", "lr": 0.05, "iters": 400, "tv_l2": 0.0, "rescale": None,
         "beta": [1.0, 0.1], "kd_opt": "sgd", "kd_lr": 0.05, "kd_wd": 5e-4, "kd_tau": 20.0, "kd_seed": 0,
-        "kd_warmup": 0}
+        "kd_warmup": 0, "kd_rotate": 0.0, "kd_scale": 0.0}
 
 #: name -> (what it changes, the settings over BASE).
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -84,6 +84,16 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                      "kd_seed": 2}),
     "dataset_lr0.01_1500it": ("DIs in MNIST coordinates, Adam 0.01 x 1500 (the paper's steps); KD SGD 0.01",
                               {"space": "dataset", "lr": 0.01, "iters": 1500, "kd_lr": 0.01}),
+    "dataset_lr0.01_warmup_affine": ("the DIs of dataset_lr0.01; KD with the warm-up, each DI also rotated by up to "
+                                     "15 degrees and zoomed by 0.9-1.1 (the paper's scaling and rotation)",
+                                     {"space": "dataset", "lr": 0.01, "kd_lr": 0.01, "kd_warmup": 500,
+                                      "kd_rotate": 15.0, "kd_scale": 0.1}),
+    "dataset_lr0.01_warmup_affine_kdseed1": ("... seed 1", {"space": "dataset", "lr": 0.01, "kd_lr": 0.01,
+                                                            "kd_warmup": 500, "kd_rotate": 15.0, "kd_scale": 0.1,
+                                                            "kd_seed": 1}),
+    "dataset_lr0.01_warmup_affine_kdseed2": ("... seed 2", {"space": "dataset", "lr": 0.01, "kd_lr": 0.01,
+                                                            "kd_warmup": 500, "kd_rotate": 15.0, "kd_scale": 0.1,
+                                                            "kd_seed": 2}),
     "dataset_lr0.01_1500it_warmup": ("the DIs of dataset_lr0.01_1500it; KD SGD 0.01 with a 500-step warm-up",
                                      {"space": "dataset", "lr": 0.01, "iters": 1500, "kd_lr": 0.01, "kd_warmup": 500}),
 }
@@ -134,8 +144,8 @@ def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, se
     t0 = time.perf_counter()
     distill(student, inputs, teacher=teacher, temperature=cfg["kd_tau"], epochs=kd_epochs, batch_size=64,
             lr=cfg["kd_lr"], optimizer=cfg["kd_opt"], weight_decay=cfg["kd_wd"], schedule="cosine",
-            warmup=cfg.get("kd_warmup", 0), augment=True, pad_crop=4, max_shift=1, flip=False, fill=0.0,
-            generator=seed + cfg.get("kd_seed", 0))
+            warmup=cfg.get("kd_warmup", 0), rotate=cfg.get("kd_rotate", 0.0), scale=cfg.get("kd_scale", 0.0),
+            augment=True, pad_crop=4, max_shift=1, flip=False, fill=0.0, generator=seed + cfg.get("kd_seed", 0))
     scores = {k: 100 * evaluate(student, *xy) for k, xy in evaluation.items()}
     return {"variant": name, "what": VARIANTS[name][0], "settings": cfg, **scores, **diag,
             "synthesis_s": t_synth, "kd_s": time.perf_counter() - t0}
@@ -160,7 +170,8 @@ def markdown(rec: dict) -> str:
     for r in rec["rows"]:
         if not r["settings"]["real"]:
             recipe = {k: v for k, v in r["settings"].items() if k != "kd_seed"}
-            recipe.setdefault("kd_warmup", 0)  # rows from before the warm-up existed ran without one
+            for key, off in (("kd_warmup", 0), ("kd_rotate", 0.0), ("kd_scale", 0.0)):
+                recipe.setdefault(key, off)  # rows from before the option existed ran without it
             groups.setdefault(json.dumps(recipe, sort_keys=True), []).append(r)
     if groups:
         best = max(groups.values(), key=lambda g: sum(r["validation"] for r in g) / len(g))

@@ -9,7 +9,7 @@ from torch import nn
 
 from exml_fast.ops import kd_loss
 from exml_fast.training import (KD_LOSSES, OPTIMIZERS, SCHEDULES, distill, evaluate, minibatch_bounds,
-                                train_classifier)
+                                random_affine, train_classifier)
 
 K = 4
 
@@ -200,6 +200,49 @@ def test_distill_l1_loss_closes_the_logit_gap_as_dfads_student_does():
         distill(tiny_model(0), x, labels=torch.zeros(64, dtype=torch.long), loss="l1", epochs=1)
     with pytest.raises(ValueError, match="loss must be one of kd, l1; got 'mse'"):
         distill(tiny_model(0), x, teacher=teacher, loss="mse", epochs=1)
+
+
+def test_random_affine_rotates_and_zooms_each_sample_about_its_centre():
+    g = torch.Generator().manual_seed(0)
+    x = toy_data(6, seed=3)
+    torch.testing.assert_close(random_affine(x, g), x, atol=1e-5, rtol=0)  # no rotation, no zoom: the identity
+    # a centred radial blob is unchanged by any rotation
+    r2 = (torch.arange(16.0) - 7.5).pow(2)
+    blob = torch.exp(-(r2[:, None] + r2[None, :]) / 32).expand(5, 1, 16, 16)
+    inside = (r2[:, None] + r2[None, :]) < 49  # the inscribed disc: no pixel there comes from outside
+    torch.testing.assert_close(random_affine(blob, g, degrees=180)[..., inside], blob[..., inside], atol=0.02, rtol=0)
+    # a zoom below 1 shrinks the image: its corners come from outside and take the fill; above 1 they do not
+    ones = torch.ones(8, 1, 16, 16)
+    out = random_affine(ones, torch.Generator().manual_seed(1), scale=0.5, fill=-2.0)
+    zoom = 1 + (torch.rand(8, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1)[:, 1] * 0.5
+    for k in range(8):
+        corner = out[k, 0, 0, 0].item()
+        assert corner < -1.5 if zoom[k] < 0.9 else corner == pytest.approx(1.0) if zoom[k] >= 1 else True, (k, zoom[k])
+        assert out[k, 0, 8, 8].item() == pytest.approx(1.0)  # the centre stays
+    # each sample its own draw; a point off centre moves along a circle about the centre
+    dot = torch.zeros(8, 1, 33, 33)
+    dot[:, :, 16, 26] = 1.0
+    moved = random_affine(dot, torch.Generator().manual_seed(2), degrees=90)
+    where = [divmod(int(m.flatten().argmax()), 33) for m in moved]
+    assert len(set(where)) >= 5 and all(abs(((i - 16) ** 2 + (j - 16) ** 2) ** 0.5 - 10) <= 1.5 for i, j in where)
+    for kw, match in (({"degrees": 200}, "degrees must be a number in"), ({"scale": 1.0}, "scale must be a number in")):
+        with pytest.raises(ValueError, match=match):
+            random_affine(x, g, **kw)
+
+
+def test_distill_rotation_and_zoom_augment_reproducibly_and_default_off():
+    x, teacher = toy_data(32), teacher_model()
+
+    def run(**kw):
+        model = tiny_model(0)
+        distill(model, x, teacher=teacher, iterations=3, batch_size=16, lr=0.05, generator=0, **kw)
+        return params_of(model)
+
+    torch.testing.assert_close(run(rotate=15, scale=0.1), run(rotate=15, scale=0.1), rtol=0, atol=0)
+    assert not torch.equal(run(rotate=15, scale=0.1), run())
+    assert torch.equal(run(rotate=0.0, scale=0.0), run())  # off: no draws, the run of before
+    with pytest.raises(ValueError, match="degrees must be a number in"):
+        run(rotate=-5)
 
 
 def test_distill_warmup_scales_the_first_steps_lr_then_follows_the_schedule():

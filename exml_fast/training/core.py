@@ -20,7 +20,7 @@ from exml_fast._utils.batches import minibatch_bounds
 from exml_fast._utils.checks import check_choice, check_int, cpu_generator
 
 __all__ = ["KD_LOSSES", "OPTIMIZERS", "SCHEDULES", "augment_batch", "distill", "evaluate", "minibatch_bounds",
-           "train_classifier"]
+           "random_affine", "train_classifier"]
 
 #: Optimisers :func:`distill` accepts.
 OPTIMIZERS = ("sgd", "adam")
@@ -78,6 +78,31 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None, *, pad_cro
     if isinstance(fill, torch.Tensor) or fill:
         return augment_with_params(x - fill, params, pad_crop=pad_crop) + fill
     return augment_with_params(x, params, pad_crop=pad_crop)
+
+
+def random_affine(x: torch.Tensor, generator: torch.Generator | None, *, degrees: float = 0.0, scale: float = 0.0,
+                  fill: float = 0.0) -> torch.Tensor:
+    """Per-sample random rotation and zoom of a (B, C, H, W) minibatch about its centre (bilinear).
+
+    Each sample is rotated by an angle drawn uniformly in ``[-degrees, degrees]`` and scaled by a factor drawn
+    uniformly in ``[1 - scale, 1 + scale]``; the draws (two per sample) are made on the CPU from ``generator``.
+    Pixels that come from outside the image take the value ``fill`` (in the space of ``x``). The Data Impressions
+    paper augments its DIs with "scaling, translation, rotation" for the distillation; this is the scaling and
+    rotation (translation: :func:`augment_batch`).
+    """
+    if not (isinstance(degrees, (int, float)) and 0 <= degrees <= 180):
+        raise ValueError(f"random_affine: degrees must be a number in [0, 180]; got {degrees!r}")
+    if not (isinstance(scale, (int, float)) and 0 <= scale < 1):
+        raise ValueError(f"random_affine: scale must be a number in [0, 1); got {scale!r}")
+    b = x.shape[0]
+    u = torch.rand(b, 2, generator=generator, dtype=torch.float64) * 2 - 1
+    angle = u[:, 0] * math.radians(degrees)
+    zoom = 1 + u[:, 1] * scale
+    # affine_grid maps each output pixel to where it samples the input: the inverse rotation, divided by the zoom
+    cos, sin, zero = torch.cos(angle) / zoom, torch.sin(angle) / zoom, torch.zeros(b, dtype=torch.float64)
+    theta = torch.stack([torch.stack([cos, sin, zero], 1), torch.stack([-sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
 
 
 def _sampled(sampler: Callable[[int, torch.Generator], torch.Tensor], batch_size: int,
@@ -194,6 +219,8 @@ def distill(
     pad_crop: int = 4,
     max_shift: int = 0,
     flip: bool = False,
+    rotate: float = 0.0,
+    scale: float = 0.0,
     fill: float = 0.0,
     generator: torch.Generator | int | None = None,
     log_every: int = 0,
@@ -262,6 +289,9 @@ def distill(
             (benches/results/zskd_di_study_cpu.md); a warm-up prevents it.
         augment, pad_crop, max_shift, flip, fill: the augmentation (above);
             ``pad_crop`` and ``max_shift`` are ints >= 0.
+        rotate, scale: with ``augment``, first rotate each sample by up to
+            ``rotate`` degrees and zoom it by a factor in ``[1 - scale, 1 + scale]``
+            (:func:`random_affine`; 0 and 0: not at all, and no draws made).
         generator: None (torch's default CPU generator), an int seed or a CPU
             ``torch.Generator``.
         log_every: print the running loss every this many steps (0: silent).
@@ -349,6 +379,9 @@ def distill(
     if teacher is not None:
         teacher.eval()
     do_augment = augment and (pad_crop > 0 or max_shift > 0 or flip)
+    do_affine = augment and (rotate or scale)
+    if do_affine:  # checked here, before any step
+        random_affine(torch.zeros(1, 1, 2, 2), torch.Generator(), degrees=rotate, scale=scale)
 
     student.train()
     log = _LossLog(log_every, total, "distill step", width=5)
@@ -363,6 +396,8 @@ def distill(
             idx = perm[bounds[pos][0] : bounds[pos][1]]
             pos += 1
             xb = x[idx].to(device)
+        if do_affine:
+            xb = random_affine(xb, gen, degrees=rotate, scale=scale, fill=fill)
         if do_augment:
             xb = augment_batch(xb, gen, pad_crop=pad_crop, max_shift=max_shift, flip=flip, fill=fill)
         logits = student(xb)
