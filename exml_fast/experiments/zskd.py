@@ -305,8 +305,10 @@ def _markdown(record: dict[str, Any], at_least: str) -> str:
     if record["networks"] == "paper":
         lines += ["", "Differences from the paper: its networks' layers follow its reference [9]'s public code "
                   "(ReLU, max-pooling; the parameter counts are the paper's); the paper gives no training recipe "
-                  "for the teacher or the student, and our DI and KD settings were chosen on MNIST's validation "
-                  "split (benches/results/zskd_di_study_cpu.md); its public code (CIFAR-10 only) trains the "
+                  "for the teacher or the student beyond augmenting the DIs by scaling, translation, rotation and "
+                  "flipping (we translate only: rotation and zoom did not help on the validation split), and our DI "
+                  "and KD settings were chosen on MNIST's validation split (benches/results/zskd_di_study_cpu.md); "
+                  "its public code (CIFAR-10 only) trains the "
                   "student with Adam on the DIs' stored soft labels and reports the best epoch's test accuracy, we "
                   "report the final student's."]
     if record["budget"] != "paper":
