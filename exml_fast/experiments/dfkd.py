@@ -533,6 +533,13 @@ def _markdown_public(record: dict[str, Any]) -> str:
         lines.append(f"| {name} | {r['fit_iterations']} × {r['fit_batch_size']} | {at_least}{r['fit_s']:.0f} | "
                      f"{_threads_cell(r)} | {r['student']['validation']:.2f} | {r['student']['test']:.2f} | "
                      f"{c['validation']:.2f} | {c['test']:.2f} |")
+    lines += ["", "The last logged window of each fit (the teacher's mean top-class probability on the generator's "
+              "samples, and the loss terms; a confidence near 0.1 is a generator whose samples the teacher cannot "
+              "tell apart):", ""]
+    for r in rows:
+        last = r.get("fit_history_last", {})
+        terms = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k != "teacher_confidence")
+        lines.append(f"- {r['method']}: teacher confidence {last.get('teacher_confidence', float('nan')):.3f}; {terms}")
     lines += ["", "Each row's control is the ceiling it is read against: the same student (same initialisation) "
               "trained by its method's student loss, optimiser, batch and number of steps on the real training "
               "split (labels unused) instead of the generator's samples.",
