@@ -42,7 +42,7 @@ from exml_fast.training import distill, evaluate
 #: start clipped to [0, 1]) at Adam lr 0.05 for 400 steps; KD by SGD lr 0.05 (momentum 0.9, weight decay 5e-4).
 BASE = {"real": False, "space": "input", "lr": 0.05, "iters": 400, "tv_l2": 0.0, "rescale": None,
         "beta": [1.0, 0.1], "kd_opt": "sgd", "kd_lr": 0.05, "kd_wd": 5e-4, "kd_tau": 20.0, "kd_seed": 0,
-        "kd_warmup": 0, "kd_rotate": 0.0, "kd_scale": 0.0}
+        "kd_warmup": 0, "kd_rotate": 0.0, "kd_scale": 0.0, "kd_targets": "teacher"}
 
 #: name -> (what it changes, the settings over BASE).
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -94,6 +94,23 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "dataset_lr0.01_warmup_affine_kdseed2": ("... seed 2", {"space": "dataset", "lr": 0.01, "kd_lr": 0.01,
                                                             "kd_warmup": 500, "kd_rotate": 15.0, "kd_scale": 0.1,
                                                             "kd_seed": 2}),
+    "dataset_lr0.01_warmup_soft": ("the DIs of dataset_lr0.01; the student learns their stored Dirichlet targets at "
+                                   "τ 20 (ZSKD's public code) instead of the teacher's outputs; the warm-up",
+                                   {"space": "dataset", "lr": 0.01, "kd_lr": 0.01, "kd_warmup": 500,
+                                    "kd_targets": "soft"}),
+    "dataset_lr0.01_warmup_soft_kdseed1": ("... seed 1", {"space": "dataset", "lr": 0.01, "kd_lr": 0.01,
+                                                          "kd_warmup": 500, "kd_targets": "soft", "kd_seed": 1}),
+    "dataset_lr0.01_warmup_soft_kdseed2": ("... seed 2", {"space": "dataset", "lr": 0.01, "kd_lr": 0.01,
+                                                          "kd_warmup": 500, "kd_targets": "soft", "kd_seed": 2}),
+    "dataset_lr0.01_soft_adam": ("... stored targets with ZSKD's optimiser, Adam 1e-3 (no weight decay)",
+                                 {"space": "dataset", "lr": 0.01, "kd_opt": "adam", "kd_lr": 0.001, "kd_wd": 0.0,
+                                  "kd_warmup": 500, "kd_targets": "soft"}),
+    "dataset_lr0.01_soft_adam_kdseed1": ("... seed 1", {"space": "dataset", "lr": 0.01, "kd_opt": "adam",
+                                                        "kd_lr": 0.001, "kd_wd": 0.0, "kd_warmup": 500,
+                                                        "kd_targets": "soft", "kd_seed": 1}),
+    "dataset_lr0.01_soft_adam_kdseed2": ("... seed 2", {"space": "dataset", "lr": 0.01, "kd_opt": "adam",
+                                                        "kd_lr": 0.001, "kd_wd": 0.0, "kd_warmup": 500,
+                                                        "kd_targets": "soft", "kd_seed": 2}),
     "dataset_lr0.01_1500it_warmup": ("the DIs of dataset_lr0.01_1500it; KD SGD 0.01 with a 500-step warm-up",
                                      {"space": "dataset", "lr": 0.01, "iters": 1500, "kd_lr": 0.01, "kd_warmup": 500}),
 }
@@ -117,7 +134,7 @@ def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, se
     t0 = time.perf_counter()
     if cfg["real"]:
         idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
-        inputs, diag = x[idx], {}
+        inputs, diag, soft = x[idx], {}, None
     else:
         if cfg["space"] == "dataset":
             mean, std = DATASET_STATS["mnist"]
@@ -133,6 +150,7 @@ def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, se
         dis = synth.synthesize(n, iterations=cfg["iters"], batch_size=800, generator=seed,
                                save_to=work / f"dis_{key}")
         inputs = (dis.x * std + mean).clamp_(0.0, 1.0)
+        soft = dis.soft_targets
         with torch.no_grad():
             logits = teacher(inputs)
         diag = {"saturated": float(((inputs <= 1e-3) | (inputs >= 1 - 1e-3)).float().mean()),
@@ -142,7 +160,8 @@ def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, se
         torch.manual_seed(seed + 1 + cfg.get("kd_seed", 0))
         student = LeNet5HalfZSKD()
     t0 = time.perf_counter()
-    distill(student, inputs, teacher=teacher, temperature=cfg["kd_tau"], epochs=kd_epochs, batch_size=64,
+    targets = ({"soft_targets": soft} if cfg.get("kd_targets", "teacher") == "soft" else {"teacher": teacher})
+    distill(student, inputs, **targets, temperature=cfg["kd_tau"], epochs=kd_epochs, batch_size=64,
             lr=cfg["kd_lr"], optimizer=cfg["kd_opt"], weight_decay=cfg["kd_wd"], schedule="cosine",
             warmup=cfg.get("kd_warmup", 0), rotate=cfg.get("kd_rotate", 0.0), scale=cfg.get("kd_scale", 0.0),
             augment=True, pad_crop=4, max_shift=1, flip=False, fill=0.0, generator=seed + cfg.get("kd_seed", 0))
@@ -170,7 +189,7 @@ def markdown(rec: dict) -> str:
     for r in rec["rows"]:
         if not r["settings"]["real"]:
             recipe = {k: v for k, v in r["settings"].items() if k != "kd_seed"}
-            for key, off in (("kd_warmup", 0), ("kd_rotate", 0.0), ("kd_scale", 0.0)):
+            for key, off in (("kd_warmup", 0), ("kd_rotate", 0.0), ("kd_scale", 0.0), ("kd_targets", "teacher")):
                 recipe.setdefault(key, off)  # rows from before the option existed ran without it
             groups.setdefault(json.dumps(recipe, sort_keys=True), []).append(r)
     if groups:
