@@ -80,6 +80,14 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None, *, pad_cro
     return augment_with_params(x, params, pad_crop=pad_crop)
 
 
+def _check_affine(degrees, scale) -> None:
+    """Raises ValueError unless :func:`random_affine` can take ``degrees`` and ``scale``."""
+    if not (isinstance(degrees, (int, float)) and 0 <= degrees <= 180):
+        raise ValueError(f"random_affine: degrees must be a number in [0, 180]; got {degrees!r}")
+    if not (isinstance(scale, (int, float)) and 0 <= scale < 1):
+        raise ValueError(f"random_affine: scale must be a number in [0, 1); got {scale!r}")
+
+
 def random_affine(x: torch.Tensor, generator: torch.Generator | None, *, degrees: float = 0.0, scale: float = 0.0,
                   fill: float = 0.0) -> torch.Tensor:
     """Per-sample random rotation and zoom of a (B, C, H, W) minibatch about its centre (bilinear).
@@ -90,10 +98,7 @@ def random_affine(x: torch.Tensor, generator: torch.Generator | None, *, degrees
     paper augments its DIs with "scaling, translation, rotation" for the distillation; this is the scaling and
     rotation (translation: :func:`augment_batch`).
     """
-    if not (isinstance(degrees, (int, float)) and 0 <= degrees <= 180):
-        raise ValueError(f"random_affine: degrees must be a number in [0, 180]; got {degrees!r}")
-    if not (isinstance(scale, (int, float)) and 0 <= scale < 1):
-        raise ValueError(f"random_affine: scale must be a number in [0, 1); got {scale!r}")
+    _check_affine(degrees, scale)
     b = x.shape[0]
     u = torch.rand(b, 2, generator=generator, dtype=torch.float64) * 2 - 1
     angle = u[:, 0] * math.radians(degrees)
@@ -381,7 +386,7 @@ def distill(
     do_augment = augment and (pad_crop > 0 or max_shift > 0 or flip)
     do_affine = augment and (rotate or scale)
     if do_affine:  # checked here, before any step
-        random_affine(torch.zeros(1, 1, 2, 2), torch.Generator(), degrees=rotate, scale=scale)
+        _check_affine(rotate, scale)
 
     student.train()
     log = _LossLog(log_every, total, "distill step", width=5)
