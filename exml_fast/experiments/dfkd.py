@@ -282,12 +282,8 @@ def _run_public(method, teacher, spec, *, n, seed, mean, std, out, device, progr
     row: dict[str, Any] = {"method": method, "recipe": "public", "threads": torch.get_num_threads(),
                            "fit_iterations": iterations, "fit_batch_size": batch_size,
                            "generator_arch": synth.generator_arch}
-    row["fit_s"], incomplete = seconds_or_lower_bound(fit.seconds, t0)
-    if incomplete:
-        row["fit_s_incomplete"] = True
+    _record_fit(row, fit, t0)
     row["synthesis_s"] = row["fit_s"]  # the fit is the synthesis, and the student learns inside it
-    row["fit_segments"] = fit.segments
-    row["fit_history_last"] = {k: v[-1] for k, v in fit.history.items() if v}
     row["balanced"] = False
     gen = torch.Generator().manual_seed(seed)
     row["class_counts"] = _teacher_counts(teacher, (synth.sample(min(1000, n - i), gen) for i in range(0, n, 1000)),
@@ -312,6 +308,16 @@ def _run_public(method, teacher, spec, *, n, seed, mean, std, out, device, progr
     row["control"]["steps"] = steps
     atomic_write(done, lambda f: f.write(json.dumps(row, indent=1).encode()))
     return row
+
+
+def _record_fit(row: dict[str, Any], fit, t0: float) -> None:
+    """A generator fit's time, invocations and last logged window, into ``row``."""
+    # A fit resumed across invocations: its steps' time summed over them, not this invocation's share.
+    row["fit_s"], incomplete = seconds_or_lower_bound(fit.seconds, t0)
+    if incomplete:
+        row["fit_s_incomplete"] = True  # resumed from a checkpoint that did not record its time
+    row["fit_segments"] = fit.segments  # the fit's steps per invocation, with the threads each ran on
+    row["fit_history_last"] = {k: v[-1] for k, v in fit.history.items() if v}
 
 
 def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progress, evaluation,
@@ -343,12 +349,7 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
                                       weights=OURS_WEIGHTS.get(method), **OURS_GENERATOR_SETTINGS)
         fit = synth.fit(spec["fit_iterations"], batch_size=spec["fit_batch_size"], generator=seed,
                         checkpoint=out / f"{method}_fit_seed{seed}.pt", checkpoint_every=25, progress=progress)
-        # A fit resumed across invocations: its steps' time summed over them, not this invocation's share.
-        row["fit_s"], incomplete = seconds_or_lower_bound(fit.seconds, t0)
-        if incomplete:
-            row["fit_s_incomplete"] = True  # resumed from a checkpoint that did not record its time
-        row["fit_segments"] = fit.segments  # the fit's steps per invocation, with the threads each ran on
-        row["fit_history_last"] = {k: v[-1] for k, v in fit.history.items() if v}
+        _record_fit(row, fit, t0)
         if method == "dfad":
             fit_student = fit.student
         if fresh:
