@@ -40,7 +40,7 @@ from exml_fast.training import distill, evaluate
 
 #: The recipe every variant starts from: DIs optimised on pixel inputs (the teacher's own coordinates, N(0, 1)
 #: start clipped to [0, 1]) at Adam lr 0.05 for 400 steps; KD by SGD lr 0.05 (momentum 0.9, weight decay 5e-4).
-BASE = {"real": False, "space": "input", "lr": 0.05, "iters": 400, "tv_l2": 0.0, "rescale": None,
+BASE = {"real": False, "space": "input", "lr": 0.05, "iters": 400, "tau": 20.0, "tv_l2": 0.0, "rescale": None,
         "beta": [1.0, 0.1], "kd_opt": "sgd", "kd_lr": 0.05, "kd_wd": 5e-4, "kd_tau": 20.0, "kd_seed": 0,
         "kd_warmup": 0, "kd_rotate": 0.0, "kd_scale": 0.0, "kd_targets": "teacher"}
 
@@ -116,6 +116,25 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
+def _with_kd_seeds(name: str, what: str, cfg: dict) -> None:
+    """Adds ``name`` and its KD seeds 1 and 2 (the same DIs, another student initialisation and batch order)."""
+    VARIANTS[name] = (what, cfg)
+    for seed in (1, 2):
+        VARIANTS[f"{name}_kdseed{seed}"] = (f"... seed {seed}", {**cfg, "kd_seed": seed})
+
+
+_PAPER_STEPS = {"space": "dataset", "lr": 0.01, "iters": 1500, "kd_lr": 0.01, "kd_warmup": 500}
+VARIANTS["dataset_lr0.01_1500it_warmup_kdseed1"] = ("... seed 1", {**_PAPER_STEPS, "kd_seed": 1})
+VARIANTS["dataset_lr0.01_1500it_warmup_kdseed2"] = ("... seed 2", {**_PAPER_STEPS, "kd_seed": 2})
+# The DIs' targets are Dirichlet draws at the synthesis temperature: a draw of max 0.8 at τ 20 asks the teacher
+# for a logit gap of about 20 ln 40 ≈ 74, far beyond its logits on real images; a lower synthesis τ asks for
+# the same target within its range (the KD stays at τ 20).
+for _tau in (2, 5, 10):
+    _with_kd_seeds(f"dataset_lr0.01_1500it_tau{_tau}_warmup",
+                   f"DIs in MNIST coordinates, Adam 0.01 x 1500, targets at synthesis τ {_tau} (KD stays at τ 20); "
+                   "KD SGD 0.01 with the warm-up", {**_PAPER_STEPS, "tau": float(_tau)})
+
+
 class _RescaledDI(DataImpressions):
     """Data Impressions whose every image is min-max rescaled onto the pixel range after each Adam step."""
 
@@ -142,10 +161,12 @@ def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, se
         else:
             mean, std, synth_teacher = 0.0, 1.0, teacher
         keys = {k: cfg[k] for k in ("space", "lr", "iters", "tv_l2", "rescale", "beta")}
+        if cfg["tau"] != 20.0:  # keyed only when set, so the DIs of the rows before it keep their folders
+            keys["tau"] = cfg["tau"]
         key = hashlib.md5(json.dumps({**keys, "n": n, "seed": seed}, sort_keys=True).encode()).hexdigest()[:10]
         cls = _RescaledDI if cfg["rescale"] else DataImpressions
         synth = cls(synth_teacher, input_shape=(1, 32, 32), mean=mean, std=std, beta=tuple(cfg["beta"]),
-                    temperature=20.0,
+                    temperature=cfg["tau"],
                     lr=cfg["lr"], jitter=2, flip=False, tv_l2_weight=cfg["tv_l2"], cuda_graph=False)
         dis = synth.synthesize(n, iterations=cfg["iters"], batch_size=800, generator=seed,
                                save_to=work / f"dis_{key}")
@@ -153,8 +174,11 @@ def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, se
         soft = dis.soft_targets
         with torch.no_grad():
             logits = teacher(inputs)
+        p_tau = torch.log_softmax(logits / cfg["tau"], 1)  # how far the DIs (as the student sees them) are
+        kl = (soft * (soft.clamp_min(1e-12).log() - p_tau)).sum(1)  # from their targets
         diag = {"saturated": float(((inputs <= 1e-3) | (inputs >= 1 - 1e-3)).float().mean()),
-                "pixel_mean": float(inputs.mean()), "teacher_max_abs_logit": float(logits.abs().amax(1).median())}
+                "pixel_mean": float(inputs.mean()), "teacher_max_abs_logit": float(logits.abs().amax(1).median()),
+                "target_kl": float(kl.mean())}
     t_synth = time.perf_counter() - t0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1 + cfg.get("kd_seed", 0))
@@ -177,19 +201,23 @@ def markdown(rec: dict) -> str:
              f"{rec['teacher']['validation']:.2f} %, test {rec['teacher']['test']:.2f} %; student "
              "`lenet5_half_zskd`",
              "- saturated: the fraction of the DIs' pixels at 0 or 1; logit: the median over DIs of the teacher's "
-             "largest |logit|; seconds by the host clock (synthesis 0: the DIs of an earlier row, read back)", "",
-             "| variant | what changes | validation (%) | test (%) | saturated | logit | synthesis (s) | KD (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "largest |logit|; KL: the mean KL divergence from each DI's Dirichlet target to the teacher's output "
+             "on it at the synthesis temperature (how far the targets were from reached; blank: not measured "
+             "then); seconds by the host clock (synthesis 0: the DIs of an earlier row, read back)", "",
+             "| variant | what changes | validation (%) | test (%) | saturated | logit | KL | synthesis (s) | KD (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rec["rows"]:
         sat = f"{r['saturated']:.2f}" if "saturated" in r else ""
         lg = f"{r['teacher_max_abs_logit']:.1f}" if "teacher_max_abs_logit" in r else ""
+        kl = f"{r['target_kl']:.2f}" if "target_kl" in r else ""
         lines.append(f"| {r['variant']} | {r['what']} | {r['validation']:.2f} | {r['test']:.2f} | {sat} | {lg} | "
-                     f"{r['synthesis_s']:.0f} | {r['kd_s']:.0f} |")
+                     f"{kl} | {r['synthesis_s']:.0f} | {r['kd_s']:.0f} |")
     groups: dict[str, list[dict]] = {}  # a recipe's rows: the same settings but the KD seed
     for r in rec["rows"]:
         if not r["settings"]["real"]:
             recipe = {k: v for k, v in r["settings"].items() if k != "kd_seed"}
-            for key, off in (("kd_warmup", 0), ("kd_rotate", 0.0), ("kd_scale", 0.0), ("kd_targets", "teacher")):
+            for key, off in (("kd_warmup", 0), ("kd_rotate", 0.0), ("kd_scale", 0.0), ("kd_targets", "teacher"),
+                             ("tau", 20.0)):
                 recipe.setdefault(key, off)  # rows from before the option existed ran without it
             groups.setdefault(json.dumps(recipe, sort_keys=True), []).append(r)
     if groups:

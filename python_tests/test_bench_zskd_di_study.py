@@ -24,7 +24,7 @@ def test_study_writes_the_variants_and_skips_them_on_a_rerun(tmp_path, monkeypat
     assert [r["variant"] for r in rec["rows"]] == ["real", "dataset_lr0.01"]
     assert rec["train_images"] == 1000 and rec["n"] == 16
     di = rec["rows"][1]
-    assert di["settings"]["space"] == "dataset" and 0 <= di["saturated"] <= 1
+    assert di["settings"]["space"] == "dataset" and 0 <= di["saturated"] <= 1 and di["target_kl"] >= 0
     assert all(0 <= r[k] <= 100 for r in rec["rows"] for k in ("validation", "test"))
     md = (tmp_path / "zskd_di_study_cpu.md").read_text()
     assert "| dataset_lr0.01 |" in md and "averaged over its KD seeds (`dataset_lr0.01` " in md

@@ -1003,6 +1003,15 @@ class DataImpressions(_Inversion):
     ``bn_weight > 0`` (the Ex-Model CL paper's DI: BNS 1.0) the BN term takes
     that paper's form by default (``bn_form="sq_std"``; "l2" is DeepInversion's).
 
+    Mind τ against the teacher's logit scale: a target of max 0.8 at τ 20 asks
+    for a gap of about 74 between logits. A teacher trained with weight decay
+    (largest logit about 13 on real MNIST digits) cannot give it within the
+    pixel range, so the inputs saturate and still miss their targets; on such a
+    LeNet-5, τ 5 gave a student 10 points more than τ 20 at 2400 DIs
+    (benches/results/zskd_di_study_cpu.md). The KL divergence from the
+    result's ``soft_targets`` to ``softmax(teacher(x) / τ)`` says which case
+    one is in: 0.7 nats there at τ 20, 0.09 at τ 5.
+
     Args:
         beta: a β or a sequence of them.
         classifier_weight: the (K, H) final-layer weight to take class

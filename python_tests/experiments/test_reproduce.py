@@ -84,6 +84,11 @@ def test_zskd_smoke_writes_the_record_beside_the_paper(tmp_path, experiment):
     md = (tmp_path / "res" / f"{stem}.md").read_text()
     assert f"{rec['student_acc']:.2f}" in md and "not the paper's" in md
     assert "control: the same student and KD on 64 real training images" in md and "35820 parameters" in md
+    # the DIs' targets at the networks' synthesis τ (5, not the paper's 20), said in the settings and the notes,
+    # and kept apart from DIs made at another τ
+    assert rec["networks_detail"]["synth_tau"] == 5.0
+    assert "- DIs: β (1.0, 0.1), τ 5," in md and "drawn at τ 5, not the paper's 20" in md
+    assert (tmp_path / "w" / "smoke" / "paper" / "dis_seed0_n64_tau5" / "manifest.json").exists()
     # The teacher, the DIs and the control are on disk: a rerun reads them back and gives the same student.
     control = next((tmp_path / "w" / "smoke" / "paper").glob("control_*.json"))
     stamp = control.stat().st_mtime_ns
@@ -105,6 +110,7 @@ def test_zskd_exml_networks_keep_the_records_made_before(tmp_path):
     assert rec["networks"] == "exml" and set(rec["student"]) == {"test"}
     assert (rec["networks_detail"]["teacher_params"], rec["networks_detail"]["student_params"]) == (61706, 15738)
     assert (tmp_path / "w" / "smoke" / "teacher_lenet5_seed0_ep1.pt").exists()  # the old layout, read back
+    assert (tmp_path / "w" / "smoke" / "dis_seed0_n64").exists()  # DIs at τ 20, in their old folder
 
 
 def test_zskd_networks_option_is_checked(tmp_path, capsys):
