@@ -14,8 +14,8 @@ The DIs of a variant are kept under ``--work`` (resumable shards keyed by the sy
 variants reuse them; finished variants are kept in the JSON record and skipped on a rerun.
 
 Usage:
-    python benches/zskd_di_study.py [--variants a,b] [--n 2400] [--kd-epochs 200] [--threads 2]
-        [--work runs/zskd_di_study] [--out benches/results]
+    python benches/zskd_di_study.py [--dataset mnist|fashion-mnist] [--variants a,b] [--n 2400]
+        [--kd-epochs 200] [--threads 2] [--work runs/zskd_di_study[_fmnist]] [--out benches/results]
 """
 
 from __future__ import annotations
@@ -116,6 +116,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
+#: The record of each dataset's study (under --out) and, without "_cpu", its default --work folder.
+STUDY_FILES = {"mnist": "zskd_di_study_cpu", "fashion-mnist": "zskd_di_study_fmnist_cpu"}
+
+
 def _with_kd_seeds(name: str, what: str, cfg: dict) -> None:
     """Adds ``name`` and its KD seeds 1 and 2 (the same DIs, another student initialisation and batch order)."""
     VARIANTS[name] = (what, cfg)
@@ -129,7 +133,7 @@ VARIANTS["dataset_lr0.01_1500it_warmup_kdseed2"] = ("... seed 2", {**_PAPER_STEP
 # The DIs' targets are Dirichlet draws at the synthesis temperature: a draw of max 0.8 at τ 20 asks the teacher
 # for a logit gap of about 20 ln 40 ≈ 74, far beyond its logits on real images; a lower synthesis τ asks for
 # the same target within its range (the KD stays at τ 20).
-for _tau in (2, 5, 10):
+for _tau in (2, 3, 5, 10):
     _with_kd_seeds(f"dataset_lr0.01_1500it_tau{_tau}_warmup",
                    f"DIs in MNIST coordinates, Adam 0.01 x 1500, targets at synthesis τ {_tau} (KD stays at τ 20); "
                    "KD SGD 0.01 with the warm-up", {**_PAPER_STEPS, "tau": float(_tau)})
@@ -148,7 +152,7 @@ class _RescaledDI(DataImpressions):
         x.sub_(lo).div_((hi - lo).clamp_min(1e-8)).mul_(b1 - b0).add_(b0)
 
 
-def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, seed=0) -> dict:
+def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, seed=0, dataset="mnist") -> dict:
     x, _ = train
     t0 = time.perf_counter()
     if cfg["real"]:
@@ -156,7 +160,7 @@ def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, se
         inputs, diag, soft = x[idx], {}, None
     else:
         if cfg["space"] == "dataset":
-            mean, std = DATASET_STATS["mnist"]
+            mean, std = DATASET_STATS[dataset]
             synth_teacher = _FromNormalised(teacher, mean, std).eval()
         else:
             mean, std, synth_teacher = 0.0, 1.0, teacher
@@ -195,8 +199,12 @@ def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, se
 
 
 def markdown(rec: dict) -> str:
-    lines = [*env_markdown(rec["env"], "zero-shot KD study (Data Impressions on the papers' networks, MNIST)",
+    dataset = rec.get("dataset", "mnist")  # the MNIST record predates the option
+    name = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}[dataset]
+    lines = [*env_markdown(rec["env"], f"zero-shot KD study (Data Impressions on the papers' networks, {name})",
                            rec["command"]),
+             *([f"- dataset: {name}; a variant's \"MNIST coordinates\" are this dataset's normalised ones"]
+               if dataset != "mnist" else []),
              f"- {rec['n']} inputs per variant, KD {rec['kd_epochs']} epochs of 64; teacher `lenet5_zskd` validation "
              f"{rec['teacher']['validation']:.2f} %, test {rec['teacher']['test']:.2f} %; student "
              "`lenet5_half_zskd`",
@@ -233,35 +241,38 @@ def markdown(rec: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--dataset", choices=STUDY_FILES, default="mnist",
+                    help="the dataset (its own teacher, validation split and record)")
     ap.add_argument("--n", type=int, default=2400)
     ap.add_argument("--kd-epochs", type=int, default=200)
     ap.add_argument("--teacher-epochs", type=int, default=20)
     ap.add_argument("--max-train", type=int, default=None, help="the first N training images only (a quick check)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--work", default="runs/zskd_di_study")
+    ap.add_argument("--work", default=None, help="default: runs/zskd_di_study[_fmnist]")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         ap.error(f"--variants: unknown {unknown}; choose among {', '.join(VARIANTS)}")
-    if data_missing(["mnist"]):
+    if data_missing([args.dataset]):
         return 0
     torch.set_num_threads(args.threads)
-    work = pathlib.Path(args.work)
+    stem = STUDY_FILES[args.dataset]
+    work = pathlib.Path(args.work or f"runs/{stem.replace('_cpu', '')}")
     nets = ZSKD_NETWORKS["paper"]
-    x, y = mnist_tensors("train", pad_to=32, normalize=False, resize=True)
+    x, y = mnist_tensors("train", dataset=args.dataset, pad_to=32, normalize=False, resize=True)
     x, y = x[: args.max_train], y[: args.max_train]
-    xt, yt = mnist_tensors("test", pad_to=32, normalize=False, resize=True)
+    xt, yt = mnist_tensors("test", dataset=args.dataset, pad_to=32, normalize=False, resize=True)
     held = torch.zeros(y.shape[0], dtype=torch.bool)
     held[validation_indices(y.shape[0], nets["validation_size"])] = True
     evaluation = {"validation": (x[held], y[held]), "test": (xt, yt)}
     train = (x[~held], y[~held])
     teacher = zskd_teacher(work / f"teacher_lenet5_zskd_seed0_ep{args.teacher_epochs}_n{y.shape[0]}.pt", *train,
-                           arch=nets["teacher"], seed=0, epochs=args.teacher_epochs, dataset="mnist", mean=0.0,
+                           arch=nets["teacher"], seed=0, epochs=args.teacher_epochs, dataset=args.dataset, mean=0.0,
                            std=1.0, device=torch.device("cpu"), log=print, lr=nets["teacher_lr"],
                            schedule=nets["teacher_schedule"], pad_crop=nets["teacher_pad_crop"])
-    out = pathlib.Path(args.out) / "zskd_di_study_cpu.json"
+    out = pathlib.Path(args.out) / f"{stem}.json"
     rec = json.loads(out.read_text()) if out.exists() else None
     setting = {"n": args.n, "kd_epochs": args.kd_epochs, "teacher_epochs": args.teacher_epochs,
                "train_images": int(train[1].shape[0])}
@@ -269,14 +280,14 @@ def main(argv=None) -> int:
         rec = {**setting, "rows": []}  # another setting's record is replaced, not mixed with this one
     env = environment("cpu", "zskd DI study")
     env.pop("timer", None)  # wall-clock seconds of whole runs, not timed op calls
-    rec.update({"env": env, "command": command_line("zskd_di_study.py", argv),
+    rec.update({"env": env, "command": command_line("zskd_di_study.py", argv), "dataset": args.dataset,
                 "teacher": {k: 100 * evaluate(teacher, *xy) for k, xy in evaluation.items()}})
     done = {r["variant"] for r in rec["rows"]}
     for name in names:
         if name in done:
             continue
         row = run_variant(name, {**BASE, **VARIANTS[name][1]}, teacher=teacher, train=train, evaluation=evaluation,
-                          n=args.n, kd_epochs=args.kd_epochs, work=work)
+                          n=args.n, kd_epochs=args.kd_epochs, work=work, dataset=args.dataset)
         print(f"{name}: validation {row['validation']:.2f} %, test {row['test']:.2f} %", flush=True)
         rec["rows"].append(row)
         atomic_write(out, lambda f: f.write(json.dumps(rec, indent=1).encode()))

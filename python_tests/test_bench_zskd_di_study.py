@@ -40,3 +40,23 @@ def test_study_writes_the_variants_and_skips_them_on_a_rerun(tmp_path, monkeypat
     assert json.loads((tmp_path / "zskd_di_study_cpu.json").read_text())["rows"] == rec["rows"]
     with pytest.raises(SystemExit):
         study.main(["--variants", "nope"])
+
+
+@pytest.mark.skipif(find_data_root("fashion-mnist") is None, reason="Fashion-MNIST files not found")
+def test_study_of_another_dataset_keeps_its_own_record(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend("benches")
+    sys.modules.pop("zskd_di_study", None)
+    import zskd_di_study as study
+
+    args = ["--dataset", "fashion-mnist", "--variants", "dataset_lr0.01_1500it_tau3_warmup", "--n", "16",
+            "--kd-epochs", "1", "--teacher-epochs", "1", "--max-train", "6000", "--threads", "1",
+            "--work", str(tmp_path / "w"), "--out", str(tmp_path)]
+    monkeypatch.setitem(study.VARIANTS, "dataset_lr0.01_1500it_tau3_warmup",
+                        (study.VARIANTS["dataset_lr0.01_1500it_tau3_warmup"][0],
+                         {**study.VARIANTS["dataset_lr0.01_1500it_tau3_warmup"][1], "iters": 2}))  # seconds
+    assert study.main(args) == 0
+    assert not (tmp_path / "zskd_di_study_cpu.json").exists()  # MNIST's record is left alone
+    rec = json.loads((tmp_path / "zskd_di_study_fmnist_cpu.json").read_text())
+    assert rec["dataset"] == "fashion-mnist" and rec["rows"][0]["settings"]["tau"] == 3.0
+    assert "Data Impressions on the papers' networks, Fashion-MNIST" in (
+        tmp_path / "zskd_di_study_fmnist_cpu.md").read_text()

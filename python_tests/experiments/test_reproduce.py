@@ -84,11 +84,12 @@ def test_zskd_smoke_writes_the_record_beside_the_paper(tmp_path, experiment):
     md = (tmp_path / "res" / f"{stem}.md").read_text()
     assert f"{rec['student_acc']:.2f}" in md and "not the paper's" in md
     assert "control: the same student and KD on 64 real training images" in md and "35820 parameters" in md
-    # the DIs' targets at the networks' synthesis τ (5, not the paper's 20), said in the settings and the notes,
-    # and kept apart from DIs made at another τ
-    assert rec["networks_detail"]["synth_tau"] == 5.0
-    assert "- DIs: β (1.0, 0.1), τ 5," in md and "drawn at τ 5, not the paper's 20" in md
-    assert (tmp_path / "w" / "smoke" / "paper" / "dis_seed0_n64_tau5" / "manifest.json").exists()
+    # the DIs' targets at the networks' synthesis τ for the dataset (not the paper's 20), said in the settings and
+    # the notes, and kept apart from DIs made at another τ
+    tau = {"zskd-mnist": 5, "zskd-fmnist": 3}[experiment]
+    assert rec["synth_tau"] == tau
+    assert f"- DIs: β (1.0, 0.1), τ {tau}," in md and f"drawn at τ {tau}, not the paper's 20" in md
+    assert (tmp_path / "w" / "smoke" / "paper" / f"dis_seed0_n64_tau{tau}" / "manifest.json").exists()
     # The teacher, the DIs and the control are on disk: a rerun reads them back and gives the same student.
     control = next((tmp_path / "w" / "smoke" / "paper").glob("control_*.json"))
     stamp = control.stat().st_mtime_ns
@@ -99,6 +100,31 @@ def test_zskd_smoke_writes_the_record_beside_the_paper(tmp_path, experiment):
     assert again["teacher_acc"] == rec["teacher_acc"] and again["student_acc"] == rec["student_acc"]
     # ... and the synthesis time of the DIs read back is the one of the invocation that made them.
     assert again["synthesis_s"] == rec["synthesis_s"] > 0 and not again["synthesis_s_incomplete"]
+
+
+def test_zskd_record_names_the_synthesis_settings_the_networks_override():
+    from exml_fast.experiments.budgets import ZSKD_BUDGETS
+    from exml_fast.experiments.zskd import ZSKD_NETWORKS, _networks_not_budget
+
+    demo = ZSKD_BUDGETS["demo"]
+    nets = ZSKD_NETWORKS["paper"]
+    # the paper networks' DIs take their own lr and the 1500 steps their τ was chosen at, whatever the budget
+    record = {"synth_lr": nets["synth_lr"], "synth_iterations": nets["synth_iterations"]}
+    assert _networks_not_budget(record, demo) == " (the networks' lr and steps, not the budget's)"
+    assert _networks_not_budget({"synth_lr": demo["synth_lr"], "synth_iterations": 1500}, demo) == (
+        " (the networks' steps, not the budget's)")
+    assert _networks_not_budget({"synth_lr": demo["synth_lr"]}, demo) == ""  # a record made before the option
+
+
+def test_zskd_record_tau_reads_records_of_every_age():
+    from exml_fast.experiments.zskd import _record_tau
+
+    fmnist = {"paper": {"dataset": "fashion-mnist"}}
+    assert _record_tau({**fmnist, "synth_tau": 3.0, "networks_detail": {}}) == 3.0
+    # made before the record kept its τ: the networks' (a number, or one per dataset), else the paper's 20
+    assert _record_tau({**fmnist, "networks_detail": {"synth_tau": 5.0}}) == 5.0
+    assert _record_tau({**fmnist, "networks_detail": {"synth_tau": {"mnist": 5.0, "fashion-mnist": 3.0}}}) == 3.0
+    assert _record_tau({**fmnist, "networks_detail": {}}) == 20.0
 
 
 @needs_mnist
