@@ -137,6 +137,12 @@ for _tau in (2, 3, 5, 10):
     _with_kd_seeds(f"dataset_lr0.01_1500it_tau{_tau}_warmup",
                    f"DIs in MNIST coordinates, Adam 0.01 x 1500, targets at synthesis τ {_tau} (KD stays at τ 20); "
                    "KD SGD 0.01 with the warm-up", {**_PAPER_STEPS, "tau": float(_tau)})
+# Fashion-MNIST's DIs at τ 3 are pixel-scale textures (benches/results/zskd_di_study_fmnist_cpu.md, note 2): a
+# total-variation prior far weaker than the 0.001 that flattened MNIST's DIs at τ 20.
+for _tv in ("1e-05", "0.0001", "0.0003"):
+    _with_kd_seeds(f"dataset_lr0.01_1500it_tau3_tv{_tv}_warmup",
+                   f"DIs in MNIST coordinates, Adam 0.01 x 1500, targets at τ 3, l2 total variation {_tv}; KD SGD 0.01 "
+                   "with the warm-up", {**_PAPER_STEPS, "tau": 3.0, "tv_l2": float(_tv)})
 
 
 class _RescaledDI(DataImpressions):
