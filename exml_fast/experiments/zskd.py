@@ -45,8 +45,7 @@ ZSKD_NETWORKS: dict[str, dict[str, Any]] = {
     "paper": {"teacher": "lenet5_zskd", "student": "lenet5_half_zskd", "resize": True, "normalize": False,
               "teacher_lr": 0.05, "teacher_schedule": "cosine", "teacher_pad_crop": 2, "validation_size": 5000,
               "synth_lr": 0.01, "synth_space": "dataset", "synth_tau": {"mnist": 5.0, "fashion-mnist": 3.0},
-              "synth_iterations": 1500, "kd_lr": 0.01,
-              "kd_warmup": 500, "teacher_epochs": 20},
+              "synth_iterations": 1500, "kd_lr": 0.01, "kd_warmup": 500, "teacher_epochs": 20},
     "exml": {"teacher": "lenet5", "student": "lenet5_half", "resize": False, "normalize": True,
              "teacher_lr": 0.01, "teacher_schedule": "constant", "teacher_pad_crop": 0, "validation_size": None,
              "synth_lr": None, "synth_space": "input", "synth_tau": 20.0, "synth_iterations": None, "kd_lr": 0.05,
@@ -168,8 +167,8 @@ def reproduce_zskd(
     1. The teacher (``networks``: :data:`ZSKD_NETWORKS`; "paper" is the Data Impressions paper's pair) is
        trained on the training split (minus the held-out validation images, if the networks hold some out), or
        read back from ``out``.
-    2. ``n`` Data Impressions (β mixture (1.0, 0.1), τ 20, the budget's synthesis settings) are synthesised
-       into resumable shards under ``out``.
+    2. ``n`` Data Impressions (β mixture (1.0, 0.1), the networks' synthesis τ for the dataset, the budget's
+       synthesis settings unless the networks set their own) are synthesised into resumable shards under ``out``.
     3. The student learns only from them with the KD loss at τ 20 (SGD, cosine, the networks' ``kd_lr``;
        per-sample pad-crop 4 and ±1 px roll with a black background) and is scored on the validation and test
        splits.
