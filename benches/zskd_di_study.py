@@ -44,6 +44,17 @@ BASE = {"real": False, "space": "input", "lr": 0.05, "iters": 400, "tau": 20.0, 
         "beta": [1.0, 0.1], "kd_opt": "sgd", "kd_lr": 0.05, "kd_wd": 5e-4, "kd_tau": 20.0, "kd_seed": 0,
         "kd_warmup": 0, "kd_rotate": 0.0, "kd_scale": 0.0, "kd_targets": "teacher"}
 
+
+
+def _kd_seeds(name: str, what: str, cfg: dict) -> dict[str, tuple[str, dict]]:
+    """``name`` and its KD seeds 1 and 2 (the same DIs, another student initialisation and batch order)."""
+    return {name: (what, cfg), **{f"{name}_kdseed{seed}": (f"... seed {seed}", {**cfg, "kd_seed": seed})
+                                  for seed in (1, 2)}}
+
+
+#: The paper's 1500 synthesis steps at lr 0.01 in the dataset's coordinates; KD SGD 0.01 with the warm-up.
+_PAPER_STEPS = {"space": "dataset", "lr": 0.01, "iters": 1500, "kd_lr": 0.01, "kd_warmup": 500}
+
 #: name -> (what it changes, the settings over BASE).
 VARIANTS: dict[str, tuple[str, dict]] = {
     "real": ("real training images, KD lr 0.05", {"real": True}),
@@ -76,73 +87,40 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "dataset_lr0.01_kdseed1": ("the DIs of dataset_lr0.01, another student initialisation and KD order (seed 1): "
                                "the KD's own noise", {"space": "dataset", "lr": 0.01, "kd_lr": 0.01, "kd_seed": 1}),
     "dataset_lr0.01_kdseed2": ("... seed 2", {"space": "dataset", "lr": 0.01, "kd_lr": 0.01, "kd_seed": 2}),
-    "dataset_lr0.01_warmup": ("the DIs of dataset_lr0.01; KD SGD 0.01 with a linear warm-up over its first 500 "
-                              "steps", {"space": "dataset", "lr": 0.01, "kd_lr": 0.01, "kd_warmup": 500}),
-    "dataset_lr0.01_warmup_kdseed1": ("... seed 1", {"space": "dataset", "lr": 0.01, "kd_lr": 0.01, "kd_warmup": 500,
-                                                     "kd_seed": 1}),
-    "dataset_lr0.01_warmup_kdseed2": ("... seed 2", {"space": "dataset", "lr": 0.01, "kd_lr": 0.01, "kd_warmup": 500,
-                                                     "kd_seed": 2}),
+    **_kd_seeds("dataset_lr0.01_warmup", "the DIs of dataset_lr0.01; KD SGD 0.01 with a linear warm-up over its "
+                "first 500 steps", {"space": "dataset", "lr": 0.01, "kd_lr": 0.01, "kd_warmup": 500}),
     "dataset_lr0.01_1500it": ("DIs in MNIST coordinates, Adam 0.01 x 1500 (the paper's steps); KD SGD 0.01",
                               {"space": "dataset", "lr": 0.01, "iters": 1500, "kd_lr": 0.01}),
-    "dataset_lr0.01_warmup_affine": ("the DIs of dataset_lr0.01; KD with the warm-up, each DI also rotated by up to "
-                                     "15 degrees and zoomed by 0.9-1.1 (the paper's scaling and rotation)",
-                                     {"space": "dataset", "lr": 0.01, "kd_lr": 0.01, "kd_warmup": 500,
-                                      "kd_rotate": 15.0, "kd_scale": 0.1}),
-    "dataset_lr0.01_warmup_affine_kdseed1": ("... seed 1", {"space": "dataset", "lr": 0.01, "kd_lr": 0.01,
-                                                            "kd_warmup": 500, "kd_rotate": 15.0, "kd_scale": 0.1,
-                                                            "kd_seed": 1}),
-    "dataset_lr0.01_warmup_affine_kdseed2": ("... seed 2", {"space": "dataset", "lr": 0.01, "kd_lr": 0.01,
-                                                            "kd_warmup": 500, "kd_rotate": 15.0, "kd_scale": 0.1,
-                                                            "kd_seed": 2}),
-    "dataset_lr0.01_warmup_soft": ("the DIs of dataset_lr0.01; the student learns their stored Dirichlet targets at "
-                                   "τ 20 (ZSKD's public code) instead of the teacher's outputs; the warm-up",
-                                   {"space": "dataset", "lr": 0.01, "kd_lr": 0.01, "kd_warmup": 500,
-                                    "kd_targets": "soft"}),
-    "dataset_lr0.01_warmup_soft_kdseed1": ("... seed 1", {"space": "dataset", "lr": 0.01, "kd_lr": 0.01,
-                                                          "kd_warmup": 500, "kd_targets": "soft", "kd_seed": 1}),
-    "dataset_lr0.01_warmup_soft_kdseed2": ("... seed 2", {"space": "dataset", "lr": 0.01, "kd_lr": 0.01,
-                                                          "kd_warmup": 500, "kd_targets": "soft", "kd_seed": 2}),
-    "dataset_lr0.01_soft_adam": ("... stored targets with ZSKD's optimiser, Adam 1e-3 (no weight decay)",
-                                 {"space": "dataset", "lr": 0.01, "kd_opt": "adam", "kd_lr": 0.001, "kd_wd": 0.0,
-                                  "kd_warmup": 500, "kd_targets": "soft"}),
-    "dataset_lr0.01_soft_adam_kdseed1": ("... seed 1", {"space": "dataset", "lr": 0.01, "kd_opt": "adam",
-                                                        "kd_lr": 0.001, "kd_wd": 0.0, "kd_warmup": 500,
-                                                        "kd_targets": "soft", "kd_seed": 1}),
-    "dataset_lr0.01_soft_adam_kdseed2": ("... seed 2", {"space": "dataset", "lr": 0.01, "kd_opt": "adam",
-                                                        "kd_lr": 0.001, "kd_wd": 0.0, "kd_warmup": 500,
-                                                        "kd_targets": "soft", "kd_seed": 2}),
-    "dataset_lr0.01_1500it_warmup": ("the DIs of dataset_lr0.01_1500it; KD SGD 0.01 with a 500-step warm-up",
-                                     {"space": "dataset", "lr": 0.01, "iters": 1500, "kd_lr": 0.01, "kd_warmup": 500}),
+    **_kd_seeds("dataset_lr0.01_warmup_affine", "the DIs of dataset_lr0.01; KD with the warm-up, each DI also rotated "
+                "by up to 15 degrees and zoomed by 0.9-1.1 (the paper's scaling and rotation)",
+                {"space": "dataset", "lr": 0.01, "kd_lr": 0.01, "kd_warmup": 500, "kd_rotate": 15.0, "kd_scale": 0.1}),
+    **_kd_seeds("dataset_lr0.01_warmup_soft", "the DIs of dataset_lr0.01; the student learns their stored Dirichlet "
+                "targets at τ 20 (ZSKD's public code) instead of the teacher's outputs; the warm-up",
+                {"space": "dataset", "lr": 0.01, "kd_lr": 0.01, "kd_warmup": 500, "kd_targets": "soft"}),
+    **_kd_seeds("dataset_lr0.01_soft_adam", "... stored targets with ZSKD's optimiser, Adam 1e-3 (no weight decay)",
+                {"space": "dataset", "lr": 0.01, "kd_opt": "adam", "kd_lr": 0.001, "kd_wd": 0.0, "kd_warmup": 500,
+                 "kd_targets": "soft"}),
+    **_kd_seeds("dataset_lr0.01_1500it_warmup", "the DIs of dataset_lr0.01_1500it; KD SGD 0.01 with a 500-step "
+                "warm-up", _PAPER_STEPS),
 }
 
 
 #: The record of each dataset's study (under --out) and, without "_cpu", its default --work folder.
 STUDY_FILES = {"mnist": "zskd_di_study_cpu", "fashion-mnist": "zskd_di_study_fmnist_cpu"}
 
-
-def _with_kd_seeds(name: str, what: str, cfg: dict) -> None:
-    """Adds ``name`` and its KD seeds 1 and 2 (the same DIs, another student initialisation and batch order)."""
-    VARIANTS[name] = (what, cfg)
-    for seed in (1, 2):
-        VARIANTS[f"{name}_kdseed{seed}"] = (f"... seed {seed}", {**cfg, "kd_seed": seed})
-
-
-_PAPER_STEPS = {"space": "dataset", "lr": 0.01, "iters": 1500, "kd_lr": 0.01, "kd_warmup": 500}
-VARIANTS["dataset_lr0.01_1500it_warmup_kdseed1"] = ("... seed 1", {**_PAPER_STEPS, "kd_seed": 1})
-VARIANTS["dataset_lr0.01_1500it_warmup_kdseed2"] = ("... seed 2", {**_PAPER_STEPS, "kd_seed": 2})
 # The DIs' targets are Dirichlet draws at the synthesis temperature: a draw of max 0.8 at τ 20 asks the teacher
 # for a logit gap of about 20 ln 40 ≈ 74, far beyond its logits on real images; a lower synthesis τ asks for
 # the same target within its range (the KD stays at τ 20).
 for _tau in (2, 3, 5, 10):
-    _with_kd_seeds(f"dataset_lr0.01_1500it_tau{_tau}_warmup",
+    VARIANTS.update(_kd_seeds(f"dataset_lr0.01_1500it_tau{_tau}_warmup",
                    f"DIs in MNIST coordinates, Adam 0.01 x 1500, targets at synthesis τ {_tau} (KD stays at τ 20); "
-                   "KD SGD 0.01 with the warm-up", {**_PAPER_STEPS, "tau": float(_tau)})
+                              "KD SGD 0.01 with the warm-up", {**_PAPER_STEPS, "tau": float(_tau)}))
 # Fashion-MNIST's DIs at τ 3 are pixel-scale textures (benches/results/zskd_di_study_fmnist_cpu.md, note 2): a
 # total-variation prior far weaker than the 0.001 that flattened MNIST's DIs at τ 20.
 for _tv in ("1e-05", "0.0001", "0.0003"):
-    _with_kd_seeds(f"dataset_lr0.01_1500it_tau3_tv{_tv}_warmup",
+    VARIANTS.update(_kd_seeds(f"dataset_lr0.01_1500it_tau3_tv{_tv}_warmup",
                    f"DIs in MNIST coordinates, Adam 0.01 x 1500, targets at τ 3, l2 total variation {_tv}; KD SGD 0.01 "
-                   "with the warm-up", {**_PAPER_STEPS, "tau": 3.0, "tv_l2": float(_tv)})
+                              "with the warm-up", {**_PAPER_STEPS, "tau": 3.0, "tv_l2": float(_tv)}))
 
 
 class _RescaledDI(DataImpressions):
