@@ -207,8 +207,9 @@ def reproduce_zskd(
         x, y = x[~held], y[~held]
     say = lambda line: log(f"[reproduce] {experiment}: {line}")  # noqa: E731
 
-    teacher_epochs = (nets["teacher_epochs"] if nets["teacher_epochs"] and budget != "smoke"
-                      else spec["teacher_epochs"])
+    # the networks' own teacher epochs and DI steps, where they set them, at every budget but "smoke"
+    own = lambda key: nets[key] if nets[key] and budget != "smoke" else spec[key]  # noqa: E731
+    teacher_epochs = own("teacher_epochs")
     teacher = zskd_teacher(out / f"teacher_{nets['teacher']}_seed{seed}_ep{teacher_epochs}.pt", x, y,
                            arch=nets["teacher"], seed=seed, epochs=teacher_epochs, dataset=dataset,
                            mean=mean, std=std, device=device, log=say, lr=nets["teacher_lr"],
@@ -219,8 +220,7 @@ def reproduce_zskd(
 
     synth_lr = nets["synth_lr"] or spec["synth_lr"]
     synth_tau = nets["synth_tau"][dataset] if isinstance(nets["synth_tau"], dict) else nets["synth_tau"]
-    synth_iterations = (nets["synth_iterations"] if nets["synth_iterations"] and budget != "smoke"
-                        else spec["synth_iterations"])
+    synth_iterations = own("synth_iterations")
     if nets["synth_space"] == "dataset":  # optimise normalised images of the dataset's statistics, see pixels
         s_mean, s_std = DATASET_STATS[dataset]
         synth_teacher = _FromNormalised(teacher, s_mean, s_std).eval()
@@ -299,6 +299,7 @@ def _networks_not_budget(record: dict[str, Any], spec: dict[str, Any]) -> str:
 
 def _markdown(record: dict[str, Any], at_least: str) -> str:
     paper, spec, nets = record["paper"], record["budget_detail"], record["networks_detail"]
+    tau = _record_tau(record)
     splits = list(record["teacher"])
     head = " | ".join(f"{s} (%)" for s in splits)
     cells = lambda acc: " | ".join(f"{acc[s]:.2f}" for s in splits)  # noqa: E731
@@ -316,7 +317,7 @@ def _markdown(record: dict[str, Any], at_least: str) -> str:
         + (f", pad-crop {nets['teacher_pad_crop']}" if nets["teacher_pad_crop"] else ", no augmentation")
         + (f"; trained without the {nets['validation_size']} held-out validation images" if "validation" in
            record["teacher"] else "; trained on the whole training split"),
-        f"- DIs: β (1.0, 0.1), τ {_record_tau(record):g}, Adam lr {record['synth_lr']} for "
+        f"- DIs: β (1.0, 0.1), τ {tau:g}, Adam lr {record['synth_lr']} for "
         f"{record.get('synth_iterations', spec['synth_iterations'])} steps, 2 px jitter"
         + (", optimised in the dataset's normalised coordinates" if nets["synth_space"] == "dataset" else "")
         + _networks_not_budget(record, spec),
@@ -342,10 +343,10 @@ def _markdown(record: dict[str, Any], at_least: str) -> str:
                   "for the teacher or the student beyond augmenting the DIs by scaling, translation, rotation and "
                   "flipping (we translate only: rotation and zoom did not help on the validation split), and our DI "
                   "and KD settings were chosen on MNIST's validation split (benches/results/zskd_di_study_cpu.md); "
-                  + (f"the DIs' targets are drawn at τ {_record_tau(record):g}, not the paper's 20: at τ 20 they "
+                  + (f"the DIs' targets are drawn at τ {tau:g}, not the paper's 20: at τ 20 they "
                      "ask this teacher for logit gaps far beyond its logits on real images, and the DIs saturate and "
                      f"miss them ({_TAU_EVIDENCE.get(paper['dataset'], 'see the study')}); "
-                     if _record_tau(record) != 20.0 else "")
+                     if tau != 20.0 else "")
                   + "its public code (CIFAR-10 only) trains the student with Adam on the DIs' stored soft labels "
                   "and reports the best epoch's test accuracy, we "
                   "report the final student's."]
