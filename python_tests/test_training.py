@@ -9,7 +9,7 @@ from torch import nn
 
 from exml_fast.ops import kd_loss
 from exml_fast.training import (KD_LOSSES, OPTIMIZERS, SCHEDULES, distill, evaluate, minibatch_bounds,
-                                random_affine, train_classifier)
+                                random_affine, random_mixup, train_classifier)
 
 K = 4
 
@@ -243,6 +243,54 @@ def test_distill_rotation_and_zoom_augment_reproducibly_and_default_off():
     assert torch.equal(run(rotate=0.0, scale=0.0), run())  # off: no draws, the run of before
     with pytest.raises(ValueError, match="degrees must be a number in"):
         run(rotate=-5)
+
+
+def test_random_mixup_mixes_each_sample_with_one_partner_reproducibly():
+    x = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 1, 3, 3).contiguous()
+    out = random_mixup(x, torch.Generator().manual_seed(0), alpha=1.0)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, random_mixup(x, torch.Generator().manual_seed(0), alpha=1.0), rtol=0, atol=0)
+    # each sample lerps between itself and one partner: constant per image, within the two values' range
+    flat = out.flatten(1)
+    assert torch.equal(flat, flat[:, :1].expand_as(flat))
+    # the partner is a permutation of the batch drawn first from the generator, λ from one seed after it
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(8, generator=g)
+    seed = int(torch.randint(2**62, (1,), generator=g))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lam = torch.distributions.Beta(1.0, 1.0).sample((8,))
+    want = lam * torch.arange(8.0) + (1 - lam) * perm.float()
+    torch.testing.assert_close(flat[:, 0], want)
+    # small alpha: weights near 0 or 1 (nearly unmixed); it never touches torch's global generator
+    ramp = torch.linspace(0, 1, 256).view(256, 1, 1, 1)
+    state = torch.get_rng_state()
+    peaky = random_mixup(ramp, torch.Generator().manual_seed(1), alpha=0.05)
+    assert torch.equal(torch.get_rng_state(), state)
+    lam = ((peaky - ramp[torch.randperm(256, generator=torch.Generator().manual_seed(1))]) /
+           (ramp - ramp[torch.randperm(256, generator=torch.Generator().manual_seed(1))])).flatten()
+    lam = lam[lam.isfinite()]
+    assert ((lam < 0.05) | (lam > 0.95)).float().mean() > 0.8
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+            random_mixup(x, None, alpha=bad)
+
+
+def test_distill_mixup_is_reproducible_off_by_default_and_needs_a_teacher():
+    x, teacher = toy_data(32), teacher_model()
+
+    def run(**kw):
+        model = tiny_model(0)
+        distill(model, x, teacher=teacher, iterations=3, batch_size=16, lr=0.05, generator=0, **kw)
+        return params_of(model)
+
+    torch.testing.assert_close(run(mixup=1.0), run(mixup=1.0), rtol=0, atol=0)
+    assert not torch.equal(run(mixup=1.0), run())
+    assert torch.equal(run(mixup=0.0), run())  # off: no draws, the run of before
+    with pytest.raises(ValueError, match="mixup must be a finite number >= 0"):
+        run(mixup=-0.5)
+    with pytest.raises(ValueError, match="mixup=1.0 needs teacher"):
+        distill(tiny_model(0), x, soft_targets=torch.full((32, K), 1.0 / K), iterations=1, mixup=1.0)
 
 
 def test_distill_warmup_scales_the_first_steps_lr_then_follows_the_schedule():

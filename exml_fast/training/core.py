@@ -20,7 +20,7 @@ from exml_fast._utils.batches import minibatch_bounds
 from exml_fast._utils.checks import check_choice, check_int, cpu_generator
 
 __all__ = ["KD_LOSSES", "OPTIMIZERS", "SCHEDULES", "augment_batch", "distill", "evaluate", "minibatch_bounds",
-           "random_affine", "train_classifier"]
+           "random_affine", "random_mixup", "train_classifier"]
 
 #: Optimisers :func:`distill` accepts.
 OPTIMIZERS = ("sgd", "adam")
@@ -108,6 +108,27 @@ def random_affine(x: torch.Tensor, generator: torch.Generator | None, *, degrees
     theta = torch.stack([torch.stack([cos, sin, zero], 1), torch.stack([-sin, cos, zero], 1)], 1)
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+
+
+def random_mixup(x: torch.Tensor, generator: torch.Generator | None, *, alpha: float) -> torch.Tensor:
+    """Mixes each sample of a (B, C, H, W) minibatch with another one of it: ``λ x_i + (1 - λ) x_π(i)``.
+
+    ``π`` is a random permutation of the minibatch and ``λ ~ Beta(alpha, alpha)`` is drawn per sample (mixup,
+    Zhang et al. 2018, on inputs only: in :func:`distill` the teacher labels the mixed input, so no target is
+    mixed). The draws are made on the CPU from ``generator``: the permutation, then one seed for the Beta draws.
+    A set of synthetic inputs is small beside a training set, and mixing its samples asks the teacher about
+    inputs between them.
+    """
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"random_mixup: alpha must be a finite number > 0; got {alpha!r}")
+    b = x.shape[0]
+    perm = torch.randperm(b, generator=generator)
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):  # torch.distributions takes no generator: draw under a forked seed
+        torch.manual_seed(seed)
+        lam = torch.distributions.Beta(float(alpha), float(alpha)).sample((b,))
+    lam = lam.to(x.device, x.dtype).view(b, *([1] * (x.dim() - 1)))
+    return torch.lerp(x[perm.to(x.device)], x, lam)
 
 
 def _sampled(sampler: Callable[[int, torch.Generator], torch.Tensor], batch_size: int,
@@ -227,6 +248,7 @@ def distill(
     rotate: float = 0.0,
     scale: float = 0.0,
     fill: float = 0.0,
+    mixup: float = 0.0,
     generator: torch.Generator | int | None = None,
     log_every: int = 0,
 ) -> nn.Module:
@@ -297,6 +319,12 @@ def distill(
         rotate, scale: with ``augment``, first rotate each sample by up to
             ``rotate`` degrees and zoom it by a factor in ``[1 - scale, 1 + scale]``
             (:func:`random_affine`; 0 and 0: not at all, and no draws made).
+        mixup: with ``teacher``, after the augmentation mix every sample with
+            another of its minibatch by a weight drawn from Beta(``mixup``,
+            ``mixup``) (:func:`random_mixup`), and distil the teacher's logits
+            on the mixed inputs; 0: off, and no draws made. Not with
+            ``soft_targets`` or ``labels``, whose targets belong to unmixed
+            inputs.
         generator: None (torch's default CPU generator), an int seed or a CPU
             ``torch.Generator``.
         log_every: print the running loss every this many steps (0: silent).
@@ -309,7 +337,8 @@ def distill(
             ``epochs`` / ``iterations``; shapes that do not match; a sampler
             without ``teacher`` or with ``epochs``, or one whose batch is not
             (batch_size, C, H, W) float; an unknown
-            ``optimizer`` or ``schedule``; a non-positive size, lr or temperature.
+            ``optimizer`` or ``schedule``; a non-positive size, lr or temperature;
+            ``mixup`` negative, or set without ``teacher``.
     """
     from exml_fast.ops import kd_loss, soft_target_cross_entropy
 
@@ -363,6 +392,11 @@ def distill(
     if not isinstance(log_every, int) or log_every < 0:
         raise ValueError(f"distill: log_every must be an int >= 0; got {log_every!r}")
     check_int(warmup, "warmup", "distill", low=0)
+    if not (isinstance(mixup, (int, float)) and not isinstance(mixup, bool) and math.isfinite(mixup) and mixup >= 0):
+        raise ValueError(f"distill: mixup must be a finite number >= 0 (a Beta parameter; 0: off); got {mixup!r}")
+    if mixup and teacher is None:
+        raise ValueError(f"distill: mixup={mixup!r} needs teacher to label the mixed inputs; the targets of "
+                         f"{sources[0]} belong to unmixed inputs")
     gen = cpu_generator(generator, "distill")
 
     device = next(student.parameters()).device
@@ -405,6 +439,8 @@ def distill(
             xb = random_affine(xb, gen, degrees=rotate, scale=scale, fill=fill)
         if do_augment:
             xb = augment_batch(xb, gen, pad_crop=pad_crop, max_shift=max_shift, flip=flip, fill=fill)
+        if mixup:
+            xb = random_mixup(xb, gen, alpha=mixup)
         logits = student(xb)
         if teacher is not None:
             with torch.no_grad():
