@@ -254,6 +254,27 @@ def op_benchmarks(repo: Path) -> str:
     return "\n".join(out)
 
 
+def gpu_runs(repo: Path) -> str:
+    """One row per ``make gpu-check`` / ``gpu_perf`` summary under ``benches/results/gpu``."""
+    rows = []
+    for path in sorted((repo / RESULTS / "gpu").rglob("summary*.json")):
+        d = json.loads(path.read_text())
+        env, totals = d.get("env") or {}, d.get("totals") or {}
+        gpu = next((s.get("summary") for s in d.get("steps", []) if s["name"] == "gpu"), None) or "?"
+        py, ct = totals.get("pytest"), totals.get("ctest")
+        tests = f"{py['passed']} passed, {py['failed']} failed" if py else "—"
+        ctest = f"{ct['passed']}/{ct['passed'] + ct['failed']}" if ct else "—"
+        steps = d.get("steps", [])
+        passed = sum(s["status"] == "pass" for s in steps)
+        failed = ", ".join(s["name"] for s in steps if s["status"] not in ("pass",)) or "none"
+        rel = path.relative_to(repo / RESULTS).as_posix()
+        rows.append([record_link(rel, rel), gpu.split(",")[0], str(env.get("date", "?"))[:10],
+                     f"`{str(env.get('commit', '?'))[:7]}`", str(env.get("torch", "?")), tests, ctest,
+                     f"{passed}/{len(steps)}", failed])
+    return _table(["summary", "GPU", "date", "commit", "torch", "CUDA tests", "ctest", "steps passed",
+                   "steps failed or not run"], rows)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # headline figures (the README's table)
 
@@ -400,6 +421,7 @@ def generate(repo: Path, srcdir: Path) -> None:
         _write(gen / f"{name}.md", fn(d) + f"\n{machine_line(d)}; {record_link(rel, 'the record')}.\n")
     _write(gen / "headlines.md", headline_table(repo, from_docs=True))
     _write(gen / "op_benchmarks.md", op_benchmarks(repo))
+    _write(gen / "gpu_runs.md", gpu_runs(repo))
     pages = sorted(p for p in (repo / RESULTS).rglob("*.json")
                    if not p.name.endswith("_runs.json") and "logs" not in p.parts)
     for p in pages:
