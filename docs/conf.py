@@ -59,12 +59,15 @@ import re  # noqa: E402
 _BARS = re.compile(r"(?<![`\\|])\|([^|`\s][^|`]*?)\|(?![`|_])")
 
 
+_ITEM = re.compile(r"^\s*(?:[-*+]|\d+\.)\s+")  # a list item's marker, up to its text
+
+
 def _indent(line):
     return len(line) - len(line.lstrip())
 
 
 def _mend_docstring(app, what, name, obj, options, lines):
-    out, in_fields, literal, quoted = [], False, None, None
+    out, in_fields, literal, quoted, bullet = [], False, None, None, None
     for line in lines:
         stripped = line.strip()
         if literal is not None and stripped and _indent(line) <= literal:
@@ -79,7 +82,13 @@ def _mend_docstring(app, what, name, obj, options, lines):
                 out.append("")
                 line, stripped = field.group(1), field.group(1)
             prev = out[-1] if out else ""
-            if stripped and prev.strip():
+            item = _ITEM.match(line)
+            if item:
+                bullet = len(item.group(0))
+            elif stripped and bullet is not None and _indent(line) < bullet:
+                bullet = None
+            continues_item = bullet is not None and not item and _indent(line) == bullet
+            if stripped and prev.strip() and not continues_item:
                 if in_fields and not line.startswith((" ", ":")):
                     out.append("")
                 elif (_indent(line) > _indent(prev) and not in_fields and not prev.lstrip().startswith(":")):
