@@ -180,6 +180,27 @@ def dfkd(d: dict) -> str:
     return out
 
 
+def validation(d: dict) -> str:
+    """Settings scored on the held-out split (``cil_*_validation.json``): final accuracy per seed and the mean."""
+    seeds = d.get("seeds") or []
+    best = max(r["final_mean"] for r in d["rows"])
+    rows = []
+    for r in d["rows"]:
+        mean = _pct(r["final_mean"])
+        rows.append([r["setting"], " / ".join(_pct(f) for f in r["finals"]),
+                     f"**{mean}**" if r["final_mean"] == best else mean, _pct(r["aia_mean"])])
+    return _table(["setting", f"final, seed {' / seed '.join(str(s) for s in seeds)} (%)", "final, mean (%)",
+                   "average incremental, mean (%)"], rows, ["---", "---", "---:", "---:"])
+
+
+def skd_transfer(d: dict) -> str:
+    """SKD's sanity figure (``skd_transfer_*.json``): the teacher and its classifier on the delegator's student."""
+    names = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+    rows = [[names.get(r["dataset"], r["dataset"]), f"{100 * r['teacher_test_acc']:.2f} %",
+             f"{100 * r['student_test_acc']:.2f} %", f"{100 * r['gap']:.2f}"] for r in d["rows"]]
+    return _table(["dataset", "T_0", "S_0 (T_0's head)", "gap (points)"], rows, ["---", "---:", "---:", "---:"])
+
+
 def distributed(d: dict) -> str:
     rows = [[f"{r['procs']} × {r['threads_per_proc']}", f"{r['images_per_s']:.1f}", f"×{r['speedup']:.2f}",
              str(r.get("same_bits", ""))] for r in d["rows"]]
@@ -412,6 +433,9 @@ GENERATED_TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "dfkd_mnist_demo_public": ("dfkd_mnist_demo_public.json", dfkd),
     "dfkd_mnist": ("dfkd_mnist.json", dfkd),
     "distributed_cpu": ("distributed_cpu.json", distributed),
+    "cil_dicil_validation": ("cil_dicil_validation.json", validation),
+    "cil_skd_validation": ("cil_skd_validation.json", validation),
+    "skd_transfer_cpu_skd-narrow": ("skd_transfer_cpu_skd-narrow.json", skd_transfer),
 }
 
 
