@@ -201,6 +201,43 @@ def skd_transfer(d: dict) -> str:
     return _table(["dataset", "T_0", "S_0 (T_0's head)", "gap (points)"], rows, ["---", "---:", "---:", "---:"])
 
 
+_NETS = {"lenet5_bn": "LeNet-5-BN (MNIST)", "resnet18": "ResNet-18 (CIFAR shapes)",
+         "resnet34": "ResNet-34 (CIFAR shapes)", "resnet50": "ResNet-50"}
+
+
+def _floor(floor: dict) -> str:
+    if not floor.get("floor_s"):
+        return "—"
+    ms = 1000 * floor["floor_s"]
+    value = f"{ms:.1f}" if ms < 100 else f"{ms:.0f}"
+    return f"{value} ms ({100 * floor['fraction_of_floor']:.0f} %)"
+
+
+def synthesis_step(d: dict) -> str:
+    """One DeepInversion step (``synthesis_*.json``): the public loop, its compiled form and the engine.
+
+    "vs peer" is the record's own speed-up of the engine over the frozen public loop (paired rounds); "vs compiled
+    peer" the ratio of the two medians; the floor is the network's convolutions alone and its share of the step.
+    """
+    rows = []
+    for r in d["results"]:
+        t = {x["variant"]: x for x in r["timing"]}
+        if "exml fp32" not in t:
+            continue
+        ms = {k: f"{1000 * v['s_per_iter']:.0f} ms" for k, v in t.items()}
+        exml = t["exml fp32"]
+        comp = t.get("public frozen+compile")
+        floor = r.get("floor") or {}
+        rows.append([f"{_NETS.get(r['net'], r['net'])}, {r['batch']}", ms.get("public as shipped", "—"),
+                     ms.get("public frozen", "—"), ms.get("public frozen+compile", "—"), ms["exml fp32"],
+                     f"**{exml['speedup']:.2f}×**",
+                     f"{comp['s_per_iter'] / exml['s_per_iter']:.2f}×" if comp else "—",
+                     _floor(floor)])
+    return _table(["teacher, batch", "public as shipped", "public frozen (peer)", "frozen + `torch.compile`",
+                   "`DeepInversion` fp32", "vs peer", "vs compiled peer", "floor (share of the engine's step)"],
+                  rows, ["---"] + ["---:"] * 7)
+
+
 def distributed(d: dict) -> str:
     rows = [[f"{r['procs']} × {r['threads_per_proc']}", f"{r['images_per_s']:.1f}", f"×{r['speedup']:.2f}",
              str(r.get("same_bits", ""))] for r in d["rows"]]
@@ -434,6 +471,7 @@ GENERATED_TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "dfkd_mnist": ("dfkd_mnist.json", dfkd),
     "distributed_cpu": ("distributed_cpu.json", distributed),
     "cil_dicil_validation": ("cil_dicil_validation.json", validation),
+    "synthesis_cpu": ("synthesis_cpu.json", synthesis_step),
     "cil_skd_validation": ("cil_skd_validation.json", validation),
     "skd_transfer_cpu_skd-narrow": ("skd_transfer_cpu_skd-narrow.json", skd_transfer),
 }
