@@ -307,7 +307,8 @@ def op_benchmarks(repo: Path) -> str:
             if not (isinstance(rows, list) and rows and isinstance(rows[0], dict) and "variant" in rows[0]
                     and "ms" in rows[0]):
                 continue
-            out.append(f"### {rel[:-5]}: `{key}`\n\n{machine_line(d)}; {record_link(rel, 'the record')}.\n\n"
+            part = "" if key in ("rows", "results") else f": `{key}`"
+            out.append(f"### {rel[:-5]}{part}\n\n{machine_line(d)}; {record_link(rel, 'the record')}.\n\n"
                        + op_bench(rows))
     return "\n".join(out)
 
