@@ -3,10 +3,11 @@
 # torch/torchvision, build the extension, then run.
 #
 #   make test                  lint, Python tests (and the numerically sensitive ones again as on an
-#                              AVX2-only CPU), the C++ (ctest) suite, the op tests under ASan + UBSan
+#                              AVX2-only CPU), the C++ (ctest) suite, the op tests under ASan + UBSan, the docs
 #   make test-fast             the edit-test loop: lint, then the op, synthesizer and top-level unit tests not
 #                              marked slow, CPU only, stopping at the first failure (about 6 minutes on 2 cores)
 #   make lint                  ruff (configured in pyproject.toml)
+#   make docs                  the Sphinx site under docs/ (warnings are errors) into docs/_build/html (~2 min)
 #   make demo                  Ex-Model CL on Split MNIST: 5 LeNet-5 experts, every strategy (~15 min)
 #   make demo-inversion        train a LeNet-5-BN on MNIST, invert it, save a PNG grid (~20 s)
 #   make bench                 op benchmarks, printed and recorded in benches/results/
@@ -50,9 +51,11 @@ VENV ?= .venv
 USE_SYSTEM_TORCH ?= 0
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 RUFF_PIN := ruff==0.17.6
+# DOCS_DEPS: what `make docs` builds the site with (pyproject.toml's `docs` extra, pinned here as the venv's).
+DOCS_DEPS := sphinx==9.0.4 myst-parser==5.2.0 furo==2025.12.19
 PY_DEPS := numpy tqdm safetensors pyyaml matplotlib pytest pytest-benchmark hypothesis==6.170.15 pybind11 ninja \
            "setuptools>=69" wheel \
-           $(RUFF_PIN)
+           $(RUFF_PIN) $(DOCS_DEPS)
 # Tests whose tolerances depend on the CPU's kernels (convolutions, reductions, Adam): run again with torch and
 # oneDNN limited to AVX2, as on CPUs without AVX-512, so a tolerance tuned to one machine fails here first.
 ISA_SENSITIVE := python_tests/ops python_tests/synth python_tests/test_training.py
@@ -79,7 +82,7 @@ CMAKE_BUILD_DIR := build-cmake
 CMAKE_CUDA = $(shell $(PY) -c 'import torch; print("ON" if torch.cuda.is_available() else "OFF")' 2>/dev/null || echo OFF)
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: help env build lint test test-fast pytest pytest-avx2 ctest sanitize demo demo-inversion bench bench-e2e gpu-check gpu-perf gpu-data gpu-ttq gpu-repro clean FORCE
+.PHONY: help env build lint docs test test-fast pytest pytest-avx2 ctest sanitize demo demo-inversion bench bench-e2e gpu-check gpu-perf gpu-data gpu-ttq gpu-repro clean FORCE
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -141,7 +144,17 @@ ctest: $(ENV_STAMP)
 	cmake --build $(CMAKE_BUILD_DIR) -j2
 	ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
 
-test: lint pytest pytest-avx2 ctest sanitize
+test: lint pytest pytest-avx2 ctest sanitize docs
+
+# The site under docs/, warnings as errors; its tables and record pages are generated from benches/results/ by
+# docs/_ext/exml_records.py at build time. A venv made before the docs tools joined PY_DEPS gets them here.
+# A system python without them (a GPU machine, no internet) skips the site with a note, as lint does.
+docs: build
+	@if ! $(PY) -c 'import sphinx, myst_parser, furo' 2> /dev/null; then \
+	  if [ "$(USE_SYSTEM_TORCH)" = 1 ]; then echo "make docs: sphinx, myst-parser or furo missing for $(PY): skipped"; exit 0; fi; \
+	  $(PY) -m pip install -q $(DOCS_DEPS); fi
+	@if $(PY) -c 'import sphinx, myst_parser, furo' 2> /dev/null; then \
+	  $(PY) -m sphinx -b html -W --keep-going -q docs docs/_build/html && echo "docs: docs/_build/html/index.html"; fi
 
 FAST_TESTS := python_tests/ops python_tests/synth $(wildcard python_tests/test_*.py)
 test-fast: lint build
@@ -239,6 +252,7 @@ gpu-repro:
 	  echo "gpu-repro: stopped at $(GPU_REPRO_S) s; run the same command again to resume" >&2; fi; exit $$status
 
 clean:
-	rm -rf build $(CMAKE_BUILD_DIR) build-cmake-cuda $(SANITIZE_DIR) .stamps exml_fast/_C*.so *.egg-info
+	rm -rf build $(CMAKE_BUILD_DIR) build-cmake-cuda $(SANITIZE_DIR) .stamps exml_fast/_C*.so *.egg-info \
+	  docs/_build docs/_generated docs/records docs/api/generated
 
 FORCE:

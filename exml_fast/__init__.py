@@ -40,7 +40,7 @@ from exml_fast.synth.matcher import BNStatsMatcher
 from exml_fast.training import distill
 from exml_fast.viz import save_grid
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["AuxiliaryData", "BNStatsMatcher", "DataImpressions", "DeepInversion", "DeepInversionCIL", "EnsembleAverage",
            "ExModelDistillation", "Experience", "Expert", "ExpertError", "ExpertStream", "FineTune",
