@@ -300,7 +300,7 @@ class ExModelDistillation(Strategy):
                 self.buffer.experience[idx])
 
     @torch.no_grad()
-    def _logits(self, x, task_ids):
+    def logits(self, x, task_ids):
         self.model.eval()
         return self.model(x)
 
