@@ -75,13 +75,18 @@ class Strategy:
     LEGACY_HOOKS: dict[str, str] = {"_logits": "logits"}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Makes each hook's two names one method: the one defined nearest in the MRO (mixins included)."""
         super().__init_subclass__(**kwargs)
-        own = cls.__dict__
+        mro = cls.__mro__
         for old, new in cls.LEGACY_HOOKS.items():
-            if old in own and new not in own:
-                setattr(cls, new, own[old])
-            elif new in own and old not in own:
-                setattr(cls, old, own[new])
+            k_old = next((k for k in mro if old in k.__dict__), None)
+            k_new = next((k for k in mro if new in k.__dict__), None)
+            if k_old is k_new:
+                continue
+            if k_new is None or (k_old is not None and mro.index(k_old) < mro.index(k_new)):
+                setattr(cls, new, k_old.__dict__[old])
+            else:
+                setattr(cls, old, k_new.__dict__[new])
 
     def __init__(self, *, num_classes: int | None = None, device: torch.device | str | None = None,
                  seed: int = 0, progress: bool = True) -> None:
