@@ -17,16 +17,34 @@ from exml_fast.cl.exemplars import classifier_layer, penultimate_features
 from exml_fast.cl.strategies.base import check_float, check_int, derive_seed, frozen_copy
 from exml_fast.cl.strategies.cil_base import CIL_DEFAULTS, CIL_OPTIONS, DataStrategy, data_strategy_kwargs
 from exml_fast.cl.strategies.icarl import ICARL_OPTIONS, ICaRL
+from exml_fast.cl.strategies.options import StrategyOption
 from exml_fast.cl.strategies.registry import BuildContext, build_data_learner, register_strategy
 from exml_fast.training import augment_batch
 
-__all__ = ["DI_CIL_OPTIONS", "SYNTH_DEFAULTS", "SYNTH_EXEMPLAR_OPTIONS", "SYNTH_OPTIONS",
+__all__ = ["DI_CIL_OPTIONS", "DI_CIL_OWN_OPTIONS", "SYNTH_DEFAULTS", "SYNTH_EXEMPLAR_OPTIONS", "SYNTH_OPTIONS",
            "DeepInversionCIL", "SyntheticExemplars"]
 
 #: DeepInversion's settings that runs may give (the rest: its preset="auto" from the learner).
 SYNTH_OPTIONS = frozenset({"synth_iterations", "synth_batch_size", "synth_lr", "bn_weight", "first_bn_multiplier"})
-DI_CIL_OPTIONS = CIL_OPTIONS | SYNTH_OPTIONS | {"synth_per_class", "ce_classes", "head_epochs", "synth_rounds",
-                                               "competition_weight"}
+#: DeepInversion-CIL's own run options, declared here.
+DI_CIL_OWN_OPTIONS = (
+    StrategyOption("synth_per_class", int, 250, "deepinversion-cil: DeepInversion images per old class and task "
+                                                "(default: 250, the paper's)"),
+    StrategyOption("ce_classes", str, None, "deepinversion-cil: the new data's cross-entropy over every class seen "
+                                            "(seen, Eq. 11) or over the task's own (new) (default: seen; new for "
+                                            "deepinversion-cil-balanced)"),
+    StrategyOption("head_epochs", int, None, "deepinversion-cil: epochs of class-balanced fine-tuning of the "
+                                             "classifier alone on the new data and the synthetic images after each "
+                                             "task (default: 0; 1 for deepinversion-cil-balanced)"),
+    StrategyOption("synth_rounds", int, 1, "deepinversion-cil: rounds the old-class images of a task are made in, "
+                                           "the first before the task, round k at epoch k * epochs // rounds, "
+                                           "against the learner as it then is with competition_weight > 0 "
+                                           "(default: 1, all before the task)"),
+)
+#: The run options DeepInversion-CIL reads: the class-incremental ones, DeepInversion's, the competition's and
+#: its own.
+DI_CIL_OPTIONS = CIL_OPTIONS | SYNTH_OPTIONS | {"competition_weight"} | {o.name for o in DI_CIL_OWN_OPTIONS}
+_DI_CIL_READS = (*sorted(CIL_OPTIONS | SYNTH_OPTIONS | {"competition_weight"}), *DI_CIL_OWN_OPTIONS)
 SYNTH_EXEMPLAR_OPTIONS = ICARL_OPTIONS | SYNTH_OPTIONS
 #: The synthesis defaults of those strategies: DeepInversion's own (None), not ED's MNIST settings.
 SYNTH_DEFAULTS = {**CIL_DEFAULTS, "synth_iterations": None, "synth_lr": None, "bn_weight": None,
@@ -311,7 +329,7 @@ def _synthesis(ctx: BuildContext, opt: dict[str, Any], owner: str) -> dict[str, 
 
 
 @register_strategy("deepinversion-cil", keeps_data=False, data=True, defaults=SYNTH_DEFAULTS,
-                   options=DI_CIL_OPTIONS,
+                   options=_DI_CIL_READS,
                    help="class-incremental: DeepInversion images of the old classes from the previous model, "
                         "mixed with the new data (no real old image kept)")
 def _deepinversion_cil(ctx: BuildContext, opt: dict[str, Any]) -> DeepInversionCIL:
@@ -323,7 +341,7 @@ def _deepinversion_cil(ctx: BuildContext, opt: dict[str, Any]) -> DeepInversionC
 
 
 @register_strategy("deepinversion-cil-balanced", keeps_data=False, data=True,
-                   defaults={**SYNTH_DEFAULTS, "ce_classes": "new", "head_epochs": 1}, options=DI_CIL_OPTIONS,
+                   defaults={**SYNTH_DEFAULTS, "ce_classes": "new", "head_epochs": 1}, options=_DI_CIL_READS,
                    help="class-incremental: deepinversion-cil with the new data's cross-entropy over the new classes "
                         "and a class-balanced classifier fine-tuning after each task (no real old image kept)")
 def _deepinversion_cil_balanced(ctx: BuildContext, opt: dict[str, Any]) -> DeepInversionCIL:

@@ -12,15 +12,23 @@ from exml_fast.cl.exemplars import ExemplarMemory, class_means, herding, nearest
 from exml_fast.cl.strategies.base import check_int
 from exml_fast.cl.strategies.cil_base import CIL_DEFAULTS, CIL_OPTIONS, data_strategy_kwargs
 from exml_fast.cl.strategies.lwf import LwF
+from exml_fast.cl.strategies.options import StrategyOption
 from exml_fast.cl.strategies.registry import BuildContext, build_data_learner, register_strategy
 
-__all__ = ["ICARL_CLASSIFIERS", "ICARL_OPTIONS", "ICaRL"]
+__all__ = ["ICARL_CLASSIFIERS", "ICARL_OPTIONS", "ICARL_OWN_OPTIONS", "ICaRL"]
 
 #: iCaRL's classifiers: the nearest mean of exemplars, or the network's outputs.
 ICARL_CLASSIFIERS = ("nme", "cnn")
 
-#: The run options iCaRL reads: the class-incremental ones and its memory's.
-ICARL_OPTIONS = CIL_OPTIONS | {"memory_size", "classifier"}
+#: iCaRL's own run options (its memory's), declared here; it reads the class-incremental ones too.
+ICARL_OWN_OPTIONS = (
+    StrategyOption("memory_size", int, 2000, "icarl: exemplars kept in all, split evenly over the classes seen "
+                                             "(default: 2000)"),
+    StrategyOption("classifier", str, "nme", "icarl: nme (nearest mean of exemplars, the default) or cnn (the "
+                                             "network's outputs)"),
+)
+#: The run options iCaRL reads: the class-incremental ones and its own.
+ICARL_OPTIONS = CIL_OPTIONS | {o.name for o in ICARL_OWN_OPTIONS}
 
 
 class ICaRL(LwF):
@@ -120,7 +128,8 @@ class ICaRL(LwF):
         self.means, self.mean_classes = state["means"], list(state["mean_classes"])
 
 
-@register_strategy("icarl", keeps_data=True, data=True, defaults=CIL_DEFAULTS, options=ICARL_OPTIONS,
+@register_strategy("icarl", keeps_data=True, data=True, defaults=CIL_DEFAULTS,
+                   options=(*sorted(CIL_OPTIONS), *ICARL_OWN_OPTIONS),
                    help="class-incremental: iCaRL (herding exemplars of real images, BCE + distillation, nearest "
                         "mean of exemplars; keeps K real images)")
 def _icarl(ctx: BuildContext, opt: dict[str, Any]) -> ICaRL:

@@ -12,17 +12,27 @@ from torch import nn
 from exml_fast._utils.checks import check_choice
 from exml_fast.cl.strategies.base import check_float, frozen_copy
 from exml_fast.cl.strategies.cil_base import CIL_DEFAULTS, CIL_OPTIONS, DataStrategy, data_strategy_kwargs
+from exml_fast.cl.strategies.options import StrategyOption
 from exml_fast.cl.strategies.registry import BuildContext, build_data_learner, register_strategy
 
-__all__ = ["LWF_FORMS", "LWF_OPTIONS", "LwF"]
+__all__ = ["LWF_FORMS", "LWF_OPTIONS", "LWF_OWN_OPTIONS", "LwF"]
 
 #: LwF's loss forms: "softmax" (Li & Hoiem: cross-entropy on the active units, KD on the old units' softened
 #: softmax) and "mc" (LwF.MC, iCaRL's form: binary cross-entropy with sigmoids on every active unit, summed
 #: over them, the old units' targets the previous model's sigmoids).
 LWF_FORMS = ("softmax", "mc")
 
-#: The run options LwF reads: the class-incremental ones and its distillation's.
-LWF_OPTIONS = CIL_OPTIONS | {"distill_temperature", "distill_weight", "distill_by_task", "lwf_form"}
+#: LwF's own run options (its distillation's), declared here; it reads the class-incremental ones too.
+LWF_OWN_OPTIONS = (
+    StrategyOption("distill_temperature", float, 2.0, "lwf: distillation temperature (default: 2)"),
+    StrategyOption("distill_weight", float, 1.0, "lwf: weight of the distillation term (default: 1)"),
+    StrategyOption("distill_by_task", bool, False, "lwf: weigh cross-entropy 1/t and distillation (1 - 1/t) at "
+                                                   "task t, as van de Ven et al.'s code (default: off)"),
+    StrategyOption("lwf_form", str, "softmax", "lwf: softmax (Li & Hoiem: cross-entropy + KD) or mc (LwF.MC: "
+                                               "sigmoid binary cross-entropy, iCaRL's form)"),
+)
+#: The run options LwF reads: the class-incremental ones and its own.
+LWF_OPTIONS = CIL_OPTIONS | {o.name for o in LWF_OWN_OPTIONS}
 
 
 class LwF(DataStrategy):
@@ -92,7 +102,8 @@ class LwF(DataStrategy):
         return w_ce * ce + w_kd * kd
 
 
-@register_strategy("lwf", keeps_data=False, data=True, defaults=CIL_DEFAULTS, options=LWF_OPTIONS,
+@register_strategy("lwf", keeps_data=False, data=True, defaults=CIL_DEFAULTS,
+                   options=(*sorted(CIL_OPTIONS), *LWF_OWN_OPTIONS),
                    help="class-incremental: Learning without Forgetting (distil the previous model's old classes)")
 def _lwf(ctx: BuildContext, opt: dict[str, Any]) -> LwF:
     return LwF(build_data_learner(ctx, opt), temperature=opt["distill_temperature"],
