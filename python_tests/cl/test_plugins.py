@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -14,8 +19,11 @@ from exml_fast.cl import strategies as S
 from exml_fast.cl.scenarios import Experience, Scenario
 from exml_fast.cl.strategies import options as O
 from exml_fast.cli import build_parser, main
+from exml_fast.data import find_data_root
 from exml_fast.models import build_model
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "custom_strategy"
 K = 4
 SPLITS = [[0, 1], [2, 3]]
 CPU = torch.device("cpu")
@@ -242,3 +250,36 @@ def test_model_is_refused_with_arch_or_by_a_strategy_without_a_learner():
     with pytest.raises(ValueError, match="does not train the network passed as model="):
         S.build_strategy("param-avg", object(), _scenario(), options={}, seed=0, device=CPU, progress=False,
                          model=net)
+
+
+# -- the example package, installed ------------------------------------------------------------------------------
+def _run_cli(args, pythonpath, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pythonpath), str(ROOT)])}
+    return subprocess.run([sys.executable, "-m", "exml_fast", "run", *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_data_root("mnist") is None, reason="MNIST files not found")
+def test_the_example_plugin_installs_and_runs_by_entry_point_and_by_module_name(tmp_path):
+    source, target = tmp_path / "src", tmp_path / "site"  # built from a copy: setuptools writes beside it
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+                          "--quiet", "--target", str(target), str(source)], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
+    assert pip.returncode == 0, pip.stderr
+    assert (target / "l2_anchor.py").exists()
+    tiny = ["--scenario", "split_mnist", "--n-experiences", "2", "--max-train", "100", "--epochs", "1",
+            "--device", "cpu", "--no-plots", "--no-progress", "--seed", "0"]
+    by_name = _run_cli(["--strategy", "l2-anchor", "--anchor-weight", "0.5", "--out", str(tmp_path / "a"), *tiny],
+                       target, tmp_path)
+    assert by_name.returncode == 0, by_name.stderr
+    assert "[result] l2-anchor: final stream accuracy" in by_name.stdout
+    result = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert result["strategy"] == "l2-anchor" and len(result["acc_matrix"]) == 2
+    assert result["meta"]["config"]["weight"] == 0.5 and 0.0 <= result["summary"]["final_stream_accuracy"] <= 1.0
+    # not installed: the module on PYTHONPATH, named as module:attr
+    by_module = _run_cli(["--strategy", "l2_anchor:build", "--out", str(tmp_path / "b"), *tiny], source, tmp_path)
+    assert by_module.returncode == 0, by_module.stderr
+    assert "[result] l2-anchor: final stream accuracy" in by_module.stdout
+    assert json.loads((tmp_path / "b" / "result.json").read_text())["meta"]["config"]["weight"] == 1.0
