@@ -21,8 +21,9 @@ from exml_fast.cli.common import PROG, UsageError, end_without_teardown, left_to
 __all__ = ["build_parser", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``exml-fast`` argument parser (train-teacher, synthesize, train-experts, run, report, demo, reproduce)."""
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``exml-fast`` argument parser (train-teacher, synthesize, train-experts, run, report, demo, reproduce).
+    ``argv``: the command line it will parse, whose ``run --strategy package.module:name`` declares flags."""
     p = argparse.ArgumentParser(
         prog=PROG, description="Learning from trained models instead of data: data-free synthesis and "
                                "Ex-Model Continual Learning (exml_fast).",
@@ -30,14 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="<command>")
     synth.add_commands(sub)
-    exml.add_commands(sub)
+    exml.add_commands(sub, argv)
     reproduce.add_commands(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``exml-fast`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status (0, 1, 2 or 130)."""
-    parser = build_parser()
+    parser = build_parser(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(None if argv is None else list(argv))
     except SystemExit as e:  # argparse: --help (0) or a usage error (2), message already printed

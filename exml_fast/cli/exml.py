@@ -18,6 +18,11 @@ command line wins over the file. The class-incremental strategies (finetune,
 joint, lwf) learn from a scenario's data instead of experts: their runs take
 ``--scenario`` (class order from ``--seed``) and train with the experts'
 recipe by default.
+
+``--strategy`` also takes a strategy defined outside the package: the name of
+an installed plugin's (entry-point group ``exml_fast.strategies``) or
+``package.module:name``. The options such a strategy declares are flags like
+the others (``exml-fast run --strategy pkg.mod:name --help`` lists them).
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from exml_fast.cl.scenarios import SCENARIOS, make_scenario, scenario_of, train_
 from exml_fast.cl.strategies import (DATASET_RUN_DEFAULTS, RUN_OPTIONS, STRATEGIES, load_config, run_named_strategy,
                                      strategy_names, stream_arch)
 from exml_fast.cl.strategies.options import parse_floats
-from exml_fast.cl.strategies.registry import StrategyOptionError
+from exml_fast.cl.strategies.registry import StrategyOptionError, load_entry_points, resolve_strategy
 from exml_fast.cli.common import (UsageError, device_arg, positive_float, positive_int, resolve_device, say,
                                   torchrun_group)
 from exml_fast.experiments.demo import DEMO_BUDGETS, run_demo
@@ -49,8 +54,39 @@ def _floats_arg(text: str) -> tuple[float, ...]:
             from None
 
 
-def add_commands(sub) -> None:
-    """Adds train-experts, run, report and demo to the ``exml-fast`` subparsers ``sub``."""
+def _strategy_arg(text: str) -> str:
+    """``--strategy``: the registered name a name, a plugin's name or ``package.module:name`` refers to."""
+    try:
+        return resolve_strategy(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--strategy ")) from None
+
+
+def _load_strategies(argv) -> None:
+    """Before the run flags are made: imports the installed plugins' strategies and the module of a
+    ``--strategy package.module:name`` in ``argv``, so that the options they declare become flags. An error is
+    left to ``--strategy``'s parsing, which reports it."""
+    load_entry_points()
+    argv = list(argv or ())
+    for k, arg in enumerate(argv):
+        if arg == "--strategy" and k + 1 < len(argv):
+            value = argv[k + 1]
+        elif arg.startswith("--strategy="):
+            value = arg.partition("=")[2]
+        else:
+            continue
+        if value not in STRATEGIES:
+            try:
+                resolve_strategy(value)
+            except ValueError:
+                pass
+
+
+def add_commands(sub, argv=None) -> None:
+    """Adds train-experts, run, report and demo to the ``exml-fast`` subparsers ``sub``. ``argv``: the command
+    line to be parsed (its ``--strategy package.module:name`` is imported first, for the flags of its
+    options)."""
+    _load_strategies(argv)
     t = sub.add_parser(
         "train-experts", help="train one expert per experience of a scenario (an expert stream)",
         description="Train one expert per experience of a continual-learning scenario from one shared "
@@ -97,7 +133,9 @@ def add_commands(sub) -> None:
     r.add_argument("--base-classes", type=positive_int, default=None, metavar="B",
                    help="--scenario: a first task of B classes, the other tasks share the rest (e.g. "
                         "split_cifar100 --base-classes 50 --n-experiences 6: PyCIL's B50 Inc10)")
-    r.add_argument("--strategy", choices=strategy_names(), default=None, help="required here or in --config")
+    r.add_argument("--strategy", type=_strategy_arg, default=None, metavar="NAME",
+                   help=f"required here or in --config: one of {', '.join(strategy_names())}, an installed plugin's "
+                        "(entry-point group exml_fast.strategies), or package.module:name (a module defining one)")
     r.add_argument("--out", required=True, metavar="DIR", help="run folder")
     r.add_argument("--config", default=None, metavar="YAML", help="run options (keys: the flags below, with _)")
     r.add_argument("--preset", choices=sorted(PRESETS), default=None,

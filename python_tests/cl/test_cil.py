@@ -17,6 +17,7 @@ from exml_fast.cl import strategies as S
 from exml_fast.cl.engine import RunError, run_stream
 from exml_fast.cl.exemplars import classifier_layer, penultimate_features
 from exml_fast.cl.scenarios import Experience, Scenario
+from exml_fast.cl.strategies.cil_base import TrainStep
 from exml_fast.models import build_model
 from exml_fast.reference.soft_target_losses import kd_loss as kd_reference
 
@@ -128,14 +129,14 @@ def test_lwf_teacher_is_a_frozen_copy_of_the_model_before_the_task(monkeypatch):
     s.train(_experience(0, SPLITS[0]))
     before = copy.deepcopy(s.model.state_dict())
     seen = []
-    loss = S.LwF._loss
+    loss = S.LwF.criterion
 
     def spy(self, logits, x, y, ctx):
         seen.append((self.prev.training, [p.requires_grad for p in self.prev.parameters()],
                      {k: v.clone() for k, v in self.prev.state_dict().items()}))
         return loss(self, logits, x, y, ctx)
 
-    monkeypatch.setattr(S.LwF, "_loss", spy)
+    monkeypatch.setattr(S.LwF, "criterion", spy)
     s.train(_experience(1, SPLITS[1]))
     assert seen
     for training, grads, state in seen:
@@ -361,7 +362,7 @@ def test_balanced_head_tunes_only_the_classifier_on_class_proportional_batches(m
     fake_y = torch.tensor([0, 1, 0, 1, 0, 1])
     monkeypatch.setattr(s, "_synthesize", lambda teacher, classes, per_class, tag, i: (fake_x, fake_y))
     exp = _experience(1, SPLITS[1])
-    s._begin(exp, 2)
+    s.before_experience(exp, 2)
     head = classifier_layer(s.model)
     before = copy.deepcopy(s.model.state_dict())
     synth_row = penultimate_features(s.model, fake_x, normalize=False)[0]
@@ -373,7 +374,7 @@ def test_balanced_head_tunes_only_the_classifier_on_class_proportional_batches(m
 
     head.register_forward_hook(count)
     s._balance_head(exp.train_x, exp.train_y, exp, 2)
-    s._end()
+    s.cleanup_experience()
     after = s.model.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     prefix = next(n for n, m in s.model.named_modules() if m is head)
@@ -437,7 +438,7 @@ def test_adaptive_rounds_synthesise_against_the_learner_as_it_trains(monkeypatch
                      competition_weight=0.5)
     s.train(_experience(0, SPLITS[0]))
     calls, epochs = [], []
-    epoch_begin = s._epoch_begin
+    epoch_begin = s.before_epoch
 
     def record_epoch(epoch, exp, i):
         epochs.append(epoch)
@@ -454,7 +455,7 @@ def test_adaptive_rounds_synthesise_against_the_learner_as_it_trains(monkeypatch
         n = per_class * len(classes)
         return torch.zeros(n, 1, 32, 32), torch.tensor(classes * per_class)
 
-    monkeypatch.setattr(s, "_epoch_begin", record_epoch)
+    monkeypatch.setattr(s, "before_epoch", record_epoch)
     monkeypatch.setattr(s, "_synthesize", synthesize)
     s.train(_experience(1, SPLITS[1]))
     assert [(c["per_class"], c["epoch"], c["held"]) for c in calls] == [(2, None, 0), (2, 1, 4), (1, 2, 8)]
@@ -549,14 +550,16 @@ def test_skd_step_is_equation_11_on_real_and_delegator_samples():
     s = _skd(seed=3)
     s.train(_experience(0, SPLITS[0]))
     exp = _experience(1, SPLITS[1])
-    s._begin(exp, 2)
+    s.before_experience(exp, 2)
     try:
         assert s._gamma == pytest.approx(5.0 / (3 * 4))
         xb, yb = exp.train_x[:10], exp.train_y[:10]
         active = torch.tensor([0, 1, 2, 3])
         pos = torch.full((K,), -1, dtype=torch.int64)
         pos[active] = torch.arange(4)
-        got = s._step_loss(xb, yb, {"active": active, "pos": pos, "generator": torch.Generator().manual_seed(1)})
+        step = TrainStep(active=active, pos=pos, experience=2, generator=torch.Generator().manual_seed(1),
+                         forward=s.model)
+        got = s.step_loss(xb, yb, step)
         with torch.no_grad():
             z = torch.randn(10, s._synth.latent_dim, generator=torch.Generator().manual_seed(1))
             xs = s.delegator.eval()(z)
@@ -571,7 +574,7 @@ def test_skd_step_is_equation_11_on_real_and_delegator_samples():
         torch.testing.assert_close(got, 5.0 / 12 * ce + psi)
         assert not any(p.requires_grad for p in s.prev.parameters())
     finally:
-        s._end()
+        s.cleanup_experience()
 
 
 def test_skd_fine_tunes_one_delegator_and_resumes(tmp_path):

@@ -152,7 +152,7 @@ def test_icarl_trains_on_new_data_and_exemplars():
     sc = _scenario()
     s = _icarl()
     s.train(sc[0])
-    x, y = s._train_set(sc[1])
+    x, y = s.train_set(sc[1])
     assert x.shape[0] == sc[1].num_train + 12 and set(y.tolist()) == set(SPLITS[0] + SPLITS[1])
 
 

@@ -33,12 +33,26 @@ def expert_name(expert) -> str:
 
 
 class Strategy:
-    """Base class: the bookkeeping every strategy shares.
+    """Base class: the interface of every strategy and the bookkeeping they share.
 
-    Subclasses implement :meth:`train` and :meth:`_logits`. The strategy
-    records, per experience, the expert's classes and task label; with task
-    labels (multi-task scenarios) :meth:`predict` restricts each sample's
-    answer to its task's head, the union of the classes of that task's experts.
+    The life cycle a run drives (:func:`exml_fast.cl.engine.run_stream`), and the public hooks a subclass
+    writes:
+
+    - :meth:`train` ``(experience)`` — learn one experience: an expert (ExML, ``learns_from = "experts"``) or
+      a scenario's experience with its training data (``learns_from = "data"``; subclass
+      :class:`~exml_fast.cl.strategies.cil_base.DataStrategy`, which splits training into finer hooks).
+    - :meth:`logits` ``(x, task_ids)`` — the (B, num_classes) answer for inputs ``x``, read by
+      :meth:`predict` (which adds the checks and the task heads).
+    - :meth:`config` — the settings that decide the results (a resumed run must match them).
+    - :meth:`state_dict` / :meth:`load_state_dict` — what a checkpoint keeps between experiences; call
+      ``super()`` and add your own entries.
+
+    The strategy records, per experience, the expert's classes and task label; with task labels (multi-task
+    scenarios) :meth:`predict` restricts each sample's answer to its task's head, the union of the classes of
+    that task's experts.
+
+    Hooks written under their former underscore names (``_logits``; DataStrategy's ``_begin``, ``_loss``, ...,
+    see :attr:`LEGACY_HOOKS`) still work: a subclass's method under either name answers for both.
     """
 
     #: the name on the command line and in results
@@ -57,6 +71,22 @@ class Strategy:
     #: training over ``torch.distributed`` ranks (:mod:`exml_fast.cl.parallel`): None, when a default process
     #: group of more than one rank is initialised (torchrun); False, never (each rank alone); True, required
     distributed: bool | None = None
+    #: former underscore hook names -> their public names: a subclass defining one name gets the other too
+    LEGACY_HOOKS: dict[str, str] = {"_logits": "logits"}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Makes each hook's two names one method: the one defined nearest in the MRO (mixins included)."""
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        for old, new in cls.LEGACY_HOOKS.items():
+            k_old = next((k for k in mro if old in k.__dict__), None)
+            k_new = next((k for k in mro if new in k.__dict__), None)
+            if k_old is k_new:
+                continue
+            if k_new is None or (k_old is not None and mro.index(k_old) < mro.index(k_new)):
+                setattr(cls, new, k_old.__dict__[old])
+            else:
+                setattr(cls, old, k_new.__dict__[new])
 
     def __init__(self, *, num_classes: int | None = None, device: torch.device | str | None = None,
                  seed: int = 0, progress: bool = True) -> None:
@@ -119,8 +149,13 @@ class Strategy:
         """Learns from one expert (one experience); the expert can be dropped afterwards."""
         raise NotImplementedError
 
-    def _logits(self, x: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
+        """(B, num_classes) logits (or log-probabilities) for ``x`` (B, C, H, W) on the strategy's device;
+        ``task_ids`` (B,) int64 or None, as :meth:`predict` got them. :meth:`predict` calls it under
+        ``torch.no_grad()`` after at least one experience."""
         raise NotImplementedError
+
+    _logits = logits  # the former name, for subclasses that call super()._logits
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, *, task_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,7 +179,7 @@ class Strategy:
         elif self.needs_task_labels or self.multi_task:
             why = "the oracle picks the expert by them" if self.needs_task_labels else "multi-task heads"
             raise ValueError(f"{owner}.predict: task_ids are needed ({why})")
-        out = self._logits(x, task_ids).float()
+        out = self.logits(x, task_ids).float()
         heads = self.task_heads(dev)
         if heads is not None:
             if int(task_ids.min()) < 0 or int(task_ids.max()) >= heads.shape[0]:

@@ -300,7 +300,7 @@ class ExModelDistillation(Strategy):
                 self.buffer.experience[idx])
 
     @torch.no_grad()
-    def _logits(self, x, task_ids):
+    def logits(self, x, task_ids):
         self.model.eval()
         return self.model(x)
 
@@ -329,7 +329,7 @@ def _synth_options(opt: dict[str, Any]) -> dict[str, Any]:
 
 def _ed(ctx: BuildContext, opt: dict[str, Any], source) -> ExModelDistillation:
     return ExModelDistillation(
-        build_learner(ctx.stream, ctx.seed), source=source, buffer_size=opt["buffer_size"],
+        build_learner(ctx.stream, ctx.seed, model=ctx.model), source=source, buffer_size=opt["buffer_size"],
         iterations=opt["iterations"], lr=opt["lr"], momentum=opt["momentum"], weight_decay=opt["weight_decay"],
         batch_size=opt["batch_size"], lambda_ce=opt["lambda_ce"], target_mode=opt["target_mode"],
         normalize=opt["normalize"], augment=opt["augment"], flip=opt["flip"], seed=ctx.seed, device=ctx.device,

@@ -64,7 +64,7 @@ class OracleEnsemble(_ExpertEnsemble):
     name = "oracle"
     needs_task_labels = True
 
-    def _logits(self, x, task_ids):
+    def logits(self, x, task_ids):
         out = torch.full((x.shape[0], self.num_classes), float("-inf"), device=x.device)
         keys = self.experience_tasks if self.multi_task else list(range(self.experiences_seen))
         known = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
@@ -84,7 +84,7 @@ class EnsembleAverage(_ExpertEnsemble):
 
     name = "ensemble-avg"
 
-    def _logits(self, x, task_ids):
+    def logits(self, x, task_ids):
         return torch.logsumexp(torch.log_softmax(self._all_logits(x), -1), 0) - math.log(len(self.experts))
 
 
@@ -93,7 +93,7 @@ class MinEntropyEnsemble(_ExpertEnsemble):
 
     name = "min-entropy"
 
-    def _logits(self, x, task_ids):
+    def logits(self, x, task_ids):
         logits = self._all_logits(x)                       # (E, B, K)
         logp = torch.log_softmax(logits, -1)
         entropy = -(logp.exp() * logp).sum(-1)             # (E, B)

@@ -188,7 +188,7 @@ class GenerativeED(ExModelDistillation):
                         "samples every step (no buffer; in no paper)")
 def _gen_ed(ctx: BuildContext, opt: dict[str, Any]) -> GenerativeED:
     return GenerativeED(
-        build_learner(ctx.stream, ctx.seed), preset=opt["gen_preset"], generator_arch=opt["gen_arch"],
+        build_learner(ctx.stream, ctx.seed, model=ctx.model), preset=opt["gen_preset"], generator_arch=opt["gen_arch"],
         fit_iterations=opt["synth_iterations"], fit_batch_size=opt["synth_batch_size"],
         iterations=opt["iterations"], lr=opt["lr"], momentum=opt["momentum"], weight_decay=opt["weight_decay"],
         batch_size=opt["batch_size"], lambda_ce=opt["lambda_ce"], target_mode=opt["target_mode"],

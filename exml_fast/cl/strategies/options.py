@@ -1,17 +1,109 @@
 """The options of a strategy run, by name: what ``exml-fast run`` turns into flags, what a ``--config`` file and
-a preset may set, and their defaults per dataset (the ExML paper's Appendix B)."""
+a preset may set, and their defaults per dataset (the ExML paper's Appendix B).
+
+A strategy declares the options it reads as :class:`StrategyOption` objects (name, type, default, help) when it
+registers (:func:`~exml_fast.cl.strategies.registry.register_strategy`), or names options declared already.
+This module declares the options several built-in families share (the distillation and synthesis budget, the
+SGD recipe); an option read by one family is declared by that family's module (``lwf``'s in
+:mod:`.lwf`, ...). :data:`RUN_OPTIONS` is the table of every option declared so far, derived, for callers of
+the name -> (type, default, help) mapping.
+"""
 
 from __future__ import annotations
 
+import keyword
 import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DATASET_RUN_DEFAULTS", "DATA_ONLY_OPTIONS", "GENERATIVE_ONLY_OPTIONS", "RUN_OPTIONS", "parse_floats",
-           "run_defaults"]
+__all__ = ["DATASET_RUN_DEFAULTS", "DATA_ONLY_OPTIONS", "DECLARED_OPTIONS", "GENERATIVE_ONLY_OPTIONS", "OPTION_TYPES",
+           "RUN_OPTIONS", "StrategyOption", "declare_option", "parse_floats", "run_defaults"]
 
-#: Run options: name -> (type, default, help). Defaults are the paper's MNIST settings (Appendix B); CIFAR-10 runs
-#: take DATASET_RUN_DEFAULTS over them.
-RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
+#: The types an option may have: on the command line an int flag takes a positive integer, a bool one is
+#: --name / --no-name, a tuple one a comma-separated list of numbers > 0 (read as a tuple of floats).
+OPTION_TYPES = (int, float, str, bool, tuple)
+
+
+@dataclass(frozen=True)
+class StrategyOption:
+    """One option a strategy reads: ``exml-fast run --<name-with-dashes>``, a key of a ``--config`` file, and
+    ``opt[name]`` in the strategy's builder.
+
+    Args:
+        name: a Python identifier in lower case (``my_weight``; the flag is ``--my-weight``).
+        type: one of :data:`OPTION_TYPES` (int, float, str, bool, tuple of floats).
+        default: the value the builder sees when a run gives none (None allowed: "the strategy decides").
+        help: one line for ``exml-fast run --help``; say the default in it.
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str
+
+    def __post_init__(self) -> None:
+        if (not isinstance(self.name, str) or not self.name.isidentifier() or keyword.iskeyword(self.name)
+                or self.name != self.name.lower() or self.name.startswith("_")):
+            raise ValueError(f"StrategyOption: name must be a lower-case Python identifier not starting with _ "
+                             f"(e.g. 'my_weight'); got {self.name!r}")
+        if self.type not in OPTION_TYPES:
+            raise ValueError(f"StrategyOption {self.name!r}: type must be one of "
+                             f"{', '.join(t.__name__ for t in OPTION_TYPES)}; got {self.type!r}")
+        if not isinstance(self.help, str) or not self.help.strip():
+            raise ValueError(f"StrategyOption {self.name!r}: help must be a non-empty string; got {self.help!r}")
+        if self.name in ("strategy", "seed", "model"):
+            raise ValueError(f"StrategyOption: {self.name!r} is a run argument of its own, not an option name")
+
+    def entry(self) -> tuple[type, Any, str]:
+        """``(type, default, help)``: the option's row of :data:`RUN_OPTIONS`."""
+        return (self.type, self.default, self.help)
+
+
+#: Every run option declared so far, by name, in declaration order (the order of the flags).
+DECLARED_OPTIONS: dict[str, StrategyOption] = {}
+
+
+def declare_option(option: StrategyOption) -> StrategyOption:
+    """Adds ``option`` to :data:`DECLARED_OPTIONS` and returns it; an option of that name declared already is
+    returned instead when its type is the same (a ValueError naming both types otherwise): strategies share
+    an option by declaring it alike."""
+    if not isinstance(option, StrategyOption):
+        raise TypeError(f"declare_option: option must be a StrategyOption; got {type(option).__name__}")
+    known = DECLARED_OPTIONS.get(option.name)
+    if known is None:
+        DECLARED_OPTIONS[option.name] = option
+        return option
+    if known.type is not option.type:
+        raise ValueError(f"option {option.name!r} is declared already with type {known.type.__name__} "
+                         f"({known.help!r}); a strategy sharing it must declare it as {known.type.__name__}, "
+                         f"not {option.type.__name__}")
+    return known
+
+
+class _DeclaredOptionsTable(Mapping):
+    """The read-only name -> ``(type, default, help)`` view of :data:`DECLARED_OPTIONS`."""
+
+    def __getitem__(self, name: str) -> tuple[type, Any, str]:
+        return DECLARED_OPTIONS[name].entry()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(DECLARED_OPTIONS))
+
+    def __len__(self) -> int:
+        return len(DECLARED_OPTIONS)
+
+    def __repr__(self) -> str:
+        return f"RUN_OPTIONS({dict(self)!r})"
+
+
+#: Run options: name -> (type, default, help), derived from every option declared so far (a live view: the
+#: options a strategy declares when it registers appear here). Defaults are the paper's MNIST settings
+#: (Appendix B); CIFAR-10 runs take DATASET_RUN_DEFAULTS over them.
+RUN_OPTIONS: Mapping[str, tuple[type, Any, str]] = _DeclaredOptionsTable()
+
+#: The options the built-in families share (and the ExML strategies' own): name -> (type, default, help).
+_SHARED_OPTIONS: dict[str, tuple[type, Any, str]] = {
     "buffer_size": (int, 5000, "buffer capacity N (default: 5000)"),
     "iterations": (int, 30000, "distillation steps per experience (default: 30000)"),
     "lr": (float, 0.01, "distillation SGD learning rate (default: 0.01)"),
@@ -61,26 +153,9 @@ RUN_OPTIONS: dict[str, tuple[type, Any, str]] = {
                                    "160 epochs at lr 0.1)"),
     "arch": (str, None, "class-incremental: learner architecture (default: lenet5_bn on MNIST and Fashion-MNIST, "
                         "resnet32 on CIFAR-10 and CIFAR-100)"),
-    "distill_temperature": (float, 2.0, "lwf: distillation temperature (default: 2)"),
-    "distill_weight": (float, 1.0, "lwf: weight of the distillation term (default: 1)"),
-    "distill_by_task": (bool, False, "lwf: weigh cross-entropy 1/t and distillation (1 - 1/t) at task t, as van "
-                                     "de Ven et al.'s code (default: off)"),
-    "lwf_form": (str, "softmax", "lwf: softmax (Li & Hoiem: cross-entropy + KD) or mc (LwF.MC: sigmoid binary "
-                                 "cross-entropy, iCaRL's form)"),
-    "synth_per_class": (int, 250, "deepinversion-cil: DeepInversion images per old class and task (default: 250, "
-                                  "the paper's)"),
-    "ce_classes": (str, None, "deepinversion-cil: the new data's cross-entropy over every class seen (seen, Eq. 11) "
-                              "or over the task's own (new) (default: seen; new for deepinversion-cil-balanced)"),
-    "head_epochs": (int, None, "deepinversion-cil: epochs of class-balanced fine-tuning of the classifier alone "
-                               "on the new data and the synthetic images after each task (default: 0; 1 for "
-                               "deepinversion-cil-balanced)"),
-    "synth_rounds": (int, 1, "deepinversion-cil: rounds the old-class images of a task are made in, the first "
-                             "before the task, round k at epoch k * epochs // rounds, against the learner as it "
-                             "then is with competition_weight > 0 (default: 1, all before the task)"),
-    "memory_size": (int, 2000, "icarl: exemplars kept in all, split evenly over the classes seen (default: 2000)"),
-    "classifier": (str, "nme", "icarl: nme (nearest mean of exemplars, the default) or cnn (the network's "
-                               "outputs)"),
 }
+for _name, (_type, _default, _help) in _SHARED_OPTIONS.items():
+    declare_option(StrategyOption(_name, _type, _default, _help))
 
 #: Options only gen-ed reads (the other ExML strategies refuse them).
 GENERATIVE_ONLY_OPTIONS = frozenset({"gen_preset", "gen_arch"})
@@ -104,7 +179,8 @@ DATASET_RUN_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def run_defaults(dataset: str) -> dict[str, Any]:
-    """The default of every run option for a scenario of ``dataset``: RUN_OPTIONS' with DATASET_RUN_DEFAULTS'."""
+    """The default of every run option declared, for a scenario of ``dataset``: RUN_OPTIONS' with
+    DATASET_RUN_DEFAULTS'."""
     return {**{k: v[1] for k, v in RUN_OPTIONS.items()}, **DATASET_RUN_DEFAULTS.get(dataset, {})}
 
 
