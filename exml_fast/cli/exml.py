@@ -175,8 +175,9 @@ def add_commands(sub, argv=None) -> None:
     d.add_argument("--data-root", default=None, metavar="DIR", help="folder holding the dataset files")
     d.add_argument("--progress", action="store_true", help="progress bars (default: one line per experience)")
     d.add_argument("--budget", choices=DEMO_BUDGETS, default="demo",
-                   help="demo: the reduced budget of the README's figures; smoke: 500 images per experience and a "
-                        "few steps, seconds, to check the pipeline (under <out>/smoke) (default: demo)")
+                   help="demo: the reduced budget of the getting-started guide's figures; smoke: 500 images per "
+                        "experience and a few steps, seconds, to check the pipeline "
+                        "(under <out>/smoke) (default: demo)")
     d.set_defaults(func=_demo, subparser=d)
 
 
