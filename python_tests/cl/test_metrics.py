@@ -317,3 +317,13 @@ def test_one_kind_of_result_is_one_panel():
     assert len(fig.axes) == 1 and fig.axes[0].get_title() == ""
     styles = {(line.get_color(), line.get_linestyle()) for line in _lines(fig)}
     assert len(styles) == 12  # past the ten colours, the line style changes
+
+
+def test_learned_from_data_reads_the_record():
+    from exml_fast.cl.metrics import learned_from_data
+
+    assert learned_from_data(_run("finetune", data=True, drop=0.1))
+    assert not learned_from_data(_run("mi-ed", data=False, drop=0.1))
+    assert not learned_from_data(_result(meta={}))  # no config: an Ex-Model result, as every old record
+    assert learned_from_data(_result(meta={"learns_from": "data", "config": {}}))  # said outright, it wins
+    assert not learned_from_data(_result(meta={"learns_from": "experts", "config": {"keeps_data": True}}))
