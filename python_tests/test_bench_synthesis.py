@@ -1,8 +1,15 @@
 """benches/bench_synthesis.py's search and floor, which its recorded figures rest on: the time-to-quality
 search finds the fewest steps for every position of the answer, at a cost of a few times the answer, and
-the floor times the network's own layers. Nothing here times anything that is asserted."""
+the floor times the network's own layers. Nothing here times anything that is asserted.
+
+bench_synthesis.py runs four benchmarks, each a script of its own (bench_synthesis_{step,loss,ttq,generator}.py,
+sharing synthesislib.py); it re-exports their names, which these tests reach through it, and patches go to the
+module that reads the name."""
 
 from __future__ import annotations
+
+import json
+import sys
 
 import pytest
 import torch
@@ -224,7 +231,7 @@ def no_data(bench, monkeypatch):
     import exml_fast.data.datasets as datasets
 
     monkeypatch.setattr(datasets, "find_data_root", lambda name: None)
-    monkeypatch.setattr(bench, "_mnist_lenet", lambda model, device, g: None)
+    monkeypatch.setattr(sys.modules["synthesislib"], "_mnist_lenet", lambda model, device, g: None)
 
 
 def test_gpu_method_smoke_on_the_cpu_records_pairs_shares_and_the_command(bench, tmp_path, no_data):
@@ -249,7 +256,8 @@ def test_gpu_method_smoke_on_the_cpu_records_pairs_shares_and_the_command(bench,
 def test_the_best_forms_race_to_the_fp32_peers_bar(bench, tmp_path, no_data, monkeypatch):
     import json
 
-    monkeypatch.setattr(bench, "AGREEMENT", 0.0)  # a random teacher's few steps: the BN bar alone
+    # a random teacher's few steps: the BN bar alone
+    monkeypatch.setattr(sys.modules["bench_synthesis_ttq"], "AGREEMENT", 0.0)
     argv = ["--device", "cpu", "--nets", "lenet5_bn", "--batch", "4", "--ttq-only", "--ttq-steps", "8",
             "--ttq-variants", "1", "--ttq-cap", "2", "--best", "--no-compile", "--threads", "1",
             "--ttq-state", str(tmp_path / "state"), "--out", str(tmp_path), "--suffix", "_race"]
@@ -268,8 +276,27 @@ def test_the_best_forms_race_to_the_fp32_peers_bar(bench, tmp_path, no_data, mon
 def test_the_local_resnet50_is_torchvisions(bench):
     # A GPU machine without torchvision builds the same network: the same parameter and buffer shapes, in order.
     pytest.importorskip("torchvision")
-    tv, local = bench.resnet50_imagenet(), bench._resnet50_local()
+    tv, local = bench.resnet50_imagenet(), sys.modules["synthesislib"]._resnet50_local()
     assert [tuple(t.shape) for t in tv.state_dict().values()] == [tuple(t.shape) for t in local.state_dict().values()]
     assert bench.SHAPES["resnet50"] == (3, 224, 224) and bench.GPU_BATCH["resnet50"] == 64
     with torch.no_grad():
         assert local.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+def test_each_benchmark_is_a_script_of_its_own(bench, tmp_path, no_data):
+    """The step and loss benchmarks run alone and record under their own names; the markdown of the combined
+    run is its parts' (the recorded synthesis_<device> files keep their form)."""
+    common = ["--device", "cpu", "--nets", "lenet5_bn", "--batch", "4", "--no-compile", "--threads", "1",
+              "--out", str(tmp_path)]
+    step, loss = sys.modules["bench_synthesis_step"], sys.modules["bench_synthesis_loss"]
+    step.main([*common, "--k1", "1", "--k2", "2", "--rounds", "1"])
+    rec = json.loads((tmp_path / "synthesis_step_cpu.json").read_text())
+    assert rec["command"].startswith("python benches/bench_synthesis_step.py ")
+    (net,) = rec["results"]
+    assert {r["variant"] for r in net["timing"]} >= {bench.PEER, "exml fp32"} and "check" not in net
+    loss.main([*common, "--check-iterations", "2"])
+    (net,) = json.loads((tmp_path / "synthesis_loss_cpu.json").read_text())["results"]
+    assert [c["variant"] for c in net["check"]][0] == bench.PEER and "timing" not in net
+    assert "Final loss after 2 iterations" in (tmp_path / "synthesis_loss_cpu.md").read_text()
+    with pytest.raises(SystemExit):
+        loss.main([*common, "--check-iterations", "0"])

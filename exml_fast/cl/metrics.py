@@ -28,15 +28,15 @@ Example::
     print(summary_table([StreamResult.load_json(p) for p in paths]))
     plot_accuracy_matrix(result, "runs/ed-di/matrix.png")
 
-The plots need matplotlib (imported when called); nothing here touches
-pyplot's global state: figures are made with ``matplotlib.figure.Figure``
-and written atomically.
+The plots are drawn by :mod:`exml_fast.viz` (matplotlib, imported when
+called); this module only turns results into the curves and matrices drawn
+there. :func:`plot_sample_grids` is :func:`exml_fast.viz.plot_sample_grids`,
+re-exported here where it always was.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -46,9 +46,11 @@ from typing import Any
 import torch
 
 from exml_fast._utils.io import atomic_write
+from exml_fast.viz.plots import Curve, accuracy_matrix_figure, curves_figure, plot_sample_grids, save_png
 
-__all__ = ["StreamResult", "accuracy_counts", "plot_accuracy_matrix", "plot_sample_grids",
-           "plot_stream_accuracy", "summary_table"]
+__all__ = ["PANELS", "StreamResult", "accuracy_counts", "learned_from_data", "plot_accuracy_matrix",
+           "plot_sample_grids", "plot_stream_accuracy", "stream_accuracy_curves", "stream_accuracy_figure",
+           "summary_table"]
 
 FORMAT = "exml_fast.stream_result"
 VERSION = 1
@@ -461,19 +463,69 @@ def accuracy_counts(
 
 
 # -------------------------------------------------------------------- plots
+# The drawing lives in exml_fast.viz; here results become the curves and matrices it draws.
 
-def _figure(owner: str, **kwargs):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(f"{owner} needs matplotlib: pip install matplotlib") from e
-    return Figure(**kwargs)
+#: The panel titles of :func:`stream_accuracy_figure` when results of both kinds are drawn.
+PANELS = ("Ex-Model CL: learning from experts", "class-incremental: learning from the tasks' data")
 
 
-def _save_png(fig, path: str | os.PathLike) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    atomic_write(path, lambda f: f.write(buf.getbuffer()))
+def learned_from_data(result: StreamResult) -> bool:
+    """Whether ``result`` is a class-incremental run (its strategy learned from the experiences' data) rather
+    than an Ex-Model one (from experts): ``meta["learns_from"] == "data"`` where the run records it, else
+    whether its strategy config records ``keeps_data``, which only the data strategies' configs hold."""
+    learns = result.meta.get("learns_from")
+    if learns is not None:
+        return learns == "data"
+    config = result.meta.get("config")
+    return isinstance(config, dict) and "keeps_data" in config
+
+
+def stream_accuracy_curves(results: Sequence[StreamResult]) -> list[Curve]:
+    """One :class:`~exml_fast.viz.Curve` of stream accuracy (%) per (strategy, scenario), in order of first
+    appearance: the mean over its results (e.g. seeds), with ± one sample std as its spread when there are
+    several. Ex-Model and class-incremental results (:func:`learned_from_data`) go in the two
+    :data:`PANELS` when there are both. The legend names the scenario too when there are several."""
+    owner = "plot_stream_accuracy"
+    groups = _groups(results, owner)
+    several = len({sc for _, sc in groups}) > 1
+    both = len({learned_from_data(rs[0]) for rs in groups.values()}) > 1
+    curves = []
+    for (strategy, scenario), rs in groups.items():
+        lengths = {r.num_experiences for r in rs}
+        if len(lengths) != 1:
+            raise ValueError(f"{owner}: the runs of {strategy!r} on {scenario!r} have different "
+                             f"numbers of experiences {sorted(lengths)}")
+        n = lengths.pop()
+        runs = [[100.0 * v for v in r.stream_accuracy] for r in rs]
+        stats = [mean_std([c[i] for c in runs], 1) for i in range(n)]
+        label = f"{strategy} ({scenario})" if several else strategy
+        if len(rs) > 1:
+            label += f", {len(rs)} runs"
+        panel = PANELS[learned_from_data(rs[0])] if both else ""
+        curves.append(Curve(label, [m for m, _ in stats], [s for _, s in stats] if len(rs) > 1 else None,
+                            panel=panel))
+    return curves
+
+
+def stream_accuracy_figure(results: Sequence[StreamResult], *, title: str | None = None):
+    """The matplotlib ``Figure`` :func:`plot_stream_accuracy` writes (see there)."""
+    return curves_figure(stream_accuracy_curves(results), xlabel="after expert (experience index)",
+                         ylabel="stream accuracy (%)", title=title, ylim=(0.0, 102.0))  # room for markers at 100 %
+
+
+def plot_stream_accuracy(results: Sequence[StreamResult], path: str | os.PathLike, *,
+                         title: str | None = None) -> None:
+    """Writes a PNG of stream accuracy (%) after each expert, one line per strategy, at ``path``.
+
+    Results with the same strategy and scenario (e.g. seeds) are one line:
+    their mean, with a band of ± one std (sample std) when there are several.
+    They must have the same number of experiences. The legend names the
+    scenario too when ``results`` hold more than one. Ex-Model and
+    class-incremental runs are drawn in two panels side by side when there are
+    both (:func:`learned_from_data`), and no two lines share a colour and line
+    style (:func:`exml_fast.viz.line_styles`).
+    """
+    save_png(stream_accuracy_figure(results, title=title), path)
 
 
 def plot_accuracy_matrix(result: StreamResult, path: str | os.PathLike, *, title: str | None = None) -> None:
@@ -484,158 +536,6 @@ def plot_accuracy_matrix(result: StreamResult, path: str | os.PathLike, *, title
     """
     if not isinstance(result, StreamResult):
         raise TypeError(f"plot_accuracy_matrix: result must be a StreamResult; got {type(result).__name__}")
-    n = result.num_experiences
-    side = max(3.0, 0.7 * n + 1.5)
-    fig = _figure("plot_accuracy_matrix", figsize=(side + 1.0, side))
-    ax = fig.add_subplot()
     values = [[100.0 * v for v in row] for row in result.acc_matrix]
-    im = ax.imshow(values, vmin=0.0, vmax=100.0, cmap="viridis")
-    for i in range(n):
-        for j in range(n):
-            v = values[i][j]
-            ax.text(j, i, "nan" if math.isnan(v) else f"{v:.1f}", ha="center", va="center", fontsize=8,
-                    color="black" if v >= 60.0 else "white")
-    ax.set_xticks(range(n))
-    ax.set_yticks(range(n))
-    ax.set_xlabel("test set of experience")
-    ax.set_ylabel("after expert")
-    ax.set_title(title or f"{result.strategy} on {result.scenario}: stream accuracy "
-                          f"{_pct(result.final_stream_accuracy)} %", fontsize=9)
-    fig.colorbar(im, ax=ax, label="accuracy (%)")
-    _save_png(fig, path)
-
-
-def plot_stream_accuracy(results: Sequence[StreamResult], path: str | os.PathLike, *,
-                         title: str | None = None) -> None:
-    """Writes a PNG of stream accuracy (%) after each expert, one line per strategy, at ``path``.
-
-    Results with the same strategy and scenario (e.g. seeds) are one line:
-    their mean, with a band of ± one std (sample std) when there are several.
-    They must have the same number of experiences. The legend names the
-    scenario too when ``results`` hold more than one.
-    """
-    groups = _groups(results, "plot_stream_accuracy")
-    several = len({sc for _, sc in groups}) > 1
-    fig = _figure("plot_stream_accuracy", figsize=(6.0, 4.0))
-    ax = fig.add_subplot()
-    longest = 1
-    for (strategy, scenario), rs in groups.items():
-        lengths = {r.num_experiences for r in rs}
-        if len(lengths) != 1:
-            raise ValueError(f"plot_stream_accuracy: the runs of {strategy!r} on {scenario!r} have different "
-                             f"numbers of experiences {sorted(lengths)}")
-        n = lengths.pop()
-        longest = max(longest, n)
-        curves = [[100.0 * v for v in r.stream_accuracy] for r in rs]
-        stats = [mean_std([c[i] for c in curves], 1) for i in range(n)]
-        mean = [m for m, _ in stats]
-        label = f"{strategy} ({scenario})" if several else strategy
-        if len(rs) > 1:
-            label += f", {len(rs)} runs"
-        (line,) = ax.plot(range(n), mean, marker="o", label=label)
-        if len(rs) > 1:
-            ax.fill_between(range(n), [m - s for m, s in stats], [m + s for m, s in stats],
-                            color=line.get_color(), alpha=0.2)
-    ax.set_xticks(range(longest))
-    ax.set_xlim(-0.2, longest - 0.8)
-    ax.set_ylim(0.0, 102.0)  # room for markers at 100 %
-    ax.set_xlabel("after expert (experience index)")
-    ax.set_ylabel("stream accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=9)
-    _save_png(fig, path)
-
-
-def _round_robin(y: torch.Tensor, k: int) -> torch.Tensor:
-    """Up to k positions of ``y`` taking classes in turn (first of each class, then second, ...), by class."""
-    order = torch.sort(y, stable=True).indices
-    ys = y[order]
-    first = torch.searchsorted(ys, ys, side="left")
-    rank = torch.arange(ys.numel()) - first
-    classes = torch.unique(ys, sorted=True)
-    cls_pos = torch.searchsorted(classes, ys)
-    key = rank * classes.numel() + cls_pos
-    chosen = order[torch.sort(key, stable=True).indices[:k]]
-    # Shown grouped by class, each class in buffer order.
-    return chosen[torch.sort(y[chosen] * (y.numel() + 1) + chosen, stable=True).indices]
-
-
-def plot_sample_grids(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    experience: torch.Tensor,
-    path: str | os.PathLike,
-    *,
-    mean: float | Sequence[float] | None = None,
-    std: float | Sequence[float] | None = None,
-    per_experience: int = 32,
-    ncol: int = 16,
-) -> None:
-    """Writes ONE PNG at ``path`` with a block of image rows per experience (e.g. a buffer's content).
-
-    Blocks go top to bottom in ascending experience index, each titled with
-    the experience, its classes and how many of its samples are shown. A block
-    shows up to ``per_experience`` samples chosen deterministically and
-    class-balanced (the first sample of each class, then the second, ...),
-    grouped by class, ``ncol`` per row (blank cells fill the last row).
-
-    Args:
-        x: (N, C, H, W) images, C = 1 or 3 (e.g. ``buffer.x``).
-        y: (N,) integer labels (``buffer.y``).
-        experience: (N,) integer experience index (``buffer.experience``).
-        path: the PNG to write (atomically).
-        mean, std: the normalisation to undo (as :func:`exml_fast.viz.to_unit_range`);
-            neither: all shown images are min-max scaled together.
-        per_experience: most images per experience (>= 1).
-        ncol: images per row (>= 1).
-    """
-    from exml_fast.viz import to_unit_range
-
-    owner = "plot_sample_grids"
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] == 0:
-        raise ValueError(f"{owner}: x must be a non-empty (N, C, H, W) tensor; got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.shape[1] not in (1, 3):
-        raise ValueError(f"{owner}: images must have 1 (grey) or 3 (RGB) channels; got C = {x.shape[1]}")
-    n = x.shape[0]
-    for name, v in (("y", y), ("experience", experience)):
-        if not isinstance(v, torch.Tensor) or v.shape != (n,) or v.dtype.is_floating_point or v.dtype == torch.bool:
-            raise ValueError(f"{owner}: {name} must be an integer tensor of shape ({n},); got "
-                             f"{f'{v.dtype} {tuple(v.shape)}' if isinstance(v, torch.Tensor) else type(v).__name__}")
-    for name, v in (("per_experience", per_experience), ("ncol", ncol)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{owner}: {name} must be an int >= 1; got {v!r}")
-    try:
-        from torchvision.utils import make_grid
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(f"{owner} needs torchvision: pip install 'exml_fast[vision]'") from e
-    y = y.detach().to("cpu", torch.int64)
-    experience = experience.detach().to("cpu", torch.int64)
-
-    blocks = []  # (experience, classes, chosen positions, total in experience)
-    for e in torch.unique(experience, sorted=True).tolist():
-        members = torch.nonzero(experience == e, as_tuple=False).flatten()
-        chosen = members[_round_robin(y[members], per_experience)]
-        blocks.append((e, torch.unique(y[members]).tolist(), chosen, members.numel()))
-    shown = torch.cat([b[2] for b in blocks])
-    # One to_unit_range call: min-max scaling (no mean/std) is shared by all blocks.
-    images = to_unit_range(x.detach()[shown], mean=mean, std=std)
-    h, w = x.shape[2], x.shape[3]
-    rows = [math.ceil(b[2].numel() / ncol) for b in blocks]
-    cell = 0.4 * max(h, w, 16) / 32  # inches per image: 0.4 for 32 x 32, never below 0.2
-    fig = _figure(owner, figsize=(max(3.5, cell * ncol * w / max(h, w)), sum(cell * r + 0.3 for r in rows)),
-                  layout="constrained")
-    axes = fig.subplots(len(blocks), 1, squeeze=False, gridspec_kw={"height_ratios": rows})[:, 0]
-    start = 0
-    for ax, (e, classes, chosen, total), r in zip(axes, blocks, rows):
-        k = chosen.numel()
-        block = images[start : start + k]
-        start += k
-        blank = torch.ones(r * ncol - k, *block.shape[1:])
-        grid = make_grid(torch.cat([block, blank]), nrow=ncol, padding=2, pad_value=1.0)
-        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest", vmin=0.0, vmax=1.0)
-        ax.set_axis_off()
-        ax.set_title(f"experience {e}: classes {classes} ({k} of {total} shown)", fontsize=8, loc="left")
-    _save_png(fig, path)
+    title = title or f"{result.strategy} on {result.scenario}: stream accuracy {_pct(result.final_stream_accuracy)} %"
+    save_png(accuracy_matrix_figure(values, title=title), path)

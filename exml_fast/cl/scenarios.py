@@ -19,10 +19,14 @@ classes are stored sorted.
 
 Images: MNIST / Fashion-MNIST zero-padded to 32x32 and normalised with the
 dataset's mean and std (:func:`exml_fast.data.mnist_tensors`); CIFAR-10 and
-CIFAR-100 (its 100 fine labels) from the python pickles, normalised per channel.
+CIFAR-100 (its 100 fine labels) from the python pickles, normalised per channel
+(:func:`exml_fast.data.cifar_tensors`).
 Joint MNIST is one experience holding all ten classes and the full 60000-image training set (the paper reports 50000
 training samples, i.e. it held out a validation split; pass
 ``max_train_per_experience=50000`` for that size).
+
+:func:`train_experts` writes one expert per experience as an expert stream; each
+expert is trained by :func:`exml_fast.training.experts.train_expert`.
 
 Example::
 
@@ -33,38 +37,28 @@ Example::
 from __future__ import annotations
 
 import copy
-import math
 import os
-import pathlib
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from exml_fast._utils.checks import check_choice, check_int
 from exml_fast.cl.experts import Expert, ExpertStream
 from exml_fast.cl.heads import task_head_mask
+from exml_fast.data import DATASET_STATS, mnist_tensors
+from exml_fast.data.cifar import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, CIFAR_LAYOUTS,
+                                  cifar_tensors)
+from exml_fast.models import ARCHS
+from exml_fast.synth.base import batch_seed
+from exml_fast.training.experts import (check_sgd_settings, default_expert_epochs, expert_accuracy,
+                                        init_expert_model, train_expert)
 
 __all__ = ["CIFAR100_MEAN", "CIFAR100_STD", "CIFAR10_MEAN", "CIFAR10_STD", "EVAL_SPLITS", "Experience", "SCENARIOS",
            "Scenario", "class_order", "default_expert_epochs", "joint_mnist", "make_scenario", "scenario_of",
            "split_cifar10", "split_cifar100", "split_fashion_mnist", "split_mnist", "train_experts",
            "validation_indices"]
-
-#: Per-channel mean and std of the CIFAR-10 training pixels scaled to [0, 1].
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-#: Per-channel mean and std of the CIFAR-100 training pixels scaled to [0, 1].
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-
-_CIFAR_FOLDER = "cifar-10-batches-py"
-_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
-_CIFAR_TEST = "test_batch"
-_CIFAR100_FOLDER = "cifar-100-python"
-
 
 # ------------------------------------------------------------------------------------------- the containers
 
@@ -283,8 +277,6 @@ def _split_validation(train, test, validation_size: int | None, eval_split: str,
 def _mnist_like(dataset: str, name: str, *, n_experiences: int, seed: int, root, multi_task: bool,
                 max_train_per_experience: int | None, max_test_per_experience: int | None,
                 validation_size: int | None, eval_split: str, base_classes: int | None = None) -> Scenario:
-    from exml_fast.data import DATASET_STATS, mnist_tensors
-
     owner = name
     check_int(n_experiences, "n_experiences", owner, low=1, high=10)
     train = mnist_tensors("train", dataset=dataset, pad_to=32, normalize=True, root=root)
@@ -353,106 +345,14 @@ def joint_mnist(*, seed: int = 0, root: str | os.PathLike | None = None,
 # ------------------------------------------------------------------------------------------ CIFAR-10 / -100
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles the CIFAR batches: plain containers and numpy arrays, nothing else (no code)."""
-
-    # _codecs.encode: how protocol-2 pickles written by Python 3 store bytes (a str -> bytes conversion).
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch file")
-
-
-@dataclass(frozen=True)
-class _CifarLayout:
-    """Where a CIFAR version's python pickles live and what they hold."""
-
-    dataset: str  # "cifar10" | "cifar100": the folder under a data root
-    folder: str  # the folder the archive extracts to
-    train: tuple[str, ...]
-    test: str
-    label_key: str
-    num_classes: int
-    archive: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-_CIFAR10 = _CifarLayout("cifar10", _CIFAR_FOLDER, _CIFAR_TRAIN, _CIFAR_TEST, "labels", 10, "cifar-10-python.tar.gz",
-                        CIFAR10_MEAN, CIFAR10_STD)
-_CIFAR100 = _CifarLayout("cifar100", _CIFAR100_FOLDER, ("train",), "test", "fine_labels", 100,
-                         "cifar-100-python.tar.gz", CIFAR100_MEAN, CIFAR100_STD)
-
-
-def _cifar_candidates(root, layout: _CifarLayout) -> list[pathlib.Path]:
-    from exml_fast.data.datasets import search_roots
-
-    if root is not None:
-        r = pathlib.Path(root).expanduser()
-        return [r, r / layout.folder, r / layout.dataset, r / layout.dataset / layout.folder]
-    return [d for r in search_roots() for d in (r / layout.dataset, r / layout.dataset / layout.folder)]
-
-
-def _find_cifar(root, layout: _CifarLayout) -> pathlib.Path:
-    looked = _cifar_candidates(root, layout)
-    names = (*layout.train, layout.test)
-    for folder in looked:
-        if all((folder / n).is_file() for n in names):
-            return folder
-    where = "\n".join(f"  {p}" for p in looked)
-    name = "CIFAR-10" if layout.num_classes == 10 else "CIFAR-100"
-    raise FileNotFoundError(
-        f"{layout.dataset}: no folder holding {', '.join(names)} (the {name} python version: {layout.archive} "
-        f"from https://www.cs.toronto.edu/~kriz/cifar.html, extracted) was found; looked in\n{where}\n"
-        f"Put the {len(names)} files in <DIR>/{layout.dataset}/ (or <DIR>/{layout.dataset}/{layout.folder}/) and "
-        f"set EXML_FAST_DATA=<DIR>, or pass root=<the folder holding them>."
-    )
-
-
-def _read_cifar_batch(path: pathlib.Path, layout: _CifarLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 (N, 3, 32, 32), labels int64 (N,)) of one pickled batch."""
-    import numpy as np
-
-    name = "CIFAR-10" if layout.num_classes == 10 else "CIFAR-100"
-    try:
-        with open(path, "rb") as f:
-            obj = _ArrayUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
-        raise ValueError(f"{path}: not a readable {name} batch (corrupt file?): {e}") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: not a {name} batch (a {type(obj).__name__}, not a dict)")
-    get = lambda key: obj.get(key.encode(), obj.get(key))  # noqa: E731 - python 2 pickles have bytes keys
-    data, labels = get("data"), get(layout.label_key)
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"{path}: 'data' must be a uint8 array of shape (N, 3072); got "
-                         f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
-    labels_t = torch.as_tensor(list(labels) if labels is not None else [], dtype=torch.int64)
-    k = layout.num_classes
-    if labels_t.shape[0] != data.shape[0] or (labels_t.numel() and not (0 <= labels_t.min() and labels_t.max() < k)):
-        raise ValueError(f"{path}: '{layout.label_key}' must hold {data.shape[0]} classes in 0..{k - 1}")
-    # Each row: 1024 red, 1024 green, 1024 blue values, each plane row-major 32x32.
-    return torch.from_numpy(data.copy()).view(-1, 3, 32, 32), labels_t
-
-
-def _cifar_tensors(paths: list[pathlib.Path], layout: _CifarLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    parts = [_read_cifar_batch(p, layout) for p in paths]
-    x = torch.cat([p[0] for p in parts]).to(torch.float32).div_(255.0)
-    mean = torch.tensor(layout.mean).view(1, 3, 1, 1)
-    std = torch.tensor(layout.std).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std).contiguous(), torch.cat([p[1] for p in parts])
-
-
-def _split_cifar(layout: _CifarLayout, name: str, *, n_experiences: int, seed: int, root, multi_task: bool,
+def _split_cifar(dataset: str, name: str, *, n_experiences: int, seed: int, root, multi_task: bool,
                  max_train_per_experience, max_test_per_experience, validation_size, eval_split: str,
                  base_classes) -> Scenario:
+    layout = CIFAR_LAYOUTS[dataset]
     check_int(n_experiences, "n_experiences", name, low=1, high=layout.num_classes)
-    folder = _find_cifar(root, layout)
-    train = _cifar_tensors([folder / n for n in layout.train], layout)
-    test = _cifar_tensors([folder / layout.test], layout)
-    return _build(name, layout.dataset, train=train, test=test, num_classes=layout.num_classes, mean=layout.mean,
+    train = cifar_tensors("train", dataset=dataset, root=root)
+    test = cifar_tensors("test", dataset=dataset, root=root)
+    return _build(name, dataset, train=train, test=test, num_classes=layout.num_classes, mean=layout.mean,
                   std=layout.std, n_experiences=n_experiences, seed=seed, multi_task=multi_task,
                   max_train_per_experience=max_train_per_experience,
                   max_test_per_experience=max_test_per_experience, validation_size=validation_size,
@@ -470,12 +370,13 @@ def split_cifar10(n_experiences: int = 5, *, seed: int = 0, root: str | os.PathL
     and ``~/.cache/exml_fast/data/cifar10`` (each also with ``/cifar-10-batches-py``). The pickles
     are read by an unpickler that only builds numpy arrays (no code runs). Images are
     normalised with :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD`. Other arguments: see :func:`split_mnist`.
+    The files are read by :func:`exml_fast.data.cifar_tensors`.
 
     Raises:
         FileNotFoundError: the files are nowhere; the message says where to put which files.
         ValueError: a malformed batch file.
     """
-    return _split_cifar(_CIFAR10, "split_cifar10_mt" if multi_task else "split_cifar10", n_experiences=n_experiences,
+    return _split_cifar("cifar10", "split_cifar10_mt" if multi_task else "split_cifar10", n_experiences=n_experiences,
                         seed=seed, root=root, multi_task=multi_task, max_train_per_experience=max_train_per_experience,
                         max_test_per_experience=max_test_per_experience, validation_size=validation_size,
                         eval_split=eval_split, base_classes=base_classes)
@@ -497,7 +398,7 @@ def split_cifar100(n_experiences: int = 10, *, seed: int = 0, root: str | os.Pat
         FileNotFoundError: the files are nowhere; the message says where to put which files.
         ValueError: a malformed file.
     """
-    return _split_cifar(_CIFAR100, "split_cifar100_mt" if multi_task else "split_cifar100",
+    return _split_cifar("cifar100", "split_cifar100_mt" if multi_task else "split_cifar100",
                         n_experiences=n_experiences, seed=seed, root=root, multi_task=multi_task,
                         max_train_per_experience=max_train_per_experience,
                         max_test_per_experience=max_test_per_experience, validation_size=validation_size,
@@ -548,44 +449,7 @@ def make_scenario(name: str, **kwargs) -> Scenario:
 
 
 # ------------------------------------------------------------------------------------------- train_experts
-
-
-class _Head(nn.Module):
-    """The logits of a subset of output units, (B, K) -> (B, len(units)): a multi-task head for training."""
-
-    def __init__(self, model: nn.Module, units: tuple[int, ...]) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("units", torch.tensor(units, dtype=torch.int64), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).index_select(1, self.units)
-
-
-def _to_head_labels(y: torch.Tensor, units: tuple[int, ...], num_classes: int) -> torch.Tensor:
-    lut = torch.full((num_classes,), -1, dtype=torch.int64)
-    lut[list(units)] = torch.arange(len(units))
-    return lut[y]
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, units: tuple[int, ...] | None,
-              num_classes: int) -> float:
-    """Top-1 accuracy in [0, 1], argmax over all outputs (units None) or over ``units`` only; nan for no samples."""
-    from exml_fast.training import evaluate
-
-    if x.shape[0] == 0:
-        return float("nan")
-    if units is None:
-        return evaluate(model, x, y)
-    head = _Head(model, units).to(next(model.parameters()).device)
-    return evaluate(head, x, _to_head_labels(y, units, num_classes))
-
-
-def default_expert_epochs(scenario: Scenario) -> int:
-    """Epochs of the ExML paper's experts (Appendix A): CIFAR-10 100 (joint, split and multi-task), MNIST 100
-    for the joint scenario and 20 for the split ones. CIFAR-100, which the paper does not use, takes
-    CIFAR-10's 100."""
-    return 100 if scenario.dataset in ("cifar10", "cifar100") or len(scenario) == 1 else 20
+# The training itself is exml_fast.training.experts'; here, the stream's bookkeeping (resume, metadata).
 
 
 def train_experts(scenario: Scenario, out: str | os.PathLike, *, arch: str = "lenet5",
@@ -627,11 +491,6 @@ def train_experts(scenario: Scenario, out: str | os.PathLike, *, arch: str = "le
         train/test sizes, ``test_accuracy`` (argmax over all outputs on its own experience's
         test set) and ``test_accuracy_head`` (argmax over its own classes only).
     """
-    from exml_fast._utils.progress import Progress
-    from exml_fast.models import ARCHS, build_model
-    from exml_fast.synth.base import batch_seed
-    from exml_fast.training import minibatch_bounds, train_classifier
-
     owner = "train_experts"
     if not isinstance(scenario, Scenario):
         raise TypeError(f"{owner}: scenario must be a Scenario; got {type(scenario).__name__}")
@@ -646,11 +505,7 @@ def train_experts(scenario: Scenario, out: str | os.PathLike, *, arch: str = "le
     check_int(epochs, "epochs", owner, low=1)
     check_int(batch_size, "batch_size", owner, low=1)
     check_int(seed, "seed", owner, low=0)
-    for name, value, low in (("lr", lr, 0.0), ("momentum", momentum, 0.0), ("weight_decay", weight_decay, 0.0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low \
-                or (name == "lr" and value == 0):
-            raise ValueError(f"{owner}: {name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}; "
-                             f"got {value!r}")
+    check_sgd_settings(lr=lr, momentum=momentum, weight_decay=weight_decay, owner=owner)
     device = torch.device(device)
 
     training = {"epochs": epochs, "lr": float(lr), "momentum": float(momentum), "weight_decay": float(weight_decay),
@@ -661,51 +516,36 @@ def train_experts(scenario: Scenario, out: str | os.PathLike, *, arch: str = "le
     if len(stream) == len(scenario):
         return stream
 
-    with torch.random.fork_rng(devices=[]):  # the initialisation draws from the global generator
-        torch.manual_seed(seed)
-        model = build_model(arch, **kwargs)
+    model = init_expert_model(arch, kwargs, seed)
     init_state = copy.deepcopy(model.state_dict())
     model = model.to(device)
-
     for i in range(len(stream), len(scenario)):
         exp = scenario[i]
         model.load_state_dict(init_state)
-        units = exp.classes if scenario.multi_task else None
-        net = model if units is None else _Head(model, units).to(device)
-        y = exp.train_y if units is None else _to_head_labels(exp.train_y, units, scenario.num_classes)
-        steps = epochs * len(minibatch_bounds(exp.num_train, batch_size))
-        bar = Progress(steps, f"expert {i + 1}/{len(scenario)} {list(exp.classes)}", progress)
-        losses: list[torch.Tensor] = []
-
-        def on_step(epoch: int, step: int, loss: torch.Tensor, _bar=bar, _losses=losses) -> None:
-            _losses.append(loss)
-            if len(_losses) == 50:  # one device sync per 50 steps for the postfix
-                _bar.update(50, {"loss": torch.stack(_losses).mean().item(), "epoch": epoch + 1})
-                _losses.clear()
-
-        try:
-            train_classifier(net, exp.train_x, y, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                             weight_decay=weight_decay, generator=torch.Generator().manual_seed(batch_seed(seed, i)),
-                             callback=on_step if progress else None)
-            if losses:
-                bar.update(len(losses), {"loss": torch.stack(losses).mean().item()})
-        finally:
-            bar.close()
-        model.eval()
-        acc_all = _accuracy(model, exp.test_x, exp.test_y, units=None, num_classes=scenario.num_classes)
-        acc_head = _accuracy(model, exp.test_x, exp.test_y, units=exp.classes, num_classes=scenario.num_classes)
+        train_expert(model, exp.train_x, exp.train_y, units=exp.classes if scenario.multi_task else None,
+                     num_classes=scenario.num_classes, epochs=epochs, batch_size=batch_size, lr=lr,
+                     momentum=momentum, weight_decay=weight_decay,
+                     generator=torch.Generator().manual_seed(batch_seed(seed, i)), progress=progress,
+                     desc=f"expert {i + 1}/{len(scenario)} {list(exp.classes)}")
         expert_meta = {
             "input_shape": list(scenario.input_shape), "mean": list(scenario.mean), "std": list(scenario.std),
             "dataset": scenario.dataset, "scenario": scenario.name, "experience": i,
             "multi_task": scenario.multi_task, "training": training, "device": str(device),
             "train_size": exp.num_train, "test_size": exp.num_test,
-            "test_accuracy": acc_all, "test_accuracy_head": acc_head,
+            **_test_accuracies(model, exp, scenario.num_classes),
         }
         trained = copy.deepcopy(model).to("cpu")
         stream.append(Expert(trained, exp.classes, arch=arch, arch_kwargs=kwargs, task_id=exp.task_id,
                              meta=expert_meta), weights_format=weights_format)
         del trained
     return stream
+
+
+def _test_accuracies(model, exp: Experience, num_classes: int) -> dict[str, float]:
+    """An expert's accuracy on its own experience's test set: argmax over all outputs, and over its classes."""
+    return {"test_accuracy": expert_accuracy(model, exp.test_x, exp.test_y, units=None, num_classes=num_classes),
+            "test_accuracy_head": expert_accuracy(model, exp.test_x, exp.test_y, units=exp.classes,
+                                                  num_classes=num_classes)}
 
 
 def scenario_of(stream, *, root=None):

@@ -23,6 +23,9 @@ weighted loss terms and which one dominated). Every synthesizer returns a
 :class:`SyntheticBatch`; ``synthesize_iter``
 streams one per optimisation batch and ``save_to=`` writes resumable shards
 (:func:`load_synthetic` reads them back).
+
+The three optimisation-based synthesizers take their settings as keywords or
+as one :class:`InversionSettings` (``settings=``), keywords winning.
 """
 
 from exml_fast.synth.agreement import LowAgreementWarning
@@ -31,7 +34,8 @@ from exml_fast.synth.base import Synthesizer
 from exml_fast.synth.batch import SyntheticBatch, load_synthetic
 from exml_fast.synth.generative import GENERATIVE_PRESETS, DelegatorError, FitResult, GenerativeSynthesizer
 from exml_fast.synth.inversion import DEEPINVERSION_PRESETS, DataImpressions, DeepInversion, ModelInversion, lr_table
+from exml_fast.synth.inversion_settings import InversionSettings
 
 __all__ = ["DEEPINVERSION_PRESETS", "GENERATIVE_PRESETS", "AuxiliaryData", "DataImpressions", "DeepInversion",
-           "DelegatorError", "FitResult", "GenerativeSynthesizer", "LowAgreementWarning", "ModelInversion",
+           "DelegatorError", "FitResult", "GenerativeSynthesizer", "InversionSettings", "LowAgreementWarning", "ModelInversion",
            "SyntheticBatch", "Synthesizer", "load_synthetic", "lr_table"]

@@ -24,7 +24,8 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -46,10 +47,12 @@ from exml_fast.synth.agreement import LowAgreementWarning, agreement_message, st
 from exml_fast.synth.base import Synthesizer, eval_mode, frozen
 from exml_fast.synth.batch import SyntheticBatch
 from exml_fast.synth.input_grad_conv import input_grad_convs
+from exml_fast.synth.inversion_settings import ENGINE_DEFAULTS, InversionSettings, check_names, merge_settings
 from exml_fast.synth.matcher import BNStatsMatcher
 from exml_fast.synth.presets import DEEPINVERSION_PRESETS, PRESET_NAMES, measured_bn_weight, resolve_deepinversion
 
-__all__ = ["DEEPINVERSION_PRESETS", "DataImpressions", "DeepInversion", "LowAgreementWarning", "ModelInversion"]
+__all__ = ["DEEPINVERSION_PRESETS", "DataImpressions", "DeepInversion", "InversionSettings", "LowAgreementWarning",
+           "ModelInversion"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AUGMENT_PER = ("sample", "batch")
@@ -102,187 +105,164 @@ class _Inversion(Synthesizer):
 
     objective = "ce"  # or "soft": soft-target cross-entropy on per-sample targets
 
-    def __init__(
-        self,
-        teacher: nn.Module,
-        *,
-        input_shape: Sequence[int],
-        mean=None,
-        std=None,
-        num_classes: int | None = None,
-        device: torch.device | str | None = None,
-        iterations: int,
-        batch_size: int,
-        lr: float,
-        betas: tuple[float, float] = (0.9, 0.999),
-        adam_eps: float = 1e-8,
-        schedule: str = "cosine",
-        warmup: float = 0.0,
-        temperature: float = 1.0,
-        bn_weight: float = 0.0,
-        first_bn_multiplier: float = 1.0,
-        bn_form: str = "l2",
-        tv_l1_weight: float = 0.0,
-        tv_l2_weight: float = 0.0,
-        blur_weight: float = 0.0,
-        l2_weight: float = 0.0,
-        l2_sq_weight: float = 0.0,
-        blur_kernel_size: int = 3,
-        blur_sigma: float | None = None,
-        blur_per_sample_norm: bool = False,
-        jitter: int | None = None,
-        flip: bool = True,
-        pad_crop: int = 0,
-        augment_per: str = "sample",
-        clip: bool = True,
-        keep_best: bool = True,
-        init_std: float = 1.0,
-        competitor: nn.Module | None = None,
-        competition_weight: float = 0.0,
-        competition_temperature: float = 3.0,
-        competition_clamp: tuple[float, float] = (0.01, 0.99),
-        competition_form: str = "js",
-        precision: str = "fp32",
-        channels_last: bool | None = None,
-        cuda_graph: bool | None = None,
-        compile: bool | dict = False,
-        multi_resolution: tuple[float, float] | None = None,
-        log_every: int | None = None,
-        stop_when: str | Callable[[int, dict[str, float]], bool] | None = None,
-        stop_agreement: float = 0.95,
-        stop_patience: int | None = None,
-        stop_tol: float = 0.01,
-        warn_below: float | None = 0.9,
-    ) -> None:
+    def __init__(self, teacher: nn.Module, *, input_shape: Sequence[int], mean=None, std=None,
+                 num_classes: int | None = None, device: torch.device | str | None = None, **options: Any) -> None:
+        """``options``: the fields of :class:`~exml_fast.synth.InversionSettings` (``iterations``, ``batch_size``
+        and ``lr`` required; the others default to :data:`~exml_fast.synth.inversion_settings.ENGINE_DEFAULTS`)."""
+        owner = type(self).__name__
+        check_names(options, owner)
+        missing = [k for k in ("iterations", "batch_size", "lr") if k not in options]
+        if missing:
+            raise TypeError(f"{owner}.__init__() missing required keyword argument(s): {', '.join(missing)}")
+        o = SimpleNamespace(**{**ENGINE_DEFAULTS, **options})
         super().__init__(
             teacher, input_shape=input_shape, mean=mean, std=std, num_classes=num_classes,
-            device=device, iterations=iterations, batch_size=batch_size,
+            device=device, iterations=o.iterations, batch_size=o.batch_size,
         )
-        owner = type(self).__name__
-        self.lr = check_float(lr, "lr", owner, positive=True)
-        if len(tuple(betas)) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
-            raise ValueError(f"{owner}: betas must be two numbers in [0, 1); got {betas!r}")
-        self.betas = (float(betas[0]), float(betas[1]))
-        self.adam_eps = check_float(adam_eps, "adam_eps", owner, positive=True)
-        check_choice(schedule, "schedule", owner, SCHEDULES)
-        self.schedule = schedule
-        if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0.0 <= warmup < 1.0:
-            raise ValueError(f"{owner}: warmup must be a fraction of the iterations in [0, 1); got {warmup!r}")
-        self.warmup = float(warmup)
-        self.temperature = check_float(temperature, "temperature", owner, positive=True)
+        self._set_optimiser(o, owner)
+        self._set_bn(o, owner, teacher)
+        self._set_priors(o, owner)
+        self._set_inputs(o, owner)
+        self._set_competition(o, owner)
+        self._set_execution(o, owner, teacher)
+        self._set_stopping(o, owner)
+        self._warned_agreement = False
+        self._compiled = None
 
-        self.bn_weight = check_float(bn_weight, "bn_weight", owner)
-        self.first_bn_multiplier = check_float(first_bn_multiplier, "first_bn_multiplier", owner)
-        check_choice(bn_form, "bn_form", owner, BN_LOSS_FORMS)
-        self.bn_form = bn_form
+    def _set_optimiser(self, o: SimpleNamespace, owner: str) -> None:
+        """Adam, its learning-rate schedule and the main term's temperature."""
+        self.lr = check_float(o.lr, "lr", owner, positive=True)
+        if len(tuple(o.betas)) != 2 or not all(0.0 <= float(b) < 1.0 for b in o.betas):
+            raise ValueError(f"{owner}: betas must be two numbers in [0, 1); got {o.betas!r}")
+        self.betas = (float(o.betas[0]), float(o.betas[1]))
+        self.adam_eps = check_float(o.adam_eps, "adam_eps", owner, positive=True)
+        self.schedule = check_choice(o.schedule, "schedule", owner, SCHEDULES)
+        if isinstance(o.warmup, bool) or not isinstance(o.warmup, (int, float)) or not 0.0 <= o.warmup < 1.0:
+            raise ValueError(f"{owner}: warmup must be a fraction of the iterations in [0, 1); got {o.warmup!r}")
+        self.warmup = float(o.warmup)
+        self.temperature = check_float(o.temperature, "temperature", owner, positive=True)
+
+    def _set_bn(self, o: SimpleNamespace, owner: str, teacher: nn.Module) -> None:
+        """The BatchNorm-statistic term; dropped, with a warning, for a teacher without BN running statistics."""
+        self.bn_weight = check_float(o.bn_weight, "bn_weight", owner)
+        self.first_bn_multiplier = check_float(o.first_bn_multiplier, "first_bn_multiplier", owner)
+        self.bn_form = check_choice(o.bn_form, "bn_form", owner, BN_LOSS_FORMS)
         has_bn = any(isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
                      for m in teacher.modules())
         if self.bn_weight > 0 and not has_bn:
             warnings.warn(
                 f"{owner}: the teacher ({type(teacher).__name__}) has no BatchNorm layer with running "
-                "statistics; synthesising with the priors only (bn_weight is ignored)", stacklevel=3,
+                "statistics; synthesising with the priors only (bn_weight is ignored)", stacklevel=4,
             )
             self.bn_weight = 0.0
 
-        self.prior_weights = {
-            "tv_l1": check_float(tv_l1_weight, "tv_l1_weight", owner),
-            "tv_l2": check_float(tv_l2_weight, "tv_l2_weight", owner),
-            "blur": check_float(blur_weight, "blur_weight", owner),
-            "l2": check_float(l2_weight, "l2_weight", owner),
-            "l2_sq": check_float(l2_sq_weight, "l2_sq_weight", owner),
-        }
-        if blur_kernel_size not in (3, 7):
-            raise ValueError(f"{owner}: blur_kernel_size must be 3 or 7; got {blur_kernel_size!r}")
-        self.blur_kernel_size = blur_kernel_size
-        self.blur_sigma = None if blur_sigma is None else check_float(blur_sigma, "blur_sigma", owner, positive=True)
-        self.blur_per_sample_norm = bool(blur_per_sample_norm)
+    def _set_priors(self, o: SimpleNamespace, owner: str) -> None:
+        """The image priors' weights and the blur prior's Gaussian."""
+        self.prior_weights = {name: check_float(getattr(o, f"{name}_weight"), f"{name}_weight", owner)
+                              for name in PRIORS}
+        if o.blur_kernel_size not in (3, 7):
+            raise ValueError(f"{owner}: blur_kernel_size must be 3 or 7; got {o.blur_kernel_size!r}")
+        self.blur_kernel_size = o.blur_kernel_size
+        self.blur_sigma = (None if o.blur_sigma is None
+                           else check_float(o.blur_sigma, "blur_sigma", owner, positive=True))
+        self.blur_per_sample_norm = bool(o.blur_per_sample_norm)
 
-        c, h, w = self.input_shape
+    def _set_inputs(self, o: SimpleNamespace, owner: str) -> None:
+        """The augmentation, the clip to the pixel range, the kept batch and the initial inputs' spread."""
+        _, h, w = self.input_shape
+        jitter = o.jitter
         if jitter is None:
             jitter = 2 if max(h, w) <= 64 else max(1, round(30 * max(h, w) / 224))
         if isinstance(jitter, bool) or not isinstance(jitter, int) or jitter < 0:
             raise ValueError(f"{owner}: jitter must be an int >= 0 (pixels) or None; got {jitter!r}")
         self.jitter = jitter
-        self.flip = bool(flip)
-        if isinstance(pad_crop, bool) or not isinstance(pad_crop, int) or pad_crop < 0:
-            raise ValueError(f"{owner}: pad_crop must be an int >= 0; got {pad_crop!r}")
-        self.pad_crop = pad_crop
-        check_choice(augment_per, "augment_per", owner, AUGMENT_PER)
-        self.augment_per = augment_per
-        self.clip = bool(clip) and self.mean is not None
-        self.keep_best = bool(keep_best)
-        self.init_std = check_float(init_std, "init_std", owner, positive=True)
+        self.flip = bool(o.flip)
+        if isinstance(o.pad_crop, bool) or not isinstance(o.pad_crop, int) or o.pad_crop < 0:
+            raise ValueError(f"{owner}: pad_crop must be an int >= 0; got {o.pad_crop!r}")
+        self.pad_crop = o.pad_crop
+        self.augment_per = check_choice(o.augment_per, "augment_per", owner, AUGMENT_PER)
+        self.clip = bool(o.clip) and self.mean is not None
+        self.keep_best = bool(o.keep_best)
+        self.init_std = check_float(o.init_std, "init_std", owner, positive=True)
 
-        if competitor is not None and not isinstance(competitor, nn.Module):
-            raise TypeError(f"{owner}: competitor must be an nn.Module or None; got {type(competitor).__name__}")
-        self.competitor = competitor
-        self.competition_weight = check_float(competition_weight, "competition_weight", owner)
-        if competitor is not None and self.competition_weight == 0:
+    def _set_competition(self, o: SimpleNamespace, owner: str) -> None:
+        """Adaptive DeepInversion: the competitor and its term."""
+        if o.competitor is not None and not isinstance(o.competitor, nn.Module):
+            raise TypeError(f"{owner}: competitor must be an nn.Module or None; got {type(o.competitor).__name__}")
+        self.competitor = o.competitor
+        self.competition_weight = check_float(o.competition_weight, "competition_weight", owner)
+        if o.competitor is not None and self.competition_weight == 0:
             raise ValueError(f"{owner}: a competitor needs competition_weight > 0")
-        self.competition_temperature = check_float(competition_temperature, "competition_temperature", owner,
+        self.competition_temperature = check_float(o.competition_temperature, "competition_temperature", owner,
                                                    positive=True)
-        lo, hi = competition_clamp
+        lo, hi = o.competition_clamp
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"{owner}: competition_clamp must be (low, high) with 0 <= low < high <= 1; "
-                             f"got {competition_clamp!r}")
+                             f"got {o.competition_clamp!r}")
         self.competition_clamp = (float(lo), float(hi))
-        check_choice(competition_form, "competition_form", owner, JS_FORMS)
-        self.competition_form = competition_form
+        self.competition_form = check_choice(o.competition_form, "competition_form", owner, JS_FORMS)
 
-        check_choice(precision, "precision", owner, PRECISIONS)
-        self.precision = precision
+    def _set_execution(self, o: SimpleNamespace, owner: str, teacher: nn.Module) -> None:
+        """How a step runs: precision, memory format, CUDA graph, torch.compile, multi-resolution, logging."""
+        self.precision = check_choice(o.precision, "precision", owner, PRECISIONS)
+        channels_last = o.channels_last
         if channels_last is None:
-            channels_last = auto_channels_last(teacher, self.device, precision)
+            channels_last = auto_channels_last(teacher, self.device, o.precision)
         self.channels_last = bool(channels_last)
-        if not isinstance(compile, (bool, dict)):
+        if not isinstance(o.compile, (bool, dict)):
             raise TypeError(f"{owner}: compile must be a bool or a dict of torch.compile arguments; "
-                            f"got {type(compile).__name__}")
+                            f"got {type(o.compile).__name__}")
         # None (auto): on CUDA without torch.compile, capture the step; a step that cannot be captured (a host
         # sync in the teacher's forward, say) then runs eagerly with a warning instead of failing.
-        self._cuda_graph_auto = cuda_graph is None
-        self.cuda_graph = (self.device.type == "cuda" and not compile) if cuda_graph is None else bool(cuda_graph)
+        self._cuda_graph_auto = o.cuda_graph is None
+        self.cuda_graph = (self.device.type == "cuda" and not o.compile) if o.cuda_graph is None else bool(o.cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(
                 f"{owner}: cuda_graph=True needs a CUDA device; this synthesizer runs on {self.device} "
                 "(pass device='cuda' with a CUDA teacher, or cuda_graph=False)"
             )
-        self.compile = compile
-        if multi_resolution is not None:
-            try:
-                scale, fraction = (float(v) for v in multi_resolution)
-            except (TypeError, ValueError):
-                raise ValueError(f"{owner}: multi_resolution must be None or (scale, fraction); "
-                                 f"got {multi_resolution!r}") from None
-            if not 0.0 < scale < 1.0 or not 0.0 < fraction < 1.0:
-                raise ValueError(f"{owner}: multi_resolution (scale, fraction) must both be in (0, 1); "
-                                 f"got {multi_resolution!r}")
-            if min(round(h * scale), round(w * scale)) < 1:
-                raise ValueError(f"{owner}: multi_resolution scale {scale} leaves no pixel of {h}x{w}")
-            multi_resolution = (scale, fraction)
-        self.multi_resolution = multi_resolution
-        if log_every is not None and (isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1):
-            raise ValueError(f"{owner}: log_every must be an int >= 1 or None; got {log_every!r}")
-        self.log_every = log_every
-        if stop_when is not None and stop_when != "converged" and not callable(stop_when):
+        self.compile = o.compile
+        self.multi_resolution = self._checked_multi_resolution(o.multi_resolution, owner)
+        if o.log_every is not None and (isinstance(o.log_every, bool) or not isinstance(o.log_every, int)
+                                        or o.log_every < 1):
+            raise ValueError(f"{owner}: log_every must be an int >= 1 or None; got {o.log_every!r}")
+        self.log_every = o.log_every
+
+    def _checked_multi_resolution(self, value, owner: str) -> tuple[float, float] | None:
+        if value is None:
+            return None
+        _, h, w = self.input_shape
+        try:
+            scale, fraction = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{owner}: multi_resolution must be None or (scale, fraction); "
+                             f"got {value!r}") from None
+        if not 0.0 < scale < 1.0 or not 0.0 < fraction < 1.0:
+            raise ValueError(f"{owner}: multi_resolution (scale, fraction) must both be in (0, 1); got {value!r}")
+        if min(round(h * scale), round(w * scale)) < 1:
+            raise ValueError(f"{owner}: multi_resolution scale {scale} leaves no pixel of {h}x{w}")
+        return (scale, fraction)
+
+    def _set_stopping(self, o: SimpleNamespace, owner: str) -> None:
+        """Early stopping and the low-agreement warning."""
+        if o.stop_when is not None and o.stop_when != "converged" and not callable(o.stop_when):
             raise ValueError(f"{owner}: stop_when must be None, 'converged' or a callable (step, terms) -> bool; "
-                             f"got {stop_when!r}")
-        self.stop_when = stop_when
-        self.stop_agreement = check_float(stop_agreement, "stop_agreement", owner)
+                             f"got {o.stop_when!r}")
+        self.stop_when = o.stop_when
+        self.stop_agreement = check_float(o.stop_agreement, "stop_agreement", owner)
         if not 0.0 <= self.stop_agreement <= 1.0:
-            raise ValueError(f"{owner}: stop_agreement must be in [0, 1]; got {stop_agreement!r}")
-        if stop_patience is not None and (isinstance(stop_patience, bool) or not isinstance(stop_patience, int)
-                                          or stop_patience < 1):
-            raise ValueError(f"{owner}: stop_patience must be an int >= 1 (steps) or None; got {stop_patience!r}")
-        self.stop_patience = stop_patience
-        self.stop_tol = check_float(stop_tol, "stop_tol", owner)
+            raise ValueError(f"{owner}: stop_agreement must be in [0, 1]; got {o.stop_agreement!r}")
+        if o.stop_patience is not None and (isinstance(o.stop_patience, bool) or not isinstance(o.stop_patience, int)
+                                            or o.stop_patience < 1):
+            raise ValueError(f"{owner}: stop_patience must be an int >= 1 (steps) or None; got {o.stop_patience!r}")
+        self.stop_patience = o.stop_patience
+        self.stop_tol = check_float(o.stop_tol, "stop_tol", owner)
         #: steps each batch of the latest job ran (fewer than ``iterations`` where ``stop_when`` stopped it)
         self.steps_run: list[int] = []
-        if warn_below is not None and (isinstance(warn_below, bool) or not isinstance(warn_below, (int, float))
-                                       or not 0.0 < warn_below <= 1.0):
-            raise ValueError(f"{owner}: warn_below must be a fraction in (0, 1] or None; got {warn_below!r}")
-        self.warn_below = None if warn_below is None else float(warn_below)
-        self._warned_agreement = False
-        self._compiled = None
+        if o.warn_below is not None and (isinstance(o.warn_below, bool) or not isinstance(o.warn_below, (int, float))
+                                         or not 0.0 < o.warn_below <= 1.0):
+            raise ValueError(f"{owner}: warn_below must be a fraction in (0, 1] or None; got {o.warn_below!r}")
+        self.warn_below = None if o.warn_below is None else float(o.warn_below)
 
     # -- description -------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -766,21 +746,26 @@ class ModelInversion(_Inversion):
 
     method = "model-inversion"
 
+    #: ModelInversion's own defaults over the engine's (ENGINE_DEFAULTS); the paper's MNIST settings.
+    DEFAULTS = {"temperature": 2.0, "lr": 0.01, "iterations": 3000, "batch_size": 256, "bn_weight": "auto",
+                "bn_form": "sq_std", "blur_weight": 1e-3, "l2_sq_weight": 1e-3, "flip": False, "schedule": "constant"}
+
     def __init__(self, teacher: nn.Module, *, input_shape: Sequence[int], mean=None, std=None,
-                 temperature: float = 2.0, lr: float = 0.01, iterations: int = 3000, batch_size: int = 256,
-                 bn_weight: float | str = "auto", bn_form: str = "sq_std", blur_weight: float = 1e-3,
-                 l2_sq_weight: float = 1e-3, flip: bool = False, schedule: str = "constant", **kwargs) -> None:
+                 settings: InversionSettings | None = None, **kwargs) -> None:
+        owner = type(self).__name__
+        given = merge_settings(settings, kwargs, owner)
+        check_names(given, owner, allowed=("num_classes", "device"))
+        kwargs = {**self.DEFAULTS, **given}
+        bn_weight = kwargs["bn_weight"]
         self.bn_weight_auto = isinstance(bn_weight, str)
         if self.bn_weight_auto:
             if bn_weight != "auto":
-                raise ValueError(f"{type(self).__name__}: bn_weight must be a number >= 0 or 'auto'; got {bn_weight!r}")
-            bn_weight, k = measured_bn_weight(teacher, input_shape, kwargs, form=bn_form, owner=type(self).__name__)
+                raise ValueError(f"{owner}: bn_weight must be a number >= 0 or 'auto'; got {bn_weight!r}")
+            kwargs["bn_weight"], k = measured_bn_weight(teacher, input_shape, given, form=kwargs["bn_form"],
+                                                        owner=owner)
             if kwargs.get("num_classes") is None:
                 kwargs["num_classes"] = k  # the probe's forward found it: the synthesizer need not make another
-        super().__init__(teacher, input_shape=input_shape, mean=mean, std=std, temperature=temperature, lr=lr,
-                         iterations=iterations, batch_size=batch_size, bn_weight=bn_weight, bn_form=bn_form,
-                         blur_weight=blur_weight, l2_sq_weight=l2_sq_weight, flip=flip, schedule=schedule,
-                         **kwargs)
+        super().__init__(teacher, input_shape=input_shape, mean=mean, std=std, **kwargs)
 
     def config(self) -> dict[str, Any]:
         cfg = super().config()
@@ -943,15 +928,21 @@ class DeepInversion(_Inversion):
 
     def __init__(self, teacher: nn.Module, *, input_shape: Sequence[int] | None = None, mean=None, std=None,
                  preset: str = "auto", competition_weight: float | None = None,
-                 competitor: nn.Module | None = None, **overrides: Any) -> None:
+                 competitor: nn.Module | None = None, settings: InversionSettings | None = None,
+                 **overrides: Any) -> None:
+        given = merge_settings(settings, overrides, type(self).__name__)
+        check_names(given, type(self).__name__, allowed=("num_classes", "device"))
+        # The two keywords of their own: a value passed wins over the settings' one.
+        competitor_set, weight_set = given.pop("competitor", None), given.pop("competition_weight", None)
+        competitor = competitor_set if competitor is None else competitor
+        competition_weight = weight_set if competition_weight is None else competition_weight
         if competition_weight is None:
             competition_weight = 10.0 if competitor is not None else 0.0
-        given = dict(overrides)
         if mean is not None or std is not None:
             given.update(mean=mean, std=std)
-        self.preset_name, settings = resolve_deepinversion(preset, teacher, input_shape=input_shape,
+        self.preset_name, resolved = resolve_deepinversion(preset, teacher, input_shape=input_shape,
                                                            overrides=given, owner=type(self).__name__)
-        super().__init__(teacher, competitor=competitor, competition_weight=competition_weight, **settings)
+        super().__init__(teacher, competitor=competitor, competition_weight=competition_weight, **resolved)
 
     def config(self) -> dict[str, Any]:
         cfg = super().config()
@@ -1023,14 +1014,15 @@ class DataImpressions(_Inversion):
     method = "data-impressions"
     objective = "soft"
 
+    #: DataImpressions' own defaults over the engine's (ENGINE_DEFAULTS).
+    DEFAULTS = {"temperature": 20.0, "lr": 0.01, "iterations": 1500, "batch_size": 256, "bn_form": "sq_std",
+                "flip": False, "schedule": "constant"}
+
     def __init__(self, teacher: nn.Module, *, input_shape: Sequence[int], mean=None, std=None,
-                 beta: float | Sequence[float] = (1.0, 0.1), temperature: float = 20.0,
-                 classifier_weight: torch.Tensor | None = None, lr: float = 0.01, iterations: int = 1500,
-                 batch_size: int = 256, bn_form: str = "sq_std", flip: bool = False, schedule: str = "constant",
-                 **kwargs) -> None:
-        super().__init__(teacher, input_shape=input_shape, mean=mean, std=std, temperature=temperature, lr=lr,
-                         iterations=iterations, batch_size=batch_size, bn_form=bn_form, flip=flip,
-                         schedule=schedule, **kwargs)
+                 beta: float | Sequence[float] = (1.0, 0.1), classifier_weight: torch.Tensor | None = None,
+                 settings: InversionSettings | None = None, **kwargs) -> None:
+        given = merge_settings(settings, kwargs, type(self).__name__)
+        super().__init__(teacher, input_shape=input_shape, mean=mean, std=std, **{**self.DEFAULTS, **given})
         owner = type(self).__name__
         betas = (beta,) if isinstance(beta, (int, float)) else tuple(beta)
         if not betas:

@@ -10,8 +10,8 @@ import struct
 import pytest
 import torch
 
-from exml_fast.cl.metrics import (StreamResult, accuracy_counts, plot_accuracy_matrix, plot_sample_grids,
-                                  plot_stream_accuracy, summary_table)
+from exml_fast.cl.metrics import (PANELS, StreamResult, accuracy_counts, plot_accuracy_matrix,
+                                  plot_stream_accuracy, stream_accuracy_figure, summary_table)
 
 # R[1][0] > R[0][0] so that forgetting (best earlier accuracy) and BWT (accuracy
 # right after learning) differ; unequal test sizes so that Eq. 2 is not the row mean.
@@ -277,40 +277,53 @@ def test_plot_stream_accuracy_writes_a_png(tmp_path):
     assert not (tmp_path / "bad.png").exists()
 
 
-def test_plot_sample_grids(tmp_path):
+def _run(strategy: str, *, data: bool, drop: float) -> StreamResult:
+    """A 5-experience result of a data (class-incremental) or an Ex-Model strategy, as the engine records them."""
+    config = {"strategy": strategy, "seed": 0, "ex_model": not data}
+    if data:
+        config["keeps_data"] = False  # what DataStrategy.config() records
+    rows = [[max(0.0, 1.0 - drop * (i - j)) if j <= i else 0.0 for j in range(5)] for i in range(5)]
+    return _result(strategy=strategy, acc_matrix=rows, test_sizes=[10] * 5, per_class_accuracy=[],
+                   meta={"config": config})
+
+
+def _lines(fig):
+    return [line for ax in fig.axes for line in ax.get_lines()]
+
+
+def test_the_demos_fourteen_lines_are_told_apart():
+    """The demo draws 7 Ex-Model and 7 class-incremental strategies: two panels, and no two lines of the
+    figure share a (colour, line style) pair (a 10-colour cycle alone repeats 4 of them)."""
     pytest.importorskip("matplotlib")
-    pytest.importorskip("torchvision")
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    n = 70
-    x = torch.randn(n, 1, 8, 8, generator=g)
-    experience = torch.tensor([0] * 40 + [1] * 25 + [3] * 5)
-    y = torch.cat([torch.arange(40) % 2, 2 + torch.arange(25) % 3, torch.full((5,), 9)])
-    path = tmp_path / "grid.png"
-    plot_sample_grids(x, y, experience, path, mean=0.5, std=0.25, per_experience=12, ncol=6)
-    w, h = _png_size(path)
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.size == (w, h)
-    # Three blocks (2 + 2 + 1 rows of 6 cells) against one block of 2 rows: each
-    # experience gets its own rows, so the image is taller.
-    plot_sample_grids(x[:40], y[:40], experience[:40], tmp_path / "one.png", per_experience=12, ncol=6)
-    assert _png_size(tmp_path / "one.png")[1] < h
-    with pytest.raises(ValueError, match="channels"):
-        plot_sample_grids(torch.zeros(2, 2, 4, 4), y[:2], experience[:2], tmp_path / "c.png")
-    with pytest.raises(ValueError, match=r"experience must be an integer tensor of shape \(2,\)"):
-        plot_sample_grids(x[:2], y[:2], experience[:3], tmp_path / "e.png")
-    with pytest.raises(ValueError, match="per_experience"):
-        plot_sample_grids(x[:2], y[:2], experience[:2], tmp_path / "p.png", per_experience=0)
+    exml = ["mi-ed", "di-ed", "aux-ed", "param-avg", "ensemble-avg", "min-entropy", "oracle"]
+    cil = ["finetune", "lwf", "deepinversion-cil", "deepinversion-cil-balanced", "synthetic-exemplars", "icarl",
+           "joint"]
+    results = ([_run(s, data=False, drop=0.02 * k) for k, s in enumerate(exml)]
+               + [_run(s, data=True, drop=0.03 * k) for k, s in enumerate(cil)])
+    fig = stream_accuracy_figure(results)
+    lines = _lines(fig)
+    assert len(lines) == 14
+    styles = [(line.get_color(), line.get_linestyle()) for line in lines]
+    assert len(set(styles)) == 14, styles
+    assert [ax.get_title() for ax in fig.axes] == list(PANELS)
+    by_panel = [[line.get_label() for line in ax.get_lines()] for ax in fig.axes]
+    assert by_panel == [exml, cil]
+    assert len({line.get_color() for line in fig.axes[1].get_lines()}) == 7  # distinct colours within a panel
 
 
-def test_round_robin_selection_is_class_balanced():
-    from exml_fast.cl.metrics import _round_robin
+def test_one_kind_of_result_is_one_panel():
+    pytest.importorskip("matplotlib")
+    fig = stream_accuracy_figure([_run(f"s{k}", data=False, drop=0.01 * k) for k in range(12)], title="t")
+    assert len(fig.axes) == 1 and fig.axes[0].get_title() == ""
+    styles = {(line.get_color(), line.get_linestyle()) for line in _lines(fig)}
+    assert len(styles) == 12  # past the ten colours, the line style changes
 
-    y = torch.tensor([4, 4, 4, 4, 4, 1, 7, 1, 4, 7])
-    sel = _round_robin(y, 5)
-    # First of each class (4, 1, 7), then second of each: classes 1, 4 by class value.
-    assert sorted(y[sel].tolist()) == [1, 1, 4, 4, 7]
-    assert y[sel].tolist() == sorted(y[sel].tolist())  # grouped by class
-    assert sel.tolist() == [5, 7, 0, 1, 6]
-    assert _round_robin(y, 100).numel() == 10
+
+def test_learned_from_data_reads_the_record():
+    from exml_fast.cl.metrics import learned_from_data
+
+    assert learned_from_data(_run("finetune", data=True, drop=0.1))
+    assert not learned_from_data(_run("mi-ed", data=False, drop=0.1))
+    assert not learned_from_data(_result(meta={}))  # no config: an Ex-Model result, as every old record
+    assert learned_from_data(_result(meta={"learns_from": "data", "config": {}}))  # said outright, it wins
+    assert not learned_from_data(_result(meta={"learns_from": "experts", "config": {"keeps_data": True}}))

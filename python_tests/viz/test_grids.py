@@ -1,4 +1,4 @@
-"""exml_fast.viz.save_grid: PNG grids of (synthetic) batches."""
+"""exml_fast.viz.grids (save_grid, to_unit_range): PNG grids of (synthetic) batches."""
 
 from __future__ import annotations
 
