@@ -37,5 +37,5 @@ from exml_fast.synth.inversion import DEEPINVERSION_PRESETS, DataImpressions, De
 from exml_fast.synth.inversion_settings import InversionSettings
 
 __all__ = ["DEEPINVERSION_PRESETS", "GENERATIVE_PRESETS", "AuxiliaryData", "DataImpressions", "DeepInversion",
-           "DelegatorError", "FitResult", "GenerativeSynthesizer", "InversionSettings", "LowAgreementWarning", "ModelInversion",
-           "SyntheticBatch", "Synthesizer", "load_synthetic", "lr_table"]
+           "DelegatorError", "FitResult", "GenerativeSynthesizer", "InversionSettings", "LowAgreementWarning",
+           "ModelInversion", "SyntheticBatch", "Synthesizer", "load_synthetic", "lr_table"]
