@@ -42,7 +42,8 @@ from exml_fast.training import distill, evaluate
 #: start clipped to [0, 1]) at Adam lr 0.05 for 400 steps; KD by SGD lr 0.05 (momentum 0.9, weight decay 5e-4).
 BASE = {"real": False, "space": "input", "lr": 0.05, "iters": 400, "tau": 20.0, "tv_l2": 0.0, "rescale": None,
         "beta": [1.0, 0.1], "kd_opt": "sgd", "kd_lr": 0.05, "kd_wd": 5e-4, "kd_tau": 20.0, "kd_seed": 0,
-        "kd_warmup": 0, "kd_rotate": 0.0, "kd_scale": 0.0, "kd_targets": "teacher"}
+        "kd_warmup": 0, "kd_rotate": 0.0, "kd_scale": 0.0, "kd_targets": "teacher", "kd_mixup": 0.0,
+        "kd_epochs_factor": 1}
 
 
 
@@ -123,6 +124,23 @@ for _tv in ("1e-05", "0.0001", "0.0003"):
                               "with the warm-up", {**_PAPER_STEPS, "tau": 3.0, "tv_l2": float(_tv)}))
 
 
+# What the KD can still gain on the chosen DIs (τ 5): mixing pairs of DIs (the teacher labels every mix) asks it
+# about inputs between them; twice the epochs tests whether the student is still learning when the cosine ends.
+# (τ 5: MNIST's choice; τ 3: Fashion-MNIST's.)
+for _tau in (5, 3):
+    for _alpha in ("0.2", "1"):
+        VARIANTS.update(_kd_seeds(f"dataset_lr0.01_1500it_tau{_tau}_warmup_mixup{_alpha}",
+                                  f"the DIs of dataset_lr0.01_1500it_tau{_tau}_warmup; KD with the warm-up, each "
+                                  f"augmented DI mixed with another of its minibatch by a weight from Beta({_alpha}, "
+                                  f"{_alpha}) (mixup), the teacher labelling the mix",
+                                  {**_PAPER_STEPS, "tau": float(_tau), "kd_mixup": float(_alpha)}))
+VARIANTS.update(_kd_seeds("dataset_lr0.01_1500it_tau5_warmup_2xep", "the DIs of dataset_lr0.01_1500it_tau5_warmup; "
+                          "KD with the warm-up for twice the epochs",
+                          {**_PAPER_STEPS, "tau": 5.0, "kd_epochs_factor": 2}))
+VARIANTS.update(_kd_seeds("dataset_lr0.01_1500it_tau5_warmup_mixup1_2xep", "... mixup Beta(1, 1) and twice the epochs",
+                          {**_PAPER_STEPS, "tau": 5.0, "kd_mixup": 1.0, "kd_epochs_factor": 2}))
+
+
 class _RescaledDI(DataImpressions):
     """Data Impressions whose every image is min-max rescaled onto the pixel range after each Adam step."""
 
@@ -173,7 +191,8 @@ def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, se
         student = LeNet5HalfZSKD()
     t0 = time.perf_counter()
     targets = ({"soft_targets": soft} if cfg.get("kd_targets", "teacher") == "soft" else {"teacher": teacher})
-    distill(student, inputs, **targets, temperature=cfg["kd_tau"], epochs=kd_epochs, batch_size=64,
+    distill(student, inputs, **targets, temperature=cfg["kd_tau"], epochs=kd_epochs * cfg.get("kd_epochs_factor", 1),
+            batch_size=64, mixup=cfg.get("kd_mixup", 0.0),
             lr=cfg["kd_lr"], optimizer=cfg["kd_opt"], weight_decay=cfg["kd_wd"], schedule="cosine",
             warmup=cfg.get("kd_warmup", 0), rotate=cfg.get("kd_rotate", 0.0), scale=cfg.get("kd_scale", 0.0),
             augment=True, pad_crop=4, max_shift=1, flip=False, fill=0.0, generator=seed + cfg.get("kd_seed", 0))
@@ -209,7 +228,7 @@ def markdown(rec: dict) -> str:
         if not r["settings"]["real"]:
             recipe = {k: v for k, v in r["settings"].items() if k != "kd_seed"}
             for key, off in (("kd_warmup", 0), ("kd_rotate", 0.0), ("kd_scale", 0.0), ("kd_targets", "teacher"),
-                             ("tau", 20.0)):
+                             ("tau", 20.0), ("kd_mixup", 0.0), ("kd_epochs_factor", 1)):
                 recipe.setdefault(key, off)  # rows from before the option existed ran without it
             groups.setdefault(json.dumps(recipe, sort_keys=True), []).append(r)
     if groups:
@@ -242,7 +261,8 @@ def main(argv=None) -> int:
     if data_missing([args.dataset]):
         return 0
     torch.set_num_threads(args.threads)
-    stem = STUDY_FILES[args.dataset]
+    # another number of DIs is another study, with its own record (and DIs) beside the default one's
+    stem = STUDY_FILES[args.dataset] + ("" if args.n == ap.get_default("n") else f"_n{args.n}")
     work = pathlib.Path(args.work or f"runs/{stem.replace('_cpu', '')}")
     nets = ZSKD_NETWORKS["paper"]
     x, y = mnist_tensors("train", dataset=args.dataset, pad_to=32, normalize=False, resize=True)
