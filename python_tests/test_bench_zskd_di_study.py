@@ -20,13 +20,15 @@ def test_study_writes_the_variants_and_skips_them_on_a_rerun(tmp_path, monkeypat
     args = ["--variants", "real,dataset_lr0.01", "--n", "16", "--kd-epochs", "1", "--teacher-epochs", "1",
             "--max-train", "6000", "--threads", "1", "--work", str(tmp_path / "w"), "--out", str(tmp_path)]
     assert study.main(args) == 0
-    rec = json.loads((tmp_path / "zskd_di_study_cpu.json").read_text())
+    # another number of DIs than the default 2400 is another study: its own record, the default one's untouched
+    assert not (tmp_path / "zskd_di_study_cpu.json").exists()
+    rec = json.loads((tmp_path / "zskd_di_study_cpu_n16.json").read_text())
     assert [r["variant"] for r in rec["rows"]] == ["real", "dataset_lr0.01"]
     assert rec["train_images"] == 1000 and rec["n"] == 16
     di = rec["rows"][1]
     assert di["settings"]["space"] == "dataset" and 0 <= di["saturated"] <= 1 and di["target_kl"] >= 0
     assert all(0 <= r[k] <= 100 for r in rec["rows"] for k in ("validation", "test"))
-    md = (tmp_path / "zskd_di_study_cpu.md").read_text()
+    md = (tmp_path / "zskd_di_study_cpu_n16.md").read_text()
     assert "| dataset_lr0.01 |" in md and "averaged over its KD seeds (`dataset_lr0.01` " in md
     # a recipe's rows of other KD seeds are averaged: the choice is the recipe's mean, not its luckiest seed
     seeded = {**di, "variant": "dataset_lr0.01_kdseed1", "settings": {**di["settings"], "kd_seed": 1},
@@ -36,8 +38,14 @@ def test_study_writes_the_variants_and_skips_them_on_a_rerun(tmp_path, monkeypat
     md2 = study.markdown({**rec, "rows": [*rec["rows"], seeded, other]})
     assert (f"(`dataset_lr0.01` {di['validation']:.2f}, `dataset_lr0.01_kdseed1` {di['validation'] + 10:.2f}): "
             f"{di['validation'] + 5:.2f} %") in md2
+    # the KD's mixup and epoch factor are part of a recipe: a row with them is not averaged with one without
+    mixed = {**di, "variant": "dataset_lr0.01_mixup1_2xep", "validation": di["validation"] + 20.0,
+             "settings": {**di["settings"], "kd_mixup": 1.0, "kd_epochs_factor": 2}}
+    assert di["settings"]["kd_mixup"] == 0.0 and di["settings"]["kd_epochs_factor"] == 1
+    md3 = study.markdown({**rec, "rows": [*rec["rows"], seeded, mixed]})
+    assert f"(`dataset_lr0.01_mixup1_2xep` {di['validation'] + 20:.2f}): {di['validation'] + 20:.2f} %" in md3
     assert study.main(args) == 0  # both done: read back, nothing rerun
-    assert json.loads((tmp_path / "zskd_di_study_cpu.json").read_text())["rows"] == rec["rows"]
+    assert json.loads((tmp_path / "zskd_di_study_cpu_n16.json").read_text())["rows"] == rec["rows"]
     with pytest.raises(SystemExit):
         study.main(["--variants", "nope"])
 
@@ -55,8 +63,8 @@ def test_study_of_another_dataset_keeps_its_own_record(tmp_path, monkeypatch):
                         (study.VARIANTS["dataset_lr0.01_1500it_tau3_warmup"][0],
                          {**study.VARIANTS["dataset_lr0.01_1500it_tau3_warmup"][1], "iters": 2}))  # seconds
     assert study.main(args) == 0
-    assert not (tmp_path / "zskd_di_study_cpu.json").exists()  # MNIST's record is left alone
-    rec = json.loads((tmp_path / "zskd_di_study_fmnist_cpu.json").read_text())
+    assert not (tmp_path / "zskd_di_study_cpu_n16.json").exists()  # MNIST's record is left alone
+    rec = json.loads((tmp_path / "zskd_di_study_fmnist_cpu_n16.json").read_text())
     assert rec["dataset"] == "fashion-mnist" and rec["rows"][0]["settings"]["tau"] == 3.0
     assert "Data Impressions on the papers' networks, Fashion-MNIST" in (
-        tmp_path / "zskd_di_study_fmnist_cpu.md").read_text()
+        tmp_path / "zskd_di_study_fmnist_cpu_n16.md").read_text()
