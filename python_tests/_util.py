@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,3 +156,15 @@ def mount_namespace() -> list[str] | None:
         if r.returncode == 0:
             return prefix
     return None
+
+
+def fake_cifar10(folder, n_train: int = 6, n_test: int = 10) -> None:
+    """Six pickles in the CIFAR-10 python layout (bytes keys, uint8 (N, 3072) rows R|G|B), labels i % 10; every
+    image black but one green pixel at row 2, column 3."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in [(f"data_batch_{i}", n_train) for i in range(1, 6)] + [("test_batch", n_test)]:
+        data = np.zeros((n, 3072), dtype=np.uint8)
+        data[:, 1024 + 2 * 32 + 3] = 255  # green channel, row 2, column 3
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": [i % 10 for i in range(n)], b"batch_label": name.encode()}, f,
+                        protocol=2)

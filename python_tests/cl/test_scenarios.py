@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from _util import fake_cifar10
+
 from exml_fast.cl import scenarios as sc
 from exml_fast.cl.experts import ExpertStream
 from exml_fast.cl.scenarios import (SCENARIOS, Experience, Scenario, joint_mnist, make_scenario, split_cifar10,
@@ -173,19 +175,10 @@ def test_argument_errors():
 # ---------------------------------------------------------------------------------------------- CIFAR-10
 
 
-def _fake_cifar(folder, n_train=6, n_test=10):
-    """Six pickles in the CIFAR-10 python layout (bytes keys, uint8 (N, 3072) rows R|G|B), labels i % 10."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, n in [(f"data_batch_{i}", n_train) for i in range(1, 6)] + [("test_batch", n_test)]:
-        data = np.zeros((n, 3072), dtype=np.uint8)
-        data[:, 1024 + 2 * 32 + 3] = 255  # green channel, row 2, column 3
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": data, b"labels": [i % 10 for i in range(n)], b"batch_label": name.encode()}, f,
-                        protocol=2)
 
 
 def test_split_cifar10_from_fake_pickles(tmp_path):
-    _fake_cifar(tmp_path / "cifar-10-batches-py")
+    fake_cifar10(tmp_path / "cifar-10-batches-py")
     s = split_cifar10(5, seed=0, root=tmp_path)
     assert s.dataset == "cifar10" and s.input_shape == (3, 32, 32) and len(s) == 5
     assert sum(e.num_train for e in s) == 30 and sum(e.num_test for e in s) == 10
@@ -198,7 +191,7 @@ def test_split_cifar10_from_fake_pickles(tmp_path):
 
 
 def test_split_cifar10_found_through_the_environment(tmp_path, monkeypatch):
-    _fake_cifar(tmp_path / "cifar10")
+    fake_cifar10(tmp_path / "cifar10")
     monkeypatch.setenv("EXML_FAST_DATA", str(tmp_path))
     assert split_cifar10(2).dataset == "cifar10"
 

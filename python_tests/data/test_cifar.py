@@ -6,26 +6,18 @@ from __future__ import annotations
 import os
 import pickle
 
-import numpy as np
 import pytest
 import torch
+
+from _util import fake_cifar10
 
 from exml_fast.data import CIFAR10_MEAN, CIFAR10_STD, CIFAR_LAYOUTS, cifar_tensors, find_cifar, read_cifar_batch
 
 
-def _fake_cifar(folder, n_train=6, n_test=10):
-    """Six pickles in the CIFAR-10 python layout (bytes keys, uint8 (N, 3072) rows R|G|B), labels i % 10."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, n in [(f"data_batch_{i}", n_train) for i in range(1, 6)] + [("test_batch", n_test)]:
-        data = np.zeros((n, 3072), dtype=np.uint8)
-        data[:, 1024 + 2 * 32 + 3] = 255  # green channel, row 2, column 3
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": data, b"labels": [i % 10 for i in range(n)], b"batch_label": name.encode()}, f,
-                        protocol=2)
 
 
 def test_cifar_tensors_reads_and_normalises(tmp_path):
-    _fake_cifar(tmp_path / "cifar-10-batches-py")
+    fake_cifar10(tmp_path / "cifar-10-batches-py")
     x, y = cifar_tensors("train", root=tmp_path)
     assert x.shape == (30, 3, 32, 32) and x.dtype == torch.float32 and x.is_contiguous()
     assert y.dtype == torch.int64 and y.tolist() == [i % 10 for i in range(6)] * 5  # batches in file order
@@ -49,7 +41,7 @@ def test_bad_split_or_dataset_names_the_argument(tmp_path):
 
 
 def test_found_through_the_environment(tmp_path, monkeypatch):
-    _fake_cifar(tmp_path / "cifar10" / "cifar-10-batches-py")
+    fake_cifar10(tmp_path / "cifar10" / "cifar-10-batches-py")
     monkeypatch.setenv("EXML_FAST_DATA", str(tmp_path))
     assert find_cifar("cifar10") == tmp_path / "cifar10" / "cifar-10-batches-py"
 
@@ -57,7 +49,7 @@ def test_found_through_the_environment(tmp_path, monkeypatch):
 def test_missing_files_message(tmp_path, monkeypatch):
     monkeypatch.setenv("EXML_FAST_DATA", str(tmp_path / "env"))
     (tmp_path / "c").mkdir()
-    _fake_cifar(tmp_path / "c")
+    fake_cifar10(tmp_path / "c")
     os.unlink(tmp_path / "c" / "data_batch_4")
     with pytest.raises(FileNotFoundError) as info:
         cifar_tensors("train", root=tmp_path / "c")
@@ -70,7 +62,7 @@ def test_missing_files_message(tmp_path, monkeypatch):
 
 
 def test_pickle_with_code_is_refused(tmp_path):
-    _fake_cifar(tmp_path)
+    fake_cifar10(tmp_path)
 
     class Evil:
         def __reduce__(self):
