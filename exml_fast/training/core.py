@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exml_fast._utils.batches import minibatch_bounds
-from exml_fast._utils.checks import check_choice, check_int, cpu_generator
+from exml_fast._utils.checks import check_choice, check_float, check_int, cpu_generator
 
 __all__ = ["KD_LOSSES", "OPTIMIZERS", "SCHEDULES", "augment_batch", "distill", "evaluate", "minibatch_bounds",
            "random_affine", "random_mixup", "train_classifier"]
@@ -119,14 +119,13 @@ def random_mixup(x: torch.Tensor, generator: torch.Generator | None, *, alpha: f
     A set of synthetic inputs is small beside a training set, and mixing its samples asks the teacher about
     inputs between them.
     """
-    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"random_mixup: alpha must be a finite number > 0; got {alpha!r}")
+    alpha = check_float(alpha, "alpha", "random_mixup", positive=True)
     b = x.shape[0]
     perm = torch.randperm(b, generator=generator)
     seed = int(torch.randint(2**62, (1,), generator=generator))
     with torch.random.fork_rng(devices=[]):  # torch.distributions takes no generator: draw under a forked seed
         torch.manual_seed(seed)
-        lam = torch.distributions.Beta(float(alpha), float(alpha)).sample((b,))
+        lam = torch.distributions.Beta(alpha, alpha).sample((b,))
     lam = lam.to(x.device, x.dtype).view(b, *([1] * (x.dim() - 1)))
     return torch.lerp(x[perm.to(x.device)], x, lam)
 
@@ -392,8 +391,7 @@ def distill(
     if not isinstance(log_every, int) or log_every < 0:
         raise ValueError(f"distill: log_every must be an int >= 0; got {log_every!r}")
     check_int(warmup, "warmup", "distill", low=0)
-    if not (isinstance(mixup, (int, float)) and not isinstance(mixup, bool) and math.isfinite(mixup) and mixup >= 0):
-        raise ValueError(f"distill: mixup must be a finite number >= 0 (a Beta parameter; 0: off); got {mixup!r}")
+    mixup = check_float(mixup, "mixup", "distill")
     if mixup and teacher is None:
         raise ValueError(f"distill: mixup={mixup!r} needs teacher to label the mixed inputs; the targets of "
                          f"{sources[0]} belong to unmixed inputs")
