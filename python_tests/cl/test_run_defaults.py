@@ -59,12 +59,12 @@ def test_mi_and_di_match_bn_statistics_in_the_exml_papers_form():
 
 
 def test_cifar10_runs_get_the_papers_cifar_settings(tmp_path):
-    from test_scenarios import _fake_cifar
+    from _util import fake_cifar10
 
     from exml_fast.cl.scenarios import default_expert_epochs, split_cifar10
     from exml_fast.cl.strategies import DATASET_RUN_DEFAULTS
 
-    _fake_cifar(tmp_path / "cifar-10-batches-py")
+    fake_cifar10(tmp_path / "cifar-10-batches-py")
     scenario = split_cifar10(5, seed=0, root=tmp_path)
     stream = _stream(in_channels=3)
     mi = _build("mi-ed", {}, scenario, stream)
