@@ -509,8 +509,13 @@ def stream_accuracy_curves(results: Sequence[StreamResult]) -> list[Curve]:
 
 def stream_accuracy_figure(results: Sequence[StreamResult], *, title: str | None = None):
     """The matplotlib ``Figure`` :func:`plot_stream_accuracy` writes (see there)."""
-    return curves_figure(stream_accuracy_curves(results), xlabel="after expert (experience index)",
-                         ylabel="stream accuracy (%)", title=title, ylim=(0.0, 102.0))  # room for markers at 100 %
+    curves = stream_accuracy_curves(results)
+    # an Ex-Model run learns from an expert per experience, a class-incremental one from a task's data
+    after = {False: "after expert (experience index)", True: "after task (experience index)"}
+    kinds = {learned_from_data(r) for r in results}
+    xlabel = after[kinds.pop()] if len(kinds) == 1 else {PANELS[k]: label for k, label in after.items()}
+    return curves_figure(curves, xlabel=xlabel, ylabel="stream accuracy (%)", title=title,
+                         ylim=(0.0, 102.0))  # room for markers at 100 %
 
 
 def plot_stream_accuracy(results: Sequence[StreamResult], path: str | os.PathLike, *,

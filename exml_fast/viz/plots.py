@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,18 +95,25 @@ def _check_curves(curves: Sequence[Curve], owner: str) -> list[Curve]:
     return curves
 
 
-def curves_figure(curves: Sequence[Curve], *, xlabel: str, ylabel: str, title: str | None = None,
-                  ylim: tuple[float, float] | None = None):
+def curves_figure(curves: Sequence[Curve], *, xlabel: str | Mapping[str, str], ylabel: str,
+                  title: str | None = None, ylim: tuple[float, float] | None = None):
     """A matplotlib ``Figure`` with one line per curve, one panel (side by side, in order of first
     appearance) per distinct :attr:`Curve.panel`, and each panel's legend below it, off the lines.
 
     Every line has its own (colour, line style) pair over the whole figure (:func:`line_styles`, in the
     order of ``curves``); a curve's band, when it has one, takes its line's colour. The x axis is the index
-    0 .. n - 1 of the longest curve.
+    0 .. n - 1 of the longest curve. ``xlabel``: one label for every panel, or one per panel (a mapping from
+    each :attr:`Curve.panel` to its label).
     """
     owner = "curves_figure"
     curves = _check_curves(curves, owner)
     panels = list(dict.fromkeys(c.panel for c in curves))
+    if isinstance(xlabel, Mapping):
+        missing = [p for p in panels if p not in xlabel]
+        if missing:
+            raise ValueError(f"{owner}: xlabel has no label for the panels {missing}")
+    elif not isinstance(xlabel, str):
+        raise TypeError(f"{owner}: xlabel must be a str or a mapping of panel to str, got {type(xlabel).__name__}")
     styles = line_styles(len(curves))
     longest = max(len(c.y) for c in curves)
     fig = _figure(owner, figsize=(6.0 * len(panels), 4.0 + 0.2 * math.ceil(len(curves) / len(panels) / 2)),
@@ -125,7 +132,7 @@ def curves_figure(curves: Sequence[Curve], *, xlabel: str, ylabel: str, title: s
         ax.set_xlim(-0.2, longest - 0.8)
         if ylim is not None:
             ax.set_ylim(*ylim)
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(xlabel if isinstance(xlabel, str) else xlabel[panel])
         ax.grid(alpha=0.3)
         if panel:
             ax.set_title(panel, fontsize=9)

@@ -309,12 +309,18 @@ def test_the_demos_fourteen_lines_are_told_apart():
     by_panel = [[line.get_label() for line in ax.get_lines()] for ax in fig.axes]
     assert by_panel == [exml, cil]
     assert len({line.get_color() for line in fig.axes[1].get_lines()}) == 7  # distinct colours within a panel
+    # the class-incremental panel's x axis counts tasks, the Ex-Model one's experts
+    assert [ax.get_xlabel() for ax in fig.axes] == ["after expert (experience index)",
+                                                    "after task (experience index)"]
 
 
 def test_one_kind_of_result_is_one_panel():
     pytest.importorskip("matplotlib")
     fig = stream_accuracy_figure([_run(f"s{k}", data=False, drop=0.01 * k) for k in range(12)], title="t")
     assert len(fig.axes) == 1 and fig.axes[0].get_title() == ""
+    assert fig.axes[0].get_xlabel() == "after expert (experience index)"
+    cil = stream_accuracy_figure([_run("lwf", data=True, drop=0.1)])
+    assert cil.axes[0].get_xlabel() == "after task (experience index)"
     styles = {(line.get_color(), line.get_linestyle()) for line in _lines(fig)}
     assert len(styles) == 12  # past the ten colours, the line style changes
 

@@ -40,6 +40,12 @@ def test_curves_figure_panels_bands_and_errors(tmp_path):
     assert len(fig.axes[0].collections) == 1  # a's band only
     plot_curves(curves, tmp_path / "c.png", xlabel="x", ylabel="y")
     assert min(_png_size(tmp_path / "c.png")) > 100
+    fig = curves_figure(curves, xlabel={"left": "x1", "right": "x2"}, ylabel="y")
+    assert [ax.get_xlabel() for ax in fig.axes] == ["x1", "x2"]
+    with pytest.raises(ValueError, match=r"xlabel has no label for the panels \['right'\]"):
+        curves_figure(curves, xlabel={"left": "x1"}, ylabel="y")
+    with pytest.raises(TypeError, match="xlabel must be a str or a mapping"):
+        curves_figure(curves, xlabel=3, ylabel="y")
     with pytest.raises(ValueError, match="must not be empty"):
         curves_figure([], xlabel="x", ylabel="y")
     with pytest.raises(ValueError, match="3 values but 2 spreads"):
