@@ -45,11 +45,12 @@ ZSKD_NETWORKS: dict[str, dict[str, Any]] = {
     "paper": {"teacher": "lenet5_zskd", "student": "lenet5_half_zskd", "resize": True, "normalize": False,
               "teacher_lr": 0.05, "teacher_schedule": "cosine", "teacher_pad_crop": 2, "validation_size": 5000,
               "synth_lr": 0.01, "synth_space": "dataset", "synth_tau": {"mnist": 5.0, "fashion-mnist": 3.0},
-              "synth_iterations": 1500, "kd_lr": 0.01, "kd_warmup": 500, "teacher_epochs": 20},
+              "synth_iterations": 1500, "kd_lr": 0.01, "kd_warmup": 500, "kd_mixup": 0.0, "kd_epochs": None,
+              "teacher_epochs": 20},
     "exml": {"teacher": "lenet5", "student": "lenet5_half", "resize": False, "normalize": True,
              "teacher_lr": 0.01, "teacher_schedule": "constant", "teacher_pad_crop": 0, "validation_size": None,
              "synth_lr": None, "synth_space": "input", "synth_tau": 20.0, "synth_iterations": None, "kd_lr": 0.05,
-             "kd_warmup": 0, "teacher_epochs": None},
+             "kd_warmup": 0, "kd_mixup": 0.0, "kd_epochs": None, "teacher_epochs": None},
 }
 #: The rest of a "paper" networks' recipe, chosen on the validation split at 2400 DIs
 #: (benches/results/zskd_di_study_cpu.md): the DIs are optimised in the dataset's normalised coordinates
@@ -65,7 +66,8 @@ ZSKD_NETWORKS: dict[str, dict[str, Any]] = {
 #: zskd_di_study_fmnist_cpu.md). A number or one per dataset. ``synth_iterations``: the DIs' steps whatever the
 #: budget but "smoke" (the τ 5 recipe was chosen at the paper's 1500). ``teacher_epochs``: the teacher's epochs
 #: whatever the budget but "smoke" (20: the teacher at the paper's accuracy, about 3 min on 2 cores).
-#: None: the budget's.
+#: ``kd_epochs``: the KD's epochs whatever the budget but "smoke"; ``kd_mixup``: ``distill``'s mixup α (0: none),
+#: for the student on DIs and its real-data control alike. None: the budget's.
 
 
 class _FromNormalised(nn.Module):
@@ -239,28 +241,32 @@ def reproduce_zskd(
     say(f"{n} Data Impressions ({at_least}{t_synth:.0f} s)")
     dis_x = dis.x if synth_teacher is teacher else (dis.x * s_std + s_mean).clamp_(0.0, 1.0)
 
+    kd_epochs = own("kd_epochs")
+
     def kd(inputs: torch.Tensor) -> tuple[dict[str, float], float]:
         nonlocal student_params
         student = _student(nets["student"], seed, device)
         student_params = sum(p.numel() for p in student.parameters())
         t = time.perf_counter()
-        distill(student, inputs, teacher=teacher, temperature=20.0, epochs=spec["kd_epochs"], batch_size=64,
+        distill(student, inputs, teacher=teacher, temperature=20.0, epochs=kd_epochs, batch_size=64,
                 lr=nets["kd_lr"], schedule="cosine", warmup=nets["kd_warmup"], augment=True, pad_crop=4, max_shift=1,
-                flip=False, fill=-mean / std, generator=seed)
+                flip=False, fill=-mean / std, mixup=nets["kd_mixup"], generator=seed)
         return _scores(student, evaluation), time.perf_counter() - t
 
     student_params = 0
     student_acc, t_kd = kd(dis_x)
     say("student on DIs " + ", ".join(f"{k} {v:.2f} %" for k, v in student_acc.items())
         + f" (paper {paper['student']:.2f} %)")
-    warm = f"_warmup{nets['kd_warmup']}" if nets["kd_warmup"] else ""  # a control of the KD recipe in use
-    control = real_data_control(out / f"control_seed{seed}_n{n}_ep{spec['kd_epochs']}{warm}.json", x, n=n,
+    # a control of the KD recipe in use
+    warm = (f"_warmup{nets['kd_warmup']}" if nets["kd_warmup"] else "") + (
+        f"_mixup{nets['kd_mixup']:g}" if nets["kd_mixup"] else "")
+    control = real_data_control(out / f"control_seed{seed}_n{n}_ep{kd_epochs}{warm}.json", x, n=n,
                                 seed=seed, kd=kd, log=say)
 
     teacher_params = sum(p.numel() for p in teacher.parameters())
     record = {"experiment": experiment, "budget": budget, "budget_detail": spec, "networks": networks,
               "networks_detail": {**nets, "teacher_params": teacher_params, "student_params": student_params,
-                                  "teacher_epochs": teacher_epochs},
+                                  "teacher_epochs": teacher_epochs, "kd_epochs": kd_epochs},
               "seed": seed, "n_dis": n, "synth_lr": synth_lr, "synth_iterations": synth_iterations,
               "synth_tau": synth_tau,
               "teacher_acc": teacher_acc["test"], "student_acc": student_acc["test"],
@@ -304,6 +310,8 @@ def _markdown(record: dict[str, Any], at_least: str) -> str:
     head = " | ".join(f"{s} (%)" for s in splits)
     cells = lambda acc: " | ".join(f"{acc[s]:.2f}" for s in splits)  # noqa: E731
     inputs = "resized to 32x32, pixels in [0, 1]" if nets["resize"] else "padded to 32x32, normalised"
+    # records made before the networks could set them: the budget's epochs, no mixup
+    kd_epochs, mixup = nets.get("kd_epochs") or spec["kd_epochs"], nets.get("kd_mixup", 0.0)
     lines = [
         f"# Reproduction: zero-shot KD with Data Impressions ({paper['dataset']})",
         "",
@@ -324,7 +332,11 @@ def _markdown(record: dict[str, Any], at_least: str) -> str:
         f"- KD (every student row): τ 20, SGD lr {nets['kd_lr']} cosine"
         + (f" after a {nets['kd_warmup']}-step linear warm-up" if nets.get("kd_warmup") else "")
         + ", momentum 0.9, weight decay 5e-4, batch 64, "
-        f"{spec['kd_epochs']} epochs, per-sample pad-crop 4 and ±1 px roll; the final model is scored",
+        f"{kd_epochs} epochs" + ("" if kd_epochs == spec["kd_epochs"] else " (the networks' setting, not the budget's)")
+        + ", per-sample pad-crop 4 and ±1 px roll"
+        + (f", each augmented input mixed with another of its minibatch by a weight from Beta({mixup:g}, {mixup:g}) "
+           "(mixup), the teacher labelling the mix" if mixup else "")
+        + "; the final model is scored",
         machine_line(record["machine"]),
         f"- wall time of this invocation: {record['wall_s']:.0f} s (KD {record['kd_s']:.0f} s; work already on disk "
         f"is read back); synthesis of the DIs: {at_least}{record['synthesis_s']:.0f} s, summed over the "
@@ -341,8 +353,11 @@ def _markdown(record: dict[str, Any], at_least: str) -> str:
         lines += ["", "Differences from the paper: its networks' layers follow its reference [9]'s public code "
                   "(ReLU, max-pooling; the parameter counts are the paper's); the paper gives no training recipe "
                   "for the teacher or the student beyond augmenting the DIs by scaling, translation, rotation and "
-                  "flipping (we translate only: rotation and zoom did not help on the validation split), and our DI "
-                  "and KD settings were chosen on MNIST's validation split (benches/results/zskd_di_study_cpu.md); "
+                  "flipping (we translate only: rotation and zoom did not help on the validation split"
+                  + (", and mix pairs of augmented DIs (mixup), which the paper does not" if mixup else "")
+                  + "), and our DI and KD settings were chosen on MNIST's validation split "
+                  "(benches/results/zskd_di_study_cpu.md"
+                  + (", zskd_di_study_cpu_n24000.md" if mixup else "") + "); "
                   + (f"the DIs' targets are drawn at τ {tau:g}, not the paper's 20: at τ 20 they "
                      "ask this teacher for logit gaps far beyond its logits on real images, and the DIs saturate and "
                      f"miss them ({_TAU_EVIDENCE.get(paper['dataset'], 'see the study')}); "

@@ -102,6 +102,39 @@ def test_zskd_smoke_writes_the_record_beside_the_paper(tmp_path, experiment):
     assert again["synthesis_s"] == rec["synthesis_s"] > 0 and not again["synthesis_s_incomplete"]
 
 
+@needs_mnist
+def test_zskd_networks_kd_epochs_and_mixup_reach_the_kd_its_control_and_the_record(tmp_path, monkeypatch):
+    from exml_fast.experiments import zskd
+
+    calls = []
+    real_distill = zskd.distill
+
+    def spy(*args, **kwargs):
+        if kwargs.get("teacher") is not None:  # a KD (the teacher trains on labels by the same function)
+            calls.append((kwargs["epochs"], kwargs["mixup"]))
+        return real_distill(*args, **kwargs)
+
+    monkeypatch.setattr(zskd, "distill", spy)
+    # at every budget but smoke the networks' KD epochs win over the budget's: run "smoke" as if it were not
+    smoke = {**zskd.ZSKD_BUDGETS["smoke"], "kd_epochs": 1}
+    monkeypatch.setitem(zskd.ZSKD_BUDGETS, "smokeplus", smoke)
+    monkeypatch.setitem(zskd.ZSKD_NETWORKS, "paper", {**zskd.ZSKD_NETWORKS["paper"], "kd_mixup": 0.5, "kd_epochs": 2,
+                                                       "synth_iterations": 2, "teacher_epochs": 1})
+    rec = zskd.reproduce_zskd("zskd-mnist", budget="smokeplus", out=tmp_path / "w", results=tmp_path / "res",
+                              device="cpu", log=lambda line: None)
+    assert calls == [(2, 0.5), (2, 0.5)]  # the DIs' student and the real-data control
+    assert rec["networks_detail"]["kd_epochs"] == 2 and rec["networks_detail"]["kd_mixup"] == 0.5
+    assert (tmp_path / "w" / "smokeplus" / "paper" / "control_seed0_n64_ep2_warmup500_mixup0.5.json").exists()
+    md = (tmp_path / "res" / "zskd_mnist_smokeplus.md").read_text()
+    assert "batch 64, 2 epochs (the networks' setting, not the budget's), per-sample pad-crop 4" in md
+    assert "by a weight from Beta(0.5, 0.5) (mixup)" in md and "mix pairs of augmented DIs (mixup)" in md
+    # a record made before the networks set them reads as the budget's epochs without mixup
+    old = {**rec, "networks_detail": {k: v for k, v in rec["networks_detail"].items()
+                                      if k not in ("kd_epochs", "kd_mixup")}}
+    text = zskd._markdown(old, "")
+    assert "batch 64, 1 epochs, per-sample pad-crop 4" in text and "(mixup)" not in text
+
+
 def test_zskd_record_names_the_synthesis_settings_the_networks_override():
     from exml_fast.experiments.budgets import ZSKD_BUDGETS
     from exml_fast.experiments.zskd import ZSKD_NETWORKS, _networks_not_budget
