@@ -32,12 +32,17 @@ class DataFreeReplayPlugin(SupervisedPlugin):
     model itself, so it needs no tuning). Every training minibatch of the following experience then gets
     ``replay_size`` of them appended (drawn with replacement; default: as many as the minibatch's real samples),
     labelled with the class each was made for, so the strategy's own loss (``Naive``'s cross-entropy, ``LwF``'s,
-    ``EWC``'s, ...) trains on them. With ``distill=True`` the plugin also adds the distillation terms of
-    DeepInversion-CIL's Eq. 11 (:func:`~exml_fast.cl.strategies.deepinversion_cil.old_class_distillation`): the
-    previous model's softmax over the old classes as the target on the synthetic images, and its distillation
-    on the real images' old-class logits — ``Naive`` with this plugin and ``distill=True`` is exml_fast's
-    ``deepinversion-cil`` (over all the model's outputs rather than the classes seen so far). The images of the
-    previous experience are dropped when new ones are made: no real image is ever kept.
+    ``EWC``'s, ...) trains on them.
+
+    With ``distill=True`` the synthetic images are learnt from the previous model's logits instead of their
+    labels, as DeepInversion-CIL's Eq. 11 does: the model sees the mixed minibatch in one forward pass, then the
+    synthetic rows leave ``strategy.mbatch`` and ``strategy.mb_output`` (the strategy's own loss and the
+    training metrics cover the real rows), and the plugin adds Eq. 11's two distillation terms
+    (:func:`~exml_fast.cl.strategies.deepinversion_cil.old_class_distillation`): the previous model's softmax
+    over the old classes as the target of the synthetic rows, and its distillation on the real rows' old-class
+    logits. ``Naive`` with this plugin and ``distill=True`` is exml_fast's ``deepinversion-cil`` (whose
+    cross-entropy runs over the classes seen so far, ``Naive``'s over all the model's outputs). The images of
+    the previous experience are dropped when new ones are made: no real image is ever kept.
 
     The synthetic rows follow the real ones in ``strategy.mbatch`` (inputs, labels, and task labels when the
     minibatch has them: the first real row's). The classes of an experience are its
@@ -105,6 +110,7 @@ class DataFreeReplayPlugin(SupervisedPlugin):
         self._prev = self._old = self._active = None  # for distill: the previous model, old and active classes
         self._current: set[int] = set()
         self._n_real = 0
+        self._mixed = None  # with distill: the mixed minibatch's output and inputs, between forward and backward
         self._draws: torch.Generator | None = None
 
     # -- experiences ------------------------------------------------------------------------------------------
@@ -181,16 +187,31 @@ class DataFreeReplayPlugin(SupervisedPlugin):
         self.replayed_per_class += torch.bincount(self._y[idx], minlength=self.replayed_per_class.numel())
         self.replayed += n
 
+    def after_forward(self, strategy, *args, **kwargs):
+        """With ``distill``: takes the synthetic rows out of the minibatch and its output once the model has seen
+        them with the real ones (one forward, one set of BatchNorm statistics), so that the strategy's own loss
+        covers the real rows and :meth:`before_backward` the synthetic ones."""
+        if not self._distilling():
+            return
+        n, mb = self._n_real, strategy.mbatch
+        self._mixed = (strategy.mb_output, mb[0])
+        strategy.mb_output = strategy.mb_output[:n]
+        for k in range(len(mb)):
+            mb[k] = mb[k][:n]
+
     def before_backward(self, strategy, *args, **kwargs):
         """With ``distill``: adds Eq. 11's distillation terms to the strategy's loss."""
-        if not self.distill or self._prev is None or self._x is None:
+        if not self._distilling() or self._mixed is None:
             return
-        logits = strategy.mb_output
+        (logits, x), self._mixed = self._mixed, None
         active, old = self._active, self._old
         pos = torch.full((logits.shape[1],), -1, dtype=torch.int64, device=logits.device)
         pos[active] = torch.arange(active.numel(), device=logits.device)
         with torch.no_grad():
-            old_logits = self._prev(strategy.mb_x).index_select(1, old)
+            old_logits = self._prev(x).index_select(1, old)
         synth_term, kd = old_class_distillation(logits.index_select(1, active), old_logits, n_real=self._n_real,
                                                 pos_old=pos[old])
         strategy.loss = strategy.loss + synth_term + kd
+
+    def _distilling(self) -> bool:
+        return self.distill and self._prev is not None and self._x is not None
