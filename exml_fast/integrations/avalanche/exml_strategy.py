@@ -101,6 +101,7 @@ class ExModelDistillationStrategy(SupervisedTemplate):
         super().__init__(model=self.ed.model, optimizer=torch.optim.SGD(self.ed.model.parameters(), lr=lr),
                          train_mb_size=batch_size, train_epochs=1, eval_mb_size=eval_mb_size, device=device,
                          plugins=plugins, evaluator=evaluator, eval_every=eval_every)
+        self._expert: AvalancheExpert | None = None  # the experience being learned, between its callbacks
 
     @property
     def buffer(self):
