@@ -267,6 +267,7 @@ def test_bench_smoke_run_writes_its_record(bench, tmp_path):
 
 
 @needs_mnist
+@pytest.mark.slow  # 12 s of CPU, 35 s of wall time on 2 busy cores
 def test_deepinversion_cil_and_the_plugin_on_naive_agree(bench):
     """The same method through both doors: exml_fast's deepinversion-cil and Avalanche's Naive with
     DataFreeReplayPlugin(distill=True), on the same tensors (Split MNIST, 2 tasks of 5 classes, 300 training
