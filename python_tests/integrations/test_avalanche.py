@@ -193,7 +193,7 @@ def test_plugin_mixes_synthetic_images_into_the_next_experiences_minibatches(toy
 def test_plugin_reads_the_classes_off_the_labels_without_a_classes_timeline(toy):
     bm = to_avalanche_benchmark(toy)
     model = learner()
-    plugin = DataFreeReplayPlugin(per_class=2, synth_iterations=2)
+    plugin = DataFreeReplayPlugin(per_class=2, synth_iterations=2, distill=True)
     strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
                      criterion=nn.CrossEntropyLoss(), train_mb_size=8, plugins=[plugin], evaluator=None)
     for exp in bm.train_stream:
@@ -201,6 +201,7 @@ def test_plugin_reads_the_classes_off_the_labels_without_a_classes_timeline(toy)
         bare.classes_in_this_experience = None  # an experience without a classes timeline
         strategy.train(bare)
     assert plugin.synthesis[0]["classes"] == [0, 2] and plugin.classes_seen == {0, 1, 2, 3}
+    assert plugin.replayed > 0
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ class DataFreeReplayPlugin(SupervisedPlugin):
         self.experiences_done = 0
         self._teacher = None  # the model just trained, frozen, until it has made the next experience's images
         self._x = self._y = None  # the synthetic images (CPU) and their labels
-        self._prev = self._old = self._active = None  # for distill: the previous model, old and active classes
+        self._prev = self._old = None  # for distill: the previous model and the old classes
         self._current: set[int] = set()
         self._n_real = 0
         self._mixed = None  # with distill: the mixed minibatch's output and inputs, between forward and backward
@@ -124,9 +124,7 @@ class DataFreeReplayPlugin(SupervisedPlugin):
         if self._teacher is not None:
             self._synthesize(strategy)
         if self.distill and self._prev is not None:
-            dev = strategy.device
-            self._old = torch.tensor(sorted(self.classes_seen), dtype=torch.int64, device=dev)
-            self._active = torch.tensor(sorted(self.classes_seen | self._current), dtype=torch.int64, device=dev)
+            self._old = torch.tensor(sorted(self.classes_seen), dtype=torch.int64, device=strategy.device)
 
     def after_training_exp(self, strategy, *args, **kwargs):
         """Keeps a frozen copy of the model just trained: the teacher of the next experience's images."""
@@ -204,7 +202,9 @@ class DataFreeReplayPlugin(SupervisedPlugin):
         if not self._distilling() or self._mixed is None:
             return
         (logits, x), self._mixed = self._mixed, None
-        active, old = self._active, self._old
+        # the classes seen, this experience's included (read off its labels when it has no classes timeline)
+        old = self._old
+        active = torch.tensor(sorted(self.classes_seen | self._current), dtype=torch.int64, device=logits.device)
         pos = torch.full((logits.shape[1],), -1, dtype=torch.int64, device=logits.device)
         pos[active] = torch.arange(active.numel(), device=logits.device)
         with torch.no_grad():
