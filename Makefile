@@ -53,6 +53,19 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 RUFF_PIN := ruff==0.17.6
 # DOCS_DEPS: what `make docs` builds the site with (pyproject.toml's `docs` extra, pinned here as the venv's).
 DOCS_DEPS := sphinx==9.0.4 myst-parser==5.2.0 furo==2025.12.19
+# AVALANCHE_DEPS: pyproject.toml's `avalanche` extra (exml_fast.integrations.avalanche and its tests), installed
+# with --no-deps: avalanche-lib 0.6.0 declares wandb, tensorboard, qpsolvers[open_source_solvers], scikit-learn, ...
+# unpinned, and resolving them pulls dozens of packages (wandb's telemetry exporters, grpcio, QP solvers) and may
+# upgrade ones torch and numpy share. These are exactly the modules its imports load, pinned: Avalanche itself;
+# dill, gdown, pytorchcv, gputil, psutil, torchmetrics (+ lightning-utilities), qpsolvers (+ scipy),
+# tensorboard (+ absl-py), imported at module level by avalanche.benchmarks / .models / .evaluation /
+# .training.plugins / .logging; wandb (imported by its confusion-matrix metric) and what wandb imports (click,
+# platformdirs, pydantic + pydantic-core, annotated-types, typing-inspection, protobuf, opentelemetry-api, xxhash).
+AVALANCHE_DEPS := avalanche-lib==0.6.0 dill==0.4.1 gdown==6.5.1 pytorchcv==0.0.74 gputil==1.4.0 psutil==7.2.2 \
+                  torchmetrics==1.9.0 lightning-utilities==0.15.3 qpsolvers==4.13.0 scipy==1.17.1 \
+                  tensorboard==2.21.0 absl-py==2.5.1 wandb==0.31.0 click==8.5.1 platformdirs==4.14.8 \
+                  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+                  protobuf==7.36.2 opentelemetry-api==1.45.2 xxhash==4.1.0
 PY_DEPS := numpy tqdm safetensors pyyaml matplotlib pytest pytest-benchmark hypothesis==6.170.15 pybind11 ninja \
            "setuptools>=69" wheel \
            $(RUFF_PIN) $(DOCS_DEPS)
@@ -92,6 +105,7 @@ help:
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS) $(PY_DEPS)
+	$(PY) -m pip install -q --no-deps $(AVALANCHE_DEPS)
 	touch $@
 
 .stamps/env-system:
@@ -100,7 +114,15 @@ help:
 	  || { echo "USE_SYSTEM_TORCH=1 needs torch, pytest, pybind11 and numpy importable by $(PY)"; exit 1; }
 	touch $@
 
-env: $(ENV_STAMP)
+env: $(ENV_STAMP) .stamps/avalanche
+
+# The avalanche extra: a venv made before it joined (or before its list changed) gets it here; the stamp holds the
+# list installed. A system python (a GPU machine, no internet) is left as it is: the integration tests skip.
+.stamps/avalanche: $(ENV_STAMP) FORCE
+	@echo "$(AVALANCHE_DEPS)" > $@.tmp
+	@if cmp -s $@.tmp $@; then rm $@.tmp; \
+	elif [ "$(USE_SYSTEM_TORCH)" = 1 ]; then rm $@.tmp; echo "avalanche extra: not installed for $(PY) (tests skip)"; \
+	else $(PY) -m pip install -q --no-deps $(AVALANCHE_DEPS) && mv $@.tmp $@; fi
 
 # Which interpreter and torch the extension is built against; rewritten only
 # when that changes, so switching USE_SYSTEM_TORCH or upgrading torch rebuilds.
@@ -120,7 +142,7 @@ build: .stamps/build
 
 # torch.compile's kernel cache lives in the build tree, one per CPU setting: a fresh clone compiles its own, and
 # no kernel built for one ISA (or left half-written by a killed run in /tmp) is loaded by another run.
-pytest: build
+pytest: build .stamps/avalanche
 	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.stamps/inductor $(PY) -m pytest python_tests -q
 
 pytest-avx2: build
@@ -149,7 +171,7 @@ test: lint pytest pytest-avx2 ctest sanitize docs
 # The site under docs/, warnings as errors; its tables and record pages are generated from benches/results/ by
 # docs/_ext/exml_records.py at build time. A venv made before the docs tools joined PY_DEPS gets them here.
 # A system python without them (a GPU machine, no internet) skips the site with a note, as lint does.
-docs: build
+docs: build .stamps/avalanche
 	@if ! $(PY) -c 'import sphinx, myst_parser, furo' 2> /dev/null; then \
 	  if [ "$(USE_SYSTEM_TORCH)" = 1 ]; then echo "make docs: sphinx, myst-parser or furo missing for $(PY): skipped"; exit 0; fi; \
 	  $(PY) -m pip install -q $(DOCS_DEPS); fi

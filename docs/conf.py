@@ -34,6 +34,10 @@ myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 4
 
 autosummary_generate = True
+# _templates/autosummary/own_members_class.rst: a class page without the tables of inherited members, for classes
+# that inherit another library's (the Avalanche integration's strategy and plugin), whose docstrings are that
+# library's to document and not written for this site's reST.
+templates_path = ["_templates"]
 autosummary_imported_members = True
 autodoc_default_options = {"members": True, "show-inheritance": True}
 autodoc_typehints = "description"

@@ -128,7 +128,9 @@ synth = exml_fast.DeepInversion(teacher, input_shape=(1, 32, 32), iterations=2)
 """,
 }
 
-_SKIP_PAGES_WITHOUT_DATA = {"README.md", "exml.md", "cil.md"}
+_SKIP_PAGES_WITHOUT_DATA = {"README.md", "exml.md", "cil.md", "avalanche.md"}
+# Pages whose code needs an optional extra: page -> (module, what installs it).
+_PAGES_NEEDING = {"avalanche.md": ("avalanche", "pip install exml_fast[avalanche]")}
 
 
 def _cases():
@@ -143,6 +145,8 @@ def test_code_blocks_run(page, blocks, tmp_path, monkeypatch):
     """Every ```python block of the page runs (the guides' at tiny sizes), in order, in one namespace."""
     if page.name in _SKIP_PAGES_WITHOUT_DATA and find_data_root("mnist") is None:
         pytest.skip("MNIST files not found (set EXML_FAST_DATA)")
+    if page.name in _PAGES_NEEDING and importlib.util.find_spec(_PAGES_NEEDING[page.name][0]) is None:
+        pytest.skip(f"{page.name} needs {_PAGES_NEEDING[page.name][0]}: {_PAGES_NEEDING[page.name][1]}")
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny sizes gain nothing from threads, and lose much on a shared machine

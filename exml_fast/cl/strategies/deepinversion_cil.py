@@ -22,7 +22,8 @@ from exml_fast.cl.strategies.registry import BuildContext, build_data_learner, r
 from exml_fast.training import augment_batch
 
 __all__ = ["DI_CIL_OPTIONS", "DI_CIL_OWN_OPTIONS", "SYNTH_DEFAULTS", "SYNTH_EXEMPLAR_OPTIONS", "SYNTH_OPTIONS",
-           "DeepInversionCIL", "SyntheticExemplars"]
+           "DeepInversionCIL", "SyntheticExemplars",
+           "old_class_distillation"]
 
 #: DeepInversion's settings that runs may give (the rest: its preset="auto" from the learner).
 SYNTH_OPTIONS = frozenset({"synth_iterations", "synth_batch_size", "synth_lr", "bn_weight", "first_bn_multiplier"})
@@ -255,8 +256,6 @@ class DeepInversionCIL(_Synthesis, DataStrategy):
     def step_loss(self, xb, yb, step):
         if self.prev is None:  # the first task: cross-entropy on its data
             return super().step_loss(xb, yb, step)
-        from exml_fast.ops import kd_loss, soft_target_cross_entropy
-
         gen, dev = step.generator, self._device()
         lo, total = step.rows or (0, xb.shape[0])
         idx = torch.randint(0, self._synth_x.shape[0], (total,), generator=gen)[lo : lo + xb.shape[0]]
@@ -270,17 +269,41 @@ class DeepInversionCIL(_Synthesis, DataStrategy):
             old_logits = self.prev(both).index_select(1, self._old)
         n = xb.shape[0]
         pos_old = step.pos[self._old]
-        # KL(p_old(x̂) || p(x̂)): p_old's old-class softmax, zeros on the new classes' columns
-        target = torch.zeros_like(logits[n:])
-        target[:, pos_old] = torch.softmax(old_logits[n:], 1).to(logits.dtype)
-        synth_term = soft_target_cross_entropy(logits[n:], target)
+        synth_term, kd = old_class_distillation(logits, old_logits, n_real=n, pos_old=pos_old)
         if self.ce_classes == "new":  # over the task's own columns: yb's rank among the new classes
             ce = F.cross_entropy(logits[:n].index_select(1, step.pos[self._new]),
                                  torch.searchsorted(self._new, yb))
         else:
             ce = F.cross_entropy(logits[:n], step.pos[yb])
-        kd = kd_loss(logits[:n].index_select(1, pos_old), old_logits[:n].contiguous(), temperature=1.0)
         return synth_term + ce + kd
+
+
+def old_class_distillation(logits: torch.Tensor, old_logits: torch.Tensor, *, n_real: int,
+                           pos_old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two distillation terms of DeepInversion-CIL's Eq. 11 on a minibatch of real rows followed by
+    synthetic ones: ``KL(p_old(x̂) ‖ p(x̂))`` on the synthetic rows (the previous model's softmax over the old
+    classes as the target, zeros on the other columns: the fused
+    :func:`exml_fast.ops.soft_target_cross_entropy`, which differs from that KL by a constant) and
+    ``KL(p_old(x | old) ‖ p(x | old))`` on the real rows (:func:`exml_fast.ops.kd_loss`, τ 1).
+
+    Args:
+        logits: (B, A) the learner's logits over the active classes (the classes seen, the new ones included);
+            rows ``[:n_real]`` are real data, the others synthetic images of the old classes.
+        old_logits: (B, O) the previous model's logits over the O old classes, same rows.
+        n_real: the number of real rows (0 <= n_real < B).
+        pos_old: (O,) int64, the column of each old class among the A active ones.
+
+    Returns:
+        (synthetic term, real-data term), two scalars (means over their rows).
+    """
+    from exml_fast.ops import kd_loss, soft_target_cross_entropy
+
+    n = int(n_real)
+    target = torch.zeros_like(logits[n:])
+    target[:, pos_old] = torch.softmax(old_logits[n:], 1).to(logits.dtype)
+    synth_term = soft_target_cross_entropy(logits[n:], target)
+    kd = kd_loss(logits[:n].index_select(1, pos_old), old_logits[:n].contiguous(), temperature=1.0)
+    return synth_term, kd
 
 class SyntheticExemplars(_Synthesis, ICaRL):
     """iCaRL with every exemplar replaced by a DeepInversion image of its class (the incremental-learning
