@@ -181,7 +181,32 @@ def _build(arch: str, arch_kwargs: Mapping[str, Any]) -> nn.Module:
 # -------------------------------------------------------------------------------------------------- Expert
 
 
-class Expert:
+class InputMeta:
+    """What an expert's ``meta`` dict says of its inputs, as properties: ``input_shape``, ``mean``, ``std``
+    (shared by :class:`Expert` and the Avalanche integration's expert view)."""
+
+    meta: dict[str, Any]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int] | None:
+        """(C, H, W) of one input, from ``meta["input_shape"]``; None if absent."""
+        v = self.meta.get("input_shape")
+        return None if v is None else tuple(int(s) for s in v)
+
+    @property
+    def mean(self) -> tuple[float, ...] | None:
+        """Per-channel input mean (of pixels in [0, 1]) from ``meta["mean"]``; None if absent."""
+        v = self.meta.get("mean")
+        return None if v is None else tuple(float(s) for s in v)
+
+    @property
+    def std(self) -> tuple[float, ...] | None:
+        """Per-channel input std from ``meta["std"]``; None if absent."""
+        v = self.meta.get("std")
+        return None if v is None else tuple(float(s) for s in v)
+
+
+class Expert(InputMeta):
     """A trained model and what is known about it.
 
     Args:
@@ -227,24 +252,6 @@ class Expert:
     def num_classes(self) -> int:
         """The model's number of outputs (``arch_kwargs["num_classes"]``)."""
         return int(self.arch_kwargs["num_classes"])
-
-    @property
-    def input_shape(self) -> tuple[int, int, int] | None:
-        """(C, H, W) of one input, from ``meta["input_shape"]``; None if absent."""
-        v = self.meta.get("input_shape")
-        return None if v is None else tuple(int(s) for s in v)
-
-    @property
-    def mean(self) -> tuple[float, ...] | None:
-        """Per-channel input mean (of pixels in [0, 1]) from ``meta["mean"]``; None if absent."""
-        v = self.meta.get("mean")
-        return None if v is None else tuple(float(s) for s in v)
-
-    @property
-    def std(self) -> tuple[float, ...] | None:
-        """Per-channel input std from ``meta["std"]``; None if absent."""
-        v = self.meta.get("std")
-        return None if v is None else tuple(float(s) for s in v)
 
     def __repr__(self) -> str:
         return (f"Expert(arch={self.arch!r}, classes={self.classes}, task_id={self.task_id}, "

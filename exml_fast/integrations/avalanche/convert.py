@@ -15,7 +15,7 @@ from avalanche.benchmarks import ExModelCLScenario, nc_benchmark
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from exml_fast.cl.experts import Expert, ExpertStream
+from exml_fast.cl.experts import Expert, ExpertStream, InputMeta
 from exml_fast.cl.scenarios import Scenario, scenario_of
 
 __all__ = ["AvalancheExpert", "expert_experiences", "to_avalanche_benchmark", "to_exmodel_scenario",
@@ -23,7 +23,7 @@ __all__ = ["AvalancheExpert", "expert_experiences", "to_avalanche_benchmark", "t
 
 
 @dataclass
-class AvalancheExpert:
+class AvalancheExpert(InputMeta):
     """An Avalanche ``ExModelExperience`` as exml_fast's strategies read an expert (what
     :class:`~exml_fast.cl.experts.Expert` offers, without the architecture name a saved expert needs).
 
@@ -41,24 +41,6 @@ class AvalancheExpert:
     num_classes: int
     task_id: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def input_shape(self) -> tuple[int, int, int] | None:
-        """(C, H, W) of one input; None if unknown."""
-        v = self.meta.get("input_shape")
-        return None if v is None else tuple(int(s) for s in v)
-
-    @property
-    def mean(self) -> tuple[float, ...] | None:
-        """Per-channel input mean (of pixels in [0, 1]); None if unknown."""
-        v = self.meta.get("mean")
-        return None if v is None else tuple(float(s) for s in v)
-
-    @property
-    def std(self) -> tuple[float, ...] | None:
-        """Per-channel input std; None if unknown."""
-        v = self.meta.get("std")
-        return None if v is None else tuple(float(s) for s in v)
 
     @classmethod
     def from_experience(cls, experience, *, num_classes: int, input_shape: Sequence[int],
