@@ -1,8 +1,8 @@
 """The package's layers: every import inside exml_fast points down (or sideways within a layer), never up.
 
 ``_utils`` → ``ops``/``reference`` → ``models``/``data``/``training`` (+ ``checkpoint``, ``viz``) → ``synth`` →
-``cl`` → ``experiments`` → ``cli``. Function-local imports count too: an import placed inside a function to
-dodge a cycle is still an upward dependency.
+``cl`` → ``experiments``/``integrations`` → ``cli``. Function-local imports count too: an import placed inside a
+function to dodge a cycle is still an upward dependency.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ LAYERS = {
     "models": 3, "data": 3, "training": 3, "checkpoint": 3, "viz": 3,
     "synth": 4,
     "cl": 5,
-    "experiments": 6,
+    "experiments": 6, "integrations": 6,
     "cli": 7, "__main__": 8,
 }
 
