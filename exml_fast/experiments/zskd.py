@@ -261,9 +261,9 @@ def reproduce_zskd(
     say("student on DIs " + ", ".join(f"{k} {v:.2f} %" for k, v in student_acc.items())
         + f" (paper {paper['student']:.2f} %)")
     # a control of the KD recipe in use
-    warm = (f"_warmup{nets['kd_warmup']}" if nets["kd_warmup"] else "") + (
+    recipe = (f"_warmup{nets['kd_warmup']}" if nets["kd_warmup"] else "") + (
         f"_mixup{nets['kd_mixup']:g}" if nets["kd_mixup"] else "")
-    control = real_data_control(out / f"control_seed{seed}_n{n}_ep{kd_epochs}{warm}.json", x, n=n,
+    control = real_data_control(out / f"control_seed{seed}_n{n}_ep{kd_epochs}{recipe}.json", x, n=n,
                                 seed=seed, kd=kd, log=say)
 
     teacher_params = sum(p.numel() for p in teacher.parameters())

@@ -22,8 +22,7 @@ from exml_fast.cl.strategies.registry import BuildContext, build_data_learner, r
 from exml_fast.training import augment_batch
 
 __all__ = ["DI_CIL_OPTIONS", "DI_CIL_OWN_OPTIONS", "SYNTH_DEFAULTS", "SYNTH_EXEMPLAR_OPTIONS", "SYNTH_OPTIONS",
-           "DeepInversionCIL", "SyntheticExemplars",
-           "old_class_distillation"]
+           "DeepInversionCIL", "SyntheticExemplars", "old_class_distillation"]
 
 #: DeepInversion's settings that runs may give (the rest: its preset="auto" from the learner).
 SYNTH_OPTIONS = frozenset({"synth_iterations", "synth_batch_size", "synth_lr", "bn_weight", "first_bn_multiplier"})
@@ -304,6 +303,7 @@ def old_class_distillation(logits: torch.Tensor, old_logits: torch.Tensor, *, n_
     synth_term = soft_target_cross_entropy(logits[n:], target)
     kd = kd_loss(logits[:n].index_select(1, pos_old), old_logits[:n].contiguous(), temperature=1.0)
     return synth_term, kd
+
 
 class SyntheticExemplars(_Synthesis, ICaRL):
     """iCaRL with every exemplar replaced by a DeepInversion image of its class (the incremental-learning

@@ -15,19 +15,16 @@ from torch import nn
 from exml_fast.cl.strategies import ExModelDistillation
 from exml_fast.integrations.avalanche.convert import AvalancheExpert
 from exml_fast.synth import DeepInversion
+from exml_fast.synth.base import check_input_shape, eval_mode
 
 __all__ = ["ExModelDistillationStrategy"]
 
 
 @torch.no_grad()
 def _output_width(model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> int:
-    """The number of logits ``model`` answers one zero input with (the model's train/eval mode is kept)."""
-    was = model.training
-    model.eval()
-    try:
+    """The number of logits ``model`` answers one zero input with (each submodule's train/eval mode kept)."""
+    with eval_mode(model):
         out = model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        model.train(was)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ValueError(f"the model must map (B, C, H, W) inputs to (B, K) logits; got "
                          f"{getattr(out, 'shape', type(out).__name__)}")
@@ -84,9 +81,7 @@ class ExModelDistillationStrategy(SupervisedTemplate):
         owner = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{owner}: model must be an nn.Module; got {type(model).__name__}")
-        shape = tuple(input_shape) if isinstance(input_shape, (tuple, list, torch.Size)) else None
-        if shape is None or len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
-            raise ValueError(f"{owner}: input_shape must be (C, H, W), three positive ints; got {input_shape!r}")
+        shape = check_input_shape(input_shape, owner)
         device = torch.device(device)
         self.ed = ExModelDistillation(model, source=source, source_options=source_options, buffer_size=buffer_size,
                                       iterations=iterations, lr=lr, batch_size=batch_size, seed=seed, device=device,
