@@ -20,7 +20,7 @@ LAYERS = {
     "reference": 1, "ops": 1,
     "models": 3, "data": 3, "training": 3, "checkpoint": 3, "viz": 3,
     "synth": 4,
-    "cl": 5,
+    "cl": 5, "compress": 5,
     "experiments": 6, "integrations": 6,
     "cli": 7, "__main__": 8,
 }
