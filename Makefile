@@ -66,6 +66,13 @@ AVALANCHE_DEPS := avalanche-lib==0.6.0 dill==0.4.1 gdown==6.5.1 pytorchcv==0.0.7
                   tensorboard==2.21.0 absl-py==2.5.1 wandb==0.31.0 click==8.5.1 platformdirs==4.14.8 \
                   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
                   protobuf==7.36.2 opentelemetry-api==1.45.2 xxhash==4.1.0
+# COMPRESS_DEPS: pyproject.toml's `compress` extra (exml_fast.compress and its tests): torchao, where torch 2.14's
+# PT2E quantisation (prepare_pt2e / convert_pt2e, the x86 Inductor quantizer) and its quantize / dequantize ops
+# live; Torch-Pruning, whose dependency graph prunes the channels of residual and depthwise networks together.
+# Neither needs more than torch and numpy, so they go in with the list below, --no-deps.
+COMPRESS_DEPS := torchao==0.18.0 torch-pruning==1.6.1
+# The optional extras the suite tests, installed --no-deps (see above); .stamps/avalanche holds the list installed.
+EXTRA_DEPS := $(AVALANCHE_DEPS) $(COMPRESS_DEPS)
 PY_DEPS := numpy tqdm safetensors pyyaml matplotlib pytest pytest-benchmark hypothesis==6.170.15 pybind11 ninja \
            "setuptools>=69" wheel \
            $(RUFF_PIN) $(DOCS_DEPS)
@@ -105,7 +112,7 @@ help:
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS) $(PY_DEPS)
-	$(PY) -m pip install -q --no-deps $(AVALANCHE_DEPS)
+	$(PY) -m pip install -q --no-deps $(EXTRA_DEPS)
 	touch $@
 
 .stamps/env-system:
@@ -116,13 +123,14 @@ help:
 
 env: $(ENV_STAMP) .stamps/avalanche
 
-# The avalanche extra: a venv made before it joined (or before its list changed) gets it here; the stamp holds the
-# list installed. A system python (a GPU machine, no internet) is left as it is: the integration tests skip.
+# The avalanche and compress extras: a venv made before they joined (or before their list changed) gets them here;
+# the stamp holds the list installed. A system python (a GPU machine, no internet) is left as it is: their tests
+# skip.
 .stamps/avalanche: $(ENV_STAMP) FORCE
-	@echo "$(AVALANCHE_DEPS)" > $@.tmp
+	@echo "$(EXTRA_DEPS)" > $@.tmp
 	@if cmp -s $@.tmp $@; then rm $@.tmp; \
-	elif [ "$(USE_SYSTEM_TORCH)" = 1 ]; then rm $@.tmp; echo "avalanche extra: not installed for $(PY) (tests skip)"; \
-	else $(PY) -m pip install -q --no-deps $(AVALANCHE_DEPS) && mv $@.tmp $@; fi
+	elif [ "$(USE_SYSTEM_TORCH)" = 1 ]; then rm $@.tmp; echo "extras: not installed for $(PY) (their tests skip)"; \
+	else $(PY) -m pip install -q --no-deps $(EXTRA_DEPS) && mv $@.tmp $@; fi
 
 # Which interpreter and torch the extension is built against; rewritten only
 # when that changes, so switching USE_SYSTEM_TORCH or upgrading torch rebuilds.

@@ -130,3 +130,13 @@ def test_setup_stops_when_no_compiler_links_libstdcxx_shared(tmp_path):
     assert r.returncode != 0
     assert f"the C++ compiler {wrapper} links libstdc++ statically" in r.stderr
     assert "Set CXX and CC" in r.stderr
+
+
+@pytest.mark.parametrize("extra, variable", [("avalanche", "AVALANCHE_DEPS"), ("compress", "COMPRESS_DEPS")])
+def test_the_makefiles_extra_lists_are_pyprojects_extras(extra, variable):
+    """CI installs an extra from the Makefile's list (--no-deps); a user from pyproject.toml: the same pins."""
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"{variable} :="))
+    assert sorted(line.split(":=", 1)[1].split()) == sorted(extras[extra])

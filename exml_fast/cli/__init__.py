@@ -1,7 +1,8 @@
 """The ``exml-fast`` command line (also ``python -m exml_fast``).
 
 Argument parsing only, one module per command group: :mod:`.synth` (train-teacher, synthesize), :mod:`.exml`
-(train-experts, run, report, demo), :mod:`.reproduce` (reproduce); the work is done by the library below.
+(train-experts, run, report, demo), :mod:`.reproduce` (reproduce), :mod:`.compress` (compress); the work is
+done by the library below.
 
 Exit status: 0 done; 2 bad arguments (usage message); 1 a runtime failure,
 reported on one line (missing or corrupt checkpoint, missing data, a folder
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from exml_fast.checkpoint import CheckpointError
-from exml_fast.cli import exml, reproduce, synth
+from exml_fast.cli import compress, exml, reproduce, synth
 from exml_fast.cli.common import PROG, UsageError, end_without_teardown, left_torchrun_group, one_line
 
 __all__ = ["build_parser", "main"]
@@ -33,6 +34,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     synth.add_commands(sub)
     exml.add_commands(sub, argv)
     reproduce.add_commands(sub)
+    compress.add_commands(sub)
     return p
 
 

@@ -1,7 +1,12 @@
 """Compressing a trained network without its data (``exml_fast.compress``).
 
-- :func:`synthetic_images`: the inputs the calls below calibrate, score and distil on (DeepInversion, ZeroQ's
-  distilled data, noise, or any :class:`~exml_fast.synth.Synthesizer`).
+- :func:`quantize_without_data`: int8 post-training quantisation (torchao's PT2E for x86, or torch.ao's FX flow)
+  calibrated on synthetic images;
+- :func:`distill_without_data`: a smaller student trained on the teacher's synthetic images;
+- :func:`synthetic_images`: the inputs these calls calibrate, score and distil on (DeepInversion, ZeroQ's
+  distilled data, Data Impressions, model inversion, noise, or any :class:`~exml_fast.synth.Synthesizer`);
+- :func:`compress_file`: the ``exml-fast compress`` jobs on a saved model (resumable, with a report);
+  :func:`save_exported` / :func:`load_exported`: the ``.pt2`` files quantised and pruned models are kept in.
 """
 
 from exml_fast.compress.calibration import (
@@ -11,5 +16,13 @@ from exml_fast.compress.calibration import (
     has_batchnorm,
     synthetic_images,
 )
+from exml_fast.compress.distill import DISTILL_DEFAULTS, DistillResult, distill_without_data
+from exml_fast.compress.job import ACTIONS, TEST_SETS, compress_file
+from exml_fast.compress.quantize import QUANTIZE_FLOWS, QuantizeResult, quantize_without_data
+from exml_fast.compress.report import file_size, latency_ms, load_exported, save_exported
 
-__all__ = ["CALIBRATION_METHODS", "ZEROQ_SETTINGS", "check_classifier", "has_batchnorm", "synthetic_images"]
+__all__ = [
+    "ACTIONS", "CALIBRATION_METHODS", "DISTILL_DEFAULTS", "QUANTIZE_FLOWS", "TEST_SETS", "ZEROQ_SETTINGS",
+    "DistillResult", "QuantizeResult", "check_classifier", "compress_file", "distill_without_data", "file_size",
+    "has_batchnorm", "latency_ms", "load_exported", "quantize_without_data", "save_exported", "synthetic_images",
+]

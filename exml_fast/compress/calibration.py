@@ -7,6 +7,9 @@ channels and distils on. Its ``method`` names where they come from:
   labels cycle through the model's classes), the images that work on the user's model without tuning;
 - ``"zeroq"``: ZeroQ's distilled data (Cai et al., CVPR 2020, §3.1): a Gaussian batch moved by Adam (lr 0.5)
   until the statistics of every BatchNorm layer's input match the layer's running ones, with no class target;
+- ``"data-impressions"`` and ``"model-inversion"``: :class:`~exml_fast.synth.DataImpressions` (Dirichlet
+  soft targets from the classifier's weights; no BatchNorm needed) and :class:`~exml_fast.synth.ModelInversion`
+  (image priors, and the BN term where the model has BN), with their defaults;
 - ``"noise"``: Gaussian noise in the model's input space (standard normal after normalisation), the floor;
 - a :class:`~exml_fast.synth.Synthesizer` instance (a trained :class:`~exml_fast.synth.GenerativeSynthesizer`
   such as DAFL's or DFAD's generator, :class:`~exml_fast.synth.DataImpressions`, a configured DeepInversion):
@@ -18,6 +21,7 @@ synthetic ones against).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -27,13 +31,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from exml_fast._utils.checks import check_choice, check_int
 from exml_fast._utils.progress import Progress
 from exml_fast.synth.base import Synthesizer, check_input_shape, eval_mode, frozen, resolve_device
-from exml_fast.synth.inversion import DeepInversion
+from exml_fast.synth.inversion import DataImpressions, DeepInversion, ModelInversion
 from exml_fast.synth.matcher import BNStatsMatcher
 
 __all__ = ["CALIBRATION_METHODS", "ZEROQ_SETTINGS", "check_classifier", "has_batchnorm", "synthetic_images"]
 
 #: the names :func:`synthetic_images` takes as ``method`` (a Synthesizer instance is accepted too)
-CALIBRATION_METHODS: tuple[str, ...] = ("deepinversion", "zeroq", "noise")
+CALIBRATION_METHODS: tuple[str, ...] = ("deepinversion", "zeroq", "data-impressions", "model-inversion", "noise")
 #: ZeroQ's distilled-data recipe (its public ``distill_data.py``): Adam lr 0.5, 500 steps, batches of 32 from a
 #: standard normal. The loss is the squared L2 distance of each BatchNorm input's per-channel mean and standard
 #: deviation to the running ones (form "sq_std"), summed over the layers, plus the same distance of the input's
@@ -101,7 +105,8 @@ def _zeroq(model: nn.Module, shape, n: int, *, seed: int, iterations: int, batch
 def synthetic_images(model: nn.Module, input_shape: Sequence[int], *, mean=None, std=None,
                      method: str | Synthesizer = "deepinversion", n: int = 256, seed: int = 0,
                      iterations: int | None = None, batch_size: int | None = None,
-                     progress: bool = True) -> torch.Tensor:
+                     progress: bool = True, save_to: str | os.PathLike | None = None,
+                     options: dict | None = None) -> torch.Tensor:
     """``n`` inputs for ``model`` made without its data, in the model's input space (normalised like its inputs).
 
     Args:
@@ -109,13 +114,18 @@ def synthetic_images(model: nn.Module, input_shape: Sequence[int], *, mean=None,
         input_shape: (C, H, W) of one input.
         mean, std: the input normalisation the model was trained with (a float or one per channel; None: the
             inputs are not normalised). Used by ``"deepinversion"`` (its image priors and pixel range).
-        method: ``"deepinversion"``, ``"zeroq"``, ``"noise"`` or a :class:`~exml_fast.synth.Synthesizer` instance
+        method: one of :data:`CALIBRATION_METHODS` or a :class:`~exml_fast.synth.Synthesizer` instance
             (see the module docstring).
         n: how many images, >= 1.
         seed: the seed of the draw (the same seed gives the same images).
         iterations, batch_size: synthesis steps per batch and the batch (None: the method's own; unused by
             ``"noise"`` and a Synthesizer instance's batch size is its own unless given).
         progress: show a progress bar.
+        save_to: a folder for a synthesizer's batches as resumable shards (see
+            :meth:`~exml_fast.synth.Synthesizer.synthesize`): a rerun continues after the last whole one. Unused by
+            "zeroq" and "noise".
+        options: keyword arguments of the named synthesizer's constructor (e.g. ``{"preset": "digits"}`` for
+            DeepInversion, ``{"beta": 1.0}`` for Data Impressions); only with those methods.
 
     Returns:
         An (n, C, H, W) float32 tensor on the model's device.
@@ -135,10 +145,13 @@ def synthetic_images(model: nn.Module, input_shape: Sequence[int], *, mean=None,
             raise ValueError(f"{owner}: method={method!r} matches BatchNorm statistics, but {type(model).__name__} "
                              "has no BatchNorm layer with running statistics; use method='noise', a Synthesizer "
                              "instance (e.g. ModelInversion), or real images")
+    if options and (isinstance(method, Synthesizer) or method in ("zeroq", "noise")):
+        raise ValueError(f"{owner}: options are for the named synthesizers (deepinversion, data-impressions, "
+                         f"model-inversion); got options with method={method!r}")
     device = resolve_device(model, None, owner)
     if isinstance(method, Synthesizer):
         return method.synthesize(n, iterations=iterations, batch_size=batch_size, generator=seed,
-                                 progress=progress).x.to(device, torch.float32)
+                                 progress=progress, save_to=save_to).x.to(device, torch.float32)
     if method == "noise":
         return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed)).to(device)
     if method == "zeroq":
@@ -148,6 +161,7 @@ def synthetic_images(model: nn.Module, input_shape: Sequence[int], *, mean=None,
                       batch_size=ZEROQ_SETTINGS["batch_size"] if batch_size is None else
                       check_int(batch_size, "batch_size", owner, low=1),
                       lr=ZEROQ_SETTINGS["lr"])
-    synth = DeepInversion(model, input_shape=shape, mean=mean, std=std)
+    kind = {"deepinversion": DeepInversion, "data-impressions": DataImpressions, "model-inversion": ModelInversion}
+    synth = kind[method](model, input_shape=shape, mean=mean, std=std, **(options or {}))
     return synth.synthesize(n, iterations=iterations, batch_size=batch_size, generator=seed,
-                            progress=progress).x.to(device, torch.float32)
+                            progress=progress, save_to=save_to).x.to(device, torch.float32)
