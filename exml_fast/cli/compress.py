@@ -36,7 +36,7 @@ def add_commands(sub) -> None:
     d = actions.add_parser("distill", help="train a smaller student on the model's synthetic images",
                            description="Zero-shot knowledge distillation of --model into a new --student; writes an "
                                        "exml_fast checkpoint.")
-    for a, n_default in ((q, 256), (p, 2048), (d, 2048)):
+    for a, n_default in ((q, 256), (p, 256), (d, 2048)):
         a.add_argument("--model", required=True, metavar="CKPT", help="checkpoint from train-teacher / save_model")
         a.add_argument("--out", required=True, metavar="FILE", help="file to write")
         a.add_argument("--method", choices=CALIBRATION_METHODS, default="deepinversion",
@@ -54,7 +54,8 @@ def add_commands(sub) -> None:
     p.add_argument("--flops-ratio", type=positive_float, default=0.5, help="share of the MACs to remove (default: 0.5)")
     p.add_argument("--importance", choices=("taylor", "bn_scale"), default="taylor",
                    help="channel importance (default: taylor, first-order on the synthetic images)")
-    p.add_argument("--recover-epochs", type=int, default=20, help="distillation epochs after pruning (default: 20)")
+    p.add_argument("--recover-epochs", type=int, default=100,
+                   help="distillation epochs after pruning, 0 for none (default: 100)")
     d.add_argument("--student", required=True, choices=sorted(ARCHS), help="the student's architecture")
     d.add_argument("--epochs", type=positive_int, default=100, help="passes over the images (default: 100)")
 

@@ -34,7 +34,8 @@ from exml_fast.synth.base import Synthesizer, check_input_shape, eval_mode, froz
 from exml_fast.synth.inversion import DataImpressions, DeepInversion, ModelInversion
 from exml_fast.synth.matcher import BNStatsMatcher
 
-__all__ = ["CALIBRATION_METHODS", "ZEROQ_SETTINGS", "check_classifier", "has_batchnorm", "synthetic_images"]
+__all__ = ["BN_MATCHING_METHODS", "CALIBRATION_METHODS", "ZEROQ_SETTINGS", "check_classifier", "has_batchnorm",
+           "synthetic_images"]
 
 #: the names :func:`synthetic_images` takes as ``method`` (a Synthesizer instance is accepted too)
 CALIBRATION_METHODS: tuple[str, ...] = ("deepinversion", "zeroq", "data-impressions", "model-inversion", "noise")
@@ -44,8 +45,8 @@ CALIBRATION_METHODS: tuple[str, ...] = ("deepinversion", "zeroq", "data-impressi
 #: per-channel mean and standard deviation to 0 and 1. ZeroQ divides each layer's term by its channels and the sum
 #: by the layers: a per-layer weighting that only matters relative to the other layers.
 ZEROQ_SETTINGS = {"lr": 0.5, "iterations": 500, "batch_size": 32}
-#: methods that match BatchNorm statistics (and so need a BN layer with running statistics)
-_NEEDS_BN = ("deepinversion", "zeroq")
+#: the methods that match BatchNorm statistics (and so need a BN layer with running statistics)
+BN_MATCHING_METHODS: tuple[str, ...] = ("deepinversion", "zeroq")
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -141,7 +142,7 @@ def synthetic_images(model: nn.Module, input_shape: Sequence[int], *, mean=None,
     seed = check_int(seed, "seed", owner)
     if not isinstance(method, Synthesizer):
         check_choice(method, "method", owner, CALIBRATION_METHODS)
-        if method in _NEEDS_BN and not has_batchnorm(model):
+        if method in BN_MATCHING_METHODS and not has_batchnorm(model):
             raise ValueError(f"{owner}: method={method!r} matches BatchNorm statistics, but {type(model).__name__} "
                              "has no BatchNorm layer with running statistics; use method='noise', a Synthesizer "
                              "instance (e.g. ModelInversion), or real images")

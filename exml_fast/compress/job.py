@@ -66,7 +66,7 @@ def _test_set(name: str | None, info, limit: int | None):
 def compress_file(action: str, model_path: str, out: str, *, method: str = "deepinversion", n: int | None = None,
                   seed: int = 0, iterations: int | None = None, test: str | None = None, test_n: int | None = None,
                   latency: bool = True, student: str | None = None, epochs: int = 100, flops_ratio: float = 0.5,
-                  importance: str = "taylor", recover_epochs: int = 20, progress: bool = True) -> dict[str, Any]:
+                  importance: str = "taylor", recover_epochs: int = 100, progress: bool = True) -> dict[str, Any]:
     """Runs one compression job on the checkpoint ``model_path``; writes ``out`` and ``<out>.report.json``.
 
     Args:
@@ -74,7 +74,7 @@ def compress_file(action: str, model_path: str, out: str, *, method: str = "deep
         model_path: an exml_fast checkpoint (:func:`~exml_fast.checkpoint.save_model`).
         out: the output file (``.pt2`` for quantize / prune, a checkpoint for distill).
         method: where the images come from (:data:`~exml_fast.compress.CALIBRATION_METHODS`).
-        n: how many images (None: 256 to calibrate, 2048 to prune or distil).
+        n: how many images (None: 256 to calibrate or prune, 2048 to distil).
         seed, iterations: the synthesis seed and steps per batch (None: the method's own).
         test: "mnist" or "fashion-mnist": measure accuracy before and after on its test split (or None).
         test_n: only the first ``test_n`` test images (None: all).
@@ -92,7 +92,7 @@ def compress_file(action: str, model_path: str, out: str, *, method: str = "deep
         raise ValueError("compress distill: student (an architecture name) is required")
     t0 = time.perf_counter()
     model, info = load_model(model_path)
-    n = n if n is not None else (256 if action == "quantize" else 2048)
+    n = n if n is not None else (2048 if action == "distill" else 256)
     data = _test_set(test, info, test_n)
     work = f"{out}.work"
     os.makedirs(work, exist_ok=True)
@@ -115,7 +115,7 @@ def compress_file(action: str, model_path: str, out: str, *, method: str = "deep
                                     seed=seed, progress=progress)
         new = result.model
         report.update(importance=importance, flops_ratio=flops_ratio, recover_epochs=recover_epochs,
-                      macs_before=result.flops_before, macs_after=result.flops_after,
+                      macs_before=result.macs_before, macs_after=result.macs_after,
                       params_before=result.params_before, params_after=result.params_after)
         save_exported(new, out, example)
     else:

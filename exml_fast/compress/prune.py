@@ -1,0 +1,276 @@
+"""Structured (channel) pruning without the training data: score channels on synthetic images, remove the least
+important ones until a MACs budget is met, then distil the pruned network from the unpruned one.
+
+The recipe of DeepInversion's pruning experiment (Yin et al., CVPR 2020, §4.3): the images that score the channels
+and fine-tune the pruned network are synthesised from the network itself (:func:`synthetic_images`). Torch-Pruning
+(Fang et al., CVPR 2023; ``pip install torch-pruning==1.6.1``) traces the network's dependency graph, so that the
+channels coupled by a residual addition or a depthwise convolution are removed together. Unlike DeepInversion
+(Molchanov et al.'s global ranking), every layer loses the same fraction of its channels and the scores choose
+which: on a LeNet-5-BN halved on DeepInversion images, a global ranking recovered no better (94.9 % against 95.2 %)
+and, unrecovered, was worse (17 % against 38 %).
+
+``importance`` names how a channel is scored (:data:`PRUNE_IMPORTANCES`):
+
+- ``"taylor"``: the first-order Taylor estimate of the loss change when the channel is removed (Molchanov et al.,
+  CVPR 2019), ``|sum over the channel's weights of weight * gradient|``, averaged over the layers the channel
+  couples (its convolution's output, the next layer's input; Torch-Pruning's ``TaylorImportance`` with
+  ``multivariable=True``). The gradient is that of the mean cross-entropy of the model's logits on the images
+  against its own argmax labels, taken once on the unpruned model. Not the KL divergence to the unpruned model
+  that DeepInversion uses: it prunes a few filters at a time between fine-tuning rounds, where the student has
+  moved from its teacher; here the scores are taken before any pruning, where the student *is* the teacher, the
+  KL divergence is at its minimum and its gradient is 0.
+- ``"bn_scale"``: ``|gamma|`` of the BatchNorm after the channel (Network Slimming, Liu et al., ICCV 2017), the
+  baseline that needs no images.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exml_fast._utils.checks import check_choice, check_float, check_int
+from exml_fast.compress.calibration import BN_MATCHING_METHODS, check_classifier, has_batchnorm, synthetic_images
+from exml_fast.synth.base import Synthesizer, eval_mode, resolve_device
+from exml_fast.training import distill
+
+__all__ = ["PRUNE_IMPORTANCES", "PRUNE_STEPS", "PruneResult", "logits_layer", "prune_without_data"]
+
+#: the names :func:`prune_without_data` takes as ``importance`` (see the module docstring)
+PRUNE_IMPORTANCES: tuple[str, ...] = ("taylor", "bn_scale")
+#: the pruning schedule's resolution: step ``s`` removes ``s / PRUNE_STEPS`` of every layer's original channels
+PRUNE_STEPS = 100
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune_without_data` returns.
+
+    MACs are Torch-Pruning's count (``tp.utils.count_ops_and_params``) for one input: the multiply-accumulates of
+    the convolutions and linear layers, plus one per output element of BatchNorm, activation and pooling layers
+    (as ptflops counts). FLOPs are taken as 2 x MACs, so the fraction of FLOPs removed is that of MACs.
+
+    Attributes:
+        model: the pruned (and recovered) network, in eval mode, on the original's device.
+        macs_before, macs_after: MACs of one input before and after pruning.
+        params_before, params_after: parameter counts before and after pruning.
+        importance: the channel score used (one of :data:`PRUNE_IMPORTANCES`).
+        method: where the images came from: a :data:`~exml_fast.compress.CALIBRATION_METHODS` name, the
+            Synthesizer's class name, or ``"images"`` (the caller's).
+        synthesis_s: seconds spent making the images (0 with ``images=``).
+        recover_s: seconds spent distilling the pruned network (0 without recovery).
+    """
+
+    model: nn.Module
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    importance: str
+    method: str
+    synthesis_s: float
+    recover_s: float
+
+    @property
+    def flops_reduction(self) -> float:
+        """The fraction of the FLOPs (equivalently, of the MACs) removed: ``1 - macs_after / macs_before``."""
+        return 1.0 - self.macs_after / self.macs_before
+
+
+def _torch_pruning():
+    try:
+        import torch_pruning
+    except ImportError as exc:
+        raise ImportError("prune_without_data needs Torch-Pruning: pip install exml_fast[compress] "
+                          "(or pip install torch-pruning==1.6.1)") from exc
+    return torch_pruning
+
+
+def logits_layer(model: nn.Module, example: torch.Tensor, num_classes: int, owner: str) -> nn.Module:
+    """The layer that produces ``model``'s logits: the last ``nn.Linear`` or convolution run by a forward of
+    ``example`` whose output has ``num_classes`` features (dim 1). Its output features are never pruned.
+
+    Raises:
+        ValueError: no such layer (the logits come out of a layer Torch-Pruning would not leave alone).
+    """
+    ran: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: ran.append(m) if o.dim() >= 2 and o.shape[1] == num_classes
+                                     else None)
+             for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not ran:
+        raise ValueError(f"{owner}: cannot find the layer that makes {type(model).__name__}'s {num_classes} "
+                         "logits: no nn.Linear or convolution of its forward has that many output features")
+    return ran[-1]
+
+
+def _check_images(images, shape: tuple[int, int, int], owner: str) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() != 4 \
+            or tuple(images.shape[1:]) != shape or images.shape[0] < 1:
+        got = (f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor)
+               else type(images).__name__)
+        raise ValueError(f"{owner}: images must be a float tensor of shape (N, {', '.join(map(str, shape))}) with "
+                         f"N >= 1 (input_shape {shape}); got {got}")
+    return images
+
+
+def _loss_gradients(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
+    """Leaves in every parameter's ``.grad`` the gradient of the mean cross-entropy of ``model`` (eval mode) on
+    ``x`` against its own argmax labels (the Taylor score's gradient)."""
+    model.zero_grad(set_to_none=True)
+    with eval_mode(model):
+        for chunk in x.split(batch_size):
+            logits = model(chunk)
+            (F.cross_entropy(logits, logits.argmax(1), reduction="sum") / x.shape[0]).backward()
+
+
+def _prune_to(tp, pruner, model: nn.Module, example: torch.Tensor, target: float, owner: str) -> tuple[int, int]:
+    """Steps ``pruner`` until the MACs are <= ``target``; returns (MACs, params) after the last step."""
+    graph = pruner.DG
+    for _ in range(PRUNE_STEPS):
+        for group in pruner.step(interactive=True):
+            dep, idxs = group[0]
+            width = (graph.get_out_channels if graph.is_out_channel_pruning_fn(dep.handler)
+                     else graph.get_in_channels)(dep.target.module)
+            if len(idxs) < width:
+                group.prune()
+            elif width > 1:  # never empty a layer: local pruning lists the least important first, keep the last
+                group.prune(idxs=idxs[: width - 1])
+        macs, params = tp.utils.count_ops_and_params(model, example)
+        if macs <= target:
+            return int(macs), int(params)
+    raise ValueError(f"{owner}: flops_ratio cannot be reached: with every prunable layer down to one channel "
+                     f"{type(model).__name__} still has {int(macs)} MACs, more than the target {int(target)}")
+
+
+def prune_without_data(model: nn.Module, input_shape: Sequence[int], mean=None, std=None, *,
+                       flops_ratio: float = 0.5, importance: str = "taylor",
+                       method: str | Synthesizer = "deepinversion", n: int = 256,
+                       images: torch.Tensor | None = None, recover_epochs: int = 100, seed: int = 0,
+                       iterations: int | None = None, batch_size: int = 64, lr: float = 0.01,
+                       temperature: float = 4.0, progress: bool = True) -> PruneResult:
+    """Removes ``flops_ratio`` of ``model``'s FLOPs by pruning whole channels, without its training data.
+
+    1. Images: ``images`` if given, else ``n`` from :func:`synthetic_images` (``method``, ``mean``, ``std``,
+       ``seed``, ``iterations``).
+    2. Scores: every channel's ``importance`` (module docstring); for ``"taylor"`` from one gradient of the loss
+       over all the images, taken once on the unpruned network (the later steps rank the channels left by the
+       same gradient).
+    3. Pruning, on a deep copy: Torch-Pruning's local pruning in :data:`PRUNE_STEPS` steps, step ``s`` leaving
+       every prunable layer ``int((1 - s / PRUNE_STEPS) x its channels)`` (at least one) of its most important
+       channels; it stops at the first step whose MACs are at most ``(1 - flops_ratio) x`` the original's. So at
+       least ``flops_ratio`` is removed, and no more than one step's worth beyond: 1 % of every layer's channels
+       rounded to whole channels, so more on narrow layers (LeNet-5's first layer has 6 channels: asked for 0.1,
+       it loses 0.18 of its MACs; measured for 0.1 to 0.99: a slim CIFAR ResNet-18 within 0.05 of the ratio,
+       MobileNetV2 within 0.01). The output features of the layer that makes the logits (:func:`logits_layer`)
+       are never pruned.
+    4. Recovery: ``recover_epochs`` passes of :func:`exml_fast.training.distill` of the pruned network from the
+       unpruned ``model`` on the same images (KD at ``temperature``, SGD ``lr`` with cosine decay, minibatches of
+       ``batch_size``, pad-and-crop augmentation, seeded by ``seed``). The defaults (τ 4, lr 0.01, 100 epochs)
+       took a LeNet-5-BN (97.2 % on MNIST) halved by Taylor scores on 256 DeepInversion images from 38 % to 95 %
+       (20 epochs: 94 %; τ 20: the same; lr 0.001 or 0.05: worse).
+
+    Args:
+        model: a trained classifier, (N, C, H, W) -> (N, K) logits with K >= 2; not modified (its parameters,
+            buffers and train/eval flags are as before the call). It is the teacher of the recovery.
+        input_shape: (C, H, W) of one input.
+        mean, std: the input normalisation the model was trained with (see :func:`synthetic_images`).
+        flops_ratio: the fraction of FLOPs to remove, in (0, 1) (0.5 halves them).
+        importance: ``"taylor"`` or ``"bn_scale"``.
+        method: where the images come from when ``images`` is None (see :func:`synthetic_images`).
+        n: how many images to synthesise, >= 1.
+        images: (N, C, H, W) float inputs to use instead of synthetic ones, normalised like the model's (real
+            images: the ceiling of the synthetic ones); ``method``, ``n``, ``iterations``, ``mean`` and ``std``
+            are then unused.
+        recover_epochs: passes over the images of the recovery distillation, >= 0 (0: none).
+        seed: the seed of the synthesis and of the recovery's minibatches and augmentation.
+        iterations: synthesis steps per batch (None: the method's own).
+        batch_size: the minibatch of the Taylor gradient and of the recovery, >= 1.
+        lr: the recovery's initial SGD learning rate, > 0.
+        temperature: the recovery's KD temperature, > 0.
+        progress: show the synthesis's progress bar.
+
+    Returns:
+        A :class:`PruneResult`.
+
+    Raises:
+        ImportError: Torch-Pruning is not installed.
+        TypeError: ``model`` is not an nn.Module.
+        ValueError: ``model`` is not a classifier of ``input_shape`` inputs; ``flops_ratio`` is not in (0, 1); an
+            unknown ``importance``; ``importance="bn_scale"``, or a BatchNorm-matching ``method`` without
+            ``images``, on a model without BatchNorm; ``images`` of another shape; a model Torch-Pruning cannot
+            trace; a ``flops_ratio`` not reachable with one channel left per layer.
+    """
+    owner = "prune_without_data"
+    shape, num_classes = check_classifier(model, input_shape, owner)
+    flops_ratio = check_float(flops_ratio, "flops_ratio", owner, positive=True)
+    if flops_ratio >= 1:
+        raise ValueError(f"{owner}: flops_ratio must be a fraction in (0, 1) of the FLOPs to remove; "
+                         f"got {flops_ratio!r}")
+    check_choice(importance, "importance", owner, PRUNE_IMPORTANCES)
+    for name, value, low in (("n", n, 1), ("recover_epochs", recover_epochs, 0), ("seed", seed, None),
+                             ("batch_size", batch_size, 1)):
+        check_int(value, name, owner, low=low)
+    lr = check_float(lr, "lr", owner, positive=True)
+    temperature = check_float(temperature, "temperature", owner, positive=True)
+    name = type(model).__name__
+    if importance == "bn_scale" and not has_batchnorm(model):
+        raise ValueError(f"{owner}: importance='bn_scale' ranks channels by the |gamma| of their BatchNorm, but "
+                         f"{name} has no BatchNorm layer; use importance='taylor'")
+    if images is None and isinstance(method, str) and method in BN_MATCHING_METHODS and not has_batchnorm(model):
+        raise ValueError(f"{owner}: method={method!r} matches BatchNorm statistics, but {name} has no BatchNorm "
+                         "layer with running statistics; use method='noise', a Synthesizer instance (e.g. "
+                         "ModelInversion), or real images=")
+    tp = _torch_pruning()
+    device = resolve_device(model, None, owner)
+
+    synthesis_s = 0.0
+    if images is not None:
+        x, source = _check_images(images, shape, owner).to(device, torch.float32), "images"
+    else:
+        start = time.perf_counter()
+        x = synthetic_images(model, shape, mean=mean, std=std, method=method, n=n, seed=seed,
+                             iterations=iterations, progress=progress)
+        source = method if isinstance(method, str) else type(method).__name__
+        synthesis_s = time.perf_counter() - start
+
+    pruned = copy.deepcopy(model).eval().requires_grad_(True)
+    example = x[:1]
+    head = logits_layer(pruned, example, num_classes, owner)
+    scorer = (tp.importance.TaylorImportance(multivariable=True) if importance == "taylor"
+              else tp.importance.BNScaleImportance())
+    try:
+        macs_before, params_before = tp.utils.count_ops_and_params(pruned, example)
+        pruner = tp.pruner.MetaPruner(pruned, example, importance=scorer, pruning_ratio=1.0,
+                                      iterative_steps=PRUNE_STEPS, ignored_layers=[head])
+    except Exception as exc:  # whatever Torch-Pruning's tracer trips on, reported with the model's name
+        raise ValueError(f"{owner}: Torch-Pruning cannot trace {name} to find its coupled channels "
+                         f"({type(exc).__name__}: {exc})") from exc
+    if not pruner.initial_total_channels:  # e.g. a forward under no_grad: the autograd graph links no layers
+        raise ValueError(f"{owner}: Torch-Pruning finds no channel it can remove in {name}: the autograd graph of "
+                         "its forward reaches no convolution or linear layer but the one that makes the logits")
+    if importance == "taylor":
+        _loss_gradients(pruned, x, batch_size)
+    macs_after, params_after = _prune_to(tp, pruner, pruned, example, (1 - flops_ratio) * macs_before, owner)
+    pruned.zero_grad(set_to_none=True)
+
+    recover_s = 0.0
+    if recover_epochs:
+        start = time.perf_counter()
+        with eval_mode(model):  # distill puts its teacher in eval mode; the caller's flags come back after
+            distill(pruned, x, teacher=model, temperature=temperature, epochs=recover_epochs,
+                    batch_size=batch_size, lr=lr, schedule="cosine", generator=seed)
+        recover_s = time.perf_counter() - start
+    return PruneResult(model=pruned.eval(), macs_before=int(macs_before), macs_after=macs_after,
+                       params_before=int(params_before), params_after=params_after, importance=importance,
+                       method=source, synthesis_s=synthesis_s, recover_s=recover_s)
