@@ -80,7 +80,9 @@ _TINY = [
 
 # A delegator fitted for two steps cannot find every class for a class-balanced draw: keep every draw instead.
 _PAGE_TINY = {"generators.md": [(re.compile(r"GenerativeSynthesizer\(teacher,"),
-                                  "GenerativeSynthesizer(teacher, balance=False,")]}
+                                  "GenerativeSynthesizer(teacher, balance=False,")],
+              "compress.md": [(re.compile(r"\bn=\d+"), "n=8"),
+                              (re.compile(r"\brecover_epochs=\d+"), "recover_epochs=1")]}
 
 
 def _tiny(code: str, page: str = "") -> str:
@@ -130,7 +132,8 @@ synth = exml_fast.DeepInversion(teacher, input_shape=(1, 32, 32), iterations=2)
 
 _SKIP_PAGES_WITHOUT_DATA = {"README.md", "exml.md", "cil.md", "avalanche.md"}
 # Pages whose code needs an optional extra: page -> (module, what installs it).
-_PAGES_NEEDING = {"avalanche.md": ("avalanche", "pip install exml_fast[avalanche]")}
+_PAGES_NEEDING = {"avalanche.md": ("avalanche", "pip install exml_fast[avalanche]"),
+                  "compress.md": ("torchao", "pip install exml_fast[compress]")}
 
 
 def _cases():
