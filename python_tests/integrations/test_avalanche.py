@@ -4,6 +4,8 @@ numbers through both doors (deepinversion-cil and the plugin on Naive). Skipped 
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import io
 import json
@@ -92,6 +94,29 @@ def test_converters_round_trip(toy, toy_stream, tmp_path):
     assert [e["sha256"] for e in back.entries] == [e["sha256"] for e in toy_stream.entries]
     assert [back.classes(i) for i in range(2)] == [toy_stream.classes(i) for i in range(2)]
     assert back.meta == toy_stream.meta and back[1].input_shape == SHAPE and back[0].meta["experience"] == 0
+
+
+def test_a_multi_task_stream_keeps_its_task_labels_both_ways(toy, tmp_path):
+    mt = dataclasses.replace(toy, multi_task=True,
+                             experiences=[dataclasses.replace(e, task_id=e.index) for e in toy.experiences])
+    stream = train_experts(mt, tmp_path / "mt", arch="lenet5_bn", epochs=1, batch_size=8, progress=False)
+    assert [e.task_id for e in stream] == [0, 1]
+    exs = to_exmodel_scenario(stream, mt)
+    assert [e.task_label for e in exs.original_benchmark.train_stream] == [0, 1]
+    assert [e.task_label for e in exs.original_benchmark.test_stream] == [0, 1]
+    back = to_expert_stream(exs, tmp_path / "back", arch="lenet5_bn", input_shape=SHAPE)
+    assert [e["task_id"] for e in back.entries] == [0, 1]
+    single = to_expert_stream(to_exmodel_scenario(stream, toy), tmp_path / "single", arch="lenet5_bn")
+    assert [e["task_id"] for e in single.entries] == [None, None]
+    # ED on the multi-task expert stream: trains, and Avalanche evaluates each task's test set under its label
+    strategy = ExModelDistillationStrategy(model=learner(), input_shape=SHAPE, source_options={"iterations": 2},
+                                           buffer_size=8, iterations=2, batch_size=4,
+                                           evaluator=EvaluationPlugin(accuracy_metrics(experience=True)))
+    for exp in exs.expert_models_stream:
+        strategy.train(exp)
+    metrics = strategy.eval(exs.original_benchmark.test_stream)
+    assert {"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000",
+            "Top1_Acc_Exp/eval_phase/test_stream/Task001/Exp001"} <= set(metrics)
 
 
 # --- Ex-Model Distillation as an Avalanche strategy -----------------------------------------------------------------

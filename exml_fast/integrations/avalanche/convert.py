@@ -147,6 +147,9 @@ def to_expert_stream(scenario, path: str | os.PathLike, *, arch: str, arch_kwarg
                      weights_format: str = "safetensors") -> ExpertStream:
     """Writes the experts of an Avalanche ``ExModelCLScenario`` as an exml_fast expert stream at ``path``.
 
+    The experts of a multi-task scenario (an original benchmark whose experiences carry more than one task
+    label) keep their task labels (``Expert.task_id``); a class-incremental one's have none.
+
     An expert on disk is rebuilt from an architecture name, so every expert must be a model of ``arch`` (a key
     of :data:`exml_fast.models.ARCHS`, or a name added with :func:`exml_fast.models.register_arch`); its
     weights are checked against a fresh ``build_model(arch, **arch_kwargs)`` before they are written.
@@ -165,6 +168,11 @@ def to_expert_stream(scenario, path: str | os.PathLike, *, arch: str, arch_kwarg
         The :class:`~exml_fast.cl.experts.ExpertStream`.
     """
     exps = expert_experiences(scenario)
+    # Expert i was trained on experience i of the original benchmark, which holds the task labels (an
+    # ExModelExperience has none); a multi-task benchmark has more than one, a class-incremental one task 0 only
+    original = getattr(getattr(scenario, "original_benchmark", None), "train_stream", None)
+    tasks = [int(getattr(e, "task_label", 0) or 0) for e in original] if original is not None else [0] * len(exps)
+    multi_task = len(set(tasks)) > 1
     stream = ExpertStream.create(path, meta=dict(meta or {"source": "avalanche ExModelCLScenario"}))
     for i, e in enumerate(exps):
         classes = sorted(int(c) for c in (e.classes_in_this_experience or ()))
@@ -173,6 +181,6 @@ def to_expert_stream(scenario, path: str | os.PathLike, *, arch: str, arch_kwarg
             if value is not None:
                 expert_meta[key] = [v for v in value]
         model = e.expert_model
-        stream.append(Expert(model, classes, arch=arch, arch_kwargs=arch_kwargs, meta=expert_meta),
-                      weights_format=weights_format)
+        stream.append(Expert(model, classes, arch=arch, arch_kwargs=arch_kwargs, meta=expert_meta,
+                             task_id=tasks[i] if multi_task else None), weights_format=weights_format)
     return stream
