@@ -83,12 +83,18 @@ def trained_model(name: str, folder: str):
     return model.eval(), mean, std, train_s
 
 
-def quantize_rows(name: str, args) -> dict:
+def _model_and_data(name: str, args):
+    """The trained model ``name`` and what its rows need: (model, mean, std, train s, dataset, test images and
+    labels, train images, float test accuracy %)."""
     model, mean, std, train_s = trained_model(name, args.model_dir)
     dataset = MODELS[name][1]
     x_test, y_test = mnist_tensors("test", dataset=dataset)
     x_train, _ = mnist_tensors("train", dataset=dataset)
-    float_acc = 100 * evaluate(model, x_test, y_test)
+    return model, mean, std, train_s, dataset, x_test, y_test, x_train, 100 * evaluate(model, x_test, y_test)
+
+
+def quantize_rows(name: str, args) -> dict:
+    model, mean, std, train_s, dataset, x_test, y_test, x_train, float_acc = _model_and_data(name, args)
     rows = []
     for source in SOURCES:
         t0 = time.perf_counter()
@@ -151,11 +157,7 @@ def quantize_markdown(models: list[dict], args, env, command) -> str:
 
 
 def prune_rows(name: str, args) -> dict:
-    model, mean, std, train_s = trained_model(name, args.model_dir)
-    dataset = MODELS[name][1]
-    x_test, y_test = mnist_tensors("test", dataset=dataset)
-    x_train, _ = mnist_tensors("train", dataset=dataset)
-    float_acc = 100 * evaluate(model, x_test, y_test)
+    model, mean, std, train_s, dataset, x_test, y_test, x_train, float_acc = _model_and_data(name, args)
     t0 = time.perf_counter()
     images = {"deepinversion": synthetic_images(model, SHAPE, mean=mean, std=std, n=args.prune_n, seed=0,
                                                 iterations=args.di_iterations, batch_size=256, progress=False)}

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from _util import num_threads
 from exml_fast import data
 from exml_fast.compress import PruneResult, logits_layer, prune_without_data
 from exml_fast.models import LeNet5, LeNet5BN, mobilenet_v2, resnet18_cifar_slim
@@ -19,10 +20,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::exml_fast.synth.LowAgreementWar
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with num_threads(1):
+        yield
 
 
 def _snapshot(model: nn.Module):
