@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from exml_fast.cli.common import positive_float, positive_int, say
+from exml_fast.cli.common import device_arg, positive_float, positive_int, resolve_device, say
 from exml_fast.compress.calibration import CALIBRATION_METHODS
 from exml_fast.compress.job import TEST_SETS, compress_file
 from exml_fast.models import ARCHS
@@ -49,6 +49,9 @@ def add_commands(sub) -> None:
                        help="measure accuracy before and after on this dataset's test split")
         a.add_argument("--test-n", type=positive_int, default=None, metavar="N", help="only the first N test images")
         a.add_argument("--no-latency", action="store_true", help="do not time the models (saves two compiles)")
+        a.add_argument("--device", type=device_arg, default=None,
+                       help="cpu or cuda[:N] for the synthesis, pruning and distillation (default: cuda when "
+                            "available); the result is written and timed on the CPU")
         a.add_argument("--no-progress", action="store_true", help="no progress bars")
         a.set_defaults(func=_compress, subparser=a)
     p.add_argument("--flops-ratio", type=positive_float, default=0.5, help="share of the MACs to remove (default: 0.5)")
@@ -73,7 +76,8 @@ def _compress(args: argparse.Namespace) -> int:
         extra = {"student": args.student, "epochs": args.epochs}
     report = compress_file(args.action, args.model, args.out, method=args.method, n=args.n, seed=args.seed,
                            iterations=args.iterations, test=args.test, test_n=args.test_n,
-                           latency=not args.no_latency, progress=not args.no_progress, **extra)
+                           latency=not args.no_latency, device=resolve_device(args.device),
+                           progress=not args.no_progress, **extra)
     for key, value in report.items():
         if isinstance(value, dict):
             value = (f"median {value['median']:.3f} (range {value['min']:.3f}-{value['max']:.3f}, "

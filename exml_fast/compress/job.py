@@ -66,7 +66,8 @@ def _test_set(name: str | None, info, limit: int | None):
 def compress_file(action: str, model_path: str, out: str, *, method: str = "deepinversion", n: int | None = None,
                   seed: int = 0, iterations: int | None = None, test: str | None = None, test_n: int | None = None,
                   latency: bool = True, student: str | None = None, epochs: int = 100, flops_ratio: float = 0.5,
-                  importance: str = "taylor", recover_epochs: int = 100, progress: bool = True) -> dict[str, Any]:
+                  importance: str = "taylor", recover_epochs: int = 100, device: str | torch.device = "cpu",
+                  progress: bool = True) -> dict[str, Any]:
     """Runs one compression job on the checkpoint ``model_path``; writes ``out`` and ``<out>.report.json``.
 
     Args:
@@ -82,6 +83,8 @@ def compress_file(action: str, model_path: str, out: str, *, method: str = "deep
         student: distill's student architecture (a key of :data:`exml_fast.models.ARCHS`).
         epochs: distill's passes over the images.
         flops_ratio, importance, recover_epochs: prune's target, channel importance and recovery epochs.
+        device: where the synthesis, the pruning and the distillation run (quantisation is for x86 CPUs); the
+            results are written, measured and timed on the CPU.
         progress: show progress bars.
 
     Returns:
@@ -91,7 +94,7 @@ def compress_file(action: str, model_path: str, out: str, *, method: str = "deep
     if action == "distill" and student is None:
         raise ValueError("compress distill: student (an architecture name) is required")
     t0 = time.perf_counter()
-    model, info = load_model(model_path)
+    model, info = load_model(model_path, map_location=device)
     n = n if n is not None else (2048 if action == "distill" else 256)
     data = _test_set(test, info, test_n)
     work = f"{out}.work"
@@ -99,9 +102,10 @@ def compress_file(action: str, model_path: str, out: str, *, method: str = "deep
     images = _images(model, info, work, method=method, n=n, seed=seed, iterations=iterations, progress=progress)
     synthesis_s = time.perf_counter() - t0
     example = images[:64].cpu()
+    report_device = {"device": str(torch.device(device))}
     report: dict[str, Any] = {"action": action, "model": os.fspath(model_path), "out": os.fspath(out),
                               "method": method, "n": n, "seed": seed, "iterations": iterations,
-                              "synthesis_s": synthesis_s}
+                              "synthesis_s": synthesis_s, **report_device}
     t1 = time.perf_counter()
     if action == "quantize":
         result = quantize_without_data(model, info.input_shape, info.mean, info.std, images=images, progress=progress)
@@ -119,7 +123,7 @@ def compress_file(action: str, model_path: str, out: str, *, method: str = "deep
                       params_before=result.params_before, params_after=result.params_after)
         save_exported(new, out, example)
     else:
-        new = build_model(student, num_classes=info.num_classes, in_channels=info.in_channels)
+        new = build_model(student, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
         distill_without_data(model, new, info.input_shape, info.mean, info.std, images=images, epochs=epochs,
                              seed=seed, progress=progress)
         report.update(student=student, epochs=epochs)
@@ -127,6 +131,7 @@ def compress_file(action: str, model_path: str, out: str, *, method: str = "deep
                    input_shape=info.input_shape, mean=info.mean, std=info.std, classes=info.classes,
                    metadata={"distilled_from": os.fspath(model_path), "method": method, "n": n, "epochs": epochs})
     report["compress_s"] = time.perf_counter() - t1
+    model, new = model.cpu(), new.cpu()
     report["size_before"] = file_size(model, example)
     report["size_after"] = file_size(new, example) if action != "distill" else os.path.getsize(out)
     if data is not None:
