@@ -23,13 +23,18 @@ seed) and the wall time of each run (training and synthesis; evaluation excluded
 
 Usage:
     python benches/bench_avalanche.py [--datasets split_mnist split_fashion_mnist] [--seeds 0 1 2 3 4]
-        [--budget demo|smoke] [--rows NAME ...] [--threads N] [--out benches/results]
+        [--budget demo|smoke] [--rows NAME ...] [--threads N] [--out benches/results] [--runs FILE]
+
+Each finished run is appended to ``--runs`` (default ``runs/bench_avalanche/<budget>.jsonl``); a rerun of the same
+command skips the runs it holds (same dataset, row, seed and budget) and records them with the new ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import statistics
 import sys
 import time
@@ -96,9 +101,15 @@ def _vae_strategy(shape, mean, std, epochs, device):
     from avalanche.training import VAETraining
     from avalanche.training.plugins import GenerativeReplayPlugin
 
+    class DropLastVAETraining(VAETraining):
+        # GenerativeReplay trains its generator on each experience without the train() kwargs: a task's last
+        # one-image minibatch would stop the VAE's BatchNorm as it stops the classifier's (see run_row)
+        def make_train_dataloader(self, **kwargs):
+            super().make_train_dataloader(**{**kwargs, "drop_last": True})
+
     vae = PixelVAE(shape, mean, std, device)
     opt = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=0.01, weight_decay=1e-4)
-    return VAETraining(model=vae, optimizer=opt, criterion=lambda x, out: VAE_loss(vae.to_vae(x), out),
+    return DropLastVAETraining(model=vae, optimizer=opt, criterion=lambda x, out: VAE_loss(vae.to_vae(x), out),
                        train_mb_size=BATCH, train_epochs=epochs, device=device, plugins=[GenerativeReplayPlugin()],
                        evaluator=None)
 
@@ -170,7 +181,17 @@ def main(argv=None) -> None:
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(RESULTS), help="directory for the records ('' to not record)")
+    p.add_argument("--runs", default=None, help="the finished runs, one JSON line each (resume)")
     args = p.parse_args(argv)
+    runs_path = args.runs or os.path.join("runs", "bench_avalanche", f"{args.budget}.jsonl")
+    done = {}
+    if os.path.exists(runs_path):
+        with open(runs_path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    done[(r["dataset"], r["row"], r["seed"])] = r
+    os.makedirs(os.path.dirname(os.path.abspath(runs_path)), exist_ok=True)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     budget = BUDGETS[args.budget]
@@ -182,8 +203,13 @@ def main(argv=None) -> None:
         for row in [r for r in ROWS if r in args.rows]:
             runs = []
             for seed in args.seeds:
+                if (dataset, row, seed) in done:
+                    runs.append(done[(dataset, row, seed)])
+                    continue
                 sc = make_scenario(dataset, n_experiences=5, seed=seed, **budget["scenario"])
-                runs.append(run_row(row, sc, budget, seed))
+                runs.append({"dataset": dataset, "row": row, "seed": seed, **run_row(row, sc, budget, seed)})
+                with open(runs_path, "a") as f:  # one line a run: a kill loses at most the run under way
+                    f.write(json.dumps(runs[-1]) + "\n")
                 print(f"  {dataset} {row}, seed {seed}: final {runs[-1]['final']:.2f} %, "
                       f"{runs[-1]['wall_s']:.1f} s", flush=True)
             finals = [r["final"] for r in runs]

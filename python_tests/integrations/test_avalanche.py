@@ -281,13 +281,18 @@ def bench():
 
 @needs_mnist
 def test_bench_smoke_run_writes_its_record(bench, tmp_path):
-    rows = ["deepinversion-cil", "naive+dfr-distill", "replay"]
-    bench.main(["--budget", "smoke", "--seeds", "0", "--datasets", "split_mnist", "--rows", *rows, "--threads", "1",
-                "--out", str(tmp_path)])
+    rows = ["deepinversion-cil", "naive+dfr-distill", "generative-replay", "replay"]
+    args = ["--budget", "smoke", "--seeds", "0", "--datasets", "split_mnist", "--threads", "1", "--out",
+            str(tmp_path), "--runs", str(tmp_path / "runs.jsonl")]
+    bench.main(args + ["--rows", *rows[:2]])
+    bench.main(args + ["--rows", *rows])  # resumes: the first two rows' runs are read back, not run again
+    lines = [json.loads(ln) for ln in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in lines] == rows
     rec = json.loads((tmp_path / "avalanche_mnist_smoke.json").read_text())
     assert [r["row"] for r in rec["rows"]] == rows and rec["dataset"] == "split_mnist"
     assert all(len(r["finals"]) == 1 and 0 <= r["finals"][0] <= 100 and r["walls_s"][0] > 0 for r in rec["rows"])
-    assert [r["keeps"] for r in rec["rows"]] == ["nothing", "nothing", "200 exemplars"]
+    assert rec["rows"][0]["finals"] == [lines[0]["final"]]
+    assert [r["keeps"] for r in rec["rows"]] == ["nothing", "nothing", "a VAE trained on it", "200 exemplars"]
     text = (tmp_path / "avalanche_mnist_smoke.md").read_text()
     assert "python benches/bench_avalanche.py --budget smoke" in text and "| replay | 200 exemplars |" in text
 
