@@ -201,6 +201,39 @@ def skd_transfer(d: dict) -> str:
     return _table(["dataset", "T_0", "S_0 (T_0's head)", "gap (points)"], rows, ["---", "---:", "---:", "---:"])
 
 
+def avalanche(d: dict) -> str:
+    """Avalanche replay rows (``avalanche_*.json``): final accuracy over the seeds and the median wall time."""
+    rows = [[f"`{r['row']}`", r["keeps"], _pm(r["final_mean"], r["final_std"]), f"{r['wall_s_median']:.0f}"]
+            for r in d["rows"]]
+    return _table(["row", "keeps of past data", f"final accuracy, {len(d['seeds'])} seeds (%)",
+                   "wall, median (s)"], rows, ["---", "---", "---:", "---:"])
+
+
+def compress_quantize(d: dict) -> str:
+    """int8 calibration sources (``compress_quantize_*.json``): test accuracy of each int8 model, latency."""
+    rows = []
+    for m in d["models"]:
+        acc = {r["source"]: r for r in m["rows"]}
+        lf, li = m["latency_float_ms"], m["latency_int8_ms"]
+        rows.append([m["name"], _pct(m["float_accuracy"])]
+                    + [_pct(acc[s]["accuracy"]) for s in ("real", "noise", "zeroq", "deepinversion")]
+                    + [f"{acc['deepinversion']['synthesis_s']:.0f}", f"{_ms(lf['median'])} → {_ms(li['median'])}"])
+    return _table(["model", "float", "int8, real images", "int8, noise", "int8, ZeroQ", "int8, DeepInversion",
+                   "DI synthesis (s)", "latency float → int8"], rows,
+                  ["---"] + ["---:"] * 6 + ["---"])
+
+
+def compress_prune(d: dict) -> str:
+    """Channel pruning to half the MACs (``compress_prune_*.json``): test accuracy of each row."""
+    names = [r["row"] for r in d["models"][0]["rows"]]
+    rows = []
+    for m in d["models"]:
+        acc = {r["row"]: r for r in m["rows"]}
+        rows.append([m["name"], _pct(m["float_accuracy"])] + [_pct(acc[n]["accuracy"]) for n in names]
+                    + [f"{100 * acc[names[1]]['flops_reduction']:.1f} %"])
+    return _table(["model", "float"] + names + ["MACs removed"], rows, ["---"] + ["---:"] * (len(names) + 2))
+
+
 _NETS = {"lenet5_bn": "LeNet-5-BN (MNIST)", "resnet18": "ResNet-18 (CIFAR shapes)",
          "resnet34": "ResNet-34 (CIFAR shapes)", "resnet50": "ResNet-50"}
 
@@ -475,6 +508,9 @@ GENERATED_TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "synthesis_cpu": ("synthesis_cpu.json", synthesis_step),
     "cil_skd_validation": ("cil_skd_validation.json", validation),
     "skd_transfer_cpu_skd-narrow": ("skd_transfer_cpu_skd-narrow.json", skd_transfer),
+    "avalanche_mnist": ("avalanche_mnist.json", avalanche),
+    "avalanche_fmnist": ("avalanche_fmnist.json", avalanche),
+    "compress_quantize_cpu": ("compress_quantize_cpu.json", compress_quantize),
 }
 
 
