@@ -1,8 +1,8 @@
 """The package's layers: every import inside exml_fast points down (or sideways within a layer), never up.
 
 ``_utils`` → ``ops``/``reference`` → ``models``/``data``/``training`` (+ ``checkpoint``, ``viz``) → ``synth`` →
-``cl``/``compress`` → ``experiments``/``integrations`` → ``cli``. Function-local imports count too: an import placed inside a
-function to dodge a cycle is still an upward dependency.
+``cl``/``compress`` → ``experiments``/``integrations`` → ``cli``. Function-local imports count too: an import
+placed inside a function to dodge a cycle is still an upward dependency.
 """
 
 from __future__ import annotations
