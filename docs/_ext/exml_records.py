@@ -511,6 +511,7 @@ GENERATED_TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "avalanche_mnist": ("avalanche_mnist.json", avalanche),
     "avalanche_fmnist": ("avalanche_fmnist.json", avalanche),
     "compress_quantize_cpu": ("compress_quantize_cpu.json", compress_quantize),
+    "compress_prune_cpu": ("compress_prune_cpu.json", compress_prune),
 }
 
 
