@@ -34,7 +34,8 @@ from exml_fast.synth.base import Synthesizer, check_input_shape, eval_mode, froz
 from exml_fast.synth.inversion import DataImpressions, DeepInversion, ModelInversion
 from exml_fast.synth.matcher import BNStatsMatcher
 
-__all__ = ["BN_MATCHING_METHODS", "CALIBRATION_METHODS", "ZEROQ_SETTINGS", "check_classifier", "has_batchnorm",
+__all__ = ["BN_MATCHING_METHODS", "CALIBRATION_METHODS", "ZEROQ_SETTINGS", "background", "check_classifier",
+           "has_batchnorm",
            "synthetic_images"]
 
 #: the names :func:`synthetic_images` takes as ``method`` (a Synthesizer instance is accepted too)
@@ -47,6 +48,15 @@ CALIBRATION_METHODS: tuple[str, ...] = ("deepinversion", "zeroq", "data-impressi
 ZEROQ_SETTINGS = {"lr": 0.5, "iterations": 500, "batch_size": 32}
 #: the methods that match BatchNorm statistics (and so need a BN layer with running statistics)
 BN_MATCHING_METHODS: tuple[str, ...] = ("deepinversion", "zeroq")
+
+
+def background(mean, std) -> float:
+    """The normalised value of a black pixel, ``-mean / std`` (averaged over the channels; 0 without ``mean``):
+    what :func:`exml_fast.training.distill`'s pad-and-crop pads with here."""
+    if mean is None:
+        return 0.0
+    std = torch.as_tensor(1.0 if std is None else std, dtype=torch.float32)
+    return float((-torch.as_tensor(mean, dtype=torch.float32) / std).mean())
 
 
 def has_batchnorm(model: nn.Module) -> bool:

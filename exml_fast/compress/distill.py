@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from exml_fast._utils.checks import check_int
-from exml_fast.compress.calibration import check_classifier, synthetic_images
+from exml_fast.compress.calibration import background, check_classifier, synthetic_images
 from exml_fast.compress.quantize import check_images
 from exml_fast.synth.base import Synthesizer
 from exml_fast.synth.generative import GenerativeSynthesizer
@@ -98,10 +98,7 @@ def distill_without_data(teacher: nn.Module, student: nn.Module, input_shape: Se
     if "kd_batch_size" in recipe:
         recipe["batch_size"] = recipe.pop("kd_batch_size")
     if mean is not None and "fill" not in kd:
-        m = torch.as_tensor(mean, dtype=torch.float32)
-        s = torch.as_tensor(1.0 if std is None else std, dtype=torch.float32)
-        fill = -m / s
-        recipe["fill"] = float(fill) if fill.numel() == 1 else float(fill.mean())
+        recipe["fill"] = background(mean, std)
     t0 = time.perf_counter()
     if images is not None:
         x, label, drawn = check_images(images, shape, owner).detach(), "real", int(images.shape[0])

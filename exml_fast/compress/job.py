@@ -25,6 +25,7 @@ from exml_fast._utils.io import atomic_write, load_torch_file
 from exml_fast.checkpoint import load_model, save_model
 from exml_fast.compress.calibration import synthetic_images
 from exml_fast.compress.distill import distill_without_data
+from exml_fast.compress.prune import prune_without_data
 from exml_fast.compress.quantize import quantize_without_data
 from exml_fast.compress.report import file_size, latency_ms, save_exported
 from exml_fast.data import mnist_tensors
@@ -102,18 +103,15 @@ def compress_file(action: str, model_path: str, out: str, *, method: str = "deep
     images = _images(model, info, work, method=method, n=n, seed=seed, iterations=iterations, progress=progress)
     synthesis_s = time.perf_counter() - t0
     example = images[:64].cpu()
-    report_device = {"device": str(torch.device(device))}
     report: dict[str, Any] = {"action": action, "model": os.fspath(model_path), "out": os.fspath(out),
                               "method": method, "n": n, "seed": seed, "iterations": iterations,
-                              "synthesis_s": synthesis_s, **report_device}
+                              "synthesis_s": synthesis_s, "device": str(torch.device(device))}
     t1 = time.perf_counter()
     if action == "quantize":
         result = quantize_without_data(model, info.input_shape, info.mean, info.std, images=images, progress=progress)
         new, report["flow"] = result.model, result.flow
         save_exported(new, out, example)
     elif action == "prune":
-        from exml_fast.compress.prune import prune_without_data
-
         result = prune_without_data(model, info.input_shape, info.mean, info.std, images=images,
                                     flops_ratio=flops_ratio, importance=importance, recover_epochs=recover_epochs,
                                     seed=seed, progress=progress)

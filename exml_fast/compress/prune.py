@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from exml_fast._utils.checks import check_choice, check_float, check_int
-from exml_fast.compress.calibration import BN_MATCHING_METHODS, check_classifier, has_batchnorm, synthetic_images
+from exml_fast.compress.calibration import (BN_MATCHING_METHODS, background, check_classifier, has_batchnorm,
+                                            synthetic_images)
 from exml_fast.synth.base import Synthesizer, eval_mode, resolve_device
 from exml_fast.training import distill
 
@@ -268,11 +269,9 @@ def prune_without_data(model: nn.Module, input_shape: Sequence[int], mean=None, 
     recover_s = 0.0
     if recover_epochs:
         start = time.perf_counter()
-        fill = 0.0 if mean is None else float((-torch.as_tensor(mean, dtype=torch.float32)
-                                                / torch.as_tensor(1.0 if std is None else std)).mean())
         with eval_mode(model):  # distill puts its teacher in eval mode; the caller's flags come back after
             distill(pruned, x, teacher=model, temperature=temperature, epochs=recover_epochs,
-                    batch_size=batch_size, lr=lr, schedule="cosine", generator=seed, fill=fill)
+                    batch_size=batch_size, lr=lr, schedule="cosine", generator=seed, fill=background(mean, std))
         recover_s = time.perf_counter() - start
     return PruneResult(model=pruned.eval(), macs_before=int(macs_before), macs_after=macs_after,
                        params_before=int(params_before), params_after=params_after, importance=importance,
