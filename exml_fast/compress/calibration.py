@@ -35,8 +35,7 @@ from exml_fast.synth.inversion import DataImpressions, DeepInversion, ModelInver
 from exml_fast.synth.matcher import BNStatsMatcher
 
 __all__ = ["BN_MATCHING_METHODS", "CALIBRATION_METHODS", "ZEROQ_SETTINGS", "background", "check_classifier",
-           "has_batchnorm",
-           "synthetic_images"]
+           "has_batchnorm", "synthetic_images"]
 
 #: the names :func:`synthetic_images` takes as ``method`` (a Synthesizer instance is accepted too)
 CALIBRATION_METHODS: tuple[str, ...] = ("deepinversion", "zeroq", "data-impressions", "model-inversion", "noise")
@@ -160,9 +159,6 @@ def synthetic_images(model: nn.Module, input_shape: Sequence[int], *, mean=None,
         raise ValueError(f"{owner}: options are for the named synthesizers (deepinversion, data-impressions, "
                          f"model-inversion); got options with method={method!r}")
     device = resolve_device(model, None, owner)
-    if isinstance(method, Synthesizer):
-        return method.synthesize(n, iterations=iterations, batch_size=batch_size, generator=seed,
-                                 progress=progress, save_to=save_to).x.to(device, torch.float32)
     if method == "noise":
         return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed)).to(device)
     if method == "zeroq":
@@ -172,7 +168,11 @@ def synthetic_images(model: nn.Module, input_shape: Sequence[int], *, mean=None,
                       batch_size=ZEROQ_SETTINGS["batch_size"] if batch_size is None else
                       check_int(batch_size, "batch_size", owner, low=1),
                       lr=ZEROQ_SETTINGS["lr"])
-    kind = {"deepinversion": DeepInversion, "data-impressions": DataImpressions, "model-inversion": ModelInversion}
-    synth = kind[method](model, input_shape=shape, mean=mean, std=std, **(options or {}))
+    if isinstance(method, Synthesizer):
+        synth = method
+    else:
+        kind = {"deepinversion": DeepInversion, "data-impressions": DataImpressions,
+                "model-inversion": ModelInversion}
+        synth = kind[method](model, input_shape=shape, mean=mean, std=std, **(options or {}))
     return synth.synthesize(n, iterations=iterations, batch_size=batch_size, generator=seed,
                             progress=progress, save_to=save_to).x.to(device, torch.float32)

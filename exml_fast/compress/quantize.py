@@ -28,6 +28,7 @@ from torch import nn
 from exml_fast._utils.checks import check_choice, check_int
 from exml_fast._utils.progress import Progress
 from exml_fast.compress.calibration import check_classifier, synthetic_images
+from exml_fast.compress.report import export_program
 from exml_fast.synth.base import Synthesizer
 
 __all__ = ["QUANTIZE_FLOWS", "QuantizeResult", "calibrate", "check_images", "quantize_without_data"]
@@ -111,9 +112,7 @@ def _pt2e(model: nn.Module, images: torch.Tensor, progress: bool) -> nn.Module:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-    batch = torch.export.Dim("batch", min=1)
-    example = images[:2] if images.shape[0] >= 2 else images.expand(2, *images.shape[1:])
-    gm = torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
+    gm = export_program(model, images).module()
     _name_each_call(gm)
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())

@@ -18,14 +18,20 @@ from torch import nn
 
 from exml_fast._utils.io import atomic_write
 
-__all__ = ["file_size", "latency_ms", "load_exported", "save_exported"]
+__all__ = ["export_program", "file_size", "latency_ms", "load_exported", "save_exported"]
+
+
+def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model`` on the CPU with a dynamic batch (traced on two rows of ``example``, as a batch
+    of one would be specialised)."""
+    batch = torch.export.Dim("batch", min=1)
+    example = example[:2] if example.shape[0] >= 2 else example.expand(2, *example.shape[1:])
+    return torch.export.export(model, (example.cpu(),), dynamic_shapes=({0: batch},))
 
 
 def save_exported(model: nn.Module, path: str | os.PathLike, example: torch.Tensor) -> None:
     """Writes ``model`` (CPU, eval) to ``path`` as a ``torch.export`` program with a dynamic batch, atomically."""
-    batch = torch.export.Dim("batch", min=1)
-    example = example[:2] if example.shape[0] >= 2 else example.expand(2, *example.shape[1:])
-    program = torch.export.export(model, (example.cpu(),), dynamic_shapes=({0: batch},))
+    program = export_program(model, example)
     atomic_write(path, lambda f: torch.export.save(program, f))
 
 
