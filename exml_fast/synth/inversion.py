@@ -620,6 +620,12 @@ class _Stopper:
         return then[-1] - lowest <= s.stop_tol * abs(then[-1])
 
 
+#: What torch's sync debug mode "warn" says of a synchronising CUDA call (c10::cuda::warn_or_error_on_sync).
+_SYNC_WARNING = "called a synchronizing CUDA operation"
+#: The notice torch gives once a process when the mode is first set: not a sync.
+_SYNC_MODE_NOTICE = "Synchronization debug mode is a prototype feature"
+
+
 class _GraphStep:
     """One optimisation step captured in a CUDA graph and replayed.
 
@@ -671,9 +677,10 @@ class _GraphStep:
                 out = self.step(self.st, params, scalars)
             finally:
                 torch.cuda.set_sync_debug_mode(previous)
-        syncs = [str(w.message).splitlines()[0] for w in seen if "synchroniz" in str(w.message)]
-        for w in seen:  # the step's other warnings, passed on
-            if "synchroniz" not in str(w.message):
+        syncs = [str(w.message).splitlines()[0] for w in seen if _SYNC_WARNING in str(w.message)]
+        for w in seen:  # the step's other warnings, passed on; torch's one-time notice on the mode dropped
+            text = str(w.message)
+            if _SYNC_WARNING not in text and _SYNC_MODE_NOTICE not in text:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return out, syncs
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -492,6 +493,47 @@ class _SyncingTeacher(nn.Module):
     def forward(self, x):
         scale = float(x.abs().amax()) > -1.0  # a host sync
         return self.net(x) * scale
+
+
+def test_graph_probe_counts_only_syncs_and_drops_the_mode_notice(monkeypatch):
+    """The warm-up probe counts torch's "called a synchronizing CUDA operation" warnings only: the notice torch
+    gives the first time a process sets the sync debug mode is not a sync (on an H100 it made the first
+    synthesizer of a process run eagerly, and cuda_graph=True raise), and the step's other warnings pass on.
+    Runs on the CPU: the CUDA mode calls are stood in for."""
+    from exml_fast.synth import inversion
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+
+    def set_mode(mode):
+        modes.append(mode)
+        if mode == "warn":
+            warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all "
+                          "synchronizing operations (Triggered internally at Module.cpp:1003.)", UserWarning,
+                          stacklevel=2)
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", set_mode)
+    probe = object.__new__(inversion._GraphStep)
+    probe.st = None
+
+    def quiet(st, params, scalars):
+        warnings.warn("a warning of the step's own", UserWarning, stacklevel=2)
+        return "terms"
+
+    probe.step = quiet
+    with pytest.warns(UserWarning, match="of the step's own") as seen:
+        out, syncs = probe._probed(None, None)
+    assert (out, syncs, modes) == ("terms", [], ["warn", 0])
+    assert not any("prototype" in str(w.message) for w in seen)
+
+    def syncing(st, params, scalars):
+        warnings.warn("called a synchronizing CUDA operation (Triggered internally at CUDAFunctions.cpp:1)",
+                      UserWarning, stacklevel=2)
+        return "terms"
+
+    probe.step = syncing
+    out, syncs = probe._probed(None, None)
+    assert syncs == ["called a synchronizing CUDA operation (Triggered internally at CUDAFunctions.cpp:1)"]
 
 
 @pytest.mark.cuda

@@ -37,7 +37,10 @@ inline void check_dirichlet_args(const at::Tensor& concentration,
   }
   if (generator.has_value()) {
     const c10::Device gd = generator->device(), cd = concentration.device();
-    TORCH_CHECK(gd.is_cpu() || (gd.type() == cd.type() && gd.index() == cd.index()), op,
+    // torch.Generator("cuda") has no index (the current device's): it matches cuda:N.
+    TORCH_CHECK(gd.is_cpu() || (gd.type() == cd.type() &&
+                                (!gd.has_index() || !cd.has_index() || gd.index() == cd.index())),
+                op,
                 ": generator is on ", gd, " but concentration is on ", cd, "; pass a generator on ",
                 cd, ", a CPU generator, or None");
   }
