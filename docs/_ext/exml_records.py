@@ -376,6 +376,14 @@ def _synthesis_speedup(d: dict, net: str) -> float:
     return next(t["speedup"] for t in r["timing"] if t["variant"] == "exml fp32")
 
 
+def _gpu_synthesis(d: dict, net: str) -> str:
+    """'a× / b× faster': exml fp32 vs the public loop in fp32; the engine's best form vs the public loop's."""
+    timing = next(r for r in d["results"] if r["net"] == net)["timing"]
+    fp32 = next(t["speedup"] for t in timing if t["variant"] == "exml fp32")
+    best = next(t["speedup_vs_peer"] for t in timing if t.get("best") and t["side"] == "exml")
+    return f"{fp32:.2f}× / {best:.2f}× faster"
+
+
 def _ttq_speedup(d: dict) -> float:
     return max(e["speedup"] for e in d["results"][0]["ttq"]["engine"] if e.get("speedup"))
 
@@ -398,6 +406,9 @@ def _dist_speedup(d: dict) -> float:
 HEADLINES: list[tuple[str, str, Callable[[dict], str]]] = [
     ("DeepInversion step vs the public loop (teacher frozen), LeNet-5-BN, batch 256, 1 CPU thread",
      "synthesis_cpu.json", lambda d: f"{_synthesis_speedup(d, 'lenet5_bn'):.2f}× faster"),
+    ("DeepInversion step on an H100, CIFAR ResNet-18, batch 256: fp32 vs the public loop in fp32 / bf16 + "
+     "channels_last + CUDA graph vs the public loop's bf16 + channels_last + torch.compile",
+     "gpu/h100_2026-11-27/perf/benches/synthesis_cuda_perf_resnet18.json", lambda d: _gpu_synthesis(d, "resnet18")),
     ("DeepInversion time to the public loop's quality, LeNet-5-BN, 1 CPU thread",
      "synthesis_cpu_ttq.json", lambda d: f"{_ttq_speedup(d):.2f}× faster"),
     ("BN-statistic matching over a CIFAR ResNet-18's 20 BN inputs, batch 256, channels_last",
