@@ -35,7 +35,7 @@ from exml_fast.synth.inversion import DataImpressions, DeepInversion, ModelInver
 from exml_fast.synth.matcher import BNStatsMatcher
 
 __all__ = ["BN_MATCHING_METHODS", "CALIBRATION_METHODS", "ZEROQ_SETTINGS", "background", "check_classifier",
-           "has_batchnorm", "synthetic_images"]
+           "check_images", "has_batchnorm", "synthetic_images"]
 
 #: the names :func:`synthetic_images` takes as ``method`` (a Synthesizer instance is accepted too)
 CALIBRATION_METHODS: tuple[str, ...] = ("deepinversion", "zeroq", "data-impressions", "model-inversion", "noise")
@@ -110,6 +110,20 @@ def _zeroq(model: nn.Module, shape, n: int, *, seed: int, iterations: int, batch
     finally:
         bar.close()
     return torch.cat(batches)
+
+
+def check_images(images, shape: tuple[int, int, int], owner: str) -> torch.Tensor:
+    """``images`` as an (N, *shape) float tensor, N >= 1; a TypeError / ValueError names what is wrong."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{owner}: images must be an (N, {', '.join(map(str, shape))}) float tensor; got "
+                        f"{type(images).__name__}")
+    if images.dim() != 4 or tuple(images.shape[1:]) != shape or images.shape[0] < 1:
+        raise ValueError(f"{owner}: images must be (N, {', '.join(map(str, shape))}) with N >= 1 (input_shape "
+                         f"{shape}); got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"{owner}: images must be a float tensor (normalised like the model's inputs); got "
+                        f"{images.dtype}")
+    return images
 
 
 def synthetic_images(model: nn.Module, input_shape: Sequence[int], *, mean=None, std=None,

@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from exml_fast._utils.checks import check_int
-from exml_fast.compress.calibration import background, check_classifier, synthetic_images
-from exml_fast.compress.quantize import check_images
+from exml_fast.compress.calibration import background, check_classifier, check_images, synthetic_images
 from exml_fast.synth.base import Synthesizer
 from exml_fast.synth.generative import GenerativeSynthesizer
 from exml_fast.training import distill

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from exml_fast._utils.checks import check_choice, check_float, check_int
-from exml_fast.compress.calibration import (BN_MATCHING_METHODS, background, check_classifier, has_batchnorm,
-                                            synthetic_images)
+from exml_fast.compress.calibration import (BN_MATCHING_METHODS, background, check_classifier, check_images,
+                                            has_batchnorm, synthetic_images)
 from exml_fast.synth.base import Synthesizer, eval_mode, resolve_device
 from exml_fast.training import distill
 
@@ -113,16 +113,6 @@ def logits_layer(model: nn.Module, example: torch.Tensor, num_classes: int, owne
         raise ValueError(f"{owner}: cannot find the layer that makes {type(model).__name__}'s {num_classes} "
                          "logits: no nn.Linear or convolution of its forward has that many output features")
     return ran[-1]
-
-
-def _check_images(images, shape: tuple[int, int, int], owner: str) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() != 4 \
-            or tuple(images.shape[1:]) != shape or images.shape[0] < 1:
-        got = (f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor)
-               else type(images).__name__)
-        raise ValueError(f"{owner}: images must be a float tensor of shape (N, {', '.join(map(str, shape))}) with "
-                         f"N >= 1 (input_shape {shape}); got {got}")
-    return images
 
 
 def _loss_gradients(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
@@ -238,7 +228,7 @@ def prune_without_data(model: nn.Module, input_shape: Sequence[int], mean=None, 
 
     synthesis_s = 0.0
     if images is not None:
-        x, source = _check_images(images, shape, owner).to(device, torch.float32), "images"
+        x, source = check_images(images, shape, owner).to(device, torch.float32), "images"
     else:
         start = time.perf_counter()
         x = synthetic_images(model, shape, mean=mean, std=std, method=method, n=n, seed=seed,

@@ -27,11 +27,11 @@ from torch import nn
 
 from exml_fast._utils.checks import check_choice, check_int
 from exml_fast._utils.progress import Progress
-from exml_fast.compress.calibration import check_classifier, synthetic_images
+from exml_fast.compress.calibration import check_classifier, check_images, synthetic_images
 from exml_fast.compress.report import export_program
 from exml_fast.synth.base import Synthesizer
 
-__all__ = ["QUANTIZE_FLOWS", "QuantizeResult", "calibrate", "check_images", "quantize_without_data"]
+__all__ = ["QUANTIZE_FLOWS", "QuantizeResult", "calibrate", "quantize_without_data"]
 
 #: the values of ``flow``: "auto" (PT2E, else FX), "pt2e" (torchao's PT2E only), "fx" (torch.ao's FX flow)
 QUANTIZE_FLOWS: tuple[str, ...] = ("auto", "pt2e", "fx")
@@ -61,20 +61,6 @@ class QuantizeResult:
     synthesis_s: float
     calibrate_s: float
     fallback: str | None = None
-
-
-def check_images(images, shape: tuple[int, int, int], owner: str) -> torch.Tensor:
-    """``images`` as an (N, *shape) float tensor, N >= 1; a TypeError / ValueError names what is wrong."""
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{owner}: images must be an (N, {', '.join(map(str, shape))}) float tensor; got "
-                        f"{type(images).__name__}")
-    if images.dim() != 4 or tuple(images.shape[1:]) != shape or images.shape[0] < 1:
-        raise ValueError(f"{owner}: images must be (N, {', '.join(map(str, shape))}) with N >= 1 (input_shape "
-                         f"{shape}); got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise TypeError(f"{owner}: images must be a float tensor (normalised like the model's inputs); got "
-                        f"{images.dtype}")
-    return images
 
 
 def _name_each_call(gm: torch.fx.GraphModule) -> None:
