@@ -22,15 +22,21 @@ real training images (the ceiling). Records the test accuracy, the drop against 
 parameters before and after, the synthesis and recovery time. By default on the MNIST-scale models of the goal
 (the LeNet-5-BNs and the MNIST ResNet).
 
+``--part prune-budget``: how many images the pruning needs. Taylor pruning (50 % of the MACs) recovered on the
+first n of one draw of DeepInversion images, and of real training images, for each n of ``--budget-n``, every n
+with the same ``--recover-steps`` of distillation. A model's results are kept in ``--budget-dir``: models can run
+in parallel processes (``--models X --out ''``), and the invocation naming them all reads them back and records.
+
 Usage:
-    python benches/bench_compress.py [--part quantize|prune] [--models NAME ...] [--n 128] [--di-iterations 200]
-        [--prune-n 512] [--recover-epochs 100] [--threads N] [--out benches/results]
-        [--model-dir runs/compress/models]
+    python benches/bench_compress.py [--part quantize|prune|prune-budget] [--models NAME ...] [--n 128]
+        [--di-iterations 200] [--prune-n 512] [--recover-epochs 100] [--threads N] [--out benches/results]
+        [--model-dir runs/compress/models] [--budget-n 512 4096 16384] [--recover-steps 6400]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -39,6 +45,7 @@ import warnings
 import torch
 from benchlib import RESULTS, env_markdown, environment, record
 
+from exml_fast._utils.io import atomic_write
 from exml_fast.checkpoint import load_model, save_model
 from exml_fast.compress import latency_ms, prune_without_data, quantize_without_data, synthetic_images
 from exml_fast.data import DATASET_STATS, mnist_tensors
@@ -206,13 +213,80 @@ def prune_markdown(models: list[dict], args, env, command) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prune_budget_rows(name: str, args) -> dict:
+    """Taylor pruning recovered on the first n of one draw of DeepInversion (and of real) images, for each n of
+    ``--budget-n``, every n with the same ``--recover-steps`` of distillation (epochs = steps x 64 / n). Kept in
+    ``--budget-dir`` once a model is done, so a rerun (or the invocation that writes the record after models run
+    in parallel processes) reads it back."""
+    path = os.path.join(args.budget_dir, f"{name}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            done = json.load(f)
+        if done["budget_n"] == args.budget_n and done["recover_steps"] == args.recover_steps:
+            print(f"  {name}: read back from {path}", flush=True)
+            return done
+    model, mean, std, train_s, dataset, x_test, y_test, x_train, float_acc = _model_and_data(name, args)
+    largest = max(args.budget_n)
+    t0 = time.perf_counter()
+    di = synthetic_images(model, SHAPE, mean=mean, std=std, n=largest, seed=0, iterations=args.di_iterations,
+                          batch_size=256, progress=False)
+    synthesis_s = time.perf_counter() - t0
+    real = x_train[torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(0))[:largest]]
+    rows = []
+    for n in args.budget_n:
+        epochs = args.recover_steps * 64 // n
+        for label, images in (("taylor, DI", di), ("taylor, real (ceiling)", real)):
+            r = prune_without_data(model, SHAPE, mean, std, images=images[:n], importance="taylor",
+                                   flops_ratio=0.5, recover_epochs=epochs, seed=0, progress=False)
+            acc = 100 * evaluate(r.model, x_test, y_test)
+            rows.append({"row": label, "n": n, "recover_epochs": epochs, "accuracy": acc,
+                         "drop_vs_float": float_acc - acc, "macs_before": r.macs_before, "macs_after": r.macs_after,
+                         "flops_reduction": r.flops_reduction, "recover_s": r.recover_s})
+            print(f"  {name} n={n} {label}: {acc:.2f} % (float {float_acc:.2f} %), {epochs} epochs, "
+                  f"recovery {r.recover_s:.0f} s", flush=True)
+    done = {"name": name, "arch": MODELS[name][0], "dataset": dataset, "train_s": train_s,
+            "float_accuracy": float_acc, "synthesis_s": synthesis_s, "synthesis_n": largest,
+            "budget_n": args.budget_n, "recover_steps": args.recover_steps, "rows": rows}
+    os.makedirs(args.budget_dir, exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(done, indent=1).encode()))
+    return done
+
+
+def prune_budget_markdown(models: list[dict], args, env, command) -> str:
+    lines = env_markdown(env, "channel pruning without data: the images budget", command)
+    lines += [f"How many images the data-free pruning needs: 50 % of the MACs removed by Taylor scores on the first "
+              f"n images of one draw of {max(args.budget_n)} DeepInversion images (preset auto, {args.di_iterations} "
+              f"steps on batches of 256), then recovered by KD from the unpruned model on the same n images, every n "
+              f"with the same {args.recover_steps} SGD steps (τ 4, lr 0.01 cosine, batches of 64, pad-crop 4; "
+              "epochs = steps × 64 / n); the ceiling prunes and recovers on the first n of one random draw of real "
+              "training images. Accuracy on the whole test split, %; in brackets the change against the float "
+              "model, points. Nothing here was chosen on the test split: every budget run is shown.", "",
+              "| model | float | n | epochs | taylor, DI | taylor, real (ceiling) | DI − real | recovery s (DI) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in models:
+        for n in m["budget_n"]:
+            di = next(r for r in m["rows"] if r["n"] == n and r["row"] == "taylor, DI")
+            real = next(r for r in m["rows"] if r["n"] == n and r["row"] == "taylor, real (ceiling)")
+            lines.append(f"| {m['name']} | {m['float_accuracy']:.2f} | {n} | {di['recover_epochs']} | "
+                         f"{di['accuracy']:.2f} ({-di['drop_vs_float']:+.2f}) | "
+                         f"{real['accuracy']:.2f} ({-real['drop_vs_float']:+.2f}) | "
+                         f"{di['accuracy'] - real['accuracy']:+.2f} | {di['recover_s']:.0f} |")
+    lines += ["", "DeepInversion synthesis: " + ", ".join(
+        f"{m['name']} {m['synthesis_n']} images in {m['synthesis_s']:.0f} s" for m in models) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("quantize", "prune"), default="quantize")
+    p.add_argument("--part", choices=("quantize", "prune", "prune-budget"), default="quantize")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=None,
                    help="default: all five (quantize), the MNIST-scale three (prune)")
     p.add_argument("--prune-n", type=int, default=512, help="images pruning scores and recovers on")
     p.add_argument("--recover-epochs", type=int, default=100)
+    p.add_argument("--budget-n", type=int, nargs="+", default=[512, 4096, 16384],
+                   help="prune-budget: the image counts (each divides --recover-steps x 64)")
+    p.add_argument("--recover-steps", type=int, default=6400, help="prune-budget: SGD steps of every recovery")
+    p.add_argument("--budget-dir", default="runs/compress/budget", help="prune-budget: finished models' results")
     p.add_argument("--n", type=int, default=128, help="calibration images of each source")
     p.add_argument("--di-iterations", type=int, default=200)
     p.add_argument("--rounds", type=int, default=20)
@@ -226,17 +300,25 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     t0 = time.perf_counter()
     env = environment("cpu", "data-free compression")
-    names = args.models or (list(MODELS) if args.part == "quantize" else list(PRUNE_MODELS))
-    rows = quantize_rows if args.part == "quantize" else prune_rows
+    if args.part == "prune-budget":
+        bad = [n for n in args.budget_n if n < 1 or (args.recover_steps * 64) % n]
+        if bad:
+            p.error(f"--budget-n: every n must divide --recover-steps x 64 = {args.recover_steps * 64}; got {bad}")
+    names = args.models or (list(MODELS) if args.part == "quantize" else list(PRUNE_MODELS[:2]) if
+                            args.part == "prune-budget" else list(PRUNE_MODELS))
+    rows = {"quantize": quantize_rows, "prune": prune_rows, "prune-budget": prune_budget_rows}[args.part]
     models = [rows(name, args) for name in names]
     env["wall_s"] = time.perf_counter() - t0
     argv_list = sys.argv[1:] if argv is None else list(argv)
     command = "python benches/bench_compress.py " + " ".join(argv_list)
     rec = {"env": env, "argv": argv_list, "part": args.part, "n": args.n, "di_iterations": args.di_iterations,
            "prune_n": args.prune_n, "recover_epochs": args.recover_epochs, "train": TRAIN, "models": models}
-    markdown = (quantize_markdown if args.part == "quantize" else prune_markdown)(models, args, env, command)
+    if args.part == "prune-budget":
+        rec.update(budget_n=args.budget_n, recover_steps=args.recover_steps)
+    markdown = {"quantize": quantize_markdown, "prune": prune_markdown,
+                "prune-budget": prune_budget_markdown}[args.part](models, args, env, command)
     if args.out:
-        record(args.out, f"compress_{args.part}_cpu", rec, markdown)
+        record(args.out, f"compress_{args.part.replace('-', '_')}_cpu", rec, markdown)
 
 
 if __name__ == "__main__":

@@ -234,6 +234,20 @@ def compress_prune(d: dict) -> str:
     return _table(["model", "float"] + names + ["MACs removed"], rows, ["---"] + ["---:"] * (len(names) + 2))
 
 
+def compress_prune_budget(d: dict) -> str:
+    """Pruning against the number of images (``compress_prune_budget_*.json``): DI vs real at each n."""
+    rows = []
+    for m in d["models"]:
+        for n in m["budget_n"]:
+            acc = {r["row"]: r for r in m["rows"] if r["n"] == n}
+            di, real = acc["taylor, DI"], acc["taylor, real (ceiling)"]
+            rows.append([m["name"], _pct(m["float_accuracy"]), str(n), str(di["recover_epochs"]),
+                         f"{_pct(di['accuracy'])} ({-di['drop_vs_float']:+.2f})",
+                         f"{_pct(real['accuracy'])} ({-real['drop_vs_float']:+.2f})"])
+    return _table(["model", "float", "images", "epochs", "taylor, DI", "taylor, real (ceiling)"], rows,
+                  ["---"] + ["---:"] * 5)
+
+
 _NETS = {"lenet5_bn": "LeNet-5-BN (MNIST)", "resnet18": "ResNet-18 (CIFAR shapes)",
          "resnet34": "ResNet-34 (CIFAR shapes)", "resnet50": "ResNet-50"}
 
@@ -523,6 +537,7 @@ GENERATED_TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "avalanche_fmnist": ("avalanche_fmnist.json", avalanche),
     "compress_quantize_cpu": ("compress_quantize_cpu.json", compress_quantize),
     "compress_prune_cpu": ("compress_prune_cpu.json", compress_prune),
+    "compress_prune_budget_cpu": ("compress_prune_budget_cpu.json", compress_prune_budget),
 }
 
 
