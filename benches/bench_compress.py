@@ -224,7 +224,7 @@ def prune_budget_rows(name: str, args) -> dict:
             done = json.load(f)
         if done["budget_n"] == args.budget_n and done["recover_steps"] == args.recover_steps:
             print(f"  {name}: read back from {path}", flush=True)
-            return done
+            return {**done, "read_back": True}
     model, mean, std, train_s, dataset, x_test, y_test, x_train, float_acc = _model_and_data(name, args)
     largest = max(args.budget_n)
     t0 = time.perf_counter()
@@ -273,6 +273,12 @@ def prune_budget_markdown(models: list[dict], args, env, command) -> str:
                          f"{di['accuracy'] - real['accuracy']:+.2f} | {di['recover_s']:.0f} |")
     lines += ["", "DeepInversion synthesis: " + ", ".join(
         f"{m['name']} {m['synthesis_n']} images in {m['synthesis_s']:.0f} s" for m in models) + "."]
+    read_back = [m["name"] for m in models if m.get("read_back")]
+    if read_back:
+        lines += ["", f"Computed by earlier invocations and read back from `{args.budget_dir}/`: "
+                      + ", ".join(read_back) + " (the machine line above is this invocation's)."]
+    if args.note:
+        lines += ["", f"Note: {args.note}"]
     return "\n".join(lines) + "\n"
 
 
@@ -292,6 +298,7 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--model-dir", default="runs/compress/models")
+    p.add_argument("--note", default="", help="a line on how the record was made, kept in it")
     p.add_argument("--out", default=str(RESULTS), help="directory for the records ('' to not record)")
     args = p.parse_args(argv)
     if args.threads is not None:
@@ -315,6 +322,8 @@ def main(argv=None) -> None:
            "prune_n": args.prune_n, "recover_epochs": args.recover_epochs, "train": TRAIN, "models": models}
     if args.part == "prune-budget":
         rec.update(budget_n=args.budget_n, recover_steps=args.recover_steps)
+    if args.note:
+        rec["note"] = args.note
     markdown = {"quantize": quantize_markdown, "prune": prune_markdown,
                 "prune-budget": prune_budget_markdown}[args.part](models, args, env, command)
     if args.out:
