@@ -1,0 +1,66 @@
+"""benches/bench_compress.py --part prune-budget: every n prunes and recovers on the first n of one draw, with
+the same number of KD steps; a finished model is read back instead of run again, and the record says so."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _util import bench_module
+
+from exml_fast.models import LeNet5BN
+
+pytest.importorskip("torch_pruning")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    with bench_module("bench_compress") as mod:
+        yield mod
+
+
+def _tiny_model_and_data(calls):
+    def fake(name, args):  # a random LeNet-5-BN and random images instead of a trained model and MNIST
+        calls.append(name)
+        torch.manual_seed(0)
+        x = torch.randn(40, 1, 32, 32)
+        return (LeNet5BN().eval(), 0.5, 0.25, 0.0, "mnist", x, torch.randint(0, 10, (40,)), x, 10.0)
+    return fake
+
+
+def test_prune_budget_runs_every_n_with_the_same_steps_and_reads_models_back(bench, tmp_path, monkeypatch):
+    calls, synthesised = [], []
+    monkeypatch.setattr(bench, "_model_and_data", _tiny_model_and_data(calls))
+    real_synth = bench.synthetic_images
+
+    def spy(*args, **kwargs):
+        synthesised.append(kwargs["n"])
+        return real_synth(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "synthetic_images", spy)
+    argv = ["--part", "prune-budget", "--models", "lenet5_bn-mnist", "--budget-n", "16", "32", "--recover-steps",
+            "2", "--di-iterations", "1", "--budget-dir", str(tmp_path / "budget"), "--threads", "1"]
+    bench.main([*argv, "--out", str(tmp_path)])
+    rec = json.loads((tmp_path / "compress_prune_budget_cpu.json").read_text())
+    assert rec["budget_n"] == [16, 32] and rec["recover_steps"] == 2
+    (m,) = rec["models"]
+    assert synthesised == [32]  # one draw of the largest n; the smaller budgets take its first images
+    assert [(r["n"], r["row"], r["recover_epochs"]) for r in m["rows"]] == [
+        (16, "taylor, DI", 8), (16, "taylor, real (ceiling)", 8), (32, "taylor, DI", 4),
+        (32, "taylor, real (ceiling)", 4)]  # epochs x n / 64 = 2 steps each
+    assert all(r["flops_reduction"] >= 0.5 for r in m["rows"])
+    assert "read back" not in (tmp_path / "compress_prune_budget_cpu.md").read_text()
+
+    # The same budget again: read back, not run; the record names it and keeps the note.
+    bench.main([*argv, "--out", str(tmp_path), "--note", "ran in a test"])
+    assert calls == ["lenet5_bn-mnist"] and synthesised == [32]
+    md = (tmp_path / "compress_prune_budget_cpu.md").read_text()
+    assert "read back from" in md and "lenet5_bn-mnist" in md and "Note: ran in a test" in md
+    assert json.loads((tmp_path / "compress_prune_budget_cpu.json").read_text())["note"] == "ran in a test"
+
+
+def test_prune_budget_refuses_a_budget_that_does_not_divide_the_steps(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--part", "prune-budget", "--budget-n", "500", "--out", ""])
+    assert "every n must divide --recover-steps x 64 = 409600; got [500]" in capsys.readouterr().err
