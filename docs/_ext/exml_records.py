@@ -504,7 +504,7 @@ def _records_index(repo: Path, pages: list[Path]) -> str:
         rows.append([f"[{rel.with_suffix('')}]({rel.with_suffix('.md')})", machine_line(d)])
     return ("# Recorded runs\n\nEvery run recorded under `benches/results/` (the ledgers `*_runs.json` aside), "
             "as its script wrote it. `benches/results/README.md` says which command writes which file.\n\n"
-            "```{toctree}\n:hidden:\n:glob:\n\n*\ngpu/*\ngpu/*/*\ngpu/*/*/*\n```\n\n"
+            "```{toctree}\n:hidden:\n:glob:\n\n*\ngpu/*\ngpu/*/*\ngpu/*/*/*\ngpu/*/*/*/*\n```\n\n"
             + _table(["record", "machine"], rows))
 
 
