@@ -282,11 +282,17 @@ def prune_budget_markdown(models: list[dict], args, env, command) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: --part -> (one model's results, the record's Markdown, the models run by default)
+PARTS = {"quantize": (quantize_rows, quantize_markdown, tuple(MODELS)),
+         "prune": (prune_rows, prune_markdown, PRUNE_MODELS),
+         "prune-budget": (prune_budget_rows, prune_budget_markdown, ("lenet5_bn-mnist", "lenet5_bn-fmnist"))}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("quantize", "prune", "prune-budget"), default="quantize")
+    p.add_argument("--part", choices=tuple(PARTS), default="quantize")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=None,
-                   help="default: all five (quantize), the MNIST-scale three (prune)")
+                   help="default: all five (quantize), the MNIST-scale three (prune), the two LeNets (prune-budget)")
     p.add_argument("--prune-n", type=int, default=512, help="images pruning scores and recovers on")
     p.add_argument("--recover-epochs", type=int, default=100)
     p.add_argument("--budget-n", type=int, nargs="+", default=[512, 4096, 16384],
@@ -311,10 +317,8 @@ def main(argv=None) -> None:
         bad = [n for n in args.budget_n if n < 1 or (args.recover_steps * 64) % n]
         if bad:
             p.error(f"--budget-n: every n must divide --recover-steps x 64 = {args.recover_steps * 64}; got {bad}")
-    names = args.models or (list(MODELS) if args.part == "quantize" else list(PRUNE_MODELS[:2]) if
-                            args.part == "prune-budget" else list(PRUNE_MODELS))
-    rows = {"quantize": quantize_rows, "prune": prune_rows, "prune-budget": prune_budget_rows}[args.part]
-    models = [rows(name, args) for name in names]
+    rows, markdown, default_models = PARTS[args.part]
+    models = [rows(name, args) for name in args.models or default_models]
     env["wall_s"] = time.perf_counter() - t0
     argv_list = sys.argv[1:] if argv is None else list(argv)
     command = "python benches/bench_compress.py " + " ".join(argv_list)
@@ -324,10 +328,8 @@ def main(argv=None) -> None:
         rec.update(budget_n=args.budget_n, recover_steps=args.recover_steps)
     if args.note:
         rec["note"] = args.note
-    markdown = {"quantize": quantize_markdown, "prune": prune_markdown,
-                "prune-budget": prune_budget_markdown}[args.part](models, args, env, command)
     if args.out:
-        record(args.out, f"compress_{args.part.replace('-', '_')}_cpu", rec, markdown)
+        record(args.out, f"compress_{args.part.replace('-', '_')}_cpu", rec, markdown(models, args, env, command))
 
 
 if __name__ == "__main__":
