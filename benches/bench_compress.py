@@ -19,8 +19,8 @@ time, and the latency of the float and the int8 model (batch 64, both under ``to
 ``--recover-epochs`` of distillation from the unpruned model on the same ``--prune-n`` images: Taylor scores on
 DeepInversion images (and the same before recovery), BN-scale scores on them (the baseline), and Taylor scores on
 real training images (the ceiling). Records the test accuracy, the drop against the float model, the MACs and
-parameters before and after, the synthesis and recovery time. By default on the MNIST-scale models of the goal
-(the LeNet-5-BNs and the MNIST ResNet).
+parameters before and after, the synthesis and recovery time. By default on all five models. A model's results
+are kept in ``--prune-dir``, as for ``prune-budget``.
 
 ``--part prune-budget``: how many images the pruning needs. Taylor pruning (50 % of the MACs) recovered on the
 first n of one draw of DeepInversion images, and of real training images, for each n of ``--budget-n``, every n
@@ -31,6 +31,7 @@ Usage:
     python benches/bench_compress.py [--part quantize|prune|prune-budget] [--models NAME ...] [--n 128]
         [--di-iterations 200] [--prune-n 512] [--recover-epochs 100] [--threads N] [--out benches/results]
         [--model-dir runs/compress/models] [--budget-n 512 4096 16384] [--recover-steps 6400]
+        [--budget-dir runs/compress/budget] [--prune-dir runs/compress/prune] [--note TEXT]
 """
 
 from __future__ import annotations
@@ -62,7 +63,6 @@ MODELS = {
 }
 TRAIN = {"batch_size": 64, "lr": 0.05, "schedule": "cosine"}
 SOURCES = ("real", "noise", "zeroq", "deepinversion")
-PRUNE_MODELS = ("lenet5_bn-mnist", "lenet5_bn-fmnist", "resnet18_slim-mnist")
 #: prune rows: (name, importance, images, recover)
 PRUNE_ROWS = (("taylor, DI, no recovery", "taylor", "deepinversion", False),
               ("taylor, DI", "taylor", "deepinversion", True),
@@ -163,7 +163,39 @@ def quantize_markdown(models: list[dict], args, env, command) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _kept(folder: str, name: str, settings: dict, run) -> dict:
+    """Model ``name``'s results: read back from ``folder/name.json`` when an earlier invocation wrote them with the
+    same ``settings`` (then marked ``read_back``), else ``run()`` and kept there (written whole or not at all). So
+    models can run in parallel processes (``--models X --out ''``), or one at a time, and the invocation naming
+    them all records them."""
+    path = os.path.join(folder, f"{name}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            done = json.load(f)
+        if all(done.get(k) == v for k, v in settings.items()):
+            print(f"  {name}: read back from {path}", flush=True)
+            return {**done, "read_back": True}
+    done = {**run(), **settings}
+    os.makedirs(folder, exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(done, indent=1).encode()))
+    return done
+
+
+def _read_back_line(models: list[dict], folder: str) -> list[str]:
+    read_back = [m["name"] for m in models if m.get("read_back")]
+    if not read_back:
+        return []
+    return ["", f"Computed by earlier invocations and read back from `{folder}/`: " + ", ".join(read_back)
+            + " (the machine line above is this invocation's)."]
+
+
 def prune_rows(name: str, args) -> dict:
+    """The rows of :data:`PRUNE_ROWS` for model ``name``; kept in ``--prune-dir`` once done (:func:`_kept`)."""
+    settings = {"prune_n": args.prune_n, "recover_epochs": args.recover_epochs, "di_iterations": args.di_iterations}
+    return _kept(args.prune_dir, name, settings, lambda: _prune_run(name, args))
+
+
+def _prune_run(name: str, args) -> dict:
     model, mean, std, train_s, dataset, x_test, y_test, x_train, float_acc = _model_and_data(name, args)
     t0 = time.perf_counter()
     images = {"deepinversion": synthetic_images(model, SHAPE, mean=mean, std=std, n=args.prune_n, seed=0,
@@ -210,6 +242,9 @@ def prune_markdown(models: list[dict], args, env, command) -> str:
     lines += ["", "In brackets: the change against the float model, points. Goal: 50 % of the FLOPs pruned with at "
                   "most 2 points lost on MNIST-scale models using synthetic images alone. Largest loss of "
                   f"\"taylor, DI\" over the models: {worst:.2f} points."]
+    lines += _read_back_line(models, args.prune_dir)
+    if args.note:
+        lines += ["", f"Note: {args.note}"]
     return "\n".join(lines) + "\n"
 
 
@@ -218,13 +253,11 @@ def prune_budget_rows(name: str, args) -> dict:
     ``--budget-n``, every n with the same ``--recover-steps`` of distillation (epochs = steps x 64 / n). Kept in
     ``--budget-dir`` once a model is done, so a rerun (or the invocation that writes the record after models run
     in parallel processes) reads it back."""
-    path = os.path.join(args.budget_dir, f"{name}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            done = json.load(f)
-        if done["budget_n"] == args.budget_n and done["recover_steps"] == args.recover_steps:
-            print(f"  {name}: read back from {path}", flush=True)
-            return {**done, "read_back": True}
+    return _kept(args.budget_dir, name, {"budget_n": args.budget_n, "recover_steps": args.recover_steps},
+                 lambda: _prune_budget_run(name, args))
+
+
+def _prune_budget_run(name: str, args) -> dict:
     model, mean, std, train_s, dataset, x_test, y_test, x_train, float_acc = _model_and_data(name, args)
     largest = max(args.budget_n)
     t0 = time.perf_counter()
@@ -244,12 +277,9 @@ def prune_budget_rows(name: str, args) -> dict:
                          "flops_reduction": r.flops_reduction, "recover_s": r.recover_s})
             print(f"  {name} n={n} {label}: {acc:.2f} % (float {float_acc:.2f} %), {epochs} epochs, "
                   f"recovery {r.recover_s:.0f} s", flush=True)
-    done = {"name": name, "arch": MODELS[name][0], "dataset": dataset, "train_s": train_s,
+    return {"name": name, "arch": MODELS[name][0], "dataset": dataset, "train_s": train_s,
             "float_accuracy": float_acc, "synthesis_s": synthesis_s, "synthesis_n": largest,
             "budget_n": args.budget_n, "recover_steps": args.recover_steps, "rows": rows}
-    os.makedirs(args.budget_dir, exist_ok=True)
-    atomic_write(path, lambda f: f.write(json.dumps(done, indent=1).encode()))
-    return done
 
 
 def prune_budget_markdown(models: list[dict], args, env, command) -> str:
@@ -273,10 +303,7 @@ def prune_budget_markdown(models: list[dict], args, env, command) -> str:
                          f"{di['accuracy'] - real['accuracy']:+.2f} | {di['recover_s']:.0f} |")
     lines += ["", "DeepInversion synthesis: " + ", ".join(
         f"{m['name']} {m['synthesis_n']} images in {m['synthesis_s']:.0f} s" for m in models) + "."]
-    read_back = [m["name"] for m in models if m.get("read_back")]
-    if read_back:
-        lines += ["", f"Computed by earlier invocations and read back from `{args.budget_dir}/`: "
-                      + ", ".join(read_back) + " (the machine line above is this invocation's)."]
+    lines += _read_back_line(models, args.budget_dir)
     if args.note:
         lines += ["", f"Note: {args.note}"]
     return "\n".join(lines) + "\n"
@@ -284,7 +311,7 @@ def prune_budget_markdown(models: list[dict], args, env, command) -> str:
 
 #: --part -> (one model's results, the record's Markdown, the models run by default)
 PARTS = {"quantize": (quantize_rows, quantize_markdown, tuple(MODELS)),
-         "prune": (prune_rows, prune_markdown, PRUNE_MODELS),
+         "prune": (prune_rows, prune_markdown, tuple(MODELS)),
          "prune-budget": (prune_budget_rows, prune_budget_markdown, ("lenet5_bn-mnist", "lenet5_bn-fmnist"))}
 
 
@@ -292,13 +319,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=tuple(PARTS), default="quantize")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=None,
-                   help="default: all five (quantize), the MNIST-scale three (prune), the two LeNets (prune-budget)")
+                   help="default: all five (quantize, prune), the two LeNets (prune-budget)")
     p.add_argument("--prune-n", type=int, default=512, help="images pruning scores and recovers on")
     p.add_argument("--recover-epochs", type=int, default=100)
     p.add_argument("--budget-n", type=int, nargs="+", default=[512, 4096, 16384],
                    help="prune-budget: the image counts (each divides --recover-steps x 64)")
     p.add_argument("--recover-steps", type=int, default=6400, help="prune-budget: SGD steps of every recovery")
     p.add_argument("--budget-dir", default="runs/compress/budget", help="prune-budget: finished models' results")
+    p.add_argument("--prune-dir", default="runs/compress/prune", help="prune: finished models' results")
     p.add_argument("--n", type=int, default=128, help="calibration images of each source")
     p.add_argument("--di-iterations", type=int, default=200)
     p.add_argument("--rounds", type=int, default=20)

@@ -64,3 +64,25 @@ def test_prune_budget_refuses_a_budget_that_does_not_divide_the_steps(bench, cap
     with pytest.raises(SystemExit):
         bench.main(["--part", "prune-budget", "--budget-n", "500", "--out", ""])
     assert "every n must divide --recover-steps x 64 = 409600; got [500]" in capsys.readouterr().err
+
+
+def test_prune_part_keeps_each_model_and_reads_it_back_only_with_the_same_settings(bench, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "_model_and_data", _tiny_model_and_data(calls))
+    argv = ["--part", "prune", "--models", "lenet5_bn-mnist", "--prune-n", "16", "--recover-epochs", "1",
+            "--di-iterations", "1", "--prune-dir", str(tmp_path / "prune"), "--threads", "1", "--out", str(tmp_path)]
+    bench.main(argv)
+    kept = json.loads((tmp_path / "prune" / "lenet5_bn-mnist.json").read_text())
+    assert (kept["prune_n"], kept["recover_epochs"], kept["di_iterations"]) == (16, 1, 1)
+    assert [r["row"] for r in kept["rows"]] == [r[0] for r in bench.PRUNE_ROWS]
+    assert "read back" not in (tmp_path / "compress_prune_cpu.md").read_text()
+
+    bench.main([*argv, "--note", "ran in a test"])  # the same settings: read back, not run again
+    assert calls == ["lenet5_bn-mnist"]
+    md = (tmp_path / "compress_prune_cpu.md").read_text()
+    assert "read back from" in md and "Note: ran in a test" in md
+    assert json.loads((tmp_path / "compress_prune_cpu.json").read_text())["models"][0]["rows"] == kept["rows"]
+
+    bench.main([*argv[:-2], "--recover-epochs", "2", "--out", str(tmp_path)])  # other settings: run again
+    assert calls == ["lenet5_bn-mnist"] * 2
+    assert json.loads((tmp_path / "prune" / "lenet5_bn-mnist.json").read_text())["recover_epochs"] == 2
