@@ -59,6 +59,8 @@ def add_commands(sub) -> None:
                    help="channel importance (default: taylor, first-order on the synthetic images)")
     p.add_argument("--recover-epochs", type=int, default=100,
                    help="distillation epochs after pruning, 0 for none (default: 100)")
+    p.add_argument("--recover-steps", type=positive_int, default=None, metavar="N",
+                   help="distillation steps after pruning, in place of --recover-epochs (default: unset)")
     d.add_argument("--student", required=True, choices=sorted(ARCHS), help="the student's architecture")
     d.add_argument("--epochs", type=positive_int, default=100, help="passes over the images (default: 100)")
 
@@ -71,7 +73,7 @@ def _compress(args: argparse.Namespace) -> int:
     extra = {}
     if args.action == "prune":
         extra = {"flops_ratio": args.flops_ratio, "importance": args.importance,
-                 "recover_epochs": args.recover_epochs}
+                 "recover_epochs": args.recover_epochs, "recover_steps": args.recover_steps}
     elif args.action == "distill":
         extra = {"student": args.student, "epochs": args.epochs}
     report = compress_file(args.action, args.model, args.out, method=args.method, n=args.n, seed=args.seed,

@@ -10,6 +10,7 @@ from torch import nn
 from _util import num_threads
 from exml_fast import data
 from exml_fast.compress import PruneResult, logits_layer, prune_without_data
+import exml_fast.compress.prune as prune_module
 from exml_fast.models import LeNet5, LeNet5BN, mobilenet_v2, resnet18_cifar_slim
 
 tp = pytest.importorskip("torch_pruning")
@@ -177,6 +178,22 @@ def test_recovery_on_synthetic_images_brings_the_pruned_model_back_to_its_teache
     assert agreement[30] > agreement[0] + 0.2 and agreement[30] > 0.85
 
 
+@pytest.mark.parametrize("kwargs, length", [({"recover_epochs": 3}, {"epochs": 3}),
+                                            ({"recover_epochs": 0, "recover_steps": 5}, {"iterations": 5}),
+                                            ({"recover_epochs": 7, "recover_steps": 2}, {"iterations": 2})],
+                         ids=["epochs", "steps-over-no-epochs", "steps-replace-epochs"])
+def test_recover_steps_replace_the_epochs(monkeypatch, kwargs, length):
+    seen = []
+
+    def spy(student, x, **kw):
+        seen.append({k: kw[k] for k in ("epochs", "iterations") if k in kw})
+        return student
+
+    monkeypatch.setattr(prune_module, "distill", spy)
+    res = prune_without_data(LeNet5BN().eval(), SHAPE, images=torch.randn(16, *SHAPE), progress=False, **kwargs)
+    assert seen == [length] and res.recover_s >= 0
+
+
 class _NumpyInTheMiddle(_TwoLayer):
     """Runs under no_grad (check_classifier) but not under autograd (Torch-Pruning's trace)."""
 
@@ -213,6 +230,8 @@ class _Detached(_TwoLayer):
     (lambda: prune_without_data(LeNet5BN(), SHAPE, images=torch.zeros(4, 1, 32, 32, dtype=torch.int64)),
      TypeError, "images must be a float tensor"),
     (lambda: prune_without_data(LeNet5BN(), SHAPE, recover_epochs=-1), ValueError, "recover_epochs must be an int"),
+    (lambda: prune_without_data(LeNet5BN(), SHAPE, recover_steps=0), ValueError,
+     "recover_steps must be an int >= 1"),
     (lambda: prune_without_data(LeNet5BN(), SHAPE, temperature=0), ValueError, "temperature must be"),
     (lambda: prune_without_data(LeNet5BN(), SHAPE, n=0), ValueError, "n must be an int >= 1"),
     (lambda: prune_without_data(_NumpyInTheMiddle(), (1, 8, 8), images=torch.randn(4, 1, 8, 8)), ValueError,
@@ -222,7 +241,7 @@ class _Detached(_TwoLayer):
     (lambda: prune_without_data(LeNet5BN(), SHAPE, images=torch.randn(4, *SHAPE), flops_ratio=0.95,
                                 recover_epochs=0), ValueError, "flops_ratio cannot be reached"),
 ], ids=["not-module", "not-classifier", "shape", "ratio-0", "ratio-1", "ratio-neg", "importance", "bn_scale-no-bn",
-        "di-no-bn", "images-shape", "images-int", "epochs", "temperature", "n", "untraceable", "no-channels",
+        "di-no-bn", "images-shape", "images-int", "epochs", "steps", "temperature", "n", "untraceable", "no-channels",
         "unreachable"])
 def test_bad_inputs_name_the_argument(call, error, match):
     with pytest.raises(error, match=f"prune_without_data: .*{match}" if "prune_without_data" not in match
