@@ -84,6 +84,8 @@ def _compress(args: argparse.Namespace) -> int:
         if isinstance(value, dict):
             value = (f"median {value['median']:.3f} (range {value['min']:.3f}-{value['max']:.3f}, "
                      f"{value['rounds']} rounds)")
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value)) or "none"
         say(f"{key}: {_fmt(value)}")
     say(f"report: {args.out}.report.json")
     return 0

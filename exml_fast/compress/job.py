@@ -112,6 +112,7 @@ def compress_file(action: str, model_path: str, out: str, *, method: str = "deep
     if action == "quantize":
         result = quantize_without_data(model, info.input_shape, info.mean, info.std, images=images, progress=progress)
         new, report["flow"] = result.model, result.flow
+        report["float_layers"] = list(result.float_layers)
         save_exported(new, out, example)
     elif action == "prune":
         result = prune_without_data(model, info.input_shape, info.mean, info.std, images=images,

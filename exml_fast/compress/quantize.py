@@ -52,6 +52,9 @@ class QuantizeResult:
         synthesis_s: seconds spent making the images (0 for ``images=``).
         calibrate_s: seconds spent exporting, calibrating and converting.
         fallback: why ``flow="auto"`` did not use PT2E (None when it did, or was not asked to).
+        float_layers: the convolutions and linear layers the flow left in float (the x86 quantizer takes 2-D
+            convolutions and linear layers whose weight is a parameter: a ``ConvTranspose2d``, a ``Conv1d`` or a
+            convolution by a computed weight stays float), by module name; empty when every one is int8.
     """
 
     model: nn.Module
@@ -61,6 +64,7 @@ class QuantizeResult:
     synthesis_s: float
     calibrate_s: float
     fallback: str | None = None
+    float_layers: tuple[str, ...] = ()
 
 
 def _name_each_call(gm: torch.fx.GraphModule) -> None:
@@ -142,6 +146,34 @@ def _count_int8_weights(model: nn.Module) -> int:
     return count
 
 
+#: the float layers a flow may leave unquantised: PT2E graph ops, and FX's float modules
+_WEIGHTED_OPS = ("conv", "linear")
+_WEIGHTED_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def _float_layers(qmodel: nn.Module, flow: str) -> tuple[str, ...]:
+    """The convolutions and linear layers of the quantised ``qmodel`` whose weight is not int8, by module name
+    (PT2E: a conv / linear op whose weight is not dequantized from int8; FX: a float ``Conv*d`` / ``Linear`` module
+    left in the graph module, or a float functional conv / linear op, which FX's tracing makes of a module it
+    steps into, e.g. a subclass of ``nn.Linear``). An op is named by the module that called it, else by its
+    node."""
+    names: list[str] = []
+    if flow == "fx":
+        names = [name for name, m in qmodel.named_modules()
+                 if isinstance(m, _WEIGHTED_MODULES) and not type(m).__module__.startswith("torch.ao.nn.quantized")]
+    for node in qmodel.graph.nodes:
+        target = str(node.target)
+        if node.op != "call_function" or not any(op in target for op in _WEIGHTED_OPS) or "quantized" in target:
+            continue
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if isinstance(weight, torch.fx.Node) and "dequantize" in str(weight.target):
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        fqn = next(reversed(stack.values()))[0] if stack else ""
+        names.append(fqn.split("#")[0] or node.name)
+    return tuple(dict.fromkeys(names))
+
+
 def quantize_without_data(model: nn.Module, input_shape: Sequence[int], mean=None, std=None, *,
                           method: str | Synthesizer = "deepinversion", n: int = 256,
                           images: torch.Tensor | None = None, seed: int = 0, iterations: int | None = None,
@@ -182,6 +214,10 @@ def quantize_without_data(model: nn.Module, input_shape: Sequence[int], mean=Non
             linear layer it can take: the message names the flow).
         ImportError: ``flow="pt2e"`` without torchao (``pip install exml_fast[compress]``).
         RuntimeError: ``flow="pt2e"`` or ``"fx"`` cannot export or trace the model (the message says which).
+
+    Warns:
+        RuntimeWarning: the flow left some convolution or linear layers in float (named; also in
+        ``float_layers``), or ``flow="auto"`` fell back to FX (why).
     """
     owner = "quantize_without_data"
     shape, _ = check_classifier(model, input_shape, owner)
@@ -228,6 +264,11 @@ def quantize_without_data(model: nn.Module, input_shape: Sequence[int], mean=Non
         raise ValueError(f"{owner}: the {used} flow found nothing to quantise in {type(model).__name__}: no "
                          "convolution or linear layer it can take (custom layers stay in float)")
     qmodel.eval()  # (an exported graph's allowed eval() returns None, not the module)
+    left = _float_layers(qmodel, used)
+    if left:
+        warnings.warn(f"{owner}: the {used} flow left {len(left)} layer(s) of {type(model).__name__} in float: "
+                      f"{', '.join(left)} (the x86 quantizer takes 2-D convolutions and linear layers whose weight "
+                      "is a parameter)", RuntimeWarning, stacklevel=2)
     return QuantizeResult(model=qmodel, flow=used, method=label,
                           n=int(calib.shape[0]), synthesis_s=synthesis_s, calibrate_s=time.perf_counter() - t1,
-                          fallback=fallback)
+                          fallback=fallback, float_layers=left)

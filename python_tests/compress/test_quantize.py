@@ -102,6 +102,7 @@ def test_quantized_models_of_both_flows_stay_close_to_the_float_model(arch, flow
     x = torch.randn(16, *SHAPE)
     result = quantize_without_data(model, SHAPE, method="noise", n=32, flow=flow, progress=False)
     assert result.flow == flow and result.method == "noise" and result.n == 32 and result.fallback is None
+    assert result.float_layers == ()  # every convolution and linear layer is int8
     with torch.no_grad():
         ref, out = model(x), result.model(x)
     assert out.shape == ref.shape
@@ -123,6 +124,49 @@ def test_pt2e_goes_through_a_module_called_twice_and_drops_the_replaced_float_we
     floats = sum(t.numel() for t in result.model.state_dict().values() if t.dtype == torch.float32)
     assert len(int8) == 21  # 20 convolutions (BN folded) + the classifier
     assert floats < 0.05 * sum(p.numel() for p in model.parameters())
+
+
+class _PartlyQuantisable(nn.Module):
+    """A convolution and a classifier the x86 quantizer takes, and two layers it leaves in float under PT2E: a
+    transposed convolution, and a convolution by a computed weight (no module calls it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.up = nn.ConvTranspose2d(4, 4, 3)
+        self.gain = nn.Parameter(torch.ones(4, 1, 1, 1))
+        self.mix = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.up(torch.relu(self.bn(self.conv(x))))
+        return self.fc(torch.relu(torch.nn.functional.conv2d(h, self.mix.weight * self.gain)).mean((2, 3)))
+
+
+def test_layers_pt2e_leaves_in_float_are_named_in_a_warning_and_the_result():
+    model = calibrated_bn(_PartlyQuantisable(), (1, 12, 12))
+    with pytest.warns(RuntimeWarning, match=r"the pt2e flow left 2 layer\(s\) of _PartlyQuantisable in float: up, "
+                                            r"conv2d_1 \(the x86 quantizer takes"):
+        result = quantize_without_data(model, (1, 12, 12), method="noise", n=8, flow="pt2e", progress=False)
+    assert result.float_layers == ("up", "conv2d_1")  # by module, or by the op's node where no module called it
+
+
+def test_float_layers_of_an_fx_graph_are_its_float_modules_and_ops():
+    from exml_fast.compress.quantize import _float_layers
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.w = nn.Conv2d(1, 4, 3), nn.Parameter(torch.ones(3, 4))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(self.conv(x).mean((2, 3)), self.w)
+
+    # a traced float model: every convolution and linear layer is float, as module calls or as functional ops
+    assert _float_layers(torch.fx.symbolic_trace(Functional()), "fx") == ("conv", "linear")
+    assert _float_layers(torch.fx.symbolic_trace(LeNet5BN()), "fx") == (
+        "features.0", "features.4", "features.9", "features.12", "classifier")
 
 
 def test_auto_falls_back_to_fx_with_a_warning_when_pt2e_fails(lenet, monkeypatch):
