@@ -171,10 +171,10 @@ def prune_without_data(model: nn.Module, input_shape: Sequence[int], mean=None, 
        ``batch_size``, pad-and-crop augmentation padding with the background ``-mean / std``, seeded by
        ``seed``). The defaults (τ 4, lr 0.01, 100 epochs) took a LeNet-5-BN (97.2 % on MNIST) halved by Taylor
        scores on 256 DeepInversion images from 38 % to 95 % (20 epochs: 94 %; τ 20: the same; lr 0.001 or 0.05:
-       worse; measured with zero padding). ``recover_steps`` sets the length in optimiser steps instead: the
-       steps are what the recovery needs, not the images (``benches/results/compress_prune_budget_cpu.md``:
-       LeNet-5-BN on Fashion-MNIST recovers to 87.2 % after 6400 steps on 512, 4096 or 16384 images alike,
-       84.8 % after 800), so a small ``n`` with many steps costs the least synthesis.
+       worse; measured with zero padding). ``recover_steps`` sets the length in optimiser steps instead; more
+       images buy little at the same steps (``benches/results/compress_prune_budget_cpu.md``: LeNet-5-BN on
+       Fashion-MNIST recovers to 87.2 % after 6400 steps on 512, 4096 or 16384 images alike), so a small ``n``
+       with enough steps costs the least synthesis.
 
     Args:
         model: a trained classifier, (N, C, H, W) -> (N, K) logits with K >= 2; not modified (its parameters,
