@@ -258,6 +258,7 @@ def prune_budget_rows(name: str, args) -> dict:
 
 
 def _prune_budget_run(name: str, args) -> dict:
+    """One model's budget rows (its settings, ``budget_n`` and ``recover_steps``, are added by :func:`_kept`)."""
     model, mean, std, train_s, dataset, x_test, y_test, x_train, float_acc = _model_and_data(name, args)
     largest = max(args.budget_n)
     t0 = time.perf_counter()
@@ -278,8 +279,7 @@ def _prune_budget_run(name: str, args) -> dict:
             print(f"  {name} n={n} {label}: {acc:.2f} % (float {float_acc:.2f} %), {epochs} epochs, "
                   f"recovery {r.recover_s:.0f} s", flush=True)
     return {"name": name, "arch": MODELS[name][0], "dataset": dataset, "train_s": train_s,
-            "float_accuracy": float_acc, "synthesis_s": synthesis_s, "synthesis_n": largest,
-            "budget_n": args.budget_n, "recover_steps": args.recover_steps, "rows": rows}
+            "float_accuracy": float_acc, "synthesis_s": synthesis_s, "synthesis_n": largest, "rows": rows}
 
 
 def prune_budget_markdown(models: list[dict], args, env, command) -> str:

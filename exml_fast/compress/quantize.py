@@ -52,9 +52,9 @@ class QuantizeResult:
         synthesis_s: seconds spent making the images (0 for ``images=``).
         calibrate_s: seconds spent exporting, calibrating and converting.
         fallback: why ``flow="auto"`` did not use PT2E (None when it did, or was not asked to).
-        float_layers: the convolutions and linear layers the flow left in float (the x86 quantizer takes 2-D
-            convolutions and linear layers whose weight is a parameter: a ``ConvTranspose2d``, a ``Conv1d`` or a
-            convolution by a computed weight stays float), by module name; empty when every one is int8.
+        float_layers: the convolutions and linear layers the flow left in float, by module name (under PT2E,
+            e.g. a ``ConvTranspose2d``, a ``Conv1d``, a convolution by a computed weight, or a linear layer whose
+            input is not quantised); empty when every one is int8.
     """
 
     model: nn.Module
@@ -267,8 +267,8 @@ def quantize_without_data(model: nn.Module, input_shape: Sequence[int], mean=Non
     left = _float_layers(qmodel, used)
     if left:
         warnings.warn(f"{owner}: the {used} flow left {len(left)} layer(s) of {type(model).__name__} in float: "
-                      f"{', '.join(left)} (the x86 quantizer takes 2-D convolutions and linear layers whose weight "
-                      "is a parameter)", RuntimeWarning, stacklevel=2)
+                      f"{', '.join(left)} (the x86 quantizer takes only the layers it has int8 kernels and "
+                      "quantised inputs for)", RuntimeWarning, stacklevel=2)
     return QuantizeResult(model=qmodel, flow=used, method=label,
                           n=int(calib.shape[0]), synthesis_s=synthesis_s, calibrate_s=time.perf_counter() - t1,
                           fallback=fallback, float_layers=left)

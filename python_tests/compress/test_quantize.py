@@ -147,7 +147,7 @@ class _PartlyQuantisable(nn.Module):
 def test_layers_pt2e_leaves_in_float_are_named_in_a_warning_and_the_result():
     model = calibrated_bn(_PartlyQuantisable(), (1, 12, 12))
     with pytest.warns(RuntimeWarning, match=r"the pt2e flow left 2 layer\(s\) of _PartlyQuantisable in float: up, "
-                                            r"conv2d_1 \(the x86 quantizer takes"):
+                                            r"conv2d_1 \(the x86 quantizer takes only"):
         result = quantize_without_data(model, (1, 12, 12), method="noise", n=8, flow="pt2e", progress=False)
     assert result.float_layers == ("up", "conv2d_1")  # by module, or by the op's node where no module called it
 
