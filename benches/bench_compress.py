@@ -27,11 +27,19 @@ first n of one draw of DeepInversion images, and of real training images, for ea
 with the same ``--recover-steps`` of distillation. A model's results are kept in ``--budget-dir``: models can run
 in parallel processes (``--models X --out ''``), and the invocation naming them all reads them back and records.
 
+``--part prune-study``: where the pruning loses its points, on a *validation* model (the same recipe trained on
+all but the last ``--holdout`` training images, which are the validation set; nothing here looks at the test
+split). The prune record's recipe (Taylor scores and 800 recovery steps on ``--prune-n`` DeepInversion images)
+against real images for the scores, for the recovery, or both, and against one change at a time to the recovery
+(its length, temperature, loss, lr, augmentation) or to its images (more synthesis steps, ZeroQ's distilled data,
+Data Impressions, DeepInversion plus ZeroQ). The record recipe runs with three recovery seeds (its spread).
+
 Usage:
-    python benches/bench_compress.py [--part quantize|prune|prune-budget] [--models NAME ...] [--n 128]
+    python benches/bench_compress.py [--part quantize|prune|prune-budget|prune-study] [--models NAME ...] [--n 128]
         [--di-iterations 200] [--prune-n 512] [--recover-epochs 100] [--threads N] [--out benches/results]
         [--model-dir runs/compress/models] [--budget-n 512 4096 16384] [--recover-steps 6400]
-        [--budget-dir runs/compress/budget] [--prune-dir runs/compress/prune] [--note TEXT]
+        [--budget-dir runs/compress/budget] [--prune-dir runs/compress/prune] [--holdout 5000]
+        [--study-dir runs/compress/study] [--note TEXT]
 """
 
 from __future__ import annotations
@@ -49,9 +57,10 @@ from benchlib import RESULTS, env_markdown, environment, record
 from exml_fast._utils.io import atomic_write
 from exml_fast.checkpoint import load_model, save_model
 from exml_fast.compress import latency_ms, prune_without_data, quantize_without_data, synthetic_images
+from exml_fast.compress.calibration import background
 from exml_fast.data import DATASET_STATS, mnist_tensors
 from exml_fast.models import build_model
-from exml_fast.training import evaluate, train_classifier
+from exml_fast.training import distill, evaluate, train_classifier
 
 #: name -> (arch, dataset, epochs)
 MODELS = {
@@ -71,22 +80,25 @@ PRUNE_ROWS = (("taylor, DI, no recovery", "taylor", "deepinversion", False),
 SHAPE = (1, 32, 32)
 
 
-def trained_model(name: str, folder: str):
-    """The model ``name``, trained once and kept in ``folder``; returns (model, mean, std, train seconds)."""
+def trained_model(name: str, folder: str, holdout: int = 0):
+    """The model ``name``, trained once and kept in ``folder``; returns (model, mean, std, train seconds). With
+    ``holdout`` > 0, trained on all but the last ``holdout`` training images (a validation model, kept apart)."""
     arch, dataset, epochs = MODELS[name]
     mean, std = DATASET_STATS[dataset]
-    path = os.path.join(folder, f"{name}.pt")
+    path = os.path.join(folder, f"{name}-holdout{holdout}.pt" if holdout else f"{name}.pt")
     if os.path.exists(path):
         model, info = load_model(path)
         return model, mean, std, info.metadata.get("train_s", float("nan"))
     x, y = mnist_tensors("train", dataset=dataset)
+    if holdout:
+        x, y = x[:-holdout], y[:-holdout]
     torch.manual_seed(0)
     model = build_model(arch, num_classes=10, in_channels=1)
     t0 = time.perf_counter()
     train_classifier(model, x, y, epochs=epochs, generator=torch.Generator().manual_seed(0), **TRAIN)
     train_s = time.perf_counter() - t0
     save_model(model, path, arch=arch, num_classes=10, in_channels=1, input_shape=SHAPE, mean=mean, std=std,
-               metadata={"dataset": dataset, "epochs": epochs, **TRAIN, "train_s": train_s})
+               metadata={"dataset": dataset, "epochs": epochs, **TRAIN, "train_s": train_s, "holdout": holdout})
     return model.eval(), mean, std, train_s
 
 
@@ -308,18 +320,138 @@ def prune_budget_markdown(models: list[dict], args, env, command) -> str:
         lines += ["", f"Note: {args.note}"]
     return "\n".join(lines) + "\n"
 
+#: prune-study variants: (label, score images, recovery images, recovery changes). Images: "di" (the record's
+#: DeepInversion draw), "di1000" (the same with 1000 synthesis steps), "real", "zeroq", "data-impressions", joined
+#: by "+" for a union. Changes: distill's keywords, plus "steps_x" (times the record's steps) and "seed".
+STUDY = (
+    ("the prune record's recipe", "di", "di", {}),
+    ("the same, recovery seed 1", "di", "di", {"seed": 1}),
+    ("the same, recovery seed 2", "di", "di", {"seed": 2}),
+    ("DI scores, real recovery", "di", "real", {}),
+    ("real scores, DI recovery", "real", "di", {}),
+    ("real scores, real recovery (ceiling)", "real", "real", {}),
+    ("4x the recovery steps", "di", "di", {"steps_x": 4}),
+    ("4x the recovery steps, real (ceiling)", "real", "real", {"steps_x": 4}),
+    ("τ 1", "di", "di", {"temperature": 1.0}),
+    ("τ 20", "di", "di", {"temperature": 20.0}),
+    ("L1 on logits", "di", "di", {"loss": "l1"}),
+    ("lr 0.05", "di", "di", {"lr": 0.05}),
+    ("mixup α 0.2", "di", "di", {"mixup": 0.2}),
+    ("rotate 15°, scale 0.15", "di", "di", {"rotate": 15.0, "scale": 0.15}),
+    ("horizontal flips", "di", "di", {"flip": True}),
+    ("DI of 1000 synthesis steps", "di1000", "di1000", {}),
+    ("ZeroQ's distilled data for recovery", "di", "zeroq", {}),
+    ("Data Impressions for recovery", "di", "data-impressions", {}),
+    ("DI + ZeroQ for recovery (2n images)", "di", "di+zeroq", {}),
+)
+
+
+def prune_study_rows(name: str, args) -> dict:
+    """The :data:`STUDY` rows for model ``name``, on its validation model; kept in ``--study-dir`` (:func:`_kept`)."""
+    settings = {"prune_n": args.prune_n, "recover_epochs": args.recover_epochs, "di_iterations": args.di_iterations,
+                "holdout": args.holdout, "variants": [v[0] for v in STUDY]}
+    return _kept(args.study_dir, name, settings, lambda: _prune_study_run(name, args))
+
+
+def _prune_study_run(name: str, args) -> dict:
+    dataset = MODELS[name][1]
+    model, mean, std, train_s = trained_model(name, args.model_dir, holdout=args.holdout)
+    x_train, y_train = mnist_tensors("train", dataset=dataset)
+    x_val, y_val = x_train[-args.holdout:], y_train[-args.holdout:]
+    x_fit = x_train[: -args.holdout]
+    n = args.prune_n
+    synthesis_s = {}
+
+    def make(source: str) -> torch.Tensor:
+        t0 = time.perf_counter()
+        if source == "real":
+            return x_fit[torch.randperm(x_fit.shape[0], generator=torch.Generator().manual_seed(0))[:n]]
+        if source in ("di", "di1000"):
+            x = synthetic_images(model, SHAPE, mean=mean, std=std, n=n, seed=0, batch_size=256, progress=False,
+                                 iterations=args.di_iterations if source == "di" else 1000)
+        else:  # seed 1: a draw of its own, not the DeepInversion draw's seed
+            x = synthetic_images(model, SHAPE, mean=mean, std=std, method=source, n=n, seed=1, progress=False)
+        synthesis_s[source] = time.perf_counter() - t0
+        return x
+
+    cache = {}
+
+    def images(spec: str) -> torch.Tensor:
+        for part in spec.split("+"):
+            if part not in cache:
+                cache[part] = make(part)
+        return torch.cat([cache[p] for p in spec.split("+")])
+
+    float_acc = 100 * evaluate(model, x_val, y_val)
+    rows = []
+    for label, score, recover, changes in STUDY:
+        changes = dict(changes)
+        seed = changes.pop("seed", 0)
+        x_rec = images(recover)
+        # prune_without_data's recovery (recover_epochs passes) on images of the variant's choice; a union of 2n
+        # images gets half the passes, so every row but "steps_x" takes the record's number of steps
+        steps = args.recover_epochs * -(-n // 64) * changes.pop("steps_x", 1)
+        epochs = max(1, round(steps / -(-x_rec.shape[0] // 64)))
+        kw = {"temperature": 4.0, "lr": 0.01, **changes}
+        r = prune_without_data(model, SHAPE, mean, std, images=images(score), importance="taylor", flops_ratio=0.5,
+                               recover_epochs=0, seed=0, progress=False)
+        t0 = time.perf_counter()
+        distill(r.model, x_rec, teacher=model, epochs=epochs, batch_size=64, schedule="cosine", generator=seed,
+                fill=background(mean, std), **kw)
+        recover_s = time.perf_counter() - t0
+        acc = 100 * evaluate(r.model.eval(), x_val, y_val)
+        rows.append({"row": label, "scores": score, "recovery": recover, "changes": dict(changes, seed=seed),
+                     "steps": epochs * -(-x_rec.shape[0] // 64), "accuracy": acc, "drop_vs_float": float_acc - acc,
+                     "flops_reduction": r.flops_reduction, "recover_s": recover_s})
+        print(f"  {name} {label}: {acc:.2f} % (float {float_acc:.2f} %), recovery {recover_s:.0f} s", flush=True)
+    return {"name": name, "arch": MODELS[name][0], "dataset": dataset, "train_s": train_s, "holdout": args.holdout,
+            "float_accuracy": float_acc, "synthesis_s": synthesis_s, "rows": rows}
+
+
+def prune_study_markdown(models: list[dict], args, env, command) -> str:
+    lines = env_markdown(env, "channel pruning without data: where the points go", command)
+    lines += [f"A validation model for each: the bench's recipe trained on all but the last {args.holdout} training "
+              f"images, which are the validation set (never scored or recovered on; the test split is not used). "
+              f"50 % of the MACs removed by Taylor scores on {args.prune_n} images, then recovered by KD from the "
+              "unpruned model; the prune record's recipe is DeepInversion images (preset auto, "
+              f"{args.di_iterations} steps on batches of 256) for both, {args.recover_epochs} epochs "
+              f"({args.recover_epochs * -(-args.prune_n // 64)} SGD steps) at τ 4, lr 0.01 cosine, batches of 64, "
+              "pad-crop 4. Each other row changes one thing. Real images: a random draw of the training images "
+              "the model was trained on. ZeroQ and Data Impressions: their presets, a draw of their own. "
+              "Validation accuracy, %; in brackets the change against the record's recipe (seed 0), points.", ""]
+    for m in models:
+        rows = m["rows"]
+        base = rows[0]["accuracy"]
+        seeds = [r["accuracy"] for r in rows if r["row"].startswith(("the prune record", "the same, recovery seed"))]
+        lines += [f"**{m['name']}**: float {m['float_accuracy']:.2f} % on validation; the record's recipe over "
+                  f"three recovery seeds {min(seeds):.2f}–{max(seeds):.2f} %.", "",
+                  "| variant | scores on | recovery on | steps | validation % | vs recipe | recovery s |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['row']} | {r['scores']} | {r['recovery']} | {r['steps']} | {r['accuracy']:.2f} "
+                         f"({-r['drop_vs_float']:+.2f} vs float) | {r['accuracy'] - base:+.2f} | "
+                         f"{r['recover_s']:.0f} |")
+        lines += ["", "Synthesis: " + ", ".join(f"{k} {v:.0f} s" for k, v in m["synthesis_s"].items())
+                  + f" ({args.prune_n} images each).", ""]
+    lines += _read_back_line(models, args.study_dir)
+    if args.note:
+        lines += ["", f"Note: {args.note}"]
+    return "\n".join(lines) + "\n"
+
 
 #: --part -> (one model's results, the record's Markdown, the models run by default)
 PARTS = {"quantize": (quantize_rows, quantize_markdown, tuple(MODELS)),
          "prune": (prune_rows, prune_markdown, tuple(MODELS)),
-         "prune-budget": (prune_budget_rows, prune_budget_markdown, ("lenet5_bn-mnist", "lenet5_bn-fmnist"))}
+         "prune-budget": (prune_budget_rows, prune_budget_markdown, ("lenet5_bn-mnist", "lenet5_bn-fmnist")),
+         "prune-study": (prune_study_rows, prune_study_markdown, ("lenet5_bn-fmnist",))}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=tuple(PARTS), default="quantize")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=None,
-                   help="default: all five (quantize, prune), the two LeNets (prune-budget)")
+                   help="default: all five (quantize, prune), the two LeNets (prune-budget), LeNet-5-BN on "
+                        "Fashion-MNIST (prune-study)")
     p.add_argument("--prune-n", type=int, default=512, help="images pruning scores and recovers on")
     p.add_argument("--recover-epochs", type=int, default=100)
     p.add_argument("--budget-n", type=int, nargs="+", default=[512, 4096, 16384],
@@ -327,6 +459,9 @@ def main(argv=None) -> None:
     p.add_argument("--recover-steps", type=int, default=6400, help="prune-budget: SGD steps of every recovery")
     p.add_argument("--budget-dir", default="runs/compress/budget", help="prune-budget: finished models' results")
     p.add_argument("--prune-dir", default="runs/compress/prune", help="prune: finished models' results")
+    p.add_argument("--holdout", type=int, default=5000,
+                   help="prune-study: the last training images kept out of its model, its validation set")
+    p.add_argument("--study-dir", default="runs/compress/study", help="prune-study: finished models' results")
     p.add_argument("--n", type=int, default=128, help="calibration images of each source")
     p.add_argument("--di-iterations", type=int, default=200)
     p.add_argument("--rounds", type=int, default=20)
@@ -345,6 +480,9 @@ def main(argv=None) -> None:
         bad = [n for n in args.budget_n if n < 1 or (args.recover_steps * 64) % n]
         if bad:
             p.error(f"--budget-n: every n must divide --recover-steps x 64 = {args.recover_steps * 64}; got {bad}")
+    if args.part == "prune-study" and args.holdout < 1:
+        p.error(f"--holdout: prune-study validates on the last --holdout training images, so it must be >= 1; "
+                f"got {args.holdout}")
     rows, markdown, default_models = PARTS[args.part]
     models = [rows(name, args) for name in args.models or default_models]
     env["wall_s"] = time.perf_counter() - t0
@@ -352,6 +490,8 @@ def main(argv=None) -> None:
     command = "python benches/bench_compress.py " + " ".join(argv_list)
     rec = {"env": env, "argv": argv_list, "part": args.part, "n": args.n, "di_iterations": args.di_iterations,
            "prune_n": args.prune_n, "recover_epochs": args.recover_epochs, "train": TRAIN, "models": models}
+    if args.part == "prune-study":
+        rec["holdout"] = args.holdout
     if args.part == "prune-budget":
         rec.update(budget_n=args.budget_n, recover_steps=args.recover_steps)
     if args.note:

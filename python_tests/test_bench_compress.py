@@ -1,5 +1,6 @@
 """benches/bench_compress.py --part prune-budget: every n prunes and recovers on the first n of one draw, with
-the same number of KD steps; a finished model is read back instead of run again, and the record says so."""
+the same number of KD steps; a finished model is read back instead of run again, and the record says so.
+--part prune-study: its recipe row is prune_without_data's, on a model that never saw its validation images."""
 
 from __future__ import annotations
 
@@ -86,3 +87,59 @@ def test_prune_part_keeps_each_model_and_reads_it_back_only_with_the_same_settin
     bench.main([*argv[:-2], "--recover-epochs", "2", "--out", str(tmp_path)])  # other settings: run again
     assert calls == ["lenet5_bn-mnist"] * 2
     assert json.loads((tmp_path / "prune" / "lenet5_bn-mnist.json").read_text())["recover_epochs"] == 2
+
+
+def _tiny_validation_model(holdouts):
+    def fake(name, folder, holdout=0):  # a random LeNet-5-BN instead of one trained on all but the holdout
+        holdouts.append(holdout)
+        torch.manual_seed(0)
+        return LeNet5BN().eval(), 0.5, 0.25, 0.0
+    return fake
+
+
+def _tiny_mnist(split, dataset):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(60, 1, 32, 32, generator=g), torch.randint(0, 10, (60,), generator=g)
+
+
+def test_prune_study_recipe_row_is_prune_without_data_and_validates_on_the_holdout(bench, tmp_path, monkeypatch):
+    holdouts, synthesised = [], []
+    monkeypatch.setattr(bench, "trained_model", _tiny_validation_model(holdouts))
+    monkeypatch.setattr(bench, "mnist_tensors", _tiny_mnist)
+    monkeypatch.setattr(bench, "STUDY", (bench.STUDY[0], bench.STUDY[3], bench.STUDY[6],
+                                         ("DI + real (2n images)", "di", "di+real", {"mixup": 0.2})))
+    real_synth = bench.synthetic_images
+
+    def spy(*args, **kwargs):
+        synthesised.append(real_synth(*args, **kwargs))
+        return synthesised[-1]
+    monkeypatch.setattr(bench, "synthetic_images", spy)
+    argv = ["--part", "prune-study", "--models", "lenet5_bn-fmnist", "--prune-n", "16", "--recover-epochs", "2",
+            "--di-iterations", "1", "--holdout", "20", "--study-dir", str(tmp_path / "study"), "--threads", "1",
+            "--out", str(tmp_path)]
+    bench.main(argv)
+    assert holdouts == [20] and len(synthesised) == 1  # one DeepInversion draw, shared by the rows that use it
+    rec = json.loads((tmp_path / "compress_prune_study_cpu.json").read_text())
+    rows = rec["models"][0]["rows"]
+    assert [(r["scores"], r["recovery"], r["steps"]) for r in rows] == [
+        ("di", "di", 2), ("di", "real", 2), ("di", "di", 8), ("di", "di+real", 2)]
+
+    # the recipe row is exactly what prune_without_data does with the same images, validated on the last 20
+    x, y = _tiny_mnist("train", "fashion-mnist")
+    model = _tiny_validation_model([])("lenet5_bn-fmnist", "")[0]
+    r = bench.prune_without_data(model, bench.SHAPE, 0.5, 0.25, images=synthesised[0], recover_epochs=2, seed=0,
+                                 progress=False)
+    assert rows[0]["accuracy"] == 100 * bench.evaluate(r.model, x[-20:], y[-20:])
+    assert rec["models"][0]["float_accuracy"] == 100 * bench.evaluate(model, x[-20:], y[-20:])
+    md = (tmp_path / "compress_prune_study_cpu.md").read_text()
+    assert "| DI scores, real recovery | di | real | 2 |" in md and "all but the last 20 training images" in md
+
+    bench.main(argv)  # the same settings: read back, not run again
+    assert holdouts == [20]
+
+
+def test_prune_study_refuses_no_holdout(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--part", "prune-study", "--holdout", "0", "--out", ""])
+    assert "--holdout: prune-study validates on the last --holdout training images, so it must be >= 1; got 0" \
+        in capsys.readouterr().err

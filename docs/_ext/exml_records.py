@@ -248,6 +248,18 @@ def compress_prune_budget(d: dict) -> str:
                   ["---"] + ["---:"] * 5)
 
 
+def compress_prune_study(d: dict) -> str:
+    """Where the pruning loses its points (``compress_prune_study_*.json``): one change at a time, validation %."""
+    rows = []
+    for m in d["models"]:
+        base = m["rows"][0]["accuracy"]
+        for r in m["rows"]:
+            rows.append([m["name"], r["row"], r["scores"], r["recovery"], str(r["steps"]),
+                         f"{_pct(r['accuracy'])} ({-r['drop_vs_float']:+.2f})", f"{r['accuracy'] - base:+.2f}"])
+    return _table(["model", "variant", "scores on", "recovery on", "steps", "validation % (vs float)",
+                   "vs recipe"], rows, ["---", "---", "---", "---", "---:", "---:", "---:"])
+
+
 _NETS = {"lenet5_bn": "LeNet-5-BN (MNIST)", "resnet18": "ResNet-18 (CIFAR shapes)",
          "resnet34": "ResNet-34 (CIFAR shapes)", "resnet50": "ResNet-50"}
 
@@ -538,6 +550,7 @@ GENERATED_TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "compress_quantize_cpu": ("compress_quantize_cpu.json", compress_quantize),
     "compress_prune_cpu": ("compress_prune_cpu.json", compress_prune),
     "compress_prune_budget_cpu": ("compress_prune_budget_cpu.json", compress_prune_budget),
+    "compress_prune_study_cpu": ("compress_prune_study_cpu.json", compress_prune_study),
 }
 
 
