@@ -32,7 +32,9 @@ all but the last ``--holdout`` training images, which are the validation set; no
 split). The prune record's recipe (Taylor scores and 800 recovery steps on ``--prune-n`` DeepInversion images)
 against real images for the scores, for the recovery, or both, and against one change at a time to the recovery
 (its length, temperature, loss, lr, augmentation) or to its images (more synthesis steps, ZeroQ's distilled data,
-Data Impressions, DeepInversion plus ZeroQ). The record recipe runs with three recovery seeds (its spread).
+Data Impressions, DeepInversion plus ZeroQ or plus a second draw, and DeepInversion §4.3's competition round: plus
+Adaptive DeepInversion against the recipe's pruned network). The record recipe runs with three recovery seeds
+(its spread).
 
 Usage:
     python benches/bench_compress.py [--part quantize|prune|prune-budget|prune-study] [--models NAME ...] [--n 128]
@@ -321,8 +323,10 @@ def prune_budget_markdown(models: list[dict], args, env, command) -> str:
     return "\n".join(lines) + "\n"
 
 #: prune-study variants: (label, score images, recovery images, recovery changes). Images: "di" (the record's
-#: DeepInversion draw), "di1000" (the same with 1000 synthesis steps), "real", "zeroq", "data-impressions", joined
-#: by "+" for a union. Changes: distill's keywords, plus "steps_x" (times the record's steps) and "seed".
+#: DeepInversion draw), "di1000" (the same with 1000 synthesis steps), "di2" (a second draw), "adi" (Adaptive
+#: DeepInversion, DeepInversion §4.3's competition round: a draw against the first row's pruned and recovered
+#: network, competition weight 10), "real", "zeroq", "data-impressions", joined by "+" for a union. Changes:
+#: distill's keywords, plus "steps_x" (times the record's steps) and "seed".
 STUDY = (
     ("the prune record's recipe", "di", "di", {}),
     ("the same, recovery seed 1", "di", "di", {"seed": 1}),
@@ -343,6 +347,8 @@ STUDY = (
     ("ZeroQ's distilled data for recovery", "di", "zeroq", {}),
     ("Data Impressions for recovery", "di", "data-impressions", {}),
     ("DI + ZeroQ for recovery (2n images)", "di", "di+zeroq", {}),
+    ("DI + a second DI draw (2n images)", "di", "di+di2", {}),
+    ("DI + Adaptive DI against the recipe's student (2n images)", "di", "di+adi", {}),
 )
 
 
@@ -366,15 +372,19 @@ def _prune_study_run(name: str, args) -> dict:
         t0 = time.perf_counter()
         if source == "real":
             return x_fit[torch.randperm(x_fit.shape[0], generator=torch.Generator().manual_seed(0))[:n]]
-        if source in ("di", "di1000"):
-            x = synthetic_images(model, SHAPE, mean=mean, std=std, n=n, seed=0, batch_size=256, progress=False,
-                                 iterations=args.di_iterations if source == "di" else 1000)
+        if source in ("di", "di1000", "di2", "adi"):
+            if source == "adi" and not first_pruned:
+                raise ValueError("prune-study: an 'adi' row needs the recipe row (the first) run before it")
+            options = {"competitor": first_pruned[0], "competition_weight": 10.0} if source == "adi" else None
+            x = synthetic_images(model, SHAPE, mean=mean, std=std, n=n, seed=int(source in ("di2", "adi")),
+                                 batch_size=256, progress=False, options=options,
+                                 iterations=1000 if source == "di1000" else args.di_iterations)
         else:  # seed 1: a draw of its own, not the DeepInversion draw's seed
             x = synthetic_images(model, SHAPE, mean=mean, std=std, method=source, n=n, seed=1, progress=False)
         synthesis_s[source] = time.perf_counter() - t0
         return x
 
-    cache = {}
+    cache, first_pruned = {}, []
 
     def images(spec: str) -> torch.Tensor:
         for part in spec.split("+"):
@@ -400,6 +410,7 @@ def _prune_study_run(name: str, args) -> dict:
                 fill=background(mean, std), **kw)
         recover_s = time.perf_counter() - t0
         acc = 100 * evaluate(r.model.eval(), x_val, y_val)
+        first_pruned[:] = first_pruned or [r.model]
         rows.append({"row": label, "scores": score, "recovery": recover, "changes": dict(changes, seed=seed),
                      "steps": epochs * -(-x_rec.shape[0] // 64), "accuracy": acc, "drop_vs_float": float_acc - acc,
                      "flops_reduction": r.flops_reduction, "recover_s": recover_s})

@@ -107,10 +107,12 @@ def test_prune_study_recipe_row_is_prune_without_data_and_validates_on_the_holdo
     monkeypatch.setattr(bench, "trained_model", _tiny_validation_model(holdouts))
     monkeypatch.setattr(bench, "mnist_tensors", _tiny_mnist)
     monkeypatch.setattr(bench, "STUDY", (bench.STUDY[0], bench.STUDY[3], bench.STUDY[6],
-                                         ("DI + real (2n images)", "di", "di+real", {"mixup": 0.2})))
-    real_synth = bench.synthetic_images
+                                         ("DI + real (2n images)", "di", "di+real", {"mixup": 0.2}),
+                                         bench.STUDY[-1]))
+    real_synth, competitors = bench.synthetic_images, []
 
     def spy(*args, **kwargs):
+        competitors.append((kwargs["seed"], (kwargs.get("options") or {}).get("competitor")))
         synthesised.append(real_synth(*args, **kwargs))
         return synthesised[-1]
     monkeypatch.setattr(bench, "synthetic_images", spy)
@@ -118,11 +120,15 @@ def test_prune_study_recipe_row_is_prune_without_data_and_validates_on_the_holdo
             "--di-iterations", "1", "--holdout", "20", "--study-dir", str(tmp_path / "study"), "--threads", "1",
             "--out", str(tmp_path)]
     bench.main(argv)
-    assert holdouts == [20] and len(synthesised) == 1  # one DeepInversion draw, shared by the rows that use it
+    # one DeepInversion draw, shared by the rows that use it, and the competition round's draw
+    assert holdouts == [20] and len(synthesised) == 2
+    assert competitors[0] == (0, None) and competitors[1][0] == 1
+    assert isinstance(competitors[1][1], torch.nn.Module)  # the recipe row's pruned network
+    assert sum(p.numel() for p in competitors[1][1].parameters()) < sum(p.numel() for p in LeNet5BN().parameters())
     rec = json.loads((tmp_path / "compress_prune_study_cpu.json").read_text())
     rows = rec["models"][0]["rows"]
     assert [(r["scores"], r["recovery"], r["steps"]) for r in rows] == [
-        ("di", "di", 2), ("di", "real", 2), ("di", "di", 8), ("di", "di+real", 2)]
+        ("di", "di", 2), ("di", "real", 2), ("di", "di", 8), ("di", "di+real", 2), ("di", "di+adi", 2)]
 
     # the recipe row is exactly what prune_without_data does with the same images, validated on the last 20
     x, y = _tiny_mnist("train", "fashion-mnist")
