@@ -47,6 +47,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import os
 import sys
@@ -384,7 +386,7 @@ def _prune_study_run(name: str, args) -> dict:
         synthesis_s[source] = time.perf_counter() - t0
         return x
 
-    cache, first_pruned = {}, []
+    cache, first_pruned, unrecovered = {}, [], {}
 
     def images(spec: str) -> torch.Tensor:
         for part in spec.split("+"):
@@ -403,8 +405,12 @@ def _prune_study_run(name: str, args) -> dict:
         steps = args.recover_epochs * -(-n // 64) * changes.pop("steps_x", 1)
         epochs = max(1, round(steps / -(-x_rec.shape[0] // 64)))
         kw = {"temperature": 4.0, "lr": 0.01, **changes}
-        r = prune_without_data(model, SHAPE, mean, std, images=images(score), importance="taylor", flops_ratio=0.5,
-                               recover_epochs=0, seed=0, progress=False)
+        if score not in unrecovered:  # the pruning depends on the score images only: once per source
+            unrecovered[score] = prune_without_data(model, SHAPE, mean, std, images=images(score),
+                                                    importance="taylor", flops_ratio=0.5, recover_epochs=0, seed=0,
+                                                    progress=False)
+        r = unrecovered[score]
+        r = dataclasses.replace(r, model=copy.deepcopy(r.model))
         t0 = time.perf_counter()
         distill(r.model, x_rec, teacher=model, epochs=epochs, batch_size=64, schedule="cosine", generator=seed,
                 fill=background(mean, std), **kw)
