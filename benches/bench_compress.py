@@ -27,21 +27,24 @@ first n of one draw of DeepInversion images, and of real training images, for ea
 with the same ``--recover-steps`` of distillation. A model's results are kept in ``--budget-dir``: models can run
 in parallel processes (``--models X --out ''``), and the invocation naming them all reads them back and records.
 
-``--part prune-study``: where the pruning loses its points, on a *validation* model (the same recipe trained on
-all but the last ``--holdout`` training images, which are the validation set; nothing here looks at the test
-split). The prune record's recipe (Taylor scores and 800 recovery steps on ``--prune-n`` DeepInversion images)
+``--part prune-study``: where the pruning loses its points on the Fashion-MNIST models, each on a *validation*
+model (the same recipe trained on all but the last ``--holdout`` training images, which are the validation set;
+nothing here looks at the test split). The prune record's recipe (Taylor scores and 800 recovery steps on ``--prune-n`` DeepInversion images)
 against real images for the scores, for the recovery, or both, and against one change at a time to the recovery
 (its length, temperature, loss, lr, augmentation) or to its images (more synthesis steps, ZeroQ's distilled data,
 Data Impressions, DeepInversion plus ZeroQ or plus a second draw, and DeepInversion §4.3's competition round: plus
-Adaptive DeepInversion against the recipe's pruned network). The record recipe runs with three recovery seeds
-(its spread).
+Adaptive DeepInversion against the recipe's pruned network), and the recovery matching the unpruned network's
+BatchNorm outputs on the kept channels beside the logits (``feature_weight``). The record recipe runs with three
+recovery seeds (its spread). ``--study-rows`` runs some of the rows (indices into ``STUDY``; the first, the recipe,
+always among them); by default the ResNets and MobileNetV2, where a row takes minutes, run those of
+``STUDY_QUICK``.
 
 Usage:
     python benches/bench_compress.py [--part quantize|prune|prune-budget|prune-study] [--models NAME ...] [--n 128]
         [--di-iterations 200] [--prune-n 512] [--recover-epochs 100] [--threads N] [--out benches/results]
         [--model-dir runs/compress/models] [--budget-n 512 4096 16384] [--recover-steps 6400]
         [--budget-dir runs/compress/budget] [--prune-dir runs/compress/prune] [--holdout 5000]
-        [--study-dir runs/compress/study] [--note TEXT]
+        [--study-dir runs/compress/study] [--study-rows 0 3 ...] [--note TEXT]
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ from benchlib import RESULTS, env_markdown, environment, record
 
 from exml_fast._utils.io import atomic_write
 from exml_fast.checkpoint import load_model, save_model
-from exml_fast.compress import latency_ms, prune_without_data, quantize_without_data, synthetic_images
+from exml_fast.compress import (batchnorm_features, latency_ms, prune_without_data, quantize_without_data,
+                                synthetic_images)
 from exml_fast.compress.calibration import background
 from exml_fast.data import DATASET_STATS, mnist_tensors
 from exml_fast.models import build_model
@@ -328,7 +332,8 @@ def prune_budget_markdown(models: list[dict], args, env, command) -> str:
 #: DeepInversion draw), "di1000" (the same with 1000 synthesis steps), "di2" (a second draw), "adi" (Adaptive
 #: DeepInversion, DeepInversion §4.3's competition round: a draw against the first row's pruned and recovered
 #: network, competition weight 10), "real", "zeroq", "data-impressions", joined by "+" for a union. Changes:
-#: distill's keywords, plus "steps_x" (times the record's steps) and "seed".
+#: distill's keywords, plus "steps_x" (times the record's steps), "seed", and "features": the weight of the
+#: feature term on the kept channels' BatchNorm outputs (prune_without_data's feature_weight).
 STUDY = (
     ("the prune record's recipe", "di", "di", {}),
     ("the same, recovery seed 1", "di", "di", {"seed": 1}),
@@ -351,14 +356,32 @@ STUDY = (
     ("DI + ZeroQ for recovery (2n images)", "di", "di+zeroq", {}),
     ("DI + a second DI draw (2n images)", "di", "di+di2", {}),
     ("DI + Adaptive DI against the recipe's student (2n images)", "di", "di+adi", {}),
+    ("BN outputs of the kept channels matched too (β 10)", "di", "di", {"features": 10.0}),
+    ("the same, 4x the recovery steps", "di", "di", {"features": 10.0, "steps_x": 4}),
+    ("the same, DI of 1000 synthesis steps", "di1000", "di1000", {"features": 10.0}),
+    ("the same, real recovery", "di", "real", {"features": 10.0}),
 )
 
 
 def prune_study_rows(name: str, args) -> dict:
     """The :data:`STUDY` rows for model ``name``, on its validation model; kept in ``--study-dir`` (:func:`_kept`)."""
     settings = {"prune_n": args.prune_n, "recover_epochs": args.recover_epochs, "di_iterations": args.di_iterations,
-                "holdout": args.holdout, "variants": [v[0] for v in STUDY]}
+                "holdout": args.holdout, "variants": [STUDY[i][0] for i in _study_rows(name, args)]}
     return _kept(args.study_dir, name, settings, lambda: _prune_study_run(name, args))
+
+
+#: prune-study: the rows run by default on the deeper models (all of STUDY on the LeNets), where a row takes
+#: minutes: the recipe, its real-recovery control, longer synthesis, and the feature term with each
+STUDY_QUICK = dict.fromkeys(("resnet18_slim-mnist", "resnet18_slim-fmnist", "mobilenet_v2-fmnist"),
+                            (0, 3, 15, 21, 23, 24))
+
+
+def _study_rows(name: str, args) -> list[int]:
+    """The indices into :data:`STUDY` run on model ``name``: ``--study-rows``, else :data:`STUDY_QUICK`'s, else
+    all."""
+    if args.study_rows is not None:
+        return list(args.study_rows)
+    return list(STUDY_QUICK.get(name, range(len(STUDY))))
 
 
 def _prune_study_run(name: str, args) -> dict:
@@ -396,9 +419,10 @@ def _prune_study_run(name: str, args) -> dict:
 
     float_acc = 100 * evaluate(model, x_val, y_val)
     rows = []
-    for label, score, recover, changes in STUDY:
+    for label, score, recover, changes in (STUDY[i] for i in _study_rows(name, args)):
         changes = dict(changes)
         seed = changes.pop("seed", 0)
+        feature_weight = changes.pop("features", 0.0)
         x_rec = images(recover)
         # prune_without_data's recovery (recover_epochs passes) on images of the variant's choice; a union of 2n
         # images gets half the passes, so every row but "steps_x" takes the record's number of steps
@@ -411,12 +435,16 @@ def _prune_study_run(name: str, args) -> dict:
                                                     progress=False)
         r = unrecovered[score]
         r = dataclasses.replace(r, model=copy.deepcopy(r.model))
+        if feature_weight:
+            kw.update(features=batchnorm_features(r.model, model, r.channels), feature_weight=feature_weight)
         t0 = time.perf_counter()
         distill(r.model, x_rec, teacher=model, epochs=epochs, batch_size=64, schedule="cosine", generator=seed,
                 fill=background(mean, std), **kw)
         recover_s = time.perf_counter() - t0
         acc = 100 * evaluate(r.model.eval(), x_val, y_val)
         first_pruned[:] = first_pruned or [r.model]
+        if feature_weight:
+            changes["features"] = feature_weight
         rows.append({"row": label, "scores": score, "recovery": recover, "changes": dict(changes, seed=seed),
                      "steps": epochs * -(-x_rec.shape[0] // 64), "accuracy": acc, "drop_vs_float": float_acc - acc,
                      "flops_reduction": r.flops_reduction, "recover_s": recover_s})
@@ -440,8 +468,10 @@ def prune_study_markdown(models: list[dict], args, env, command) -> str:
         rows = m["rows"]
         base = rows[0]["accuracy"]
         seeds = [r["accuracy"] for r in rows if r["row"].startswith(("the prune record", "the same, recovery seed"))]
-        lines += [f"**{m['name']}**: float {m['float_accuracy']:.2f} % on validation; the record's recipe over "
-                  f"three recovery seeds {min(seeds):.2f}–{max(seeds):.2f} %.", "",
+        spread = (f"over {len(seeds)} recovery seeds {min(seeds):.2f}–{max(seeds):.2f} %" if len(seeds) > 1
+                  else f"(one recovery seed) {seeds[0]:.2f} %")
+        lines += [f"**{m['name']}**: float {m['float_accuracy']:.2f} % on validation; the record's recipe "
+                  f"{spread}.", "",
                   "| variant | scores on | recovery on | steps | validation % | vs recipe | recovery s |",
                   "|---|---|---|---:|---:|---:|---:|"]
         for r in rows:
@@ -460,15 +490,16 @@ def prune_study_markdown(models: list[dict], args, env, command) -> str:
 PARTS = {"quantize": (quantize_rows, quantize_markdown, tuple(MODELS)),
          "prune": (prune_rows, prune_markdown, tuple(MODELS)),
          "prune-budget": (prune_budget_rows, prune_budget_markdown, ("lenet5_bn-mnist", "lenet5_bn-fmnist")),
-         "prune-study": (prune_study_rows, prune_study_markdown, ("lenet5_bn-fmnist",))}
+         "prune-study": (prune_study_rows, prune_study_markdown,
+                         ("lenet5_bn-fmnist", "resnet18_slim-fmnist", "mobilenet_v2-fmnist"))}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=tuple(PARTS), default="quantize")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=None,
-                   help="default: all five (quantize, prune), the two LeNets (prune-budget), LeNet-5-BN on "
-                        "Fashion-MNIST (prune-study)")
+                   help="default: all five (quantize, prune), the two LeNets (prune-budget), the three "
+                        "Fashion-MNIST models (prune-study)")
     p.add_argument("--prune-n", type=int, default=512, help="images pruning scores and recovers on")
     p.add_argument("--recover-epochs", type=int, default=100)
     p.add_argument("--budget-n", type=int, nargs="+", default=[512, 4096, 16384],
@@ -479,6 +510,9 @@ def main(argv=None) -> None:
     p.add_argument("--holdout", type=int, default=5000,
                    help="prune-study: the last training images kept out of its model, its validation set")
     p.add_argument("--study-dir", default="runs/compress/study", help="prune-study: finished models' results")
+    p.add_argument("--study-rows", type=int, nargs="+", default=None,
+                   help="prune-study: the rows to run, indices into STUDY starting with 0 (the recipe); default all "
+                        "(STUDY_QUICK's on the ResNets and MobileNetV2)")
     p.add_argument("--n", type=int, default=128, help="calibration images of each source")
     p.add_argument("--di-iterations", type=int, default=200)
     p.add_argument("--rounds", type=int, default=20)
@@ -497,6 +531,11 @@ def main(argv=None) -> None:
         bad = [n for n in args.budget_n if n < 1 or (args.recover_steps * 64) % n]
         if bad:
             p.error(f"--budget-n: every n must divide --recover-steps x 64 = {args.recover_steps * 64}; got {bad}")
+    if args.part == "prune-study" and args.study_rows is not None and (
+            args.study_rows[0] != 0 or len(set(args.study_rows)) != len(args.study_rows)
+            or not all(0 <= i < len(STUDY) for i in args.study_rows)):
+        p.error(f"--study-rows: distinct indices into the {len(STUDY)} rows of STUDY (0 to {len(STUDY) - 1}), the "
+                f"first 0 (the recipe, which the others are read against); got {args.study_rows}")
     if args.part == "prune-study" and args.holdout < 1:
         p.error(f"--holdout: prune-study validates on the last --holdout training images, so it must be >= 1; "
                 f"got {args.holdout}")

@@ -108,7 +108,8 @@ def test_prune_study_recipe_row_is_prune_without_data_and_validates_on_the_holdo
     monkeypatch.setattr(bench, "mnist_tensors", _tiny_mnist)
     monkeypatch.setattr(bench, "STUDY", (bench.STUDY[0], bench.STUDY[3], bench.STUDY[6],
                                          ("DI + real (2n images)", "di", "di+real", {"mixup": 0.2}),
-                                         bench.STUDY[-1]))
+                                         bench.STUDY[20], bench.STUDY[21]))
+    assert bench.STUDY[4][2] == "di+adi" and bench.STUDY[5][0].startswith("BN outputs")
     real_synth, competitors = bench.synthetic_images, []
 
     def spy(*args, **kwargs):
@@ -128,7 +129,9 @@ def test_prune_study_recipe_row_is_prune_without_data_and_validates_on_the_holdo
     rec = json.loads((tmp_path / "compress_prune_study_cpu.json").read_text())
     rows = rec["models"][0]["rows"]
     assert [(r["scores"], r["recovery"], r["steps"]) for r in rows] == [
-        ("di", "di", 2), ("di", "real", 2), ("di", "di", 8), ("di", "di+real", 2), ("di", "di+adi", 2)]
+        ("di", "di", 2), ("di", "real", 2), ("di", "di", 8), ("di", "di+real", 2), ("di", "di+adi", 2),
+        ("di", "di", 2)]
+    assert rows[5]["changes"] == {"features": 10.0, "seed": 0}
 
     # the recipe row is exactly what prune_without_data does with the same images, validated on the last 20
     x, y = _tiny_mnist("train", "fashion-mnist")
@@ -136,6 +139,10 @@ def test_prune_study_recipe_row_is_prune_without_data_and_validates_on_the_holdo
     r = bench.prune_without_data(model, bench.SHAPE, 0.5, 0.25, images=synthesised[0], recover_epochs=2, seed=0,
                                  progress=False)
     assert rows[0]["accuracy"] == 100 * bench.evaluate(r.model, x[-20:], y[-20:])
+    # and the feature row is prune_without_data's feature_weight
+    r = bench.prune_without_data(model, bench.SHAPE, 0.5, 0.25, images=synthesised[0], recover_epochs=2, seed=0,
+                                 feature_weight=10.0, progress=False)
+    assert rows[5]["accuracy"] == 100 * bench.evaluate(r.model, x[-20:], y[-20:])
     assert rec["models"][0]["float_accuracy"] == 100 * bench.evaluate(model, x[-20:], y[-20:])
     md = (tmp_path / "compress_prune_study_cpu.md").read_text()
     assert "| DI scores, real recovery | di | real | 2 |" in md and "all but the last 20 training images" in md
@@ -149,3 +156,27 @@ def test_prune_study_refuses_no_holdout(bench, capsys):
         bench.main(["--part", "prune-study", "--holdout", "0", "--out", ""])
     assert "--holdout: prune-study validates on the last --holdout training images, so it must be >= 1; got 0" \
         in capsys.readouterr().err
+
+
+def test_prune_study_rows_default_to_all_on_the_lenets_and_are_checked(bench, tmp_path, monkeypatch, capsys):
+    args = bench.argparse.Namespace(study_rows=None)
+    assert bench._study_rows("lenet5_bn-fmnist", args) == list(range(len(bench.STUDY)))
+    quick = bench._study_rows("mobilenet_v2-fmnist", args)
+    assert bench._study_rows("resnet18_slim-fmnist", args) == quick
+    assert quick[0] == 0 and [bench.STUDY[i][0] for i in quick][1:] == [
+        "DI scores, real recovery", "DI of 1000 synthesis steps", "BN outputs of the kept channels matched too (β 10)",
+        "the same, DI of 1000 synthesis steps", "the same, real recovery"]
+    assert bench._study_rows("mobilenet_v2-fmnist", bench.argparse.Namespace(study_rows=[0, 3])) == [0, 3]
+    for bad in (["3", "0"], ["0", "0"], ["0", str(len(bench.STUDY))]):
+        with pytest.raises(SystemExit):
+            bench.main(["--part", "prune-study", "--study-rows", *bad, "--out", ""])
+        assert "--study-rows: distinct indices into the" in capsys.readouterr().err
+    # a subset runs only its rows, and the record says the recipe ran on one seed
+    monkeypatch.setattr(bench, "trained_model", _tiny_validation_model([]))
+    monkeypatch.setattr(bench, "mnist_tensors", _tiny_mnist)
+    bench.main(["--part", "prune-study", "--models", "lenet5_bn-fmnist", "--prune-n", "16", "--recover-epochs", "1",
+                "--di-iterations", "1", "--holdout", "20", "--study-dir", str(tmp_path / "study"), "--threads", "1",
+                "--study-rows", "0", "3", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "compress_prune_study_cpu.json").read_text())["models"][0]["rows"]
+    assert [r["row"] for r in rows] == [bench.STUDY[0][0], bench.STUDY[3][0]]
+    assert "the record's recipe (one recovery seed)" in (tmp_path / "compress_prune_study_cpu.md").read_text()

@@ -293,6 +293,59 @@ def test_distill_mixup_is_reproducible_off_by_default_and_needs_a_teacher():
         distill(tiny_model(0), x, soft_targets=torch.full((32, K), 1.0 / K), iterations=1, mixup=1.0)
 
 
+def test_distill_features_add_the_hint_term_on_the_channels_given():
+    x, teacher = toy_data(64), teacher_model()
+    channels = torch.tensor([0, 2, 3])
+
+    def narrow(seed):  # a student whose conv keeps three of the teacher's four channels
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 8 * 8, K))
+
+    # one plain SGD step by hand: KD plus 2.5 x the MSE of the conv outputs on the kept channels
+    a, b = narrow(2), narrow(2)
+    distill(a, x, teacher=teacher, features=[(a[0], teacher[0], channels)], feature_weight=2.5, iterations=1,
+            batch_size=64, lr=0.1, momentum=0.0, weight_decay=0.0, augment=False, generator=0)
+    opt = torch.optim.SGD(b.parameters(), lr=0.1)
+    with torch.no_grad():
+        t_logits, t_conv = teacher(x), teacher[0](x)[:, channels]
+    (kd_loss(b(x), t_logits, temperature=20.0) + 2.5 * F.mse_loss(b[0](x), t_conv)).backward()
+    opt.step()
+    torch.testing.assert_close(params_of(a), params_of(b))
+    # channels None: the whole output; the hooks are gone afterwards, and the term pulls the layers together
+    student = tiny_model(1)
+    with torch.no_grad():
+        before = F.mse_loss(student[0](x), teacher[0](x)).item()
+    distill(student, x, teacher=teacher, features=[(student[0], teacher[0], None)], feature_weight=1.0,
+            iterations=60, batch_size=32, lr=0.05, augment=False, generator=0)
+    with torch.no_grad():
+        assert F.mse_loss(student[0](x), teacher[0](x)).item() < 0.5 * before
+    assert not student[0]._forward_hooks and not teacher[0]._forward_hooks
+
+
+@pytest.mark.parametrize("features, kwargs, match", [
+    ("pairs", {"labels": torch.zeros(16, dtype=torch.long)}, "features match the student's layers to a teacher's"),
+    ([("a", "b", None)], {}, r"features\[0\] must be a \(student_layer, teacher_layer, channels\) triple"),
+    ("float-channels", {}, r"features\[0\] must be .* 1-D int64 tensor or None"),
+    ("mismatch", {}, r"features\[0\]: the student layer's output \(16, 4, 8, 8\) does not match the teacher "
+                     r"layer's \(16, 2, 8, 8\) at the channels given"),
+    ("out-of-range", {}, r"features\[0\]: channels must index dim 1 of the teacher layer's output \(4 channels\)"),
+    ("not-run", {}, r"features\[0\]: the student layer \(Conv2d\) did not run in the student's forward"),
+    ("pairs", {"feature_weight": 0.0}, "feature_weight must be a finite number > 0"),
+], ids=["no-teacher", "not-modules", "float-channels", "mismatch", "out-of-range", "not-run", "weight"])
+def test_distill_features_errors_name_what_is_wrong(features, kwargs, match):
+    x, teacher, student = toy_data(16), teacher_model(), tiny_model(0)
+    table = {"pairs": [(student[0], teacher[0], None)],
+             "float-channels": [(student[0], teacher[0], torch.tensor([0.0, 1.0]))],
+             "mismatch": [(student[0], teacher[0], torch.tensor([0, 1]))],
+             "out-of-range": [(student[0], teacher[0], torch.tensor([0, 1, 2, 4]))],
+             "not-run": [(nn.Conv2d(1, 4, 3), teacher[0], None)]}
+    kwargs = {"teacher": teacher, **kwargs} if "labels" not in kwargs else kwargs
+    features = table[features] if isinstance(features, str) else features
+    with pytest.raises(ValueError, match=f"distill: {match}"):
+        distill(student, x, features=features, iterations=1, batch_size=16, **kwargs)
+    assert not student[0]._forward_hooks and not teacher[0]._forward_hooks
+
+
 def test_distill_warmup_scales_the_first_steps_lr_then_follows_the_schedule():
     x, teacher = toy_data(32), teacher_model()
     start = params_of(tiny_model(0))
@@ -483,3 +536,19 @@ def test_batchnorm_models_train_when_the_last_minibatch_would_hold_one_sample():
     student = distill(_bn_net(), x, labels=y, epochs=2, batch_size=32, augment=False, generator=1)
     assert student.training is False
     distill(_bn_net(), x, labels=y, iterations=5, batch_size=32, augment=False, generator=1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_distill_features_on_cuda_match_cpu():
+    x, channels = toy_data(), torch.tensor([0, 2])  # channels on the CPU: moved to the teacher's device
+
+    def run(device):
+        torch.manual_seed(4)
+        student = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 8 * 8, K))
+        student, teacher = student.to(device), teacher_model().to(device)
+        distill(student, x, teacher=teacher, features=[(student[0], teacher[0], channels)], feature_weight=2.0,
+                temperature=4.0, epochs=2, batch_size=32, generator=3)
+        return params_of(student).cpu()
+
+    assert torch.allclose(run("cuda"), run("cpu"), atol=1e-4)

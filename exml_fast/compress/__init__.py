@@ -22,14 +22,15 @@ from exml_fast.compress.calibration import (
 )
 from exml_fast.compress.distill import DISTILL_DEFAULTS, DistillResult, distill_without_data
 from exml_fast.compress.job import ACTIONS, TEST_SETS, compress_file
-from exml_fast.compress.prune import PRUNE_IMPORTANCES, PRUNE_STEPS, PruneResult, logits_layer, prune_without_data
+from exml_fast.compress.prune import (PRUNE_IMPORTANCES, PRUNE_STEPS, PruneResult, batchnorm_features, logits_layer,
+                                      prune_without_data)
 from exml_fast.compress.quantize import QUANTIZE_FLOWS, QuantizeResult, quantize_without_data
 from exml_fast.compress.report import file_size, latency_ms, load_exported, save_exported
 
 __all__ = [
     "ACTIONS", "BN_MATCHING_METHODS", "CALIBRATION_METHODS", "DISTILL_DEFAULTS", "PRUNE_IMPORTANCES", "PRUNE_STEPS",
     "QUANTIZE_FLOWS", "TEST_SETS", "ZEROQ_SETTINGS", "DistillResult", "PruneResult", "QuantizeResult",
-    "check_classifier", "compress_file", "distill_without_data", "file_size", "has_batchnorm", "latency_ms",
-    "load_exported", "logits_layer", "prune_without_data", "quantize_without_data", "save_exported",
+    "batchnorm_features", "check_classifier", "compress_file", "distill_without_data", "file_size", "has_batchnorm",
+    "latency_ms", "load_exported", "logits_layer", "prune_without_data", "quantize_without_data", "save_exported",
     "synthetic_images",
 ]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,8 @@ from exml_fast.compress.calibration import (BN_MATCHING_METHODS, background, che
 from exml_fast.synth.base import Synthesizer, eval_mode, resolve_device
 from exml_fast.training import distill
 
-__all__ = ["PRUNE_IMPORTANCES", "PRUNE_STEPS", "PruneResult", "logits_layer", "prune_without_data"]
+__all__ = ["PRUNE_IMPORTANCES", "PRUNE_STEPS", "PruneResult", "batchnorm_features", "logits_layer",
+           "prune_without_data"]
 
 #: the names :func:`prune_without_data` takes as ``importance`` (see the module docstring)
 PRUNE_IMPORTANCES: tuple[str, ...] = ("taylor", "bn_scale")
@@ -65,6 +66,8 @@ class PruneResult:
             Synthesizer's class name, or ``"images"`` (the caller's).
         synthesis_s: seconds spent making the images (0 with ``images=``).
         recover_s: seconds spent distilling the pruned network (0 without recovery).
+        channels: for every BatchNorm with running statistics, by its name in ``model``, the int64 indices of
+            the original channels it kept, ascending.
     """
 
     model: nn.Module
@@ -76,6 +79,7 @@ class PruneResult:
     method: str
     synthesis_s: float
     recover_s: float
+    channels: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def flops_reduction(self) -> float:
@@ -115,6 +119,54 @@ def logits_layer(model: nn.Module, example: torch.Tensor, num_classes: int, owne
     return ran[-1]
 
 
+def _tracked_batchnorms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None}
+
+
+def _tag_channels(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Writes every BatchNorm's channel index into its ``running_mean`` (pruning slices the buffer with the
+    channels, so afterwards it names the channels kept) and returns the true running means."""
+    saved = {}
+    with torch.no_grad():
+        for name, bn in _tracked_batchnorms(model).items():
+            saved[name] = bn.running_mean.clone()
+            bn.running_mean.copy_(torch.arange(bn.running_mean.numel(), dtype=bn.running_mean.dtype))
+    return saved
+
+
+def batchnorm_features(pruned: nn.Module, model: nn.Module,
+                       channels: dict[str, torch.Tensor]) -> list[tuple[nn.Module, nn.Module, torch.Tensor]]:
+    """The ``features`` of :func:`exml_fast.training.distill` that match every BatchNorm of ``pruned`` to the
+    same-named one of the unpruned ``model`` on the channels it kept (``channels``: :attr:`PruneResult.channels`).
+    ``pruned`` may be a deep copy of :attr:`PruneResult.model` (the names are the same).
+
+    Raises:
+        ValueError: a BatchNorm of ``pruned`` that ``model`` or ``channels`` lacks.
+    """
+    originals = _tracked_batchnorms(model)
+    pairs = []
+    for name, bn in _tracked_batchnorms(pruned).items():
+        if name not in originals or name not in channels:
+            raise ValueError(f"batchnorm_features: pruned has a BatchNorm {name!r} that "
+                             f"{'model' if name not in originals else 'channels'} lacks; pass the model it was "
+                             "pruned from and its PruneResult.channels")
+        pairs.append((bn, originals[name], channels[name]))
+    return pairs
+
+
+def _kept_channels(model: nn.Module, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undoes :func:`_tag_channels` after pruning: the true running means of the channels kept come back, and
+    their original indices are returned by BatchNorm name."""
+    kept = {}
+    with torch.no_grad():
+        for name, bn in _tracked_batchnorms(model).items():
+            idx = bn.running_mean.round().long()
+            bn.running_mean.copy_(saved[name].to(bn.running_mean.device)[idx])
+            kept[name] = idx.cpu()
+    return kept
+
+
 def _loss_gradients(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
     """Leaves in every parameter's ``.grad`` the gradient of the mean cross-entropy of ``model`` (eval mode) on
     ``x`` against its own argmax labels (the Taylor score's gradient)."""
@@ -150,7 +202,8 @@ def prune_without_data(model: nn.Module, input_shape: Sequence[int], mean=None, 
                        images: torch.Tensor | None = None, recover_epochs: int = 100,
                        recover_steps: int | None = None, seed: int = 0,
                        iterations: int | None = None, batch_size: int = 64, lr: float = 0.01,
-                       temperature: float = 4.0, progress: bool = True) -> PruneResult:
+                       temperature: float = 4.0, feature_weight: float = 0.0,
+                       progress: bool = True) -> PruneResult:
     """Removes ``flops_ratio`` of ``model``'s FLOPs by pruning whole channels, without its training data.
 
     1. Images: ``images`` if given, else ``n`` from :func:`synthetic_images` (``method``, ``mean``, ``std``,
@@ -196,6 +249,9 @@ def prune_without_data(model: nn.Module, input_shape: Sequence[int], mean=None, 
         batch_size: the minibatch of the Taylor gradient and of the recovery, >= 1.
         lr: the recovery's initial SGD learning rate, > 0.
         temperature: the recovery's KD temperature, > 0.
+        feature_weight: the weight of the recovery's feature term, the mean squared difference of the pruned and
+            the unpruned network's BatchNorm outputs on the kept channels summed over the BatchNorms, >= 0
+            (0: logits only).
         progress: show the synthesis's progress bar.
 
     Returns:
@@ -223,6 +279,7 @@ def prune_without_data(model: nn.Module, input_shape: Sequence[int], mean=None, 
         check_int(recover_steps, "recover_steps", owner, low=1)
     lr = check_float(lr, "lr", owner, positive=True)
     temperature = check_float(temperature, "temperature", owner, positive=True)
+    feature_weight = check_float(feature_weight, "feature_weight", owner)
     name = type(model).__name__
     if importance == "bn_scale" and not has_batchnorm(model):
         raise ValueError(f"{owner}: importance='bn_scale' ranks channels by the |gamma| of their BatchNorm, but "
@@ -261,17 +318,23 @@ def prune_without_data(model: nn.Module, input_shape: Sequence[int], mean=None, 
                          "its forward reaches no convolution or linear layer but the one that makes the logits")
     if importance == "taylor":
         _loss_gradients(pruned, x, batch_size)
-    macs_after, params_after = _prune_to(tp, pruner, pruned, example, (1 - flops_ratio) * macs_before, owner)
+    saved = _tag_channels(pruned)
+    try:
+        macs_after, params_after = _prune_to(tp, pruner, pruned, example, (1 - flops_ratio) * macs_before, owner)
+    finally:
+        channels = _kept_channels(pruned, saved)
     pruned.zero_grad(set_to_none=True)
 
     recover_s = 0.0
     if recover_steps is not None or recover_epochs:
         start = time.perf_counter()
         length = {"iterations": recover_steps} if recover_steps is not None else {"epochs": recover_epochs}
+        if feature_weight:
+            length.update(features=batchnorm_features(pruned, model, channels), feature_weight=feature_weight)
         with eval_mode(model):  # distill puts its teacher in eval mode; the caller's flags come back after
             distill(pruned, x, teacher=model, temperature=temperature, **length,
                     batch_size=batch_size, lr=lr, schedule="cosine", generator=seed, fill=background(mean, std))
         recover_s = time.perf_counter() - start
     return PruneResult(model=pruned.eval(), macs_before=int(macs_before), macs_after=macs_after,
                        params_before=int(params_before), params_after=params_after, importance=importance,
-                       method=source, synthesis_s=synthesis_s, recover_s=recover_s)
+                       method=source, synthesis_s=synthesis_s, recover_s=recover_s, channels=channels)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -248,6 +248,8 @@ def distill(
     scale: float = 0.0,
     fill: float = 0.0,
     mixup: float = 0.0,
+    features: Sequence[tuple[nn.Module, nn.Module, torch.Tensor | None]] | None = None,
+    feature_weight: float = 1.0,
     generator: torch.Generator | int | None = None,
     log_every: int = 0,
 ) -> nn.Module:
@@ -324,6 +326,16 @@ def distill(
             on the mixed inputs; 0: off, and no draws made. Not with
             ``soft_targets`` or ``labels``, whose targets belong to unmixed
             inputs.
+        features: with ``teacher``, pairs of layers whose outputs are matched
+            beside the logits (hints, as FitNets; here without a regressor):
+            ``(student_layer, teacher_layer, channels)`` adds
+            ``feature_weight x`` the mean squared difference of the student
+            layer's output and the teacher layer's output on the same
+            minibatch, restricted to the int64 ``channels`` of its dim 1 (None:
+            all). For a pruned network and its unpruned original the channels
+            are those pruning kept (:func:`exml_fast.compress.prune_without_data`
+            does this). Outputs are read by forward hooks, removed on return.
+        feature_weight: the weight of the summed feature terms, > 0.
         generator: None (torch's default CPU generator), an int seed or a CPU
             ``torch.Generator``.
         log_every: print the running loss every this many steps (0: silent).
@@ -337,10 +349,10 @@ def distill(
             without ``teacher`` or with ``epochs``, or one whose batch is not
             (batch_size, C, H, W) float; an unknown
             ``optimizer`` or ``schedule``; a non-positive size, lr or temperature;
-            ``mixup`` negative, or set without ``teacher``.
+            ``mixup`` negative, or set without ``teacher``; ``features``
+            without ``teacher``, not (module, module, channels) triples, or
+            whose outputs' shapes do not match (raised at the first step).
     """
-    from exml_fast.ops import kd_loss, soft_target_cross_entropy
-
     sources = [name for name, v in (("teacher", teacher), ("soft_targets", soft_targets), ("labels", labels))
                if v is not None]
     if len(sources) != 1:
@@ -395,6 +407,9 @@ def distill(
     if mixup and teacher is None:
         raise ValueError(f"distill: mixup={mixup!r} needs teacher to label the mixed inputs; the targets of "
                          f"{sources[0]} belong to unmixed inputs")
+    pairs = _check_features(features, teacher, sources[0])
+    if pairs:
+        feature_weight = check_float(feature_weight, "feature_weight", "distill", positive=True)
     gen = cpu_generator(generator, "distill")
 
     device = next(student.parameters()).device
@@ -422,6 +437,51 @@ def distill(
 
     student.train()
     log = _LossLog(log_every, total, "distill step", width=5)
+    outputs: dict[tuple[str, int], torch.Tensor] = {}
+    hooks = [layer.register_forward_hook(_keep_output(outputs, (side, i)))
+             for i, pair in enumerate(pairs) for side, layer in (("s", pair[0]), ("t", pair[1]))]
+    try:
+        _distill_steps(student, teacher, x, sampler, soft_targets, labels, loss, temperature, total, bounds, n,
+                       batch_size, device, gen, opt, sched, log, do_affine, do_augment, rotate, scale, fill,
+                       pad_crop, max_shift, flip, mixup, pairs, feature_weight, outputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return student.eval()
+
+
+def _keep_output(store: dict, key: tuple[str, int]):
+    def hook(module, inputs, output):
+        store[key] = output
+    return hook
+
+
+def _check_features(features, teacher, source: str) -> list[tuple[nn.Module, nn.Module, torch.Tensor | None]]:
+    """``distill``'s ``features`` as a list of (student layer, teacher layer, channels or None)."""
+    if features is None:
+        return []
+    if teacher is None:
+        raise ValueError(f"distill: features match the student's layers to a teacher's; with {source} there is no "
+                         "teacher (pass teacher=)")
+    pairs = []
+    for i, pair in enumerate(features):
+        ok = isinstance(pair, (tuple, list)) and len(pair) == 3 and all(isinstance(m, nn.Module) for m in pair[:2])
+        channels = pair[2] if ok else None
+        if ok and channels is not None:
+            ok = isinstance(channels, torch.Tensor) and channels.dim() == 1 and channels.dtype == torch.int64
+        if not ok:
+            raise ValueError(f"distill: features[{i}] must be a (student_layer, teacher_layer, channels) triple "
+                             f"of two nn.Modules and a 1-D int64 tensor or None; got {pair!r}")
+        pairs.append((pair[0], pair[1], channels))
+    return pairs
+
+
+def _distill_steps(student, teacher, x, sampler, soft_targets, labels, loss, temperature, total, bounds, n,
+                   batch_size, device, gen, opt, sched, log, do_affine, do_augment, rotate, scale, fill, pad_crop,
+                   max_shift, flip, mixup, pairs, feature_weight, outputs) -> None:
+    """The optimiser steps of :func:`distill` (its arguments checked)."""
+    from exml_fast.ops import kd_loss, soft_target_cross_entropy
+
     perm = torch.empty(0, dtype=torch.int64)
     pos = len(bounds)
     for step in range(total):
@@ -445,6 +505,8 @@ def distill(
                 t_logits = teacher(xb).to(logits.dtype)
             value = (kd_loss(logits, t_logits, temperature=float(temperature)) if loss == "kd"
                      else F.l1_loss(logits, t_logits))
+            if pairs:
+                value = value + feature_weight * _feature_loss(pairs, outputs)
         elif soft_targets is not None:
             value = soft_target_cross_entropy(logits, soft_targets[idx].to(device, logits.dtype),
                                               temperature=float(temperature))
@@ -456,4 +518,28 @@ def distill(
         if sched is not None:
             sched.step()
         log.add(step, value)
-    return student.eval()
+
+
+def _feature_loss(pairs, outputs: dict) -> torch.Tensor:
+    """The sum over ``pairs`` of the mean squared difference of the student's and the teacher's (channels of
+    the) layer outputs kept by the hooks at this step."""
+    total = None
+    for i, (s_layer, t_layer, channels) in enumerate(pairs):
+        if ("s", i) not in outputs or ("t", i) not in outputs:
+            side, layer = ("student", s_layer) if ("s", i) not in outputs else ("teacher", t_layer)
+            raise ValueError(f"distill: features[{i}]: the {side} layer ({type(layer).__name__}) did not run in "
+                             f"the {side}'s forward")
+        s_out, t_out = outputs.pop(("s", i)), outputs.pop(("t", i))
+        if channels is not None:
+            if channels.numel() and (int(channels.min()) < 0 or int(channels.max()) >= t_out.shape[1]):
+                raise ValueError(f"distill: features[{i}]: channels must index dim 1 of the teacher layer's output "
+                                 f"({t_out.shape[1]} channels); got values in [{int(channels.min())}, "
+                                 f"{int(channels.max())}]")
+            t_out = t_out.index_select(1, channels.to(t_out.device))
+        if s_out.shape != t_out.shape:
+            raise ValueError(f"distill: features[{i}]: the student layer's output {tuple(s_out.shape)} does not "
+                             f"match the teacher layer's {tuple(t_out.shape)}"
+                             + (" at the channels given" if channels is not None else ""))
+        term = F.mse_loss(s_out, t_out.to(s_out.dtype))
+        total = term if total is None else total + term
+    return total

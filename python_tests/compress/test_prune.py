@@ -194,6 +194,53 @@ def test_recover_steps_replace_the_epochs(monkeypatch, kwargs, length):
     assert seen == [length] and res.recover_s >= 0
 
 
+def test_channels_name_the_kept_originals_and_the_running_means_come_back():
+    torch.manual_seed(0)
+    model = LeNet5BN(num_classes=10).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    res = prune_without_data(model, SHAPE, images=torch.randn(32, *SHAPE), recover_epochs=0, progress=False)
+    originals, pruned = dict(model.named_modules()), dict(res.model.named_modules())
+    assert sorted(res.channels) == ["features.1", "features.10", "features.13", "features.5"]
+    for name, kept in res.channels.items():
+        assert kept.dtype == torch.int64 and torch.all(kept[1:] > kept[:-1])
+        assert kept.numel() == pruned[name].num_features < originals[name].num_features
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            assert torch.equal(getattr(pruned[name], key), getattr(originals[name], key)[kept])
+    # the first convolution's input is whole, so its kept filters are the original's rows
+    assert torch.equal(res.model.features[0].weight, model.features[0].weight[res.channels["features.1"]])
+
+
+@pytest.mark.parametrize("build", [lambda: resnet18_cifar_slim(num_classes=10, in_channels=1),
+                                   lambda: mobilenet_v2(num_classes=10, in_channels=1)],
+                         ids=["resnet18_slim", "mobilenet_v2"])
+def test_feature_weight_matches_every_batchnorm_on_its_kept_channels(monkeypatch, build):
+    torch.manual_seed(0)
+    model = build().eval()
+    seen = {}
+    real_distill = prune_module.distill
+
+    def spy(student, x, **kw):
+        seen.update(kw)
+        return real_distill(student, x, **kw)
+
+    monkeypatch.setattr(prune_module, "distill", spy)
+    res = prune_without_data(model, SHAPE, images=torch.randn(8, *SHAPE), recover_steps=1, batch_size=4,
+                             feature_weight=3.0, progress=False)
+    bns = [m for m in res.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert seen["feature_weight"] == 3.0 and [s for s, _, _ in seen["features"]] == bns
+    originals = dict(model.named_modules())
+    for (_, teacher_bn, kept), (name, kept_too) in zip(seen["features"], res.channels.items()):
+        assert teacher_bn is originals[name] and kept is kept_too
+    # without it, logits only
+    seen.clear()
+    prune_without_data(model, SHAPE, images=torch.randn(8, *SHAPE), recover_steps=1, batch_size=4, progress=False)
+    assert "features" not in seen
+
+
 class _NumpyInTheMiddle(_TwoLayer):
     """Runs under no_grad (check_classifier) but not under autograd (Torch-Pruning's trace)."""
 
@@ -234,6 +281,8 @@ class _Detached(_TwoLayer):
      "recover_steps must be an int >= 1"),
     (lambda: prune_without_data(LeNet5BN(), SHAPE, temperature=0), ValueError, "temperature must be"),
     (lambda: prune_without_data(LeNet5BN(), SHAPE, n=0), ValueError, "n must be an int >= 1"),
+    (lambda: prune_without_data(LeNet5BN(), SHAPE, feature_weight=-1.0), ValueError,
+     "feature_weight must be a finite number >= 0"),
     (lambda: prune_without_data(_NumpyInTheMiddle(), (1, 8, 8), images=torch.randn(4, 1, 8, 8)), ValueError,
      "Torch-Pruning cannot trace _NumpyInTheMiddle"),
     (lambda: prune_without_data(_Detached(), (1, 8, 8), images=torch.randn(4, 1, 8, 8)), ValueError,
@@ -241,7 +290,8 @@ class _Detached(_TwoLayer):
     (lambda: prune_without_data(LeNet5BN(), SHAPE, images=torch.randn(4, *SHAPE), flops_ratio=0.95,
                                 recover_epochs=0), ValueError, "flops_ratio cannot be reached"),
 ], ids=["not-module", "not-classifier", "shape", "ratio-0", "ratio-1", "ratio-neg", "importance", "bn_scale-no-bn",
-        "di-no-bn", "images-shape", "images-int", "epochs", "steps", "temperature", "n", "untraceable", "no-channels",
+        "di-no-bn", "images-shape", "images-int", "epochs", "steps", "temperature", "n", "feature-weight",
+        "untraceable", "no-channels",
         "unreachable"])
 def test_bad_inputs_name_the_argument(call, error, match):
     with pytest.raises(error, match=f"prune_without_data: .*{match}" if "prune_without_data" not in match
