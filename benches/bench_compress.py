@@ -20,7 +20,8 @@ time, and the latency of the float and the int8 model (batch 64, both under ``to
 DeepInversion images (and the same before recovery), BN-scale scores on them (the baseline), and Taylor scores on
 real training images (the ceiling). Records the test accuracy, the drop against the float model, the MACs and
 parameters before and after, the synthesis and recovery time. By default on all five models. A model's results
-are kept in ``--prune-dir``, as for ``prune-budget``.
+are kept in ``--prune-dir``, as for ``prune-budget``. ``--feature-weight`` is ``prune_without_data``'s (the
+recovery also matches the BatchNorm outputs of the kept channels).
 
 ``--part prune-budget``: how many images the pruning needs. Taylor pruning (50 % of the MACs) recovered on the
 first n of one draw of DeepInversion images, and of real training images, for each n of ``--budget-n``, every n
@@ -29,19 +30,20 @@ in parallel processes (``--models X --out ''``), and the invocation naming them 
 
 ``--part prune-study``: where the pruning loses its points on the Fashion-MNIST models, each on a *validation*
 model (the same recipe trained on all but the last ``--holdout`` training images, which are the validation set;
-nothing here looks at the test split). The prune record's recipe (Taylor scores and 800 recovery steps on ``--prune-n`` DeepInversion images)
-against real images for the scores, for the recovery, or both, and against one change at a time to the recovery
-(its length, temperature, loss, lr, augmentation) or to its images (more synthesis steps, ZeroQ's distilled data,
-Data Impressions, DeepInversion plus ZeroQ or plus a second draw, and DeepInversion §4.3's competition round: plus
-Adaptive DeepInversion against the recipe's pruned network), and the recovery matching the unpruned network's
-BatchNorm outputs on the kept channels beside the logits (``feature_weight``). The record recipe runs with three
-recovery seeds (its spread). ``--study-rows`` runs some of the rows (indices into ``STUDY``; the first, the recipe,
-always among them); by default the ResNets and MobileNetV2, where a row takes minutes, run those of
-``STUDY_QUICK``.
+nothing here looks at the test split). The prune record's recipe (Taylor scores and 800 recovery steps on
+``--prune-n`` DeepInversion images) against real images for the scores, for the recovery, or both, and against one
+change at a time to the recovery (its length, temperature, loss, lr, augmentation) or to its images (more synthesis
+steps, ZeroQ's distilled data, Data Impressions, DeepInversion plus ZeroQ or plus a second draw, and DeepInversion
+§4.3's competition round: plus Adaptive DeepInversion against the recipe's pruned network), and the recovery
+matching the unpruned network's BatchNorm outputs on the kept channels beside the logits (``feature_weight``). The
+record recipe runs with three recovery seeds (its spread). ``--study-rows`` runs some of the rows (indices into
+``STUDY``; the first, the recipe, always among them); by default the ResNets and MobileNetV2, where a row takes
+minutes, run those of ``STUDY_QUICK``.
 
 Usage:
     python benches/bench_compress.py [--part quantize|prune|prune-budget|prune-study] [--models NAME ...] [--n 128]
-        [--di-iterations 200] [--prune-n 512] [--recover-epochs 100] [--threads N] [--out benches/results]
+        [--di-iterations 200] [--prune-n 512] [--recover-epochs 100] [--feature-weight 0] [--threads N]
+        [--out benches/results]
         [--model-dir runs/compress/models] [--budget-n 512 4096 16384] [--recover-steps 6400]
         [--budget-dir runs/compress/budget] [--prune-dir runs/compress/prune] [--holdout 5000]
         [--study-dir runs/compress/study] [--study-rows 0 3 ...] [--note TEXT]
@@ -211,7 +213,8 @@ def _read_back_line(models: list[dict], folder: str) -> list[str]:
 
 def prune_rows(name: str, args) -> dict:
     """The rows of :data:`PRUNE_ROWS` for model ``name``; kept in ``--prune-dir`` once done (:func:`_kept`)."""
-    settings = {"prune_n": args.prune_n, "recover_epochs": args.recover_epochs, "di_iterations": args.di_iterations}
+    settings = {"prune_n": args.prune_n, "recover_epochs": args.recover_epochs, "di_iterations": args.di_iterations,
+                "feature_weight": args.feature_weight}
     return _kept(args.prune_dir, name, settings, lambda: _prune_run(name, args))
 
 
@@ -227,7 +230,7 @@ def _prune_run(name: str, args) -> dict:
     for label, importance, source, recover in PRUNE_ROWS:
         r = prune_without_data(model, SHAPE, mean, std, images=images[source], importance=importance,
                                flops_ratio=0.5, recover_epochs=args.recover_epochs if recover else 0, seed=0,
-                               progress=False)
+                               feature_weight=args.feature_weight, progress=False)
         acc = 100 * evaluate(r.model, x_test, y_test)
         rows.append({"row": label, "importance": importance, "images": source, "recover": recover,
                      "accuracy": acc, "drop_vs_float": float_acc - acc, "macs_before": r.macs_before,
@@ -244,7 +247,10 @@ def prune_markdown(models: list[dict], args, env, command) -> str:
     lines += [f"50 % of the MACs removed by channel pruning (Torch-Pruning's dependency graph, local pruning in "
               f"steps until at least half the MACs are gone), scored on {args.prune_n} images; recovery: "
               f"{args.recover_epochs} epochs of KD (τ 4, SGD 0.01 cosine, batches of 64, pad-crop 4) from the "
-              f"unpruned model on the same images. DeepInversion: preset auto, {args.di_iterations} steps on "
+              "unpruned model on the same images"
+              + (f", plus {args.feature_weight:g} x the mean squared difference of the BatchNorm outputs on the "
+                 "kept channels (feature_weight)" if args.feature_weight else "")
+              + f". DeepInversion: preset auto, {args.di_iterations} steps on "
               "batches of 256. Accuracy on the whole test split, %.", "",
               "| model | float | " + " | ".join(r[0] for r in PRUNE_ROWS) + " | MACs before → after | "
               "params before → after | DI synthesis s | recovery s (taylor, DI) |",
@@ -501,6 +507,8 @@ def main(argv=None) -> None:
                    help="default: all five (quantize, prune), the two LeNets (prune-budget), the three "
                         "Fashion-MNIST models (prune-study)")
     p.add_argument("--prune-n", type=int, default=512, help="images pruning scores and recovers on")
+    p.add_argument("--feature-weight", type=float, default=0.0,
+                   help="prune: prune_without_data's feature_weight (the recovery's BatchNorm-output term)")
     p.add_argument("--recover-epochs", type=int, default=100)
     p.add_argument("--budget-n", type=int, nargs="+", default=[512, 4096, 16384],
                    help="prune-budget: the image counts (each divides --recover-steps x 64)")
@@ -536,6 +544,8 @@ def main(argv=None) -> None:
             or not all(0 <= i < len(STUDY) for i in args.study_rows)):
         p.error(f"--study-rows: distinct indices into the {len(STUDY)} rows of STUDY (0 to {len(STUDY) - 1}), the "
                 f"first 0 (the recipe, which the others are read against); got {args.study_rows}")
+    if not (args.feature_weight >= 0 and args.feature_weight < float("inf")):
+        p.error(f"--feature-weight: a finite weight >= 0 (0: logits only); got {args.feature_weight}")
     if args.part == "prune-study" and args.holdout < 1:
         p.error(f"--holdout: prune-study validates on the last --holdout training images, so it must be >= 1; "
                 f"got {args.holdout}")
@@ -546,6 +556,8 @@ def main(argv=None) -> None:
     command = "python benches/bench_compress.py " + " ".join(argv_list)
     rec = {"env": env, "argv": argv_list, "part": args.part, "n": args.n, "di_iterations": args.di_iterations,
            "prune_n": args.prune_n, "recover_epochs": args.recover_epochs, "train": TRAIN, "models": models}
+    if args.part == "prune":
+        rec["feature_weight"] = args.feature_weight
     if args.part == "prune-study":
         rec["holdout"] = args.holdout
     if args.part == "prune-budget":

@@ -88,6 +88,22 @@ def test_prune_part_keeps_each_model_and_reads_it_back_only_with_the_same_settin
     assert calls == ["lenet5_bn-mnist"] * 2
     assert json.loads((tmp_path / "prune" / "lenet5_bn-mnist.json").read_text())["recover_epochs"] == 2
 
+    # the feature term is a setting too, passed to every row and named in the record
+    weights = []
+    real_prune = bench.prune_without_data
+
+    def spy(*args, **kwargs):
+        weights.append(kwargs["feature_weight"])
+        return real_prune(*args, **kwargs)
+    monkeypatch.setattr(bench, "prune_without_data", spy)
+    bench.main([*argv[:-2], "--feature-weight", "10", "--out", str(tmp_path)])
+    assert calls == ["lenet5_bn-mnist"] * 3 and weights == [10.0] * len(bench.PRUNE_ROWS)
+    assert json.loads((tmp_path / "compress_prune_cpu.json").read_text())["feature_weight"] == 10.0
+    assert "plus 10 x the mean squared difference of the BatchNorm outputs on the kept channels" in \
+        (tmp_path / "compress_prune_cpu.md").read_text()
+    with pytest.raises(SystemExit):
+        bench.main([*argv[:-2], "--feature-weight", "-1", "--out", ""])
+
 
 def _tiny_validation_model(holdouts):
     def fake(name, folder, holdout=0):  # a random LeNet-5-BN instead of one trained on all but the holdout
