@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from exml_fast.cli.common import device_arg, positive_float, positive_int, resolve_device, say
+from exml_fast.cli.common import device_arg, nonnegative_float, positive_float, positive_int, resolve_device, say
 from exml_fast.compress.calibration import CALIBRATION_METHODS
 from exml_fast.compress.job import TEST_SETS, compress_file
 from exml_fast.models import ARCHS
@@ -61,6 +61,9 @@ def add_commands(sub) -> None:
                    help="distillation epochs after pruning, 0 for none (default: 100)")
     p.add_argument("--recover-steps", type=positive_int, default=None, metavar="N",
                    help="distillation steps after pruning, in place of --recover-epochs (default: unset)")
+    p.add_argument("--feature-weight", type=nonnegative_float, default=0.0, metavar="W",
+                   help="also match the BatchNorm outputs of the kept channels, at this weight (10 recovers deep "
+                        "networks such as MobileNetV2 far better; default: 0, logits only)")
     d.add_argument("--student", required=True, choices=sorted(ARCHS), help="the student's architecture")
     d.add_argument("--epochs", type=positive_int, default=100, help="passes over the images (default: 100)")
 
@@ -73,7 +76,8 @@ def _compress(args: argparse.Namespace) -> int:
     extra = {}
     if args.action == "prune":
         extra = {"flops_ratio": args.flops_ratio, "importance": args.importance,
-                 "recover_epochs": args.recover_epochs, "recover_steps": args.recover_steps}
+                 "recover_epochs": args.recover_epochs, "recover_steps": args.recover_steps,
+                 "feature_weight": args.feature_weight}
     elif args.action == "distill":
         extra = {"student": args.student, "epochs": args.epochs}
     report = compress_file(args.action, args.model, args.out, method=args.method, n=args.n, seed=args.seed,
