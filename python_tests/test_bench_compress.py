@@ -177,11 +177,12 @@ def test_prune_study_refuses_no_holdout(bench, capsys):
 def test_prune_study_rows_default_to_all_on_the_lenets_and_are_checked(bench, tmp_path, monkeypatch, capsys):
     args = bench.argparse.Namespace(study_rows=None)
     assert bench._study_rows("lenet5_bn-fmnist", args) == list(range(len(bench.STUDY)))
-    quick = bench._study_rows("mobilenet_v2-fmnist", args)
-    assert bench._study_rows("resnet18_slim-fmnist", args) == quick
-    assert quick[0] == 0 and [bench.STUDY[i][0] for i in quick][1:] == [
-        "DI scores, real recovery", "DI of 1000 synthesis steps", "BN outputs of the kept channels matched too (β 10)",
-        "the same, DI of 1000 synthesis steps", "the same, real recovery"]
+    for name, labels in (("resnet18_slim-fmnist", ["DI scores, real recovery", "BN outputs of the kept channels "
+                                                   "matched too (β 10)"]),
+                         ("mobilenet_v2-fmnist", ["BN outputs of the kept channels matched too (β 10)",
+                                                  "the same, DI of 1000 synthesis steps"])):
+        quick = bench._study_rows(name, args)
+        assert quick[0] == 0 and [bench.STUDY[i][0] for i in quick][1:] == labels
     assert bench._study_rows("mobilenet_v2-fmnist", bench.argparse.Namespace(study_rows=[0, 3])) == [0, 3]
     for bad in (["3", "0"], ["0", "0"], ["0", str(len(bench.STUDY))]):
         with pytest.raises(SystemExit):
