@@ -296,7 +296,7 @@ def _prune_budget_run(name: str, args) -> dict:
     for n in args.budget_n:
         epochs = args.recover_steps * 64 // n
         for label, images in (("taylor, DI", di), ("taylor, real (ceiling)", real)):
-            r = prune_without_data(model, SHAPE, mean, std, images=images[:n], importance="taylor",
+            r = prune_without_data(model, SHAPE, mean, std, images=images[:n], importance="taylor", feature_weight=0.0,
                                    flops_ratio=0.5, recover_epochs=epochs, seed=0, progress=False)
             acc = 100 * evaluate(r.model, x_test, y_test)
             rows.append({"row": label, "n": n, "recover_epochs": epochs, "accuracy": acc,
@@ -510,7 +510,8 @@ def main(argv=None) -> None:
                         "Fashion-MNIST models (prune-study)")
     p.add_argument("--prune-n", type=int, default=512, help="images pruning scores and recovers on")
     p.add_argument("--feature-weight", type=float, default=0.0,
-                   help="prune: prune_without_data's feature_weight (the recovery's BatchNorm-output term)")
+                   help="prune: prune_without_data's feature_weight (the recovery's BatchNorm-output term); "
+                        "default 0, the recipe of the record made before it (the library's default is 10)")
     p.add_argument("--recover-epochs", type=int, default=100)
     p.add_argument("--budget-n", type=int, nargs="+", default=[512, 4096, 16384],
                    help="prune-budget: the image counts (each divides --recover-steps x 64)")

@@ -61,9 +61,9 @@ def add_commands(sub) -> None:
                    help="distillation epochs after pruning, 0 for none (default: 100)")
     p.add_argument("--recover-steps", type=positive_int, default=None, metavar="N",
                    help="distillation steps after pruning, in place of --recover-epochs (default: unset)")
-    p.add_argument("--feature-weight", type=nonnegative_float, default=0.0, metavar="W",
-                   help="also match the BatchNorm outputs of the kept channels, at this weight (10 recovers deep "
-                        "networks such as MobileNetV2 far better; default: 0, logits only)")
+    p.add_argument("--feature-weight", type=nonnegative_float, default=10.0, metavar="W",
+                   help="the recovery also matches the BatchNorm outputs of the kept channels, at this weight "
+                        "(0: logits only; default: 10)")
     d.add_argument("--student", required=True, choices=sorted(ARCHS), help="the student's architecture")
     d.add_argument("--epochs", type=positive_int, default=100, help="passes over the images (default: 100)")
 

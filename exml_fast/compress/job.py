@@ -68,7 +68,7 @@ def compress_file(action: str, model_path: str, out: str, *, method: str = "deep
                   seed: int = 0, iterations: int | None = None, test: str | None = None, test_n: int | None = None,
                   latency: bool = True, student: str | None = None, epochs: int = 100, flops_ratio: float = 0.5,
                   importance: str = "taylor", recover_epochs: int = 100,
-                  recover_steps: int | None = None, feature_weight: float = 0.0,
+                  recover_steps: int | None = None, feature_weight: float = 10.0,
                   device: str | torch.device = "cpu", progress: bool = True) -> dict[str, Any]:
     """Runs one compression job on the checkpoint ``model_path``; writes ``out`` and ``<out>.report.json``.
 

@@ -235,9 +235,13 @@ def test_feature_weight_matches_every_batchnorm_on_its_kept_channels(monkeypatch
     originals = dict(model.named_modules())
     for (_, teacher_bn, kept), (name, kept_too) in zip(seen["features"], res.channels.items()):
         assert teacher_bn is originals[name] and kept is kept_too
-    # without it, logits only
+    # by default at weight 10; at 0, logits only
     seen.clear()
     prune_without_data(model, SHAPE, images=torch.randn(8, *SHAPE), recover_steps=1, batch_size=4, progress=False)
+    assert seen["feature_weight"] == 10.0 and len(seen["features"]) == len(bns)
+    seen.clear()
+    prune_without_data(model, SHAPE, images=torch.randn(8, *SHAPE), recover_steps=1, batch_size=4,
+                       feature_weight=0.0, progress=False)
     assert "features" not in seen
 
 
