@@ -231,7 +231,7 @@ def prune_without_data(model: nn.Module, input_shape: Sequence[int], mean=None, 
        also learns the unpruned one's BatchNorm outputs on the channels it kept (``distill``'s ``features``): a
        target for every channel where the logits give ten numbers per image. On validation models of Fashion-MNIST
        halved on 512 DeepInversion images (``benches/results/compress_prune_study_cpu.md``) it took the slim
-       ResNet-18 from 68 % to 88.9 % (float 90.8 %), MobileNetV2 from 65 % to 79 % (84 % on DeepInversion of 1000
+       ResNet-18 from 68 % to 88.9 % (float 90.8 %), MobileNetV2 from 66 % to 79 % (84 % on DeepInversion of 1000
        steps; float 87.1 %) and LeNet-5-BN from 87.4 % to 88.1 % (float 89.9 %).
 
     Args:
