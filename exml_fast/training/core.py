@@ -353,6 +353,8 @@ def distill(
             without ``teacher``, not (module, module, channels) triples, or
             whose outputs' shapes do not match (raised at the first step).
     """
+    from exml_fast.ops import kd_loss, soft_target_cross_entropy
+
     sources = [name for name, v in (("teacher", teacher), ("soft_targets", soft_targets), ("labels", labels))
                if v is not None]
     if len(sources) != 1:
@@ -413,6 +415,7 @@ def distill(
     gen = cpu_generator(generator, "distill")
 
     device = next(student.parameters()).device
+    pairs = [(s_layer, t_layer, None if ch is None else ch.to(device), span) for s_layer, t_layer, ch, span in pairs]
     bounds = minibatch_bounds(n, batch_size)
     total = iterations if iterations is not None else epochs * len(bounds)
     params = student.parameters()
@@ -441,9 +444,42 @@ def distill(
     hooks = [layer.register_forward_hook(_keep_output(outputs, (side, i)))
              for i, pair in enumerate(pairs) for side, layer in (("s", pair[0]), ("t", pair[1]))]
     try:
-        _distill_steps(student, teacher, x, sampler, soft_targets, labels, loss, temperature, total, bounds, n,
-                       batch_size, device, gen, opt, sched, log, do_affine, do_augment, rotate, scale, fill,
-                       pad_crop, max_shift, flip, mixup, pairs, feature_weight, outputs)
+        perm = torch.empty(0, dtype=torch.int64)
+        pos = len(bounds)
+        for step in range(total):
+            if sampler is not None:
+                xb = _sampled(sampler, batch_size, gen).to(device)
+            else:
+                if pos == len(bounds):
+                    perm, pos = torch.randperm(n, generator=gen), 0
+                idx = perm[bounds[pos][0] : bounds[pos][1]]
+                pos += 1
+                xb = x[idx].to(device)
+            if do_affine:
+                xb = random_affine(xb, gen, degrees=rotate, scale=scale, fill=fill)
+            if do_augment:
+                xb = augment_batch(xb, gen, pad_crop=pad_crop, max_shift=max_shift, flip=flip, fill=fill)
+            if mixup:
+                xb = random_mixup(xb, gen, alpha=mixup)
+            logits = student(xb)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(xb).to(logits.dtype)
+                value = (kd_loss(logits, t_logits, temperature=float(temperature)) if loss == "kd"
+                         else F.l1_loss(logits, t_logits))
+                if pairs:
+                    value = value + feature_weight * _feature_loss(pairs, outputs)
+            elif soft_targets is not None:
+                value = soft_target_cross_entropy(logits, soft_targets[idx].to(device, logits.dtype),
+                                                  temperature=float(temperature))
+            else:
+                value = F.cross_entropy(logits, labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            log.add(step, value)
     finally:
         for h in hooks:
             h.remove()
@@ -456,8 +492,9 @@ def _keep_output(store: dict, key: tuple[str, int]):
     return hook
 
 
-def _check_features(features, teacher, source: str) -> list[tuple[nn.Module, nn.Module, torch.Tensor | None]]:
-    """``distill``'s ``features`` as a list of (student layer, teacher layer, channels or None)."""
+def _check_features(features, teacher, source: str) -> list[tuple]:
+    """``distill``'s ``features`` as a list of (student layer, teacher layer, channels or None, the channels'
+    (min, max) or None), the range taken once here and checked against the teacher's output at each step."""
     if features is None:
         return []
     if teacher is None:
@@ -472,70 +509,26 @@ def _check_features(features, teacher, source: str) -> list[tuple[nn.Module, nn.
         if not ok:
             raise ValueError(f"distill: features[{i}] must be a (student_layer, teacher_layer, channels) triple "
                              f"of two nn.Modules and a 1-D int64 tensor or None; got {pair!r}")
-        pairs.append((pair[0], pair[1], channels))
+        span = (int(channels.min()), int(channels.max())) if channels is not None and channels.numel() else None
+        pairs.append((pair[0], pair[1], channels, span))
     return pairs
-
-
-def _distill_steps(student, teacher, x, sampler, soft_targets, labels, loss, temperature, total, bounds, n,
-                   batch_size, device, gen, opt, sched, log, do_affine, do_augment, rotate, scale, fill, pad_crop,
-                   max_shift, flip, mixup, pairs, feature_weight, outputs) -> None:
-    """The optimiser steps of :func:`distill` (its arguments checked)."""
-    from exml_fast.ops import kd_loss, soft_target_cross_entropy
-
-    perm = torch.empty(0, dtype=torch.int64)
-    pos = len(bounds)
-    for step in range(total):
-        if sampler is not None:
-            xb = _sampled(sampler, batch_size, gen).to(device)
-        else:
-            if pos == len(bounds):
-                perm, pos = torch.randperm(n, generator=gen), 0
-            idx = perm[bounds[pos][0] : bounds[pos][1]]
-            pos += 1
-            xb = x[idx].to(device)
-        if do_affine:
-            xb = random_affine(xb, gen, degrees=rotate, scale=scale, fill=fill)
-        if do_augment:
-            xb = augment_batch(xb, gen, pad_crop=pad_crop, max_shift=max_shift, flip=flip, fill=fill)
-        if mixup:
-            xb = random_mixup(xb, gen, alpha=mixup)
-        logits = student(xb)
-        if teacher is not None:
-            with torch.no_grad():
-                t_logits = teacher(xb).to(logits.dtype)
-            value = (kd_loss(logits, t_logits, temperature=float(temperature)) if loss == "kd"
-                     else F.l1_loss(logits, t_logits))
-            if pairs:
-                value = value + feature_weight * _feature_loss(pairs, outputs)
-        elif soft_targets is not None:
-            value = soft_target_cross_entropy(logits, soft_targets[idx].to(device, logits.dtype),
-                                              temperature=float(temperature))
-        else:
-            value = F.cross_entropy(logits, labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        log.add(step, value)
 
 
 def _feature_loss(pairs, outputs: dict) -> torch.Tensor:
     """The sum over ``pairs`` of the mean squared difference of the student's and the teacher's (channels of
     the) layer outputs kept by the hooks at this step."""
     total = None
-    for i, (s_layer, t_layer, channels) in enumerate(pairs):
+    for i, (s_layer, t_layer, channels, span) in enumerate(pairs):
         if ("s", i) not in outputs or ("t", i) not in outputs:
             side, layer = ("student", s_layer) if ("s", i) not in outputs else ("teacher", t_layer)
             raise ValueError(f"distill: features[{i}]: the {side} layer ({type(layer).__name__}) did not run in "
                              f"the {side}'s forward")
         s_out, t_out = outputs.pop(("s", i)), outputs.pop(("t", i))
         if channels is not None:
-            if channels.numel() and (int(channels.min()) < 0 or int(channels.max()) >= t_out.shape[1]):
+            if span is not None and (span[0] < 0 or span[1] >= t_out.shape[1]):
                 raise ValueError(f"distill: features[{i}]: channels must index dim 1 of the teacher layer's output "
-                                 f"({t_out.shape[1]} channels); got values in [{int(channels.min())}, "
-                                 f"{int(channels.max())}]")
-            t_out = t_out.index_select(1, channels.to(t_out.device))
+                                 f"({t_out.shape[1]} channels); got values in [{span[0]}, {span[1]}]")
+            t_out = t_out.index_select(1, channels)
         if s_out.shape != t_out.shape:
             raise ValueError(f"distill: features[{i}]: the student layer's output {tuple(s_out.shape)} does not "
                              f"match the teacher layer's {tuple(t_out.shape)}"
