@@ -21,7 +21,8 @@ DeepInversion images (and the same before recovery), BN-scale scores on them (th
 real training images (the ceiling). Records the test accuracy, the drop against the float model, the MACs and
 parameters before and after, the synthesis and recovery time. By default on all five models. A model's results
 are kept in ``--prune-dir``, as for ``prune-budget``. ``--feature-weight`` is ``prune_without_data``'s (the
-recovery also matches the BatchNorm outputs of the kept channels).
+recovery also matches the BatchNorm outputs of the kept channels; 10 as in the library, 0 for the logits-only
+recovery of the earlier record ``compress_prune_logits_cpu``).
 
 ``--part prune-budget``: how many images the pruning needs. Taylor pruning (50 % of the MACs) recovered on the
 first n of one draw of DeepInversion images, and of real training images, for each n of ``--budget-n``, every n
@@ -42,7 +43,7 @@ minutes, run those of ``STUDY_QUICK``.
 
 Usage:
     python benches/bench_compress.py [--part quantize|prune|prune-budget|prune-study] [--models NAME ...] [--n 128]
-        [--di-iterations 200] [--prune-n 512] [--recover-epochs 100] [--feature-weight 0] [--threads N]
+        [--di-iterations 200] [--prune-n 512] [--recover-epochs 100] [--feature-weight 10] [--threads N]
         [--out benches/results]
         [--model-dir runs/compress/models] [--budget-n 512 4096 16384] [--recover-steps 6400]
         [--budget-dir runs/compress/budget] [--prune-dir runs/compress/prune] [--holdout 5000]
@@ -335,7 +336,8 @@ def prune_budget_markdown(models: list[dict], args, env, command) -> str:
     return "\n".join(lines) + "\n"
 
 #: prune-study variants: (label, score images, recovery images, recovery changes). Images: "di" (the record's
-#: DeepInversion draw), "di1000" (the same with 1000 synthesis steps), "di2" (a second draw), "adi" (Adaptive
+#: DeepInversion draw), "di1000" (the same with 1000 synthesis steps), "di2", "di3", "di4" (the second to fourth
+#: draws: seeds 1 to 3), "adi" (Adaptive
 #: DeepInversion, DeepInversion §4.3's competition round: a draw against the first row's pruned and recovered
 #: network, competition weight 10), "real", "zeroq", "data-impressions", joined by "+" for a union. Changes:
 #: distill's keywords, plus "steps_x" (times the record's steps), "seed", and "features": the weight of the
@@ -366,7 +368,18 @@ STUDY = (
     ("the same, 4x the recovery steps", "di", "di", {"features": 10.0, "steps_x": 4}),
     ("the same, DI of 1000 synthesis steps", "di1000", "di1000", {"features": 10.0}),
     ("the same, real recovery", "di", "real", {"features": 10.0}),
+    ("the same, real scores", "real", "di", {"features": 10.0}),
+    ("a second DI draw", "di2", "di2", {}),
+    ("a third DI draw", "di3", "di3", {}),
+    ("a fourth DI draw", "di4", "di4", {}),
+    ("β 10, a second DI draw", "di2", "di2", {"features": 10.0}),
+    ("β 10, a third DI draw", "di3", "di3", {"features": 10.0}),
+    ("β 10, a fourth DI draw", "di4", "di4", {"features": 10.0}),
 )
+#: prune-study: the rows of the four DeepInversion draws (seeds 0 to 3), logits only and with the feature term
+DRAWS = {"logits only": ("the prune record's recipe", "a second DI draw", "a third DI draw", "a fourth DI draw"),
+         "β 10": ("BN outputs of the kept channels matched too (β 10)", "β 10, a second DI draw",
+                  "β 10, a third DI draw", "β 10, a fourth DI draw")}
 
 
 def prune_study_rows(name: str, args) -> dict:
@@ -405,11 +418,12 @@ def _prune_study_run(name: str, args) -> dict:
         t0 = time.perf_counter()
         if source == "real":
             return x_fit[torch.randperm(x_fit.shape[0], generator=torch.Generator().manual_seed(0))[:n]]
-        if source in ("di", "di1000", "di2", "adi"):
+        if source in ("di", "di1000", "di2", "di3", "di4", "adi"):
             if source == "adi" and not first_pruned:
                 raise ValueError("prune-study: an 'adi' row needs the recipe row (the first) run before it")
             options = {"competitor": first_pruned[0], "competition_weight": 10.0} if source == "adi" else None
-            x = synthetic_images(model, SHAPE, mean=mean, std=std, n=n, seed=int(source in ("di2", "adi")),
+            seed = int(source[2:]) - 1 if source in ("di2", "di3", "di4") else int(source == "adi")
+            x = synthetic_images(model, SHAPE, mean=mean, std=std, n=n, seed=seed,
                                  batch_size=256, progress=False, options=options,
                                  iterations=1000 if source == "di1000" else args.di_iterations)
         else:  # seed 1: a draw of its own, not the DeepInversion draw's seed
@@ -478,8 +492,13 @@ def prune_study_markdown(models: list[dict], args, env, command) -> str:
         seeds = [r["accuracy"] for r in rows if r["row"].startswith(("the prune record", "the same, recovery seed"))]
         spread = (f"over {len(seeds)} recovery seeds {min(seeds):.2f}–{max(seeds):.2f} %" if len(seeds) > 1
                   else f"(one recovery seed) {seeds[0]:.2f} %")
+        acc = {r["row"]: r["accuracy"] for r in rows}
+        draws = [f"{kind} {min(a):.2f}–{max(a):.2f} % (mean {sum(a) / len(a):.2f})"
+                 for kind, labels in DRAWS.items() if all(lb in acc for lb in labels)
+                 for a in [[acc[lb] for lb in labels]]]
+        draws_line = f"; over {len(DRAWS['β 10'])} DeepInversion draws: " + ", ".join(draws) if draws else ""
         lines += [f"**{m['name']}**: float {m['float_accuracy']:.2f} % on validation; the record's recipe "
-                  f"{spread}.", "",
+                  f"{spread}{draws_line}.", "",
                   "| variant | scores on | recovery on | steps | validation % | vs recipe | recovery s |",
                   "|---|---|---|---:|---:|---:|---:|"]
         for r in rows:
@@ -509,9 +528,9 @@ def main(argv=None) -> None:
                    help="default: all five (quantize, prune), the two LeNets (prune-budget), the three "
                         "Fashion-MNIST models (prune-study)")
     p.add_argument("--prune-n", type=int, default=512, help="images pruning scores and recovers on")
-    p.add_argument("--feature-weight", type=float, default=0.0,
+    p.add_argument("--feature-weight", type=float, default=10.0,
                    help="prune: prune_without_data's feature_weight (the recovery's BatchNorm-output term); "
-                        "default 0, the recipe of the record made before it (the library's default is 10)")
+                        "default 10, the library's; 0 is the logits-only recipe of compress_prune_logits_cpu")
     p.add_argument("--recover-epochs", type=int, default=100)
     p.add_argument("--budget-n", type=int, nargs="+", default=[512, 4096, 16384],
                    help="prune-budget: the image counts (each divides --recover-steps x 64)")

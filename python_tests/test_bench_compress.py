@@ -88,7 +88,9 @@ def test_prune_part_keeps_each_model_and_reads_it_back_only_with_the_same_settin
     assert calls == ["lenet5_bn-mnist"] * 2
     assert json.loads((tmp_path / "prune" / "lenet5_bn-mnist.json").read_text())["recover_epochs"] == 2
 
-    # the feature term is a setting too, passed to every row and named in the record
+    # the feature term is a setting too (the library's 10 by default), passed to every row and named in the record
+    assert json.loads((tmp_path / "compress_prune_cpu.json").read_text())["feature_weight"] == 10.0
+    assert "plus 10 x the mean squared difference of the BatchNorm outputs on the kept channels" in md
     weights = []
     real_prune = bench.prune_without_data
 
@@ -96,11 +98,10 @@ def test_prune_part_keeps_each_model_and_reads_it_back_only_with_the_same_settin
         weights.append(kwargs["feature_weight"])
         return real_prune(*args, **kwargs)
     monkeypatch.setattr(bench, "prune_without_data", spy)
-    bench.main([*argv[:-2], "--feature-weight", "10", "--out", str(tmp_path)])
-    assert calls == ["lenet5_bn-mnist"] * 3 and weights == [10.0] * len(bench.PRUNE_ROWS)
-    assert json.loads((tmp_path / "compress_prune_cpu.json").read_text())["feature_weight"] == 10.0
-    assert "plus 10 x the mean squared difference of the BatchNorm outputs on the kept channels" in \
-        (tmp_path / "compress_prune_cpu.md").read_text()
+    bench.main([*argv[:-2], "--feature-weight", "0", "--out", str(tmp_path)])  # logits only: run again
+    assert calls == ["lenet5_bn-mnist"] * 3 and weights == [0.0] * len(bench.PRUNE_ROWS)
+    assert json.loads((tmp_path / "compress_prune_cpu.json").read_text())["feature_weight"] == 0.0
+    assert "mean squared difference" not in (tmp_path / "compress_prune_cpu.md").read_text()
     with pytest.raises(SystemExit):
         bench.main([*argv[:-2], "--feature-weight", "-1", "--out", ""])
 
@@ -165,6 +166,30 @@ def test_prune_study_recipe_row_is_prune_without_data_and_validates_on_the_holdo
 
     bench.main(argv)  # the same settings: read back, not run again
     assert holdouts == [20]
+
+
+def test_prune_study_draw_rows_use_four_seeds_and_report_their_spread(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "trained_model", _tiny_validation_model([]))
+    monkeypatch.setattr(bench, "mnist_tensors", _tiny_mnist)
+    by_label = {row[0]: row for row in bench.STUDY}
+    monkeypatch.setattr(bench, "STUDY", tuple(by_label[lb] for kind in ("logits only", "β 10")
+                                              for lb in bench.DRAWS[kind]))
+    real_synth, seeds = bench.synthetic_images, []
+
+    def spy(*args, **kwargs):
+        seeds.append(kwargs["seed"])
+        return real_synth(*args, **kwargs)
+    monkeypatch.setattr(bench, "synthetic_images", spy)
+    bench.main(["--part", "prune-study", "--models", "lenet5_bn-fmnist", "--prune-n", "16", "--recover-epochs", "1",
+                "--di-iterations", "1", "--holdout", "20", "--study-dir", str(tmp_path / "study"), "--threads", "1",
+                "--out", str(tmp_path)])
+    assert seeds == [0, 1, 2, 3]  # one draw per seed, shared by the logits-only and the feature row
+    rows = json.loads((tmp_path / "compress_prune_study_cpu.json").read_text())["models"][0]["rows"]
+    acc = [r["accuracy"] for r in rows]
+    md = (tmp_path / "compress_prune_study_cpu.md").read_text()
+    assert (f"over 4 DeepInversion draws: logits only {min(acc[:4]):.2f}–{max(acc[:4]):.2f} % "
+            f"(mean {sum(acc[:4]) / 4:.2f}), β 10 {min(acc[4:]):.2f}–{max(acc[4:]):.2f} % "
+            f"(mean {sum(acc[4:]) / 4:.2f})") in md
 
 
 def test_prune_study_refuses_no_holdout(bench, capsys):
