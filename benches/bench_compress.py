@@ -337,11 +337,11 @@ def prune_budget_markdown(models: list[dict], args, env, command) -> str:
 
 #: prune-study variants: (label, score images, recovery images, recovery changes). Images: "di" (the record's
 #: DeepInversion draw), "di1000" (the same with 1000 synthesis steps), "di2", "di3", "di4" (the second to fourth
-#: draws: seeds 1 to 3), "adi" (Adaptive
-#: DeepInversion, DeepInversion §4.3's competition round: a draw against the first row's pruned and recovered
-#: network, competition weight 10), "real", "zeroq", "data-impressions", joined by "+" for a union. Changes:
-#: distill's keywords, plus "steps_x" (times the record's steps), "seed", and "features": the weight of the
-#: feature term on the kept channels' BatchNorm outputs (prune_without_data's feature_weight).
+#: draws: seeds 1 to 3), "adi" (Adaptive DeepInversion, DeepInversion §4.3's competition round: a draw against the
+#: first row's pruned and recovered network, competition weight 10), "real", "zeroq", "data-impressions", joined
+#: by "+" for a union. Changes: distill's keywords, plus "steps_x" (times the record's steps), "seed", and
+#: "features": the weight of the feature term on the kept channels' BatchNorm outputs (prune_without_data's
+#: feature_weight).
 STUDY = (
     ("the prune record's recipe", "di", "di", {}),
     ("the same, recovery seed 1", "di", "di", {"seed": 1}),
