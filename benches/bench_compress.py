@@ -47,7 +47,7 @@ Usage:
         [--out benches/results]
         [--model-dir runs/compress/models] [--budget-n 512 4096 16384] [--recover-steps 6400]
         [--budget-dir runs/compress/budget] [--prune-dir runs/compress/prune] [--holdout 5000]
-        [--study-dir runs/compress/study] [--study-rows 0 3 ...] [--note TEXT]
+        [--study-dir runs/compress/study] [--study-rows 0 3 ...] [--note TEXT] [--record NAME]
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -550,6 +551,9 @@ def main(argv=None) -> None:
     p.add_argument("--model-dir", default="runs/compress/models")
     p.add_argument("--note", default="", help="a line on how the record was made, kept in it")
     p.add_argument("--out", default=str(RESULTS), help="directory for the records ('' to not record)")
+    p.add_argument("--record", default=None,
+                   help="the record's name, without extension (default compress_<part>_cpu); another name keeps a "
+                        "variant, e.g. one model at other settings, beside the part's record")
     args = p.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -568,6 +572,8 @@ def main(argv=None) -> None:
                 f"first 0 (the recipe, which the others are read against); got {args.study_rows}")
     if not (args.feature_weight >= 0 and args.feature_weight < float("inf")):
         p.error(f"--feature-weight: a finite weight >= 0 (0: logits only); got {args.feature_weight}")
+    if args.record is not None and not re.fullmatch(r"[a-z0-9_]+", args.record):
+        p.error(f"--record: a name of lower-case letters, digits and '_' (no extension); got {args.record!r}")
     if args.part == "prune-study" and args.holdout < 1:
         p.error(f"--holdout: prune-study validates on the last --holdout training images, so it must be >= 1; "
                 f"got {args.holdout}")
@@ -587,7 +593,8 @@ def main(argv=None) -> None:
     if args.note:
         rec["note"] = args.note
     if args.out:
-        record(args.out, f"compress_{args.part.replace('-', '_')}_cpu", rec, markdown(models, args, env, command))
+        name = args.record or f"compress_{args.part.replace('-', '_')}_cpu"
+        record(args.out, name, rec, markdown(models, args, env, command))
 
 
 if __name__ == "__main__":

@@ -105,6 +105,15 @@ def test_prune_part_keeps_each_model_and_reads_it_back_only_with_the_same_settin
     with pytest.raises(SystemExit):
         bench.main([*argv[:-2], "--feature-weight", "-1", "--out", ""])
 
+    # --record names a variant kept beside the part's record, which it leaves alone
+    before = (tmp_path / "compress_prune_cpu.json").read_text()
+    bench.main([*argv[:-2], "--recover-epochs", "3", "--out", str(tmp_path), "--record", "compress_prune_variant_cpu"])
+    assert json.loads((tmp_path / "compress_prune_variant_cpu.json").read_text())["recover_epochs"] == 3
+    assert (tmp_path / "compress_prune_variant_cpu.md").exists()
+    assert (tmp_path / "compress_prune_cpu.json").read_text() == before
+    with pytest.raises(SystemExit):
+        bench.main([*argv[:-2], "--out", "", "--record", "x.json"])
+
 
 def _tiny_validation_model(holdouts):
     def fake(name, folder, holdout=0):  # a random LeNet-5-BN instead of one trained on all but the holdout
