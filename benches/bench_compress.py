@@ -377,10 +377,13 @@ STUDY = (
     ("β 10, a third DI draw", "di3", "di3", {"features": 10.0}),
     ("β 10, a fourth DI draw", "di4", "di4", {"features": 10.0}),
 )
-#: prune-study: the rows of the four DeepInversion draws (seeds 0 to 3), logits only and with the feature term
-DRAWS = {"logits only": ("the prune record's recipe", "a second DI draw", "a third DI draw", "a fourth DI draw"),
-         "β 10": ("BN outputs of the kept channels matched too (β 10)", "β 10, a second DI draw",
-                  "β 10, a third DI draw", "β 10, a fourth DI draw")}
+#: prune-study: the DeepInversion draws' images, the n-th of seed n - 1
+DRAW_SOURCES = ("di", "di2", "di3", "di4")
+#: prune-study: the labels of the rows that score and recover on one draw and change nothing else, logits only and
+#: with the feature term
+DRAWS = {kind: tuple(label for label, score, recover, changes in STUDY
+                     if score == recover and score in DRAW_SOURCES and changes == only)
+         for kind, only in (("logits only", {}), ("β 10", {"features": 10.0}))}
 
 
 def prune_study_rows(name: str, args) -> dict:
@@ -419,11 +422,11 @@ def _prune_study_run(name: str, args) -> dict:
         t0 = time.perf_counter()
         if source == "real":
             return x_fit[torch.randperm(x_fit.shape[0], generator=torch.Generator().manual_seed(0))[:n]]
-        if source in ("di", "di1000", "di2", "di3", "di4", "adi"):
+        if source in (*DRAW_SOURCES, "di1000", "adi"):
             if source == "adi" and not first_pruned:
                 raise ValueError("prune-study: an 'adi' row needs the recipe row (the first) run before it")
             options = {"competitor": first_pruned[0], "competition_weight": 10.0} if source == "adi" else None
-            seed = int(source[2:]) - 1 if source in ("di2", "di3", "di4") else int(source == "adi")
+            seed = DRAW_SOURCES.index(source) if source in DRAW_SOURCES else int(source == "adi")
             x = synthetic_images(model, SHAPE, mean=mean, std=std, n=n, seed=seed,
                                  batch_size=256, progress=False, options=options,
                                  iterations=1000 if source == "di1000" else args.di_iterations)
@@ -494,9 +497,11 @@ def prune_study_markdown(models: list[dict], args, env, command) -> str:
         spread = (f"over {len(seeds)} recovery seeds {min(seeds):.2f}–{max(seeds):.2f} %" if len(seeds) > 1
                   else f"(one recovery seed) {seeds[0]:.2f} %")
         acc = {r["row"]: r["accuracy"] for r in rows}
-        draws = [f"{kind} {min(a):.2f}–{max(a):.2f} % (mean {sum(a) / len(a):.2f})"
-                 for kind, labels in DRAWS.items() if all(lb in acc for lb in labels)
-                 for a in [[acc[lb] for lb in labels]]]
+        draws = []
+        for kind, labels in DRAWS.items():
+            if all(lb in acc for lb in labels):
+                a = [acc[lb] for lb in labels]
+                draws.append(f"{kind} {min(a):.2f}–{max(a):.2f} % (mean {sum(a) / len(a):.2f})")
         draws_line = f"; over {len(DRAWS['β 10'])} DeepInversion draws: " + ", ".join(draws) if draws else ""
         lines += [f"**{m['name']}**: float {m['float_accuracy']:.2f} % on validation; the record's recipe "
                   f"{spread}{draws_line}.", "",
