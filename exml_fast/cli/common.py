@@ -33,24 +33,23 @@ def positive_int(text: str) -> int:
     return v
 
 
-def positive_float(text: str) -> float:
+def _number(text: str, ok, expected: str) -> float:
+    """``text`` as a float when ``ok`` of it holds, else an argparse error naming what was ``expected``."""
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {v}")
     return v
+
+
+def positive_float(text: str) -> float:
+    return _number(text, lambda v: v > 0, "a positive number")
 
 
 def nonnegative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
-    if not 0 <= v < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {v}")
-    return v
+    return _number(text, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
 
 def class_list(text: str) -> list[int]:
