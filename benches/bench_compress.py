@@ -336,6 +336,10 @@ def prune_budget_markdown(models: list[dict], args, env, command) -> str:
         lines += ["", f"Note: {args.note}"]
     return "\n".join(lines) + "\n"
 
+#: prune-study: the DeepInversion draws' images, the n-th of seed n - 1
+DRAW_SOURCES = ("di", "di2", "di3", "di4")
+#: prune-study: their union (4n images)
+ALL_DRAWS = "+".join(DRAW_SOURCES)
 #: prune-study variants: (label, score images, recovery images, recovery changes). Images: "di" (the record's
 #: DeepInversion draw), "di1000" (the same with 1000 synthesis steps), "di2", "di3", "di4" (the second to fourth
 #: draws: seeds 1 to 3), "adi" (Adaptive DeepInversion, DeepInversion §4.3's competition round: a draw against the
@@ -376,9 +380,10 @@ STUDY = (
     ("β 10, a second DI draw", "di2", "di2", {"features": 10.0}),
     ("β 10, a third DI draw", "di3", "di3", {"features": 10.0}),
     ("β 10, a fourth DI draw", "di4", "di4", {"features": 10.0}),
+    ("β 10, the four DI draws together (4n images)", ALL_DRAWS, ALL_DRAWS, {"features": 10.0}),
+    ("β 10, the four draws together, 4x the recovery steps", ALL_DRAWS, ALL_DRAWS,
+     {"features": 10.0, "steps_x": 4}),
 )
-#: prune-study: the DeepInversion draws' images, the n-th of seed n - 1
-DRAW_SOURCES = ("di", "di2", "di3", "di4")
 #: prune-study: the labels of the rows that score and recover on one draw and change nothing else, logits only and
 #: with the feature term
 DRAWS = {kind: tuple(label for label, score, recover, changes in STUDY
