@@ -550,6 +550,7 @@ GENERATED_TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "compress_quantize_cpu": ("compress_quantize_cpu.json", compress_quantize),
     "compress_prune_cpu": ("compress_prune_cpu.json", compress_prune),
     "compress_prune_logits_cpu": ("compress_prune_logits_cpu.json", compress_prune),
+    "compress_prune_mbv2_di1000_cpu": ("compress_prune_mbv2_di1000_cpu.json", compress_prune),
     "compress_prune_budget_cpu": ("compress_prune_budget_cpu.json", compress_prune_budget),
     "compress_prune_study_cpu": ("compress_prune_study_cpu.json", compress_prune_study),
 }
