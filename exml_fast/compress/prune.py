@@ -235,8 +235,9 @@ def prune_without_data(model: nn.Module, input_shape: Sequence[int], mean=None, 
        steps; float 87.1 %) and LeNet-5-BN by 0.4 points on average over four DeepInversion draws. On the test
        split (``benches/results/compress_prune_cpu.md``) the slim ResNet-18 loses 1.1 points on Fashion-MNIST and
        0.2 on MNIST, LeNet-5-BN 0.6 on MNIST but 4.5 on Fashion-MNIST, MobileNetV2 20 on DeepInversion of 200
-       steps (1.5 on real images); a network that deep needs ``iterations=1000`` and ``recover_epochs=400``, with
-       which MobileNetV2 loses 1.8 points (``benches/results/compress_prune_mbv2_di1000_cpu.md``).
+       steps (1.5 on real images). A network that deep needs more synthesis steps (``iterations=1000``; the
+       default, DeepInversion's own 2000, did no better in a probe) and ``recover_epochs=400``, with which
+       MobileNetV2 loses 1.8 points (``benches/results/compress_prune_mbv2_di1000_cpu.md``).
 
     Args:
         model: a trained classifier, (N, C, H, W) -> (N, K) logits with K >= 2; not modified (its parameters,
