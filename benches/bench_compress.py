@@ -344,9 +344,9 @@ ALL_DRAWS = "+".join(DRAW_SOURCES)
 #: DeepInversion draw), "di1000" (the same with 1000 synthesis steps), "di2", "di3", "di4" (the second to fourth
 #: draws: seeds 1 to 3), "adi" (Adaptive DeepInversion, DeepInversion §4.3's competition round: a draw against the
 #: first row's pruned and recovered network, competition weight 10), "real", "zeroq", "data-impressions", joined
-#: by "+" for a union. Changes: distill's keywords, plus "steps_x" (times the record's steps), "seed", and
-#: "features": the weight of the feature term on the kept channels' BatchNorm outputs (prune_without_data's
-#: feature_weight).
+#: by "+" for a union; a DeepInversion draw with "@K" (e.g. "di2@2000") is that draw at K synthesis steps.
+#: Changes: distill's keywords, plus "steps_x" (times the record's steps), "seed", and "features": the weight of
+#: the feature term on the kept channels' BatchNorm outputs (prune_without_data's feature_weight).
 STUDY = (
     ("the prune record's recipe", "di", "di", {}),
     ("the same, recovery seed 1", "di", "di", {"seed": 1}),
@@ -383,12 +383,18 @@ STUDY = (
     ("β 10, the four DI draws together (4n images)", ALL_DRAWS, ALL_DRAWS, {"features": 10.0}),
     ("β 10, the four draws together, 4x the recovery steps", ALL_DRAWS, ALL_DRAWS,
      {"features": 10.0, "steps_x": 4}),
+    ("β 10, DI of 2000 synthesis steps (prune_without_data's default)", "di@2000", "di@2000", {"features": 10.0}),
+    ("β 10, DI of 2000 steps, a second draw", "di2@2000", "di2@2000", {"features": 10.0}),
+    ("β 10, DI of 2000 steps, a third draw", "di3@2000", "di3@2000", {"features": 10.0}),
+    ("β 10, DI of 2000 steps, a fourth draw", "di4@2000", "di4@2000", {"features": 10.0}),
+    ("β 10, DI of 2000 steps, 4x the recovery steps", "di@2000", "di@2000", {"features": 10.0, "steps_x": 4}),
 )
-#: prune-study: the labels of the rows that score and recover on one draw and change nothing else, logits only and
-#: with the feature term
+#: prune-study: the labels of the rows that score and recover on one draw and change nothing else: logits only,
+#: with the feature term, and with it on DeepInversion of 2000 steps
 DRAWS = {kind: tuple(label for label, score, recover, changes in STUDY
-                     if score == recover and score in DRAW_SOURCES and changes == only)
-         for kind, only in (("logits only", {}), ("β 10", {"features": 10.0}))}
+                     if score == recover and score in [d + at for d in DRAW_SOURCES] and changes == only)
+         for kind, only, at in (("logits only", {}, ""), ("β 10", {"features": 10.0}, ""),
+                                ("β 10 on DI of 2000 steps", {"features": 10.0}, "@2000"))}
 
 
 def prune_study_rows(name: str, args) -> dict:
@@ -427,14 +433,16 @@ def _prune_study_run(name: str, args) -> dict:
         t0 = time.perf_counter()
         if source == "real":
             return x_fit[torch.randperm(x_fit.shape[0], generator=torch.Generator().manual_seed(0))[:n]]
-        if source in (*DRAW_SOURCES, "di1000", "adi"):
-            if source == "adi" and not first_pruned:
+        base, _, steps = source.partition("@")
+        if base in (*DRAW_SOURCES, "di1000", "adi"):
+            if base == "adi" and not first_pruned:
                 raise ValueError("prune-study: an 'adi' row needs the recipe row (the first) run before it")
-            options = {"competitor": first_pruned[0], "competition_weight": 10.0} if source == "adi" else None
-            seed = DRAW_SOURCES.index(source) if source in DRAW_SOURCES else int(source == "adi")
+            options = {"competitor": first_pruned[0], "competition_weight": 10.0} if base == "adi" else None
+            seed = DRAW_SOURCES.index(base) if base in DRAW_SOURCES else int(base == "adi")
             x = synthetic_images(model, SHAPE, mean=mean, std=std, n=n, seed=seed,
                                  batch_size=256, progress=False, options=options,
-                                 iterations=1000 if source == "di1000" else args.di_iterations)
+                                 iterations=int(steps) if steps else 1000 if base == "di1000" else
+                                 args.di_iterations)
         else:  # seed 1: a draw of its own, not the DeepInversion draw's seed
             x = synthetic_images(model, SHAPE, mean=mean, std=std, method=source, n=n, seed=1, progress=False)
         synthesis_s[source] = time.perf_counter() - t0

@@ -201,6 +201,33 @@ def test_prune_study_draw_rows_use_four_seeds_and_report_their_spread(bench, tmp
             f"(mean {sum(acc[4:]) / 4:.2f})") in md
 
 
+def test_prune_study_draw_at_k_steps_is_that_draw_synthesised_for_k_steps(bench, tmp_path, monkeypatch):
+    # "di2@3": the second draw (seed 1) at 3 synthesis steps, shared by the rows that name it; plain "di2" keeps
+    # --di-iterations
+    study = bench.STUDY
+    monkeypatch.setattr(bench, "trained_model", _tiny_validation_model([]))
+    monkeypatch.setattr(bench, "mnist_tensors", _tiny_mnist)
+    monkeypatch.setattr(bench, "STUDY", (bench.STUDY[0], ("a", "di2@3", "di2@3", {}),
+                                         ("b", "di2@3", "di2", {"features": 10.0})))
+    real_synth, calls = bench.synthetic_images, []
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["seed"], kwargs["iterations"]))
+        return real_synth(*args, **kwargs)
+    monkeypatch.setattr(bench, "synthetic_images", spy)
+    bench.main(["--part", "prune-study", "--models", "lenet5_bn-fmnist", "--prune-n", "16", "--recover-epochs", "1",
+                "--di-iterations", "1", "--holdout", "20", "--study-dir", str(tmp_path / "study"), "--threads", "1",
+                "--out", str(tmp_path)])
+    assert calls == [(0, 1), (1, 3), (1, 1)]
+    rows = json.loads((tmp_path / "compress_prune_study_cpu.json").read_text())["models"][0]["rows"]
+    assert [(r["scores"], r["recovery"]) for r in rows][1:] == [("di2@3", "di2@3"), ("di2@3", "di2")]
+    # the library-default draws: one row per seed at 2000 steps with the feature term, summarised like the others
+    kind = bench.DRAWS["β 10 on DI of 2000 steps"]
+    by_label = {row[0]: row for row in study}
+    assert [by_label[lb][1:] for lb in kind] == [(f"{d}@2000", f"{d}@2000", {"features": 10.0})
+                                                 for d in bench.DRAW_SOURCES]
+
+
 def test_prune_study_refuses_no_holdout(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--part", "prune-study", "--holdout", "0", "--out", ""])
