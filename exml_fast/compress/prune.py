@@ -233,9 +233,10 @@ def prune_without_data(model: nn.Module, input_shape: Sequence[int], mean=None, 
        halved on 512 DeepInversion images (``benches/results/compress_prune_study_cpu.md``) it took the slim
        ResNet-18 from 68 % to 88.9 % (float 90.8 %), MobileNetV2 from 66 % to 79 % (84 % on DeepInversion of 1000
        steps; float 87.1 %) and LeNet-5-BN by 0.4 points on average over four DeepInversion draws. On the test
-       split (``benches/results/compress_prune_cpu.md``) the slim ResNet-18 loses 1.1 points on Fashion-MNIST and
-       0.2 on MNIST, LeNet-5-BN 0.6 on MNIST but 4.5 on Fashion-MNIST, MobileNetV2 20 on DeepInversion of 200
-       steps (1.5 on real images). A network that deep needs more synthesis steps (``iterations=1000``; the
+       split (``benches/results/compress_prune_cpu.md``, DeepInversion of 200 steps) the slim ResNet-18 loses 1.1
+       points on Fashion-MNIST and 0.2 on MNIST, LeNet-5-BN 0.6 on MNIST but 4.5 on Fashion-MNIST (2.1 at the
+       default 2000 steps, ``compress_prune_lenet_fmnist_di2000_cpu.md``, whose draws are steadier), MobileNetV2 20
+       (1.5 on real images). A network that deep needs more synthesis steps (``iterations=1000``; the
        default, DeepInversion's own 2000, did no better in a probe) and ``recover_epochs=400``, with which
        MobileNetV2 loses 1.8 points (``benches/results/compress_prune_mbv2_di1000_cpu.md``).
 
