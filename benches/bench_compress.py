@@ -341,12 +341,13 @@ DRAW_SOURCES = ("di", "di2", "di3", "di4")
 #: prune-study: their union (4n images)
 ALL_DRAWS = "+".join(DRAW_SOURCES)
 #: prune-study variants: (label, score images, recovery images, recovery changes). Images: "di" (the record's
-#: DeepInversion draw), "di1000" (the same with 1000 synthesis steps), "di2", "di3", "di4" (the second to fourth
-#: draws: seeds 1 to 3), "adi" (Adaptive DeepInversion, DeepInversion §4.3's competition round: a draw against the
-#: first row's pruned and recovered network, competition weight 10), "real", "zeroq", "data-impressions", joined
-#: by "+" for a union; a DeepInversion draw with "@K" (e.g. "di2@2000") is that draw at K synthesis steps.
-#: Changes: distill's keywords, plus "steps_x" (times the record's steps), "seed", and "features": the weight of
-#: the feature term on the kept channels' BatchNorm outputs (prune_without_data's feature_weight).
+#: DeepInversion draw), "di2", "di3", "di4" (the second to fourth draws: seeds 1 to 3), "adi" (Adaptive
+#: DeepInversion, DeepInversion §4.3's competition round: a draw against the first row's pruned and recovered
+#: network, competition weight 10), "real", "zeroq", "data-impressions", joined by "+" for a union; a
+#: DeepInversion draw with "@K" (e.g. "di@1000", "di2@2000") is that draw at K synthesis steps (records made
+#: before 2026-11-28 name "di@1000" "di1000"). Changes: distill's keywords, plus "steps_x" (times the record's
+#: steps), "seed", and "features": the weight of the feature term on the kept channels' BatchNorm outputs
+#: (prune_without_data's feature_weight).
 STUDY = (
     ("the prune record's recipe", "di", "di", {}),
     ("the same, recovery seed 1", "di", "di", {"seed": 1}),
@@ -363,7 +364,7 @@ STUDY = (
     ("mixup α 0.2", "di", "di", {"mixup": 0.2}),
     ("rotate 15°, scale 0.15", "di", "di", {"rotate": 15.0, "scale": 0.15}),
     ("horizontal flips", "di", "di", {"flip": True}),
-    ("DI of 1000 synthesis steps", "di1000", "di1000", {}),
+    ("DI of 1000 synthesis steps", "di@1000", "di@1000", {}),
     ("ZeroQ's distilled data for recovery", "di", "zeroq", {}),
     ("Data Impressions for recovery", "di", "data-impressions", {}),
     ("DI + ZeroQ for recovery (2n images)", "di", "di+zeroq", {}),
@@ -371,7 +372,7 @@ STUDY = (
     ("DI + Adaptive DI against the recipe's student (2n images)", "di", "di+adi", {}),
     ("BN outputs of the kept channels matched too (β 10)", "di", "di", {"features": 10.0}),
     ("the same, 4x the recovery steps", "di", "di", {"features": 10.0, "steps_x": 4}),
-    ("the same, DI of 1000 synthesis steps", "di1000", "di1000", {"features": 10.0}),
+    ("the same, DI of 1000 synthesis steps", "di@1000", "di@1000", {"features": 10.0}),
     ("the same, real recovery", "di", "real", {"features": 10.0}),
     ("the same, real scores", "real", "di", {"features": 10.0}),
     ("a second DI draw", "di2", "di2", {}),
@@ -434,15 +435,14 @@ def _prune_study_run(name: str, args) -> dict:
         if source == "real":
             return x_fit[torch.randperm(x_fit.shape[0], generator=torch.Generator().manual_seed(0))[:n]]
         base, _, steps = source.partition("@")
-        if base in (*DRAW_SOURCES, "di1000", "adi"):
+        if base in (*DRAW_SOURCES, "adi"):
             if base == "adi" and not first_pruned:
                 raise ValueError("prune-study: an 'adi' row needs the recipe row (the first) run before it")
             options = {"competitor": first_pruned[0], "competition_weight": 10.0} if base == "adi" else None
             seed = DRAW_SOURCES.index(base) if base in DRAW_SOURCES else int(base == "adi")
             x = synthetic_images(model, SHAPE, mean=mean, std=std, n=n, seed=seed,
                                  batch_size=256, progress=False, options=options,
-                                 iterations=int(steps) if steps else 1000 if base == "di1000" else
-                                 args.di_iterations)
+                                 iterations=int(steps) if steps else args.di_iterations)
         else:  # seed 1: a draw of its own, not the DeepInversion draw's seed
             x = synthetic_images(model, SHAPE, mean=mean, std=std, method=source, n=n, seed=1, progress=False)
         synthesis_s[source] = time.perf_counter() - t0
