@@ -22,7 +22,8 @@ real training images (the ceiling). Records the test accuracy, the drop against 
 parameters before and after, the synthesis and recovery time. By default on all five models. A model's results
 are kept in ``--prune-dir``, as for ``prune-budget``. ``--feature-weight`` is ``prune_without_data``'s (the
 recovery also matches the BatchNorm outputs of the kept channels; 10 as in the library, 0 for the logits-only
-recovery of the earlier record ``compress_prune_logits_cpu``).
+recovery of the earlier record ``compress_prune_logits_cpu``); ``--rotate`` and ``--scale`` its recovery's random
+rotation and zoom (0: none, the earlier records).
 
 ``--part prune-budget``: how many images the pruning needs. Taylor pruning (50 % of the MACs) recovered on the
 first n of one draw of DeepInversion images, and of real training images, for each n of ``--budget-n``, every n
@@ -43,7 +44,8 @@ minutes, run those of ``STUDY_QUICK``.
 
 Usage:
     python benches/bench_compress.py [--part quantize|prune|prune-budget|prune-study] [--models NAME ...] [--n 128]
-        [--di-iterations 200] [--prune-n 512] [--recover-epochs 100] [--feature-weight 10] [--threads N]
+        [--di-iterations 200] [--prune-n 512] [--recover-epochs 100] [--feature-weight 10] [--rotate 0]
+        [--scale 0] [--threads N]
         [--out benches/results]
         [--model-dir runs/compress/models] [--budget-n 512 4096 16384] [--recover-steps 6400]
         [--budget-dir runs/compress/budget] [--prune-dir runs/compress/prune] [--holdout 5000]
@@ -187,6 +189,10 @@ def quantize_markdown(models: list[dict], args, env, command) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: settings added after results were kept, with the value those results ran with (what a missing key means)
+_LATER_SETTINGS = {"rotate": 0.0, "scale": 0.0}
+
+
 def _kept(folder: str, name: str, settings: dict, run) -> dict:
     """Model ``name``'s results: read back from ``folder/name.json`` when an earlier invocation wrote them with the
     same ``settings`` (then marked ``read_back``), else ``run()`` and kept there (written whole or not at all). So
@@ -196,7 +202,7 @@ def _kept(folder: str, name: str, settings: dict, run) -> dict:
     if os.path.exists(path):
         with open(path) as f:
             done = json.load(f)
-        if all(done.get(k) == v for k, v in settings.items()):
+        if all(done.get(k, _LATER_SETTINGS.get(k)) == v for k, v in settings.items()):
             print(f"  {name}: read back from {path}", flush=True)
             return {**done, "read_back": True}
     done = {**run(), **settings}
@@ -216,7 +222,7 @@ def _read_back_line(models: list[dict], folder: str) -> list[str]:
 def prune_rows(name: str, args) -> dict:
     """The rows of :data:`PRUNE_ROWS` for model ``name``; kept in ``--prune-dir`` once done (:func:`_kept`)."""
     settings = {"prune_n": args.prune_n, "recover_epochs": args.recover_epochs, "di_iterations": args.di_iterations,
-                "feature_weight": args.feature_weight}
+                "feature_weight": args.feature_weight, "rotate": args.rotate, "scale": args.scale}
     return _kept(args.prune_dir, name, settings, lambda: _prune_run(name, args))
 
 
@@ -232,7 +238,8 @@ def _prune_run(name: str, args) -> dict:
     for label, importance, source, recover in PRUNE_ROWS:
         r = prune_without_data(model, SHAPE, mean, std, images=images[source], importance=importance,
                                flops_ratio=0.5, recover_epochs=args.recover_epochs if recover else 0, seed=0,
-                               feature_weight=args.feature_weight, progress=False)
+                               feature_weight=args.feature_weight, rotate=args.rotate, scale=args.scale,
+                               progress=False)
         acc = 100 * evaluate(r.model, x_test, y_test)
         rows.append({"row": label, "importance": importance, "images": source, "recover": recover,
                      "accuracy": acc, "drop_vs_float": float_acc - acc, "macs_before": r.macs_before,
@@ -248,7 +255,10 @@ def prune_markdown(models: list[dict], args, env, command) -> str:
     lines = env_markdown(env, "channel pruning without data", command)
     lines += [f"50 % of the MACs removed by channel pruning (Torch-Pruning's dependency graph, local pruning in "
               f"steps until at least half the MACs are gone), scored on {args.prune_n} images; recovery: "
-              f"{args.recover_epochs} epochs of KD (τ 4, SGD 0.01 cosine, batches of 64, pad-crop 4) from the "
+              f"{args.recover_epochs} epochs of KD (τ 4, SGD 0.01 cosine, batches of 64, "
+              + (f"random rotation up to {args.rotate:g}° and zoom by up to {args.scale:g}, then "
+                 if args.rotate or args.scale else "")
+              + "pad-crop 4) from the "
               "unpruned model on the same images"
               + (f", plus {args.feature_weight:g} x the mean squared difference of the BatchNorm outputs on the "
                  "kept channels (feature_weight)" if args.feature_weight else "")
@@ -550,6 +560,10 @@ def main(argv=None) -> None:
     p.add_argument("--feature-weight", type=float, default=10.0,
                    help="prune: prune_without_data's feature_weight (the recovery's BatchNorm-output term); "
                         "default 10, the library's; 0 is the logits-only recipe of compress_prune_logits_cpu")
+    p.add_argument("--rotate", type=float, default=0.0,
+                   help="prune: prune_without_data's rotate, the recovery's random rotation in degrees (default 0)")
+    p.add_argument("--scale", type=float, default=0.0,
+                   help="prune: prune_without_data's scale, the recovery's random zoom range (default 0)")
     p.add_argument("--recover-epochs", type=int, default=100)
     p.add_argument("--budget-n", type=int, nargs="+", default=[512, 4096, 16384],
                    help="prune-budget: the image counts (each divides --recover-steps x 64)")
@@ -590,6 +604,10 @@ def main(argv=None) -> None:
                 f"first 0 (the recipe, which the others are read against); got {args.study_rows}")
     if not (args.feature_weight >= 0 and args.feature_weight < float("inf")):
         p.error(f"--feature-weight: a finite weight >= 0 (0: logits only); got {args.feature_weight}")
+    if not 0 <= args.rotate <= 180:
+        p.error(f"--rotate: an angle in [0, 180] degrees; got {args.rotate}")
+    if not 0 <= args.scale < 1:
+        p.error(f"--scale: a zoom range in [0, 1); got {args.scale}")
     if args.record is not None and not re.fullmatch(r"[a-z0-9_]+", args.record):
         p.error(f"--record: a name of lower-case letters, digits and '_' (no extension); got {args.record!r}")
     if args.part == "prune-study" and args.holdout < 1:
@@ -603,7 +621,7 @@ def main(argv=None) -> None:
     rec = {"env": env, "argv": argv_list, "part": args.part, "n": args.n, "di_iterations": args.di_iterations,
            "prune_n": args.prune_n, "recover_epochs": args.recover_epochs, "train": TRAIN, "models": models}
     if args.part == "prune":
-        rec["feature_weight"] = args.feature_weight
+        rec.update(feature_weight=args.feature_weight, rotate=args.rotate, scale=args.scale)
     if args.part == "prune-study":
         rec["holdout"] = args.holdout
     if args.part == "prune-budget":

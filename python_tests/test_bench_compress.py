@@ -104,6 +104,26 @@ def test_prune_part_keeps_each_model_and_reads_it_back_only_with_the_same_settin
     assert "mean squared difference" not in (tmp_path / "compress_prune_cpu.md").read_text()
     with pytest.raises(SystemExit):
         bench.main([*argv[:-2], "--feature-weight", "-1", "--out", ""])
+    for bad in (["--rotate", "181"], ["--scale", "1"]):
+        with pytest.raises(SystemExit):
+            bench.main([*argv[:-2], *bad, "--out", ""])
+
+    # the recovery's rotation and zoom are settings too: results kept before they were (no such keys) ran with none
+    kept_path = tmp_path / "prune" / "lenet5_bn-mnist.json"
+    kept = json.loads(kept_path.read_text())
+    assert (kept.pop("rotate"), kept.pop("scale")) == (0.0, 0.0)
+    kept_path.write_text(json.dumps(kept))
+    augment = []
+    monkeypatch.setattr(bench, "prune_without_data",
+                        lambda *a, **kw: augment.append((kw["rotate"], kw["scale"])) or real_prune(*a, **kw))
+    bench.main([*argv[:-2], "--feature-weight", "0", "--rotate", "0", "--scale", "0", "--out", ""])
+    assert calls == ["lenet5_bn-mnist"] * 3 and augment == []  # read back
+    bench.main([*argv[:-2], "--feature-weight", "0", "--rotate", "15", "--scale", "0.15", "--out", str(tmp_path)])
+    assert calls == ["lenet5_bn-mnist"] * 4 and augment == [(15.0, 0.15)] * len(bench.PRUNE_ROWS)
+    rec = json.loads((tmp_path / "compress_prune_cpu.json").read_text())
+    assert (rec["rotate"], rec["scale"]) == (15.0, 0.15)
+    assert "random rotation up to 15° and zoom by up to 0.15, then pad-crop 4" in (
+        tmp_path / "compress_prune_cpu.md").read_text()
 
     # --record names a variant kept beside the part's record, which it leaves alone
     before = (tmp_path / "compress_prune_cpu.json").read_text()

@@ -52,6 +52,14 @@ def nonnegative_float(text: str) -> float:
     return _number(text, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
 
+def angle(text: str) -> float:
+    return _number(text, lambda v: 0 <= v <= 180, "an angle in [0, 180] degrees")
+
+
+def zoom_range(text: str) -> float:
+    return _number(text, lambda v: 0 <= v < 1, "a zoom range in [0, 1)")
+
+
 def class_list(text: str) -> list[int]:
     try:
         classes = [int(c) for c in text.split(",") if c.strip() != ""]

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from exml_fast.cli.common import device_arg, nonnegative_float, positive_float, positive_int, resolve_device, say
+from exml_fast.cli.common import (angle, device_arg, nonnegative_float, positive_float, positive_int, resolve_device,
+                                  say, zoom_range)
 from exml_fast.compress.calibration import CALIBRATION_METHODS
 from exml_fast.compress.job import TEST_SETS, compress_file
 from exml_fast.models import ARCHS
@@ -64,6 +65,10 @@ def add_commands(sub) -> None:
     p.add_argument("--feature-weight", type=nonnegative_float, default=10.0, metavar="W",
                    help="the recovery also matches the BatchNorm outputs of the kept channels, at this weight "
                         "(0: logits only; default: 10)")
+    p.add_argument("--rotate", type=angle, default=0.0, metavar="DEG",
+                   help="the recovery rotates each image by up to this many degrees (default: 0)")
+    p.add_argument("--scale", type=zoom_range, default=0.0, metavar="S",
+                   help="the recovery zooms each image by a factor in [1 - S, 1 + S] (default: 0)")
     d.add_argument("--student", required=True, choices=sorted(ARCHS), help="the student's architecture")
     d.add_argument("--epochs", type=positive_int, default=100, help="passes over the images (default: 100)")
 
@@ -77,7 +82,7 @@ def _compress(args: argparse.Namespace) -> int:
     if args.action == "prune":
         extra = {"flops_ratio": args.flops_ratio, "importance": args.importance,
                  "recover_epochs": args.recover_epochs, "recover_steps": args.recover_steps,
-                 "feature_weight": args.feature_weight}
+                 "feature_weight": args.feature_weight, "rotate": args.rotate, "scale": args.scale}
     elif args.action == "distill":
         extra = {"student": args.student, "epochs": args.epochs}
     report = compress_file(args.action, args.model, args.out, method=args.method, n=args.n, seed=args.seed,

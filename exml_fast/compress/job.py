@@ -68,8 +68,8 @@ def compress_file(action: str, model_path: str, out: str, *, method: str = "deep
                   seed: int = 0, iterations: int | None = None, test: str | None = None, test_n: int | None = None,
                   latency: bool = True, student: str | None = None, epochs: int = 100, flops_ratio: float = 0.5,
                   importance: str = "taylor", recover_epochs: int = 100,
-                  recover_steps: int | None = None, feature_weight: float = 10.0,
-                  device: str | torch.device = "cpu", progress: bool = True) -> dict[str, Any]:
+                  recover_steps: int | None = None, feature_weight: float = 10.0, rotate: float = 0.0,
+                  scale: float = 0.0, device: str | torch.device = "cpu", progress: bool = True) -> dict[str, Any]:
     """Runs one compression job on the checkpoint ``model_path``; writes ``out`` and ``<out>.report.json``.
 
     Args:
@@ -84,9 +84,10 @@ def compress_file(action: str, model_path: str, out: str, *, method: str = "deep
         latency: time both models on this CPU (adds two ``torch.compile`` runs).
         student: distill's student architecture (a key of :data:`exml_fast.models.ARCHS`).
         epochs: distill's passes over the images.
-        flops_ratio, importance, recover_epochs, recover_steps, feature_weight: prune's target, channel
-            importance, recovery length (epochs, or steps in their place when given) and the weight of the
-            recovery's BatchNorm-output term (:func:`~exml_fast.compress.prune_without_data`).
+        flops_ratio, importance, recover_epochs, recover_steps, feature_weight, rotate, scale: prune's target,
+            channel importance, recovery length (epochs, or steps in their place when given), the weight of the
+            recovery's BatchNorm-output term and its random rotation (degrees) and zoom
+            (:func:`~exml_fast.compress.prune_without_data`).
         device: where the synthesis, the pruning and the distillation run (quantisation is for x86 CPUs); the
             results are written, measured and timed on the CPU.
         progress: show progress bars.
@@ -118,11 +119,11 @@ def compress_file(action: str, model_path: str, out: str, *, method: str = "deep
     elif action == "prune":
         result = prune_without_data(model, info.input_shape, info.mean, info.std, images=images,
                                     flops_ratio=flops_ratio, importance=importance, recover_epochs=recover_epochs,
-                                    recover_steps=recover_steps, feature_weight=feature_weight, seed=seed,
-                                    progress=progress)
+                                    recover_steps=recover_steps, feature_weight=feature_weight, rotate=rotate,
+                                    scale=scale, seed=seed, progress=progress)
         new = result.model
         report.update(importance=importance, flops_ratio=flops_ratio, recover_epochs=recover_epochs,
-                      recover_steps=recover_steps, feature_weight=feature_weight,
+                      recover_steps=recover_steps, feature_weight=feature_weight, rotate=rotate, scale=scale,
                       macs_before=result.macs_before, macs_after=result.macs_after,
                       params_before=result.params_before, params_after=result.params_after)
         save_exported(new, out, example)

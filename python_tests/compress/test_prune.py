@@ -243,6 +243,10 @@ def test_feature_weight_matches_every_batchnorm_on_its_kept_channels(monkeypatch
     prune_without_data(model, SHAPE, images=torch.randn(8, *SHAPE), recover_steps=1, batch_size=4,
                        feature_weight=0.0, progress=False)
     assert "features" not in seen
+    assert (seen["rotate"], seen["scale"]) == (0.0, 0.0)  # no rotation or zoom by default; passed through
+    prune_without_data(model, SHAPE, images=torch.randn(8, *SHAPE), recover_steps=1, batch_size=4, rotate=15,
+                       scale=0.15, progress=False)
+    assert (seen["rotate"], seen["scale"]) == (15.0, 0.15)
 
 
 class _NumpyInTheMiddle(_TwoLayer):
@@ -287,6 +291,11 @@ class _Detached(_TwoLayer):
     (lambda: prune_without_data(LeNet5BN(), SHAPE, n=0), ValueError, "n must be an int >= 1"),
     (lambda: prune_without_data(LeNet5BN(), SHAPE, feature_weight=-1.0), ValueError,
      "feature_weight must be a finite number >= 0"),
+    (lambda: prune_without_data(LeNet5BN(), SHAPE, rotate=-1.0), ValueError, "rotate must be a finite number >= 0"),
+    (lambda: prune_without_data(LeNet5BN(), SHAPE, rotate=200), ValueError,
+     r"rotate must be an angle in \[0, 180\] degrees; got 200"),
+    (lambda: prune_without_data(LeNet5BN(), SHAPE, scale=1.0), ValueError,
+     r"scale must be a zoom range in \[0, 1\); got 1.0"),
     (lambda: prune_without_data(_NumpyInTheMiddle(), (1, 8, 8), images=torch.randn(4, 1, 8, 8)), ValueError,
      "Torch-Pruning cannot trace _NumpyInTheMiddle"),
     (lambda: prune_without_data(_Detached(), (1, 8, 8), images=torch.randn(4, 1, 8, 8)), ValueError,
@@ -295,7 +304,7 @@ class _Detached(_TwoLayer):
                                 recover_epochs=0), ValueError, "flops_ratio cannot be reached"),
 ], ids=["not-module", "not-classifier", "shape", "ratio-0", "ratio-1", "ratio-neg", "importance", "bn_scale-no-bn",
         "di-no-bn", "images-shape", "images-int", "epochs", "steps", "temperature", "n", "feature-weight",
-        "untraceable", "no-channels",
+        "rotate-neg", "rotate-big", "scale-1", "untraceable", "no-channels",
         "unreachable"])
 def test_bad_inputs_name_the_argument(call, error, match):
     with pytest.raises(error, match=f"prune_without_data: .*{match}" if "prune_without_data" not in match

@@ -242,12 +242,16 @@ def test_compress_quantize_job_writes_the_model_a_report_and_resumes(tmp_path):
     assert json.loads(open(student + ".report.json").read())["student"] == "lenet5_half"
     pruned = str(tmp_path / "p.pt2")
     assert _quiet(main, ["compress", "prune", "--model", teacher, "--out", pruned, "-n", "16", "--iterations", "2",
-                         "--recover-epochs", "1", "--recover-steps", "2", "--feature-weight", "10", "--test", "mnist",
-                         "--test-n", "200", "--no-latency", "--no-progress"]) == 0
+                         "--recover-epochs", "1", "--recover-steps", "2", "--feature-weight", "10", "--rotate", "15",
+                         "--scale", "0.15", "--test", "mnist", "--test-n", "200", "--no-latency",
+                         "--no-progress"]) == 0
     report = json.loads(open(pruned + ".report.json").read())
     assert (report["recover_epochs"], report["recover_steps"], report["feature_weight"]) == (1, 2, 10.0)
+    assert (report["rotate"], report["scale"]) == (15.0, 0.15)
     assert report["macs_after"] <= 0.5 * report["macs_before"] and report["size_after"] < report["size_before"]
     assert load_exported(pruned)(torch.zeros(2, *SHAPE)).shape == (2, 10)
     assert main(["compress", "distill", "--model", teacher, "--out", student]) == 2  # --student is required
     assert main(["compress", "prune", "--model", teacher, "--out", pruned, "--feature-weight", "-1"]) == 2
+    assert main(["compress", "prune", "--model", teacher, "--out", pruned, "--rotate", "181"]) == 2
+    assert main(["compress", "prune", "--model", teacher, "--out", pruned, "--scale", "1"]) == 2
     assert main(["compress", "quantize", "--model", str(tmp_path / "none.pt"), "--out", out]) == 1
