@@ -399,13 +399,18 @@ STUDY = (
     ("β 10, DI of 2000 steps, a third draw", "di3@2000", "di3@2000", {"features": 10.0}),
     ("β 10, DI of 2000 steps, a fourth draw", "di4@2000", "di4@2000", {"features": 10.0}),
     ("β 10, DI of 2000 steps, 4x the recovery steps", "di@2000", "di@2000", {"features": 10.0, "steps_x": 4}),
+    *((f"β 10, DI of 2000 steps{which}, rotate 15° and scale 0.15", f"{d}@2000", f"{d}@2000",
+       {"features": 10.0, "rotate": 15.0, "scale": 0.15})
+      for d, which in zip(DRAW_SOURCES, ("", ", a second draw", ", a third draw", ", a fourth draw"))),
 )
 #: prune-study: the labels of the rows that score and recover on one draw and change nothing else: logits only,
-#: with the feature term, and with it on DeepInversion of 2000 steps
+#: with the feature term, with it on DeepInversion of 2000 steps, and there with the recovery's rotation and zoom
 DRAWS = {kind: tuple(label for label, score, recover, changes in STUDY
                      if score == recover and score in [d + at for d in DRAW_SOURCES] and changes == only)
          for kind, only, at in (("logits only", {}, ""), ("β 10", {"features": 10.0}, ""),
-                                ("β 10 on DI of 2000 steps", {"features": 10.0}, "@2000"))}
+                                ("β 10 on DI of 2000 steps", {"features": 10.0}, "@2000"),
+                                ("β 10 on DI of 2000 steps with rotate 15° and scale 0.15",
+                                 {"features": 10.0, "rotate": 15.0, "scale": 0.15}, "@2000"))}
 
 
 def prune_study_rows(name: str, args) -> dict:

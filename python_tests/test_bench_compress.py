@@ -246,6 +246,10 @@ def test_prune_study_draw_at_k_steps_is_that_draw_synthesised_for_k_steps(bench,
     by_label = {row[0]: row for row in study}
     assert [by_label[lb][1:] for lb in kind] == [(f"{d}@2000", f"{d}@2000", {"features": 10.0})
                                                  for d in bench.DRAW_SOURCES]
+    # and the same draws recovered with prune_without_data's rotate 15 and scale 0.15 (the test record's)
+    kind = bench.DRAWS["β 10 on DI of 2000 steps with rotate 15° and scale 0.15"]
+    assert [by_label[lb][1:] for lb in kind] == [
+        (f"{d}@2000", f"{d}@2000", {"features": 10.0, "rotate": 15.0, "scale": 0.15}) for d in bench.DRAW_SOURCES]
 
 
 def test_prune_study_refuses_no_holdout(bench, capsys):
