@@ -552,6 +552,7 @@ GENERATED_TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "compress_prune_logits_cpu": ("compress_prune_logits_cpu.json", compress_prune),
     "compress_prune_mbv2_di1000_cpu": ("compress_prune_mbv2_di1000_cpu.json", compress_prune),
     "compress_prune_lenet_fmnist_di2000_cpu": ("compress_prune_lenet_fmnist_di2000_cpu.json", compress_prune),
+    "compress_prune_lenet_fmnist_aug_cpu": ("compress_prune_lenet_fmnist_aug_cpu.json", compress_prune),
     "compress_prune_budget_cpu": ("compress_prune_budget_cpu.json", compress_prune_budget),
     "compress_prune_study_cpu": ("compress_prune_study_cpu.json", compress_prune_study),
     "compress_prune_study_di2000_cpu": ("compress_prune_study_di2000_cpu.json", compress_prune_study),
