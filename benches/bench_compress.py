@@ -69,6 +69,7 @@ from benchlib import RESULTS, env_markdown, environment, record
 
 from exml_fast._utils.io import atomic_write
 from exml_fast.checkpoint import load_model, save_model
+from exml_fast.cli.common import angle, zoom_range
 from exml_fast.compress import (batchnorm_features, latency_ms, prune_without_data, quantize_without_data,
                                 synthetic_images)
 from exml_fast.compress.calibration import background
@@ -565,9 +566,9 @@ def main(argv=None) -> None:
     p.add_argument("--feature-weight", type=float, default=10.0,
                    help="prune: prune_without_data's feature_weight (the recovery's BatchNorm-output term); "
                         "default 10, the library's; 0 is the logits-only recipe of compress_prune_logits_cpu")
-    p.add_argument("--rotate", type=float, default=0.0,
+    p.add_argument("--rotate", type=angle, default=0.0,
                    help="prune: prune_without_data's rotate, the recovery's random rotation in degrees (default 0)")
-    p.add_argument("--scale", type=float, default=0.0,
+    p.add_argument("--scale", type=zoom_range, default=0.0,
                    help="prune: prune_without_data's scale, the recovery's random zoom range (default 0)")
     p.add_argument("--recover-epochs", type=int, default=100)
     p.add_argument("--budget-n", type=int, nargs="+", default=[512, 4096, 16384],
@@ -609,10 +610,6 @@ def main(argv=None) -> None:
                 f"first 0 (the recipe, which the others are read against); got {args.study_rows}")
     if not (args.feature_weight >= 0 and args.feature_weight < float("inf")):
         p.error(f"--feature-weight: a finite weight >= 0 (0: logits only); got {args.feature_weight}")
-    if not 0 <= args.rotate <= 180:
-        p.error(f"--rotate: an angle in [0, 180] degrees; got {args.rotate}")
-    if not 0 <= args.scale < 1:
-        p.error(f"--scale: a zoom range in [0, 1); got {args.scale}")
     if args.record is not None and not re.fullmatch(r"[a-z0-9_]+", args.record):
         p.error(f"--record: a name of lower-case letters, digits and '_' (no extension); got {args.record!r}")
     if args.part == "prune-study" and args.holdout < 1:

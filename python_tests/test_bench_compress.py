@@ -67,7 +67,8 @@ def test_prune_budget_refuses_a_budget_that_does_not_divide_the_steps(bench, cap
     assert "every n must divide --recover-steps x 64 = 409600; got [500]" in capsys.readouterr().err
 
 
-def test_prune_part_keeps_each_model_and_reads_it_back_only_with_the_same_settings(bench, tmp_path, monkeypatch):
+def test_prune_part_keeps_each_model_and_reads_it_back_only_with_the_same_settings(bench, tmp_path, monkeypatch,
+                                                                                     capsys):
     calls = []
     monkeypatch.setattr(bench, "_model_and_data", _tiny_model_and_data(calls))
     argv = ["--part", "prune", "--models", "lenet5_bn-mnist", "--prune-n", "16", "--recover-epochs", "1",
@@ -104,9 +105,11 @@ def test_prune_part_keeps_each_model_and_reads_it_back_only_with_the_same_settin
     assert "mean squared difference" not in (tmp_path / "compress_prune_cpu.md").read_text()
     with pytest.raises(SystemExit):
         bench.main([*argv[:-2], "--feature-weight", "-1", "--out", ""])
-    for bad in (["--rotate", "181"], ["--scale", "1"]):
+    for bad, expected in ((["--rotate", "181"], "an angle in [0, 180] degrees, got 181.0"),
+                          (["--scale", "1"], "a zoom range in [0, 1), got 1.0")):
         with pytest.raises(SystemExit):
             bench.main([*argv[:-2], *bad, "--out", ""])
+        assert expected in capsys.readouterr().err
 
     # the recovery's rotation and zoom are settings too: results kept before they were (no such keys) ran with none
     kept_path = tmp_path / "prune" / "lenet5_bn-mnist.json"
