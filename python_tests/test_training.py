@@ -225,7 +225,10 @@ def test_random_affine_rotates_and_zooms_each_sample_about_its_centre():
     moved = random_affine(dot, torch.Generator().manual_seed(2), degrees=90)
     where = [divmod(int(m.flatten().argmax()), 33) for m in moved]
     assert len(set(where)) >= 5 and all(abs(((i - 16) ** 2 + (j - 16) ** 2) ** 0.5 - 10) <= 1.5 for i, j in where)
-    for kw, match in (({"degrees": 200}, "degrees must be a number in"), ({"scale": 1.0}, "scale must be a number in")):
+    for kw, match in (({"degrees": 200}, r"random_affine: degrees must be an angle in \[0, 180\] degrees; got 200"),
+                      ({"scale": 1.0}, r"random_affine: scale must be a zoom range in \[0, 1\); got 1.0"),
+                      ({"degrees": True}, "random_affine: degrees must be a finite number >= 0; got True"),
+                      ({"scale": float("nan")}, "random_affine: scale must be a finite number >= 0; got nan")):
         with pytest.raises(ValueError, match=match):
             random_affine(x, g, **kw)
 
@@ -241,8 +244,12 @@ def test_distill_rotation_and_zoom_augment_reproducibly_and_default_off():
     torch.testing.assert_close(run(rotate=15, scale=0.1), run(rotate=15, scale=0.1), rtol=0, atol=0)
     assert not torch.equal(run(rotate=15, scale=0.1), run())
     assert torch.equal(run(rotate=0.0, scale=0.0), run())  # off: no draws, the run of before
-    with pytest.raises(ValueError, match="degrees must be a number in"):
-        run(rotate=-5)
+    # checked before any step, by distill's own argument names, with or without augment
+    for kw, match in (({"rotate": -5}, "distill: rotate must be a finite number >= 0; got -5"),
+                      ({"rotate": 200, "augment": False}, r"distill: rotate must be an angle in \[0, 180\]"),
+                      ({"scale": 1.5}, r"distill: scale must be a zoom range in \[0, 1\); got 1.5")):
+        with pytest.raises(ValueError, match=match):
+            run(**kw)
 
 
 def test_random_mixup_mixes_each_sample_with_one_partner_reproducibly():

@@ -14,7 +14,8 @@ import torch
 
 from exml_fast._utils.dtypes import FLOAT_DTYPES
 
-__all__ = ["check_choice", "check_float", "check_image_batch", "check_int", "cpu_generator", "per_channel"]
+__all__ = ["check_affine", "check_choice", "check_float", "check_image_batch", "check_int", "cpu_generator",
+           "per_channel"]
 
 
 def check_int(value: Any, name: str, owner: str, *, low: int | None = None, high: int | None = None) -> int:
@@ -69,6 +70,19 @@ def check_float(value: Any, name: str, owner: str, *, positive: bool = False) ->
             or (positive and value == 0)):
         raise ValueError(f"{owner}: {name} must be a finite number {'> 0' if positive else '>= 0'}; got {value!r}")
     return float(value)
+
+
+def check_affine(degrees: Any, scale: Any, owner: str, *,
+                 names: tuple[str, str] = ("degrees", "scale")) -> tuple[float, float]:
+    """``(float(degrees), float(scale))`` if they are a random rotation's largest angle, in [0, 180] degrees, and a
+    random zoom's range, in [0, 1); else ValueError ``"<owner>: <name> must be ...; got value"``, where the names
+    are ``names`` (``("rotate", "scale")`` where the caller's arguments are called so)."""
+    degrees, scale = check_float(degrees, names[0], owner), check_float(scale, names[1], owner)
+    if degrees > 180:
+        raise ValueError(f"{owner}: {names[0]} must be an angle in [0, 180] degrees; got {degrees!r}")
+    if scale >= 1:
+        raise ValueError(f"{owner}: {names[1]} must be a zoom range in [0, 1); got {scale!r}")
+    return degrees, scale
 
 
 def per_channel(value: Any, channels: int, name: str, owner: str, *,

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exml_fast._utils.checks import check_choice, check_float, check_int
+from exml_fast._utils.checks import check_affine, check_choice, check_float, check_int
 from exml_fast.compress.calibration import (BN_MATCHING_METHODS, background, check_classifier, check_images,
                                             has_batchnorm, synthetic_images)
 from exml_fast.synth.base import Synthesizer, eval_mode, resolve_device
@@ -302,11 +302,7 @@ def prune_without_data(model: nn.Module, input_shape: Sequence[int], mean=None, 
     lr = check_float(lr, "lr", owner, positive=True)
     temperature = check_float(temperature, "temperature", owner, positive=True)
     feature_weight = check_float(feature_weight, "feature_weight", owner)
-    rotate, scale = check_float(rotate, "rotate", owner), check_float(scale, "scale", owner)
-    if rotate > 180:
-        raise ValueError(f"{owner}: rotate must be an angle in [0, 180] degrees; got {rotate!r}")
-    if scale >= 1:
-        raise ValueError(f"{owner}: scale must be a zoom range in [0, 1); got {scale!r}")
+    rotate, scale = check_affine(rotate, scale, owner, names=("rotate", "scale"))
     name = type(model).__name__
     if importance == "bn_scale" and not has_batchnorm(model):
         raise ValueError(f"{owner}: importance='bn_scale' ranks channels by the |gamma| of their BatchNorm, but "

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exml_fast._utils.batches import minibatch_bounds
-from exml_fast._utils.checks import check_choice, check_float, check_int, cpu_generator
+from exml_fast._utils.checks import check_affine, check_choice, check_float, check_int, cpu_generator
 
 __all__ = ["KD_LOSSES", "OPTIMIZERS", "SCHEDULES", "augment_batch", "distill", "evaluate", "minibatch_bounds",
            "random_affine", "random_mixup", "train_classifier"]
@@ -80,14 +80,6 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None, *, pad_cro
     return augment_with_params(x, params, pad_crop=pad_crop)
 
 
-def _check_affine(degrees, scale) -> None:
-    """Raises ValueError unless :func:`random_affine` can take ``degrees`` and ``scale``."""
-    if not (isinstance(degrees, (int, float)) and 0 <= degrees <= 180):
-        raise ValueError(f"random_affine: degrees must be a number in [0, 180]; got {degrees!r}")
-    if not (isinstance(scale, (int, float)) and 0 <= scale < 1):
-        raise ValueError(f"random_affine: scale must be a number in [0, 1); got {scale!r}")
-
-
 def random_affine(x: torch.Tensor, generator: torch.Generator | None, *, degrees: float = 0.0, scale: float = 0.0,
                   fill: float = 0.0) -> torch.Tensor:
     """Per-sample random rotation and zoom of a (B, C, H, W) minibatch about its centre (bilinear).
@@ -98,7 +90,7 @@ def random_affine(x: torch.Tensor, generator: torch.Generator | None, *, degrees
     paper augments its DIs with "scaling, translation, rotation" for the distillation; this is the scaling and
     rotation (translation: :func:`augment_batch`).
     """
-    _check_affine(degrees, scale)
+    degrees, scale = check_affine(degrees, scale, "random_affine")
     b = x.shape[0]
     u = torch.rand(b, 2, generator=generator, dtype=torch.float64) * 2 - 1
     angle = u[:, 0] * math.radians(degrees)
@@ -349,7 +341,8 @@ def distill(
             without ``teacher`` or with ``epochs``, or one whose batch is not
             (batch_size, C, H, W) float; an unknown
             ``optimizer`` or ``schedule``; a non-positive size, lr or temperature;
-            ``mixup`` negative, or set without ``teacher``; ``features``
+            ``rotate`` not in [0, 180] or ``scale`` not in [0, 1) (checked
+            with or without ``augment``); ``mixup`` negative, or set without ``teacher``; ``features``
             without ``teacher``, not (module, module, channels) triples, or
             whose outputs' shapes do not match (raised at the first step).
     """
@@ -434,9 +427,8 @@ def distill(
     if teacher is not None:
         teacher.eval()
     do_augment = augment and (pad_crop > 0 or max_shift > 0 or flip)
+    rotate, scale = check_affine(rotate, scale, "distill", names=("rotate", "scale"))  # before any step
     do_affine = augment and (rotate or scale)
-    if do_affine:  # checked here, before any step
-        _check_affine(rotate, scale)
 
     student.train()
     log = _LossLog(log_every, total, "distill step", width=5)
