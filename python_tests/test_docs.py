@@ -193,8 +193,7 @@ def test_readme_is_short():
 def test_readme_headlines_are_the_records():
     """The README's headline table is, row for row, what the records say (at most ten rows)."""
     records = _records()
-    want = [[what, fig, records.record_link(rel, Path(rel).stem, from_docs=False)]
-            for what, fig, rel in records.headline_rows(ROOT)]
+    want = [[what, fig, records.headline_links(rel, from_docs=False)] for what, fig, rel in records.headline_rows(ROOT)]
     text = README.read_text()
     table = text[text.index("## Headline figures"):text.index("## Documentation")]
     got = [[c.strip() for c in r.strip().strip("|").split(" | ")] for r in table.splitlines()
