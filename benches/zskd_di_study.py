@@ -145,6 +145,18 @@ VARIANTS.update(_kd_seeds("dataset_lr0.01_1500it_tau5_warmup_2xep", "the DIs of 
                           {**_PAPER_STEPS, "tau": 5.0, "kd_epochs_factor": 2}))
 VARIANTS.update(_kd_seeds("dataset_lr0.01_1500it_tau5_warmup_mixup1_2xep", "... mixup Beta(1, 1) and twice the epochs",
                           {**_PAPER_STEPS, "tau": 5.0, "kd_mixup": 1.0, "kd_epochs_factor": 2}))
+# The student underfits its DIs: on Fashion-MNIST's 9600, KD seed 0 agrees with the teacher on only 89.5 % of the
+# (unaugmented) DIs it was trained on, seed 2 on 93.9 %, and the poorer fit is the poorer student on real images
+# (78.7 against 87.2 % validation). Weight decay 5e-4 on this 35 820-parameter student holds the fit back: at 1e-4
+# the same seed 0 fits 92.4 % of its DIs. Is a weaker decay the better recipe over seeds?
+for _tau, _factor in ((5, 2), (3, 1)):
+    for _wd in ("1e-4", "0"):
+        _ep = "_2xep" if _factor == 2 else ""
+        VARIANTS.update(_kd_seeds(f"dataset_lr0.01_1500it_tau{_tau}_warmup{_ep}_wd{_wd}",
+                                  f"the DIs of dataset_lr0.01_1500it_tau{_tau}_warmup; KD with the warm-up"
+                                  f"{' for twice the epochs' if _factor == 2 else ''}, weight decay {_wd} (not 5e-4)",
+                                  {**_PAPER_STEPS, "tau": float(_tau), "kd_epochs_factor": _factor,
+                                   "kd_wd": float(_wd)}))
 
 
 class _RescaledDI(DataImpressions):
@@ -203,7 +215,9 @@ def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, se
             warmup=cfg.get("kd_warmup", 0), rotate=cfg.get("kd_rotate", 0.0), scale=cfg.get("kd_scale", 0.0),
             augment=True, pad_crop=4, max_shift=1, flip=False, fill=0.0, generator=seed + cfg.get("kd_seed", 0))
     scores = {k: 100 * evaluate(student, *xy) for k, xy in evaluation.items()}
-    return {"variant": name, "what": VARIANTS[name][0], "settings": cfg, **scores, **diag,
+    with torch.no_grad():  # how well the student fits what it was taught: its inputs as stored, unaugmented
+        fit = 100 * float((student(inputs).argmax(1) == teacher(inputs).argmax(1)).float().mean())
+    return {"variant": name, "what": VARIANTS[name][0], "settings": cfg, **scores, **diag, "fit": fit,
             "synthesis_s": t_synth, "kd_s": time.perf_counter() - t0}
 
 
@@ -219,16 +233,20 @@ def markdown(rec: dict) -> str:
              "`lenet5_half_zskd`",
              "- saturated: the fraction of the DIs' pixels at 0 or 1; logit: the median over DIs of the teacher's "
              "largest |logit|; KL: the mean KL divergence from each DI's Dirichlet target to the teacher's output "
-             "on it at the synthesis temperature (how far the targets were from reached; blank: not measured "
-             "then); seconds by the host clock (synthesis 0: the DIs of an earlier row, read back)", "",
-             "| variant | what changes | validation (%) | test (%) | saturated | logit | KL | synthesis (s) | KD (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "on it at the synthesis temperature (how far the targets were from reached); fit: the % of its own "
+             "training inputs (as stored, unaugmented) the distilled student labels as the teacher does (how "
+             "well it fits what it was taught); blank: not measured then; seconds by the host clock (synthesis "
+             "0: the DIs of an earlier row, read back)", "",
+             "| variant | what changes | validation (%) | test (%) | saturated | logit | KL | fit (%) | synthesis (s) "
+             "| KD (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rec["rows"]:
         sat = f"{r['saturated']:.2f}" if "saturated" in r else ""
         lg = f"{r['teacher_max_abs_logit']:.1f}" if "teacher_max_abs_logit" in r else ""
         kl = f"{r['target_kl']:.2f}" if "target_kl" in r else ""
+        fit = f"{r['fit']:.2f}" if "fit" in r else ""
         lines.append(f"| {r['variant']} | {r['what']} | {r['validation']:.2f} | {r['test']:.2f} | {sat} | {lg} | "
-                     f"{kl} | {r['synthesis_s']:.0f} | {r['kd_s']:.0f} |")
+                     f"{kl} | {fit} | {r['synthesis_s']:.0f} | {r['kd_s']:.0f} |")
     groups: dict[str, list[dict]] = {}  # a recipe's rows: the same settings but the KD seed
     for r in rec["rows"]:
         if not r["settings"]["real"]:

@@ -27,7 +27,7 @@ def test_study_writes_the_variants_and_skips_them_on_a_rerun(tmp_path, monkeypat
     assert rec["train_images"] == 1000 and rec["n"] == 16
     di = rec["rows"][1]
     assert di["settings"]["space"] == "dataset" and 0 <= di["saturated"] <= 1 and di["target_kl"] >= 0
-    assert all(0 <= r[k] <= 100 for r in rec["rows"] for k in ("validation", "test"))
+    assert all(0 <= r[k] <= 100 for r in rec["rows"] for k in ("validation", "test", "fit"))
     md = (tmp_path / "zskd_di_study_cpu_n16.md").read_text()
     assert "| dataset_lr0.01 |" in md and "averaged over its KD seeds (`dataset_lr0.01` " in md
     # a recipe's rows of other KD seeds are averaged: the choice is the recipe's mean, not its luckiest seed

@@ -103,7 +103,7 @@ def test_zskd_smoke_writes_the_record_beside_the_paper(tmp_path, experiment):
 
 
 @needs_mnist
-def test_zskd_networks_kd_epochs_and_mixup_reach_the_kd_its_control_and_the_record(tmp_path, monkeypatch):
+def test_zskd_networks_kd_epochs_mixup_and_decay_reach_the_kd_its_control_and_the_record(tmp_path, monkeypatch):
     from exml_fast.experiments import zskd
 
     calls = []
@@ -111,7 +111,7 @@ def test_zskd_networks_kd_epochs_and_mixup_reach_the_kd_its_control_and_the_reco
 
     def spy(*args, **kwargs):
         if kwargs.get("teacher") is not None:  # a KD (the teacher trains on labels by the same function)
-            calls.append((kwargs["epochs"], kwargs["mixup"]))
+            calls.append((kwargs["epochs"], kwargs["mixup"], kwargs["weight_decay"]))
         return real_distill(*args, **kwargs)
 
     monkeypatch.setattr(zskd, "distill", spy)
@@ -119,20 +119,24 @@ def test_zskd_networks_kd_epochs_and_mixup_reach_the_kd_its_control_and_the_reco
     smoke = {**zskd.ZSKD_BUDGETS["smoke"], "kd_epochs": 1}
     monkeypatch.setitem(zskd.ZSKD_BUDGETS, "smokeplus", smoke)
     monkeypatch.setitem(zskd.ZSKD_NETWORKS, "paper", {**zskd.ZSKD_NETWORKS["paper"], "kd_mixup": 0.5, "kd_epochs": 2,
-                                                       "synth_iterations": 2, "teacher_epochs": 1})
+                                                       "synth_iterations": 2, "teacher_epochs": 1,
+                                                       "kd_weight_decay": {"mnist": 1e-4, "fashion-mnist": 0.0}})
     rec = zskd.reproduce_zskd("zskd-mnist", budget="smokeplus", out=tmp_path / "w", results=tmp_path / "res",
                               device="cpu", log=lambda line: None)
-    assert calls == [(2, 0.5), (2, 0.5)]  # the DIs' student and the real-data control
+    assert calls == [(2, 0.5, 1e-4), (2, 0.5, 1e-4)]  # the DIs' student and the real-data control: MNIST's decay
     assert rec["networks_detail"]["kd_epochs"] == 2 and rec["networks_detail"]["kd_mixup"] == 0.5
-    assert (tmp_path / "w" / "smokeplus" / "paper" / "control_seed0_n64_ep2_warmup500_mixup0.5.json").exists()
+    assert rec["networks_detail"]["kd_weight_decay"] == 1e-4
+    assert (tmp_path / "w" / "smokeplus" / "paper" / "control_seed0_n64_ep2_warmup500_mixup0.5_wd1e-4.json").exists()
     md = (tmp_path / "res" / "zskd_mnist_smokeplus.md").read_text()
-    assert "batch 64, 2 epochs (the networks' setting, not the budget's), per-sample pad-crop 4" in md
+    assert ("weight decay 1e-4, batch 64, 2 epochs (the networks' setting, not the budget's), per-sample pad-crop 4"
+            in md)
     assert "by a weight from Beta(0.5, 0.5) (mixup)" in md and "mix pairs of augmented DIs (mixup)" in md
     # a record made before the networks set them reads as the budget's epochs without mixup
     old = {**rec, "networks_detail": {k: v for k, v in rec["networks_detail"].items()
-                                      if k not in ("kd_epochs", "kd_mixup")}}
+                                      if k not in ("kd_epochs", "kd_mixup", "kd_weight_decay")}}
     text = zskd._markdown(old, "")
-    assert "batch 64, 1 epochs, per-sample pad-crop 4" in text and "(mixup)" not in text
+    assert "weight decay 5e-4, batch 64, 1 epochs, per-sample pad-crop 4" in text and "(mixup)" not in text
+    assert [zskd._decay(v) for v in (5e-4, 1e-4, 2.5e-4, 0.0)] == ["5e-4", "1e-4", "2.5e-4", "0"]
 
 
 def test_zskd_record_names_the_synthesis_settings_the_networks_override():
