@@ -33,6 +33,9 @@ PAPER_ZSKD: dict[str, dict[str, Any]] = {
 }
 
 
+#: The KD's weight decay of every record made before the networks could set it (and of the controls' file names).
+_KD_WEIGHT_DECAY = 5e-4
+
 #: The networks a zero-shot KD reproduction uses, with their inputs and the teacher's recipe.
 #: "paper": the Data Impressions paper's (§4.1.2.1): :class:`~exml_fast.models.LeNet5ZSKD` → :class:`~exml_fast.models.
 #: LeNet5HalfZSKD` (61 706 → 35 820 parameters), MNIST resized to 32x32 with pixels in [0, 1]; the teacher is
@@ -46,11 +49,12 @@ ZSKD_NETWORKS: dict[str, dict[str, Any]] = {
               "teacher_lr": 0.05, "teacher_schedule": "cosine", "teacher_pad_crop": 2, "validation_size": 5000,
               "synth_lr": 0.01, "synth_space": "dataset", "synth_tau": {"mnist": 5.0, "fashion-mnist": 3.0},
               "synth_iterations": 1500, "kd_lr": 0.01, "kd_warmup": 500, "kd_mixup": 0.0, "kd_epochs": 200,
-              "kd_weight_decay": 5e-4, "teacher_epochs": 20},
+              "kd_weight_decay": _KD_WEIGHT_DECAY, "teacher_epochs": 20},
     "exml": {"teacher": "lenet5", "student": "lenet5_half", "resize": False, "normalize": True,
              "teacher_lr": 0.01, "teacher_schedule": "constant", "teacher_pad_crop": 0, "validation_size": None,
              "synth_lr": None, "synth_space": "input", "synth_tau": 20.0, "synth_iterations": None, "kd_lr": 0.05,
-             "kd_warmup": 0, "kd_mixup": 0.0, "kd_epochs": None, "kd_weight_decay": 5e-4, "teacher_epochs": None},
+             "kd_warmup": 0, "kd_mixup": 0.0, "kd_epochs": None, "kd_weight_decay": _KD_WEIGHT_DECAY,
+             "teacher_epochs": None},
 }
 #: The rest of a "paper" networks' recipe, chosen on the validation split at 2400 DIs
 #: (benches/results/zskd_di_study_cpu.md): the DIs are optimised in the dataset's normalised coordinates
@@ -280,7 +284,8 @@ def reproduce_zskd(
         + f" (paper {paper['student']:.2f} %)")
     # a control of the KD recipe in use
     recipe = (f"_warmup{nets['kd_warmup']}" if nets["kd_warmup"] else "") + (
-        f"_mixup{nets['kd_mixup']:g}" if nets["kd_mixup"] else "") + (f"_wd{_decay(kd_wd)}" if kd_wd != 5e-4 else "")
+        f"_mixup{nets['kd_mixup']:g}" if nets["kd_mixup"] else "") + (
+        f"_wd{_decay(kd_wd)}" if kd_wd != _KD_WEIGHT_DECAY else "")
     control = real_data_control(out / f"control_seed{seed}_n{n}_ep{kd_epochs}{recipe}.json", x, n=n,
                                 seed=seed, kd=kd, log=say)
 
@@ -315,7 +320,7 @@ _TAU_EVIDENCE = {"mnist": "on MNIST's validation split, +10.6 points over τ 20 
 def _record_tau(record: dict[str, Any]) -> float:
     """The record's synthesis τ: its own, else (records made before it was kept) its networks', else 20."""
     tau = record.get("synth_tau", record["networks_detail"].get("synth_tau", 20.0))
-    return tau[record["paper"]["dataset"]] if isinstance(tau, dict) else tau
+    return _for_dataset(tau, record["paper"]["dataset"])
 
 
 def _networks_not_budget(record: dict[str, Any], spec: dict[str, Any]) -> str:
@@ -334,7 +339,7 @@ def _markdown(record: dict[str, Any], at_least: str) -> str:
     inputs = "resized to 32x32, pixels in [0, 1]" if nets["resize"] else "padded to 32x32, normalised"
     # records made before the networks could set them: the budget's epochs, no mixup
     kd_epochs, mixup = nets.get("kd_epochs") or spec["kd_epochs"], nets.get("kd_mixup", 0.0)
-    kd_wd = nets.get("kd_weight_decay", 5e-4)
+    kd_wd = nets.get("kd_weight_decay", _KD_WEIGHT_DECAY)
     lines = [
         f"# Reproduction: zero-shot KD with Data Impressions ({paper['dataset']})",
         "",
