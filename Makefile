@@ -32,9 +32,12 @@
 #   make gpu-repro METHOD=m    on the GPU machine: one reproduction run too long for the CPU, at most 9 min a
 #                              call (GPU_REPRO_S, default 530 s), resumed by the next call from runs/gpu-repro;
 #                              m = dafl | dfad (dfkd-mnist's public-code recipe at its paper budget), skd (the
-#                              paper-budget generator fit and its KD) or
-#                              mi-ed (the ExML Table 2 paper-budget MI-ED row, one Split MNIST stream); the
-#                              record goes to GPU_CHECK_OUT/repro when the run finishes
+#                              paper-budget generator fit and its KD),
+#                              mi-ed (the ExML Table 2 paper-budget MI-ED row, one Split MNIST stream) or
+#                              skd-cil (cil-mnist's skd row under SKD's own 160-epoch schedule, five seeds; each
+#                              finished seed lands in the ledger GPU_CHECK_OUT/repro/cil_mnist_runs.json, which a
+#                              later session's call reads back); the record goes to GPU_CHECK_OUT/repro when the
+#                              run finishes
 #
 # Variables: PYTHON (interpreter that creates the venv, or the one used with
 # USE_SYSTEM_TORCH=1 and by gpu-check), VENV (default .venv), TORCH_CUDA_ARCH_LIST,
@@ -282,7 +285,9 @@ gpu-repro:
 	    --out runs/gpu-repro/dfkd-mnist --results "$(GPU_REPRO_OUT)" ;; \
 	  mi-ed) mkdir -p "$(GPU_REPRO_OUT)"; set -x; $(GPU_REPRO_RUN) exml-mnist --budget paper --runs 1 --scenarios split_mnist \
 	    --strategies mi-ed --device cuda --out runs/gpu-repro/exml-mnist --results "$(GPU_REPRO_OUT)" ;; \
-	  *) echo "gpu-repro: METHOD must be one of dafl, dfad, skd, mi-ed; got '$(METHOD)'" >&2; exit 2 ;; \
+	  skd-cil) mkdir -p "$(GPU_REPRO_OUT)"; set -x; $(GPU_REPRO_RUN) cil-mnist --budget paper --runs 5 --strategies skd \
+	    --device cuda --out runs/gpu-repro/cil-mnist --results "$(GPU_REPRO_OUT)" ;; \
+	  *) echo "gpu-repro: METHOD must be one of dafl, dfad, skd, mi-ed, skd-cil; got '$(METHOD)'" >&2; exit 2 ;; \
 	esac; status=$$?; if [ $$status -eq 124 ]; then \
 	  echo "gpu-repro: stopped at $(GPU_REPRO_S) s; run the same command again to resume" >&2; fi; exit $$status
 

@@ -566,6 +566,8 @@ def _make(*args):
     ("skd", "reproduce dfkd-mnist --budget paper --methods skd --device cuda"),
     ("mi-ed", "reproduce exml-mnist --budget paper --runs 1 --scenarios split_mnist --strategies mi-ed "
               "--device cuda"),
+    ("skd-cil", "reproduce cil-mnist --budget paper --runs 5 --strategies skd --device cuda "
+                "--out runs/gpu-repro/cil-mnist"),
 ])
 def test_gpu_repro_runs_the_asked_reproduction_under_a_time_limit(method, command):
     out = _make("-n", "gpu-repro", f"METHOD={method}", "GPU_REPRO_S=17").stdout
@@ -577,4 +579,4 @@ def test_gpu_repro_runs_the_asked_reproduction_under_a_time_limit(method, comman
 def test_gpu_repro_refuses_an_unknown_method():
     done = _make("gpu-repro", "METHOD=vgg")
     assert done.returncode != 0
-    assert "gpu-repro: METHOD must be one of dafl, dfad, skd, mi-ed; got 'vgg'" in done.stderr
+    assert "gpu-repro: METHOD must be one of dafl, dfad, skd, mi-ed, skd-cil; got 'vgg'" in done.stderr
