@@ -68,3 +68,39 @@ def test_study_of_another_dataset_keeps_its_own_record(tmp_path, monkeypatch):
     assert rec["dataset"] == "fashion-mnist" and rec["rows"][0]["settings"]["tau"] == 3.0
     assert "Data Impressions on the papers' networks, Fashion-MNIST" in (
         tmp_path / "zskd_di_study_fmnist_cpu_n16.md").read_text()
+
+
+def test_di_side_variants_reach_the_synthesis_and_a_named_record(tmp_path, monkeypatch):
+    """The τ 5 DI-side variants (jitter, synthesis lr schedule) reach DataImpressions and key DIs of their own;
+    --record names the record (a study on another machine's teacher is not mixed into the default one)."""
+    monkeypatch.syspath_prepend("benches")
+    sys.modules.pop("zskd_di_study", None)
+    import zskd_di_study as study
+
+    seen = []
+
+    class Recorded(study.DataImpressions):
+        def __init__(self, *a, **kw):
+            seen.append({k: kw[k] for k in ("jitter", "schedule", "temperature")})
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(study, "DataImpressions", Recorded)
+    names = ["dataset_lr0.01_1500it_tau5_warmup", "dataset_lr0.01_1500it_tau5_jitter4_warmup",
+             "dataset_lr0.01_1500it_tau5_cosine_warmup"]
+    for name in names:  # seconds: two synthesis steps each
+        monkeypatch.setitem(study.VARIANTS, name, (study.VARIANTS[name][0], {**study.VARIANTS[name][1], "iters": 2}))
+    assert study.VARIANTS["dataset_lr0.01_3000it_tau5_warmup"][1]["iters"] == 3000
+    args = ["--variants", ",".join(names), "--n", "16", "--kd-epochs", "1", "--teacher-epochs", "1",
+            "--max-train", "6000", "--threads", "1", "--work", str(tmp_path / "w"), "--out", str(tmp_path),
+            "--record", "di_side"]
+    assert study.main(args) == 0
+    assert seen == [{"jitter": 2, "schedule": "constant", "temperature": 5.0},
+                    {"jitter": 4, "schedule": "constant", "temperature": 5.0},
+                    {"jitter": 2, "schedule": "cosine", "temperature": 5.0}]
+    assert not (tmp_path / "zskd_di_study_cpu_n16.json").exists()
+    rec = json.loads((tmp_path / "di_side.json").read_text())
+    assert [r["variant"] for r in rec["rows"]] == names
+    assert len(list((tmp_path / "w").glob("dis_*"))) == 3  # each variant's DIs in a folder of its own
+    # the baseline's rows (recorded before the options existed) and these are told apart in the recipe means
+    md = (tmp_path / "di_side.md").read_text()
+    assert md.count("| dataset_lr0.01_1500it_tau5_") == 3 and "averaged over its KD seeds (`" in md
