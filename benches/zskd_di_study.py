@@ -161,8 +161,8 @@ for _tau, _factor in ((5, 2), (3, 1)):
 # epochs, mixup nor its weight decay closes it): do DIs optimised longer, under larger random shifts (the KD
 # shifts its inputs by up to 4 + 1 px) or with the Adam step annealed by a cosine teach the student more? At 2400
 # DIs the KD seeds of one recipe lie 5 points apart, so these recipes, and the τ 5 one they change, have five.
-VARIANTS.update({f"dataset_lr0.01_1500it_tau5_warmup_kdseed{seed}": ("... seed " + str(seed), {
-    **VARIANTS["dataset_lr0.01_1500it_tau5_warmup"][1], "kd_seed": seed}) for seed in (3, 4)})
+_TAU5 = "dataset_lr0.01_1500it_tau5_warmup"
+VARIANTS.update(_kd_seeds(_TAU5, *VARIANTS[_TAU5], seeds=(1, 2, 3, 4)))
 for _name, _what, _cfg in (("lr0.01_3000it_tau5", "twice the synthesis steps (Adam 0.01 x 3000)", {"iters": 3000}),
                            ("lr0.01_1500it_tau5_jitter4", "each synthesis step shifts the DIs by up to 4 px (not 2)",
                             {"jitter": 4}),
@@ -173,7 +173,7 @@ for _name, _what, _cfg in (("lr0.01_3000it_tau5", "twice the synthesis steps (Ad
                             {"iters": 3000, "jitter": 4}),
                            ("lr0.02_1500it_tau5", "twice the synthesis lr (Adam 0.02 x 1500)", {"lr": 0.02})):
     VARIANTS.update(_kd_seeds(f"dataset_{_name}_warmup",
-                              f"as dataset_lr0.01_1500it_tau5_warmup but {_what}",
+                              f"as {_TAU5} but {_what}",
                               {**_PAPER_STEPS, "tau": 5.0, **_cfg}, seeds=(1, 2, 3, 4)))
 
 

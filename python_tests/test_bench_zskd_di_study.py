@@ -101,6 +101,13 @@ def test_di_side_variants_reach_the_synthesis_and_a_named_record(tmp_path, monke
     rec = json.loads((tmp_path / "di_side.json").read_text())
     assert [r["variant"] for r in rec["rows"]] == names
     assert len(list((tmp_path / "w").glob("dis_*"))) == 3  # each variant's DIs in a folder of its own
-    # the baseline's rows (recorded before the options existed) and these are told apart in the recipe means
     md = (tmp_path / "di_side.md").read_text()
     assert md.count("| dataset_lr0.01_1500it_tau5_") == 3 and "averaged over its KD seeds (`" in md
+    # a row recorded before the options existed ran at jitter 2, constant lr: the τ 5 recipe, not another one
+    base = rec["rows"][0]
+    old = {**base, "variant": "old_kdseed1", "validation": base["validation"] + 50.0,
+           "settings": {k: v for k, v in {**base["settings"], "kd_seed": 1}.items() if k not in ("jitter", "schedule")}}
+    md2 = study.markdown({**rec, "rows": [*rec["rows"], old]})
+    assert f"(`{names[0]}` {base['validation']:.2f}, `old_kdseed1` {base['validation'] + 50:.2f}): " in md2
+    seed1, seed4 = (study.VARIANTS[f"{names[0]}_kdseed{k}"][1] for k in (1, 4))
+    assert seed4 == {**seed1, "kd_seed": 4}  # the τ 5 recipe's five KD seeds: one recipe
