@@ -286,7 +286,7 @@ gpu-repro:
 	  mi-ed) mkdir -p "$(GPU_REPRO_OUT)"; set -x; $(GPU_REPRO_RUN) exml-mnist --budget paper --runs 1 --scenarios split_mnist \
 	    --strategies mi-ed --device cuda --out runs/gpu-repro/exml-mnist --results "$(GPU_REPRO_OUT)" ;; \
 	  skd-cil) mkdir -p "$(GPU_REPRO_OUT)"; set -x; $(GPU_REPRO_RUN) cil-mnist --budget paper --runs 5 --strategies skd \
-	    --device cuda --out runs/gpu-repro/cil-mnist --results "$(GPU_REPRO_OUT)" ;; \
+	    --device cuda --progress --out runs/gpu-repro/cil-mnist --results "$(GPU_REPRO_OUT)" ;; \
 	  *) echo "gpu-repro: METHOD must be one of dafl, dfad, skd, mi-ed, skd-cil; got '$(METHOD)'" >&2; exit 2 ;; \
 	esac; status=$$?; if [ $$status -eq 124 ]; then \
 	  echo "gpu-repro: stopped at $(GPU_REPRO_S) s; run the same command again to resume" >&2; fi; exit $$status
