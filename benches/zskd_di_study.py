@@ -171,7 +171,12 @@ for _name, _what, _cfg in (("lr0.01_3000it_tau5", "twice the synthesis steps (Ad
                            # the first three's lessons: more optimisation (not an annealed one) and larger shifts
                            ("lr0.01_3000it_tau5_jitter4", "twice the synthesis steps and shifts of up to 4 px",
                             {"iters": 3000, "jitter": 4}),
-                           ("lr0.02_1500it_tau5", "twice the synthesis lr (Adam 0.02 x 1500)", {"lr": 0.02})):
+                           ("lr0.02_1500it_tau5", "twice the synthesis lr (Adam 0.02 x 1500)", {"lr": 0.02}),
+                           # the draw: the paper's β mixture was chosen at τ 20 (zskd_di_study_cpu.md); at τ 5?
+                           ("lr0.01_1500it_tau5_beta1", "β 1.0 only (the mixture's diffuse half)", {"beta": [1.0]}),
+                           ("lr0.01_1500it_tau5_beta0.1", "β 0.1 only (the mixture's peaky half)", {"beta": [0.1]}),
+                           ("lr0.01_1500it_tau5_beta10_1", "β 10 and 1 (targets nearer each class's similarity row)",
+                            {"beta": [10.0, 1.0]})):
     VARIANTS.update(_kd_seeds(f"dataset_{_name}_warmup",
                               f"as {_TAU5} but {_what}",
                               {**_PAPER_STEPS, "tau": 5.0, **_cfg}, seeds=(1, 2, 3, 4)))
