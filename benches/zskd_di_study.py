@@ -208,14 +208,14 @@ def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, se
         else:
             mean, std, synth_teacher = 0.0, 1.0, teacher
         keys = {k: cfg[k] for k in ("space", "lr", "iters", "tv_l2", "rescale", "beta")}
-        for k, default in (("tau", 20.0), ("jitter", 2), ("schedule", "constant")):
-            if cfg.get(k, default) != default:  # keyed only when set: the DIs of earlier rows keep their folders
+        for k in ("tau", "jitter", "schedule"):
+            if cfg[k] != BASE[k]:  # keyed only when set: the DIs of earlier rows keep their folders
                 keys[k] = cfg[k]
         key = hashlib.md5(json.dumps({**keys, "n": n, "seed": seed}, sort_keys=True).encode()).hexdigest()[:10]
         cls = _RescaledDI if cfg["rescale"] else DataImpressions
         synth = cls(synth_teacher, input_shape=(1, 32, 32), mean=mean, std=std, beta=tuple(cfg["beta"]),
                     temperature=cfg["tau"],
-                    lr=cfg["lr"], jitter=cfg.get("jitter", 2), schedule=cfg.get("schedule", "constant"), flip=False,
+                    lr=cfg["lr"], jitter=cfg["jitter"], schedule=cfg["schedule"], flip=False,
                     tv_l2_weight=cfg["tv_l2"], cuda_graph=False)
         dis = synth.synthesize(n, iterations=cfg["iters"], batch_size=800, generator=seed,
                                save_to=work / f"dis_{key}")
@@ -276,10 +276,9 @@ def markdown(rec: dict) -> str:
     for r in rec["rows"]:
         if not r["settings"]["real"]:
             recipe = {k: v for k, v in r["settings"].items() if k != "kd_seed"}
-            for key, off in (("kd_warmup", 0), ("kd_rotate", 0.0), ("kd_scale", 0.0), ("kd_targets", "teacher"),
-                             ("tau", 20.0), ("kd_mixup", 0.0), ("kd_epochs_factor", 1), ("jitter", 2),
-                             ("schedule", "constant")):
-                recipe.setdefault(key, off)  # rows from before the option existed ran without it
+            for key in ("kd_warmup", "kd_rotate", "kd_scale", "kd_targets", "tau", "kd_mixup", "kd_epochs_factor",
+                        "jitter", "schedule"):
+                recipe.setdefault(key, BASE[key])  # rows from before the option existed ran at its default
             groups.setdefault(json.dumps(recipe, sort_keys=True), []).append(r)
     if groups:
         best = max(groups.values(), key=lambda g: sum(r["validation"] for r in g) / len(g))
