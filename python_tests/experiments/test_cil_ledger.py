@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from exml_fast.data import find_data_root
-from exml_fast.experiments.cil import RunLedger, reproduce_cil
+from exml_fast.experiments.cil import CIL_BUDGETS, RunLedger, reproduce_cil
 
 # The tests that run reproduce_cil train on Split MNIST, as the other data tests, only where its files are.
 needs_mnist = pytest.mark.skipif(find_data_root("mnist") is None, reason="MNIST files not found (set EXML_FAST_DATA)")
@@ -168,3 +168,37 @@ def test_a_run_is_stamped_with_the_commit_its_process_started_at(tmp_path, monke
     runs = json.loads((tmp_path / "res" / "cil_mnist_smoke_runs.json").read_text())["runs"]
     assert [runs[f"finetune s{s}"]["machine"]["commit"] for s in (0, 1)] == ["start", "start"]
     assert runs["finetune s0"]["machine"]["date"] <= runs["finetune s1"]["machine"]["date"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _lines_before_the_first_run(monkeypatch, **kw):
+    """What reproduce_cil logs before its first run starts (the test stops it there, with no data read)."""
+    import exml_fast.experiments.cil as cil
+
+    def stop(*a, **k):
+        raise _Stop
+
+    monkeypatch.setattr(cil, "make_scenario", lambda *a, **k: None)
+    monkeypatch.setattr(cil, "run_named_strategy", stop)
+    lines = []
+    with pytest.raises(_Stop):
+        reproduce_cil("cil-mnist", runs=1, log=lines.append, results=None, **kw)
+    return lines
+
+
+def test_skd_at_the_paper_budget_on_a_cpu_is_warned_about_before_it_runs(tmp_path, monkeypatch):
+    lines = _lines_before_the_first_run(monkeypatch, budget="paper", strategies=("finetune", "skd"), device="cpu",
+                                        out=tmp_path)
+    assert len(lines) == 1 and lines[0].startswith("[reproduce] warning: skd at the paper budget trains 160 epochs")
+    assert "--device cuda" in lines[0] and "--budget demo" in lines[0]
+    assert CIL_BUDGETS["paper"]["strategies"]["skd"]["epochs"] == 160  # the schedule the warning names
+
+
+@pytest.mark.parametrize("kw", [{"budget": "smoke", "strategies": ("skd",), "device": "cpu"},
+                                {"budget": "paper", "strategies": ("finetune", "lwf"), "device": "cpu"},
+                                {"budget": "paper", "strategies": ("skd",), "device": "cuda"}])
+def test_no_warning_where_skd_s_schedule_does_not_run_on_a_cpu(tmp_path, monkeypatch, kw):
+    assert _lines_before_the_first_run(monkeypatch, out=tmp_path, **kw) == []
