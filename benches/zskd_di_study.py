@@ -11,7 +11,9 @@ real training images instead (the ceiling). The student is scored on the 5000 va
 choice) and on the test set (reported, never used to choose).
 
 The DIs of a variant are kept under ``--work`` (resumable shards keyed by the synthesis settings), so KD-only
-variants reuse them; finished variants are kept in the JSON record and skipped on a rerun.
+variants reuse them; finished variants are kept in the JSON record and skipped on a rerun. Processes running
+other variants of one record side by side (one thread each on two cores, say) each add their rows to it: the
+record is read again under a lock before every write.
 
 Usage:
     python benches/zskd_di_study.py [--dataset mnist|fashion-mnist] [--variants a,b] [--n 2400]
@@ -30,7 +32,7 @@ import time
 import torch
 from benchlib import RESULTS, command_line, data_missing, env_markdown, environment
 
-from exml_fast._utils.io import atomic_write
+from exml_fast._utils.io import atomic_write, locked
 from exml_fast.cl.scenarios import validation_indices
 from exml_fast.data import DATASET_STATS, mnist_tensors
 from exml_fast.experiments.zskd import ZSKD_NETWORKS, _FromNormalised, zskd_teacher
@@ -346,9 +348,17 @@ def main(argv=None) -> int:
         row = run_variant(name, {**BASE, **VARIANTS[name][1]}, teacher=teacher, train=train, evaluation=evaluation,
                           n=args.n, kd_epochs=args.kd_epochs, work=work, dataset=args.dataset)
         print(f"{name}: validation {row['validation']:.2f} %, test {row['test']:.2f} %", flush=True)
-        rec["rows"].append(row)
-        atomic_write(out, lambda f: f.write(json.dumps(rec, indent=1).encode()))
-        atomic_write(out.with_suffix(".md"), lambda f: f.write(markdown(rec).encode()))
+        row["command"] = rec["command"]  # a record gathers several invocations' rows; the header names the last
+        with locked(out.with_name(f".{out.name}.lock")):
+            # Read again under the lock: another process of the same study (other variants, side by side) may
+            # have written rows since this one read the record, and notes may have been added by hand.
+            disk = json.loads(out.read_text()) if out.exists() else None
+            if disk is not None and all(disk.get(k) == v for k, v in setting.items()):
+                rec = {**disk, **{k: rec[k] for k in ("env", "command", "dataset", "teacher")}}
+            if row["variant"] not in {r["variant"] for r in rec["rows"]}:
+                rec["rows"].append(row)
+            atomic_write(out, lambda f: f.write(json.dumps(rec, indent=1).encode()))
+            atomic_write(out.with_suffix(".md"), lambda f: f.write(markdown(rec).encode()))
     return 0
 
 

@@ -111,3 +111,37 @@ def test_di_side_variants_reach_the_synthesis_and_a_named_record(tmp_path, monke
     assert f"(`{names[0]}` {base['validation']:.2f}, `old_kdseed1` {base['validation'] + 50:.2f}): " in md2
     seed1, seed4 = (study.VARIANTS[f"{names[0]}_kdseed{k}"][1] for k in (1, 4))
     assert seed4 == {**seed1, "kd_seed": 4}  # the τ 5 recipe's five KD seeds: one recipe
+
+
+def test_processes_side_by_side_keep_each_others_rows_and_the_notes(tmp_path, monkeypatch):
+    """Two invocations running other variants of one record at once: each re-reads the record under its lock
+    before writing, so neither the other's rows nor notes added by hand meanwhile are lost."""
+    monkeypatch.syspath_prepend("benches")
+    sys.modules.pop("zskd_di_study", None)
+    import zskd_di_study as study
+
+    out = tmp_path / "zskd_di_study_cpu_n16.json"
+
+    def fake_row(name, cfg, **kw):
+        return {"variant": name, "what": study.VARIANTS[name][0], "settings": cfg, "validation": 50.0,
+                "test": 50.0, "synthesis_s": 0.0, "kd_s": 0.0}
+
+    def meanwhile(name, cfg, **kw):  # the other process finishes its row, and a note is written, during this run
+        other = json.loads(out.read_text())
+        seed1 = "dataset_lr0.01_kdseed1"
+        other["rows"].append(fake_row(seed1, {**study.BASE, **study.VARIANTS[seed1][1]}))
+        other["notes"] = ["(1) a note"]
+        out.write_text(json.dumps(other))
+        return fake_row(name, cfg)
+
+    args = ["--n", "16", "--kd-epochs", "1", "--teacher-epochs", "1", "--max-train", "6000", "--threads", "1",
+            "--work", str(tmp_path / "w"), "--out", str(tmp_path)]
+    monkeypatch.setattr(study, "run_variant", fake_row)
+    assert study.main([*args, "--variants", "real"]) == 0
+    monkeypatch.setattr(study, "run_variant", meanwhile)
+    assert study.main([*args, "--variants", "dataset_lr0.01"]) == 0
+    rec = json.loads(out.read_text())
+    assert [r["variant"] for r in rec["rows"]] == ["real", "dataset_lr0.01_kdseed1", "dataset_lr0.01"]
+    assert rec["notes"] == ["(1) a note"] and "(1) a note" in (tmp_path / "zskd_di_study_cpu_n16.md").read_text()
+    assert "--variants dataset_lr0.01" in rec["rows"][2]["command"]  # each row names the invocation that ran it
+    assert not list(tmp_path.glob("*.tmp*"))
