@@ -18,6 +18,7 @@ record is read again under a lock before every write.
 Usage:
     python benches/zskd_di_study.py [--dataset mnist|fashion-mnist] [--variants a,b] [--n 2400]
         [--kd-epochs 200] [--threads 2] [--work runs/zskd_di_study[_fmnist]] [--out benches/results]
+        [--record NAME]
 """
 
 from __future__ import annotations
@@ -188,6 +189,12 @@ for _name, _what, _cfg in (("lr0.01_3000it_tau5", "twice the synthesis steps (Ad
                               f"as {_TAU5} but {_what}",
                               {**_PAPER_STEPS, "tau": 5.0, **_cfg}, seeds=(1, 2, 3, 4)))
 
+# At 24 000 DIs the KD runs 200 epochs (400 are level: zskd_di_study_cpu_n24000.md, note 5); the draw that led at
+# 2400 DIs, at that budget's KD length.
+VARIANTS.update(_kd_seeds("dataset_lr0.01_1500it_tau5_beta10_1_warmup_2xep",
+                          "the DIs of dataset_lr0.01_1500it_tau5_beta10_1_warmup; KD with the warm-up for twice the "
+                          "epochs", {**_PAPER_STEPS, "tau": 5.0, "beta": [10.0, 1.0], "kd_epochs_factor": 2}))
+
 
 class _RescaledDI(DataImpressions):
     """Data Impressions whose every image is min-max rescaled onto the pixel range after each Adam step."""
@@ -332,16 +339,22 @@ def main(argv=None) -> int:
     held[validation_indices(y.shape[0], nets["validation_size"])] = True
     evaluation = {"validation": (x[held], y[held]), "test": (xt, yt)}
     train = (x[~held], y[~held])
+    out = pathlib.Path(args.out) / f"{stem}.json"
+    setting = {"n": args.n, "kd_epochs": args.kd_epochs, "teacher_epochs": args.teacher_epochs,
+               "train_images": int(train[1].shape[0])}
+
+    def other_setting(rec: dict) -> str:
+        """How ``rec``'s setting differs from this invocation's ("" where it does not)."""
+        return ", ".join(f"{k} {rec.get(k)} (here {v})" for k, v in setting.items() if rec.get(k) != v)
+
+    rec = json.loads(out.read_text()) if out.exists() else {**setting, "rows": []}
+    if other_setting(rec):  # its rows are not comparable with this one's, and must not be overwritten
+        ap.error(f"--out/--record: {out} is a study of another setting ({other_setting(rec)}); name a record of "
+                 "its own with --record")
     teacher = zskd_teacher(work / f"teacher_lenet5_zskd_seed0_ep{args.teacher_epochs}_n{y.shape[0]}.pt", *train,
                            arch=nets["teacher"], seed=0, epochs=args.teacher_epochs, dataset=args.dataset, mean=0.0,
                            std=1.0, device=torch.device("cpu"), log=print, lr=nets["teacher_lr"],
                            schedule=nets["teacher_schedule"], pad_crop=nets["teacher_pad_crop"])
-    out = pathlib.Path(args.out) / f"{stem}.json"
-    rec = json.loads(out.read_text()) if out.exists() else None
-    setting = {"n": args.n, "kd_epochs": args.kd_epochs, "teacher_epochs": args.teacher_epochs,
-               "train_images": int(train[1].shape[0])}
-    if rec is None or any(rec.get(k) != v for k, v in setting.items()):
-        rec = {**setting, "rows": []}  # another setting's record is replaced, not mixed with this one
     env = environment("cpu", "zskd DI study")
     env.pop("timer", None)  # wall-clock seconds of whole runs, not timed op calls
     rec.update({"env": env, "command": command_line("zskd_di_study.py", argv), "dataset": args.dataset,
@@ -358,7 +371,10 @@ def main(argv=None) -> int:
             # Read again under the lock: another process of the same study (other variants, side by side) may
             # have written rows since this one read the record, and notes may have been added by hand.
             disk = json.loads(out.read_text()) if out.exists() else None
-            if disk is not None and all(disk.get(k) == v for k, v in setting.items()):
+            if disk is not None:
+                if other_setting(disk):
+                    raise RuntimeError(f"{out} was made a study of another setting while this one ran "
+                                       f"({other_setting(disk)}); this run's row is not written: {json.dumps(row)}")
                 rec = {**disk, **{k: rec[k] for k in ("env", "command", "dataset", "teacher")}}
             if row["variant"] not in {r["variant"] for r in rec["rows"]}:
                 rec["rows"].append(row)

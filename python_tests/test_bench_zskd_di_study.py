@@ -145,3 +145,22 @@ def test_processes_side_by_side_keep_each_others_rows_and_the_notes(tmp_path, mo
     assert rec["notes"] == ["(1) a note"] and "(1) a note" in (tmp_path / "zskd_di_study_cpu_n16.md").read_text()
     assert "--variants dataset_lr0.01" in rec["rows"][2]["command"]  # each row names the invocation that ran it
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_a_record_of_another_setting_is_refused_not_overwritten(tmp_path, monkeypatch, capsys):
+    """Rows of another KD length (or number of DIs, ...) are not comparable: the study names the difference and
+    stops before it trains anything, and the record keeps its rows."""
+    monkeypatch.syspath_prepend("benches")
+    sys.modules.pop("zskd_di_study", None)
+    import zskd_di_study as study
+
+    out = tmp_path / "zskd_di_study_cpu_n16.json"
+    old = {"n": 16, "kd_epochs": 1, "teacher_epochs": 1, "train_images": 1000, "rows": [{"variant": "real"}]}
+    out.write_text(json.dumps(old))
+    args = ["--variants", "dataset_lr0.01", "--n", "16", "--kd-epochs", "2", "--teacher-epochs", "1",
+            "--max-train", "6000", "--threads", "1", "--work", str(tmp_path / "w"), "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        study.main(args)
+    assert "is a study of another setting (kd_epochs 1 (here 2)); name a record of its own with --record" in (
+        capsys.readouterr().err)
+    assert json.loads(out.read_text()) == old and not (tmp_path / "w").exists()
