@@ -191,9 +191,9 @@ for _name, _what, _cfg in (("lr0.01_3000it_tau5", "twice the synthesis steps (Ad
 
 # At 24 000 DIs the KD runs 200 epochs (400 are level: zskd_di_study_cpu_n24000.md, note 5); the draw that led at
 # 2400 DIs, at that budget's KD length.
-VARIANTS.update(_kd_seeds("dataset_lr0.01_1500it_tau5_beta10_1_warmup_2xep",
-                          "the DIs of dataset_lr0.01_1500it_tau5_beta10_1_warmup; KD with the warm-up for twice the "
-                          "epochs", {**_PAPER_STEPS, "tau": 5.0, "beta": [10.0, 1.0], "kd_epochs_factor": 2}))
+_BETA10_1 = "dataset_lr0.01_1500it_tau5_beta10_1_warmup"
+VARIANTS.update(_kd_seeds(f"{_BETA10_1}_2xep", f"the DIs of {_BETA10_1}; KD with the warm-up for twice the epochs",
+                          {**VARIANTS[_BETA10_1][1], "kd_epochs_factor": 2}))
 
 
 class _RescaledDI(DataImpressions):
@@ -348,9 +348,9 @@ def main(argv=None) -> int:
         return ", ".join(f"{k} {rec.get(k)} (here {v})" for k, v in setting.items() if rec.get(k) != v)
 
     rec = json.loads(out.read_text()) if out.exists() else {**setting, "rows": []}
-    if other_setting(rec):  # its rows are not comparable with this one's, and must not be overwritten
-        ap.error(f"--out/--record: {out} is a study of another setting ({other_setting(rec)}); name a record of "
-                 "its own with --record")
+    if differs := other_setting(rec):  # its rows are not comparable with this one's, and must not be overwritten
+        ap.error(f"--out/--record: {out} is a study of another setting ({differs}); name a record of its own with "
+                 "--record")
     teacher = zskd_teacher(work / f"teacher_lenet5_zskd_seed0_ep{args.teacher_epochs}_n{y.shape[0]}.pt", *train,
                            arch=nets["teacher"], seed=0, epochs=args.teacher_epochs, dataset=args.dataset, mean=0.0,
                            std=1.0, device=torch.device("cpu"), log=print, lr=nets["teacher_lr"],
@@ -372,9 +372,9 @@ def main(argv=None) -> int:
             # have written rows since this one read the record, and notes may have been added by hand.
             disk = json.loads(out.read_text()) if out.exists() else None
             if disk is not None:
-                if other_setting(disk):
-                    raise RuntimeError(f"{out} was made a study of another setting while this one ran "
-                                       f"({other_setting(disk)}); this run's row is not written: {json.dumps(row)}")
+                if differs := other_setting(disk):
+                    raise RuntimeError(f"{out} was made a study of another setting while this one ran ({differs}); "
+                                       f"this run's row is not written: {json.dumps(row)}")
                 rec = {**disk, **{k: rec[k] for k in ("env", "command", "dataset", "teacher")}}
             if row["variant"] not in {r["variant"] for r in rec["rows"]}:
                 rec["rows"].append(row)

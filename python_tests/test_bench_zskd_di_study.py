@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
+from _util import bench_module
 
 from exml_fast.data import find_data_root
 
 pytestmark = pytest.mark.skipif(find_data_root("mnist") is None, reason="MNIST files not found")
 
 
-def test_study_writes_the_variants_and_skips_them_on_a_rerun(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend("benches")
-    sys.modules.pop("zskd_di_study", None)
-    import zskd_di_study as study
+@pytest.fixture
+def study():
+    """benches/zskd_di_study.py, imported afresh for each test."""
+    with bench_module("zskd_di_study") as mod:
+        yield mod
 
+
+def test_study_writes_the_variants_and_skips_them_on_a_rerun(study, tmp_path):
     args = ["--variants", "real,dataset_lr0.01", "--n", "16", "--kd-epochs", "1", "--teacher-epochs", "1",
             "--max-train", "6000", "--threads", "1", "--work", str(tmp_path / "w"), "--out", str(tmp_path)]
     assert study.main(args) == 0
@@ -51,11 +54,7 @@ def test_study_writes_the_variants_and_skips_them_on_a_rerun(tmp_path, monkeypat
 
 
 @pytest.mark.skipif(find_data_root("fashion-mnist") is None, reason="Fashion-MNIST files not found")
-def test_study_of_another_dataset_keeps_its_own_record(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend("benches")
-    sys.modules.pop("zskd_di_study", None)
-    import zskd_di_study as study
-
+def test_study_of_another_dataset_keeps_its_own_record(study, tmp_path, monkeypatch):
     args = ["--dataset", "fashion-mnist", "--variants", "dataset_lr0.01_1500it_tau3_warmup", "--n", "16",
             "--kd-epochs", "1", "--teacher-epochs", "1", "--max-train", "6000", "--threads", "1",
             "--work", str(tmp_path / "w"), "--out", str(tmp_path)]
@@ -70,13 +69,9 @@ def test_study_of_another_dataset_keeps_its_own_record(tmp_path, monkeypatch):
         tmp_path / "zskd_di_study_fmnist_cpu_n16.md").read_text()
 
 
-def test_di_side_variants_reach_the_synthesis_and_a_named_record(tmp_path, monkeypatch):
+def test_di_side_variants_reach_the_synthesis_and_a_named_record(study, tmp_path, monkeypatch):
     """The τ 5 DI-side variants (jitter, synthesis lr schedule) reach DataImpressions and key DIs of their own;
     --record names the record (a study on another machine's teacher is not mixed into the default one)."""
-    monkeypatch.syspath_prepend("benches")
-    sys.modules.pop("zskd_di_study", None)
-    import zskd_di_study as study
-
     seen = []
 
     class Recorded(study.DataImpressions):
@@ -113,13 +108,9 @@ def test_di_side_variants_reach_the_synthesis_and_a_named_record(tmp_path, monke
     assert seed4 == {**seed1, "kd_seed": 4}  # the τ 5 recipe's five KD seeds: one recipe
 
 
-def test_processes_side_by_side_keep_each_others_rows_and_the_notes(tmp_path, monkeypatch):
+def test_processes_side_by_side_keep_each_others_rows_and_the_notes(study, tmp_path, monkeypatch):
     """Two invocations running other variants of one record at once: each re-reads the record under its lock
     before writing, so neither the other's rows nor notes added by hand meanwhile are lost."""
-    monkeypatch.syspath_prepend("benches")
-    sys.modules.pop("zskd_di_study", None)
-    import zskd_di_study as study
-
     out = tmp_path / "zskd_di_study_cpu_n16.json"
 
     def fake_row(name, cfg, **kw):
@@ -147,13 +138,9 @@ def test_processes_side_by_side_keep_each_others_rows_and_the_notes(tmp_path, mo
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-def test_a_record_of_another_setting_is_refused_not_overwritten(tmp_path, monkeypatch, capsys):
+def test_a_record_of_another_setting_is_refused_not_overwritten(study, tmp_path, capsys):
     """Rows of another KD length (or number of DIs, ...) are not comparable: the study names the difference and
     stops before it trains anything, and the record keeps its rows."""
-    monkeypatch.syspath_prepend("benches")
-    sys.modules.pop("zskd_di_study", None)
-    import zskd_di_study as study
-
     out = tmp_path / "zskd_di_study_cpu_n16.json"
     old = {"n": 16, "kd_epochs": 1, "teacher_epochs": 1, "train_images": 1000, "rows": [{"variant": "real"}]}
     out.write_text(json.dumps(old))
