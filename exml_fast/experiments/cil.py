@@ -274,9 +274,10 @@ def reproduce_cil(
     if device.type == "cpu" and "skd" in chosen and budget == "paper":
         # SKD's 160-epoch schedule has no CPU record: the 20-epoch runs' 690 s a task on one core scale to 6 h a
         # seed (docs/cil.md). Said before the first run, not after hours of it.
-        log("[reproduce] warning: skd at the paper budget trains 160 epochs a task (SKD's schedule), at least "
-            "6 h a seed on a CPU core, for each seed the ledger does not already hold at this schedule; it is a "
-            "GPU run (--device cuda, or `make gpu-repro METHOD=skd-cil`); --budget demo checks the pipeline")
+        log(f"[reproduce] warning: skd at the paper budget trains {spec['strategies']['skd']['epochs']} epochs a "
+            "task (SKD's schedule), at least 6 h a seed on a CPU core, for each seed the ledger does not already "
+            "hold at this schedule; it is a GPU run (--device cuda, or `make gpu-repro METHOD=skd-cil`); --budget "
+            "demo checks the pipeline")
     t_start = time.perf_counter()
     # The code this process runs is the tree as it is now: a commit made while the runs go on (they take
     # hours) must not be stamped on them. Each run's date is still taken when it finishes.
