@@ -15,7 +15,7 @@
 #   make bench-e2e             end-to-end synthesis benchmarks (about an hour on 2 CPU cores)
 #   USE_SYSTEM_TORCH=1 make …  use `python3` and the torch it has (e.g. a GPU machine)
 #   make sanitize              the CPU ops built with ASan + UBSan (apart, in build-sanitize/) and the op
-#                              tests run against them (about 20 min on 2 cores)
+#                              tests run against them (about 12 min on 2 cores, the build included)
 #   make gpu-check             on a GPU machine, with its own torch (USE_SYSTEM_TORCH=1 implied):
 #                              build for its GPU, every CUDA test (pytest -m cuda, ctest), memcheck,
 #                              smoke runs of the benches; summary + logs in GPU_CHECK_OUT (< 10 min; exit 2
