@@ -155,7 +155,7 @@ build: .stamps/build
 
 # The suites run over TEST_WORKERS pytest-xdist processes of one torch thread each, a whole file to a process
 # (--dist loadfile: a module's fixtures, such as the zoo's trained teachers, are built once). Most tests are too
-# small for two threads to help, so two processes on 2 cores took the main suite from 24 to 14.5 min
+# small for two threads to help, so two processes on 2 cores took the main suite from 24.3 to 14.4 min
 # (2026-11-28, the same 2663 tests). TEST_WORKERS=1, or a python without xdist (a system one on a GPU machine,
 # no internet), runs them in one process with torch's own thread count, as before.
 TEST_WORKERS ?= 2
