@@ -195,6 +195,15 @@ def test_skd_at_the_paper_budget_on_a_cpu_is_warned_about_before_it_runs(tmp_pat
     assert len(lines) == 1 and lines[0].startswith("[reproduce] warning: skd at the paper budget trains 160 epochs")
     assert "--device cuda" in lines[0] and "--budget demo" in lines[0]
     assert CIL_BUDGETS["paper"]["strategies"]["skd"]["epochs"] == 160  # the schedule the warning names
+    assert "at least 6 h a seed" in lines[0]  # 690 s a 20-epoch task (docs/cil.md), x 8, x 4 delegator tasks
+
+
+def test_the_skd_warning_s_hours_follow_the_paper_budget_s_epochs(tmp_path, monkeypatch):
+    skd = CIL_BUDGETS["paper"]["strategies"]["skd"]
+    monkeypatch.setitem(CIL_BUDGETS["paper"]["strategies"], "skd", {**skd, "epochs": 80})
+    lines = _lines_before_the_first_run(monkeypatch, budget="paper", strategies=("skd",), device="cpu",
+                                        out=tmp_path)
+    assert "trains 80 epochs a task" in lines[0] and "at least 3 h a seed" in lines[0]
 
 
 @pytest.mark.parametrize("kw", [{"budget": "smoke", "strategies": ("skd",), "device": "cpu"},
