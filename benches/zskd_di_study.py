@@ -18,7 +18,10 @@ record is read again under a lock before every write.
 Usage:
     python benches/zskd_di_study.py [--dataset mnist|fashion-mnist] [--variants a,b] [--n 2400]
         [--kd-epochs 200] [--threads 2] [--work runs/zskd_di_study[_fmnist]] [--out benches/results]
-        [--record NAME]
+        [--record NAME] [--geometry]
+
+``--geometry`` trains nothing: it adds where the DIs lie among real images (:func:`di_geometry`) to the rows
+of ``--variants`` that predate the measure, from their DIs on disk.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from exml_fast.data import DATASET_STATS, mnist_tensors
 from exml_fast.experiments.zskd import ZSKD_NETWORKS, _FromNormalised, zskd_teacher
 from exml_fast.models import LeNet5HalfZSKD
 from exml_fast.synth import DataImpressions
+from exml_fast.synth.batch import load_synthetic
 from exml_fast.training import distill, evaluate
 
 #: The recipe every variant starts from: DIs optimised on pixel inputs (the teacher's own coordinates, N(0, 1)
@@ -201,6 +205,20 @@ VARIANTS.update(_kd_seeds(f"{_BETA10_1}_2xep", f"the DIs of {_BETA10_1}; KD with
 _TAU5_2XEP = "dataset_lr0.01_1500it_tau5_warmup_2xep"
 VARIANTS.update(_kd_seeds(f"{_TAU5_2XEP}_kdtau10", f"{VARIANTS[_TAU5_2XEP][0]} at τ 10 (not 20)",
                           {**VARIANTS[_TAU5_2XEP][1], "kd_tau": 10.0}))
+# Two KD levers issue 42 names and 24 000 DIs had not tried: the paper's rotation and zoom of the DIs (level at
+# 2400 DIs of 100 epochs, zskd_di_study_cpu.md note 9; a student that fits only 95 % of its DIs after 200 epochs
+# may gain from more varied views of them), and twice the KD lr (the warm-up now keeps 0.02 from collapsing).
+VARIANTS.update(_kd_seeds(f"{_TAU5_2XEP}_affine", f"{VARIANTS[_TAU5_2XEP][0]}, each DI also rotated by up to 15 "
+                          "degrees and zoomed by 0.9-1.1", {**VARIANTS[_TAU5_2XEP][1], "kd_rotate": 15.0,
+                                                           "kd_scale": 0.1}))
+# The control at that KD recipe: as many real training images (its errors by reach are the baseline the DI
+# students' are read against).
+# A fourth KD seed of the chosen recipe (its errors grouped both ways, a measure its other seeds predate).
+VARIANTS.update(_kd_seeds(_TAU5_2XEP, *VARIANTS[_TAU5_2XEP], seeds=(3,)))
+VARIANTS["real_warmup_2xep"] = ("real training images, KD SGD 0.01 with the warm-up for twice the epochs",
+                                {"real": True, "kd_lr": 0.01, "kd_warmup": 500, "kd_epochs_factor": 2})
+VARIANTS.update(_kd_seeds(f"{_TAU5_2XEP}_kdlr0.02", f"{VARIANTS[_TAU5_2XEP][0]} at lr 0.02 (not 0.01)",
+                          {**VARIANTS[_TAU5_2XEP][1], "kd_lr": 0.02}))
 
 
 class _RescaledDI(DataImpressions):
@@ -216,6 +234,85 @@ class _RescaledDI(DataImpressions):
         x.sub_(lo).div_((hi - lo).clamp_min(1e-8)).mul_(b1 - b0).add_(b0)
 
 
+def di_geometry(teacher, inputs: torch.Tensor, train, evaluation, *, per_class: int = 1000,
+                probe: int = 5000) -> dict:
+    """Where the DIs lie among real images, in the teacher's penultimate features (cosine geometry).
+
+    ``spread``: the DIs' mean within-class cosine distance (class: the teacher's argmax; up to ``per_class`` a
+    class) over that of as many real training images of each class (by label), averaged over classes; above
+    1, the DIs of a class are more varied than its real images. ``gap``: the median over ``probe`` validation
+    images of the cosine distance to the nearest of ``probe`` DIs, over that to the nearest of ``probe`` real
+    training images; above 1, real images lie farther from the DIs than from other real images (the DIs cover
+    the real images' region less closely). ``balance``: the smallest class's share of the DIs by the teacher's
+    argmax, times the number of classes (1: balanced).
+    """
+    pick = torch.randperm(train[1].shape[0], generator=torch.Generator().manual_seed(0))[: inputs.shape[0]]
+    xr, yr = train[0][pick], train[1][pick]  # as many real training images as DIs
+    with torch.no_grad():
+        feats = teacher.features(inputs)
+        fd = torch.nn.functional.normalize(feats, dim=1)
+        cd = teacher.classifier(feats).argmax(1)
+        fr = torch.nn.functional.normalize(teacher.features(xr), dim=1)
+        fv = torch.nn.functional.normalize(teacher.features(evaluation["validation"][0][:probe]), dim=1)
+
+    def spread(f: torch.Tensor, labels: torch.Tensor, k: int) -> float | None:
+        m = f[labels == k][:per_class]
+        if m.shape[0] < 2:
+            return None
+        sim = m @ m.T
+        return float(1 - (sim.sum() - sim.diagonal().sum()) / (m.shape[0] * (m.shape[0] - 1)))
+
+    n_classes = teacher.classifier.out_features
+    pairs = [(spread(fd, cd, k), spread(fr, yr, k)) for k in range(n_classes)]
+    ratio = [d / r for d, r in pairs if d is not None and r]  # classes with two or more of each
+    gap_di = 1 - (fv @ fd[:probe].T).amax(1)
+    gap_real = 1 - (fv @ fr[:probe].T).amax(1)
+    counts = torch.bincount(cd, minlength=n_classes)
+    return {**({"spread": sum(ratio) / len(ratio)} if ratio else {}),
+            "gap": float(gap_di.median() / gap_real.median().clamp_min(1e-12)),
+            "balance": float(counts.min() * n_classes / counts.sum())}
+
+
+def errors_by_reach(teacher, student, inputs: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
+                    parts: int = 4, chunk: int = 1000) -> list[float]:
+    """The student's error (%) on the images ``x`` (labels ``y``) in ``parts`` equal groups, from the nearest to
+    its training ``inputs`` to the farthest: each image's cosine distance, in the teacher's penultimate
+    features, to the nearest of ``inputs``. Errors that grow steeply across the groups sit where the inputs do
+    not reach."""
+    with torch.no_grad():
+        fi = torch.nn.functional.normalize(teacher.features(inputs), dim=1)
+        fx = torch.nn.functional.normalize(teacher.features(x), dim=1)
+        near = torch.cat([1 - (fx[i:i + chunk] @ fi.T).amax(1) for i in range(0, fx.shape[0], chunk)])
+        wrong = (student(x).argmax(1) != y).float()
+    return [100 * float(wrong[part].mean()) for part in near.argsort().tensor_split(parts)]
+
+
+def variant_dis(cfg, *, teacher, n, work, seed=0, dataset="mnist", read_only=False):
+    """A variant's DIs in pixels ([0, 1]) and their Dirichlet targets: made (at most once: kept under ``work``,
+    keyed by the synthesis settings), or read back; ``read_only``: read back only (an error where they are not
+    all on disk)."""
+    if cfg["space"] == "dataset":
+        mean, std = DATASET_STATS[dataset]
+        synth_teacher = _FromNormalised(teacher, mean, std).eval()
+    else:
+        mean, std, synth_teacher = 0.0, 1.0, teacher
+    keys = {k: cfg[k] for k in ("space", "lr", "iters", "tv_l2", "rescale", "beta")}
+    for k in ("tau", "jitter", "schedule"):
+        if cfg[k] != BASE[k]:  # keyed only when set: the DIs of earlier rows keep their folders
+            keys[k] = cfg[k]
+    key = hashlib.md5(json.dumps({**keys, "n": n, "seed": seed}, sort_keys=True).encode()).hexdigest()[:10]
+    if read_only:
+        dis = load_synthetic(work / f"dis_{key}")
+        return (dis.x * std + mean).clamp_(0.0, 1.0), dis.soft_targets
+    cls = _RescaledDI if cfg["rescale"] else DataImpressions
+    synth = cls(synth_teacher, input_shape=(1, 32, 32), mean=mean, std=std, beta=tuple(cfg["beta"]),
+                temperature=cfg["tau"],
+                lr=cfg["lr"], jitter=cfg["jitter"], schedule=cfg["schedule"], flip=False,
+                tv_l2_weight=cfg["tv_l2"], cuda_graph=False)
+    dis = synth.synthesize(n, iterations=cfg["iters"], batch_size=800, generator=seed, save_to=work / f"dis_{key}")
+    return (dis.x * std + mean).clamp_(0.0, 1.0), dis.soft_targets
+
+
 def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, seed=0, dataset="mnist") -> dict:
     x, _ = train
     t0 = time.perf_counter()
@@ -223,25 +320,7 @@ def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, se
         idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
         inputs, diag, soft = x[idx], {}, None
     else:
-        if cfg["space"] == "dataset":
-            mean, std = DATASET_STATS[dataset]
-            synth_teacher = _FromNormalised(teacher, mean, std).eval()
-        else:
-            mean, std, synth_teacher = 0.0, 1.0, teacher
-        keys = {k: cfg[k] for k in ("space", "lr", "iters", "tv_l2", "rescale", "beta")}
-        for k in ("tau", "jitter", "schedule"):
-            if cfg[k] != BASE[k]:  # keyed only when set: the DIs of earlier rows keep their folders
-                keys[k] = cfg[k]
-        key = hashlib.md5(json.dumps({**keys, "n": n, "seed": seed}, sort_keys=True).encode()).hexdigest()[:10]
-        cls = _RescaledDI if cfg["rescale"] else DataImpressions
-        synth = cls(synth_teacher, input_shape=(1, 32, 32), mean=mean, std=std, beta=tuple(cfg["beta"]),
-                    temperature=cfg["tau"],
-                    lr=cfg["lr"], jitter=cfg["jitter"], schedule=cfg["schedule"], flip=False,
-                    tv_l2_weight=cfg["tv_l2"], cuda_graph=False)
-        dis = synth.synthesize(n, iterations=cfg["iters"], batch_size=800, generator=seed,
-                               save_to=work / f"dis_{key}")
-        inputs = (dis.x * std + mean).clamp_(0.0, 1.0)
-        soft = dis.soft_targets
+        inputs, soft = variant_dis(cfg, teacher=teacher, n=n, work=work, seed=seed, dataset=dataset)
         with torch.no_grad():
             logits = teacher(inputs)
         p_tau = torch.log_softmax(logits / cfg["tau"], 1)  # how far the DIs (as the student sees them) are
@@ -250,6 +329,8 @@ def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, se
                 "pixel_mean": float(inputs.mean()), "teacher_max_abs_logit": float(logits.abs().amax(1).median()),
                 "target_kl": float(kl.mean())}
     t_synth = time.perf_counter() - t0
+    if not cfg["real"]:
+        diag.update(di_geometry(teacher, inputs, train, evaluation))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1 + cfg.get("kd_seed", 0))
         student = LeNet5HalfZSKD()
@@ -263,7 +344,12 @@ def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, se
     scores = {k: 100 * evaluate(student, *xy) for k, xy in evaluation.items()}
     with torch.no_grad():  # how well the student fits what it was taught: its inputs as stored, unaugmented
         fit = 100 * float((student(inputs).argmax(1) == teacher(inputs).argmax(1)).float().mean())
-    return {"variant": name, "what": VARIANTS[name][0], "settings": cfg, **scores, **diag, "fit": fit,
+    by_reach = {"errors_by_reach": errors_by_reach(teacher, student, inputs, *evaluation["validation"])}
+    if not cfg["real"]:  # the same errors grouped by how far the images are from as many real training images:
+        # are the ones far from the DIs merely the ones that are hard for a student of real images too?
+        pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[: inputs.shape[0]]
+        by_reach["errors_by_real_reach"] = errors_by_reach(teacher, student, x[pick], *evaluation["validation"])
+    return {"variant": name, "what": VARIANTS[name][0], "settings": cfg, **scores, **diag, "fit": fit, **by_reach,
             "synthesis_s": t_synth, "kd_s": time.perf_counter() - t0}
 
 
@@ -281,18 +367,29 @@ def markdown(rec: dict) -> str:
              "largest |logit|; KL: the mean KL divergence from each DI's Dirichlet target to the teacher's output "
              "on it at the synthesis temperature (how far the targets were from reached); fit: the % of its own "
              "training inputs (as stored, unaugmented) the distilled student labels as the teacher does (how "
-             "well it fits what it was taught); blank: not measured then; seconds by the host clock (synthesis "
-             "0: the DIs of an earlier row, read back)", "",
-             "| variant | what changes | validation (%) | test (%) | saturated | logit | KL | fit (%) | synthesis (s) "
-             "| KD (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "well it fits what it was taught); errors by reach: the student's validation error in four quarters "
+             "of the validation images, from the nearest to its training inputs (DIs, or the real ones) to the "
+             "farthest, in the teacher's penultimate features (`errors_by_reach`); by real reach: the same "
+             "errors grouped by the images' distance to as many real training images (for DI students); spread, "
+             "gap, balance: where the DIs lie among real images in the teacher's penultimate features "
+             "(`di_geometry`: spread, the DIs' within-class variety over real images'; gap, how far validation "
+             "images are from the nearest DI over how far from the nearest real training image; balance, the "
+             "smallest class's share of the DIs times the classes); blank: not measured then; seconds by the host "
+             "clock (synthesis: making the DIs; 0 or a few seconds: those of an earlier row, read back, up to 13 s "
+             "where that included the DI geometry)", "",
+             "| variant | what changes | validation (%) | test (%) | saturated | logit | KL | fit (%) "
+             "| errors by reach (%) | by real reach (%) | spread | gap | balance | synthesis (s) | KD (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rec["rows"]:
         sat = f"{r['saturated']:.2f}" if "saturated" in r else ""
         lg = f"{r['teacher_max_abs_logit']:.1f}" if "teacher_max_abs_logit" in r else ""
         kl = f"{r['target_kl']:.2f}" if "target_kl" in r else ""
         fit = f"{r['fit']:.2f}" if "fit" in r else ""
+        reach = " | ".join(" / ".join(f"{e:.1f}" for e in r.get(k, [])) for k in ("errors_by_reach",
+                                                                                "errors_by_real_reach"))
+        geo = " | ".join(f"{r[k]:.2f}" if k in r else "" for k in ("spread", "gap", "balance"))
         lines.append(f"| {r['variant']} | {r['what']} | {r['validation']:.2f} | {r['test']:.2f} | {sat} | {lg} | "
-                     f"{kl} | {fit} | {r['synthesis_s']:.0f} | {r['kd_s']:.0f} |")
+                     f"{kl} | {fit} | {reach} | {geo} | {r['synthesis_s']:.0f} | {r['kd_s']:.0f} |")
     groups: dict[str, list[dict]] = {}  # a recipe's rows: the same settings but the KD seed
     for r in rec["rows"]:
         if not r["settings"]["real"]:
@@ -311,6 +408,28 @@ def markdown(rec: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_geometry(out: pathlib.Path, names, *, teacher, train, evaluation, n, work, dataset) -> int:
+    """Add :func:`di_geometry` to the rows of ``out`` named in ``names`` that lack it (DIs read back, once per
+    DI folder); the record is read and written under its lock, its header left as it is."""
+    with locked(out.with_name(f".{out.name}.lock")):
+        rec = json.loads(out.read_text())
+        measured: dict[str, dict] = {}
+        for row in rec["rows"]:
+            cfg = {**BASE, **row["settings"]}
+            if row["variant"] not in names or cfg["real"] or "gap" in row:
+                continue
+            key = json.dumps({k: cfg[k] for k in ("space", "lr", "iters", "tv_l2", "rescale", "beta", "tau",
+                                                 "jitter", "schedule")}, sort_keys=True)
+            if key not in measured:
+                inputs, _ = variant_dis(cfg, teacher=teacher, n=n, work=work, dataset=dataset, read_only=True)
+                measured[key] = di_geometry(teacher, inputs, train, evaluation)
+            row.update(measured[key])
+            print(f"{row['variant']}: " + ", ".join(f"{k} {v:.3f}" for k, v in measured[key].items()), flush=True)
+        atomic_write(out, lambda f: f.write(json.dumps(rec, indent=1).encode()))
+        atomic_write(out.with_suffix(".md"), lambda f: f.write(markdown(rec).encode()))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -323,6 +442,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=None, help="default: runs/zskd_di_study[_fmnist]")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--geometry", action="store_true",
+                    help="train nothing: add the DI geometry (spread, gap, balance) to the record's rows of "
+                         "--variants that lack it, from their DIs on disk")
     ap.add_argument("--record", default=None,
                     help="the record's file stem under --out (default: the dataset's study, with _n<N> when --n is "
                          "not 2400); a study on another teacher (another machine) belongs in a record of its own")
@@ -362,6 +484,9 @@ def main(argv=None) -> int:
                            arch=nets["teacher"], seed=0, epochs=args.teacher_epochs, dataset=args.dataset, mean=0.0,
                            std=1.0, device=torch.device("cpu"), log=print, lr=nets["teacher_lr"],
                            schedule=nets["teacher_schedule"], pad_crop=nets["teacher_pad_crop"])
+    if args.geometry:
+        return add_geometry(out, names, teacher=teacher, train=train, evaluation=evaluation, n=args.n, work=work,
+                            dataset=args.dataset)
     env = environment("cpu", "zskd DI study")
     env.pop("timer", None)  # wall-clock seconds of whole runs, not timed op calls
     rec.update({"env": env, "command": command_line("zskd_di_study.py", argv), "dataset": args.dataset,

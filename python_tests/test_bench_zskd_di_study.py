@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from _util import bench_module
 
 from exml_fast.data import find_data_root
@@ -31,6 +32,12 @@ def test_study_writes_the_variants_and_skips_them_on_a_rerun(study, tmp_path):
     di = rec["rows"][1]
     assert di["settings"]["space"] == "dataset" and 0 <= di["saturated"] <= 1 and di["target_kl"] >= 0
     assert all(0 <= r[k] <= 100 for r in rec["rows"] for k in ("validation", "test", "fit"))
+    # four quarters of the validation images: their mean is the validation error
+    for r in rec["rows"]:
+        for key in ("errors_by_reach", "errors_by_real_reach") if r is di else ("errors_by_reach",):
+            assert len(r[key]) == 4
+            assert sum(r[key]) / 4 == pytest.approx(100 - r["validation"], abs=1e-6)
+    assert "errors_by_real_reach" not in rec["rows"][0]  # a real row's inputs are real images
     md = (tmp_path / "zskd_di_study_cpu_n16.md").read_text()
     assert "| dataset_lr0.01 |" in md and "averaged over its KD seeds (`dataset_lr0.01` " in md
     # a recipe's rows of other KD seeds are averaged: the choice is the recipe's mean, not its luckiest seed
@@ -49,6 +56,14 @@ def test_study_writes_the_variants_and_skips_them_on_a_rerun(study, tmp_path):
     assert f"(`dataset_lr0.01_mixup1_2xep` {di['validation'] + 20:.2f}): {di['validation'] + 20:.2f} %" in md3
     assert study.main(args) == 0  # both done: read back, nothing rerun
     assert json.loads((tmp_path / "zskd_di_study_cpu_n16.json").read_text())["rows"] == rec["rows"]
+    # --geometry: a row without the DI geometry (one from before it) gains it from its DIs on disk, the same
+    # figures as a run measures; the real row and the header are left alone, and nothing is trained
+    assert di["gap"] > 0 and 0 <= di["balance"] <= 1
+    old = {**rec, "rows": [rec["rows"][0], {k: v for k, v in di.items() if k not in ("spread", "gap", "balance")}]}
+    (tmp_path / "zskd_di_study_cpu_n16.json").write_text(json.dumps(old))
+    assert "| dataset_lr0.01 |" in study.markdown(old)  # blank geometry cells for such rows
+    assert study.main([*args, "--geometry"]) == 0
+    assert json.loads((tmp_path / "zskd_di_study_cpu_n16.json").read_text()) == rec
     with pytest.raises(SystemExit):
         study.main(["--variants", "nope"])
 
@@ -151,3 +166,42 @@ def test_a_record_of_another_setting_is_refused_not_overwritten(study, tmp_path,
     assert "is a study of another setting (kd_epochs 1 (here 2)); name a record of its own with --record" in (
         capsys.readouterr().err)
     assert json.loads(out.read_text()) == old and not (tmp_path / "w").exists()
+
+
+def test_di_geometry_reads_where_the_dis_lie(study):
+    torch.manual_seed(0)
+    teacher = _FeatureTeacher()
+    x, y = torch.rand(400, 1, 32, 32), torch.arange(400) % 10
+    train, evaluation = (x, y), {"validation": (torch.rand(50, 1, 32, 32), torch.arange(50) % 10)}
+    # the very real images the measure compares with, as DIs: as near to the validation images as they are
+    pick = torch.randperm(400, generator=torch.Generator().manual_seed(0))[:200]
+    same = study.di_geometry(teacher, x[pick], train, evaluation)
+    counts = torch.bincount(teacher.classifier(teacher.features(x[pick])).argmax(1), minlength=10)
+    assert same["gap"] == pytest.approx(1.0) and same["spread"] > 0
+    assert same["balance"] == pytest.approx(float(counts.min()) * 10 / 200)
+    # one DI repeated: no variety within its class, every other class missing, farther from real images
+    collapsed = study.di_geometry(teacher, x[:1].expand(200, -1, -1, -1), train, evaluation)
+    assert collapsed["spread"] == pytest.approx(0.0, abs=1e-6) and collapsed["balance"] == 0.0
+    assert collapsed["gap"] > 1
+    # the student's errors, grouped from the images nearest the inputs to the farthest: a student that errs on
+    # exactly the images far from its inputs shows it in the last quarter only
+    xv = evaluation["validation"][0][:40]
+    near = 1 - (torch.nn.functional.normalize(teacher.features(xv), dim=1)
+                @ torch.nn.functional.normalize(teacher.features(x[pick]), dim=1).T).amax(1).detach()
+    far = near.argsort()[30:]
+    labels = teacher.classifier(teacher.features(xv)).argmax(1).detach()
+    labels[far] = (labels[far] + 1) % 10  # the teacher, as a student, is wrong exactly there
+    by_reach = study.errors_by_reach(teacher, teacher, x[pick], xv, labels)
+    assert by_reach == pytest.approx([0.0, 0.0, 0.0, 100.0])
+
+
+class _FeatureTeacher(torch.nn.Module):
+    """A stand-in teacher with the ``features`` / ``classifier`` split of the study's LeNet-5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 16), torch.nn.ReLU())
+        self.classifier = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
