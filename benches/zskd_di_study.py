@@ -211,10 +211,10 @@ VARIANTS.update(_kd_seeds(f"{_TAU5_2XEP}_kdtau10", f"{VARIANTS[_TAU5_2XEP][0]} a
 VARIANTS.update(_kd_seeds(f"{_TAU5_2XEP}_affine", f"{VARIANTS[_TAU5_2XEP][0]}, each DI also rotated by up to 15 "
                           "degrees and zoomed by 0.9-1.1", {**VARIANTS[_TAU5_2XEP][1], "kd_rotate": 15.0,
                                                            "kd_scale": 0.1}))
-# The control at that KD recipe: as many real training images (its errors by reach are the baseline the DI
-# students' are read against).
 # A fourth KD seed of the chosen recipe (its errors grouped both ways, a measure its other seeds predate).
 VARIANTS.update(_kd_seeds(_TAU5_2XEP, *VARIANTS[_TAU5_2XEP], seeds=(3,)))
+# The control at that KD recipe: as many real training images (its errors by reach are the baseline the DI
+# students' are read against).
 VARIANTS["real_warmup_2xep"] = ("real training images, KD SGD 0.01 with the warm-up for twice the epochs",
                                 {"real": True, "kd_lr": 0.01, "kd_warmup": 500, "kd_epochs_factor": 2})
 VARIANTS.update(_kd_seeds(f"{_TAU5_2XEP}_kdlr0.02", f"{VARIANTS[_TAU5_2XEP][0]} at lr 0.02 (not 0.01)",
@@ -287,6 +287,15 @@ def errors_by_reach(teacher, student, inputs: torch.Tensor, x: torch.Tensor, y: 
     return [100 * float(wrong[part].mean()) for part in near.argsort().tensor_split(parts)]
 
 
+def dis_folder(cfg: dict, n: int, seed: int = 0) -> str:
+    """The name of the folder (under ``--work``) that keeps the DIs of a variant's synthesis settings."""
+    keys = {k: cfg[k] for k in ("space", "lr", "iters", "tv_l2", "rescale", "beta")}
+    for k in ("tau", "jitter", "schedule"):
+        if cfg[k] != BASE[k]:  # keyed only when set: the DIs of earlier rows keep their folders
+            keys[k] = cfg[k]
+    return "dis_" + hashlib.md5(json.dumps({**keys, "n": n, "seed": seed}, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def variant_dis(cfg, *, teacher, n, work, seed=0, dataset="mnist", read_only=False):
     """A variant's DIs in pixels ([0, 1]) and their Dirichlet targets: made (at most once: kept under ``work``,
     keyed by the synthesis settings), or read back; ``read_only``: read back only (an error where they are not
@@ -296,20 +305,16 @@ def variant_dis(cfg, *, teacher, n, work, seed=0, dataset="mnist", read_only=Fal
         synth_teacher = _FromNormalised(teacher, mean, std).eval()
     else:
         mean, std, synth_teacher = 0.0, 1.0, teacher
-    keys = {k: cfg[k] for k in ("space", "lr", "iters", "tv_l2", "rescale", "beta")}
-    for k in ("tau", "jitter", "schedule"):
-        if cfg[k] != BASE[k]:  # keyed only when set: the DIs of earlier rows keep their folders
-            keys[k] = cfg[k]
-    key = hashlib.md5(json.dumps({**keys, "n": n, "seed": seed}, sort_keys=True).encode()).hexdigest()[:10]
+    folder = work / dis_folder(cfg, n, seed)
     if read_only:
-        dis = load_synthetic(work / f"dis_{key}")
+        dis = load_synthetic(folder)
         return (dis.x * std + mean).clamp_(0.0, 1.0), dis.soft_targets
     cls = _RescaledDI if cfg["rescale"] else DataImpressions
     synth = cls(synth_teacher, input_shape=(1, 32, 32), mean=mean, std=std, beta=tuple(cfg["beta"]),
                 temperature=cfg["tau"],
                 lr=cfg["lr"], jitter=cfg["jitter"], schedule=cfg["schedule"], flip=False,
                 tv_l2_weight=cfg["tv_l2"], cuda_graph=False)
-    dis = synth.synthesize(n, iterations=cfg["iters"], batch_size=800, generator=seed, save_to=work / f"dis_{key}")
+    dis = synth.synthesize(n, iterations=cfg["iters"], batch_size=800, generator=seed, save_to=folder)
     return (dis.x * std + mean).clamp_(0.0, 1.0), dis.soft_targets
 
 
@@ -410,7 +415,8 @@ def markdown(rec: dict) -> str:
 
 def add_geometry(out: pathlib.Path, names, *, teacher, train, evaluation, n, work, dataset) -> int:
     """Add :func:`di_geometry` to the rows of ``out`` named in ``names`` that lack it (DIs read back, once per
-    DI folder); the record is read and written under its lock, its header left as it is."""
+    DI folder); the record is read and written under its lock, its header left as it is. Name only rows whose
+    DIs are the ones under ``work`` (not rows made on another machine, from another teacher's DIs)."""
     with locked(out.with_name(f".{out.name}.lock")):
         rec = json.loads(out.read_text())
         measured: dict[str, dict] = {}
@@ -418,8 +424,7 @@ def add_geometry(out: pathlib.Path, names, *, teacher, train, evaluation, n, wor
             cfg = {**BASE, **row["settings"]}
             if row["variant"] not in names or cfg["real"] or "gap" in row:
                 continue
-            key = json.dumps({k: cfg[k] for k in ("space", "lr", "iters", "tv_l2", "rescale", "beta", "tau",
-                                                 "jitter", "schedule")}, sort_keys=True)
+            key = dis_folder(cfg, n)
             if key not in measured:
                 inputs, _ = variant_dis(cfg, teacher=teacher, n=n, work=work, dataset=dataset, read_only=True)
                 measured[key] = di_geometry(teacher, inputs, train, evaluation)
