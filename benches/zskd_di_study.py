@@ -211,8 +211,10 @@ VARIANTS.update(_kd_seeds(f"{_TAU5_2XEP}_kdtau10", f"{VARIANTS[_TAU5_2XEP][0]} a
 VARIANTS.update(_kd_seeds(f"{_TAU5_2XEP}_affine", f"{VARIANTS[_TAU5_2XEP][0]}, each DI also rotated by up to 15 "
                           "degrees and zoomed by 0.9-1.1", {**VARIANTS[_TAU5_2XEP][1], "kd_rotate": 15.0,
                                                            "kd_scale": 0.1}))
-# A fourth KD seed of the chosen recipe (its errors grouped both ways, a measure its other seeds predate).
-VARIANTS.update(_kd_seeds(_TAU5_2XEP, *VARIANTS[_TAU5_2XEP], seeds=(3,)))
+# More KD seeds of the chosen recipe and of the β 10 and 1 DIs (their errors grouped both ways, a measure the
+# other seeds predate).
+VARIANTS.update(_kd_seeds(_TAU5_2XEP, *VARIANTS[_TAU5_2XEP], seeds=(3, 4)))
+VARIANTS.update(_kd_seeds(f"{_BETA10_1}_2xep", *VARIANTS[f"{_BETA10_1}_2xep"], seeds=(3,)))
 # The control at that KD recipe: as many real training images (its errors by reach are the baseline the DI
 # students' are read against).
 VARIANTS["real_warmup_2xep"] = ("real training images, KD SGD 0.01 with the warm-up for twice the epochs",
