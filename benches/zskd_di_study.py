@@ -236,6 +236,13 @@ class _RescaledDI(DataImpressions):
         x.sub_(lo).div_((hi - lo).clamp_min(1e-8)).mul_(b1 - b0).add_(b0)
 
 
+def real_sample(train, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` real training images and their labels, drawn by ``seed``: a ``real`` row's inputs, and (seed 0) the
+    real images the DI measures compare with — the same ones as the seed-0 control's."""
+    pick = torch.randperm(train[1].shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return train[0][pick], train[1][pick]
+
+
 def di_geometry(teacher, inputs: torch.Tensor, train, evaluation, *, per_class: int = 1000,
                 probe: int = 5000) -> dict:
     """Where the DIs lie among real images, in the teacher's penultimate features (cosine geometry).
@@ -248,8 +255,7 @@ def di_geometry(teacher, inputs: torch.Tensor, train, evaluation, *, per_class: 
     the real images' region less closely). ``balance``: the smallest class's share of the DIs by the teacher's
     argmax, times the number of classes (1: balanced).
     """
-    pick = torch.randperm(train[1].shape[0], generator=torch.Generator().manual_seed(0))[: inputs.shape[0]]
-    xr, yr = train[0][pick], train[1][pick]  # as many real training images as DIs
+    xr, yr = real_sample(train, inputs.shape[0])  # as many real training images as DIs
     with torch.no_grad():
         feats = teacher.features(inputs)
         fd = torch.nn.functional.normalize(feats, dim=1)
@@ -321,11 +327,9 @@ def variant_dis(cfg, *, teacher, n, work, seed=0, dataset="mnist", read_only=Fal
 
 
 def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, seed=0, dataset="mnist") -> dict:
-    x, _ = train
     t0 = time.perf_counter()
     if cfg["real"]:
-        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
-        inputs, diag, soft = x[idx], {}, None
+        inputs, diag, soft = real_sample(train, n, seed)[0], {}, None
     else:
         inputs, soft = variant_dis(cfg, teacher=teacher, n=n, work=work, seed=seed, dataset=dataset)
         with torch.no_grad():
@@ -354,8 +358,8 @@ def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, se
     by_reach = {"errors_by_reach": errors_by_reach(teacher, student, inputs, *evaluation["validation"])}
     if not cfg["real"]:  # the same errors grouped by how far the images are from as many real training images:
         # are the ones far from the DIs merely the ones that are hard for a student of real images too?
-        pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[: inputs.shape[0]]
-        by_reach["errors_by_real_reach"] = errors_by_reach(teacher, student, x[pick], *evaluation["validation"])
+        by_reach["errors_by_real_reach"] = errors_by_reach(teacher, student, real_sample(train, inputs.shape[0])[0],
+                                                           *evaluation["validation"])
     return {"variant": name, "what": VARIANTS[name][0], "settings": cfg, **scores, **diag, "fit": fit, **by_reach,
             "synthesis_s": t_synth, "kd_s": time.perf_counter() - t0}
 

@@ -58,13 +58,6 @@ CIL_STRATEGIES = ("finetune", "lwf", "deepinversion-cil", "deepinversion-cil-bal
 #: split: benches/results/cil_skd_validation.md) takes about 40 min a run at the demo budget on one CPU core.
 DEMO_CIL_STRATEGIES = tuple(s for s in CIL_STRATEGIES if s != "skd")
 
-#: Work per budget (run options over each strategy's defaults; ``strategies``: options of one strategy over
-#: those). "paper": the defaults (the experts' recipe, 20 epochs per task; DeepInversion at its own defaults,
-#: 250 images per old class; iCaRL's K = 2000), and SKD's own schedule (its Implementation Details: the
-#: incremental model trains 160 epochs by SGD from lr 0.1, divided by 10 at epochs 80 and 120; the delegator's
-#: pseudo-data batch 1024). The skd rows recorded before this schedule was set (benches/results/cil_mnist.md at
-#: 2026-11-25: 20 epochs at a constant 0.01, delegator batch 64) stay in their ledger under that config.
-#: "demo": ``exml-fast demo``'s reduced budget. "smoke": seconds, to check the pipeline runs.
 #: One core's seconds for one ``skd`` task of 20 epochs (the Split MNIST rows of docs/cil.md, delegator batch 64),
 #: and the tasks of a five-task split that draw from the delegator (all but the first).
 _SKD_CPU_TASK_S_20EP, _SKD_DELEGATOR_TASKS = 690.0, 4
@@ -75,6 +68,13 @@ def _skd_cpu_hours(epochs: int) -> float:
     return _SKD_CPU_TASK_S_20EP * epochs / 20 * _SKD_DELEGATOR_TASKS / 3600
 
 
+#: Work per budget (run options over each strategy's defaults; ``strategies``: options of one strategy over
+#: those). "paper": the defaults (the experts' recipe, 20 epochs per task; DeepInversion at its own defaults,
+#: 250 images per old class; iCaRL's K = 2000), and SKD's own schedule (its Implementation Details: the
+#: incremental model trains 160 epochs by SGD from lr 0.1, divided by 10 at epochs 80 and 120; the delegator's
+#: pseudo-data batch 1024). The skd rows recorded before this schedule was set (benches/results/cil_mnist.md at
+#: 2026-11-25: 20 epochs at a constant 0.01, delegator batch 64) stay in their ledger under that config.
+#: "demo": ``exml-fast demo``'s reduced budget. "smoke": seconds, to check the pipeline runs.
 CIL_BUDGETS: dict[str, dict[str, Any]] = {
     "paper": {"run": {}, "strategies": {"skd": {"epochs": 160, "lr": 0.1, "lr_milestones": (80, 120),
                                                 "synth_batch_size": 1024}}},
