@@ -205,3 +205,47 @@ class _FeatureTeacher(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+def test_adaptive_variant_makes_its_second_half_against_the_first_half_student(study, tmp_path, monkeypatch):
+    """The ``_adi`` variants: the first half of the budget is the plain variant's DIs, the second is synthesised
+    with the student of the first half as the competitor (one student for every weight, kept on disk)."""
+    seen = []
+
+    class Recorded(study.DataImpressions):
+        def __init__(self, *a, **kw):
+            seen.append((kw.get("competition_weight", 0.0), kw.get("competitor")))
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(study, "DataImpressions", Recorded)
+    plain, name = "dataset_lr0.01_1500it_tau5_warmup_2xep", "dataset_lr0.01_1500it_tau5_warmup_2xep_adi1"
+    for v in (plain, name):  # seconds: two synthesis steps each
+        monkeypatch.setitem(study.VARIANTS, v, (study.VARIANTS[v][0], {**study.VARIANTS[v][1], "iters": 2}))
+    work = tmp_path / "w"
+    args = ["--variants", f"{plain},{name}", "--n", "16", "--kd-epochs", "1", "--teacher-epochs", "1",
+            "--max-train", "6000", "--threads", "1", "--work", str(work), "--out", str(tmp_path)]
+    assert study.main(args) == 0
+    # the plain row's synthesizer, the adaptive row's for its first half (which finds them all on disk, made by
+    # the first), and its competitor's
+    assert [w for w, _ in seen] == [0.0, 0.0, 1.0] and seen[1][1] is None and seen[2][1] is not None
+    assert len(list(work.glob("dis_*_competitor8.pt"))) == 1
+    rec = json.loads((tmp_path / "zskd_di_study_cpu_n16.json").read_text())
+    assert rec["rows"][1]["settings"]["adi"] == {"plain": 0.5, "weight": 1.0}
+    assert rec["rows"][0]["settings"]["adi"] is None
+    cfg = {**study.BASE, **study.VARIANTS[name][1]}
+    teacher = _FeatureTeacher()  # read back only: the teacher is not consulted
+    both, soft = study.variant_dis(cfg, teacher=teacher, n=16, work=work, read_only=True)
+    first, first_soft = study.variant_dis({**cfg, "adi": None}, teacher=teacher, n=16, work=work, read_only=True)
+    assert both.shape == first.shape and torch.equal(both[:8], first[:8]) and torch.equal(soft[:8], first_soft[:8])
+    assert not torch.equal(both[8:], first[8:])  # the second round: other draws, made against the student
+    # the DI geometry reads the first DIs it is given: both rounds', shuffled, for a two-round variant
+    assert study.geometry_order({**cfg, "adi": None}, both) is both
+    mixed = study.geometry_order(cfg, both)
+    assert not torch.equal(mixed[:8], both[:8])
+    assert torch.equal(*(t.flatten(1).sum(1).sort().values for t in (mixed, both)))  # the same DIs
+    # a row before the option existed is the plain recipe: averaged with the plain rows, not the adaptive one
+    old = {**rec["rows"][0], "variant": "old_kdseed1",
+           "settings": {k: v for k, v in {**rec["rows"][0]["settings"], "kd_seed": 1}.items() if k != "adi"}}
+    assert f"(`{plain}` " in study.markdown({**rec, "rows": [rec["rows"][0], old]})
+    with pytest.raises(ValueError, match="adi plain"):
+        study.variant_dis({**cfg, "adi": {"plain": 1.0, "weight": 1.0}}, teacher=teacher, n=16, work=work)
