@@ -315,13 +315,23 @@ def geometry_order(cfg: dict, inputs: torch.Tensor) -> torch.Tensor:
     return inputs[torch.randperm(inputs.shape[0], generator=torch.Generator().manual_seed(0))]
 
 
-def dis_folder(cfg: dict, n: int, seed: int = 0) -> str:
-    """The name of the folder (under ``--work``) that keeps the DIs of a variant's synthesis settings."""
+def dis_folder(cfg: dict, n: int, seed: int = 0, kd_epochs: int | None = None) -> str:
+    """The name of the folder (under ``--work``) that keeps the DIs of a variant's synthesis settings (for a
+    second round, ``cfg["adi"]``, also of the KD that made its competitor: the variant's, for ``kd_epochs``)."""
     keys = {k: cfg[k] for k in ("space", "lr", "iters", "tv_l2", "rescale", "beta")}
     for k in ("tau", "jitter", "schedule", "adi"):
         if cfg.get(k, BASE[k]) != BASE[k]:  # keyed only when set: the DIs of earlier rows keep their folders
             keys[k] = cfg[k]
+    if cfg.get("adi"):
+        if kd_epochs is None:
+            raise ValueError("dis_folder: a second round of DIs (adi) is keyed by its competitor's KD: pass kd_epochs")
+        keys["competitor_kd"] = {**_kd_recipe(cfg), "epochs": kd_epochs}
     return "dis_" + hashlib.md5(json.dumps({**keys, "n": n, "seed": seed}, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _kd_recipe(cfg: dict) -> dict:
+    """A variant's KD settings but its seed (those of a second round's competitor)."""
+    return {k: v for k, v in cfg.items() if k.startswith("kd_") and k != "kd_seed"}
 
 
 def variant_dis(cfg, *, teacher, n, work, seed=0, dataset="mnist", read_only=False, kd_epochs=None):
@@ -359,9 +369,11 @@ def adaptive_dis(cfg, *, teacher, n, work, seed=0, dataset="mnist", read_only=Fa
     """Adaptive DeepInversion's competition for Data Impressions, in two rounds of one budget of ``n``.
 
     The first ``cfg["adi"]["plain"] · n`` DIs are the plain variant's (its first batches); a student distilled on
-    them by the variant's KD recipe (KD seed 0; kept beside the DIs) is the competitor of the others,
+    them by the variant's KD recipe (KD seed 0; kept beside the DIs, one for every weight) is the competitor of
+    the others,
     synthesised with ``competition_weight`` ``cfg["adi"]["weight"]`` (the term ``1 - JS(teacher, competitor)``
-    draws them to where that student still disagrees with the teacher) from the next seed's draws.
+    draws them to where that student still disagrees with the teacher) from the next seed's draws. The plain
+    DIs are read from the plain variant's folder (made whole, all ``n``, where they are not there yet).
     """
     adi = cfg["adi"]
     first = round(float(adi["plain"]) * n)
@@ -371,19 +383,18 @@ def adaptive_dis(cfg, *, teacher, n, work, seed=0, dataset="mnist", read_only=Fa
     x1, s1 = variant_dis(plain, teacher=teacher, n=n, work=work, seed=seed, dataset=dataset, read_only=read_only)
     x1, s1 = x1[:first], s1[:first]
     mean, std, synth_teacher = _synthesis_space(cfg, teacher, dataset)
-    folder = work / dis_folder(cfg, n, seed)
+    folder = work / dis_folder(cfg, n, seed, kd_epochs)
     if read_only:
         dis = load_synthetic(folder)
     else:
-        path = work / f"{dis_folder(plain, n, seed)}_competitor{first}.pt"  # one for every weight
+        kd = hashlib.md5(json.dumps({**_kd_recipe(cfg), "epochs": kd_epochs}, sort_keys=True).encode()).hexdigest()
+        path = work / f"{dis_folder(plain, n, seed)}_competitor{first}_{kd[:8]}.pt"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)  # the initialisation of run_variant's KD seed 0
             competitor = LeNet5HalfZSKD()
         if path.exists():
             competitor.load_state_dict(torch.load(path, weights_only=True))
         else:
-            if kd_epochs is None:
-                raise ValueError("adaptive_dis: kd_epochs is needed to distil the competitor")
             distil_student(competitor, {**plain, "kd_seed": 0}, x1, s1, teacher=teacher, kd_epochs=kd_epochs,
                            seed=seed)
             atomic_write(path, lambda f: torch.save(competitor.state_dict(), f))
@@ -499,7 +510,7 @@ def markdown(rec: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_geometry(out: pathlib.Path, names, *, teacher, train, evaluation, n, work, dataset) -> int:
+def add_geometry(out: pathlib.Path, names, *, teacher, train, evaluation, n, work, dataset, kd_epochs) -> int:
     """Add :func:`di_geometry` to the rows of ``out`` named in ``names`` that lack it (DIs read back, once per
     DI folder); the record is read and written under its lock, its header left
     as it is. Name only rows whose
@@ -511,9 +522,10 @@ def add_geometry(out: pathlib.Path, names, *, teacher, train, evaluation, n, wor
             cfg = {**BASE, **row["settings"]}
             if row["variant"] not in names or cfg["real"] or "gap" in row:
                 continue
-            key = dis_folder(cfg, n)
+            key = dis_folder(cfg, n, kd_epochs=kd_epochs)
             if key not in measured:
-                inputs, _ = variant_dis(cfg, teacher=teacher, n=n, work=work, dataset=dataset, read_only=True)
+                inputs, _ = variant_dis(cfg, teacher=teacher, n=n, work=work, dataset=dataset, read_only=True,
+                                        kd_epochs=kd_epochs)
                 measured[key] = di_geometry(teacher, geometry_order(cfg, inputs), train, evaluation)
             row.update(measured[key])
             print(f"{row['variant']}: " + ", ".join(f"{k} {v:.3f}" for k, v in measured[key].items()), flush=True)
@@ -578,7 +590,7 @@ def main(argv=None) -> int:
                            schedule=nets["teacher_schedule"], pad_crop=nets["teacher_pad_crop"])
     if args.geometry:
         return add_geometry(out, names, teacher=teacher, train=train, evaluation=evaluation, n=args.n, work=work,
-                            dataset=args.dataset)
+                            dataset=args.dataset, kd_epochs=args.kd_epochs)
     env = environment("cpu", "zskd DI study")
     env.pop("timer", None)  # wall-clock seconds of whole runs, not timed op calls
     rec.update({"env": env, "command": command_line("zskd_di_study.py", argv), "dataset": args.dataset,

@@ -228,13 +228,15 @@ def test_adaptive_variant_makes_its_second_half_against_the_first_half_student(s
     # the plain row's synthesizer, the adaptive row's for its first half (which finds them all on disk, made by
     # the first), and its competitor's
     assert [w for w, _ in seen] == [0.0, 0.0, 1.0] and seen[1][1] is None and seen[2][1] is not None
-    assert len(list(work.glob("dis_*_competitor8.pt"))) == 1
+    assert len(list(work.glob("dis_*_competitor8_*.pt"))) == 1
     rec = json.loads((tmp_path / "zskd_di_study_cpu_n16.json").read_text())
     assert rec["rows"][1]["settings"]["adi"] == {"plain": 0.5, "weight": 1.0}
     assert rec["rows"][0]["settings"]["adi"] is None
     cfg = {**study.BASE, **study.VARIANTS[name][1]}
     teacher = _FeatureTeacher()  # read back only: the teacher is not consulted
-    both, soft = study.variant_dis(cfg, teacher=teacher, n=16, work=work, read_only=True)
+    with pytest.raises(ValueError, match="kd_epochs"):  # the second round is keyed by its competitor's KD
+        study.variant_dis(cfg, teacher=teacher, n=16, work=work, read_only=True)
+    both, soft = study.variant_dis(cfg, teacher=teacher, n=16, work=work, read_only=True, kd_epochs=1)
     first, first_soft = study.variant_dis({**cfg, "adi": None}, teacher=teacher, n=16, work=work, read_only=True)
     assert both.shape == first.shape and torch.equal(both[:8], first[:8]) and torch.equal(soft[:8], first_soft[:8])
     assert not torch.equal(both[8:], first[8:])  # the second round: other draws, made against the student
@@ -248,4 +250,5 @@ def test_adaptive_variant_makes_its_second_half_against_the_first_half_student(s
            "settings": {k: v for k, v in {**rec["rows"][0]["settings"], "kd_seed": 1}.items() if k != "adi"}}
     assert f"(`{plain}` " in study.markdown({**rec, "rows": [rec["rows"][0], old]})
     with pytest.raises(ValueError, match="adi plain"):
-        study.variant_dis({**cfg, "adi": {"plain": 1.0, "weight": 1.0}}, teacher=teacher, n=16, work=work)
+        study.variant_dis({**cfg, "adi": {"plain": 1.0, "weight": 1.0}}, teacher=teacher, n=16, work=work,
+                          kd_epochs=1)
