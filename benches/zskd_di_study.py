@@ -370,10 +370,10 @@ def adaptive_dis(cfg, *, teacher, n, work, seed=0, dataset="mnist", read_only=Fa
 
     The first ``cfg["adi"]["plain"] · n`` DIs are the plain variant's (its first batches); a student distilled on
     them by the variant's KD recipe (KD seed 0; kept beside the DIs, one for every weight) is the competitor of
-    the others,
-    synthesised with ``competition_weight`` ``cfg["adi"]["weight"]`` (the term ``1 - JS(teacher, competitor)``
-    draws them to where that student still disagrees with the teacher) from the next seed's draws. The plain
-    DIs are read from the plain variant's folder (made whole, all ``n``, where they are not there yet).
+    the others, synthesised with ``competition_weight`` ``cfg["adi"]["weight"]`` (the term
+    ``1 - JS(teacher, competitor)`` draws them to where that student still disagrees with the teacher) from the
+    next seed's draws. The plain DIs are read from the plain variant's folder (made whole, all ``n``, where they
+    are not there yet).
     """
     adi = cfg["adi"]
     first = round(float(adi["plain"]) * n)
@@ -512,9 +512,9 @@ def markdown(rec: dict) -> str:
 
 def add_geometry(out: pathlib.Path, names, *, teacher, train, evaluation, n, work, dataset, kd_epochs) -> int:
     """Add :func:`di_geometry` to the rows of ``out`` named in ``names`` that lack it (DIs read back, once per
-    DI folder); the record is read and written under its lock, its header left
-    as it is. Name only rows whose
-    DIs are the ones under ``work`` (not rows made on another machine, from another teacher's DIs)."""
+    DI folder); the record is read and written under its lock, its header left as it is. Name only rows whose
+    DIs are the ones under ``work`` (not rows made on another machine, from another teacher's DIs); ``kd_epochs``
+    keys a second round of DIs (:func:`dis_folder`)."""
     with locked(out.with_name(f".{out.name}.lock")):
         rec = json.loads(out.read_text())
         measured: dict[str, dict] = {}
