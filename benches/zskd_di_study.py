@@ -325,13 +325,13 @@ def dis_folder(cfg: dict, n: int, seed: int = 0, kd_epochs: int | None = None) -
     if cfg.get("adi"):
         if kd_epochs is None:
             raise ValueError("dis_folder: a second round of DIs (adi) is keyed by its competitor's KD: pass kd_epochs")
-        keys["competitor_kd"] = {**_kd_recipe(cfg), "epochs": kd_epochs}
+        keys["competitor_kd"] = _kd_recipe(cfg, kd_epochs)
     return "dis_" + hashlib.md5(json.dumps({**keys, "n": n, "seed": seed}, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _kd_recipe(cfg: dict) -> dict:
-    """A variant's KD settings but its seed (those of a second round's competitor)."""
-    return {k: v for k, v in cfg.items() if k.startswith("kd_") and k != "kd_seed"}
+def _kd_recipe(cfg: dict, kd_epochs: int | None) -> dict:
+    """A variant's KD settings but its seed, and the study's ``kd_epochs``: those of a second round's competitor."""
+    return {**{k: v for k, v in cfg.items() if k.startswith("kd_") and k != "kd_seed"}, "epochs": kd_epochs}
 
 
 def variant_dis(cfg, *, teacher, n, work, seed=0, dataset="mnist", read_only=False, kd_epochs=None):
@@ -343,26 +343,30 @@ def variant_dis(cfg, *, teacher, n, work, seed=0, dataset="mnist", read_only=Fal
     if cfg.get("adi"):
         return adaptive_dis(cfg, teacher=teacher, n=n, work=work, seed=seed, dataset=dataset, read_only=read_only,
                             kd_epochs=kd_epochs)
-    mean, std, synth_teacher = _synthesis_space(cfg, teacher, dataset)
-    folder = work / dis_folder(cfg, n, seed)
+    return _synthesise(cfg, work / dis_folder(cfg, n, seed), teacher=teacher, n=n, seed=seed, dataset=dataset,
+                       read_only=read_only)
+
+
+def _synthesise(cfg, folder, *, teacher, n, seed, dataset, read_only, competitor=None, weight=0.0):
+    """``n`` DIs of a variant's synthesis settings in ``folder`` (made, or ``read_only`` read back), in pixels,
+    and their Dirichlet targets; ``competitor`` (a student taking pixels): Adaptive DeepInversion's competition
+    at ``weight``."""
+    if cfg["space"] == "dataset":  # optimised in the dataset's normalised coordinates, or in pixels
+        mean, std = DATASET_STATS[dataset]
+        synth_teacher = _FromNormalised(teacher, mean, std).eval()
+    else:
+        mean, std, synth_teacher = 0.0, 1.0, teacher
     if read_only:
         dis = load_synthetic(folder)
-        return (dis.x * std + mean).clamp_(0.0, 1.0), dis.soft_targets
-    cls = _RescaledDI if cfg["rescale"] else DataImpressions
-    synth = cls(synth_teacher, input_shape=(1, 32, 32), mean=mean, std=std, beta=tuple(cfg["beta"]),
-                temperature=cfg["tau"],
-                lr=cfg["lr"], jitter=cfg["jitter"], schedule=cfg["schedule"], flip=False,
-                tv_l2_weight=cfg["tv_l2"], cuda_graph=False)
-    dis = synth.synthesize(n, iterations=cfg["iters"], batch_size=800, generator=seed, save_to=folder)
+    else:
+        cls = _RescaledDI if cfg["rescale"] else DataImpressions
+        competition = ({} if competitor is None else
+                       {"competitor": _FromNormalised(competitor, mean, std).eval(), "competition_weight": weight})
+        synth = cls(synth_teacher, input_shape=(1, 32, 32), mean=mean, std=std, beta=tuple(cfg["beta"]),
+                    temperature=cfg["tau"], lr=cfg["lr"], jitter=cfg["jitter"], schedule=cfg["schedule"], flip=False,
+                    tv_l2_weight=cfg["tv_l2"], cuda_graph=False, **competition)
+        dis = synth.synthesize(n, iterations=cfg["iters"], batch_size=800, generator=seed, save_to=folder)
     return (dis.x * std + mean).clamp_(0.0, 1.0), dis.soft_targets
-
-
-def _synthesis_space(cfg, teacher, dataset):
-    """The mean, std and teacher a variant's DIs are optimised in (pixels, or the dataset's normalised ones)."""
-    if cfg["space"] == "dataset":
-        mean, std = DATASET_STATS[dataset]
-        return mean, std, _FromNormalised(teacher, mean, std).eval()
-    return 0.0, 1.0, teacher
 
 
 def adaptive_dis(cfg, *, teacher, n, work, seed=0, dataset="mnist", read_only=False, kd_epochs=None):
@@ -382,12 +386,10 @@ def adaptive_dis(cfg, *, teacher, n, work, seed=0, dataset="mnist", read_only=Fa
     plain = {**cfg, "adi": None}
     x1, s1 = variant_dis(plain, teacher=teacher, n=n, work=work, seed=seed, dataset=dataset, read_only=read_only)
     x1, s1 = x1[:first], s1[:first]
-    mean, std, synth_teacher = _synthesis_space(cfg, teacher, dataset)
     folder = work / dis_folder(cfg, n, seed, kd_epochs)
-    if read_only:
-        dis = load_synthetic(folder)
-    else:
-        kd = hashlib.md5(json.dumps({**_kd_recipe(cfg), "epochs": kd_epochs}, sort_keys=True).encode()).hexdigest()
+    competitor = None
+    if not read_only:
+        kd = hashlib.md5(json.dumps(_kd_recipe(cfg, kd_epochs), sort_keys=True).encode()).hexdigest()
         path = work / f"{dis_folder(plain, n, seed)}_competitor{first}_{kd[:8]}.pt"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)  # the initialisation of run_variant's KD seed 0
@@ -399,15 +401,9 @@ def adaptive_dis(cfg, *, teacher, n, work, seed=0, dataset="mnist", read_only=Fa
                            seed=seed)
             atomic_write(path, lambda f: torch.save(competitor.state_dict(), f))
         competitor.eval()
-        synth = DataImpressions(synth_teacher, input_shape=(1, 32, 32), mean=mean, std=std, beta=tuple(cfg["beta"]),
-                                temperature=cfg["tau"], lr=cfg["lr"], jitter=cfg["jitter"],
-                                schedule=cfg["schedule"], flip=False, tv_l2_weight=cfg["tv_l2"], cuda_graph=False,
-                                competitor=_FromNormalised(competitor, mean, std).eval(),
-                                competition_weight=float(adi["weight"]))
-        dis = synth.synthesize(n - first, iterations=cfg["iters"], batch_size=800, generator=seed + 1,
-                               save_to=folder)
-    x2 = (dis.x * std + mean).clamp_(0.0, 1.0)
-    return torch.cat([x1, x2]), torch.cat([s1, dis.soft_targets])
+    x2, s2 = _synthesise(cfg, folder, teacher=teacher, n=n - first, seed=seed + 1, dataset=dataset,
+                         read_only=read_only, competitor=competitor, weight=float(adi["weight"]))
+    return torch.cat([x1, x2]), torch.cat([s1, s2])
 
 
 def distil_student(student, cfg, inputs, soft, *, teacher, kd_epochs, seed=0) -> None:
