@@ -9,6 +9,7 @@ import torch
 from _util import bench_module
 
 from exml_fast.data import find_data_root
+from exml_fast.models import LeNet5HalfZSKD, LeNet5ZSKD
 
 pytestmark = pytest.mark.skipif(find_data_root("mnist") is None, reason="MNIST files not found")
 
@@ -252,3 +253,32 @@ def test_adaptive_variant_makes_its_second_half_against_the_first_half_student(s
     with pytest.raises(ValueError, match="adi plain"):
         study.variant_dis({**cfg, "adi": {"plain": 1.0, "weight": 1.0}}, teacher=teacher, n=16, work=work,
                           kd_epochs=1)
+
+
+def test_hint_variant_matches_the_penultimate_features_beside_the_logits(study, monkeypatch):
+    """The ``_hint`` variants hand ``distill`` the student's and the teacher's ``features`` (84 units each) at their
+    weight; the plain recipe hands none, and keeps the KD key its earlier competitors were saved under."""
+    calls = []
+    monkeypatch.setattr(study, "distill", lambda student, x, **kw: calls.append(kw))
+    plain, name = "dataset_lr0.01_1500it_tau5_warmup_2xep", "dataset_lr0.01_1500it_tau5_warmup_2xep_hint0.1"
+    teacher, student = LeNet5ZSKD(), LeNet5HalfZSKD()
+    x, soft = torch.rand(4, 1, 32, 32), torch.full((4, 10), 0.1)
+    for v in (plain, name):
+        study.distil_student(student, {**study.BASE, **study.VARIANTS[v][1]}, x, soft, teacher=teacher, kd_epochs=1)
+    assert "features" not in calls[0]
+    (s_layer, t_layer, channels), = calls[1]["features"]
+    assert s_layer is student.features and t_layer is teacher.features and channels is None
+    assert calls[1]["feature_weight"] == 0.1 and calls[1]["epochs"] == 2 and calls[1]["teacher"] is teacher
+    assert s_layer(x).shape == t_layer(x).shape == (4, 84)
+    recipe = {v: study._kd_recipe({**study.BASE, **study.VARIANTS[v][1]}, 100) for v in (plain, name)}
+    assert "kd_hint" not in recipe[plain] and recipe[name]["kd_hint"] == 0.1
+    # a row before the option existed is the plain recipe; a hint row is a recipe of its own
+    row = {"variant": plain, "what": "", "validation": 98.0, "test": 98.0, "synthesis_s": 0, "kd_s": 0,
+           "settings": {**study.BASE, **study.VARIANTS[plain][1]}}
+    old = {**row, "variant": "old_kdseed1",
+           "settings": {k: v for k, v in {**row["settings"], "kd_seed": 1}.items() if k != "kd_hint"}}
+    hinted = {**row, "variant": name, "validation": 99.0, "settings": {**study.BASE, **study.VARIANTS[name][1]}}
+    monkeypatch.setattr(study, "env_markdown", lambda env, title, command: [])  # no machine measured here
+    rec = {"env": {}, "command": "", "n": 16, "kd_epochs": 1, "teacher": {"validation": 99.0, "test": 99.0}}
+    assert f"(`{plain}` 98.00, `old_kdseed1` 98.00)" in study.markdown({**rec, "rows": [row, old]})
+    assert f"(`{name}` 99.00): 99.00 %" in study.markdown({**rec, "rows": [row, old, hinted]})
