@@ -417,8 +417,9 @@ def adaptive_dis(cfg, *, teacher, n, work, seed=0, dataset="mnist", read_only=Fa
     return torch.cat([x1, x2]), torch.cat([s1, s2])
 
 
-def distil_student(student, cfg, inputs, soft, *, teacher, kd_epochs, seed=0) -> None:
-    """Distil ``student`` on ``inputs`` by a variant's KD recipe (its epochs: ``kd_epochs`` times its factor)."""
+def distil_student(student, cfg, inputs, soft, *, teacher, kd_epochs, seed=0, on_epoch=None) -> None:
+    """Distil ``student`` on ``inputs`` by a variant's KD recipe (its epochs: ``kd_epochs`` times its factor);
+    ``on_epoch``: :func:`distill`'s, called after each epoch."""
     targets = ({"soft_targets": soft} if cfg.get("kd_targets", "teacher") == "soft" else {"teacher": teacher})
     hint = cfg.get("kd_hint", 0.0)  # the penultimate features matched too (LeNet5ZSKD and its half: 84 units each)
     hints = {"features": [(student.features, teacher.features, None)], "feature_weight": hint} if hint else {}
@@ -427,10 +428,13 @@ def distil_student(student, cfg, inputs, soft, *, teacher, kd_epochs, seed=0) ->
             lr=cfg["kd_lr"], optimizer=cfg["kd_opt"], weight_decay=cfg["kd_wd"], schedule="cosine",
             warmup=cfg.get("kd_warmup", 0), rotate=cfg.get("kd_rotate", 0.0), scale=cfg.get("kd_scale", 0.0),
             augment=True, pad_crop=4, max_shift=1, flip=False, fill=0.0, generator=seed + cfg.get("kd_seed", 0),
-            **hints)
+            on_epoch=on_epoch, **hints)
 
 
-def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, seed=0, dataset="mnist") -> dict:
+def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, seed=0, dataset="mnist",
+                curves=False) -> dict:
+    """One row of the study; ``curves``: the student also scored on every split of ``evaluation`` after each KD
+    epoch (the row's ``curve``, split -> % per epoch; its last entries are the row's figures)."""
     t0 = time.perf_counter()
     if cfg["real"]:
         inputs, diag, soft = real_sample(train, n, seed)[0], {}, None
@@ -450,8 +454,15 @@ def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, se
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1 + cfg.get("kd_seed", 0))
         student = LeNet5HalfZSKD()
+    curve: dict[str, list[float]] = {k: [] for k in evaluation}
+
+    def score(epoch: int, st) -> None:
+        for k, xy in evaluation.items():
+            curve[k].append(100 * evaluate(st, *xy))
+
     t0 = time.perf_counter()
-    distil_student(student, cfg, inputs, soft, teacher=teacher, kd_epochs=kd_epochs, seed=seed)
+    distil_student(student, cfg, inputs, soft, teacher=teacher, kd_epochs=kd_epochs, seed=seed,
+                   on_epoch=score if curves else None)
     scores = {k: 100 * evaluate(student, *xy) for k, xy in evaluation.items()}
     with torch.no_grad():  # how well the student fits what it was taught: its inputs as stored, unaugmented
         fit = 100 * float((student(inputs).argmax(1) == teacher(inputs).argmax(1)).float().mean())
@@ -461,7 +472,7 @@ def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, se
         by_reach["errors_by_real_reach"] = errors_by_reach(teacher, student, real_sample(train, inputs.shape[0])[0],
                                                            *evaluation["validation"])
     return {"variant": name, "what": VARIANTS[name][0], "settings": cfg, **scores, **diag, "fit": fit, **by_reach,
-            "synthesis_s": t_synth, "kd_s": time.perf_counter() - t0}
+            "synthesis_s": t_synth, "kd_s": time.perf_counter() - t0, **({"curve": curve} if curves else {})}
 
 
 def markdown(rec: dict) -> str:
@@ -516,8 +527,29 @@ def markdown(rec: dict) -> str:
         seeds = ", ".join(f"`{r['variant']}` {r['validation']:.2f}" for r in best)
         lines += ["", f"Best DI recipe on **validation**, averaged over its KD seeds ({seeds}): "
                       f"{mean('validation'):.2f} %, test {mean('test'):.2f} %."]
+    lines += curve_lines(rec["rows"])
     lines += ["", *rec.get("notes", [])]
     return "\n".join(lines) + "\n"
+
+
+def curve_lines(rows: list[dict]) -> list[str]:
+    """The markdown lines that sum up the rows' per-epoch scores (``--curves``): none where no row has them."""
+    lines = []
+    for r in rows:
+        if "curve" not in r:
+            continue
+        val, test = r["curve"]["validation"], r["curve"]["test"]
+        best_val = max(range(len(val)), key=val.__getitem__)  # the first epoch of the highest score
+        best_test = max(range(len(test)), key=test.__getitem__)
+        rerun = ("" if (round(val[-1], 2), round(test[-1], 2)) == (round(r["validation"], 2), round(r["test"], 2))
+                 else f" (trained again for the curve; the row's run: {r['validation']:.2f} / {r['test']:.2f} %)")
+        lines.append(f"- `{r['variant']}`: last of {len(val)} epochs {val[-1]:.2f} % validation, {test[-1]:.2f} % "
+                     f"test{rerun}; best validation epoch {best_val + 1} ({val[best_val]:.2f} %, test there "
+                     f"{test[best_val]:.2f} %); best test epoch {best_test + 1}: **{test[best_test]:.2f} %**")
+    if lines:
+        lines = ["", "Scores after every KD epoch (`--curves`). The best test epoch is how the paper's public code "
+                 "reports a student; it is read here, never chosen by:", "", *lines]
+    return lines
 
 
 def add_geometry(out: pathlib.Path, names, *, teacher, train, evaluation, n, work, dataset, kd_epochs) -> int:
@@ -559,6 +591,10 @@ def main(argv=None) -> int:
     ap.add_argument("--geometry", action="store_true",
                     help="train nothing: add the DI geometry (spread, gap, balance) to the record's rows of "
                          "--variants that lack it, from their DIs on disk")
+    ap.add_argument("--curves", action="store_true",
+                    help="also score each student on the validation and test images after every KD epoch (the "
+                         "row's curve); rows of --variants already in the record without one are trained again "
+                         "for it, their figures kept")
     ap.add_argument("--record", default=None,
                     help="the record's file stem under --out (default: the dataset's study, with _n<N> when --n is "
                          "not 2400); a study on another teacher (another machine) belongs in a record of its own")
@@ -605,12 +641,12 @@ def main(argv=None) -> int:
     env.pop("timer", None)  # wall-clock seconds of whole runs, not timed op calls
     rec.update({"env": env, "command": command_line("zskd_di_study.py", argv), "dataset": args.dataset,
                 "teacher": {k: 100 * evaluate(teacher, *xy) for k, xy in evaluation.items()}})
-    done = {r["variant"] for r in rec["rows"]}
+    done = {r["variant"] for r in rec["rows"] if not args.curves or "curve" in r}
     for name in names:
         if name in done:
             continue
         row = run_variant(name, {**BASE, **VARIANTS[name][1]}, teacher=teacher, train=train, evaluation=evaluation,
-                          n=args.n, kd_epochs=args.kd_epochs, work=work, dataset=args.dataset)
+                          n=args.n, kd_epochs=args.kd_epochs, work=work, dataset=args.dataset, curves=args.curves)
         print(f"{name}: validation {row['validation']:.2f} %, test {row['test']:.2f} %", flush=True)
         row["command"] = rec["command"]  # a record gathers several invocations' rows; the header names the last
         with locked(out.with_name(f".{out.name}.lock")):
@@ -622,8 +658,11 @@ def main(argv=None) -> int:
                     raise RuntimeError(f"{out} was made a study of another setting while this one ran ({differs}); "
                                        f"this run's row is not written: {json.dumps(row)}")
                 rec = {**disk, **{k: rec[k] for k in ("env", "command", "dataset", "teacher")}}
-            if row["variant"] not in {r["variant"] for r in rec["rows"]}:
+            old = [r for r in rec["rows"] if r["variant"] == row["variant"]]
+            if not old:
                 rec["rows"].append(row)
+            elif "curve" in row and "curve" not in old[0]:  # a recorded row trained again for its curve only
+                old[0]["curve"] = row["curve"]
             atomic_write(out, lambda f: f.write(json.dumps(rec, indent=1).encode()))
             atomic_write(out.with_suffix(".md"), lambda f: f.write(markdown(rec).encode()))
     return 0

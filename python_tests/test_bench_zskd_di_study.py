@@ -282,3 +282,28 @@ def test_hint_variant_matches_the_penultimate_features_beside_the_logits(study, 
     rec = {"env": {}, "command": "", "n": 16, "kd_epochs": 1, "teacher": {"validation": 99.0, "test": 99.0}}
     assert f"(`{plain}` 98.00, `old_kdseed1` 98.00)" in study.markdown({**rec, "rows": [row, old]})
     assert f"(`{name}` 99.00): 99.00 %" in study.markdown({**rec, "rows": [row, old, hinted]})
+
+
+def test_curves_score_every_epoch_and_are_added_to_recorded_rows(study, tmp_path):
+    """--curves: a new row is scored after each KD epoch; a recorded row without a curve is trained again for
+    it, keeping its figures (the same run: the curve ends on them); the markdown sums the curves up."""
+    args = ["--variants", "dataset_lr0.01", "--n", "16", "--kd-epochs", "2", "--teacher-epochs", "1",
+            "--max-train", "6000", "--threads", "1", "--work", str(tmp_path / "w"), "--out", str(tmp_path)]
+    out = tmp_path / "zskd_di_study_cpu_n16.json"
+    assert study.main(args) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert "curve" not in row and "Scores after every KD epoch" not in out.with_suffix(".md").read_text()
+    assert study.main([*args, "--curves"]) == 0
+    again = json.loads(out.read_text())["rows"]
+    assert len(again) == 1 and {k: v for k, v in again[0].items() if k != "curve"} == row
+    curve = again[0]["curve"]
+    assert set(curve) == {"validation", "test"} and all(len(v) == 2 for v in curve.values())
+    assert (curve["validation"][-1], curve["test"][-1]) == pytest.approx((row["validation"], row["test"]))
+    md = out.with_suffix(".md").read_text()
+    assert f"- `dataset_lr0.01`: last of 2 epochs {row['validation']:.2f} % validation, {row['test']:.2f} % test;" in md
+    assert "trained again" not in md and f"best test epoch {curve['test'].index(max(curve['test'])) + 1}: " in md
+    assert study.main([*args, "--curves"]) == 0  # a curve on record: nothing trained again
+    assert json.loads(out.read_text())["rows"] == again
+    # a curve that does not end on the row's figures (trained again elsewhere) says so
+    moved = {**again[0], "validation": again[0]["validation"] - 1.0}
+    assert "(trained again for the curve; the row's run: " in "\n".join(study.curve_lines([moved]))

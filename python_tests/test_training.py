@@ -389,6 +389,33 @@ def test_distill_iterations_count_optimiser_steps():
     assert calls == [4, 4, 2, 4, 4, 2]
 
 
+def test_distill_on_epoch_sees_each_complete_pass_and_leaves_the_run_as_it_is():
+    x, teacher = toy_data(10), teacher_model()
+    seen = []
+
+    def on_epoch(epoch, student):
+        seen.append((epoch, student.training, torch.is_grad_enabled()))
+        student(x)  # a forward of its own (with the feature hooks on) changes nothing either
+
+    def run(**kw):
+        s = tiny_model(5)
+        distill(s, x, teacher=teacher, temperature=4.0, batch_size=4, augment=True, pad_crop=1, generator=3,
+                features=[(s[0], teacher[0], None)], **kw)
+        return params_of(s)
+
+    plain = run(epochs=3)
+    assert torch.equal(run(epochs=3, on_epoch=on_epoch), plain)
+    assert seen == [(1, False, False), (2, False, False), (3, False, False)]  # eval mode, no autograd
+    seen.clear()
+    run(iterations=8, on_epoch=on_epoch)  # passes of 3 steps: the third pass is cut short at step 8
+    assert [e for e, *_ in seen] == [1, 2]
+    with pytest.raises(ValueError, match="on_epoch must be a callable on_epoch.epoch, student. or None; got int"):
+        distill(tiny_model(0), x, teacher=teacher, epochs=1, on_epoch=1)
+    with pytest.raises(ValueError, match="on_epoch is called after each pass over a fixed x; a sampler x has no"):
+        distill(tiny_model(0), lambda n, gen: torch.zeros(n, 1, 8, 8), teacher=teacher, iterations=1,
+                on_epoch=on_epoch)
+
+
 # ---------------------------------------------------------------------------- distill: seeds and augmentation
 
 

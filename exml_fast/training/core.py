@@ -244,6 +244,7 @@ def distill(
     feature_weight: float = 1.0,
     generator: torch.Generator | int | None = None,
     log_every: int = 0,
+    on_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> nn.Module:
     """Trains ``student`` only on (synthetic) inputs ``x`` — zero-shot knowledge distillation.
 
@@ -331,6 +332,13 @@ def distill(
         generator: None (torch's default CPU generator), an int seed or a CPU
             ``torch.Generator``.
         log_every: print the running loss every this many steps (0: silent).
+        on_epoch: called as ``on_epoch(epoch, student)`` after each complete pass
+            over a fixed ``x`` (``epoch`` counts from 1; a pass that ``iterations``
+            cuts short is not complete), with the student in eval mode and under
+            ``torch.no_grad``, e.g. to score it on held-out images each epoch. The
+            run's draws come from ``generator`` alone, so a callback that does not
+            change the student leaves the run as it is. Not with a sampler ``x``,
+            which has no passes.
 
     Returns:
         ``student``, in eval mode.
@@ -342,7 +350,8 @@ def distill(
             (batch_size, C, H, W) float; an unknown
             ``optimizer`` or ``schedule``; a non-positive size, lr or temperature;
             ``rotate`` not in [0, 180] or ``scale`` not in [0, 1) (checked
-            with or without ``augment``); ``mixup`` negative, or set without ``teacher``; ``features``
+            with or without ``augment``); ``on_epoch`` not callable, or with a
+            sampler; ``mixup`` negative, or set without ``teacher``; ``features``
             without ``teacher``, not (module, module, channels) triples, or
             whose outputs' shapes do not match (raised at the first step).
     """
@@ -360,6 +369,8 @@ def distill(
                              f"{sources[0]}, which belongs to a fixed x")
         if iterations is None:
             raise ValueError("distill: a sampler x has no passes to count: pass iterations, not epochs")
+        if on_epoch is not None:
+            raise ValueError("distill: on_epoch is called after each pass over a fixed x; a sampler x has no passes")
     elif not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"distill: x must be a float tensor of shape (N, C, H, W) or a sampler "
                          f"x(batch_size, generator); got "
@@ -397,6 +408,9 @@ def distill(
             raise ValueError(f"distill: {name} must be an int >= 0; got {value!r}")
     if not isinstance(log_every, int) or log_every < 0:
         raise ValueError(f"distill: log_every must be an int >= 0; got {log_every!r}")
+    if on_epoch is not None and not callable(on_epoch):
+        raise ValueError(f"distill: on_epoch must be a callable on_epoch(epoch, student) or None; got "
+                         f"{type(on_epoch).__name__}")
     check_int(warmup, "warmup", "distill", low=0)
     mixup = check_float(mixup, "mixup", "distill")
     if mixup and teacher is None:
@@ -472,6 +486,12 @@ def distill(
             if sched is not None:
                 sched.step()
             log.add(step, value)
+            if on_epoch is not None and pos == len(bounds):  # a pass over x is complete
+                student.eval()
+                with torch.no_grad():
+                    on_epoch((step + 1) // len(bounds), student)
+                outputs.clear()  # what the feature hooks kept of the callback's forwards
+                student.train()
     finally:
         for h in hooks:
             h.remove()
