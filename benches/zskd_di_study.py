@@ -18,10 +18,11 @@ record is read again under a lock before every write.
 Usage:
     python benches/zskd_di_study.py [--dataset mnist|fashion-mnist] [--variants a,b] [--n 2400]
         [--kd-epochs 200] [--threads 2] [--work runs/zskd_di_study[_fmnist]] [--out benches/results]
-        [--record NAME] [--geometry]
+        [--record NAME] [--geometry] [--curves]
 
 ``--geometry`` trains nothing: it adds where the DIs lie among real images (:func:`di_geometry`) to the rows
-of ``--variants`` that predate the measure, from their DIs on disk.
+of ``--variants`` that predate the measure, from their DIs on disk. ``--curves`` also scores each student after
+every KD epoch (the row's ``curve``); recorded rows without one are trained again for it, their figures kept.
 """
 
 from __future__ import annotations
