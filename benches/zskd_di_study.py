@@ -18,11 +18,13 @@ record is read again under a lock before every write.
 Usage:
     python benches/zskd_di_study.py [--dataset mnist|fashion-mnist] [--variants a,b] [--n 2400]
         [--kd-epochs 200] [--threads 2] [--work runs/zskd_di_study[_fmnist]] [--out benches/results]
-        [--record NAME] [--geometry] [--curves]
+        [--record NAME] [--geometry] [--curves] [--screen KEY=V1,V2,... [--screen-n 800]]
 
 ``--geometry`` trains nothing: it adds where the DIs lie among real images (:func:`di_geometry`) to the rows
 of ``--variants`` that predate the measure, from their DIs on disk. ``--curves`` also scores each student after
 every KD epoch (the row's ``curve``); recorded rows without one are trained again for it, their figures kept.
+``--screen`` trains nothing either: it measures the first DIs of the one variant named at each value of a synthesis
+setting (:func:`screen`), how such a setting is chosen before any student is scored.
 """
 
 from __future__ import annotations
@@ -241,6 +243,16 @@ for _hint in ("0.1", "1"):
     VARIANTS.update(_kd_seeds(f"{_TAU5_2XEP}_hint{_hint}", f"{VARIANTS[_TAU5_2XEP][0]}, plus {_hint} x the mean "
                               "squared difference of the student's and the teacher's penultimate features (84 units)",
                               {**VARIANTS[_TAU5_2XEP][1], "kd_hint": float(_hint)}, seeds=(1, 2, 3)))
+# The DIs themselves nearer real digits: a validation image lies 3.1 times as far from the nearest DI as from the
+# nearest real training image (note 8), and the DIs are far rougher than digits (their pixels' mean squared
+# neighbour difference 0.22, the validation images' 0.040). An l2 total-variation prior on the synthesis, its weight
+# set on a first batch of 800 DIs before any KD: 1e-4 makes the DIs as smooth as the validation images (0.040)
+# and brings them nearer (gap 2.64 against 2.78) with their targets still reached (KL 0.12 against 0.09); 3e-4
+# over-smooths them (0.017) and misses the targets more (KL 0.21).
+_TV = f"{_TAU5}_tv0.0001"
+VARIANTS.update(_kd_seeds(f"{_TV}_2xep", f"as {_TAU5} but with an l2 total-variation prior of weight 1e-4 on the "
+                          "synthesis; KD with the warm-up for twice the epochs",
+                          {**VARIANTS[_TAU5_2XEP][1], "tv_l2": 1e-4}, seeds=(1, 2, 3)))
 
 
 class _RescaledDI(DataImpressions):
@@ -299,6 +311,26 @@ def di_geometry(teacher, inputs: torch.Tensor, train, evaluation, *, per_class: 
     return {**({"spread": sum(ratio) / len(ratio)} if ratio else {}),
             "gap": float(gap_di.median() / gap_real.median().clamp_min(1e-12)),
             "balance": float(counts.min() * n_classes / counts.sum())}
+
+
+def di_measures(teacher, inputs: torch.Tensor, soft: torch.Tensor, tau: float) -> dict:
+    """What DIs (in pixels) are like, before any KD: the fraction of their pixels at 0 or 1 (``saturated``),
+    their mean pixel, the median over DIs of the teacher's largest |logit|, and the mean KL divergence from each
+    DI's Dirichlet target ``soft`` to the teacher's output on it at the synthesis temperature ``tau`` (how far
+    the targets were from reached)."""
+    with torch.no_grad():
+        logits = teacher(inputs)
+    p_tau = torch.log_softmax(logits / tau, 1)
+    kl = (soft * (soft.clamp_min(1e-12).log() - p_tau)).sum(1)
+    return {"saturated": float(((inputs <= 1e-3) | (inputs >= 1 - 1e-3)).float().mean()),
+            "pixel_mean": float(inputs.mean()), "teacher_max_abs_logit": float(logits.abs().amax(1).median()),
+            "target_kl": float(kl.mean())}
+
+
+def roughness(x: torch.Tensor) -> float:
+    """The mean squared difference of neighbouring pixels of the images ``x`` (N, C, H, W), down and across,
+    summed: 0 for flat images (MNIST's validation images, in [0, 1]: 0.040)."""
+    return float(((x[..., 1:, :] - x[..., :-1, :]) ** 2).mean() + ((x[..., 1:] - x[..., :-1]) ** 2).mean())
 
 
 def errors_by_reach(teacher, student, inputs: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
@@ -442,13 +474,7 @@ def run_variant(name, cfg, *, teacher, train, evaluation, n, kd_epochs, work, se
     else:
         inputs, soft = variant_dis(cfg, teacher=teacher, n=n, work=work, seed=seed, dataset=dataset,
                                    kd_epochs=kd_epochs)
-        with torch.no_grad():
-            logits = teacher(inputs)
-        p_tau = torch.log_softmax(logits / cfg["tau"], 1)  # how far the DIs (as the student sees them) are
-        kl = (soft * (soft.clamp_min(1e-12).log() - p_tau)).sum(1)  # from their targets
-        diag = {"saturated": float(((inputs <= 1e-3) | (inputs >= 1 - 1e-3)).float().mean()),
-                "pixel_mean": float(inputs.mean()), "teacher_max_abs_logit": float(logits.abs().amax(1).median()),
-                "target_kl": float(kl.mean())}
+        diag = di_measures(teacher, inputs, soft, cfg["tau"])
     t_synth = time.perf_counter() - t0
     if not cfg["real"]:
         diag.update(di_geometry(teacher, geometry_order(cfg, inputs), train, evaluation))
@@ -529,6 +555,7 @@ def markdown(rec: dict) -> str:
         lines += ["", f"Best DI recipe on **validation**, averaged over its KD seeds ({seeds}): "
                       f"{mean('validation'):.2f} %, test {mean('test'):.2f} %."]
     lines += curve_lines(rec["rows"])
+    lines += screen_lines(rec.get("screens", []))
     lines += ["", *rec.get("notes", [])]
     return "\n".join(lines) + "\n"
 
@@ -577,6 +604,71 @@ def add_geometry(out: pathlib.Path, names, *, teacher, train, evaluation, n, wor
     return 0
 
 
+#: The synthesis settings ``--screen`` varies: numbers, parsed as :data:`BASE` has them.
+SCREEN_KEYS = ("lr", "iters", "tau", "tv_l2", "jitter")
+
+
+def parse_screen(text: str) -> tuple[str, list]:
+    """``--screen``'s ``KEY=V1,V2,...`` as (key, values), each value of the key's type in :data:`BASE`."""
+    key, sep, values = text.partition("=")
+    if not sep or key not in SCREEN_KEYS or not values:
+        raise ValueError(f"--screen: expected KEY=V1,V2,... with KEY one of {', '.join(SCREEN_KEYS)}; got {text!r}")
+    kind = type(BASE[key])
+    try:
+        return key, [kind(v) for v in values.split(",")]
+    except ValueError:
+        raise ValueError(f"--screen: the values of {key} must be {kind.__name__}s; got {values!r}") from None
+
+
+def screen(out: pathlib.Path, name: str, key: str, values, *, teacher, train, evaluation, n, work, dataset,
+           command: str) -> int:
+    """Measure ``n`` DIs of variant ``name``'s synthesis at each of ``values`` of its setting ``key`` before any
+    KD (:func:`di_measures`, :func:`roughness`, :func:`di_geometry`; no accuracy): how a synthesis setting is
+    chosen without a student. The DIs are kept under ``work`` (keyed by ``n`` too, so apart from a variant's
+    own); entries already in the record's ``screens`` are skipped; the record is written under its lock."""
+    cfg = {**BASE, **VARIANTS[name][1]}
+    if cfg["real"] or cfg.get("adi"):
+        raise ValueError(f"--screen: {name} is not one round of plain DIs (a real or adi variant)")
+    reference = roughness(evaluation["validation"][0])
+    for value in values:
+        entry = {"variant": name, "key": key, "value": value, "n": n}
+        with locked(out.with_name(f".{out.name}.lock")):
+            if any({k: e[k] for k in entry} == entry for e in json.loads(out.read_text()).get("screens", [])):
+                continue
+        t0 = time.perf_counter()
+        vcfg = {**cfg, key: value}
+        inputs, soft = variant_dis(vcfg, teacher=teacher, n=n, work=work, dataset=dataset)
+        entry.update({**di_measures(teacher, inputs, soft, vcfg["tau"]), "roughness": roughness(inputs),
+                      "validation_roughness": reference, **di_geometry(teacher, inputs, train, evaluation),
+                      "synthesis_s": time.perf_counter() - t0, "command": command})
+        print(f"{name} {key}={value}: " + ", ".join(f"{k} {v:.3f}" for k, v in entry.items()
+                                                   if isinstance(v, float) and k != "value"), flush=True)
+        with locked(out.with_name(f".{out.name}.lock")):
+            rec = json.loads(out.read_text())
+            rec.setdefault("screens", []).append(entry)
+            atomic_write(out, lambda f: f.write(json.dumps(rec, indent=1).encode()))
+            atomic_write(out.with_suffix(".md"), lambda f: f.write(markdown(rec).encode()))
+    return 0
+
+
+def screen_lines(screens: list[dict]) -> list[str]:
+    """The markdown table of the record's ``--screen`` entries: none where it has none."""
+    if not screens:
+        return []
+    lines = ["", "Synthesis settings screened before any KD (`--screen`; no student, no accuracy): the first DIs of "
+             "a variant's synthesis at each value of one setting. roughness: the DIs' mean squared difference of "
+             f"neighbouring pixels (the validation images': {screens[0]['validation_roughness']:.3f}); the other "
+             "columns as in the table above.", "",
+             "| variant | setting | DIs | roughness | saturated | logit | KL | spread | gap | balance "
+             "| synthesis (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in screens:
+        lines.append(f"| {e['variant']} | {e['key']} {e['value']:g} | {e['n']} | {e['roughness']:.3f} | "
+                     f"{e['saturated']:.2f} | {e['teacher_max_abs_logit']:.1f} | {e['target_kl']:.2f} | "
+                     f"{e['spread']:.2f} | {e['gap']:.2f} | {e['balance']:.2f} | {e['synthesis_s']:.0f} |")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -596,6 +688,11 @@ def main(argv=None) -> int:
                     help="also score each student on the validation and test images after every KD epoch (the "
                          "row's curve); rows of --variants already in the record without one are trained again "
                          "for it, their figures kept")
+    ap.add_argument("--screen", default=None, metavar="KEY=V1,V2,...",
+                    help="train nothing: measure --screen-n DIs of the one variant in --variants at each value of "
+                         f"its synthesis setting KEY ({', '.join(SCREEN_KEYS)}) before any KD, into the record's "
+                         "screens")
+    ap.add_argument("--screen-n", type=int, default=800, help="the DIs --screen makes per value (one batch: 800)")
     ap.add_argument("--record", default=None,
                     help="the record's file stem under --out (default: the dataset's study, with _n<N> when --n is "
                          "not 2400); a study on another teacher (another machine) belongs in a record of its own")
@@ -604,6 +701,15 @@ def main(argv=None) -> int:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         ap.error(f"--variants: unknown {unknown}; choose among {', '.join(VARIANTS)}")
+    if args.screen is not None:
+        try:
+            screened = parse_screen(args.screen)
+        except ValueError as e:
+            ap.error(str(e))
+        if len(names) != 1:
+            ap.error(f"--screen: name exactly one variant in --variants (the synthesis it varies); got {len(names)}")
+        if args.screen_n < 1:
+            ap.error(f"--screen-n: must be >= 1; got {args.screen_n}")
     if data_missing([args.dataset]):
         return 0
     torch.set_num_threads(args.threads)
@@ -635,6 +741,19 @@ def main(argv=None) -> int:
                            arch=nets["teacher"], seed=0, epochs=args.teacher_epochs, dataset=args.dataset, mean=0.0,
                            std=1.0, device=torch.device("cpu"), log=print, lr=nets["teacher_lr"],
                            schedule=nets["teacher_schedule"], pad_crop=nets["teacher_pad_crop"])
+    if args.screen is not None:
+        if not out.exists():  # the screens' record starts with this invocation's header
+            with locked(out.with_name(f".{out.name}.lock")):
+                if not out.exists():
+                    env = environment("cpu", "zskd DI study")
+                    env.pop("timer", None)
+                    rec.update({"env": env, "command": command_line("zskd_di_study.py", argv),
+                                "dataset": args.dataset,
+                                "teacher": {k: 100 * evaluate(teacher, *xy) for k, xy in evaluation.items()}})
+                    atomic_write(out, lambda f: f.write(json.dumps(rec, indent=1).encode()))
+        return screen(out, names[0], *screened, teacher=teacher, train=train, evaluation=evaluation,
+                      n=args.screen_n, work=work, dataset=args.dataset,
+                      command=command_line("zskd_di_study.py", argv))
     if args.geometry:
         return add_geometry(out, names, teacher=teacher, train=train, evaluation=evaluation, n=args.n, work=work,
                             dataset=args.dataset, kd_epochs=args.kd_epochs)

@@ -307,3 +307,51 @@ def test_curves_score_every_epoch_and_are_added_to_recorded_rows(study, tmp_path
     # a curve that does not end on the row's figures (trained again elsewhere) says so
     moved = {**again[0], "validation": again[0]["validation"] - 1.0}
     assert "(trained again for the curve; the row's run: " in "\n".join(study.curve_lines([moved]))
+
+
+def test_screen_measures_a_synthesis_setting_without_a_student(study, tmp_path, monkeypatch, capsys):
+    """--screen: DIs of one variant at each value of a synthesis setting, measured before any KD, into the
+    record's screens (no row, no student); a rerun skips what is on record; the markdown tables them."""
+    args = ["--variants", "dataset_lr0.01", "--n", "16", "--kd-epochs", "1", "--teacher-epochs", "1",
+            "--max-train", "6000", "--threads", "1", "--work", str(tmp_path / "w"), "--out", str(tmp_path),
+            "--screen-n", "12"]
+    out = tmp_path / "zskd_di_study_cpu_n16.json"
+    distilled = []
+    monkeypatch.setattr(study, "distil_student", lambda *a, **k: distilled.append(1))
+    assert study.main([*args, "--screen", "tv_l2=0,0.001"]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["rows"] == [] and not distilled
+    screens = rec["screens"]
+    assert [(e["variant"], e["key"], e["value"], e["n"]) for e in screens] == [
+        ("dataset_lr0.01", "tv_l2", 0.0, 12), ("dataset_lr0.01", "tv_l2", 0.001, 12)]
+    for e in screens:
+        assert {"saturated", "target_kl", "teacher_max_abs_logit", "roughness", "validation_roughness", "spread",
+                "gap", "balance", "synthesis_s", "command"} <= set(e)
+    assert screens[0]["validation_roughness"] == screens[1]["validation_roughness"] > 0
+    assert screens[1]["roughness"] < screens[0]["roughness"]  # the prior smooths the DIs
+    # the DIs are kept apart from the variant's own (keyed by their number) and carry the setting
+    folders = sorted(p.name for p in (tmp_path / "w").iterdir() if p.name.startswith("dis_"))
+    cfg = {**study.BASE, **study.VARIANTS["dataset_lr0.01"][1]}
+    assert folders == sorted(study.dis_folder({**cfg, "tv_l2": v}, 12) for v in (0.0, 0.001))
+    md = out.with_suffix(".md").read_text()
+    assert "Synthesis settings screened before any KD" in md and "| dataset_lr0.01 | tv_l2 0.001 | 12 |" in md
+    # on record: skipped, nothing made again
+    monkeypatch.setattr(study, "variant_dis", lambda *a, **k: pytest.fail("made DIs again"))
+    assert study.main([*args, "--screen", "tv_l2=0.001"]) == 0
+    assert json.loads(out.read_text())["screens"] == screens
+    for bad, message in ((["--screen", "beta=1"], "KEY one of lr, iters, tau, tv_l2, jitter"),
+                         (["--screen", "iters=1.5"], "the values of iters must be ints"),
+                         (["--screen", "tv_l2="], "expected KEY=V1,V2,..."),
+                         (["--screen", "tv_l2=0", "--variants", "dataset_lr0.01,real"], "exactly one variant"),
+                         (["--screen", "tv_l2=0", "--screen-n", "0"], "--screen-n: must be >= 1")):
+        with pytest.raises(SystemExit):
+            study.main([*args, *bad])
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="real is not one round of plain DIs"):
+        study.main([*args, "--screen", "tv_l2=0", "--variants", "real"])
+
+
+def test_roughness_is_zero_for_flat_images_and_two_for_a_checkerboard(study):
+    assert study.roughness(torch.full((2, 1, 4, 4), 0.7)) == 0.0
+    board = (torch.arange(4).view(4, 1) + torch.arange(4)).remainder(2).float().view(1, 1, 4, 4)
+    assert study.roughness(board) == pytest.approx(2.0)
