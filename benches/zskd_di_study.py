@@ -741,15 +741,19 @@ def main(argv=None) -> int:
                            arch=nets["teacher"], seed=0, epochs=args.teacher_epochs, dataset=args.dataset, mean=0.0,
                            std=1.0, device=torch.device("cpu"), log=print, lr=nets["teacher_lr"],
                            schedule=nets["teacher_schedule"], pad_crop=nets["teacher_pad_crop"])
+
+    def header() -> dict:
+        """This invocation's record header: where it ran, its command, the teacher's scores."""
+        env = environment("cpu", "zskd DI study")
+        env.pop("timer", None)  # wall-clock seconds of whole runs, not timed op calls
+        return {"env": env, "command": command_line("zskd_di_study.py", argv), "dataset": args.dataset,
+                "teacher": {k: 100 * evaluate(teacher, *xy) for k, xy in evaluation.items()}}
+
     if args.screen is not None:
         if not out.exists():  # the screens' record starts with this invocation's header
             with locked(out.with_name(f".{out.name}.lock")):
                 if not out.exists():
-                    env = environment("cpu", "zskd DI study")
-                    env.pop("timer", None)
-                    rec.update({"env": env, "command": command_line("zskd_di_study.py", argv),
-                                "dataset": args.dataset,
-                                "teacher": {k: 100 * evaluate(teacher, *xy) for k, xy in evaluation.items()}})
+                    rec.update(header())
                     atomic_write(out, lambda f: f.write(json.dumps(rec, indent=1).encode()))
         return screen(out, names[0], *screened, teacher=teacher, train=train, evaluation=evaluation,
                       n=args.screen_n, work=work, dataset=args.dataset,
@@ -757,10 +761,7 @@ def main(argv=None) -> int:
     if args.geometry:
         return add_geometry(out, names, teacher=teacher, train=train, evaluation=evaluation, n=args.n, work=work,
                             dataset=args.dataset, kd_epochs=args.kd_epochs)
-    env = environment("cpu", "zskd DI study")
-    env.pop("timer", None)  # wall-clock seconds of whole runs, not timed op calls
-    rec.update({"env": env, "command": command_line("zskd_di_study.py", argv), "dataset": args.dataset,
-                "teacher": {k: 100 * evaluate(teacher, *xy) for k, xy in evaluation.items()}})
+    rec.update(header())
     done = {r["variant"] for r in rec["rows"] if not args.curves or "curve" in r}
     for name in names:
         if name in done:
