@@ -620,6 +620,13 @@ def parse_screen(text: str) -> tuple[str, list]:
         raise ValueError(f"--screen: the values of {key} must be {kind.__name__}s; got {values!r}") from None
 
 
+def screenable(name: str) -> bool:
+    """Whether variant ``name`` makes one round of plain DIs, the synthesis a screen varies (not real images,
+    not a second round against a student)."""
+    cfg = {**BASE, **VARIANTS[name][1]}
+    return not (cfg["real"] or cfg.get("adi"))
+
+
 def screen(out: pathlib.Path, name: str, key: str, values, *, teacher, train, evaluation, n, work, dataset,
            command: str) -> int:
     """Measure ``n`` DIs of variant ``name``'s synthesis at each of ``values`` of its setting ``key`` before any
@@ -627,7 +634,7 @@ def screen(out: pathlib.Path, name: str, key: str, values, *, teacher, train, ev
     chosen without a student. The DIs are kept under ``work`` (keyed by ``n`` too, so apart from a variant's
     own); entries already in the record's ``screens`` are skipped; the record is written under its lock."""
     cfg = {**BASE, **VARIANTS[name][1]}
-    if cfg["real"] or cfg.get("adi"):
+    if not screenable(name):
         raise ValueError(f"--screen: {name} is not one round of plain DIs (a real or adi variant)")
     reference = roughness(evaluation["validation"][0])
     for value in values:
@@ -708,6 +715,8 @@ def main(argv=None) -> int:
             ap.error(str(e))
         if len(names) != 1:
             ap.error(f"--screen: name exactly one variant in --variants (the synthesis it varies); got {len(names)}")
+        if not screenable(names[0]):
+            ap.error(f"--screen: {names[0]} is not one round of plain DIs (a real or adi variant)")
         if args.screen_n < 1:
             ap.error(f"--screen-n: must be >= 1; got {args.screen_n}")
     if data_missing([args.dataset]):

@@ -343,12 +343,13 @@ def test_screen_measures_a_synthesis_setting_without_a_student(study, tmp_path, 
                          (["--screen", "iters=1.5"], "the values of iters must be ints"),
                          (["--screen", "tv_l2="], "expected KEY=V1,V2,..."),
                          (["--screen", "tv_l2=0", "--variants", "dataset_lr0.01,real"], "exactly one variant"),
-                         (["--screen", "tv_l2=0", "--screen-n", "0"], "--screen-n: must be >= 1")):
+                         (["--screen", "tv_l2=0", "--screen-n", "0"], "--screen-n: must be >= 1"),
+                         (["--screen", "tv_l2=0", "--variants", "real"], "real is not one round of plain DIs")):
         with pytest.raises(SystemExit):
             study.main([*args, *bad])
         assert message in capsys.readouterr().err
-    with pytest.raises(ValueError, match="real is not one round of plain DIs"):
-        study.main([*args, "--screen", "tv_l2=0", "--variants", "real"])
+    assert not study.screenable("real") and study.screenable("dataset_lr0.01")
+    assert not study.screenable(next(v for v, (_, cfg) in study.VARIANTS.items() if cfg.get("adi")))
 
 
 def test_roughness_is_zero_for_flat_images_and_two_for_a_checkerboard(study):
