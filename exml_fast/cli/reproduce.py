@@ -38,6 +38,12 @@ def add_commands(sub) -> None:
                         "0..K-1 from the ledger)")
     q.add_argument("--seed", type=int, default=0,
                    help="zskd-*, dfkd-*: the seed of the teacher, synthesis and student (default: 0)")
+    q.add_argument("--kd-seeds", type=positive_int, default=None, metavar="K",
+                   help="zskd-*: distil the student on the same DIs K times (KD seeds 0..K-1: its initialisation "
+                        "and batch order) and record their mean and spread beside KD seed 0 (default: 1)")
+    q.add_argument("--synth-tv-l2", type=float, default=None, metavar="W",
+                   help="zskd-*: the weight of the DIs' l2 total-variation prior in place of the networks' (0: the "
+                        "paper's prior-free DIs); writes <experiment>_tv<W>.* (default: the networks')")
     q.add_argument("--budget", choices=sorted(BUDGETS), default=None,
                    help="paper (Appendix A-B, hours per run on 2 CPU cores), demo, or smoke (default: paper; "
                         "demo for exml-mnist-ablation)")
@@ -83,6 +89,9 @@ def _reproduce(args) -> int:
         raise UsageError("--recipe is for dfkd-mnist")
     if args.networks is not None and not args.experiment.startswith("zskd-"):
         raise UsageError("--networks is for zskd-mnist and zskd-fmnist")
+    for flag, value in (("--kd-seeds", args.kd_seeds), ("--synth-tv-l2", args.synth_tv_l2)):
+        if value is not None and not args.experiment.startswith("zskd-"):
+            raise UsageError(f"{flag} is for zskd-mnist and zskd-fmnist")
     if args.seeds is not None and args.experiment not in CIL_EXPERIMENTS:
         raise UsageError(f"--seeds is for {' and '.join(CIL_EXPERIMENTS)}")
     if args.experiment == "dfkd-mnist":
@@ -151,7 +160,8 @@ def _reproduce(args) -> int:
     if args.experiment != "exml-mnist":
         if args.budget not in ZSKD_BUDGETS:
             raise UsageError(f"--budget for {args.experiment}: one of {', '.join(ZSKD_BUDGETS)}")
-        reproduce_zskd(args.experiment, budget=args.budget, seed=args.seed, networks=args.networks or "paper",
+        reproduce_zskd(args.experiment, budget=args.budget, seed=args.seed, kd_seeds=args.kd_seeds or 1,
+                       networks=args.networks or "paper", synth_tv_l2=args.synth_tv_l2,
                        out=out, results=args.results, device=device, data_root=args.data_root,
                        progress=args.progress)
         return 0

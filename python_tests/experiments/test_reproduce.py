@@ -89,7 +89,14 @@ def test_zskd_smoke_writes_the_record_beside_the_paper(tmp_path, experiment):
     tau = {"zskd-mnist": 5, "zskd-fmnist": 3}[experiment]
     assert rec["synth_tau"] == tau
     assert f"- DIs: β (1.0, 0.1), τ {tau}," in md and f"drawn at τ {tau}, not the paper's 20" in md
-    assert (tmp_path / "w" / "smoke" / "paper" / f"dis_seed0_n64_tau{tau}" / "manifest.json").exists()
+    # MNIST's DIs carry the l2 total-variation prior its validation split chose, Fashion-MNIST's none: said in the
+    # settings and the notes, and kept in a folder of their own
+    tv = {"zskd-mnist": 1e-4, "zskd-fmnist": 0.0}[experiment]
+    assert rec["synth_tv_l2"] == tv
+    assert ("2 px jitter, l2 total-variation prior of weight 1e-4," in md) == bool(tv)
+    assert ("the DIs carry an l2 total-variation prior of weight 1e-4, which the paper's do not" in md) == bool(tv)
+    folder = f"dis_seed0_n64_tau{tau}" + ("_tv1e-4" if tv else "")
+    assert (tmp_path / "w" / "smoke" / "paper" / folder / "manifest.json").exists()
     # The teacher, the DIs and the control are on disk: a rerun reads them back and gives the same student.
     control = next((tmp_path / "w" / "smoke" / "paper").glob("control_*.json"))
     stamp = control.stat().st_mtime_ns
@@ -137,6 +144,80 @@ def test_zskd_networks_kd_epochs_mixup_and_decay_reach_the_kd_its_control_and_th
     text = zskd._markdown(old, "")
     assert "weight decay 5e-4, batch 64, 1 epochs, per-sample pad-crop 4" in text and "(mixup)" not in text
     assert [zskd._decay(v) for v in (5e-4, 1e-4, 2.5e-4, 0.0)] == ["5e-4", "1e-4", "2.5e-4", "0"]
+
+
+@needs_mnist
+def test_zskd_kd_seeds_each_train_a_student_kept_apart_and_summarised(tmp_path, monkeypatch, capsys):
+    from exml_fast.experiments import zskd
+
+    seeds = []
+    real_distill = zskd.distill
+
+    def spy(student, *args, **kwargs):
+        if kwargs.get("teacher") is not None:  # a KD: the student's first weight tells its initialisation
+            seeds.append((kwargs["generator"], next(student.parameters()).detach().flatten()[:4].clone()))
+        return real_distill(student, *args, **kwargs)
+
+    monkeypatch.setattr(zskd, "distill", spy)
+    kwargs = dict(budget="smoke", out=tmp_path / "w", results=tmp_path / "res", device="cpu", log=lambda line: None)
+    rec = zskd.reproduce_zskd("zskd-mnist", kd_seeds=3, **kwargs)
+    # three DI students and the control (KD seed 0's initialisation and batches)
+    assert [g for g, _ in seeds] == [0, 1, 2, 0]
+    assert torch.equal(seeds[0][1], seeds[3][1]) and not torch.equal(seeds[0][1], seeds[1][1])
+    assert [r["kd_seed"] for r in rec["kd_seeds"]] == [0, 1, 2]
+    assert rec["student"] == rec["kd_seeds"][0]["student"] and rec["student_acc"] == rec["student"]["test"]
+    for split in ("validation", "test"):
+        values = torch.tensor([r["student"][split] for r in rec["kd_seeds"]], dtype=torch.float64)
+        assert rec["student_mean"][split] == pytest.approx(values.mean().item())
+        assert rec["student_std"][split] == pytest.approx(values.std().item())
+    assert rec["kd_s"] == pytest.approx(sum(r["kd_s"] for r in rec["kd_seeds"]))
+    md = (tmp_path / "res" / "zskd_mnist_smoke.md").read_text()
+    assert "| student on 64 DIs only, KD seed 0 |" in md
+    mean, std = rec["student_mean"]["test"], rec["student_std"]["test"]
+    assert "| student on 64 DIs only, mean ± std of KD seeds 0-2 |" in md and f"**{mean:.2f}** ± {std:.2f}" in md
+    assert "KD seed k initialises the student from seed 0 + 1 + k" in md and "(3 KD seeds)" in md
+    # each KD seed is kept on disk: a rerun with one more trains only that one
+    folder = tmp_path / "w" / "smoke" / "paper"
+    assert len(list(folder.glob("student_seed0_kdseed*_n64_tau5_tv1e-4_ep*.json"))) == 3
+    seeds.clear()
+    again = zskd.reproduce_zskd("zskd-mnist", kd_seeds=4, **kwargs)
+    assert [g for g, _ in seeds] == [3]
+    assert again["kd_seeds"][:3] == rec["kd_seeds"] and len(again["kd_seeds"]) == 4
+    # one KD seed (the default): the record as before, without a mean
+    one = zskd.reproduce_zskd("zskd-mnist", **kwargs)
+    assert len(one["kd_seeds"]) == 1 and "student_mean" not in one and one["student"] == rec["student"]
+    assert "mean ± std" not in (tmp_path / "res" / "zskd_mnist_smoke.md").read_text()
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="kd_seeds must be an int >= 1"):
+            zskd.reproduce_zskd("zskd-mnist", kd_seeds=bad, **kwargs)
+    assert main(["reproduce", "cil-mnist", "--kd-seeds", "2"]) == 2
+    assert "--kd-seeds is for zskd-mnist and zskd-fmnist" in capsys.readouterr().err
+    assert main(["reproduce", "zskd-mnist", "--kd-seeds", "0"]) == 2
+    assert "--kd-seeds: expected a positive integer" in capsys.readouterr().err
+
+
+@needs_mnist
+def test_zskd_synth_tv_l2_overrides_the_networks_prior_into_a_record_of_its_own(tmp_path, capsys):
+    from exml_fast.experiments import zskd
+
+    kwargs = dict(budget="smoke", out=tmp_path / "w", results=tmp_path / "res", device="cpu", log=lambda line: None)
+    rec = zskd.reproduce_zskd("zskd-mnist", synth_tv_l2=0.0, **kwargs)  # the paper's prior-free DIs
+    assert rec["synth_tv_l2"] == 0.0 and (tmp_path / "res" / "zskd_mnist_smoke_tv0.json").exists()
+    assert not (tmp_path / "res" / "zskd_mnist_smoke.json").exists()
+    md = (tmp_path / "res" / "zskd_mnist_smoke_tv0.md").read_text()
+    assert "total-variation" not in md
+    folder = tmp_path / "w" / "smoke" / "paper"
+    assert (folder / "dis_seed0_n64_tau5" / "manifest.json").exists()
+    assert [p.name for p in folder.glob("student_*.json")] == ["student_seed0_kdseed0_n64_tau5_ep2_warmup500.json"]
+    # the networks' own weight, named or not, is the record of the networks
+    assert zskd.reproduce_zskd("zskd-mnist", synth_tv_l2=1e-4, **kwargs)["synth_tv_l2"] == 1e-4
+    assert (tmp_path / "res" / "zskd_mnist_smoke.json").exists()
+    assert not (tmp_path / "res" / "zskd_mnist_smoke_tv1e-4.json").exists()
+    for bad in (-1e-4, float("nan"), float("inf"), True, "0"):
+        with pytest.raises(ValueError, match="synth_tv_l2 must be a finite number >= 0 or None"):
+            zskd.reproduce_zskd("zskd-mnist", synth_tv_l2=bad, **kwargs)
+    assert main(["reproduce", "dfkd-mnist", "--synth-tv-l2", "0"]) == 2
+    assert "--synth-tv-l2 is for zskd-mnist and zskd-fmnist" in capsys.readouterr().err
 
 
 def test_zskd_record_names_the_synthesis_settings_the_networks_override():
