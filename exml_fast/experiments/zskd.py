@@ -297,9 +297,7 @@ def reproduce_zskd(
 
     def kd(inputs: torch.Tensor, k: int = 0) -> tuple[dict[str, float], float]:
         """The student of KD seed ``k`` distilled on ``inputs``: its scores and seconds."""
-        nonlocal student_params
         student = _student(nets["student"], seed + k, device)
-        student_params = sum(p.numel() for p in student.parameters())
         t = time.perf_counter()
         distill(student, inputs, teacher=teacher, temperature=20.0, epochs=kd_epochs, batch_size=64,
                 lr=nets["kd_lr"], weight_decay=kd_wd, schedule="cosine", warmup=nets["kd_warmup"], augment=True,
