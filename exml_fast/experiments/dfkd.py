@@ -304,7 +304,8 @@ def _run_public(method, teacher, spec, *, n, seed, mean, std, out, device, progr
         return {k: 100 * evaluate(control_student, *xy) for k, xy in evaluation.items()}, time.perf_counter() - t
 
     row["control"] = real_data_control(out / f"control_{method}_seed{seed}_it{iterations}_b{batch_size}.json",
-                                       train[0], n=train[0].shape[0], seed=seed, kd=on_real, log=say)
+                                       train[0], n=train[0].shape[0], seed=seed, kd=on_real, log=say,
+                                       teacher=teacher_fingerprint(teacher))
     row["control"]["steps"] = steps
     atomic_write(done, lambda f: f.write(json.dumps(row, indent=1).encode()))
     return row
@@ -402,7 +403,8 @@ def _real_data_control(teacher, spec, *, n, seed, mean, std, out, device, train,
         return {k: 100 * evaluate(student, *xy) for k, xy in evaluation.items()}, time.perf_counter() - t0
 
     return real_data_control(out / f"control_seed{seed}_n{n}_ep{spec['kd_epochs']}.json", train[0], n=n, seed=seed,
-                             kd=kd, log=lambda line: log(f"[reproduce] {experiment}: {line}"))
+                             kd=kd, log=lambda line: log(f"[reproduce] {experiment}: {line}"),
+                             teacher=teacher_fingerprint(teacher))
 
 
 def _draw_inputs(synth, teacher, method, row, *, n, seed, out, progress):

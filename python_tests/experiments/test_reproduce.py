@@ -97,6 +97,15 @@ def test_zskd_smoke_writes_the_record_beside_the_paper(tmp_path, experiment):
     assert ("the DIs carry an l2 total-variation prior of weight 1e-4, which the paper's do not" in md) == bool(tv)
     folder = f"dis_seed0_n64_tau{tau}" + ("_tv1e-4" if tv else "")
     assert (tmp_path / "w" / "smoke" / "paper" / folder / "manifest.json").exists()
+    # MNIST's KD also rotates and zooms its inputs (the paper's augmentation, chosen on its validation split),
+    # Fashion-MNIST's translates only
+    affine = experiment == "zskd-mnist"
+    assert (rec["networks_detail"]["kd_rotate"], rec["networks_detail"]["kd_scale"]) == (
+        (15.0, 0.1) if affine else (0.0, 0.0))
+    assert ("rotation by up to 15 degrees and zoom by 0.9-1.1" in md) == affine
+    assert ("(we translate, rotate and zoom, and do not flip digits)" in md) == affine
+    assert (next((tmp_path / "w" / "smoke" / "paper").glob("control_*.json")).name.endswith(
+        "_rot15_zoom0.1.json")) == affine
     # The teacher, the DIs and the control are on disk: a rerun reads them back and gives the same student.
     control = next((tmp_path / "w" / "smoke" / "paper").glob("control_*.json"))
     stamp = control.stat().st_mtime_ns
@@ -118,7 +127,7 @@ def test_zskd_networks_kd_epochs_mixup_and_decay_reach_the_kd_its_control_and_th
 
     def spy(*args, **kwargs):
         if kwargs.get("teacher") is not None:  # a KD (the teacher trains on labels by the same function)
-            calls.append((kwargs["epochs"], kwargs["mixup"], kwargs["weight_decay"]))
+            calls.append((kwargs["epochs"], kwargs["mixup"], kwargs["weight_decay"], kwargs["rotate"], kwargs["scale"]))
         return real_distill(*args, **kwargs)
 
     monkeypatch.setattr(zskd, "distill", spy)
@@ -130,19 +139,26 @@ def test_zskd_networks_kd_epochs_mixup_and_decay_reach_the_kd_its_control_and_th
                                                        "kd_weight_decay": {"mnist": 1e-4, "fashion-mnist": 0.0}})
     rec = zskd.reproduce_zskd("zskd-mnist", budget="smokeplus", out=tmp_path / "w", results=tmp_path / "res",
                               device="cpu", log=lambda line: None)
-    assert calls == [(2, 0.5, 1e-4), (2, 0.5, 1e-4)]  # the DIs' student and the real-data control: MNIST's decay
+    # the DIs' student and the real-data control: MNIST's decay, rotation and zoom
+    assert calls == [(2, 0.5, 1e-4, 15.0, 0.1), (2, 0.5, 1e-4, 15.0, 0.1)]
     assert rec["networks_detail"]["kd_epochs"] == 2 and rec["networks_detail"]["kd_mixup"] == 0.5
     assert rec["networks_detail"]["kd_weight_decay"] == 1e-4
-    assert (tmp_path / "w" / "smokeplus" / "paper" / "control_seed0_n64_ep2_warmup500_mixup0.5_wd1e-4.json").exists()
+    assert (rec["networks_detail"]["kd_rotate"], rec["networks_detail"]["kd_scale"]) == (15.0, 0.1)
+    assert (tmp_path / "w" / "smokeplus" / "paper" /
+            "control_seed0_n64_ep2_warmup500_mixup0.5_rot15_zoom0.1_wd1e-4.json").exists()
     md = (tmp_path / "res" / "zskd_mnist_smokeplus.md").read_text()
     assert ("weight decay 1e-4, batch 64, 2 epochs (the networks' setting, not the budget's), per-sample pad-crop 4"
             in md)
     assert "by a weight from Beta(0.5, 0.5) (mixup)" in md and "mix pairs of augmented DIs (mixup)" in md
+    assert "±1 px roll, rotation by up to 15 degrees and zoom by 0.9-1.1, each augmented input" in md
+    assert "(we translate, rotate and zoom, and do not flip digits, and mix pairs" in md
     # a record made before the networks set them reads as the budget's epochs without mixup
     old = {**rec, "networks_detail": {k: v for k, v in rec["networks_detail"].items()
-                                      if k not in ("kd_epochs", "kd_mixup", "kd_weight_decay")}}
+                                      if k not in ("kd_epochs", "kd_mixup", "kd_weight_decay", "kd_rotate",
+                                                   "kd_scale")}}
     text = zskd._markdown(old, "")
     assert "weight decay 5e-4, batch 64, 1 epochs, per-sample pad-crop 4" in text and "(mixup)" not in text
+    assert "±1 px roll; the final model" in text and "(we translate only: rotation and zoom did not help" in text
     assert [zskd._decay(v) for v in (5e-4, 1e-4, 2.5e-4, 0.0)] == ["5e-4", "1e-4", "2.5e-4", "0"]
 
 
@@ -183,6 +199,22 @@ def test_zskd_kd_seeds_each_train_a_student_kept_apart_and_summarised(tmp_path, 
     again = zskd.reproduce_zskd("zskd-mnist", kd_seeds=4, **kwargs)
     assert [g for g, _ in seeds] == [3]
     assert again["kd_seeds"][:3] == rec["kd_seeds"] and len(again["kd_seeds"]) == 4
+    # a kept student belongs to the teacher it was distilled from: one of another teacher, or a control that
+    # names none (kept before runs named theirs), is trained again, and the log says why
+    (kept,) = folder.glob("student_seed0_kdseed1_n64_*.json")
+    (control,) = folder.glob("control_seed0_n64_*.json")
+    run = json.loads(kept.read_text())
+    assert run["teacher"] == again["kd_seeds"][0]["teacher"] and len(run["teacher"]) == 64
+    kept.write_text(json.dumps({**run, "teacher": "0" * 64}))
+    control.write_text(json.dumps({k: v for k, v in json.loads(control.read_text()).items() if k != "teacher"}))
+    seeds.clear()
+    lines = []
+    redone = zskd.reproduce_zskd("zskd-mnist", kd_seeds=4, **{**kwargs, "log": lines.append})
+    assert [g for g, _ in seeds] == [1, 0]
+    assert redone["kd_seeds"][1]["teacher"] == run["teacher"] and redone["control"]["teacher"] == run["teacher"]
+    assert any("KD seed 1 at" in line and "distilled from teacher 000000000000, not this one" in line
+               for line in lines)
+    assert any("real-data control at" in line and "a teacher it does not name" in line for line in lines)
     # one KD seed (the default): the record as before, without a mean
     one = zskd.reproduce_zskd("zskd-mnist", **kwargs)
     assert len(one["kd_seeds"]) == 1 and "student_mean" not in one and one["student"] == rec["student"]
@@ -208,7 +240,8 @@ def test_zskd_synth_tv_l2_overrides_the_networks_prior_into_a_record_of_its_own(
     assert "total-variation" not in md
     folder = tmp_path / "w" / "smoke" / "paper"
     assert (folder / "dis_seed0_n64_tau5" / "manifest.json").exists()
-    assert [p.name for p in folder.glob("student_*.json")] == ["student_seed0_kdseed0_n64_tau5_ep2_warmup500.json"]
+    assert [p.name for p in folder.glob("student_*.json")] == [
+        "student_seed0_kdseed0_n64_tau5_ep2_warmup500_rot15_zoom0.1.json"]
     # the networks' own weight, named or not, is the record of the networks
     assert zskd.reproduce_zskd("zskd-mnist", synth_tv_l2=1e-4, **kwargs)["synth_tv_l2"] == 1e-4
     assert (tmp_path / "res" / "zskd_mnist_smoke.json").exists()
