@@ -253,9 +253,9 @@ _TV = f"{_TAU5}_tv0.0001"
 VARIANTS.update(_kd_seeds(f"{_TV}_2xep", f"as {_TAU5} but with an l2 total-variation prior of weight 1e-4 on the "
                           "synthesis; KD with the warm-up for twice the epochs",
                           {**VARIANTS[_TAU5_2XEP][1], "tv_l2": 1e-4}, seeds=(1, 2, 3)))
-# The KD levers that came nearest at 24 000 plain DIs (mixup Beta(1, 1), +0.12 on validation over four KD seeds;
-# the paper's rotation and zoom, +0.08; both within the seeds' spread, notes 2 and 8), on the prior's DIs: their
-# students fit only 96 % of these DIs, and the DIs, now smooth, may take interpolation and warping better.
+# The KD levers that came nearest at 24 000 plain DIs (mixup Beta(1, 1), +0.12 on validation over three KD seeds;
+# the paper's rotation and zoom, +0.08 over three; both within the seeds' spread, notes 2 and 8), on the prior's
+# DIs: their students fit only 96 % of these DIs, and the DIs, now smooth, may take interpolation and warping better.
 VARIANTS.update(_kd_seeds(f"{_TV}_2xep_mixup1", f"the DIs of {_TV}_2xep; KD with the warm-up for twice the epochs, "
                           "each augmented DI mixed with another of its minibatch by a weight from Beta(1, 1)",
                           {**VARIANTS[f"{_TV}_2xep"][1], "kd_mixup": 1.0}, seeds=(1, 2, 3)))

@@ -92,10 +92,10 @@ ZSKD_NETWORKS: dict[str, dict[str, Any]] = {
 #: teacher: 98.30 % on validation against 97.71 % for the same four KD seeds on prior-free DIs (zskd_mnist_tv0.md).
 #: ``kd_rotate``, ``kd_scale``: each DI (and control image) of the KD also rotated by up to this many degrees and
 #: zoomed by a factor in [1 - scale, 1 + scale] (``distill``'s ``rotate`` and ``scale``; a number or one per
-#: dataset), the paper's rotation and scaling. On MNIST 15 and 0.1, chosen on the validation split at 24000 DIs over
-#: four KD seeds, on two teachers and their DIs: 98.44 % against 98.36 % for the same seeds with the prior
-#: (benches/results/zskd_di_study_cpu_n24000_tv.md, note 1), and 98.27 % against 98.19 % without it
-#: (zskd_di_study_cpu_n24000.md, note 8): a lead within the seeds' spread both times, for the paper's own
+#: dataset), the paper's rotation and scaling. On MNIST 15 and 0.1, chosen on the validation split at 24000 DIs, on
+#: two teachers and their DIs: 98.44 % against 98.36 % for the same four KD seeds with the prior
+#: (benches/results/zskd_di_study_cpu_n24000_tv.md, note 1), and 98.27 % (three KD seeds) against 98.19 % (five)
+#: without it (zskd_di_study_cpu_n24000.md, note 8): a lead within the seeds' spread both times, for the paper's own
 #: augmentation; mixup on the prior's DIs: 98.24 %. At 2400 DIs they were level (zskd_di_study_cpu.md).
 #: Fashion-MNIST's are not measured at its budget: 0.
 
