@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from exml_fast._utils.checks import check_choice
+from exml_fast._utils.checks import check_choice, check_int
 from exml_fast._utils.io import atomic_write
 from exml_fast.checkpoint import load_model, save_model
 from exml_fast.cl.scenarios import validation_indices
@@ -256,8 +256,7 @@ def reproduce_zskd(
     check_choice(experiment, "experiment", "reproduce", PAPER_ZSKD)
     check_choice(budget, "budget", "reproduce", ZSKD_BUDGETS)
     check_choice(networks, "networks", "reproduce", ZSKD_NETWORKS)
-    if isinstance(kd_seeds, bool) or not isinstance(kd_seeds, int) or kd_seeds < 1:
-        raise ValueError(f"reproduce: kd_seeds must be an int >= 1; got {kd_seeds!r}")
+    check_int(kd_seeds, "kd_seeds", "reproduce", low=1)
     if synth_tv_l2 is not None and (isinstance(synth_tv_l2, bool) or not isinstance(synth_tv_l2, (int, float))
                                     or not synth_tv_l2 >= 0 or synth_tv_l2 == float("inf")):
         raise ValueError(f"reproduce: synth_tv_l2 must be a finite number >= 0 or None; got {synth_tv_l2!r}")
