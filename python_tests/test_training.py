@@ -85,6 +85,25 @@ def test_train_classifier_cosine_schedule_settles_the_last_steps():
         train_classifier(tiny_model(0), x, y, schedule="step")
 
 
+def test_train_classifier_trains_with_adam_as_dafls_teacher_code_does():
+    x = toy_data(128)
+    y = (x.mean((1, 2, 3)) > 0).long()
+    model = tiny_model(0)
+    train_classifier(model, x, y, epochs=10, batch_size=32, lr=1e-2, weight_decay=0.0, optimizer="adam",
+                     generator=torch.Generator().manual_seed(0))
+    assert evaluate(model, x, y) >= 0.95
+    # one Adam step by hand from the same start and batch: the same weights (torch.optim.Adam, default betas)
+    a, b = tiny_model(1), tiny_model(1)
+    xb, yb = x[:8], y[:8]
+    train_classifier(a, xb, yb, epochs=1, batch_size=8, lr=1e-3, weight_decay=0.0, optimizer="adam")
+    opt = torch.optim.Adam(b.parameters(), lr=1e-3)
+    F.cross_entropy(b(xb), yb).backward()
+    opt.step()
+    assert all(torch.allclose(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(ValueError, match="train_classifier: optimizer must be one of sgd, adam; got 'rmsprop'"):
+        train_classifier(tiny_model(0), x, y, optimizer="rmsprop")
+
+
 # ---------------------------------------------------------------------------- distill: argument errors
 
 

@@ -43,7 +43,8 @@ from exml_fast._utils.io import atomic_write
 from exml_fast.cl.scenarios import validation_indices
 from exml_fast.data import DATASET_STATS, mnist_tensors
 from exml_fast.experiments.records import machine, machine_line, seconds_or_lower_bound
-from exml_fast.experiments.zskd import ZSKD_NETWORKS, lenet5_teacher, real_data_control, zskd_teacher
+from exml_fast.experiments.zskd import (lenet5_teacher, read_teachers_run, real_data_control,
+                                        zskd_teacher)
 from exml_fast.models import LeNet5Half, build_model
 from exml_fast.synth import GENERATIVE_PRESETS, DataImpressions, GenerativeSynthesizer
 from exml_fast.synth.base import teacher_fingerprint
@@ -89,8 +90,17 @@ OURS_WEIGHTS: dict[str, dict[str, float]] = {"dafl": {"diversity": 5.0}}
 #: epochs of SGD 0.01 at batch 256), chosen to reach the papers' 98.9 %.
 PUBLIC_DFKD: dict[str, Any] = {
     "teacher": "lenet5_dafl", "student": "lenet5_half_dafl",
-    "fits": {"dafl": {"iterations": 24000, "batch_size": 512, "student_loss": "kd", "student_steps": 1},
-             "dfad": {"iterations": 2000, "batch_size": 512, "student_loss": "l1", "student_steps": 5}},
+    "fits": {"dafl": {"iterations": 24000, "batch_size": 512, "student_loss": "kd", "student_steps": 1,
+                      "epoch": 120,
+                      # teacher-train.py: Adam 1e-3, batch 256, `for e in range(1, 10)`: 9 epochs
+                      "teacher": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 256,
+                                  "epochs": 9}},
+             "dfad": {"iterations": 2000, "batch_size": 512, "student_loss": "l1", "student_steps": 5,
+                      "epoch": 50,
+                      # run_mnist.sh: train_teacher.py --batch_size 256 --epochs 10 --lr 0.01 --weight_decay 1e-4
+                      # (SGD, momentum 0.9, constant lr)
+                      "teacher": {"optimizer": "sgd", "lr": 0.01, "weight_decay": 1e-4, "batch_size": 256,
+                                  "epochs": 10}}},
 }
 
 #: Work per budget. "paper": the zskd-mnist paper budget for Data Impressions and its KD (24000 inputs, 100
@@ -108,7 +118,8 @@ DFKD_BUDGETS: dict[str, dict[str, Any]] = {
              "public_fit": {"dafl": 400, "dfad": 60}},
     "smoke": {"teacher_epochs": 1, "n": 64, "kd_epochs": 2, "di_iterations": 3, "di_lr": 0.05, "di_batch_size": 64,
               "fit_iterations": 3, "fit_batch_size": 32, "generator_arch": "skd-narrow", "max_train": 2000,
-              "validation_size": 500, "public_fit": {"dafl": 2, "dfad": 2}, "public_batch_size": 32},
+              "validation_size": 500, "public_fit": {"dafl": 2, "dfad": 2}, "public_batch_size": 32,
+              "public_epoch": 1},
 }
 
 
@@ -180,29 +191,34 @@ def reproduce_dfkd(
     xt, yt = mnist_tensors("test", dataset=dataset, pad_to=32, resize=public, root=data_root)
 
     say = lambda line: log(f"[reproduce] {experiment}: {line}")  # noqa: E731
-    if public:
-        nets = ZSKD_NETWORKS["paper"]
-        epochs = spec["teacher_epochs"] if budget == "smoke" else nets["teacher_epochs"]
-        teacher = zskd_teacher(out / "public" / f"teacher_{PUBLIC_DFKD['teacher']}_seed{seed}_ep{epochs}.pt", x, y,
-                               arch=PUBLIC_DFKD["teacher"], seed=seed, epochs=epochs, dataset=dataset, mean=mean,
-                               std=std, device=device, log=say, lr=nets["teacher_lr"],
-                               schedule=nets["teacher_schedule"], pad_crop=nets["teacher_pad_crop"],
-                               metadata={"validation_size": validation_size})
-    else:
-        teacher = lenet5_teacher(out / f"teacher_lenet5_seed{seed}_ep{spec['teacher_epochs']}.pt", x, y, seed=seed,
-                                 epochs=spec["teacher_epochs"], dataset=dataset, mean=mean, std=std, device=device,
-                                 log=say, metadata={"validation_size": validation_size})
+    evaluation = {"validation": (xv, yv), "test": (xt, yt)}
+    if public:  # each method with the teacher its own public code trains
+        rows = []
+        for method in methods:
+            recipe_t = PUBLIC_DFKD["fits"][method]["teacher"]
+            epochs = spec["teacher_epochs"] if budget == "smoke" else recipe_t["epochs"]
+            where_m = out / "public" / f"teacher-{method}-code"
+            teacher = zskd_teacher(where_m / f"teacher_{PUBLIC_DFKD['teacher']}_seed{seed}_ep{epochs}.pt", x, y,
+                                   arch=PUBLIC_DFKD["teacher"], seed=seed, epochs=epochs, dataset=dataset,
+                                   mean=mean, std=std, device=device, log=say, lr=recipe_t["lr"],
+                                   batch_size=recipe_t["batch_size"], weight_decay=recipe_t["weight_decay"],
+                                   optimizer=recipe_t["optimizer"], metadata={"validation_size": validation_size})
+            acc = {k: 100 * evaluate(teacher, *xy) for k, xy in evaluation.items()}
+            say(f"{method}'s teacher (its public code's recipe): validation {acc['validation']:.2f} %, "
+                f"test {acc['test']:.2f} %")
+            row = _run_public(method, teacher, spec, n=n, seed=seed, mean=mean, std=std, out=where_m,
+                              device=device, progress=progress, evaluation=evaluation, train=(x, y), say=say)
+            row["teacher_acc"] = {**acc, "epochs": epochs}
+            rows.append(row)
+        return _finish(experiment, budget, spec, recipe, kd_samples, seed, n, validation_size, None, paper,
+                       rows, None, methods, every, t_start, command, where, results, log)
+    teacher = lenet5_teacher(out / f"teacher_lenet5_seed{seed}_ep{spec['teacher_epochs']}.pt", x, y, seed=seed,
+                             epochs=spec["teacher_epochs"], dataset=dataset, mean=mean, std=std, device=device,
+                             log=say, metadata={"validation_size": validation_size})
     teacher_acc = {"validation": 100 * evaluate(teacher, xv, yv), "test": 100 * evaluate(teacher, xt, yt)}
     log(f"[reproduce] {experiment}: teacher validation {teacher_acc['validation']:.2f} %, "
         f"test {teacher_acc['test']:.2f} %")
 
-    evaluation = {"validation": (xv, yv), "test": (xt, yt)}
-    if public:
-        rows = [_run_public(method, teacher, spec, n=n, seed=seed, mean=mean, std=std, out=out / "public",
-                            device=device, progress=progress, evaluation=evaluation, train=(x, y), say=say)
-                for method in methods]
-        return _finish(experiment, budget, spec, recipe, kd_samples, seed, n, validation_size, teacher_acc, paper,
-                       rows, None, methods, every, t_start, command, where, results, log)
     rows = []
     for method in methods:
         fresh = kd_samples == "fresh" and method != "data-impressions"
@@ -269,19 +285,23 @@ def _run_public(method, teacher, spec, *, n, seed, mean, std, out, device, progr
     iterations = spec["public_fit"][method]
     batch_size = spec.get("public_batch_size", fit_spec["batch_size"])
     done = out / f"{method}_seed{seed}_it{iterations}_b{batch_size}.json"
-    if done.exists():
-        say(f"{method} (public recipe) read back from {done}")
-        return json.loads(done.read_text())
+    fingerprint = teacher_fingerprint(teacher)
+    kept = read_teachers_run(done, fingerprint, f"{method} (public recipe)", say)
+    if kept is not None:
+        return kept
     student = _public_student(seed, device)
     synth = GenerativeSynthesizer(teacher, input_shape=(1, 32, 32), mean=(mean,), std=(std,), preset=method,
                                   student=student, device=device)
+    checkpoint = out / f"{method}_fit_seed{seed}_b{batch_size}.pt"
+    epoch = spec.get("public_epoch", fit_spec["epoch"])
+    best = _BestStudent(out / f"{method}_best_seed{seed}_b{batch_size}.pt", checkpoint, evaluation["validation"],
+                        fingerprint, epoch)
     t0 = time.perf_counter()
-    fit = synth.fit(iterations, batch_size=batch_size, generator=seed,
-                    checkpoint=out / f"{method}_fit_seed{seed}_b{batch_size}.pt", checkpoint_every=25,
-                    progress=progress)
+    fit = synth.fit(iterations, batch_size=batch_size, generator=seed, checkpoint=checkpoint, checkpoint_every=25,
+                    progress=progress, callback=best, callback_every=epoch)
     row: dict[str, Any] = {"method": method, "recipe": "public", "threads": torch.get_num_threads(),
                            "fit_iterations": iterations, "fit_batch_size": batch_size,
-                           "generator_arch": synth.generator_arch}
+                           "generator_arch": synth.generator_arch, "teacher": fingerprint}
     _record_fit(row, fit, t0)
     row["synthesis_s"] = row["fit_s"]  # the fit is the synthesis, and the student learns inside it
     row["balanced"] = False
@@ -291,6 +311,11 @@ def _run_public(method, teacher, spec, *, n, seed, mean, std, out, device, progr
     row["student"] = {k: 100 * evaluate(fit.student, *xy) for k, xy in evaluation.items()}
     say(f"{method} (public recipe): {iterations} steps of {batch_size} ({row['fit_s']:.0f} s), student "
         + ", ".join(f"{k} {v:.2f} %" for k, v in row["student"].items()))
+    row["student_best"] = best.scored(evaluation)
+    if row["student_best"] is not None:
+        b = row["student_best"]
+        say(f"{method} (public recipe): the student of step {b['step']} (the best validation, scored every "
+            f"{epoch} steps from step {b['first']}): " + ", ".join(f"{k} {b[k]:.2f} %" for k in evaluation))
     preset = GENERATIVE_PRESETS[method]
     steps = iterations * fit_spec["student_steps"]
 
@@ -305,10 +330,46 @@ def _run_public(method, teacher, spec, *, n, seed, mean, std, out, device, progr
 
     row["control"] = real_data_control(out / f"control_{method}_seed{seed}_it{iterations}_b{batch_size}.json",
                                        train[0], n=train[0].shape[0], seed=seed, kd=on_real, log=say,
-                                       teacher=teacher_fingerprint(teacher))
+                                       teacher=fingerprint)
     row["control"]["steps"] = steps
     atomic_write(done, lambda f: f.write(json.dumps(row, indent=1).encode()))
     return row
+
+
+class _BestStudent:
+    """A fit's callback: the student of the scored step with the best validation accuracy, as DAFL's and DFAD's
+    public code keep the epoch with the best *test* accuracy. Kept in ``path`` (atomically, with the teacher's
+    fingerprint) so that a resumed fit goes on from it; a kept student newer than the fit's checkpoint, or of
+    another teacher or epoch, is dropped. ``first``: the first step scored (a fit resumed from a checkpoint
+    written before students were kept is scored from there on)."""
+
+    def __init__(self, path: pathlib.Path, checkpoint: pathlib.Path, validation, teacher: str, every: int) -> None:
+        self.path, self.validation, self.teacher, self.every = path, validation, teacher, every
+        self.best: dict[str, Any] | None = None
+        if path.exists() and checkpoint.exists():
+            kept = torch.load(path, map_location="cpu", weights_only=True)
+            done = torch.load(checkpoint, map_location="cpu", weights_only=False).get("done", 0)
+            if kept.get("teacher") == teacher and kept.get("every") == every and kept["step"] <= done:
+                self.best = kept
+
+    def __call__(self, done: int, student: torch.nn.Module | None) -> None:
+        accuracy = 100 * evaluate(student, *self.validation)
+        first = done if self.best is None else self.best["first"]
+        if self.best is None or accuracy > self.best["validation"]:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
+            self.best = {"step": done, "first": first, "validation": accuracy, "state_dict": state,
+                         "teacher": self.teacher, "every": self.every}
+            atomic_write(self.path, lambda f: torch.save(self.best, f))
+
+    def scored(self, evaluation) -> dict[str, Any] | None:
+        """The kept student's step, the first step scored, and its accuracy on each of ``evaluation``'s splits
+        (%); None when no step was scored (a fit finished before students were kept)."""
+        if self.best is None:
+            return None
+        student = _public_student(0, "cpu")
+        student.load_state_dict(self.best["state_dict"])
+        return {"step": self.best["step"], "first": self.best["first"], "every": self.every,
+                **{k: 100 * evaluate(student, *xy) for k, xy in evaluation.items()}}
 
 
 def _record_fit(row: dict[str, Any], fit, t0: float) -> None:
@@ -513,10 +574,7 @@ def _markdown_public(record: dict[str, Any]) -> str:
         f"- networks (DAFL's and DFAD's lenet.py): teacher `{nets['teacher']}` ({nets['params']['teacher']} "
         f"parameters) → student `{nets['student']}` ({nets['params']['student']} parameters); MNIST resized to "
         "32x32 and normalised, as their code loads it",
-        "- teacher: SGD lr 0.05 cosine, momentum 0.9, weight decay 5e-4, batch 64, pad-crop 2 (the zskd paper "
-        "networks' recipe; DFAD's code trains 10 epochs of SGD 0.01 at batch 256), on the training split minus "
-        f"{record['validation_size']} held-out images: validation {record['teacher_acc']['validation']:.2f} %, "
-        f"test {record['teacher_acc']['test']:.2f} %",
+        *_public_teacher_lines(record),
         "- DAFL: generator `dafl` (output BN without affine parameters, hidden BNs of eps 0.8), Adam lr 0.2, betas "
         "(0.9, 0.999); one-hot 1, activation 0.1, information entropy 5 (log10); the student is distilled beside "
         "the generator on each step's samples, KD at τ 1, Adam 2e-3; batch 512; the public code runs 24000 steps "
@@ -526,16 +584,26 @@ def _markdown_public(record: dict[str, Any]) -> str:
         "512; the public code runs 2000 generator steps (40 epochs of 50)",
         "",
         "| method | generator steps × batch | fit, the student's training included (s) | CPU threads "
-        "| student validation (%) | student test (%) | control validation (%) | control test (%) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| student validation (%) | student test (%) | best-validation student: step | its validation (%) "
+        "| its test (%) | control validation (%) | control test (%) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         name = r["method"] + (" **(selected)**" if r["method"] == record["selected"] else "")
         at_least = "≥ " if r.get("fit_s_incomplete") else ""
         c = r["control"]["student"]
+        b = r.get("student_best")
+        best = (f"{b['step']} | {b['validation']:.2f} | {b['test']:.2f}" if b else "— | — | —")
         lines.append(f"| {name} | {r['fit_iterations']} × {r['fit_batch_size']} | {at_least}{r['fit_s']:.0f} | "
                      f"{_threads_cell(r)} | {r['student']['validation']:.2f} | {r['student']['test']:.2f} | "
-                     f"{c['validation']:.2f} | {c['test']:.2f} |")
+                     f"{best} | {c['validation']:.2f} | {c['test']:.2f} |")
+    scored = [r for r in rows if r.get("student_best")]
+    if scored:
+        lines += ["", "The best-validation student: the fit's student was scored on the held-out validation images "
+                  "every " + ", ".join(f"{r['student_best']['every']} steps ({r['method']}, from step "
+                                      f"{r['student_best']['first']})" for r in scored)
+                  + ", and the best one kept, as the public code keeps the epoch with the best test accuracy. The "
+                  "selection between the methods reads the final students."]
     lines += ["", "The last logged window of each fit (the teacher's mean top-class probability on the generator's "
               "samples, and the loss terms; a confidence near 0.1 is a generator whose samples the teacher cannot "
               "tell apart):", ""]
@@ -546,12 +614,36 @@ def _markdown_public(record: dict[str, Any]) -> str:
     lines += ["", "Each row's control is the ceiling it is read against: the same student (same initialisation) "
               "trained by its method's student loss, optimiser, batch and number of steps on the real training "
               "split (labels unused) instead of the generator's samples.",
-              "", "Differences from the public code: the teacher's recipe (above); we score the final student on "
-              "held-out validation images (the choice between the methods) and on the test set, where their code "
-              "reports the best test accuracy over its epochs; DAFL's activation term reads the teacher's "
+              "", "Differences from the public code: "
+              + ("the teacher's recipe (above); " if record.get("teacher_acc") is not None else
+                 f"the teachers learn from the training images less the {record['validation_size']} validation "
+                 "images; ")
+              + "we score the final student and "
+              "the epoch's student with the best accuracy on held-out validation images on the test set, where their "
+              "code reports the best test accuracy over its epochs; DAFL's activation term reads the teacher's "
               "classifier input (the 84 features before the last layer) where DAFL's reads the 120 after conv5."]
     lines += _anchors(record, "GPU budgets", ": fewer generator steps than the public code runs")
     return "\n".join(lines) + "\n"
+
+
+def _public_teacher_lines(record: dict[str, Any]) -> list[str]:
+    """The teacher line(s) of a public-recipe record: one per method (each its public code's teacher recipe), or
+    the one shared teacher of the records made before that."""
+    held = f"on the training split minus {record['validation_size']} held-out images, not augmented"
+    if record.get("teacher_acc") is not None:  # one teacher for both methods (the zskd paper networks' recipe)
+        return ["- teacher: SGD lr 0.05 cosine, momentum 0.9, weight decay 5e-4, batch 64, pad-crop 2 (the zskd "
+                "paper networks' recipe; DFAD's code trains 10 epochs of SGD 0.01 at batch 256), on the training "
+                f"split minus {record['validation_size']} held-out images: validation "
+                f"{record['teacher_acc']['validation']:.2f} %, test {record['teacher_acc']['test']:.2f} %"]
+    lines = []
+    for r in record["rows"]:
+        t, fit = r["teacher_acc"], PUBLIC_DFKD["fits"][r["method"]]["teacher"]
+        how = (f"Adam lr {fit['lr']:g}" if fit["optimizer"] == "adam"
+               else f"SGD lr {fit['lr']:g}, momentum 0.9") + f", weight decay {fit['weight_decay']:g}"
+        code = {"dafl": "DAFL's teacher-train.py", "dfad": "DFAD's train_teacher.py in run_mnist.sh"}[r["method"]]
+        lines.append(f"- {r['method']}'s teacher ({code}): {how}, batch {fit['batch_size']}, {t['epochs']} epochs "
+                     f"{held}: validation {t['validation']:.2f} %, test {t['test']:.2f} %")
+    return lines
 
 
 def _markdown(record: dict[str, Any]) -> str:

@@ -128,12 +128,15 @@ class _FromNormalised(nn.Module):
 
 def zskd_teacher(path: pathlib.Path, x: torch.Tensor, y: torch.Tensor, *, arch: str, seed: int, epochs: int,
                  dataset: str, mean: float, std: float, device: torch.device, log, lr: float = 0.01,
-                 schedule: str = "constant", pad_crop: int = 0, metadata: dict[str, Any] | None = None):
+                 schedule: str = "constant", pad_crop: int = 0, metadata: dict[str, Any] | None = None,
+                 batch_size: int = 64, weight_decay: float = 5e-4, optimizer: str = "sgd"):
     """A zero-shot KD teacher (``arch``, 10 classes, one channel) in eval mode on ``device``: read back from
     ``path``, or initialised from ``seed``, trained on (x, y) and saved there with ``metadata``.
 
     The recipe: SGD (momentum 0.9, weight decay 5e-4, batch 64) at ``lr`` with ``schedule`` for ``epochs``;
     ``pad_crop`` > 0 adds per-sample pad-and-crop by that many pixels (the background value is ``-mean/std``).
+    Without pad-crop, ``batch_size``, ``weight_decay`` and ``optimizer`` (``"sgd"`` or ``"adam"``) can be another
+    code's (DAFL's and DFAD's teachers).
     """
     if path.exists():
         teacher, _ = load_model(path, map_location=device)
@@ -144,15 +147,18 @@ def zskd_teacher(path: pathlib.Path, x: torch.Tensor, y: torch.Tensor, *, arch: 
     teacher = teacher.to(device)
     t0 = time.perf_counter()
     if pad_crop:
+        if (batch_size, weight_decay, optimizer) != (64, 5e-4, "sgd"):
+            raise ValueError("zskd_teacher: batch_size, weight_decay and optimizer are for teachers without pad_crop")
         distill(teacher, x, labels=y, epochs=epochs, batch_size=64, lr=lr, schedule=schedule, augment=True,
                 pad_crop=pad_crop, max_shift=0, flip=False, fill=-mean / std, generator=seed)
     else:
-        train_classifier(teacher, x, y, epochs=epochs, batch_size=64, lr=lr, schedule=schedule,
-                         generator=torch.Generator().manual_seed(seed))
+        train_classifier(teacher, x, y, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
+                         weight_decay=weight_decay, optimizer=optimizer, generator=torch.Generator().manual_seed(seed))
     log(f"teacher {arch} trained on {y.shape[0]} images ({time.perf_counter() - t0:.0f} s)")
     save_model(teacher, path, arch=arch, num_classes=10, in_channels=1, input_shape=(1, 32, 32), mean=(mean,),
                std=(std,), metadata={"dataset": dataset, "epochs": epochs, "seed": seed, "lr": lr,
-                                     "schedule": schedule, "pad_crop": pad_crop, **(metadata or {})})
+                                     "schedule": schedule, "pad_crop": pad_crop, "batch_size": batch_size,
+                                     "weight_decay": weight_decay, "optimizer": optimizer, **(metadata or {})})
     return teacher.eval()
 
 

@@ -424,6 +424,8 @@ class GenerativeSynthesizer(Synthesizer):
         checkpoint_every: int = 100,
         log_every: int = 50,
         progress: bool = True,
+        callback: Callable[[int, nn.Module | None], None] | None = None,
+        callback_every: int | None = None,
     ) -> FitResult:
         """Trains the delegator for ``iterations`` explore steps (each after ``imitate_steps`` student steps).
 
@@ -441,12 +443,24 @@ class GenerativeSynthesizer(Synthesizer):
                 arguments resumes from it (after a kill, the result equals an uninterrupted run's).
             log_every: iterations per entry of the returned history.
             progress: a progress bar with the latest loss terms.
+            callback: called as ``callback(done, student)`` after every ``callback_every``-th step of this call
+                and after the last one (``done``: explore steps done, a resumed run's included; ``student``: the
+                student being trained, None for presets without one), before that step's checkpoint is written.
+                DAFL's and DFAD's public code score their student every epoch and keep the best one; a callback
+                that scores it on held-out images does the same without the test set. The student is put back in
+                training mode after the call; the callback must not change its weights.
+            callback_every: steps between callbacks, >= 1 (None: ``log_every``).
         """
         owner = "GenerativeSynthesizer.fit"
         iterations = check_int(iterations, "iterations", owner, low=1)
         batch_size = check_int(batch_size, "batch_size", owner, low=2)  # BN needs two samples
         checkpoint_every = check_int(checkpoint_every, "checkpoint_every", owner, low=1)
         log_every = check_int(log_every, "log_every", owner, low=1)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"{owner}: callback must be callable as callback(done, student) or None; "
+                            f"got {type(callback).__name__}")
+        callback_every = log_every if callback_every is None else check_int(callback_every, "callback_every", owner,
+                                                                              low=1)
         stored = None
         if checkpoint is not None and os.path.exists(os.fspath(checkpoint)):
             stored = _FitState.read(checkpoint)
@@ -493,6 +507,10 @@ class GenerativeSynthesizer(Synthesizer):
                         window.clear()
                         bar.update(0, {k: means[k] for k in ("explore", "imitate") if k in means})
                     bar.update(1)
+                    if callback is not None and (state.done % callback_every == 0 or state.done == iterations):
+                        callback(state.done, state.student)
+                        if state.student is not None:
+                            state.student.train()
                     if checkpoint is not None and (state.done % checkpoint_every == 0 or state.done == iterations):
                         state.save(checkpoint)
         finally:

@@ -165,8 +165,9 @@ def train_classifier(
     log_every: int = 0,
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
     schedule: str = "constant",
+    optimizer: str = "sgd",
 ) -> nn.Module:
-    """Trains ``model`` with SGD and cross-entropy on (N, ...) images ``x``, labels ``y`` (N,).
+    """Trains ``model`` with SGD (or Adam) and cross-entropy on (N, ...) images ``x``, labels ``y`` (N,).
 
     The Ex-Model CL expert recipe by default (SGD lr 0.01, momentum 0.9,
     weight decay 5e-4, constant lr); ``schedule="cosine"`` decays the lr to 0 over
@@ -177,7 +178,8 @@ def train_classifier(
     running loss every ``log_every`` steps (0: silent); ``callback(epoch, step,
     loss)`` (0-based; ``loss`` the minibatch's detached loss tensor, on the
     model's device) runs after every optimiser step, e.g. for a progress bar.
-    Returns the model in eval mode.
+    ``optimizer="adam"`` trains with Adam (default betas; ``momentum`` unused) at ``lr`` with
+    ``weight_decay``, as DAFL's public code trains its MNIST teacher. Returns the model in eval mode.
     """
     if epochs < 1:
         raise ValueError(f"train_classifier: epochs must be >= 1; got {epochs}")
@@ -188,8 +190,12 @@ def train_classifier(
             f"train_classifier: x and y must have the same, non-zero length; got {x.shape[0]} and {y.shape[0]}"
         )
     check_choice(schedule, "schedule", "train_classifier", SCHEDULES)
+    check_choice(optimizer, "optimizer", "train_classifier", OPTIMIZERS)
     device = next(model.parameters()).device
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     n = x.shape[0]
     bounds = minibatch_bounds(n, batch_size)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(bounds))

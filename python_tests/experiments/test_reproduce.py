@@ -13,7 +13,7 @@ from exml_fast.cli import main
 from exml_fast.data import find_data_root
 from exml_fast.experiments.records import seconds_or_lower_bound
 from exml_fast.experiments.table2 import PAPER_TABLE2, reproduce_exml_mnist, summarize
-from exml_fast.training import minibatch_bounds
+from exml_fast.training import evaluate, minibatch_bounds
 
 needs_mnist = pytest.mark.skipif(find_data_root("mnist") is None or find_data_root("fashion-mnist") is None,
                                  reason="MNIST / Fashion-MNIST files not found")
@@ -393,7 +393,7 @@ def test_dfkd_arguments_are_checked(capsys):
 
 
 @needs_mnist
-def test_dfkd_public_recipe_trains_each_methods_own_student_and_resumes(tmp_path):
+def test_dfkd_public_recipe_trains_each_methods_own_student_and_resumes(tmp_path, capsys):
     args = ["reproduce", "dfkd-mnist", "--budget", "smoke", "--recipe", "public", "--out", str(tmp_path / "w"),
             "--results", str(tmp_path / "res"), "--device", "cpu"]
     assert main(args) == 0
@@ -410,13 +410,73 @@ def test_dfkd_public_recipe_trains_each_methods_own_student_and_resumes(tmp_path
         assert all(0 <= r[k][s] <= 100 for k in ("student",) for s in ("validation", "test"))
         assert r["control"]["n"] == 1500 and all(0 <= v <= 100 for v in r["control"]["student"].values())
     assert (by["dafl"]["control"]["steps"], by["dfad"]["control"]["steps"]) == (2, 10)  # DFAD: 5 student steps each
+    # the student scored on validation every "epoch" (1 step at the smoke budget) and the best one kept, as the
+    # public code keeps its best test epoch; the final student is one of those scored
+    for r in rec["rows"]:
+        b = r["student_best"]
+        assert b["step"] in (1, 2) and (b["first"], b["every"]) == (1, 1)
+        assert b["validation"] >= r["student"]["validation"] and 0 <= b["test"] <= 100
+        if b["step"] == 2:
+            assert (b["validation"], b["test"]) == (r["student"]["validation"], r["student"]["test"])
+        folder = tmp_path / "w" / "smoke" / "public" / f"teacher-{r['method']}-code"
+        kept = torch.load(folder / f"{r['method']}_best_seed0_b32.pt", weights_only=True)
+        assert (kept["step"], kept["first"], kept["every"]) == (b["step"], 1, 1)
+    # each method with the teacher its own public code trains (DAFL: Adam; DFAD: SGD), kept in a folder of its own
+    assert rec["teacher_acc"] is None
+    for r in rec["rows"]:
+        folder = tmp_path / "w" / "smoke" / "public" / f"teacher-{r['method']}-code"
+        meta = torch.load(folder / "teacher_lenet5_dafl_seed0_ep1.pt", weights_only=False)["metadata"]
+        assert (meta["optimizer"], meta["batch_size"], meta["pad_crop"]) == (
+            {"dafl": "adam", "dfad": "sgd"}[r["method"]], 256, 0)
+        assert r["teacher_acc"]["epochs"] == 1 and 0 <= r["teacher_acc"]["test"] <= 100
+        assert len(r["teacher"]) == 64  # the teacher's fingerprint: a rerun with another teacher trains again
     best = max(rec["rows"], key=lambda r: r["student"]["validation"])
     assert rec["selected"] == best["method"]
     md = (tmp_path / "res" / "dfkd_mnist_smoke_public.md").read_text()
     assert f"| {best['method']} **(selected)** | 2 × 32 |" in md and "61706 parameters" in md
     assert "Adam lr 0.2" in md and "not the paper budget" in md
+    assert "best-validation student: step | its validation (%) | its test (%)" in md
+    assert "- dafl's teacher (DAFL's teacher-train.py): Adam lr 0.001, weight decay 0, batch 256, 1 epochs" in md
+    assert "- dfad's teacher (DFAD's train_teacher.py in run_mnist.sh): SGD lr 0.01, momentum 0.9" in md
+    assert "every 1 steps (dafl, from step 1), 1 steps (dfad, from step 1)" in md
     assert main(args) == 0  # read back
     assert json.loads((tmp_path / "res" / "dfkd_mnist_smoke_public.json").read_text())["rows"] == rec["rows"]
+    # a row kept for another teacher is trained again, not reported beside this one
+    done = tmp_path / "w" / "smoke" / "public" / "teacher-dfad-code" / "dfad_seed0_it2_b32.json"
+    stale = json.loads(done.read_text())
+    stale["teacher"] = "0" * 64
+    done.write_text(json.dumps(stale))
+    assert main(args) == 0
+    assert "was distilled from teacher 000000000000, not this one" in capsys.readouterr().out
+    assert json.loads(done.read_text())["teacher"] == by["dfad"]["teacher"]
+
+
+def test_best_student_keeps_the_best_validation_and_drops_what_a_resumed_fit_cannot_vouch_for(tmp_path):
+    from exml_fast.experiments.dfkd import _BestStudent, _public_student
+
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 1, 32, 32), torch.randint(0, 10, (40,))
+    ck, path = tmp_path / "fit.pt", tmp_path / "best.pt"
+    keeper = _BestStudent(path, ck, (x, y), "T", 5)
+    assert keeper.best is None and keeper.scored({"validation": (x, y)}) is None
+    students = [_public_student(s, "cpu") for s in range(3)]
+    scores = [100 * evaluate(s, x, y) for s in students]
+    for step, s in zip((5, 10, 15), students):
+        keeper(step, s)
+    top = max(range(3), key=lambda i: (scores[i], -i))  # the first of equals is kept
+    assert keeper.best["step"] == (5, 10, 15)[top] and keeper.best["first"] == 5
+    got = keeper.scored({"validation": (x, y), "test": (x[:10], y[:10])})
+    assert got["validation"] == scores[top] and got["step"] == keeper.best["step"] and got["every"] == 5
+    assert got["test"] == 100 * evaluate(students[top], x[:10], y[:10])
+    # read back beside a fit checkpoint that has reached its step; not beside none, an earlier one, or another
+    # teacher's or epoch's
+    torch.save({"done": 15}, ck)
+    assert _BestStudent(path, ck, (x, y), "T", 5).best["step"] == keeper.best["step"]
+    assert _BestStudent(path, ck, (x, y), "other", 5).best is None
+    assert _BestStudent(path, ck, (x, y), "T", 7).best is None
+    torch.save({"done": keeper.best["step"] - 1}, ck)
+    assert _BestStudent(path, ck, (x, y), "T", 5).best is None
+    assert _BestStudent(path, tmp_path / "none.pt", (x, y), "T", 5).best is None
 
 
 @needs_mnist

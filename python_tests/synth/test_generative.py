@@ -285,6 +285,63 @@ def test_seeds_reproduce_and_differ(teacher):
     assert torch.equal(xa.x, xb.x) and torch.equal(xa.y, xb.y)
 
 
+def test_fit_callback_sees_the_student_every_k_steps_and_changes_nothing(teacher, tmp_path):
+    """callback(done, student) after every callback_every-th step and the last, the student back in training mode;
+    scoring it (in eval mode) leaves the fit's numbers as without a callback, and a resumed fit calls it for its own
+    steps only."""
+    plain = make(teacher, preset="dfad")
+    ref = plain.fit(5, batch_size=8, generator=3, progress=False)
+    seen = []
+
+    def score(done, student):
+        assert student.training  # the fit's student, as the step left it
+        student.eval()
+        with torch.no_grad():
+            student(torch.zeros(2, *SHAPE))
+        seen.append((done, [p.detach().clone() for p in student.parameters()]))
+
+    watched = make(teacher, preset="dfad")
+    got = watched.fit(5, batch_size=8, generator=3, progress=False, callback=score, callback_every=2)
+    assert [d for d, _ in seen] == [2, 4, 5]  # every second step and the last
+    assert got.student.training is False and same(params(got.student), params(ref.student))
+    assert same(seen[-1][1], params(got.student)) and same(params(watched.delegator), params(plain.delegator))
+    assert got.history == ref.history
+    # callback_every defaults to log_every; a preset without a student gets None
+    seen.clear()
+    make(teacher, preset="dfad").fit(4, batch_size=8, generator=3, progress=False, log_every=3, callback=score)
+    assert [d for d, _ in seen] == [3, 4]
+    nostudent = []  # DAFL's preset given no student trains none
+    make(teacher, preset="dafl").fit(1, batch_size=8, generator=3, progress=False,
+                                     callback=lambda d, s: nostudent.append((d, s)))
+    assert nostudent == [(1, None)]
+    # resumed: the callback runs for the steps this call does
+    ck2 = tmp_path / "fit4.pt"
+    stop = {"at": 2}
+
+    def dies(done, student):
+        score(done, student)
+        if done == stop["at"]:
+            raise KeyboardInterrupt("killed")
+
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        make(teacher, preset="dfad").fit(4, batch_size=8, generator=3, progress=False, checkpoint=ck2,
+                                         checkpoint_every=1, callback=dies, callback_every=1)
+    assert [d for d, _ in seen] == [1, 2] and torch.load(ck2, weights_only=False)["done"] == 1  # killed before 2's
+    seen.clear()
+    make(teacher, preset="dfad").fit(4, batch_size=8, generator=3, progress=False, checkpoint=ck2,
+                                     checkpoint_every=1, callback=score, callback_every=1)
+    assert [d for d, _ in seen] == [2, 3, 4]  # step 2 redone from the checkpoint of step 1
+    seen.clear()
+    make(teacher, preset="dfad").fit(4, batch_size=8, generator=3, progress=False, checkpoint=ck2,
+                                     callback=score, callback_every=1)
+    assert seen == []  # finished: no step, no call
+    with pytest.raises(TypeError, match="callback must be callable"):
+        make(teacher, preset="dfad").fit(1, progress=False, callback=3)
+    with pytest.raises(ValueError, match="callback_every"):
+        make(teacher, preset="dfad").fit(1, progress=False, callback=score, callback_every=0)
+
+
 def test_fit_resumes_after_an_interruption_with_the_numbers_of_an_uninterrupted_run(teacher, tmp_path, monkeypatch):
     whole = make(teacher)
     whole.fit(4, batch_size=8, generator=1, progress=False)
