@@ -192,6 +192,16 @@ def dfkd(d: dict) -> str:
     t = d.get("teacher_acc")
     if isinstance(t, dict):
         out += f"\nThe teacher scores {_pct(t['test'])} % on the test set ({_pct(t['validation'])} % validation).\n"
+    own = [r for r in d["rows"] if isinstance(r.get("teacher_acc"), dict)]  # each method's own teacher
+    if own:
+        out += "\n" + "; ".join(f"{_METHOD.get(r['method'], r['method'])}'s teacher scores "
+                                f"{_pct(r['teacher_acc']['test'])} % on the test set "
+                                f"({_pct(r['teacher_acc']['validation'])} % validation)" for r in own) + ".\n"
+    best = [r for r in d["rows"] if r.get("student_best")]
+    if best:
+        out += "\nThe best-validation student of the public code's epochs: " + "; ".join(
+            f"{_METHOD.get(r['method'], r['method'])} step {r['student_best']['step']}, "
+            f"{_pct(r['student_best']['validation'])} / {_pct(r['student_best']['test'])} %" for r in best) + ".\n"
     return out
 
 
