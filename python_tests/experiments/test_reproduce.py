@@ -557,3 +557,18 @@ def test_seconds_or_lower_bound():
     t0 = time.perf_counter() - 3.0
     seconds, lower_bound = seconds_or_lower_bound(None, t0)
     assert lower_bound and 3.0 <= seconds < 60.0
+
+
+def test_zskd_teacher_takes_another_codes_optimiser_only_without_pad_crop(tmp_path):
+    from exml_fast.experiments.zskd import zskd_teacher
+
+    x, y = torch.randn(16, 1, 32, 32), torch.arange(16) % 10
+    kw = dict(arch="lenet5_dafl", seed=0, epochs=1, dataset="mnist", mean=0.1307, std=0.3081, device="cpu",
+              log=lambda line: None)
+    with pytest.raises(ValueError, match="batch_size, weight_decay and optimizer are for teachers without pad_crop"):
+        zskd_teacher(tmp_path / "t.pt", x, y, pad_crop=2, optimizer="adam", **kw)
+    assert not (tmp_path / "t.pt").exists()
+    teacher = zskd_teacher(tmp_path / "t.pt", x, y, optimizer="adam", lr=1e-3, batch_size=8, weight_decay=0.0, **kw)
+    meta = torch.load(tmp_path / "t.pt", weights_only=False)["metadata"]
+    assert (meta["optimizer"], meta["batch_size"], meta["weight_decay"], meta["pad_crop"]) == ("adam", 8, 0.0, 0)
+    assert not teacher.training
