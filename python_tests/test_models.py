@@ -113,6 +113,13 @@ def test_paper_lenets_have_the_published_widths_and_parameter_counts(name, param
         logits = model(x)
         torch.testing.assert_close(model.classifier(tap.features), logits)
         assert tap.features.shape == (5, 84 if name.endswith("zskd") or name == "lenet5_dafl" else 42)
+    if conv_fc1:  # DAFL's `out_feature`, its activation term's input: conv5's activations after the ReLU
+        conv5 = model.features[6]
+        assert isinstance(conv5, nn.Conv2d) and isinstance(model.features[7], nn.ReLU)
+        with FeatureTap(model, layer="features.7") as tap:
+            model(x)
+            assert tap.features.shape == (5, convs[-1])
+            torch.testing.assert_close(tap.features, torch.relu(conv5(model.features[:6](x))).flatten(1))
     assert ARCHS[name](num_classes=3, in_channels=2)(torch.rand(2, 2, 32, 32)).shape == (2, 3)
 
 

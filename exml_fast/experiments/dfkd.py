@@ -48,8 +48,9 @@ from exml_fast.experiments.records import machine, machine_line, seconds_or_lowe
 from exml_fast.experiments.zskd import (lenet5_teacher, read_teachers_run, real_data_control,
                                         zskd_teacher)
 from exml_fast.models import LeNet5Half, build_model
+from exml_fast.models.features import FeatureTap
 from exml_fast.synth import GENERATIVE_PRESETS, DataImpressions, GenerativeSynthesizer
-from exml_fast.synth.base import teacher_fingerprint
+from exml_fast.synth.base import eval_mode, teacher_fingerprint
 from exml_fast.synth.batch import shard_seconds
 from exml_fast.training import distill, evaluate
 
@@ -97,6 +98,10 @@ PUBLIC_DFKD: dict[str, Any] = {
     "teacher": "lenet5_dafl", "student": "lenet5_half_dafl",
     "fits": {"dafl": {"iterations": 24000, "batch_size": 512, "student_loss": "kd", "student_steps": 1,
                       "epoch": 120,
+                      # DAFL_train.py's activation term reads `teacher(x, out_feature=True)`'s feature: lenet.py's
+                      # 120 activations after conv5 and its ReLU (LeNet5DAFL's features.7), not the 84 the
+                      # classifier takes (what the term read before 2026-11-30's second session)
+                      "feature_layer": "features.7",
                       # teacher-train.py: Adam 1e-3, batch 256, `for e in range(1, 10)`: 9 epochs
                       "teacher": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 256,
                                   "epochs": 9}},
@@ -275,6 +280,14 @@ def _finish(experiment, budget, spec, recipe, kd_samples, seed, n, validation_si
     return record
 
 
+def _feature_dim(model: torch.nn.Module, layer: str, device) -> int:
+    """The width of ``model``'s feature at ``layer`` (:class:`FeatureTap`) for one 32×32 input, for the record."""
+    with FeatureTap(model, layer=layer, owner="reproduce dfkd-mnist", arg="feature_layer") as tap, \
+            eval_mode(model), torch.no_grad():
+        model(torch.zeros(2, 1, 32, 32, device=device))
+        return tap.features.shape[1]
+
+
 def _public_student(seed: int, device) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
@@ -289,24 +302,30 @@ def _run_public(method, teacher, spec, *, n, seed, mean, std, out, device, progr
     fit_spec = PUBLIC_DFKD["fits"][method]
     iterations = spec["public_fit"][method]
     batch_size = spec.get("public_batch_size", fit_spec["batch_size"])
-    done = out / f"{method}_seed{seed}_it{iterations}_b{batch_size}.json"
+    layer = fit_spec.get("feature_layer")
+    # the files of another feature layer are another fit's (those made before the option have no tag)
+    tag = "" if layer is None else "_" + layer.replace(".", "")
+    done = out / f"{method}_seed{seed}_it{iterations}_b{batch_size}{tag}.json"
     fingerprint = teacher_fingerprint(teacher)
     kept = read_teachers_run(done, fingerprint, f"{method} (public recipe)", say)
     if kept is not None:
         return kept
     student = _public_student(seed, device)
     synth = GenerativeSynthesizer(teacher, input_shape=(1, 32, 32), mean=(mean,), std=(std,), preset=method,
-                                  student=student, device=device)
-    checkpoint = out / f"{method}_fit_seed{seed}_b{batch_size}.pt"
+                                  student=student, device=device, feature_layer=layer)
+    checkpoint = out / f"{method}_fit_seed{seed}_b{batch_size}{tag}.pt"
     epoch = spec.get("public_epoch", fit_spec["epoch"])
-    best = _BestStudent(out / f"{method}_best_seed{seed}_b{batch_size}.pt", checkpoint, evaluation["validation"],
-                        fingerprint, epoch)
+    best = _BestStudent(out / f"{method}_best_seed{seed}_b{batch_size}{tag}.pt", checkpoint,
+                        evaluation["validation"], fingerprint, epoch)
     t0 = time.perf_counter()
     fit = synth.fit(iterations, batch_size=batch_size, generator=seed, checkpoint=checkpoint, checkpoint_every=25,
                     progress=progress, callback=best, callback_every=epoch)
     row: dict[str, Any] = {"method": method, "recipe": "public", "threads": torch.get_num_threads(),
                            "fit_iterations": iterations, "fit_batch_size": batch_size,
                            "generator_arch": synth.generator_arch, "teacher": fingerprint}
+    if layer is not None:
+        row["feature_layer"] = layer
+        row["feature_dim"] = _feature_dim(teacher, layer, device)
     _record_fit(row, fit, t0)
     row["synthesis_s"] = row["fit_s"]  # the fit is the synthesis, and the student learns inside it
     row["balanced"] = False
@@ -581,7 +600,8 @@ def _markdown_public(record: dict[str, Any]) -> str:
         "32x32 and normalised, as their code loads it",
         *_public_teacher_lines(record),
         "- DAFL: generator `dafl` (output BN without affine parameters, hidden BNs of eps 0.8), Adam lr 0.2, betas "
-        "(0.9, 0.999); one-hot 1, activation 0.1, information entropy 5 (log10); the student is distilled beside "
+        "(0.9, 0.999); one-hot 1, activation 0.1" + _dafl_features(rows) + ", information entropy 5 (log10); the "
+        "student is distilled beside "
         "the generator on each step's samples, KD at τ 1, Adam 2e-3; batch 512; the public code runs 24000 steps "
         "(200 epochs of 120)",
         "- DFAD: generator `dfad` (output BN without affine parameters), Adam lr 1e-3; the student is the adversary: "
@@ -625,10 +645,21 @@ def _markdown_public(record: dict[str, Any]) -> str:
                  "images; ")
               + "we score the final student and "
               "the epoch's student with the best accuracy on held-out validation images on the test set, where their "
-              "code reports the best test accuracy over its epochs; DAFL's activation term reads the teacher's "
-              "classifier input (the 84 features before the last layer) where DAFL's reads the 120 after conv5."]
+              "code reports the best test accuracy over its epochs"
+              + ("" if all(r.get("feature_layer") for r in rows if r["method"] == "dafl") else
+                 "; DAFL's activation term reads the teacher's classifier input (the 84 features before the last "
+                 "layer) where DAFL's reads the 120 after conv5")
+              + "."]
     lines += _anchors(record, "GPU budgets", ": fewer generator steps than the public code runs")
     return "\n".join(lines) + "\n"
+
+
+def _dafl_features(rows: list[dict[str, Any]]) -> str:
+    """The features DAFL's activation term read, for the recipe line (nothing for records that predate the option,
+    whose note says they were the classifier's input)."""
+    r = next((r for r in rows if r["method"] == "dafl" and r.get("feature_layer")), None)
+    return "" if r is None else (f" (on the teacher's `{r['feature_layer']}`: its {r['feature_dim']} "
+                                   "activations after conv5, as DAFL's code reads them)")
 
 
 def _public_teacher_lines(record: dict[str, Any]) -> list[str]:

@@ -65,7 +65,7 @@ from exml_fast._utils.io import atomic_write, load_torch_file
 from exml_fast._utils.progress import Progress
 from exml_fast._utils.provenance import SEED_MAX, derive_seed
 from exml_fast.checkpoint import state_dict_sha256
-from exml_fast.models.features import FeatureTap
+from exml_fast.models.features import FeatureTap, named_layer
 from exml_fast.models.generators import GENERATOR_ARCHS, build_generator
 from exml_fast.ops.fast_layers import fast_layers
 from exml_fast.ops.soft_target_losses import kd_loss
@@ -171,7 +171,7 @@ class GenerativeSynthesizer(Synthesizer):
     Args:
         teacher: the frozen classifier, (N, C, H, W) → (N, K) logits; its
             last ``nn.Linear`` is the classifier whose input is the feature
-            for ψ and the activation term.
+            for ψ and the activation term (unless ``feature_layer``).
         input_shape, mean, std, num_classes, device, batch_size: as for every
             :class:`~exml_fast.synth.Synthesizer` (``batch_size``: samples
             drawn per teacher forward in :meth:`synthesize`).
@@ -211,6 +211,11 @@ class GenerativeSynthesizer(Synthesizer):
             the teacher's argmax over the requested classes as its label (False).
         max_draw_factor: with ``balance``, give up (RuntimeError) after drawing
             this many times the requested number of samples.
+        feature_layer: the name of the teacher's submodule (``teacher.named_modules()``)
+            whose output, flattened, is the feature of ψ and of the activation term,
+            in the student too for ψ (None: the classifier's input). DAFL's code reads
+            its LeNet-5's 120 activations after conv5, not the 84 the classifier takes:
+            ``"features.7"`` of :class:`~exml_fast.models.LeNet5DAFL`.
     """
 
     method = "generative"
@@ -243,6 +248,7 @@ class GenerativeSynthesizer(Synthesizer):
         lr_decay_every: int | None = None,
         balance: bool = True,
         max_draw_factor: int = 100,
+        feature_layer: str | None = None,
     ) -> None:
         super().__init__(teacher, input_shape=input_shape, mean=mean, std=std, num_classes=num_classes,
                          device=device, iterations=None, batch_size=batch_size)
@@ -314,6 +320,9 @@ class GenerativeSynthesizer(Synthesizer):
             raise TypeError(f"{owner}: balance must be a bool; got {balance!r}")
         self.balance = balance
         self.max_draw_factor = check_int(max_draw_factor, "max_draw_factor", owner, low=1)
+        if feature_layer is not None:
+            named_layer(self.teacher, feature_layer, owner, "feature_layer")  # the name's errors here, not at fit
+        self.feature_layer = feature_layer
         self._job_classes: list[int] | None = None
 
     # -- the generator network --------------------------------------------------------------------
@@ -477,6 +486,8 @@ class GenerativeSynthesizer(Synthesizer):
                "student_kd": self.student_kd, "generator_betas": list(self.generator_betas),
                "student_optimizer": self.student_optimizer, "student_weight_decay": self.student_weight_decay,
                "teacher": teacher_fingerprint(self.teacher)}
+        if self.feature_layer is not None:  # keyed only when set: checkpoints made before the option still resume
+            job["feature_layer"] = self.feature_layer
         state = _FitState.start(self, seed, job, stored, checkpoint)
         bar = Progress(iterations, f"{self.preset} fit", progress)
         bar.update(state.done)
@@ -532,9 +543,12 @@ class GenerativeSynthesizer(Synthesizer):
             # have no use for BN terms.
             state.matcher = (BNStatsMatcher(self.teacher, form="l2", allow_empty=True) if self.weights["bn"] > 0
                              else None)
-            state.t_tap = stack.enter_context(FeatureTap(self.teacher, owner="GenerativeSynthesizer"))
-            if state.student is not None:
-                state.s_tap = stack.enter_context(FeatureTap(state.student, owner="GenerativeSynthesizer (student)"))
+            state.t_tap = stack.enter_context(FeatureTap(self.teacher, layer=self.feature_layer,
+                                                         owner="GenerativeSynthesizer", arg="feature_layer"))
+            if state.student is not None and self.weights["imitation"] > 0:  # only ψ reads the student's
+                state.s_tap = stack.enter_context(FeatureTap(state.student, layer=self.feature_layer,
+                                                             owner="GenerativeSynthesizer (student)",
+                                                             arg="feature_layer"))
             yield
 
     def _latent(self, state: _FitState, n: int) -> torch.Tensor:

@@ -419,7 +419,8 @@ def test_dfkd_public_recipe_trains_each_methods_own_student_and_resumes(tmp_path
         if b["step"] == 2:
             assert (b["validation"], b["test"]) == (r["student"]["validation"], r["student"]["test"])
         folder = tmp_path / "w" / "smoke" / "public" / f"teacher-{r['method']}-code"
-        kept = torch.load(folder / f"{r['method']}_best_seed0_b32.pt", weights_only=True)
+        tag = "_features7" if r["method"] == "dafl" else ""  # DAFL's files name the layer its features come from
+        kept = torch.load(folder / f"{r['method']}_best_seed0_b32{tag}.pt", weights_only=True)
         assert (kept["step"], kept["first"], kept["every"]) == (b["step"], 1, 1)
     # each method with the teacher its own public code trains (DAFL: Adam; DFAD: SGD), kept in a folder of its own
     assert rec["teacher_acc"] is None
@@ -439,6 +440,11 @@ def test_dfkd_public_recipe_trains_each_methods_own_student_and_resumes(tmp_path
     assert "- dafl's teacher (DAFL's teacher-train.py): Adam lr 0.001, weight decay 0, batch 256, 1 epochs" in md
     assert "- dfad's teacher (DFAD's train_teacher.py in run_mnist.sh): SGD lr 0.01, momentum 0.9" in md
     assert "every 1 steps (dafl, from step 1), 1 steps (dfad, from step 1)" in md
+    # DAFL's activation term on lenet.py's 120 activations after conv5, as DAFL_train.py reads them
+    assert (by["dafl"]["feature_layer"], by["dafl"]["feature_dim"]) == ("features.7", 120)
+    assert "feature_layer" not in by["dfad"]
+    assert "activation 0.1 (on the teacher's `features.7`: its 120 activations after conv5, as DAFL's code" in md
+    assert "the 84 features before the last layer" not in md
     assert main(args) == 0  # read back
     assert json.loads((tmp_path / "res" / "dfkd_mnist_smoke_public.json").read_text())["rows"] == rec["rows"]
     # a row kept for another teacher is trained again, not reported beside this one

@@ -165,6 +165,53 @@ def test_feature_tap_records_the_classifier_input_with_its_graph(teacher):
     assert not teacher.classifier._forward_pre_hooks
 
 
+def test_feature_tap_records_a_named_layers_output_and_names_the_argument_on_a_bad_name(teacher):
+    x = torch.randn(4, *SHAPE, requires_grad=True)
+    with FeatureTap(teacher, layer="features.5") as tap:  # the Linear(64, 12), before its BN and ReLU
+        teacher(x)
+        f = tap.features
+    assert f.shape == (4, 12) and f.requires_grad
+    torch.testing.assert_close(f, teacher.features[:6](x))
+    assert not teacher.features[5]._forward_hooks
+    with FeatureTap(teacher, layer="features.3") as tap:  # a (4, 4, 4, 4) map, flattened
+        teacher(x)
+        assert tap.features.shape == (4, 64)
+    with pytest.raises(ValueError, match=r"FeatureTap: layer 'features\.9' is not a submodule of TinyBN; its "
+                                         r"submodules: features, features\.0, "):
+        FeatureTap(teacher, layer="features.9")
+    with pytest.raises(TypeError, match="FeatureTap: layer must be a submodule's name"):
+        FeatureTap(teacher, layer=3)
+    with FeatureTap(teacher, layer="features.2") as tap, pytest.raises(RuntimeError, match="layer 'features.2'"):
+        tap.features  # noqa: B018
+
+
+def test_feature_layer_moves_the_activation_term_and_keys_the_checkpoint(teacher, tmp_path):
+    """DAFL's activation term on a named layer's output (DAFL's code reads LeNet-5's 120 after conv5, not the
+    classifier's input); a fit checkpoint of the other features is refused, not resumed."""
+    with pytest.raises(ValueError, match="GenerativeSynthesizer: feature_layer 'conv5' is not a submodule"):
+        make(teacher, preset="dafl", feature_layer="conv5")
+    seen = {}
+    for layer, upto in ((None, 8), ("features.5", 6)):  # the classifier's input, or the Linear's output
+        synth = make(teacher, preset="dafl", generator_arch="skd-narrow", feature_layer=layer)
+        state, session = _session(synth)
+        with session:
+            rng = state.z_gen.get_state()
+            synth.delegator.train()
+            with torch.no_grad():
+                want = 0.1 * activation_loss(teacher.features[:upto](synth.delegator(synth._latent(state, 8))))
+            state.z_gen.set_state(rng)  # the explore step draws the same latents
+            seen[layer] = synth._explore(state, 8)["activation"]
+        assert seen[layer] == pytest.approx(float(want), rel=1e-5)
+    assert seen[None] != pytest.approx(seen["features.5"], rel=1e-3)
+    ck = tmp_path / "fit.pt"
+    make(teacher, preset="dafl", generator_arch="skd-narrow").fit(2, batch_size=8, generator=0, progress=False,
+                                                                  checkpoint=ck)
+    assert "feature_layer" not in torch.load(ck, weights_only=False)["job"]  # older checkpoints still resume
+    with pytest.raises(DelegatorError, match=r"other settings \(differing: \['feature_layer'\]\)"):
+        make(teacher, preset="dafl", generator_arch="skd-narrow", feature_layer="features.5").fit(
+            2, batch_size=8, generator=0, progress=False, checkpoint=ck)
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 def _session(synth, seed=0):
     state = _FitState.start(synth, seed, {}, None, None)
