@@ -225,21 +225,21 @@ def reproduce_dfkd(
     teacher = lenet5_teacher(out / f"teacher_lenet5_seed{seed}_ep{spec['teacher_epochs']}.pt", x, y, seed=seed,
                              epochs=spec["teacher_epochs"], dataset=dataset, mean=mean, std=std, device=device,
                              log=say, metadata={"validation_size": validation_size})
-    teacher_acc = {"validation": 100 * evaluate(teacher, xv, yv), "test": 100 * evaluate(teacher, xt, yt)}
+    teacher_acc = {k: 100 * evaluate(teacher, *xy) for k, xy in evaluation.items()}
     log(f"[reproduce] {experiment}: teacher validation {teacher_acc['validation']:.2f} %, "
         f"test {teacher_acc['test']:.2f} %")
 
     rows = []
+    fingerprint = teacher_fingerprint(teacher)
     for method in methods:
         fresh = kd_samples == "fresh" and method != "data-impressions"
         done = out / f"{method}{'_fresh' if fresh else ''}_seed{seed}_n{n}.json"
-        if done.exists():
-            row = json.loads(done.read_text())
-            log(f"[reproduce] {experiment}: {method} read back from {done}")
-        else:
+        # a row of another teacher (retrained, replaced) is made again, not reported beside this one
+        row = read_teachers_run(done, fingerprint, f"[reproduce] {experiment}: {method}", log)
+        if row is None:
             row = _run_method(method, teacher, spec, n=n, seed=seed, mean=mean, std=std, out=out, device=device,
-                              progress=progress, evaluation={"validation": (xv, yv), "test": (xt, yt)},
-                              fresh=fresh)
+                              progress=progress, evaluation=evaluation, fresh=fresh)
+            row["teacher"] = fingerprint
             atomic_write(done, lambda f, row=row: f.write(json.dumps(row, indent=1).encode()))
         log(f"[reproduce] {experiment}: {method}: synthesis {row['synthesis_s']:.0f} s, student validation "
             f"{row['student']['validation']:.2f} %, test {row['student']['test']:.2f} %")

@@ -304,7 +304,7 @@ def test_zskd_refuses_unknown_budget(capsys):
 
 
 @needs_mnist
-def test_dfkd_smoke_compares_generators_with_data_impressions_and_resumes(tmp_path):
+def test_dfkd_smoke_compares_generators_with_data_impressions_and_resumes(tmp_path, capsys):
     args = ["reproduce", "dfkd-mnist", "--budget", "smoke", "--out", str(tmp_path / "w"), "--results",
             str(tmp_path / "res"), "--device", "cpu"]
     assert main(args) == 0
@@ -345,6 +345,17 @@ def test_dfkd_smoke_compares_generators_with_data_impressions_and_resumes(tmp_pa
     again = json.loads((tmp_path / "res" / "dfkd_mnist_smoke.json").read_text())
     assert again["rows"] == rec["rows"] and again["teacher_acc"] == rec["teacher_acc"]
     assert again["control"] == control
+    # each row names its teacher: one kept for another teacher is made again, not reported beside this one
+    assert len({r["teacher"] for r in rec["rows"]}) == 1 and len(rec["rows"][0]["teacher"]) == 64
+    done = tmp_path / "w" / "smoke" / "data-impressions_seed0_n64.json"
+    stale = json.loads(done.read_text())
+    stale["teacher"], stale["student"]["test"] = "f" * 64, -1.0
+    done.write_text(json.dumps(stale))
+    assert main(args) == 0
+    assert "dfkd-mnist: data-impressions at " in (out := capsys.readouterr().out)
+    assert "was distilled from teacher ffffffffffff, not this one" in out
+    again = json.loads((tmp_path / "res" / "dfkd_mnist_smoke.json").read_text())
+    assert again["rows"][0]["teacher"] == rec["rows"][0]["teacher"] and again["rows"][0]["student"]["test"] >= 0
     # A subset of the methods (rows run in separate processes) has a record of its own, named after them.
     assert main([*args, "--methods", "skd,data-impressions"]) == 0
     part = json.loads((tmp_path / "res" / "dfkd_mnist_smoke_data-impressions_skd.json").read_text())
