@@ -88,14 +88,19 @@ def test_zskd_smoke_writes_the_record_beside_the_paper(tmp_path, experiment):
     # the notes, and kept apart from DIs made at another τ
     tau = {"zskd-mnist": 5, "zskd-fmnist": 3}[experiment]
     assert rec["synth_tau"] == tau
-    assert f"- DIs: β (1.0, 0.1), τ {tau}," in md and f"drawn at τ {tau}, not the paper's 20" in md
+    # MNIST's DI targets from the β mixture (10, 1) its validation split chose, Fashion-MNIST's the paper's
+    beta = {"zskd-mnist": "10, 1", "zskd-fmnist": "1.0, 0.1"}[experiment]
+    assert f"- DIs: β ({beta}), τ {tau}," in md and f"drawn at τ {tau}, not the paper's 20" in md
+    assert rec["synth_beta"] == ([10.0, 1.0] if experiment == "zskd-mnist" else [1.0, 0.1])
+    assert ("the DIs' Dirichlet targets are drawn with β (10, 1), not the paper's (1.0, 0.1)" in md) == (
+        experiment == "zskd-mnist")
     # MNIST's DIs carry the l2 total-variation prior its validation split chose, Fashion-MNIST's none: said in the
     # settings and the notes, and kept in a folder of their own
     tv = {"zskd-mnist": 1e-4, "zskd-fmnist": 0.0}[experiment]
     assert rec["synth_tv_l2"] == tv
     assert ("2 px jitter, l2 total-variation prior of weight 1e-4," in md) == bool(tv)
     assert ("the DIs carry an l2 total-variation prior of weight 1e-4, which the paper's do not" in md) == bool(tv)
-    folder = f"dis_seed0_n64_tau{tau}" + ("_tv1e-4" if tv else "")
+    folder = f"dis_seed0_n64_tau{tau}" + ("_tv1e-4_beta10_1" if tv else "")
     assert (tmp_path / "w" / "smoke" / "paper" / folder / "manifest.json").exists()
     # MNIST's KD also rotates and zooms its inputs (the paper's augmentation, chosen on its validation split),
     # Fashion-MNIST's translates only
@@ -153,10 +158,12 @@ def test_zskd_networks_kd_epochs_mixup_and_decay_reach_the_kd_its_control_and_th
     assert "±1 px roll, rotation by up to 15 degrees and zoom by 0.9-1.1, each augmented input" in md
     assert "(we translate, rotate and zoom, and do not flip digits, and mix pairs" in md
     # a record made before the networks set them reads as the budget's epochs without mixup
-    old = {**rec, "networks_detail": {k: v for k, v in rec["networks_detail"].items()
-                                      if k not in ("kd_epochs", "kd_mixup", "kd_weight_decay", "kd_rotate",
-                                                   "kd_scale")}}
+    old = {**{k: v for k, v in rec.items() if k != "synth_beta"},
+           "networks_detail": {k: v for k, v in rec["networks_detail"].items()
+                               if k not in ("kd_epochs", "kd_mixup", "kd_weight_decay", "kd_rotate", "kd_scale")}}
     text = zskd._markdown(old, "")
+    assert "- DIs: β (10, 1), τ 5," in md and "- DIs: β (1.0, 0.1), τ 5," in text  # before β was kept: the paper's
+    assert "drawn with β" not in text
     assert "weight decay 5e-4, batch 64, 1 epochs, per-sample pad-crop 4" in text and "(mixup)" not in text
     assert "±1 px roll; the final model" in text and "(we translate only: rotation and zoom did not help" in text
     assert [zskd._decay(v) for v in (5e-4, 1e-4, 2.5e-4, 0.0)] == ["5e-4", "1e-4", "2.5e-4", "0"]
@@ -194,7 +201,7 @@ def test_zskd_kd_seeds_each_train_a_student_kept_apart_and_summarised(tmp_path, 
     assert "KD seed k initialises the student from seed 0 + 1 + k" in md and "(3 KD seeds)" in md
     # each KD seed is kept on disk: a rerun with one more trains only that one
     folder = tmp_path / "w" / "smoke" / "paper"
-    assert len(list(folder.glob("student_seed0_kdseed*_n64_tau5_tv1e-4_ep*.json"))) == 3
+    assert len(list(folder.glob("student_seed0_kdseed*_n64_tau5_tv1e-4_beta10_1_ep*.json"))) == 3
     seeds.clear()
     again = zskd.reproduce_zskd("zskd-mnist", kd_seeds=4, **kwargs)
     assert [g for g, _ in seeds] == [3]
@@ -239,9 +246,9 @@ def test_zskd_synth_tv_l2_overrides_the_networks_prior_into_a_record_of_its_own(
     md = (tmp_path / "res" / "zskd_mnist_smoke_tv0.md").read_text()
     assert "total-variation" not in md
     folder = tmp_path / "w" / "smoke" / "paper"
-    assert (folder / "dis_seed0_n64_tau5" / "manifest.json").exists()
+    assert (folder / "dis_seed0_n64_tau5_beta10_1" / "manifest.json").exists()
     assert [p.name for p in folder.glob("student_*.json")] == [
-        "student_seed0_kdseed0_n64_tau5_ep2_warmup500_rot15_zoom0.1.json"]
+        "student_seed0_kdseed0_n64_tau5_beta10_1_ep2_warmup500_rot15_zoom0.1.json"]
     # the networks' own weight, named or not, is the record of the networks
     assert zskd.reproduce_zskd("zskd-mnist", synth_tv_l2=1e-4, **kwargs)["synth_tv_l2"] == 1e-4
     assert (tmp_path / "res" / "zskd_mnist_smoke.json").exists()
