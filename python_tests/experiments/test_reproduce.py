@@ -164,6 +164,9 @@ def test_zskd_networks_kd_epochs_mixup_and_decay_reach_the_kd_its_control_and_th
     text = zskd._markdown(old, "")
     assert "- DIs: β (10, 1), τ 5," in md and "- DIs: β (1.0, 0.1), τ 5," in text  # before β was kept: the paper's
     assert "drawn with β" not in text
+    # another β says so without the evidence that chose (10, 1)
+    assert "drawn with β (3, 1), not the paper's (1.0, 0.1); its public" in zskd._markdown(
+        {**rec, "synth_beta": [3.0, 1.0]}, "")
     assert "weight decay 5e-4, batch 64, 1 epochs, per-sample pad-crop 4" in text and "(mixup)" not in text
     assert "±1 px roll; the final model" in text and "(we translate only: rotation and zoom did not help" in text
     assert [zskd._decay(v) for v in (5e-4, 1e-4, 2.5e-4, 0.0)] == ["5e-4", "1e-4", "2.5e-4", "0"]
