@@ -35,6 +35,7 @@ import os
 import pathlib
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -316,7 +317,8 @@ def _run_public(method, teacher, spec, *, n, seed, mean, std, out, device, progr
     checkpoint = out / f"{method}_fit_seed{seed}_b{batch_size}{tag}.pt"
     epoch = spec.get("public_epoch", fit_spec["epoch"])
     best = _BestStudent(out / f"{method}_best_seed{seed}_b{batch_size}{tag}.pt", checkpoint,
-                        evaluation["validation"], fingerprint, epoch)
+                        evaluation["validation"], fingerprint, epoch,
+                        log=lambda line: say(f"{method} (public recipe): {line}"))
     t0 = time.perf_counter()
     fit = synth.fit(iterations, batch_size=batch_size, generator=seed, checkpoint=checkpoint, checkpoint_every=25,
                     progress=progress, callback=best, callback_every=epoch)
@@ -365,10 +367,12 @@ class _BestStudent:
     public code keep the epoch with the best *test* accuracy. Kept in ``path`` (atomically, with the teacher's
     fingerprint) so that a resumed fit goes on from it; a kept student newer than the fit's checkpoint, or of
     another teacher or epoch, is dropped. ``first``: the first step scored (a fit resumed from a checkpoint
-    written before students were kept is scored from there on)."""
+    written before students were kept is scored from there on). ``log``: told each scored step's accuracy, as the
+    public code prints every epoch's (a long fit's curve, in its log while it runs)."""
 
-    def __init__(self, path: pathlib.Path, checkpoint: pathlib.Path, validation, teacher: str, every: int) -> None:
-        self.path, self.validation, self.teacher, self.every = path, validation, teacher, every
+    def __init__(self, path: pathlib.Path, checkpoint: pathlib.Path, validation, teacher: str, every: int,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.path, self.validation, self.teacher, self.every, self.log = path, validation, teacher, every, log
         self.best: dict[str, Any] | None = None
         if path.exists() and checkpoint.exists():
             kept = torch.load(path, map_location="cpu", weights_only=True)
@@ -384,6 +388,9 @@ class _BestStudent:
             self.best = {"step": done, "first": first, "validation": accuracy, "state_dict": state,
                          "teacher": self.teacher, "every": self.every}
             atomic_write(self.path, lambda f: torch.save(self.best, f))
+        if self.log is not None:
+            self.log(f"step {done}: student validation {accuracy:.2f} % (best {self.best['validation']:.2f} % at "
+                     f"step {self.best['step']})")
 
     def scored(self, evaluation) -> dict[str, Any] | None:
         """The kept student's step, the first step scored, and its accuracy on each of ``evaluation``'s splits

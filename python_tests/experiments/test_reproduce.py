@@ -418,8 +418,11 @@ def test_dfkd_public_recipe_trains_each_methods_own_student_and_resumes(tmp_path
     args = ["reproduce", "dfkd-mnist", "--budget", "smoke", "--recipe", "public", "--out", str(tmp_path / "w"),
             "--results", str(tmp_path / "res"), "--device", "cpu"]
     assert main(args) == 0
+    out = capsys.readouterr().out
     rec = json.loads((tmp_path / "res" / "dfkd_mnist_smoke_public.json").read_text())
     assert rec["recipe"] == "public" and [r["method"] for r in rec["rows"]] == ["dafl", "dfad"]
+    for m in ("dafl", "dfad"):  # each scored step's accuracy in the log as the fit runs, as the public code prints
+        assert f"dfkd-mnist: {m} (public recipe): step 1: student validation " in out
     assert rec["networks"] == {"teacher": "lenet5_dafl", "student": "lenet5_half_dafl",
                                "params": {"teacher": 61706, "student": 15738}}
     assert rec["control"] is None  # each row has its own
@@ -484,13 +487,18 @@ def test_best_student_keeps_the_best_validation_and_drops_what_a_resumed_fit_can
     torch.manual_seed(0)
     x, y = torch.randn(40, 1, 32, 32), torch.randint(0, 10, (40,))
     ck, path = tmp_path / "fit.pt", tmp_path / "best.pt"
-    keeper = _BestStudent(path, ck, (x, y), "T", 5)
+    lines = []
+    keeper = _BestStudent(path, ck, (x, y), "T", 5, log=lines.append)
     assert keeper.best is None and keeper.scored({"validation": (x, y)}) is None
     students = [_public_student(s, "cpu") for s in range(3)]
     scores = [100 * evaluate(s, x, y) for s in students]
     for step, s in zip((5, 10, 15), students):
         keeper(step, s)
     top = max(range(3), key=lambda i: (scores[i], -i))  # the first of equals is kept
+    # every scored step is logged with the best so far, as the public code prints its epochs
+    best_so_far = [max(range(i + 1), key=lambda j: (scores[j], -j)) for i in range(3)]
+    assert lines == [f"step {step}: student validation {scores[i]:.2f} % (best {scores[b]:.2f} % at step "
+                     f"{(5, 10, 15)[b]})" for i, (step, b) in enumerate(zip((5, 10, 15), best_so_far))]
     assert keeper.best["step"] == (5, 10, 15)[top] and keeper.best["first"] == 5
     got = keeper.scored({"validation": (x, y), "test": (x[:10], y[:10])})
     assert got["validation"] == scores[top] and got["step"] == keeper.best["step"] and got["every"] == 5
