@@ -49,7 +49,7 @@ from benchlib import RESULTS, env_markdown, environment, record
 from exml_fast._utils.io import atomic_write
 from exml_fast.data import DATASET_STATS, find_data_root, mnist_tensors
 from exml_fast.models import LeNet5, LeNet5Half
-from exml_fast.synth import DataImpressions, SyntheticBatch
+from exml_fast.synth import DATA_IMPRESSIONS_BETA, DataImpressions, SyntheticBatch
 from exml_fast.training import distill, evaluate, train_classifier
 
 MEAN, STD = DATASET_STATS["mnist"]
@@ -123,7 +123,7 @@ def synthesize(args, teacher, device):
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=False)
         return SyntheticBatch.from_state(saved["batch"]), saved["seconds"], True
-    synth = DataImpressions(teacher, input_shape=(1, 32, 32), mean=MEAN, std=STD, beta=(1.0, 0.1),
+    synth = DataImpressions(teacher, input_shape=(1, 32, 32), mean=MEAN, std=STD, beta=DATA_IMPRESSIONS_BETA,
                             temperature=20.0, lr=args.synth_lr, jitter=2, flip=False, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()

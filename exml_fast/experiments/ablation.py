@@ -64,6 +64,7 @@ from exml_fast.cl.strategies.registry import options_read_by
 from exml_fast.experiments.budgets import BUDGETS, check_runs_and_budget
 from exml_fast.experiments.presets import PRESETS
 from exml_fast.experiments.records import machine, machine_line, run_seconds, write_records
+from exml_fast.synth import DATA_IMPRESSIONS_BETA
 
 __all__ = ["ABLATION_BASE", "PRESETS", "TEST_SEEDS", "VALIDATION_SIZE", "VARIANTS", "Variant", "ablate_exml_mnist",
            "select_variant", "variant_options"]
@@ -99,7 +100,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("mi-per-sample", "mi-ed", options={"target_mode": "per_sample"},
             note="the paper's per-sample targets (Eq. 8) instead of the reference code's slices"),
     Variant("di", "di-ed", note="Data-Impression ED as in the paper (β 10)"),
-    Variant("di-beta-mix", "di-ed", options={"beta": (1.0, 0.1)}, note="DI with the DI paper's β mixture 1, 0.1"),
+    Variant("di-beta-mix", "di-ed", options={"beta": DATA_IMPRESSIONS_BETA},
+            note="DI with the DI paper's β mixture 1, 0.1"),
     Variant("mi-bn", "mi-ed", arch="lenet5_bn",
             note="experts with BatchNorm (LeNet-5-BN: ReLU, MaxPool, BN): the paper's BNS weight 1 now matches "
                  "the statistics of the experts' training data"),

@@ -50,7 +50,7 @@ from exml_fast.experiments.zskd import (lenet5_teacher, read_teachers_run, real_
                                         zskd_teacher)
 from exml_fast.models import LeNet5Half, build_model
 from exml_fast.models.features import FeatureTap
-from exml_fast.synth import GENERATIVE_PRESETS, DataImpressions, GenerativeSynthesizer
+from exml_fast.synth import DATA_IMPRESSIONS_BETA, GENERATIVE_PRESETS, DataImpressions, GenerativeSynthesizer
 from exml_fast.synth.base import eval_mode, teacher_fingerprint
 from exml_fast.synth.batch import shard_seconds
 from exml_fast.training import distill, evaluate
@@ -422,7 +422,7 @@ def _run_method(method, teacher, spec, *, n, seed, mean, std, out, device, progr
     t0 = time.perf_counter()
     fit_student = None
     if method == "data-impressions":
-        synth = DataImpressions(teacher, input_shape=(1, 32, 32), mean=mean, std=std, beta=(1.0, 0.1),
+        synth = DataImpressions(teacher, input_shape=(1, 32, 32), mean=mean, std=std, beta=DATA_IMPRESSIONS_BETA,
                                 temperature=20.0, lr=spec["di_lr"], jitter=2, flip=False, device=device)
         batch = synth.synthesize(n, iterations=spec["di_iterations"], batch_size=spec["di_batch_size"],
                                  generator=seed, progress=progress, save_to=out / f"dis_seed{seed}_n{n}")

@@ -21,7 +21,7 @@ from exml_fast.data import DATASET_STATS, mnist_tensors
 from exml_fast.experiments.budgets import ZSKD_BUDGETS
 from exml_fast.experiments.records import machine, machine_line, seconds_or_lower_bound
 from exml_fast.models import build_model
-from exml_fast.synth import DataImpressions
+from exml_fast.synth import DATA_IMPRESSIONS_BETA, DataImpressions
 from exml_fast.synth.base import teacher_fingerprint
 from exml_fast.training import distill, evaluate, train_classifier
 
@@ -37,9 +37,6 @@ PAPER_ZSKD: dict[str, dict[str, Any]] = {
 
 #: The KD's weight decay of every record made before the networks could set it (and of the controls' file names).
 _KD_WEIGHT_DECAY = 5e-4
-#: The Data Impressions paper's β mixture for the DIs' Dirichlet targets.
-PAPER_BETA = (1.0, 0.1)
-
 #: The networks a zero-shot KD reproduction uses, with their inputs and the teacher's recipe.
 #: "paper": the Data Impressions paper's (§4.1.2.1): :class:`~exml_fast.models.LeNet5ZSKD` → :class:`~exml_fast.models.
 #: LeNet5HalfZSKD` (61 706 → 35 820 parameters), MNIST resized to 32x32 with pixels in [0, 1]; the teacher is
@@ -53,14 +50,14 @@ ZSKD_NETWORKS: dict[str, dict[str, Any]] = {
               "teacher_lr": 0.05, "teacher_schedule": "cosine", "teacher_pad_crop": 2, "validation_size": 5000,
               "synth_lr": 0.01, "synth_space": "dataset", "synth_tau": {"mnist": 5.0, "fashion-mnist": 3.0},
               "synth_iterations": 1500, "synth_tv_l2": {"mnist": 1e-4, "fashion-mnist": 0.0},
-              "synth_beta": {"mnist": (10.0, 1.0), "fashion-mnist": PAPER_BETA}, "kd_lr": 0.01,
+              "synth_beta": {"mnist": (10.0, 1.0), "fashion-mnist": DATA_IMPRESSIONS_BETA}, "kd_lr": 0.01,
               "kd_warmup": 500, "kd_mixup": 0.0, "kd_epochs": 200,
               "kd_rotate": {"mnist": 15.0, "fashion-mnist": 0.0}, "kd_scale": {"mnist": 0.1, "fashion-mnist": 0.0},
               "kd_weight_decay": _KD_WEIGHT_DECAY, "teacher_epochs": 20},
     "exml": {"teacher": "lenet5", "student": "lenet5_half", "resize": False, "normalize": True,
              "teacher_lr": 0.01, "teacher_schedule": "constant", "teacher_pad_crop": 0, "validation_size": None,
              "synth_lr": None, "synth_space": "input", "synth_tau": 20.0, "synth_iterations": None, "synth_tv_l2": 0.0,
-             "synth_beta": PAPER_BETA,
+             "synth_beta": DATA_IMPRESSIONS_BETA,
              "kd_lr": 0.05, "kd_warmup": 0, "kd_mixup": 0.0, "kd_epochs": None, "kd_rotate": 0.0, "kd_scale": 0.0,
              "kd_weight_decay": _KD_WEIGHT_DECAY, "teacher_epochs": None},
 }
@@ -117,7 +114,7 @@ def _for_dataset(value: Any, dataset: str) -> Any:
 
 def _beta_text(beta: tuple[float, ...]) -> str:
     """A β mixture as the records write it: "1.0, 0.1" (the paper's), "10, 1"."""
-    return "1.0, 0.1" if tuple(beta) == PAPER_BETA else ", ".join(f"{b:g}" for b in beta)
+    return "1.0, 0.1" if tuple(beta) == DATA_IMPRESSIONS_BETA else ", ".join(f"{b:g}" for b in beta)
 
 
 def _decay(value: float) -> str:
@@ -334,7 +331,7 @@ def reproduce_zskd(
     t0 = time.perf_counter()
     # DIs at τ 20 of the paper's β without a prior keep their folder; another τ, prior weight or β gets its own
     tag = (("" if synth_tau == 20.0 else f"_tau{synth_tau:g}") + (f"_tv{_decay(synth_tv)}" if synth_tv else "")
-           + ("" if synth_beta == PAPER_BETA else "_beta" + "_".join(f"{b:g}" for b in synth_beta)))
+           + ("" if synth_beta == DATA_IMPRESSIONS_BETA else "_beta" + "_".join(f"{b:g}" for b in synth_beta)))
     dis = synth.synthesize(n, iterations=synth_iterations, batch_size=spec["synth_batch_size"],
                            generator=seed, progress=progress, save_to=out / f"dis_seed{seed}_n{n}{tag}")
     # every batch's time, whichever invocation made it (shards read back carry theirs); unknown for shards of
@@ -434,7 +431,7 @@ def _markdown(record: dict[str, Any], at_least: str) -> str:
     paper, spec, nets = record["paper"], record["budget_detail"], record["networks_detail"]
     tau = _record_tau(record)
     tv = record.get("synth_tv_l2", 0.0)  # records made before the prior: none
-    beta = tuple(record.get("synth_beta", PAPER_BETA))  # records made before the option: the paper's
+    beta = tuple(record.get("synth_beta", DATA_IMPRESSIONS_BETA))  # records made before the option: the paper's
     splits = list(record["teacher"])
     head = " | ".join(f"{s} (%)" for s in splits)
     cells = lambda acc: " | ".join(f"{acc[s]:.2f}" for s in splits)  # noqa: E731
@@ -521,7 +518,7 @@ def _markdown(record: dict[str, Any], at_least: str) -> str:
                         "prior's DIs (zskd_di_study_cpu_n24000_tv.md, note 2) and 0.12 on prior-free DIs of another "
                         "teacher (zskd_di_study_cpu_n24000.md), within the seeds' spread both times"
                         if beta == (10.0, 1.0) else "") + "; "
-                     if beta != PAPER_BETA else "")
+                     if beta != DATA_IMPRESSIONS_BETA else "")
                   + "its public code (CIFAR-10 only) trains the student with Adam on the DIs' stored soft labels "
                   "and reports the best epoch's test accuracy, we "
                   "report the final student's."]

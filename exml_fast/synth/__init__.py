@@ -33,9 +33,11 @@ from exml_fast.synth.auxiliary import AuxiliaryData
 from exml_fast.synth.base import Synthesizer
 from exml_fast.synth.batch import SyntheticBatch, load_synthetic
 from exml_fast.synth.generative import GENERATIVE_PRESETS, DelegatorError, FitResult, GenerativeSynthesizer
-from exml_fast.synth.inversion import DEEPINVERSION_PRESETS, DataImpressions, DeepInversion, ModelInversion, lr_table
+from exml_fast.synth.inversion import (DATA_IMPRESSIONS_BETA, DEEPINVERSION_PRESETS, DataImpressions, DeepInversion,
+                                       ModelInversion, lr_table)
 from exml_fast.synth.inversion_settings import InversionSettings
 
-__all__ = ["DEEPINVERSION_PRESETS", "GENERATIVE_PRESETS", "AuxiliaryData", "DataImpressions", "DeepInversion",
-           "DelegatorError", "FitResult", "GenerativeSynthesizer", "InversionSettings", "LowAgreementWarning",
-           "ModelInversion", "SyntheticBatch", "Synthesizer", "load_synthetic", "lr_table"]
+__all__ = ["DATA_IMPRESSIONS_BETA", "DEEPINVERSION_PRESETS", "GENERATIVE_PRESETS", "AuxiliaryData",
+           "DataImpressions", "DeepInversion", "DelegatorError", "FitResult", "GenerativeSynthesizer",
+           "InversionSettings", "LowAgreementWarning", "ModelInversion", "SyntheticBatch", "Synthesizer",
+           "load_synthetic", "lr_table"]

@@ -16,8 +16,8 @@ from _util import calibrated_bn, no_warnings, requires_ops
 from torch import nn
 
 from exml_fast.models import resnet18_cifar
-from exml_fast.synth import (AuxiliaryData, DataImpressions, DeepInversion, ModelInversion, SyntheticBatch,
-                             load_synthetic, lr_table)
+from exml_fast.synth import (DATA_IMPRESSIONS_BETA, AuxiliaryData, DataImpressions, DeepInversion, ModelInversion,
+                             SyntheticBatch, load_synthetic, lr_table)
 from exml_fast.synth.base import batch_seed
 from exml_fast.synth.batch import shard_seconds
 
@@ -329,6 +329,8 @@ def test_data_impressions_needs_a_linear_layer():
     w = torch.randn(10, 4)
     synth = DataImpressions(conv_only, input_shape=(1, 32, 32), classifier_weight=w, iterations=2, batch_size=4)
     assert len(synth.synthesize(4, generator=0, progress=False)) == 4
+    # the default β is the paper's mixture (§4.1.2), the one constant the reproductions name
+    assert synth.beta == DATA_IMPRESSIONS_BETA == (1.0, 0.1) and synth.config()["beta"] == [1.0, 0.1]
 
 
 def test_auxiliary_data_from_a_dataset_with_classes(bn_cnn):
