@@ -566,7 +566,7 @@ def _make(*args):
     ("skd", "reproduce dfkd-mnist --budget paper --methods skd --device cuda"),
     ("mi-ed", "reproduce exml-mnist --budget paper --runs 1 --scenarios split_mnist --strategies mi-ed "
               "--device cuda"),
-    ("skd-cil", "reproduce cil-mnist --budget paper --runs 5 --strategies skd --device cuda "
+    ("skd-cil", "reproduce cil-mnist --budget paper --seeds $s --strategies skd --device cuda "
                 "--progress --out runs/gpu-repro/cil-mnist"),
 ])
 def test_gpu_repro_runs_the_asked_reproduction_under_a_time_limit(method, command):
@@ -574,6 +574,63 @@ def test_gpu_repro_runs_the_asked_reproduction_under_a_time_limit(method, comman
     flat = " ".join(out.replace("\\\n", " ").split())
     assert "timeout --signal=INT 17" in flat and " ".join(command.split()) in flat
     assert "run the same command again to resume" in flat
+
+
+_FAKE_PYTHON = """#!/bin/bash
+# stands in for the interpreter: notes its arguments, and a --seeds run of seed $FAIL_SEED stops as at the limit
+echo "$*" >> "$FAKE_CALLS"
+echo "args: $*"
+prev=""
+for a in "$@"; do [ "$prev" = "--seeds" ] && [ "$a" = "${FAIL_SEED:-}" ] && exit 124; prev="$a"; done
+exit "${FAKE_RC:-0}"
+"""
+
+
+def test_gpu_repro_says_how_to_resume_a_run_stopped_at_its_time_limit(tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("make not found")
+    fake = tmp_path / "python"
+    fake.write_text(_FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = {**os.environ, "FAKE_CALLS": str(tmp_path / "calls.txt"), "FAKE_RC": "124"}
+    done = subprocess.run(["make", "-s", "-C", str(ROOT), "gpu-repro", "METHOD=dfad", f"PYTHON={fake}",
+                           f"GPU_REPRO_OUT={tmp_path / 'repro'}", "GPU_REPRO_S=30"], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert done.returncode != 0 and "--methods dfad --device cuda" in (tmp_path / "calls.txt").read_text()
+    assert "gpu-repro: stopped at 30 s; run the same command again to resume" in done.stderr
+
+
+@pytest.mark.parametrize("fail_seed", [None, "3"])
+def test_gpu_repro_runs_skd_cils_seeds_side_by_side_then_the_table_once_all_have_finished(tmp_path, fail_seed):
+    """The five seeds run at once (each a --seeds process into the ledger, with a log of its own); the table
+    (--runs 5, read from the ledger) is made only when every seed finished, and a seed stopped at the time limit
+    stops the call with the resume hint."""
+    if shutil.which("make") is None:
+        pytest.skip("make not found")
+    fake = tmp_path / "python"
+    fake.write_text(_FAKE_PYTHON)
+    fake.chmod(0o755)
+    calls, out = tmp_path / "calls.txt", tmp_path / "repro"
+    env = {**os.environ, "FAKE_CALLS": str(calls), "EXML_FAST_DATA": str(tmp_path)}
+    if fail_seed is not None:
+        env["FAIL_SEED"] = fail_seed
+    done = subprocess.run(["make", "-s", "-C", str(ROOT), "gpu-repro", "METHOD=skd-cil", f"PYTHON={fake}",
+                           f"GPU_REPRO_OUT={out}", "GPU_REPRO_S=30"], capture_output=True, text=True, timeout=60,
+                          env=env)
+    lines = calls.read_text().splitlines()
+    seeds = sorted(line.split("--seeds ")[1].split()[0] for line in lines if "--seeds" in line)
+    assert seeds == ["0", "1", "2", "3", "4"]
+    for s in seeds:  # each seed's log holds its command and its output; the call prints each log's tail
+        log = (out / f"skd_cil_seed{s}.log").read_text()
+        assert f"--seeds {s} --strategies skd --device cuda --progress" in log and "args: -m exml_fast" in log
+        assert f"== seed {s} ({out}/skd_cil_seed{s}.log):" in done.stdout
+    tables = [line for line in lines if "--runs 5" in line]
+    if fail_seed is None:
+        assert done.returncode == 0, done.stderr
+        assert tables == [lines[-1]] and "cil-mnist --budget paper --runs 5 --strategies skd --device cuda" in tables[0]
+    else:
+        assert done.returncode != 0 and tables == []
+        assert "gpu-repro: stopped at 30 s; run the same command again to resume" in done.stderr
 
 
 def test_gpu_repro_refuses_an_unknown_method():
