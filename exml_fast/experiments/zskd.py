@@ -145,10 +145,10 @@ def zskd_teacher(path: pathlib.Path, x: torch.Tensor, y: torch.Tensor, *, arch: 
     """A zero-shot KD teacher (``arch``, 10 classes, one channel) in eval mode on ``device``: read back from
     ``path``, or initialised from ``seed``, trained on (x, y) and saved there with ``metadata``.
 
-    The recipe: SGD (momentum 0.9, weight decay 5e-4, batch 64) at ``lr`` with ``schedule`` for ``epochs``;
-    ``pad_crop`` > 0 adds per-sample pad-and-crop by that many pixels (the background value is ``-mean/std``).
-    Without pad-crop, ``batch_size``, ``weight_decay`` and ``optimizer`` (``"sgd"`` or ``"adam"``) can be another
-    code's (DAFL's and DFAD's teachers).
+    The recipe: ``optimizer`` (``"sgd"`` with momentum 0.9, or ``"adam"``) at ``lr`` with ``schedule``, weight
+    decay ``weight_decay``, batches of ``batch_size``, for ``epochs``; the defaults are our recipe, and another
+    code's can be given (DAFL's and DFAD's teachers). ``pad_crop`` > 0 adds per-sample pad-and-crop by that many
+    pixels (the background value is ``-mean/std``).
     """
     if path.exists():
         teacher, _ = load_model(path, map_location=device)
@@ -159,10 +159,9 @@ def zskd_teacher(path: pathlib.Path, x: torch.Tensor, y: torch.Tensor, *, arch: 
     teacher = teacher.to(device)
     t0 = time.perf_counter()
     if pad_crop:
-        if (batch_size, weight_decay, optimizer) != (64, 5e-4, "sgd"):
-            raise ValueError("zskd_teacher: batch_size, weight_decay and optimizer are for teachers without pad_crop")
-        distill(teacher, x, labels=y, epochs=epochs, batch_size=64, lr=lr, schedule=schedule, augment=True,
-                pad_crop=pad_crop, max_shift=0, flip=False, fill=-mean / std, generator=seed)
+        distill(teacher, x, labels=y, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                weight_decay=weight_decay, schedule=schedule, augment=True, pad_crop=pad_crop, max_shift=0,
+                flip=False, fill=-mean / std, generator=seed)
     else:
         train_classifier(teacher, x, y, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
                          weight_decay=weight_decay, optimizer=optimizer, generator=torch.Generator().manual_seed(seed))

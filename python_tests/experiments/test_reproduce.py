@@ -594,15 +594,34 @@ def test_seconds_or_lower_bound():
     assert lower_bound and 3.0 <= seconds < 60.0
 
 
-def test_zskd_teacher_takes_another_codes_optimiser_only_without_pad_crop(tmp_path):
+def test_zskd_teacher_takes_another_codes_optimiser_with_or_without_pad_crop(tmp_path):
     from exml_fast.experiments.zskd import zskd_teacher
+    from exml_fast.models import build_model
+    from exml_fast.training import distill
 
     x, y = torch.randn(16, 1, 32, 32), torch.arange(16) % 10
     kw = dict(arch="lenet5_dafl", seed=0, epochs=1, dataset="mnist", mean=0.1307, std=0.3081, device="cpu",
               log=lambda line: None)
-    with pytest.raises(ValueError, match="batch_size, weight_decay and optimizer are for teachers without pad_crop"):
-        zskd_teacher(tmp_path / "t.pt", x, y, pad_crop=2, optimizer="adam", **kw)
-    assert not (tmp_path / "t.pt").exists()
+
+    def by_hand(**options):  # the pad-crop teacher's distill call, as the recipe makes it
+        torch.manual_seed(0)
+        model = build_model("lenet5_dafl", num_classes=10, in_channels=1)
+        distill(model, x, labels=y, epochs=1, lr=0.01, schedule="constant", augment=True, pad_crop=2, max_shift=0,
+                flip=False, fill=-0.1307 / 0.3081, generator=0, **options)
+        return model.state_dict()
+
+    # with pad-crop: the defaults are the recipe the records were made with (SGD, batch 64, weight decay 5e-4),
+    # and another optimiser, batch and weight decay reach the training
+    ours = zskd_teacher(tmp_path / "pc.pt", x, y, pad_crop=2, **kw).state_dict()
+    want = by_hand(batch_size=64, optimizer="sgd", weight_decay=5e-4)
+    assert all(torch.equal(ours[k], want[k]) for k in want)
+    adam = zskd_teacher(tmp_path / "pc_adam.pt", x, y, pad_crop=2, optimizer="adam", lr=0.01, batch_size=8,
+                        weight_decay=0.0, **kw).state_dict()
+    want = by_hand(batch_size=8, optimizer="adam", weight_decay=0.0)
+    assert all(torch.equal(adam[k], want[k]) for k in want) and not torch.equal(adam["features.0.weight"],
+                                                                                ours["features.0.weight"])
+    meta = torch.load(tmp_path / "pc_adam.pt", weights_only=False)["metadata"]
+    assert (meta["optimizer"], meta["batch_size"], meta["weight_decay"], meta["pad_crop"]) == ("adam", 8, 0.0, 2)
     teacher = zskd_teacher(tmp_path / "t.pt", x, y, optimizer="adam", lr=1e-3, batch_size=8, weight_decay=0.0, **kw)
     meta = torch.load(tmp_path / "t.pt", weights_only=False)["metadata"]
     assert (meta["optimizer"], meta["batch_size"], meta["weight_decay"], meta["pad_crop"]) == ("adam", 8, 0.0, 0)
