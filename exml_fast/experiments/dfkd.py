@@ -376,7 +376,8 @@ class _BestStudent:
         self.best: dict[str, Any] | None = None
         if path.exists() and checkpoint.exists():
             kept = torch.load(path, map_location="cpu", weights_only=True)
-            done = torch.load(checkpoint, map_location="cpu", weights_only=False).get("done", 0)
+            # only the step is read: the fit's tensors stay mapped, not loaded (fit loads the file itself)
+            done = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("done", 0)
             if kept.get("teacher") == teacher and kept.get("every") == every and kept["step"] <= done:
                 self.best = kept
 
