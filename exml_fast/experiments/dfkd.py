@@ -254,14 +254,17 @@ def reproduce_dfkd(
 
 def _finish(experiment, budget, spec, recipe, kd_samples, seed, n, validation_size, teacher_acc, paper, rows, control,
             methods, every, t_start, command, where, results, log) -> dict[str, Any]:
-    """The record of a comparison, with the preset selected on validation; written to ``results`` unless None."""
+    """The record of a comparison, with the preset selected on validation; written to ``results`` unless None.
+    A method's student is its best-validation one where the fit kept one (the public recipe), else its final."""
     candidates = [r for r in rows if r["method"] != "data-impressions"]
-    selected = max(candidates, key=lambda r: r["student"]["validation"])["method"] if candidates else None
+    selected = max(candidates, key=_selection_validation)["method"] if candidates else None
     record = {"experiment": experiment, "budget": budget, "budget_detail": spec, "recipe": recipe,
               "kd_samples": kd_samples, "seed": seed, "n": n,
               "validation_size": validation_size, "teacher_acc": teacher_acc, "paper": paper, "rows": rows,
               "control": control,
-              "selected": selected, "wall_s": time.perf_counter() - t_start,
+              "selected": selected,
+              "selected_by": "best" if any(r.get("student_best") for r in candidates) else "final",
+              "wall_s": time.perf_counter() - t_start,
               "command": command or " ".join(["exml-fast", *sys.argv[1:]]), "machine": where}
     if recipe == "public":
         params = {k: sum(p.numel() for p in build_model(PUBLIC_DFKD[k], num_classes=10, in_channels=1).parameters())
@@ -279,6 +282,12 @@ def _finish(experiment, budget, spec, recipe, kd_samples, seed, n, validation_si
         atomic_write(folder / f"{stem}.md", lambda f: f.write(text.encode()))
         log(f"[reproduce] wrote {folder / (stem + '.json')} and {folder / (stem + '.md')}")
     return record
+
+
+def _selection_validation(row: dict[str, Any]) -> float:
+    """The validation accuracy a method is selected by: its best-validation student's where kept, else the
+    final student's."""
+    return (row.get("student_best") or row["student"])["validation"]
 
 
 def _feature_dim(model: torch.nn.Module, layer: str, device) -> int:
@@ -636,7 +645,10 @@ def _markdown_public(record: dict[str, Any]) -> str:
                   "every " + ", ".join(f"{r['student_best']['every']} steps ({r['method']}, from step "
                                       f"{r['student_best']['first']})" for r in scored)
                   + ", and the best one kept, as the public code keeps the epoch with the best test accuracy. The "
-                  "selection between the methods reads the final students."]
+                  "selection between the methods reads "
+                  # records made before the selection read the kept students read the final ones
+                  + ("each method's best-validation student." if record.get("selected_by") == "best"
+                     else "the final students.")]
     lines += ["", "The last logged window of each fit (the teacher's mean top-class probability on the generator's "
               "samples, and the loss terms; a confidence near 0.1 is a generator whose samples the teacher cannot "
               "tell apart):", ""]

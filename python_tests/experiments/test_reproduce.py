@@ -455,9 +455,14 @@ def test_dfkd_public_recipe_trains_each_methods_own_student_and_resumes(tmp_path
             {"dafl": "adam", "dfad": "sgd"}[r["method"]], 256, 0)
         assert r["teacher_acc"]["epochs"] == 1 and 0 <= r["teacher_acc"]["test"] <= 100
         assert len(r["teacher"]) == 64  # the teacher's fingerprint: a rerun with another teacher trains again
-    best = max(rec["rows"], key=lambda r: r["student"]["validation"])
-    assert rec["selected"] == best["method"]
+    # the methods are compared by their best-validation students, the ones the public code would report
+    best = max(rec["rows"], key=lambda r: r["student_best"]["validation"])
+    assert rec["selected"] == best["method"] and rec["selected_by"] == "best"
     md = (tmp_path / "res" / "dfkd_mnist_smoke_public.md").read_text()
+    assert "The selection between the methods reads each method's best-validation student." in md
+    from exml_fast.experiments.dfkd import _markdown_public  # a record made before: it selected the final ones
+    old = {k: v for k, v in rec.items() if k != "selected_by"}
+    assert "The selection between the methods reads the final students." in _markdown_public(old)
     assert f"| {best['method']} **(selected)** | 2 × 32 |" in md and "61706 parameters" in md
     assert "Adam lr 0.2" in md and "not the paper budget" in md
     assert "best-validation student: step | its validation (%) | its test (%)" in md
