@@ -646,7 +646,7 @@ def _markdown_public(record: dict[str, Any]) -> str:
                                       f"{r['student_best']['first']})" for r in scored)
                   + ", and the best one kept, as the public code keeps the epoch with the best test accuracy. The "
                   "selection between the methods reads "
-                  # records made before the selection read the kept students read the final ones
+                  # a record made before selected_by was kept was selected by the final students
                   + ("each method's best-validation student." if record.get("selected_by") == "best"
                      else "the final students.")]
     lines += ["", "The last logged window of each fit (the teacher's mean top-class probability on the generator's "

@@ -37,6 +37,7 @@ PAPER_ZSKD: dict[str, dict[str, Any]] = {
 
 #: The KD's weight decay of every record made before the networks could set it (and of the controls' file names).
 _KD_WEIGHT_DECAY = 5e-4
+
 #: The networks a zero-shot KD reproduction uses, with their inputs and the teacher's recipe.
 #: "paper": the Data Impressions paper's (§4.1.2.1): :class:`~exml_fast.models.LeNet5ZSKD` → :class:`~exml_fast.models.
 #: LeNet5HalfZSKD` (61 706 → 35 820 parameters), MNIST resized to 32x32 with pixels in [0, 1]; the teacher is
