@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import pytest
 import torch
@@ -234,7 +235,33 @@ def no_data(bench, monkeypatch):
     monkeypatch.setattr(sys.modules["synthesislib"], "_mnist_lenet", lambda model, device, g: None)
 
 
-def test_gpu_method_smoke_on_the_cpu_records_pairs_shares_and_the_command(bench, tmp_path, no_data):
+@pytest.fixture
+def step_clock(bench, monkeypatch):
+    """Every synthesis step "takes" 1 ms: a timed call returns the steps its loops ran, so a test of what the
+    bench records reads no wall clock for them (at 2 steps a sample, a loaded machine's noise left rows without a
+    figure, and their pairs unmade). The loops themselves still run."""
+    step = sys.modules["bench_synthesis_step"]
+    ran: list[int] = []
+    real = step.variants_for
+
+    def counted(teacher, name, args):
+        variants = real(teacher, name, args)
+        for v in variants.values():
+            v.run = lambda k, seed, run=v.run: (ran.append(k), run(k, seed))[1]
+        return variants
+
+    def steps_clock(fn, device):  # other calls (the convolutions' floor) keep the host clock
+        ran.clear()
+        t0 = time.perf_counter()
+        fn()
+        return 1e-3 * sum(ran) if ran else time.perf_counter() - t0
+
+    monkeypatch.setattr(step, "variants_for", counted)
+    monkeypatch.setattr(bench, "variants_for", counted)
+    monkeypatch.setattr(step, "timed_call", steps_clock)
+
+
+def test_gpu_method_smoke_on_the_cpu_records_pairs_shares_and_the_command(bench, tmp_path, no_data, step_clock):
     import json
 
     argv = ["--device", "cpu", "--nets", "lenet5_bn", "--batch", "4", "--k1", "1", "--k2", "3", "--rounds", "5",
