@@ -298,6 +298,7 @@ GPU_REPRO_OUT ?= $(GPU_CHECK_OUT)/repro
 # into the ledger; the table is made from the ledger once all five have finished. A step of three small networks
 # at batch 32 leaves the GPU idle between launches, so the seeds share it.
 SKD_CIL_SEEDS := 0 1 2 3 4
+SKD_CIL_ARGS = --budget paper --strategies skd --device cuda --out runs/gpu-repro/cil-mnist --results "$(GPU_REPRO_OUT)"
 GPU_REPRO_RUN = EXML_FAST_DATA="$${EXML_FAST_DATA:-$(CURDIR)/runs/gpu-data}" PYTHONPATH=$(CURDIR) \
   timeout --signal=INT $(GPU_REPRO_S) $(PYTHON) -m exml_fast reproduce
 gpu-repro:
@@ -309,14 +310,13 @@ gpu-repro:
 	  mi-ed) mkdir -p "$(GPU_REPRO_OUT)"; set -x; $(GPU_REPRO_RUN) exml-mnist --budget paper --runs 1 --scenarios split_mnist \
 	    --strategies mi-ed --device cuda --out runs/gpu-repro/exml-mnist --results "$(GPU_REPRO_OUT)" ;; \
 	  skd-cil) mkdir -p "$(GPU_REPRO_OUT)"; pids=(); for s in $(SKD_CIL_SEEDS); do \
-	      ( set -x; OMP_NUM_THREADS=2 $(GPU_REPRO_RUN) cil-mnist --budget paper --seeds $$s --strategies skd \
-	        --device cuda --progress --out runs/gpu-repro/cil-mnist --results "$(GPU_REPRO_OUT)" ) \
+	      ( set -x; OMP_NUM_THREADS=2 $(GPU_REPRO_RUN) cil-mnist $(SKD_CIL_ARGS) --seeds $$s --progress ) \
 	        > "$(GPU_REPRO_OUT)/skd_cil_seed$$s.log" 2>&1 & pids+=($$!); done; \
 	    status=0; for p in "$${pids[@]}"; do wait $$p || status=$$?; done; \
 	    for s in $(SKD_CIL_SEEDS); do echo "== seed $$s ($(GPU_REPRO_OUT)/skd_cil_seed$$s.log):"; \
 	      tr '\r' '\n' < "$(GPU_REPRO_OUT)/skd_cil_seed$$s.log" | grep -v '^\s*$$' | tail -n 4; done; \
-	    if [ $$status -eq 0 ]; then set -x; $(GPU_REPRO_RUN) cil-mnist --budget paper --runs 5 --strategies skd \
-	      --device cuda --out runs/gpu-repro/cil-mnist --results "$(GPU_REPRO_OUT)"; else (exit $$status); fi ;; \
+	    if [ $$status -eq 0 ]; then set -x; $(GPU_REPRO_RUN) cil-mnist $(SKD_CIL_ARGS) --runs $(words $(SKD_CIL_SEEDS)); \
+	      else (exit $$status); fi ;; \
 	  *) echo "gpu-repro: METHOD must be one of dafl, dfad, skd, mi-ed, skd-cil; got '$(METHOD)'" >&2; exit 2 ;; \
 	esac; status=$$?; if [ $$status -eq 124 ]; then \
 	  echo "gpu-repro: stopped at $(GPU_REPRO_S) s; run the same command again to resume" >&2; fi; exit $$status

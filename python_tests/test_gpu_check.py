@@ -566,8 +566,8 @@ def _make(*args):
     ("skd", "reproduce dfkd-mnist --budget paper --methods skd --device cuda"),
     ("mi-ed", "reproduce exml-mnist --budget paper --runs 1 --scenarios split_mnist --strategies mi-ed "
               "--device cuda"),
-    ("skd-cil", "reproduce cil-mnist --budget paper --seeds $s --strategies skd --device cuda "
-                "--progress --out runs/gpu-repro/cil-mnist"),
+    ("skd-cil", "reproduce cil-mnist --budget paper --strategies skd --device cuda --out runs/gpu-repro/cil-mnist "
+                "--results"),
 ])
 def test_gpu_repro_runs_the_asked_reproduction_under_a_time_limit(method, command):
     out = _make("-n", "gpu-repro", f"METHOD={method}", "GPU_REPRO_S=17").stdout
@@ -586,12 +586,19 @@ exit "${FAKE_RC:-0}"
 """
 
 
-def test_gpu_repro_says_how_to_resume_a_run_stopped_at_its_time_limit(tmp_path):
+@pytest.fixture
+def fake_python(tmp_path):
+    """The stand-in interpreter, written once per test (the targets that run it need make)."""
     if shutil.which("make") is None:
         pytest.skip("make not found")
     fake = tmp_path / "python"
     fake.write_text(_FAKE_PYTHON)
     fake.chmod(0o755)
+    return fake
+
+
+def test_gpu_repro_says_how_to_resume_a_run_stopped_at_its_time_limit(tmp_path, fake_python):
+    fake = fake_python
     env = {**os.environ, "FAKE_CALLS": str(tmp_path / "calls.txt"), "FAKE_RC": "124"}
     done = subprocess.run(["make", "-s", "-C", str(ROOT), "gpu-repro", "METHOD=dfad", f"PYTHON={fake}",
                            f"GPU_REPRO_OUT={tmp_path / 'repro'}", "GPU_REPRO_S=30"], capture_output=True,
@@ -601,15 +608,12 @@ def test_gpu_repro_says_how_to_resume_a_run_stopped_at_its_time_limit(tmp_path):
 
 
 @pytest.mark.parametrize("fail_seed", [None, "3"])
-def test_gpu_repro_runs_skd_cils_seeds_side_by_side_then_the_table_once_all_have_finished(tmp_path, fail_seed):
+def test_gpu_repro_runs_skd_cils_seeds_side_by_side_then_the_table_once_all_have_finished(tmp_path, fake_python,
+                                                                                          fail_seed):
     """The five seeds run at once (each a --seeds process into the ledger, with a log of its own); the table
     (--runs 5, read from the ledger) is made only when every seed finished, and a seed stopped at the time limit
     stops the call with the resume hint."""
-    if shutil.which("make") is None:
-        pytest.skip("make not found")
-    fake = tmp_path / "python"
-    fake.write_text(_FAKE_PYTHON)
-    fake.chmod(0o755)
+    fake = fake_python
     calls, out = tmp_path / "calls.txt", tmp_path / "repro"
     env = {**os.environ, "FAKE_CALLS": str(calls), "EXML_FAST_DATA": str(tmp_path)}
     if fail_seed is not None:
@@ -622,12 +626,13 @@ def test_gpu_repro_runs_skd_cils_seeds_side_by_side_then_the_table_once_all_have
     assert seeds == ["0", "1", "2", "3", "4"]
     for s in seeds:  # each seed's log holds its command and its output; the call prints each log's tail
         log = (out / f"skd_cil_seed{s}.log").read_text()
-        assert f"--seeds {s} --strategies skd --device cuda --progress" in log and "args: -m exml_fast" in log
+        assert "cil-mnist --budget paper --strategies skd --device cuda" in log and "args: -m exml_fast" in log
+        assert f"--seeds {s} --progress" in log
         assert f"== seed {s} ({out}/skd_cil_seed{s}.log):" in done.stdout
     tables = [line for line in lines if "--runs 5" in line]
     if fail_seed is None:
         assert done.returncode == 0, done.stderr
-        assert tables == [lines[-1]] and "cil-mnist --budget paper --runs 5 --strategies skd --device cuda" in tables[0]
+        assert tables == [lines[-1]] and "cil-mnist --budget paper --strategies skd --device cuda" in tables[0]
     else:
         assert done.returncode != 0 and tables == []
         assert "gpu-repro: stopped at 30 s; run the same command again to resume" in done.stderr
