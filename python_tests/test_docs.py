@@ -251,6 +251,13 @@ def test_generated_tables_come_from_the_records(tmp_path):
         assert f"{row['final']['mean']:.2f} ± {row['final']['std']:.2f}" in table
     pages = list((tmp_path / "records").rglob("*.md"))
     assert len(pages) > 40 and (tmp_path / "records" / "index.md").exists()
+    # a public-recipe record's controls are per method, and each table row of them is there (issue 42)
+    public = json.loads((ROOT / "benches/results/dfkd_mnist_public_dfad.json").read_text())
+    table = (tmp_path / "_generated" / "dfkd_mnist_public_dfad.md").read_text()
+    for row in public["rows"]:
+        c = row["control"]
+        line = next(x for x in table.splitlines() if x.startswith("| control of") and f"{c['n']} real images" in x)
+        assert line.endswith(f"| {c['student']['validation']:.2f} / {c['student']['test']:.2f} |")
 
 
 # --- the version -------------------------------------------------------------------------------------------------

@@ -187,6 +187,11 @@ def dfkd(d: dict) -> str:
     if c:
         rows.append([f"control: {c['n']} real images", "", "",
                      f"{_pct(c['student']['validation'])} / {_pct(c['student']['test'])}"])
+    for r in d["rows"]:  # the public recipe's: a control per method, its student trained as that method's
+        c = r.get("control")
+        if c:
+            rows.append([f"control of {_METHOD.get(r['method'], r['method'])}: {c['n']} real images", "", "",
+                         f"{_pct(c['student']['validation'])} / {_pct(c['student']['test'])}"])
     out = _table(["method", "synthesis (s)", "of which generator fit (s)", "student validation / test (%)"], rows,
                  ["---", "---:", "---:", "---:"])
     t = d.get("teacher_acc")
@@ -573,6 +578,7 @@ GENERATED_TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "dfkd_mnist_demo": ("dfkd_mnist_demo.json", dfkd),
     "dfkd_mnist_demo_fresh": ("dfkd_mnist_demo_fresh.json", dfkd),
     "dfkd_mnist_demo_public": ("dfkd_mnist_demo_public.json", dfkd),
+    "dfkd_mnist_public_dfad": ("dfkd_mnist_public_dfad.json", dfkd),
     "dfkd_mnist": ("dfkd_mnist.json", dfkd),
     "distributed_cpu": ("distributed_cpu.json", distributed),
     "cil_dicil_validation": ("cil_dicil_validation.json", validation),
