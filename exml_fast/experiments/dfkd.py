@@ -377,40 +377,50 @@ class _BestStudent:
     fingerprint) so that a resumed fit goes on from it; a kept student newer than the fit's checkpoint, or of
     another teacher or epoch, is dropped. ``first``: the first step scored (a fit resumed from a checkpoint
     written before students were kept is scored from there on). ``log``: told each scored step's accuracy, as the
-    public code prints every epoch's (a long fit's curve, in its log while it runs)."""
+    public code prints every epoch's (a long fit's curve, in its log while it runs). ``curve``: each scored step
+    and its validation accuracy, kept in the same file (up to the fit checkpoint's step on a resume), so that the
+    record carries the fit's curve, not only its log."""
 
     def __init__(self, path: pathlib.Path, checkpoint: pathlib.Path, validation, teacher: str, every: int,
                  log: Callable[[str], None] | None = None) -> None:
         self.path, self.validation, self.teacher, self.every, self.log = path, validation, teacher, every, log
         self.best: dict[str, Any] | None = None
+        self.curve: list[list[float]] = []
         if path.exists() and checkpoint.exists():
             kept = torch.load(path, map_location="cpu", weights_only=True)
             # only the step is read: the fit's tensors stay mapped, not loaded (fit loads the file itself)
             done = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("done", 0)
-            if kept.get("teacher") == teacher and kept.get("every") == every and kept["step"] <= done:
-                self.best = kept
+            if kept.get("teacher") == teacher and kept.get("every") == every:
+                # the steps after the checkpoint's are scored again by the resumed fit (files made before the
+                # curve was kept have none)
+                self.curve = [c for c in kept.pop("curve", []) if c[0] <= done]
+                if kept["step"] <= done:
+                    self.best = kept
 
     def __call__(self, done: int, student: torch.nn.Module | None) -> None:
         accuracy = 100 * evaluate(student, *self.validation)
+        self.curve.append([done, accuracy])
         first = done if self.best is None else self.best["first"]
         if self.best is None or accuracy > self.best["validation"]:
             state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
             self.best = {"step": done, "first": first, "validation": accuracy, "state_dict": state,
                          "teacher": self.teacher, "every": self.every}
-            atomic_write(self.path, lambda f: torch.save(self.best, f))
+        # written every scored step, for the curve (a LeNet-5-Half's state is 60 kB)
+        atomic_write(self.path, lambda f: torch.save({**self.best, "curve": self.curve}, f))
         if self.log is not None:
             self.log(f"step {done}: student validation {accuracy:.2f} % (best {self.best['validation']:.2f} % at "
                      f"step {self.best['step']})")
 
     def scored(self, evaluation) -> dict[str, Any] | None:
-        """The kept student's step, the first step scored, and its accuracy on each of ``evaluation``'s splits
-        (%); None when no step was scored (a fit finished before students were kept)."""
+        """The kept student's step, the first step scored, its accuracy on each of ``evaluation``'s splits (%) and
+        the curve ([step, validation %] of each scored step); None when no step was scored (a fit finished before
+        students were kept)."""
         if self.best is None:
             return None
         student = _public_student(0, "cpu")
         student.load_state_dict(self.best["state_dict"])
         return {"step": self.best["step"], "first": self.best["first"], "every": self.every,
-                **{k: 100 * evaluate(student, *xy) for k, xy in evaluation.items()}}
+                **{k: 100 * evaluate(student, *xy) for k, xy in evaluation.items()}, "curve": self.curve}
 
 
 def _record_fit(row: dict[str, Any], fit, t0: float) -> None:
@@ -649,6 +659,11 @@ def _markdown_public(record: dict[str, Any]) -> str:
                   # a record made before selected_by was kept was selected by the final students
                   + ("each method's best-validation student." if record.get("selected_by") == "best"
                      else "the final students.")]
+        curves = [r for r in scored if r["student_best"].get("curve")]  # records made before keep no curve
+        if curves:
+            lines += ["", "The student's validation accuracy at each scored step (step: %):", ""]
+            lines += [f"- {r['method']}: " + ", ".join(f"{int(step)}: {v:.2f}" for step, v in
+                                                       r["student_best"]["curve"]) for r in curves]
     lines += ["", "The last logged window of each fit (the teacher's mean top-class probability on the generator's "
               "samples, and the loss terms; a confidence near 0.1 is a generator whose samples the teacher cannot "
               "tell apart):", ""]

@@ -446,6 +446,9 @@ def test_dfkd_public_recipe_trains_each_methods_own_student_and_resumes(tmp_path
         tag = "_features7" if r["method"] == "dafl" else ""  # DAFL's files name the layer its features come from
         kept = torch.load(folder / f"{r['method']}_best_seed0_b32{tag}.pt", weights_only=True)
         assert (kept["step"], kept["first"], kept["every"]) == (b["step"], 1, 1)
+        # the curve: each scored step's validation accuracy, the final step's the final student's
+        assert [c[0] for c in b["curve"]] == [1, 2] and kept["curve"] == b["curve"]
+        assert b["curve"][-1][1] == r["student"]["validation"]
     # each method with the teacher its own public code trains (DAFL: Adam; DFAD: SGD), kept in a folder of its own
     assert rec["teacher_acc"] is None
     for r in rec["rows"]:
@@ -469,6 +472,9 @@ def test_dfkd_public_recipe_trains_each_methods_own_student_and_resumes(tmp_path
     assert "- dafl's teacher (DAFL's teacher-train.py): Adam lr 0.001, weight decay 0, batch 256, 1 epochs" in md
     assert "- dfad's teacher (DFAD's train_teacher.py in run_mnist.sh): SGD lr 0.01, momentum 0.9" in md
     assert "every 1 steps (dafl, from step 1), 1 steps (dfad, from step 1)" in md
+    for r in rec["rows"]:
+        c = r["student_best"]["curve"]
+        assert f"- {r['method']}: 1: {c[0][1]:.2f}, 2: {c[1][1]:.2f}" in md
     # DAFL's activation term on lenet.py's 120 activations after conv5, as DAFL_train.py reads them
     assert (by["dafl"]["feature_layer"], by["dafl"]["feature_dim"]) == ("features.7", 120)
     assert "feature_layer" not in by["dfad"]
@@ -508,15 +514,29 @@ def test_best_student_keeps_the_best_validation_and_drops_what_a_resumed_fit_can
     got = keeper.scored({"validation": (x, y), "test": (x[:10], y[:10])})
     assert got["validation"] == scores[top] and got["step"] == keeper.best["step"] and got["every"] == 5
     assert got["test"] == 100 * evaluate(students[top], x[:10], y[:10])
+    # every scored step's validation accuracy is kept, for the record's curve
+    curve = [[step, scores[i]] for i, step in enumerate((5, 10, 15))]
+    assert keeper.curve == curve and got["curve"] == curve
     # read back beside a fit checkpoint that has reached its step; not beside none, an earlier one, or another
     # teacher's or epoch's
     torch.save({"done": 15}, ck)
-    assert _BestStudent(path, ck, (x, y), "T", 5).best["step"] == keeper.best["step"]
+    back = _BestStudent(path, ck, (x, y), "T", 5)
+    assert back.best["step"] == keeper.best["step"] and back.curve == curve and "curve" not in back.best
     assert _BestStudent(path, ck, (x, y), "other", 5).best is None
+    assert _BestStudent(path, ck, (x, y), "other", 5).curve == []
     assert _BestStudent(path, ck, (x, y), "T", 7).best is None
     torch.save({"done": keeper.best["step"] - 1}, ck)
-    assert _BestStudent(path, ck, (x, y), "T", 5).best is None
+    back = _BestStudent(path, ck, (x, y), "T", 5)
+    # the steps after the checkpoint's are scored again by the resumed fit: neither kept nor in the curve
+    assert back.best is None and back.curve == [c for c in curve if c[0] < keeper.best["step"]]
     assert _BestStudent(path, tmp_path / "none.pt", (x, y), "T", 5).best is None
+    # a file written before the curve was kept resumes without one, its best student kept
+    torch.save(keeper.best, path)
+    torch.save({"done": 15}, ck)
+    back = _BestStudent(path, ck, (x, y), "T", 5)
+    assert back.best["step"] == keeper.best["step"] and back.curve == []
+    back(20, students[0])
+    assert back.curve == [[20, scores[0]]]
 
 
 @needs_mnist
