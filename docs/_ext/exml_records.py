@@ -174,6 +174,12 @@ def zskd(d: dict) -> str:
 _METHOD = {"data-impressions": "Data Impressions", "dafl": "DAFL", "dfad": "DFAD", "skd": "SKD"}
 
 
+def _control_row(label: str, c: dict) -> list[str]:
+    """A dfkd table's real-data control row: ``label: n real images`` and the student's two scores."""
+    return [f"{label}: {c['n']} real images", "", "",
+            f"{_pct(c['student']['validation'])} / {_pct(c['student']['test'])}"]
+
+
 def dfkd(d: dict) -> str:
     """Data-free KD from trained generators (``dfkd_*.json``): synthesis time and the student per method."""
     rows = []
@@ -183,15 +189,11 @@ def dfkd(d: dict) -> str:
         s = r.get("student") or {}
         rows.append([name, f"{r['synthesis_s']:.0f}" if r.get("synthesis_s") is not None else "—",
                      f"{fit:.0f}" if fit else "", f"{_pct(s['validation'])} / {_pct(s['test'])}" if s else "—"])
-    c = d.get("control")
-    if c:
-        rows.append([f"control: {c['n']} real images", "", "",
-                     f"{_pct(c['student']['validation'])} / {_pct(c['student']['test'])}"])
+    if d.get("control"):
+        rows.append(_control_row("control", d["control"]))
     for r in d["rows"]:  # the public recipe's: a control per method, its student trained as that method's
-        c = r.get("control")
-        if c:
-            rows.append([f"control of {_METHOD.get(r['method'], r['method'])}: {c['n']} real images", "", "",
-                         f"{_pct(c['student']['validation'])} / {_pct(c['student']['test'])}"])
+        if r.get("control"):
+            rows.append(_control_row(f"control of {_METHOD.get(r['method'], r['method'])}", r["control"]))
     out = _table(["method", "synthesis (s)", "of which generator fit (s)", "student validation / test (%)"], rows,
                  ["---", "---:", "---:", "---:"])
     t = d.get("teacher_acc")
