@@ -567,7 +567,7 @@ def _make(*args):
     ("mi-ed", "reproduce exml-mnist --budget paper --runs 1 --scenarios split_mnist --strategies mi-ed "
               "--device cuda"),
     ("skd-cil", "reproduce cil-mnist --budget paper --strategies skd --device cuda --out runs/gpu-repro/cil-mnist "
-                "--results"),
+                '--results "benches/results/gpu/repro" --seeds $s --progress'),
 ])
 def test_gpu_repro_runs_the_asked_reproduction_under_a_time_limit(method, command):
     out = _make("-n", "gpu-repro", f"METHOD={method}", "GPU_REPRO_S=17").stdout
