@@ -374,17 +374,19 @@ def _run_public(method, teacher, spec, *, n, seed, mean, std, out, device, progr
 class _BestStudent:
     """A fit's callback: the student of the scored step with the best validation accuracy, as DAFL's and DFAD's
     public code keep the epoch with the best *test* accuracy. Kept in ``path`` (atomically, with the teacher's
-    fingerprint) so that a resumed fit goes on from it; a kept student newer than the fit's checkpoint, or of
-    another teacher or epoch, is dropped. ``first``: the first step scored (a fit resumed from a checkpoint
-    written before students were kept is scored from there on). ``log``: told each scored step's accuracy, as the
-    public code prints every epoch's (a long fit's curve, in its log while it runs). ``curve``: each scored step
-    and its validation accuracy, kept in the same file (up to the fit checkpoint's step on a resume), so that the
-    record carries the fit's curve, not only its log."""
+    fingerprint) so that a resumed fit goes on from it. A kept student of another teacher or epoch is dropped; one
+    newer than the fit's checkpoint gives way to the best one before it (kept beside it: the fit writes its
+    checkpoint after every scored step, so at most the last one can be ahead of it). ``first``: the first step
+    scored (a fit resumed from a checkpoint written before students were kept is scored from there on). ``log``:
+    told each scored step's accuracy, as the public code prints every epoch's (a long fit's curve, in its log
+    while it runs). ``curve``: each scored step and its validation accuracy, kept in the same file (up to the fit
+    checkpoint's step on a resume), so that the record carries the fit's curve, not only its log."""
 
     def __init__(self, path: pathlib.Path, checkpoint: pathlib.Path, validation, teacher: str, every: int,
                  log: Callable[[str], None] | None = None) -> None:
         self.path, self.validation, self.teacher, self.every, self.log = path, validation, teacher, every, log
         self.best: dict[str, Any] | None = None
+        self.previous: dict[str, Any] | None = None  # the best before ``best``, for a resume that drops it
         self.curve: list[list[float]] = []
         if path.exists() and checkpoint.exists():
             kept = torch.load(path, map_location="cpu", weights_only=True)
@@ -394,19 +396,24 @@ class _BestStudent:
                 # the steps after the checkpoint's are scored again by the resumed fit (files made before the
                 # curve was kept have none)
                 self.curve = [c for c in kept.pop("curve", []) if c[0] <= done]
+                previous = kept.pop("previous", None)  # files made before it was kept have none
                 if kept["step"] <= done:
-                    self.best = kept
+                    self.best, self.previous = kept, previous
+                elif previous is not None and previous["step"] <= done:
+                    self.best = previous
 
     def __call__(self, done: int, student: torch.nn.Module | None) -> None:
         accuracy = 100 * evaluate(student, *self.validation)
         self.curve.append([done, accuracy])
-        first = done if self.best is None else self.best["first"]
+        first = self.curve[0][0] if self.best is None else self.best["first"]
         if self.best is None or accuracy > self.best["validation"]:
             state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
+            self.previous = self.best
             self.best = {"step": done, "first": first, "validation": accuracy, "state_dict": state,
                          "teacher": self.teacher, "every": self.every}
         # written every scored step, for the curve (a LeNet-5-Half's state is 60 kB)
-        atomic_write(self.path, lambda f: torch.save({**self.best, "curve": self.curve}, f))
+        kept = {**self.best, "curve": self.curve, **({"previous": self.previous} if self.previous else {})}
+        atomic_write(self.path, lambda f: torch.save(kept, f))
         if self.log is not None:
             self.log(f"step {done}: student validation {accuracy:.2f} % (best {self.best['validation']:.2f} % at "
                      f"step {self.best['step']})")

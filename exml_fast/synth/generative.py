@@ -454,7 +454,9 @@ class GenerativeSynthesizer(Synthesizer):
             progress: a progress bar with the latest loss terms.
             callback: called as ``callback(done, student)`` after every ``callback_every``-th step of this call
                 and after the last one (``done``: explore steps done, a resumed run's included; ``student``: the
-                student being trained, None for presets without one), before that step's checkpoint is written.
+                student being trained, None for presets without one), before that step's checkpoint is written:
+                with a ``checkpoint``, one is written after every callback too, so that what a callback keeps is
+                never more than one call ahead of the checkpoint a resumed fit starts from.
                 DAFL's and DFAD's public code score their student every epoch and keep the best one; a callback
                 that scores it on held-out images does the same without the test set. The student is put back in
                 training mode after the call; the callback must not change its weights.
@@ -518,11 +520,13 @@ class GenerativeSynthesizer(Synthesizer):
                         window.clear()
                         bar.update(0, {k: means[k] for k in ("explore", "imitate") if k in means})
                     bar.update(1)
-                    if callback is not None and (state.done % callback_every == 0 or state.done == iterations):
+                    called = callback is not None and (state.done % callback_every == 0 or state.done == iterations)
+                    if called:
                         callback(state.done, state.student)
                         if state.student is not None:
                             state.student.train()
-                    if checkpoint is not None and (state.done % checkpoint_every == 0 or state.done == iterations):
+                    if checkpoint is not None and (called or state.done % checkpoint_every == 0
+                                                   or state.done == iterations):
                         state.save(checkpoint)
         finally:
             bar.close()

@@ -527,8 +527,14 @@ def test_best_student_keeps_the_best_validation_and_drops_what_a_resumed_fit_can
     assert _BestStudent(path, ck, (x, y), "T", 7).best is None
     torch.save({"done": keeper.best["step"] - 1}, ck)
     back = _BestStudent(path, ck, (x, y), "T", 5)
-    # the steps after the checkpoint's are scored again by the resumed fit: neither kept nor in the curve
-    assert back.best is None and back.curve == [c for c in curve if c[0] < keeper.best["step"]]
+    # the steps after the checkpoint's are scored again by the resumed fit: neither kept nor in the curve; the
+    # best of the steps before is taken back in its place
+    before = [i for i in range(3) if (5, 10, 15)[i] < keeper.best["step"]]
+    assert back.curve == [c for c in curve if c[0] < keeper.best["step"]]
+    if before:
+        assert back.best["step"] == (5, 10, 15)[max(before, key=lambda j: (scores[j], -j))]
+    else:
+        assert back.best is None
     assert _BestStudent(path, tmp_path / "none.pt", (x, y), "T", 5).best is None
     # a file written before the curve was kept resumes without one, its best student kept
     torch.save(keeper.best, path)
@@ -537,6 +543,39 @@ def test_best_student_keeps_the_best_validation_and_drops_what_a_resumed_fit_can
     assert back.best["step"] == keeper.best["step"] and back.curve == []
     back(20, students[0])
     assert back.curve == [[20, scores[0]]]
+
+
+def test_best_student_dropped_by_a_resume_gives_way_to_the_best_before_it(tmp_path, monkeypatch):
+    """The newest best, scored after the fit's last checkpoint, is dropped on a resume; the best of the steps the
+    checkpoint vouches for is taken back (not lost), with the first step scored and the curve up to there."""
+    from exml_fast.experiments import dfkd
+    from exml_fast.experiments.dfkd import _BestStudent, _public_student
+
+    scores = iter([0.5, 0.7, 0.6, 0.9, 0.65, 0.8])
+    monkeypatch.setattr(dfkd, "evaluate", lambda *a: next(scores))
+    ck, path = tmp_path / "fit.pt", tmp_path / "best.pt"
+    keeper = _BestStudent(path, ck, (None, None), "T", 5)
+    students = [_public_student(s, "cpu") for s in range(4)]
+    for step, s in zip((5, 10, 15, 20), students):
+        keeper(step, s)
+    assert keeper.best["step"] == 20 and keeper.previous["step"] == 10
+    torch.save({"done": 15}, ck)  # killed after step 20 was scored, before its checkpoint
+    back = _BestStudent(path, ck, (None, None), "T", 5)
+    assert back.best["step"] == 10 and back.best["first"] == 5 and back.best["validation"] == 70
+    assert back.curve == [[5, 50], [10, 70], [15, 60]]
+    kept = back.best["state_dict"]
+    assert all(torch.equal(kept[k], v) for k, v in students[1].state_dict().items())
+    back(20, students[0])  # the resumed fit scores step 20 again (65 % here): the step-10 student stays best
+    assert back.best["step"] == 10 and back.curve[-1] == [20, 65]
+    back(25, students[2])  # a new best keeps the one it replaces beside it
+    assert back.best["step"] == 25 and back.previous["step"] == 10
+    # nothing the checkpoint vouches for: the first step scored is the resumed fit's
+    torch.save({"done": 4}, ck)
+    again = _BestStudent(path, ck, (None, None), "T", 5)
+    assert again.best is None and again.curve == []
+    monkeypatch.setattr(dfkd, "evaluate", lambda *a: 0.1)
+    again(5, students[3])
+    assert again.best["first"] == 5 and again.best["step"] == 5
 
 
 @needs_mnist

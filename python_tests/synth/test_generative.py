@@ -383,6 +383,14 @@ def test_fit_callback_sees_the_student_every_k_steps_and_changes_nothing(teacher
     make(teacher, preset="dfad").fit(4, batch_size=8, generator=3, progress=False, checkpoint=ck2,
                                      callback=score, callback_every=1)
     assert seen == []  # finished: no step, no call
+    # a checkpoint follows every callback, whatever checkpoint_every says: what the callback keeps is never more
+    # than one call ahead of the checkpoint a resume starts from
+    ck3, at = tmp_path / "fit5.pt", []
+    make(teacher, preset="dfad").fit(5, batch_size=8, generator=3, progress=False, checkpoint=ck3,
+                                     checkpoint_every=100, callback=lambda d, s: at.append(
+                                         (d, torch.load(ck3, weights_only=False)["done"] if ck3.exists() else None)),
+                                     callback_every=3)
+    assert at == [(3, None), (5, 3)] and torch.load(ck3, weights_only=False)["done"] == 5
     with pytest.raises(TypeError, match="callback must be callable"):
         make(teacher, preset="dfad").fit(1, progress=False, callback=3)
     with pytest.raises(ValueError, match="callback_every"):
