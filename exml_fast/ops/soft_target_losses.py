@@ -8,7 +8,10 @@
 Each is one fused kernel forward (one read of each row: online max and
 log-sum-exp in fp32, fp64 for fp64 logits) and one backward, on CPU and CUDA.
 Outputs (losses and gradients) come back in the logits' dtype, like
-`F.cross_entropy`. The autograd is registered in C++ (cheaper per call than a
+`F.cross_entropy`. Under `torch.autocast` they follow PyTorch's losses
+(autocast's float32 list): 16-bit logits and targets are taken in float32,
+so 16-bit logits may meet float32 targets there, and the loss is float32.
+The autograd is registered in C++ (cheaper per call than a
 Python autograd function, which matters at these small sizes); the fake
 kernels below make the ops traceable by `torch.compile`. First derivatives
 only: double backward raises.
@@ -22,7 +25,7 @@ import torch
 
 from exml_fast import _ext
 from exml_fast._utils.checks import check_choice, check_float_dtype, check_tensor
-from exml_fast._utils.dtypes import acc_dtype
+from exml_fast._utils.dtypes import acc_dtype, autocast_to_float32
 from exml_fast.reference import soft_target_losses as _ref
 from exml_fast.reference.soft_target_losses import JS_FORMS, REDUCTIONS
 
@@ -95,6 +98,7 @@ def soft_target_cross_entropy(
         Differentiable w.r.t. logits and target_probs (once).
     """
     op = "soft_target_cross_entropy"
+    logits, target_probs = autocast_to_float32(logits, target_probs)
     _check_pair(logits, target_probs, op, "logits", "target_probs")
     temperature = _check_temperature(temperature, op)
     code = _REDUCTION_CODES.get(reduction) if isinstance(reduction, str) else None
@@ -125,6 +129,7 @@ def kd_loss(
         student logits and, when it requires grad, the teacher logits (once).
     """
     op = "kd_loss"
+    student_logits, teacher_logits = autocast_to_float32(student_logits, teacher_logits)
     _check_pair(student_logits, teacher_logits, op, "student_logits", "teacher_logits")
     temperature = _check_temperature(temperature, op)
     if _ext.use_compiled(student_logits, teacher_logits):
@@ -170,6 +175,7 @@ def js_divergence(
         both logits (once for "js").
     """
     op = "js_divergence"
+    logits_a, logits_b = autocast_to_float32(logits_a, logits_b)
     _check_pair(logits_a, logits_b, op, "logits_a", "logits_b")
     temperature = _check_temperature(temperature, op)
     try:

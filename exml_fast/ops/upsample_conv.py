@@ -95,7 +95,9 @@ def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         bias: (C_out,) or None.
 
     Returns:
-        (N, C_out, 2H, 2W) in x's dtype, contiguous.
+        (N, C_out, 2H, 2W) in x's dtype, contiguous. Under ``torch.autocast`` it follows ``conv2d``'s policy
+        instead: float32 and 16-bit inputs are cast to the autocast dtype (float64 ones are not), so that a
+        float32 weight meets the 16-bit activations of the layers before it, and the output has that dtype.
 
     The tap matrices are built once per (device, dtype), and the combined 2×2 kernels once per weight
     that needs no gradient (a frozen generator's; recomputed when it changes in place, but not after an
@@ -107,6 +109,20 @@ def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     check_image_batch(x, owner)
     check_tensor(weight, "weight", owner)
     check_float_dtype(weight, "weight", owner)
+    if bias is not None:
+        check_tensor(bias, "bias", owner)
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        # conv2d's autocast policy (it is on the lower-precision list of CPU and CUDA autocast): the float32
+        # (and 16-bit) inputs cast to the autocast dtype, float64 ones left as they are; then the whole op runs
+        # outside autocast, so the cached phase kernels are those of the cast weight.
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None or t.dtype == torch.float64 else t.to(dtype)
+
+        with torch.autocast(device_type, enabled=False):
+            return upsample2x_conv3x3(cast(x), cast(weight), cast(bias))
     if weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
         raise ValueError(f"{owner}: weight must have shape (C_out, {x.shape[1]}, 3, 3) for x of {x.shape[1]} "
                          f"channels; got {tuple(weight.shape)}")
@@ -115,7 +131,6 @@ def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                          f"{weight.dtype}, {weight.device}")
     out_ch = weight.shape[0]
     if bias is not None:
-        check_tensor(bias, "bias", owner)
         if tuple(bias.shape) != (out_ch,) or bias.dtype != x.dtype or bias.device != x.device:
             raise ValueError(f"{owner}: bias must be None or have shape ({out_ch},) and x's dtype and device; "
                              f"got shape {tuple(bias.shape)}, {bias.dtype}, {bias.device}")

@@ -598,3 +598,65 @@ def test_js_divergence_public_form_is_the_public_scripts_term_and_has_gradients(
     assert student.grad is not None and torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="js_divergence: form must be one of js, public; got 'kl'"):
         ops.js_divergence(teacher, teacher, form="kl")
+
+
+# (name, fused, reference): the second argument is soft targets (probabilities) for the cross-entropy, logits
+# for the others
+_AUTOCAST_CASES = [
+    ("soft_target_cross_entropy", lambda a, b: ops.soft_target_cross_entropy(a, b, temperature=2.0),
+     lambda a, b: ref.soft_target_cross_entropy(a, b, temperature=2.0)),
+    ("kd_loss", lambda a, b: ops.kd_loss(a, b, temperature=4.0), lambda a, b: ref.kd_loss(a, b, temperature=4.0)),
+    ("js_divergence", lambda a, b: ops.js_divergence(a, b, temperature=3.0, clamp=(0.01, 0.99)),
+     lambda a, b: ref.js_divergence(a, b, temperature=3.0, clamp=(0.01, 0.99))),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("second", ["16-bit", "float32"])
+@pytest.mark.parametrize("case", _AUTOCAST_CASES, ids=[c[0] for c in _AUTOCAST_CASES])
+def test_under_autocast_the_losses_run_in_float32_as_torchs_do(device, dtype, second, case):
+    # autocast's float32 list (log_softmax, kl_div, ...): 16-bit logits from an autocast forward are taken in
+    # float32, and may meet float32 targets kept from outside the region (a dtype error before)
+    name, fused, reference = case
+    g = torch.Generator().manual_seed(11)
+    a = (3 * torch.randn(6, 10, generator=g)).to(dtype).to(device)
+    b = 3 * torch.randn(6, 10, generator=g)
+    b = (torch.softmax(b, 1) if name == "soft_target_cross_entropy" else b).to(device)
+    b = b.to(dtype) if second == "16-bit" else b
+    leaves = [a.clone().requires_grad_(True), b.clone().requires_grad_(True)]
+    with torch.autocast(torch.device(device).type, dtype=dtype):
+        loss = fused(*leaves)
+    assert loss.dtype == torch.float32
+    want_leaves = [t.detach().float().requires_grad_(True) for t in leaves]
+    want = reference(*want_leaves)  # the same values taken in float32, outside autocast
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    want.backward()
+    for got, exp in zip(leaves, want_leaves):
+        # float32 gradients, rounded to the leaf's dtype on the way back (one rounding of that dtype apart)
+        assert got.grad.dtype == got.dtype
+        torch.testing.assert_close(got.grad.float(), exp.grad, rtol=eps_of(got.dtype), atol=1e-6)
+
+def test_under_autocast_float64_logits_are_left_in_float64():
+    a, b = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ops.kd_loss(a, b, temperature=2.0)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref.kd_loss(a, b, temperature=2.0))
+
+
+def test_compile_fullgraph_under_autocast():
+    torch._dynamo.reset()
+    a = torch.randn(4, 10, requires_grad=True)
+    t = torch.softmax(torch.randn(4, 10), 1)
+    w = torch.randn(10, 10)
+
+    def f(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ops.soft_target_cross_entropy(x @ w, t)  # a bfloat16 matmul meets float32 targets
+    got = torch.compile(f, fullgraph=True)(a)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, f(a))
+    got.backward()
+    assert a.grad.dtype == torch.float32 and torch.isfinite(a.grad).all()

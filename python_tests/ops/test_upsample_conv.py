@@ -250,3 +250,87 @@ def test_the_generator_fuses_on_cpu_tensors_unless_told(monkeypatch, flag, devic
         gen.fuse_upsample_conv = flag
     out = gen(torch.randn(4, gen.latent_dim, device=device))
     assert out.shape == (4, 1, 16, 16) and len(calls) == (2 if fused else 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("x_is_16bit", [True, False])
+def test_under_autocast_it_follows_conv2ds_policy(device, dtype, with_bias, x_is_16bit):
+    # x, weight and bias meet as conv2d's do under autocast: cast to the autocast dtype. x in 16 bits is what
+    # the layer before gives under autocast; with the float32 weight it raised "weight must have x's dtype"
+    # before. Integer data: exact.
+    n, c, h, w, o = 2, 3, 4, 5, 4
+    x_dtype = dtype if x_is_16bit else torch.float32
+    tensors = [ternary(n, c, h, w, seed=1, dtype=x_dtype, device=device),
+               ternary(o, c, 3, 3, seed=2, device=device)]
+    if with_bias:
+        tensors.append(ternary(o, seed=3, device=device))
+    leaves = [t.clone().requires_grad_(True) for t in tensors]
+    ref_leaves = [t.clone().requires_grad_(True) for t in tensors]
+    grad = ternary(n, o, 2 * h, 2 * w, seed=4, dtype=dtype, device=device)
+    with torch.autocast(torch.device(device).type, dtype=dtype):
+        out = upsample2x_conv3x3(*leaves)
+        expected = reference(*ref_leaves)
+    assert out.dtype == expected.dtype == dtype and out.shape == (n, o, 2 * h, 2 * w)
+    assert torch.equal(out, expected)
+    out.backward(grad)
+    expected.backward(grad)
+    for got, want in zip(leaves, ref_leaves):
+        assert got.grad.dtype == got.dtype and torch.equal(got.grad, want.grad)
+
+
+def test_under_autocast_float64_inputs_stay_float64():
+    # as conv2d under autocast: float64 is not cast down
+    x, weight = ternary(2, 3, 4, 4, seed=1, dtype=torch.float64), ternary(2, 3, 3, 3, seed=2, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = upsample2x_conv3x3(x, weight)
+    assert out.dtype == torch.float64 and torch.equal(out, reference(x, weight))
+
+
+def test_under_autocast_a_frozen_weight_gives_the_cast_weights_result():
+    # the phase-kernel cache is keyed on the weight it combines: under autocast that is the 16-bit copy, and
+    # the float32 weight's own cached kernels are neither used nor replaced
+    weight = ternary(5, 3, 3, 3, seed=2)
+    x = ternary(2, 3, 4, 4, seed=1)
+    before = upsample2x_conv3x3(x, weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            out = upsample2x_conv3x3(x, weight)
+            assert out.dtype == torch.bfloat16 and torch.equal(out, reference(x, weight))
+    assert torch.equal(upsample2x_conv3x3(x, weight), before) and before.dtype == torch.float32
+
+
+@pytest.mark.parametrize("arch", ["dafl", "skd-narrow"])
+def test_a_fused_generator_trains_under_cpu_autocast(arch):
+    # DAFL's generator under torch.autocast("cpu", bfloat16): the fused layers take the 16-bit activations
+    # with their float32 weights; the result is the unfused generator's up to bfloat16 rounding, and every
+    # parameter gets a float32 gradient
+    torch.manual_seed(0)
+    gen = build_generator(arch, (1, 16, 16)).train()
+    unfused = build_generator(arch, (1, 16, 16)).train()
+    unfused.load_state_dict(gen.state_dict())
+    unfused.fuse_upsample_conv = False
+    z = torch.randn(8, gen.latent_dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref_out = gen(z), unfused(z)
+    assert out.dtype == ref_out.dtype
+    # bfloat16 keeps 8 significant bits; the outputs are BN-normalised (unit scale)
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=0, atol=0.1)
+    out.float().square().mean().backward()
+    for name, p in gen.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+
+
+def test_compile_fullgraph_under_autocast():
+    torch._dynamo.reset()
+    x = ternary(2, 3, 4, 4, seed=7).requires_grad_(True)
+    weight = ternary(5, 3, 3, 3, seed=8).requires_grad_(True)
+
+    def f(a, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return upsample2x_conv3x3(a.bfloat16(), b)
+    out = torch.compile(f, fullgraph=True)(x, weight)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, reference(x, weight).bfloat16())
+    out.float().square().sum().backward()
+    assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
