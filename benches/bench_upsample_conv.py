@@ -7,15 +7,18 @@ each against the reference (the peer: what the generator's nn.Upsample and nn.Co
 torch.compile of it. Then the whole "skd-small" generator (forward; forward + backward), with
 SKDGenerator.fuse_upsample_conv on ("exml_fast") and off ("reference"), and one explore step of a DFAD fit
 (five student steps, each drawing a batch, then the generator's step) at the dfkd-mnist paper budget's batch.
-Calls are timed round-robin; each speed-up is the median of per-round ratios.
+Calls are timed round-robin; each speed-up is the median of per-round ratios. ``--precision bf16`` (or fp16)
+runs every case, the reference's included, under ``torch.autocast`` of that dtype, with the op-level inputs
+in it and the weights in float32, as an autocast forward hands them over (records ``..._bf16``).
 
 Usage:
     python benches/bench_upsample_conv.py [--device cpu|cuda] [--threads N] [--quick] [--no-compile]
-        [--batch B] [--suffix S] [--out benches/results]
+        [--batch B] [--precision fp32|bf16|fp16] [--suffix S] [--out benches/results]
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -34,6 +37,23 @@ PAIRS = [("skd-small", 128, 8, 128), ("skd-small", 128, 16, 64), ("skd-narrow", 
          ("skd-narrow", 32, 16, 16)]
 
 
+#: --precision: the autocast dtype (None: none, float32).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(args):
+    dtype = PRECISIONS[args.precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(args.device).type, dtype=dtype)
+
+
+def _under(args, fn):
+    """fn, run under the --precision autocast."""
+    def run():
+        with _autocast(args):
+            return fn()
+    return run
+
+
 def _rows(samples) -> list[dict]:
     ref = samples["reference"]
     rows = []
@@ -47,10 +67,11 @@ def _rows(samples) -> list[dict]:
 def bench_pair(pair, direction: str, args) -> dict:
     arch, cin, side, cout = pair
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, cin, side, side, generator=g).to(args.device)
+    x = torch.randn(args.batch, cin, side, side, generator=g).to(args.device, PRECISIONS[args.precision])
     w = (torch.randn(cout, cin, 3, 3, generator=g) * (cin * 9) ** -0.5).to(args.device)
     b = torch.randn(cout, generator=g).to(args.device)
-    gy = torch.randn(args.batch, cout, 2 * side, 2 * side, generator=g).to(args.device)
+    gy = torch.randn(args.batch, cout, 2 * side, 2 * side, generator=g).to(args.device,
+                                                                            PRECISIONS[args.precision])
     if direction == "forward":
         def wrap(fn):
             def run():
@@ -62,10 +83,10 @@ def bench_pair(pair, direction: str, args) -> dict:
 
         def wrap(fn):
             return lambda: torch.autograd.grad(fn(*leaves), leaves, gy)
-    variants = {"reference": wrap(reference), "exml_fast": wrap(upsample2x_conv3x3)}
+    variants = {"reference": _under(args, wrap(reference)), "exml_fast": _under(args, wrap(upsample2x_conv3x3))}
     if not args.no_compile:
         torch._dynamo.reset()
-        variants["compile(reference)"] = wrap(torch.compile(reference))
+        variants["compile(reference)"] = _under(args, wrap(torch.compile(reference)))
     samples = interleaved_samples(variants, device=args.device, min_run_time=args.min_run_time)
     return {"case": f"{arch} ({args.batch}, {cin}, {side}, {side}) -> {cout}", "direction": direction,
             "rows": _rows(samples)}
@@ -94,7 +115,8 @@ def bench_generator(direction: str, args) -> dict:
         params = list(gen.parameters())
 
         def fn():
-            torch.autograd.grad(gen(z).square().mean(), params)
+            torch.autograd.grad(gen(z).float().square().mean(), params)
+    fn = _under(args, fn)
     samples = interleaved_samples({"reference": _fused(False, fn), "exml_fast": _fused(True, fn)},
                                   device=args.device, min_run_time=args.min_run_time)
     return {"case": f"skd-small generator, batch {args.batch}", "direction": direction, "rows": _rows(samples)}
@@ -109,6 +131,7 @@ def bench_fit_step(args) -> dict:
 
     def fn():
         synth.fit(1, batch_size=args.batch, generator=0, progress=False)
+    fn = _under(args, fn)
     samples = interleaved_samples({"reference": _fused(False, fn), "exml_fast": _fused(True, fn)},
                                   device=args.device, min_run_time=args.min_run_time, min_rounds=3)
     return {"case": f"DFAD fit step (5 student steps + 1 generator step), skd-small, batch {args.batch}",
@@ -117,6 +140,10 @@ def bench_fit_step(args) -> dict:
 
 def to_markdown(rec: dict) -> str:
     lines = env_markdown(rec["env"], "upsample2x_conv3x3", rec["command"])
+    precision = rec.get("precision", "fp32")
+    if precision != "fp32":
+        lines += [f"Every case, the reference's included, ran under `torch.autocast` of {precision}: the op-level "
+                  f"inputs in {precision}, the weights in float32, as an autocast forward hands them over.", ""]
     lines += ["\"reference\": `F.interpolate` (nearest, 2x) then `F.conv2d`, as the generator's layers run it; "
               "\"exml_fast\": `upsample2x_conv3x3` (for the generator and the fit step: "
               "`SKDGenerator.fuse_upsample_conv` on). \"speed-up\" is the median of per-round time ratios "
@@ -134,6 +161,8 @@ def to_markdown(rec: dict) -> str:
 def main(argv=None) -> None:
     p = op_parser(__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=None, help="batch of every case (default 256; 32 with --quick)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="run every case under torch.autocast of this dtype (default fp32: no autocast)")
     args = parse_op_args(p, argv)
     if args.batch is None:
         args.batch = 32 if args.quick else 256
@@ -152,9 +181,11 @@ def main(argv=None) -> None:
     flat = {key: [{**row, "case": r["case"], "direction": r["direction"]} for r in rs for row in r["rows"]]
             for key, rs in (("op_level", ops), ("generator", gens))}
     rec = {"env": env, "argv": sys.argv[1:] if argv is None else list(argv),
-           "command": command_line("bench_upsample_conv.py", argv), "op_level": flat["op_level"],
+           "command": command_line("bench_upsample_conv.py", argv), "precision": args.precision,
+           "op_level": flat["op_level"],
            "generator": flat["generator"]}
-    record(args.out, f"upsample_conv_{args.device}{'_quick' if args.quick else ''}{args.suffix}", rec,
+    tag = "" if args.precision == "fp32" else f"_{args.precision}"
+    record(args.out, f"upsample_conv_{args.device}{'_quick' if args.quick else ''}{tag}{args.suffix}", rec,
            to_markdown(rec))
 
 

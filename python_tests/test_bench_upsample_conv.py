@@ -31,3 +31,15 @@ def test_quick_run_records_every_case(bench, tmp_path):
     assert SKDGenerator.fuse_upsample_conv is None
     md = (tmp_path / "upsample_conv_cpu_quick.md").read_text()
     assert "| DFAD fit step" in md and md.count("| exml_fast |") == len(cases) + 3
+
+
+def test_bf16_run_times_every_case_under_autocast(bench, tmp_path):
+    bench.main(["--quick", "--no-compile", "--batch", "4", "--min-run-time", "0.01", "--threads", "1",
+                "--precision", "bf16", "--out", str(tmp_path)])
+    rec = json.loads((tmp_path / "upsample_conv_cpu_quick_bf16.json").read_text())
+    assert rec["precision"] == "bf16" and rec["argv"][-4:] == ["--precision", "bf16", "--out", str(tmp_path)]
+    assert {r["direction"] for r in rec["generator"]} == {"forward", "forward+backward", "fit step"}
+    assert all(row["ms"] > 0 for row in rec["op_level"] + rec["generator"])
+    md = (tmp_path / "upsample_conv_cpu_quick_bf16.md").read_text()
+    assert "under `torch.autocast` of bf16" in md
+    assert SKDGenerator.fuse_upsample_conv is None
