@@ -260,6 +260,17 @@ def test_generated_tables_come_from_the_records(tmp_path):
         assert line.endswith(f"| {c['student']['validation']:.2f} / {c['student']['test']:.2f} |")
 
 
+def test_op_benchmark_tables_have_one_row_per_case():
+    """benchlib's timing columns (inner, timer, the ratios' range) are measures, not parts of a case: a record
+    with them gets one row per case and direction, every variant's time on it."""
+    records = _records()
+    rec = json.loads((ROOT / "benches/results/upsample_conv_cpu_bf16.json").read_text())
+    assert {"inner", "timer", "speedup_min"} <= set(rec["op_level"][0])
+    rows = [x for x in records.op_bench(rec["op_level"]).splitlines()[2:]]  # below the header
+    assert len(rows) == len({(r["case"], r["direction"]) for r in rec["op_level"]}) == 8
+    assert all("—" not in x and "timer" not in x for x in rows)
+
+
 # --- the version -------------------------------------------------------------------------------------------------
 
 def test_one_version():

@@ -340,7 +340,9 @@ def distributed(d: dict) -> str:
 # op benchmarks: rows that differ only in their variant become one row with a column per variant
 
 _MEASURES = {"variant", "ms", "speedup_vs_reference", "exml_fast_speedup", "GB/s", "pct_copy_bw", "rounds",
-             "rows_per_s", "gammas_per_s", "ms_min", "ms_max", "samples_ms", "elements_per_s"}
+             "rows_per_s", "gammas_per_s", "ms_min", "ms_max", "samples_ms", "elements_per_s",
+             # benchlib's timing columns (Timing.fields) and the paired ratios' range
+             "inner", "timer", "speedup_min", "speedup_max"}
 
 
 def _case(r: dict) -> str:
@@ -390,7 +392,7 @@ def op_benchmarks(repo: Path) -> str:
     out = []
     for rel in ["image_priors_cpu.json", "soft_target_losses_cpu.json", "soft_target_losses_cpu_avx2.json",
                 "dirichlet_cpu.json", "augment_cpu_float32.json", "bn_stats_cpu.json", "window_pool_cpu.json",
-                "tanh_cpu.json", "upsample_conv_cpu.json"]:
+                "tanh_cpu.json", "upsample_conv_cpu.json", "upsample_conv_cpu_bf16.json"]:
         if not (repo / RESULTS / rel).exists():
             continue
         d = _load(repo, rel)
