@@ -107,6 +107,9 @@ GENERATIVE_PRESETS: dict[str, dict[str, Any]] = {
 #: The student's optimisers (SGD with momentum 0.9).
 STUDENT_OPTIMIZERS = ("sgd", "adam")
 
+#: ``precision`` of a fit: the autocast dtype of the networks' forwards (None: none, float32).
+FIT_PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
 STUDENT_EXPLORE = ("explore", "none")
 FORMAT = "exml_fast.delegator"
 FIT_FORMAT = "exml_fast.delegator_fit"
@@ -216,6 +219,11 @@ class GenerativeSynthesizer(Synthesizer):
             in the student too for ψ (None: the classifier's input). DAFL's code reads
             its LeNet-5's 120 activations after conv5, not the 84 the classifier takes:
             ``"features.7"`` of :class:`~exml_fast.models.LeNet5DAFL`.
+        precision: ``"fp32"`` (the default) or ``"bf16"``: in :meth:`fit`, the networks' forwards (generator,
+            teacher, student) run under ``torch.autocast`` of bfloat16 and their backward with them; the logits
+            and features are taken in float32 for every loss term, and the weights, gradients and optimisers
+            stay float32. Sampling (:meth:`sample`, :meth:`synthesize`) stays float32. fp16 is not offered: a
+            fit has no loss scale, and fp16 gradients of its small terms underflow.
     """
 
     method = "generative"
@@ -249,6 +257,7 @@ class GenerativeSynthesizer(Synthesizer):
         balance: bool = True,
         max_draw_factor: int = 100,
         feature_layer: str | None = None,
+        precision: str = "fp32",
     ) -> None:
         super().__init__(teacher, input_shape=input_shape, mean=mean, std=std, num_classes=num_classes,
                          device=device, iterations=None, batch_size=batch_size)
@@ -323,6 +332,7 @@ class GenerativeSynthesizer(Synthesizer):
         if feature_layer is not None:
             named_layer(self.teacher, feature_layer, owner, "feature_layer")  # the name's errors here, not at fit
         self.feature_layer = feature_layer
+        self.precision = check_choice(precision, "precision", owner, FIT_PRECISIONS)
         self._job_classes: list[int] | None = None
 
     # -- the generator network --------------------------------------------------------------------
@@ -490,6 +500,8 @@ class GenerativeSynthesizer(Synthesizer):
                "teacher": teacher_fingerprint(self.teacher)}
         if self.feature_layer is not None:  # keyed only when set: checkpoints made before the option still resume
             job["feature_layer"] = self.feature_layer
+        if self.precision != "fp32":  # likewise
+            job["precision"] = self.precision
         state = _FitState.start(self, seed, job, stored, checkpoint)
         bar = Progress(iterations, f"{self.preset} fit", progress)
         bar.update(state.done)
@@ -555,6 +567,12 @@ class GenerativeSynthesizer(Synthesizer):
                                                              arg="feature_layer"))
             yield
 
+    def _amp(self):
+        """The networks' autocast in a fit (``precision``), else nothing."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=FIT_PRECISIONS[self.precision])
+
     def _latent(self, state: _FitState, n: int) -> torch.Tensor:
         return torch.randn(n, self.latent_dim, generator=state.z_gen).to(self.device)
 
@@ -564,7 +582,7 @@ class GenerativeSynthesizer(Synthesizer):
         w = self.weights
         total = s_logits.new_zeros(())
         if w["imitation"] > 0:
-            psi = feature_cosine_discrepancy(state.t_tap.features, state.s_tap.features)
+            psi = feature_cosine_discrepancy(state.t_tap.features.float(), state.s_tap.features.float())
             total = total + (psi if unweighted else w["imitation"] * psi)
         if w["adversarial"] > 0:
             l1 = logit_l1(t_logits, s_logits)
@@ -588,10 +606,11 @@ class GenerativeSynthesizer(Synthesizer):
         D, T, S = self.delegator, self.teacher, state.student
         D.train()
         S.train()
-        with torch.no_grad():
+        with torch.no_grad(), self._amp():
             x = D(self._latent(state, batch_size))
-            t_logits = T(x)
-        s_logits = S(x)
+            t_logits = T(x).float()
+        with self._amp():
+            s_logits = S(x).float()
         loss = self._discrepancy(state, t_logits, s_logits, unweighted=True)
         state.opt_s.zero_grad(set_to_none=True)
         loss.backward()
@@ -602,20 +621,24 @@ class GenerativeSynthesizer(Synthesizer):
         """One delegator step on the explore loss (and a student step on it with ``student_explore='explore'``)."""
         D, T, S = self.delegator, self.teacher, state.student
         D.train()
-        x = D(self._latent(state, batch_size))
-        with state.matcher if state.matcher is not None else contextlib.nullcontext():
+        with self._amp():
+            x = D(self._latent(state, batch_size))
+        with state.matcher if state.matcher is not None else contextlib.nullcontext(), self._amp():
             t_logits = T(x)
+        t_logits = t_logits.float()
         terms: dict[str, torch.Tensor] = {}
         w = self.weights
         if S is not None and self.uses_student:
             S.train()
-            terms["discrepancy"] = -self._discrepancy(state, t_logits, S(x))
+            with self._amp():
+                s_logits = S(x)
+            terms["discrepancy"] = -self._discrepancy(state, t_logits, s_logits.float())
         if w["category"] > 0:
             terms["category"] = w["category"] * category_loss(t_logits)
         if w["diversity"] > 0:
             terms["diversity"] = w["diversity"] * diversity_loss(t_logits)
         if w["activation"] > 0:
-            terms["activation"] = w["activation"] * activation_loss(state.t_tap.features)
+            terms["activation"] = w["activation"] * activation_loss(state.t_tap.features.float())
         if w["bn"] > 0 and state.matcher is not None and state.matcher.layers:
             terms["bn"] = w["bn"] * state.matcher.loss()
         total = sum(terms.values())
@@ -629,7 +652,9 @@ class GenerativeSynthesizer(Synthesizer):
         out = {k: float(v.detach()) for k, v in terms.items()}
         if S is not None and self.student_kd:  # DAFL's student, distilled beside the generator on its samples
             S.train()
-            kd = kd_loss(S(x.detach()), t_logits.detach(), temperature=self.student_kd)
+            with self._amp():
+                s_logits = S(x.detach())
+            kd = kd_loss(s_logits.float(), t_logits.detach(), temperature=self.student_kd)
             state.opt_s.zero_grad(set_to_none=True)
             kd.backward()
             state.opt_s.step()

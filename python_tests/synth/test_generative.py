@@ -13,6 +13,7 @@ from torch import nn
 
 from exml_fast.models import FeatureTap, LeNet5BN, SKDGenerator, build_generator
 from exml_fast.synth import DelegatorError, GenerativeSynthesizer
+from exml_fast.ops.upsample_conv import upsample2x_conv3x3
 from exml_fast.synth.base import eval_mode
 from exml_fast.synth.generative import _FitState
 from exml_fast.synth.generative_losses import (activation_loss, category_loss, diversity_loss,
@@ -321,6 +322,51 @@ def test_dfad_steps_its_student_with_the_public_codes_sgd(teacher, tmp_path):
     assert (group["lr"], group["weight_decay"], group["momentum"]) == (0.01, 1e-4, 0.9)
 
 
+@pytest.mark.parametrize("preset", ["skd", "dafl", "dfad"])
+def test_a_bf16_fit_runs_the_networks_under_autocast_and_keeps_float32_state(teacher, tmp_path, monkeypatch, preset):
+    """precision="bf16": the generator's, teacher's and student's forwards under CPU autocast (the fused
+    generator's layers and the teacher's convolutions see bfloat16), every loss term and all state in float32;
+    the checkpoint is keyed by it, and an fp32 fit of the same job refuses it."""
+    import exml_fast.models.generators as generators
+    seen = []
+
+    def spy(x, weight, bias=None):
+        seen.append((x.dtype, torch.is_autocast_enabled("cpu")))
+        return upsample2x_conv3x3(x, weight, bias)
+    monkeypatch.setattr(generators, "upsample2x_conv3x3", spy)
+    student = _tiny_student() if preset == "dafl" else None
+    synth = make(teacher, preset=preset, generator_arch="skd-narrow", student=student, precision="bf16")
+    ck = tmp_path / "fit.pt"
+    result = synth.fit(3, batch_size=8, generator=0, progress=False, log_every=1, checkpoint=ck)
+    # the delegator's two fused layers: first the build's float32 shape check, then every step's under autocast
+    assert seen[:2] == [(torch.float32, False)] * 2 and len(seen) > 2
+    assert all(entry == (torch.bfloat16, True) for entry in seen[2:])
+    for name, values in result.history.items():
+        assert len(values) == 3 and all(math.isfinite(v) for v in values), name
+    nets = [synth.delegator] + ([result.student] if result.student is not None else [])
+    assert all(p.dtype == torch.float32 for net in nets for p in net.parameters())
+    job = torch.load(ck, weights_only=False)["job"]
+    assert job["precision"] == "bf16"
+    with pytest.raises(DelegatorError, match=r"differing: \['precision'\]"):
+        make(teacher, preset=preset, generator_arch="skd-narrow", student=student).fit(
+            3, batch_size=8, generator=0, progress=False, checkpoint=ck)
+    seen.clear()
+    x = synth.sample(4, generator=0)  # sampling stays float32, outside autocast
+    assert x.dtype == torch.float32 and seen and not any(on for _, on in seen)
+
+
+def test_a_bf16_fit_step_is_the_fp32_one_up_to_bf16_rounding(teacher):
+    """The first step of the same DAFL job in both precisions (same delegator, latents and teacher): the loss
+    terms differ only by the bfloat16 forwards' rounding (8 significant bits; DAFL's generator lr of 0.2 then
+    lets the trajectories part, so later steps are not compared)."""
+    terms = {}
+    for precision in ("fp32", "bf16"):
+        synth = make(teacher, preset="dafl", generator_arch="skd-narrow", precision=precision)
+        terms[precision] = synth.fit(1, batch_size=16, generator=0, progress=False, log_every=1).history
+    for term in ("category", "diversity", "activation", "explore", "teacher_confidence"):
+        assert terms["bf16"][term][0] == pytest.approx(terms["fp32"][term][0], rel=2e-2, abs=1e-3), term
+
+
 def test_seeds_reproduce_and_differ(teacher):
     a, b, c = make(teacher, balance=False), make(teacher, balance=False), make(teacher, balance=False)
     for synth, seed in ((a, 3), (b, 3), (c, 4)):
@@ -592,6 +638,7 @@ def test_saved_jobs_record_the_delegator(teacher, tmp_path):
     ({"preset": "dafl", "student_kd": -1.0}, ValueError, "student_kd must be a finite number >= 0"),
     ({"preset": "dfad", "student_kd": 1.0}, ValueError, "the imitation/adversarial terms already train one"),
     ({"device": "meta"}, ValueError, r"device is meta but the teacher's parameters are on cpu"),
+    ({"precision": "fp16"}, ValueError, "precision must be one of fp32, bf16; got 'fp16'"),
 ])
 def test_bad_arguments_get_clear_errors(teacher, kw, err, match):
     with pytest.raises(err, match=match):
