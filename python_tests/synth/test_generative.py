@@ -682,3 +682,25 @@ def test_lenet5_bn_teacher_runs_end_to_end_at_32px():
     batch = GenerativeSynthesizer(t, input_shape=(1, 32, 32), delegator=synth.delegator, balance=False).synthesize(
         3, generator=0, progress=False)
     assert batch.x.shape == (3, 1, 32, 32)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("preset", ["skd", "dafl", "dfad"])
+def test_a_bf16_fit_on_cuda(preset):
+    """precision="bf16" on a GPU (the generators' unfused layers, the teacher's BN term on the fused
+    autocast path): finite terms, float32 state, and a first step near the fp32 one's."""
+    torch.manual_seed(0)
+    t = calibrated_bn(LeNet5BN(10), (1, 32, 32)).cuda()
+    student = LeNet5BN(10) if preset == "dafl" else None
+    first = {}
+    for precision in ("fp32", "bf16"):
+        synth = GenerativeSynthesizer(t, input_shape=(1, 32, 32), preset=preset, device="cuda",
+                                      student=copy.deepcopy(student), precision=precision)
+        result = synth.fit(2, batch_size=16, generator=0, progress=False, log_every=1)
+        for name, values in result.history.items():
+            assert all(math.isfinite(v) for v in values), (precision, name)
+        assert all(p.dtype == torch.float32 for p in synth.delegator.parameters())
+        first[precision] = {k: v[0] for k, v in result.history.items()}
+    for term, value in first["fp32"].items():
+        assert first["bf16"][term] == pytest.approx(value, rel=5e-2, abs=1e-2), term
