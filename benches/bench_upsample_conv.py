@@ -18,7 +18,6 @@ Usage:
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 
@@ -26,6 +25,7 @@ import torch
 from benchlib import (TIMING_HEADER, command_line, env_markdown, environment, interleaved_samples, op_parser,
                       parse_op_args, record, timing_cells, true_median)
 
+from exml_fast._utils.dtypes import PRECISIONS, autocast_to
 from exml_fast.models import LeNet5, LeNet5Half
 from exml_fast.models.generators import SKDGenerator, build_generator
 from exml_fast.ops.upsample_conv import upsample2x_conv3x3
@@ -37,19 +37,10 @@ PAIRS = [("skd-small", 128, 8, 128), ("skd-small", 128, 16, 64), ("skd-narrow", 
          ("skd-narrow", 32, 16, 16)]
 
 
-#: --precision: the autocast dtype (None: none, float32).
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _autocast(args):
-    dtype = PRECISIONS[args.precision]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(args.device).type, dtype=dtype)
-
-
 def _under(args, fn):
     """fn, run under the --precision autocast."""
     def run():
-        with _autocast(args):
+        with autocast_to(torch.device(args.device).type, PRECISIONS[args.precision]):
             return fn()
     return run
 

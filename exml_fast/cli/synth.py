@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from exml_fast._utils.dtypes import PRECISIONS as _PRECISION_DTYPES
 from exml_fast.checkpoint import load_model, save_model
 from exml_fast.cli.common import (UsageError, class_list, device_arg, positive_float, positive_int, resolve_device,
                                   say, torchrun_group)
@@ -33,7 +34,7 @@ from exml_fast.synth.presets import PRESET_NAMES
 __all__ = ["add_commands"]
 
 METHODS = ("deepinversion", "model-inversion", "data-impressions", "auxiliary")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = tuple(_PRECISION_DTYPES)
 GRID_IMAGES = 100
 
 CLASS_NAMES = {

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from exml_fast._utils.checks import check_float_dtype, check_image_batch, check_tensor
+from exml_fast._utils.dtypes import autocast_dtype
 
 __all__ = ["fusable_upsample_conv", "upsample2x_conv3x3"]
 
@@ -111,17 +112,15 @@ def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     check_float_dtype(weight, "weight", owner)
     if bias is not None:
         check_tensor(bias, "bias", owner)
-    device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    dtype = autocast_dtype(x.device.type)
+    if dtype is not None:
         # conv2d's autocast policy (it is on the lower-precision list of CPU and CUDA autocast): the float32
         # (and 16-bit) inputs cast to the autocast dtype, float64 ones left as they are; then the whole op runs
         # outside autocast, so the cached phase kernels are those of the cast weight.
-        dtype = torch.get_autocast_dtype(device_type)
-
         def cast(t: torch.Tensor | None) -> torch.Tensor | None:
             return t if t is None or t.dtype == torch.float64 else t.to(dtype)
 
-        with torch.autocast(device_type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             return upsample2x_conv3x3(cast(x), cast(weight), cast(bias))
     if weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
         raise ValueError(f"{owner}: weight must have shape (C_out, {x.shape[1]}, 3, 3) for x of {x.shape[1]} "

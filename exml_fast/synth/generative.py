@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from exml_fast._utils.checks import check_choice, check_float, check_int, cpu_generator
+from exml_fast._utils.dtypes import PRECISIONS, autocast_to
 from exml_fast._utils.io import atomic_write, load_torch_file
 from exml_fast._utils.progress import Progress
 from exml_fast._utils.provenance import SEED_MAX, derive_seed
@@ -107,8 +108,9 @@ GENERATIVE_PRESETS: dict[str, dict[str, Any]] = {
 #: The student's optimisers (SGD with momentum 0.9).
 STUDENT_OPTIMIZERS = ("sgd", "adam")
 
-#: ``precision`` of a fit: the autocast dtype of the networks' forwards (None: none, float32).
-FIT_PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+#: ``precision`` of a fit: the autocast dtype of the networks' forwards (None: none, float32); no fp16 (a fit
+#: has no loss scale).
+FIT_PRECISIONS: dict[str, torch.dtype | None] = {k: PRECISIONS[k] for k in ("fp32", "bf16")}
 
 STUDENT_EXPLORE = ("explore", "none")
 FORMAT = "exml_fast.delegator"
@@ -569,9 +571,7 @@ class GenerativeSynthesizer(Synthesizer):
 
     def _amp(self):
         """The networks' autocast in a fit (``precision``), else nothing."""
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=FIT_PRECISIONS[self.precision])
+        return autocast_to(self.device.type, FIT_PRECISIONS[self.precision])
 
     def _latent(self, state: _FitState, n: int) -> torch.Tensor:
         return torch.randn(n, self.latent_dim, generator=state.z_gen).to(self.device)

@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from exml_fast._utils.checks import check_choice, check_float
+from exml_fast._utils.dtypes import PRECISIONS, autocast_to
 from exml_fast.ops.augment import augment_with_params
 from exml_fast.ops.class_similarity import class_similarity
 from exml_fast.ops.dirichlet import dirichlet_targets
@@ -58,7 +59,6 @@ __all__ = ["DATA_IMPRESSIONS_BETA", "DEEPINVERSION_PRESETS", "DataImpressions", 
 #: on every dataset), :class:`DataImpressions`' default.
 DATA_IMPRESSIONS_BETA: tuple[float, float] = (1.0, 0.1)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AUGMENT_PER = ("sample", "batch")
 SCHEDULES = ("cosine", "constant")
 PRIORS = ("tv_l1", "tv_l2", "blur", "l2", "l2_sq")
@@ -519,9 +519,7 @@ class _Inversion(Synthesizer):
         """(total loss, detached vector of the terms named by term_names()) for inputs x."""
         # The parameters come from draw_augment_params: valid by construction, so no value check (a host read).
         xa = augment_with_params(x, params, pad_crop=self.pad_crop, check_values=False) if params is not None else x
-        dtype = PRECISIONS[self.precision]
-        autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
-                    else contextlib.nullcontext())
+        autocast = autocast_to(self.device.type, PRECISIONS[self.precision])
         with autocast:
             logits = self.teacher(xa)
         logits = logits.float()
